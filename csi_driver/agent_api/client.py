@@ -1,0 +1,92 @@
+"""The controller's gRPC client for node agents.
+
+gRPC status codes coming back from an agent are turned into the same domain
+errors the agent raised, so the controller reasons in one vocabulary.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from csi_driver.core import errors
+from csi_driver.core.model import NodeRecord
+from csi_driver.core.nodes import NodeClient
+from csi_driver.csi.errors import CODES
+from csi_driver.gen.ferry.v1 import agent_pb2, agent_pb2_grpc
+from csi_driver.transport import channel_target
+
+_FROM_CODE: dict[grpc.StatusCode, type[errors.FerryError]] = {code: kind for kind, code in CODES}
+#: Codes meaning the agent could not be reached or answered in time.
+_UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+T = TypeVar("T")
+
+
+class GrpcNodeClient:
+    """One node agent, reached over gRPC."""
+
+    def __init__(self, node: NodeRecord, channel: grpc.Channel, timeout_s: float) -> None:
+        self._node = node
+        self._stub = agent_pb2_grpc.NodeAgentStub(channel)
+        self._timeout = timeout_s
+
+    def _call(self, what: str, call: Callable[[], T]) -> T:
+        try:
+            return call()
+        except grpc.RpcError as exc:
+            code = exc.code()
+            detail = exc.details() or ""
+            if code in _UNREACHABLE:
+                raise errors.Unavailable(
+                    f"node agent {self._node.node_id} at {self._node.agent_endpoint} did not "
+                    f"answer {what} ({code.name}: {detail}); check the Ferry node pod on that node"
+                ) from exc
+            kind = _FROM_CODE.get(code, errors.InternalError)
+            raise kind(f"node {self._node.node_id}: {detail}") from exc
+
+    def create_image(self, volume_id: str, size_bytes: int, epoch: int) -> int:
+        request = agent_pb2.CreateImageRequest(
+            volume_id=volume_id, size_bytes=size_bytes, epoch=epoch
+        )
+        reply: Any = self._call(
+            "CreateImage", lambda: self._stub.CreateImage(request, timeout=self._timeout)
+        )
+        return int(reply.size_bytes)
+
+    def delete_image(self, volume_id: str) -> None:
+        request = agent_pb2.DeleteImageRequest(volume_id=volume_id)
+        self._call("DeleteImage", lambda: self._stub.DeleteImage(request, timeout=self._timeout))
+
+    def expand_image(self, volume_id: str, size_bytes: int) -> int:
+        request = agent_pb2.ExpandImageRequest(volume_id=volume_id, size_bytes=size_bytes)
+        reply: Any = self._call(
+            "ExpandImage", lambda: self._stub.ExpandImage(request, timeout=self._timeout)
+        )
+        return int(reply.size_bytes)
+
+
+class GrpcNodeDirectory:
+    """Keeps one channel per node agent endpoint."""
+
+    def __init__(self, timeout_s: float = 60.0) -> None:
+        self._timeout = timeout_s
+        self._channels: dict[str, grpc.Channel] = {}
+        self._lock = threading.Lock()
+
+    def client(self, node: NodeRecord) -> NodeClient:
+        with self._lock:
+            channel = self._channels.get(node.agent_endpoint)
+            if channel is None:
+                channel = grpc.insecure_channel(channel_target(node.agent_endpoint))
+                self._channels[node.agent_endpoint] = channel
+        return GrpcNodeClient(node, channel, self._timeout)
+
+    def close(self) -> None:
+        with self._lock:
+            for channel in self._channels.values():
+                channel.close()
+            self._channels.clear()

@@ -1,0 +1,67 @@
+"""Serves a node's pool to the controller over ``ferry.v1.NodeAgent``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from csi_driver.csi.errors import rpc
+from csi_driver.gen.ferry.v1 import agent_pb2, agent_pb2_grpc
+from csi_driver.metrics import POOL_ALLOCATED, POOL_CAPACITY, POOL_PROVISIONED, POOL_VOLUMES
+from csi_driver.node.loop import LoopDevices
+from csi_driver.node.pool import ImageInfo, Pool
+
+
+class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):  # type: ignore[misc]
+    def __init__(self, node_id: str, pool: Pool, loops: LoopDevices) -> None:
+        self._node_id = node_id
+        self._pool = pool
+        self._loops = loops
+
+    def _image(self, info: ImageInfo) -> Any:
+        device = self._loops.find(info.path) or ""
+        return agent_pb2.ImageInfo(
+            volume_id=info.volume_id,
+            size_bytes=info.size_bytes,
+            allocated_bytes=info.allocated_bytes,
+            epoch=info.epoch,
+            attached=bool(device),
+            device=device,
+        )
+
+    @rpc
+    def CreateImage(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._image(
+            self._pool.create_image(request.volume_id, request.size_bytes, request.epoch)
+        )
+
+    @rpc
+    def DeleteImage(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._pool.delete_image(request.volume_id)
+        return agent_pb2.DeleteImageResponse()
+
+    @rpc
+    def ExpandImage(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._image(self._pool.expand_image(request.volume_id, request.size_bytes))
+
+    @rpc
+    def GetPool(self, request: Any, context: grpc.ServicerContext) -> Any:
+        status = self._pool.status()
+        POOL_CAPACITY.set(status.capacity_bytes)
+        POOL_PROVISIONED.set(status.provisioned_bytes)
+        POOL_ALLOCATED.set(status.allocated_bytes)
+        POOL_VOLUMES.set(status.image_count)
+        return agent_pb2.PoolInfo(
+            node_id=self._node_id,
+            capacity_bytes=status.capacity_bytes,
+            provisioned_bytes=status.provisioned_bytes,
+            allocated_bytes=status.allocated_bytes,
+            image_count=status.image_count,
+            filesystem=status.filesystem,
+            reflink=status.reflink,
+        )
+
+    @rpc
+    def ListImages(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return agent_pb2.ListImagesResponse(images=[self._image(i) for i in self._pool.list()])

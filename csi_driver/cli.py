@@ -1,0 +1,133 @@
+"""``ferry``: run Ferry's controller, node agent, both, or the one-machine demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from csi_driver import __version__, log
+from csi_driver.core.errors import FerryError
+from csi_driver.metrics import serve as serve_metrics
+from csi_driver.runtime import NodeConfig, Services
+
+logger = logging.getLogger("ferry")
+
+_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
+          "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """``512Mi``, ``10G``, ``1048576`` -> bytes (Kubernetes quantity suffixes)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]i?)?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 512Mi or 10Gi")
+    return int(match.group(1)) * _UNITS[(match.group(2) or "").lower()]
+
+
+def _node_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--node-id", default=os.environ.get("NODE_NAME") or socket.gethostname(),
+                        help="this node's id (default: $NODE_NAME or the hostname)")
+    parser.add_argument("--pool", type=Path, default=Path("/var/lib/ferry/pool"),
+                        help="directory holding volume images")
+    parser.add_argument("--pool-capacity", type=parse_size, default=None,
+                        help="bytes the pool may provision (default: its filesystem's size)")
+    parser.add_argument("--kubelet-dir", type=Path, action="append", default=None,
+                        help="root under which staging/target paths must lie "
+                             "(repeatable; default /var/lib/kubelet)")
+    parser.add_argument("--agent-endpoint", default="unix:///run/ferry/agent.sock",
+                        help="where the node agent API listens (unix:// or tcp://host:port)")
+    parser.add_argument("--zone", default="default", help="topology zone of this node")
+    parser.add_argument("--max-volumes", type=int, default=0,
+                        help="most volumes this node will stage (0: no limit)")
+
+
+def _node_config(args: argparse.Namespace) -> NodeConfig:
+    return NodeConfig(
+        node_id=args.node_id,
+        pool_root=args.pool,
+        kubelet_dirs=tuple(args.kubelet_dir or [Path("/var/lib/kubelet")]),
+        agent_endpoint=args.agent_endpoint,
+        zone=args.zone,
+        max_volumes=args.max_volumes,
+        pool_capacity_bytes=args.pool_capacity,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ferry", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"ferry {__version__}")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="json", choices=["json", "text"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def service(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--endpoint", default="unix:///csi/csi.sock",
+                       help="CSI endpoint (unix:///path or tcp://host:port)")
+        p.add_argument("--catalog", type=Path, default=Path("/var/lib/ferry/catalog.db"),
+                       help="SQLite catalog file")
+        p.add_argument("--metrics-port", type=int, default=0,
+                       help="serve Prometheus /metrics on this port (0: off)")
+        return p
+
+    service("controller", "serve CSI Identity + Controller")
+    _node_args(service("node", "serve CSI Identity + Node and the node agent API"))
+    _node_args(service("all-in-one", "serve controller and node from one process"))
+
+    demo = sub.add_parser("demo", help="run Ferry on this machine and walk a volume's life")
+    demo.add_argument("--workdir", type=Path, default=Path("/var/tmp/ferry-demo"),
+                      help="where the demo keeps its pool, catalog and mounts")
+    demo.add_argument("--size", type=parse_size, default=parse_size("256Mi"))
+    demo.add_argument("--fs-type", default="ext4", choices=["ext4", "xfs"])
+    demo.add_argument("--keep", action="store_true", help="leave the workdir behind")
+    return parser
+
+
+def _run_until_signalled(services: Services) -> int:
+    def stop(signum: int, frame: FrameType | None) -> None:
+        logger.info("stopping", extra={"signal": signal.Signals(signum).name})
+        services.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    services.wait()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from csi_driver.demo import run_demo
+
+        log.configure(args.log_level if args.log_level != "info" else "warning", "text")
+        return run_demo(args.workdir, args.size, args.fs_type, keep=args.keep)
+
+    log.configure(args.log_level, args.log_format)
+    from csi_driver import runtime
+
+    try:
+        if args.command == "controller":
+            services = runtime.start_controller(args.endpoint, args.catalog)
+        elif args.command == "node":
+            services = runtime.start_node(args.endpoint, _node_config(args), args.catalog)
+        else:
+            services = runtime.start_all_in_one(args.endpoint, _node_config(args), args.catalog)
+        serve_metrics(args.metrics_port)
+    except FerryError as exc:
+        logger.error("cannot start", extra={"error": exc.message})
+        return 1
+    logger.info("ferry started", extra={"command": args.command, "version": __version__})
+    return _run_until_signalled(services)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,523 @@
+"""The controller's volume lifecycle: provision, publish, expand, delete.
+
+Every operation is keyed by the volume's name or id and is safe to repeat:
+the catalog records intent (``CREATING``, ``DELETING``) before a node acts,
+and a repeat (or a retry after a crash) picks the operation up where the
+record says it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from csi_driver.core.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    FerryError,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+    Unavailable,
+)
+from csi_driver.core.locks import KeyedLocks
+from csi_driver.core.model import (
+    SUPPORTED_ACCESS_MODES,
+    VOLUME_ID_PATTERN,
+    AccessType,
+    CapacityRange,
+    FsType,
+    GiB,
+    MiB,
+    NodeRecord,
+    Publication,
+    Topology,
+    TopologyRequirement,
+    Volume,
+    VolumeCapability,
+    VolumeState,
+)
+from csi_driver.core.nodes import NodeDirectory
+from csi_driver.core.params import StorageParameters, parse_parameters
+from csi_driver.core.placement import NodeView, accessible_segment, choose_primary, eligible
+from csi_driver.store.catalog import Catalog
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CAPACITY = 1 * GiB
+ALLOCATION_UNIT = 1 * MiB
+#: Smallest image each kind of volume can live in (mkfs.xfs refuses < 300 MiB).
+MINIMUM_SIZE = {None: 1 * MiB, FsType.EXT4: 8 * MiB, FsType.XFS: 300 * MiB}
+DEFAULT_FS = FsType.EXT4
+#: A node whose agent has not reported for this long is reported abnormal.
+NODE_STALE_AFTER_S = 60.0
+
+EPOCH_CONTEXT_KEY = "ferry.csi.dev/epoch"
+PRIMARY_CONTEXT_KEY = "ferry.csi.dev/primary"
+FS_TYPE_CONTEXT_KEY = "fsType"
+
+
+@dataclass(frozen=True)
+class Condition:
+    abnormal: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class Capacity:
+    available_bytes: int
+    maximum_volume_bytes: int
+    minimum_volume_bytes: int
+
+
+def _round_up(size: int, unit: int) -> int:
+    return -(-size // unit) * unit
+
+
+def resolve_size(capacity: CapacityRange, minimum: int) -> int:
+    """The image size for a capacity range: honour both bounds, whole MiB."""
+    required, limit = capacity.required_bytes, capacity.limit_bytes
+    if required < 0 or limit < 0:
+        raise InvalidArgument("capacity_range bytes must not be negative")
+    if limit and required > limit:
+        raise InvalidArgument(
+            f"capacity_range required_bytes ({required}) exceeds limit_bytes ({limit})"
+        )
+    wanted = required or (min(DEFAULT_CAPACITY, limit) if limit else DEFAULT_CAPACITY)
+    size = _round_up(max(wanted, minimum), ALLOCATION_UNIT)
+    if limit and size > limit:
+        size = limit // ALLOCATION_UNIT * ALLOCATION_UNIT
+        if size < max(required, minimum):
+            raise OutOfRange(
+                f"capacity_range limit {limit} bytes is below the smallest volume of this "
+                f"kind ({_round_up(max(required, minimum), ALLOCATION_UNIT)} bytes, "
+                f"in whole MiB); raise the limit"
+            )
+    return size
+
+
+def volume_shape(
+    capabilities: Sequence[VolumeCapability], params: StorageParameters
+) -> tuple[AccessType, FsType | None]:
+    """What a new volume must be to serve every requested capability."""
+    if not capabilities:
+        raise InvalidArgument("volume_capabilities must name at least one capability")
+    for cap in capabilities:
+        if cap.access_mode not in SUPPORTED_ACCESS_MODES:
+            raise InvalidArgument(
+                f"access mode {cap.access_mode.value} is not supported: Ferry volumes are "
+                "single-node (ReadWriteOnce / ReadWriteOncePod / single-node read-only)"
+            )
+    kinds = {cap.access_type for cap in capabilities}
+    if len(kinds) > 1:
+        raise InvalidArgument("a volume cannot be both a block device and a filesystem")
+    access_type = kinds.pop()
+    if access_type is AccessType.BLOCK:
+        return access_type, None
+    fs_types = {cap.fs_type for cap in capabilities if cap.fs_type} | (
+        {params.fs_type} if params.fs_type else set()
+    )
+    if len(fs_types) > 1:
+        shown = ", ".join(sorted(f.value for f in fs_types))
+        raise InvalidArgument(f"conflicting filesystem types requested: {shown}")
+    return access_type, (fs_types.pop() if fs_types else DEFAULT_FS)
+
+
+def _serves(volume: Volume, cap: VolumeCapability) -> bool:
+    if cap.access_mode not in SUPPORTED_ACCESS_MODES or cap.access_type != volume.access_type:
+        return False
+    return cap.fs_type is None or cap.fs_type == volume.fs_type
+
+
+class VolumeService:
+    """Domain logic behind the CSI Controller service."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        nodes: NodeDirectory,
+        *,
+        clock: Callable[[], float] = time.time,
+        lock_timeout_s: float = 30.0,
+    ) -> None:
+        self._catalog = catalog
+        self._nodes = nodes
+        self._clock = clock
+        self._lock_timeout = lock_timeout_s
+        self._names = KeyedLocks()
+        self._volumes = KeyedLocks()
+        self._placement = threading.Lock()
+
+    # -- health ----------------------------------------------------------------
+
+    def check(self) -> None:
+        """Raise unless the catalog can serve reads and writes."""
+        self._catalog.store.ping()
+
+    # -- provisioning ----------------------------------------------------------
+
+    def create_volume(
+        self,
+        name: str,
+        capacity: CapacityRange,
+        capabilities: Sequence[VolumeCapability],
+        parameters: Mapping[str, str],
+        requirement: TopologyRequirement | None,
+    ) -> Volume:
+        """Provision (or return the already provisioned) volume called ``name``."""
+        if not name:
+            raise InvalidArgument("name is required")
+        params = parse_parameters(parameters)
+        access_type, fs_type = volume_shape(capabilities, params)
+        size = resolve_size(capacity, MINIMUM_SIZE[fs_type])
+        with self._names.hold(name, timeout=self._lock_timeout):
+            existing_id = self._catalog.volume_id_for_name(name)
+            if existing_id is not None:
+                volume = self._catalog.get_volume(existing_id)
+                if volume is not None:
+                    self._check_compatible(volume, capacity, capabilities, params)
+                    return self._finish_create(volume)
+            return self._provision(
+                name, size, access_type, fs_type, params, requirement, existing_id
+            )
+
+    def _provision(
+        self,
+        name: str,
+        size: int,
+        access_type: AccessType,
+        fs_type: FsType | None,
+        params: StorageParameters,
+        requirement: TopologyRequirement | None,
+        claimed_id: str | None,
+    ) -> Volume:
+        with self._placement:
+            primary = choose_primary(self._node_views(), size, requirement)
+            volume_id = claimed_id or self._catalog.claim_name(name, f"vol-{uuid.uuid4().hex}")
+            volume = Volume(
+                volume_id=volume_id,
+                name=name,
+                capacity_bytes=size,
+                access_type=access_type,
+                fs_type=fs_type,
+                primary_node=primary.node_id,
+                epoch=1,
+                state=VolumeState.CREATING,
+                parameters=tuple(sorted(params.as_dict().items())),
+                created_at=self._clock(),
+            )
+            self._catalog.put_volume(volume)
+        log.info(
+            "volume placed",
+            extra={
+                "volume": volume_id,
+                "volume_name": name,
+                "node": primary.node_id,
+                "bytes": size,
+            },
+        )
+        return self._finish_create(volume)
+
+    def _finish_create(self, volume: Volume) -> Volume:
+        if volume.state is VolumeState.READY:
+            return volume
+        if volume.state is VolumeState.DELETING:
+            raise Aborted(
+                f"volume {volume.name!r} ({volume.volume_id}) is being deleted; retry "
+                "after the deletion completes"
+            )
+        node = self._require_node(volume.primary_node)
+        try:
+            self._nodes.client(node).create_image(
+                volume.volume_id, volume.capacity_bytes, volume.epoch
+            )
+        except Unavailable:
+            raise  # the node may come back: keep the intent so a retry resumes it
+        except FerryError:
+            # The node refused for good (no room, bad state): release the
+            # reservation so a deleted PVC leaves nothing behind.
+            self._catalog.delete_volume(volume)
+            raise
+        ready = self._catalog.update_volume(
+            volume.volume_id, lambda v: replace(v, state=VolumeState.READY)
+        )
+        log.info("volume provisioned", extra={"volume": volume.volume_id, "node": node.node_id})
+        return ready
+
+    def _check_compatible(
+        self,
+        volume: Volume,
+        capacity: CapacityRange,
+        capabilities: Sequence[VolumeCapability],
+        params: StorageParameters,
+    ) -> None:
+        problems = []
+        if capacity.required_bytes and volume.capacity_bytes < capacity.required_bytes:
+            problems.append(f"it has {volume.capacity_bytes} bytes, less than required")
+        if capacity.limit_bytes and volume.capacity_bytes > capacity.limit_bytes:
+            problems.append(f"it has {volume.capacity_bytes} bytes, more than the limit")
+        if not all(_serves(volume, cap) for cap in capabilities):
+            problems.append("its access type or filesystem differs")
+        if dict(volume.parameters) != params.as_dict():
+            problems.append("its parameters differ")
+        if problems:
+            raise AlreadyExists(
+                f"volume {volume.name!r} already exists as {volume.volume_id} and is "
+                f"incompatible with this request: {'; '.join(problems)}"
+            )
+
+    def delete_volume(self, volume_id: str) -> None:
+        """Delete a volume and its image; unknown ids succeed (CSI idempotency)."""
+        if not volume_id:
+            raise InvalidArgument("volume_id is required")
+        if not VOLUME_ID_PATTERN.match(volume_id):
+            return
+        with self._volumes.hold(volume_id, timeout=self._lock_timeout):
+            volume = self._catalog.get_volume(volume_id)
+            if volume is None:
+                return
+            if volume.publications:
+                nodes = ", ".join(p.node_id for p in volume.publications)
+                raise FailedPrecondition(
+                    f"volume {volume_id} is still published on {nodes}; "
+                    "delete the pods using it first"
+                )
+            volume = self._catalog.update_volume(
+                volume_id, lambda v: replace(v, state=VolumeState.DELETING)
+            )
+            node = self._require_node(volume.primary_node)
+            self._nodes.client(node).delete_image(volume_id)
+            self._catalog.delete_volume(volume)
+        log.info("volume deleted", extra={"volume": volume_id})
+
+    # -- publication -----------------------------------------------------------
+
+    def publish(
+        self, volume_id: str, node_id: str, capability: VolumeCapability, readonly: bool
+    ) -> dict[str, str]:
+        """Make the volume available on ``node_id``; return the publish context."""
+        volume = self._require_volume(volume_id)
+        node = self._catalog.get_node(node_id)
+        if node is None:
+            raise NotFound(f"node {node_id} is not a Ferry node (no agent registered)")
+        if not _serves(volume, capability):
+            raise InvalidArgument(
+                f"volume {volume_id} ({volume.access_type.value}"
+                f"{', ' + volume.fs_type.value if volume.fs_type else ''}) cannot be used "
+                "with the requested capability"
+            )
+        wanted = Publication(node_id, readonly, capability.access_type, capability.access_mode)
+
+        def add(current: Volume) -> Volume:
+            if current.state is not VolumeState.READY:
+                raise FailedPrecondition(
+                    f"volume {volume_id} is {current.state.value}; retry when it is ready"
+                )
+            existing = current.published_on(node_id)
+            if existing is not None:
+                if existing != wanted:
+                    raise AlreadyExists(
+                        f"volume {volume_id} is already published on {node_id} with "
+                        "another capability or read-only flag; unpublish it first"
+                    )
+                return current
+            if current.publications:
+                raise FailedPrecondition(
+                    f"volume {volume_id} is published on "
+                    f"{current.publications[0].node_id}; a single-node volume can be "
+                    "published on one node at a time"
+                )
+            if node_id != current.primary_node:
+                raise FailedPrecondition(
+                    f"volume {volume_id} holds its data on node {current.primary_node}; "
+                    "this Ferry release cannot move it to another node"
+                )
+            if node.max_volumes and self._published_count(node_id) >= node.max_volumes:
+                raise ResourceExhausted(
+                    f"node {node_id} already has its maximum of {node.max_volumes} "
+                    "Ferry volumes published"
+                )
+            return replace(current, publications=(*current.publications, wanted))
+
+        with self._volumes.hold(volume_id, timeout=self._lock_timeout):
+            published = self._catalog.update_volume(volume_id, add)
+        return {EPOCH_CONTEXT_KEY: str(published.epoch), PRIMARY_CONTEXT_KEY: node_id}
+
+    def unpublish(self, volume_id: str, node_id: str) -> None:
+        """Withdraw the volume from ``node_id`` (every node when empty); idempotent."""
+        if not VOLUME_ID_PATTERN.match(volume_id):
+            return
+        with self._volumes.hold(volume_id, timeout=self._lock_timeout):
+            if self._catalog.get_volume(volume_id) is None:
+                return
+            self._catalog.update_volume(
+                volume_id,
+                lambda v: replace(
+                    v,
+                    publications=tuple(
+                        p for p in v.publications if node_id and p.node_id != node_id
+                    ),
+                ),
+            )
+
+    # -- queries ---------------------------------------------------------------
+
+    def get_volume(self, volume_id: str) -> Volume:
+        return self._require_volume(volume_id)
+
+    def validate_capabilities(
+        self,
+        volume_id: str,
+        capabilities: Sequence[VolumeCapability],
+        parameters: Mapping[str, str],
+    ) -> str:
+        """Return "" when every capability is served, else the reason it is not."""
+        volume = self._require_volume(volume_id)
+        for cap in capabilities:
+            if cap.access_mode not in SUPPORTED_ACCESS_MODES:
+                return f"access mode {cap.access_mode.value} is not supported by Ferry"
+            if not _serves(volume, cap):
+                return f"volume {volume_id} is a {volume.access_type.value} volume" + (
+                    f" formatted {volume.fs_type.value}" if volume.fs_type else ""
+                )
+        if parameters:
+            try:
+                params = parse_parameters(parameters)
+            except InvalidArgument as exc:
+                return exc.message
+            if params.as_dict() != dict(volume.parameters):
+                return "the parameters differ from those the volume was created with"
+        return ""
+
+    def list_volumes(self, max_entries: int, starting_token: str) -> tuple[list[Volume], str]:
+        """A page of volumes in id order and the token for the next page ("" at the end)."""
+        if max_entries < 0:
+            raise InvalidArgument("max_entries must not be negative")
+        if starting_token and not VOLUME_ID_PATTERN.match(starting_token):
+            raise Aborted(
+                f"starting_token {starting_token!r} is not one Ferry issued; "
+                "list again without a token"
+            )
+        page = self._catalog.list_volumes(starting_token, max_entries + 1 if max_entries else 0)
+        if max_entries and len(page) > max_entries:
+            page = page[:max_entries]
+            return page, page[-1].volume_id
+        return page, ""
+
+    def capacity(
+        self,
+        capabilities: Sequence[VolumeCapability],
+        parameters: Mapping[str, str],
+        segment: Topology | None,
+    ) -> Capacity:
+        """Capacity available for volumes of this shape within ``segment``."""
+        params = parse_parameters(parameters)
+        fs_type: FsType | None = DEFAULT_FS
+        if capabilities:
+            try:
+                _, fs_type = volume_shape(capabilities, params)
+            except InvalidArgument:
+                return Capacity(0, 0, 0)
+        views = eligible(self._node_views(), [segment] if segment else [])
+        free = [v.free_bytes // ALLOCATION_UNIT * ALLOCATION_UNIT for v in views]
+        minimum = MINIMUM_SIZE[fs_type]
+        largest = max(free, default=0)
+        return Capacity(
+            available_bytes=sum(free),
+            maximum_volume_bytes=largest if largest >= minimum else 0,
+            minimum_volume_bytes=minimum,
+        )
+
+    def accessible_topology(self, volume: Volume) -> list[Topology]:
+        node = self._catalog.get_node(volume.primary_node)
+        return [accessible_segment(node)] if node else []
+
+    def condition(self, volume: Volume) -> Condition:
+        node = self._catalog.get_node(volume.primary_node)
+        if node is None:
+            return Condition(True, f"node {volume.primary_node} holding the data is not registered")
+        silent = self._clock() - node.heartbeat_at
+        if silent > NODE_STALE_AFTER_S:
+            return Condition(
+                True, f"node {node.node_id} holding the data has not reported for {silent:.0f}s"
+            )
+        if volume.state is not VolumeState.READY:
+            return Condition(True, f"volume is {volume.state.value}")
+        return Condition(False, "volume is healthy")
+
+    # -- expansion -------------------------------------------------------------
+
+    def expand(self, volume_id: str, capacity: CapacityRange) -> int:
+        """Grow the volume's image to satisfy ``capacity``; return the new size."""
+        volume = self._require_volume(volume_id)
+        if capacity.limit_bytes and capacity.limit_bytes < volume.capacity_bytes:
+            raise OutOfRange(
+                f"volume {volume_id} already has {volume.capacity_bytes} bytes, more than "
+                f"limit_bytes {capacity.limit_bytes}; volumes cannot shrink"
+            )
+        if capacity.required_bytes <= volume.capacity_bytes:
+            return volume.capacity_bytes
+        size = resolve_size(capacity, MINIMUM_SIZE[volume.fs_type])
+        with self._volumes.hold(volume_id, timeout=self._lock_timeout):
+            volume = self._require_volume(volume_id)
+            node = self._require_node(volume.primary_node)
+            with self._placement:
+                view = next(v for v in self._node_views() if v.node.node_id == node.node_id)
+                growth = size - volume.capacity_bytes
+                if growth > view.free_bytes:
+                    if size > node.capacity_bytes:
+                        raise OutOfRange(
+                            f"{size} bytes exceeds node {node.node_id}'s whole pool "
+                            f"({node.capacity_bytes} bytes)"
+                        )
+                    raise ResourceExhausted(
+                        f"node {node.node_id} has {view.free_bytes} bytes free; growing "
+                        f"volume {volume_id} needs {growth} more"
+                    )
+                new_size = self._nodes.client(node).expand_image(volume_id, size)
+                self._catalog.update_volume(
+                    volume_id, lambda v: replace(v, capacity_bytes=max(v.capacity_bytes, new_size))
+                )
+        log.info("volume expanded", extra={"volume": volume_id, "bytes": new_size})
+        return new_size
+
+    # -- internals -------------------------------------------------------------
+
+    def _require_volume(self, volume_id: str) -> Volume:
+        if not volume_id:
+            raise InvalidArgument("volume_id is required")
+        volume = self._catalog.get_volume(volume_id) if VOLUME_ID_PATTERN.match(volume_id) else None
+        if volume is None:
+            raise NotFound(f"volume {volume_id} does not exist")
+        return volume
+
+    def _require_node(self, node_id: str) -> NodeRecord:
+        node = self._catalog.get_node(node_id)
+        if node is None:
+            raise Unavailable(
+                f"node {node_id} holding the volume is not registered; start its Ferry "
+                "node agent and retry"
+            )
+        return node
+
+    def _published_count(self, node_id: str) -> int:
+        return sum(1 for v in self._catalog.list_volumes() if v.published_on(node_id))
+
+    def _node_views(self) -> list[NodeView]:
+        provisioned: dict[str, int] = {}
+        counts: dict[str, int] = {}
+        for volume in self._catalog.list_volumes():
+            provisioned[volume.primary_node] = (
+                provisioned.get(volume.primary_node, 0) + volume.capacity_bytes
+            )
+            counts[volume.primary_node] = counts.get(volume.primary_node, 0) + 1
+        return [
+            NodeView(node, provisioned.get(node.node_id, 0), counts.get(node.node_id, 0))
+            for node in self._catalog.list_nodes()
+        ]

@@ -1,0 +1,80 @@
+"""Where domain errors become gRPC statuses: the only place that aborts an RPC.
+
+Every servicer method is wrapped by :func:`rpc`, which binds the request
+context for logging, times the call, maps a :class:`FerryError` to its
+status code, and turns anything unexpected into INTERNAL with the stack
+logged (never a crash of the server, never a silent hang).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from csi_driver import log as ferry_log
+from csi_driver.core import errors
+from csi_driver.metrics import RPC_REQUESTS, RPC_SECONDS
+
+logger = logging.getLogger(__name__)
+
+#: Most specific first: the first class that matches decides the code.
+CODES: tuple[tuple[type[errors.FerryError], grpc.StatusCode], ...] = (
+    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
+    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.Aborted, grpc.StatusCode.ABORTED),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
+    (errors.InternalError, grpc.StatusCode.INTERNAL),
+)
+
+
+def status_for(error: errors.FerryError) -> grpc.StatusCode:
+    for kind, code in CODES:
+        if isinstance(error, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+def rpc(method: Method) -> Method:
+    """Wrap a servicer method: context, timing, metrics and error mapping."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        request_id = uuid.uuid4().hex[:12]
+        volume = getattr(request, "volume_id", "") or getattr(request, "name", "")
+        started = time.monotonic()
+        code = grpc.StatusCode.OK
+        with ferry_log.context(request=request_id, method=name, volume=str(volume)):
+            try:
+                return method(self, request, context)
+            except errors.FerryError as exc:
+                code = status_for(exc)
+                level = logging.ERROR if code is grpc.StatusCode.INTERNAL else logging.INFO
+                logger.log(level, "rpc failed", extra={"code": code.name, "error": exc.message})
+                context.abort(code, exc.message)
+            except Exception as exc:
+                code = grpc.StatusCode.INTERNAL
+                logger.exception("rpc crashed")
+                context.abort(code, f"internal error in {name}: {exc}; see the Ferry logs")
+            finally:
+                elapsed = time.monotonic() - started
+                RPC_REQUESTS.labels(name, code.name).inc()
+                RPC_SECONDS.labels(name).observe(elapsed)
+                if code is grpc.StatusCode.OK:
+                    logger.debug("rpc ok", extra={"seconds": round(elapsed, 4)})
+
+    return wrapper  # type: ignore[return-value]

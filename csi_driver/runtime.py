@@ -1,0 +1,202 @@
+"""Assembles Ferry's parts into running services.
+
+``ControllerRuntime`` serves Identity + Controller; ``NodeRuntime`` serves
+Identity + Node on the CSI socket and the node-agent API on its own
+endpoint, and keeps the node's registration in the catalog fresh;
+``start_all_in_one`` serves both from one process on one CSI socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from csi_driver.agent_api.client import GrpcNodeDirectory
+from csi_driver.agent_api.server import NodeAgentServicer
+from csi_driver.controller.volumes import VolumeService
+from csi_driver.core.model import NodeRecord, Topology
+from csi_driver.core.placement import NODE_KEY, ZONE_KEY
+from csi_driver.csi.controller import ControllerServicer
+from csi_driver.csi.identity import IdentityServicer
+from csi_driver.csi.node import NodeServicer
+from csi_driver.gen import csi_pb2_grpc
+from csi_driver.gen.ferry.v1 import agent_pb2_grpc
+from csi_driver.node.agent import NodeAgent
+from csi_driver.node.loop import LoopDevices
+from csi_driver.node.pool import Pool
+from csi_driver.node.runner import CommandRunner
+from csi_driver.store.catalog import Catalog
+from csi_driver.store.sqlite import SqliteStore
+from csi_driver.transport import Endpoint, Registration, start_server
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL_S = 10.0
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    node_id: str
+    pool_root: Path
+    kubelet_dirs: tuple[Path, ...]
+    agent_endpoint: str
+    zone: str = "default"
+    max_volumes: int = 0
+    pool_capacity_bytes: int | None = None
+
+
+@dataclass
+class Services:
+    """What a running Ferry process serves; ``stop`` tears it all down."""
+
+    servers: list[grpc.Server] = field(default_factory=list)
+    endpoints: list[Endpoint] = field(default_factory=list)
+    closers: list[Callable[[], None]] = field(default_factory=list)
+    _stopping: threading.Event = field(default_factory=threading.Event)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        self._stopping.set()
+        for server in self.servers:
+            server.stop(grace_s).wait()
+        for close in reversed(self.closers):
+            close()
+
+    def wait(self) -> None:
+        self._stopping.wait()
+
+
+class NodeParts:
+    """The node side's objects, built from its config."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.runner = CommandRunner()
+        self.pool = Pool(config.pool_root, config.pool_capacity_bytes)
+        self.loops = LoopDevices(self.runner)
+        self.agent = NodeAgent(
+            config.node_id,
+            self.pool,
+            self.runner,
+            config.kubelet_dirs,
+            max_volumes=config.max_volumes,
+        )
+        self.topology = Topology.of({ZONE_KEY: config.zone, NODE_KEY: config.node_id})
+
+    def registration(self, advertised: Endpoint) -> NodeRecord:
+        return NodeRecord(
+            node_id=self.config.node_id,
+            agent_endpoint=str(advertised),
+            topology=self.topology,
+            capacity_bytes=self.pool.status().capacity_bytes,
+            max_volumes=self.config.max_volumes,
+            heartbeat_at=time.time(),
+        )
+
+
+def _heartbeat(catalog: Catalog, node_id: str, stopping: threading.Event) -> None:
+    while not stopping.wait(HEARTBEAT_INTERVAL_S):
+        try:
+            catalog.heartbeat(node_id, time.time())
+        except Exception:  # keep beating: a failed write is retried next period
+            log.exception("heartbeat failed", extra={"node": node_id})
+
+
+def _start_node_side(parts: NodeParts, catalog: Catalog, services: Services) -> None:
+    parts.agent.recover()
+    agent_server, agent_endpoint = start_server(
+        parts.config.agent_endpoint,
+        [
+            lambda s: agent_pb2_grpc.add_NodeAgentServicer_to_server(
+                NodeAgentServicer(parts.config.node_id, parts.pool, parts.loops), s
+            )
+        ],
+    )
+    services.servers.append(agent_server)
+    services.endpoints.append(agent_endpoint)
+    catalog.register_node(parts.registration(agent_endpoint))
+    beat = threading.Thread(
+        target=_heartbeat,
+        args=(catalog, parts.config.node_id, services._stopping),
+        name="heartbeat",
+        daemon=True,
+    )
+    beat.start()
+
+
+def _serve_csi(endpoint: str, registrations: list[Registration], services: Services) -> None:
+    server, bound = start_server(endpoint, registrations)
+    services.servers.insert(0, server)  # stop the CSI socket first
+    services.endpoints.insert(0, bound)
+
+
+def start_controller(csi_endpoint: str, catalog_path: Path) -> Services:
+    services = Services()
+    store = SqliteStore(catalog_path)
+    services.closers.append(store.close)
+    directory = GrpcNodeDirectory()
+    services.closers.append(directory.close)
+    volumes = VolumeService(Catalog(store), directory)
+    identity = IdentityServicer([volumes.check], controller=True)
+    _serve_csi(
+        csi_endpoint,
+        [
+            lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
+            lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(
+                ControllerServicer(volumes), s
+            ),
+        ],
+        services,
+    )
+    return services
+
+
+def start_node(csi_endpoint: str, config: NodeConfig, catalog_path: Path) -> Services:
+    services = Services()
+    store = SqliteStore(catalog_path)
+    services.closers.append(store.close)
+    parts = NodeParts(config)
+    _start_node_side(parts, Catalog(store), services)
+    identity = IdentityServicer([parts.agent.check], controller=False)
+    node = NodeServicer(parts.agent, parts.topology, config.max_volumes)
+    _serve_csi(
+        csi_endpoint,
+        [
+            lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
+            lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s),
+        ],
+        services,
+    )
+    return services
+
+
+def start_all_in_one(csi_endpoint: str, config: NodeConfig, catalog_path: Path) -> Services:
+    """Controller and node in one process, on one CSI socket (one-machine mode)."""
+    services = Services()
+    store = SqliteStore(catalog_path)
+    services.closers.append(store.close)
+    catalog = Catalog(store)
+    parts = NodeParts(config)
+    _start_node_side(parts, catalog, services)
+    directory = GrpcNodeDirectory()
+    services.closers.append(directory.close)
+    volumes = VolumeService(catalog, directory)
+    identity = IdentityServicer([volumes.check, parts.agent.check], controller=True)
+    node = NodeServicer(parts.agent, parts.topology, config.max_volumes)
+    _serve_csi(
+        csi_endpoint,
+        [
+            lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
+            lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(
+                ControllerServicer(volumes), s
+            ),
+            lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s),
+        ],
+        services,
+    )
+    return services

@@ -1,0 +1,203 @@
+"""The typed catalog: Ferry's volumes and nodes over a :class:`CatalogStore`.
+
+Keys:
+
+- ``volumes/<volume_id>``  -> a :class:`Volume`
+- ``names/<name>``         -> the volume id that a CreateVolume name maps to
+- ``nodes/<node_id>``      -> a :class:`NodeRecord` (written by the node itself)
+
+Updates are read-modify-write with compare-and-swap; :meth:`Catalog.update_volume`
+retries a few times when another writer got there first.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from csi_driver.core.errors import Conflict, NotFound, StoreError
+from csi_driver.core.model import (
+    AccessMode,
+    AccessType,
+    FsType,
+    NodeRecord,
+    Publication,
+    Topology,
+    Volume,
+    VolumeState,
+)
+from csi_driver.store.base import ABSENT, CatalogStore
+
+VOLUMES = "volumes/"
+NAMES = "names/"
+NODES = "nodes/"
+
+_CAS_ATTEMPTS = 16
+
+
+def _volume_to_json(volume: Volume) -> bytes:
+    doc: dict[str, Any] = {
+        "volume_id": volume.volume_id,
+        "name": volume.name,
+        "capacity_bytes": volume.capacity_bytes,
+        "access_type": volume.access_type.value,
+        "fs_type": volume.fs_type.value if volume.fs_type else None,
+        "primary_node": volume.primary_node,
+        "epoch": volume.epoch,
+        "state": volume.state.value,
+        "parameters": dict(volume.parameters),
+        "publications": [
+            {
+                "node_id": p.node_id,
+                "readonly": p.readonly,
+                "access_type": p.access_type.value,
+                "access_mode": p.access_mode.value,
+            }
+            for p in volume.publications
+        ],
+        "created_at": volume.created_at,
+    }
+    return json.dumps(doc, sort_keys=True).encode()
+
+
+def _volume_from_json(raw: bytes) -> Volume:
+    doc = json.loads(raw)
+    return Volume(
+        volume_id=doc["volume_id"],
+        name=doc["name"],
+        capacity_bytes=int(doc["capacity_bytes"]),
+        access_type=AccessType(doc["access_type"]),
+        fs_type=FsType(doc["fs_type"]) if doc["fs_type"] else None,
+        primary_node=doc["primary_node"],
+        epoch=int(doc["epoch"]),
+        state=VolumeState(doc["state"]),
+        parameters=tuple(sorted(doc["parameters"].items())),
+        publications=tuple(
+            Publication(
+                node_id=p["node_id"],
+                readonly=bool(p["readonly"]),
+                access_type=AccessType(p["access_type"]),
+                access_mode=AccessMode(p["access_mode"]),
+            )
+            for p in doc["publications"]
+        ),
+        created_at=float(doc["created_at"]),
+    )
+
+
+def _node_to_json(node: NodeRecord) -> bytes:
+    doc = {
+        "node_id": node.node_id,
+        "agent_endpoint": node.agent_endpoint,
+        "topology": node.topology.as_dict(),
+        "capacity_bytes": node.capacity_bytes,
+        "max_volumes": node.max_volumes,
+        "heartbeat_at": node.heartbeat_at,
+        "labels": dict(node.labels),
+    }
+    return json.dumps(doc, sort_keys=True).encode()
+
+
+def _node_from_json(raw: bytes) -> NodeRecord:
+    doc = json.loads(raw)
+    return NodeRecord(
+        node_id=doc["node_id"],
+        agent_endpoint=doc["agent_endpoint"],
+        topology=Topology.of(doc["topology"]),
+        capacity_bytes=int(doc["capacity_bytes"]),
+        max_volumes=int(doc["max_volumes"]),
+        heartbeat_at=float(doc["heartbeat_at"]),
+        labels=tuple(sorted(doc["labels"].items())),
+    )
+
+
+class Catalog:
+    """Typed access to Ferry's catalog."""
+
+    def __init__(self, store: CatalogStore) -> None:
+        self.store = store
+
+    # -- volumes -------------------------------------------------------------
+
+    def get_volume(self, volume_id: str) -> Volume | None:
+        record = self.store.get(VOLUMES + volume_id)
+        return _volume_from_json(record.value) if record else None
+
+    def require_volume(self, volume_id: str) -> Volume:
+        volume = self.get_volume(volume_id)
+        if volume is None:
+            raise NotFound(f"volume {volume_id} does not exist")
+        return volume
+
+    def put_volume(self, volume: Volume) -> None:
+        self.store.put(VOLUMES + volume.volume_id, _volume_to_json(volume))
+
+    def update_volume(self, volume_id: str, change: Callable[[Volume], Volume]) -> Volume:
+        """Apply ``change`` to the stored volume atomically; retry on races.
+
+        ``change`` may raise a FerryError to refuse the update; it is called
+        again with fresh data after a lost race, so it must be pure.
+        """
+        for _ in range(_CAS_ATTEMPTS):
+            record = self.store.get(VOLUMES + volume_id)
+            if record is None:
+                raise NotFound(f"volume {volume_id} does not exist")
+            current = _volume_from_json(record.value)
+            updated = change(current)
+            if updated == current:
+                return current
+            try:
+                self.store.put(VOLUMES + volume_id, _volume_to_json(updated), record.revision)
+            except Conflict:
+                continue
+            return updated
+        raise StoreError(f"volume {volume_id} kept changing under concurrent updates; retry")
+
+    def delete_volume(self, volume: Volume) -> None:
+        self.store.delete(VOLUMES + volume.volume_id)
+        owner = self.store.get(NAMES + volume.name)
+        if owner is not None and owner.value.decode() == volume.volume_id:
+            self.store.delete(NAMES + volume.name, owner.revision)
+
+    def list_volumes(self, start_after: str = "", limit: int = 0) -> list[Volume]:
+        after = VOLUMES + start_after if start_after else ""
+        return [_volume_from_json(r.value) for r in self.store.list(VOLUMES, after, limit)]
+
+    # -- the name index ------------------------------------------------------
+
+    def claim_name(self, name: str, volume_id: str) -> str:
+        """Bind ``name`` to ``volume_id`` unless it is bound already; return the owner."""
+        try:
+            self.store.put(NAMES + name, volume_id.encode(), ABSENT)
+        except Conflict:
+            record = self.store.get(NAMES + name)
+            if record is None:  # released between our write and read: try once more
+                self.store.put(NAMES + name, volume_id.encode(), ABSENT)
+                return volume_id
+            return record.value.decode()
+        return volume_id
+
+    def volume_id_for_name(self, name: str) -> str | None:
+        record = self.store.get(NAMES + name)
+        return record.value.decode() if record else None
+
+    # -- nodes ---------------------------------------------------------------
+
+    def register_node(self, node: NodeRecord) -> None:
+        self.store.put(NODES + node.node_id, _node_to_json(node))
+
+    def get_node(self, node_id: str) -> NodeRecord | None:
+        record = self.store.get(NODES + node_id)
+        return _node_from_json(record.value) if record else None
+
+    def list_nodes(self) -> list[NodeRecord]:
+        return [_node_from_json(r.value) for r in self.store.list(NODES)]
+
+    def heartbeat(self, node_id: str, at: float) -> None:
+        record = self.store.get(NODES + node_id)
+        if record is None:
+            raise NotFound(f"node {node_id} is not registered")
+        node = replace(_node_from_json(record.value), heartbeat_at=at)
+        self.store.put(NODES + node_id, _node_to_json(node))

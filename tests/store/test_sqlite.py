@@ -1,0 +1,128 @@
+"""The SQLite catalog store: CAS semantics, ordering, concurrency, persistence."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from pathlib import Path
+
+import pytest
+
+from csi_driver.core.errors import Conflict, StoreError
+from csi_driver.store.base import ABSENT
+from csi_driver.store.sqlite import SqliteStore
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SqliteStore:
+    s = SqliteStore(tmp_path / "catalog.db")
+    yield s
+    s.close()
+
+
+def test_put_get_and_revisions_grow(store: SqliteStore) -> None:
+    r1 = store.put("a", b"1")
+    r2 = store.put("b", b"2")
+    r3 = store.put("a", b"3")
+    assert r1 < r2 < r3
+    record = store.get("a")
+    assert record is not None and record.value == b"3" and record.revision == r3
+    assert store.get("missing") is None
+
+
+def test_cas_create_only_once(store: SqliteStore) -> None:
+    store.put("k", b"first", ABSENT)
+    with pytest.raises(Conflict):
+        store.put("k", b"second", ABSENT)
+    record = store.get("k")
+    assert record is not None and record.value == b"first"
+
+
+def test_cas_update_requires_current_revision(store: SqliteStore) -> None:
+    rev = store.put("k", b"v1")
+    rev2 = store.put("k", b"v2", rev)
+    with pytest.raises(Conflict):
+        store.put("k", b"stale", rev)
+    with pytest.raises(Conflict):
+        store.delete("k", rev)
+    assert store.delete("k", rev2) is True
+    assert store.delete("k") is False
+
+
+def test_list_prefix_order_and_pagination(store: SqliteStore) -> None:
+    for key in ["v/c", "v/a", "v/b", "w/a", "u/z"]:
+        store.put(key, key.encode())
+    assert [r.key for r in store.list("v/")] == ["v/a", "v/b", "v/c"]
+    assert [r.key for r in store.list("v/", limit=2)] == ["v/a", "v/b"]
+    assert [r.key for r in store.list("v/", start_after="v/a")] == ["v/b", "v/c"]
+    assert [r.key for r in store.list("v/", start_after="v/c")] == []
+
+
+def test_concurrent_cas_has_one_winner(store: SqliteStore) -> None:
+    winners: list[int] = []
+    barrier = threading.Barrier(16)
+
+    def contend(i: int) -> None:
+        barrier.wait()
+        try:
+            store.put("leader", str(i).encode(), ABSENT)
+            winners.append(i)
+        except Conflict:
+            pass
+
+    threads = [threading.Thread(target=contend, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(winners) == 1
+    record = store.get("leader")
+    assert record is not None and record.value == str(winners[0]).encode()
+
+
+def _increment_many(path: str, n: int) -> None:
+    s = SqliteStore(Path(path))
+    done = 0
+    while done < n:
+        record = s.get("counter")
+        assert record is not None
+        try:
+            s.put("counter", str(int(record.value) + 1).encode(), record.revision)
+            done += 1
+        except Conflict:
+            continue
+    s.close()
+
+
+def test_cas_is_atomic_across_processes(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    s = SqliteStore(path)
+    s.put("counter", b"0")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_increment_many, args=(str(path), 50)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    record = s.get("counter")
+    assert record is not None and record.value == b"150"
+    s.close()
+
+
+def test_survives_reopen(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "c.db")
+    rev = s.put("k", b"v")
+    s.close()
+    again = SqliteStore(tmp_path / "c.db")
+    record = again.get("k")
+    assert record is not None and record.value == b"v" and record.revision == rev
+    assert again.put("k2", b"x") > rev
+    again.close()
+
+
+def test_unwritable_location_is_a_store_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StoreError, match="cannot open catalog"):
+        SqliteStore(blocker / "sub" / "c.db")
