@@ -28,7 +28,6 @@ from csi_driver.csi.node import NodeServicer
 from csi_driver.gen import csi_pb2_grpc
 from csi_driver.gen.ferry.v1 import agent_pb2_grpc
 from csi_driver.node.agent import NodeAgent
-from csi_driver.node.loop import LoopDevices
 from csi_driver.node.pool import Pool
 from csi_driver.node.runner import CommandRunner
 from csi_driver.store.catalog import Catalog
@@ -78,14 +77,7 @@ class NodeParts:
         self.config = config
         self.runner = CommandRunner()
         self.pool = Pool(config.pool_root, config.pool_capacity_bytes)
-        self.loops = LoopDevices(self.runner)
-        self.agent = NodeAgent(
-            config.node_id,
-            self.pool,
-            self.runner,
-            config.kubelet_dirs,
-            max_volumes=config.max_volumes,
-        )
+        self.agent = NodeAgent(config.node_id, self.pool, self.runner, config.kubelet_dirs)
         self.topology = Topology.of({ZONE_KEY: config.zone, NODE_KEY: config.node_id})
 
     def registration(self, advertised: Endpoint) -> NodeRecord:
@@ -113,7 +105,7 @@ def _start_node_side(parts: NodeParts, catalog: Catalog, services: Services) -> 
         parts.config.agent_endpoint,
         [
             lambda s: agent_pb2_grpc.add_NodeAgentServicer_to_server(
-                NodeAgentServicer(parts.config.node_id, parts.pool, parts.loops), s
+                NodeAgentServicer(parts.config.node_id, parts.pool, parts.agent.loops), s
             )
         ],
     )

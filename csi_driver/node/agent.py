@@ -1,0 +1,526 @@
+"""The node agent: stage, publish, expand and report on this node's volumes.
+
+Every operation is convergent: it compares what the kernel shows (loop
+devices, mounts) with what is wanted and does only the missing steps, so a
+repeat after a crash, a kubelet retry or a node-service restart completes
+the job instead of failing or doing it twice. What was asked for (the
+staging path, each target) is persisted in ``<pool>/state`` before the
+host is touched, so a restarted agent knows which loop devices and mounts
+are its own.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from csi_driver.core.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    FerryError,
+    InternalError,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from csi_driver.core.locks import KeyedLocks
+from csi_driver.core.model import AccessType, FsType, VolumeCapability
+from csi_driver.node.filesystem import Filesystems
+from csi_driver.node.loop import LoopDevices
+from csi_driver.node.mounts import Mounts, check_mount_flags
+from csi_driver.node.paths import PathPolicy
+from csi_driver.node.pool import Pool, fsync_dir, write_json_atomic
+from csi_driver.node.runner import CommandRunner
+
+log = logging.getLogger(__name__)
+
+#: How long an RPC waits for another operation on the same volume before ABORTED.
+VOLUME_LOCK_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """One NodePublishVolume: where, how, and the read-only device it got (block)."""
+
+    read_only: bool
+    device: str = ""
+
+
+@dataclass(frozen=True)
+class Staged:
+    """The persisted record of a volume staged on this node."""
+
+    volume_id: str
+    staging_path: str
+    access_type: AccessType
+    fs_type: FsType | None
+    mount_flags: tuple[str, ...]
+    read_only: bool
+    targets: dict[str, Target] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        doc = asdict(self)
+        doc["access_type"] = self.access_type.value
+        doc["fs_type"] = self.fs_type.value if self.fs_type else None
+        doc["mount_flags"] = list(self.mount_flags)
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: dict[str, object]) -> Staged:
+        targets = doc.get("targets") or {}
+        assert isinstance(targets, dict)
+        fs = doc.get("fs_type")
+        flags = doc.get("mount_flags") or []
+        assert isinstance(flags, list)
+        return cls(
+            volume_id=str(doc["volume_id"]),
+            staging_path=str(doc["staging_path"]),
+            access_type=AccessType(doc["access_type"]),
+            fs_type=FsType(fs) if fs else None,
+            mount_flags=tuple(str(f) for f in flags),
+            read_only=bool(doc.get("read_only", False)),
+            targets={str(k): Target(**v) for k, v in targets.items()},
+        )
+
+
+@dataclass(frozen=True)
+class VolumeStats:
+    total_bytes: int
+    used_bytes: int
+    available_bytes: int
+    total_inodes: int | None
+    used_inodes: int | None
+    available_inodes: int | None
+    abnormal: bool
+    message: str
+
+
+class StateStore:
+    """``<pool>/state/<volume-id>.json``: one atomic file per staged volume."""
+
+    def __init__(self, directory: Path) -> None:
+        self._dir = directory
+
+    def _path(self, volume_id: str) -> Path:
+        return self._dir / f"{volume_id}.json"
+
+    def load(self, volume_id: str) -> Staged | None:
+        try:
+            text = self._path(volume_id).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        return Staged.from_json(json.loads(text))
+
+    def save(self, staged: Staged) -> None:
+        write_json_atomic(self._path(staged.volume_id), staged.to_json())
+
+    def remove(self, volume_id: str) -> None:
+        self._path(volume_id).unlink(missing_ok=True)
+        fsync_dir(self._dir)
+
+    def all(self) -> list[Staged]:
+        found = []
+        for path in sorted(self._dir.glob("vol-*.json")):
+            try:
+                found.append(Staged.from_json(json.loads(path.read_text(encoding="utf-8"))))
+            except (ValueError, KeyError, TypeError, AssertionError):
+                log.error("unreadable stage record; ignoring it", extra={"path": str(path)})
+        return found
+
+
+class NodeAgent:
+    """Host side of CSI's Node service for one node's pool."""
+
+    def __init__(
+        self,
+        node_id: str,
+        pool: Pool,
+        runner: CommandRunner,
+        allowed_roots: Iterable[Path],
+    ) -> None:
+        self.node_id = node_id
+        self.pool = pool
+        self.loops = LoopDevices(runner)
+        self.filesystems = Filesystems(runner)
+        self.mounts = Mounts(runner)
+        self.paths = PathPolicy(allowed_roots)
+        self._states = StateStore(pool.state_dir)
+        self._locks = KeyedLocks()
+        # losetup picks "the first free device" racily across volumes; serialise attach.
+        self._attach_lock = threading.Lock()
+
+    # -- readiness ---------------------------------------------------------------
+
+    def check(self) -> None:
+        """Raise unless the pool is writable and loop devices can be created."""
+        probe = self.pool.root / ".probe"
+        try:
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise Unavailable(f"pool {self.pool.root} is not writable: {exc}") from exc
+        if not Path("/dev/loop-control").exists():
+            raise Unavailable("/dev/loop-control is missing: the node cannot create loop devices")
+
+    # -- stage ---------------------------------------------------------------------
+
+    def stage(
+        self,
+        volume_id: str,
+        staging_path: str,
+        capability: VolumeCapability,
+        fs_type: FsType,
+    ) -> None:
+        staging = self.paths.check(staging_path, "staging_target_path")
+        flags = check_mount_flags(capability.mount_flags)
+        wanted = Staged(
+            volume_id=volume_id,
+            staging_path=str(staging),
+            access_type=capability.access_type,
+            fs_type=fs_type if capability.access_type is AccessType.MOUNT else None,
+            mount_flags=flags,
+            read_only=capability.access_mode.read_only,
+        )
+        with self._locks.hold(volume_id, timeout=VOLUME_LOCK_TIMEOUT_S):
+            image = self.pool.require(volume_id)
+            current = self._states.load(volume_id)
+            if current is not None:
+                if current.staging_path != wanted.staging_path:
+                    raise FailedPrecondition(
+                        f"volume {volume_id} is already staged at {current.staging_path}; "
+                        "unstage it there before staging it elsewhere"
+                    )
+                if replace(current, targets={}) != wanted:
+                    raise AlreadyExists(
+                        f"volume {volume_id} is staged at {staging} with a different "
+                        "capability (access type, fsType, mount flags or read-only)"
+                    )
+                wanted = current
+            else:
+                self._states.save(wanted)
+            with self._attach_lock:
+                device = self.loops.attach(image.path)
+            if wanted.access_type is AccessType.BLOCK:
+                staging.mkdir(parents=True, exist_ok=True)
+                return
+            assert wanted.fs_type is not None
+            self._mount_staging(device, staging, wanted)
+
+    def _mount_staging(self, device: str, staging: Path, staged: Staged) -> None:
+        assert staged.fs_type is not None
+        mounted = self.mounts.at(staging)
+        if mounted is not None:
+            if mounted.source == device:
+                return
+            raise FailedPrecondition(
+                f"{staging} already has {mounted.source} mounted; unmount it and retry"
+            )
+        created = self.filesystems.ensure(device, staged.fs_type)
+        grown = False
+        if not created and not staged.read_only:
+            size = self.loops.info(device).size_bytes
+            grown = self.filesystems.grow_unmounted(device, staged.fs_type, size)
+        staging.mkdir(parents=True, exist_ok=True)
+        flags = list(staged.mount_flags)
+        if staged.read_only:
+            flags.append("ro")
+        self.mounts.mount(device, staging, staged.fs_type.value, flags)
+        if staged.fs_type is FsType.XFS and not created and not staged.read_only:
+            self.filesystems.grow(device, staging, staged.fs_type)  # no-op unless expanded
+        log.info(
+            "volume staged",
+            extra={
+                "volume": staged.volume_id,
+                "device": device,
+                "path": str(staging),
+                "formatted": created,
+                "grown": grown,
+            },
+        )
+
+    def unstage(self, volume_id: str, staging_path: str) -> None:
+        staging = self.paths.check(staging_path, "staging_target_path")
+        with self._locks.hold(volume_id, timeout=VOLUME_LOCK_TIMEOUT_S):
+            current = self._states.load(volume_id)
+            if current is None or current.staging_path != str(staging):
+                return  # not staged there: already done
+            live = {t: p for t, p in current.targets.items() if self.mounts.at(Path(t))}
+            if live:
+                raise FailedPrecondition(
+                    f"volume {volume_id} is still published at {', '.join(sorted(live))}; "
+                    "unpublish it first"
+                )
+            for target in current.targets.values():
+                if target.device:
+                    self.loops.detach(target.device)
+            self.mounts.unmount(staging)
+            image = self.pool.image_path(volume_id)
+            device = self.loops.find(image)
+            if device is not None:
+                self._detach_unused(device)
+            self._states.remove(volume_id)
+            log.info("volume unstaged", extra={"volume": volume_id, "path": str(staging)})
+
+    # -- publish -------------------------------------------------------------------
+
+    def publish(
+        self,
+        volume_id: str,
+        staging_path: str,
+        target_path: str,
+        capability: VolumeCapability,
+        readonly: bool,
+    ) -> None:
+        staging = self.paths.check(staging_path, "staging_target_path")
+        target = self.paths.check(target_path, "target_path")
+        if target == staging or target.is_relative_to(staging) or staging.is_relative_to(target):
+            raise InvalidArgument("target_path and staging_target_path must not nest")
+        read_only = readonly or capability.access_mode.read_only
+        with self._locks.hold(volume_id, timeout=VOLUME_LOCK_TIMEOUT_S):
+            current = self._states.load(volume_id)
+            if current is None or current.staging_path != str(staging):
+                raise FailedPrecondition(
+                    f"volume {volume_id} is not staged at {staging}; call NodeStageVolume first"
+                )
+            if current.access_type is not capability.access_type:
+                raise InvalidArgument(
+                    f"volume {volume_id} was staged for {current.access_type.value} access, "
+                    f"cannot publish it for {capability.access_type.value} access"
+                )
+            existing = current.targets.get(str(target))
+            if existing is not None and existing.read_only != read_only:
+                raise AlreadyExists(
+                    f"volume {volume_id} is already published at {target} "
+                    f"{'read-only' if existing.read_only else 'read-write'}"
+                )
+            if current.access_type is AccessType.BLOCK:
+                self._publish_block(current, target, existing or Target(read_only))
+            else:
+                self._publish_mount(current, staging, target, read_only)
+
+    def _remember(self, staged: Staged, target: Path, entry: Target) -> Staged:
+        updated = replace(staged, targets={**staged.targets, str(target): entry})
+        self._states.save(updated)
+        return updated
+
+    def _publish_mount(self, staged: Staged, staging: Path, target: Path, read_only: bool) -> None:
+        mounted = self.mounts.at(staging)
+        if mounted is None:
+            raise FailedPrecondition(
+                f"volume {staged.volume_id} is not mounted at {staging} (node restarted?); "
+                "stage it again"
+            )
+        self._remember(staged, target, Target(read_only))
+        on_target = self.mounts.at(target)
+        if on_target is not None:
+            if on_target.source == mounted.source:
+                return
+            raise FailedPrecondition(f"{target} already has {on_target.source} mounted")
+        target.mkdir(parents=True, exist_ok=True)
+        self.mounts.bind(staging, target, read_only=read_only)
+        log.info(
+            "volume published",
+            extra={"volume": staged.volume_id, "path": str(target), "read_only": read_only},
+        )
+
+    def _publish_block(self, staged: Staged, target: Path, entry: Target) -> None:
+        image = self.pool.image_path(staged.volume_id)
+        with self._attach_lock:
+            device = self.loops.find(image)
+            if device is None:
+                raise FailedPrecondition(
+                    f"volume {staged.volume_id} has no loop device (node restarted?); "
+                    "stage it again"
+                )
+            if entry.read_only:
+                # A read-only bind of a device node still lets writes through, so a
+                # read-only publication gets its own read-only loop device.
+                if not entry.device or not self._is_loop_of(entry.device, image):
+                    entry = replace(entry, device=self.loops.attach_read_only(image))
+                device = entry.device
+        self._remember(staged, target, entry)
+        if self.mounts.at(target) is not None:
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_dir():
+            raise FailedPrecondition(f"{target} is a directory; a block volume needs a file there")
+        target.touch(mode=0o600, exist_ok=True)
+        self.mounts.bind(device, target, read_only=entry.read_only)
+        log.info(
+            "block volume published",
+            extra={"volume": staged.volume_id, "path": str(target), "device": device},
+        )
+
+    def _is_loop_of(self, device: str, image: Path) -> bool:
+        return any(
+            loop.device == device and loop.backing_file == os.path.realpath(image)
+            for loop in self.loops.list()
+        )
+
+    def unpublish(self, volume_id: str, target_path: str) -> None:
+        target = self.paths.check(target_path, "target_path")
+        with self._locks.hold(volume_id, timeout=VOLUME_LOCK_TIMEOUT_S):
+            current = self._states.load(volume_id)
+            entry = current.targets.get(str(target)) if current else None
+            if current is None or entry is None:
+                return  # never published there, or already unpublished
+            self.mounts.unmount(target)
+            if entry.device:
+                self.loops.detach(entry.device)
+            _remove_target(target)
+            remaining = {k: v for k, v in current.targets.items() if k != str(target)}
+            self._states.save(replace(current, targets=remaining))
+            log.info("volume unpublished", extra={"volume": volume_id, "path": str(target)})
+
+    # -- stats and expansion ---------------------------------------------------------
+
+    def _where(self, volume_id: str, volume_path: str) -> tuple[Staged, Path]:
+        path = self.paths.check(volume_path, "volume_path")
+        current = self._states.load(volume_id)
+        if current is None:
+            raise NotFound(f"volume {volume_id} is not staged on node {self.node_id}")
+        if str(path) != current.staging_path and str(path) not in current.targets:
+            raise NotFound(f"volume {volume_id} is neither staged nor published at {path}")
+        if not os.path.lexists(path):
+            raise NotFound(f"{path} does not exist")
+        return current, path
+
+    def stats(self, volume_id: str, volume_path: str) -> VolumeStats:
+        current, path = self._where(volume_id, volume_path)
+        problem = self._health(current, path)
+        if current.access_type is AccessType.BLOCK:
+            size = self.pool.require(volume_id).size_bytes
+            return VolumeStats(size, 0, 0, None, None, None, bool(problem), problem or "ok")
+        if problem:
+            return VolumeStats(0, 0, 0, None, None, None, True, problem)
+        fs = os.statvfs(path)
+        total = fs.f_blocks * fs.f_frsize
+        return VolumeStats(
+            total_bytes=total,
+            used_bytes=total - fs.f_bfree * fs.f_frsize,
+            available_bytes=fs.f_bavail * fs.f_frsize,
+            total_inodes=fs.f_files,
+            used_inodes=fs.f_files - fs.f_ffree,
+            available_inodes=fs.f_favail,
+            abnormal=False,
+            message="ok",
+        )
+
+    def _health(self, staged: Staged, path: Path) -> str:
+        """Why the volume at ``path`` is not usable, or "" when it is."""
+        image = self.pool.get(staged.volume_id)
+        if image is None:
+            return f"the image of volume {staged.volume_id} is missing from the pool"
+        device = self.loops.find(image.path)
+        if device is None:
+            return f"volume {staged.volume_id} has no loop device; restage it"
+        mounted = self.mounts.at(path)
+        if staged.access_type is AccessType.BLOCK and str(path) == staged.staging_path:
+            return ""
+        if mounted is None:
+            return f"nothing is mounted at {path}; the mount was lost"
+        return ""
+
+    def expand(self, volume_id: str, volume_path: str, capability: VolumeCapability | None) -> int:
+        """Grow the device and, for filesystems, the filesystem; return the size in bytes."""
+        with self._locks.hold(volume_id, timeout=VOLUME_LOCK_TIMEOUT_S):
+            current, path = self._where(volume_id, volume_path)
+            if capability is not None and capability.access_type is not current.access_type:
+                raise InvalidArgument(
+                    f"volume {volume_id} is a {current.access_type.value} volume on this node"
+                )
+            image = self.pool.require(volume_id)
+            device = self.loops.find(image.path)
+            if device is None:
+                raise FailedPrecondition(f"volume {volume_id} is not attached; stage it first")
+            size = self.loops.refresh_capacity(device)
+            for target in current.targets.values():
+                if target.device:
+                    self.loops.refresh_capacity(target.device)
+            if current.access_type is AccessType.MOUNT:
+                assert current.fs_type is not None
+                staging = Path(current.staging_path)
+                if self.mounts.at(staging) is None:
+                    raise FailedPrecondition(f"volume {volume_id} is not mounted at {staging}")
+                if current.read_only:
+                    raise FailedPrecondition(f"volume {volume_id} is mounted read-only")
+                self.filesystems.grow(device, staging, current.fs_type)
+            log.info(
+                "volume expanded", extra={"volume": volume_id, "bytes": size, "path": str(path)}
+            )
+            return size
+
+    # -- restart recovery ----------------------------------------------------------------
+
+    def recover(self) -> list[str]:
+        """Detach loop devices of this pool that nothing stages or mounts; return them.
+
+        Called when the node service starts. Loop devices and mounts of staged
+        volumes are kept (kubelet keeps using them); devices left behind by a
+        crash between attach and recording, or by deleted images, are freed.
+        """
+        staged = {s.volume_id: s for s in self._states.all()}
+        wanted_devices = {t.device for s in staged.values() for t in s.targets.values() if t.device}
+        images_dir = os.path.realpath(self.pool.images_dir) + "/"
+        freed = []
+        for loop in self.loops.list():
+            if not loop.backing_file.startswith(images_dir):
+                continue
+            volume_id = Path(loop.backing_file).stem
+            keep = volume_id in staged and not loop.deleted
+            if loop.read_only:
+                keep = keep and loop.device in wanted_devices
+            if keep:
+                continue
+            try:
+                if self._detach_unused(loop.device):
+                    freed.append(loop.device)
+            except FerryError as exc:
+                log.error(
+                    "could not free leaked loop device",
+                    extra={"device": loop.device, "error": exc.message},
+                )
+        for volume_id in staged:
+            if self.pool.get(volume_id) is None:
+                log.error("staged volume has no image in the pool", extra={"volume": volume_id})
+        log.info(
+            "node agent recovered",
+            extra={"staged": len(staged), "freed_loop_devices": freed},
+        )
+        return freed
+
+    def _detach_unused(self, device: str) -> bool:
+        """Detach ``device`` unless something still mounts it; True if detached."""
+        name = "/" + os.path.basename(device)
+        for entry in self.mounts.table():
+            if entry.source == device or (entry.fs_type == "devtmpfs" and entry.root == name):
+                log.warning(
+                    "loop device still mounted; leaving it attached",
+                    extra={"device": device, "mountpoint": entry.mountpoint},
+                )
+                return False
+        self.loops.detach(device)
+        return True
+
+
+def _remove_target(target: Path) -> None:
+    """Remove what NodePublishVolume created at ``target`` (the spec asks us to)."""
+    try:
+        if target.is_dir() and not target.is_symlink():
+            target.rmdir()
+        else:
+            target.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if exc.errno == errno.ENOTEMPTY:
+            raise InternalError(
+                f"{target} is not empty after unmounting; inspect it before retrying"
+            ) from exc
+        raise InternalError(f"cannot remove {target}: {exc}") from exc

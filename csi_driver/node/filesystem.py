@@ -1,0 +1,106 @@
+"""Filesystems on volume devices: probe, create (first use only), grow."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from csi_driver.core.errors import CommandFailed, FailedPrecondition
+from csi_driver.core.model import FsType
+from csi_driver.node.runner import CommandRunner
+
+log = logging.getLogger(__name__)
+
+# blkid's exit status when it found no signature at all.
+_BLKID_NOTHING = 2
+MKFS_TIMEOUT_S = 600.0
+
+_MKFS: dict[FsType, list[str]] = {
+    # lazy init and no discard: the image is sparse and already reads as zeros.
+    FsType.EXT4: [
+        "mkfs.ext4",
+        "-F",
+        "-q",
+        "-m",
+        "0",
+        "-E",
+        "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
+    ],
+    FsType.XFS: ["mkfs.xfs", "-f", "-q", "-K"],
+}
+
+
+class Filesystems:
+    def __init__(self, runner: CommandRunner) -> None:
+        self._runner = runner
+
+    def probe(self, device: str) -> str | None:
+        """The signature on ``device`` (``ext4``, ``xfs``, ``dos``...), or None if blank."""
+        result = self._runner.run(
+            ["blkid", "--probe", "--output", "value", "--match-tag", "TYPE", device],
+            ok_codes=(0, _BLKID_NOTHING),
+        )
+        if result.returncode == _BLKID_NOTHING:
+            # No filesystem; make sure there is no partition table either.
+            parts = self._runner.run(
+                ["blkid", "--probe", "--output", "value", "--match-tag", "PTTYPE", device],
+                ok_codes=(0, _BLKID_NOTHING),
+            )
+            return parts.stdout.strip() or None
+        return result.stdout.strip() or None
+
+    def ensure(self, device: str, fs_type: FsType) -> bool:
+        """Create ``fs_type`` on a blank device; return True if it was created.
+
+        Never formats a device that holds anything: a different filesystem or
+        partition table is refused, so a wrong StorageClass cannot wipe data.
+        """
+        found = self.probe(device)
+        if found == fs_type.value:
+            return False
+        if found is not None:
+            raise FailedPrecondition(
+                f"{device} already holds {found!r}, not {fs_type.value}: Ferry does not "
+                "reformat volumes; request the volume's existing fsType"
+            )
+        self._runner.run([*_MKFS[fs_type], device], timeout_s=MKFS_TIMEOUT_S)
+        log.info("filesystem created", extra={"device": device, "fs": fs_type.value})
+        return True
+
+    def grow(self, device: str, mountpoint: Path, fs_type: FsType) -> None:
+        """Grow a mounted filesystem to fill its (already grown) device."""
+        if fs_type is FsType.EXT4:
+            try:
+                self._runner.run(["resize2fs", device], timeout_s=MKFS_TIMEOUT_S)
+            except CommandFailed as exc:
+                if "Permission denied" not in exc.stderr:
+                    raise
+                raise FailedPrecondition(
+                    "the kernel refused to grow ext4 while mounted: the Ferry node service "
+                    "lacks CAP_SYS_RESOURCE (run it privileged). Unstaging and restaging the "
+                    "volume grows it offline instead."
+                ) from exc
+        else:
+            self._runner.run(["xfs_growfs", "-d", str(mountpoint)], timeout_s=MKFS_TIMEOUT_S)
+        log.info("filesystem grown", extra={"device": device, "fs": fs_type.value})
+
+    def ext4_size(self, device: str) -> int:
+        """The size in bytes an ext4 filesystem on ``device`` spans."""
+        result = self._runner.run(["dumpe2fs", "-h", device])
+        fields = dict(line.split(":", 1) for line in result.stdout.splitlines() if ":" in line)
+        return int(fields["Block count"]) * int(fields["Block size"])
+
+    def grow_unmounted(self, device: str, fs_type: FsType, device_bytes: int) -> bool:
+        """Grow an unmounted ext4 filesystem that is smaller than its device.
+
+        This is how a volume expanded while it was not staged (or whose online
+        grow was refused) catches up: at its next stage, before it is mounted.
+        xfs can only grow mounted; :meth:`grow` handles it after mounting.
+        """
+        if fs_type is not FsType.EXT4 or self.ext4_size(device) >= device_bytes:
+            return False
+        # resize2fs insists on a freshly checked filesystem; -p repairs only what is safe.
+        self._runner.run(["e2fsck", "-f", "-p", device], ok_codes=(0, 1), timeout_s=MKFS_TIMEOUT_S)
+        self._runner.run(["resize2fs", device], timeout_s=MKFS_TIMEOUT_S)
+        log.info("filesystem grown before mount", extra={"device": device, "bytes": device_bytes})
+        return True

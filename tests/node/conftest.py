@@ -1,0 +1,79 @@
+"""Fixtures that build a real node: a pool, loop devices, filesystems, mounts.
+
+Everything a test creates lives under its tmp_path; teardown unmounts what is
+mounted there and detaches loop devices backed by files there, whether the
+test passed or not.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from csi_driver.core.model import GiB, MiB
+from csi_driver.node.agent import NodeAgent
+from csi_driver.node.loop import LoopDevices
+from csi_driver.node.mounts import Mounts
+from csi_driver.node.pool import Pool
+from csi_driver.node.runner import CommandRunner
+
+ROOT_REASON = "needs root and /dev/loop-control (loop devices, mkfs, mount)"
+
+
+def host_can_mount() -> bool:
+    return os.geteuid() == 0 and Path("/dev/loop-control").exists()
+
+
+requires_root = pytest.mark.skipif(not host_can_mount(), reason=ROOT_REASON)
+
+
+def release_host_resources(base: Path) -> None:
+    """Unmount everything under ``base`` and detach loop devices backed there."""
+    runner = CommandRunner()
+    mounts = Mounts(runner)
+    prefix = str(base.resolve()) + "/"
+    for entry in reversed(mounts.table()):
+        if entry.mountpoint.startswith(prefix):
+            runner.run(["umount", "-l", entry.mountpoint], ok_codes=(0, 32))
+    loops = LoopDevices(runner)
+    for loop in loops.list():
+        if loop.backing_file.startswith(prefix):
+            loops.detach(loop.device)
+
+
+@pytest.fixture
+def host_dir(tmp_path: Path) -> Iterator[Path]:
+    if not host_can_mount():
+        pytest.skip(ROOT_REASON)
+    try:
+        yield tmp_path
+    finally:
+        release_host_resources(tmp_path)
+
+
+@pytest.fixture
+def pool(host_dir: Path) -> Pool:
+    return Pool(host_dir / "pool", capacity_bytes=4 * GiB)
+
+
+@pytest.fixture
+def kubelet(host_dir: Path) -> Path:
+    path = host_dir / "kubelet"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def agent(pool: Pool, kubelet: Path) -> NodeAgent:
+    return NodeAgent("node-a", pool, CommandRunner(), [kubelet])
+
+
+def new_volume_id(n: int) -> str:
+    return f"vol-{n:032x}"
+
+
+DEFAULT_SIZE = 64 * MiB
+XFS_SIZE = 320 * MiB

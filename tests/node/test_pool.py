@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from csi_driver.core.errors import AlreadyExists, InvalidArgument, OutOfRange, ResourceExhausted
+from csi_driver.core.model import MiB
+from csi_driver.node.pool import Pool
+
+VOL_A = "vol-" + "a" * 32
+VOL_B = "vol-" + "b" * 32
+
+
+@pytest.fixture
+def small_pool(tmp_path: Path) -> Pool:
+    return Pool(tmp_path / "pool", capacity_bytes=100 * MiB)
+
+
+def test_image_is_sparse_and_sized(small_pool: Pool) -> None:
+    info = small_pool.create_image(VOL_A, 64 * MiB, epoch=1)
+    assert info.size_bytes == 64 * MiB
+    assert info.allocated_bytes < 1 * MiB
+    assert info.path.stat().st_mode & 0o777 == 0o600
+    assert small_pool.get(VOL_A) == info
+
+
+def test_size_is_rounded_up_to_whole_mib(small_pool: Pool) -> None:
+    assert small_pool.create_image(VOL_A, 1, epoch=1).size_bytes == 1 * MiB
+
+
+def test_create_is_idempotent_for_same_size(small_pool: Pool) -> None:
+    first = small_pool.create_image(VOL_A, 10 * MiB, epoch=1)
+    assert small_pool.create_image(VOL_A, 10 * MiB, epoch=1) == first
+    assert small_pool.status().image_count == 1
+
+
+def test_create_with_other_size_is_already_exists(small_pool: Pool) -> None:
+    small_pool.create_image(VOL_A, 10 * MiB, epoch=1)
+    with pytest.raises(AlreadyExists):
+        small_pool.create_image(VOL_A, 20 * MiB, epoch=1)
+
+
+def test_capacity_is_never_over_committed(small_pool: Pool) -> None:
+    small_pool.create_image(VOL_A, 60 * MiB, epoch=1)
+    with pytest.raises(ResourceExhausted, match="40"):
+        small_pool.create_image(VOL_B, 41 * MiB, epoch=1)
+    assert small_pool.get(VOL_B) is None
+    small_pool.create_image(VOL_B, 40 * MiB, epoch=1)
+    status = small_pool.status()
+    assert (status.provisioned_bytes, status.available_bytes) == (100 * MiB, 0)
+
+
+def test_larger_than_whole_pool_is_out_of_range(small_pool: Pool) -> None:
+    with pytest.raises(OutOfRange):
+        small_pool.create_image(VOL_A, 101 * MiB, epoch=1)
+
+
+def test_delete_is_idempotent_and_frees_capacity(small_pool: Pool) -> None:
+    small_pool.create_image(VOL_A, 60 * MiB, epoch=1)
+    small_pool.delete_image(VOL_A)
+    small_pool.delete_image(VOL_A)
+    assert small_pool.get(VOL_A) is None
+    assert small_pool.status().provisioned_bytes == 0
+
+
+def test_expand_grows_and_never_shrinks(small_pool: Pool) -> None:
+    small_pool.create_image(VOL_A, 10 * MiB, epoch=1)
+    assert small_pool.expand_image(VOL_A, 30 * MiB).size_bytes == 30 * MiB
+    assert small_pool.expand_image(VOL_A, 20 * MiB).size_bytes == 30 * MiB
+    with pytest.raises(ResourceExhausted):
+        small_pool.expand_image(VOL_A, 101 * MiB - 1)
+
+
+def test_bad_ids_never_become_paths(small_pool: Pool) -> None:
+    for bad in ("../../etc/passwd", "vol-xyz", "", "vol-" + "A" * 32):
+        with pytest.raises(InvalidArgument):
+            small_pool.create_image(bad, MiB, epoch=1)
+
+
+def test_pool_survives_reopen_and_drops_temp_files(tmp_path: Path) -> None:
+    first = Pool(tmp_path / "pool", capacity_bytes=100 * MiB)
+    first.create_image(VOL_A, 8 * MiB, epoch=3)
+    (first.images_dir / f".{VOL_B}.json.tmp").write_text("{half")
+    again = Pool(tmp_path / "pool", capacity_bytes=100 * MiB)
+    assert [i.volume_id for i in again.list()] == [VOL_A]
+    assert again.require(VOL_A).epoch == 3
+    assert not list(again.images_dir.glob(".*.tmp"))
+
+
+def test_default_capacity_follows_the_filesystem(tmp_path: Path) -> None:
+    pool = Pool(tmp_path / "pool")
+    assert pool.capacity_bytes > 0
+    assert pool.status().filesystem != "unknown"
