@@ -20,8 +20,17 @@ from csi_driver.runtime import NodeConfig, Services
 
 logger = logging.getLogger("ferry")
 
-_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
-          "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
+_UNITS = {
+    "": 1,
+    "k": 1000,
+    "m": 1000**2,
+    "g": 1000**3,
+    "t": 1000**4,
+    "ki": 1024,
+    "mi": 1024**2,
+    "gi": 1024**3,
+    "ti": 1024**4,
+}
 
 
 def parse_size(text: str) -> int:
@@ -33,20 +42,40 @@ def parse_size(text: str) -> int:
 
 
 def _node_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--node-id", default=os.environ.get("NODE_NAME") or socket.gethostname(),
-                        help="this node's id (default: $NODE_NAME or the hostname)")
-    parser.add_argument("--pool", type=Path, default=Path("/var/lib/ferry/pool"),
-                        help="directory holding volume images")
-    parser.add_argument("--pool-capacity", type=parse_size, default=None,
-                        help="bytes the pool may provision (default: its filesystem's size)")
-    parser.add_argument("--kubelet-dir", type=Path, action="append", default=None,
-                        help="root under which staging/target paths must lie "
-                             "(repeatable; default /var/lib/kubelet)")
-    parser.add_argument("--agent-endpoint", default="unix:///run/ferry/agent.sock",
-                        help="where the node agent API listens (unix:// or tcp://host:port)")
+    parser.add_argument(
+        "--node-id",
+        default=os.environ.get("NODE_NAME") or socket.gethostname(),
+        help="this node's id (default: $NODE_NAME or the hostname)",
+    )
+    parser.add_argument(
+        "--pool",
+        type=Path,
+        default=Path("/var/lib/ferry/pool"),
+        help="directory holding volume images",
+    )
+    parser.add_argument(
+        "--pool-capacity",
+        type=parse_size,
+        default=None,
+        help="bytes the pool may provision (default: its filesystem's size)",
+    )
+    parser.add_argument(
+        "--kubelet-dir",
+        type=Path,
+        action="append",
+        default=None,
+        help="root under which staging/target paths must lie "
+        "(repeatable; default /var/lib/kubelet)",
+    )
+    parser.add_argument(
+        "--agent-endpoint",
+        default="unix:///run/ferry/agent.sock",
+        help="where the node agent API listens (unix:// or tcp://host:port)",
+    )
     parser.add_argument("--zone", default="default", help="topology zone of this node")
-    parser.add_argument("--max-volumes", type=int, default=0,
-                        help="most volumes this node will stage (0: no limit)")
+    parser.add_argument(
+        "--max-volumes", type=int, default=0, help="most volumes this node will stage (0: no limit)"
+    )
 
 
 def _node_config(args: argparse.Namespace) -> NodeConfig:
@@ -64,19 +93,31 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ferry", description=__doc__)
     parser.add_argument("--version", action="version", version=f"ferry {__version__}")
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
     parser.add_argument("--log-format", default="json", choices=["json", "text"])
     sub = parser.add_subparsers(dest="command", required=True)
 
     def service(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--endpoint", default="unix:///csi/csi.sock",
-                       help="CSI endpoint (unix:///path or tcp://host:port)")
-        p.add_argument("--catalog", type=Path, default=Path("/var/lib/ferry/catalog.db"),
-                       help="SQLite catalog file")
-        p.add_argument("--metrics-port", type=int, default=0,
-                       help="serve Prometheus /metrics on this port (0: off)")
+        p.add_argument(
+            "--endpoint",
+            default="unix:///csi/csi.sock",
+            help="CSI endpoint (unix:///path or tcp://host:port)",
+        )
+        p.add_argument(
+            "--catalog",
+            type=Path,
+            default=Path("/var/lib/ferry/catalog.db"),
+            help="SQLite catalog file",
+        )
+        p.add_argument(
+            "--metrics-port",
+            type=int,
+            default=0,
+            help="serve Prometheus /metrics on this port (0: off)",
+        )
         return p
 
     service("controller", "serve CSI Identity + Controller")
@@ -84,8 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     _node_args(service("all-in-one", "serve controller and node from one process"))
 
     demo = sub.add_parser("demo", help="run Ferry on this machine and walk a volume's life")
-    demo.add_argument("--workdir", type=Path, default=Path("/var/tmp/ferry-demo"),
-                      help="where the demo keeps its pool, catalog and mounts")
+    demo.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("/var/tmp/ferry-demo"),
+        help="where the demo keeps its pool, catalog and mounts",
+    )
     demo.add_argument("--size", type=parse_size, default=parse_size("256Mi"))
     demo.add_argument("--fs-type", default="ext4", choices=["ext4", "xfs"])
     demo.add_argument("--keep", action="store_true", help="leave the workdir behind")

@@ -139,9 +139,7 @@ def start_controller(csi_endpoint: str, catalog_path: Path) -> Services:
         csi_endpoint,
         [
             lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
-            lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(
-                ControllerServicer(volumes), s
-            ),
+            lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(ControllerServicer(volumes), s),
         ],
         services,
     )
@@ -184,9 +182,7 @@ def start_all_in_one(csi_endpoint: str, config: NodeConfig, catalog_path: Path) 
         csi_endpoint,
         [
             lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
-            lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(
-                ControllerServicer(volumes), s
-            ),
+            lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(ControllerServicer(volumes), s),
             lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s),
         ],
         services,

@@ -39,9 +39,7 @@ def parse_endpoint(text: str) -> Endpoint:
         address = text[len("tcp://") :] if text.startswith("tcp://") else text
         host, sep, port = address.rpartition(":")
         if not sep or not port.isdigit():
-            raise InvalidArgument(
-                f"endpoint {text!r} is neither unix:///path nor tcp://host:port"
-            )
+            raise InvalidArgument(f"endpoint {text!r} is neither unix:///path nor tcp://host:port")
         return Endpoint("tcp", f"{host or '0.0.0.0'}:{port}")
     if not path.startswith("/"):
         raise InvalidArgument(f"unix endpoint {text!r} must name an absolute socket path")

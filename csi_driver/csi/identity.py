@@ -34,7 +34,9 @@ class IdentityServicer(csi_pb2_grpc.IdentityServicer):  # type: ignore[misc]
     @rpc
     def GetPluginCapabilities(self, request: Any, context: grpc.ServicerContext) -> Any:
         caps = [
-            csi_pb2.PluginCapability(service=_Service(type=_Service.VOLUME_ACCESSIBILITY_CONSTRAINTS)),
+            csi_pb2.PluginCapability(
+                service=_Service(type=_Service.VOLUME_ACCESSIBILITY_CONSTRAINTS)
+            ),
             csi_pb2.PluginCapability(volume_expansion=_Expansion(type=_Expansion.ONLINE)),
         ]
         if self._controller:

@@ -99,6 +99,10 @@ def test_choice_always_fits_and_respects_requisite(
     assert chosen_view.free_bytes >= size
     if zone:
         assert chosen.topology.as_dict()[ZONE_KEY] == zone
-    fitting = [n for n in nodes if n.free_bytes >= size and n.node.topology.satisfies(
-        seg(zone=zone) if zone else Topology())]
+    fitting = [
+        n
+        for n in nodes
+        if n.free_bytes >= size
+        and n.node.topology.satisfies(seg(zone=zone) if zone else Topology())
+    ]
     assert chosen_view.free_bytes == max(n.free_bytes for n in fitting)

@@ -15,10 +15,9 @@ import pytest
 
 from csi_driver.core.model import GiB, MiB
 from csi_driver.node.agent import NodeAgent
-from csi_driver.node.loop import LoopDevices
-from csi_driver.node.mounts import Mounts
 from csi_driver.node.pool import Pool
 from csi_driver.node.runner import CommandRunner
+from csi_driver.node.teardown import release_under
 
 ROOT_REASON = "needs root and /dev/loop-control (loop devices, mkfs, mount)"
 
@@ -30,20 +29,6 @@ def host_can_mount() -> bool:
 requires_root = pytest.mark.skipif(not host_can_mount(), reason=ROOT_REASON)
 
 
-def release_host_resources(base: Path) -> None:
-    """Unmount everything under ``base`` and detach loop devices backed there."""
-    runner = CommandRunner()
-    mounts = Mounts(runner)
-    prefix = str(base.resolve()) + "/"
-    for entry in reversed(mounts.table()):
-        if entry.mountpoint.startswith(prefix):
-            runner.run(["umount", "-l", entry.mountpoint], ok_codes=(0, 32))
-    loops = LoopDevices(runner)
-    for loop in loops.list():
-        if loop.backing_file.startswith(prefix):
-            loops.detach(loop.device)
-
-
 @pytest.fixture
 def host_dir(tmp_path: Path) -> Iterator[Path]:
     if not host_can_mount():
@@ -51,7 +36,7 @@ def host_dir(tmp_path: Path) -> Iterator[Path]:
     try:
         yield tmp_path
     finally:
-        release_host_resources(tmp_path)
+        release_under(tmp_path)
 
 
 @pytest.fixture
