@@ -64,4 +64,4 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):  # type: ignore[misc]
 
     @rpc
     def ListImages(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return agent_pb2.ListImagesResponse(images=[self._image(i) for i in self._pool.list()])
+        return agent_pb2.ListImagesResponse(images=[self._image(i) for i in self._pool.images()])

@@ -360,7 +360,7 @@ class NodeAgent:
     def _is_loop_of(self, device: str, image: Path) -> bool:
         return any(
             loop.device == device and loop.backing_file == os.path.realpath(image)
-            for loop in self.loops.list()
+            for loop in self.loops.attached()
         )
 
     def unpublish(self, volume_id: str, target_path: str) -> None:
@@ -469,7 +469,7 @@ class NodeAgent:
         wanted_devices = {t.device for s in staged.values() for t in s.targets.values() if t.device}
         images_dir = os.path.realpath(self.pool.images_dir) + "/"
         freed = []
-        for loop in self.loops.list():
+        for loop in self.loops.attached():
             if not loop.backing_file.startswith(images_dir):
                 continue
             volume_id = Path(loop.backing_file).stem

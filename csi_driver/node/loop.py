@@ -39,7 +39,7 @@ class LoopDevices:
         self._runner = runner
         self._sys_block = sys_block
 
-    def list(self) -> list[LoopDevice]:
+    def attached(self) -> list[LoopDevice]:
         """Every attached loop device with its backing file."""
         found = []
         for entry in sorted(self._sys_block.glob("loop*")):
@@ -67,7 +67,7 @@ class LoopDevices:
     def find(self, image: Path) -> str | None:
         """The writable loop device backing ``image``, if one is attached."""
         wanted = os.path.realpath(image)
-        for loop in self.list():
+        for loop in self.attached():
             if loop.backing_file == wanted and not loop.deleted and not loop.read_only:
                 return loop.device
         return None
@@ -98,19 +98,19 @@ class LoopDevices:
         return device
 
     def info(self, device: str) -> LoopDevice:
-        for loop in self.list():
+        for loop in self.attached():
             if loop.device == device:
                 return loop
         raise InternalError(f"{device} is not an attached loop device")
 
     def detach(self, device: str) -> None:
         """Detach ``device``; a device that is already free is fine."""
-        if not any(loop.device == device for loop in self.list()):
+        if not any(loop.device == device for loop in self.attached()):
             return
         try:
             self._runner.run(["losetup", "--detach", device])
         except CommandFailed:
-            if any(loop.device == device for loop in self.list()):
+            if any(loop.device == device for loop in self.attached()):
                 raise
         log.info("loop detached", extra={"device": device})
 

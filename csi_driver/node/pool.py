@@ -123,7 +123,7 @@ class Pool:
         free = stat.f_bavail * stat.f_frsize
         usable = int(free * (1 - HOST_RESERVE_FRACTION))
         # Bytes images already occupy are part of the pool, not missing from it.
-        return usable + sum(i.allocated_bytes for i in self.list())
+        return usable + sum(i.allocated_bytes for i in self.images())
 
     def _remove_temp_files(self) -> None:
         for stale in self.images_dir.glob(".*.tmp"):
@@ -161,7 +161,7 @@ class Pool:
             raise NotFound(f"volume {volume_id} has no image in the pool at {self.images_dir}")
         return info
 
-    def list(self) -> list[ImageInfo]:
+    def images(self) -> list[ImageInfo]:
         found = []
         for meta in sorted(self.images_dir.glob(f"vol-*{META_SUFFIX}")):
             volume_id = meta.name.removesuffix(META_SUFFIX)
@@ -172,7 +172,7 @@ class Pool:
         return found
 
     def status(self) -> PoolStatus:
-        images = self.list()
+        images = self.images()
         return PoolStatus(
             capacity_bytes=self.capacity_bytes,
             provisioned_bytes=sum(i.size_bytes for i in images),
@@ -238,7 +238,7 @@ class Pool:
                 f"cannot {what}: {extra_bytes} bytes exceeds the whole pool "
                 f"({self.capacity_bytes} bytes)"
             )
-        provisioned = sum(i.size_bytes for i in self.list())
+        provisioned = sum(i.size_bytes for i in self.images())
         if provisioned + extra_bytes > self.capacity_bytes:
             raise ResourceExhausted(
                 f"cannot {what}: pool has {self.capacity_bytes - provisioned} bytes free, "

@@ -24,6 +24,6 @@ def release_under(base: Path, runner: CommandRunner | None = None) -> None:
         if entry.mountpoint.startswith(prefix):
             runner.run(["umount", "--lazy", entry.mountpoint], ok_codes=(0, _UMOUNT_NOT_MOUNTED))
     loops = LoopDevices(runner)
-    for loop in loops.list():
+    for loop in loops.attached():
         if loop.backing_file.startswith(prefix):
             loops.detach(loop.device)

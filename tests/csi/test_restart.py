@@ -110,8 +110,8 @@ def test_killed_ferry_restarts_with_its_volumes_mounts_and_data(
     client.node.NodePublishVolume(publish)
     assert (Path(target) / "acknowledged").read_bytes() == b"x" * MiB
     backing = os.path.realpath(base / "pool" / "images" / f"{vid}.img")
-    assert [loop.device for loop in loops.list() if loop.backing_file == backing] != []
-    assert len([loop for loop in loops.list() if loop.backing_file == backing]) == 1
-    assert leaked not in [loop.device for loop in loops.list()]
+    assert [loop.device for loop in loops.attached() if loop.backing_file == backing] != []
+    assert len([loop for loop in loops.attached() if loop.backing_file == backing]) == 1
+    assert leaked not in [loop.device for loop in loops.attached()]
     client.close()
     assert ferry_process.kill(signal.SIGTERM) == 0

@@ -42,7 +42,7 @@ def staged(
 
 def loops_of(agent: NodeAgent, vid: str) -> list[str]:
     image = os.path.realpath(agent.pool.image_path(vid))
-    return [loop.device for loop in agent.loops.list() if loop.backing_file == image]
+    return [loop.device for loop in agent.loops.attached() if loop.backing_file == image]
 
 
 @pytest.mark.root

@@ -83,7 +83,7 @@ def test_pool_survives_reopen_and_drops_temp_files(tmp_path: Path) -> None:
     first.create_image(VOL_A, 8 * MiB, epoch=3)
     (first.images_dir / f".{VOL_B}.json.tmp").write_text("{half")
     again = Pool(tmp_path / "pool", capacity_bytes=100 * MiB)
-    assert [i.volume_id for i in again.list()] == [VOL_A]
+    assert [i.volume_id for i in again.images()] == [VOL_A]
     assert again.require(VOL_A).epoch == 3
     assert not list(again.images_dir.glob(".*.tmp"))
 

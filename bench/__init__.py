@@ -1,0 +1,1 @@
+"""Ferry benchmarks: ``python -m bench``."""

@@ -1,0 +1,311 @@
+"""``python -m bench``: Ferry's benchmark on this machine.
+
+Starts Ferry all-in-one in a scratch directory and measures, over the real
+CSI socket:
+
+* CreateVolume and DeleteVolume latency (p50/p99), one caller and 32
+  concurrent callers;
+* NodeStageVolume + NodePublishVolume latency for a new volume (mkfs) and
+  for one whose filesystem already exists;
+* fio throughput through a published volume, as a ratio to the same fio job
+  on the pool's own filesystem, run back to back in the same process.
+
+Prints a table and writes JSON (default ``bench/results/latest.json``).
+Needs root (loop devices, mounts) and fio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from csi_driver import __version__
+from csi_driver.core.model import GiB, MiB
+from csi_driver.csi.client import CsiClient, mount_capability
+from csi_driver.gen import csi_pb2
+from csi_driver.node.runner import CommandRunner
+from csi_driver.node.teardown import release_under
+from csi_driver.runtime import NodeConfig, start_all_in_one
+
+NODE_ID = "bench-node"
+
+
+@dataclass
+class Latency:
+    name: str
+    samples_ms: list[float] = field(repr=False)
+
+    def percentile(self, p: float) -> float:
+        ordered = sorted(self.samples_ms)
+        index = min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))
+        return ordered[index]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "count": len(self.samples_ms),
+            "p50_ms": round(self.percentile(50), 2),
+            "p99_ms": round(self.percentile(99), 2),
+            "mean_ms": round(statistics.fmean(self.samples_ms), 2),
+        }
+
+
+@dataclass(frozen=True)
+class FioResult:
+    job: str
+    volume_mib_s: float
+    pool_mib_s: float
+    volume_iops: float
+    pool_iops: float
+
+    @property
+    def ratio(self) -> float:
+        return self.volume_mib_s / self.pool_mib_s if self.pool_mib_s else 0.0
+
+
+def timed(call: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    call()
+    return (time.perf_counter() - started) * 1000
+
+
+def progress(text: str) -> None:
+    print(f"  .. {text}", file=sys.stderr, flush=True)
+
+
+class Bench:
+    def __init__(self, client: CsiClient, kubelet: Path) -> None:
+        self.csi = client
+        self.kubelet = kubelet
+
+    def create(self, name: str, size: int, fs: str = "ext4") -> Any:
+        return self.csi.controller.CreateVolume(
+            csi_pb2.CreateVolumeRequest(
+                name=name,
+                capacity_range=csi_pb2.CapacityRange(required_bytes=size),
+                volume_capabilities=[mount_capability(fs)],
+            )
+        ).volume
+
+    def delete(self, volume_id: str) -> None:
+        self.csi.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id))
+
+    def create_delete(self, rounds: int, callers: int) -> tuple[Latency, Latency]:
+        def one(i: int) -> tuple[float, float]:
+            holder: list[str] = []
+            create_ms = timed(
+                lambda: holder.append(self.create(f"b-{uuid.uuid4().hex}", 64 * MiB).volume_id)
+            )
+            delete_ms = timed(lambda: self.delete(holder[0]))
+            return create_ms, delete_ms
+
+        with ThreadPoolExecutor(max_workers=callers) as pool:
+            results = list(pool.map(one, range(rounds)))
+        label = "alone" if callers == 1 else f"{callers} concurrent"
+        return (
+            Latency(f"CreateVolume ({label})", [c for c, _ in results]),
+            Latency(f"DeleteVolume ({label})", [d for _, d in results]),
+        )
+
+    def paths(self, volume_id: str) -> tuple[str, str]:
+        staging = self.kubelet / "plugins" / volume_id / "globalmount"
+        target = self.kubelet / "pods" / volume_id / "mount"
+        return str(staging), str(target)
+
+    def stage_publish(self, volume_id: str, fs: str) -> None:
+        staging, target = self.paths(volume_id)
+        cap = mount_capability(fs)
+        self.csi.node.NodeStageVolume(
+            csi_pb2.NodeStageVolumeRequest(
+                volume_id=volume_id, staging_target_path=staging, volume_capability=cap
+            )
+        )
+        self.csi.node.NodePublishVolume(
+            csi_pb2.NodePublishVolumeRequest(
+                volume_id=volume_id,
+                staging_target_path=staging,
+                target_path=target,
+                volume_capability=cap,
+            )
+        )
+
+    def unpublish_unstage(self, volume_id: str) -> None:
+        staging, target = self.paths(volume_id)
+        self.csi.node.NodeUnpublishVolume(
+            csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=target)
+        )
+        self.csi.node.NodeUnstageVolume(
+            csi_pb2.NodeUnstageVolumeRequest(volume_id=volume_id, staging_target_path=staging)
+        )
+
+    def mount_latency(self, rounds: int, fs: str, size: int) -> tuple[Latency, Latency]:
+        new, existing = [], []
+        for i in range(rounds):
+            vid = self.create(f"m-{fs}-{i}-{uuid.uuid4().hex[:6]}", size, fs).volume_id
+            new.append(timed(partial(self.stage_publish, vid, fs)))
+            self.unpublish_unstage(vid)
+            existing.append(timed(partial(self.stage_publish, vid, fs)))
+            self.unpublish_unstage(vid)
+            self.delete(vid)
+        return (
+            Latency(f"NodeStage+NodePublish {fs}, new filesystem", new),
+            Latency(f"NodeStage+NodePublish {fs}, existing filesystem", existing),
+        )
+
+
+FIO_JOBS = {
+    "seq-write 1M": ["--rw=write", "--bs=1M", "--iodepth=8"],
+    "seq-read 1M": ["--rw=read", "--bs=1M", "--iodepth=8"],
+    "rand-write 4k": ["--rw=randwrite", "--bs=4k", "--iodepth=32"],
+    "rand-read 4k": ["--rw=randread", "--bs=4k", "--iodepth=32"],
+}
+
+
+def fio(
+    runner: CommandRunner, directory: Path, job: str, size_mib: int, runtime_s: int
+) -> tuple[float, float]:
+    """Run one fio job with O_DIRECT in ``directory``; return (MiB/s, IOPS)."""
+    argv = [
+        "fio", "--name=ferry", f"--directory={directory}", f"--size={size_mib}M",
+        "--ioengine=libaio", "--direct=1", "--time_based", f"--runtime={runtime_s}",
+        "--ramp_time=1", "--group_reporting", "--output-format=json", *FIO_JOBS[job],
+    ]  # fmt: skip
+    result = runner.run(argv, timeout_s=runtime_s * 4 + 120)
+    report = json.loads(result.stdout[result.stdout.index("{") :])
+    side = report["jobs"][0]["write" if "write" in job else "read"]
+    return side["bw_bytes"] / MiB, side["iops"]
+
+
+def throughput(bench: Bench, pool_dir: Path, size_mib: int, runtime_s: int) -> list[FioResult]:
+    runner = CommandRunner()
+    vid = bench.create(f"fio-{uuid.uuid4().hex[:6]}", (size_mib + 256) * MiB, "ext4").volume_id
+    bench.stage_publish(vid, "ext4")
+    _, target = bench.paths(vid)
+    baseline = pool_dir / "fio-baseline"
+    baseline.mkdir(exist_ok=True)
+    results = []
+    try:
+        for job in FIO_JOBS:
+            progress(f"fio {job}: published volume, then the pool's filesystem")
+            vol_bw, vol_iops = fio(runner, Path(target), job, size_mib, runtime_s)
+            pool_bw, pool_iops = fio(runner, baseline, job, size_mib, runtime_s)
+            results.append(FioResult(job, vol_bw, pool_bw, vol_iops, pool_iops))
+    finally:
+        shutil.rmtree(baseline, ignore_errors=True)
+        bench.unpublish_unstage(vid)
+        bench.delete(vid)
+    return results
+
+
+@contextmanager
+def running_ferry(workdir: Path) -> Iterator[Bench]:
+    kubelet = workdir / "kubelet"
+    kubelet.mkdir(parents=True)
+    config = NodeConfig(
+        node_id=NODE_ID,
+        pool_root=workdir / "pool",
+        kubelet_dirs=(kubelet,),
+        agent_endpoint=f"unix://{workdir}/agent.sock",
+        pool_capacity_bytes=64 * GiB,
+    )
+    services = start_all_in_one(f"unix://{workdir}/csi.sock", config, workdir / "catalog.db")
+    client = CsiClient(f"unix://{workdir}/csi.sock")
+    try:
+        client.wait_ready()
+        yield Bench(client, kubelet)
+    finally:
+        client.close()
+        services.stop(grace_s=1)
+        release_under(workdir)
+
+
+def render(latencies: list[Latency], fio_results: list[FioResult]) -> str:
+    lines = [
+        "| Operation | n | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|",
+    ]
+    for lat in latencies:
+        s = lat.summary()
+        lines.append(f"| {s['name']} | {s['count']} | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} |")
+    lines += [
+        "",
+        "| fio job (O_DIRECT) | volume MiB/s | pool fs MiB/s | volume IOPS | pool fs IOPS "
+        "| ratio |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in fio_results:
+        lines.append(
+            f"| {r.job} | {r.volume_mib_s:.0f} | {r.pool_mib_s:.0f} | {r.volume_iops:.0f} "
+            f"| {r.pool_iops:.0f} | {r.ratio:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=100, help="create/delete pairs per mode")
+    parser.add_argument("--mount-rounds", type=int, default=10, help="volumes per filesystem")
+    parser.add_argument("--fio-size", type=int, default=512, help="fio file size in MiB")
+    parser.add_argument("--fio-runtime", type=int, default=8, help="seconds per fio job")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="scratch dir (default: /var/tmp)"
+    )
+    parser.add_argument("--output", type=Path, default=Path("bench/results/latest.json"))
+    parser.add_argument("--quick", action="store_true", help="few rounds, short fio (smoke run)")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("the benchmark needs root: it attaches loop devices and mounts filesystems")
+        return 2
+    if args.quick:
+        args.rounds, args.mount_rounds, args.fio_size, args.fio_runtime = 20, 2, 64, 2
+    workdir = Path(tempfile.mkdtemp(prefix="ferry-bench-", dir=args.workdir or "/var/tmp"))
+    latencies: list[Latency] = []
+    try:
+        with running_ferry(workdir) as bench:
+            progress(f"CreateVolume/DeleteVolume x{args.rounds}, one caller")
+            latencies += bench.create_delete(args.rounds, 1)
+            progress(f"CreateVolume/DeleteVolume x{args.rounds * 4}, 32 concurrent callers")
+            latencies += bench.create_delete(args.rounds * 4, 32)
+            for fs, size in (("ext4", 1 * GiB), ("xfs", 1 * GiB)):
+                progress(f"NodeStage+NodePublish x{args.mount_rounds} on {fs}")
+                latencies += bench.mount_latency(args.mount_rounds, fs, size)
+            fio_results = throughput(bench, workdir / "pool", args.fio_size, args.fio_runtime)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    table = render(latencies, fio_results)
+    print(table)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(
+        json.dumps(
+            {
+                "ferry_version": __version__,
+                "taken_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "host": {"kernel": platform.release(), "cpus": os.cpu_count()},
+                "parameters": vars(args) | {"workdir": str(workdir), "output": str(args.output)},
+                "latency": [lat.summary() for lat in latencies],
+                "fio": [asdict(r) | {"ratio": round(r.ratio, 3)} for r in fio_results],
+            },
+            indent=2,
+        )
+    )
+    print(f"\nJSON written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
