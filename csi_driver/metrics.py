@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from wsgiref.simple_server import WSGIServer
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 RPC_REQUESTS = Counter(
@@ -25,7 +27,18 @@ POOL_ALLOCATED = Gauge(
 POOL_VOLUMES = Gauge("ferry_pool_volumes", "Volume images in the node's pool.")
 
 
-def serve(port: int, address: str = "0.0.0.0") -> None:
-    """Expose ``/metrics`` on ``address:port`` (0 disables)."""
-    if port:
-        start_http_server(port, addr=address)
+def observe_pool(
+    capacity_bytes: int, provisioned_bytes: int, allocated_bytes: int, volumes: int
+) -> None:
+    POOL_CAPACITY.set(capacity_bytes)
+    POOL_PROVISIONED.set(provisioned_bytes)
+    POOL_ALLOCATED.set(allocated_bytes)
+    POOL_VOLUMES.set(volumes)
+
+
+def serve(port: int, address: str = "0.0.0.0") -> WSGIServer | None:
+    """Expose ``/metrics`` on ``address:port`` (0 disables); return the server."""
+    if not port:
+        return None
+    server, _ = start_http_server(port, addr=address)
+    return server

@@ -27,6 +27,7 @@ from csi_driver.csi.identity import IdentityServicer
 from csi_driver.csi.node import NodeServicer
 from csi_driver.gen import csi_pb2_grpc
 from csi_driver.gen.ferry.v1 import agent_pb2_grpc
+from csi_driver.metrics import observe_pool
 from csi_driver.node.agent import NodeAgent
 from csi_driver.node.pool import Pool
 from csi_driver.node.runner import CommandRunner
@@ -91,10 +92,19 @@ class NodeParts:
         )
 
 
-def _heartbeat(catalog: Catalog, node_id: str, stopping: threading.Event) -> None:
+def _report_pool(pool: Pool) -> None:
+    status = pool.status()
+    observe_pool(
+        status.capacity_bytes, status.provisioned_bytes, status.allocated_bytes, status.image_count
+    )
+
+
+def _heartbeat(catalog: Catalog, parts: NodeParts, stopping: threading.Event) -> None:
+    node_id = parts.config.node_id
     while not stopping.wait(HEARTBEAT_INTERVAL_S):
         try:
             catalog.heartbeat(node_id, time.time())
+            _report_pool(parts.pool)
         except Exception:  # keep beating: a failed write is retried next period
             log.exception("heartbeat failed", extra={"node": node_id})
 
@@ -112,9 +122,10 @@ def _start_node_side(parts: NodeParts, catalog: Catalog, services: Services) -> 
     services.servers.append(agent_server)
     services.endpoints.append(agent_endpoint)
     catalog.register_node(parts.registration(agent_endpoint))
+    _report_pool(parts.pool)
     beat = threading.Thread(
         target=_heartbeat,
-        args=(catalog, parts.config.node_id, services._stopping),
+        args=(catalog, parts, services._stopping),
         name="heartbeat",
         daemon=True,
     )

@@ -8,9 +8,9 @@ import grpc
 
 from csi_driver.csi.errors import rpc
 from csi_driver.gen.ferry.v1 import agent_pb2, agent_pb2_grpc
-from csi_driver.metrics import POOL_ALLOCATED, POOL_CAPACITY, POOL_PROVISIONED, POOL_VOLUMES
+from csi_driver.metrics import observe_pool
 from csi_driver.node.loop import LoopDevices
-from csi_driver.node.pool import ImageInfo, Pool
+from csi_driver.node.pool import ImageInfo, Pool, PoolStatus
 
 
 class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):  # type: ignore[misc]
@@ -30,28 +30,37 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):  # type: ignore[misc]
             device=device,
         )
 
+    def _observed(self) -> PoolStatus:
+        status = self._pool.status()
+        observe_pool(
+            status.capacity_bytes,
+            status.provisioned_bytes,
+            status.allocated_bytes,
+            status.image_count,
+        )
+        return status
+
     @rpc
     def CreateImage(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._image(
-            self._pool.create_image(request.volume_id, request.size_bytes, request.epoch)
-        )
+        info = self._pool.create_image(request.volume_id, request.size_bytes, request.epoch)
+        self._observed()
+        return self._image(info)
 
     @rpc
     def DeleteImage(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._pool.delete_image(request.volume_id)
+        self._observed()
         return agent_pb2.DeleteImageResponse()
 
     @rpc
     def ExpandImage(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._image(self._pool.expand_image(request.volume_id, request.size_bytes))
+        info = self._pool.expand_image(request.volume_id, request.size_bytes)
+        self._observed()
+        return self._image(info)
 
     @rpc
     def GetPool(self, request: Any, context: grpc.ServicerContext) -> Any:
-        status = self._pool.status()
-        POOL_CAPACITY.set(status.capacity_bytes)
-        POOL_PROVISIONED.set(status.provisioned_bytes)
-        POOL_ALLOCATED.set(status.allocated_bytes)
-        POOL_VOLUMES.set(status.image_count)
+        status = self._observed()
         return agent_pb2.PoolInfo(
             node_id=self._node_id,
             capacity_bytes=status.capacity_bytes,
