@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -19,17 +20,11 @@ _RPC = csi_pb2.NodeServiceCapability.RPC
 pytestmark = pytest.mark.root
 
 
-def stage_request(
-    ferry: Ferry, volume_id: str, **changes: object
-) -> csi_pb2.NodeStageVolumeRequest:
-    request = csi_pb2.NodeStageVolumeRequest(
-        volume_id=volume_id,
-        staging_target_path=ferry.staging(volume_id),
-        volume_capability=mount_capability(),
-    )
+def _changed(request: Any, changes: dict[str, object]) -> Any:
+    """``request`` with fields replaced; a None value clears the field."""
     for key, value in changes.items():
         if value is None:
-            request.ClearField(key)  # type: ignore[arg-type]
+            request.ClearField(key)
         elif key == "volume_capability":
             request.volume_capability.CopyFrom(value)
         else:
@@ -37,23 +32,23 @@ def stage_request(
     return request
 
 
-def publish_request(
-    ferry: Ferry, volume_id: str, **changes: object
-) -> csi_pb2.NodePublishVolumeRequest:
+def stage_request(ferry: Ferry, volume_id: str, **changes: object) -> Any:
+    request = csi_pb2.NodeStageVolumeRequest(
+        volume_id=volume_id,
+        staging_target_path=ferry.staging(volume_id),
+        volume_capability=mount_capability(),
+    )
+    return _changed(request, changes)
+
+
+def publish_request(ferry: Ferry, volume_id: str, **changes: object) -> Any:
     request = csi_pb2.NodePublishVolumeRequest(
         volume_id=volume_id,
         staging_target_path=ferry.staging(volume_id),
         target_path=ferry.target(volume_id),
         volume_capability=mount_capability(),
     )
-    for key, value in changes.items():
-        if value is None:
-            request.ClearField(key)  # type: ignore[arg-type]
-        elif key == "volume_capability":
-            request.volume_capability.CopyFrom(value)
-        else:
-            setattr(request, key, value)
-    return request
+    return _changed(request, changes)
 
 
 class TestLifecycle:
