@@ -283,6 +283,7 @@ class NodeAgent:
             raise InvalidArgument("target_path and staging_target_path must not nest")
         read_only = readonly or capability.access_mode.read_only
         with self._locks.hold(volume_id, timeout=VOLUME_LOCK_TIMEOUT_S):
+            self.pool.require(volume_id)
             current = self._states.load(volume_id)
             if current is None or current.staging_path != str(staging):
                 raise FailedPrecondition(
