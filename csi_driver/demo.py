@@ -116,7 +116,7 @@ def run_demo(workdir: Path, size: int, fs_type: str, *, keep: bool = False) -> i
         print(f"\ndemo failed: {exc.message}")
         return 1
     except grpc.RpcError as exc:
-        print(f"\ndemo failed: {exc.code().name}: {exc.details()}")  # type: ignore[attr-defined]
+        print(f"\ndemo failed: {exc.code().name}: {exc.details()}")
         return 1
     finally:
         if not keep:
@@ -258,9 +258,9 @@ def _walk(walk: Walkthrough, csi: CsiClient, kubelet: Path, size: int, fs_type: 
             lambda _: f"filesystem {before >> 20} -> {_size_of(target) >> 20} MiB",
         )
     except grpc.RpcError as exc:
-        if exc.code() is not grpc.StatusCode.FAILED_PRECONDITION:  # type: ignore[attr-defined]
+        if exc.code() is not grpc.StatusCode.FAILED_PRECONDITION:
             raise
-        print(f"      online growth refused here: {exc.details()}")  # type: ignore[attr-defined]
+        print(f"      online growth refused here: {exc.details()}")
         walk.step("NodeUnpublishVolume + NodeUnstageVolume", unpublish_unstage, lambda _: "")
         walk.step("NodeStageVolume (grows the filesystem offline)", stage, lambda _: "")
         walk.step("NodePublishVolume", publish, lambda _: "")

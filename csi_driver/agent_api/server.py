@@ -13,7 +13,7 @@ from csi_driver.node.loop import LoopDevices
 from csi_driver.node.pool import ImageInfo, Pool, PoolStatus
 
 
-class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):  # type: ignore[misc]
+class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
     def __init__(self, node_id: str, pool: Pool, loops: LoopDevices) -> None:
         self._node_id = node_id
         self._pool = pool

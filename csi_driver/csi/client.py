@@ -19,7 +19,7 @@ def mount_capability(
     flags: tuple[str, ...] = (),
 ) -> Any:
     """A mount VolumeCapability message."""
-    cap = csi_pb2.VolumeCapability(access_mode=_MODE(mode=_MODE.Mode.Value(mode)))
+    cap = csi_pb2.VolumeCapability(access_mode=_MODE(mode=mode))
     cap.mount.fs_type = fs_type
     cap.mount.mount_flags.extend(flags)
     return cap
@@ -27,7 +27,7 @@ def mount_capability(
 
 def block_capability(mode: str = "SINGLE_NODE_WRITER") -> Any:
     """A block VolumeCapability message."""
-    cap = csi_pb2.VolumeCapability(access_mode=_MODE(mode=_MODE.Mode.Value(mode)))
+    cap = csi_pb2.VolumeCapability(access_mode=_MODE(mode=mode))
     cap.block.SetInParent()
     return cap
 

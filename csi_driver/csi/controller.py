@@ -38,7 +38,7 @@ CAPABILITIES = (
 ACCESS_TYPE_CONTEXT_KEY = "ferry.csi.dev/access-type"
 
 
-class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
+class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     def __init__(self, volumes: VolumeService) -> None:
         self._volumes = volumes
 

@@ -60,9 +60,7 @@ def capabilities_from_proto(caps: Iterable[Any]) -> list[VolumeCapability]:
 
 def capability_to_proto(cap: VolumeCapability) -> Any:
     out = csi_pb2.VolumeCapability(
-        access_mode=csi_pb2.VolumeCapability.AccessMode(
-            mode=_MODE.Mode.Value(cap.access_mode.value)
-        )
+        access_mode=csi_pb2.VolumeCapability.AccessMode(mode=cap.access_mode.value)
     )
     if cap.access_type is AccessType.BLOCK:
         out.block.SetInParent()

@@ -16,7 +16,7 @@ _Service = csi_pb2.PluginCapability.Service
 _Expansion = csi_pb2.PluginCapability.VolumeExpansion
 
 
-class IdentityServicer(csi_pb2_grpc.IdentityServicer):  # type: ignore[misc]
+class IdentityServicer(csi_pb2_grpc.IdentityServicer):
     """Identity for a process serving the controller, the node, or both.
 
     ``checks`` are the readiness checks of the parts this process serves

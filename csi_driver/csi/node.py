@@ -39,7 +39,7 @@ def _capability(request: Any) -> VolumeCapability:
     return capability_from_proto(request.volume_capability)
 
 
-class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
+class NodeServicer(csi_pb2_grpc.NodeServicer):
     def __init__(self, agent: NodeAgent, topology: Topology, max_volumes: int) -> None:
         self._agent = agent
         self._topology = topology
