@@ -311,6 +311,28 @@ class TestControllerPublish:
             publish_request(volume.volume_id, node_id=second_node),
         )
 
+    def test_node_without_the_data_is_failed_precondition(
+        self, ferry: Ferry, second_node: str
+    ) -> None:
+        volume = ferry.create("pinned")
+        details = expect_code(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            ferry.client.controller.ControllerPublishVolume,
+            publish_request(volume.volume_id, node_id=second_node),
+        )
+        assert NODE_ID in details
+
+    def test_node_volume_limit_is_resource_exhausted(self, ferry: Ferry) -> None:
+        for i in range(16):  # the test node's max_volumes
+            volume = ferry.create(f"many-{i}", size=8 * MiB)
+            ferry.client.controller.ControllerPublishVolume(publish_request(volume.volume_id))
+        one_more = ferry.create("one-too-many", size=8 * MiB)
+        expect_code(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            ferry.client.controller.ControllerPublishVolume,
+            publish_request(one_more.volume_id),
+        )
+
     def test_unknown_volume_is_not_found(self, ferry: Ferry) -> None:
         expect_code(
             grpc.StatusCode.NOT_FOUND,
