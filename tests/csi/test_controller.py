@@ -41,6 +41,10 @@ def create_request(
     return request
 
 
+def list_all(ferry: Ferry) -> list[csi_pb2.ListVolumesResponse.Entry]:
+    return list(ferry.client.controller.ListVolumes(csi_pb2.ListVolumesRequest()).entries)
+
+
 # -- CreateVolume ------------------------------------------------------------------
 
 
@@ -245,7 +249,12 @@ class TestDeleteVolume:
 
     @pytest.mark.parametrize("volume_id", ["vol-" + "0" * 32, "not-a-ferry-id", "../../etc"])
     def test_unknown_volume_succeeds(self, ferry: Ferry, volume_id: str) -> None:
-        ferry.client.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id))
+        kept = ferry.create("bystander")
+        reply = ferry.client.controller.DeleteVolume(
+            csi_pb2.DeleteVolumeRequest(volume_id=volume_id)
+        )
+        assert reply == csi_pb2.DeleteVolumeResponse()
+        assert [e.volume.volume_id for e in list_all(ferry)] == [kept.volume_id]
 
     def test_repeat_succeeds(self, ferry: Ferry) -> None:
         volume = ferry.create("twice")
@@ -253,6 +262,7 @@ class TestDeleteVolume:
             ferry.client.controller.DeleteVolume(
                 csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id)
             )
+            assert list_all(ferry) == []
 
     def test_missing_id_is_invalid(self, ferry: Ferry) -> None:
         expect_code(INVALID, ferry.client.controller.DeleteVolume, csi_pb2.DeleteVolumeRequest())
@@ -376,10 +386,18 @@ class TestControllerPublish:
         assert list(status.published_node_ids) == []
 
     def test_unpublish_of_unknown_volume_or_node_succeeds(self, ferry: Ferry) -> None:
-        for volume_id, node_id in (("vol-" + "2" * 32, NODE_ID), ("junk", "nobody")):
+        volume = ferry.create("stays-published")
+        ferry.client.controller.ControllerPublishVolume(publish_request(volume.volume_id))
+        for volume_id, node_id in (
+            ("vol-" + "2" * 32, NODE_ID),
+            ("junk", "nobody"),
+            (volume.volume_id, "nobody"),
+        ):
             ferry.client.controller.ControllerUnpublishVolume(
                 csi_pb2.ControllerUnpublishVolumeRequest(volume_id=volume_id, node_id=node_id)
             )
+        (entry,) = list_all(ferry)
+        assert list(entry.status.published_node_ids) == [NODE_ID]
 
     def test_unpublish_without_volume_id_is_invalid(self, ferry: Ferry) -> None:
         expect_code(

@@ -78,20 +78,30 @@ class TestLifecycle:
         ferry = mountable
         vid = ferry.create("idem").volume_id
         node = ferry.client.node
+
+        def mounted(path: str) -> int:
+            table = Path("/proc/self/mountinfo").read_text().splitlines()
+            return sum(1 for line in table if line.split()[4] == path)
+
         for _ in range(2):
             node.NodeStageVolume(stage_request(ferry, vid))
+            assert mounted(ferry.staging(vid)) == 1
         for _ in range(2):
             node.NodePublishVolume(publish_request(ferry, vid))
+            assert mounted(ferry.target(vid)) == 1
         for _ in range(2):
             node.NodeUnpublishVolume(
                 csi_pb2.NodeUnpublishVolumeRequest(volume_id=vid, target_path=ferry.target(vid))
             )
+            assert mounted(ferry.target(vid)) == 0
+            assert not os.path.exists(ferry.target(vid))
         for _ in range(2):
             node.NodeUnstageVolume(
                 csi_pb2.NodeUnstageVolumeRequest(
                     volume_id=vid, staging_target_path=ferry.staging(vid)
                 )
             )
+            assert mounted(ferry.staging(vid)) == 0
 
     def test_xfs_volume_from_storage_class(self, mountable: Ferry) -> None:
         ferry = mountable

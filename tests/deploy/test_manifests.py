@@ -48,7 +48,10 @@ def test_chart_lints() -> None:
 
 def test_every_manifest_matches_the_kubernetes_schema(rendered: list[dict[str, Any]]) -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
-    for doc in [*load(PLAIN), *load(EXAMPLES), *rendered]:
+    docs = [*load(PLAIN), *load(EXAMPLES), *rendered]
+    assert len(docs) >= 20
+    for doc in docs:
+        # Raises ValidationError naming the object and the offending field.
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
 
