@@ -8,7 +8,13 @@ import grpc
 
 from csi_driver.controller.volumes import DEFAULT_FS, FS_TYPE_CONTEXT_KEY
 from csi_driver.core.errors import InvalidArgument, NotFound, OutOfRange
-from csi_driver.core.model import VOLUME_ID_PATTERN, FsType, Topology, VolumeCapability
+from csi_driver.core.model import (
+    SUPPORTED_ACCESS_MODES,
+    VOLUME_ID_PATTERN,
+    FsType,
+    Topology,
+    VolumeCapability,
+)
 from csi_driver.csi.convert import capability_from_proto, require, topology_to_proto
 from csi_driver.csi.errors import rpc
 from csi_driver.gen import csi_pb2, csi_pb2_grpc
@@ -36,7 +42,13 @@ def _known_volume(volume_id: str) -> str:
 def _capability(request: Any) -> VolumeCapability:
     if not request.HasField("volume_capability"):
         raise InvalidArgument("volume_capability is required")
-    return capability_from_proto(request.volume_capability)
+    capability = capability_from_proto(request.volume_capability)
+    if capability.access_mode not in SUPPORTED_ACCESS_MODES:
+        raise InvalidArgument(
+            f"access mode {capability.access_mode.value} is not supported: Ferry volumes "
+            "are single-node"
+        )
+    return capability
 
 
 class NodeServicer(csi_pb2_grpc.NodeServicer):

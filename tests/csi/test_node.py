@@ -192,6 +192,12 @@ class TestNodeStage:
             stage_request(mountable, vid, staging_target_path=path),
         )
 
+    def test_multi_node_access_mode_is_invalid(self, mountable: Ferry) -> None:
+        vid = mountable.create("s").volume_id
+        cap = mount_capability(mode="MULTI_NODE_MULTI_WRITER")
+        request = stage_request(mountable, vid, volume_capability=cap)
+        assert "single-node" in expect_code(INVALID, mountable.client.node.NodeStageVolume, request)
+
     def test_forbidden_mount_flag_is_invalid(self, mountable: Ferry) -> None:
         vid = mountable.create("s").volume_id
         request = stage_request(mountable, vid, volume_capability=mount_capability(flags=("bind",)))

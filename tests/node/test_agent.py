@@ -349,3 +349,18 @@ def test_volume_expanded_while_unstaged_grows_at_next_stage(
     assert agent.stats(vid, staging).total_bytes - before >= 100 * MiB
     assert agent.expand(vid, staging, None) == grown
     assert (Path(staging) / "keep").read_text() == "kept"
+
+
+@pytest.mark.root
+def test_lost_loop_device_is_an_abnormal_condition(agent: NodeAgent, kubelet: Path) -> None:
+    vid = new_volume_id(13)
+    agent.pool.create_image(vid, DEFAULT_SIZE, epoch=1)
+    staging, _ = paths(kubelet, 13)
+    agent.stage(vid, staging, BLOCK_RW, FsType.EXT4)
+    assert not agent.stats(vid, staging).abnormal
+    for device in loops_of(agent, vid):
+        agent.loops.detach(device)  # the device disappears behind Ferry's back
+    lost = agent.stats(vid, staging)
+    assert lost.abnormal and "no loop device" in lost.message
+    agent.stage(vid, staging, BLOCK_RW, FsType.EXT4)  # restaging repairs it
+    assert not agent.stats(vid, staging).abnormal
