@@ -8,9 +8,9 @@ import grpc
 
 from csi_driver.csi.errors import rpc
 from csi_driver.gen.ferry.v1 import agent_pb2, agent_pb2_grpc
-from csi_driver.metrics import observe_pool
+from csi_driver.metrics import POOL_PROVISIONED, POOL_VOLUMES, observe_pool
 from csi_driver.node.loop import LoopDevices
-from csi_driver.node.pool import ImageInfo, Pool, PoolStatus
+from csi_driver.node.pool import ImageInfo, Pool
 
 
 class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
@@ -30,15 +30,10 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
             device=device,
         )
 
-    def _observed(self) -> PoolStatus:
-        status = self._pool.status()
-        observe_pool(
-            status.capacity_bytes,
-            status.provisioned_bytes,
-            status.allocated_bytes,
-            status.image_count,
-        )
-        return status
+    def _observed(self) -> None:
+        """Publish pool gauges after a change; allocated bytes follow on the next heartbeat."""
+        POOL_PROVISIONED.set(self._pool.provisioned_bytes)
+        POOL_VOLUMES.set(self._pool.image_count)
 
     @rpc
     def CreateImage(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -60,7 +55,13 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
 
     @rpc
     def GetPool(self, request: Any, context: grpc.ServicerContext) -> Any:
-        status = self._observed()
+        status = self._pool.status()
+        observe_pool(
+            status.capacity_bytes,
+            status.provisioned_bytes,
+            status.allocated_bytes,
+            status.image_count,
+        )
         return agent_pb2.PoolInfo(
             node_id=self._node_id,
             capacity_bytes=status.capacity_bytes,

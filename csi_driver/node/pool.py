@@ -117,6 +117,9 @@ class Pool:
         if capacity_bytes <= 0:
             raise InvalidArgument(f"pool capacity must be positive, got {capacity_bytes}")
         self.capacity_bytes = capacity_bytes // SIZE_ALIGNMENT * SIZE_ALIGNMENT
+        # Image sizes, kept current under the lock so that reservations and
+        # metrics need no listing of the whole pool.
+        self._sizes = {i.volume_id: i.size_bytes for i in self.images()}
 
     def _default_capacity(self) -> int:
         stat = os.statvfs(self.root)
@@ -171,6 +174,14 @@ class Pool:
                     found.append(info)
         return found
 
+    @property
+    def provisioned_bytes(self) -> int:
+        return sum(self._sizes.values())
+
+    @property
+    def image_count(self) -> int:
+        return len(self._sizes)
+
     def status(self) -> PoolStatus:
         images = self.images()
         return PoolStatus(
@@ -207,6 +218,7 @@ class Pool:
                 os.fsync(handle.fileno())
             os.chmod(image, 0o600)
             fsync_dir(self.images_dir)
+            self._sizes[volume_id] = size
         log.info("image created", extra={"volume": volume_id, "bytes": size})
         return self.require(volume_id)
 
@@ -216,6 +228,7 @@ class Pool:
             self.image_path(volume_id).unlink(missing_ok=True)
             self._meta_path(volume_id).unlink(missing_ok=True)
             fsync_dir(self.images_dir)
+            self._sizes.pop(volume_id, None)
         log.info("image deleted", extra={"volume": volume_id})
 
     def expand_image(self, volume_id: str, size_bytes: int) -> ImageInfo:
@@ -229,6 +242,7 @@ class Pool:
             with open(current.path, "r+b") as handle:
                 handle.truncate(size)
                 os.fsync(handle.fileno())
+            self._sizes[volume_id] = size
         log.info("image expanded", extra={"volume": volume_id, "bytes": size})
         return self.require(volume_id)
 
@@ -238,7 +252,7 @@ class Pool:
                 f"cannot {what}: {extra_bytes} bytes exceeds the whole pool "
                 f"({self.capacity_bytes} bytes)"
             )
-        provisioned = sum(i.size_bytes for i in self.images())
+        provisioned = self.provisioned_bytes
         if provisioned + extra_bytes > self.capacity_bytes:
             raise ResourceExhausted(
                 f"cannot {what}: pool has {self.capacity_bytes - provisioned} bytes free, "

@@ -92,3 +92,19 @@ def test_default_capacity_follows_the_filesystem(tmp_path: Path) -> None:
     pool = Pool(tmp_path / "pool")
     assert pool.capacity_bytes > 0
     assert pool.status().filesystem != "unknown"
+
+
+def test_reservations_track_every_change(small_pool: Pool, tmp_path: Path) -> None:
+    small_pool.create_image(VOL_A, 30 * MiB, epoch=1)
+    small_pool.expand_image(VOL_A, 50 * MiB)
+    small_pool.create_image(VOL_B, 50 * MiB, epoch=1)
+    with pytest.raises(ResourceExhausted):
+        small_pool.create_image("vol-" + "c" * 32, 1 * MiB, epoch=1)
+    small_pool.delete_image(VOL_B)
+    small_pool.delete_image(VOL_B)  # a repeat must not free the space twice
+    with pytest.raises(ResourceExhausted):
+        small_pool.create_image(VOL_B, 51 * MiB, epoch=1)
+    small_pool.create_image(VOL_B, 50 * MiB, epoch=1)
+    reopened = Pool(small_pool.root, capacity_bytes=100 * MiB)
+    with pytest.raises(ResourceExhausted):
+        reopened.create_image("vol-" + "c" * 32, 1 * MiB, epoch=1)
