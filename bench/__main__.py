@@ -191,7 +191,11 @@ def fio(
     return side["bw_bytes"] / MiB, side["iops"]
 
 
-def throughput(bench: Bench, pool_dir: Path, size_mib: int, runtime_s: int) -> list[FioResult]:
+def throughput(
+    bench: Bench, pool_dir: Path, size_mib: int, runtime_s: int, repeats: int
+) -> list[FioResult]:
+    """Each job ``repeats`` times on the volume and on the pool, alternating which
+    goes first, so drift in the host's disk hits both sides; medians are kept."""
     runner = CommandRunner()
     vid = bench.create(f"fio-{uuid.uuid4().hex[:6]}", (size_mib + 256) * MiB, "ext4").volume_id
     bench.stage_publish(vid, "ext4")
@@ -201,10 +205,23 @@ def throughput(bench: Bench, pool_dir: Path, size_mib: int, runtime_s: int) -> l
     results = []
     try:
         for job in FIO_JOBS:
-            progress(f"fio {job}: published volume, then the pool's filesystem")
-            vol_bw, vol_iops = fio(runner, Path(target), job, size_mib, runtime_s)
-            pool_bw, pool_iops = fio(runner, baseline, job, size_mib, runtime_s)
-            results.append(FioResult(job, vol_bw, pool_bw, vol_iops, pool_iops))
+            progress(f"fio {job}: {repeats}x on the volume and on the pool's filesystem")
+            runs: dict[Path, list[tuple[float, float]]] = {Path(target): [], baseline: []}
+            for i in range(repeats):
+                order = list(runs) if i % 2 == 0 else list(reversed(runs))
+                for where in order:
+                    runs[where].append(fio(runner, where, job, size_mib, runtime_s))
+            vol = runs[Path(target)]
+            pool = runs[baseline]
+            results.append(
+                FioResult(
+                    job,
+                    statistics.median(bw for bw, _ in vol),
+                    statistics.median(bw for bw, _ in pool),
+                    statistics.median(iops for _, iops in vol),
+                    statistics.median(iops for _, iops in pool),
+                )
+            )
     finally:
         shutil.rmtree(baseline, ignore_errors=True)
         bench.unpublish_unstage(vid)
@@ -261,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=100, help="create/delete pairs per mode")
     parser.add_argument("--mount-rounds", type=int, default=10, help="volumes per filesystem")
     parser.add_argument("--fio-size", type=int, default=512, help="fio file size in MiB")
-    parser.add_argument("--fio-runtime", type=int, default=8, help="seconds per fio job")
+    parser.add_argument("--fio-runtime", type=int, default=5, help="seconds per fio job")
+    parser.add_argument("--fio-repeats", type=int, default=3, help="runs per job and side")
     parser.add_argument(
         "--workdir", type=Path, default=None, help="scratch dir (default: /var/tmp)"
     )
@@ -273,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.quick:
         args.rounds, args.mount_rounds, args.fio_size, args.fio_runtime = 20, 2, 64, 2
+        args.fio_repeats = 1
     workdir = Path(tempfile.mkdtemp(prefix="ferry-bench-", dir=args.workdir or "/var/tmp"))
     latencies: list[Latency] = []
     try:
@@ -284,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
             for fs, size in (("ext4", 1 * GiB), ("xfs", 1 * GiB)):
                 progress(f"NodeStage+NodePublish x{args.mount_rounds} on {fs}")
                 latencies += bench.mount_latency(args.mount_rounds, fs, size)
-            fio_results = throughput(bench, workdir / "pool", args.fio_size, args.fio_runtime)
+            fio_results = throughput(
+                bench, workdir / "pool", args.fio_size, args.fio_runtime, args.fio_repeats
+            )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     table = render(latencies, fio_results)
