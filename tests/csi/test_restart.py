@@ -22,25 +22,36 @@ from tests.node.conftest import host_can_mount
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 
+NODE_ARGS = ("--node-id", "node-a", "--pool-capacity", "1Gi")
+
+
 class FerryProcess:
-    def __init__(self, base: Path) -> None:
+    """``ferry <command>`` as a child process serving a unix socket under ``base``."""
+
+    def __init__(self, base: Path, command: str = "all-in-one", name: str = "csi") -> None:
         self.base = base
-        self.endpoint = f"unix://{base}/csi.sock"
+        self.command = command
+        self.endpoint = f"unix://{base}/{name}.sock"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> CsiClient:
+    def argv(self) -> list[str]:
         argv = [
-            sys.executable, "-m", "csi_driver.cli", "all-in-one",
+            sys.executable, "-m", "csi_driver.cli", self.command,
             "--endpoint", self.endpoint,
             "--catalog", str(self.base / "catalog.db"),
-            "--node-id", "node-a",
-            "--pool", str(self.base / "pool"),
-            "--pool-capacity", "1Gi",
-            "--kubelet-dir", str(self.base / "kubelet"),
-            "--agent-endpoint", f"unix://{self.base}/agent.sock",
         ]  # fmt: skip
-        log = open(self.base / "ferry.log", "ab")  # noqa: SIM115 - the child owns it
-        self.process = subprocess.Popen(argv, stdout=log, stderr=log)
+        if self.command != "controller":
+            argv += [
+                *NODE_ARGS,
+                "--pool", str(self.base / "pool"),
+                "--kubelet-dir", str(self.base / "kubelet"),
+                "--agent-endpoint", f"unix://{self.base}/agent.sock",
+            ]  # fmt: skip
+        return argv
+
+    def start(self) -> CsiClient:
+        log = open(self.base / f"{self.command}.log", "ab")  # noqa: SIM115 - the child owns it
+        self.process = subprocess.Popen(self.argv(), stdout=log, stderr=log)
         client = CsiClient(self.endpoint)
         client.wait_ready(timeout_s=30)
         return client
@@ -52,17 +63,26 @@ class FerryProcess:
 
 
 @pytest.fixture
-def ferry_process(tmp_path: Path) -> Iterator[FerryProcess]:
+def processes(tmp_path: Path) -> Iterator[list[FerryProcess]]:
+    """Processes a test starts; all are killed and the host cleaned afterwards."""
     if not host_can_mount():
         pytest.skip("needs root and /dev/loop-control (loop devices, mkfs, mount)")
     (tmp_path / "kubelet").mkdir()
-    proc = FerryProcess(tmp_path)
+    started: list[FerryProcess] = []
     try:
-        yield proc
+        yield started
     finally:
-        if proc.process and proc.process.poll() is None:
-            proc.kill()
+        for proc in started:
+            if proc.process and proc.process.poll() is None:
+                proc.kill()
         release_under(tmp_path)
+
+
+@pytest.fixture
+def ferry_process(tmp_path: Path, processes: list[FerryProcess]) -> FerryProcess:
+    proc = FerryProcess(tmp_path)
+    processes.append(proc)
+    return proc
 
 
 def test_killed_ferry_restarts_with_its_volumes_mounts_and_data(
@@ -115,3 +135,42 @@ def test_killed_ferry_restarts_with_its_volumes_mounts_and_data(
     assert leaked not in [loop.device for loop in loops.attached()]
     client.close()
     assert ferry_process.kill(signal.SIGTERM) == 0
+
+
+def test_controller_and_node_as_separate_processes(
+    tmp_path: Path, processes: list[FerryProcess]
+) -> None:
+    node_process = FerryProcess(tmp_path, "node", "node")
+    controller_process = FerryProcess(tmp_path, "controller", "controller")
+    processes += [node_process, controller_process]
+    node = node_process.start()  # registers its agent in the shared catalog
+    controller = controller_process.start()
+    volume = controller.controller.CreateVolume(
+        csi_pb2.CreateVolumeRequest(
+            name="pvc-split",
+            capacity_range=csi_pb2.CapacityRange(required_bytes=32 * MiB),
+            volume_capabilities=[mount_capability()],
+        )
+    ).volume
+    assert (tmp_path / "pool" / "images" / f"{volume.volume_id}.img").stat().st_size == 32 * MiB
+    info = node.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest())
+    context = controller.controller.ControllerPublishVolume(
+        csi_pb2.ControllerPublishVolumeRequest(
+            volume_id=volume.volume_id, node_id=info.node_id, volume_capability=mount_capability()
+        )
+    ).publish_context
+    staging = str(tmp_path / "kubelet" / "plugins" / "split" / "globalmount")
+    node.node.NodeStageVolume(
+        csi_pb2.NodeStageVolumeRequest(
+            volume_id=volume.volume_id,
+            staging_target_path=staging,
+            volume_capability=mount_capability(),
+            publish_context=context,
+        )
+    )
+    assert os.path.ismount(staging)
+    capabilities = controller.identity.GetPluginCapabilities(csi_pb2.GetPluginCapabilitiesRequest())
+    node_capabilities = node.identity.GetPluginCapabilities(csi_pb2.GetPluginCapabilitiesRequest())
+    assert len(capabilities.capabilities) == len(node_capabilities.capabilities) + 1
+    node.close()
+    controller.close()
