@@ -317,12 +317,14 @@ class NodeAgent:
                 f"volume {staged.volume_id} is not mounted at {staging} (node restarted?); "
                 "stage it again"
             )
-        self._remember(staged, target, Target(read_only))
         on_target = self.mounts.at(target)
         if on_target is not None:
             if on_target.source == mounted.source:
+                self._remember(staged, target, Target(read_only))
                 return
             raise FailedPrecondition(f"{target} already has {on_target.source} mounted")
+        _require_fresh_mountpoint(target, directory=True)
+        self._remember(staged, target, Target(read_only))
         target.mkdir(parents=True, exist_ok=True)
         self.mounts.bind(staging, target, read_only=read_only)
         log.info(
@@ -345,12 +347,12 @@ class NodeAgent:
                 if not entry.device or not self._is_loop_of(entry.device, image):
                     entry = replace(entry, device=self.loops.attach_read_only(image))
                 device = entry.device
-        self._remember(staged, target, entry)
         if self.mounts.at(target) is not None:
+            self._remember(staged, target, entry)
             return
+        _require_fresh_mountpoint(target, directory=False)
+        self._remember(staged, target, entry)
         target.parent.mkdir(parents=True, exist_ok=True)
-        if target.is_dir():
-            raise FailedPrecondition(f"{target} is a directory; a block volume needs a file there")
         target.touch(mode=0o600, exist_ok=True)
         self.mounts.bind(device, target, read_only=entry.read_only)
         log.info(
@@ -508,6 +510,27 @@ class NodeAgent:
                 return False
         self.loops.detach(device)
         return True
+
+
+def _require_fresh_mountpoint(target: Path, *, directory: bool) -> None:
+    """Refuse to mount over anything but an empty directory (or empty file, for block).
+
+    Mounting over existing content would hide it, and unpublishing could not
+    remove the target afterwards.
+    """
+    if not os.path.lexists(target):
+        return
+    if directory:
+        if not target.is_dir() or any(target.iterdir()):
+            raise FailedPrecondition(
+                f"target_path {target} exists and is not an empty directory; "
+                "Ferry mounts only on a fresh path"
+            )
+    elif not target.is_file() or target.stat().st_size:
+        raise FailedPrecondition(
+            f"target_path {target} exists and is not an empty file; a block volume is "
+            "published on a fresh file"
+        )
 
 
 def _remove_target(target: Path) -> None:

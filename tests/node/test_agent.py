@@ -364,3 +364,15 @@ def test_lost_loop_device_is_an_abnormal_condition(agent: NodeAgent, kubelet: Pa
     assert lost.abnormal and "no loop device" in lost.message
     agent.stage(vid, staging, BLOCK_RW, FsType.EXT4)  # restaging repairs it
     assert not agent.stats(vid, staging).abnormal
+
+
+@pytest.mark.root
+def test_publish_never_hides_existing_content(agent: NodeAgent, kubelet: Path) -> None:
+    vid, staging, target = staged(agent, kubelet, n=14)
+    Path(target).mkdir(parents=True)
+    (Path(target) / "precious").write_text("keep me visible")
+    with pytest.raises(FailedPrecondition, match="not an empty directory"):
+        agent.publish(vid, staging, target, MOUNT_RW, readonly=False)
+    assert agent.mounts.at(Path(target)) is None
+    assert (Path(target) / "precious").read_text() == "keep me visible"
+    agent.unstage(vid, staging)  # nothing was recorded as published there
