@@ -479,6 +479,15 @@ class TestListVolumes:
                 break
         assert sorted(seen) == sorted(created)
 
+    def test_paging_survives_deleting_the_token_volume(self, ferry: Ferry) -> None:
+        created = sorted(ferry.create(f"d{i}", size=8 * MiB).volume_id for i in range(5))
+        first = ferry.client.controller.ListVolumes(csi_pb2.ListVolumesRequest(max_entries=2))
+        token = first.next_token
+        assert token == created[1]
+        ferry.client.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=token))
+        rest = ferry.client.controller.ListVolumes(csi_pb2.ListVolumesRequest(starting_token=token))
+        assert [e.volume.volume_id for e in rest.entries] == created[2:]
+
     def test_without_max_entries_lists_all(self, ferry: Ferry) -> None:
         for i in range(4):
             ferry.create(f"a{i}", size=8 * MiB)
