@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,64 +139,81 @@ def _serve_csi(endpoint: str, registrations: list[Registration], services: Servi
     services.endpoints.insert(0, bound)
 
 
+@contextmanager
+def _stopped_on_failure(services: Services) -> Iterator[None]:
+    """Stop whatever was already started if starting the rest fails."""
+    try:
+        yield
+    except BaseException:
+        services.stop(grace_s=0)
+        raise
+
+
 def start_controller(csi_endpoint: str, catalog_path: Path) -> Services:
     services = Services()
-    store = SqliteStore(catalog_path)
-    services.closers.append(store.close)
-    directory = GrpcNodeDirectory()
-    services.closers.append(directory.close)
-    volumes = VolumeService(Catalog(store), directory)
-    identity = IdentityServicer([volumes.check], controller=True)
-    _serve_csi(
-        csi_endpoint,
-        [
-            lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
-            lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(ControllerServicer(volumes), s),
-        ],
-        services,
-    )
+    with _stopped_on_failure(services):
+        store = SqliteStore(catalog_path)
+        services.closers.append(store.close)
+        directory = GrpcNodeDirectory()
+        services.closers.append(directory.close)
+        volumes = VolumeService(Catalog(store), directory)
+        identity = IdentityServicer([volumes.check], controller=True)
+        _serve_csi(
+            csi_endpoint,
+            [
+                lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
+                lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(
+                    ControllerServicer(volumes), s
+                ),
+            ],
+            services,
+        )
     return services
 
 
 def start_node(csi_endpoint: str, config: NodeConfig, catalog_path: Path) -> Services:
     services = Services()
-    store = SqliteStore(catalog_path)
-    services.closers.append(store.close)
-    parts = NodeParts(config)
-    _start_node_side(parts, Catalog(store), services)
-    identity = IdentityServicer([parts.agent.check], controller=False)
-    node = NodeServicer(parts.agent, parts.topology, config.max_volumes)
-    _serve_csi(
-        csi_endpoint,
-        [
-            lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
-            lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s),
-        ],
-        services,
-    )
+    with _stopped_on_failure(services):
+        store = SqliteStore(catalog_path)
+        services.closers.append(store.close)
+        parts = NodeParts(config)
+        _start_node_side(parts, Catalog(store), services)
+        identity = IdentityServicer([parts.agent.check], controller=False)
+        node = NodeServicer(parts.agent, parts.topology, config.max_volumes)
+        _serve_csi(
+            csi_endpoint,
+            [
+                lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
+                lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s),
+            ],
+            services,
+        )
     return services
 
 
 def start_all_in_one(csi_endpoint: str, config: NodeConfig, catalog_path: Path) -> Services:
     """Controller and node in one process, on one CSI socket (one-machine mode)."""
     services = Services()
-    store = SqliteStore(catalog_path)
-    services.closers.append(store.close)
-    catalog = Catalog(store)
-    parts = NodeParts(config)
-    _start_node_side(parts, catalog, services)
-    directory = GrpcNodeDirectory()
-    services.closers.append(directory.close)
-    volumes = VolumeService(catalog, directory)
-    identity = IdentityServicer([volumes.check, parts.agent.check], controller=True)
-    node = NodeServicer(parts.agent, parts.topology, config.max_volumes)
-    _serve_csi(
-        csi_endpoint,
-        [
-            lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
-            lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(ControllerServicer(volumes), s),
-            lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s),
-        ],
-        services,
-    )
+    with _stopped_on_failure(services):
+        store = SqliteStore(catalog_path)
+        services.closers.append(store.close)
+        catalog = Catalog(store)
+        parts = NodeParts(config)
+        _start_node_side(parts, catalog, services)
+        directory = GrpcNodeDirectory()
+        services.closers.append(directory.close)
+        volumes = VolumeService(catalog, directory)
+        identity = IdentityServicer([volumes.check, parts.agent.check], controller=True)
+        node = NodeServicer(parts.agent, parts.topology, config.max_volumes)
+        _serve_csi(
+            csi_endpoint,
+            [
+                lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
+                lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(
+                    ControllerServicer(volumes), s
+                ),
+                lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s),
+            ],
+            services,
+        )
     return services
