@@ -1,18 +1,21 @@
+# Every target uses the virtual environment that scripts/setup.sh creates.
+PY := .venv/bin/python
+
 protos:
-	python3 tools/gen_protos.py
+	$(PY) tools/gen_protos.py
 
 test:
-	python3 -m pytest
+	$(PY) -m pytest
 
 lint:
-	ruff check .
-	ruff format --check .
-	mypy
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 demo:
-	ferry demo
+	.venv/bin/ferry demo
 
 bench:
-	python3 -m bench
+	$(PY) -m bench
 
 .PHONY: protos test lint demo bench

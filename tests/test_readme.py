@@ -1,0 +1,62 @@
+"""README's quick start is a contract: CI runs its test command, and its demo works.
+
+The two commands a newcomer types are read out of README.md, so a change to
+either that is not made in .ci/run (or that breaks the demo) fails here.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.node.conftest import requires_root
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def quick_start_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```sh\n(.+?)\n```", section)
+
+
+def test_quick_start_has_two_commands_that_set_up_first() -> None:
+    commands = quick_start_commands()
+    assert len(commands) == 2, commands
+    assert all(c.startswith("bash scripts/setup.sh && ") for c in commands)
+    assert "ferry demo" in commands[0]
+    assert "pytest" in commands[1]
+
+
+def test_ci_runs_the_readme_test_command_exactly() -> None:
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    steps = [line for line in ci.splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    assert steps == [quick_start_commands()[1]]
+
+
+def test_setup_never_pip_installs_into_the_system_python() -> None:
+    setup = (ROOT / "scripts" / "setup.sh").read_text(encoding="utf-8")
+    pip_lines = [line for line in setup.splitlines() if "pip install" in line]
+    assert pip_lines
+    assert all(line.lstrip().startswith('"$venv/bin/python" -m pip') for line in pip_lines)
+
+
+@requires_root
+@pytest.mark.slow
+def test_demo_walks_a_volume_through_its_life(tmp_path: Path) -> None:
+    demo = quick_start_commands()[0].split(" && ", 1)[1].split()
+    assert demo[-1] == "demo"
+    done = subprocess.run(
+        [sys.executable, "-m", "csi_driver.cli", "demo", "--workdir", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "the data survived" in done.stdout
+    assert not (tmp_path / "demo").exists()
