@@ -1,0 +1,428 @@
+"""The cluster PKI: one CA per Ferry cluster and the certificates of its agents.
+
+Ferry's agents (the controller, each node) authenticate each other with
+mutual TLS under a cluster CA. This module creates that CA, issues leaf
+certificates and loads them; it imports no gRPC (``transport`` does).
+
+Invariants:
+
+- Every leaf names exactly one Ferry :class:`Identity` as a SPIFFE ID
+  (``spiffe://ferry.csi.dev/controller``, ``spiffe://ferry.csi.dev/node/<id>``)
+  in its only URI SAN: gRPC reports it as the peer's ``peer_spiffe_id``,
+  which is what servers authorise. Which cluster a peer belongs to is
+  decided by the CA that signed it, not by the name.
+- Every leaf also carries the identity's DNS name
+  (``controller.ferry.csi.dev``, ``<id>.node.ferry.csi.dev``). Clients check
+  the server against that name (a target-name override), so the controller
+  knows it reached node ``n1`` whatever address ``n1`` registered.
+- Leaves are usable for server and client authentication alike: a node
+  serves the controller and, later, calls its peers.
+- Keys are ECDSA P-256: gRPC's BoringSSL refuses Ed25519 certificates in
+  the TLS handshake (NO_COMMON_SIGNATURE_ALGORITHMS, checked with grpcio 1.85).
+- On disk a bundle is laid out like a Kubernetes TLS Secret (``ca.crt``,
+  ``tls.crt``, ``tls.key``), so a mounted Secret and a directory made by
+  ``ferry ca`` load the same way. Key files are written 0600, each file
+  atomically (temporary file, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from csi_driver.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+
+TRUST_DOMAIN = "ferry.csi.dev"
+CA_CERT = "ca.crt"
+CERT = "tls.crt"
+KEY = "tls.key"
+
+CA_LIFETIME = datetime.timedelta(days=3650)
+LEAF_LIFETIME = datetime.timedelta(days=365)
+#: Tolerates clocks of other machines running slightly behind this one's.
+_BACKDATE = datetime.timedelta(minutes=5)
+
+#: A Kubernetes node name: a DNS-1123 subdomain.
+_NODE_ID = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_DNS_NAME = re.compile(
+    r"(\*\.)?[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*"
+)
+
+
+class Role(Enum):
+    CONTROLLER = "controller"
+    NODE = "node"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a Ferry agent is: the controller, or node ``node_id``."""
+
+    role: Role
+    node_id: str = ""
+
+    @classmethod
+    def controller(cls) -> Identity:
+        return cls(Role.CONTROLLER)
+
+    @classmethod
+    def node(cls, node_id: str) -> Identity:
+        if len(node_id) > 200 or not _NODE_ID.fullmatch(node_id):
+            raise InvalidArgument(
+                f"node id {node_id!r} is not a Kubernetes node name (lowercase letters, digits, "
+                "'-' and '.', at most 200 characters here)"
+            )
+        return cls(Role.NODE, node_id)
+
+    @classmethod
+    def parse(cls, text: str) -> Identity:
+        """``controller`` or ``node/<id>``: how operators name identities."""
+        if text == "controller":
+            return cls.controller()
+        role, sep, node_id = text.partition("/")
+        if role == "node" and sep:
+            return cls.node(node_id)
+        raise InvalidArgument(
+            f"identity {text!r} is neither 'controller' nor 'node/<node-id>' (e.g. node/worker-1)"
+        )
+
+    @classmethod
+    def from_spiffe_id(cls, uri: str) -> Identity | None:
+        """The identity a SPIFFE ID names, or None if it is not one of Ferry's."""
+        prefix = f"spiffe://{TRUST_DOMAIN}/"
+        if not uri.startswith(prefix):
+            return None
+        try:
+            return cls.parse(uri[len(prefix) :])
+        except InvalidArgument:
+            return None
+
+    @property
+    def spiffe_id(self) -> str:
+        return f"spiffe://{TRUST_DOMAIN}/{self}"
+
+    @property
+    def dns_name(self) -> str:
+        if self.role is Role.CONTROLLER:
+            return f"controller.{TRUST_DOMAIN}"
+        return f"{self.node_id}.node.{TRUST_DOMAIN}"
+
+    @property
+    def dir_name(self) -> str:
+        """A directory name for this identity's bundle (``controller``, ``node-<id>``)."""
+        return "controller" if self.role is Role.CONTROLLER else f"node-{self.node_id}"
+
+    def __str__(self) -> str:
+        return "controller" if self.role is Role.CONTROLLER else f"node/{self.node_id}"
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def write_atomically(path: Path, data: bytes, mode: int) -> None:
+    """Replace ``path`` with ``data`` so readers see the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # mkstemp creates the file 0600, so a key is never readable by others, even briefly.
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fchmod(out.fileno(), mode)
+            os.fsync(out.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _read(directory: Path, name: str) -> bytes:
+    path = directory / name
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise NotFound(
+            f"{path} does not exist: a TLS directory holds {CA_CERT}, {CERT} and {KEY} "
+            "(a Kubernetes TLS Secret, or one made by `ferry ca issue`)"
+        ) from None
+    except OSError as exc:
+        raise FailedPrecondition(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def _load_cert(directory: Path, name: str) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(_read(directory, name))
+    except ValueError as exc:
+        raise InvalidArgument(f"{directory / name} is not a PEM certificate: {exc}") from exc
+
+
+def _load_key(directory: Path) -> ec.EllipticCurvePrivateKey:
+    try:
+        key = serialization.load_pem_private_key(_read(directory, KEY), password=None)
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgument(
+            f"{directory / KEY} is not an unencrypted PEM private key: {exc}"
+        ) from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise InvalidArgument(f"{directory / KEY} is not an ECDSA key; issue it with `ferry ca`")
+    return key
+
+
+def _same_key(key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> bool:
+    return key.public_key() == cert.public_key()
+
+
+def _signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _check_current(cert: x509.Certificate, path: Path, now: datetime.datetime) -> None:
+    if now < cert.not_valid_before_utc:
+        raise FailedPrecondition(
+            f"{path} is valid only from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC: "
+            "check this machine's clock"
+        )
+    if now >= cert.not_valid_after_utc:
+        raise FailedPrecondition(
+            f"{path} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: issue a new one "
+            "(`ferry ca issue`) or renew the Secret"
+        )
+
+
+def identity_of(cert: x509.Certificate) -> Identity | None:
+    """The Ferry identity a certificate names in its URI SAN, if any."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    return Identity.from_spiffe_id(uris[0]) if len(uris) == 1 else None
+
+
+def _builder(
+    subject: x509.Name,
+    issuer: x509.Name,
+    key: ec.EllipticCurvePrivateKey,
+    start: datetime.datetime,
+    end: datetime.datetime,
+    *,
+    signs_certificates: bool,
+) -> x509.CertificateBuilder:
+    """What a CA and a leaf certificate share: names, key, validity, key usage."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=signs_certificates,
+                crl_sign=signs_certificates,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+    )
+
+
+@dataclass(frozen=True)
+class TlsBundle:
+    """One agent's credentials: the cluster CA, its certificate and its key (PEM)."""
+
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+    identity: Identity
+    not_after: datetime.datetime
+
+    @classmethod
+    def load(cls, directory: Path, *, now: datetime.datetime | None = None) -> TlsBundle:
+        """Load and check a Secret-shaped directory; errors say which file is wrong."""
+        ca = _load_cert(directory, CA_CERT)
+        cert = _load_cert(directory, CERT)
+        key = _load_key(directory)
+        if not _same_key(key, cert):
+            raise InvalidArgument(
+                f"{directory / KEY} is not the key of {directory / CERT}: issue the pair again"
+            )
+        if not _signed_by(cert, ca):
+            raise InvalidArgument(
+                f"{directory / CERT} is not signed by the CA in {directory / CA_CERT}: "
+                "issue it from this cluster's CA"
+            )
+        identity = identity_of(cert)
+        if identity is None:
+            raise InvalidArgument(
+                f"{directory / CERT} names no Ferry identity (a URI SAN spiffe://{TRUST_DOMAIN}/"
+                "controller or .../node/<id>): issue it with `ferry ca issue`"
+            )
+        when = now or datetime.datetime.now(datetime.UTC)
+        _check_current(ca, directory / CA_CERT, when)
+        _check_current(cert, directory / CERT, when)
+        return cls(
+            ca_pem=_pem(ca),
+            cert_pem=_pem(cert),
+            key_pem=_key_pem(key),
+            identity=identity,
+            not_after=cert.not_valid_after_utc,
+        )
+
+    def write(self, directory: Path) -> None:
+        """Write as ``ca.crt``, ``tls.crt``, ``tls.key``: the key first, then the certificates."""
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_atomically(directory / KEY, self.key_pem, 0o600)
+        write_atomically(directory / CERT, self.cert_pem, 0o644)
+        write_atomically(directory / CA_CERT, self.ca_pem, 0o644)
+
+
+class CertificateAuthority:
+    """The cluster CA: signs the certificates of Ferry's agents.
+
+    On disk it is Secret-shaped as well (``tls.crt``, ``tls.key`` and
+    ``ca.crt`` = ``tls.crt``), the layout cert-manager gives a self-signed
+    CA, so the same directory can back a cert-manager CA issuer.
+    """
+
+    def __init__(self, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
+        self._key = key
+        self.cert = cert
+
+    @classmethod
+    def create(
+        cls,
+        common_name: str = "Ferry cluster CA",
+        *,
+        lifetime: datetime.timedelta = CA_LIFETIME,
+        now: datetime.datetime | None = None,
+    ) -> CertificateAuthority:
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        start = (now or datetime.datetime.now(datetime.UTC)) - _BACKDATE
+        cert = (
+            _builder(name, name, key, start, start + lifetime, signs_certificates=True)
+            # path_length=0: the CA signs leaves only, never another CA.
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .sign(key, hashes.SHA256())
+        )
+        return cls(key, cert)
+
+    @classmethod
+    def load(cls, directory: Path) -> CertificateAuthority:
+        if not (directory / CERT).exists():
+            raise NotFound(
+                f"{directory} holds no cluster CA: create one with "
+                f"`ferry ca init --dir {directory}`"
+            )
+        cert = _load_cert(directory, CERT)
+        key = _load_key(directory)
+        basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        if not basic.ca or not _same_key(key, cert):
+            raise InvalidArgument(
+                f"{directory} does not hold a CA certificate and its key; "
+                "create one with `ferry ca init`"
+            )
+        return cls(key, cert)
+
+    def save(self, directory: Path) -> None:
+        """Write the CA; refuses to replace one, which would orphan every issued certificate."""
+        if (directory / KEY).exists() or (directory / CERT).exists():
+            raise AlreadyExists(
+                f"{directory} already holds a CA; replacing it would cut off every agent it "
+                "certified: choose another directory (see 'Rotating the CA' in docs/operations.md)"
+            )
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_atomically(directory / KEY, _key_pem(self._key), 0o600)
+        write_atomically(directory / CERT, _pem(self.cert), 0o644)
+        write_atomically(directory / CA_CERT, _pem(self.cert), 0o644)
+
+    def issue(
+        self,
+        identity: Identity,
+        *,
+        ips: tuple[str, ...] = (),
+        dns_names: tuple[str, ...] = (),
+        lifetime: datetime.timedelta = LEAF_LIFETIME,
+        now: datetime.datetime | None = None,
+    ) -> TlsBundle:
+        """A leaf for ``identity``, valid for server and client auth, with extra SANs."""
+        addresses = []
+        for text in ips:
+            try:
+                addresses.append(ipaddress.ip_address(text))
+            except ValueError:
+                raise InvalidArgument(f"{text!r} is not an IP address") from None
+        for name in dns_names:
+            if len(name) > 253 or not _DNS_NAME.fullmatch(name):
+                raise InvalidArgument(f"{name!r} is not a DNS name")
+        start = (now or datetime.datetime.now(datetime.UTC)) - _BACKDATE
+        end = min(start + lifetime, self.cert.not_valid_after_utc)
+        key = ec.generate_private_key(ec.SECP256R1())
+        names: list[x509.GeneralName] = [
+            x509.UniformResourceIdentifier(identity.spiffe_id),
+            x509.DNSName(identity.dns_name),
+            *(x509.DNSName(name) for name in dict.fromkeys(dns_names)),
+            *(x509.IPAddress(address) for address in dict.fromkeys(addresses)),
+        ]
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(identity))])
+        cert = (
+            _builder(subject, self.cert.subject, key, start, end, signs_certificates=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), False
+            )
+            .sign(self._key, hashes.SHA256())
+        )
+        return TlsBundle(
+            ca_pem=_pem(self.cert),
+            cert_pem=_pem(cert),
+            key_pem=_key_pem(key),
+            identity=identity,
+            not_after=cert.not_valid_after_utc,
+        )

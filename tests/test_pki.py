@@ -1,0 +1,248 @@
+"""The cluster PKI: identities, the CA, issued certificates and their directories."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from csi_driver.core.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from csi_driver.pki import (
+    CA_CERT,
+    CERT,
+    KEY,
+    CertificateAuthority,
+    Identity,
+    Role,
+    TlsBundle,
+    identity_of,
+)
+
+NOW = datetime.datetime.now(datetime.UTC)
+
+
+@pytest.mark.parametrize(
+    ("text", "identity", "spiffe_id", "dns_name"),
+    [
+        (
+            "controller",
+            Identity(Role.CONTROLLER),
+            "spiffe://ferry.csi.dev/controller",
+            "controller.ferry.csi.dev",
+        ),
+        (
+            "node/worker-1",
+            Identity(Role.NODE, "worker-1"),
+            "spiffe://ferry.csi.dev/node/worker-1",
+            "worker-1.node.ferry.csi.dev",
+        ),
+        (
+            "node/ip-10-0-0-1.ec2.internal",
+            Identity(Role.NODE, "ip-10-0-0-1.ec2.internal"),
+            "spiffe://ferry.csi.dev/node/ip-10-0-0-1.ec2.internal",
+            "ip-10-0-0-1.ec2.internal.node.ferry.csi.dev",
+        ),
+    ],
+)
+def test_identities_have_one_text_spiffe_id_and_dns_name(
+    text: str, identity: Identity, spiffe_id: str, dns_name: str
+) -> None:
+    assert Identity.parse(text) == identity
+    assert str(identity) == text
+    assert identity.spiffe_id == spiffe_id
+    assert identity.dns_name == dns_name
+    assert Identity.from_spiffe_id(spiffe_id) == identity
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "node", "node/", "node/Upper", "node/-x", "node/a_b", "nodes/a", "admin", "node/a/b"],
+)
+def test_bad_identity_names_are_refused(text: str) -> None:
+    with pytest.raises(InvalidArgument):
+        Identity.parse(text)
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "spiffe://other.domain/controller",
+        "spiffe://ferry.csi.dev/admin",
+        "spiffe://ferry.csi.dev/node/",
+        "https://ferry.csi.dev/controller",
+    ],
+)
+def test_foreign_spiffe_ids_are_no_identity(uri: str) -> None:
+    assert Identity.from_spiffe_id(uri) is None
+
+
+@pytest.fixture(scope="module")
+def ca() -> CertificateAuthority:
+    return CertificateAuthority.create()
+
+
+def test_the_ca_signs_leaves_only(ca: CertificateAuthority) -> None:
+    basic = ca.cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    usage = ca.cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert (basic.ca, basic.path_length) == (True, 0)
+    assert usage.key_cert_sign and usage.crl_sign
+    assert isinstance(ca.cert.public_key(), ec.EllipticCurvePublicKey)
+    assert ca.cert.not_valid_after_utc - ca.cert.not_valid_before_utc >= datetime.timedelta(
+        days=3650
+    )
+
+
+def test_a_leaf_names_its_identity_and_serves_and_calls(ca: CertificateAuthority) -> None:
+    bundle = ca.issue(
+        Identity.node("n1"), ips=("10.0.0.2", "fd00::2", "10.0.0.2"), dns_names=("n1.lan",)
+    )
+    cert = x509.load_pem_x509_certificate(bundle.cert_pem)
+    cert.verify_directly_issued_by(ca.cert)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
+        "spiffe://ferry.csi.dev/node/n1"
+    ]
+    assert san.get_values_for_type(x509.DNSName) == ["n1.node.ferry.csi.dev", "n1.lan"]
+    assert san.get_values_for_type(x509.IPAddress) == [
+        ipaddress.ip_address("10.0.0.2"),
+        ipaddress.ip_address("fd00::2"),
+    ]
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert identity_of(cert) == bundle.identity == Identity.node("n1")
+
+
+def test_a_leaf_never_outlives_its_ca(ca: CertificateAuthority) -> None:
+    bundle = ca.issue(Identity.controller(), lifetime=datetime.timedelta(days=100_000))
+    assert bundle.not_after == ca.cert.not_valid_after_utc
+
+
+@pytest.mark.parametrize(
+    ("ips", "dns_names"), [(("10.0.0",), ()), (("host",), ()), ((), ("bad name",)), ((), ("-x",))]
+)
+def test_bad_sans_are_refused(
+    ca: CertificateAuthority, ips: tuple[str, ...], dns_names: tuple[str, ...]
+) -> None:
+    with pytest.raises(InvalidArgument):
+        ca.issue(Identity.controller(), ips=ips, dns_names=dns_names)
+
+
+def test_written_bundles_load_back_with_private_keys(
+    ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    issued = ca.issue(Identity.node("n1"))
+    issued.write(tmp_path / "n1")
+    assert (tmp_path / "n1" / KEY).stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "n1" / CERT).stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in (tmp_path / "n1").iterdir()) == [CA_CERT, CERT, KEY]
+    assert TlsBundle.load(tmp_path / "n1") == issued
+
+
+def test_the_ca_directory_is_secret_shaped_and_never_replaced(tmp_path: Path) -> None:
+    ca = CertificateAuthority.create()
+    ca.save(tmp_path)
+    assert (tmp_path / KEY).stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / CA_CERT).read_bytes() == (tmp_path / CERT).read_bytes()
+    with pytest.raises(AlreadyExists, match="cut off every agent"):
+        CertificateAuthority.create().save(tmp_path)
+    loaded = CertificateAuthority.load(tmp_path)
+    assert loaded.cert == ca.cert
+    x509.load_pem_x509_certificate(
+        loaded.issue(Identity.controller()).cert_pem
+    ).verify_directly_issued_by(ca.cert)
+
+
+def test_a_leaf_directory_is_not_a_ca(ca: CertificateAuthority, tmp_path: Path) -> None:
+    ca.issue(Identity.controller()).write(tmp_path)
+    with pytest.raises(InvalidArgument, match="ferry ca init"):
+        CertificateAuthority.load(tmp_path)
+    with pytest.raises(NotFound, match="ferry ca init"):
+        CertificateAuthority.load(tmp_path / "absent")
+
+
+def _foreign_leaf(issuer: CertificateAuthority, directory: Path) -> None:
+    """A leaf the CA signed by hand, with no Ferry identity (as another user of a CA would)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    ca_key = serialization.load_pem_private_key((directory / "ca" / KEY).read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "someone-else")]))
+        .issuer_name(issuer.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - datetime.timedelta(hours=1))
+        .not_valid_after(NOW + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("someone.example")]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    leaf = directory / "foreign"
+    leaf.mkdir()
+    (leaf / CA_CERT).write_bytes(issuer.cert.public_bytes(serialization.Encoding.PEM))
+    (leaf / CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (leaf / KEY).write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
+def test_loading_checks_each_file_and_says_which(tmp_path: Path) -> None:
+    ca = CertificateAuthority.create()
+    ca.save(tmp_path / "ca")
+    other = CertificateAuthority.create()
+    ca.issue(Identity.node("n1")).write(tmp_path / "n1")
+    ca.issue(Identity.node("n2")).write(tmp_path / "n2")
+    other.issue(Identity.node("n1")).write(tmp_path / "other")
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for name in (CA_CERT, CERT):
+        (mixed / name).write_bytes((tmp_path / "n1" / name).read_bytes())
+    (mixed / KEY).write_bytes((tmp_path / "n2" / KEY).read_bytes())
+    with pytest.raises(InvalidArgument, match="is not the key of"):
+        TlsBundle.load(mixed)
+
+    (mixed / KEY).write_bytes((tmp_path / "n1" / KEY).read_bytes())
+    (mixed / CA_CERT).write_bytes((tmp_path / "other" / CA_CERT).read_bytes())
+    with pytest.raises(InvalidArgument, match="not signed by the CA"):
+        TlsBundle.load(mixed)
+
+    (mixed / CA_CERT).write_text("garbage")
+    with pytest.raises(InvalidArgument, match="not a PEM certificate"):
+        TlsBundle.load(mixed)
+
+    (mixed / CA_CERT).write_bytes((tmp_path / "n1" / CA_CERT).read_bytes())
+    (mixed / KEY).unlink()
+    with pytest.raises(NotFound, match=r"tls\.key does not exist"):
+        TlsBundle.load(mixed)
+
+    _foreign_leaf(ca, tmp_path)
+    with pytest.raises(InvalidArgument, match="names no Ferry identity"):
+        TlsBundle.load(tmp_path / "foreign")
+
+
+def test_expired_and_future_certificates_are_refused(
+    ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    ca.issue(Identity.controller(), lifetime=datetime.timedelta(days=1)).write(tmp_path)
+    with pytest.raises(FailedPrecondition, match=r"expired .* issue a new one"):
+        TlsBundle.load(tmp_path, now=NOW + datetime.timedelta(days=2))
+    with pytest.raises(FailedPrecondition, match="check this machine's clock"):
+        TlsBundle.load(tmp_path, now=NOW - datetime.timedelta(days=1))
