@@ -19,6 +19,8 @@ from typing import Any
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 volume_id: contextvars.ContextVar[str] = contextvars.ContextVar("volume_id", default="")
 rpc: contextvars.ContextVar[str] = contextvars.ContextVar("rpc", default="")
+#: The authenticated Ferry identity of the caller (mTLS), e.g. ``controller``.
+peer: contextvars.ContextVar[str] = contextvars.ContextVar("peer", default="")
 
 _RESERVED = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
@@ -34,7 +36,12 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key, var in (("request_id", request_id), ("rpc", rpc), ("volume_id", volume_id)):
+        for key, var in (
+            ("request_id", request_id),
+            ("rpc", rpc),
+            ("volume_id", volume_id),
+            ("peer", peer),
+        ):
             value = var.get()
             if value:
                 entry[key] = value
@@ -55,7 +62,7 @@ class TextFormatter(logging.Formatter):
             record.levelname[0],
             record.getMessage(),
         ]
-        for key, var in (("req", request_id), ("vol", volume_id)):
+        for key, var in (("req", request_id), ("vol", volume_id), ("peer", peer)):
             value = var.get()
             if value:
                 parts.append(f"{key}={value}")
@@ -78,10 +85,12 @@ def configure(level: str = "info", fmt: str = "json") -> None:
 
 
 @contextmanager
-def context(*, request: str = "", method: str = "", volume: str = "") -> Iterator[None]:
+def context(
+    *, request: str = "", method: str = "", volume: str = "", caller: str = ""
+) -> Iterator[None]:
     """Bind request context for the duration of a block."""
     tokens = []
-    for var, value in ((request_id, request), (rpc, method), (volume_id, volume)):
+    for var, value in ((request_id, request), (rpc, method), (volume_id, volume), (peer, caller)):
         if value:
             tokens.append((var, var.set(value)))
     try:

@@ -19,8 +19,9 @@ from pathlib import Path
 import grpc
 
 from csi_driver.agent_api.client import GrpcNodeDirectory
-from csi_driver.agent_api.server import NodeAgentServicer
+from csi_driver.agent_api.server import NodeAgentServicer, admitted_callers
 from csi_driver.controller.volumes import VolumeService
+from csi_driver.core.errors import InvalidArgument
 from csi_driver.core.model import NodeRecord, Topology
 from csi_driver.core.placement import NODE_KEY, ZONE_KEY
 from csi_driver.csi.controller import ControllerServicer
@@ -32,9 +33,10 @@ from csi_driver.metrics import observe_pool
 from csi_driver.node.agent import NodeAgent
 from csi_driver.node.pool import Pool
 from csi_driver.node.runner import CommandRunner
+from csi_driver.pki import Identity, Role
 from csi_driver.store.catalog import Catalog
 from csi_driver.store.sqlite import SqliteStore
-from csi_driver.transport import Endpoint, Registration, start_server
+from csi_driver.transport import AgentSecurity, Endpoint, Registration, start_server
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class NodeConfig:
     zone: str = "default"
     max_volumes: int = 0
     pool_capacity_bytes: int | None = None
+    security: AgentSecurity = field(default_factory=AgentSecurity)
 
 
 @dataclass
@@ -110,15 +113,27 @@ def _heartbeat(catalog: Catalog, parts: NodeParts, stopping: threading.Event) ->
             log.exception("heartbeat failed", extra={"node": node_id})
 
 
+def _require_identity(security: AgentSecurity, expected: Identity) -> None:
+    """A process serves and calls as the identity its certificate names, nothing else."""
+    if security.tls is not None and security.tls.identity != expected:
+        raise InvalidArgument(
+            f"the certificate in --tls-dir is for {security.tls.identity}, but this process "
+            f"runs as {expected}: issue one with `ferry ca issue --name {expected}`"
+        )
+
+
 def _start_node_side(parts: NodeParts, catalog: Catalog, services: Services) -> None:
+    node_id = parts.config.node_id
+    _require_identity(parts.config.security, Identity(Role.NODE, node_id))
     parts.agent.recover()
     agent_server, agent_endpoint = start_server(
         parts.config.agent_endpoint,
         [
             lambda s: agent_pb2_grpc.add_NodeAgentServicer_to_server(
-                NodeAgentServicer(parts.config.node_id, parts.pool, parts.agent.loops), s
+                NodeAgentServicer(node_id, parts.pool, parts.agent.loops), s
             )
         ],
+        agents=(parts.config.security, admitted_callers(node_id)),
     )
     services.servers.append(agent_server)
     services.endpoints.append(agent_endpoint)
@@ -149,12 +164,17 @@ def _stopped_on_failure(services: Services) -> Iterator[None]:
         raise
 
 
-def start_controller(csi_endpoint: str, catalog_path: Path) -> Services:
+def start_controller(
+    csi_endpoint: str, catalog_path: Path, security: AgentSecurity | None = None
+) -> Services:
+    """``security``: how the controller reaches node agents (default: unix sockets only)."""
     services = Services()
+    security = security or AgentSecurity()
     with _stopped_on_failure(services):
+        _require_identity(security, Identity.controller())
         store = SqliteStore(catalog_path)
         services.closers.append(store.close)
-        directory = GrpcNodeDirectory()
+        directory = GrpcNodeDirectory(security=security)
         services.closers.append(directory.close)
         volumes = VolumeService(Catalog(store), directory)
         identity = IdentityServicer([volumes.check], controller=True)
@@ -200,7 +220,7 @@ def start_all_in_one(csi_endpoint: str, config: NodeConfig, catalog_path: Path) 
         catalog = Catalog(store)
         parts = NodeParts(config)
         _start_node_side(parts, catalog, services)
-        directory = GrpcNodeDirectory()
+        directory = GrpcNodeDirectory(security=config.security)
         services.closers.append(directory.close)
         volumes = VolumeService(catalog, directory)
         identity = IdentityServicer([volumes.check, parts.agent.check], controller=True)

@@ -1,23 +1,51 @@
-"""gRPC endpoints: parsing ``unix://`` and ``tcp://`` addresses and serving on them."""
+"""gRPC endpoints: parsing ``unix://`` and ``tcp://`` addresses, serving on them, and
+the security of the channels between Ferry's own agents.
+
+Invariants for agent traffic (node agent API today, chunk streams later),
+given an :class:`AgentSecurity`:
+
+- TCP is mutual TLS under the cluster CA: the server requires a client
+  certificate from the CA, the client checks the server's certificate
+  names the identity it meant to reach (the target-name override), and
+  :class:`PeerGate` admits a call only from a peer whose certificate names
+  an allowed Ferry identity (UNAUTHENTICATED / PERMISSION_DENIED otherwise,
+  logged with the peer's address).
+- Plaintext TCP only when explicitly allowed (local development).
+- unix sockets stay plaintext: only processes on this machine with access
+  to the socket file reach them, and kubelet speaks plain gRPC to the CSI
+  socket. CSI servers take no ``AgentSecurity`` at all.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
-from csi_driver.core.errors import FailedPrecondition, InvalidArgument
+from csi_driver import log as ferry_log
+from csi_driver.core.errors import (
+    FailedPrecondition,
+    FerryError,
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+)
+from csi_driver.csi.errors import abort
+from csi_driver.pki import Identity, TlsBundle
 
 log = logging.getLogger(__name__)
 
 #: Registers one servicer on a server, e.g. ``lambda s: add_XServicer_to_server(x, s)``.
 Registration = Callable[[grpc.Server], None]
+#: Decides whether an authenticated Ferry identity may call a server.
+Admission = Callable[[Identity], bool]
 
 
 @dataclass(frozen=True)
@@ -52,6 +80,123 @@ def channel_target(text: str) -> str:
     return f"unix://{endpoint.address}" if endpoint.scheme == "unix" else endpoint.address
 
 
+@dataclass(frozen=True)
+class AgentSecurity:
+    """How Ferry's agents reach each other: mTLS when ``tls`` is set.
+
+    ``plaintext_tcp`` (``--insecure-agent-api``) allows TCP without TLS for
+    local development; without it, plaintext TCP is refused on both sides.
+    """
+
+    tls: TlsBundle | None = None
+    plaintext_tcp: bool = False
+
+    def check(self, endpoint: Endpoint, what: str) -> None:
+        """Refuse a TCP endpoint that would carry agent traffic in plaintext."""
+        if endpoint.scheme == "tcp" and self.tls is None and not self.plaintext_tcp:
+            raise FailedPrecondition(
+                f"refusing plaintext TCP for {what} at {endpoint}: anyone who reaches that "
+                "address could act as a Ferry agent. Give --tls-dir (certificates from "
+                "`ferry ca issue` or a TLS Secret), use a unix:// socket, or for local "
+                "development only pass --insecure-agent-api"
+            )
+
+
+if TYPE_CHECKING:
+    _ServerInterceptor = grpc.ServerInterceptor[Any, Any]
+else:  # grpc's runtime classes are not generic; only grpc-stubs' are
+    _ServerInterceptor = grpc.ServerInterceptor
+
+
+#: Each kind of RPC handler and the factory that rebuilds it around a new behaviour.
+_HANDLER_KINDS: tuple[tuple[str, Callable[..., grpc.RpcMethodHandler[Any, Any]]], ...] = (
+    ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler),
+)
+
+
+class PeerGate(_ServerInterceptor):
+    """Admits a call only from a peer whose certificate names an admitted Ferry identity.
+
+    The TLS handshake already refused peers without a certificate of the
+    cluster CA (gRPC core logs that); this checks what the certificate says.
+    """
+
+    def __init__(self, admit: Admission) -> None:
+        self._admit = admit
+
+    def _identify(self, context: grpc.ServicerContext, method: str) -> Identity:
+        # Values are lists of bytes (grpc-stubs types them as bytes).
+        auth = cast(Mapping[str, list[bytes]], context.auth_context())
+        spiffe = [value.decode(errors="replace") for value in auth.get("peer_spiffe_id", [])]
+        identity = Identity.from_spiffe_id(spiffe[0]) if len(spiffe) == 1 else None
+        error: FerryError | None = None
+        if identity is None:
+            subject = b",".join(auth.get("x509_subject", [])).decode(errors="replace")
+            error = Unauthenticated(
+                f"the client certificate ({subject or 'no subject'}) names no Ferry identity: "
+                "present one issued by `ferry ca issue` from this cluster's CA"
+            )
+        elif not self._admit(identity):
+            error = PermissionDenied(f"{identity} may not call {method}")
+        if error is not None:
+            log.warning(
+                "peer refused",
+                extra={"peer_address": context.peer(), "method": method, "error": error.message},
+            )
+            abort(context, error)
+        assert identity is not None
+        return identity
+
+    def _guard(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+        def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+            identity = self._identify(context, method)
+            with ferry_log.context(caller=str(identity)):
+                log.debug("peer admitted", extra={"peer_address": context.peer()})
+                return behavior(request, context)
+
+        return guarded
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        codec = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        for kind, wrap in _HANDLER_KINDS:
+            behavior = getattr(handler, kind)
+            if behavior is not None:
+                return wrap(self._guard(behavior, method), **codec)
+        return handler
+
+
+def open_channel(endpoint: str, security: AgentSecurity, server: Identity) -> grpc.Channel:
+    """A channel to the agent ``server`` at ``endpoint``, secured as ``security`` says."""
+    parsed = parse_endpoint(endpoint)
+    if parsed.scheme == "unix":
+        return grpc.insecure_channel(f"unix://{parsed.address}")
+    security.check(parsed, f"{server}'s agent API")
+    if security.tls is None:
+        return grpc.insecure_channel(parsed.address)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=security.tls.ca_pem,
+        private_key=security.tls.key_pem,
+        certificate_chain=security.tls.cert_pem,
+    )
+    # The server must prove it is `server`, whatever address it registered.
+    options = [("grpc.ssl_target_name_override", server.dns_name)]
+    return grpc.secure_channel(parsed.address, credentials, options=options)
+
+
 def _prepare_socket(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -67,12 +212,34 @@ def _prepare_socket(path: Path) -> None:
 
 
 def start_server(
-    endpoint: str, registrations: list[Registration], *, max_workers: int = 32
+    endpoint: str,
+    registrations: list[Registration],
+    *,
+    max_workers: int = 32,
+    agents: tuple[AgentSecurity, Admission] | None = None,
 ) -> tuple[grpc.Server, Endpoint]:
-    """Start a gRPC server with ``registrations`` on ``endpoint``; return it running."""
+    """Start a gRPC server with ``registrations`` on ``endpoint``; return it running.
+
+    ``agents`` makes it a server for Ferry's agents: its security and who
+    may call it (see the module docstring). Without it, plain gRPC (CSI).
+    """
     parsed = parse_endpoint(endpoint)
+    tls: TlsBundle | None = None
+    interceptors: list[grpc.ServerInterceptor[Any, Any]] = []
+    if agents is not None and parsed.scheme == "tcp":
+        security, admit = agents
+        security.check(parsed, "the agent API")
+        tls = security.tls
+        if tls is None:
+            log.warning(
+                "agent API in plaintext",
+                extra={"endpoint": endpoint, "flag": "--insecure-agent-api"},
+            )
+        else:
+            interceptors.append(PeerGate(admit))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        interceptors=interceptors,
         options=[("grpc.so_reuseport", 0)],
     )
     for register in registrations:
@@ -81,7 +248,15 @@ def start_server(
         _prepare_socket(Path(parsed.address))
         server.add_insecure_port(f"unix://{parsed.address}")
     else:
-        port = server.add_insecure_port(parsed.address)
+        if tls is None:
+            port = server.add_insecure_port(parsed.address)
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(tls.key_pem, tls.cert_pem)],
+                root_certificates=tls.ca_pem,
+                require_client_auth=True,
+            )
+            port = server.add_secure_port(parsed.address, credentials)
         if port == 0:
             raise FailedPrecondition(f"cannot listen on {parsed.address}; is it in use?")
         parsed = Endpoint("tcp", f"{parsed.address.rpartition(':')[0]}:{port}")

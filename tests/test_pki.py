@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from csi_driver.core.errors import (
     AlreadyExists,
@@ -28,6 +27,7 @@ from csi_driver.pki import (
     TlsBundle,
     identity_of,
 )
+from tests.certs import Pki
 
 NOW = datetime.datetime.now(datetime.UTC)
 
@@ -172,40 +172,9 @@ def test_a_leaf_directory_is_not_a_ca(ca: CertificateAuthority, tmp_path: Path) 
         CertificateAuthority.load(tmp_path / "absent")
 
 
-def _foreign_leaf(issuer: CertificateAuthority, directory: Path) -> None:
-    """A leaf the CA signed by hand, with no Ferry identity (as another user of a CA would)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    ca_key = serialization.load_pem_private_key((directory / "ca" / KEY).read_bytes(), None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "someone-else")]))
-        .issuer_name(issuer.cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - datetime.timedelta(hours=1))
-        .not_valid_after(NOW + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("someone.example")]), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    leaf = directory / "foreign"
-    leaf.mkdir()
-    (leaf / CA_CERT).write_bytes(issuer.cert.public_bytes(serialization.Encoding.PEM))
-    (leaf / CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (leaf / KEY).write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-
-
 def test_loading_checks_each_file_and_says_which(tmp_path: Path) -> None:
-    ca = CertificateAuthority.create()
-    ca.save(tmp_path / "ca")
+    pki = Pki.create(tmp_path)
+    ca = pki.ca
     other = CertificateAuthority.create()
     ca.issue(Identity.node("n1")).write(tmp_path / "n1")
     ca.issue(Identity.node("n2")).write(tmp_path / "n2")
@@ -233,9 +202,8 @@ def test_loading_checks_each_file_and_says_which(tmp_path: Path) -> None:
     with pytest.raises(NotFound, match=r"tls\.key does not exist"):
         TlsBundle.load(mixed)
 
-    _foreign_leaf(ca, tmp_path)
     with pytest.raises(InvalidArgument, match="names no Ferry identity"):
-        TlsBundle.load(tmp_path / "foreign")
+        TlsBundle.load(pki.foreign())
 
 
 def test_expired_and_future_certificates_are_refused(

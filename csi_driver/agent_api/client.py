@@ -17,7 +17,8 @@ from csi_driver.core.model import NodeRecord
 from csi_driver.core.nodes import NodeClient
 from csi_driver.csi.errors import CODES
 from csi_driver.gen.ferry.v1 import agent_pb2, agent_pb2_grpc
-from csi_driver.transport import channel_target
+from csi_driver.pki import Identity, Role
+from csi_driver.transport import AgentSecurity, open_channel
 
 _FROM_CODE: dict[grpc.StatusCode, type[errors.FerryError]] = {code: kind for kind, code in CODES}
 #: Codes meaning the agent could not be reached or answered in time.
@@ -70,10 +71,11 @@ class GrpcNodeClient:
 
 
 class GrpcNodeDirectory:
-    """Keeps one channel per node agent endpoint."""
+    """Keeps one channel per node agent endpoint, secured as ``security`` says."""
 
-    def __init__(self, timeout_s: float = 60.0) -> None:
+    def __init__(self, timeout_s: float = 60.0, security: AgentSecurity | None = None) -> None:
         self._timeout = timeout_s
+        self._security = security or AgentSecurity()
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
 
@@ -81,7 +83,8 @@ class GrpcNodeDirectory:
         with self._lock:
             channel = self._channels.get(node.agent_endpoint)
             if channel is None:
-                channel = grpc.insecure_channel(channel_target(node.agent_endpoint))
+                server = Identity(Role.NODE, node.node_id)
+                channel = open_channel(node.agent_endpoint, self._security, server)
                 self._channels[node.agent_endpoint] = channel
         return GrpcNodeClient(node, channel, self._timeout)
 

@@ -11,6 +11,18 @@ from csi_driver.gen.ferry.v1 import agent_pb2, agent_pb2_grpc
 from csi_driver.metrics import POOL_PROVISIONED, POOL_VOLUMES, observe_pool
 from csi_driver.node.loop import LoopDevices
 from csi_driver.node.pool import ImageInfo, Pool
+from csi_driver.pki import Identity, Role
+from csi_driver.transport import Admission
+
+
+def admitted_callers(node_id: str) -> Admission:
+    """Who may call node ``node_id``'s agent API over mTLS: the controller, and the
+    node itself (all-in-one mode calls its own agent)."""
+
+    def admit(peer: Identity) -> bool:
+        return peer.role is Role.CONTROLLER or peer == Identity(Role.NODE, node_id)
+
+    return admit
 
 
 class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):

@@ -17,6 +17,8 @@ Tree::
     ├── Aborted                conflicting operation in flight   -> ABORTED
     ├── Unavailable            retry later (node down, busy)     -> UNAVAILABLE
     ├── Unimplemented          feature not offered               -> UNIMPLEMENTED
+    ├── Unauthenticated        caller is not a Ferry agent       -> UNAUTHENTICATED
+    ├── PermissionDenied       a Ferry agent, not allowed here   -> PERMISSION_DENIED
     └── InternalError          a bug or a host failure           -> INTERNAL
         ├── CommandFailed      an external command failed
         └── StoreError         the catalog store failed
@@ -68,6 +70,14 @@ class Unavailable(FerryError):
 
 class Unimplemented(FerryError):
     """Ferry does not offer this operation."""
+
+
+class Unauthenticated(FerryError):
+    """The caller's certificate does not name a Ferry agent of this cluster."""
+
+
+class PermissionDenied(FerryError):
+    """The caller is a Ferry agent, but not one allowed to make this call."""
 
 
 class InternalError(FerryError):

@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
@@ -34,6 +34,8 @@ CODES: tuple[tuple[type[errors.FerryError], grpc.StatusCode], ...] = (
     (errors.Aborted, grpc.StatusCode.ABORTED),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
+    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (errors.InternalError, grpc.StatusCode.INTERNAL),
 )
 
@@ -43,6 +45,11 @@ def status_for(error: errors.FerryError) -> grpc.StatusCode:
         if isinstance(error, kind):
             return code
     return grpc.StatusCode.INTERNAL
+
+
+def abort(context: grpc.ServicerContext, error: errors.FerryError) -> NoReturn:
+    """End the call with ``error``'s status code and message."""
+    context.abort(status_for(error), error.message)
 
 
 Method = TypeVar("Method", bound=Callable[..., Any])
@@ -65,7 +72,7 @@ def rpc(method: Method) -> Method:
                 code = status_for(exc)
                 level = logging.ERROR if code is grpc.StatusCode.INTERNAL else logging.INFO
                 logger.log(level, "rpc failed", extra={"code": code.name, "error": exc.message})
-                context.abort(code, exc.message)
+                abort(context, exc)
             except Exception as exc:
                 code = grpc.StatusCode.INTERNAL
                 logger.exception("rpc crashed")
