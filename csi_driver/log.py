@@ -3,14 +3,24 @@
 The CSI layer sets the request id, RPC name and volume id in context
 variables when a call arrives; every log line written while serving it
 carries them, whichever module logs.
+
+gRPC's C core writes its own lines (glog style: ``I1126 21:01:13.30 1234
+file.cc:2563] text``) straight to file descriptor 2, among them the only
+trace of a TLS handshake it refused. :func:`route_native_stderr` turns
+those into records of the ``grpc.core`` logger, so that with JSON logs every
+line on stderr is JSON.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextvars
 import json
 import logging
+import os
+import re
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -98,3 +108,58 @@ def context(
     finally:
         for var, token in reversed(tokens):
             var.reset(token)
+
+
+#: A glog line as gRPC core writes it: severity, date, time, thread, source, text.
+_GLOG = re.compile(r"([IWEF])\d{4} [\d:.]+ +\d+ ([\w.-]+:\d+)\] ?(.*)")
+_GLOG_LEVELS = {"I": logging.INFO, "W": logging.WARNING, "E": logging.ERROR, "F": logging.CRITICAL}
+#: BoringSSL's reason, e.g. ``...:OPENSSL_internal:PEER_DID_NOT_RETURN_A_CERTIFICATE: ...``.
+_SSL_REASON = re.compile(r"OPENSSL_internal:([A-Z_]+)")
+
+
+def native_record(line: str) -> tuple[int, str, dict[str, str]]:
+    """Level, message and fields for one line that native code wrote to stderr."""
+    match = _GLOG.fullmatch(line)
+    if match is None:
+        return logging.WARNING, line, {}
+    severity, source, text = match.groups()
+    fields = {"source": source}
+    if text.startswith("Handshake failed"):
+        # The peer was refused (or refused us) before any RPC: gRPC says so at INFO,
+        # but an unauthenticated peer is what an operator must see.
+        reason = _SSL_REASON.search(text)
+        fields["reason"] = reason.group(1) if reason else text
+        fields["detail"] = text
+        return logging.WARNING, "tls handshake failed", fields
+    return _GLOG_LEVELS[severity], text, fields
+
+
+def _forward(lines: Any, logger: logging.Logger) -> None:
+    for raw in lines:
+        line = raw.rstrip("\n")
+        if line:
+            level, message, fields = native_record(line)
+            logger.log(level, message, extra=fields)
+
+
+def route_native_stderr() -> None:
+    """Send what native code writes to fd 2 through logging; Python keeps the real stderr.
+
+    Call before :func:`configure`. The real stderr moves to a duplicate
+    descriptor (``sys.stderr`` writes there, so tracebacks never depend on
+    the forwarding thread); fd 2 becomes a pipe read by a daemon thread.
+    At exit fd 2 is restored, so late native writes cannot fill the pipe.
+    """
+    real = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    sys.stderr = open(real, "w", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
+    atexit.register(os.dup2, real, 2)
+    lines = open(read_end, encoding="utf-8", errors="replace")  # noqa: SIM115
+    threading.Thread(
+        target=_forward,
+        args=(lines, logging.getLogger("grpc.core")),
+        name="native-stderr",
+        daemon=True,
+    ).start()
