@@ -13,10 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from csi_driver import __version__, log
+from csi_driver import __version__, ca_command, log
 from csi_driver.core.errors import FerryError
 from csi_driver.metrics import serve as serve_metrics
+from csi_driver.pki import TlsBundle
 from csi_driver.runtime import NodeConfig, Services
+from csi_driver.transport import AgentSecurity
 
 logger = logging.getLogger("ferry")
 
@@ -78,7 +80,7 @@ def _node_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _node_config(args: argparse.Namespace) -> NodeConfig:
+def _node_config(args: argparse.Namespace, security: AgentSecurity) -> NodeConfig:
     return NodeConfig(
         node_id=args.node_id,
         pool_root=args.pool,
@@ -87,6 +89,7 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         zone=args.zone,
         max_volumes=args.max_volumes,
         pool_capacity_bytes=args.pool_capacity,
+        security=security,
     )
 
 
@@ -118,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
             default=0,
             help="serve Prometheus /metrics on this port (0: off)",
         )
+        p.add_argument(
+            "--tls-dir",
+            type=Path,
+            help="mTLS between Ferry's agents: ca.crt, tls.crt, tls.key (see `ferry ca`)",
+        )
+        p.add_argument(
+            "--insecure-agent-api",
+            action="store_true",
+            help="allow the node agent API over plaintext TCP (local development only)",
+        )
         return p
 
     service("controller", "serve CSI Identity + Controller")
@@ -134,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=parse_size, default=parse_size("256Mi"))
     demo.add_argument("--fs-type", default="ext4", choices=["ext4", "xfs"])
     demo.add_argument("--keep", action="store_true", help="leave the workdir behind")
+    ca_command.add_parser(sub)
     return parser
 
 
@@ -155,17 +169,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         log.configure(args.log_level if args.log_level != "info" else "warning", "text")
         return run_demo(args.workdir, args.size, args.fs_type, keep=args.keep)
+    if args.command == "ca":
+        return ca_command.run(args)
 
+    if args.log_format == "json":
+        log.route_native_stderr()  # gRPC core's lines (TLS refusals) become JSON too
     log.configure(args.log_level, args.log_format)
     from csi_driver import runtime
 
     try:
+        tls = TlsBundle.load(args.tls_dir) if args.tls_dir else None
+        security = AgentSecurity(tls, plaintext_tcp=args.insecure_agent_api)
         if args.command == "controller":
-            services = runtime.start_controller(args.endpoint, args.catalog)
+            services = runtime.start_controller(args.endpoint, args.catalog, security)
         elif args.command == "node":
-            services = runtime.start_node(args.endpoint, _node_config(args), args.catalog)
+            config = _node_config(args, security)
+            services = runtime.start_node(args.endpoint, config, args.catalog)
         else:
-            services = runtime.start_all_in_one(args.endpoint, _node_config(args), args.catalog)
+            config = _node_config(args, security)
+            services = runtime.start_all_in_one(args.endpoint, config, args.catalog)
         serve_metrics(args.metrics_port)
     except FerryError as exc:
         logger.error("cannot start", extra={"error": exc.message})

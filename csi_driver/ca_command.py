@@ -1,0 +1,60 @@
+"""``ferry ca``: create the cluster CA and issue the certificates of Ferry's agents.
+
+Every directory it writes is shaped like a Kubernetes TLS Secret, so it can
+be passed to ``--tls-dir`` as is, or loaded into a cluster with
+``kubectl create secret generic NAME --from-file=DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from csi_driver.core.errors import FerryError
+from csi_driver.pki import CertificateAuthority, Identity
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ca = sub.add_parser("ca", help="create the cluster CA and issue agent certificates")
+    actions = ca.add_subparsers(dest="ca_command", required=True)
+    init = actions.add_parser("init", help="create a cluster CA in DIR")
+    init.add_argument("--dir", type=Path, required=True, help="directory for the CA")
+    issue = actions.add_parser("issue", help="issue a certificate signed by the CA in DIR")
+    issue.add_argument("--dir", type=Path, required=True, help="the CA's directory")
+    issue.add_argument(
+        "--name", required=True, help="the identity: 'controller' or 'node/<node-id>'"
+    )
+    issue.add_argument(
+        "--ip", action="append", default=[], help="an IP address to add to the SANs (repeatable)"
+    )
+    issue.add_argument(
+        "--dns", action="append", default=[], help="a DNS name to add to the SANs (repeatable)"
+    )
+    issue.add_argument(
+        "--out", type=Path, default=None, help="where to write it (default: DIR/<identity>)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Carry out ``ferry ca init|issue``; a bad input is exit 1 with a message on stderr."""
+    try:
+        if args.ca_command == "init":
+            ca = CertificateAuthority.create()
+            ca.save(args.dir)
+            until = ca.cert.not_valid_after_utc
+            print(f"cluster CA written to {args.dir} (valid until {until:%Y-%m-%d})")
+            return 0
+        identity = Identity.parse(args.name)
+        bundle = CertificateAuthority.load(args.dir).issue(
+            identity, ips=tuple(args.ip), dns_names=tuple(args.dns)
+        )
+        out = args.out or args.dir / identity.dir_name
+        bundle.write(out)
+        print(
+            f"certificate for {identity} written to {out} (valid until {bundle.not_after:%Y-%m-%d})"
+        )
+        return 0
+    except FerryError as exc:
+        print(f"ferry ca {args.ca_command}: {exc.message}", file=sys.stderr)
+        return 1

@@ -1,0 +1,255 @@
+"""mTLS between real Ferry processes: ``ferry ca``, a node and a controller on loopback TCP.
+
+Proves the issue's "a client without a certificate of this cluster is
+refused and logged" where an operator would look: the node process's own
+stderr, as JSON lines.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from csi_driver.core.model import MiB
+from csi_driver.csi.client import CsiClient, mount_capability
+from csi_driver.gen import csi_pb2
+from csi_driver.gen.ferry.v1 import agent_pb2, agent_pb2_grpc
+from csi_driver.pki import TlsBundle
+from tests.test_cli import ferry
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA and bundles made by the real ``ferry ca`` commands."""
+    ca = tmp_path_factory.mktemp("pki") / "ca"
+    done = ferry("ca", "init", "--dir", str(ca))
+    assert done.returncode == 0 and f"cluster CA written to {ca}" in done.stdout, done.stderr
+    for name in ("controller", "node/n1"):
+        done = ferry("ca", "issue", "--dir", str(ca), "--name", name, "--ip", "127.0.0.1")
+        assert done.returncode == 0, done.stderr
+    return ca
+
+
+def test_ferry_ca_writes_secret_shaped_directories(ca_dir: Path) -> None:
+    assert (ca_dir / "tls.key").stat().st_mode & 0o777 == 0o600
+    bundle = TlsBundle.load(ca_dir / "node-n1")
+    assert str(bundle.identity) == "node/n1"
+    assert (ca_dir / "node-n1" / "tls.key").stat().st_mode & 0o777 == 0o600
+    out = ca_dir.parent / "elsewhere"
+    done = ferry(
+        "ca", "issue", "--dir", str(ca_dir), "--name", "node/n2",
+        "--dns", "n2.lan", "--out", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert str(TlsBundle.load(out).identity) == "node/n2"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("init",), "already holds a CA"),
+        (("issue", "--name", "admin"), "neither 'controller' nor 'node/<node-id>'"),
+        (("issue", "--name", "node/N1"), "is not a Kubernetes node name"),
+        (("issue", "--name", "controller", "--ip", "10.0.0"), "'10.0.0' is not an IP address"),
+        (("issue", "--name", "controller", "--dns", "a b"), "'a b' is not a DNS name"),
+    ],
+)
+def test_ferry_ca_bad_input_is_exit_1_with_a_message(
+    ca_dir: Path, args: tuple[str, ...], message: str
+) -> None:
+    done = ferry("ca", *args, "--dir", str(ca_dir))
+    assert done.returncode == 1
+    assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_ferry_ca_issue_without_a_ca_says_how_to_make_one(tmp_path: Path) -> None:
+    done = ferry("ca", "issue", "--dir", str(tmp_path), "--name", "controller")
+    assert done.returncode == 1
+    assert f"ferry ca init --dir {tmp_path}" in done.stderr
+
+
+@dataclass
+class Process:
+    """A ``ferry`` service process whose stderr goes to a file."""
+
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def lines(self) -> list[dict[str, Any]]:
+        """Every complete line, parsed: each must be JSON."""
+        complete = self.log.read_text().splitlines(keepends=True)
+        return [json.loads(line) for line in complete if line.endswith("\n")]
+
+    def wait_for(self, message: str, timeout_s: float = 30, **fields: str) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = [
+                line
+                for line in self.lines()
+                if line["msg"] == message
+                and all(line.get(key, "").startswith(value) for key, value in fields.items())
+            ]
+            if found:
+                return found[-1]
+            assert self.popen.poll() is None, self.log.read_text()
+            time.sleep(0.1)
+        raise AssertionError(f"no {message!r} in {self.log.read_text()}")
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Any]:
+    started: list[Process] = []
+
+    def start(name: str, *args: str) -> Process:
+        log = tmp_path / f"{name}.log"
+        with log.open("wb") as out:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "csi_driver.cli", *args], stdout=out, stderr=out
+            )
+        started.append(Process(popen, log))
+        return started[-1]
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            process.popen.kill()
+            process.popen.wait(timeout=30)
+
+
+def _node_args(base: Path, *extra: str) -> list[str]:
+    (base / "kubelet").mkdir(exist_ok=True)
+    return [
+        "node", "--node-id", "n1",
+        "--endpoint", f"unix://{base}/node.sock",
+        "--catalog", str(base / "catalog.db"),
+        "--pool", str(base / "pool"), "--pool-capacity", "1Gi",
+        "--kubelet-dir", str(base / "kubelet"),
+        "--agent-endpoint", "tcp://127.0.0.1:0",
+        *extra,
+    ]  # fmt: skip
+
+
+def _get_pool(channel: grpc.Channel) -> grpc.StatusCode:
+    with channel:
+        try:
+            agent_pb2_grpc.NodeAgentStub(channel).GetPool(agent_pb2.GetPoolRequest(), timeout=10)
+        except grpc.RpcError as error:
+            return error.code()  # type: ignore[attr-defined,no-any-return]
+    return grpc.StatusCode.OK
+
+
+def _create(endpoint: str, name: str) -> Any:
+    with CsiClient(endpoint) as client:
+        client.wait_ready(timeout_s=30)
+        return client.controller.CreateVolume(
+            csi_pb2.CreateVolumeRequest(
+                name=name,
+                capacity_range=csi_pb2.CapacityRange(required_bytes=16 * MiB),
+                volume_capabilities=[mount_capability()],
+            ),
+            timeout=30,
+        )
+
+
+def test_node_refuses_and_logs_clients_without_this_clusters_certificate(
+    ca_dir: Path, tmp_path: Path, spawn: Any
+) -> None:
+    node = spawn("node", *_node_args(tmp_path, "--tls-dir", str(ca_dir / "node-n1")))
+    address = node.wait_for("serving", endpoint="tcp://")["endpoint"].removeprefix("tcp://")
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", address)
+
+    stranger = tmp_path / "stranger"
+    assert ferry("ca", "init", "--dir", str(stranger)).returncode == 0
+    assert ferry("ca", "issue", "--dir", str(stranger), "--name", "controller").returncode == 0
+    ours = TlsBundle.load(ca_dir / "controller")
+    theirs = TlsBundle.load(stranger / "controller")
+    override = [("grpc.ssl_target_name_override", "n1.node.ferry.csi.dev")]
+    clients = {
+        "PEER_DID_NOT_RETURN_A_CERTIFICATE": grpc.secure_channel(
+            address, grpc.ssl_channel_credentials(ours.ca_pem), options=override
+        ),
+        "CERTIFICATE_VERIFY_FAILED": grpc.secure_channel(
+            address,
+            grpc.ssl_channel_credentials(ours.ca_pem, theirs.key_pem, theirs.cert_pem),
+            options=override,
+        ),
+        "WRONG_VERSION_NUMBER": grpc.insecure_channel(address),  # plaintext
+    }
+    for reason, channel in clients.items():
+        assert _get_pool(channel) is grpc.StatusCode.UNAVAILABLE, reason
+    authenticated = grpc.secure_channel(
+        address,
+        grpc.ssl_channel_credentials(ours.ca_pem, ours.key_pem, ours.cert_pem),
+        options=override,
+    )
+    assert _get_pool(authenticated) is grpc.StatusCode.OK
+
+    # gRPC core's lines cross the stderr pipe as JSON records of the "grpc.core" logger.
+    for reason in clients:
+        refusal = node.wait_for("tls handshake failed", reason=reason)
+        assert (refusal["level"], refusal["logger"]) == ("warning", "grpc.core")
+        assert refusal["source"].startswith("ssl_transport_security.cc:")
+
+
+def test_controller_reaches_the_node_over_mtls_and_refuses_plaintext(
+    ca_dir: Path, tmp_path: Path, spawn: Any
+) -> None:
+    node = spawn("node", *_node_args(tmp_path, "--tls-dir", str(ca_dir / "node-n1")))
+    node.wait_for("ferry started")
+    catalog = str(tmp_path / "catalog.db")
+    secure = spawn(
+        "controller", "controller", "--endpoint", f"unix://{tmp_path}/controller.sock",
+        "--catalog", catalog, "--tls-dir", str(ca_dir / "controller"),
+    )  # fmt: skip
+    secure.wait_for("ferry started")
+    created = _create(f"unix://{tmp_path}/controller.sock", "pvc-mtls")
+    assert created.volume.capacity_bytes == 16 * MiB
+    assert (tmp_path / "pool" / "images" / f"{created.volume.volume_id}.img").exists()
+
+    plain = spawn(
+        "plain", "controller", "--endpoint", f"unix://{tmp_path}/plain.sock", "--catalog", catalog
+    )
+    plain.wait_for("ferry started")
+    with pytest.raises(grpc.RpcError) as caught:
+        _create(f"unix://{tmp_path}/plain.sock", "pvc-plain")
+    error: Any = caught.value
+    assert error.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert "refusing plaintext TCP for node/n1's agent API" in error.details()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ((), "refusing plaintext TCP for the agent API"),
+        (("--tls-dir", "{ca}/controller"), "is for controller, but this process runs as node/n1"),
+        (("--tls-dir", "{ca}/absent"), "absent/ca.crt does not exist"),
+    ],
+)
+def test_a_node_with_unusable_security_does_not_start(
+    ca_dir: Path, tmp_path: Path, extra: tuple[str, ...], message: str
+) -> None:
+    args = [arg.format(ca=ca_dir) for arg in extra]
+    done = ferry(*_node_args(tmp_path, *args))
+    assert done.returncode == 1
+    assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_insecure_agent_api_allows_plaintext_tcp_and_says_so(tmp_path: Path, spawn: Any) -> None:
+    node = spawn("node", *_node_args(tmp_path, "--insecure-agent-api"))
+    warning = node.wait_for("agent API in plaintext")
+    assert warning["level"] == "warning"
+    address = node.wait_for("serving", endpoint="tcp://")["endpoint"]
+    assert _get_pool(grpc.insecure_channel(address.removeprefix("tcp://"))) is grpc.StatusCode.OK
