@@ -175,11 +175,15 @@ def _read(directory: Path, name: str) -> bytes:
         raise FailedPrecondition(f"cannot read {path}: {exc.strerror}") from exc
 
 
-def _load_cert(directory: Path, name: str) -> x509.Certificate:
+def _load_certs(directory: Path, name: str) -> list[x509.Certificate]:
     try:
-        return x509.load_pem_x509_certificate(_read(directory, name))
+        return x509.load_pem_x509_certificates(_read(directory, name))
     except ValueError as exc:
         raise InvalidArgument(f"{directory / name} is not a PEM certificate: {exc}") from exc
+
+
+def _load_cert(directory: Path, name: str) -> x509.Certificate:
+    return _load_certs(directory, name)[0]
 
 
 def _load_key(directory: Path) -> ec.EllipticCurvePrivateKey:
@@ -277,15 +281,20 @@ class TlsBundle:
 
     @classmethod
     def load(cls, directory: Path, *, now: datetime.datetime | None = None) -> TlsBundle:
-        """Load and check a Secret-shaped directory; errors say which file is wrong."""
-        ca = _load_cert(directory, CA_CERT)
+        """Load and check a Secret-shaped directory; errors say which file is wrong.
+
+        ``ca.crt`` may hold several CA certificates (old and new, while the CA
+        is rotated): all are trusted, and one of them must have signed ``tls.crt``.
+        """
+        cas = _load_certs(directory, CA_CERT)
         cert = _load_cert(directory, CERT)
         key = _load_key(directory)
         if not _same_key(key, cert):
             raise InvalidArgument(
                 f"{directory / KEY} is not the key of {directory / CERT}: issue the pair again"
             )
-        if not _signed_by(cert, ca):
+        ca = next((ca for ca in cas if _signed_by(cert, ca)), None)
+        if ca is None:
             raise InvalidArgument(
                 f"{directory / CERT} is not signed by the CA in {directory / CA_CERT}: "
                 "issue it from this cluster's CA"
@@ -300,7 +309,7 @@ class TlsBundle:
         _check_current(ca, directory / CA_CERT, when)
         _check_current(cert, directory / CERT, when)
         return cls(
-            ca_pem=_pem(ca),
+            ca_pem=b"".join(_pem(ca) for ca in cas),
             cert_pem=_pem(cert),
             key_pem=_key_pem(key),
             identity=identity,

@@ -7,6 +7,7 @@ real gRPC channel holding the credentials a row names.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -207,3 +208,25 @@ def test_each_admitted_call_is_logged_with_the_peers_identity(pki: Pki, node_n1:
     assert len(admitted) == 1
     assert admitted[0]["peer"] == "controller"
     assert admitted[0]["peer_address"].startswith("ipv4:127.0.0.1:")
+
+
+def test_during_ca_rotation_agents_of_both_cas_talk(pki: Pki, tmp_path: Path) -> None:
+    """Step 2 of the rotation in docs/operations.md: every ca.crt trusts old and new."""
+    new = Pki.create(tmp_path)
+    both = pki.bundle("controller").ca_pem + new.bundle("controller").ca_pem
+    new_node = dataclasses.replace(new.bundle("node/n1"), ca_pem=both)
+    server, bound = start_server(
+        "tcp://127.0.0.1:0",
+        [_identity],
+        agents=(AgentSecurity(new_node), admitted_callers("n1")),
+    )
+    try:
+        for caller in (pki.bundle("controller"), new.bundle("controller")):
+            security = AgentSecurity(dataclasses.replace(caller, ca_pem=both))
+            code, details = _call(open_channel(str(bound), security, Identity.node("n1")))
+            assert code is grpc.StatusCode.OK, details
+        old_only = AgentSecurity(pki.bundle("controller"))  # trusts the old CA only
+        code, _ = _call(open_channel(str(bound), old_only, Identity.node("n1")))
+        assert code is grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(0)

@@ -214,3 +214,15 @@ def test_expired_and_future_certificates_are_refused(
         TlsBundle.load(tmp_path, now=NOW + datetime.timedelta(days=2))
     with pytest.raises(FailedPrecondition, match="check this machine's clock"):
         TlsBundle.load(tmp_path, now=NOW - datetime.timedelta(days=1))
+
+
+def test_ca_crt_may_trust_an_old_and_a_new_ca_while_rotating(
+    ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    new = CertificateAuthority.create()
+    new.issue(Identity.node("n1")).write(tmp_path)
+    both = ca.issue(Identity.controller()).ca_pem + (tmp_path / CA_CERT).read_bytes()
+    (tmp_path / CA_CERT).write_bytes(both)
+    bundle = TlsBundle.load(tmp_path)
+    assert bundle.ca_pem == both
+    assert x509.load_pem_x509_certificates(bundle.ca_pem) == [ca.cert, new.cert]
