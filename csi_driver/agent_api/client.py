@@ -71,21 +71,26 @@ class GrpcNodeClient:
 
 
 class GrpcNodeDirectory:
-    """Keeps one channel per node agent endpoint, secured as ``security`` says."""
+    """Keeps one channel per node and endpoint, secured as ``security`` says.
+
+    Keyed by node as well: a TLS channel only accepts the node it was opened
+    for, so a new node registering a departed node's address gets its own.
+    """
 
     def __init__(self, timeout_s: float = 60.0, security: AgentSecurity | None = None) -> None:
         self._timeout = timeout_s
         self._security = security or AgentSecurity()
-        self._channels: dict[str, grpc.Channel] = {}
+        self._channels: dict[tuple[str, str], grpc.Channel] = {}
         self._lock = threading.Lock()
 
     def client(self, node: NodeRecord) -> NodeClient:
+        key = (node.node_id, node.agent_endpoint)
         with self._lock:
-            channel = self._channels.get(node.agent_endpoint)
+            channel = self._channels.get(key)
             if channel is None:
                 server = Identity(Role.NODE, node.node_id)
                 channel = open_channel(node.agent_endpoint, self._security, server)
-                self._channels[node.agent_endpoint] = channel
+                self._channels[key] = channel
         return GrpcNodeClient(node, channel, self._timeout)
 
     def close(self) -> None:
