@@ -17,8 +17,9 @@ Invariants:
   knows it reached node ``n1`` whatever address ``n1`` registered.
 - Leaves are usable for server and client authentication alike: a node
   serves the controller and, later, calls its peers.
-- Keys are ECDSA P-256: gRPC's BoringSSL refuses Ed25519 certificates in
-  the TLS handshake (NO_COMMON_SIGNATURE_ALGORITHMS, checked with grpcio 1.85).
+- Keys Ferry makes are ECDSA P-256: gRPC's BoringSSL refuses Ed25519
+  certificates in the TLS handshake (NO_COMMON_SIGNATURE_ALGORITHMS, checked
+  with grpcio 1.85). RSA keys made elsewhere (cert-manager) load too.
 - On disk a bundle is laid out like a Kubernetes TLS Secret (``ca.crt``,
   ``tls.crt``, ``tls.key``), so a mounted Secret and a directory made by
   ``ferry ca`` load the same way. Key files are written 0600, each file
@@ -39,10 +40,14 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from csi_driver.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+
+#: Keys Ferry loads: its own are ECDSA P-256; RSA is accepted for certificates
+#: made elsewhere (cert-manager's default).
+SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 TRUST_DOMAIN = "ferry.csi.dev"
 CA_CERT = "ca.crt"
@@ -132,7 +137,7 @@ def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def _key_pem(key: SigningKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -186,19 +191,22 @@ def _load_cert(directory: Path, name: str) -> x509.Certificate:
     return _load_certs(directory, name)[0]
 
 
-def _load_key(directory: Path) -> ec.EllipticCurvePrivateKey:
+def _load_key(directory: Path) -> SigningKey:
     try:
         key = serialization.load_pem_private_key(_read(directory, KEY), password=None)
     except (ValueError, TypeError) as exc:
         raise InvalidArgument(
             f"{directory / KEY} is not an unencrypted PEM private key: {exc}"
         ) from exc
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise InvalidArgument(f"{directory / KEY} is not an ECDSA key; issue it with `ferry ca`")
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise InvalidArgument(
+            f"{directory / KEY} is neither an ECDSA nor an RSA key (gRPC's TLS refuses "
+            "Ed25519 certificates): issue it with `ferry ca issue`"
+        )
     return key
 
 
-def _same_key(key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> bool:
+def _same_key(key: SigningKey, cert: x509.Certificate) -> bool:
     return key.public_key() == cert.public_key()
 
 
@@ -236,7 +244,7 @@ def identity_of(cert: x509.Certificate) -> Identity | None:
 def _builder(
     subject: x509.Name,
     issuer: x509.Name,
-    key: ec.EllipticCurvePrivateKey,
+    key: SigningKey,
     start: datetime.datetime,
     end: datetime.datetime,
     *,
@@ -332,7 +340,7 @@ class CertificateAuthority:
     CA, so the same directory can back a cert-manager CA issuer.
     """
 
-    def __init__(self, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
+    def __init__(self, key: SigningKey, cert: x509.Certificate) -> None:
         self._key = key
         self.cert = cert
 

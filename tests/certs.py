@@ -1,7 +1,8 @@
 """Real certificates for tests: a cluster CA in a directory and bundles it issued.
 
-``Pki.foreign`` is a certificate the CA signed without a Ferry identity, as
-another user of a shared CA (a cert-manager issuer, say) would hold.
+``Pki.handmade`` is a certificate the CA signed outside ``ferry ca``: by
+default without a Ferry identity, as another user of a shared CA (a
+cert-manager issuer, say) would hold; or with another kind of key.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from csi_driver.pki import CA_CERT, CERT, KEY, CertificateAuthority, Identity, TlsBundle
+
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 
 @dataclass(frozen=True)
@@ -39,9 +42,12 @@ class Pki:
     def bundle(self, name: str) -> TlsBundle:
         return TlsBundle.load(self.issue(name))
 
-    def foreign(self) -> Path:
+    def handmade(self, key: PrivateKey | None = None, identity: Identity | None = None) -> Path:
         now = datetime.datetime.now(datetime.UTC)
-        key = ec.generate_private_key(ec.SECP256R1())
+        key = key or ec.generate_private_key(ec.SECP256R1())
+        names: list[x509.GeneralName] = [x509.DNSName("someone.example")]
+        if identity is not None:
+            names = [x509.UniformResourceIdentifier(identity.spiffe_id)]
         ca_key = serialization.load_pem_private_key((self.root / "ca" / KEY).read_bytes(), None)
         assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
         cert = (
@@ -52,12 +58,10 @@ class Pki:
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(hours=1))
             .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(
-                x509.SubjectAlternativeName([x509.DNSName("someone.example")]), critical=False
-            )
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
             .sign(ca_key, hashes.SHA256())
         )
-        directory = self.root / "foreign"
+        directory = self.root / f"handmade-{type(key).__name__}-{identity}"
         directory.mkdir(exist_ok=True)
         (directory / CA_CERT).write_bytes(self.ca.cert.public_bytes(serialization.Encoding.PEM))
         (directory / CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from csi_driver.agent_api.client import GrpcNodeDirectory
 from csi_driver.agent_api.server import NodeAgentServicer, admitted_callers
@@ -99,7 +100,7 @@ def test_ferry_identities_are_admitted_by_role(
 def test_a_certificate_of_the_ca_without_a_ferry_identity_is_unauthenticated(
     pki: Pki, node_n1: Endpoint, caplog: pytest.LogCaptureFixture
 ) -> None:
-    foreign = pki.foreign()
+    foreign = pki.handmade()
     credentials = grpc.ssl_channel_credentials(
         root_certificates=(foreign / "ca.crt").read_bytes(),
         private_key=(foreign / "tls.key").read_bytes(),
@@ -284,3 +285,11 @@ def test_the_controllers_directory_follows_a_new_node_on_a_reused_address(
     finally:
         second.stop(0)
         directory.close()
+
+
+def test_an_rsa_certificate_from_the_cluster_ca_is_admitted(pki: Pki, node_n1: Endpoint) -> None:
+    """cert-manager issues RSA keys by default; gRPC and Ferry take them."""
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    bundle = TlsBundle.load(pki.handmade(rsa_key, Identity.controller()))
+    code, details = _call(open_channel(str(node_n1), AgentSecurity(bundle), Identity.node("n1")))
+    assert code is grpc.StatusCode.OK, details

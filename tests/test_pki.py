@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from csi_driver.core.errors import (
@@ -203,7 +203,7 @@ def test_loading_checks_each_file_and_says_which(tmp_path: Path) -> None:
         TlsBundle.load(mixed)
 
     with pytest.raises(InvalidArgument, match="names no Ferry identity"):
-        TlsBundle.load(pki.foreign())
+        TlsBundle.load(pki.handmade())
 
 
 def test_expired_and_future_certificates_are_refused(
@@ -226,3 +226,12 @@ def test_ca_crt_may_trust_an_old_and_a_new_ca_while_rotating(
     bundle = TlsBundle.load(tmp_path)
     assert bundle.ca_pem == both
     assert x509.load_pem_x509_certificates(bundle.ca_pem) == [ca.cert, new.cert]
+
+
+def test_rsa_keys_made_elsewhere_load_and_ed25519_is_refused(tmp_path: Path) -> None:
+    pki = Pki.create(tmp_path)
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    loaded = TlsBundle.load(pki.handmade(rsa_key, Identity.controller()))
+    assert loaded.identity == Identity.controller()
+    with pytest.raises(InvalidArgument, match="refuses Ed25519"):
+        TlsBundle.load(pki.handmade(ed25519.Ed25519PrivateKey.generate(), Identity.controller()))
