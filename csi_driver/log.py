@@ -150,7 +150,10 @@ def route_native_stderr() -> None:
     the forwarding thread); fd 2 becomes a pipe read by a daemon thread.
     At exit fd 2 is restored, so late native writes cannot fill the pipe.
     """
-    real = os.dup(2)
+    try:
+        real = os.dup(2)
+    except OSError:  # no stderr at all (closed by a supervisor): nothing to route
+        return
     read_end, write_end = os.pipe()
     os.dup2(write_end, 2)
     os.close(write_end)
