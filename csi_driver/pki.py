@@ -33,6 +33,8 @@ import ipaddress
 import os
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -145,7 +147,7 @@ def _key_pem(key: SigningKey) -> bytes:
     )
 
 
-def write_atomically(path: Path, data: bytes, mode: int) -> None:
+def _write_atomically(path: Path, data: bytes, mode: int) -> None:
     """Replace ``path`` with ``data`` so readers see the old or the new file, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # mkstemp creates the file 0600, so a key is never readable by others, even briefly.
@@ -165,6 +167,18 @@ def write_atomically(path: Path, data: bytes, mode: int) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+@contextmanager
+def _writing(directory: Path) -> Iterator[None]:
+    """Report a directory Ferry cannot write in its own vocabulary, not as a traceback."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        yield
+    except OSError as exc:
+        raise FailedPrecondition(
+            f"cannot write {exc.filename or directory}: {exc.strerror}; choose another directory"
+        ) from exc
 
 
 def _read(directory: Path, name: str) -> bytes:
@@ -326,10 +340,10 @@ class TlsBundle:
 
     def write(self, directory: Path) -> None:
         """Write as ``ca.crt``, ``tls.crt``, ``tls.key``: the key first, then the certificates."""
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_atomically(directory / KEY, self.key_pem, 0o600)
-        write_atomically(directory / CERT, self.cert_pem, 0o644)
-        write_atomically(directory / CA_CERT, self.ca_pem, 0o644)
+        with _writing(directory):
+            _write_atomically(directory / KEY, self.key_pem, 0o600)
+            _write_atomically(directory / CERT, self.cert_pem, 0o644)
+            _write_atomically(directory / CA_CERT, self.ca_pem, 0o644)
 
 
 class CertificateAuthority:
@@ -387,10 +401,10 @@ class CertificateAuthority:
                 f"{directory} already holds a CA; replacing it would cut off every agent it "
                 "certified: choose another directory (see 'Rotating the CA' in docs/operations.md)"
             )
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_atomically(directory / KEY, _key_pem(self._key), 0o600)
-        write_atomically(directory / CERT, _pem(self.cert), 0o644)
-        write_atomically(directory / CA_CERT, _pem(self.cert), 0o644)
+        with _writing(directory):
+            _write_atomically(directory / KEY, _key_pem(self._key), 0o600)
+            _write_atomically(directory / CERT, _pem(self.cert), 0o644)
+            _write_atomically(directory / CA_CERT, _pem(self.cert), 0o644)
 
     def issue(
         self,

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import grpc
 
@@ -132,27 +132,32 @@ class PeerGate(_ServerInterceptor):
         auth = cast(Mapping[str, list[bytes]], context.auth_context())
         spiffe = [value.decode(errors="replace") for value in auth.get("peer_spiffe_id", [])]
         identity = Identity.from_spiffe_id(spiffe[0]) if len(spiffe) == 1 else None
-        error: FerryError | None = None
         if identity is None:
             subject = b",".join(auth.get("x509_subject", [])).decode(errors="replace")
-            error = Unauthenticated(
-                f"the client certificate ({subject or 'no subject'}) names no Ferry identity: "
-                "present one issued by `ferry ca issue` from this cluster's CA"
+            self._refuse(
+                context,
+                method,
+                Unauthenticated(
+                    f"the client certificate ({subject or 'no subject'}) names no Ferry "
+                    "identity: present one issued by `ferry ca issue` from this cluster's CA"
+                ),
             )
-        elif not self._admit(identity):
-            error = PermissionDenied(f"{identity} may not call {method}")
-        if error is not None:
-            log.warning(
-                "peer refused",
-                extra={"peer_address": context.peer(), "method": method, "error": error.message},
-            )
-            abort(context, error)
-        assert identity is not None
+        if not self._admit(identity):
+            self._refuse(context, method, PermissionDenied(f"{identity} may not call {method}"))
         return identity
+
+    @staticmethod
+    def _refuse(context: grpc.ServicerContext, method: str, error: FerryError) -> NoReturn:
+        log.warning(
+            "peer refused",
+            extra={"peer_address": context.peer(), "method": method, "error": error.message},
+        )
+        abort(context, error)
 
     def _guard(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
         def guarded(request: Any, context: grpc.ServicerContext) -> Any:
             identity = self._identify(context, method)
+            # A streamed response is produced after this returns, without the field.
             with ferry_log.context(caller=str(identity)):
                 log.debug("peer admitted", extra={"peer_address": context.peer()})
                 return behavior(request, context)

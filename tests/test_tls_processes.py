@@ -74,6 +74,18 @@ def test_ferry_ca_bad_input_is_exit_1_with_a_message(
     assert message in done.stderr and "Traceback" not in done.stderr
 
 
+def test_ferry_ca_into_a_directory_it_cannot_write_is_exit_1(ca_dir: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    for args in (
+        ("init", "--dir", str(blocker / "ca")),
+        ("issue", "--dir", str(ca_dir), "--name", "controller", "--out", str(blocker / "x")),
+    ):
+        done = ferry("ca", *args)
+        assert done.returncode == 1
+        assert "cannot write" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_ferry_ca_issue_without_a_ca_says_how_to_make_one(tmp_path: Path) -> None:
     done = ferry("ca", "issue", "--dir", str(tmp_path), "--name", "controller")
     assert done.returncode == 1
