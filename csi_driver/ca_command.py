@@ -23,7 +23,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     issue = actions.add_parser("issue", help="issue a certificate signed by the CA in DIR")
     issue.add_argument("--dir", type=Path, required=True, help="the CA's directory")
     issue.add_argument(
-        "--name", required=True, help="the identity: 'controller' or 'node/<node-id>'"
+        "--name",
+        required=True,
+        help="the identity: 'controller', 'catalog' (an etcd member) or 'node/<node-id>'",
     )
     issue.add_argument(
         "--ip", action="append", default=[], help="an IP address to add to the SANs (repeatable)"

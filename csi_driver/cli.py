@@ -93,17 +93,26 @@ def _node_config(args: argparse.Namespace, security: AgentSecurity) -> NodeConfi
     )
 
 
+def _log_args(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--log-level", default=default, choices=["debug", "info", "warning", "error"]
+    )
+    parser.add_argument("--log-format", default=default, choices=["json", "text"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ferry", description=__doc__)
     parser.add_argument("--version", action="version", version=f"ferry {__version__}")
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
-    parser.add_argument("--log-format", default="json", choices=["json", "text"])
+    _log_args(parser, argparse.SUPPRESS)
+    parser.set_defaults(log_level="info", log_format="json")
+    # Manifests put every flag after the command (``ferry node --log-level=debug``);
+    # accept the logging flags on either side of it.
+    logging_flags = argparse.ArgumentParser(add_help=False)
+    _log_args(logging_flags, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def service(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, parents=[logging_flags])
         p.add_argument(
             "--endpoint",
             default="unix:///csi/csi.sock",

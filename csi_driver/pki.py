@@ -71,11 +71,13 @@ _DNS_NAME = re.compile(
 class Role(Enum):
     CONTROLLER = "controller"
     NODE = "node"
+    #: A member of the catalog's etcd: a server that Ferry's agents reach as clients.
+    CATALOG = "catalog"
 
 
 @dataclass(frozen=True)
 class Identity:
-    """Who a Ferry agent is: the controller, or node ``node_id``."""
+    """Who a Ferry agent is: the controller, node ``node_id``, or a catalog member."""
 
     role: Role
     node_id: str = ""
@@ -95,14 +97,15 @@ class Identity:
 
     @classmethod
     def parse(cls, text: str) -> Identity:
-        """``controller`` or ``node/<id>``: how operators name identities."""
-        if text == "controller":
-            return cls.controller()
+        """``controller``, ``catalog`` or ``node/<id>``: how operators name identities."""
+        if text in (Role.CONTROLLER.value, Role.CATALOG.value):
+            return cls(Role(text))
         role, sep, node_id = text.partition("/")
         if role == "node" and sep:
             return cls.node(node_id)
         raise InvalidArgument(
-            f"identity {text!r} is neither 'controller' nor 'node/<node-id>' (e.g. node/worker-1)"
+            f"identity {text!r} is not 'controller', 'catalog' or 'node/<node-id>' "
+            "(e.g. node/worker-1)"
         )
 
     @classmethod
@@ -122,17 +125,17 @@ class Identity:
 
     @property
     def dns_name(self) -> str:
-        if self.role is Role.CONTROLLER:
-            return f"controller.{TRUST_DOMAIN}"
-        return f"{self.node_id}.node.{TRUST_DOMAIN}"
+        if self.role is Role.NODE:
+            return f"{self.node_id}.node.{TRUST_DOMAIN}"
+        return f"{self.role.value}.{TRUST_DOMAIN}"
 
     @property
     def dir_name(self) -> str:
         """A directory name for this identity's bundle (``controller``, ``node-<id>``)."""
-        return "controller" if self.role is Role.CONTROLLER else f"node-{self.node_id}"
+        return f"node-{self.node_id}" if self.role is Role.NODE else self.role.value
 
     def __str__(self) -> str:
-        return "controller" if self.role is Role.CONTROLLER else f"node/{self.node_id}"
+        return f"node/{self.node_id}" if self.role is Role.NODE else self.role.value
 
 
 def _pem(cert: x509.Certificate) -> bytes:

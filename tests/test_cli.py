@@ -60,3 +60,21 @@ def test_a_bad_endpoint_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None
     assert done.returncode == 1
     assert "neither unix:///path nor tcp://host:port" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--log-level", "debug", "--log-format", "text", "node"],
+        ["node", "--log-level=debug", "--log-format=text"],
+        ["--log-format=text", "node", "--log-level", "debug"],
+    ],
+)
+def test_logging_flags_go_before_or_after_the_command(argv: list[str]) -> None:
+    args = build_parser().parse_args(argv)
+    assert (args.log_level, args.log_format) == ("debug", "text")
+
+
+def test_logging_flags_default_to_info_json() -> None:
+    args = build_parser().parse_args(["controller"])
+    assert (args.log_level, args.log_format) == ("info", "json")

@@ -42,6 +42,12 @@ NOW = datetime.datetime.now(datetime.UTC)
             "controller.ferry.csi.dev",
         ),
         (
+            "catalog",
+            Identity(Role.CATALOG),
+            "spiffe://ferry.csi.dev/catalog",
+            "catalog.ferry.csi.dev",
+        ),
+        (
             "node/worker-1",
             Identity(Role.NODE, "worker-1"),
             "spiffe://ferry.csi.dev/node/worker-1",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 import subprocess
 from pathlib import Path
@@ -12,6 +13,7 @@ import yaml
 
 from csi_driver.cli import build_parser
 from csi_driver.core.params import parse_parameters
+from csi_driver.pki import CertificateAuthority, Identity, TlsBundle
 
 ROOT = Path(__file__).resolve().parents[2]
 HELM = ROOT / ".cache" / "tools" / "helm"
@@ -124,3 +126,18 @@ def test_storage_class_parameters_are_ones_ferry_accepts(rendered: list[dict[str
     for sc in classes:
         assert sc["provisioner"] == "ferry.csi.dev"
         parse_parameters(sc.get("parameters", {}))
+
+
+def test_the_chart_made_cluster_ca_issues_every_identity(
+    rendered: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """The CA Helm generates is one Ferry's own PKI loads and signs with."""
+    secret = next(d for d in rendered if d["kind"] == "Secret")
+    assert secret["metadata"]["name"] == "ferry-ca"
+    for name, value in secret["data"].items():
+        (tmp_path / name).write_bytes(base64.b64decode(value))
+    ca = CertificateAuthority.load(tmp_path)
+    for identity in ("controller", "catalog", "node/worker-1"):
+        out = tmp_path / identity.replace("/", "-")
+        ca.issue(Identity.parse(identity), ips=("10.1.2.3",)).write(out)
+        assert TlsBundle.load(out).identity == Identity.parse(identity)
