@@ -60,7 +60,7 @@ def test_ferry_ca_writes_secret_shaped_directories(ca_dir: Path) -> None:
     ("args", "message"),
     [
         (("init",), "already holds a CA"),
-        (("issue", "--name", "admin"), "neither 'controller' nor 'node/<node-id>'"),
+        (("issue", "--name", "admin"), "is not 'controller', 'catalog' or 'node/<node-id>'"),
         (("issue", "--name", "node/N1"), "is not a Kubernetes node name"),
         (("issue", "--name", "controller", "--ip", "10.0.0"), "'10.0.0' is not an IP address"),
         (("issue", "--name", "controller", "--dns", "a b"), "'a b' is not a DNS name"),
