@@ -21,6 +21,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from csi_driver.core.errors import (
+    NOT_STAGED,
+    PUBLISH_INCOMPATIBLE,
+    STAGE_INCOMPATIBLE,
+    STAGED_ELSEWHERE,
+    STILL_PUBLISHED_AT,
     AlreadyExists,
     FailedPrecondition,
     FerryError,
@@ -193,13 +198,15 @@ class NodeAgent:
             if current is not None:
                 if current.staging_path != wanted.staging_path:
                     raise FailedPrecondition(
-                        f"volume {volume_id} is already staged at {current.staging_path}; "
-                        "unstage it there before staging it elsewhere"
+                        STAGED_ELSEWHERE.format(
+                            volume_id=volume_id,
+                            staged=current.staging_path,
+                            requested=staging,
+                        )
                     )
                 if replace(current, targets={}) != wanted:
                     raise AlreadyExists(
-                        f"volume {volume_id} is staged at {staging} with a different "
-                        "capability (access type, fsType, mount flags or read-only)"
+                        STAGE_INCOMPATIBLE.format(volume_id=volume_id, path=staging)
                     )
                 wanted = current
             else:
@@ -253,8 +260,7 @@ class NodeAgent:
             live = {t: p for t, p in current.targets.items() if self.mounts.at(Path(t))}
             if live:
                 raise FailedPrecondition(
-                    f"volume {volume_id} is still published at {', '.join(sorted(live))}; "
-                    "unpublish it first"
+                    STILL_PUBLISHED_AT.format(volume_id=volume_id, targets=", ".join(sorted(live)))
                 )
             for target in current.targets.values():
                 if target.device:
@@ -286,9 +292,7 @@ class NodeAgent:
             self.pool.require(volume_id)
             current = self._states.load(volume_id)
             if current is None or current.staging_path != str(staging):
-                raise FailedPrecondition(
-                    f"volume {volume_id} is not staged at {staging}; call NodeStageVolume first"
-                )
+                raise FailedPrecondition(NOT_STAGED.format(volume_id=volume_id, staging=staging))
             if current.access_type is not capability.access_type:
                 raise InvalidArgument(
                     f"volume {volume_id} was staged for {current.access_type.value} access, "
@@ -296,9 +300,9 @@ class NodeAgent:
                 )
             existing = current.targets.get(str(target))
             if existing is not None and existing.read_only != read_only:
+                how = "read-only" if existing.read_only else "read-write"
                 raise AlreadyExists(
-                    f"volume {volume_id} is already published at {target} "
-                    f"{'read-only' if existing.read_only else 'read-write'}"
+                    PUBLISH_INCOMPATIBLE.format(volume_id=volume_id, target=target, how=how)
                 )
             if current.access_type is AccessType.BLOCK:
                 self._publish_block(current, target, existing or Target(read_only))
