@@ -116,6 +116,11 @@ class Conflict(StoreError):
 # -- Messages for the conflicts the CSI spec names a status code for ---------------
 # str.format templates; the code each one is raised with follows its name.
 
+#: NodePublishVolume, FAILED_PRECONDITION: Ferry stages every volume (STAGE_UNSTAGE_VOLUME).
+STAGING_PATH_NOT_SET = (
+    "staging_target_path is required: Ferry stages every volume before publishing it; "
+    "pass the path given to NodeStageVolume"
+)
 #: NodePublishVolume, FAILED_PRECONDITION: published before it was staged.
 NOT_STAGED = "volume {volume_id} is not staged at {staging}; call NodeStageVolume first"
 #: NodePublishVolume, ALREADY_EXISTS: same target, other read-only flag or access mode.

@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 import pytest
 
+from csi_driver.core.errors import STAGING_PATH_NOT_SET
 from csi_driver.core.model import MiB
 from csi_driver.core.placement import NODE_KEY, ZONE_KEY
 from csi_driver.gen import csi_pb2
@@ -223,9 +224,7 @@ class TestNodeStage:
 
 
 class TestNodePublish:
-    @pytest.mark.parametrize(
-        "missing", ["volume_id", "staging_target_path", "target_path", "volume_capability"]
-    )
+    @pytest.mark.parametrize("missing", ["volume_id", "target_path", "volume_capability"])
     def test_missing_fields_are_invalid(self, mountable: Ferry, missing: str) -> None:
         vid = mountable.create("p").volume_id
         mountable.stage(vid)
@@ -242,6 +241,15 @@ class TestNodePublish:
             mountable.client.node.NodePublishVolume,
             publish_request(mountable, "vol-" + "8" * 32),
         )
+
+    def test_missing_staging_path_is_failed_precondition(self, mountable: Ferry) -> None:
+        # The spec's code when STAGE_UNSTAGE_VOLUME is advertised and the path is not set.
+        details = expect_code(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            mountable.client.node.NodePublishVolume,
+            publish_request(mountable, "vol-" + "8" * 32, staging_target_path=None),
+        )
+        assert details == STAGING_PATH_NOT_SET
 
     def test_unstaged_volume_is_failed_precondition(self, mountable: Ferry) -> None:
         vid = mountable.create("p").volume_id
