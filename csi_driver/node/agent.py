@@ -388,12 +388,23 @@ class NodeAgent:
     # -- stats and expansion ---------------------------------------------------------
 
     def _where(self, volume_id: str, volume_path: str) -> tuple[Staged, Path]:
-        path = self.paths.check(volume_path, "volume_path")
+        """The volume's record and ``volume_path``, which must be its staging path or a target.
+
+        A path that is neither is NOT_FOUND (the spec's code for "the volume
+        does not exist at that path"), whatever the path is: relative,
+        missing, another volume's, or outside the kubelet directory. Only a
+        recorded path is then checked by the path policy and touched.
+        """
         current = self._states.load(volume_id)
         if current is None:
             raise NotFound(f"volume {volume_id} is not staged on node {self.node_id}")
-        if str(path) != current.staging_path and str(path) not in current.targets:
-            raise NotFound(f"volume {volume_id} is neither staged nor published at {path}")
+        trimmed = volume_path.rstrip("/") or volume_path
+        if trimmed != current.staging_path and trimmed not in current.targets:
+            raise NotFound(
+                f"volume {volume_id} is neither staged nor published at {volume_path!r}; "
+                "pass its staging path or one of its target paths"
+            )
+        path = self.paths.check(trimmed, "volume_path")
         if not os.path.lexists(path):
             raise NotFound(f"{path} does not exist")
         return current, path

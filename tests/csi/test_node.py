@@ -314,6 +314,28 @@ class TestNodeGetVolumeStats:
                 csi_pb2.NodeGetVolumeStatsRequest(volume_id=volume_id, volume_path=path),
             )
 
+    @pytest.mark.parametrize(
+        "path", ["some/path", "KUBELET/pods/nothing-here", "KUBELET/pods", "/etc", "/"]
+    )
+    def test_a_path_where_the_volume_is_not_is_not_found(self, mountable: Ferry, path: str) -> None:
+        """Relative, missing, another directory, outside the kubelet dir: all NOT_FOUND."""
+        vid = mountable.create("st").volume_id
+        mountable.stage(vid)
+        mountable.publish(vid)
+        path = path.replace("KUBELET", str(mountable.kubelet))
+        for call, request in (
+            (
+                mountable.client.node.NodeGetVolumeStats,
+                csi_pb2.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=path),
+            ),
+            (
+                mountable.client.node.NodeExpandVolume,
+                csi_pb2.NodeExpandVolumeRequest(volume_id=vid, volume_path=path),
+            ),
+        ):
+            details = expect_code(grpc.StatusCode.NOT_FOUND, call, request)
+            assert "neither staged nor published" in details
+
     def test_missing_fields_are_invalid(self, mountable: Ferry) -> None:
         expect_code(
             INVALID,
