@@ -116,6 +116,11 @@ class Conflict(StoreError):
 # -- Messages for the conflicts the CSI spec names a status code for ---------------
 # str.format templates; the code each one is raised with follows its name.
 
+#: NodePublishVolume, FAILED_PRECONDITION: a second target while one workload owns it.
+SINGLE_WRITER_CONFLICT = (
+    "volume {volume_id} uses SINGLE_NODE_SINGLE_WRITER access mode and is already "
+    "published at a different target path ({other}); unpublish it there first"
+)
 #: NodePublishVolume, FAILED_PRECONDITION: Ferry stages every volume (STAGE_UNSTAGE_VOLUME).
 STAGING_PATH_NOT_SET = (
     "staging_target_path is required: Ferry stages every volume before publishing it; "

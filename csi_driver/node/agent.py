@@ -23,6 +23,7 @@ from pathlib import Path
 from csi_driver.core.errors import (
     NOT_STAGED,
     PUBLISH_INCOMPATIBLE,
+    SINGLE_WRITER_CONFLICT,
     STAGE_INCOMPATIBLE,
     STAGED_ELSEWHERE,
     STILL_PUBLISHED_AT,
@@ -35,7 +36,7 @@ from csi_driver.core.errors import (
     Unavailable,
 )
 from csi_driver.core.locks import KeyedLocks
-from csi_driver.core.model import AccessType, FsType, VolumeCapability
+from csi_driver.core.model import AccessMode, AccessType, FsType, VolumeCapability
 from csi_driver.node.filesystem import Filesystems
 from csi_driver.node.loop import LoopDevices
 from csi_driver.node.mounts import Mounts, check_mount_flags
@@ -51,10 +52,37 @@ VOLUME_LOCK_TIMEOUT_S = 30.0
 
 @dataclass(frozen=True)
 class Target:
-    """One NodePublishVolume: where, how, and the read-only device it got (block)."""
+    """One NodePublishVolume: how, and the read-only device it got (block).
+
+    ``access_mode`` is None only in records written before Ferry kept it; the
+    next publish at that target records it.
+    """
 
     read_only: bool
     device: str = ""
+    access_mode: AccessMode | None = None
+
+    @property
+    def single_writer(self) -> bool:
+        return self.access_mode is AccessMode.SINGLE_NODE_SINGLE_WRITER
+
+    def compatible(self, other: Target) -> bool:
+        """Whether a repeat publish asking for ``other`` may reuse this target."""
+        same_mode = self.access_mode is None or self.access_mode is other.access_mode
+        return self.read_only == other.read_only and same_mode
+
+    def to_json(self) -> dict[str, object]:
+        mode = self.access_mode.value if self.access_mode else None
+        return {"read_only": self.read_only, "device": self.device, "access_mode": mode}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, object]) -> Target:
+        mode = doc.get("access_mode")
+        return cls(
+            read_only=bool(doc["read_only"]),
+            device=str(doc.get("device") or ""),
+            access_mode=AccessMode(mode) if mode else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -74,6 +102,7 @@ class Staged:
         doc["access_type"] = self.access_type.value
         doc["fs_type"] = self.fs_type.value if self.fs_type else None
         doc["mount_flags"] = list(self.mount_flags)
+        doc["targets"] = {path: t.to_json() for path, t in self.targets.items()}
         return doc
 
     @classmethod
@@ -90,7 +119,7 @@ class Staged:
             fs_type=FsType(fs) if fs else None,
             mount_flags=tuple(str(f) for f in flags),
             read_only=bool(doc.get("read_only", False)),
-            targets={str(k): Target(**v) for k, v in targets.items()},
+            targets={str(k): Target.from_json(v) for k, v in targets.items()},
         )
 
 
@@ -298,23 +327,27 @@ class NodeAgent:
                     f"volume {volume_id} was staged for {current.access_type.value} access, "
                     f"cannot publish it for {capability.access_type.value} access"
                 )
+            wanted = Target(read_only, access_mode=capability.access_mode)
             existing = current.targets.get(str(target))
-            if existing is not None and existing.read_only != read_only:
-                how = "read-only" if existing.read_only else "read-write"
+            if existing is not None and not existing.compatible(wanted):
                 raise AlreadyExists(
-                    PUBLISH_INCOMPATIBLE.format(volume_id=volume_id, target=target, how=how)
+                    PUBLISH_INCOMPATIBLE.format(
+                        volume_id=volume_id, target=target, how=_described(existing)
+                    )
                 )
+            _check_single_writer(current, str(target), wanted)
             if current.access_type is AccessType.BLOCK:
-                self._publish_block(current, target, existing or Target(read_only))
+                entry = replace(existing, access_mode=wanted.access_mode) if existing else wanted
+                self._publish_block(current, target, entry)
             else:
-                self._publish_mount(current, staging, target, read_only)
+                self._publish_mount(current, staging, target, wanted)
 
     def _remember(self, staged: Staged, target: Path, entry: Target) -> Staged:
         updated = replace(staged, targets={**staged.targets, str(target): entry})
         self._states.save(updated)
         return updated
 
-    def _publish_mount(self, staged: Staged, staging: Path, target: Path, read_only: bool) -> None:
+    def _publish_mount(self, staged: Staged, staging: Path, target: Path, entry: Target) -> None:
         mounted = self.mounts.at(staging)
         if mounted is None:
             raise FailedPrecondition(
@@ -324,16 +357,16 @@ class NodeAgent:
         on_target = self.mounts.at(target)
         if on_target is not None:
             if on_target.source == mounted.source:
-                self._remember(staged, target, Target(read_only))
+                self._remember(staged, target, entry)
                 return
             raise FailedPrecondition(f"{target} already has {on_target.source} mounted")
         _require_fresh_mountpoint(target, directory=True)
-        self._remember(staged, target, Target(read_only))
+        self._remember(staged, target, entry)
         target.mkdir(parents=True, exist_ok=True)
-        self.mounts.bind(staging, target, read_only=read_only)
+        self.mounts.bind(staging, target, read_only=entry.read_only)
         log.info(
             "volume published",
-            extra={"volume": staged.volume_id, "path": str(target), "read_only": read_only},
+            extra={"volume": staged.volume_id, "path": str(target), "read_only": entry.read_only},
         )
 
     def _publish_block(self, staged: Staged, target: Path, entry: Target) -> None:
@@ -525,6 +558,29 @@ class NodeAgent:
                 return False
         self.loops.detach(device)
         return True
+
+
+def _described(target: Target) -> str:
+    how = "read-only" if target.read_only else "read-write"
+    return f"{how} with access mode {target.access_mode.value}" if target.access_mode else how
+
+
+def _check_single_writer(staged: Staged, target: str, wanted: Target) -> None:
+    """Refuse a second target when the new or an existing one is SINGLE_NODE_SINGLE_WRITER.
+
+    SINGLE_NODE_SINGLE_WRITER (ReadWriteOncePod) promises one workload, so
+    one target path; the other single-node modes allow several pods on the
+    node, each with its own target.
+    """
+    others = sorted(
+        path
+        for path, entry in staged.targets.items()
+        if path != target and (wanted.single_writer or entry.single_writer)
+    )
+    if others:
+        raise FailedPrecondition(
+            SINGLE_WRITER_CONFLICT.format(volume_id=staged.volume_id, other=", ".join(others))
+        )
 
 
 def _require_fresh_mountpoint(target: Path, *, directory: bool) -> None:
