@@ -21,7 +21,7 @@ from csi_driver.core.model import AccessMode, AccessType, FsType, MiB, VolumeCap
 from csi_driver.node.agent import NodeAgent, Staged, Target
 from csi_driver.node.pool import Pool
 from csi_driver.node.runner import CommandRunner
-from tests.node.conftest import DEFAULT_SIZE, XFS_SIZE, new_volume_id
+from tests.node.conftest import DEFAULT_SIZE, XFS_SIZE, has_cap_sys_resource, new_volume_id
 
 MOUNT_RW = VolumeCapability(AccessMode.SINGLE_NODE_WRITER, AccessType.MOUNT)
 BLOCK_RW = VolumeCapability(AccessMode.SINGLE_NODE_WRITER, AccessType.BLOCK)
@@ -258,15 +258,6 @@ def test_stats_for_unknown_paths_are_not_found(agent: NodeAgent, kubelet: Path) 
         agent.stats(new_volume_id(42), staging)
 
 
-def has_cap_sys_resource() -> bool:
-    with open("/proc/self/status", encoding="utf-8") as status:
-        for line in status:
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) >> CAP_SYS_RESOURCE & 1)
-    return False
-
-
-CAP_SYS_RESOURCE = 24
 ONLINE_EXT4 = pytest.mark.skipif(
     not has_cap_sys_resource(),
     reason="this host withholds CAP_SYS_RESOURCE, which the kernel requires to grow a "
