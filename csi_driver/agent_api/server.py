@@ -47,19 +47,19 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
         POOL_PROVISIONED.set(self._pool.provisioned_bytes)
         POOL_VOLUMES.set(self._pool.image_count)
 
-    @rpc
+    @rpc(required=("volume_id", "size_bytes"))
     def CreateImage(self, request: Any, context: grpc.ServicerContext) -> Any:
         info = self._pool.create_image(request.volume_id, request.size_bytes, request.epoch)
         self._observed()
         return self._image(info)
 
-    @rpc
+    @rpc(required=("volume_id",))
     def DeleteImage(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._pool.delete_image(request.volume_id)
         self._observed()
         return agent_pb2.DeleteImageResponse()
 
-    @rpc
+    @rpc(required=("volume_id", "size_bytes"))
     def ExpandImage(self, request: Any, context: grpc.ServicerContext) -> Any:
         info = self._pool.expand_image(request.volume_id, request.size_bytes)
         self._observed()

@@ -16,6 +16,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from csi_driver.core.errors import (
+    CONTROLLER_PUBLISH_INCOMPATIBLE,
+    NAME_CONFLICT,
+    PUBLISHED_ON_OTHER_NODE,
+    STILL_PUBLISHED_ON,
+    UNKNOWN_STARTING_TOKEN,
     Aborted,
     AlreadyExists,
     FailedPrecondition,
@@ -268,8 +273,9 @@ class VolumeService:
             problems.append("its parameters differ")
         if problems:
             raise AlreadyExists(
-                f"volume {volume.name!r} already exists as {volume.volume_id} and is "
-                f"incompatible with this request: {'; '.join(problems)}"
+                NAME_CONFLICT.format(
+                    name=volume.name, volume_id=volume.volume_id, problems="; ".join(problems)
+                )
             )
 
     def delete_volume(self, volume_id: str) -> None:
@@ -285,8 +291,7 @@ class VolumeService:
             if volume.publications:
                 nodes = ", ".join(p.node_id for p in volume.publications)
                 raise FailedPrecondition(
-                    f"volume {volume_id} is still published on {nodes}; "
-                    "delete the pods using it first"
+                    STILL_PUBLISHED_ON.format(volume_id=volume_id, nodes=nodes)
                 )
             volume = self._catalog.update_volume(
                 volume_id, lambda v: replace(v, state=VolumeState.DELETING)
@@ -323,15 +328,14 @@ class VolumeService:
             if existing is not None:
                 if existing != wanted:
                     raise AlreadyExists(
-                        f"volume {volume_id} is already published on {node_id} with "
-                        "another capability or read-only flag; unpublish it first"
+                        CONTROLLER_PUBLISH_INCOMPATIBLE.format(volume_id=volume_id, node_id=node_id)
                     )
                 return current
             if current.publications:
                 raise FailedPrecondition(
-                    f"volume {volume_id} is published on "
-                    f"{current.publications[0].node_id}; a single-node volume can be "
-                    "published on one node at a time"
+                    PUBLISHED_ON_OTHER_NODE.format(
+                        volume_id=volume_id, node=current.publications[0].node_id
+                    )
                 )
             if node_id != current.primary_node:
                 raise FailedPrecondition(
@@ -400,10 +404,7 @@ class VolumeService:
         if max_entries < 0:
             raise InvalidArgument("max_entries must not be negative")
         if starting_token and not VOLUME_ID_PATTERN.match(starting_token):
-            raise Aborted(
-                f"starting_token {starting_token!r} is not one Ferry issued; "
-                "list again without a token"
-            )
+            raise Aborted(UNKNOWN_STARTING_TOKEN.format(token=starting_token))
         page = self._catalog.list_volumes(starting_token, max_entries + 1 if max_entries else 0)
         if max_entries and len(page) > max_entries:
             page = page[:max_entries]

@@ -23,6 +23,12 @@ Tree::
         ├── CommandFailed      an external command failed
         └── StoreError         the catalog store failed
             └── Conflict       compare-and-swap lost a race (retry the read)
+
+The messages for the conflicts the CSI spec names a code for (a second
+writer, a volume staged or published elsewhere, an incompatible repeat, an
+operation in progress) are the named templates at the end of this module:
+every raise site formats one of them, and the tests compare against the
+same template, so the words an operator sees are fixed in one place.
 """
 
 from __future__ import annotations
@@ -105,3 +111,62 @@ class StoreError(InternalError):
 
 class Conflict(StoreError):
     """A compare-and-swap write lost a race: the key changed since it was read."""
+
+
+# -- Messages for the conflicts the CSI spec names a status code for ---------------
+# str.format templates; the code each one is raised with follows its name.
+
+#: NodePublishVolume, FAILED_PRECONDITION: a second target while one workload owns it.
+SINGLE_WRITER_CONFLICT = (
+    "volume {volume_id} uses SINGLE_NODE_SINGLE_WRITER access mode and is already "
+    "published at a different target path ({other}); unpublish it there first"
+)
+#: NodePublishVolume, FAILED_PRECONDITION: Ferry stages every volume (STAGE_UNSTAGE_VOLUME).
+STAGING_PATH_NOT_SET = (
+    "staging_target_path is required: Ferry stages every volume before publishing it; "
+    "pass the path given to NodeStageVolume"
+)
+#: NodePublishVolume, FAILED_PRECONDITION: published before it was staged.
+NOT_STAGED = "volume {volume_id} is not staged at {staging}; call NodeStageVolume first"
+#: NodePublishVolume, ALREADY_EXISTS: same target, other read-only flag or access mode.
+PUBLISH_INCOMPATIBLE = (
+    "volume {volume_id} is already published at {target} {how}; unpublish it there "
+    "to publish it differently"
+)
+#: NodeStageVolume, FAILED_PRECONDITION: a single-node volume has one staging path.
+STAGED_ELSEWHERE = (
+    "volume {volume_id} is already staged at {staged}; unstage it there before "
+    "staging it at {requested}"
+)
+#: NodeStageVolume, ALREADY_EXISTS: same staging path, other capability.
+STAGE_INCOMPATIBLE = (
+    "volume {volume_id} is already staged at {path} with a different capability "
+    "(access type, fsType, mount flags or read-only); unstage it to stage it differently"
+)
+#: NodeUnstageVolume, FAILED_PRECONDITION: targets still mounted from the staging path.
+STILL_PUBLISHED_AT = "volume {volume_id} is still published at {targets}; unpublish it first"
+#: CreateVolume, ALREADY_EXISTS: the name is taken by a volume that does not fit.
+NAME_CONFLICT = (
+    "volume {name!r} already exists as {volume_id} and is incompatible with this "
+    "request: {problems}"
+)
+#: DeleteVolume, FAILED_PRECONDITION: the volume is in use.
+STILL_PUBLISHED_ON = (
+    "volume {volume_id} is still published on {nodes}; delete the pods using it first"
+)
+#: ControllerPublishVolume, FAILED_PRECONDITION: published to another node.
+PUBLISHED_ON_OTHER_NODE = (
+    "volume {volume_id} is published on node {node}; a single-node volume is published "
+    "on one node at a time: unpublish it there first"
+)
+#: ControllerPublishVolume, ALREADY_EXISTS: same node, other capability or read-only flag.
+CONTROLLER_PUBLISH_INCOMPATIBLE = (
+    "volume {volume_id} is already published on {node_id} with another capability or "
+    "read-only flag; unpublish it first"
+)
+#: ListVolumes, ABORTED: a token Ferry did not issue.
+UNKNOWN_STARTING_TOKEN = (
+    "starting_token {token!r} is not one Ferry issued; list again without a token"
+)
+#: Any RPC, ABORTED: another operation holds the volume (or name).
+OPERATION_PENDING = "an operation on {key} is already in progress; retry shortly"

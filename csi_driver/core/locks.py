@@ -6,7 +6,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from csi_driver.core.errors import Aborted
+from csi_driver.core.errors import OPERATION_PENDING, Aborted
 
 
 class KeyedLocks:
@@ -40,7 +40,7 @@ class KeyedLocks:
         lock = self._acquire_entry(key)
         try:
             if not lock.acquire(timeout=timeout):
-                raise Aborted(f"an operation on {key} is already in progress; retry shortly")
+                raise Aborted(OPERATION_PENDING.format(key=key))
             try:
                 yield
             finally:

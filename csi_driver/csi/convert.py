@@ -25,12 +25,6 @@ from csi_driver.gen import csi_pb2
 _MODE = csi_pb2.VolumeCapability.AccessMode
 
 
-def require(value: Any, field: str) -> None:
-    """Raise InvalidArgument naming ``field`` when it is empty or unset."""
-    if not value:
-        raise InvalidArgument(f"{field} is required")
-
-
 def capability_from_proto(cap: Any, field: str = "volume_capability") -> VolumeCapability:
     """A CSI VolumeCapability as a domain value; malformed ones are refused."""
     kind = cap.WhichOneof("access_type")

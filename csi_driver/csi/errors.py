@@ -1,9 +1,11 @@
 """Where domain errors become gRPC statuses: the only place that aborts an RPC.
 
 Every servicer method is wrapped by :func:`rpc`, which binds the request
-context for logging, times the call, maps a :class:`FerryError` to its
-status code, and turns anything unexpected into INTERNAL with the stack
-logged (never a crash of the server, never a silent hang).
+context for logging, times the call, checks the request's declared required
+fields before the handler runs (``csi_driver.csi.validate``), maps a
+:class:`FerryError` to its status code, and turns anything unexpected into
+INTERNAL with the stack logged (never a crash of the server, never a silent
+hang).
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any, NoReturn, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TypeVar, overload
 
 import grpc
 
 from csi_driver import log as ferry_log
 from csi_driver.core import errors
+from csi_driver.csi.validate import Required
 from csi_driver.metrics import RPC_REQUESTS, RPC_SECONDS
 
 logger = logging.getLogger(__name__)
@@ -55,8 +58,31 @@ def abort(context: grpc.ServicerContext, error: errors.FerryError) -> NoReturn:
 Method = TypeVar("Method", bound=Callable[..., Any])
 
 
-def rpc(method: Method) -> Method:
-    """Wrap a servicer method: context, timing, metrics and error mapping."""
+@overload
+def rpc(method: Method) -> Method: ...
+
+
+@overload
+def rpc(*, required: Sequence[str]) -> Callable[[Method], Method]: ...
+
+
+def rpc(
+    method: Method | None = None, *, required: Sequence[str] = ()
+) -> Method | Callable[[Method], Method]:
+    """Wrap a servicer method: context, required fields, timing, metrics, error mapping.
+
+    ``@rpc`` alone declares that the request has no required field;
+    ``@rpc(required=("volume_id", ...))`` names the ones it has, checked in
+    that order before the method body runs. The declaration stays readable
+    on the wrapper as ``.required``.
+    """
+    declared = Required(tuple(required))
+    if method is None:
+        return lambda inner: _wrap(inner, declared)
+    return _wrap(method, declared)
+
+
+def _wrap(method: Method, required: Required) -> Method:
     name = method.__name__
 
     @functools.wraps(method)
@@ -67,6 +93,7 @@ def rpc(method: Method) -> Method:
         code = grpc.StatusCode.OK
         with ferry_log.context(request=request_id, method=name, volume=str(volume)):
             try:
+                required.check(request)
                 return method(self, request, context)
             except errors.FerryError as exc:
                 code = status_for(exc)
@@ -84,4 +111,5 @@ def rpc(method: Method) -> Method:
                 if code is grpc.StatusCode.OK:
                     logger.debug("rpc ok", extra={"seconds": round(elapsed, 4)})
 
+    wrapper.required = required  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]

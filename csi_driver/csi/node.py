@@ -1,4 +1,10 @@
-"""CSI Node service: validate each request, call the NodeAgent, respond."""
+"""CSI Node service: validate each request, call the NodeAgent, respond.
+
+Order inside every RPC: the declared required fields (INVALID_ARGUMENT),
+then the other argument checks, then the volume id: an id that is not
+Ferry-shaped was never issued by Ferry, so it names no volume on this node
+(NOT_FOUND, or OK for the idempotent unstage and unpublish).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,13 @@ from typing import Any
 import grpc
 
 from csi_driver.controller.volumes import DEFAULT_FS, FS_TYPE_CONTEXT_KEY
-from csi_driver.core.errors import InvalidArgument, NotFound, OutOfRange
+from csi_driver.core.errors import (
+    STAGING_PATH_NOT_SET,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+)
 from csi_driver.core.model import (
     SUPPORTED_ACCESS_MODES,
     VOLUME_ID_PATTERN,
@@ -15,7 +27,7 @@ from csi_driver.core.model import (
     Topology,
     VolumeCapability,
 )
-from csi_driver.csi.convert import capability_from_proto, require, topology_to_proto
+from csi_driver.csi.convert import capability_from_proto, topology_to_proto
 from csi_driver.csi.errors import rpc
 from csi_driver.gen import csi_pb2, csi_pb2_grpc
 from csi_driver.node.agent import NodeAgent
@@ -33,15 +45,12 @@ CAPABILITIES = (
 
 
 def _known_volume(volume_id: str) -> str:
-    require(volume_id, "volume_id")
     if not VOLUME_ID_PATTERN.match(volume_id):
         raise NotFound(f"volume {volume_id} does not exist on this node")
     return volume_id
 
 
 def _capability(request: Any) -> VolumeCapability:
-    if not request.HasField("volume_capability"):
-        raise InvalidArgument("volume_capability is required")
     capability = capability_from_proto(request.volume_capability)
     if capability.access_mode not in SUPPORTED_ACCESS_MODES:
         raise InvalidArgument(
@@ -57,11 +66,10 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self._topology = topology
         self._max_volumes = max_volumes
 
-    @rpc
+    @rpc(required=("volume_id", "staging_target_path", "volume_capability"))
     def NodeStageVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
-        volume_id = _known_volume(request.volume_id)
-        require(request.staging_target_path, "staging_target_path")
         capability = _capability(request)
+        volume_id = _known_volume(request.volume_id)
         fs_type = capability.fs_type
         if fs_type is None:
             from_context = request.volume_context.get(FS_TYPE_CONTEXT_KEY, "")
@@ -69,22 +77,21 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self._agent.stage(volume_id, request.staging_target_path, capability, fs_type)
         return csi_pb2.NodeStageVolumeResponse()
 
-    @rpc
+    @rpc(required=("volume_id", "staging_target_path"))
     def NodeUnstageVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
         volume_id = request.volume_id
-        require(volume_id, "volume_id")
-        require(request.staging_target_path, "staging_target_path")
         if VOLUME_ID_PATTERN.match(volume_id):
             self._agent.unstage(volume_id, request.staging_target_path)
         return csi_pb2.NodeUnstageVolumeResponse()
 
-    @rpc
+    @rpc(required=("volume_id", "target_path", "volume_capability"))
     def NodePublishVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
-        volume_id = _known_volume(request.volume_id)
-        require(request.target_path, "target_path")
-        # Ferry stages every volume, so the spec makes staging_target_path mandatory.
-        require(request.staging_target_path, "staging_target_path")
+        # Ferry advertises STAGE_UNSTAGE_VOLUME; the spec's code for a publish
+        # without the staging path is then FAILED_PRECONDITION, not INVALID_ARGUMENT.
+        if not request.staging_target_path:
+            raise FailedPrecondition(STAGING_PATH_NOT_SET)
         capability = _capability(request)
+        volume_id = _known_volume(request.volume_id)
         self._agent.publish(
             volume_id,
             request.staging_target_path,
@@ -94,19 +101,16 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         )
         return csi_pb2.NodePublishVolumeResponse()
 
-    @rpc
+    @rpc(required=("volume_id", "target_path"))
     def NodeUnpublishVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
         volume_id = request.volume_id
-        require(volume_id, "volume_id")
-        require(request.target_path, "target_path")
         if VOLUME_ID_PATTERN.match(volume_id):
             self._agent.unpublish(volume_id, request.target_path)
         return csi_pb2.NodeUnpublishVolumeResponse()
 
-    @rpc
+    @rpc(required=("volume_id", "volume_path"))
     def NodeGetVolumeStats(self, request: Any, context: grpc.ServicerContext) -> Any:
         volume_id = _known_volume(request.volume_id)
-        require(request.volume_path, "volume_path")
         stats = self._agent.stats(volume_id, request.volume_path)
         usage = [
             _Usage(
@@ -132,15 +136,14 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             ),
         )
 
-    @rpc
+    @rpc(required=("volume_id", "volume_path"))
     def NodeExpandVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
-        volume_id = _known_volume(request.volume_id)
-        require(request.volume_path, "volume_path")
         capability = (
             capability_from_proto(request.volume_capability)
             if request.HasField("volume_capability")
             else None
         )
+        volume_id = _known_volume(request.volume_id)
         size = self._agent.expand(volume_id, request.volume_path, capability)
         wanted = request.capacity_range.required_bytes if request.HasField("capacity_range") else 0
         if wanted and size < wanted:

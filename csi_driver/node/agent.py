@@ -21,6 +21,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from csi_driver.core.errors import (
+    NOT_STAGED,
+    PUBLISH_INCOMPATIBLE,
+    SINGLE_WRITER_CONFLICT,
+    STAGE_INCOMPATIBLE,
+    STAGED_ELSEWHERE,
+    STILL_PUBLISHED_AT,
     AlreadyExists,
     FailedPrecondition,
     FerryError,
@@ -30,7 +36,7 @@ from csi_driver.core.errors import (
     Unavailable,
 )
 from csi_driver.core.locks import KeyedLocks
-from csi_driver.core.model import AccessType, FsType, VolumeCapability
+from csi_driver.core.model import AccessMode, AccessType, FsType, VolumeCapability
 from csi_driver.node.filesystem import Filesystems
 from csi_driver.node.loop import LoopDevices
 from csi_driver.node.mounts import Mounts, check_mount_flags
@@ -46,10 +52,37 @@ VOLUME_LOCK_TIMEOUT_S = 30.0
 
 @dataclass(frozen=True)
 class Target:
-    """One NodePublishVolume: where, how, and the read-only device it got (block)."""
+    """One NodePublishVolume: how, and the read-only device it got (block).
+
+    ``access_mode`` is None only in records written before Ferry kept it; the
+    next publish at that target records it.
+    """
 
     read_only: bool
     device: str = ""
+    access_mode: AccessMode | None = None
+
+    @property
+    def single_writer(self) -> bool:
+        return self.access_mode is AccessMode.SINGLE_NODE_SINGLE_WRITER
+
+    def compatible(self, other: Target) -> bool:
+        """Whether a repeat publish asking for ``other`` may reuse this target."""
+        same_mode = self.access_mode is None or self.access_mode is other.access_mode
+        return self.read_only == other.read_only and same_mode
+
+    def to_json(self) -> dict[str, object]:
+        mode = self.access_mode.value if self.access_mode else None
+        return {"read_only": self.read_only, "device": self.device, "access_mode": mode}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, object]) -> Target:
+        mode = doc.get("access_mode")
+        return cls(
+            read_only=bool(doc["read_only"]),
+            device=str(doc.get("device") or ""),
+            access_mode=AccessMode(mode) if mode else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -69,6 +102,7 @@ class Staged:
         doc["access_type"] = self.access_type.value
         doc["fs_type"] = self.fs_type.value if self.fs_type else None
         doc["mount_flags"] = list(self.mount_flags)
+        doc["targets"] = {path: t.to_json() for path, t in self.targets.items()}
         return doc
 
     @classmethod
@@ -85,7 +119,7 @@ class Staged:
             fs_type=FsType(fs) if fs else None,
             mount_flags=tuple(str(f) for f in flags),
             read_only=bool(doc.get("read_only", False)),
-            targets={str(k): Target(**v) for k, v in targets.items()},
+            targets={str(k): Target.from_json(v) for k, v in targets.items()},
         )
 
 
@@ -193,13 +227,15 @@ class NodeAgent:
             if current is not None:
                 if current.staging_path != wanted.staging_path:
                     raise FailedPrecondition(
-                        f"volume {volume_id} is already staged at {current.staging_path}; "
-                        "unstage it there before staging it elsewhere"
+                        STAGED_ELSEWHERE.format(
+                            volume_id=volume_id,
+                            staged=current.staging_path,
+                            requested=staging,
+                        )
                     )
                 if replace(current, targets={}) != wanted:
                     raise AlreadyExists(
-                        f"volume {volume_id} is staged at {staging} with a different "
-                        "capability (access type, fsType, mount flags or read-only)"
+                        STAGE_INCOMPATIBLE.format(volume_id=volume_id, path=staging)
                     )
                 wanted = current
             else:
@@ -253,8 +289,7 @@ class NodeAgent:
             live = {t: p for t, p in current.targets.items() if self.mounts.at(Path(t))}
             if live:
                 raise FailedPrecondition(
-                    f"volume {volume_id} is still published at {', '.join(sorted(live))}; "
-                    "unpublish it first"
+                    STILL_PUBLISHED_AT.format(volume_id=volume_id, targets=", ".join(sorted(live)))
                 )
             for target in current.targets.values():
                 if target.device:
@@ -286,31 +321,33 @@ class NodeAgent:
             self.pool.require(volume_id)
             current = self._states.load(volume_id)
             if current is None or current.staging_path != str(staging):
-                raise FailedPrecondition(
-                    f"volume {volume_id} is not staged at {staging}; call NodeStageVolume first"
-                )
+                raise FailedPrecondition(NOT_STAGED.format(volume_id=volume_id, staging=staging))
             if current.access_type is not capability.access_type:
                 raise InvalidArgument(
                     f"volume {volume_id} was staged for {current.access_type.value} access, "
                     f"cannot publish it for {capability.access_type.value} access"
                 )
+            wanted = Target(read_only, access_mode=capability.access_mode)
             existing = current.targets.get(str(target))
-            if existing is not None and existing.read_only != read_only:
+            if existing is not None and not existing.compatible(wanted):
                 raise AlreadyExists(
-                    f"volume {volume_id} is already published at {target} "
-                    f"{'read-only' if existing.read_only else 'read-write'}"
+                    PUBLISH_INCOMPATIBLE.format(
+                        volume_id=volume_id, target=target, how=_described(existing)
+                    )
                 )
+            _check_single_writer(current, str(target), wanted)
             if current.access_type is AccessType.BLOCK:
-                self._publish_block(current, target, existing or Target(read_only))
+                entry = replace(existing, access_mode=wanted.access_mode) if existing else wanted
+                self._publish_block(current, target, entry)
             else:
-                self._publish_mount(current, staging, target, read_only)
+                self._publish_mount(current, staging, target, wanted)
 
     def _remember(self, staged: Staged, target: Path, entry: Target) -> Staged:
         updated = replace(staged, targets={**staged.targets, str(target): entry})
         self._states.save(updated)
         return updated
 
-    def _publish_mount(self, staged: Staged, staging: Path, target: Path, read_only: bool) -> None:
+    def _publish_mount(self, staged: Staged, staging: Path, target: Path, entry: Target) -> None:
         mounted = self.mounts.at(staging)
         if mounted is None:
             raise FailedPrecondition(
@@ -320,16 +357,16 @@ class NodeAgent:
         on_target = self.mounts.at(target)
         if on_target is not None:
             if on_target.source == mounted.source:
-                self._remember(staged, target, Target(read_only))
+                self._remember(staged, target, entry)
                 return
             raise FailedPrecondition(f"{target} already has {on_target.source} mounted")
         _require_fresh_mountpoint(target, directory=True)
-        self._remember(staged, target, Target(read_only))
+        self._remember(staged, target, entry)
         target.mkdir(parents=True, exist_ok=True)
-        self.mounts.bind(staging, target, read_only=read_only)
+        self.mounts.bind(staging, target, read_only=entry.read_only)
         log.info(
             "volume published",
-            extra={"volume": staged.volume_id, "path": str(target), "read_only": read_only},
+            extra={"volume": staged.volume_id, "path": str(target), "read_only": entry.read_only},
         )
 
     def _publish_block(self, staged: Staged, target: Path, entry: Target) -> None:
@@ -384,12 +421,23 @@ class NodeAgent:
     # -- stats and expansion ---------------------------------------------------------
 
     def _where(self, volume_id: str, volume_path: str) -> tuple[Staged, Path]:
-        path = self.paths.check(volume_path, "volume_path")
+        """The volume's record and ``volume_path``, which must be its staging path or a target.
+
+        A path that is neither is NOT_FOUND (the spec's code for "the volume
+        does not exist at that path"), whatever the path is: relative,
+        missing, another volume's, or outside the kubelet directory. Only a
+        recorded path is then checked by the path policy and touched.
+        """
         current = self._states.load(volume_id)
         if current is None:
             raise NotFound(f"volume {volume_id} is not staged on node {self.node_id}")
-        if str(path) != current.staging_path and str(path) not in current.targets:
-            raise NotFound(f"volume {volume_id} is neither staged nor published at {path}")
+        trimmed = volume_path.rstrip("/") or volume_path
+        if trimmed != current.staging_path and trimmed not in current.targets:
+            raise NotFound(
+                f"volume {volume_id} is neither staged nor published at {volume_path!r}; "
+                "pass its staging path or one of its target paths"
+            )
+        path = self.paths.check(trimmed, "volume_path")
         if not os.path.lexists(path):
             raise NotFound(f"{path} does not exist")
         return current, path
@@ -510,6 +558,29 @@ class NodeAgent:
                 return False
         self.loops.detach(device)
         return True
+
+
+def _described(target: Target) -> str:
+    how = "read-only" if target.read_only else "read-write"
+    return f"{how} with access mode {target.access_mode.value}" if target.access_mode else how
+
+
+def _check_single_writer(staged: Staged, target: str, wanted: Target) -> None:
+    """Refuse a second target when the new or an existing one is SINGLE_NODE_SINGLE_WRITER.
+
+    SINGLE_NODE_SINGLE_WRITER (ReadWriteOncePod) promises one workload, so
+    one target path; the other single-node modes allow several pods on the
+    node, each with its own target.
+    """
+    others = sorted(
+        path
+        for path, entry in staged.targets.items()
+        if path != target and (wanted.single_writer or entry.single_writer)
+    )
+    if others:
+        raise FailedPrecondition(
+            SINGLE_WRITER_CONFLICT.format(volume_id=staged.volume_id, other=", ".join(others))
+        )
 
 
 def _require_fresh_mountpoint(target: Path, *, directory: bool) -> None:

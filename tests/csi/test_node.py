@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 import pytest
 
+from csi_driver.core.errors import STAGING_PATH_NOT_SET
 from csi_driver.core.model import MiB
 from csi_driver.core.placement import NODE_KEY, ZONE_KEY
 from csi_driver.gen import csi_pb2
@@ -223,9 +224,7 @@ class TestNodeStage:
 
 
 class TestNodePublish:
-    @pytest.mark.parametrize(
-        "missing", ["volume_id", "staging_target_path", "target_path", "volume_capability"]
-    )
+    @pytest.mark.parametrize("missing", ["volume_id", "target_path", "volume_capability"])
     def test_missing_fields_are_invalid(self, mountable: Ferry, missing: str) -> None:
         vid = mountable.create("p").volume_id
         mountable.stage(vid)
@@ -242,6 +241,15 @@ class TestNodePublish:
             mountable.client.node.NodePublishVolume,
             publish_request(mountable, "vol-" + "8" * 32),
         )
+
+    def test_missing_staging_path_is_failed_precondition(self, mountable: Ferry) -> None:
+        # The spec's code when STAGE_UNSTAGE_VOLUME is advertised and the path is not set.
+        details = expect_code(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            mountable.client.node.NodePublishVolume,
+            publish_request(mountable, "vol-" + "8" * 32, staging_target_path=None),
+        )
+        assert details == STAGING_PATH_NOT_SET
 
     def test_unstaged_volume_is_failed_precondition(self, mountable: Ferry) -> None:
         vid = mountable.create("p").volume_id
@@ -305,6 +313,28 @@ class TestNodeGetVolumeStats:
                 mountable.client.node.NodeGetVolumeStats,
                 csi_pb2.NodeGetVolumeStatsRequest(volume_id=volume_id, volume_path=path),
             )
+
+    @pytest.mark.parametrize(
+        "path", ["some/path", "KUBELET/pods/nothing-here", "KUBELET/pods", "/etc", "/"]
+    )
+    def test_a_path_where_the_volume_is_not_is_not_found(self, mountable: Ferry, path: str) -> None:
+        """Relative, missing, another directory, outside the kubelet dir: all NOT_FOUND."""
+        vid = mountable.create("st").volume_id
+        mountable.stage(vid)
+        mountable.publish(vid)
+        path = path.replace("KUBELET", str(mountable.kubelet))
+        for call, request in (
+            (
+                mountable.client.node.NodeGetVolumeStats,
+                csi_pb2.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=path),
+            ),
+            (
+                mountable.client.node.NodeExpandVolume,
+                csi_pb2.NodeExpandVolumeRequest(volume_id=vid, volume_path=path),
+            ),
+        ):
+            details = expect_code(grpc.StatusCode.NOT_FOUND, call, request)
+            assert "neither staged nor published" in details
 
     def test_missing_fields_are_invalid(self, mountable: Ferry) -> None:
         expect_code(

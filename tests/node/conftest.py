@@ -27,6 +27,16 @@ def host_can_mount() -> bool:
 
 
 requires_root = pytest.mark.skipif(not host_can_mount(), reason=ROOT_REASON)
+CAP_SYS_RESOURCE = 24
+
+
+def has_cap_sys_resource() -> bool:
+    """Whether this process may grow a mounted ext4 (the kernel asks for CAP_SYS_RESOURCE)."""
+    with open("/proc/self/status", encoding="utf-8") as status:
+        for line in status:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_SYS_RESOURCE & 1)
+    return False
 
 
 @pytest.fixture

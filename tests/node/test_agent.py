@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from csi_driver.core.errors import (
+    SINGLE_WRITER_CONFLICT,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
 )
 from csi_driver.core.model import AccessMode, AccessType, FsType, MiB, VolumeCapability
-from csi_driver.node.agent import NodeAgent
+from csi_driver.node.agent import NodeAgent, Staged, Target
 from csi_driver.node.pool import Pool
 from csi_driver.node.runner import CommandRunner
-from tests.node.conftest import DEFAULT_SIZE, XFS_SIZE, new_volume_id
+from tests.node.conftest import DEFAULT_SIZE, XFS_SIZE, has_cap_sys_resource, new_volume_id
 
 MOUNT_RW = VolumeCapability(AccessMode.SINGLE_NODE_WRITER, AccessType.MOUNT)
 BLOCK_RW = VolumeCapability(AccessMode.SINGLE_NODE_WRITER, AccessType.BLOCK)
@@ -255,15 +258,6 @@ def test_stats_for_unknown_paths_are_not_found(agent: NodeAgent, kubelet: Path) 
         agent.stats(new_volume_id(42), staging)
 
 
-def has_cap_sys_resource() -> bool:
-    with open("/proc/self/status", encoding="utf-8") as status:
-        for line in status:
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) >> CAP_SYS_RESOURCE & 1)
-    return False
-
-
-CAP_SYS_RESOURCE = 24
 ONLINE_EXT4 = pytest.mark.skipif(
     not has_cap_sys_resource(),
     reason="this host withholds CAP_SYS_RESOURCE, which the kernel requires to grow a "
@@ -376,3 +370,59 @@ def test_publish_never_hides_existing_content(agent: NodeAgent, kubelet: Path) -
     assert agent.mounts.at(Path(target)) is None
     assert (Path(target) / "precious").read_text() == "keep me visible"
     agent.unstage(vid, staging)  # nothing was recorded as published there
+
+
+def test_stage_record_from_before_access_modes_still_loads() -> None:
+    target = "/var/lib/kubelet/pods/p/volumes/kubernetes.io~csi/v/mount"
+    old = {
+        "volume_id": new_volume_id(9),
+        "staging_path": "/var/lib/kubelet/plugins/kubernetes.io/csi/v/globalmount",
+        "access_type": "mount",
+        "fs_type": "ext4",
+        "mount_flags": [],
+        "read_only": False,
+        "targets": {target: {"read_only": False, "device": ""}},
+    }
+    record = Staged.from_json(old)
+    assert record.targets[target] == Target(read_only=False)
+    upgraded = replace(
+        record, targets={target: Target(False, access_mode=AccessMode.SINGLE_NODE_SINGLE_WRITER)}
+    )
+    assert Staged.from_json(json.loads(json.dumps(upgraded.to_json()))) == upgraded
+
+
+@pytest.mark.root
+def test_publish_repeat_records_the_access_mode_of_an_old_target(
+    agent: NodeAgent, kubelet: Path
+) -> None:
+    vid, staging, target = staged(agent, kubelet)
+    snsw = VolumeCapability(AccessMode.SINGLE_NODE_SINGLE_WRITER, AccessType.MOUNT)
+    agent.publish(vid, staging, target, MOUNT_RW, readonly=False)
+    state = agent.pool.state_dir / f"{vid}.json"
+    doc = json.loads(state.read_text())
+    for entry in doc["targets"].values():
+        del entry["access_mode"]  # as an agent before this release wrote it
+    state.write_text(json.dumps(doc))
+    agent.publish(vid, staging, target, snsw, readonly=False)
+    assert json.loads(state.read_text())["targets"][target]["access_mode"] == snsw.access_mode.value
+    with pytest.raises(FailedPrecondition):
+        agent.publish(vid, staging, paths(kubelet, 7)[1], snsw, readonly=False)
+
+
+@pytest.mark.root
+def test_single_node_single_writer_allows_one_target(agent: NodeAgent, kubelet: Path) -> None:
+    vid, staging, first = staged(agent, kubelet)
+    second = paths(kubelet, 8)[1]
+    snsw = VolumeCapability(AccessMode.SINGLE_NODE_SINGLE_WRITER, AccessType.MOUNT)
+    snmw = VolumeCapability(AccessMode.SINGLE_NODE_MULTI_WRITER, AccessType.MOUNT)
+    agent.publish(vid, staging, first, snsw, readonly=False)
+    agent.publish(vid, staging, first, snsw, readonly=False)  # the same target repeats
+    for other in (snsw, snmw):
+        with pytest.raises(FailedPrecondition) as caught:
+            agent.publish(vid, staging, second, other, readonly=False)
+        assert caught.value.message == SINGLE_WRITER_CONFLICT.format(volume_id=vid, other=first)
+    assert not os.path.exists(second)
+    agent.unpublish(vid, first)
+    agent.publish(vid, staging, second, snmw, readonly=False)
+    agent.publish(vid, staging, first, snmw, readonly=False)  # multi-writer: several targets
+    assert agent.mounts.at(Path(first)) and agent.mounts.at(Path(second))
