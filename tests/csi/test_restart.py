@@ -132,7 +132,10 @@ def test_killed_ferry_restarts_with_its_volumes_mounts_and_data(
     backing = os.path.realpath(base / "pool" / "images" / f"{vid}.img")
     assert [loop.device for loop in loops.attached() if loop.backing_file == backing] != []
     assert len([loop for loop in loops.attached() if loop.backing_file == backing]) == 1
-    assert leaked not in [loop.device for loop in loops.attached()]
+    # By backing file, not device name: a parallel test may reuse the freed name at once.
+    leaked_backing = os.path.realpath(leaked_image)
+    assert leaked.startswith("/dev/loop")
+    assert not [loop for loop in loops.attached() if loop.backing_file == leaked_backing]
     client.close()
     assert ferry_process.kill(signal.SIGTERM) == 0
 
