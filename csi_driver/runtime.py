@@ -130,7 +130,7 @@ def _start_node_side(parts: NodeParts, catalog: Catalog, services: Services) -> 
         parts.config.agent_endpoint,
         [
             lambda s: agent_pb2_grpc.add_NodeAgentServicer_to_server(
-                NodeAgentServicer(node_id, parts.pool, parts.agent.loops), s
+                NodeAgentServicer(parts.agent), s
             )
         ],
         agents=(parts.config.security, admitted_callers(node_id)),

@@ -26,7 +26,7 @@ from csi_driver.csi.identity import IdentityServicer
 from csi_driver.gen import csi_pb2, csi_pb2_grpc
 from csi_driver.gen.ferry.v1 import agent_pb2_grpc
 from csi_driver.log import JsonFormatter
-from csi_driver.node.loop import LoopDevices
+from csi_driver.node.agent import NodeAgent
 from csi_driver.node.pool import Pool
 from csi_driver.node.runner import CommandRunner
 from csi_driver.pki import Identity, TlsBundle
@@ -241,9 +241,8 @@ def test_during_ca_rotation_agents_of_both_cas_talk(pki: Pki, tmp_path: Path) ->
 
 def _node_agent(pki: Pki, node_id: str, base: Path, address: str) -> tuple[grpc.Server, Endpoint]:
     """A real node agent API serving a real pool under ``base``."""
-    servicer = NodeAgentServicer(
-        node_id, Pool(base / node_id, 64 * MiB), LoopDevices(CommandRunner())
-    )
+    pool = Pool(base / node_id, 64 * MiB)
+    servicer = NodeAgentServicer(NodeAgent(node_id, pool, CommandRunner(), [base / "kubelet"]))
     return start_server(
         f"tcp://{address}",
         [lambda s: agent_pb2_grpc.add_NodeAgentServicer_to_server(servicer, s)],

@@ -9,8 +9,8 @@ import grpc
 from csi_driver.csi.errors import rpc
 from csi_driver.gen.ferry.v1 import agent_pb2, agent_pb2_grpc
 from csi_driver.metrics import POOL_PROVISIONED, POOL_VOLUMES, observe_pool
-from csi_driver.node.loop import LoopDevices
-from csi_driver.node.pool import ImageInfo, Pool
+from csi_driver.node.agent import NodeAgent
+from csi_driver.node.pool import ImageInfo
 from csi_driver.pki import Identity, Role
 from csi_driver.transport import Admission
 
@@ -26,10 +26,14 @@ def admitted_callers(node_id: str) -> Admission:
 
 
 class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
-    def __init__(self, node_id: str, pool: Pool, loops: LoopDevices) -> None:
-        self._node_id = node_id
-        self._pool = pool
-        self._loops = loops
+    """Image operations for the controller; deletion goes through the NodeAgent
+    so it takes the same per-volume lock as stage and publish."""
+
+    def __init__(self, agent: NodeAgent) -> None:
+        self._node_id = agent.node_id
+        self._agent = agent
+        self._pool = agent.pool
+        self._loops = agent.loops
 
     def _image(self, info: ImageInfo) -> Any:
         device = self._loops.find(info.path) or ""
@@ -55,7 +59,7 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
 
     @rpc(required=("volume_id",))
     def DeleteImage(self, request: Any, context: grpc.ServicerContext) -> Any:
-        self._pool.delete_image(request.volume_id)
+        self._agent.delete_image(request.volume_id)
         self._observed()
         return agent_pb2.DeleteImageResponse()
 

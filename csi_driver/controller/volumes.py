@@ -134,6 +134,13 @@ def volume_shape(
     return access_type, (fs_types.pop() if fs_types else DEFAULT_FS)
 
 
+def _deletion_refused(volume: Volume) -> Volume:
+    """Undo a DELETING mark after the node refused: it holds the image, in use."""
+    if volume.state is VolumeState.DELETING:
+        return replace(volume, state=VolumeState.READY)
+    return volume
+
+
 def _serves(volume: Volume, cap: VolumeCapability) -> bool:
     if cap.access_mode not in SUPPORTED_ACCESS_MODES or cap.access_type != volume.access_type:
         return False
@@ -293,11 +300,19 @@ class VolumeService:
                 raise FailedPrecondition(
                     STILL_PUBLISHED_ON.format(volume_id=volume_id, nodes=nodes)
                 )
+            # Intent first: a crash or an unreachable node leaves DELETING, which
+            # refuses new publications and which the provisioner's retry completes.
             volume = self._catalog.update_volume(
                 volume_id, lambda v: replace(v, state=VolumeState.DELETING)
             )
             node = self._require_node(volume.primary_node)
-            self._nodes.client(node).delete_image(volume_id)
+            try:
+                self._nodes.client(node).delete_image(volume_id)
+            except FailedPrecondition:
+                # The node still uses the image and kept it: the volume stays
+                # usable, and a retry after the node's cleanup deletes it.
+                self._catalog.update_volume(volume_id, _deletion_refused)
+                raise
             self._catalog.delete_volume(volume)
         log.info("volume deleted", extra={"volume": volume_id})
 

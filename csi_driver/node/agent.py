@@ -302,6 +302,43 @@ class NodeAgent:
             self._states.remove(volume_id)
             log.info("volume unstaged", extra={"volume": volume_id, "path": str(staging)})
 
+    # -- delete --------------------------------------------------------------------
+
+    def delete_image(self, volume_id: str) -> None:
+        """Delete the volume's image unless anything on this node still uses it.
+
+        Runs under the volume's lock, so a stage or publish cannot attach the
+        image between the check and the unlink. A volume that is staged,
+        published, attached to a loop device or mounted anywhere is refused
+        with FAILED_PRECONDITION naming every place it is still in use.
+        """
+        with self._locks.hold(volume_id, timeout=VOLUME_LOCK_TIMEOUT_S):
+            users = self._users(volume_id)
+            if users:
+                raise FailedPrecondition(
+                    f"volume {volume_id} is still in use on node {self.node_id}: "
+                    f"{'; '.join(users)}. Its image is kept: unpublish and unstage it "
+                    "(kubelet does once no pod uses it), then delete it again"
+                )
+            self.pool.delete_image(volume_id)
+
+    def _users(self, volume_id: str) -> list[str]:
+        """Where the volume is in use on this node, as phrases for an operator."""
+        users = []
+        staged = self._states.load(volume_id)
+        if staged is not None:
+            users.append(f"staged at {staged.staging_path}")
+            users += [f"published at {target}" for target in sorted(staged.targets)]
+        image = os.path.realpath(self.pool.image_path(volume_id))
+        devices = [loop.device for loop in self.loops.attached() if loop.backing_file == image]
+        users += [f"attached to loop device {device}" for device in devices]
+        names = {"/" + os.path.basename(device) for device in devices}
+        for entry in self.mounts.table():
+            bound = entry.fs_type == "devtmpfs" and entry.root in names
+            if entry.source in devices or bound:
+                users.append(f"mounted at {entry.mountpoint}")
+        return list(dict.fromkeys(users))
+
     # -- publish -------------------------------------------------------------------
 
     def publish(
