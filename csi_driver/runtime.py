@@ -107,6 +107,7 @@ def _heartbeat(catalog: Catalog, parts: NodeParts, stopping: threading.Event) ->
     node_id = parts.config.node_id
     while not stopping.wait(HEARTBEAT_INTERVAL_S):
         try:
+            parts.pool.keep_reserved()
             catalog.heartbeat(node_id, time.time())
             _report_pool(parts.pool)
         except Exception:  # keep beating: a failed write is retried next period

@@ -262,7 +262,7 @@ def test_the_controllers_directory_follows_a_new_node_on_a_reused_address(
     try:
         assert (
             directory.client(_record("n1", bound)).create_image(
-                "vol-11111111111111111111111111111111", MiB, 1
+                "vol-11111111111111111111111111111111", MiB, 1, thin=False
             )
             == MiB
         )
@@ -273,13 +273,13 @@ def test_the_controllers_directory_follows_a_new_node_on_a_reused_address(
         assert rebound == bound
         assert (
             directory.client(_record("n2", bound)).create_image(
-                "vol-22222222222222222222222222222222", MiB, 1
+                "vol-22222222222222222222222222222222", MiB, 1, thin=False
             )
             == MiB
         )
         with pytest.raises(Unavailable, match="Hostname Verification"):
             directory.client(_record("n1", bound)).create_image(
-                "vol-33333333333333333333333333333333", MiB, 1
+                "vol-33333333333333333333333333333333", MiB, 1, thin=False
             )  # n2 is not n1
     finally:
         second.stop(0)

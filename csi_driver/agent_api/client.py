@@ -49,9 +49,9 @@ class GrpcNodeClient:
             kind = _FROM_CODE.get(code, errors.InternalError)
             raise kind(f"node {self._node.node_id}: {detail}") from exc
 
-    def create_image(self, volume_id: str, size_bytes: int, epoch: int) -> int:
+    def create_image(self, volume_id: str, size_bytes: int, epoch: int, thin: bool) -> int:
         request = agent_pb2.CreateImageRequest(
-            volume_id=volume_id, size_bytes=size_bytes, epoch=epoch
+            volume_id=volume_id, size_bytes=size_bytes, epoch=epoch, thin=thin
         )
         reply: Any = self._call(
             "CreateImage", lambda: self._stub.CreateImage(request, timeout=self._timeout)

@@ -44,6 +44,7 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
             epoch=info.epoch,
             attached=bool(device),
             device=device,
+            thin=info.thin,
         )
 
     def _observed(self) -> None:
@@ -53,7 +54,9 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
 
     @rpc(required=("volume_id", "size_bytes"))
     def CreateImage(self, request: Any, context: grpc.ServicerContext) -> Any:
-        info = self._pool.create_image(request.volume_id, request.size_bytes, request.epoch)
+        info = self._pool.create_image(
+            request.volume_id, request.size_bytes, request.epoch, thin=request.thin
+        )
         self._observed()
         return self._image(info)
 

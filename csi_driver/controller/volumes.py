@@ -49,7 +49,7 @@ from csi_driver.core.model import (
     VolumeState,
 )
 from csi_driver.core.nodes import NodeDirectory
-from csi_driver.core.params import StorageParameters, parse_parameters
+from csi_driver.core.params import Provisioning, StorageParameters, parse_parameters
 from csi_driver.core.placement import NodeView, accessible_segment, choose_primary, eligible
 from csi_driver.store.catalog import Catalog
 
@@ -245,9 +245,13 @@ class VolumeService:
                 "after the deletion completes"
             )
         node = self._require_node(volume.primary_node)
+        provisioning = parse_parameters(dict(volume.parameters)).provisioning
         try:
             self._nodes.client(node).create_image(
-                volume.volume_id, volume.capacity_bytes, volume.epoch
+                volume.volume_id,
+                volume.capacity_bytes,
+                volume.epoch,
+                thin=provisioning is Provisioning.THIN,
             )
         except Unavailable:
             raise  # the node may come back: keep the intent so a retry resumes it

@@ -16,7 +16,11 @@ _BLKID_NOTHING = 2
 MKFS_TIMEOUT_S = 600.0
 
 _MKFS: dict[FsType, list[str]] = {
-    # lazy init and no discard: the image is sparse and already reads as zeros.
+    # No discard: the image already reads as zeros. Inode tables are zeroed by
+    # mkfs, not lazily after mount: the kernel's lazy init zeroes them with
+    # "write zeroes" requests, which a loop device turns into holes punched
+    # in the image, undoing a thick image's reservation. mkfs zeroes them with
+    # FALLOC_FL_ZERO_RANGE on the device, which keeps the blocks allocated.
     FsType.EXT4: [
         "mkfs.ext4",
         "-F",
@@ -24,7 +28,7 @@ _MKFS: dict[FsType, list[str]] = {
         "-m",
         "0",
         "-E",
-        "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
+        "nodiscard,lazy_itable_init=0,lazy_journal_init=1",
     ],
     FsType.XFS: ["mkfs.xfs", "-f", "-q", "-K"],
 }

@@ -1,30 +1,44 @@
-"""A node's pool: one directory holding each volume as a sparse image file.
+"""A node's pool: one directory holding each volume as an image file.
 
 Layout under the pool root::
 
-    images/<volume-id>.img    the volume's bytes (sparse)
-    images/<volume-id>.json   its metadata: size, epoch, creation time
+    images/<volume-id>.img    the volume's bytes
+    images/<volume-id>.json   its metadata: epoch, kind (thick/thin), creation time
     state/                    the node agent's persisted stage/publish intents
 
 Metadata is written atomically (temp file, fsync, rename) *before* the
-image is created, so a crash leaves either nothing or a record that a retry
-completes. Capacity is thin but never over-committed: the sum of image
-sizes never exceeds the pool's capacity, so every provisioned byte can be
-written.
+image, and the image is built under a temporary name and renamed into place
+once its space is settled, so a crash leaves either nothing, a record that a
+retry completes, or a temporary file removed at the next start.
+
+Capacity is never over-committed: the sum of image sizes never exceeds the
+pool's capacity. A thick image (the default) also holds its bytes on the
+pool's filesystem: they are reserved with ``fallocate(2)`` mode 0 when the
+image is created or grown, as unwritten extents, so no zeros are written and
+the volume can be filled to its size even after something else fills the
+filesystem. A thin image allocates on first write; :meth:`Pool.shortfall`
+says when the filesystem can no longer back what thin images may still
+write.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from csi_driver.core.errors import (
     AlreadyExists,
+    FailedPrecondition,
+    FerryError,
+    InternalError,
     InvalidArgument,
     NotFound,
     OutOfRange,
@@ -51,6 +65,12 @@ class ImageInfo:
     allocated_bytes: int
     epoch: int
     path: Path
+    thin: bool
+
+    @property
+    def unallocated_bytes(self) -> int:
+        """Bytes the image may still claim from the pool's filesystem when written."""
+        return max(0, self.size_bytes - self.allocated_bytes)
 
 
 @dataclass(frozen=True)
@@ -70,10 +90,19 @@ class PoolStatus:
 def write_json_atomic(path: Path, document: dict[str, object]) -> None:
     """Replace ``path`` with ``document`` so readers see the old or the new file, whole."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(document, handle, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(document, handle, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceExhausted(
+                f"cannot record {path.name}: the filesystem holding {path.parent} is full; "
+                "free space on it and retry"
+            ) from exc
+        raise
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
@@ -84,6 +113,42 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _libc_fallocate() -> Callable[[int, int, int, int], int]:
+    libc = ctypes.CDLL(None, use_errno=True)
+    call = getattr(libc, "fallocate64", None) or libc.fallocate
+    call.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    call.restype = ctypes.c_int
+    return call
+
+
+# fallocate(2) itself, not os.posix_fallocate: glibc's posix_fallocate writes
+# zeros, block by block, wherever the filesystem cannot preallocate — slow
+# for a large image, and wrong for a reservation Ferry must be able to
+# refuse. Mode 0 either reserves the range as unwritten extents (reading as
+# zeros, nothing written) or fails with an errno Ferry maps to a domain error.
+# A syscall on the descriptor Ferry just opened, so no external command.
+_FALLOCATE = _libc_fallocate()
+
+
+def preallocate(fd: int, offset: int, length: int, what: str) -> None:
+    """Reserve ``length`` bytes at ``offset`` of ``fd`` (growing the file) without writing."""
+    if _FALLOCATE(fd, 0, offset, length) == 0:
+        return
+    code = ctypes.get_errno()
+    if code == errno.ENOSPC:
+        raise ResourceExhausted(
+            f"cannot {what}: the pool's filesystem has no room left to reserve "
+            f"{length} bytes (something besides Ferry uses it); free space on it"
+        )
+    if code in (errno.EOPNOTSUPP, errno.ENOSYS):
+        raise FailedPrecondition(
+            f"cannot {what}: the pool's filesystem cannot reserve space (fallocate is "
+            "unsupported); put the pool on ext4, xfs or btrfs, or use a StorageClass "
+            "with provisioning: thin and accept its risk"
+        )
+    raise InternalError(f"cannot {what}: fallocate failed: {os.strerror(code)}")
 
 
 def _filesystem_of(path: Path) -> str:
@@ -101,7 +166,7 @@ def _filesystem_of(path: Path) -> str:
 
 
 class Pool:
-    """The sparse images of one node, with capacity accounting."""
+    """The images of one node, with capacity accounting."""
 
     def __init__(self, root: Path, capacity_bytes: int | None = None) -> None:
         self.root = Path(root)
@@ -156,6 +221,8 @@ class Pool:
             allocated_bytes=stat.st_blocks * 512,
             epoch=int(meta.get("epoch", 0)),
             path=image,
+            # Images made before thick provisioning existed were sparse.
+            thin=bool(meta.get("thin", True)),
         )
 
     def require(self, volume_id: str) -> ImageInfo:
@@ -195,32 +262,56 @@ class Pool:
 
     # -- changes -------------------------------------------------------------------
 
-    def create_image(self, volume_id: str, size_bytes: int, epoch: int) -> ImageInfo:
-        """Allocate a sparse image; a repeat with the same size returns the existing one."""
+    def create_image(
+        self, volume_id: str, size_bytes: int, epoch: int, *, thin: bool = False
+    ) -> ImageInfo:
+        """Allocate an image (its space reserved unless ``thin``); a repeat with the
+        same size and kind returns the existing one."""
         size = _aligned(size_bytes)
+        kind = "thin" if thin else "thick"
         with self._lock:
             existing = self.get(volume_id)
             if existing is not None:
-                if existing.size_bytes != size:
+                if existing.size_bytes != size or existing.thin != thin:
                     raise AlreadyExists(
-                        f"volume {volume_id} already has a {existing.size_bytes}-byte image, "
-                        f"not {size}"
+                        f"volume {volume_id} already has a {existing.size_bytes}-byte "
+                        f"{'thin' if existing.thin else 'thick'} image, not a {size}-byte "
+                        f"{kind} one"
                     )
                 return existing
             self._reserve(size, f"create volume {volume_id}")
+            meta = self._meta_path(volume_id)
             write_json_atomic(
-                self._meta_path(volume_id),
-                {"volume_id": volume_id, "epoch": epoch, "created_at": time.time()},
+                meta,
+                {"volume_id": volume_id, "epoch": epoch, "thin": thin, "created_at": time.time()},
             )
-            image = self.image_path(volume_id)
-            with open(image, "wb") as handle:
-                handle.truncate(size)
-                os.fsync(handle.fileno())
-            os.chmod(image, 0o600)
-            fsync_dir(self.images_dir)
+            try:
+                self._write_image(volume_id, size, thin)
+            except BaseException:
+                meta.unlink(missing_ok=True)
+                fsync_dir(self.images_dir)
+                raise
             self._sizes[volume_id] = size
-        log.info("image created", extra={"volume": volume_id, "bytes": size})
+        log.info("image created", extra={"volume": volume_id, "bytes": size, "kind": kind})
         return self.require(volume_id)
+
+    def _write_image(self, volume_id: str, size: int, thin: bool) -> None:
+        image = self.image_path(volume_id)
+        tmp = image.with_name(f".{image.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            if thin:
+                os.ftruncate(fd, size)
+            else:
+                preallocate(fd, 0, size, f"create volume {volume_id}")
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.replace(tmp, image)
+        fsync_dir(self.images_dir)
 
     def delete_image(self, volume_id: str) -> None:
         """Remove an image and its metadata; unknown ids are already deleted."""
@@ -232,19 +323,82 @@ class Pool:
         log.info("image deleted", extra={"volume": volume_id})
 
     def expand_image(self, volume_id: str, size_bytes: int) -> ImageInfo:
-        """Grow an image to at least ``size_bytes`` (never shrinks)."""
+        """Grow an image to at least ``size_bytes`` (never shrinks); a thick image's
+        new range is reserved like its first bytes were."""
         size = _aligned(size_bytes)
         with self._lock:
             current = self.require(volume_id)
             if size <= current.size_bytes:
                 return current
             self._reserve(size - current.size_bytes, f"expand volume {volume_id}")
-            with open(current.path, "r+b") as handle:
-                handle.truncate(size)
-                os.fsync(handle.fileno())
+            fd = os.open(current.path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                if current.thin:
+                    os.ftruncate(fd, size)
+                else:
+                    self._grow_reserved(fd, current, size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             self._sizes[volume_id] = size
         log.info("image expanded", extra={"volume": volume_id, "bytes": size})
         return self.require(volume_id)
+
+    def _grow_reserved(self, fd: int, current: ImageInfo, size: int) -> None:
+        growth = size - current.size_bytes
+        try:
+            preallocate(fd, current.size_bytes, growth, f"expand volume {current.volume_id}")
+        except BaseException:
+            # A failed fallocate may have reserved part of the range. Nothing
+            # beyond the old size holds data: the loop device is still the old
+            # size, so cutting back releases the space and loses nothing.
+            os.ftruncate(fd, current.size_bytes)
+            raise
+
+    def keep_reserved(self) -> list[str]:
+        """Reserve again the blocks thick images lost; return the volumes that needed it.
+
+        A loop device turns its filesystem's discard and "write zeroes"
+        requests into holes punched in the image (ext4 zeroes small extents
+        that way), so a thick image can lose part of its reservation while in
+        use. fallocate mode 0 over the image allocates only the holes, as
+        unwritten extents that read as zeros, which is what the punched ranges
+        read as: data is untouched. Called periodically by the node service.
+        """
+        restored = []
+        with self._lock:
+            for image in self.images():
+                if image.thin or not image.unallocated_bytes:
+                    continue
+                fd = os.open(image.path, os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    what = f"keep volume {image.volume_id}'s space reserved"
+                    preallocate(fd, 0, image.size_bytes, what)
+                    restored.append(image.volume_id)
+                except FerryError as exc:
+                    log.warning(
+                        "thick image lost part of its reservation",
+                        extra={"volume": image.volume_id, "error": exc.message},
+                    )
+                finally:
+                    os.close(fd)
+        if restored:
+            log.info("thick images reserved again", extra={"volumes": restored})
+        return restored
+
+    def shortfall(self) -> int:
+        """Bytes the pool's filesystem lacks to back every image fully; 0 when it can.
+
+        Thick images hold all their bytes already, so this is what thin images
+        (or a thick one whose blocks were punched out by discard) may still
+        need beyond the filesystem's free space. Positive means a write to
+        such an image can fail with an I/O error.
+        """
+        wanted = sum(i.unallocated_bytes for i in self.images())
+        if not wanted:
+            return 0
+        stat = os.statvfs(self.root)
+        return max(0, wanted - stat.f_bavail * stat.f_frsize)
 
     def _reserve(self, extra_bytes: int, what: str) -> None:
         if extra_bytes > self.capacity_bytes:

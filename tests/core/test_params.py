@@ -6,7 +6,7 @@ import pytest
 
 from csi_driver.core.errors import InvalidArgument
 from csi_driver.core.model import FsType
-from csi_driver.core.params import StorageParameters, parse_parameters
+from csi_driver.core.params import Provisioning, StorageParameters, parse_parameters
 
 
 def test_defaults() -> None:
@@ -37,3 +37,22 @@ def test_bad_replicas(value: str) -> None:
 def test_bad_fs_type() -> None:
     with pytest.raises(InvalidArgument, match="btrfs"):
         parse_parameters({"fsType": "btrfs"})
+
+
+def test_provisioning_defaults_to_thick() -> None:
+    assert parse_parameters({}).provisioning is Provisioning.THICK
+    assert parse_parameters({"provisioning": "thick"}) == parse_parameters({})
+
+
+@pytest.mark.parametrize("value", ["thin", "Thin", " thin "])
+def test_thin_is_an_explicit_choice_and_recorded(value: str) -> None:
+    params = parse_parameters({"provisioning": value})
+    assert params.provisioning is Provisioning.THIN
+    assert params.as_dict()["provisioning"] == "thin"
+    assert parse_parameters(params.as_dict()) == params
+
+
+@pytest.mark.parametrize("value", ["sparse", "", "thick,thin", "THICKER"])
+def test_bad_provisioning(value: str) -> None:
+    with pytest.raises(InvalidArgument, match=r"provisioning=.*thick or thin"):
+        parse_parameters({"provisioning": value})

@@ -150,7 +150,10 @@ class TestCreateVolume:
         request = create_request(parameters={"fsType": "ext4", "speed": "ludicrous"})
         assert "speed" in expect_code(INVALID, ferry.client.controller.CreateVolume, request)
 
-    @pytest.mark.parametrize("params", [{"fsType": "ntfs"}, {"replicas": "9"}, {"replicas": "two"}])
+    @pytest.mark.parametrize(
+        "params",
+        [{"fsType": "ntfs"}, {"replicas": "9"}, {"replicas": "two"}, {"provisioning": "sparse"}],
+    )
     def test_bad_parameter_values_are_invalid(self, ferry: Ferry, params: dict[str, str]) -> None:
         expect_code(
             INVALID, ferry.client.controller.CreateVolume, create_request(parameters=params)
@@ -219,11 +222,23 @@ class TestCreateVolume:
             create_request(volume_content_source=source),
         )
 
-    def test_the_image_is_sparse_on_the_node(self, ferry: Ferry) -> None:
-        volume = ferry.create("sparse", size=512 * MiB)
+    def test_the_image_reserves_its_space_on_the_node(self, ferry: Ferry) -> None:
+        volume = ferry.create("thick", size=512 * MiB)
+        image = ferry.base / NODE_ID / "pool" / "images" / f"{volume.volume_id}.img"
+        stat = image.stat()
+        assert stat.st_size == 512 * MiB and stat.st_blocks * 512 >= 512 * MiB
+
+    def test_a_thin_image_is_sparse_on_the_node(self, ferry: Ferry) -> None:
+        volume = ferry.create("thin", size=512 * MiB, parameters={"provisioning": "thin"})
         image = ferry.base / NODE_ID / "pool" / "images" / f"{volume.volume_id}.img"
         stat = image.stat()
         assert stat.st_size == 512 * MiB and stat.st_blocks * 512 < 1 * MiB
+        # A repeat that leaves the choice to the default (thick) is another volume.
+        expect_code(
+            grpc.StatusCode.ALREADY_EXISTS,
+            ferry.client.controller.CreateVolume,
+            create_request(name="thin", size=512 * MiB),
+        )
 
 
 # -- DeleteVolume --------------------------------------------------------------------

@@ -8,7 +8,9 @@ test passed or not.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -72,3 +74,26 @@ def new_volume_id(n: int) -> str:
 
 DEFAULT_SIZE = 64 * MiB
 XFS_SIZE = 320 * MiB
+
+
+@contextmanager
+def small_filesystem(base: Path, size: int, mkfs: Sequence[str]) -> Iterator[Path]:
+    """A real filesystem of ``size`` bytes made by ``mkfs`` on a loop device over a
+    file in ``base``, mounted at ``base/fs``; everything below it is released after."""
+    backing, mountpoint = base / "fs.img", base / "fs"
+    mountpoint.mkdir()
+    with open(backing, "wb") as handle:
+        handle.truncate(size)
+    subprocess.run([*mkfs, str(backing)], check=True, capture_output=True)
+    device = subprocess.run(
+        ["losetup", "--find", "--show", str(backing)], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    try:
+        subprocess.run(["mount", device, str(mountpoint)], check=True)
+        try:
+            yield mountpoint
+        finally:
+            release_under(mountpoint)  # loop devices over images inside it
+            subprocess.run(["umount", str(mountpoint)], check=False)
+    finally:
+        subprocess.run(["losetup", "--detach", device], check=False)

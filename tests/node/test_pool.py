@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,12 +19,46 @@ def small_pool(tmp_path: Path) -> Pool:
     return Pool(tmp_path / "pool", capacity_bytes=100 * MiB)
 
 
-def test_image_is_sparse_and_sized(small_pool: Pool) -> None:
+def test_thick_image_reserves_its_space_without_writing(small_pool: Pool) -> None:
     info = small_pool.create_image(VOL_A, 64 * MiB, epoch=1)
-    assert info.size_bytes == 64 * MiB
-    assert info.allocated_bytes < 1 * MiB
+    assert (info.size_bytes, info.thin) == (64 * MiB, False)
+    assert info.allocated_bytes >= 64 * MiB and info.unallocated_bytes == 0
     assert info.path.stat().st_mode & 0o777 == 0o600
     assert small_pool.get(VOL_A) == info
+    # Reserved as unwritten extents: no data to seek to (checked before reading,
+    # which would cache zero pages that count as data), and reads as zeros.
+    with open(info.path, "rb") as image:
+        with pytest.raises(OSError):
+            os.lseek(image.fileno(), 0, os.SEEK_DATA)
+        assert image.read(1 * MiB) == bytes(1 * MiB)
+
+
+def test_thin_image_is_sparse(small_pool: Pool) -> None:
+    info = small_pool.create_image(VOL_A, 64 * MiB, epoch=1, thin=True)
+    assert (info.size_bytes, info.thin) == (64 * MiB, True)
+    assert info.allocated_bytes < 1 * MiB
+    assert info.unallocated_bytes > 63 * MiB
+    assert small_pool.get(VOL_A) == info
+
+
+def test_create_with_the_other_kind_is_already_exists(small_pool: Pool) -> None:
+    small_pool.create_image(VOL_A, 10 * MiB, epoch=1)
+    with pytest.raises(AlreadyExists, match="thick"):
+        small_pool.create_image(VOL_A, 10 * MiB, epoch=1, thin=True)
+
+
+def test_expand_reserves_the_new_range_of_a_thick_image(small_pool: Pool) -> None:
+    small_pool.create_image(VOL_A, 10 * MiB, epoch=1)
+    small_pool.create_image(VOL_B, 10 * MiB, epoch=1, thin=True)
+    assert small_pool.expand_image(VOL_A, 40 * MiB).allocated_bytes >= 40 * MiB
+    assert small_pool.expand_image(VOL_B, 40 * MiB).allocated_bytes < 1 * MiB
+
+
+def test_shortfall_counts_what_thin_images_may_still_claim(small_pool: Pool) -> None:
+    small_pool.create_image(VOL_A, 10 * MiB, epoch=1)
+    assert small_pool.shortfall() == 0
+    small_pool.create_image(VOL_B, 10 * MiB, epoch=1, thin=True)
+    assert small_pool.shortfall() == 0  # the host filesystem has far more than 10 MiB free
 
 
 def test_size_is_rounded_up_to_whole_mib(small_pool: Pool) -> None:
@@ -94,6 +130,19 @@ def test_default_capacity_follows_the_filesystem(tmp_path: Path) -> None:
     assert pool.status().filesystem != "unknown"
 
 
+def test_restart_recomputes_capacity_for_thick_and_thin(tmp_path: Path) -> None:
+    """Reserved bytes count as the pool's own, a thin image's unwritten ones stay free."""
+    first = Pool(tmp_path / "pool")
+    first.create_image(VOL_A, 32 * MiB, epoch=1)
+    first.create_image(VOL_B, 32 * MiB, epoch=1, thin=True)
+    again = Pool(tmp_path / "pool")
+    # The thick image left the filesystem's free space but is counted back in;
+    # capacity moves only by what other users of the host filesystem did meanwhile.
+    assert abs(again.capacity_bytes - first.capacity_bytes) < 16 * MiB
+    assert again.status().provisioned_bytes == 64 * MiB
+    assert {i.volume_id: i.thin for i in again.images()} == {VOL_A: False, VOL_B: True}
+
+
 def test_reservations_track_every_change(small_pool: Pool, tmp_path: Path) -> None:
     small_pool.create_image(VOL_A, 30 * MiB, epoch=1)
     small_pool.expand_image(VOL_A, 50 * MiB)
@@ -108,3 +157,28 @@ def test_reservations_track_every_change(small_pool: Pool, tmp_path: Path) -> No
     reopened = Pool(small_pool.root, capacity_bytes=100 * MiB)
     with pytest.raises(ResourceExhausted):
         reopened.create_image("vol-" + "c" * 32, 1 * MiB, epoch=1)
+
+
+def test_keep_reserved_fills_holes_punched_in_thick_images(small_pool: Pool) -> None:
+    """A loop device punches holes for discard and "write zeroes"; they are reserved
+    again without touching any data."""
+    thick = small_pool.create_image(VOL_A, 32 * MiB, epoch=1)
+    small_pool.create_image(VOL_B, 32 * MiB, epoch=1, thin=True)
+    payload = os.urandom(1 * MiB)
+    with open(thick.path, "r+b") as image:
+        image.write(payload)
+        image.seek(20 * MiB)
+        image.write(payload)
+    hole = ["--punch-hole", "--offset", str(8 * MiB), "--length", str(4 * MiB)]
+    subprocess.run(["fallocate", *hole, str(thick.path)], check=True)
+    assert small_pool.require(VOL_A).unallocated_bytes >= 4 * MiB - 64 * 1024
+    assert small_pool.keep_reserved() == [VOL_A]  # the thin image is left sparse
+    assert small_pool.require(VOL_A).unallocated_bytes == 0
+    assert small_pool.require(VOL_B).unallocated_bytes > 31 * MiB
+    with open(thick.path, "rb") as image:
+        assert image.read(1 * MiB) == payload
+        image.seek(8 * MiB)
+        assert image.read(4 * MiB) == bytes(4 * MiB)
+        image.seek(20 * MiB)
+        assert image.read(1 * MiB) == payload
+    assert small_pool.keep_reserved() == []
