@@ -108,7 +108,7 @@ def _heartbeat(catalog: Catalog, parts: NodeParts, stopping: threading.Event) ->
     while not stopping.wait(HEARTBEAT_INTERVAL_S):
         try:
             parts.pool.keep_reserved()
-            catalog.heartbeat(node_id, time.time())
+            catalog.heartbeat(node_id, time.time(), parts.agent.conditions())
             _report_pool(parts.pool)
         except Exception:  # keep beating: a failed write is retried next period
             log.exception("heartbeat failed", extra={"node": node_id})

@@ -467,6 +467,9 @@ class VolumeService:
             return Condition(
                 True, f"node {node.node_id} holding the data has not reported for {silent:.0f}s"
             )
+        reported = dict(node.volume_conditions).get(volume.volume_id)
+        if reported:
+            return Condition(True, f"node {node.node_id} reports: {reported}")
         if volume.state is not VolumeState.READY:
             return Condition(True, f"volume is {volume.state.value}")
         return Condition(False, "volume is healthy")

@@ -160,6 +160,8 @@ class NodeRecord:
     max_volumes: int
     heartbeat_at: float = 0.0
     labels: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    #: Volumes the node found abnormal at its last heartbeat: (volume id, why).
+    volume_conditions: tuple[tuple[str, str], ...] = ()
 
 
 def check_volume_id(volume_id: str) -> str:

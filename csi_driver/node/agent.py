@@ -38,16 +38,19 @@ from csi_driver.core.errors import (
 from csi_driver.core.locks import KeyedLocks
 from csi_driver.core.model import AccessMode, AccessType, FsType, VolumeCapability
 from csi_driver.node.filesystem import Filesystems
+from csi_driver.node.health import KernelLog, ext4_errors, xfs_shut_down
 from csi_driver.node.loop import LoopDevices
 from csi_driver.node.mounts import Mounts, check_mount_flags
 from csi_driver.node.paths import PathPolicy
-from csi_driver.node.pool import Pool, fsync_dir, write_json_atomic
+from csi_driver.node.pool import ImageInfo, Pool, fsync_dir, write_json_atomic
 from csi_driver.node.runner import CommandRunner
 
 log = logging.getLogger(__name__)
 
 #: How long an RPC waits for another operation on the same volume before ABORTED.
 VOLUME_LOCK_TIMEOUT_S = 30.0
+#: Where abnormal-volume messages send the operator.
+RUNBOOK = "docs/operations.md, 'A volume is reported abnormal'"
 
 
 @dataclass(frozen=True)
@@ -180,7 +183,8 @@ class NodeAgent:
     ) -> None:
         self.node_id = node_id
         self.pool = pool
-        self.loops = LoopDevices(runner)
+        self.kernel_log = KernelLog()
+        self.loops = LoopDevices(runner, kernel_log=self.kernel_log)
         self.filesystems = Filesystems(runner)
         self.mounts = Mounts(runner)
         self.paths = PathPolicy(allowed_roots)
@@ -475,19 +479,26 @@ class NodeAgent:
                 "pass its staging path or one of its target paths"
             )
         path = self.paths.check(trimmed, "volume_path")
-        if not os.path.lexists(path):
-            raise NotFound(f"{path} does not exist")
+        if not os.path.lexists(path) and self.mounts.at(path) is None:
+            raise NotFound(f"{path} does not exist")  # (a broken mount fails lstat)
         return current, path
 
     def stats(self, volume_id: str, volume_path: str) -> VolumeStats:
         current, path = self._where(volume_id, volume_path)
-        problem = self._health(current, path)
+        lost, problems = self._health(current, path, None)
         if current.access_type is AccessType.BLOCK:
             size = self.pool.require(volume_id).size_bytes
-            return VolumeStats(size, 0, 0, None, None, None, bool(problem), problem or "ok")
-        if problem:
-            return VolumeStats(0, 0, 0, None, None, None, True, problem)
-        fs = os.statvfs(path)
+            message = "; ".join(lost + problems)
+            return VolumeStats(size, 0, 0, None, None, None, bool(message), message or "ok")
+        fs = None
+        if not lost:
+            try:
+                fs = os.statvfs(path)
+            except OSError as exc:
+                lost.append(f"statfs of {path} failed: {exc}")
+        message = "; ".join(lost + problems)
+        if fs is None:
+            return VolumeStats(0, 0, 0, None, None, None, True, message)
         total = fs.f_blocks * fs.f_frsize
         return VolumeStats(
             total_bytes=total,
@@ -496,24 +507,94 @@ class NodeAgent:
             total_inodes=fs.f_files,
             used_inodes=fs.f_files - fs.f_ffree,
             available_inodes=fs.f_favail,
-            abnormal=False,
-            message="ok",
+            abnormal=bool(message),
+            message=message or "ok",
         )
 
-    def _health(self, staged: Staged, path: Path) -> str:
-        """Why the volume at ``path`` is not usable, or "" when it is."""
+    def conditions(self) -> dict[str, str]:
+        """Why each abnormal volume in this node's pool is abnormal (for the controller)."""
+        staged = {s.volume_id: s for s in self._states.all()}
+        shortfall = self.pool.shortfall()
+        found = {}
+        for image in self.pool.images():
+            record = staged.get(image.volume_id)
+            if record is not None:
+                lost, problems = self._health(record, Path(record.staging_path), shortfall)
+                problems = lost + problems
+            else:
+                problems = self._backing(image, shortfall)
+            if problems:
+                found[image.volume_id] = "; ".join(problems)
+        return found
+
+    def _health(
+        self, staged: Staged, path: Path, shortfall: int | None
+    ) -> tuple[list[str], list[str]]:
+        """Why the volume at ``path`` is not usable (``lost``: its usage figures would
+        be meaningless) or not healthy (``problems``); both empty when all is well.
+        ``shortfall`` is the pool's, or None to compute it only if it matters."""
         image = self.pool.get(staged.volume_id)
         if image is None:
-            return f"the image of volume {staged.volume_id} is missing from the pool"
+            return [f"the image of volume {staged.volume_id} is missing from the pool"], []
         device = self.loops.find(image.path)
         if device is None:
-            return f"volume {staged.volume_id} has no loop device; restage it"
-        mounted = self.mounts.at(path)
-        if staged.access_type is AccessType.BLOCK and str(path) == staged.staging_path:
-            return ""
-        if mounted is None:
-            return f"nothing is mounted at {path}; the mount was lost"
-        return ""
+            return [f"volume {staged.volume_id} has no loop device; restage it"], []
+        problems = []
+        failed = self.kernel_log.failed_io(device)
+        if failed:
+            problems.append(
+                f"the kernel reported failed I/O on the volume's loop device {device} since it "
+                f"was attached (first: {failed!r}), so writes may not have reached the "
+                "image: stop the pods "
+                f"using it, unstage it and check its filesystem before using it again "
+                f"({RUNBOOK})"
+            )
+        problems += self._backing(image, shortfall)
+        unmounted = staged.access_type is AccessType.BLOCK and str(path) == staged.staging_path
+        if not unmounted and self.mounts.at(path) is None:
+            return [f"nothing is mounted at {path}; the mount was lost"], problems
+        if staged.fs_type is FsType.EXT4:
+            errors = ext4_errors(device)
+            if errors:
+                problems.append(
+                    self._repair(
+                        errors, device, "unstage it, run e2fsck -f on its image and restage"
+                    )
+                )
+        elif staged.fs_type is FsType.XFS:
+            shut = xfs_shut_down(path)
+            if shut:
+                problems.append(
+                    self._repair(
+                        shut,
+                        device,
+                        "unstage and restage it (mounting replays its log); if that mount "
+                        "fails, run xfs_repair on its image",
+                    )
+                )
+        return [], problems
+
+    def _repair(self, what: str, device: str, how: str) -> str:
+        return (
+            f"the volume's filesystem on {device}: {what}; the kernel may have made it "
+            f"read-only. Stop the pods using it, {how} ({RUNBOOK})"
+        )
+
+    def _backing(self, image: ImageInfo, shortfall: int | None) -> list[str]:
+        """Whether the pool's filesystem can still hold what ``image`` may write."""
+        if not image.unallocated_bytes:
+            return []  # a thick image: its space is the pool's already
+        if shortfall is None:
+            shortfall = self.pool.shortfall()
+        if not shortfall:
+            return []
+        kind = "thin" if image.thin else "thick, but with blocks punched out by discard,"
+        return [
+            f"the pool's filesystem at {self.pool.root} is {shortfall} bytes short of what "
+            f"its images may still write, and this {kind} volume has {image.unallocated_bytes} "
+            "bytes not yet allocated: its writes can fail with I/O errors. Free space on "
+            f"the pool's filesystem now, or move the data to a thick volume ({RUNBOOK})"
+        ]
 
     def expand(self, volume_id: str, volume_path: str, capability: VolumeCapability | None) -> int:
         """Grow the device and, for filesystems, the filesystem; return the size in bytes."""

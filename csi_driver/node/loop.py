@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from csi_driver.core.errors import CommandFailed, InternalError
+from csi_driver.node.health import KernelLog
 from csi_driver.node.runner import CommandRunner
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,15 @@ class LoopDevice:
 class LoopDevices:
     """Attach, find and detach loop devices, through the command runner."""
 
-    def __init__(self, runner: CommandRunner, sys_block: Path = SYS_BLOCK) -> None:
+    def __init__(
+        self,
+        runner: CommandRunner,
+        sys_block: Path = SYS_BLOCK,
+        kernel_log: KernelLog | None = None,
+    ) -> None:
         self._runner = runner
         self._sys_block = sys_block
+        self._kernel_log = kernel_log
 
     def attached(self) -> list[LoopDevice]:
         """Every attached loop device with its backing file."""
@@ -90,6 +97,9 @@ class LoopDevices:
         device = result.stdout.strip()
         if not device.startswith("/dev/loop"):
             raise InternalError(f"losetup attached {image} but printed {device!r}")
+        if self._kernel_log is not None:
+            # Kernel errors for this device number from now on are this image's.
+            self._kernel_log.mark_attached(device, image)
         if not self.info(device).direct_io:
             # The pool's filesystem cannot do O_DIRECT (tmpfs, some overlays): the
             # volume still works, through the page cache twice.

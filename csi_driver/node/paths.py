@@ -14,7 +14,8 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-from csi_driver.core.errors import InvalidArgument
+from csi_driver.core.errors import FailedPrecondition, InvalidArgument
+from csi_driver.node.mounts import MOUNTINFO, parse_mountinfo
 
 MAX_PATH = 4096
 
@@ -59,6 +60,21 @@ class PathPolicy:
                 mode = os.lstat(current).st_mode
             except FileNotFoundError:
                 break  # the rest does not exist yet, so it cannot be a link
+            except OSError as exc:
+                if _is_mountpoint(current):
+                    # A mounted filesystem that fails to answer (a shut-down xfs
+                    # says EIO): a mount point is a resolved directory, never a
+                    # link, and Ferry must still report on it and unmount it.
+                    break
+                raise FailedPrecondition(
+                    f"{what} {raw!r} cannot be inspected at {current}: {exc}"
+                ) from exc
             if stat.S_ISLNK(mode):
                 raise InvalidArgument(f"{what} {raw!r} goes through a symlink at {current}")
         return path
+
+
+def _is_mountpoint(path: Path) -> bool:
+    wanted = str(path)
+    table = parse_mountinfo(MOUNTINFO.read_text(encoding="utf-8"))
+    return any(entry.mountpoint == wanted for entry in table)

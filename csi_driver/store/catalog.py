@@ -13,7 +13,7 @@ retries a few times when another writer got there first.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -96,6 +96,7 @@ def _node_to_json(node: NodeRecord) -> bytes:
         "max_volumes": node.max_volumes,
         "heartbeat_at": node.heartbeat_at,
         "labels": dict(node.labels),
+        "volume_conditions": dict(node.volume_conditions),
     }
     return json.dumps(doc, sort_keys=True).encode()
 
@@ -110,6 +111,7 @@ def _node_from_json(raw: bytes) -> NodeRecord:
         max_volumes=int(doc["max_volumes"]),
         heartbeat_at=float(doc["heartbeat_at"]),
         labels=tuple(sorted(doc["labels"].items())),
+        volume_conditions=tuple(sorted(doc.get("volume_conditions", {}).items())),
     )
 
 
@@ -195,9 +197,16 @@ class Catalog:
     def list_nodes(self) -> list[NodeRecord]:
         return [_node_from_json(r.value) for r in self.store.list(NODES)]
 
-    def heartbeat(self, node_id: str, at: float) -> None:
+    def heartbeat(
+        self, node_id: str, at: float, volume_conditions: Mapping[str, str] | None = None
+    ) -> None:
+        """Record that the node is alive, and which of its volumes it finds abnormal."""
         record = self.store.get(NODES + node_id)
         if record is None:
             raise NotFound(f"node {node_id} is not registered")
-        node = replace(_node_from_json(record.value), heartbeat_at=at)
+        node = replace(
+            _node_from_json(record.value),
+            heartbeat_at=at,
+            volume_conditions=tuple(sorted((volume_conditions or {}).items())),
+        )
         self.store.put(NODES + node_id, _node_to_json(node))

@@ -8,6 +8,7 @@ servers and releases every mount and loop device made under tmp_path.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,19 +109,28 @@ def node_config(base: Path, node_id: str = NODE_ID, capacity: int = POOL_CAPACIT
     )
 
 
-@pytest.fixture
-def ferry(tmp_path: Path) -> Iterator[Ferry]:
-    kubelet = tmp_path / "kubelet"
-    kubelet.mkdir()
-    catalog = tmp_path / "catalog.db"
-    services = start_all_in_one(f"unix://{tmp_path}/csi.sock", node_config(tmp_path), catalog)
-    client = CsiClient(f"unix://{tmp_path}/csi.sock")
+@contextmanager
+def running(base: Path, config: NodeConfig) -> Iterator[Ferry]:
+    """Ferry all-in-one serving ``config``'s node from ``base``, stopped afterwards."""
+    kubelet = base / "kubelet"
+    kubelet.mkdir(exist_ok=True)
+    catalog = base / "catalog.db"
+    services = start_all_in_one(f"unix://{base}/csi.sock", config, catalog)
+    client = CsiClient(f"unix://{base}/csi.sock")
     try:
         client.wait_ready()
-        yield Ferry(client, tmp_path, kubelet, services, catalog)
+        yield Ferry(client, base, kubelet, services, catalog)
     finally:
         client.close()
         services.stop(grace_s=0)
+
+
+@pytest.fixture
+def ferry(tmp_path: Path) -> Iterator[Ferry]:
+    try:
+        with running(tmp_path, node_config(tmp_path)) as ferry:
+            yield ferry
+    finally:
         if host_can_mount():
             release_under(tmp_path)
 

@@ -65,6 +65,17 @@ def test_node_round_trip_and_heartbeat(catalog: Catalog) -> None:
         catalog.heartbeat("ghost", 1.0)
 
 
+def test_heartbeat_carries_the_abnormal_volumes(catalog: Catalog) -> None:
+    node = NodeRecord("n1", "unix:///a.sock", Topology.of({"zone": "z"}), 10, 0)
+    catalog.register_node(node)
+    catalog.heartbeat("n1", 5.0, {"vol-b": "pool short", "vol-a": "fs errors"})
+    stored = catalog.get_node("n1")
+    assert stored is not None
+    assert stored.volume_conditions == (("vol-a", "fs errors"), ("vol-b", "pool short"))
+    catalog.heartbeat("n1", 6.0)  # healthy again: the next beat clears them
+    assert catalog.get_node("n1") == replace(node, heartbeat_at=6.0)
+
+
 def test_name_claim_is_first_come(catalog: Catalog) -> None:
     assert catalog.claim_name("pvc-x", "vol-1") == "vol-1"
     assert catalog.claim_name("pvc-x", "vol-2") == "vol-1"
