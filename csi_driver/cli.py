@@ -120,9 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--catalog",
-            type=Path,
-            default=Path("/var/lib/ferry/catalog.db"),
-            help="SQLite catalog file",
+            default="/var/lib/ferry/catalog.db",
+            help="the catalog: a SQLite file path (or sqlite:///abs/path.db), "
+            "or etcd://host:port[,host:port...]",
         )
         p.add_argument(
             "--metrics-port",

@@ -35,7 +35,7 @@ from csi_driver.node.pool import Pool
 from csi_driver.node.runner import CommandRunner
 from csi_driver.pki import Identity, Role
 from csi_driver.store.catalog import Catalog
-from csi_driver.store.sqlite import SqliteStore
+from csi_driver.store.url import open_store
 from csi_driver.transport import AgentSecurity, Endpoint, Registration, start_server
 
 log = logging.getLogger(__name__)
@@ -166,14 +166,14 @@ def _stopped_on_failure(services: Services) -> Iterator[None]:
 
 
 def start_controller(
-    csi_endpoint: str, catalog_path: Path, security: AgentSecurity | None = None
+    csi_endpoint: str, catalog_path: str | Path, security: AgentSecurity | None = None
 ) -> Services:
     """``security``: how the controller reaches node agents (default: unix sockets only)."""
     services = Services()
     security = security or AgentSecurity()
     with _stopped_on_failure(services):
         _require_identity(security, Identity.controller())
-        store = SqliteStore(catalog_path)
+        store = open_store(catalog_path)
         services.closers.append(store.close)
         directory = GrpcNodeDirectory(security=security)
         services.closers.append(directory.close)
@@ -192,10 +192,10 @@ def start_controller(
     return services
 
 
-def start_node(csi_endpoint: str, config: NodeConfig, catalog_path: Path) -> Services:
+def start_node(csi_endpoint: str, config: NodeConfig, catalog_path: str | Path) -> Services:
     services = Services()
     with _stopped_on_failure(services):
-        store = SqliteStore(catalog_path)
+        store = open_store(catalog_path)
         services.closers.append(store.close)
         parts = NodeParts(config)
         _start_node_side(parts, Catalog(store), services)
@@ -212,11 +212,11 @@ def start_node(csi_endpoint: str, config: NodeConfig, catalog_path: Path) -> Ser
     return services
 
 
-def start_all_in_one(csi_endpoint: str, config: NodeConfig, catalog_path: Path) -> Services:
+def start_all_in_one(csi_endpoint: str, config: NodeConfig, catalog_path: str | Path) -> Services:
     """Controller and node in one process, on one CSI socket (one-machine mode)."""
     services = Services()
     with _stopped_on_failure(services):
-        store = SqliteStore(catalog_path)
+        store = open_store(catalog_path)
         services.closers.append(store.close)
         catalog = Catalog(store)
         parts = NodeParts(config)

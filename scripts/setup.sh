@@ -2,7 +2,8 @@
 # Prepare a fresh Debian/Ubuntu machine to run and test Ferry.
 #
 # Installs the host tools the node side drives (losetup, mkfs, resize, fio for
-# the benchmark) with apt-get, then Ferry itself, editable, with its dev extras,
+# the benchmark) and etcd (the etcd catalog tests start real members) with
+# apt-get, then Ferry itself, editable, with its dev extras,
 # into a virtual environment at .venv. Debian 12 and Ubuntu 24.04 forbid pip
 # installs into the system Python (PEP 668, "externally-managed-environment"),
 # so nothing here touches it. The install generates the gRPC code from proto/.
@@ -13,7 +14,7 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 venv=.venv
 
-packages=(util-linux mount e2fsprogs xfsprogs fio)
+packages=(util-linux mount e2fsprogs xfsprogs fio etcd-server)
 # Debian splits venv (and ensurepip) out of python3: install it when the
 # chosen interpreter cannot build a venv with pip in it.
 if ! "$python" -c 'import ensurepip, venv' >/dev/null 2>&1; then

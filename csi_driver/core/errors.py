@@ -16,13 +16,15 @@ Tree::
     ├── ResourceExhausted      not enough space / volume slots   -> RESOURCE_EXHAUSTED
     ├── Aborted                conflicting operation in flight   -> ABORTED
     ├── Unavailable            retry later (node down, busy)     -> UNAVAILABLE
+    │   └── StoreUnavailable   catalog backend unreachable / no quorum
     ├── Unimplemented          feature not offered               -> UNIMPLEMENTED
     ├── Unauthenticated        caller is not a Ferry agent       -> UNAUTHENTICATED
     ├── PermissionDenied       a Ferry agent, not allowed here   -> PERMISSION_DENIED
     └── InternalError          a bug or a host failure           -> INTERNAL
         ├── CommandFailed      an external command failed
         └── StoreError         the catalog store failed
-            └── Conflict       compare-and-swap lost a race (retry the read)
+            ├── Conflict       compare-and-swap lost a race (retry the read)
+            └── Compacted      a watch asked for history already compacted
 
 The messages for the conflicts the CSI spec names a code for (a second
 writer, a volume staged or published elsewhere, an incompatible repeat, an
@@ -74,6 +76,15 @@ class Unavailable(FerryError):
     """A dependency (node agent, catalog) cannot be reached right now; retry later."""
 
 
+class StoreUnavailable(Unavailable):
+    """The catalog backend cannot be reached or has no quorum; nothing was half-written.
+
+    A write that failed this way either took effect whole or not at all (the
+    backends are transactional); when the request may have reached the backend
+    the message says the outcome is unknown, so re-read before retrying.
+    """
+
+
 class Unimplemented(FerryError):
     """Ferry does not offer this operation."""
 
@@ -110,7 +121,26 @@ class StoreError(InternalError):
 
 
 class Conflict(StoreError):
-    """A compare-and-swap write lost a race: the key changed since it was read."""
+    """A compare-and-swap write lost a race: the key changed since it was read.
+
+    ``key`` names the compared key that did not match (when the backend knows).
+    """
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class Compacted(StoreError):
+    """A watch asked for revisions that compaction has already discarded.
+
+    The watcher has missed history: it must re-list (which returns the revision
+    it read at) and watch again from that revision + 1.
+    """
+
+    def __init__(self, message: str, compact_revision: int) -> None:
+        super().__init__(message)
+        self.compact_revision = compact_revision
 
 
 # -- Messages for the conflicts the CSI spec names a status code for ---------------

@@ -1,21 +1,52 @@
 """SQLite backend of the catalog store: the embedded default.
 
-One table of keys with per-key revisions drawn from one global counter, so
-revisions only grow (as in etcd). WAL mode lets a controller and node agents
-on the same machine share one file; writes take an IMMEDIATE transaction so
-compare-and-swap is atomic across processes too.
+Tables: ``kv`` (key, value, mod revision), ``meta`` (the global revision and
+the compact revision) and ``events`` (the watch history). A txn runs in one
+``BEGIN IMMEDIATE`` transaction: it checks its compares, bumps the global
+revision once, writes the keys and appends their events, so the data and
+its history can never disagree and compare-and-swap is atomic across
+threads and processes sharing the file (WAL mode). Revisions are never
+reused, even after a restart.
+
+Watches poll the event log in their caller's thread, woken at once by
+writes from this process and within :data:`WATCH_POLL_S` by writes from
+others. The log is compacted explicitly (:meth:`SqliteStore.compact`) and
+automatically to the last ``history`` revisions, so it never grows without
+bound.
 """
 
 from __future__ import annotations
 
+import collections
 import sqlite3
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import ClassVar
 
-from csi_driver.core.errors import Conflict, StoreError
-from csi_driver.store.base import ABSENT, CatalogStore, Record
+from csi_driver.core.errors import (
+    Compacted,
+    InvalidArgument,
+    StoreError,
+    StoreUnavailable,
+)
+from csi_driver.store.base import (
+    ABSENT,
+    CatalogStore,
+    Compare,
+    Delete,
+    Event,
+    EventType,
+    Op,
+    Page,
+    Put,
+    Record,
+    Watch,
+    conflict,
+)
+from csi_driver.store.leader import FileLockElection, LeaderElection, leader_key
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (
@@ -28,20 +59,86 @@ CREATE TABLE IF NOT EXISTS meta (
     value INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO meta (name, value) VALUES ('revision', 0);
+CREATE TABLE IF NOT EXISTS events (
+    revision INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    deleted INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (revision, seq)
+) WITHOUT ROWID;
+-- A catalog written before the event log existed has no history to replay.
+INSERT OR IGNORE INTO meta (name, value) SELECT 'compact', value + 1 FROM meta
+    WHERE name = 'revision';
 """
+
+#: How often a watch looks for writes made by other processes.
+WATCH_POLL_S = 0.05
+#: Revisions a watch reads per query (whole revisions, never split).
+_WATCH_WINDOW = 256
+#: Automatic compaction runs when the revision crosses a multiple of this.
+_AUTO_COMPACT_EVERY = 1024
+_SQLITE_BUSY = 5
+
+
+def _prefix_bounds(prefix: str) -> tuple[str, str | None]:
+    """``[low, high)`` text bounds of the keys starting with ``prefix``.
+
+    SQLite compares TEXT as UTF-8 bytes, which orders like code points, so
+    bumping the last code point bounds the prefix (as etcd does on bytes).
+    """
+    text = prefix
+    while text:
+        last = ord(text[-1])
+        if last < 0x10FFFF:
+            bumped = last + 1
+            if 0xD800 <= bumped <= 0xDFFF:  # surrogates are not encodable
+                bumped = 0xE000
+            return prefix, text[:-1] + chr(bumped)
+        text = text[:-1]
+    return prefix, None
+
+
+class _Wakeup:
+    """Writers in this process notify the watches on the same file."""
+
+    _registry: ClassVar[dict[str, _Wakeup]] = {}
+    _registry_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self) -> None:
+        self.condition = threading.Condition()
+        self.generation = 0
+
+    @classmethod
+    def for_path(cls, path: Path) -> _Wakeup:
+        key = str(path.resolve())
+        with cls._registry_lock:
+            return cls._registry.setdefault(key, cls())
+
+    def notify(self) -> None:
+        with self.condition:
+            self.generation += 1
+            self.condition.notify_all()
+
+    def wait(self, seen: int, timeout: float) -> None:
+        with self.condition:
+            if self.generation == seen:
+                self.condition.wait(timeout)
 
 
 class SqliteStore(CatalogStore):
     """Catalog store in one SQLite file (``:memory:`` is refused: it would not persist)."""
 
-    def __init__(self, path: Path, *, busy_timeout_s: float = 10.0) -> None:
+    def __init__(self, path: Path, *, busy_timeout_s: float = 10.0, history: int = 100_000) -> None:
         self._path = Path(path)
         self._timeout = busy_timeout_s
+        self._history = history
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
+            self._wakeup = _Wakeup.for_path(self._path)
             conn = self._connection()
             conn.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
@@ -68,34 +165,37 @@ class SqliteStore(CatalogStore):
                 self._connections.append(conn)
         return conn
 
+    def _failure(self, what: str, exc: sqlite3.Error) -> StoreError | StoreUnavailable:
+        if getattr(exc, "sqlite_errorcode", None) == _SQLITE_BUSY:
+            return StoreUnavailable(
+                f"catalog database {self._path} stayed locked by another writer for "
+                f"{self._timeout:g}s during {what}; nothing was written, retry"
+            )
+        return StoreError(f"catalog {what} on {self._path} failed: {exc}")
+
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
         conn = self._connection()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise StoreError(f"catalog database {self._path} is not writable: {exc}") from exc
+        conn.execute(begin)
         try:
             yield conn
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # SQLite may have rolled back already (e.g. disk full)
+                conn.execute("ROLLBACK")
             raise
-        else:
-            try:
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise StoreError(f"catalog commit failed: {exc}") from exc
 
     @staticmethod
-    def _next_revision(conn: sqlite3.Connection) -> int:
-        conn.execute("UPDATE meta SET value = value + 1 WHERE name = 'revision'")
-        row = conn.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()
+    def _meta(conn: sqlite3.Connection, name: str) -> int:
+        row = conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
         return int(row[0])
 
     @staticmethod
     def _current(conn: sqlite3.Connection, key: str) -> int:
         row = conn.execute("SELECT revision FROM kv WHERE key = ?", (key,)).fetchone()
         return int(row[0]) if row else ABSENT
+
+    # -- reads ---------------------------------------------------------------
 
     def get(self, key: str) -> Record | None:
         try:
@@ -105,70 +205,147 @@ class SqliteStore(CatalogStore):
                 .fetchone()
             )
         except sqlite3.Error as exc:
-            raise StoreError(f"catalog read of {key!r} failed: {exc}") from exc
+            raise self._failure(f"read of {key!r}", exc) from exc
         return Record(row[0], bytes(row[1]), int(row[2])) if row else None
 
-    def put(self, key: str, value: bytes, expected_revision: int | None = None) -> int:
-        try:
-            with self._write() as conn:
-                current = self._current(conn, key)
-                if expected_revision is not None and current != expected_revision:
-                    raise Conflict(
-                        f"catalog key {key!r} is at revision {current}, "
-                        f"not {expected_revision}: re-read and retry"
-                    )
-                revision = self._next_revision(conn)
-                conn.execute(
-                    "INSERT INTO kv (key, value, revision) VALUES (?, ?, ?) "
-                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value, "
-                    "revision = excluded.revision",
-                    (key, value, revision),
-                )
-                return revision
-        except sqlite3.Error as exc:
-            raise StoreError(f"catalog write of {key!r} failed: {exc}") from exc
-
-    def delete(self, key: str, expected_revision: int | None = None) -> bool:
-        try:
-            with self._write() as conn:
-                current = self._current(conn, key)
-                if current == ABSENT:
-                    return False
-                if expected_revision is not None and current != expected_revision:
-                    raise Conflict(
-                        f"catalog key {key!r} is at revision {current}, "
-                        f"not {expected_revision}: re-read and retry"
-                    )
-                conn.execute("DELETE FROM kv WHERE key = ?", (key,))
-                self._next_revision(conn)
-                return True
-        except sqlite3.Error as exc:
-            raise StoreError(f"catalog delete of {key!r} failed: {exc}") from exc
-
-    def list(self, prefix: str, start_after: str = "", limit: int = 0) -> list[Record]:
-        # Range scan on the primary key: prefix <= key < prefix + U+10FFFF.
-        low = max(prefix, start_after)
-        query = "SELECT key, value, revision FROM kv WHERE key >= ? AND key < ?"
-        args: list[object] = [low, prefix + "\U0010ffff"]
-        if start_after and start_after >= prefix:
+    def range(self, prefix: str, start_after: str = "", limit: int = 0) -> Page:
+        low, high = _prefix_bounds(prefix)
+        query = "SELECT key, value, revision FROM kv WHERE key >= ?"
+        args: list[object] = [low]
+        if high is not None:
+            query += " AND key < ?"
+            args.append(high)
+        if start_after >= low:
             query += " AND key > ?"
             args.append(start_after)
         query += " ORDER BY key"
         if limit > 0:
             query += " LIMIT ?"
-            args.append(limit)
+            args.append(limit + 1)  # one more tells whether another page exists
         try:
-            rows = self._connection().execute(query, args).fetchall()
+            with self._transaction("BEGIN") as conn:
+                revision = self._meta(conn, "revision")
+                rows = conn.execute(query, args).fetchall()
         except sqlite3.Error as exc:
-            raise StoreError(f"catalog list of {prefix!r} failed: {exc}") from exc
-        return [Record(r[0], bytes(r[1]), int(r[2])) for r in rows]
+            raise self._failure(f"list of {prefix!r}", exc) from exc
+        more = limit > 0 and len(rows) > limit
+        records = tuple(Record(r[0], bytes(r[1]), int(r[2])) for r in rows[: limit or None])
+        return Page(records, revision, more)
+
+    def revision(self) -> int:
+        try:
+            return self._meta(self._connection(), "revision")
+        except sqlite3.Error as exc:
+            raise self._failure("revision read", exc) from exc
+
+    # -- writes --------------------------------------------------------------
+
+    def _apply(self, compares: Sequence[Compare], ops: Sequence[Op]) -> int:
+        try:
+            with self._transaction("BEGIN IMMEDIATE") as conn:
+                for compare in compares:
+                    current = self._current(conn, compare.key)
+                    if current != compare.revision:
+                        raise conflict(compare.key, current, compare.revision)
+                changes = [
+                    op for op in ops if isinstance(op, Put) or self._current(conn, op.key) != ABSENT
+                ]
+                if not changes:
+                    return self._meta(conn, "revision")
+                conn.execute("UPDATE meta SET value = value + 1 WHERE name = 'revision'")
+                revision = self._meta(conn, "revision")
+                for seq, op in enumerate(changes):
+                    self._write_op(conn, op, revision, seq)
+                if revision % _AUTO_COMPACT_EVERY == 0 and revision > self._history:
+                    self._compact(conn, revision - self._history)
+        except sqlite3.Error as exc:
+            raise self._failure("write", exc) from exc
+        self._wakeup.notify()
+        return revision
+
+    @staticmethod
+    def _write_op(conn: sqlite3.Connection, op: Op, revision: int, seq: int) -> None:
+        if isinstance(op, Delete):
+            conn.execute("DELETE FROM kv WHERE key = ?", (op.key,))
+            conn.execute(
+                "INSERT INTO events (revision, seq, deleted, key, value) VALUES (?, ?, 1, ?, ?)",
+                (revision, seq, op.key, b""),
+            )
+            return
+        conn.execute(
+            "INSERT INTO kv (key, value, revision) VALUES (?, ?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value, revision = excluded.revision",
+            (op.key, op.value, revision),
+        )
+        conn.execute(
+            "INSERT INTO events (revision, seq, deleted, key, value) VALUES (?, ?, 0, ?, ?)",
+            (revision, seq, op.key, op.value),
+        )
+
+    @classmethod
+    def _compact(cls, conn: sqlite3.Connection, revision: int) -> None:
+        if revision <= cls._meta(conn, "compact"):
+            return
+        conn.execute("DELETE FROM events WHERE revision < ?", (revision,))
+        conn.execute("UPDATE meta SET value = ? WHERE name = 'compact'", (revision,))
+
+    def compact(self, revision: int) -> None:
+        try:
+            with self._transaction("BEGIN IMMEDIATE") as conn:
+                current = self._meta(conn, "revision")
+                if revision > current:
+                    raise InvalidArgument(
+                        f"cannot compact the catalog to revision {revision}: "
+                        f"it is only at {current}"
+                    )
+                self._compact(conn, revision)
+        except sqlite3.Error as exc:
+            raise self._failure("compaction", exc) from exc
+
+    # -- watch, election, lifecycle -----------------------------------------
+
+    def watch(self, prefix: str, from_revision: int) -> Watch:
+        return SqliteWatch(self, prefix, from_revision)
+
+    def _events(self, low: str, high: str | None, start: int) -> tuple[list[Event], int]:
+        """Events in ``[start, start + window)`` under the prefix; and the last revision read."""
+        query = (
+            "SELECT revision, deleted, key, value FROM events "
+            "WHERE revision >= ? AND revision <= ? AND key >= ?"
+        )
+        try:
+            with self._transaction("BEGIN") as conn:
+                compacted = self._meta(conn, "compact")
+                if start < compacted:
+                    raise Compacted(
+                        f"catalog history before revision {compacted} was compacted; "
+                        f"cannot watch from {start}: re-list and watch from its revision + 1",
+                        compacted,
+                    )
+                last = min(self._meta(conn, "revision"), start + _WATCH_WINDOW - 1)
+                args: list[object] = [start, last, low]
+                if high is not None:
+                    query += " AND key < ?"
+                    args.append(high)
+                rows = conn.execute(query + " ORDER BY revision, seq", args).fetchall()
+        except sqlite3.Error as exc:
+            raise self._failure(f"watch of {low!r}", exc) from exc
+        events = [
+            Event(EventType.DELETE if r[1] else EventType.PUT, r[2], bytes(r[3]), int(r[0]))
+            for r in rows
+        ]
+        return events, last
+
+    def election(self, name: str, candidate: str) -> LeaderElection:
+        lock = self._path.with_name(f"{self._path.name}.{leader_key(name).replace('/', '-')}.lock")
+        return FileLockElection(self, lock, name, candidate)
 
     def ping(self) -> None:
         try:
-            with self._write() as conn:
-                conn.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()
+            with self._transaction("BEGIN IMMEDIATE") as conn:
+                self._meta(conn, "revision")
         except sqlite3.Error as exc:
-            raise StoreError(f"catalog database {self._path} is unusable: {exc}") from exc
+            raise self._failure("health check", exc) from exc
 
     def close(self) -> None:
         with self._lock:
@@ -176,3 +353,53 @@ class SqliteStore(CatalogStore):
                 conn.close()
             self._connections.clear()
         self._local = threading.local()
+
+
+class SqliteWatch(Watch):
+    """A watch that reads the event log, one window of whole revisions at a time."""
+
+    def __init__(self, store: SqliteStore, prefix: str, from_revision: int) -> None:
+        if from_revision < 0:
+            raise InvalidArgument(f"cannot watch from revision {from_revision}")
+        self._store = store
+        self._low, self._high = _prefix_bounds(prefix)
+        self._buffer: collections.deque[Event] = collections.deque()
+        self._closed = threading.Event()
+        start = from_revision or store.revision() + 1
+        self._scanned = start - 1
+        self._fill()  # reports a compacted start at once
+
+    @property
+    def next_revision(self) -> int:
+        return self._buffer[0].revision if self._buffer else self._scanned + 1
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def _fill(self) -> None:
+        events, last = self._store._events(self._low, self._high, self._scanned + 1)
+        self._buffer.extend(events)
+        self._scanned = max(self._scanned, last)
+
+    def poll(self, timeout: float | None = None) -> Event | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        wakeup = self._store._wakeup
+        while not self._closed.is_set():
+            if self._buffer:
+                return self._buffer.popleft()
+            seen = wakeup.generation
+            self._fill()
+            if self._buffer:
+                continue
+            wait = WATCH_POLL_S
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    return None
+            wakeup.wait(seen, wait)
+        return None
+
+    def close(self) -> None:
+        self._closed.set()
+        self._store._wakeup.notify()

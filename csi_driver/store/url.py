@@ -1,0 +1,80 @@
+"""Where the catalog lives: one ``--catalog`` string opens either backend.
+
+Forms accepted by :func:`open_store`:
+
+- ``/var/lib/ferry/catalog.db`` (any plain path) or ``sqlite:///abs/path.db``:
+  the embedded SQLite store;
+- ``etcd://host:port[,host:port...]``: an etcd v3 cluster (client URLs; TLS
+  files are passed as keyword arguments and switch the client to https).
+
+Anything else is refused with ``InvalidArgument`` naming the accepted forms.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from csi_driver.core.errors import InvalidArgument
+from csi_driver.store.base import CatalogStore
+from csi_driver.store.etcd import EtcdEndpoint, EtcdStore
+from csi_driver.store.sqlite import SqliteStore
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
+_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+
+FORMS = "a file path, sqlite:///abs/path.db or etcd://host:port[,host:port...]"
+
+
+@dataclass(frozen=True)
+class CatalogUrl:
+    """A parsed ``--catalog``: a SQLite file or a list of etcd endpoints."""
+
+    sqlite_path: Path | None = None
+    etcd_endpoints: tuple[tuple[str, int], ...] = ()
+
+
+def parse_catalog_url(text: str | os.PathLike[str]) -> CatalogUrl:
+    raw = os.fspath(text)
+    if not raw.strip():
+        raise InvalidArgument(f"the catalog location is empty; give {FORMS}")
+    match = _SCHEME.match(raw)
+    if match is None:
+        return CatalogUrl(sqlite_path=Path(raw))
+    scheme, rest = match.group(1).lower(), match.group(2)
+    if scheme == "sqlite":
+        if not rest.startswith("/"):
+            raise InvalidArgument(
+                f"catalog {raw!r}: a sqlite URL needs an absolute path (sqlite:///abs/path.db)"
+            )
+        return CatalogUrl(sqlite_path=Path(rest))
+    if scheme == "etcd":
+        endpoints = []
+        for part in rest.rstrip("/").split(","):
+            found = _HOST_PORT.match(part.strip())
+            port = int(found.group(2)) if found else 0
+            if found is None or not 0 < port < 65536:
+                raise InvalidArgument(
+                    f"catalog {raw!r}: {part.strip()!r} is not host:port; "
+                    "give etcd://host:port[,host:port...]"
+                )
+            endpoints.append((found.group(1).strip("[]"), port))
+        return CatalogUrl(etcd_endpoints=tuple(endpoints))
+    raise InvalidArgument(f"catalog {raw!r}: unknown scheme {scheme!r}; give {FORMS}")
+
+
+def open_store(
+    url: str | os.PathLike[str],
+    *,
+    ca: str | None = None,
+    cert: str | None = None,
+    key: str | None = None,
+) -> CatalogStore:
+    """Open the catalog store that ``url`` names (see the module doc)."""
+    where = parse_catalog_url(url)
+    if where.sqlite_path is not None:
+        return SqliteStore(where.sqlite_path)
+    endpoints = [EtcdEndpoint(host, port) for host, port in where.etcd_endpoints]
+    return EtcdStore(endpoints, ca=ca, cert=cert, key=key)

@@ -1,0 +1,181 @@
+"""Real etcd processes for the store tests: one member or a cluster on loopback.
+
+Each member gets free loopback ports and its own data directory; members
+can be killed and restarted with their data (a crash and a reboot), and
+:meth:`EtcdCluster.close` always stops every process it started. Elections
+are tuned fast (50 ms heartbeat, 500 ms election timeout) so losing and
+regaining quorum takes a second, not ten.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+ETCD = shutil.which("etcd")
+SKIP_REASON = "needs Debian's etcd-server (the etcd binary); scripts/setup.sh installs it"
+
+_START_TIMEOUT_S = 20.0
+
+
+def _free_ports(count: int) -> list[int]:
+    probes = []
+    for _ in range(count):
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        probes.append(probe)
+    ports = [p.getsockname()[1] for p in probes]
+    for probe in probes:
+        probe.close()
+    return ports
+
+
+@dataclass
+class EtcdMember:
+    name: str
+    client_port: int
+    peer_port: int
+    data_dir: Path
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def client_url(self) -> str:
+        return f"http://127.0.0.1:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+class EtcdCluster:
+    """``size`` etcd members on 127.0.0.1, started by :meth:`start`."""
+
+    def __init__(self, base: Path, size: int = 1) -> None:
+        assert ETCD is not None, SKIP_REASON
+        self.base = base
+        self.token = f"ferry-test-{uuid.uuid4().hex[:8]}"
+        ports = _free_ports(2 * size)
+        self.members = [
+            EtcdMember(
+                name=f"m{i}",
+                client_port=ports[2 * i],
+                peer_port=ports[2 * i + 1],
+                data_dir=base / f"m{i}.etcd",
+                log_path=base / f"m{i}.log",
+            )
+            for i in range(size)
+        ]
+
+    @property
+    def url(self) -> str:
+        """The ``--catalog`` URL naming every member."""
+        return "etcd://" + ",".join(f"127.0.0.1:{m.client_port}" for m in self.members)
+
+    def _argv(self, member: EtcdMember) -> list[str]:
+        assert ETCD is not None
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        return [
+            ETCD,
+            f"--name={member.name}",
+            f"--data-dir={member.data_dir}",
+            f"--listen-client-urls={member.client_url}",
+            f"--advertise-client-urls={member.client_url}",
+            f"--listen-peer-urls={member.peer_url}",
+            f"--initial-advertise-peer-urls={member.peer_url}",
+            f"--initial-cluster={initial}",
+            f"--initial-cluster-token={self.token}",
+            "--initial-cluster-state=new",
+            "--heartbeat-interval=50",
+            "--election-timeout=500",
+            "--logger=zap",
+            "--log-level=warn",
+        ]
+
+    def start_member(self, index: int) -> None:
+        member = self.members[index]
+        assert not member.running, f"{member.name} is already running"
+        with open(member.log_path, "ab") as log:
+            member.process = subprocess.Popen(
+                self._argv(member), stdout=log, stderr=subprocess.STDOUT
+            )
+
+    def start(self) -> EtcdCluster:
+        try:
+            for index in range(len(self.members)):
+                self.start_member(index)
+            self.wait_healthy()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def healthy(self, member: EtcdMember) -> bool:
+        """True when ``member`` runs and sees a leader (etcd's own /health)."""
+        try:
+            reply = requests.get(member.client_url + "/health", timeout=0.5)
+            return reply.status_code == 200 and reply.json().get("health") == "true"
+        except requests.RequestException:
+            return False
+
+    def wait_healthy(self, timeout: float = _START_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        for member in [m for m in self.members if m.running]:
+            while not self.healthy(member):
+                if not member.running:
+                    raise RuntimeError(
+                        f"etcd {member.name} exited: {member.log_path.read_text()[-2000:]}"
+                    )
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"etcd {member.name} not healthy after {timeout}s")
+                time.sleep(0.05)
+
+    def leaderless(self, member: EtcdMember) -> bool:
+        """True when ``member`` answers but knows no leader (it has lost quorum)."""
+        try:
+            reply = requests.post(member.client_url + "/v3/maintenance/status", json={}, timeout=1)
+        except requests.RequestException:
+            return False
+        return reply.status_code == 200 and reply.json().get("leader", "0") in ("0", 0, None)
+
+    def kill_member(self, index: int, sig: signal.Signals = signal.SIGKILL) -> None:
+        member = self.members[index]
+        if member.process is not None:
+            if member.process.poll() is None:
+                member.process.send_signal(sig)
+            member.process.wait(timeout=10)
+
+    def restart(self) -> None:
+        """Stop every member (SIGTERM) and start it again on the same data."""
+        for index in range(len(self.members)):
+            self.kill_member(index, signal.SIGTERM)
+        for index in range(len(self.members)):
+            self.start_member(index)
+        self.wait_healthy()
+
+    def wipe(self) -> None:
+        """Delete every key (between tests sharing one cluster); revisions keep growing."""
+        requests.post(
+            self.members[0].client_url + "/v3/kv/deleterange",
+            json={"key": "AA==", "range_end": "AA=="},
+            timeout=5,
+        ).raise_for_status()
+
+    def close(self) -> None:
+        for member in self.members:
+            if member.process is not None and member.process.poll() is None:
+                member.process.kill()
+            if member.process is not None:
+                member.process.wait(timeout=10)
