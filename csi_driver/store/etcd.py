@@ -191,13 +191,14 @@ class EtcdStore(CatalogStore):
                     timeout=(min(self._connect_timeout, read_timeout), read_timeout),
                 )
             except requests.RequestException as exc:
+                problem = self._describe(exc, read_timeout)
                 if write and not _never_sent(exc):
                     raise StoreUnavailable(
-                        f"etcd member {endpoint} failed during {what} ({type(exc).__name__}); "
-                        "the write may or may not have applied (never partly): "
-                        "re-read before retrying"
+                        f"etcd member {endpoint} {problem} during {what}: the cluster may "
+                        "have lost quorum or be electing a leader; the write may or may not "
+                        "have applied (never partly): re-read before retrying"
                     ) from exc
-                failures.append(f"{endpoint}: {type(exc).__name__}")
+                failures.append(f"{endpoint}: {problem}")
                 continue
             if reply.status_code == 200:
                 self._preferred = index
@@ -218,6 +219,14 @@ class EtcdStore(CatalogStore):
             f"({'; '.join(failures)}); nothing was written: check that etcd runs, "
             "is reachable and has quorum, then retry"
         )
+
+    @staticmethod
+    def _describe(exc: requests.RequestException, timeout: float) -> str:
+        if _never_sent(exc):
+            return "refused the connection"
+        if isinstance(exc, requests.Timeout):
+            return f"did not answer within {timeout:g}s"
+        return f"dropped the connection ({type(exc).__name__})"
 
     @staticmethod
     def _error(reply: requests.Response) -> tuple[int, str]:
@@ -336,7 +345,8 @@ class EtcdStore(CatalogStore):
                     timeout=(self._connect_timeout, None),  # a quiet watch is not a failure
                 )
             except requests.RequestException as exc:
-                failures.append(f"{self.endpoints[index]}: {type(exc).__name__}")
+                problem = self._describe(exc, self._connect_timeout)
+                failures.append(f"{self.endpoints[index]}: {problem}")
                 continue
             if reply.status_code == 200:
                 return reply, self.endpoints[index]

@@ -76,7 +76,7 @@ INSERT OR IGNORE INTO meta (name, value) SELECT 'compact', value + 1 FROM meta
 WATCH_POLL_S = 0.05
 #: Revisions a watch reads per query (whole revisions, never split).
 _WATCH_WINDOW = 256
-#: Automatic compaction runs when the revision crosses a multiple of this.
+#: Automatic compaction runs at multiples of this revision (or of ``history``, if smaller).
 _AUTO_COMPACT_EVERY = 1024
 _SQLITE_BUSY = 5
 
@@ -132,6 +132,8 @@ class SqliteStore(CatalogStore):
     def __init__(self, path: Path, *, busy_timeout_s: float = 10.0, history: int = 100_000) -> None:
         self._path = Path(path)
         self._timeout = busy_timeout_s
+        if history < 1:
+            raise InvalidArgument(f"catalog history must keep at least 1 revision, not {history}")
         self._history = history
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
@@ -256,7 +258,7 @@ class SqliteStore(CatalogStore):
                 revision = self._meta(conn, "revision")
                 for seq, op in enumerate(changes):
                     self._write_op(conn, op, revision, seq)
-                if revision % _AUTO_COMPACT_EVERY == 0 and revision > self._history:
+                if revision % min(_AUTO_COMPACT_EVERY, self._history) == 0:
                     self._compact(conn, revision - self._history)
         except sqlite3.Error as exc:
             raise self._failure("write", exc) from exc

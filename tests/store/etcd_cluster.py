@@ -3,8 +3,8 @@
 Each member gets free loopback ports and its own data directory; members
 can be killed and restarted with their data (a crash and a reboot), and
 :meth:`EtcdCluster.close` always stops every process it started. Elections
-are tuned fast (50 ms heartbeat, 500 ms election timeout) so losing and
-regaining quorum takes a second, not ten.
+are tuned fast (50 ms heartbeat, 500 ms election timeout, pre-vote) so
+losing and regaining quorum takes a second, not ten.
 """
 
 from __future__ import annotations
@@ -100,6 +100,9 @@ class EtcdCluster:
             "--initial-cluster-state=new",
             "--heartbeat-interval=50",
             "--election-timeout=500",
+            # etcd >= 3.5's default: a member rejoining after an outage does not
+            # disrupt the cluster with a stale term (healing takes 0.3 s, not 1-6 s).
+            "--pre-vote=true",
             "--logger=zap",
             "--log-level=warn",
         ]

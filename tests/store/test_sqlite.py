@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import multiprocessing
+import sqlite3
 import threading
 from pathlib import Path
 
 import pytest
 
-from csi_driver.core.errors import Conflict, StoreError
-from csi_driver.store.base import ABSENT
+from csi_driver.core.errors import (
+    Compacted,
+    Conflict,
+    InvalidArgument,
+    StoreError,
+    StoreUnavailable,
+)
+from csi_driver.store.base import ABSENT, Put
 from csi_driver.store.sqlite import SqliteStore
 
 
@@ -126,3 +133,96 @@ def test_unwritable_location_is_a_store_error(tmp_path: Path) -> None:
     blocker.write_text("not a directory")
     with pytest.raises(StoreError, match="cannot open catalog"):
         SqliteStore(blocker / "sub" / "c.db")
+
+
+# -- the event log: watch across processes, old files, compaction, contention --
+
+
+def _write_keys(path: str, count: int) -> None:
+    s = SqliteStore(Path(path))
+    for i in range(count):
+        s.txn([], [Put(f"x/{i}", str(i).encode())])
+    s.close()
+
+
+def test_a_watch_sees_writes_made_by_another_process(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    watcher = SqliteStore(path)
+    with watcher.watch("x/", watcher.revision() + 1) as watch:
+        ctx = multiprocessing.get_context("spawn")
+        proc = ctx.Process(target=_write_keys, args=(str(path), 20))
+        proc.start()
+        proc.join(60)
+        assert proc.exitcode == 0
+        events = [watch.poll(10) for _ in range(20)]
+    assert [e.key if e else None for e in events] == [f"x/{i}" for i in range(20)]
+    assert [e.revision for e in events if e] == list(range(1, 21))
+    watcher.close()
+
+
+def test_a_catalog_from_before_the_event_log_opens_with_its_history_compacted(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE kv (key TEXT PRIMARY KEY, value BLOB NOT NULL, revision INTEGER NOT NULL);"
+        "CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);"
+        "INSERT INTO meta VALUES ('revision', 7);"
+        "INSERT INTO kv VALUES ('volumes/a', x'7b7d', 7);"
+    )
+    conn.close()
+    store = SqliteStore(path)
+    record = store.get("volumes/a")
+    assert record is not None and record.revision == 7
+    with pytest.raises(Compacted) as gone:
+        store.watch("volumes/", 7)
+    assert gone.value.compact_revision == 8
+    with store.watch("volumes/", 8) as watch:
+        assert store.put("volumes/b", b"{}") == 8
+        event = watch.poll(5)
+        assert event is not None and event.key == "volumes/b"
+    store.close()
+
+
+def test_the_event_log_is_compacted_automatically(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "c.db", history=10)
+    for i in range(35):
+        store.put("k", str(i).encode())
+    with pytest.raises(Compacted) as gone:
+        store.watch("k", 1)
+    assert 20 <= gone.value.compact_revision <= 25
+    with store.watch("k", 26) as watch:
+        event = watch.poll(5)
+        assert event is not None and event.revision == 26
+    rows = sqlite3.connect(tmp_path / "c.db").execute("SELECT COUNT(*) FROM events").fetchone()
+    assert rows[0] <= 20
+    store.close()
+
+
+def test_a_writer_locked_out_too_long_is_unavailable_and_writes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "c.db"
+    store = SqliteStore(path, busy_timeout_s=0.2)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StoreUnavailable, match="locked") as busy:
+            store.txn([], [Put("a", b"1"), Put("b", b"2")])
+        assert "nothing was written" in busy.value.message
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert store.get("a") is None and store.get("b") is None
+    assert store.put("a", b"1") == 1
+    store.close()
+
+
+def test_the_election_lock_lives_next_to_the_database(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "c.db")
+    election = store.election("controller", "me")
+    assert election.campaign(timeout=1)
+    assert (tmp_path / "c.db.leaders-controller.lock").exists()
+    with pytest.raises(InvalidArgument, match="election name"):
+        store.election("../escape", "me")
+    election.resign()
+    store.close()

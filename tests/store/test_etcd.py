@@ -1,0 +1,180 @@
+"""etcd-only behaviour on real etcd processes: outages, a dying member, lost quorum.
+
+The contract itself is in test_contract.py; here are the failures only a
+networked backend has. A three-member cluster loses one member while work
+runs (the work goes on), then loses quorum (operations fail UNAVAILABLE
+with a clear message in bounded time, nothing half-written) and recovers.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from csi_driver.core.errors import Conflict, StoreUnavailable
+from csi_driver.csi.errors import status_for
+from csi_driver.store.base import ABSENT, CatalogStore, Compare, Event, Put
+from csi_driver.store.etcd import EtcdEndpoint, EtcdStore
+from tests.store.backends import TEST_LEASE_TTL_S, open_url
+from tests.store.conftest import require_etcd
+from tests.store.etcd_cluster import EtcdCluster
+
+#: The three-member test's request timeout: how long a member without quorum may stall us.
+CLUSTER_REQUEST_TIMEOUT_S = 2.0
+
+
+def _dead_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def cluster3(tmp_path: Path) -> Iterator[EtcdCluster]:
+    require_etcd()
+    cluster = EtcdCluster(tmp_path, 3).start()
+    yield cluster
+    cluster.close()
+
+
+def test_unreachable_etcd_is_unavailable_with_a_clear_message() -> None:
+    store = EtcdStore([EtcdEndpoint("127.0.0.1", _dead_port())], request_timeout_s=2)
+    with pytest.raises(StoreUnavailable) as down:
+        store.put("k", b"v")
+    assert "refused the connection" in down.value.message
+    assert "nothing was written" in down.value.message
+    assert status_for(down.value) is grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(StoreUnavailable):
+        store.watch("k", 0)
+    with pytest.raises(StoreUnavailable):
+        store.ping()
+    store.close()
+
+
+def test_a_watch_reports_its_lost_member_and_resumes_after_restart(
+    etcd_single: EtcdCluster,
+) -> None:
+    store = open_url(etcd_single.url)
+    start = store.put("lw/a", b"1") + 1
+    watch = store.watch("lw/", start)
+    etcd_single.kill_member(0)
+    with pytest.raises(StoreUnavailable, match="resume"):
+        watch.poll(10)
+    with pytest.raises(StoreUnavailable):  # and keeps saying so
+        watch.poll(0)
+    etcd_single.start_member(0)
+    etcd_single.wait_healthy()
+    later = store.put("lw/b", b"2")
+    with store.watch("lw/", watch.next_revision) as resumed:
+        event = resumed.poll(10)
+        assert event is not None and (event.key, event.revision) == ("lw/b", later)
+    watch.close()
+    store.close()
+
+
+def test_a_leader_that_cannot_reach_etcd_steps_down(etcd_single: EtcdCluster) -> None:
+    store = open_url(etcd_single.url)
+    election = store.election("cut", "lonely")
+    assert election.campaign(timeout=10) and election.is_leader
+    etcd_single.kill_member(0)
+    try:
+        # Its lease cannot be renewed: it must consider itself deposed within one TTL.
+        assert election.wait_lost(TEST_LEASE_TTL_S + 3)
+        assert not election.is_leader
+    finally:
+        etcd_single.start_member(0)
+        etcd_single.wait_healthy()
+    election.resign()
+    store.close()
+
+
+def _create_jobs(store: CatalogStore, count: int, done: list[int], unavailable: list[str]) -> None:
+    """Create job/<i> once each, riding out a member's death by retrying."""
+    for i in range(count):
+        key, value = f"job/{i:03d}", f"v{i}".encode()
+        while True:
+            try:
+                store.txn([Compare(key, ABSENT)], [Put(key, value)])
+                break
+            except StoreUnavailable as exc:
+                unavailable.append(exc.message)
+                time.sleep(0.1)
+            except Conflict:
+                # An attempt whose outcome was unknown had landed: it must be ours.
+                record = store.get(key)
+                assert record is not None and record.value == value
+                break
+        done.append(i)
+
+
+def _collect(store: CatalogStore, prefix: str, start: int, count: int) -> list[Event]:
+    """``count`` events from ``start``, resuming the watch whenever its member dies."""
+    events: list[Event] = []
+    deadline = time.monotonic() + 60
+    next_revision = start
+    while len(events) < count and time.monotonic() < deadline:
+        try:
+            watch = store.watch(prefix, next_revision)
+        except StoreUnavailable:
+            time.sleep(0.1)
+            continue
+        try:
+            while len(events) < count and (event := watch.poll(10)) is not None:
+                events.append(event)
+        except StoreUnavailable:
+            time.sleep(0.1)
+        finally:
+            next_revision = watch.next_revision
+            watch.close()
+    return events
+
+
+def test_cluster_loses_a_member_then_quorum_then_recovers(cluster3: EtcdCluster) -> None:
+    endpoints = [EtcdEndpoint("127.0.0.1", m.client_port) for m in cluster3.members]
+    store = EtcdStore(endpoints, request_timeout_s=CLUSTER_REQUEST_TIMEOUT_S)
+    start = store.revision() + 1
+    jobs = 60
+    done: list[int] = []
+    unavailable: list[str] = []
+    writer = threading.Thread(target=_create_jobs, args=(store, jobs, done, unavailable))
+    writer.start()
+    while len(done) < 10:
+        time.sleep(0.01)
+    cluster3.kill_member(0)  # the member the client talks to first, mid-run
+    writer.join(60)
+    assert not writer.is_alive() and done == list(range(jobs))  # the work went on
+    assert [r.value for r in store.list("job/")] == [f"v{i}".encode() for i in range(jobs)]
+    # A watch across the member's death sees every job once, in order.
+    events = _collect(store, "job/", start, jobs)
+    assert [e.key for e in events] == [f"job/{i:03d}" for i in range(jobs)]
+
+    cluster3.kill_member(1)  # one of three left: no quorum
+    deadline = time.monotonic() + 20
+    while not cluster3.leaderless(cluster3.members[2]):
+        assert time.monotonic() < deadline, "the last member never noticed it lost quorum"
+        time.sleep(0.05)
+    began = time.monotonic()
+    with pytest.raises(StoreUnavailable) as write:
+        store.txn([], [Put("q/one", b"1"), Put("q/two", b"2")])
+    with pytest.raises(StoreUnavailable) as read:
+        store.get("job/000")
+    # Bounded: each call waits at most one request timeout on the member left.
+    assert time.monotonic() - began < 2 * (CLUSTER_REQUEST_TIMEOUT_S + 1)
+    assert "quorum" in write.value.message and "never partly" in write.value.message
+    assert "quorum" in read.value.message
+    assert status_for(write.value) is grpc.StatusCode.UNAVAILABLE
+
+    cluster3.start_member(0)
+    cluster3.start_member(1)
+    cluster3.wait_healthy()
+    # Nothing of the failed txn landed, and the cluster takes writes again.
+    assert store.get("q/one") is None and store.get("q/two") is None
+    assert len(store.list("job/")) == jobs
+    assert store.put("q/after", b"ok") == start + jobs  # the failed txn used no revision
+    store.close()

@@ -1,0 +1,100 @@
+"""``--catalog`` forms: parsing, refusals, and Ferry running on an etcd catalog."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+from csi_driver.core.errors import InvalidArgument
+from csi_driver.core.model import MiB
+from csi_driver.csi.client import CsiClient, mount_capability
+from csi_driver.gen import csi_pb2
+from csi_driver.runtime import start_all_in_one, start_controller
+from csi_driver.store.etcd import EtcdStore
+from csi_driver.store.sqlite import SqliteStore
+from csi_driver.store.url import CatalogUrl, open_store, parse_catalog_url
+from tests.csi.conftest import node_config
+from tests.store.etcd_cluster import EtcdCluster
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("/var/lib/ferry/catalog.db", CatalogUrl(sqlite_path=Path("/var/lib/ferry/catalog.db"))),
+        ("relative/c.db", CatalogUrl(sqlite_path=Path("relative/c.db"))),
+        ("sqlite:///abs/c.db", CatalogUrl(sqlite_path=Path("/abs/c.db"))),
+        ("etcd://10.0.0.1:2379", CatalogUrl(etcd_endpoints=(("10.0.0.1", 2379),))),
+        (
+            "etcd://a.example:2379,b.example:2380/",
+            CatalogUrl(etcd_endpoints=(("a.example", 2379), ("b.example", 2380))),
+        ),
+        ("ETCD://[::1]:2379", CatalogUrl(etcd_endpoints=(("::1", 2379),))),
+    ],
+)
+def test_catalog_url_forms(text: str, expected: CatalogUrl) -> None:
+    assert parse_catalog_url(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [
+        ("", "empty"),
+        ("sqlite://relative.db", "absolute path"),
+        ("etcd://", "not host:port"),
+        ("etcd://host", "not host:port"),
+        ("etcd://host:99999", "not host:port"),
+        ("etcd://a:1,,b:2", "not host:port"),
+        ("http://host:2379", "unknown scheme"),
+    ],
+)
+def test_bad_catalog_urls_are_refused_with_the_forms(text: str, complaint: str) -> None:
+    with pytest.raises(InvalidArgument, match=complaint):
+        parse_catalog_url(text)
+
+
+def test_open_store_picks_the_backend(tmp_path: Path) -> None:
+    sqlite = open_store(tmp_path / "c.db")
+    assert isinstance(sqlite, SqliteStore) and sqlite.path == tmp_path / "c.db"
+    sqlite.close()
+    etcd = open_store("etcd://127.0.0.1:1,127.0.0.1:2")
+    assert isinstance(etcd, EtcdStore) and [e.port for e in etcd.endpoints] == [1, 2]
+    etcd.close()
+
+
+def test_controller_on_an_unreachable_etcd_answers_unavailable(tmp_path: Path) -> None:
+    services = start_controller(f"unix://{tmp_path}/csi.sock", "etcd://127.0.0.1:1")
+    try:
+        with CsiClient(f"unix://{tmp_path}/csi.sock") as client:
+            with pytest.raises(grpc.RpcError) as failed:
+                client.controller.ListVolumes(csi_pb2.ListVolumesRequest())
+            assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert "etcd" in (failed.value.details() or "")
+    finally:
+        services.stop(grace_s=0)
+
+
+def test_all_in_one_runs_on_an_etcd_catalog(tmp_path: Path, etcd_single: EtcdCluster) -> None:
+    (tmp_path / "kubelet").mkdir()
+    endpoint = f"unix://{tmp_path}/csi.sock"
+    services = start_all_in_one(endpoint, node_config(tmp_path), etcd_single.url)
+    try:
+        with CsiClient(endpoint) as client:
+            request = csi_pb2.CreateVolumeRequest(
+                name="pvc-on-etcd",
+                capacity_range=csi_pb2.CapacityRange(required_bytes=16 * MiB),
+                volume_capabilities=[mount_capability()],
+            )
+            volume = client.controller.CreateVolume(request).volume
+            again = client.controller.CreateVolume(request).volume
+            assert again.volume_id == volume.volume_id
+            listed = client.controller.ListVolumes(csi_pb2.ListVolumesRequest()).entries
+            assert [e.volume.volume_id for e in listed] == [volume.volume_id]
+            client.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id))
+    finally:
+        services.stop(grace_s=0)
+    store = open_store(etcd_single.url)
+    assert store.list("volumes/") == [] and store.list("names/") == []
+    assert [r.key for r in store.list("nodes/")] == ["nodes/" + node_config(tmp_path).node_id]
+    store.close()
