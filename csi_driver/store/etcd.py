@@ -534,34 +534,30 @@ class LeaseElection(LeaderElection):
         self._valid_until = 0.0
         self._stop = threading.Event()
         self._keeper: threading.Thread | None = None
-        self._mutex = threading.Lock()
 
     @property
     def is_leader(self) -> bool:
         return super().is_leader and time.monotonic() < self._valid_until
 
-    def campaign(self, timeout: float | None = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._mutex:
-            if self.is_leader:
-                return True
-            while True:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                try:
-                    holder = self._attempt()
-                except StoreUnavailable as exc:
-                    # A standby keeps campaigning through an etcd outage.
-                    log.warning("campaign failed", extra={"election": self.name, "error": str(exc)})
-                    if remaining is not None and remaining <= 0:
-                        return False
-                    time.sleep(0.5 if remaining is None else min(0.5, remaining))
-                    continue
-                if holder is None:
-                    return True
-                if remaining is not None and remaining <= 0:
+    def _campaign(self, deadline: float | None) -> bool:
+        if self.is_leader:
+            return True
+        while not self._cancel.is_set():
+            try:
+                holder = self._attempt()
+            except StoreUnavailable as exc:
+                # A standby keeps campaigning through an etcd outage.
+                log.warning("campaign failed", extra={"election": self.name, "error": str(exc)})
+                if not self._pause(0.5, deadline):
                     return False
-                if holder:
-                    self._await_vacancy(holder, remaining)
+                continue
+            if holder is None:
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            if holder:
+                self._await_vacancy(holder, deadline)
+        return False
 
     def _attempt(self) -> int | None:
         """Try once to take the key: None if we now lead, else the holder's revision.
@@ -591,18 +587,19 @@ class LeaseElection(LeaderElection):
         log.info("leader elected", extra={"election": self.name, "leader": self.candidate})
         return None
 
-    def _await_vacancy(self, holder_revision: int, timeout: float | None) -> None:
+    def _await_vacancy(self, holder_revision: int, deadline: float | None) -> None:
         """Wait until the key is deleted (lease expiry or resignation), or a lease period."""
-        wait = self._ttl if timeout is None else min(self._ttl, timeout)
-        until = time.monotonic() + wait
+        until = time.monotonic() + self._ttl
+        if deadline is not None:
+            until = min(until, deadline)
         try:
-            with self._etcd.watch(self.key, holder_revision + 1 if holder_revision else 0) as w:
-                while (left := until - time.monotonic()) > 0:
-                    event = w.poll(left)
+            with self._etcd.watch(self.key, holder_revision + 1) as w:
+                while (left := until - time.monotonic()) > 0 and not self._cancel.is_set():
+                    event = w.poll(min(left, 0.25))
                     if event and event.key == self.key and event.type is EventType.DELETE:
                         return
         except (StoreUnavailable, Compacted):
-            time.sleep(min(wait, 0.5))
+            self._pause(0.5, deadline)
 
     def _keep_alive(self) -> None:
         interval = max(self._ttl / 3, 0.2)
@@ -610,7 +607,9 @@ class LeaseElection(LeaderElection):
             sent = time.monotonic()
             try:
                 ttl = self._etcd.keep_alive(self._lease, timeout=interval)
-            except (StoreUnavailable, StoreError) as exc:
+            except _EtcdRefused:
+                break  # etcd no longer knows the lease
+            except StoreUnavailable as exc:
                 log.warning("lease keepalive failed", extra={"error": str(exc)})
                 if time.monotonic() >= self._valid_until:
                     break
@@ -622,21 +621,19 @@ class LeaseElection(LeaderElection):
             log.warning("leadership lost", extra={"election": self.name})
             self._mark_lost()
 
-    def resign(self) -> None:
-        with self._mutex:
-            self._stop.set()
-            if self._keeper is not None:
-                self._keeper.join(timeout=self._ttl)
-                self._keeper = None
-            fence, self._fence = self._fence, None
-            lease, self._lease = self._lease, 0
-            self._mark_lost()
-            if fence is None:
-                return
-            try:
-                self._etcd.txn([fence], [Delete(self.key)])
-            except FerryError:
-                pass  # the key is already gone or taken; revoking the lease settles the rest
-            finally:
-                if lease:
-                    self._etcd.revoke_lease(lease)
+    def _resign(self) -> None:
+        self._stop.set()
+        if self._keeper is not None:
+            self._keeper.join(timeout=self._ttl)
+            self._keeper = None
+        fence, self._fence = self._fence, None
+        lease, self._lease = self._lease, 0
+        self._mark_lost()
+        if fence is None:
+            return
+        try:
+            self._etcd.txn([fence], [Delete(self.key)])
+            self._etcd.revoke_lease(lease)
+        except FerryError as exc:
+            # The key is gone or taken, or etcd is out of reach: the lease expires anyway.
+            log.warning("resign incomplete", extra={"election": self.name, "error": str(exc)})

@@ -57,14 +57,40 @@ class LeaderElection(abc.ABC):
         self.key = leader_key(name)
         self._fence: Compare | None = None
         self._lost = threading.Event()
+        self._cancel = threading.Event()
+        self._mutex = threading.Lock()
 
-    @abc.abstractmethod
     def campaign(self, timeout: float | None = None) -> bool:
-        """Block until this contender leads; False if ``timeout`` passed first."""
+        """Block until this contender leads; False if ``timeout`` passed first.
 
-    @abc.abstractmethod
+        A :meth:`resign` from another thread ends a pending campaign (False).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._cancel.clear()
+        with self._mutex:
+            return self._campaign(deadline)
+
     def resign(self) -> None:
         """Give up leadership (if held) so a standby can take over at once; idempotent."""
+        self._cancel.set()
+        with self._mutex:
+            self._resign()
+
+    @abc.abstractmethod
+    def _campaign(self, deadline: float | None) -> bool:
+        """Backend part of :meth:`campaign`, under the mutex."""
+
+    @abc.abstractmethod
+    def _resign(self) -> None:
+        """Backend part of :meth:`resign`, under the mutex."""
+
+    def _pause(self, seconds: float, deadline: float | None) -> bool:
+        """Sleep before retrying; False if the campaign is over (cancelled or timed out)."""
+        if deadline is not None:
+            seconds = min(seconds, deadline - time.monotonic())
+            if seconds <= 0:
+                return False
+        return not self._cancel.wait(seconds)
 
     @property
     def is_leader(self) -> bool:
@@ -77,7 +103,7 @@ class LeaderElection(abc.ABC):
     def fence(self) -> Compare:
         """A compare that holds only while this contender is still the leader."""
         fence = self._fence
-        if fence is None or self._lost.is_set():
+        if fence is None or not self.is_leader:
             raise FailedPrecondition(
                 f"{self.candidate} is not the leader of {self.name}; campaign first"
             )
@@ -114,44 +140,38 @@ class FileLockElection(LeaderElection):
         super().__init__(store, name, candidate)
         self.lock_path = lock_path
         self._fd: int | None = None
-        self._mutex = threading.Lock()
 
-    def campaign(self, timeout: float | None = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._mutex:
-            if self._fd is not None:
-                return True
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                while True:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if deadline is not None and time.monotonic() >= deadline:
-                            os.close(fd)
-                            return False
-                        time.sleep(FILE_LOCK_RETRY_S)
-                # Holding the lock: record ourselves; the new revision fences the old leader.
-                revision = self.store.put(self.key, self.candidate.encode())
-            except BaseException:
-                os.close(fd)  # closing drops the lock
-                raise
-            self._fd = fd
-            self._won(Compare(self.key, revision))
+    def _campaign(self, deadline: float | None) -> bool:
+        if self._fd is not None:
             return True
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not self._pause(FILE_LOCK_RETRY_S, deadline):
+                        os.close(fd)
+                        return False
+            # Holding the lock: record ourselves; the new revision fences the old leader.
+            revision = self.store.put(self.key, self.candidate.encode())
+        except BaseException:
+            os.close(fd)  # closing drops the lock
+            raise
+        self._fd = fd
+        self._won(Compare(self.key, revision))
+        return True
 
-    def resign(self) -> None:
-        with self._mutex:
-            fd, self._fd = self._fd, None
-            if fd is None:
-                return
-            fence, self._fence = self._fence, None
-            self._mark_lost()
-            try:
-                if fence is not None:
-                    self.store.delete(self.key, fence.revision)
-            except Conflict:
-                pass  # a newer leader already wrote the key: leave it
-            finally:
-                os.close(fd)
+    def _resign(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        fence, self._fence = self._fence, None
+        self._mark_lost()
+        try:
+            self.store.delete(self.key, fence.revision if fence else None)
+        except Conflict:
+            pass  # a newer leader already wrote the key: leave it
+        finally:
+            os.close(fd)

@@ -380,6 +380,21 @@ def test_only_one_contender_leads_and_its_fence_guards_writes(backend: Backend) 
     assert b.leader() is None
 
 
+def test_resign_ends_a_pending_campaign(backend: Backend) -> None:
+    leader = backend.open().election("ctl", "leader")
+    standby = backend.open().election("ctl", "standby")
+    assert leader.campaign(timeout=10)
+    outcome: list[bool] = []
+    waiting = threading.Thread(target=lambda: outcome.append(standby.campaign()))
+    waiting.start()
+    time.sleep(0.3)
+    standby.resign()  # e.g. the standby process is shutting down
+    waiting.join(EVENT_WAIT_S)
+    assert not waiting.is_alive() and outcome == [False]
+    assert leader.is_leader and leader.leader() == "leader"
+    leader.resign()
+
+
 class Contender:
     """``tests.store.contender`` in a child process; its output lines in a queue."""
 
