@@ -26,11 +26,9 @@ import base64
 import contextlib
 import json
 import logging
-import queue
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +61,7 @@ from csi_driver.store.base import (
     prefix_end,
 )
 from csi_driver.store.leader import LeaderElection
+from csi_driver.store.watch import StreamWatch
 
 log = logging.getLogger(__name__)
 
@@ -384,11 +383,11 @@ class EtcdStore(CatalogStore):
             client.session.close()
 
 
-class EtcdWatch(Watch):
-    """One etcd watch stream; a reader thread hands whole responses to :meth:`poll`."""
+class EtcdWatch(StreamWatch):
+    """One etcd watch stream; a reader thread queues each response (whole revisions)."""
 
     def __init__(self, store: EtcdStore, prefix: str, from_revision: int) -> None:
-        self._store = store
+        super().__init__(from_revision)
         self._prefix = prefix
         request: dict[str, Any] = {
             "key": _b64(prefix.encode() or b"\0"),
@@ -397,84 +396,61 @@ class EtcdWatch(Watch):
         if from_revision:
             request["start_revision"] = from_revision
         self._reply, self._endpoint = store._open_watch({"create_request": request})
-        self._queue: queue.Queue[list[Event] | FerryError] = queue.Queue()
-        self._buffer: deque[Event] = deque()
-        self._closed = threading.Event()
-        self._failure: FerryError | None = None
-        self._next = from_revision
-        created = threading.Event()
-        self._reader = threading.Thread(
-            target=self._read, args=(created,), name=f"etcd-watch {prefix}", daemon=True
-        )
+        self._reader = threading.Thread(target=self._read, name=f"etcd-watch {prefix}")
+        self._reader.daemon = True
         self._reader.start()
         # Return only once etcd registered the watch, so "from now" means now.
-        if not created.wait(store._timeout):
-            self.close()
-            raise StoreUnavailable(
-                f"etcd member {self._endpoint} did not confirm a watch of {prefix!r} "
-                f"within {store._timeout:g}s; watch again"
-            )
+        self._await_start(store._timeout, f"a watch of {prefix!r} on etcd member {self._endpoint}")
 
-    @property
-    def next_revision(self) -> int:
-        return self._buffer[0].revision if self._buffer else self._next
-
-    @property
-    def closed(self) -> bool:
-        return self._closed.is_set()
-
-    def _read(self, created: threading.Event) -> None:
+    def _read(self) -> None:
         try:
             for line in self._reply.iter_lines():
-                if not line.strip():
-                    continue
-                doc = json.loads(line)
-                if "error" in doc:
-                    raise StoreUnavailable(
-                        f"etcd member {self._endpoint} ended the watch of {self._prefix!r}: "
-                        f"{doc['error'].get('message', doc['error'])}; resume from "
-                        f"revision {self.next_revision}"
-                    )
-                result = doc.get("result", {})
-                compact = int(result.get("compact_revision", 0))
-                if compact:
-                    raise Compacted(
-                        f"catalog history before revision {compact} was compacted; cannot "
-                        f"watch {self._prefix!r} from {self._next}: re-list and watch from "
-                        "its revision + 1",
-                        compact,
-                    )
-                if result.get("created"):
-                    if not self._next:
-                        self._next = _revision(result) + 1
-                    created.set()
-                    continue
-                if result.get("canceled"):
-                    raise StoreUnavailable(
-                        f"etcd canceled the watch of {self._prefix!r}: "
-                        f"{result.get('cancel_reason', 'no reason given')}; watch again"
-                    )
-                events = [self._event(e) for e in result.get("events", [])]
-                if events:
-                    self._queue.put(events)
+                if line.strip():
+                    self._handle(json.loads(line))
             if not self._closed.is_set():
                 raise StoreUnavailable(
                     f"etcd member {self._endpoint} closed the watch of {self._prefix!r}; "
                     "resume from the watch's next_revision"
                 )
         except FerryError as exc:
-            self._queue.put(exc)
+            self._fail(exc)
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
             if not self._closed.is_set():
-                self._queue.put(
+                self._fail(
                     StoreUnavailable(
                         f"lost the watch of {self._prefix!r} on etcd member {self._endpoint} "
                         f"({type(exc).__name__}); resume from the watch's next_revision"
                     )
                 )
         finally:
-            created.set()
             self._reply.close()
+
+    def _handle(self, doc: Mapping[str, Any]) -> None:
+        if "error" in doc:
+            raise StoreUnavailable(
+                f"etcd member {self._endpoint} ended the watch of {self._prefix!r}: "
+                f"{doc['error'].get('message', doc['error'])}; resume from its next_revision"
+            )
+        result = doc.get("result", {})
+        compact = int(result.get("compact_revision", 0))
+        if compact:
+            raise Compacted(
+                f"catalog history before revision {compact} was compacted; cannot watch "
+                f"{self._prefix!r} from {self.next_revision}: re-list and watch from its "
+                "revision + 1",
+                compact,
+            )
+        if result.get("created"):
+            self._deliver([], self._after or _revision(result) + 1)
+            return
+        if result.get("canceled"):
+            raise StoreUnavailable(
+                f"etcd canceled the watch of {self._prefix!r}: "
+                f"{result.get('cancel_reason', 'no reason given')}; watch again"
+            )
+        events = [self._event(e) for e in result.get("events", [])]
+        if events:
+            self._deliver(events, events[-1].revision + 1)
 
     @staticmethod
     def _event(raw: Mapping[str, Any]) -> Event:
@@ -483,32 +459,7 @@ class EtcdWatch(Watch):
         value = _unb64(kv.get("value", "")) if kind is EventType.PUT else b""
         return Event(kind, _unb64(kv["key"]).decode(), value, int(kv["mod_revision"]))
 
-    def poll(self, timeout: float | None = None) -> Event | None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._closed.is_set():
-            if self._buffer:
-                event = self._buffer.popleft()
-                if not self._buffer:
-                    self._next = event.revision + 1
-                return event
-            if self._failure is not None:
-                raise self._failure
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                item = self._queue.get(timeout=wait)
-            except queue.Empty:
-                return None
-            if isinstance(item, FerryError):
-                self._failure = item
-            else:
-                self._buffer.extend(item)
-        return None
-
-    def close(self) -> None:
-        if self._closed.is_set():
-            return
-        self._closed.set()
-        self._queue.put([])  # wake a poll blocked on the queue
+    def _end_stream(self) -> None:
         # Unblock the reader's recv: shutting the socket down ends its stream.
         connection = getattr(self._reply.raw, "connection", None)
         sock = getattr(connection, "sock", None)

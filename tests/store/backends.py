@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import grpc
+
+from csi_driver.catalog_api.server import register
 from csi_driver.store.base import CatalogStore
 from csi_driver.store.etcd import EtcdEndpoint, EtcdStore
+from csi_driver.store.sqlite import SqliteStore
 from csi_driver.store.url import open_store, parse_catalog_url
+from csi_driver.transport import start_server
 
 #: Short enough that takeover tests stay quick, long enough for a loaded machine.
 TEST_LEASE_TTL_S = 2
@@ -17,7 +23,7 @@ TEST_REQUEST_TIMEOUT_S = 3.0
 def open_url(url: str) -> CatalogStore:
     """Open a store the way ``open_store`` does, with the tests' shorter etcd timings."""
     where = parse_catalog_url(url)
-    if where.sqlite_path is not None:
+    if not where.etcd_endpoints:
         return open_store(url)
     return EtcdStore(
         [EtcdEndpoint(h, p) for h, p in where.etcd_endpoints],
@@ -43,3 +49,41 @@ class Backend:
     def close_all(self) -> None:
         for store in self.opened:
             store.close()
+
+
+class CatalogServer:
+    """A real ``ferry.v1.Catalog`` server on loopback TCP over a SQLite file.
+
+    :meth:`restart` stops the server and its store and serves the same file
+    on the same port again, as a restarted controller would.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.port = 0
+        self._server: grpc.Server | None = None
+        self._store: SqliteStore | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ferry://127.0.0.1:{self.port}"
+
+    def start(self) -> CatalogServer:
+        self._store = SqliteStore(self.path)
+        self._server, bound = start_server(
+            f"tcp://127.0.0.1:{self.port}", [register(self._store)], max_workers=64
+        )
+        self.port = int(bound.address.rpartition(":")[2])
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop(grace=0).wait()
+            self._server = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()

@@ -1,9 +1,10 @@
-"""Store backends for the contract suite: a SQLite file and a real etcd process.
+"""Store backends for the contract suite: SQLite, a real etcd, the catalog service.
 
-``backend`` is parametrized over both; each SQLite test gets a fresh file,
-the etcd tests of a module share one real single-member etcd (started once,
-emptied before each test, always stopped). Tests that need etcd skip with
-the reason only when the ``etcd`` binary is missing.
+``backend`` is parametrized over all three: each SQLite test gets a fresh
+file; the etcd tests of a module share one real single-member etcd (started
+once, emptied before each test, always stopped); each ``ferry`` test gets a
+real ``ferry.v1.Catalog`` server on loopback over its own SQLite file. Tests
+that need etcd skip with the reason only when the ``etcd`` binary is missing.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from csi_driver.store.base import CatalogStore
-from tests.store.backends import Backend
+from tests.store.backends import Backend, CatalogServer
 from tests.store.etcd_cluster import ETCD, SKIP_REASON, EtcdCluster
 
 
@@ -31,17 +32,23 @@ def etcd_single(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluste
     cluster.close()
 
 
-@pytest.fixture(params=["sqlite", "etcd"])
+@pytest.fixture(params=["sqlite", "etcd", "ferry"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    server: CatalogServer | None = None
     if request.param == "sqlite":
         chosen = Backend("sqlite", f"sqlite://{tmp_path}/catalog.db", lambda: None)
         chosen.restart = chosen.close_all  # a restart of an embedded store is a reopen
-    else:
+    elif request.param == "etcd":
         cluster: EtcdCluster = request.getfixturevalue("etcd_single")
         cluster.wipe()
         chosen = Backend("etcd", cluster.url, cluster.restart)
+    else:
+        server = CatalogServer(tmp_path / "served.db").start()
+        chosen = Backend("ferry", server.url, server.restart)
     yield chosen
     chosen.close_all()
+    if server is not None:
+        server.stop()
 
 
 @pytest.fixture
