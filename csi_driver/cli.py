@@ -142,9 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return p
 
-    service("controller", "serve CSI Identity + Controller")
+    def catalog_listen(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument(
+            "--catalog-listen",
+            default=None,
+            help="also serve the catalog to nodes (tcp://host:port); "
+            "they use --catalog ferry://host:port",
+        )
+        return p
+
+    catalog_listen(service("controller", "serve CSI Identity + Controller"))
     _node_args(service("node", "serve CSI Identity + Node and the node agent API"))
-    _node_args(service("all-in-one", "serve controller and node from one process"))
+    _node_args(catalog_listen(service("all-in-one", "serve controller and node from one process")))
 
     demo = sub.add_parser("demo", help="run Ferry on this machine and walk a volume's life")
     demo.add_argument(
@@ -190,13 +199,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         tls = TlsBundle.load(args.tls_dir) if args.tls_dir else None
         security = AgentSecurity(tls, plaintext_tcp=args.insecure_agent_api)
         if args.command == "controller":
-            services = runtime.start_controller(args.endpoint, args.catalog, security)
+            services = runtime.start_controller(
+                args.endpoint, args.catalog, security, catalog_listen=args.catalog_listen
+            )
         elif args.command == "node":
             config = _node_config(args, security)
             services = runtime.start_node(args.endpoint, config, args.catalog)
         else:
             config = _node_config(args, security)
-            services = runtime.start_all_in_one(args.endpoint, config, args.catalog)
+            services = runtime.start_all_in_one(
+                args.endpoint, config, args.catalog, args.catalog_listen
+            )
         serve_metrics(args.metrics_port)
     except FerryError as exc:
         logger.error("cannot start", extra={"error": exc.message})

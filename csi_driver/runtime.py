@@ -20,6 +20,7 @@ import grpc
 
 from csi_driver.agent_api.client import GrpcNodeDirectory
 from csi_driver.agent_api.server import NodeAgentServicer, admitted_callers
+from csi_driver.catalog_api.server import register as serve_store
 from csi_driver.controller.volumes import VolumeService
 from csi_driver.core.errors import InvalidArgument
 from csi_driver.core.model import NodeRecord, Topology
@@ -34,6 +35,7 @@ from csi_driver.node.agent import NodeAgent
 from csi_driver.node.pool import Pool
 from csi_driver.node.runner import CommandRunner
 from csi_driver.pki import Identity, Role
+from csi_driver.store.base import CatalogStore
 from csi_driver.store.catalog import Catalog
 from csi_driver.store.url import open_store
 from csi_driver.transport import AgentSecurity, Endpoint, Registration, start_server
@@ -165,8 +167,19 @@ def _stopped_on_failure(services: Services) -> Iterator[None]:
         raise
 
 
+def _serve_catalog(store: CatalogStore, endpoint: str | None, services: Services) -> None:
+    """Serve the catalog to nodes as ``ferry.v1.Catalog`` (they open ``ferry://``)."""
+    if endpoint:
+        server, bound = start_server(endpoint, [serve_store(store)], max_workers=128)
+        services.servers.append(server)
+        services.endpoints.append(bound)
+
+
 def start_controller(
-    csi_endpoint: str, catalog_path: str | Path, security: AgentSecurity | None = None
+    csi_endpoint: str,
+    catalog_path: str | Path,
+    security: AgentSecurity | None = None,
+    catalog_listen: str | None = None,
 ) -> Services:
     """``security``: how the controller reaches node agents (default: unix sockets only)."""
     services = Services()
@@ -175,6 +188,7 @@ def start_controller(
         _require_identity(security, Identity.controller())
         store = open_store(catalog_path)
         services.closers.append(store.close)
+        _serve_catalog(store, catalog_listen, services)
         directory = GrpcNodeDirectory(security=security)
         services.closers.append(directory.close)
         volumes = VolumeService(Catalog(store), directory)
@@ -212,12 +226,18 @@ def start_node(csi_endpoint: str, config: NodeConfig, catalog_path: str | Path) 
     return services
 
 
-def start_all_in_one(csi_endpoint: str, config: NodeConfig, catalog_path: str | Path) -> Services:
+def start_all_in_one(
+    csi_endpoint: str,
+    config: NodeConfig,
+    catalog_path: str | Path,
+    catalog_listen: str | None = None,
+) -> Services:
     """Controller and node in one process, on one CSI socket (one-machine mode)."""
     services = Services()
     with _stopped_on_failure(services):
         store = open_store(catalog_path)
         services.closers.append(store.close)
+        _serve_catalog(store, catalog_listen, services)
         catalog = Catalog(store)
         parts = NodeParts(config)
         _start_node_side(parts, catalog, services)

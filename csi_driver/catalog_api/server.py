@@ -162,7 +162,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServicer):
             election.resign()
 
 
-def register(store: CatalogStore) -> Any:
+def register(store: CatalogStore, *, progress_s: float = 5.0) -> Any:
     """A start_server registration serving ``store`` as ``ferry.v1.Catalog``."""
-    servicer = CatalogServicer(store)
+    servicer = CatalogServicer(store, progress_s=progress_s)
     return lambda server: catalog_pb2_grpc.add_CatalogServicer_to_server(servicer, server)

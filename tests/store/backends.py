@@ -58,8 +58,9 @@ class CatalogServer:
     on the same port again, as a restarted controller would.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, progress_s: float = 5.0) -> None:
         self.path = path
+        self.progress_s = progress_s
         self.port = 0
         self._server: grpc.Server | None = None
         self._store: SqliteStore | None = None
@@ -71,7 +72,9 @@ class CatalogServer:
     def start(self) -> CatalogServer:
         self._store = SqliteStore(self.path)
         self._server, bound = start_server(
-            f"tcp://127.0.0.1:{self.port}", [register(self._store)], max_workers=64
+            f"tcp://127.0.0.1:{self.port}",
+            [register(self._store, progress_s=self.progress_s)],
+            max_workers=64,
         )
         self.port = int(bound.address.rpartition(":")[2])
         return self

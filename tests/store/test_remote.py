@@ -1,0 +1,114 @@
+"""The catalog service (``ferry://``): what only a networked client adds to the contract.
+
+The contract itself runs over ``ferry`` in test_contract.py. Here: an
+unreachable service, progress that keeps a quiet watch resumable past
+compaction, leadership that ends with the service, and a node service that
+registers through the controller's catalog service without its file.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from csi_driver.catalog_api.client import RemoteStore
+from csi_driver.core.errors import StoreUnavailable
+from csi_driver.core.model import MiB
+from csi_driver.csi.client import CsiClient, mount_capability
+from csi_driver.csi.errors import status_for
+from csi_driver.gen import csi_pb2
+from csi_driver.runtime import start_controller, start_node
+from csi_driver.store.sqlite import SqliteStore
+from tests.csi.conftest import node_config
+from tests.store.backends import CatalogServer
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[CatalogServer]:
+    served = CatalogServer(tmp_path / "served.db", progress_s=0.2).start()
+    yield served
+    served.stop()
+
+
+def _dead_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_an_unreachable_service_is_unavailable() -> None:
+    store = RemoteStore(f"127.0.0.1:{_dead_port()}", request_timeout_s=2)
+    with pytest.raises(StoreUnavailable, match="nothing was written") as read:
+        store.get("k")
+    with pytest.raises(StoreUnavailable, match="may or may not have applied") as write:
+        store.put("k", b"v")
+    assert status_for(read.value) is grpc.StatusCode.UNAVAILABLE
+    assert status_for(write.value) is grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(StoreUnavailable):
+        store.watch("k", 0)
+    store.close()
+
+
+def test_progress_keeps_a_quiet_watch_resumable_past_compaction(server: CatalogServer) -> None:
+    store = RemoteStore(f"127.0.0.1:{server.port}")
+    watch = store.watch("quiet/", store.revision() + 1)
+    last = 0
+    for i in range(5):
+        last = store.put(f"busy/{i}", b"x")
+    deadline = time.monotonic() + 10
+    while watch.next_revision <= last and time.monotonic() < deadline:
+        assert watch.poll(0.1) is None
+    assert watch.next_revision == last + 1  # moved on without any event for it
+    watch.close()
+    store.compact(last)
+    with store.watch("quiet/", watch.next_revision) as resumed:  # no Compacted
+        mine = store.put("quiet/k", b"v")
+        event = resumed.poll(10)
+        assert event is not None and event.revision == mine
+    store.close()
+
+
+def test_leadership_ends_when_the_service_goes_away(server: CatalogServer) -> None:
+    store = RemoteStore(f"127.0.0.1:{server.port}")
+    election = store.election("ctl", "remote")
+    assert election.campaign(timeout=10) and election.is_leader
+    server.stop()
+    assert election.wait_lost(10)
+    assert not election.is_leader
+    election.resign()
+    store.close()
+
+
+def test_a_node_registers_through_the_controllers_catalog_service(tmp_path: Path) -> None:
+    (tmp_path / "kubelet").mkdir()
+    catalog_file = tmp_path / "controller" / "catalog.db"
+    controller = start_controller(
+        f"unix://{tmp_path}/controller.sock", catalog_file, "tcp://127.0.0.1:0"
+    )
+    node = None
+    try:
+        listen = next(e for e in controller.endpoints if e.scheme == "tcp")
+        port = listen.address.rpartition(":")[2]
+        config = node_config(tmp_path, "node-remote")
+        node = start_node(f"unix://{tmp_path}/node.sock", config, f"ferry://127.0.0.1:{port}")
+        with CsiClient(f"unix://{tmp_path}/controller.sock") as client:
+            request = csi_pb2.CreateVolumeRequest(
+                name="pvc-remote",
+                capacity_range=csi_pb2.CapacityRange(required_bytes=16 * MiB),
+                volume_capabilities=[mount_capability()],
+            )
+            volume = client.controller.CreateVolume(request).volume
+        # The node never opened the file; the controller's store holds its record.
+        direct = SqliteStore(catalog_file)
+        assert [r.key for r in direct.list("nodes/")] == ["nodes/node-remote"]
+        assert direct.get(f"volumes/{volume.volume_id}") is not None
+        direct.close()
+    finally:
+        if node is not None:
+            node.stop(grace_s=0)
+        controller.stop(grace_s=0)
