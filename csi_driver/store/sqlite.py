@@ -99,18 +99,25 @@ def _prefix_bounds(prefix: str) -> tuple[str, str | None]:
     return prefix, None
 
 
-class _Wakeup:
-    """Writers in this process notify the watches on the same file."""
+class _SharedFile:
+    """What the stores of one process share per database file.
 
-    _registry: ClassVar[dict[str, _Wakeup]] = {}
+    ``writer`` serializes this process's write transactions, so its threads
+    queue on a lock instead of spinning in SQLite's sleep-and-retry busy
+    handler (which only arbitrates between processes now); writers notify
+    the watches on the same file through ``condition``.
+    """
+
+    _registry: ClassVar[dict[str, _SharedFile]] = {}
     _registry_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self) -> None:
+        self.writer = threading.Lock()
         self.condition = threading.Condition()
         self.generation = 0
 
     @classmethod
-    def for_path(cls, path: Path) -> _Wakeup:
+    def for_path(cls, path: Path) -> _SharedFile:
         key = str(path.resolve())
         with cls._registry_lock:
             return cls._registry.setdefault(key, cls())
@@ -140,7 +147,7 @@ class SqliteStore(CatalogStore):
         self._lock = threading.Lock()
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
-            self._wakeup = _Wakeup.for_path(self._path)
+            self._shared = _SharedFile.for_path(self._path)
             conn = self._connection()
             conn.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
@@ -167,13 +174,26 @@ class SqliteStore(CatalogStore):
                 self._connections.append(conn)
         return conn
 
+    def _busy(self, what: str) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"catalog database {self._path} stayed locked by another writer for "
+            f"{self._timeout:g}s during {what}; nothing was written, retry"
+        )
+
     def _failure(self, what: str, exc: sqlite3.Error) -> StoreError | StoreUnavailable:
         if getattr(exc, "sqlite_errorcode", None) == _SQLITE_BUSY:
-            return StoreUnavailable(
-                f"catalog database {self._path} stayed locked by another writer for "
-                f"{self._timeout:g}s during {what}; nothing was written, retry"
-            )
+            return self._busy(what)
         return StoreError(f"catalog {what} on {self._path} failed: {exc}")
+
+    @contextmanager
+    def _write(self, what: str) -> Iterator[sqlite3.Connection]:
+        if not self._shared.writer.acquire(timeout=self._timeout):
+            raise self._busy(what)
+        try:
+            with self._transaction("BEGIN IMMEDIATE") as conn:
+                yield conn
+        finally:
+            self._shared.writer.release()
 
     @contextmanager
     def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
@@ -244,7 +264,7 @@ class SqliteStore(CatalogStore):
 
     def _apply(self, compares: Sequence[Compare], ops: Sequence[Op]) -> int:
         try:
-            with self._transaction("BEGIN IMMEDIATE") as conn:
+            with self._write("write") as conn:
                 for compare in compares:
                     current = self._current(conn, compare.key)
                     if current != compare.revision:
@@ -262,7 +282,7 @@ class SqliteStore(CatalogStore):
                     self._compact(conn, revision - self._history)
         except sqlite3.Error as exc:
             raise self._failure("write", exc) from exc
-        self._wakeup.notify()
+        self._shared.notify()
         return revision
 
     @staticmethod
@@ -293,7 +313,7 @@ class SqliteStore(CatalogStore):
 
     def compact(self, revision: int) -> None:
         try:
-            with self._transaction("BEGIN IMMEDIATE") as conn:
+            with self._write("compaction") as conn:
                 current = self._meta(conn, "revision")
                 if revision > current:
                     raise InvalidArgument(
@@ -344,7 +364,7 @@ class SqliteStore(CatalogStore):
 
     def ping(self) -> None:
         try:
-            with self._transaction("BEGIN IMMEDIATE") as conn:
+            with self._write("health check") as conn:
                 self._meta(conn, "revision")
         except sqlite3.Error as exc:
             raise self._failure("health check", exc) from exc
@@ -386,7 +406,7 @@ class SqliteWatch(Watch):
 
     def poll(self, timeout: float | None = None) -> Event | None:
         deadline = None if timeout is None else time.monotonic() + timeout
-        wakeup = self._store._wakeup
+        wakeup = self._store._shared
         while not self._closed.is_set():
             if self._buffer:
                 return self._buffer.popleft()
@@ -404,4 +424,4 @@ class SqliteWatch(Watch):
 
     def close(self) -> None:
         self._closed.set()
-        self._store._wakeup.notify()
+        self._store._shared.notify()

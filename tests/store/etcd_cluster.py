@@ -169,7 +169,15 @@ class EtcdCluster:
         self.wait_healthy()
 
     def wipe(self) -> None:
-        """Delete every key (between tests sharing one cluster); revisions keep growing."""
+        """Delete every key (between tests sharing one cluster); revisions keep growing.
+
+        Members a failed test left stopped are started again first.
+        """
+        stopped = [i for i, m in enumerate(self.members) if not m.running]
+        for index in stopped:
+            self.start_member(index)
+        if stopped:
+            self.wait_healthy()
         requests.post(
             self.members[0].client_url + "/v3/kv/deleterange",
             json={"key": "AA==", "range_end": "AA=="},
