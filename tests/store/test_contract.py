@@ -352,6 +352,9 @@ def test_data_and_revisions_survive_a_restart(backend: Backend) -> None:
     assert [r.key for r in again.list("keep/")] == ["keep/a", "keep/b", "keep/k"]
     assert again.revision() == current
     assert again.put("keep/k2", b"x") == current + 1
+    # A client from before the restart carries on (it reconnects by itself).
+    assert store.put("keep/k3", b"y") == current + 2
+    assert store.get("keep/k2") is not None
 
 
 # -- leader election ----------------------------------------------------------

@@ -7,6 +7,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from csi_driver.cli import build_parser
 from csi_driver.core.errors import InvalidArgument
 from csi_driver.core.model import MiB
 from csi_driver.csi.client import CsiClient, mount_capability
@@ -31,6 +32,8 @@ from tests.store.etcd_cluster import EtcdCluster
             CatalogUrl(etcd_endpoints=(("a.example", 2379), ("b.example", 2380))),
         ),
         ("ETCD://[::1]:2379", CatalogUrl(etcd_endpoints=(("::1", 2379),))),
+        ("ferry://ctl.ferry:7070", CatalogUrl(service="ctl.ferry:7070")),
+        ("ferry://[::1]:7070", CatalogUrl(service="[::1]:7070")),
     ],
 )
 def test_catalog_url_forms(text: str, expected: CatalogUrl) -> None:
@@ -47,6 +50,7 @@ def test_catalog_url_forms(text: str, expected: CatalogUrl) -> None:
         ("etcd://host:99999", "not host:port"),
         ("etcd://a:1,,b:2", "not host:port"),
         ("http://host:2379", "unknown scheme"),
+        ("ferry://a:1,b:2", "one host:port"),
     ],
 )
 def test_bad_catalog_urls_are_refused_with_the_forms(text: str, complaint: str) -> None:
@@ -98,3 +102,13 @@ def test_all_in_one_runs_on_an_etcd_catalog(tmp_path: Path, etcd_single: EtcdClu
     assert store.list("volumes/") == [] and store.list("names/") == []
     assert [r.key for r in store.list("nodes/")] == ["nodes/" + node_config(tmp_path).node_id]
     store.close()
+
+
+def test_the_cli_passes_catalog_urls_through_unchanged() -> None:
+    args = build_parser().parse_args(
+        ["controller", "--catalog", "etcd://a:1,b:2", "--catalog-listen", "tcp://0.0.0.0:7070"]
+    )
+    assert args.catalog == "etcd://a:1,b:2" and args.catalog_listen == "tcp://0.0.0.0:7070"
+    node = build_parser().parse_args(["node", "--catalog", "ferry://10.1.0.1:7070"])
+    assert node.catalog == "ferry://10.1.0.1:7070"
+    assert build_parser().parse_args(["all-in-one"]).catalog == "/var/lib/ferry/catalog.db"
