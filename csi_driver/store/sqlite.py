@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -133,6 +134,15 @@ class _SharedFile:
                 self.condition.wait(timeout)
 
 
+@dataclass
+class _Connection:
+    """One thread's connection; ``lock`` is held while it is in use."""
+
+    conn: sqlite3.Connection
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    closed: bool = False
+
+
 class SqliteStore(CatalogStore):
     """Catalog store in one SQLite file (``:memory:`` is refused: it would not persist)."""
 
@@ -143,13 +153,13 @@ class SqliteStore(CatalogStore):
             raise InvalidArgument(f"catalog history must keep at least 1 revision, not {history}")
         self._history = history
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: list[_Connection] = []
         self._lock = threading.Lock()
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             self._shared = _SharedFile.for_path(self._path)
-            conn = self._connection()
-            conn.executescript(_SCHEMA)
+            with self._use() as conn:
+                conn.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(
                 f"cannot open catalog database {self._path}: {exc}; "
@@ -160,19 +170,38 @@ class SqliteStore(CatalogStore):
     def path(self) -> Path:
         return self._path
 
-    def _connection(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
+    def _connection(self) -> _Connection:
+        held: _Connection | None = getattr(self._local, "held", None)
+        if held is None:
             conn = sqlite3.connect(
                 self._path, timeout=self._timeout, isolation_level=None, check_same_thread=False
             )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute(f"PRAGMA busy_timeout={int(self._timeout * 1000)}")
-            self._local.conn = conn
+            held = _Connection(conn)
+            self._local.held = held
             with self._lock:
-                self._connections.append(conn)
-        return conn
+                self._connections.append(held)
+        return held
+
+    @contextmanager
+    def _use(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection, locked against :meth:`close` while in use.
+
+        A connection closed under a thread that had already picked it up is
+        replaced by a fresh one (a closed store reopens lazily).
+        """
+        while True:
+            held = self._connection()
+            held.lock.acquire()
+            if not held.closed:
+                break
+            held.lock.release()
+        try:
+            yield held.conn
+        finally:
+            held.lock.release()
 
     def _busy(self, what: str) -> StoreUnavailable:
         return StoreUnavailable(
@@ -197,15 +226,15 @@ class SqliteStore(CatalogStore):
 
     @contextmanager
     def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
-        conn = self._connection()
-        conn.execute(begin)
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:  # SQLite may have rolled back already (e.g. disk full)
-                conn.execute("ROLLBACK")
-            raise
+        with self._use() as conn:
+            conn.execute(begin)
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:  # SQLite may have rolled back already (disk full)
+                    conn.execute("ROLLBACK")
+                raise
 
     @staticmethod
     def _meta(conn: sqlite3.Connection, name: str) -> int:
@@ -221,11 +250,10 @@ class SqliteStore(CatalogStore):
 
     def get(self, key: str) -> Record | None:
         try:
-            row = (
-                self._connection()
-                .execute("SELECT key, value, revision FROM kv WHERE key = ?", (key,))
-                .fetchone()
-            )
+            with self._use() as conn:
+                row = conn.execute(
+                    "SELECT key, value, revision FROM kv WHERE key = ?", (key,)
+                ).fetchone()
         except sqlite3.Error as exc:
             raise self._failure(f"read of {key!r}", exc) from exc
         return Record(row[0], bytes(row[1]), int(row[2])) if row else None
@@ -256,7 +284,8 @@ class SqliteStore(CatalogStore):
 
     def revision(self) -> int:
         try:
-            return self._meta(self._connection(), "revision")
+            with self._use() as conn:
+                return self._meta(conn, "revision")
         except sqlite3.Error as exc:
             raise self._failure("revision read", exc) from exc
 
@@ -370,11 +399,14 @@ class SqliteStore(CatalogStore):
             raise self._failure("health check", exc) from exc
 
     def close(self) -> None:
+        """Close every thread's connection, each once it is out of use."""
         with self._lock:
-            for conn in self._connections:
-                conn.close()
-            self._connections.clear()
-        self._local = threading.local()
+            held, self._connections = self._connections, []
+            self._local = threading.local()
+        for connection in held:
+            with connection.lock:
+                connection.closed = True
+                connection.conn.close()
 
 
 class SqliteWatch(Watch):

@@ -226,3 +226,35 @@ def test_the_election_lock_lives_next_to_the_database(tmp_path: Path) -> None:
         store.election("../escape", "me")
     election.resign()
     store.close()
+
+
+def test_closing_a_store_while_other_threads_use_it_is_safe(tmp_path: Path) -> None:
+    # A server stopping closes its store while handler threads may still poll
+    # watches on it; closing must wait for each connection to be out of use.
+    store = SqliteStore(tmp_path / "c.db")
+    store.put("x/k", b"v")
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def use() -> None:
+        while not stop.is_set():
+            try:
+                with store.watch("x/", 1) as watch:
+                    watch.poll(0)
+                store.range("x/")
+            except BaseException as exc:
+                failures.append(exc)
+                return
+
+    users = [threading.Thread(target=use) for _ in range(4)]
+    for user in users:
+        user.start()
+    for _ in range(200):
+        store.close()
+    stop.set()
+    for user in users:
+        user.join(10)
+    assert failures == []
+    record = store.get("x/k")  # a closed store reopens on use
+    assert record is not None and record.value == b"v"
+    store.close()
