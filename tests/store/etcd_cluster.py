@@ -9,6 +9,7 @@ losing and regaining quorum takes a second, not ten.
 
 from __future__ import annotations
 
+import ctypes
 import shutil
 import signal
 import socket
@@ -24,6 +25,18 @@ ETCD = shutil.which("etcd")
 SKIP_REASON = "needs Debian's etcd-server (the etcd binary); scripts/setup.sh installs it"
 
 _START_TIMEOUT_S = 20.0
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """``preexec_fn``: the kernel kills the child if the test process dies first.
+
+    Fixture teardown stops children normally; this covers a crashed or killed
+    pytest, so no etcd or contender outlives its test run on a shared machine.
+    """
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _free_ports(count: int) -> list[int]:
@@ -112,7 +125,10 @@ class EtcdCluster:
         assert not member.running, f"{member.name} is already running"
         with open(member.log_path, "ab") as log:
             member.process = subprocess.Popen(
-                self._argv(member), stdout=log, stderr=subprocess.STDOUT
+                self._argv(member),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,
             )
 
     def start(self) -> EtcdCluster:

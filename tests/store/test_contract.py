@@ -31,6 +31,7 @@ from csi_driver.store.base import (
     Watch,
 )
 from tests.store.backends import Backend
+from tests.store.etcd_cluster import die_with_parent
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -408,6 +409,7 @@ class Contender:
             env=dict(os.environ, PYTHONPATH=str(ROOT)),
             stdout=subprocess.PIPE,
             text=True,
+            preexec_fn=die_with_parent,
         )
         self._lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
