@@ -20,6 +20,7 @@ import grpc
 
 from csi_driver.agent_api.client import GrpcNodeDirectory
 from csi_driver.agent_api.server import NodeAgentServicer, admitted_callers
+from csi_driver.catalog_api.server import admitted_callers as catalog_callers
 from csi_driver.catalog_api.server import register as serve_store
 from csi_driver.controller.volumes import VolumeService
 from csi_driver.core.errors import InvalidArgument
@@ -167,10 +168,17 @@ def _stopped_on_failure(services: Services) -> Iterator[None]:
         raise
 
 
-def _serve_catalog(store: CatalogStore, endpoint: str | None, services: Services) -> None:
+def _serve_catalog(
+    store: CatalogStore, endpoint: str | None, security: AgentSecurity, services: Services
+) -> None:
     """Serve the catalog to nodes as ``ferry.v1.Catalog`` (they open ``ferry://``)."""
     if endpoint:
-        server, bound = start_server(endpoint, [serve_store(store)], max_workers=128)
+        server, bound = start_server(
+            endpoint,
+            [serve_store(store)],
+            max_workers=128,
+            agents=(security, catalog_callers),
+        )
         services.servers.append(server)
         services.endpoints.append(bound)
 
@@ -186,9 +194,9 @@ def start_controller(
     security = security or AgentSecurity()
     with _stopped_on_failure(services):
         _require_identity(security, Identity.controller())
-        store = open_store(catalog_path)
+        store = open_store(catalog_path, security=security)
         services.closers.append(store.close)
-        _serve_catalog(store, catalog_listen, services)
+        _serve_catalog(store, catalog_listen, security, services)
         directory = GrpcNodeDirectory(security=security)
         services.closers.append(directory.close)
         volumes = VolumeService(Catalog(store), directory)
@@ -209,7 +217,7 @@ def start_controller(
 def start_node(csi_endpoint: str, config: NodeConfig, catalog_path: str | Path) -> Services:
     services = Services()
     with _stopped_on_failure(services):
-        store = open_store(catalog_path)
+        store = open_store(catalog_path, security=config.security)
         services.closers.append(store.close)
         parts = NodeParts(config)
         _start_node_side(parts, Catalog(store), services)
@@ -235,9 +243,9 @@ def start_all_in_one(
     """Controller and node in one process, on one CSI socket (one-machine mode)."""
     services = Services()
     with _stopped_on_failure(services):
-        store = open_store(catalog_path)
+        store = open_store(catalog_path, security=config.security)
         services.closers.append(store.close)
-        _serve_catalog(store, catalog_listen, services)
+        _serve_catalog(store, catalog_listen, config.security, services)
         catalog = Catalog(store)
         parts = NodeParts(config)
         _start_node_side(parts, catalog, services)

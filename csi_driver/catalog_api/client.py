@@ -23,6 +23,7 @@ from csi_driver.core import errors
 from csi_driver.core.errors import Compacted, FerryError, StoreUnavailable
 from csi_driver.csi.errors import CODES
 from csi_driver.gen.ferry.v1 import catalog_pb2, catalog_pb2_grpc
+from csi_driver.pki import Identity
 from csi_driver.store.base import (
     CatalogStore,
     Compare,
@@ -36,6 +37,7 @@ from csi_driver.store.base import (
 )
 from csi_driver.store.leader import LeaderElection
 from csi_driver.store.watch import StreamWatch
+from csi_driver.transport import AgentSecurity, open_channel
 
 _FROM_CODE: dict[grpc.StatusCode, type[FerryError]] = {code: kind for kind, code in CODES}
 #: The service is down, going down (it cancels our calls) or too slow.
@@ -61,10 +63,20 @@ def _op(op: Op) -> Any:
 class RemoteStore(CatalogStore):
     """Catalog store behind a ``ferry.v1.Catalog`` service at ``target`` (host:port)."""
 
-    def __init__(self, target: str, *, request_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        target: str,
+        security: AgentSecurity | None = None,
+        *,
+        request_timeout_s: float = 10.0,
+    ) -> None:
+        """``security``: mTLS as the caller's identity (plaintext only if it allows it)."""
         self.target = target
         self._timeout = request_timeout_s
-        self._channel = grpc.insecure_channel(target)
+        # The service is the controller's: its certificate must say so.
+        self._channel = open_channel(
+            f"tcp://{target}", security or AgentSecurity(), Identity.controller()
+        )
         self._stub = catalog_pb2_grpc.CatalogStub(self._channel)
 
     def __repr__(self) -> str:

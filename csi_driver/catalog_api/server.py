@@ -10,6 +10,9 @@ call. Two streams carry the long-lived parts:
 - ``Campaign`` runs the store's own election on the caller's behalf and
   holds leadership exactly as long as the stream is open: a caller that
   dies or disconnects resigns, so a standby takes over.
+
+Over TCP the service is one of Ferry's agent servers: mutual TLS under the
+cluster CA, callers admitted by :func:`admitted_callers` (see transport.py).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import grpc
 from csi_driver.core.errors import Compacted, Conflict, FerryError
 from csi_driver.csi.errors import rpc, status_for
 from csi_driver.gen.ferry.v1 import catalog_pb2, catalog_pb2_grpc
+from csi_driver.pki import Identity, Role
 from csi_driver.store.base import (
     CatalogStore,
     Compare,
@@ -160,6 +164,11 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServicer):
             context.abort(status_for(exc), exc.message)
         finally:
             election.resign()
+
+
+def admitted_callers(peer: Identity) -> bool:
+    """Who may use the catalog service over mTLS: the controller and every node."""
+    return peer.role in (Role.CONTROLLER, Role.NODE)
 
 
 def register(store: CatalogStore, *, progress_s: float = 5.0) -> Any:

@@ -24,6 +24,7 @@ from csi_driver.core.errors import InvalidArgument
 from csi_driver.store.base import CatalogStore
 from csi_driver.store.etcd import EtcdEndpoint, EtcdStore
 from csi_driver.store.sqlite import SqliteStore
+from csi_driver.transport import AgentSecurity
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
@@ -76,15 +77,20 @@ def parse_catalog_url(text: str | os.PathLike[str]) -> CatalogUrl:
 def open_store(
     url: str | os.PathLike[str],
     *,
+    security: AgentSecurity | None = None,
     ca: str | None = None,
     cert: str | None = None,
     key: str | None = None,
 ) -> CatalogStore:
-    """Open the catalog store that ``url`` names (see the module doc)."""
+    """Open the catalog store that ``url`` names (see the module doc).
+
+    ``security`` secures ``ferry://`` (mTLS as this process's identity);
+    ``ca``/``cert``/``key`` are file paths for etcd's client TLS.
+    """
     where = parse_catalog_url(url)
     if where.sqlite_path is not None:
         return SqliteStore(where.sqlite_path)
     if where.service is not None:
-        return RemoteStore(where.service)
+        return RemoteStore(where.service, security)
     endpoints = [EtcdEndpoint(host, port) for host, port in where.etcd_endpoints]
     return EtcdStore(endpoints, ca=ca, cert=cert, key=key)

@@ -13,8 +13,10 @@ from csi_driver.store.base import CatalogStore
 from csi_driver.store.etcd import EtcdEndpoint, EtcdStore
 from csi_driver.store.sqlite import SqliteStore
 from csi_driver.store.url import open_store, parse_catalog_url
-from csi_driver.transport import start_server
+from csi_driver.transport import AgentSecurity, start_server
 
+#: How test clients reach the plaintext loopback catalog servers below.
+LOOPBACK_PLAINTEXT = AgentSecurity(plaintext_tcp=True)
 #: Short enough that takeover tests stay quick, long enough for a loaded machine.
 TEST_LEASE_TTL_S = 2
 TEST_REQUEST_TIMEOUT_S = 3.0
@@ -24,7 +26,8 @@ def open_url(url: str) -> CatalogStore:
     """Open a store the way ``open_store`` does, with the tests' shorter etcd timings."""
     where = parse_catalog_url(url)
     if not where.etcd_endpoints:
-        return open_store(url)
+        # The test catalog servers listen on loopback in plaintext (mTLS: test_remote.py).
+        return open_store(url, security=LOOPBACK_PLAINTEXT)
     return EtcdStore(
         [EtcdEndpoint(h, p) for h, p in where.etcd_endpoints],
         request_timeout_s=TEST_REQUEST_TIMEOUT_S,

@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 #: Generous bound for an event to arrive; a healthy run takes milliseconds.
 EVENT_WAIT_S = 10.0
+#: A contender process starting (importing gRPC) on a loaded shared machine.
+STARTUP_WAIT_S = 60.0
 
 
 def _drain(watch: Watch, count: int) -> list[Event]:
@@ -436,10 +438,10 @@ def test_standby_process_takes_over_when_the_leader_dies(backend: Backend) -> No
     first = Contender(backend.url, "ctl", "first")
     second: Contender | None = None
     try:
-        assert first.line(20) == "CAMPAIGNING"
-        assert first.line(20).startswith("LEADER")
+        assert first.line(STARTUP_WAIT_S) == "CAMPAIGNING"
+        assert first.line(STARTUP_WAIT_S).startswith("LEADER")
         second = Contender(backend.url, "ctl", "second")
-        assert second.line(20) == "CAMPAIGNING"
+        assert second.line(STARTUP_WAIT_S) == "CAMPAIGNING"
         assert second.line(1.5) == ""  # a standby while the leader lives
         first.kill()
         took_over = second.line(15)  # the bound for a takeover

@@ -2,8 +2,9 @@
 
 The contract itself runs over ``ferry`` in test_contract.py. Here: an
 unreachable service, progress that keeps a quiet watch resumable past
-compaction, leadership that ends with the service, and a node service that
-registers through the controller's catalog service without its file.
+compaction, leadership that ends with the service, a node service that
+registers through the controller's catalog service over mutual TLS without
+the catalog's file, and callers without a certificate, or not admitted, refused.
 """
 
 from __future__ import annotations
@@ -11,21 +12,24 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
 
 from csi_driver.catalog_api.client import RemoteStore
-from csi_driver.core.errors import StoreUnavailable
+from csi_driver.core.errors import FailedPrecondition, PermissionDenied, StoreUnavailable
 from csi_driver.core.model import MiB
 from csi_driver.csi.client import CsiClient, mount_capability
 from csi_driver.csi.errors import status_for
 from csi_driver.gen import csi_pb2
 from csi_driver.runtime import start_controller, start_node
 from csi_driver.store.sqlite import SqliteStore
+from csi_driver.transport import AgentSecurity
+from tests.certs import Pki
 from tests.csi.conftest import node_config
-from tests.store.backends import CatalogServer
+from tests.store.backends import LOOPBACK_PLAINTEXT, CatalogServer
 
 
 @pytest.fixture
@@ -42,7 +46,7 @@ def _dead_port() -> int:
 
 
 def test_an_unreachable_service_is_unavailable() -> None:
-    store = RemoteStore(f"127.0.0.1:{_dead_port()}", request_timeout_s=2)
+    store = RemoteStore(f"127.0.0.1:{_dead_port()}", LOOPBACK_PLAINTEXT, request_timeout_s=2)
     with pytest.raises(StoreUnavailable, match="nothing was written") as read:
         store.get("k")
     with pytest.raises(StoreUnavailable, match="may or may not have applied") as write:
@@ -55,7 +59,7 @@ def test_an_unreachable_service_is_unavailable() -> None:
 
 
 def test_progress_keeps_a_quiet_watch_resumable_past_compaction(server: CatalogServer) -> None:
-    store = RemoteStore(f"127.0.0.1:{server.port}")
+    store = RemoteStore(f"127.0.0.1:{server.port}", LOOPBACK_PLAINTEXT)
     watch = store.watch("quiet/", store.revision() + 1)
     last = 0
     for i in range(5):
@@ -74,7 +78,7 @@ def test_progress_keeps_a_quiet_watch_resumable_past_compaction(server: CatalogS
 
 
 def test_leadership_ends_when_the_service_goes_away(server: CatalogServer) -> None:
-    store = RemoteStore(f"127.0.0.1:{server.port}")
+    store = RemoteStore(f"127.0.0.1:{server.port}", LOOPBACK_PLAINTEXT)
     election = store.election("ctl", "remote")
     assert election.campaign(timeout=10) and election.is_leader
     server.stop()
@@ -84,18 +88,31 @@ def test_leadership_ends_when_the_service_goes_away(server: CatalogServer) -> No
     store.close()
 
 
-def test_a_node_registers_through_the_controllers_catalog_service(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki.create(tmp_path_factory.mktemp("pki"))
+
+
+def test_a_node_registers_through_the_controllers_catalog_service_over_mtls(
+    tmp_path: Path, pki: Pki
+) -> None:
     (tmp_path / "kubelet").mkdir()
     catalog_file = tmp_path / "controller" / "catalog.db"
     controller = start_controller(
-        f"unix://{tmp_path}/controller.sock", catalog_file, "tcp://127.0.0.1:0"
+        f"unix://{tmp_path}/controller.sock",
+        catalog_file,
+        AgentSecurity(pki.bundle("controller")),
+        catalog_listen="tcp://127.0.0.1:0",
     )
     node = None
     try:
         listen = next(e for e in controller.endpoints if e.scheme == "tcp")
-        port = listen.address.rpartition(":")[2]
-        config = node_config(tmp_path, "node-remote")
-        node = start_node(f"unix://{tmp_path}/node.sock", config, f"ferry://127.0.0.1:{port}")
+        url = f"ferry://127.0.0.1:{listen.address.rpartition(':')[2]}"
+        config = replace(
+            node_config(tmp_path, "node-remote"),
+            security=AgentSecurity(pki.bundle("node/node-remote")),
+        )
+        node = start_node(f"unix://{tmp_path}/node.sock", config, url)
         with CsiClient(f"unix://{tmp_path}/controller.sock") as client:
             request = csi_pb2.CreateVolumeRequest(
                 name="pvc-remote",
@@ -108,6 +125,21 @@ def test_a_node_registers_through_the_controllers_catalog_service(tmp_path: Path
         assert [r.key for r in direct.list("nodes/")] == ["nodes/node-remote"]
         assert direct.get(f"volumes/{volume.volume_id}") is not None
         direct.close()
+
+        target = url.removeprefix("ferry://")
+        # No certificate at all: the TLS handshake fails, the store is unavailable.
+        bare = RemoteStore(target, LOOPBACK_PLAINTEXT, request_timeout_s=2)
+        with pytest.raises(StoreUnavailable):
+            bare.get("nodes/node-remote")
+        bare.close()
+        # A Ferry identity of this CA that is not a controller or node: refused.
+        member = RemoteStore(target, AgentSecurity(pki.bundle("catalog")))
+        with pytest.raises(PermissionDenied, match="may not call"):
+            member.get("nodes/node-remote")
+        member.close()
+        # Without any security the client refuses plaintext TCP itself.
+        with pytest.raises(FailedPrecondition, match="plaintext TCP"):
+            RemoteStore(target)
     finally:
         if node is not None:
             node.stop(grace_s=0)
