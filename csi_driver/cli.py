@@ -1,4 +1,4 @@
-"""``ferry``: run Ferry's controller, node agent, both, or the one-machine demo."""
+"""``ferry``: run Ferry's controller, node agent, both, the one-machine demo or the sandbox."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from csi_driver.core.errors import FerryError
 from csi_driver.metrics import serve as serve_metrics
 from csi_driver.pki import TlsBundle
 from csi_driver.runtime import NodeConfig, Services
+from csi_driver.sandbox import commands as sandbox_commands
 from csi_driver.transport import AgentSecurity
 
 logger = logging.getLogger("ferry")
@@ -166,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--fs-type", default="ext4", choices=["ext4", "xfs"])
     demo.add_argument("--keep", action="store_true", help="leave the workdir behind")
     ca_command.add_parser(sub)
+    sandbox_commands.add_parser(sub, parse_size)
     return parser
 
 
@@ -189,6 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_demo(args.workdir, args.size, args.fs_type, keep=args.keep)
     if args.command == "ca":
         return ca_command.run(args)
+    if args.command == "sandbox":
+        log.configure(args.log_level if args.log_level != "info" else "warning", "text")
+        return sandbox_commands.run(args)
 
     if args.log_format == "json":
         log.route_native_stderr()  # gRPC core's lines (TLS refusals) become JSON too

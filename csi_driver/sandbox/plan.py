@@ -1,0 +1,243 @@
+"""What a sandbox consists of, derived from a handful of choices.
+
+A :class:`SandboxPlan` is a pure value: from the directory, the name prefix,
+the subnet and the node count it derives every name, address, path and
+command line, so the same plan (persisted in the directory) always names the
+same things. Invariants:
+
+- every network namespace and host link is ``<prefix>-...``; the prefix is
+  validated so that no name exceeds the kernel's 15-character interface limit
+  and no prefix is a prefix-plus-dash of another sandbox's names;
+- every address is inside the plan's subnet, which exists only on the
+  sandbox's bridge and in its namespaces (the host gets no address and no
+  route there, so sandboxes never touch the host's own networks or each other);
+- every file is below the plan's directory.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from csi_driver.core.errors import InvalidArgument, NotFound
+
+PREFIX_PATTERN = re.compile(r"^[a-z][a-z0-9]{1,7}$")
+DEFAULT_SUBNET = "10.251.0.0/24"
+MAX_NODES = 200
+ETCD_CLIENT_PORT = 2379
+ETCD_PEER_PORT = 2380
+AGENT_PORT = 7400
+ZONE = "sandbox"
+
+CONTROL = "control"
+ETCD = "etcd"
+CONTROLLER = "controller"
+
+
+class CatalogKind(enum.Enum):
+    """Where the sandbox's catalog lives."""
+
+    ETCD = "etcd"
+    SQLITE = "sqlite"
+
+
+class Role(enum.Enum):
+    ETCD = "etcd"
+    CONTROLLER = "controller"
+    NODE = "node"
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """A network namespace on the sandbox bridge."""
+
+    name: str  # the netns name (``ip netns``)
+    host_link: str  # the host end of its veth pair, enslaved to the bridge
+    address: str  # the address of its ``eth0``
+
+
+@dataclass(frozen=True)
+class Member:
+    """One process of the sandbox."""
+
+    name: str  # "etcd", "controller", "node-1", ...
+    role: Role
+    namespace: Namespace
+    socket: Path | None  # its CSI socket (etcd has none)
+    log: Path
+
+
+@dataclass(frozen=True)
+class SandboxPlan:
+    directory: Path
+    prefix: str
+    node_count: int
+    subnet: str = DEFAULT_SUBNET
+    catalog: CatalogKind = CatalogKind.ETCD
+    pool_capacity_bytes: int = 2 * 1024**3
+
+    def __post_init__(self) -> None:
+        if not PREFIX_PATTERN.fullmatch(self.prefix):
+            raise InvalidArgument(
+                f"sandbox prefix {self.prefix!r} must be 2-8 lowercase letters and digits, "
+                "starting with a letter"
+            )
+        if not 1 <= self.node_count <= MAX_NODES:
+            raise InvalidArgument(f"--nodes must be between 1 and {MAX_NODES}")
+        if not self.directory.is_absolute():
+            raise InvalidArgument(f"sandbox directory {self.directory} must be absolute")
+        try:
+            network = ipaddress.IPv4Network(self.subnet)
+        except ValueError as exc:
+            raise InvalidArgument(f"subnet {self.subnet!r} is not an IPv4 network") from exc
+        if not network.is_private or network.num_addresses < self.node_count + 16:
+            raise InvalidArgument(
+                f"subnet {self.subnet} must be private and hold {self.node_count + 16} addresses"
+            )
+        if self.pool_capacity_bytes <= 0:
+            raise InvalidArgument("the pool capacity must be positive")
+
+    # -- names and addresses ---------------------------------------------------
+
+    @property
+    def bridge(self) -> str:
+        return f"{self.prefix}-br"
+
+    @property
+    def prefixlen(self) -> int:
+        return ipaddress.IPv4Network(self.subnet).prefixlen
+
+    def _address(self, offset: int) -> str:
+        return str(ipaddress.IPv4Network(self.subnet).network_address + offset)
+
+    @property
+    def control(self) -> Namespace:
+        """The control plane's namespace: etcd and the controller."""
+        return Namespace(f"{self.prefix}-{CONTROL}", f"{self.prefix}-c", self._address(2))
+
+    def node_ids(self) -> tuple[str, ...]:
+        return tuple(f"node-{i}" for i in range(1, self.node_count + 1))
+
+    def node_namespace(self, index: int) -> Namespace:
+        return Namespace(
+            f"{self.prefix}-node-{index}", f"{self.prefix}-h{index}", self._address(10 + index)
+        )
+
+    def namespaces(self) -> tuple[Namespace, ...]:
+        nodes = (self.node_namespace(i) for i in range(1, self.node_count + 1))
+        return (self.control, *nodes)
+
+    @property
+    def etcd_endpoint(self) -> str:
+        return f"{self.control.address}:{ETCD_CLIENT_PORT}"
+
+    @property
+    def catalog_url(self) -> str:
+        """How the controller and the nodes reach the catalog: over the network only."""
+        return f"etcd://{self.etcd_endpoint}"
+
+    # -- files -------------------------------------------------------------------
+
+    @property
+    def state_file(self) -> Path:
+        return self.directory / "sandbox.json"
+
+    @property
+    def logs(self) -> Path:
+        return self.directory / "logs"
+
+    def node_dir(self, node_id: str) -> Path:
+        return self.directory / "nodes" / node_id
+
+    # -- members -----------------------------------------------------------------
+
+    def members(self) -> tuple[Member, ...]:
+        control = self.control
+        members = [
+            Member(ETCD, Role.ETCD, control, None, self.logs / "etcd.log"),
+            Member(
+                CONTROLLER,
+                Role.CONTROLLER,
+                control,
+                self.directory / "controller" / "csi.sock",
+                self.logs / "controller.log",
+            ),
+        ]
+        for index, node_id in enumerate(self.node_ids(), start=1):
+            members.append(
+                Member(
+                    node_id,
+                    Role.NODE,
+                    self.node_namespace(index),
+                    self.node_dir(node_id) / "csi.sock",
+                    self.logs / f"{node_id}.log",
+                )
+            )
+        return tuple(members)
+
+    def member(self, name: str) -> Member:
+        for member in self.members():
+            if member.name == name:
+                return member
+        known = ", ".join(m.name for m in self.members())
+        raise NotFound(f"the sandbox has no member {name!r}; it has {known}")
+
+    def command(self, member: Member) -> tuple[str, ...]:
+        """The command line that runs ``member`` (inside its namespace)."""
+        if member.role is Role.ETCD:
+            return self._etcd_command(member)
+        ferry = (sys.executable, "-m", "csi_driver.cli", "--log-format", "json")
+        assert member.socket is not None
+        common = ("--endpoint", f"unix://{member.socket}", "--catalog", self.catalog_url)
+        if member.role is Role.CONTROLLER:
+            return (*ferry, "controller", *common)
+        node_dir = self.node_dir(member.name)
+        return (
+            *ferry,
+            "node",
+            *common,
+            "--node-id",
+            member.name,
+            "--pool",
+            str(node_dir / "pool"),
+            "--pool-capacity",
+            str(self.pool_capacity_bytes),
+            "--kubelet-dir",
+            str(node_dir / "kubelet"),
+            "--agent-endpoint",
+            f"tcp://{member.namespace.address}:{AGENT_PORT}",
+            "--zone",
+            ZONE,
+        )
+
+    def _etcd_command(self, member: Member) -> tuple[str, ...]:
+        # The peer URL stays on the namespace's loopback: a one-member cluster
+        # talks to no peer, and clients come in over the bridge only.
+        peer = f"http://127.0.0.1:{ETCD_PEER_PORT}"
+        client = f"http://{self.etcd_endpoint}"
+        name = f"{self.prefix}-etcd"
+        return (
+            "etcd",
+            "--name",
+            name,
+            "--data-dir",
+            str(self.directory / "etcd"),
+            "--listen-client-urls",
+            client,
+            "--advertise-client-urls",
+            client,
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+            "--initial-cluster",
+            f"{name}={peer}",
+            "--initial-cluster-token",
+            name,
+            "--initial-cluster-state",
+            "new",
+        )
