@@ -94,7 +94,7 @@ def _describe(teardown: Teardown) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    sandbox = Sandbox(args.dir.absolute())
+    sandbox = Sandbox(args.dir)
     try:
         if args.action == "up":
             plan = SandboxPlan(

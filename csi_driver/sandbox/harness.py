@@ -94,8 +94,8 @@ class Sandbox:
     """One sandbox, known by its directory."""
 
     def __init__(self, directory: Path, runner: CommandRunner | None = None) -> None:
-        if not directory.is_absolute():
-            directory = directory.absolute()
+        # Loop devices report their backing files by real path: so must we.
+        directory = directory.resolve()
         self.directory = directory
         self._runner = runner or CommandRunner()
         self._network = SandboxNetwork(self._runner)

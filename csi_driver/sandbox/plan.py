@@ -32,6 +32,8 @@ ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
 AGENT_PORT = 7400
 ZONE = "sandbox"
+#: sun_path holds 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH = 107
 
 CONTROL = "control"
 ETCD = "etcd"
@@ -100,6 +102,12 @@ class SandboxPlan:
             )
         if self.pool_capacity_bytes <= 0:
             raise InvalidArgument("the pool capacity must be positive")
+        longest = self.node_dir(self.node_ids()[-1]) / "csi.sock"
+        if len(str(longest).encode()) > MAX_SOCKET_PATH:
+            raise InvalidArgument(
+                f"socket path {longest} is longer than the kernel's {MAX_SOCKET_PATH} bytes "
+                "for unix sockets: choose a shorter --dir"
+            )
 
     # -- names and addresses ---------------------------------------------------
 

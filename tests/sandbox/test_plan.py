@@ -1,0 +1,79 @@
+"""The sandbox plan: names, addresses, paths and command lines, no host needed."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from csi_driver.core.errors import InvalidArgument, NotFound, Unimplemented
+from csi_driver.sandbox.harness import Sandbox
+from csi_driver.sandbox.plan import CatalogKind, Role, SandboxPlan
+
+IFNAMSIZ = 15
+
+
+def test_names_fit_the_kernel_and_carry_the_prefix() -> None:
+    plan = SandboxPlan(Path("/s"), "abcdefgh", 200, subnet="10.9.0.0/24")
+    names = [plan.bridge] + [n.host_link for n in plan.namespaces()]
+    assert all(len(name) <= IFNAMSIZ for name in names)
+    assert all(name.startswith("abcdefgh-") for name in names)
+    assert all(n.name.startswith("abcdefgh-") for n in plan.namespaces())
+    assert len(set(names)) == len(names) == 201 + 1
+
+
+def test_addresses_are_distinct_and_inside_the_subnet() -> None:
+    plan = SandboxPlan(Path("/s"), "ab", 5, subnet="192.168.77.0/24")
+    addresses = [ipaddress.IPv4Address(n.address) for n in plan.namespaces()]
+    assert len(set(addresses)) == 6
+    assert all(a in ipaddress.IPv4Network("192.168.77.0/24") for a in addresses)
+    assert plan.catalog_url == "etcd://192.168.77.2:2379"
+
+
+@pytest.mark.parametrize(
+    ("prefix", "nodes", "subnet", "directory"),
+    [
+        ("A1", 2, "10.9.0.0/24", "/s"),  # upper case
+        ("x", 2, "10.9.0.0/24", "/s"),  # too short
+        ("abcdefghi", 2, "10.9.0.0/24", "/s"),  # too long for interface names
+        ("a-b", 2, "10.9.0.0/24", "/s"),  # a dash would let prefixes overlap
+        ("ab", 0, "10.9.0.0/24", "/s"),
+        ("ab", 201, "10.9.0.0/24", "/s"),
+        ("ab", 2, "8.8.8.0/24", "/s"),  # not private: never route to the world
+        ("ab", 2, "10.9.0.0/29", "/s"),  # too small
+        ("ab", 2, "nonsense", "/s"),
+        ("ab", 2, "10.9.0.0/24", "relative"),
+        ("ab", 2, "10.9.0.0/24", "/" + "d" * 100),  # socket path beyond sun_path
+    ],
+)
+def test_bad_choices_are_refused(prefix: str, nodes: int, subnet: str, directory: str) -> None:
+    with pytest.raises(InvalidArgument):
+        SandboxPlan(Path(directory), prefix, nodes, subnet=subnet)
+
+
+def test_nodes_reach_the_catalog_over_the_network_only() -> None:
+    plan = SandboxPlan(Path("/s"), "ab", 3)
+    for member in plan.members():
+        command = plan.command(member)
+        assert not any(arg.endswith(".db") for arg in command)
+        if member.role is not Role.ETCD:
+            assert command[command.index("--catalog") + 1] == "etcd://10.251.0.2:2379"
+    node2 = plan.member("node-2")
+    command = plan.command(node2)
+    assert command[command.index("--agent-endpoint") + 1] == "tcp://10.251.0.12:7400"
+    assert command[command.index("--pool") + 1] == "/s/nodes/node-2/pool"
+    assert node2.socket == Path("/s/nodes/node-2/csi.sock")
+    assert plan.member("controller").socket == Path("/s/controller/csi.sock")
+
+
+def test_an_unknown_member_names_the_known_ones() -> None:
+    with pytest.raises(NotFound, match="node-1, node-2"):
+        SandboxPlan(Path("/s"), "ab", 2).member("node-3")
+
+
+def test_sqlite_needs_the_catalog_service(tmp_path: Path) -> None:
+    plan = SandboxPlan(tmp_path, "ab", 2, catalog=CatalogKind.SQLITE)
+    with pytest.raises(Unimplemented, match="catalog service"):
+        Sandbox(tmp_path).up(plan)
+    assert list(tmp_path.iterdir()) == []  # refused before touching anything
