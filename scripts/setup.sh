@@ -15,6 +15,8 @@ python=${PYTHON:-python3}
 venv=.venv
 
 packages=(util-linux mount e2fsprogs xfsprogs fio etcd-server)
+# `ferry sandbox`: namespaces and links (ip), etcd's health check (etcdctl).
+packages+=(iproute2 etcd-client)
 # Debian splits venv (and ensurepip) out of python3: install it when the
 # chosen interpreter cannot build a venv with pip in it.
 if ! "$python" -c 'import ensurepip, venv' >/dev/null 2>&1; then
