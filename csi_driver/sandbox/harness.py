@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import shutil
 import signal
 import time
@@ -112,6 +113,10 @@ class Sandbox:
                 "a sandbox on the SQLite catalog needs the controller's catalog service "
                 "(ferry://), which this build does not have, and nodes must never open the "
                 "catalog's file: use --catalog etcd"
+            )
+        if os.geteuid() != 0:
+            raise FailedPrecondition(
+                "ferry sandbox up needs root (network namespaces, loop devices, mounts)"
             )
         with self._states.locked():
             existing = self._states.load()
