@@ -31,6 +31,7 @@ import grpc
 from csi_driver.core.errors import (
     CommandFailed,
     FailedPrecondition,
+    FerryError,
     InternalError,
     InvalidArgument,
     NotFound,
@@ -136,8 +137,14 @@ class Sandbox:
             try:
                 self._build(state, time.monotonic() + timeout_s)
             except BaseException:
-                self._teardown(plan.prefix, self._states.load() or state)
-                self._states.remove()
+                try:
+                    self._teardown(plan.prefix, self._states.load() or state)
+                    self._states.remove()
+                except FerryError:  # keep the first error: it says why up failed
+                    log.exception(
+                        "could not take the half-built sandbox down",
+                        extra={"hint": f"run `ferry sandbox down --dir {self.directory}`"},
+                    )
                 raise
         return self.status()
 
