@@ -1,6 +1,7 @@
 """Bringing a sandbox up, reporting on it, breaking it on purpose, taking it down.
 
-Order of ``up``: persist the plan; build the bridge and the namespaces; start
+Order of ``up``: persist the plan; create the sandbox's CA and the agents'
+certificates; build the bridge and the namespaces; start
 etcd and wait for its health; start the controller and wait for CSI Probe;
 start every node and wait for each one's Probe. State is saved before each
 step and after each process starts. If any step fails, everything built so
@@ -43,6 +44,7 @@ from csi_driver.gen import csi_pb2
 from csi_driver.node.mounts import Mounts
 from csi_driver.node.runner import CommandRunner
 from csi_driver.node.teardown import release_under
+from csi_driver.pki import CertificateAuthority, Identity
 from csi_driver.sandbox import processes
 from csi_driver.sandbox.network import SandboxNetwork, in_namespace, netns_file
 from csi_driver.sandbox.plan import CatalogKind, Member, Role, SandboxPlan
@@ -56,7 +58,7 @@ _PROBE_TIMEOUT_S = 2.0
 _POLL_S = 0.2
 _LOG_TAIL_LINES = 15
 #: What ``down`` deletes below the directory; ``logs/`` stays for the post-mortem.
-RUNTIME_DIRS = ("etcd", "controller", "nodes")
+RUNTIME_DIRS = ("etcd", "controller", "nodes", "tls")
 
 
 class MemberState(enum.Enum):
@@ -90,6 +92,21 @@ def _log_tail(path: Path) -> str:
     except FileNotFoundError:
         return "(no log)"
     return "\n".join(lines[-_LOG_TAIL_LINES:])
+
+
+def _issue_certificates(plan: SandboxPlan) -> None:
+    """A CA for this sandbox alone, and a certificate for each agent naming its address."""
+    authority = CertificateAuthority.create(f"Ferry sandbox {plan.prefix} CA")
+    authority.save(plan.tls / "ca")
+    for member in plan.members():
+        if member.role is Role.CONTROLLER:
+            identity = Identity.controller()
+        elif member.role is Role.NODE:
+            identity = Identity.node(member.name)
+        else:
+            continue
+        bundle = authority.issue(identity, ips=(member.namespace.address,))
+        bundle.write(plan.tls / member.name)
 
 
 class Sandbox:
@@ -155,6 +172,7 @@ class Sandbox:
         for node_id in plan.node_ids():
             for sub in ("pool", "kubelet"):
                 (plan.node_dir(node_id) / sub).mkdir(parents=True, exist_ok=True)
+        _issue_certificates(plan)
         self._network.create_bridge(plan.bridge)
         for namespace in plan.namespaces():
             self._network.add_namespace(namespace, plan.bridge, plan.prefixlen)

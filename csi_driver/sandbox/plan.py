@@ -11,7 +11,9 @@ same things. Invariants:
 - every address is inside the plan's subnet, which exists only on the
   sandbox's bridge and in its namespaces (the host gets no address and no
   route there, so sandboxes never touch the host's own networks or each other);
-- every file is below the plan's directory.
+- every file is below the plan's directory;
+- the controller and the nodes speak to each other over mutual TLS under the
+  sandbox's own CA (``DIR/tls``), as in a cluster.
 """
 
 from __future__ import annotations
@@ -161,6 +163,11 @@ class SandboxPlan:
     def node_dir(self, node_id: str) -> Path:
         return self.directory / "nodes" / node_id
 
+    @property
+    def tls(self) -> Path:
+        """The sandbox's own cluster CA (``ca/``) and one certificate per agent."""
+        return self.directory / "tls"
+
     # -- members -----------------------------------------------------------------
 
     def members(self) -> tuple[Member, ...]:
@@ -200,7 +207,11 @@ class SandboxPlan:
             return self._etcd_command(member)
         ferry = (sys.executable, "-m", "csi_driver.cli", "--log-format", "json")
         assert member.socket is not None
-        common = ("--endpoint", f"unix://{member.socket}", "--catalog", self.catalog_url)
+        common = (
+            "--endpoint", f"unix://{member.socket}",
+            "--catalog", self.catalog_url,
+            "--tls-dir", str(self.tls / member.name),
+        )  # fmt: skip
         if member.role is Role.CONTROLLER:
             return (*ferry, "controller", *common)
         node_dir = self.node_dir(member.name)

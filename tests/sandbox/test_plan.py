@@ -59,6 +59,8 @@ def test_nodes_reach_the_catalog_over_the_network_only() -> None:
         assert not any(arg.endswith(".db") for arg in command)
         if member.role is not Role.ETCD:
             assert command[command.index("--catalog") + 1] == "etcd://10.251.0.2:2379"
+            assert command[command.index("--tls-dir") + 1] == f"/s/tls/{member.name}"
+            assert "--insecure-agent-api" not in command
     node2 = plan.member("node-2")
     command = plan.command(node2)
     assert command[command.index("--agent-endpoint") + 1] == "tcp://10.251.0.12:7400"

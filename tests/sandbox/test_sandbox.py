@@ -23,6 +23,7 @@ import pytest
 from csi_driver.core.model import MiB
 from csi_driver.csi.client import CsiClient, mount_capability
 from csi_driver.gen import csi_pb2
+from csi_driver.pki import CertificateAuthority, Identity
 from tests.sandbox.conftest import ROOT, Place, leftovers, requires_host
 
 pytestmark = [requires_host, pytest.mark.root, pytest.mark.slow]
@@ -232,6 +233,54 @@ def test_a_cut_node_shows_cut_and_recovers_when_healed(running: Place) -> None:
             if exc.code() not in retryable or time.monotonic() > deadline:
                 raise
     assert (running.node_dir("node-2") / f"pool/images/{volume.volume_id}.img").exists()
+
+
+AGENT_CALL = """
+import sys, grpc
+from pathlib import Path
+from csi_driver.gen.ferry.v1 import agent_pb2, agent_pb2_grpc
+from csi_driver.pki import Identity, TlsBundle
+from csi_driver.transport import AgentSecurity, open_channel
+
+endpoint, tls_dir = sys.argv[1], sys.argv[2]
+if tls_dir == "-":
+    channel = grpc.insecure_channel(endpoint.removeprefix("tcp://"))
+else:
+    security = AgentSecurity(TlsBundle.load(Path(tls_dir)))
+    channel = open_channel(endpoint, security, Identity.node("node-2"))
+request = agent_pb2.DeleteImageRequest(volume_id="vol-" + "0" * 32)
+try:
+    agent_pb2_grpc.NodeAgentStub(channel).DeleteImage(request, timeout=10)
+    print("OK")
+except grpc.RpcError as exc:
+    print(exc.code().name)
+"""
+
+
+def call_agent_from_node_1(running: Place, tls_dir: str) -> str:
+    """DeleteImage on node 2's agent, from inside node 1's namespace (on the bridge)."""
+    endpoint = f"tcp://{running.status()['node-2']['ADDRESS']}:7400"
+    enter = ("nsenter", f"--net=/run/netns/{running.prefix}-node-1", "--")
+    done = subprocess.run(
+        [*enter, sys.executable, "-c", AGENT_CALL, endpoint, tls_dir],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+def test_node_agents_refuse_peers_without_the_sandbox_certificate(
+    running: Place, tmp_path: Path
+) -> None:
+    stranger = CertificateAuthority.create("not this sandbox")
+    stranger.issue(Identity.controller()).write(tmp_path / "stranger")
+    assert call_agent_from_node_1(running, "-") == "UNAVAILABLE"  # plaintext
+    assert call_agent_from_node_1(running, str(tmp_path / "stranger")) == "UNAVAILABLE"
+    controller = running.directory / "tls" / "controller"
+    assert call_agent_from_node_1(running, str(controller)) == "OK"
 
 
 def test_faults_name_unknown_members_clearly(running: Place) -> None:
