@@ -53,6 +53,8 @@ from csi_driver.sandbox.state import ProcessRecord, SandboxState, StateFile
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 120.0
+#: What the sandbox runs on the host besides Ferry itself.
+HOST_TOOLS = ("ip", "nsenter", "etcd", "etcdctl")
 STOP_GRACE_S = 10.0
 _PROBE_TIMEOUT_S = 2.0
 _POLL_S = 0.2
@@ -135,6 +137,12 @@ class Sandbox:
         if os.geteuid() != 0:
             raise FailedPrecondition(
                 "ferry sandbox up needs root (network namespaces, loop devices, mounts)"
+            )
+        absent = [tool for tool in HOST_TOOLS if shutil.which(tool) is None]
+        if absent:
+            raise FailedPrecondition(
+                f"ferry sandbox needs {', '.join(absent)}: install iproute2, util-linux, "
+                "etcd-server and etcd-client (bash scripts/setup.sh does)"
             )
         with self._states.locked():
             existing = self._states.load()

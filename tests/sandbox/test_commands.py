@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,14 @@ def test_refusals_exit_1_with_what_to_do(
     assert err.startswith(f"ferry sandbox {argv[0]}: ")
     assert message in err
     assert not (tmp_path / "sandbox.json").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="without root, the root check answers first")
+def test_up_names_the_host_tools_it_misses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH holding none of them
+    assert main(["sandbox", "up", "--dir", str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err
+    assert "needs ip, nsenter, etcd, etcdctl" in err and "scripts/setup.sh" in err
+    assert not (tmp_path / "s").exists()
