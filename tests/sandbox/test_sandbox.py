@@ -205,6 +205,42 @@ def test_a_node_killed_or_stopped_shows_dead_and_starts_again(
     assert create_on(running, node, f"pvc-{uuid.uuid4()}").volume_id
 
 
+RETRYABLE = (
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.ABORTED,
+)
+
+
+def create_with_retries(place: Place, node: str, name: str) -> Any:
+    """What a provisioner does: retry the same name until it succeeds."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            return create_on(place, node, name, timeout=15)
+        except grpc.RpcError as exc:
+            if exc.code() not in RETRYABLE or time.monotonic() > deadline:
+                raise
+
+
+@pytest.mark.parametrize(("fault", "member"), [("kill", "etcd"), ("stop", "controller")])
+def test_the_control_plane_killed_or_stopped_starts_again(
+    running: Place, fault: str, member: str
+) -> None:
+    before = running.status()[member]
+    assert running.fault(fault, member)["STATE"] == "dead"
+    table = running.status()
+    assert table[member]["STATE"] == "dead"
+    assert {r["STATE"] for n, r in table.items() if n != member} == {"alive"}
+    with pytest.raises(grpc.RpcError) as failed:
+        create_on(running, "node-1", f"pvc-{uuid.uuid4()}", timeout=5)
+    assert failed.value.code() in RETRYABLE
+
+    row = running.fault("start", member)
+    assert row["STATE"] == "alive" and row["PID"] != before["PID"]
+    assert create_with_retries(running, "node-1", f"pvc-{uuid.uuid4()}").volume_id
+
+
 def test_a_cut_node_shows_cut_and_recovers_when_healed(running: Place) -> None:
     row = running.fault("cut", "node-2")
     assert row["STATE"] == "cut"
@@ -219,19 +255,7 @@ def test_a_cut_node_shows_cut_and_recovers_when_healed(running: Place) -> None:
     )
 
     assert running.fault("heal", "node-2")["STATE"] == "alive"
-    deadline = time.monotonic() + 120
-    while True:  # what a provisioner does: retry the same name until it succeeds
-        try:
-            volume = create_on(running, "node-2", name, timeout=15)
-            break
-        except grpc.RpcError as exc:
-            retryable = (
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                grpc.StatusCode.UNAVAILABLE,
-                grpc.StatusCode.ABORTED,
-            )
-            if exc.code() not in retryable or time.monotonic() > deadline:
-                raise
+    volume = create_with_retries(running, "node-2", name)
     assert (running.node_dir("node-2") / f"pool/images/{volume.volume_id}.img").exists()
 
 
