@@ -1,12 +1,12 @@
 """Bringing a sandbox up, reporting on it, breaking it on purpose, taking it down.
 
 Order of ``up``: persist the plan; create the sandbox's CA and the agents'
-certificates; build the bridge and the namespaces; start
-etcd and wait for its health; start the controller and wait for CSI Probe;
-start every node and wait for each one's Probe. State is saved before each
-step and after each process starts. If any step fails, everything built so
-far is taken down again (logs stay) and the error names the member and ends
-with its log.
+certificates; build the bridge and the namespaces; start etcd (unless the
+catalog is SQLite) and wait for its health; start the controller and wait
+for CSI Probe; start every node and wait for each one's Probe. State is
+saved before each step and after each process starts. If any step fails,
+everything built so far is taken down again (logs stay) and the error names
+the member and ends with its log.
 
 ``down`` works from the state file when there is one and from the prefix
 alone otherwise: it stops the recorded processes and every process found
@@ -37,7 +37,6 @@ from csi_driver.core.errors import (
     InvalidArgument,
     NotFound,
     Unavailable,
-    Unimplemented,
 )
 from csi_driver.csi.client import CsiClient
 from csi_driver.gen import csi_pb2
@@ -54,7 +53,8 @@ log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 120.0
 #: What the sandbox runs on the host besides Ferry itself.
-HOST_TOOLS = ("ip", "nsenter", "etcd", "etcdctl")
+HOST_TOOLS = ("ip", "nsenter")
+ETCD_TOOLS = ("etcd", "etcdctl")
 STOP_GRACE_S = 10.0
 _PROBE_TIMEOUT_S = 2.0
 _POLL_S = 0.2
@@ -128,17 +128,12 @@ class Sandbox:
         """Build and start the whole sandbox; return once every member is ready."""
         if plan.directory != self.directory:
             raise InvalidArgument(f"the plan is for {plan.directory}, not {self.directory}")
-        if plan.catalog is CatalogKind.SQLITE:
-            raise Unimplemented(
-                "a sandbox on the SQLite catalog needs the controller's catalog service "
-                "(ferry://), which this build does not have, and nodes must never open the "
-                "catalog's file: use --catalog etcd"
-            )
         if os.geteuid() != 0:
             raise FailedPrecondition(
                 "ferry sandbox up needs root (network namespaces, loop devices, mounts)"
             )
-        absent = [tool for tool in HOST_TOOLS if shutil.which(tool) is None]
+        tools = HOST_TOOLS + (ETCD_TOOLS if plan.catalog is CatalogKind.ETCD else ())
+        absent = [tool for tool in tools if shutil.which(tool) is None]
         if absent:
             raise FailedPrecondition(
                 f"ferry sandbox needs {', '.join(absent)}: install iproute2, util-linux, "

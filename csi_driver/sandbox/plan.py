@@ -33,6 +33,7 @@ MAX_NODES = 200
 ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
 AGENT_PORT = 7400
+CATALOG_PORT = 7500
 ZONE = "sandbox"
 #: sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
@@ -147,8 +148,19 @@ class SandboxPlan:
 
     @property
     def catalog_url(self) -> str:
-        """How the controller and the nodes reach the catalog: over the network only."""
-        return f"etcd://{self.etcd_endpoint}"
+        """How the nodes reach the catalog: over the network only, never a file.
+
+        etcd: the controller too. SQLite: the controller opens its file and
+        serves it to the nodes as the catalog service (``ferry://``).
+        """
+        if self.catalog is CatalogKind.ETCD:
+            return f"etcd://{self.etcd_endpoint}"
+        return f"ferry://{self.control.address}:{CATALOG_PORT}"
+
+    @property
+    def sqlite_file(self) -> Path:
+        """The SQLite catalog, opened by the controller alone."""
+        return self.directory / "controller" / "catalog.db"
 
     # -- files -------------------------------------------------------------------
 
@@ -173,7 +185,6 @@ class SandboxPlan:
     def members(self) -> tuple[Member, ...]:
         control = self.control
         members = [
-            Member(ETCD, Role.ETCD, control, None, self.logs / "etcd.log"),
             Member(
                 CONTROLLER,
                 Role.CONTROLLER,
@@ -182,6 +193,8 @@ class SandboxPlan:
                 self.logs / "controller.log",
             ),
         ]
+        if self.catalog is CatalogKind.ETCD:
+            members.insert(0, Member(ETCD, Role.ETCD, control, None, self.logs / "etcd.log"))
         for index, node_id in enumerate(self.node_ids(), start=1):
             members.append(
                 Member(
@@ -209,16 +222,21 @@ class SandboxPlan:
         assert member.socket is not None
         common = (
             "--endpoint", f"unix://{member.socket}",
-            "--catalog", self.catalog_url,
             "--tls-dir", str(self.tls / member.name),
         )  # fmt: skip
         if member.role is Role.CONTROLLER:
-            return (*ferry, "controller", *common)
+            if self.catalog is CatalogKind.ETCD:
+                return (*ferry, "controller", *common, "--catalog", self.catalog_url)
+            listen = f"tcp://{self.control.address}:{CATALOG_PORT}"
+            catalog = ("--catalog", str(self.sqlite_file), "--catalog-listen", listen)
+            return (*ferry, "controller", *common, *catalog)
         node_dir = self.node_dir(member.name)
         return (
             *ferry,
             "node",
             *common,
+            "--catalog",
+            self.catalog_url,
             "--node-id",
             member.name,
             "--pool",

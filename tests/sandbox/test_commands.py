@@ -29,7 +29,6 @@ def test_the_table_lines_up_and_marks_missing_cells() -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["up", "--catalog", "sqlite"], "needs the controller's catalog service"),
         (["up", "--nodes", "0"], "--nodes must be between"),
         (["up", "--prefix", "Bad-Prefix"], "prefix 'Bad-Prefix'"),
         (["status"], "no sandbox in"),

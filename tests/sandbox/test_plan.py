@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from csi_driver.core.errors import InvalidArgument, NotFound, Unimplemented
-from csi_driver.sandbox.harness import Sandbox
+from csi_driver.core.errors import InvalidArgument, NotFound
 from csi_driver.sandbox.plan import CatalogKind, Role, SandboxPlan
 
 IFNAMSIZ = 15
@@ -74,8 +73,13 @@ def test_an_unknown_member_names_the_known_ones() -> None:
         SandboxPlan(Path("/s"), "ab", 2).member("node-3")
 
 
-def test_sqlite_needs_the_catalog_service(tmp_path: Path) -> None:
-    plan = SandboxPlan(tmp_path, "ab", 2, catalog=CatalogKind.SQLITE)
-    with pytest.raises(Unimplemented, match="catalog service"):
-        Sandbox(tmp_path).up(plan)
-    assert list(tmp_path.iterdir()) == []  # refused before touching anything
+def test_on_sqlite_only_the_controller_opens_the_file_and_serves_it() -> None:
+    plan = SandboxPlan(Path("/s"), "ab", 2, catalog=CatalogKind.SQLITE)
+    assert [m.name for m in plan.members()] == ["controller", "node-1", "node-2"]
+    controller = plan.command(plan.member("controller"))
+    assert controller[controller.index("--catalog") + 1] == "/s/controller/catalog.db"
+    assert controller[controller.index("--catalog-listen") + 1] == "tcp://10.251.0.2:7500"
+    for node in ("node-1", "node-2"):
+        command = plan.command(plan.member(node))
+        assert command[command.index("--catalog") + 1] == "ferry://10.251.0.2:7500"
+        assert not any("catalog.db" in arg for arg in command)

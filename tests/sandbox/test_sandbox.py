@@ -24,7 +24,7 @@ from csi_driver.core.model import MiB
 from csi_driver.csi.client import CsiClient, mount_capability
 from csi_driver.gen import csi_pb2
 from csi_driver.pki import CertificateAuthority, Identity
-from tests.sandbox.conftest import ROOT, Place, leftovers, requires_host
+from tests.sandbox.conftest import ROOT, Place, leftovers, parse_table, requires_host
 
 pytestmark = [requires_host, pytest.mark.root, pytest.mark.slow]
 
@@ -380,6 +380,31 @@ def test_down_cleans_up_after_up_itself_crashed_midway(place: Place) -> None:
     for record in _state(place)["processes"]:
         os.kill(record["pid"], signal.SIGKILL)
     assert any(item.startswith("netns") for item in leftovers(place))
+
+    place.sandbox("down")
+    assert leftovers(place) == []
+
+
+def test_on_sqlite_the_nodes_reach_the_controllers_catalog_over_the_bridge(
+    place: Place,
+) -> None:
+    done = place.sandbox("up", "--nodes", "2", "--prefix", place.prefix, "--catalog", "sqlite")
+    table = parse_table(done.stdout)
+    assert list(table) == ["controller", "node-1", "node-2"]
+    assert {row["STATE"] for row in table.values()} == {"alive"}
+    catalog = place.directory / "controller" / "catalog.db"
+    assert catalog.exists()
+    for node in ("node-1", "node-2"):
+        pid = table[node]["PID"]
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        assert argv[argv.index("--catalog") + 1].startswith("ferry://")
+        held = {os.path.realpath(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        assert str(catalog) not in held
+
+    volume = create_on(place, "node-2", "pvc-sqlite")
+    target = attach_and_mount(place, "node-2", volume.volume_id)
+    (Path(target) / "data").write_bytes(b"sqlite" * 1000)
+    assert (Path(target) / "data").read_bytes() == b"sqlite" * 1000
 
     place.sandbox("down")
     assert leftovers(place) == []
