@@ -125,6 +125,7 @@ def test_up_reports_every_member_ready(running: Place) -> None:
     assert not list(running.directory.rglob("*.db*"))
     for row in table.values():
         assert pid_alive(int(row["PID"]))
+        assert os.getsid(int(row["PID"])) == int(row["PID"])  # detached: its own session
         # Each member runs in its namespace: its network namespace is that netns file's.
         netns = os.stat(f"/run/netns/{row['NAMESPACE']}").st_ino
         assert os.readlink(f"/proc/{row['PID']}/ns/net") == f"net:[{netns}]"
