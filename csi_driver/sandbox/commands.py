@@ -45,7 +45,12 @@ def add_parser(
 
     up = action("up", "start etcd, a controller and N nodes; return when all are ready")
     up.add_argument("--nodes", type=int, default=3, help="how many node services (default 3)")
-    up.add_argument("--catalog", choices=[k.value for k in CatalogKind], default="etcd")
+    up.add_argument(
+        "--catalog",
+        choices=[k.value for k in CatalogKind],
+        default="etcd",
+        help="etcd (default), or sqlite: the controller serves its SQLite file to the nodes",
+    )
     up.add_argument(
         "--prefix",
         default=None,
@@ -56,7 +61,12 @@ def add_parser(
         default=DEFAULT_SUBNET,
         help=f"private subnet of the sandbox's bridge (default {DEFAULT_SUBNET})",
     )
-    up.add_argument("--pool-capacity", type=parse_size, default=parse_size("2Gi"))
+    up.add_argument(
+        "--pool-capacity",
+        type=parse_size,
+        default=parse_size("2Gi"),
+        help="bytes each node's pool may provision (default 2Gi; images are sparse)",
+    )
     up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness")
     action("status", "show each member: namespace, address, pid, socket, alive/dead/cut")
     down = action("down", "stop everything and remove namespaces, links, mounts, loop devices")
