@@ -65,7 +65,7 @@ def add_parser(
         "--pool-capacity",
         type=parse_size,
         default=parse_size("2Gi"),
-        help="bytes each node's pool may provision (default 2Gi; images are sparse)",
+        help="bytes each node's pool may provision (default 2Gi)",
     )
     up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness")
     action("status", "show each member: namespace, address, pid, socket, alive/dead/cut")
