@@ -104,7 +104,14 @@ class Filesystems:
         if fs_type is not FsType.EXT4 or self.ext4_size(device) >= device_bytes:
             return False
         # resize2fs insists on a freshly checked filesystem; -p repairs only what is safe.
-        self._runner.run(["e2fsck", "-f", "-p", device], ok_codes=(0, 1), timeout_s=MKFS_TIMEOUT_S)
-        self._runner.run(["resize2fs", device], timeout_s=MKFS_TIMEOUT_S)
+        # Offline repair and resize rewrite metadata in place: cut short, they could leave
+        # a filesystem no retry can mount, so the RPC's deadline does not interrupt them.
+        self._runner.run(
+            ["e2fsck", "-f", "-p", device],
+            ok_codes=(0, 1),
+            timeout_s=MKFS_TIMEOUT_S,
+            interruptible=False,
+        )
+        self._runner.run(["resize2fs", device], timeout_s=MKFS_TIMEOUT_S, interruptible=False)
         log.info("filesystem grown before mount", extra={"device": device, "bytes": device_bytes})
         return True

@@ -41,6 +41,21 @@ def has_cap_sys_resource() -> bool:
     return False
 
 
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of running processes (other than this one) that contain ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{entry.name}: {cmdline}")
+    return found
+
+
 @pytest.fixture
 def host_dir(tmp_path: Path) -> Iterator[Path]:
     if not host_can_mount():
