@@ -41,6 +41,7 @@ from csi_driver.core.locks import KeyedLocks
 from csi_driver.core.model import AccessMode, AccessType, FsType, VolumeCapability
 from csi_driver.node.filesystem import Filesystems
 from csi_driver.node.health import KernelLog, ext4_errors, xfs_shut_down
+from csi_driver.node.host import FilesystemHost, LoopDeviceHost, MountHost
 from csi_driver.node.loop import LoopDevices
 from csi_driver.node.mounts import Mounts, check_mount_flags
 from csi_driver.node.paths import PathPolicy
@@ -177,7 +178,13 @@ class StateStore:
 
 
 class NodeAgent:
-    """Host side of CSI's Node service for one node's pool."""
+    """Host side of CSI's Node service for one node's pool.
+
+    The host is reached only through ``loops``, ``filesystems`` and
+    ``mounts`` (``csi_driver.node.host``); each defaults to Ferry's real one
+    built on ``runner``. Every method checks its arguments, then its
+    persisted state, before its first host call.
+    """
 
     def __init__(
         self,
@@ -185,13 +192,17 @@ class NodeAgent:
         pool: Pool,
         runner: CommandRunner,
         allowed_roots: Iterable[Path],
+        *,
+        loops: LoopDeviceHost | None = None,
+        filesystems: FilesystemHost | None = None,
+        mounts: MountHost | None = None,
     ) -> None:
         self.node_id = node_id
         self.pool = pool
         self.kernel_log = KernelLog()
-        self.loops = LoopDevices(runner, kernel_log=self.kernel_log)
-        self.filesystems = Filesystems(runner)
-        self.mounts = Mounts(runner)
+        self.loops: LoopDeviceHost = loops or LoopDevices(runner, kernel_log=self.kernel_log)
+        self.filesystems: FilesystemHost = filesystems or Filesystems(runner)
+        self.mounts: MountHost = mounts or Mounts(runner)
         self.paths = PathPolicy(allowed_roots)
         self._states = StateStore(pool.state_dir)
         self._locks = KeyedLocks()
