@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, NoReturn, TypeVar, overload
 
 import grpc
@@ -60,6 +62,37 @@ def abort(context: grpc.ServicerContext, error: errors.FerryError) -> NoReturn:
 Method = TypeVar("Method", bound=Callable[..., Any])
 
 
+class RunningCalls:
+    """How many calls are being served right now, across every servicer.
+
+    gRPC considers a call finished once it is cancelled, while its thread may
+    still be at work; a stop asks this instead before closing what calls use.
+    """
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def one(self) -> Iterator[None]:
+        with self._changed:
+            self._count += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._count -= 1
+                self._changed.notify_all()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """True once no call is running; False if some still are after ``timeout_s``."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._count == 0, timeout=timeout_s)
+
+
+RUNNING = RunningCalls()
+
+
 @overload
 def rpc(method: Method) -> Method: ...
 
@@ -94,6 +127,7 @@ def _wrap(method: Method, required: Required) -> Method:
         started = time.monotonic()
         code = grpc.StatusCode.OK
         with (
+            RUNNING.one(),
             ferry_log.context(request=request_id, method=name, volume=str(volume)),
             deadline.bound(context.time_remaining()),
         ):
