@@ -335,8 +335,13 @@ class NodeAgent:
                     self.loops.detach(target.device)
             self.mounts.unmount(staging)
             image = self.pool.image_path(volume_id)
-            device = self.loops.find(image)
-            detached = device is None or self._detach_unused(device)
+            backing = os.path.realpath(image)
+            # Every device of the image, not only the writable one: a read-only attach
+            # cut short before its target was recorded left one that nothing claims.
+            detached = True
+            for loop in self.loops.attached():
+                if loop.backing_file == backing:
+                    detached = self._detach_unused(loop.device) and detached
             if current.formatting and detached:
                 # The next stage must see the device blank again, not a half-made filesystem.
                 self.filesystems.wipe(str(image))

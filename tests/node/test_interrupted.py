@@ -18,7 +18,7 @@ from csi_driver.core.model import AccessType, FsType
 from csi_driver.node.agent import NodeAgent, Staged, StateStore, Target
 from csi_driver.node.runner import CommandRunner
 from tests.node.conftest import XFS_SIZE, new_volume_id
-from tests.node.test_agent import MOUNT_RW, paths, staged
+from tests.node.test_agent import BLOCK_RW, MOUNT_RW, paths, staged
 
 pytestmark = pytest.mark.root
 
@@ -103,3 +103,18 @@ def test_a_retried_read_only_publish_finishes_its_remount(agent: NodeAgent, kube
     assert caught.value.errno == errno.EROFS
     assert len([e for e in agent.mounts.table() if e.mountpoint == target]) == 1
     assert not os.path.exists(Path(staging) / "x")
+
+
+def test_unstage_frees_a_read_only_device_whose_publish_was_cut_short(
+    agent: NodeAgent, kubelet: Path
+) -> None:
+    vid = new_volume_id(24)
+    agent.pool.create_image(vid, XFS_SIZE, epoch=1)
+    staging, _ = paths(kubelet, 24)
+    agent.stage(vid, staging, BLOCK_RW, FsType.EXT4)
+    image = agent.pool.image_path(vid)
+    agent.loops.attach_read_only(image)  # attached; the publish died before recording it
+
+    agent.unstage(vid, staging)
+
+    assert [d for d in agent.loops.attached() if d.backing_file == os.path.realpath(image)] == []
