@@ -1,8 +1,10 @@
-"""A Node RPC whose deadline is spent starts no host command, and its retry completes it."""
+"""An RPC whose deadline is spent starts no host work, and its retry completes it."""
 
 from __future__ import annotations
 
 import os
+import sqlite3
+import threading
 import time
 
 import grpc
@@ -14,8 +16,6 @@ from csi_driver.node.loop import LoopDevices
 from csi_driver.node.runner import DEADLINE_MARGIN_S, CommandRunner
 from tests.csi.conftest import Ferry, mount_capability
 
-pytestmark = pytest.mark.root
-
 #: Bound on waiting for the server's side of a call the client already gave up on.
 HANDLER_BOUND_S = 30.0
 
@@ -24,6 +24,7 @@ def handled(method: str, code: str) -> float:
     return RPC_REQUESTS.labels(method, code)._value.get()
 
 
+@pytest.mark.root
 def test_a_stage_out_of_time_attaches_nothing_and_its_retry_completes(mountable: Ferry) -> None:
     vid = mountable.create("pvc-deadline").volume_id
     image = os.path.realpath(mountable.base / "node-a" / "pool" / "images" / f"{vid}.img")
@@ -45,3 +46,34 @@ def test_a_stage_out_of_time_attaches_nothing_and_its_retry_completes(mountable:
 
     mountable.client.node.NodeStageVolume(request, timeout=60)  # kubelet's retry
     assert os.path.ismount(mountable.staging(vid))
+
+
+def test_a_create_out_of_time_asks_no_node_and_its_retry_completes(ferry: Ferry) -> None:
+    request = csi_pb2.CreateVolumeRequest(
+        name="pvc-late",
+        capacity_range=csi_pb2.CapacityRange(required_bytes=16 * 2**20),
+        volume_capabilities=[mount_capability()],
+    )
+    # Another process holds the catalog past the call's deadline: by the time Ferry
+    # has recorded the volume, nothing is left for asking the node for its image.
+    holder = sqlite3.connect(ferry.catalog, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(2.0, holder.rollback)
+    release.start()
+    before = handled("CreateVolume", "UNAVAILABLE")
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            ferry.client.controller.CreateVolume(request, timeout=1.0)
+        assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        waited = time.monotonic()
+        while handled("CreateVolume", "UNAVAILABLE") == before:
+            assert time.monotonic() - waited < HANDLER_BOUND_S, "the handler never gave up"
+            time.sleep(0.05)
+    finally:
+        release.join()
+        holder.close()
+    images = ferry.base / "node-a" / "pool" / "images"
+    assert list(images.glob("*.img")) == []  # the node was never asked
+
+    volume = ferry.client.controller.CreateVolume(request, timeout=60).volume  # the retry
+    assert [p.name for p in images.glob("*.img")] == [f"{volume.volume_id}.img"]
