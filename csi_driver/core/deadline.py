@@ -21,13 +21,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 _AT: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
+#: Longer than any real deadline: gRPC reports "no deadline" as about 2**63 ns.
+NONE_BEYOND_S = 365 * 24 * 3600.0
 
 
 @contextmanager
 def bound(seconds: float | None) -> Iterator[None]:
-    """Run a block with at most ``seconds`` left (``None`` or infinite: no deadline)."""
+    """Run a block with at most ``seconds`` left (None, or beyond a year: no deadline)."""
     at = _AT.get()
-    if seconds is not None and math.isfinite(seconds):
+    if seconds is not None and math.isfinite(seconds) and seconds < NONE_BEYOND_S:
         mine = time.monotonic() + max(0.0, seconds)
         at = mine if at is None else min(at, mine)
     token = _AT.set(at)

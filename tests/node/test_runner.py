@@ -40,10 +40,12 @@ class CommandCall:
         self.runner = runner
         self.argv: list[str] = []
         self.interruptible = True
+        self.remaining: float | None = None
         self.outcomes: queue.Queue[FerryError | None] = queue.Queue()
 
     @rpc
     def Run(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self.remaining = deadline.remaining()
         try:
             self.runner.run(self.argv, timeout_s=SLOW_S * 2, interruptible=self.interruptible)
         except FerryError as exc:
@@ -68,7 +70,7 @@ def served(tmp_path: Path) -> Iterator[tuple[CommandCall, Callable[[float], Any]
     channel = grpc.insecure_channel(str(endpoint))
     call = channel.unary_unary("/ferry.test.Commands/Run")
 
-    def run(timeout_s: float) -> Any:
+    def run(timeout_s: float | None) -> Any:
         return call(b"", timeout=timeout_s)
 
     try:
@@ -128,6 +130,16 @@ def test_a_call_with_time_left_runs_its_command(served: Any, tmp_path: Path) -> 
     servicer.argv = ["touch", str(marker)]
     run(30.0)
     assert servicer.outcome() is None and marker.exists()
+
+
+def test_a_call_without_a_deadline_binds_none(served: Any, tmp_path: Path) -> None:
+    servicer, run = served
+    servicer.argv = ["true"]
+    run(None)
+    assert servicer.outcome() is None and servicer.remaining is None
+    run(30.0)
+    assert servicer.outcome() is None
+    assert servicer.remaining is not None and 0 < servicer.remaining < 31.0  # wire rounding
 
 
 def test_outside_any_rpc_commands_keep_their_own_timeout(tmp_path: Path) -> None:
