@@ -83,8 +83,8 @@ class CommandRunner:
         usable = left - DEADLINE_MARGIN_S
         if usable <= 0:
             raise DeadlineExceeded(
-                f"the RPC's deadline passed before {args[0]} could start "
-                f"({' '.join(args)} was not run); retry with a longer deadline"
+                f"the RPC's deadline left no time to start {args[0]} "
+                f"({' '.join(args)} was not run); the caller's retry resumes from here"
             )
         if interruptible and usable < limit:
             return usable, True
