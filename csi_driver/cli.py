@@ -195,7 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.configure(args.log_level, args.log_format)
     from csi_driver import runtime
 
-    signals = SignalPipe()  # before starting: a signal during startup is kept, not fatal
+    # Before starting: a signal that arrives during startup (whose steps are all bounded)
+    # is acted on once it completes, and none can land in between with its default effect.
+    signals = SignalPipe()
     try:
         tls = TlsBundle.load(args.tls_dir) if args.tls_dir else None
         security = AgentSecurity(tls, plaintext_tcp=args.insecure_agent_api)
