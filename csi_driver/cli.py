@@ -6,19 +6,18 @@ import argparse
 import logging
 import os
 import re
-import signal
 import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 
 from csi_driver import __version__, ca_command, log
 from csi_driver.core.errors import FerryError
 from csi_driver.metrics import serve as serve_metrics
 from csi_driver.pki import TlsBundle
-from csi_driver.runtime import NodeConfig, Services
+from csi_driver.runtime import NodeConfig
 from csi_driver.sandbox import commands as sandbox_commands
+from csi_driver.shutdown import SignalPipe, serve_until_signalled
 from csi_driver.transport import AgentSecurity
 
 logger = logging.getLogger("ferry")
@@ -126,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
             "or etcd://host:port[,host:port...]",
         )
         p.add_argument(
+            "--grace-period",
+            type=float,
+            default=5.0,
+            help="seconds calls in flight get to finish after SIGTERM/SIGINT (a second "
+            "signal exits at once)",
+        )
+        p.add_argument(
             "--metrics-port",
             type=int,
             default=0,
@@ -171,17 +177,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_until_signalled(services: Services) -> int:
-    def stop(signum: int, frame: FrameType | None) -> None:
-        logger.info("stopping", extra={"signal": signal.Signals(signum).name})
-        services.stop()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    services.wait()
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
@@ -200,6 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.configure(args.log_level, args.log_format)
     from csi_driver import runtime
 
+    # Before starting: a signal that arrives during startup (whose steps are all bounded)
+    # is acted on once it completes, and none can land in between with its default effect.
+    signals = SignalPipe()
     try:
         tls = TlsBundle.load(args.tls_dir) if args.tls_dir else None
         security = AgentSecurity(tls, plaintext_tcp=args.insecure_agent_api)
@@ -220,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("cannot start", extra={"error": exc.message})
         return 1
     logger.info("ferry started", extra={"command": args.command, "version": __version__})
-    return _run_until_signalled(services)
+    serve_until_signalled(services, signals, args.grace_period)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from csi_driver.core.errors import InvalidArgument
 from csi_driver.core.model import NodeRecord, Topology
 from csi_driver.core.placement import NODE_KEY, ZONE_KEY
 from csi_driver.csi.controller import ControllerServicer
+from csi_driver.csi.errors import RUNNING
 from csi_driver.csi.identity import IdentityServicer
 from csi_driver.csi.node import NodeServicer
 from csi_driver.gen import csi_pb2_grpc
@@ -44,6 +45,8 @@ from csi_driver.transport import AgentSecurity, Endpoint, Registration, start_se
 log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL_S = 10.0
+#: How long a stop waits, after cancelling the calls still running, for their threads.
+SETTLE_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -65,17 +68,47 @@ class Services:
     servers: list[grpc.Server] = field(default_factory=list)
     endpoints: list[Endpoint] = field(default_factory=list)
     closers: list[Callable[[], None]] = field(default_factory=list)
+    #: Kill the host commands still running for calls that a stop cancelled.
+    killers: list[Callable[[], object]] = field(default_factory=list)
     _stopping: threading.Event = field(default_factory=threading.Event)
 
-    def stop(self, grace_s: float = 5.0) -> None:
+    def stop(self, grace_s: float = 5.0) -> bool:
+        """Refuse new calls at once, give calls in flight ``grace_s`` in all, then
+        cancel them and kill their host commands, and close what the services hold.
+
+        Returns False, closing nothing, when a call's thread is still running
+        :data:`SETTLE_S` after that (a wait on a lock that outlasts the grace):
+        the catalog is not closed under a call that still uses it.
+        """
         self._stopping.set()
-        for server in self.servers:
-            server.stop(grace_s).wait()
+        ends = time.monotonic() + grace_s
+        for server in self.servers:  # in order: CSI calls in flight may still need the agent
+            left = max(0.0, ends - time.monotonic())
+            server.stop(left).wait(left)
+        for kill in self.killers:
+            kill()
+        # gRPC has cancelled the calls still running when the grace ended, but their
+        # threads may still be at work (a command just killed, a wait on a lock).
+        if not RUNNING.wait_idle(SETTLE_S):
+            log.warning("calls still running after the grace period; leaving them behind")
+            return False
         for close in reversed(self.closers):
             close()
+        return True
 
-    def wait(self) -> None:
-        self._stopping.wait()
+    def abandon(self) -> None:
+        """What an exit that cannot wait for :meth:`stop` still does, without waiting.
+
+        Removes the unix sockets (nothing should connect to a process that is
+        going) and kills running host commands; SQLite needs no closing to
+        stay consistent.
+        """
+        self._stopping.set()
+        for endpoint in self.endpoints:
+            if endpoint.scheme == "unix":
+                Path(endpoint.address).unlink(missing_ok=True)
+        for kill in self.killers:
+            kill()
 
 
 class NodeParts:
@@ -141,6 +174,7 @@ def _start_node_side(parts: NodeParts, catalog: Catalog, services: Services) -> 
     )
     services.servers.append(agent_server)
     services.endpoints.append(agent_endpoint)
+    services.killers.append(parts.runner.kill_running)
     catalog.register_node(parts.registration(agent_endpoint))
     _report_pool(parts.pool)
     beat = threading.Thread(

@@ -1,7 +1,9 @@
 """The controller's gRPC client for node agents.
 
 gRPC status codes coming back from an agent are turned into the same domain
-errors the agent raised, so the controller reasons in one vocabulary.
+errors the agent raised, so the controller reasons in one vocabulary. A call
+to an agent waits no longer than the controller's own call has left
+(``csi_driver.core.deadline``), and the agent's commands inherit that deadline.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from csi_driver.core import errors
+from csi_driver.core import deadline, errors
 from csi_driver.core.model import NodeRecord
 from csi_driver.core.nodes import NodeClient
 from csi_driver.csi.errors import CODES
@@ -35,12 +37,26 @@ class GrpcNodeClient:
         self._stub = agent_pb2_grpc.NodeAgentStub(channel)
         self._timeout = timeout_s
 
-    def _call(self, what: str, call: Callable[[], T]) -> T:
+    def _call(self, what: str, call: Callable[[float], T]) -> T:
+        """``call(timeout)``, the timeout cut to what the current call has left."""
+        timeout = deadline.clamp(self._timeout)
+        if timeout <= 0:
+            # Unavailable, like an unreachable node: the caller keeps its intent for the retry.
+            raise errors.Unavailable(
+                f"the call's deadline passed before node {self._node.node_id} was asked to "
+                f"run {what}; retrying completes it"
+            )
         try:
-            return call()
+            return call(timeout)
         except grpc.RpcError as exc:
             code = exc.code()
             detail = exc.details() or ""
+            left = deadline.remaining()
+            if code in _UNREACHABLE and left is not None and left <= 0:
+                raise errors.Unavailable(
+                    f"the call's deadline passed while node {self._node.node_id} ran {what}; "
+                    "retrying completes it"
+                ) from exc
             if code in _UNREACHABLE:
                 raise errors.Unavailable(
                     f"node agent {self._node.node_id} at {self._node.agent_endpoint} did not "
@@ -53,20 +69,16 @@ class GrpcNodeClient:
         request = agent_pb2.CreateImageRequest(
             volume_id=volume_id, size_bytes=size_bytes, epoch=epoch, thin=thin
         )
-        reply: Any = self._call(
-            "CreateImage", lambda: self._stub.CreateImage(request, timeout=self._timeout)
-        )
+        reply: Any = self._call("CreateImage", lambda t: self._stub.CreateImage(request, timeout=t))
         return int(reply.size_bytes)
 
     def delete_image(self, volume_id: str) -> None:
         request = agent_pb2.DeleteImageRequest(volume_id=volume_id)
-        self._call("DeleteImage", lambda: self._stub.DeleteImage(request, timeout=self._timeout))
+        self._call("DeleteImage", lambda t: self._stub.DeleteImage(request, timeout=t))
 
     def expand_image(self, volume_id: str, size_bytes: int) -> int:
         request = agent_pb2.ExpandImageRequest(volume_id=volume_id, size_bytes=size_bytes)
-        reply: Any = self._call(
-            "ExpandImage", lambda: self._stub.ExpandImage(request, timeout=self._timeout)
-        )
+        reply: Any = self._call("ExpandImage", lambda t: self._stub.ExpandImage(request, timeout=t))
         return int(reply.size_bytes)
 
 

@@ -15,6 +15,7 @@ Tree::
     ├── OutOfRange             capacity outside what is possible -> OUT_OF_RANGE
     ├── ResourceExhausted      not enough space / volume slots   -> RESOURCE_EXHAUSTED
     ├── Aborted                conflicting operation in flight   -> ABORTED
+    ├── DeadlineExceeded       the RPC's deadline cut work short -> DEADLINE_EXCEEDED
     ├── Unavailable            retry later (node down, busy)     -> UNAVAILABLE
     │   └── StoreUnavailable   catalog backend unreachable / no quorum
     ├── Unimplemented          feature not offered               -> UNIMPLEMENTED
@@ -70,6 +71,15 @@ class ResourceExhausted(FerryError):
 
 class Aborted(FerryError):
     """Another operation on the same object is in progress; retry later."""
+
+
+class DeadlineExceeded(FerryError):
+    """The call's deadline passed before the work was done; a retry resumes it.
+
+    Non-final by design: kubelet and the sidecars treat DEADLINE_EXCEEDED as
+    "the operation may be in progress", keep the volume's state uncertain and
+    call again (or clean up), which is what a convergent operation needs.
+    """
 
 
 class Unavailable(FerryError):

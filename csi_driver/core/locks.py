@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from csi_driver.core import deadline
 from csi_driver.core.errors import OPERATION_PENDING, Aborted
 
 
@@ -32,14 +34,17 @@ class KeyedLocks:
 
     @contextmanager
     def hold(self, key: str, *, timeout: float = -1) -> Iterator[None]:
-        """Hold ``key``'s lock, waiting up to ``timeout`` (forever when negative).
+        """Hold ``key``'s lock, waiting up to ``timeout`` (forever when negative),
+        and never past the current call's deadline.
 
         Raises :class:`Aborted` when the wait times out: CSI's answer for "an
         operation is already pending for this volume".
         """
+        wait = timeout if timeout >= 0 else math.inf
+        wait = deadline.clamp(wait)
         lock = self._acquire_entry(key)
         try:
-            if not lock.acquire(timeout=timeout):
+            if not lock.acquire(timeout=wait if math.isfinite(wait) else -1):
                 raise Aborted(OPERATION_PENDING.format(key=key))
             try:
                 yield

@@ -1,8 +1,9 @@
 """Where domain errors become gRPC statuses: the only place that aborts an RPC.
 
 Every servicer method is wrapped by :func:`rpc`, which binds the request
-context for logging, times the call, checks the request's declared required
-fields before the handler runs (``csi_driver.csi.validate``), maps a
+context for logging and the call's deadline for the host commands it runs
+(``csi_driver.core.deadline``), times the call, checks the request's declared
+required fields before the handler runs (``csi_driver.csi.validate``), maps a
 :class:`FerryError` to its status code, and turns anything unexpected into
 INTERNAL with the stack logged (never a crash of the server, never a silent
 hang).
@@ -12,15 +13,17 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, NoReturn, TypeVar, overload
 
 import grpc
 
 from csi_driver import log as ferry_log
-from csi_driver.core import errors
+from csi_driver.core import deadline, errors
 from csi_driver.csi.validate import Required
 from csi_driver.metrics import RPC_REQUESTS, RPC_SECONDS
 
@@ -35,6 +38,7 @@ CODES: tuple[tuple[type[errors.FerryError], grpc.StatusCode], ...] = (
     (errors.OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
     (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.Aborted, grpc.StatusCode.ABORTED),
+    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
@@ -56,6 +60,37 @@ def abort(context: grpc.ServicerContext, error: errors.FerryError) -> NoReturn:
 
 
 Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+class RunningCalls:
+    """How many calls are being served right now, across every servicer.
+
+    gRPC considers a call finished once it is cancelled, while its thread may
+    still be at work; a stop asks this instead before closing what calls use.
+    """
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def one(self) -> Iterator[None]:
+        with self._changed:
+            self._count += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._count -= 1
+                self._changed.notify_all()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """True once no call is running; False if some still are after ``timeout_s``."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._count == 0, timeout=timeout_s)
+
+
+RUNNING = RunningCalls()
 
 
 @overload
@@ -91,7 +126,11 @@ def _wrap(method: Method, required: Required) -> Method:
         volume = getattr(request, "volume_id", "") or getattr(request, "name", "")
         started = time.monotonic()
         code = grpc.StatusCode.OK
-        with ferry_log.context(request=request_id, method=name, volume=str(volume)):
+        with (
+            RUNNING.one(),
+            ferry_log.context(request=request_id, method=name, volume=str(volume)),
+            deadline.bound(context.time_remaining()),
+        ):
             try:
                 required.check(request)
                 return method(self, request, context)

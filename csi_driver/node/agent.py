@@ -4,9 +4,11 @@ Every operation is convergent: it compares what the kernel shows (loop
 devices, mounts) with what is wanted and does only the missing steps, so a
 repeat after a crash, a kubelet retry or a node-service restart completes
 the job instead of failing or doing it twice. What was asked for (the
-staging path, each target) is persisted in ``<pool>/state`` before the
-host is touched, so a restarted agent knows which loop devices and mounts
-are its own.
+staging path, each target, a format under way) is persisted in
+``<pool>/state`` before the host is touched, so a restarted agent knows
+which loop devices and mounts are its own, and a retry finishes a step that
+was cut short (a deadline, a shutdown, a killed pod) instead of trusting
+what it half left.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from csi_driver.core.locks import KeyedLocks
 from csi_driver.core.model import AccessMode, AccessType, FsType, VolumeCapability
 from csi_driver.node.filesystem import Filesystems
 from csi_driver.node.health import KernelLog, ext4_errors, xfs_shut_down
+from csi_driver.node.host import FilesystemHost, LoopDeviceHost, MountHost
 from csi_driver.node.loop import LoopDevices
 from csi_driver.node.mounts import Mounts, check_mount_flags
 from csi_driver.node.paths import PathPolicy
@@ -99,6 +102,8 @@ class Staged:
     mount_flags: tuple[str, ...]
     read_only: bool
     targets: dict[str, Target] = field(default_factory=dict)
+    #: mkfs was started on the (then blank) device and has not finished.
+    formatting: bool = False
 
     def to_json(self) -> dict[str, object]:
         doc = asdict(self)
@@ -123,6 +128,7 @@ class Staged:
             mount_flags=tuple(str(f) for f in flags),
             read_only=bool(doc.get("read_only", False)),
             targets={str(k): Target.from_json(v) for k, v in targets.items()},
+            formatting=bool(doc.get("formatting", False)),
         )
 
 
@@ -172,7 +178,13 @@ class StateStore:
 
 
 class NodeAgent:
-    """Host side of CSI's Node service for one node's pool."""
+    """Host side of CSI's Node service for one node's pool.
+
+    The host is reached only through ``loops``, ``filesystems`` and
+    ``mounts`` (``csi_driver.node.host``); each defaults to Ferry's real one
+    built on ``runner``. Every method checks its arguments, then its
+    persisted state, before its first host call.
+    """
 
     def __init__(
         self,
@@ -180,13 +192,17 @@ class NodeAgent:
         pool: Pool,
         runner: CommandRunner,
         allowed_roots: Iterable[Path],
+        *,
+        loops: LoopDeviceHost | None = None,
+        filesystems: FilesystemHost | None = None,
+        mounts: MountHost | None = None,
     ) -> None:
         self.node_id = node_id
         self.pool = pool
         self.kernel_log = KernelLog()
-        self.loops = LoopDevices(runner, kernel_log=self.kernel_log)
-        self.filesystems = Filesystems(runner)
-        self.mounts = Mounts(runner)
+        self.loops: LoopDeviceHost = loops or LoopDevices(runner, kernel_log=self.kernel_log)
+        self.filesystems: FilesystemHost = filesystems or Filesystems(runner)
+        self.mounts: MountHost = mounts or Mounts(runner)
         self.paths = PathPolicy(allowed_roots)
         self._states = StateStore(pool.state_dir)
         self._locks = KeyedLocks()
@@ -237,7 +253,7 @@ class NodeAgent:
                             requested=staging,
                         )
                     )
-                if replace(current, targets={}) != wanted:
+                if replace(current, targets={}, formatting=False) != wanted:
                     raise AlreadyExists(
                         STAGE_INCOMPATIBLE.format(volume_id=volume_id, path=staging)
                     )
@@ -261,7 +277,7 @@ class NodeAgent:
             raise FailedPrecondition(
                 f"{staging} already has {mounted.source} mounted; unmount it and retry"
             )
-        created = self.filesystems.ensure(device, staged.fs_type)
+        created = self._format_if_blank(device, staged)
         grown = False
         if not created and not staged.read_only:
             size = self.loops.info(device).size_bytes
@@ -284,6 +300,25 @@ class NodeAgent:
             },
         )
 
+    def _format_if_blank(self, device: str, staged: Staged) -> bool:
+        """Create the filesystem on a blank device; return True if it was created.
+
+        The intent is persisted before mkfs runs: a mkfs cut short (the RPC's
+        deadline, a shutdown, a killed pod) can leave a signature that blkid
+        reports but no kernel mounts (xfs does), so a retry must finish the
+        format instead of trusting the probe. Re-running mkfs then destroys
+        nothing: the device was blank when the intent was recorded and is
+        never mounted before the format completes.
+        """
+        assert staged.fs_type is not None
+        if not staged.formatting:
+            if not self.filesystems.needs_mkfs(device, staged.fs_type):
+                return False
+            self._states.save(replace(staged, formatting=True))
+        self.filesystems.mkfs(device, staged.fs_type)
+        self._states.save(replace(staged, formatting=False))
+        return True
+
     def unstage(self, volume_id: str, staging_path: str) -> None:
         staging = self.paths.check(staging_path, "staging_target_path")
         with self._locks.hold(volume_id, timeout=VOLUME_LOCK_TIMEOUT_S):
@@ -300,9 +335,16 @@ class NodeAgent:
                     self.loops.detach(target.device)
             self.mounts.unmount(staging)
             image = self.pool.image_path(volume_id)
-            device = self.loops.find(image)
-            if device is not None:
-                self._detach_unused(device)
+            backing = os.path.realpath(image)
+            # Every device of the image, not only the writable one: a read-only attach
+            # cut short before its target was recorded left one that nothing claims.
+            detached = True
+            for loop in self.loops.attached():
+                if loop.backing_file == backing:
+                    detached = self._detach_unused(loop.device) and detached
+            if current.formatting and detached:
+                # The next stage must see the device blank again, not a half-made filesystem.
+                self.filesystems.wipe(str(image))
             self._states.remove(volume_id)
             log.info("volume unstaged", extra={"volume": volume_id, "path": str(staging)})
 
@@ -398,6 +440,9 @@ class NodeAgent:
         on_target = self.mounts.at(target)
         if on_target is not None:
             if on_target.source == mounted.source:
+                if entry.read_only and not on_target.read_only:
+                    # A publish cut short between its bind and its read-only remount.
+                    self.mounts.remount_read_only(target)
                 self._remember(staged, target, entry)
                 return
             raise FailedPrecondition(f"{target} already has {on_target.source} mounted")

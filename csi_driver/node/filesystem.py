@@ -53,11 +53,12 @@ class Filesystems:
             return parts.stdout.strip() or None
         return result.stdout.strip() or None
 
-    def ensure(self, device: str, fs_type: FsType) -> bool:
-        """Create ``fs_type`` on a blank device; return True if it was created.
+    def needs_mkfs(self, device: str, fs_type: FsType) -> bool:
+        """True if ``device`` is blank; False if it already holds ``fs_type``.
 
-        Never formats a device that holds anything: a different filesystem or
-        partition table is refused, so a wrong StorageClass cannot wipe data.
+        Never says yes to a device that holds anything else: a different
+        filesystem or partition table is refused, so a wrong StorageClass
+        cannot wipe data.
         """
         found = self.probe(device)
         if found == fs_type.value:
@@ -67,9 +68,17 @@ class Filesystems:
                 f"{device} already holds {found!r}, not {fs_type.value}: Ferry does not "
                 "reformat volumes; request the volume's existing fsType"
             )
+        return True
+
+    def mkfs(self, device: str, fs_type: FsType) -> None:
+        """Create ``fs_type`` on ``device``, whatever it holds: callers check first."""
         self._runner.run([*_MKFS[fs_type], device], timeout_s=MKFS_TIMEOUT_S)
         log.info("filesystem created", extra={"device": device, "fs": fs_type.value})
-        return True
+
+    def wipe(self, path: str) -> None:
+        """Erase every filesystem signature on ``path`` (a device or an image file)."""
+        self._runner.run(["wipefs", "--all", "--quiet", path])
+        log.info("signatures wiped", extra={"path": path})
 
     def grow(self, device: str, mountpoint: Path, fs_type: FsType) -> None:
         """Grow a mounted filesystem to fill its (already grown) device."""
@@ -104,7 +113,14 @@ class Filesystems:
         if fs_type is not FsType.EXT4 or self.ext4_size(device) >= device_bytes:
             return False
         # resize2fs insists on a freshly checked filesystem; -p repairs only what is safe.
-        self._runner.run(["e2fsck", "-f", "-p", device], ok_codes=(0, 1), timeout_s=MKFS_TIMEOUT_S)
-        self._runner.run(["resize2fs", device], timeout_s=MKFS_TIMEOUT_S)
+        # Offline repair and resize rewrite metadata in place: cut short, they could leave
+        # a filesystem no retry can mount, so the RPC's deadline does not interrupt them.
+        self._runner.run(
+            ["e2fsck", "-f", "-p", device],
+            ok_codes=(0, 1),
+            timeout_s=MKFS_TIMEOUT_S,
+            interruptible=False,
+        )
+        self._runner.run(["resize2fs", device], timeout_s=MKFS_TIMEOUT_S, interruptible=False)
         log.info("filesystem grown before mount", extra={"device": device, "bytes": device_bytes})
         return True

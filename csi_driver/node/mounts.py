@@ -105,11 +105,15 @@ class Mounts:
         self._runner.run(["mount", "--bind", str(source), str(target)])
         if read_only:
             # A bind mount inherits the source's flags; read-only takes a remount.
-            self._runner.run(["mount", "-o", "remount,bind,ro", str(target)])
+            self.remount_read_only(target)
         log.info(
             "bind mounted",
             extra={"source": str(source), "target": str(target), "read_only": read_only},
         )
+
+    def remount_read_only(self, target: Path) -> None:
+        """Make the bind mount at ``target`` read-only (its source stays as it is)."""
+        self._runner.run(["mount", "-o", "remount,bind,ro", str(target)])
 
     def unmount(self, target: Path) -> None:
         """Unmount every mount stacked at ``target``; nothing mounted is fine."""

@@ -1,17 +1,23 @@
-"""Fixtures that build a real node: a pool, loop devices, filesystems, mounts.
+"""Fixtures that build a node: a pool, loop devices, filesystems, mounts.
 
-Everything a test creates lives under its tmp_path; teardown unmounts what is
-mounted there and detaches loop devices backed by files there, whether the
-test passed or not.
+``agent`` is a real node (root only): everything a test creates lives under
+its tmp_path; teardown unmounts what is mounted there and detaches loop
+devices backed by files there, whether the test passed or not.
+
+``hands_off_agent`` runs anywhere, as any user: a real pool and state under
+tmp_path, and host interfaces that fail the test on any use. It is for
+proving what the agent refuses *before* it touches the host; it never
+stands in for a kernel.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, NoReturn
 
 import pytest
 
@@ -41,6 +47,21 @@ def has_cap_sys_resource() -> bool:
     return False
 
 
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of running processes (other than this one) that contain ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{entry.name}: {cmdline}")
+    return found
+
+
 @pytest.fixture
 def host_dir(tmp_path: Path) -> Iterator[Path]:
     if not host_can_mount():
@@ -66,6 +87,34 @@ def kubelet(host_dir: Path) -> Path:
 @pytest.fixture
 def agent(pool: Pool, kubelet: Path) -> NodeAgent:
     return NodeAgent("node-a", pool, CommandRunner(), [kubelet])
+
+
+class HostUntouchable:
+    """Loop devices, filesystems or mounts that fail the test when used at all."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, method: str) -> Callable[..., NoReturn]:
+        def touched(*args: Any, **kwargs: Any) -> NoReturn:
+            pytest.fail(f"the agent touched the host ({self._name}.{method}{args}) first")
+
+        return touched
+
+
+@pytest.fixture
+def hands_off_agent(tmp_path: Path) -> NodeAgent:
+    kubelet = tmp_path / "kubelet"
+    kubelet.mkdir()
+    return NodeAgent(
+        "node-a",
+        Pool(tmp_path / "pool", capacity_bytes=4 * GiB),
+        CommandRunner(),
+        [kubelet],
+        loops=HostUntouchable("loops"),  # type: ignore[arg-type]
+        filesystems=HostUntouchable("filesystems"),  # type: ignore[arg-type]
+        mounts=HostUntouchable("mounts"),  # type: ignore[arg-type]
+    )
 
 
 def new_volume_id(n: int) -> str:
