@@ -2,6 +2,12 @@
 
 What is mounted where is always read from ``/proc/self/mountinfo``; Ferry
 keeps no copy that could drift from the truth.
+
+Ferry mounts volume filesystems with the kernel's defaults, which keep
+fsync durable (write barriers on, ordered data), and refuses mount flags
+that would let an fsync return before its data is on the pool's disk
+(:data:`UNSAFE_FLAGS`): a volume's users rely on fsync whatever its
+StorageClass says.
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ _ESCAPE = re.compile(r"\\([0-7]{3})")
 _FLAG = re.compile(r"^[A-Za-z0-9_.:+-]+(=[A-Za-z0-9_.:,/+-]*)?$")
 # Options that would change what is mounted rather than how.
 _FORBIDDEN_FLAGS = frozenset({"bind", "rbind", "remount", "move", "make-shared", "make-rshared"})
+#: Options that can lose data an fsync acknowledged: no cache flushes
+#: (``nobarrier``, ``barrier=0``) or a journal commit written without waiting
+#: for the blocks it commits (``journal_async_commit``).
+UNSAFE_FLAGS = frozenset({"nobarrier", "barrier=0", "journal_async_commit"})
 
 
 def _unescape(field: str) -> str:
@@ -38,6 +48,7 @@ class MountEntry:
     options: tuple[str, ...]  # per-mount options (ro/rw, nosuid, ...)
     fs_type: str
     source: str
+    super_options: tuple[str, ...] = ()  # the filesystem's own (data=ordered, ...)
 
     @property
     def read_only(self) -> bool:
@@ -63,17 +74,24 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
                 options=tuple(fields[5].split(",")),
                 fs_type=tail[0],
                 source=_unescape(tail[1]),
+                super_options=tuple(tail[2].split(",")) if len(tail) > 2 else (),
             )
         )
     return entries
 
 
 def check_mount_flags(flags: Sequence[str]) -> tuple[str, ...]:
-    """Refuse mount flags that are malformed or would change what gets mounted."""
+    """Refuse mount flags that are malformed, would change what gets mounted, or
+    would weaken fsync."""
     for flag in flags:
         for option in flag.split(","):
             if not _FLAG.match(option) or option.split("=")[0] in _FORBIDDEN_FLAGS:
                 raise InvalidArgument(f"mount flag {option!r} is not allowed")
+            if option in UNSAFE_FLAGS:
+                raise InvalidArgument(
+                    f"mount flag {option!r} can lose data that fsync acknowledged; "
+                    "remove it from the StorageClass's mountOptions"
+                )
     return tuple(flags)
 
 

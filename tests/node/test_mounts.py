@@ -35,3 +35,15 @@ def test_ordinary_flags_pass(flags: list[str]) -> None:
 def test_flags_that_change_what_is_mounted_are_refused(flag: str) -> None:
     with pytest.raises(InvalidArgument):
         check_mount_flags([flag])
+
+
+@pytest.mark.parametrize("flag", ["nobarrier", "barrier=0", "journal_async_commit", "ro,nobarrier"])
+def test_flags_that_weaken_fsync_are_refused(flag: str) -> None:
+    with pytest.raises(InvalidArgument, match="fsync acknowledged"):
+        check_mount_flags([flag])
+
+
+def test_super_options_are_parsed() -> None:
+    root, loop, _ = parse_mountinfo(SAMPLE)
+    assert root.super_options == ("rw",)
+    assert loop.super_options == ("rw", "attr2")
