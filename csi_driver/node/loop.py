@@ -3,6 +3,17 @@
 The kernel is the source of truth: which loop device backs which image is
 read from sysfs, never remembered, so a restarted node service finds its
 devices again instead of attaching an image twice.
+
+Every device Ferry attaches uses direct I/O (no second page cache over the
+image) and no I/O scheduler of its own (:data:`SCHEDULER`). Neither weakens
+durability: the device keeps its volatile write cache flag, so a volume's
+fsync still reaches the loop device as a flush, which the kernel turns into
+an fsync of the image on the pool's filesystem. The logical block size is
+left at the kernel's default (512 bytes, or the pool disk's own when it is
+larger): it is part of what a volume's contents assume (an xfs made with
+512-byte sectors does not mount on a 4096-byte device, and a raw block
+volume's application may do 512-byte direct I/O), so Ferry aligns the
+filesystems it creates to 4 KiB instead (see ``filesystem.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +32,13 @@ log = logging.getLogger(__name__)
 SYS_BLOCK = Path("/sys/block")
 DELETED_SUFFIX = " (deleted)"
 SECTOR = 512
+#: The loop device only hands requests to its worker thread, which submits
+#: them to the pool's filesystem; the pool disk's own queue schedules them.
+#: A scheduler here adds a lock and a queue per request and nothing to
+#: schedule (measured in docs/benchmarks.md), and udev rules on some
+#: distributions give one to "rotational" devices, which a loop device over
+#: a virtual disk claims to be.
+SCHEDULER = "none"
 
 
 @dataclass(frozen=True)
@@ -31,6 +49,8 @@ class LoopDevice:
     direct_io: bool
     read_only: bool
     size_bytes: int
+    scheduler: str  # the queue's active I/O scheduler
+    write_cache: bool  # flushes reach the loop device (and become fsyncs of the image)
 
 
 class LoopDevices:
@@ -56,6 +76,9 @@ class LoopDevices:
                 dio = (entry / "loop" / "dio").read_text(encoding="utf-8").strip() == "1"
                 sectors = int((entry / "size").read_text(encoding="utf-8"))
                 read_only = (entry / "ro").read_text(encoding="utf-8").strip() == "1"
+                queue = entry / "queue"
+                scheduler = _active_choice((queue / "scheduler").read_text(encoding="utf-8"))
+                cache = (queue / "write_cache").read_text(encoding="utf-8").strip()
             except (FileNotFoundError, ValueError):
                 continue  # not attached, or detached while we looked
             deleted = name.endswith(DELETED_SUFFIX)
@@ -67,6 +90,8 @@ class LoopDevices:
                     direct_io=dio,
                     read_only=read_only,
                     size_bytes=sectors * SECTOR,
+                    scheduler=scheduler,
+                    write_cache=cache == "write back",
                 )
             )
         return found
@@ -83,6 +108,7 @@ class LoopDevices:
         """Attach ``image`` with direct I/O, or return the device already backing it."""
         existing = self.find(image)
         if existing:
+            self._tune(existing)  # it may predate the settings this version chooses
             return existing
         return self._attach(["--nooverlap"], image)
 
@@ -100,12 +126,25 @@ class LoopDevices:
         if self._kernel_log is not None:
             # Kernel errors for this device number from now on are this image's.
             self._kernel_log.mark_attached(device, image)
+        self._tune(device)
         if not self.info(device).direct_io:
             # The pool's filesystem cannot do O_DIRECT (tmpfs, some overlays): the
             # volume still works, through the page cache twice.
             log.warning("direct I/O unavailable for loop device", extra={"device": device})
         log.info("loop attached", extra={"device": device, "image": str(image), "options": options})
         return device
+
+    def _tune(self, device: str) -> None:
+        """Give a freshly attached device Ferry's queue settings (module docstring)."""
+        scheduler = self._sys_block / device.removeprefix("/dev/") / "queue" / "scheduler"
+        try:
+            scheduler.write_text(SCHEDULER, encoding="utf-8")
+        except OSError as exc:
+            # Only speed depends on it: the volume works with any scheduler.
+            log.warning(
+                "could not set the loop device's I/O scheduler",
+                extra={"device": device, "scheduler": SCHEDULER, "error": str(exc)},
+            )
 
     def info(self, device: str) -> LoopDevice:
         for loop in self.attached():
@@ -128,3 +167,11 @@ class LoopDevices:
         """Make the kernel see a grown backing file; return the device's new size."""
         self._runner.run(["losetup", "--set-capacity", device])
         return self.info(device).size_bytes
+
+
+def _active_choice(text: str) -> str:
+    """The bracketed entry of a sysfs choice list: ``none [mq-deadline] bfq``."""
+    start, end = text.find("["), text.find("]")
+    if start < 0 or end < start:
+        return text.strip()
+    return text[start + 1 : end]
