@@ -10,8 +10,15 @@ CSI socket:
 * fio throughput through a published volume, as a ratio to the same fio job
   on the pool's own filesystem, run back to back in the same process.
 
-Prints a table and writes JSON (default ``bench/results/latest.json``).
-Needs root (loop devices, mounts) and fio.
+The fio comparison is kept fair: the same job file (O_DIRECT, libaio, same
+size, iodepth and block size) runs on both sides, each side's file is fully
+written once before any job is timed (so no side reads unwritten extents
+or pays first-write allocation inside a job), and the sides alternate
+(volume, pool, pool, volume, ...) so drift in a shared host's disk hits both;
+medians are reported. ``--jobs`` runs a subset, ``--quick`` a smoke run.
+
+Prints a table and writes JSON (default ``bench/results/latest.json``) with
+every sample. Needs root (loop devices, mounts) and fio.
 """
 
 from __future__ import annotations
@@ -66,16 +73,47 @@ class Latency:
 
 
 @dataclass(frozen=True)
+class FioSample:
+    mib_s: float
+    iops: float
+
+
+@dataclass(frozen=True)
+class FioSide:
+    """The runs of one job on one side; the median stands for them."""
+
+    samples: tuple[FioSample, ...]
+
+    @property
+    def mib_s(self) -> float:
+        return statistics.median(s.mib_s for s in self.samples)
+
+    @property
+    def iops(self) -> float:
+        return statistics.median(s.iops for s in self.samples)
+
+
+@dataclass(frozen=True)
 class FioResult:
     job: str
-    volume_mib_s: float
-    pool_mib_s: float
-    volume_iops: float
-    pool_iops: float
+    volume: FioSide
+    pool: FioSide
 
     @property
     def ratio(self) -> float:
-        return self.volume_mib_s / self.pool_mib_s if self.pool_mib_s else 0.0
+        return self.volume.mib_s / self.pool.mib_s if self.pool.mib_s else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "job": self.job,
+            "volume_mib_s": round(self.volume.mib_s, 1),
+            "pool_mib_s": round(self.pool.mib_s, 1),
+            "volume_iops": round(self.volume.iops),
+            "pool_iops": round(self.pool.iops),
+            "ratio": round(self.ratio, 3),
+            "volume_samples": [asdict(x) for x in self.volume.samples],
+            "pool_samples": [asdict(x) for x in self.pool.samples],
+        }
 
 
 def timed(call: Callable[[], object]) -> float:
@@ -93,12 +131,15 @@ class Bench:
         self.csi = client
         self.kubelet = kubelet
 
-    def create(self, name: str, size: int, fs: str = "ext4") -> Any:
+    def create(
+        self, name: str, size: int, fs: str = "ext4", parameters: dict[str, str] | None = None
+    ) -> Any:
         return self.csi.controller.CreateVolume(
             csi_pb2.CreateVolumeRequest(
                 name=name,
                 capacity_range=csi_pb2.CapacityRange(required_bytes=size),
                 volume_capabilities=[mount_capability(fs)],
+                parameters=parameters or {},
             )
         ).volume
 
@@ -168,59 +209,95 @@ class Bench:
         )
 
 
+#: The jobs of the comparison; ``--jobs`` picks some by name. The fsync job
+#: is reported, not targeted: every fsync in a volume crosses two
+#: filesystems' journals (see docs/benchmarks.md).
 FIO_JOBS = {
     "seq-write 1M": ["--rw=write", "--bs=1M", "--iodepth=8"],
     "seq-read 1M": ["--rw=read", "--bs=1M", "--iodepth=8"],
     "rand-write 4k": ["--rw=randwrite", "--bs=4k", "--iodepth=32"],
     "rand-read 4k": ["--rw=randread", "--bs=4k", "--iodepth=32"],
+    "rand-write 4k fsync": ["--rw=randwrite", "--bs=4k", "--iodepth=1", "--fsync=1"],
 }
+FIO_FILE = "ferry.fio"
+
+
+def fio_argv(directory: Path, size_mib: int) -> list[str]:
+    """What both sides share: one file of the same name and size, O_DIRECT, libaio."""
+    return [
+        "fio", "--name=ferry", f"--filename={directory / FIO_FILE}", f"--size={size_mib}M",
+        "--ioengine=libaio", "--direct=1", "--output-format=json",
+    ]  # fmt: skip
 
 
 def fio(
     runner: CommandRunner, directory: Path, job: str, size_mib: int, runtime_s: int
-) -> tuple[float, float]:
-    """Run one fio job with O_DIRECT in ``directory``; return (MiB/s, IOPS)."""
+) -> FioSample:
+    """Run one timed fio job in ``directory``."""
     argv = [
-        "fio", "--name=ferry", f"--directory={directory}", f"--size={size_mib}M",
-        "--ioengine=libaio", "--direct=1", "--time_based", f"--runtime={runtime_s}",
-        "--ramp_time=1", "--group_reporting", "--output-format=json", *FIO_JOBS[job],
+        *fio_argv(directory, size_mib), "--time_based", f"--runtime={runtime_s}",
+        "--ramp_time=1", *FIO_JOBS[job],
     ]  # fmt: skip
     result = runner.run(argv, timeout_s=runtime_s * 4 + 120)
     report = json.loads(result.stdout[result.stdout.index("{") :])
     side = report["jobs"][0]["write" if "write" in job else "read"]
-    return side["bw_bytes"] / MiB, side["iops"]
+    return FioSample(side["bw_bytes"] / MiB, side["iops"])
+
+
+def lay_out(runner: CommandRunner, directory: Path, size_mib: int) -> None:
+    """Write ``directory``'s fio file once, whole, and fsync it.
+
+    fio would otherwise create it with fallocate: reads of its unwritten
+    extents return zeros without touching the disk, and first writes pay
+    the extent conversion, on the pool's side only or on both in different
+    amounts. Timed jobs must compare written blocks with written blocks.
+    """
+    argv = [*fio_argv(directory, size_mib), "--rw=write", "--bs=1M", "--iodepth=8", "--end_fsync=1"]
+    runner.run(argv, timeout_s=size_mib + 120)
+
+
+def selected_jobs(names: str) -> list[str]:
+    """Jobs whose name starts with one of the comma-separated ``names``."""
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    jobs = [job for job in FIO_JOBS if any(job.startswith(w) for w in wanted)]
+    if not jobs:
+        raise SystemExit(f"--jobs {names!r} matches none of: {', '.join(FIO_JOBS)}")
+    return jobs
 
 
 def throughput(
-    bench: Bench, pool_dir: Path, size_mib: int, runtime_s: int, repeats: int
+    bench: Bench,
+    pool_dir: Path,
+    jobs: list[str],
+    size_mib: int,
+    runtime_s: int,
+    repeats: int,
+    parameters: dict[str, str],
 ) -> list[FioResult]:
     """Each job ``repeats`` times on the volume and on the pool, alternating which
     goes first, so drift in the host's disk hits both sides; medians are kept."""
     runner = CommandRunner()
-    vid = bench.create(f"fio-{uuid.uuid4().hex[:6]}", (size_mib + 256) * MiB, "ext4").volume_id
+    vid = bench.create(
+        f"fio-{uuid.uuid4().hex[:6]}", (size_mib + 256) * MiB, "ext4", parameters
+    ).volume_id
     bench.stage_publish(vid, "ext4")
-    _, target = bench.paths(vid)
+    volume = Path(bench.paths(vid)[1])
     baseline = pool_dir / "fio-baseline"
     baseline.mkdir(exist_ok=True)
     results = []
     try:
-        for job in FIO_JOBS:
+        progress(f"laying out a {size_mib} MiB fio file on the volume and on the pool")
+        for where in (volume, baseline):
+            lay_out(runner, where, size_mib)
+        for job in jobs:
             progress(f"fio {job}: {repeats}x on the volume and on the pool's filesystem")
-            runs: dict[Path, list[tuple[float, float]]] = {Path(target): [], baseline: []}
+            runs: dict[Path, list[FioSample]] = {volume: [], baseline: []}
             for i in range(repeats):
-                order = list(runs) if i % 2 == 0 else list(reversed(runs))
+                order = [volume, baseline] if i % 2 == 0 else [baseline, volume]
                 for where in order:
                     runs[where].append(fio(runner, where, job, size_mib, runtime_s))
-            vol = runs[Path(target)]
-            pool = runs[baseline]
             results.append(
-                FioResult(
-                    job,
-                    statistics.median(bw for bw, _ in vol),
-                    statistics.median(bw for bw, _ in pool),
-                    statistics.median(iops for _, iops in vol),
-                    statistics.median(iops for _, iops in pool),
-                )
+                FioResult(job, FioSide(tuple(runs[volume])), FioSide(tuple(runs[baseline])))
             )
     finally:
         shutil.rmtree(baseline, ignore_errors=True)
@@ -252,25 +329,31 @@ def running_ferry(workdir: Path) -> Iterator[Bench]:
 
 
 def render(latencies: list[Latency], fio_results: list[FioResult]) -> str:
-    lines = [
-        "| Operation | n | p50 ms | p99 ms |",
-        "|---|---:|---:|---:|",
-    ]
+    lines = []
+    if latencies:
+        lines += ["| Operation | n | p50 ms | p99 ms |", "|---|---:|---:|---:|"]
     for lat in latencies:
         s = lat.summary()
         lines.append(f"| {s['name']} | {s['count']} | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} |")
     lines += [
         "",
-        "| fio job (O_DIRECT) | volume MiB/s | pool fs MiB/s | volume IOPS | pool fs IOPS "
-        "| ratio |",
+        "| fio job (O_DIRECT), medians | volume MiB/s | pool fs MiB/s | volume IOPS "
+        "| pool fs IOPS | ratio |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in fio_results:
         lines.append(
-            f"| {r.job} | {r.volume_mib_s:.0f} | {r.pool_mib_s:.0f} | {r.volume_iops:.0f} "
-            f"| {r.pool_iops:.0f} | {r.ratio:.2f} |"
+            f"| {r.job} | {r.volume.mib_s:.0f} | {r.pool.mib_s:.0f} | {r.volume.iops:.0f} "
+            f"| {r.pool.iops:.0f} | {r.ratio:.2f} |"
         )
     return "\n".join(lines)
+
+
+def parameter(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,8 +361,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=100, help="create/delete pairs per mode")
     parser.add_argument("--mount-rounds", type=int, default=10, help="volumes per filesystem")
     parser.add_argument("--fio-size", type=int, default=512, help="fio file size in MiB")
-    parser.add_argument("--fio-runtime", type=int, default=5, help="seconds per fio job")
-    parser.add_argument("--fio-repeats", type=int, default=3, help="runs per job and side")
+    parser.add_argument("--fio-runtime", type=int, default=3, help="seconds per fio job")
+    parser.add_argument("--fio-repeats", type=int, default=5, help="runs per job and side")
+    parser.add_argument(
+        "--jobs",
+        default=",".join(FIO_JOBS),
+        help="comma-separated fio jobs (name prefixes: 'rand', 'seq-read 1M', ...)",
+    )
+    parser.add_argument("--fio-only", action="store_true", help="skip the RPC latency measurements")
+    parser.add_argument(
+        "--parameter",
+        type=parameter,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="StorageClass parameter for the fio volume (repeatable)",
+    )
     parser.add_argument(
         "--workdir", type=Path, default=None, help="scratch dir (default: /var/tmp)"
     )
@@ -290,21 +387,30 @@ def main(argv: list[str] | None = None) -> int:
         print("the benchmark needs root: it attaches loop devices and mounts filesystems")
         return 2
     if args.quick:
-        args.rounds, args.mount_rounds, args.fio_size, args.fio_runtime = 20, 2, 64, 2
+        args.rounds, args.mount_rounds, args.fio_size, args.fio_runtime = 20, 2, 64, 1
         args.fio_repeats = 1
+    jobs = selected_jobs(args.jobs)
     workdir = Path(tempfile.mkdtemp(prefix="ferry-bench-", dir=args.workdir or "/var/tmp"))
     latencies: list[Latency] = []
+    load_before = os.getloadavg()
     try:
         with running_ferry(workdir) as bench:
-            progress(f"CreateVolume/DeleteVolume x{args.rounds}, one caller")
-            latencies += bench.create_delete(args.rounds, 1)
-            progress(f"CreateVolume/DeleteVolume x{args.rounds * 4}, 32 concurrent callers")
-            latencies += bench.create_delete(args.rounds * 4, 32)
-            for fs, size in (("ext4", 1 * GiB), ("xfs", 1 * GiB)):
-                progress(f"NodeStage+NodePublish x{args.mount_rounds} on {fs}")
-                latencies += bench.mount_latency(args.mount_rounds, fs, size)
+            if not args.fio_only:
+                progress(f"CreateVolume/DeleteVolume x{args.rounds}, one caller")
+                latencies += bench.create_delete(args.rounds, 1)
+                progress(f"CreateVolume/DeleteVolume x{args.rounds * 4}, 32 concurrent callers")
+                latencies += bench.create_delete(args.rounds * 4, 32)
+                for fs, size in (("ext4", 1 * GiB), ("xfs", 1 * GiB)):
+                    progress(f"NodeStage+NodePublish x{args.mount_rounds} on {fs}")
+                    latencies += bench.mount_latency(args.mount_rounds, fs, size)
             fio_results = throughput(
-                bench, workdir / "pool", args.fio_size, args.fio_runtime, args.fio_repeats
+                bench,
+                workdir / "pool",
+                jobs,
+                args.fio_size,
+                args.fio_runtime,
+                args.fio_repeats,
+                dict(args.parameter),
             )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -316,10 +422,16 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "ferry_version": __version__,
                 "taken_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "host": {"kernel": platform.release(), "cpus": os.cpu_count()},
+                "host": {
+                    "kernel": platform.release(),
+                    "cpus": os.cpu_count(),
+                    # The host is shared: its load says how far to trust the run.
+                    "loadavg_before": load_before,
+                    "loadavg_after": os.getloadavg(),
+                },
                 "parameters": vars(args) | {"workdir": str(workdir), "output": str(args.output)},
                 "latency": [lat.summary() for lat in latencies],
-                "fio": [asdict(r) | {"ratio": round(r.ratio, 3)} for r in fio_results],
+                "fio": [r.summary() for r in fio_results],
             },
             indent=2,
         )
