@@ -35,9 +35,9 @@ SECTOR = 512
 #: The loop device only hands requests to its worker thread, which submits
 #: them to the pool's filesystem; the pool disk's own queue schedules them.
 #: A scheduler here adds a lock and a queue per request and nothing to
-#: schedule (measured in docs/benchmarks.md), and udev rules on some
-#: distributions give one to "rotational" devices, which a loop device over
-#: a virtual disk claims to be.
+#: schedule (mq-deadline was the slowest setting for random writes in
+#: docs/benchmarks.md), and udev rules on some distributions give one to
+#: "rotational" devices, which a loop device over a virtual disk claims to be.
 SCHEDULER = "none"
 
 
@@ -76,11 +76,11 @@ class LoopDevices:
                 dio = (entry / "loop" / "dio").read_text(encoding="utf-8").strip() == "1"
                 sectors = int((entry / "size").read_text(encoding="utf-8"))
                 read_only = (entry / "ro").read_text(encoding="utf-8").strip() == "1"
-                queue = entry / "queue"
-                scheduler = _active_choice((queue / "scheduler").read_text(encoding="utf-8"))
-                cache = (queue / "write_cache").read_text(encoding="utf-8").strip()
             except (FileNotFoundError, ValueError):
                 continue  # not attached, or detached while we looked
+            # Reported, never required: a device is found by its backing file alone.
+            scheduler = _active_choice(_read_optional(entry / "queue" / "scheduler"))
+            cache = _read_optional(entry / "queue" / "write_cache")
             deleted = name.endswith(DELETED_SUFFIX)
             found.append(
                 LoopDevice(
@@ -135,7 +135,7 @@ class LoopDevices:
         return device
 
     def _tune(self, device: str) -> None:
-        """Give a freshly attached device Ferry's queue settings (module docstring)."""
+        """Give ``device`` Ferry's queue settings (module docstring); idempotent."""
         scheduler = self._sys_block / device.removeprefix("/dev/") / "queue" / "scheduler"
         try:
             scheduler.write_text(SCHEDULER, encoding="utf-8")
@@ -167,6 +167,13 @@ class LoopDevices:
         """Make the kernel see a grown backing file; return the device's new size."""
         self._runner.run(["losetup", "--set-capacity", device])
         return self.info(device).size_bytes
+
+
+def _read_optional(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return ""
 
 
 def _active_choice(text: str) -> str:
