@@ -340,10 +340,10 @@ def answers(status: _Status | None, spec: _Spec) -> bool:
 
 # -- codec -------------------------------------------------------------------
 
-Record = (
+CatalogRecord = (
     VolumeSpec | VolumeStatus | NodeSpec | NodeStatus | NodeAccounting | ImageSpec | ImageStatus
 )
-R = TypeVar("R", bound=Record)
+R = TypeVar("R", bound=CatalogRecord)
 
 #: Every record type by its ``kind`` tag (new record types register here).
 KINDS: dict[str, type[Any]] = {
@@ -360,7 +360,7 @@ KINDS: dict[str, type[Any]] = {
 }
 
 
-def encode(record: Record) -> bytes:
+def encode(record: CatalogRecord) -> bytes:
     """Canonical JSON for ``record`` (sorted keys: equal records give equal bytes)."""
     doc = _to_json(record)
     doc["kind"] = record.KIND

@@ -13,11 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from csi_driver.core.records import Record, decode, encode
-from csi_driver.store.base import ABSENT, CatalogStore, Compare, Put
-from csi_driver.store.base import Record as StoredRecord
+from csi_driver.core.records import CatalogRecord, decode, encode
+from csi_driver.store.base import ABSENT, CatalogStore, Compare, Put, Record
 
-R = TypeVar("R", bound=Record)
+R = TypeVar("R", bound=CatalogRecord)
 
 
 @dataclass(frozen=True)
@@ -33,14 +32,14 @@ def read(store: CatalogStore, cls: type[R], key: str) -> Versioned[R] | None:
     return from_stored(cls, store.get(key))
 
 
-def from_stored(cls: type[R], stored: StoredRecord | None) -> Versioned[R] | None:
+def from_stored(cls: type[R], stored: Record | None) -> Versioned[R] | None:
     """Decode a raw store record (from a get, a list or an informer's cache)."""
     if stored is None:
         return None
     return Versioned(decode(cls, stored.value), stored.revision)
 
 
-def put(record: Record) -> Put:
+def put(record: CatalogRecord) -> Put:
     """The op writing ``record`` at its key."""
     return Put(record.key, encode(record))
 

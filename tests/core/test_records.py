@@ -14,6 +14,7 @@ from csi_driver.core.model import AccessMode, AccessType, FsType, Publication
 from csi_driver.core.records import (
     KINDS,
     SCHEMA_VERSION,
+    CatalogRecord,
     FailureReason,
     ImagePhase,
     ImageRole,
@@ -22,7 +23,6 @@ from csi_driver.core.records import (
     NodeAccounting,
     NodeSpec,
     NodeStatus,
-    Record,
     VolumePhase,
     VolumeSpec,
     VolumeStatus,
@@ -53,7 +53,7 @@ publications = st.builds(
     access_type=st.sampled_from(AccessType),
     access_mode=st.sampled_from(AccessMode),
 )
-records: st.SearchStrategy[Record] = st.one_of(
+records: st.SearchStrategy[CatalogRecord] = st.one_of(
     st.builds(
         VolumeSpec,
         volume_id=volume_ids,
@@ -122,7 +122,7 @@ records: st.SearchStrategy[Record] = st.one_of(
 
 
 @given(records)
-def test_every_record_round_trips(record: Record) -> None:
+def test_every_record_round_trips(record: CatalogRecord) -> None:
     raw = encode(record)
     assert decode(type(record), raw) == record
     assert encode(decode(type(record), raw)) == raw  # canonical: same value, same bytes
@@ -130,7 +130,7 @@ def test_every_record_round_trips(record: Record) -> None:
 
 @given(records, st.dictionaries(st.text(min_size=1).filter(str.isupper), st.integers()))
 def test_unknown_fields_from_a_newer_writer_are_ignored(
-    record: Record, extra: dict[str, int]
+    record: CatalogRecord, extra: dict[str, int]
 ) -> None:
     doc = json.loads(encode(record))
     doc.update(extra)
@@ -138,7 +138,7 @@ def test_unknown_fields_from_a_newer_writer_are_ignored(
 
 
 @given(records, st.data())
-def test_a_field_of_the_wrong_type_is_refused(record: Record, data: st.DataObject) -> None:
+def test_a_field_of_the_wrong_type_is_refused(record: CatalogRecord, data: st.DataObject) -> None:
     doc = json.loads(encode(record))
     name = data.draw(st.sampled_from(sorted(set(doc) - {"kind", "version"})))
     doc[name] = {"not": "this"}
