@@ -24,6 +24,7 @@ import threading
 from collections.abc import Callable
 
 from csi_driver.core.errors import Compacted, StoreError, StoreUnavailable
+from csi_driver.metrics import INFORMER_LISTS, INFORMER_RESUMES
 from csi_driver.store.base import CatalogStore, Event, EventType, Record, Watch
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,7 @@ class Informer:
             self._next_revision = first_revision + 1
             self._applied = first_revision
             self.lists += 1
+        INFORMER_LISTS.labels(self.prefix).inc()
         changed = [k for k in fresh if k not in old or old[k].revision != fresh[k].revision]
         vanished = [k for k in old if k not in fresh]
         self._synced.set()
@@ -188,10 +190,13 @@ class Informer:
                     self._notify(event.key)
         finally:
             # The watch knows what it delivered, down to a revision half consumed.
+            lost = not self._stop.is_set()
             with self._lock:
                 self._watch = None
                 self._next_revision = watch.next_revision
-                self.resumes += not self._stop.is_set()
+                self.resumes += lost
+            if lost:
+                INFORMER_RESUMES.labels(self.prefix).inc()
             watch.close()
 
     def _apply(self, event: Event) -> bool:

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from csi_driver.core.errors import FerryError
+from csi_driver.metrics import RECONCILE_SECONDS, RECONCILES
 from csi_driver.reconcile.informer import Informer
 from csi_driver.reconcile.queue import WorkQueue
 
@@ -135,9 +137,11 @@ class Runner:
             key = self.queue.get()
             if key is None:
                 return
+            started = time.monotonic()
             try:
                 again = self._reconcile(key)
             except Exception as exc:
+                RECONCILES.labels(self.name, "error").inc()
                 delay = self.queue.retry(key)
                 log.warning(
                     "reconcile failed; retrying",
@@ -151,8 +155,10 @@ class Runner:
                     },
                 )
             else:
+                RECONCILES.labels(self.name, "done" if again is None else "requeue").inc()
                 self.queue.forget(key)
                 if again is not None:
                     self.queue.add_after(key, again)
             finally:
+                RECONCILE_SECONDS.labels(self.name).observe(time.monotonic() - started)
                 self.queue.done(key)

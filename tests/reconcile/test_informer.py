@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from prometheus_client import REGISTRY
 
 from csi_driver.core.errors import StoreUnavailable
 from csi_driver.reconcile.informer import Informer
@@ -121,12 +122,18 @@ def test_compacted_history_makes_the_informer_list_again(
             store.put(PREFIX + "added-in-gap", b"new")
             store.compact(store.revision())  # the gap's history is gone
 
+    def lists_metric() -> float:
+        value = REGISTRY.get_sample_value("ferry_informer_lists_total", {"prefix": PREFIX})
+        return value or 0.0
+
+    lists_before = lists_metric()
     informer.subscribe(lose_the_watch_write_and_compact)
     informer.start()
     assert informer.wait_synced(20.0)
     baseline = len(seen.wait_until(lambda k: len(k) >= 3))
     store.put(PREFIX + "trigger", b"go")
     eventually(lambda: informer.lists == 2, "a second list after compaction")
+    assert lists_metric() - lists_before == 2
     eventually(lambda: _cache_view(informer) == _store_view(store), "cache matches store")
     after = seen.wait_until(lambda k: len(k) >= baseline + 4)[baseline + 1 :]
     # The list reports exactly what appeared, changed or vanished in the gap.

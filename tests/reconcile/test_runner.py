@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 import pytest
+from prometheus_client import REGISTRY
 
 from csi_driver.core.errors import Unavailable
 from csi_driver.reconcile.informer import Informer
@@ -102,6 +103,13 @@ def test_errors_are_retried_with_doubling_backoff_until_success(
             raise Unavailable("node busy")
         calls.record(key)
 
+    def count(result: str) -> float:
+        value = REGISTRY.get_sample_value(
+            "ferry_reconcile_total", {"runner": "test", "result": result}
+        )
+        return value or 0.0
+
+    errors, done = count("error"), count("done")
     queue = WorkQueue(base_delay_s=0.01, max_delay_s=1.0)
     with caplog.at_level(logging.WARNING, logger="csi_driver.reconcile.runner"):
         make_runner(reconcile, queue=queue)
@@ -112,6 +120,7 @@ def test_errors_are_retried_with_doubling_backoff_until_success(
     ]
     assert delays == [0.01, 0.02, 0.04]
     assert queue.failures("vol-a") == 0  # success forgets the failures
+    assert (count("error") - errors, count("done") - done) == (3, 1)
     assert not any(r.exc_info for r in caplog.records)  # domain errors: no traceback
 
 
