@@ -142,13 +142,24 @@ class ImagePhase(enum.Enum):
 
 
 class FailureReason(enum.Enum):
-    """Why a node could not reach a spec: chosen so the controller can map it to a code."""
+    """Why a node could not reach a spec: chosen so the controller can map it to a code.
+
+    All but ``HOST_ERROR`` are final for the spec's generation: the node does
+    not retry them until the spec changes. A host error is retried with backoff.
+    """
 
     NONE = "none"
     NO_SPACE = "no-space"  # the pool cannot hold the image -> RESOURCE_EXHAUSTED
-    IN_USE = "in-use"  # staged or attached: not deleted -> FAILED_PRECONDITION
+    TOO_LARGE = "too-large"  # larger than the whole pool -> OUT_OF_RANGE
+    IN_USE = "in-use"  # staged, published or attached: kept -> FAILED_PRECONDITION
+    MISMATCH = "mismatch"  # an image of another kind is there -> ALREADY_EXISTS
     STALE_EPOCH = "stale-epoch"  # the spec's epoch is older than the image's -> ABORTED
+    LOST = "lost"  # a READY image vanished from the pool: never silently recreated
     HOST_ERROR = "host-error"  # a command or the filesystem failed -> INTERNAL
+
+    @property
+    def final(self) -> bool:
+        return self is not FailureReason.HOST_ERROR
 
 
 class VolumePhase(enum.Enum):
@@ -275,6 +286,7 @@ class ImageSpec:
     size_bytes: int
     epoch: int
     role: ImageRole = ImageRole.PRIMARY
+    thin: bool = False  # space not reserved up front (StorageClass provisioning: thin)
     deleted: bool = False
     generation: int = 1
 
@@ -304,6 +316,11 @@ class ImageStatus:
     @property
     def key(self) -> str:
         return image_status_key(self.node_id, self.volume_id)
+
+    @property
+    def settled(self) -> bool:
+        """True when the node has finished with the generation it reports on."""
+        return self.phase is not ImagePhase.PENDING
 
 
 class _Spec(Protocol):

@@ -105,6 +105,7 @@ records: st.SearchStrategy[CatalogRecord] = st.one_of(
         size_bytes=sizes,
         epoch=generations,
         role=st.sampled_from(ImageRole),
+        thin=st.booleans(),
         deleted=st.booleans(),
         generation=generations,
     ),
@@ -153,7 +154,7 @@ def _image_doc() -> dict[str, Any]:
 
 def test_fields_missing_from_an_older_writer_take_their_defaults() -> None:
     doc = _image_doc()
-    del doc["role"], doc["deleted"], doc["generation"]
+    del doc["role"], doc["thin"], doc["deleted"], doc["generation"]
     assert decode(ImageSpec, json.dumps(doc).encode()) == ImageSpec(VOL, "n1", 1 << 20, 1)
 
 
