@@ -57,6 +57,12 @@ def observe_pool(
     POOL_VOLUMES.set(volumes)
 
 
+def observe_provisioned(provisioned_bytes: int, volumes: int) -> None:
+    """After an image changed: allocated bytes follow on the next heartbeat."""
+    POOL_PROVISIONED.set(provisioned_bytes)
+    POOL_VOLUMES.set(volumes)
+
+
 def serve(port: int, address: str = "0.0.0.0") -> WSGIServer | None:
     """Expose ``/metrics`` on ``address:port`` (0 disables); return the server."""
     if not port:

@@ -17,13 +17,14 @@ from csi_driver.core.records import CatalogRecord, decode, encode
 from csi_driver.store.base import ABSENT, CatalogStore, Compare, Put, Record
 
 R = TypeVar("R", bound=CatalogRecord)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class Versioned(Generic[R]):
-    """A record and the mod revision it was read at."""
+class Versioned(Generic[T]):
+    """A value read from the store and the mod revision it was read at."""
 
-    value: R
+    value: T
     revision: int
 
 
@@ -44,6 +45,6 @@ def put(record: CatalogRecord) -> Put:
     return Put(record.key, encode(record))
 
 
-def unchanged_since(key: str, read_as: Versioned[R] | None) -> Compare:
+def unchanged_since(key: str, read_as: Versioned[T] | None) -> Compare:
     """The compare requiring ``key`` to be as it was read (``None``: still absent)."""
     return Compare(key, read_as.revision if read_as is not None else ABSENT)
