@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from csi_driver.core.errors import Conflict, CorruptRecord
-from csi_driver.core.model import AccessType, FsType
+from csi_driver.core.model import AccessType, FsType, Volume, VolumeState
 from csi_driver.core.records import (
     ImageSpec,
     NodeAccounting,
@@ -15,6 +15,7 @@ from csi_driver.core.records import (
     node_accounting_key,
 )
 from csi_driver.store.base import CatalogStore
+from csi_driver.store.catalog import Catalog
 from csi_driver.store.records import put, read, unchanged_since
 
 NODE = "node-1"
@@ -97,3 +98,22 @@ def test_a_record_of_the_wrong_kind_is_refused(store: CatalogStore) -> None:
     spec, _ = _volume(1)
     with pytest.raises(CorruptRecord, match="expected a ImageSpec"):
         read(store, ImageSpec, spec.key)
+
+
+def test_a_catalog_older_than_accounting_is_counted_once(store: CatalogStore) -> None:
+    catalog = Catalog(store)
+    for n, node in enumerate(["node-1", "node-1", "node-2"]):
+        spec, _ = _volume(n)
+        catalog.put_volume(
+            Volume(
+                spec.volume_id, spec.name, (n + 1) * MiB, AccessType.MOUNT, FsType.EXT4,
+                node, 1, VolumeState.READY,
+            )
+        )  # fmt: skip
+    assert catalog.backfill_accounting() == 2
+    counted = {node: a.value for node, a in catalog.accounts().items()}
+    assert counted == {
+        "node-1": NodeAccounting("node-1", 3 * MiB, 2),
+        "node-2": NodeAccounting("node-2", 3 * MiB, 1),
+    }
+    assert catalog.backfill_accounting() == 0  # creates since are counted by their txns
