@@ -233,7 +233,8 @@ def start_controller(
     security: AgentSecurity | None = None,
     catalog_listen: str | None = None,
 ) -> Services:
-    """``security``: the identity the controller's certificate must name, if any."""
+    """``security``: the controller's certificate (it must name the controller), which
+    secures the catalog it opens and the one it serves to nodes (default: plain)."""
     services = Services()
     security = security or AgentSecurity()
     with _stopped_on_failure(services):
