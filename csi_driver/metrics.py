@@ -25,6 +25,27 @@ POOL_ALLOCATED = Gauge(
     "ferry_pool_allocated_bytes", "Bytes actually written to images in the node's pool."
 )
 POOL_VOLUMES = Gauge("ferry_pool_volumes", "Volume images in the node's pool.")
+RECONCILES = Counter(
+    "ferry_reconcile_total",
+    "Reconciles run, by runner and result (done, requeue, error).",
+    ["runner", "result"],
+)
+RECONCILE_SECONDS = Histogram(
+    "ferry_reconcile_duration_seconds",
+    "Time one reconcile took, by runner.",
+    ["runner"],
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120),
+)
+INFORMER_LISTS = Counter(
+    "ferry_informer_lists_total",
+    "Full lists of a watched catalog prefix: the first sync, then one per compaction.",
+    ["prefix"],
+)
+INFORMER_RESUMES = Counter(
+    "ferry_informer_watch_resumes_total",
+    "Catalog watches resumed after they ended without a stop (lost connection).",
+    ["prefix"],
+)
 
 
 def observe_pool(
@@ -33,6 +54,12 @@ def observe_pool(
     POOL_CAPACITY.set(capacity_bytes)
     POOL_PROVISIONED.set(provisioned_bytes)
     POOL_ALLOCATED.set(allocated_bytes)
+    POOL_VOLUMES.set(volumes)
+
+
+def observe_provisioned(provisioned_bytes: int, volumes: int) -> None:
+    """After an image changed: allocated bytes follow on the next heartbeat."""
+    POOL_PROVISIONED.set(provisioned_bytes)
     POOL_VOLUMES.set(volumes)
 
 

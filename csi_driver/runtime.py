@@ -18,7 +18,6 @@ from pathlib import Path
 
 import grpc
 
-from csi_driver.agent_api.client import GrpcNodeDirectory
 from csi_driver.agent_api.server import NodeAgentServicer, admitted_callers
 from csi_driver.catalog_api.server import admitted_callers as catalog_callers
 from csi_driver.catalog_api.server import register as serve_store
@@ -35,8 +34,10 @@ from csi_driver.gen.ferry.v1 import agent_pb2_grpc
 from csi_driver.metrics import observe_pool
 from csi_driver.node.agent import NodeAgent
 from csi_driver.node.pool import Pool
+from csi_driver.node.reconcile.images import image_runner
 from csi_driver.node.runner import CommandRunner
 from csi_driver.pki import Identity, Role
+from csi_driver.reconcile.runner import Runner
 from csi_driver.store.base import CatalogStore
 from csi_driver.store.catalog import Catalog
 from csi_driver.store.url import open_store
@@ -177,6 +178,10 @@ def _start_node_side(parts: NodeParts, catalog: Catalog, services: Services) -> 
     services.killers.append(parts.runner.kill_running)
     catalog.register_node(parts.registration(agent_endpoint))
     _report_pool(parts.pool)
+    # The node's images follow their records in the catalog from here on.
+    images = image_runner(catalog.store, parts.agent)
+    images.start()
+    services.closers.append(lambda: _stop_runner(images))
     beat = threading.Thread(
         target=_heartbeat,
         args=(catalog, parts, services._stopping),
@@ -184,6 +189,11 @@ def _start_node_side(parts: NodeParts, catalog: Catalog, services: Services) -> 
         daemon=True,
     )
     beat.start()
+
+
+def _stop_runner(runner: Runner) -> None:
+    if not runner.stop(timeout=10.0):
+        log.warning("reconciler threads still busy at shutdown", extra={"runner": runner.name})
 
 
 def _serve_csi(endpoint: str, registrations: list[Registration], services: Services) -> None:
@@ -223,7 +233,8 @@ def start_controller(
     security: AgentSecurity | None = None,
     catalog_listen: str | None = None,
 ) -> Services:
-    """``security``: how the controller reaches node agents (default: unix sockets only)."""
+    """``security``: the controller's certificate (it must name the controller), which
+    secures the catalog it opens and the one it serves to nodes (default: plain)."""
     services = Services()
     security = security or AgentSecurity()
     with _stopped_on_failure(services):
@@ -231,9 +242,7 @@ def start_controller(
         store = open_store(catalog_path, security=security)
         services.closers.append(store.close)
         _serve_catalog(store, catalog_listen, security, services)
-        directory = GrpcNodeDirectory(security=security)
-        services.closers.append(directory.close)
-        volumes = VolumeService(Catalog(store), directory)
+        volumes = VolumeService(Catalog(store))
         identity = IdentityServicer([volumes.check], controller=True)
         _serve_csi(
             csi_endpoint,
@@ -283,9 +292,7 @@ def start_all_in_one(
         catalog = Catalog(store)
         parts = NodeParts(config)
         _start_node_side(parts, catalog, services)
-        directory = GrpcNodeDirectory(security=config.security)
-        services.closers.append(directory.close)
-        volumes = VolumeService(catalog, directory)
+        volumes = VolumeService(catalog)
         identity = IdentityServicer([volumes.check, parts.agent.check], controller=True)
         node = NodeServicer(parts.agent, parts.topology, config.max_volumes)
         _serve_csi(

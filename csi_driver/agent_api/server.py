@@ -8,7 +8,7 @@ import grpc
 
 from csi_driver.csi.errors import rpc
 from csi_driver.gen.ferry.v1 import agent_pb2, agent_pb2_grpc
-from csi_driver.metrics import POOL_PROVISIONED, POOL_VOLUMES, observe_pool
+from csi_driver.metrics import observe_pool, observe_provisioned
 from csi_driver.node.agent import NodeAgent
 from csi_driver.node.pool import ImageInfo
 from csi_driver.pki import Identity, Role
@@ -48,9 +48,7 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
         )
 
     def _observed(self) -> None:
-        """Publish pool gauges after a change; allocated bytes follow on the next heartbeat."""
-        POOL_PROVISIONED.set(self._pool.provisioned_bytes)
-        POOL_VOLUMES.set(self._pool.image_count)
+        observe_provisioned(self._pool.provisioned_bytes, self._pool.image_count)
 
     @rpc(required=("volume_id", "size_bytes"))
     def CreateImage(self, request: Any, context: grpc.ServicerContext) -> Any:

@@ -8,6 +8,7 @@ record says it stopped.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -15,20 +16,23 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from csi_driver.controller.images import DEFAULT_WAIT_S, ImageIntents
 from csi_driver.core.errors import (
     CONTROLLER_PUBLISH_INCOMPATIBLE,
     NAME_CONFLICT,
+    OPERATION_PENDING,
     PUBLISHED_ON_OTHER_NODE,
     STILL_PUBLISHED_ON,
     UNKNOWN_STARTING_TOKEN,
     Aborted,
     AlreadyExists,
+    Conflict,
     FailedPrecondition,
-    FerryError,
     InvalidArgument,
     NotFound,
     OutOfRange,
     ResourceExhausted,
+    StoreError,
     Unavailable,
 )
 from csi_driver.core.locks import KeyedLocks
@@ -48,12 +52,15 @@ from csi_driver.core.model import (
     VolumeCapability,
     VolumeState,
 )
-from csi_driver.core.nodes import NodeDirectory
 from csi_driver.core.params import Provisioning, StorageParameters, parse_parameters
 from csi_driver.core.placement import NodeView, accessible_segment, choose_primary, eligible
-from csi_driver.store.catalog import Catalog
+from csi_driver.core.records import ImageSpec, NodeAccounting
+from csi_driver.store.catalog import NAMES, Catalog
+from csi_driver.store.records import Versioned
 
 log = logging.getLogger(__name__)
+
+_CAS_ATTEMPTS = 16
 
 DEFAULT_CAPACITY = 1 * GiB
 ALLOCATION_UNIT = 1 * MiB
@@ -134,13 +141,6 @@ def volume_shape(
     return access_type, (fs_types.pop() if fs_types else DEFAULT_FS)
 
 
-def _deletion_refused(volume: Volume) -> Volume:
-    """Undo a DELETING mark after the node refused: it holds the image, in use."""
-    if volume.state is VolumeState.DELETING:
-        return replace(volume, state=VolumeState.READY)
-    return volume
-
-
 def _serves(volume: Volume, cap: VolumeCapability) -> bool:
     if cap.access_mode not in SUPPORTED_ACCESS_MODES or cap.access_type != volume.access_type:
         return False
@@ -153,18 +153,22 @@ class VolumeService:
     def __init__(
         self,
         catalog: Catalog,
-        nodes: NodeDirectory,
         *,
         clock: Callable[[], float] = time.time,
         lock_timeout_s: float = 30.0,
+        wait_s: float = DEFAULT_WAIT_S,
     ) -> None:
         self._catalog = catalog
-        self._nodes = nodes
+        self._images = ImageIntents(catalog, wait_s=wait_s)
         self._clock = clock
         self._lock_timeout = lock_timeout_s
         self._names = KeyedLocks()
         self._volumes = KeyedLocks()
+        # Placement reads the accounting and charges it in one txn; in-process
+        # serialisation keeps concurrent creates from losing that race over and
+        # over (the txn's compare still guards other controller processes).
         self._placement = threading.Lock()
+        self._accounted = False
 
     # -- health ----------------------------------------------------------------
 
@@ -209,22 +213,37 @@ class VolumeService:
         requirement: TopologyRequirement | None,
         claimed_id: str | None,
     ) -> Volume:
+        volume_id = claimed_id or f"vol-{uuid.uuid4().hex}"
+        thin = params.provisioning is Provisioning.THIN
         with self._placement:
-            primary = choose_primary(self._node_views(), size, requirement)
-            volume_id = claimed_id or self._catalog.claim_name(name, f"vol-{uuid.uuid4().hex}")
-            volume = Volume(
-                volume_id=volume_id,
-                name=name,
-                capacity_bytes=size,
-                access_type=access_type,
-                fs_type=fs_type,
-                primary_node=primary.node_id,
-                epoch=1,
-                state=VolumeState.CREATING,
-                parameters=tuple(sorted(params.as_dict().items())),
-                created_at=self._clock(),
-            )
-            self._catalog.put_volume(volume)
+            for _ in range(_CAS_ATTEMPTS):
+                accounts = self._accounts()
+                primary = choose_primary(self._node_views(accounts), size, requirement)
+                volume = Volume(
+                    volume_id=volume_id,
+                    name=name,
+                    capacity_bytes=size,
+                    access_type=access_type,
+                    fs_type=fs_type,
+                    primary_node=primary.node_id,
+                    epoch=1,
+                    state=VolumeState.CREATING,
+                    parameters=tuple(sorted(params.as_dict().items())),
+                    created_at=self._clock(),
+                )
+                image = ImageSpec(volume_id, primary.node_id, size, volume.epoch, thin=thin)
+                try:
+                    self._images.provision(
+                        volume, image, accounts.get(primary.node_id), claim_name=not claimed_id
+                    )
+                except Conflict as exc:
+                    if exc.key is not None and exc.key.startswith(NAMES):
+                        # Another controller process claimed the name meanwhile.
+                        raise Aborted(OPERATION_PENDING.format(key=name)) from exc
+                    continue  # the node's accounting moved: place again
+                break
+            else:
+                raise StoreError(f"placement of {name!r} kept losing races; retry")
         log.info(
             "volume placed",
             extra={
@@ -244,26 +263,11 @@ class VolumeService:
                 f"volume {volume.name!r} ({volume.volume_id}) is being deleted; retry "
                 "after the deletion completes"
             )
-        node = self._require_node(volume.primary_node)
-        provisioning = parse_parameters(dict(volume.parameters)).provisioning
-        try:
-            self._nodes.client(node).create_image(
-                volume.volume_id,
-                volume.capacity_bytes,
-                volume.epoch,
-                thin=provisioning is Provisioning.THIN,
-            )
-        except Unavailable:
-            raise  # the node may come back: keep the intent so a retry resumes it
-        except FerryError:
-            # The node refused for good (no room, bad state): release the
-            # reservation so a deleted PVC leaves nothing behind.
-            self._catalog.delete_volume(volume)
-            raise
-        ready = self._catalog.update_volume(
-            volume.volume_id, lambda v: replace(v, state=VolumeState.READY)
+        thin = parse_parameters(dict(volume.parameters)).provisioning is Provisioning.THIN
+        ready = self._images.finish_create(volume, thin)
+        log.info(
+            "volume provisioned", extra={"volume": volume.volume_id, "node": volume.primary_node}
         )
-        log.info("volume provisioned", extra={"volume": volume.volume_id, "node": node.node_id})
         return ready
 
     def _check_compatible(
@@ -296,28 +300,18 @@ class VolumeService:
         if not VOLUME_ID_PATTERN.match(volume_id):
             return
         with self._volumes.hold(volume_id, timeout=self._lock_timeout):
-            volume = self._catalog.get_volume(volume_id)
-            if volume is None:
+            volume_read = self._catalog.read_volume(volume_id)
+            if volume_read is None:
                 return
+            volume = volume_read.value
             if volume.publications:
                 nodes = ", ".join(p.node_id for p in volume.publications)
                 raise FailedPrecondition(
                     STILL_PUBLISHED_ON.format(volume_id=volume_id, nodes=nodes)
                 )
-            # Intent first: a crash or an unreachable node leaves DELETING, which
-            # refuses new publications and which the provisioner's retry completes.
-            volume = self._catalog.update_volume(
-                volume_id, lambda v: replace(v, state=VolumeState.DELETING)
-            )
-            node = self._require_node(volume.primary_node)
-            try:
-                self._nodes.client(node).delete_image(volume_id)
-            except FailedPrecondition:
-                # The node still uses the image and kept it: the volume stays
-                # usable, and a retry after the node's cleanup deletes it.
-                self._catalog.update_volume(volume_id, _deletion_refused)
-                raise
-            self._catalog.delete_volume(volume)
+            # Intent first: a crash or a slow node leaves DELETING, which refuses
+            # new publications and which the provisioner's retry completes.
+            self._images.delete(volume_read)
         log.info("volume deleted", extra={"volume": volume_id})
 
     # -- publication -----------------------------------------------------------
@@ -490,9 +484,8 @@ class VolumeService:
         with self._volumes.hold(volume_id, timeout=self._lock_timeout):
             volume = self._require_volume(volume_id)
             node = self._require_node(volume.primary_node)
-            with self._placement:
-                view = next(v for v in self._node_views() if v.node.node_id == node.node_id)
-                growth = size - volume.capacity_bytes
+
+            def check_room(growth: int, view: NodeView) -> None:
                 if growth > view.free_bytes:
                     if size > node.capacity_bytes:
                         raise OutOfRange(
@@ -503,10 +496,26 @@ class VolumeService:
                         f"node {node.node_id} has {view.free_bytes} bytes free; growing "
                         f"volume {volume_id} needs {growth} more"
                     )
-                new_size = self._nodes.client(node).expand_image(volume_id, size)
-                self._catalog.update_volume(
-                    volume_id, lambda v: replace(v, capacity_bytes=max(v.capacity_bytes, new_size))
-                )
+
+            with self._placement:
+                for _ in range(_CAS_ATTEMPTS):
+                    accounts = self._accounts()
+                    view = next(
+                        v for v in self._node_views(accounts) if v.node.node_id == node.node_id
+                    )
+                    try:
+                        grown = self._images.grow(
+                            volume,
+                            size,
+                            accounts.get(node.node_id),
+                            functools.partial(check_room, view=view),
+                        )
+                    except Conflict:
+                        continue  # the accounting or the image moved: read again
+                    break
+                else:
+                    raise StoreError(f"expansion of {volume_id} kept losing races; retry")
+            new_size = self._images.finish_grow(volume, grown.value)
         log.info("volume expanded", extra={"volume": volume_id, "bytes": new_size})
         return new_size
 
@@ -532,15 +541,23 @@ class VolumeService:
     def _published_count(self, node_id: str) -> int:
         return sum(1 for v in self._catalog.list_volumes() if v.published_on(node_id))
 
-    def _node_views(self) -> list[NodeView]:
-        provisioned: dict[str, int] = {}
-        counts: dict[str, int] = {}
-        for volume in self._catalog.list_volumes():
-            provisioned[volume.primary_node] = (
-                provisioned.get(volume.primary_node, 0) + volume.capacity_bytes
-            )
-            counts[volume.primary_node] = counts.get(volume.primary_node, 0) + 1
-        return [
-            NodeView(node, provisioned.get(node.node_id, 0), counts.get(node.node_id, 0))
-            for node in self._catalog.list_nodes()
-        ]
+    def _accounts(self) -> dict[str, Versioned[NodeAccounting]]:
+        if not self._accounted:
+            # Once per process, at first use rather than at start: a catalog that
+            # is down at start must not keep the controller from serving.
+            self._catalog.backfill_accounting()
+            self._accounted = True
+        return self._catalog.accounts()
+
+    def _node_views(
+        self, accounts: Mapping[str, Versioned[NodeAccounting]] | None = None
+    ) -> list[NodeView]:
+        """Every registered node with what the catalog promised it: one read per node."""
+        if accounts is None:
+            accounts = self._accounts()
+        views = []
+        for node in self._catalog.list_nodes():
+            account = accounts.get(node.node_id)
+            charged = account.value if account else NodeAccounting(node.node_id)
+            views.append(NodeView(node, charged.provisioned_bytes, charged.volume_count))
+        return views

@@ -25,7 +25,8 @@ Tree::
         ├── CommandFailed      an external command failed
         └── StoreError         the catalog store failed
             ├── Conflict       compare-and-swap lost a race (retry the read)
-            └── Compacted      a watch asked for history already compacted
+            ├── Compacted      a watch asked for history already compacted
+            └── CorruptRecord  a stored record cannot be decoded as its type
 
 The messages for the conflicts the CSI spec names a code for (a second
 writer, a volume staged or published elsewhere, an incompatible repeat, an
@@ -151,6 +152,10 @@ class Compacted(StoreError):
     def __init__(self, message: str, compact_revision: int) -> None:
         super().__init__(message)
         self.compact_revision = compact_revision
+
+
+class CorruptRecord(StoreError):
+    """A catalog record is not a valid value of its type (damaged, or from a newer Ferry)."""
 
 
 # -- Messages for the conflicts the CSI spec names a status code for ---------------

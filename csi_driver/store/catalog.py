@@ -5,9 +5,14 @@ Keys:
 - ``volumes/<volume_id>``  -> a :class:`Volume`
 - ``names/<name>``         -> the volume id that a CreateVolume name maps to
 - ``nodes/<node_id>``      -> a :class:`NodeRecord` (written by the node itself)
+- image specs and statuses and per-node accounting: the records of
+  :mod:`csi_driver.core.records` (see docs/records.md)
 
 Updates are read-modify-write with compare-and-swap; :meth:`Catalog.update_volume`
-retries a few times when another writer got there first.
+retries a few times when another writer got there first. A change that spans
+a volume, its image and its node's accounting is one :meth:`CatalogStore.txn`
+built from the key, op and read helpers here, so the accounting always equals
+the sum of the image specs it counts.
 """
 
 from __future__ import annotations
@@ -28,7 +33,17 @@ from csi_driver.core.model import (
     Volume,
     VolumeState,
 )
-from csi_driver.store.base import ABSENT, CatalogStore
+from csi_driver.core.records import (
+    NODE_ACCOUNTS,
+    ImageSpec,
+    ImageStatus,
+    NodeAccounting,
+    decode,
+    image_spec_key,
+    image_status_key,
+)
+from csi_driver.store.base import ABSENT, CatalogStore, Compare, Delete, Put
+from csi_driver.store.records import Versioned, from_stored, put, read
 
 VOLUMES = "volumes/"
 NAMES = "names/"
@@ -163,6 +178,37 @@ class Catalog:
         if owner is not None and owner.value.decode() == volume.volume_id:
             self.store.delete(NAMES + volume.name, owner.revision)
 
+    def read_volume(self, volume_id: str) -> Versioned[Volume] | None:
+        """The volume with the revision it was read at (for a txn's compare)."""
+        record = self.store.get(VOLUMES + volume_id)
+        return Versioned(_volume_from_json(record.value), record.revision) if record else None
+
+    @staticmethod
+    def volume_op(volume: Volume) -> Put:
+        return Put(VOLUMES + volume.volume_id, _volume_to_json(volume))
+
+    @staticmethod
+    def volume_unchanged(read_as: Versioned[Volume]) -> Compare:
+        return Compare(VOLUMES + read_as.value.volume_id, read_as.revision)
+
+    @staticmethod
+    def volume_absent(volume_id: str) -> Compare:
+        return Compare(VOLUMES + volume_id, ABSENT)
+
+    def forget_ops(self, volume: Volume) -> tuple[list[Compare], list[Put | Delete]]:
+        """Compares and ops removing ``volume``, its name (if still its own) and its image."""
+        compares: list[Compare] = []
+        ops: list[Put | Delete] = [
+            Delete(VOLUMES + volume.volume_id),
+            Delete(image_spec_key(volume.primary_node, volume.volume_id)),
+            Delete(image_status_key(volume.primary_node, volume.volume_id)),
+        ]
+        owner = self.store.get(NAMES + volume.name)
+        if owner is not None and owner.value.decode() == volume.volume_id:
+            compares.append(Compare(NAMES + volume.name, owner.revision))
+            ops.append(Delete(NAMES + volume.name))
+        return compares, ops
+
     def list_volumes(self, start_after: str = "", limit: int = 0) -> list[Volume]:
         after = VOLUMES + start_after if start_after else ""
         return [_volume_from_json(r.value) for r in self.store.list(VOLUMES, after, limit)]
@@ -184,6 +230,49 @@ class Catalog:
     def volume_id_for_name(self, name: str) -> str | None:
         record = self.store.get(NAMES + name)
         return record.value.decode() if record else None
+
+    @staticmethod
+    def name_op(name: str, volume_id: str) -> Put:
+        return Put(NAMES + name, volume_id.encode())
+
+    @staticmethod
+    def name_absent(name: str) -> Compare:
+        return Compare(NAMES + name, ABSENT)
+
+    # -- images and accounting -------------------------------------------------
+
+    def read_image(self, node_id: str, volume_id: str) -> Versioned[ImageSpec] | None:
+        return read(self.store, ImageSpec, image_spec_key(node_id, volume_id))
+
+    def accounts(self) -> dict[str, Versioned[NodeAccounting]]:
+        """Every node's accounting with its revision: one record per node, no volume read."""
+        found = (from_stored(NodeAccounting, r) for r in self.store.list(NODE_ACCOUNTS))
+        return {a.value.node_id: a for a in found if a is not None}
+
+    def backfill_accounting(self) -> int:
+        """Count volumes into per-node accounting once, for a catalog written before it.
+
+        Runs only while no accounting exists; returns how many nodes it wrote.
+        Creates made since then are counted by their own txns.
+        """
+        if self.store.list(NODE_ACCOUNTS, limit=1) or not self.store.list(VOLUMES, limit=1):
+            return 0
+        totals: dict[str, NodeAccounting] = {}
+        for volume in self.list_volumes():
+            node = volume.primary_node
+            totals[node] = totals.get(node, NodeAccounting(node)).charge(volume.capacity_bytes)
+        try:
+            self.store.txn(
+                [Compare(a.key, ABSENT) for a in totals.values()],
+                [put(a) for a in totals.values()],
+            )
+        except Conflict:
+            return 0  # another controller backfilled first
+        return len(totals)
+
+    @staticmethod
+    def image_status(raw: bytes) -> ImageStatus:
+        return decode(ImageStatus, raw)
 
     # -- nodes ---------------------------------------------------------------
 

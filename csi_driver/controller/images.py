@@ -1,0 +1,293 @@
+"""The controller's side of image records: write intent, then wait for the node.
+
+Each change to a volume's image is one store transaction that writes the
+volume, its :class:`ImageSpec` and its node's :class:`NodeAccounting`
+together (compare-and-swap on each), followed by a wait, bounded by the
+RPC's deadline, for the :class:`ImageStatus` the node reports for that
+spec's generation. Invariants:
+
+- The accounting of a node always equals the sizes of the image specs it
+  counts: charges and releases ride in the same txn as the specs.
+- A deadline that passes keeps the intent (UNAVAILABLE): the node goes on
+  reconciling, and the CO's retry finds the intent and only waits.
+- A node's final refusal undoes the intent in one txn (a create leaves
+  nothing behind, an expansion returns to the old size, a delete of an
+  image in use leaves the volume READY) and maps to the CSI code the
+  refusal names; a host error keeps the intent for the node's retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from csi_driver.core import deadline
+from csi_driver.core.errors import (
+    AlreadyExists,
+    Conflict,
+    FailedPrecondition,
+    FerryError,
+    InternalError,
+    OutOfRange,
+    ResourceExhausted,
+    StoreError,
+)
+from csi_driver.core.model import Volume, VolumeState
+from csi_driver.core.records import (
+    FailureReason,
+    ImagePhase,
+    ImageSpec,
+    ImageStatus,
+    NodeAccounting,
+    answers,
+    node_accounting_key,
+    revise,
+)
+from csi_driver.reconcile.wait import wait_for
+from csi_driver.store.base import ABSENT, Compare, Delete, Put, Record
+from csi_driver.store.catalog import Catalog
+from csi_driver.store.records import Versioned, put, unchanged_since
+
+log = logging.getLogger(__name__)
+
+#: How long an RPC without a deadline waits for a node's status.
+DEFAULT_WAIT_S = 60.0
+#: Stop waiting this long before the caller's deadline, so the answer still reaches it.
+REPLY_MARGIN_S = 0.2
+_CAS_ATTEMPTS = 16
+
+_REFUSALS: dict[FailureReason, Callable[[str], FerryError]] = {
+    FailureReason.NO_SPACE: ResourceExhausted,
+    FailureReason.TOO_LARGE: OutOfRange,
+    FailureReason.IN_USE: FailedPrecondition,
+    FailureReason.MISMATCH: AlreadyExists,
+}
+
+
+def _refusal(status: ImageStatus) -> FerryError:
+    kind = _REFUSALS.get(status.reason, InternalError)
+    return kind(f"node {status.node_id}: {status.message}")
+
+
+class ImageIntents:
+    """Writes image intents with their volume and accounting; waits for nodes' statuses."""
+
+    def __init__(self, catalog: Catalog, *, wait_s: float = DEFAULT_WAIT_S) -> None:
+        self._catalog = catalog
+        self._wait_s = wait_s
+
+    # -- create ----------------------------------------------------------------
+
+    def provision(
+        self,
+        volume: Volume,
+        image: ImageSpec,
+        account: Versioned[NodeAccounting] | None,
+        *,
+        claim_name: bool,
+    ) -> None:
+        """One txn: the new volume, its name, its image spec and its node's charge.
+
+        Raises Conflict (naming the key) when the accounting moved since it
+        was read or the name or volume was taken meanwhile.
+        """
+        charged = (account.value if account else NodeAccounting(image.node_id)).charge(
+            image.size_bytes
+        )
+        compares = [
+            unchanged_since(charged.key, account),
+            self._catalog.volume_absent(volume.volume_id),
+            Compare(image.key, ABSENT),
+        ]
+        ops: list[Put | Delete] = [self._catalog.volume_op(volume), put(image), put(charged)]
+        if claim_name:
+            compares.append(self._catalog.name_absent(volume.name))
+            ops.append(self._catalog.name_op(volume.name, volume.volume_id))
+        self._catalog.store.txn(compares, ops)
+
+    def finish_create(self, volume: Volume, thin: bool) -> Volume:
+        """Wait for the node to create ``volume``'s image; mark the volume READY."""
+        image = self._image_of(volume, thin)
+        status = self._await(image.value, f"node {image.value.node_id} to create the image")
+        if status.phase is ImagePhase.READY:
+            return self._catalog.update_volume(
+                volume.volume_id, lambda v: replace(v, state=VolumeState.READY)
+            )
+        if status.reason.final:
+            self._forget(volume)  # a refused create leaves nothing behind
+        raise _refusal(status)
+
+    # -- delete ----------------------------------------------------------------
+
+    def delete(self, volume_read: Versioned[Volume]) -> None:
+        """Mark the volume DELETING and its image deleted; forget both once the node did."""
+        volume = volume_read.value
+        image = self._image_of(volume, thin=False)
+        doomed = revise(image.value, deleted=True)
+        deleting = replace(volume, state=VolumeState.DELETING)
+        if doomed is not image.value or deleting != volume:
+            self._catalog.store.txn(
+                [
+                    self._catalog.volume_unchanged(volume_read),
+                    unchanged_since(image.value.key, image),
+                ],
+                [self._catalog.volume_op(deleting), put(doomed)],
+            )
+        status = self._await(doomed, f"node {doomed.node_id} to delete the image")
+        if status.phase is ImagePhase.DELETED:
+            self._forget(volume)
+            return
+        if status.reason is FailureReason.IN_USE:
+            # The node kept the image because it is in use: the volume stays usable.
+            self._restore_after_refused_delete(volume.volume_id, doomed)
+        raise _refusal(status)
+
+    def _restore_after_refused_delete(self, volume_id: str, doomed: ImageSpec) -> None:
+        for _ in range(_CAS_ATTEMPTS):
+            volume_read = self._catalog.read_volume(volume_id)
+            image = self._catalog.read_image(doomed.node_id, volume_id)
+            if volume_read is None or image is None:
+                return
+            kept = revise(image.value, deleted=False)
+            try:
+                self._catalog.store.txn(
+                    [
+                        self._catalog.volume_unchanged(volume_read),
+                        unchanged_since(kept.key, image),
+                    ],
+                    [
+                        self._catalog.volume_op(
+                            replace(volume_read.value, state=VolumeState.READY)
+                        ),
+                        put(kept),
+                    ],
+                )
+            except Conflict:
+                continue
+            return
+        raise StoreError(f"volume {volume_id} kept changing while its delete was undone; retry")
+
+    # -- expand ----------------------------------------------------------------
+
+    def grow(
+        self,
+        volume: Volume,
+        size: int,
+        account: Versioned[NodeAccounting] | None,
+        check_room: Callable[[int], None],
+    ) -> Versioned[ImageSpec]:
+        """One txn: the image spec's new size and the node's charge for the growth.
+
+        ``check_room(growth)`` raises when the node cannot hold the growth.
+        A spec already at least ``size`` (an earlier expansion still in
+        flight) is returned unchanged.
+        """
+        image = self._image_of(volume, thin=False)
+        if image.value.size_bytes >= size:
+            return image
+        growth = size - image.value.size_bytes
+        check_room(growth)
+        charged = (account.value if account else NodeAccounting(image.value.node_id)).charge(
+            growth, 0
+        )
+        grown = revise(image.value, size_bytes=size)
+        revision = self._catalog.store.txn(
+            [unchanged_since(grown.key, image), unchanged_since(charged.key, account)],
+            [put(grown), put(charged)],
+        )
+        return Versioned(grown, revision)
+
+    def finish_grow(self, volume: Volume, grown: ImageSpec) -> int:
+        """Wait for the node to grow the image; record and return the volume's new size."""
+        status = self._await(grown, f"node {grown.node_id} to grow the image")
+        if status.phase is ImagePhase.READY:
+            size = max(status.size_bytes, grown.size_bytes)
+            self._catalog.update_volume(
+                volume.volume_id,
+                lambda v: replace(v, capacity_bytes=max(v.capacity_bytes, size)),
+            )
+            return size
+        if status.reason.final:
+            self._shrink_intent(volume, grown)
+        raise _refusal(status)
+
+    def _shrink_intent(self, volume: Volume, grown: ImageSpec) -> None:
+        """Undo a refused growth: the spec back to the volume's size, the charge released."""
+        key = node_accounting_key(grown.node_id)
+        for _ in range(_CAS_ATTEMPTS):
+            image = self._catalog.read_image(grown.node_id, volume.volume_id)
+            account = self._catalog.accounts().get(grown.node_id)
+            if image is None or account is None or image.value.size_bytes <= volume.capacity_bytes:
+                return
+            excess = image.value.size_bytes - volume.capacity_bytes
+            try:
+                self._catalog.store.txn(
+                    [unchanged_since(image.value.key, image), unchanged_since(key, account)],
+                    [
+                        put(revise(image.value, size_bytes=volume.capacity_bytes)),
+                        put(account.value.charge(-excess, 0)),
+                    ],
+                )
+            except Conflict:
+                continue
+            return
+
+    # -- shared ----------------------------------------------------------------
+
+    def _image_of(self, volume: Volume, thin: bool) -> Versioned[ImageSpec]:
+        """The volume's image spec; written now for a volume older than image records."""
+        image = self._catalog.read_image(volume.primary_node, volume.volume_id)
+        if image is not None:
+            return image
+        spec = ImageSpec(
+            volume.volume_id, volume.primary_node, volume.capacity_bytes, volume.epoch, thin=thin
+        )
+        try:
+            revision = self._catalog.store.txn([Compare(spec.key, ABSENT)], [put(spec)])
+        except Conflict:
+            again = self._catalog.read_image(volume.primary_node, volume.volume_id)
+            if again is None:
+                raise
+            return again
+        return Versioned(spec, revision)
+
+    def _await(self, spec: ImageSpec, what: str) -> ImageStatus:
+        def settled(record: Record | None) -> bool:
+            if record is None:
+                return False
+            status = self._catalog.image_status(record.value)
+            return answers(status, spec) and status.settled
+
+        record = wait_for(
+            self._catalog.store,
+            spec.status_key,
+            settled,
+            time.monotonic() + max(0.0, deadline.clamp(self._wait_s) - REPLY_MARGIN_S),
+            waiting_for=f"{what} of volume {spec.volume_id} (generation {spec.generation})",
+        )
+        assert record is not None  # the predicate only accepts a record
+        return self._catalog.image_status(record.value)
+
+    def _forget(self, volume: Volume) -> None:
+        """One txn: the volume, its name, its image records gone and its charge released."""
+        key = node_accounting_key(volume.primary_node)
+        for _ in range(_CAS_ATTEMPTS):
+            current = self._catalog.read_volume(volume.volume_id)
+            if current is None:
+                return
+            image = self._catalog.read_image(volume.primary_node, volume.volume_id)
+            account = self._catalog.accounts().get(volume.primary_node)
+            compares, ops = self._catalog.forget_ops(current.value)
+            compares.append(self._catalog.volume_unchanged(current))
+            if image is not None and account is not None:
+                compares += [unchanged_since(image.value.key, image), unchanged_since(key, account)]
+                ops.append(put(account.value.charge(-image.value.size_bytes, -1)))
+            try:
+                self._catalog.store.txn(compares, ops)
+            except Conflict:
+                continue
+            log.info("volume forgotten", extra={"volume": volume.volume_id})
+            return
+        raise StoreError(f"volume {volume.volume_id} kept changing while it was removed; retry")

@@ -1,0 +1,468 @@
+"""Catalog records: each resource's desired spec and observed status.
+
+The catalog is the contract between the controller and the node agents
+(DESIGN.md, "Records and reconcilers"). Every resource is a pair of frozen
+values: a *spec* that says what should be, and a *status* that says what its
+owner last observed. Pure domain: no gRPC, no host, no store calls.
+
+Key layout. Spec and status of one resource live under different keys, so
+the writer of the spec (usually the controller) and the writer of the status
+(usually the node that owns the resource) never compare-and-swap against
+each other's writes, and a watcher of specs never wakes for a status
+heartbeat::
+
+    spec/volumes/<volume_id>                VolumeSpec        controller
+    status/volumes/<volume_id>              VolumeStatus      controller
+    spec/nodes/<node_id>                    NodeSpec          node (registration)
+    status/nodes/<node_id>                  NodeStatus        node (heartbeat)
+    accounting/nodes/<node_id>              NodeAccounting    controller, in the
+                                                              same txn as the specs
+                                                              it counts
+    spec/images/<node_id>/<volume_id>       ImageSpec         controller
+    status/images/<node_id>/<volume_id>     ImageStatus       node <node_id>
+
+Images are keyed node first, so a node agent watches exactly its own work
+with one prefix (``spec/images/<node_id>/``). Ids never contain ``/``
+(checked here), so a prefix ending in ``/`` never matches a longer id.
+
+Generations (as in Kubernetes): every change to a spec bumps its
+``generation`` (:func:`revise`); the owner writes the generation it acted
+on into its status's ``observed_generation``. A status answers for a spec
+only when the two generations match (:func:`answers`), so a waiter never
+mistakes the outcome of an older request for the one it made.
+
+Codecs are strict JSON: each value is written with its ``kind`` and schema
+``version``; decoding checks every field's type, refuses a record of
+another kind or of a newer schema (a reader must not rewrite what it does
+not understand), fills fields absent in older writes from their defaults,
+and ignores fields it does not know (a newer writer's additions). A record
+that fails these checks raises :class:`~csi_driver.core.errors.CorruptRecord`.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import types
+import typing
+from dataclasses import MISSING, dataclass, fields, is_dataclass, replace
+from typing import Any, ClassVar, Protocol, TypeVar
+
+from csi_driver.core.errors import CorruptRecord, InvalidArgument
+from csi_driver.core.model import (
+    NODE_ID_PATTERN,
+    VOLUME_ID_PATTERN,
+    AccessType,
+    FsType,
+    Publication,
+)
+
+#: Schema version this code writes; records with a higher one are refused.
+SCHEMA_VERSION = 1
+
+SPEC = "spec/"
+STATUS = "status/"
+ACCOUNTING = "accounting/"
+
+VOLUME_SPECS = SPEC + "volumes/"
+VOLUME_STATUSES = STATUS + "volumes/"
+NODE_SPECS = SPEC + "nodes/"
+NODE_STATUSES = STATUS + "nodes/"
+NODE_ACCOUNTS = ACCOUNTING + "nodes/"
+IMAGE_SPECS = SPEC + "images/"
+IMAGE_STATUSES = STATUS + "images/"
+
+
+def _node(node_id: str) -> str:
+    if not NODE_ID_PATTERN.match(node_id):
+        raise InvalidArgument(f"malformed node id {node_id!r} in a catalog key")
+    return node_id
+
+
+def _volume(volume_id: str) -> str:
+    if not VOLUME_ID_PATTERN.match(volume_id):
+        raise InvalidArgument(
+            f"malformed volume id {volume_id!r} in a catalog key: Ferry ids look like vol-<32 hex>"
+        )
+    return volume_id
+
+
+def image_specs_on(node_id: str) -> str:
+    """The prefix of every image spec assigned to ``node_id`` (what its agent watches)."""
+    return f"{IMAGE_SPECS}{_node(node_id)}/"
+
+
+def image_statuses_on(node_id: str) -> str:
+    return f"{IMAGE_STATUSES}{_node(node_id)}/"
+
+
+def image_spec_key(node_id: str, volume_id: str) -> str:
+    return image_specs_on(node_id) + _volume(volume_id)
+
+
+def image_status_key(node_id: str, volume_id: str) -> str:
+    return image_statuses_on(node_id) + _volume(volume_id)
+
+
+def volume_spec_key(volume_id: str) -> str:
+    return VOLUME_SPECS + _volume(volume_id)
+
+
+def volume_status_key(volume_id: str) -> str:
+    return VOLUME_STATUSES + _volume(volume_id)
+
+
+def node_spec_key(node_id: str) -> str:
+    return NODE_SPECS + _node(node_id)
+
+
+def node_status_key(node_id: str) -> str:
+    return NODE_STATUSES + _node(node_id)
+
+
+def node_accounting_key(node_id: str) -> str:
+    return NODE_ACCOUNTS + _node(node_id)
+
+
+# -- values ------------------------------------------------------------------
+
+
+class ImageRole(enum.Enum):
+    """What a node's copy of a volume is for."""
+
+    PRIMARY = "primary"  # the one writable copy (epoch-fenced)
+    REPLICA = "replica"  # a warm copy kept in sync from the primary
+
+
+class ImagePhase(enum.Enum):
+    PENDING = "pending"  # the node has not acted on this generation yet
+    READY = "ready"  # the image exists with at least the spec's size
+    DELETED = "deleted"  # the image is gone (spec.deleted was honoured)
+    FAILED = "failed"  # the node cannot reach the spec; ``reason`` says why
+
+
+class FailureReason(enum.Enum):
+    """Why a node could not reach a spec: chosen so the controller can map it to a code.
+
+    All but ``HOST_ERROR`` are final for the spec's generation: the node does
+    not retry them until the spec changes. A host error is retried with backoff.
+    """
+
+    NONE = "none"
+    NO_SPACE = "no-space"  # the pool cannot hold the image -> RESOURCE_EXHAUSTED
+    TOO_LARGE = "too-large"  # larger than the whole pool -> OUT_OF_RANGE
+    IN_USE = "in-use"  # staged, published or attached: kept -> FAILED_PRECONDITION
+    MISMATCH = "mismatch"  # an image of another kind is there -> ALREADY_EXISTS
+    STALE_EPOCH = "stale-epoch"  # the spec's epoch is older than the image's -> ABORTED
+    LOST = "lost"  # a READY image vanished from the pool: never silently recreated
+    HOST_ERROR = "host-error"  # a command or the filesystem failed -> INTERNAL
+
+    @property
+    def final(self) -> bool:
+        return self is not FailureReason.HOST_ERROR
+
+
+class VolumePhase(enum.Enum):
+    PENDING = "pending"  # spec written, the primary image is not confirmed yet
+    READY = "ready"
+    DELETING = "deleting"  # spec.deleted set, images are being removed
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    """What the controller wants a volume to be."""
+
+    KIND: ClassVar[str] = "VolumeSpec"
+
+    volume_id: str
+    name: str
+    capacity_bytes: int
+    access_type: AccessType
+    fs_type: FsType | None
+    primary_node: str
+    epoch: int
+    parameters: tuple[tuple[str, str], ...] = ()
+    publications: tuple[Publication, ...] = ()
+    created_at: float = 0.0
+    deleted: bool = False
+    generation: int = 1
+
+    @property
+    def key(self) -> str:
+        return volume_spec_key(self.volume_id)
+
+
+@dataclass(frozen=True)
+class VolumeStatus:
+    KIND: ClassVar[str] = "VolumeStatus"
+
+    volume_id: str
+    phase: VolumePhase
+    observed_generation: int
+    capacity_bytes: int = 0
+    message: str = ""
+
+    @property
+    def key(self) -> str:
+        return volume_status_key(self.volume_id)
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """A node agent's registration: who it is and what it offers."""
+
+    KIND: ClassVar[str] = "NodeSpec"
+
+    node_id: str
+    agent_endpoint: str
+    topology: tuple[tuple[str, str], ...]
+    capacity_bytes: int
+    max_volumes: int
+    labels: tuple[tuple[str, str], ...] = ()
+    generation: int = 1
+
+    @property
+    def key(self) -> str:
+        return node_spec_key(self.node_id)
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """What a node agent last reported about itself (its heartbeat)."""
+
+    KIND: ClassVar[str] = "NodeStatus"
+
+    node_id: str
+    observed_generation: int
+    heartbeat_at: float
+    pool_capacity_bytes: int = 0
+    allocated_bytes: int = 0
+    image_count: int = 0
+    message: str = ""
+
+    @property
+    def key(self) -> str:
+        return node_status_key(self.node_id)
+
+
+@dataclass(frozen=True)
+class NodeAccounting:
+    """What the catalog has promised a node: kept exact by writing it in each volume's txn.
+
+    Placement reads one of these per node instead of every volume.
+    """
+
+    KIND: ClassVar[str] = "NodeAccounting"
+
+    node_id: str
+    provisioned_bytes: int = 0
+    volume_count: int = 0
+
+    @property
+    def key(self) -> str:
+        return node_accounting_key(self.node_id)
+
+    def charge(self, size_bytes: int, volumes: int = 1) -> NodeAccounting:
+        """Account for ``volumes`` more volumes totalling ``size_bytes`` (negative to release)."""
+        provisioned = self.provisioned_bytes + size_bytes
+        count = self.volume_count + volumes
+        if provisioned < 0 or count < 0:
+            raise InvalidArgument(
+                f"node {self.node_id}'s accounting would go negative "
+                f"({provisioned} bytes, {count} volumes): a release without a charge"
+            )
+        return replace(self, provisioned_bytes=provisioned, volume_count=count)
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """The image of one volume that one node should hold."""
+
+    KIND: ClassVar[str] = "ImageSpec"
+
+    volume_id: str
+    node_id: str
+    size_bytes: int
+    epoch: int
+    role: ImageRole = ImageRole.PRIMARY
+    thin: bool = False  # space not reserved up front (StorageClass provisioning: thin)
+    deleted: bool = False
+    generation: int = 1
+
+    @property
+    def key(self) -> str:
+        return image_spec_key(self.node_id, self.volume_id)
+
+    @property
+    def status_key(self) -> str:
+        return image_status_key(self.node_id, self.volume_id)
+
+
+@dataclass(frozen=True)
+class ImageStatus:
+    """What node ``node_id`` last did about its image of ``volume_id``."""
+
+    KIND: ClassVar[str] = "ImageStatus"
+
+    volume_id: str
+    node_id: str
+    phase: ImagePhase
+    observed_generation: int
+    size_bytes: int = 0
+    reason: FailureReason = FailureReason.NONE
+    message: str = ""
+
+    @property
+    def key(self) -> str:
+        return image_status_key(self.node_id, self.volume_id)
+
+    @property
+    def settled(self) -> bool:
+        """True when the node has finished with the generation it reports on."""
+        return self.phase is not ImagePhase.PENDING
+
+
+class _Spec(Protocol):
+    @property
+    def generation(self) -> int: ...
+
+
+class _Status(Protocol):
+    @property
+    def observed_generation(self) -> int: ...
+
+
+S = TypeVar("S", bound=_Spec)
+
+
+def revise(spec: S, **changes: Any) -> S:
+    """``spec`` with ``changes`` applied and its generation bumped, or ``spec`` if unchanged.
+
+    Only a real change bumps the generation, so repeating a request (CSI
+    idempotency) does not make the owner redo work or a waiter wait again.
+    """
+    if "generation" in changes:
+        raise InvalidArgument("a spec's generation is bumped by revise(), never set")
+    changed = replace(spec, **changes)  # type: ignore[type-var]
+    if changed == spec:
+        return spec
+    return replace(changed, generation=spec.generation + 1)  # type: ignore[type-var]
+
+
+def answers(status: _Status | None, spec: _Spec) -> bool:
+    """True when ``status`` reports on exactly ``spec``'s generation."""
+    return status is not None and status.observed_generation == spec.generation
+
+
+# -- codec -------------------------------------------------------------------
+
+CatalogRecord = (
+    VolumeSpec | VolumeStatus | NodeSpec | NodeStatus | NodeAccounting | ImageSpec | ImageStatus
+)
+R = TypeVar("R", bound=CatalogRecord)
+
+#: Every record type by its ``kind`` tag (new record types register here).
+KINDS: dict[str, type[Any]] = {
+    cls.KIND: cls
+    for cls in (
+        VolumeSpec,
+        VolumeStatus,
+        NodeSpec,
+        NodeStatus,
+        NodeAccounting,
+        ImageSpec,
+        ImageStatus,
+    )
+}
+
+
+def encode(record: CatalogRecord) -> bytes:
+    """Canonical JSON for ``record`` (sorted keys: equal records give equal bytes)."""
+    doc = _to_json(record)
+    doc["kind"] = record.KIND
+    doc["version"] = SCHEMA_VERSION
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def decode(cls: type[R], raw: bytes) -> R:
+    """Decode ``raw`` as a ``cls``; raise CorruptRecord if it is not one."""
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptRecord(f"{cls.KIND} record is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise CorruptRecord(f"{cls.KIND} record is not a JSON object")
+    kind = doc.get("kind")
+    if kind != cls.KIND:
+        raise CorruptRecord(f"expected a {cls.KIND} record, found kind {kind!r}")
+    version = doc.get("version")
+    if type(version) is not int or version < 1:
+        raise CorruptRecord(f"{cls.KIND} record has no valid schema version: {version!r}")
+    if version > SCHEMA_VERSION:
+        raise CorruptRecord(
+            f"{cls.KIND} record has schema version {version}, newer than this Ferry "
+            f"({SCHEMA_VERSION}); upgrade every Ferry component to the same release"
+        )
+    value: R = _from_json(cls, doc, cls.KIND)
+    return value
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_json(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, tuple):
+        return [_to_json(v) for v in value]
+    return value
+
+
+def _from_json(tp: Any, doc: Any, where: str) -> Any:
+    """Decode ``doc`` as type ``tp``, checking types exactly (bool is not an int)."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        options = typing.get_args(tp)
+        if doc is None and type(None) in options:
+            return None
+        (inner,) = (o for o in options if o is not type(None))
+        return _from_json(inner, doc, where)
+    if origin is tuple:
+        if not isinstance(doc, list):
+            raise CorruptRecord(f"{where}: expected a list, found {type(doc).__name__}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_from_json(args[0], v, f"{where}[{i}]") for i, v in enumerate(doc))
+        if len(doc) != len(args):
+            raise CorruptRecord(f"{where}: expected {len(args)} items, found {len(doc)}")
+        items = enumerate(zip(args, doc, strict=True))
+        return tuple(_from_json(a, v, f"{where}[{i}]") for i, (a, v) in items)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(doc)
+        except ValueError:
+            raise CorruptRecord(f"{where}: {doc!r} is not a {tp.__name__}") from None
+    if isinstance(tp, type) and is_dataclass(tp):
+        return _dataclass_from_json(tp, doc, where)
+    if tp is float:
+        if type(doc) not in (int, float):
+            raise CorruptRecord(f"{where}: expected a number, found {doc!r}")
+        return float(doc)
+    if tp in (int, str, bool):
+        if type(doc) is not tp:
+            raise CorruptRecord(f"{where}: expected {tp.__name__}, found {doc!r}")
+        return doc
+    raise TypeError(f"records cannot hold values of type {tp!r}")  # a bug in this module
+
+
+def _dataclass_from_json(cls: type[Any], doc: Any, where: str) -> Any:
+    if not isinstance(doc, dict):
+        raise CorruptRecord(f"{where}: expected an object, found {type(doc).__name__}")
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name in doc:
+            values[f.name] = _from_json(hints[f.name], doc[f.name], f"{where}.{f.name}")
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise CorruptRecord(f"{where}: required field {f.name!r} is missing")
+    return cls(**values)

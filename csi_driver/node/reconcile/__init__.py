@@ -1,0 +1,1 @@
+"""Node-side reconcilers: each makes this node match the records assigned to it."""

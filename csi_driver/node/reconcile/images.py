@@ -1,0 +1,194 @@
+"""The node's image reconciler: make this node's pool match its ImageSpecs.
+
+The controller writes ``spec/images/<node>/<volume>``; this reconciler,
+running in the node agent, creates, grows or deletes the image and reports
+the outcome in ``status/images/<node>/<volume>`` (the node is that key's
+only writer). Invariants:
+
+- Level-triggered and idempotent: a reconcile reads the current spec and the
+  pool and acts on the difference, so a repeat, a restart, a lost watch or a
+  resync converges to the same state without redoing finished work.
+- A status is written only while the spec it answers is unchanged (the
+  write compares the spec's revision), so a status never outlives its spec
+  and never claims a generation the node did not act on.
+- An image is deleted only when its spec says ``deleted``, and only when
+  nothing on this node uses it (the agent's check, under the volume's lock);
+  otherwise the status says ``in-use`` and the image is kept. A spec that is
+  simply absent never deletes data: a lost catalog is rebuilt from nodes.
+- Final refusals (no space, too large, another image there, in use) are
+  reported once per generation; host errors are reported and retried with
+  backoff until the spec changes or the error clears.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from csi_driver.core.errors import (
+    AlreadyExists,
+    Conflict,
+    FailedPrecondition,
+    FerryError,
+    OutOfRange,
+    ResourceExhausted,
+)
+from csi_driver.core.records import (
+    FailureReason,
+    ImagePhase,
+    ImageSpec,
+    ImageStatus,
+    answers,
+    image_spec_key,
+    image_specs_on,
+    image_status_key,
+    image_statuses_on,
+)
+from csi_driver.metrics import observe_provisioned
+from csi_driver.node.agent import NodeAgent
+from csi_driver.reconcile.informer import Informer
+from csi_driver.reconcile.runner import Runner, Source, strip_prefix
+from csi_driver.store.base import CatalogStore
+from csi_driver.store.records import Versioned, put, read, unchanged_since
+
+log = logging.getLogger(__name__)
+
+#: Node errors that are final for a generation, and the reason each reports.
+_FINAL: tuple[tuple[type[FerryError], FailureReason], ...] = (
+    (ResourceExhausted, FailureReason.NO_SPACE),
+    (OutOfRange, FailureReason.TOO_LARGE),
+    (FailedPrecondition, FailureReason.IN_USE),
+    (AlreadyExists, FailureReason.MISMATCH),
+)
+
+
+class ImageReconciler:
+    """Reconciles one volume's image on this node (the work key is the volume id)."""
+
+    def __init__(self, store: CatalogStore, agent: NodeAgent) -> None:
+        self._store = store
+        self._agent = agent
+        self.node_id = agent.node_id
+
+    def __call__(self, volume_id: str) -> float | None:
+        spec_read = read(self._store, ImageSpec, image_spec_key(self.node_id, volume_id))
+        if spec_read is None:
+            return None  # nothing asked of this node (or the controller finished)
+        spec = spec_read.value
+        current = read(self._store, ImageStatus, image_status_key(self.node_id, volume_id))
+        if current is not None and _done(current.value, spec):
+            return None
+        was_ready = (
+            current is not None
+            and answers(current.value, spec)
+            and current.value.phase is ImagePhase.READY
+        )
+        try:
+            status = self._act(spec, was_ready)
+        except FerryError as exc:
+            reason = next((r for kind, r in _FINAL if isinstance(exc, kind)), None)
+            self._report(spec_read, current, _failed(spec, reason or FailureReason.HOST_ERROR, exc))
+            if reason is None:
+                raise  # a host error: the runner retries with backoff
+            return None
+        pool = self._agent.pool
+        observe_provisioned(pool.provisioned_bytes, pool.image_count)
+        self._report(spec_read, current, status)
+        return None
+
+    def _act(self, spec: ImageSpec, was_ready: bool) -> ImageStatus:
+        if spec.deleted:
+            self._agent.delete_image(spec.volume_id)
+            return ImageStatus(spec.volume_id, self.node_id, ImagePhase.DELETED, spec.generation)
+        pool = self._agent.pool
+        info = pool.get(spec.volume_id)
+        if info is None and was_ready:
+            # A blank image in its place would be formatted on the next stage
+            # and pass for the volume: report the loss instead.
+            return ImageStatus(
+                spec.volume_id,
+                self.node_id,
+                ImagePhase.FAILED,
+                spec.generation,
+                reason=FailureReason.LOST,
+                message=f"the image of volume {spec.volume_id} disappeared from the pool on "
+                f"node {self.node_id} after it was created; restore it, or delete the volume",
+            )
+        if info is None:
+            info = pool.create_image(spec.volume_id, spec.size_bytes, spec.epoch, thin=spec.thin)
+        elif info.size_bytes < spec.size_bytes:
+            info = pool.expand_image(spec.volume_id, spec.size_bytes)
+        return ImageStatus(
+            spec.volume_id, self.node_id, ImagePhase.READY, spec.generation, info.size_bytes
+        )
+
+    def _report(
+        self,
+        spec_read: Versioned[ImageSpec],
+        current: Versioned[ImageStatus] | None,
+        status: ImageStatus,
+    ) -> None:
+        if current is not None and current.value == status:
+            return
+        try:
+            self._store.txn([unchanged_since(spec_read.value.key, spec_read)], [put(status)])
+        except Conflict:
+            # The spec changed while we worked: its event queues another pass.
+            log.info(
+                "image spec changed during reconcile; reconciling again",
+                extra={"volume": status.volume_id},
+            )
+            return
+        log.info(
+            "image status reported",
+            extra={
+                "volume": status.volume_id,
+                "phase": status.phase.value,
+                "generation": status.observed_generation,
+                "reason": status.reason.value,
+            },
+        )
+
+
+def _done(status: ImageStatus, spec: ImageSpec) -> bool:
+    """True when nothing is left to do for ``spec``'s generation.
+
+    READY is re-checked on resync only through the pool's in-memory sizes;
+    a final refusal waits for the spec to change.
+    """
+    if not answers(status, spec):
+        return False
+    if status.phase is ImagePhase.FAILED:
+        return status.reason.final
+    return status.phase is ImagePhase.DELETED
+
+
+def _failed(spec: ImageSpec, reason: FailureReason, exc: FerryError) -> ImageStatus:
+    return ImageStatus(
+        spec.volume_id,
+        spec.node_id,
+        ImagePhase.FAILED,
+        spec.generation,
+        reason=reason,
+        message=exc.message,
+    )
+
+
+def image_runner(
+    store: CatalogStore, agent: NodeAgent, *, resync_s: float = 60.0, workers: int = 2
+) -> Runner:
+    """A runner of this node's image reconciler over its spec and status prefixes.
+
+    Status changes are watched too, so a status removed or rewritten by
+    anyone else is corrected from the spec.
+    """
+    specs, statuses = image_specs_on(agent.node_id), image_statuses_on(agent.node_id)
+    return Runner(
+        f"images:{agent.node_id}",
+        ImageReconciler(store, agent),
+        [
+            Source(Informer(store, specs), strip_prefix(specs)),
+            Source(Informer(store, statuses), strip_prefix(statuses)),
+        ],
+        workers=workers,
+        resync_s=resync_s,
+    )
