@@ -122,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
             "--catalog",
             default="/var/lib/ferry/catalog.db",
             help="the catalog: a SQLite file path (or sqlite:///abs/path.db), "
-            "or etcd://host:port[,host:port...]",
+            "etcds://host:port[,host:port...] (etcd over mutual TLS as --tls-dir's identity), "
+            "etcd://host:port[,...] (plain HTTP, a local etcd only) or ferry://host:port "
+            "(a controller's --catalog-listen)",
         )
         p.add_argument(
             "--grace-period",

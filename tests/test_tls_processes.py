@@ -2,7 +2,8 @@
 
 Proves the issue's "a client without a certificate of this cluster is
 refused and logged" where an operator would look: the node process's own
-stderr, as JSON lines.
+stderr, as JSON lines. And the multi-node shape end to end: a controller and
+a node that share nothing but an etcd spoken to over mutual TLS (``etcds://``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from csi_driver.csi.client import CsiClient, mount_capability
 from csi_driver.gen import csi_pb2
 from csi_driver.gen.ferry.v1 import agent_pb2, agent_pb2_grpc
 from csi_driver.pki import TlsBundle
+from tests.store.etcd_cluster import ETCD, SKIP_REASON, EtcdCluster, EtcdTls
 from tests.test_cli import ferry
 
 pytestmark = pytest.mark.slow
@@ -176,6 +178,21 @@ def _create(endpoint: str, name: str) -> Any:
         )
 
 
+def _pair_creates_a_volume(
+    ca_dir: Path, tmp_path: Path, spawn: Any, catalog: str, name: str
+) -> None:
+    """A node and a controller under mTLS on ``catalog``; the controller creates ``name``."""
+    node_args = _node_args(tmp_path, "--tls-dir", str(ca_dir / "node-n1"), "--catalog", catalog)
+    spawn("node", *node_args).wait_for("ferry started")
+    spawn(
+        "controller", "controller", "--endpoint", f"unix://{tmp_path}/controller.sock",
+        "--catalog", catalog, "--tls-dir", str(ca_dir / "controller"),
+    ).wait_for("ferry started")  # fmt: skip
+    created = _create(f"unix://{tmp_path}/controller.sock", name)
+    assert created.volume.capacity_bytes == 16 * MiB
+    assert (tmp_path / "pool" / "images" / f"{created.volume.volume_id}.img").exists()
+
+
 def test_node_refuses_and_logs_clients_without_this_clusters_certificate(
     ca_dir: Path, tmp_path: Path, spawn: Any
 ) -> None:
@@ -225,17 +242,8 @@ def test_controllers_provision_through_the_catalog_not_the_agent_api(
     without a certificate; the agent client's own refusal of plaintext TCP
     is proven in tests/test_agent_tls.py.
     """
-    node = spawn("node", *_node_args(tmp_path, "--tls-dir", str(ca_dir / "node-n1")))
-    node.wait_for("ferry started")
     catalog = str(tmp_path / "catalog.db")
-    secure = spawn(
-        "controller", "controller", "--endpoint", f"unix://{tmp_path}/controller.sock",
-        "--catalog", catalog, "--tls-dir", str(ca_dir / "controller"),
-    )  # fmt: skip
-    secure.wait_for("ferry started")
-    created = _create(f"unix://{tmp_path}/controller.sock", "pvc-mtls")
-    assert created.volume.capacity_bytes == 16 * MiB
-    assert (tmp_path / "pool" / "images" / f"{created.volume.volume_id}.img").exists()
+    _pair_creates_a_volume(ca_dir, tmp_path, spawn, catalog, "pvc-mtls")
 
     plain = spawn(
         "plain", "controller", "--endpoint", f"unix://{tmp_path}/plain.sock", "--catalog", catalog
@@ -268,3 +276,27 @@ def test_insecure_agent_api_allows_plaintext_tcp_and_says_so(tmp_path: Path, spa
     assert warning["level"] == "warning"
     address = node.wait_for("serving", endpoint="tcp://")["endpoint"]
     assert _get_pool(grpc.insecure_channel(address.removeprefix("tcp://"))) is grpc.StatusCode.OK
+
+
+@pytest.fixture
+def catalog_etcd(ca_dir: Path, tmp_path: Path) -> Iterator[EtcdCluster]:
+    """A TLS etcd whose ``catalog`` certificate ``ferry ca issue`` made."""
+    if ETCD is None:
+        pytest.skip(SKIP_REASON)
+    server = tmp_path / "etcd-tls"
+    done = ferry(
+        "ca", "issue", "--dir", str(ca_dir), "--name", "catalog",
+        "--ip", "127.0.0.1", "--out", str(server),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    cluster = EtcdCluster(tmp_path, 1, EtcdTls(server, ca_dir / "controller")).start()
+    yield cluster
+    cluster.close()
+
+
+def test_controller_and_node_share_only_a_tls_etcd(
+    ca_dir: Path, tmp_path: Path, spawn: Any, catalog_etcd: EtcdCluster
+) -> None:
+    assert catalog_etcd.url.startswith("etcds://")
+    _pair_creates_a_volume(ca_dir, tmp_path, spawn, catalog_etcd.url, "pvc-over-etcds")
+    assert not (tmp_path / "catalog.db").exists()  # no file catalog anywhere

@@ -43,10 +43,11 @@ from csi_driver.gen import csi_pb2
 from csi_driver.node.mounts import Mounts
 from csi_driver.node.runner import CommandRunner
 from csi_driver.node.teardown import release_under
-from csi_driver.pki import CertificateAuthority, Identity
+from csi_driver.pki import CA_CERT, CERT, KEY, CertificateAuthority, Identity
+from csi_driver.pki import Role as PkiRole
 from csi_driver.sandbox import processes
 from csi_driver.sandbox.network import SandboxNetwork, in_namespace, netns_file
-from csi_driver.sandbox.plan import CatalogKind, Member, Role, SandboxPlan
+from csi_driver.sandbox.plan import CONTROLLER, CatalogKind, Member, Role, SandboxPlan
 from csi_driver.sandbox.state import ProcessRecord, SandboxState, StateFile
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,10 @@ def _log_tail(path: Path) -> str:
 
 
 def _issue_certificates(plan: SandboxPlan) -> None:
-    """A CA for this sandbox alone, and a certificate for each agent naming its address."""
+    """A CA for this sandbox alone, and a certificate for each member naming its address.
+
+    etcd's is the ``catalog`` identity, the one Ferry's clients demand of it.
+    """
     authority = CertificateAuthority.create(f"Ferry sandbox {plan.prefix} CA")
     authority.save(plan.tls / "ca")
     for member in plan.members():
@@ -106,7 +110,7 @@ def _issue_certificates(plan: SandboxPlan) -> None:
         elif member.role is Role.NODE:
             identity = Identity.node(member.name)
         else:
-            continue
+            identity = Identity(PkiRole.CATALOG)
         bundle = authority.issue(identity, ips=(member.namespace.address,))
         bundle.write(plan.tls / member.name)
 
@@ -241,8 +245,11 @@ class Sandbox:
     def _etcd_healthy(self, plan: SandboxPlan, member: Member) -> bool:
         # The health check runs inside the control namespace: the host has no
         # route to the sandbox's subnet, by design.
+        # It asks as the controller: etcd admits only certificates of the sandbox's CA.
+        tls = plan.tls / CONTROLLER
         health = (
-            "etcdctl", "--endpoints", f"http://{plan.etcd_endpoint}",
+            "etcdctl", "--endpoints", f"https://{plan.etcd_endpoint}",
+            "--cacert", str(tls / CA_CERT), "--cert", str(tls / CERT), "--key", str(tls / KEY),
             "--dial-timeout", "1s", "--command-timeout", "2s", "endpoint", "health",
         )  # fmt: skip
         try:

@@ -12,8 +12,10 @@ same things. Invariants:
   sandbox's bridge and in its namespaces (the host gets no address and no
   route there, so sandboxes never touch the host's own networks or each other);
 - every file is below the plan's directory;
-- the controller and the nodes speak to each other over mutual TLS under the
-  sandbox's own CA (``DIR/tls``), as in a cluster.
+- the controller and the nodes speak to each other, and to etcd, over mutual
+  TLS under the sandbox's own CA (``DIR/tls``), as in a cluster: etcd serves
+  clients only over TLS, admits only certificates of that CA and presents a
+  ``catalog`` certificate itself.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from csi_driver.core.errors import InvalidArgument, NotFound
+from csi_driver.pki import CA_CERT, CERT, KEY
 
 PREFIX_PATTERN = re.compile(r"^[a-z][a-z0-9]{1,7}$")
 DEFAULT_SUBNET = "10.251.0.0/24"
@@ -150,11 +153,12 @@ class SandboxPlan:
     def catalog_url(self) -> str:
         """How the nodes reach the catalog: over the network only, never a file.
 
-        etcd: the controller too. SQLite: the controller opens its file and
-        serves it to the nodes as the catalog service (``ferry://``).
+        etcd (over mutual TLS): the controller too. SQLite: the controller
+        opens its file and serves it to the nodes as the catalog service
+        (``ferry://``).
         """
         if self.catalog is CatalogKind.ETCD:
-            return f"etcd://{self.etcd_endpoint}"
+            return f"etcds://{self.etcd_endpoint}"
         return f"ferry://{self.control.address}:{CATALOG_PORT}"
 
     @property
@@ -255,8 +259,9 @@ class SandboxPlan:
         # The peer URL stays on the namespace's loopback: a one-member cluster
         # talks to no peer, and clients come in over the bridge only.
         peer = f"http://127.0.0.1:{ETCD_PEER_PORT}"
-        client = f"http://{self.etcd_endpoint}"
+        client = f"https://{self.etcd_endpoint}"
         name = f"{self.prefix}-etcd"
+        tls = self.tls / member.name
         return (
             "etcd",
             "--name",
@@ -277,4 +282,11 @@ class SandboxPlan:
             name,
             "--initial-cluster-state",
             "new",
+            "--client-cert-auth",
+            "--trusted-ca-file",
+            str(tls / CA_CERT),
+            "--cert-file",
+            str(tls / CERT),
+            "--key-file",
+            str(tls / KEY),
         )

@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -37,6 +38,7 @@ import requests
 import urllib3.exceptions
 from etcd3gw.client import Etcd3Client
 from requests.adapters import HTTPAdapter
+from urllib3.util.ssl_match_hostname import CertificateError
 
 from csi_driver.core.errors import (
     Compacted,
@@ -46,6 +48,7 @@ from csi_driver.core.errors import (
     StoreError,
     StoreUnavailable,
 )
+from csi_driver.pki import TlsBundle
 from csi_driver.store.base import (
     ABSENT,
     CatalogStore,
@@ -60,6 +63,7 @@ from csi_driver.store.base import (
     conflict,
     prefix_end,
 )
+from csi_driver.store.etcd_tls import CATALOG_SERVER_NAME, CatalogTlsAdapter
 from csi_driver.store.leader import LeaderElection
 from csi_driver.store.watch import StreamWatch
 
@@ -102,14 +106,46 @@ def _unb64(text: str) -> bytes:
     return base64.b64decode(text)
 
 
-def _never_sent(exc: requests.RequestException) -> bool:
-    """True when the request provably never reached etcd (refused, connect timeout)."""
-    if isinstance(exc, requests.ConnectTimeout):
-        return True
+def _reason(exc: requests.RequestException) -> object:
+    """The lowest-level cause urllib3 reports under a requests exception."""
     reason: object = exc.args[0] if exc.args else None
     if isinstance(reason, urllib3.exceptions.MaxRetryError):
         reason = reason.reason
-    return isinstance(reason, urllib3.exceptions.ConnectTimeoutError)
+    if isinstance(reason, urllib3.exceptions.SSLError) and reason.args:
+        reason = reason.args[0]
+    return reason
+
+
+def _tls_refusal(exc: requests.RequestException) -> str | None:
+    """Why the TLS handshake failed, said for an operator; None if it was not TLS.
+
+    Only handshake failures count: this process refusing the member's
+    certificate, or the member alerting that it refused ours. Either way the
+    member never read a request.
+    """
+    if not isinstance(exc, requests.exceptions.SSLError):
+        return None
+    reason = _reason(exc)
+    detail = str(reason)
+    if isinstance(reason, ssl.SSLCertVerificationError | CertificateError):
+        return (
+            f"presented a certificate this process does not accept as the catalog's ({detail}): "
+            "each etcd member needs a certificate of this cluster's CA for the identity "
+            f"'catalog' (`ferry ca issue --name catalog`, naming {CATALOG_SERVER_NAME})"
+        )
+    if "ALERT" in detail.upper():
+        return (
+            f"refused this process's certificate in the TLS handshake ({detail}): etcd's "
+            "--trusted-ca-file must hold this cluster's CA, and --tls-dir a certificate it issued"
+        )
+    return None
+
+
+def _never_sent(exc: requests.RequestException) -> bool:
+    """True when the request provably never reached etcd (refused, connect timeout, TLS)."""
+    if isinstance(exc, requests.ConnectTimeout) or _tls_refusal(exc) is not None:
+        return True
+    return isinstance(_reason(exc), urllib3.exceptions.ConnectTimeoutError)
 
 
 def _record(kv: Mapping[str, Any]) -> Record:
@@ -127,34 +163,37 @@ class EtcdStore(CatalogStore):
         self,
         endpoints: Sequence[EtcdEndpoint],
         *,
-        ca: str | None = None,
-        cert: str | None = None,
-        key: str | None = None,
+        tls: TlsBundle | None = None,
         request_timeout_s: float = 5.0,
         lease_ttl_s: int = DEFAULT_LEASE_TTL_S,
     ) -> None:
+        """``tls``: speak mutual TLS as that identity (see ``etcd_tls``); else plain HTTP."""
         if not endpoints:
             raise InvalidArgument("an etcd catalog needs at least one host:port endpoint")
         self.endpoints = tuple(endpoints)
+        self.tls = tls is not None
         self._timeout = request_timeout_s
         self._connect_timeout = min(1.0, request_timeout_s)
         self.lease_ttl_s = lease_ttl_s
-        protocol = "https" if ca or cert else "http"
+        protocol = "https" if tls is not None else "http"
         self._clients = []
         for endpoint in self.endpoints:
             client = Etcd3Client(
                 endpoint.host,
                 endpoint.port,
                 protocol,
-                ca_cert=ca,
-                cert_key=key,
-                cert_cert=cert,
                 timeout=request_timeout_s,
                 api_path="/v3/",  # etcd >= 3.4: no discovery round trip
             )
             # Many threads share a client: keep a connection for each of them.
-            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=64)
-            client.session.mount(f"{protocol}://", adapter)
+            # Never through a proxy from the environment, and with TLS no CA
+            # bundle from it either (REQUESTS_CA_BUNDLE): only the cluster CA counts.
+            client.session.trust_env = False
+            if tls is None:
+                client.session.mount("http://", HTTPAdapter(pool_connections=4, pool_maxsize=64))
+            else:
+                adapter = CatalogTlsAdapter(tls, pool_connections=4, pool_maxsize=64)
+                client.session.mount("https://", adapter)
             self._clients.append(client)
         self._preferred = 0
         self._described = ",".join(str(e) for e in self.endpoints)
@@ -219,13 +258,25 @@ class EtcdStore(CatalogStore):
             "is reachable and has quorum, then retry"
         )
 
-    @staticmethod
-    def _describe(exc: requests.RequestException, timeout: float) -> str:
+    def _describe(self, exc: requests.RequestException, timeout: float) -> str:
+        tls = _tls_refusal(exc)
+        if tls is not None:
+            return tls
         if _never_sent(exc):
             return "refused the connection"
         if isinstance(exc, requests.Timeout):
             return f"did not answer within {timeout:g}s"
-        return f"dropped the connection ({type(exc).__name__})"
+        if isinstance(exc, requests.exceptions.SSLError):
+            # Often a member that refused our certificate and hung up without an alert.
+            return (
+                f"broke off the TLS session ({_reason(exc)}); if this persists, etcd refuses "
+                "this process's certificate: its --trusted-ca-file must hold this cluster's CA"
+            )
+        dropped = f"dropped the connection ({type(exc).__name__})"
+        if not self.tls:
+            # A member that serves TLS hangs up on plain HTTP without a word.
+            dropped += "; if it serves TLS, the catalog URL must be etcds:// (with --tls-dir)"
+        return dropped
 
     @staticmethod
     def _error(reply: requests.Response) -> tuple[int, str]:

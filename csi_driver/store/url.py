@@ -4,8 +4,12 @@ Forms accepted by :func:`open_store`:
 
 - ``/var/lib/ferry/catalog.db`` (any plain path) or ``sqlite:///abs/path.db``:
   the embedded SQLite store;
-- ``etcd://host:port[,host:port...]``: an etcd v3 cluster (client URLs; TLS
-  files are passed as keyword arguments and switch the client to https);
+- ``etcd://host:port[,host:port...]``: an etcd v3 cluster spoken to in plain
+  HTTP, for an etcd only this machine reaches (loopback, a closed bridge);
+- ``etcds://host:port[,host:port...]``: the same over mutual TLS, as this
+  process's identity from ``--tls-dir``; each member must present a
+  ``catalog`` certificate of the cluster CA (see ``store/etcd_tls.py``).
+  Without a TLS bundle it is refused: never a silent fallback to plaintext;
 - ``ferry://host:port``: the controller's ``ferry.v1.Catalog`` service, for
   nodes that must not open the catalog's files.
 
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from csi_driver.catalog_api.client import RemoteStore
-from csi_driver.core.errors import InvalidArgument
+from csi_driver.core.errors import FailedPrecondition, InvalidArgument
 from csi_driver.store.base import CatalogStore
 from csi_driver.store.etcd import EtcdEndpoint, EtcdStore
 from csi_driver.store.sqlite import SqliteStore
@@ -29,7 +33,10 @@ from csi_driver.transport import AgentSecurity
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 
-FORMS = "a file path, sqlite:///abs/path.db, etcd://host:port[,host:port...] or ferry://host:port"
+FORMS = (
+    "a file path, sqlite:///abs/path.db, etcd://host:port[,host:port...], "
+    "etcds://host:port[,host:port...] (mutual TLS) or ferry://host:port"
+)
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,7 @@ class CatalogUrl:
 
     sqlite_path: Path | None = None
     etcd_endpoints: tuple[tuple[str, int], ...] = ()
+    etcd_tls: bool = False  # etcds://: mutual TLS with the process's --tls-dir bundle
     service: str | None = None  # host:port of a ferry.v1.Catalog service
 
 
@@ -63,10 +71,10 @@ def parse_catalog_url(text: str | os.PathLike[str]) -> CatalogUrl:
                 f"catalog {raw!r}: a sqlite URL needs an absolute path (sqlite:///abs/path.db)"
             )
         return CatalogUrl(sqlite_path=Path(rest))
-    if scheme in ("etcd", "ferry"):
+    if scheme in ("etcd", "etcds", "ferry"):
         endpoints = [_host_port(raw, part) for part in rest.rstrip("/").split(",")]
-        if scheme == "etcd":
-            return CatalogUrl(etcd_endpoints=tuple(endpoints))
+        if scheme != "ferry":
+            return CatalogUrl(etcd_endpoints=tuple(endpoints), etcd_tls=scheme == "etcds")
         if len(endpoints) != 1:
             raise InvalidArgument(f"catalog {raw!r}: a ferry URL names one host:port")
         host, port = endpoints[0]
@@ -75,17 +83,12 @@ def parse_catalog_url(text: str | os.PathLike[str]) -> CatalogUrl:
 
 
 def open_store(
-    url: str | os.PathLike[str],
-    *,
-    security: AgentSecurity | None = None,
-    ca: str | None = None,
-    cert: str | None = None,
-    key: str | None = None,
+    url: str | os.PathLike[str], *, security: AgentSecurity | None = None
 ) -> CatalogStore:
     """Open the catalog store that ``url`` names (see the module doc).
 
-    ``security`` secures ``ferry://`` (mTLS as this process's identity);
-    ``ca``/``cert``/``key`` are file paths for etcd's client TLS.
+    ``security`` is this process's mTLS (``--tls-dir``): it secures
+    ``ferry://`` and ``etcds://``, both as this process's identity.
     """
     where = parse_catalog_url(url)
     if where.sqlite_path is not None:
@@ -93,4 +96,13 @@ def open_store(
     if where.service is not None:
         return RemoteStore(where.service, security)
     endpoints = [EtcdEndpoint(host, port) for host, port in where.etcd_endpoints]
-    return EtcdStore(endpoints, ca=ca, cert=cert, key=key)
+    if not where.etcd_tls:
+        return EtcdStore(endpoints)
+    tls = security.tls if security is not None else None
+    if tls is None:
+        raise FailedPrecondition(
+            f"catalog {os.fspath(url)!r} asks for mutual TLS but this process has no "
+            "certificate: give --tls-dir (ca.crt, tls.crt, tls.key from `ferry ca issue` or a "
+            "TLS Secret), or use etcd:// for an etcd only this machine reaches"
+        )
+    return EtcdStore(endpoints, tls=tls)

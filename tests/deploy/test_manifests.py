@@ -14,6 +14,7 @@ import yaml
 from csi_driver.cli import build_parser
 from csi_driver.core.params import parse_parameters
 from csi_driver.pki import CertificateAuthority, Identity, TlsBundle
+from csi_driver.store.url import parse_catalog_url
 
 ROOT = Path(__file__).resolve().parents[2]
 HELM = ROOT / ".cache" / "tools" / "helm"
@@ -21,6 +22,8 @@ CHART = ROOT / "charts" / "ferry"
 PLAIN = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
 EXAMPLES = sorted((ROOT / "deploy" / "kubernetes" / "examples").glob("*.yaml"))
 KUBERNETES_VERSION = "1.31.0"
+#: Labels helm adds that the plain manifests leave out.
+HELM_LABELS = ("app.kubernetes.io/managed-by", "app.kubernetes.io/version", "helm.sh/chart")
 
 needs_helm = pytest.mark.skipif(
     not HELM.exists(), reason="helm not fetched: run `python3 scripts/fetch_helm.py` (setup does)"
@@ -67,6 +70,34 @@ def test_chart_renders_what_the_plain_manifests_define(rendered: list[dict[str, 
     assert names(rendered) == names(load(PLAIN)) | {("Secret", "ferry-ca")}
 
 
+def test_plain_manifests_are_the_chart_rendered_without_a_generated_ca() -> None:
+    """deploy/kubernetes holds what the chart renders (helm's own labels aside)."""
+    if not HELM.exists():
+        pytest.skip("helm not fetched: run `python3 scripts/fetch_helm.py` (setup does)")
+    out = helm(
+        "template", "ferry", str(CHART), "--namespace", "ferry-system",
+        "--set", "tls.generateCA=false",
+    )  # fmt: skip
+
+    def keyed(docs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+        for doc in docs:
+            for labels in (
+                doc["metadata"],
+                doc.get("spec", {}).get("template", {}).get("metadata", {}),
+            ):
+                for helm_label in HELM_LABELS:
+                    labels.get("labels", {}).pop(helm_label, None)
+        return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+    chart = keyed([doc for doc in yaml.safe_load_all(out) if doc])
+    plain = keyed([d for d in load(PLAIN) if d["kind"] != "Namespace"])
+    assert chart.keys() == plain.keys()
+    for key, doc in chart.items():
+        assert doc == plain[key], (
+            f"{key} differs: render the chart again (deploy/kubernetes/README.md)"
+        )
+
+
 def ferry_containers(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     pods = [d["spec"]["template"]["spec"] for d in docs if "template" in d.get("spec", {})]
     return [
@@ -89,11 +120,12 @@ def test_every_ferry_command_line_parses(rendered: list[dict[str, Any]]) -> None
 
 def test_multi_node_wiring(rendered: list[dict[str, Any]]) -> None:
     """No node-local catalog or socket: every agent reaches etcd and its peers over mTLS."""
-    for container in ferry_containers(rendered):
+    for container in ferry_containers([*rendered, *load(PLAIN)]):
         args = container["args"]
         if args[0] in ("controller", "node"):
             catalog = next(a for a in args if a.startswith("--catalog="))
-            assert catalog.startswith("--catalog=etcd://ferry-etcd-0.ferry-etcd.")
+            assert catalog.startswith("--catalog=etcds://ferry-etcd-0.ferry-etcd.")
+            assert parse_catalog_url(catalog.removeprefix("--catalog=")).etcd_tls
             assert "--tls-dir=/tls" in args
         if args[0] == "node":
             assert "--agent-endpoint=tcp://$(POD_IP):9810" in args

@@ -27,7 +27,7 @@ def test_addresses_are_distinct_and_inside_the_subnet() -> None:
     addresses = [ipaddress.IPv4Address(n.address) for n in plan.namespaces()]
     assert len(set(addresses)) == 6
     assert all(a in ipaddress.IPv4Network("192.168.77.0/24") for a in addresses)
-    assert plan.catalog_url == "etcd://192.168.77.2:2379"
+    assert plan.catalog_url == "etcds://192.168.77.2:2379"
 
 
 @pytest.mark.parametrize(
@@ -57,7 +57,7 @@ def test_nodes_reach_the_catalog_over_the_network_only() -> None:
         command = plan.command(member)
         assert not any(arg.endswith(".db") for arg in command)
         if member.role is not Role.ETCD:
-            assert command[command.index("--catalog") + 1] == "etcd://10.251.0.2:2379"
+            assert command[command.index("--catalog") + 1] == "etcds://10.251.0.2:2379"
             assert command[command.index("--tls-dir") + 1] == f"/s/tls/{member.name}"
             assert "--insecure-agent-api" not in command
     node2 = plan.member("node-2")
@@ -83,3 +83,16 @@ def test_on_sqlite_only_the_controller_opens_the_file_and_serves_it() -> None:
         command = plan.command(plan.member(node))
         assert command[command.index("--catalog") + 1] == "ferry://10.251.0.2:7500"
         assert not any("catalog.db" in arg for arg in command)
+
+
+def test_etcd_serves_clients_over_mutual_tls_only() -> None:
+    plan = SandboxPlan(Path("/s"), "ab", 1)
+    command = plan.command(plan.member("etcd"))
+    flag = {name: command[command.index(name) + 1] for name in command if name.endswith("-file")}
+    assert command[command.index("--listen-client-urls") + 1] == "https://10.251.0.2:2379"
+    assert "--client-cert-auth" in command
+    assert flag == {
+        "--trusted-ca-file": "/s/tls/etcd/ca.crt",
+        "--cert-file": "/s/tls/etcd/tls.crt",
+        "--key-file": "/s/tls/etcd/tls.key",
+    }

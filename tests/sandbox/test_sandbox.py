@@ -282,12 +282,11 @@ except grpc.RpcError as exc:
 """
 
 
-def call_agent_from_node_1(running: Place, tls_dir: str) -> str:
-    """DeleteImage on node 2's agent, from inside node 1's namespace (on the bridge)."""
-    endpoint = f"tcp://{running.status()['node-2']['ADDRESS']}:7400"
+def run_in_node_1(running: Place, script: str, *args: str) -> str:
+    """Run a Python ``script`` inside node 1's namespace (on the bridge); its output."""
     enter = ("nsenter", f"--net=/run/netns/{running.prefix}-node-1", "--")
     done = subprocess.run(
-        [*enter, sys.executable, "-c", AGENT_CALL, endpoint, tls_dir],
+        [*enter, sys.executable, "-c", script, *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -295,6 +294,12 @@ def call_agent_from_node_1(running: Place, tls_dir: str) -> str:
         check=True,
     )
     return done.stdout.strip()
+
+
+def call_agent_from_node_1(running: Place, tls_dir: str) -> str:
+    """DeleteImage on node 2's agent, from inside node 1's namespace."""
+    endpoint = f"tcp://{running.status()['node-2']['ADDRESS']}:7400"
+    return run_in_node_1(running, AGENT_CALL, endpoint, tls_dir)
 
 
 def test_node_agents_refuse_peers_without_the_sandbox_certificate(
@@ -306,6 +311,50 @@ def test_node_agents_refuse_peers_without_the_sandbox_certificate(
     assert call_agent_from_node_1(running, str(tmp_path / "stranger")) == "UNAVAILABLE"
     controller = running.directory / "tls" / "controller"
     assert call_agent_from_node_1(running, str(controller)) == "OK"
+
+
+ETCD_CALL = """
+import sys
+from pathlib import Path
+from csi_driver.core.errors import StoreUnavailable
+from csi_driver.pki import CA_CERT, CERT, KEY, Identity, TlsBundle
+from csi_driver.store.url import open_store
+from csi_driver.transport import AgentSecurity
+
+url, trusted, presented = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+security = None
+if url.startswith("etcds://"):
+    # Loaded file by file: a stranger's certificate may sit beside the sandbox's CA.
+    pems = [d.read_bytes() for d in (trusted / CA_CERT, presented / CERT, presented / KEY)]
+    bundle = TlsBundle.load(presented)
+    security = AgentSecurity(TlsBundle(*pems, bundle.identity, bundle.not_after))
+store = open_store(url, security=security)
+try:
+    store.get("nodes/node-1")
+    print("OK")
+except StoreUnavailable as exc:
+    print("UNAVAILABLE", exc.message)
+"""
+
+
+def call_etcd_from_node_1(running: Place, url: str, presented: Path) -> str:
+    """A catalog read from inside node 1's namespace, trusting the sandbox's CA."""
+    trusted = running.directory / "tls" / "node-1"
+    return run_in_node_1(running, ETCD_CALL, url, str(trusted), str(presented))
+
+
+def test_etcd_admits_only_clients_with_the_sandbox_certificate(
+    running: Place, tmp_path: Path
+) -> None:
+    address = running.status()["etcd"]["ADDRESS"]
+    stranger = CertificateAuthority.create("not this sandbox")
+    stranger.issue(Identity.node("node-1")).write(tmp_path / "stranger")
+    own = running.directory / "tls" / "node-1"
+    plaintext = call_etcd_from_node_1(running, f"etcd://{address}:2379", own)
+    assert plaintext.startswith("UNAVAILABLE") and "etcds://" in plaintext
+    refused = call_etcd_from_node_1(running, f"etcds://{address}:2379", tmp_path / "stranger")
+    assert refused.startswith("UNAVAILABLE") and "certificate" in refused
+    assert call_etcd_from_node_1(running, f"etcds://{address}:2379", own) == "OK"
 
 
 def test_faults_name_unknown_members_clearly(running: Place) -> None:

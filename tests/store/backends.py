@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 
 from csi_driver.catalog_api.server import register
+from csi_driver.pki import TlsBundle
 from csi_driver.store.base import CatalogStore
 from csi_driver.store.etcd import EtcdEndpoint, EtcdStore
 from csi_driver.store.sqlite import SqliteStore
@@ -22,14 +23,19 @@ TEST_LEASE_TTL_S = 2
 TEST_REQUEST_TIMEOUT_S = 3.0
 
 
-def open_url(url: str) -> CatalogStore:
-    """Open a store the way ``open_store`` does, with the tests' shorter etcd timings."""
+def open_url(url: str, tls_dir: Path | None = None) -> CatalogStore:
+    """Open a store the way ``open_store`` does, with the tests' shorter etcd timings.
+
+    ``tls_dir``: the bundle an ``etcds://`` catalog is spoken to with.
+    """
     where = parse_catalog_url(url)
     if not where.etcd_endpoints:
         # The test catalog servers listen on loopback in plaintext (mTLS: test_remote.py).
         return open_store(url, security=LOOPBACK_PLAINTEXT)
+    assert where.etcd_tls == (tls_dir is not None), f"{url} with TLS bundle {tls_dir}"
     return EtcdStore(
         [EtcdEndpoint(h, p) for h, p in where.etcd_endpoints],
+        tls=TlsBundle.load(tls_dir) if tls_dir is not None else None,
         request_timeout_s=TEST_REQUEST_TIMEOUT_S,
         lease_ttl_s=TEST_LEASE_TTL_S,
     )
@@ -42,10 +48,11 @@ class Backend:
     name: str
     url: str
     restart: Callable[[], None]
+    tls_dir: Path | None = None  # etcds: the client bundle
     opened: list[CatalogStore] = field(default_factory=list)
 
     def open(self) -> CatalogStore:
-        store = open_url(self.url)
+        store = open_url(self.url, self.tls_dir)
         self.opened.append(store)
         return store
 

@@ -1,8 +1,10 @@
 """Store backends for the contract suite: SQLite, a real etcd, the catalog service.
 
-``backend`` is parametrized over all three: each SQLite test gets a fresh
+``backend`` is parametrized over four: each SQLite test gets a fresh
 file; the etcd tests of a module share one real single-member etcd (started
-once, emptied before each test, always stopped); each ``ferry`` test gets a
+once, emptied before each test, always stopped), ``etcds`` likewise one
+that admits only clients of its CA (``--client-cert-auth``), its CA and
+certificates made by Ferry's own pki; each ``ferry`` test gets a
 real ``ferry.v1.Catalog`` server on loopback over its own SQLite file. Tests
 that need etcd skip with the reason only when the ``etcd`` binary is missing.
 """
@@ -10,13 +12,15 @@ that need etcd skip with the reason only when the ``etcd`` binary is missing.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from csi_driver.store.base import CatalogStore
+from tests.certs import Pki
 from tests.store.backends import Backend, CatalogServer
-from tests.store.etcd_cluster import ETCD, SKIP_REASON, EtcdCluster
+from tests.store.etcd_cluster import ETCD, SKIP_REASON, EtcdCluster, EtcdTls
 
 
 def require_etcd() -> None:
@@ -32,7 +36,29 @@ def etcd_single(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluste
     cluster.close()
 
 
-@pytest.fixture(params=["sqlite", "etcd", "ferry"])
+@dataclass(frozen=True)
+class TlsEtcd:
+    """A TLS etcd, the Ferry CA it trusts, and a ``controller`` bundle of that CA."""
+
+    cluster: EtcdCluster
+    pki: Pki
+    client: Path
+
+
+@pytest.fixture(scope="module")
+def etcd_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsEtcd]:
+    require_etcd()
+    base = tmp_path_factory.mktemp("etcd-tls")
+    pki = Pki.create(base / "pki")
+    # 127.0.0.1: etcd's gateway dials its own listener and checks that name.
+    server = pki.issue("catalog", ips=("127.0.0.1",))
+    client = pki.issue("controller")
+    cluster = EtcdCluster(base, 1, EtcdTls(server, client)).start()
+    yield TlsEtcd(cluster, pki, client)
+    cluster.close()
+
+
+@pytest.fixture(params=["sqlite", "etcd", "etcds", "ferry"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     server: CatalogServer | None = None
     if request.param == "sqlite":
@@ -42,6 +68,10 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         cluster: EtcdCluster = request.getfixturevalue("etcd_single")
         cluster.wipe()
         chosen = Backend("etcd", cluster.url, cluster.restart)
+    elif request.param == "etcds":
+        secured: TlsEtcd = request.getfixturevalue("etcd_tls")
+        secured.cluster.wipe()
+        chosen = Backend("etcds", secured.cluster.url, secured.cluster.restart, secured.client)
     else:
         server = CatalogServer(tmp_path / "served.db").start()
         chosen = Backend("ferry", server.url, server.restart)

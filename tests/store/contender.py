@@ -1,6 +1,6 @@
 """A leader-election contender in its own process, for the election tests.
 
-``python -m tests.store.contender URL NAME CANDIDATE`` campaigns for NAME on
+``python -m tests.store.contender URL NAME CANDIDATE [TLS_DIR]`` campaigns for NAME on
 the catalog at URL, prints ``LEADER <fence revision>`` once it leads and
 ``LOST`` if it loses leadership, and otherwise runs until it is killed.
 """
@@ -8,12 +8,13 @@ the catalog at URL, prints ``LEADER <fence revision>`` once it leads and
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from tests.store.backends import open_url
 
 
-def main(url: str, name: str, candidate: str) -> int:
-    store = open_url(url)
+def main(url: str, name: str, candidate: str, tls_dir: str = "") -> int:
+    store = open_url(url, Path(tls_dir) if tls_dir else None)
     election = store.election(name, candidate)
     print("CAMPAIGNING", flush=True)
     election.campaign()
@@ -24,4 +25,4 @@ def main(url: str, name: str, candidate: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:4]))
+    sys.exit(main(*sys.argv[1:5]))

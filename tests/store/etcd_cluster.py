@@ -5,6 +5,11 @@ can be killed and restarted with their data (a crash and a reboot), and
 :meth:`EtcdCluster.close` always stops every process it started. Elections
 are tuned fast (50 ms heartbeat, 500 ms election timeout, pre-vote) so
 losing and regaining quorum takes a second, not ten.
+
+With :class:`EtcdTls` the members serve clients over mutual TLS
+(``--client-cert-auth``) with certificates made by Ferry's own pki, and
+the fixture's own requests (health, wipe) present a client certificate.
+Peers stay on plain loopback: they are not what these tests examine.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
+
+from csi_driver.pki import CA_CERT, CERT, KEY
 
 ETCD = shutil.which("etcd")
 SKIP_REASON = "needs Debian's etcd-server (the etcd binary); scripts/setup.sh installs it"
@@ -51,6 +58,25 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
+@dataclass(frozen=True)
+class EtcdTls:
+    """Bundle directories (``ca.crt``, ``tls.crt``, ``tls.key``) for a TLS etcd.
+
+    ``server``: the members' certificate; ``client``: what the fixture
+    itself presents. The server certificate must name 127.0.0.1.
+    """
+
+    server: Path
+    client: Path
+
+    def session(self) -> requests.Session:
+        session = requests.Session()
+        session.trust_env = False  # REQUESTS_CA_BUNDLE would replace verify below
+        session.verify = str(self.client / CA_CERT)
+        session.cert = (str(self.client / CERT), str(self.client / KEY))
+        return session
+
+
 @dataclass
 class EtcdMember:
     name: str
@@ -58,11 +84,12 @@ class EtcdMember:
     peer_port: int
     data_dir: Path
     log_path: Path
+    scheme: str = "http"
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def client_url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{self.scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -76,9 +103,11 @@ class EtcdMember:
 class EtcdCluster:
     """``size`` etcd members on 127.0.0.1, started by :meth:`start`."""
 
-    def __init__(self, base: Path, size: int = 1) -> None:
+    def __init__(self, base: Path, size: int = 1, tls: EtcdTls | None = None) -> None:
         assert ETCD is not None, SKIP_REASON
         self.base = base
+        self.tls = tls
+        self._http = tls.session() if tls is not None else requests.Session()
         self.token = f"ferry-test-{uuid.uuid4().hex[:8]}"
         ports = _free_ports(2 * size)
         self.members = [
@@ -88,6 +117,7 @@ class EtcdCluster:
                 peer_port=ports[2 * i + 1],
                 data_dir=base / f"m{i}.etcd",
                 log_path=base / f"m{i}.log",
+                scheme="https" if tls is not None else "http",
             )
             for i in range(size)
         ]
@@ -95,7 +125,8 @@ class EtcdCluster:
     @property
     def url(self) -> str:
         """The ``--catalog`` URL naming every member."""
-        return "etcd://" + ",".join(f"127.0.0.1:{m.client_port}" for m in self.members)
+        scheme = "etcds" if self.tls is not None else "etcd"
+        return f"{scheme}://" + ",".join(f"127.0.0.1:{m.client_port}" for m in self.members)
 
     def _argv(self, member: EtcdMember) -> list[str]:
         assert ETCD is not None
@@ -118,6 +149,18 @@ class EtcdCluster:
             "--pre-vote=true",
             "--logger=zap",
             "--log-level=warn",
+            *self._tls_argv(),
+        ]
+
+    def _tls_argv(self) -> list[str]:
+        if self.tls is None:
+            return []
+        server = self.tls.server
+        return [
+            "--client-cert-auth",
+            f"--trusted-ca-file={server / CA_CERT}",
+            f"--cert-file={server / CERT}",
+            f"--key-file={server / KEY}",
         ]
 
     def start_member(self, index: int) -> None:
@@ -144,7 +187,7 @@ class EtcdCluster:
     def healthy(self, member: EtcdMember) -> bool:
         """True when ``member`` runs and sees a leader (etcd's own /health)."""
         try:
-            reply = requests.get(member.client_url + "/health", timeout=0.5)
+            reply = self._http.get(member.client_url + "/health", timeout=0.5)
             return reply.status_code == 200 and reply.json().get("health") == "true"
         except requests.RequestException:
             return False
@@ -164,7 +207,9 @@ class EtcdCluster:
     def leaderless(self, member: EtcdMember) -> bool:
         """True when ``member`` answers but knows no leader (it has lost quorum)."""
         try:
-            reply = requests.post(member.client_url + "/v3/maintenance/status", json={}, timeout=1)
+            reply = self._http.post(
+                member.client_url + "/v3/maintenance/status", json={}, timeout=1
+            )
         except requests.RequestException:
             return False
         return reply.status_code == 200 and reply.json().get("leader", "0") in ("0", 0, None)
@@ -194,7 +239,7 @@ class EtcdCluster:
             self.start_member(index)
         if stopped:
             self.wait_healthy()
-        requests.post(
+        self._http.post(
             self.members[0].client_url + "/v3/kv/deleterange",
             json={"key": "AA==", "range_end": "AA=="},
             timeout=5,
@@ -206,3 +251,4 @@ class EtcdCluster:
                 member.process.kill()
             if member.process is not None:
                 member.process.wait(timeout=10)
+        self._http.close()

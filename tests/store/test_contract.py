@@ -1,6 +1,7 @@
-"""The catalog store contract, run against SQLite and a real etcd process alike.
+"""The catalog store contract, run against SQLite, real etcd processes and the service alike.
 
-Every test here is parametrized over both backends (``backend`` fixture):
+Every test here is parametrized over every backend (``backend`` fixture:
+SQLite, etcd in plain HTTP and over mutual TLS, the catalog service):
 txn semantics, paging, concurrent compare-and-swap, watch and resume,
 compaction, restart of the backend and leader election between processes.
 """
@@ -404,9 +405,10 @@ def test_resign_ends_a_pending_campaign(backend: Backend) -> None:
 class Contender:
     """``tests.store.contender`` in a child process; its output lines in a queue."""
 
-    def __init__(self, url: str, name: str, candidate: str) -> None:
+    def __init__(self, backend: Backend, name: str, candidate: str) -> None:
+        tls = [str(backend.tls_dir)] if backend.tls_dir is not None else []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.store.contender", url, name, candidate],
+            [sys.executable, "-m", "tests.store.contender", backend.url, name, candidate, *tls],
             cwd=ROOT,
             env=dict(os.environ, PYTHONPATH=str(ROOT)),
             stdout=subprocess.PIPE,
@@ -435,12 +437,12 @@ class Contender:
 
 
 def test_standby_process_takes_over_when_the_leader_dies(backend: Backend) -> None:
-    first = Contender(backend.url, "ctl", "first")
+    first = Contender(backend, "ctl", "first")
     second: Contender | None = None
     try:
         assert first.line(STARTUP_WAIT_S) == "CAMPAIGNING"
         assert first.line(STARTUP_WAIT_S).startswith("LEADER")
-        second = Contender(backend.url, "ctl", "second")
+        second = Contender(backend, "ctl", "second")
         assert second.line(STARTUP_WAIT_S) == "CAMPAIGNING"
         assert second.line(1.5) == ""  # a standby while the leader lives
         first.kill()

@@ -32,6 +32,14 @@ from tests.store.etcd_cluster import EtcdCluster
             CatalogUrl(etcd_endpoints=(("a.example", 2379), ("b.example", 2380))),
         ),
         ("ETCD://[::1]:2379", CatalogUrl(etcd_endpoints=(("::1", 2379),))),
+        (
+            "etcds://e-0.etcd.ns.svc:2379,e-1.etcd.ns.svc:2379",
+            CatalogUrl(
+                etcd_endpoints=(("e-0.etcd.ns.svc", 2379), ("e-1.etcd.ns.svc", 2379)),
+                etcd_tls=True,
+            ),
+        ),
+        ("ETCDS://[::1]:2379/", CatalogUrl(etcd_endpoints=(("::1", 2379),), etcd_tls=True)),
         ("ferry://ctl.ferry:7070", CatalogUrl(service="ctl.ferry:7070")),
         ("ferry://[::1]:7070", CatalogUrl(service="[::1]:7070")),
     ],
@@ -49,6 +57,8 @@ def test_catalog_url_forms(text: str, expected: CatalogUrl) -> None:
         ("etcd://host", "not host:port"),
         ("etcd://host:99999", "not host:port"),
         ("etcd://a:1,,b:2", "not host:port"),
+        ("etcds://", "not host:port"),
+        ("https://host:2379", "unknown scheme"),
         ("http://host:2379", "unknown scheme"),
         ("ferry://a:1,b:2", "one host:port"),
     ],

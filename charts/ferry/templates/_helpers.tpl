@@ -9,7 +9,8 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
 {{- end -}}
 
-{{- /* The etcd client URLs Ferry's catalog uses: the chart's own members or the given ones. */ -}}
+{{- /* Ferry's catalog: the etcd client URLs of the chart's own members or the given ones,
+spoken to over mutual TLS (etcds://) with each pod's certificate from the cluster CA. */ -}}
 {{- define "ferry.catalog" -}}
 {{- if .Values.catalog.etcd.deploy -}}
 {{- $ns := .Release.Namespace -}}
@@ -17,9 +18,9 @@ helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
 {{- range $i := until (int .Values.catalog.etcd.replicas) -}}
 {{- $urls = append $urls (printf "ferry-etcd-%d.ferry-etcd.%s.svc:2379" $i $ns) -}}
 {{- end -}}
-etcd://{{ join "," $urls }}
+etcds://{{ join "," $urls }}
 {{- else -}}
-{{- required "catalog.etcd.endpoints is required when catalog.etcd.deploy is false" .Values.catalog.etcd.endpoints | join "," | printf "etcd://%s" -}}
+{{- required "catalog.etcd.endpoints is required when catalog.etcd.deploy is false" .Values.catalog.etcd.endpoints | join "," | printf "etcds://%s" -}}
 {{- end -}}
 {{- end -}}
 
