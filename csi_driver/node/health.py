@@ -48,6 +48,10 @@ _DEVICE_ERROR = re.compile(
     r"|EXT4-fs \((loop\d+)\): failed to convert unwritten"
     r"|XFS \((loop\d+)\): .*(?:I/O [Ee]rror|[Ss]hut(?:ting)? down)"
 )
+# "operation not supported" (BLK_STS_NOTSUPP) is a request type the device does
+# not offer (e.g. WRITE_ZEROES once discard is off): nothing was written, and
+# the submitter falls back (mkfs writes zero pages instead). Not a failure.
+_NOT_SUPPORTED = re.compile(r"\boperation not supported error, dev loop\d+,")
 _MARKER = re.compile(r"^ferry: (loop\d+) attached\b")
 # The kernel's log level "notice" for the marker line.
 _NOTICE = "<5>"
@@ -129,7 +133,7 @@ class KernelLog:
             self._failures.pop(marker.group(1), None)
             return
         failed = _DEVICE_ERROR.search(message)
-        if failed:
+        if failed and not _NOT_SUPPORTED.search(message):
             device = next(group for group in failed.groups() if group)
             self._failures.setdefault(device, message)
 
