@@ -14,7 +14,7 @@ from pathlib import Path
 from csi_driver import __version__, ca_command, log
 from csi_driver.core.errors import FerryError
 from csi_driver.metrics import serve as serve_metrics
-from csi_driver.pki import TlsBundle
+from csi_driver.pki import ClientTlsBundle, TlsBundle
 from csi_driver.runtime import NodeConfig
 from csi_driver.sandbox import commands as sandbox_commands
 from csi_driver.shutdown import SignalPipe, serve_until_signalled
@@ -145,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
             help="mTLS between Ferry's agents: ca.crt, tls.crt, tls.key (see `ferry ca`)",
         )
         p.add_argument(
+            "--catalog-tls-dir",
+            type=Path,
+            help="for an etcds:// catalog with its own PKI: ca.crt (the etcd's CA), tls.crt "
+            "and tls.key (a client certificate it accepts); members are checked by the "
+            "address dialled (default: --tls-dir's cluster CA and identity)",
+        )
+        p.add_argument(
             "--insecure-agent-api",
             action="store_true",
             help="allow the node agent API over plaintext TCP (local development only)",
@@ -203,17 +210,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         tls = TlsBundle.load(args.tls_dir) if args.tls_dir else None
         security = AgentSecurity(tls, plaintext_tcp=args.insecure_agent_api)
+        catalog_tls = ClientTlsBundle.load(args.catalog_tls_dir) if args.catalog_tls_dir else None
         if args.command == "controller":
             services = runtime.start_controller(
-                args.endpoint, args.catalog, security, catalog_listen=args.catalog_listen
+                args.endpoint,
+                args.catalog,
+                security,
+                catalog_listen=args.catalog_listen,
+                catalog_tls=catalog_tls,
             )
         elif args.command == "node":
             config = _node_config(args, security)
-            services = runtime.start_node(args.endpoint, config, args.catalog)
+            services = runtime.start_node(args.endpoint, config, args.catalog, catalog_tls)
         else:
             config = _node_config(args, security)
             services = runtime.start_all_in_one(
-                args.endpoint, config, args.catalog, args.catalog_listen
+                args.endpoint, config, args.catalog, args.catalog_listen, catalog_tls
             )
         serve_metrics(args.metrics_port)
     except FerryError as exc:

@@ -248,6 +248,20 @@ def _check_current(cert: x509.Certificate, path: Path, now: datetime.datetime) -
         )
 
 
+def _load_pair(
+    directory: Path,
+) -> tuple[list[x509.Certificate], x509.Certificate, SigningKey]:
+    """``ca.crt``'s certificates, ``tls.crt`` and its matching ``tls.key``."""
+    cas = _load_certs(directory, CA_CERT)
+    cert = _load_cert(directory, CERT)
+    key = _load_key(directory)
+    if not _same_key(key, cert):
+        raise InvalidArgument(
+            f"{directory / KEY} is not the key of {directory / CERT}: issue the pair again"
+        )
+    return cas, cert, key
+
+
 def identity_of(cert: x509.Certificate) -> Identity | None:
     """The Ferry identity a certificate names in its URI SAN, if any."""
     try:
@@ -311,13 +325,7 @@ class TlsBundle:
         ``ca.crt`` may hold several CA certificates (old and new, while the CA
         is rotated): all are trusted, and one of them must have signed ``tls.crt``.
         """
-        cas = _load_certs(directory, CA_CERT)
-        cert = _load_cert(directory, CERT)
-        key = _load_key(directory)
-        if not _same_key(key, cert):
-            raise InvalidArgument(
-                f"{directory / KEY} is not the key of {directory / CERT}: issue the pair again"
-            )
+        cas, cert, key = _load_pair(directory)
         ca = next((ca for ca in cas if _signed_by(cert, ca)), None)
         if ca is None:
             raise InvalidArgument(
@@ -458,5 +466,41 @@ class CertificateAuthority:
             cert_pem=_pem(cert),
             key_pem=_key_pem(key),
             identity=identity,
+            not_after=cert.not_valid_after_utc,
+        )
+
+
+@dataclass(frozen=True)
+class ClientTlsBundle:
+    """A client's credentials under a PKI that is not Ferry's (an existing etcd's).
+
+    Laid out like a TLS Secret: ``ca.crt`` holds the CA(s) that sign the
+    servers this client talks to, ``tls.crt`` and ``tls.key`` a client
+    certificate those servers accept. Unlike :class:`TlsBundle` the
+    certificate names no Ferry identity, and ``ca.crt`` need not have signed
+    it: a server may check clients against another CA than its own.
+    """
+
+    directory: Path
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+    not_after: datetime.datetime
+
+    @classmethod
+    def load(cls, directory: Path, *, now: datetime.datetime | None = None) -> ClientTlsBundle:
+        """Load and check ``directory``; errors name the directory or file that is wrong."""
+        if not directory.is_dir():
+            raise NotFound(
+                f"{directory} is not a directory: give one holding {CA_CERT} (the servers' CA), "
+                f"{CERT} and {KEY} (a client certificate they accept), e.g. a mounted TLS Secret"
+            )
+        cas, cert, key = _load_pair(directory)
+        _check_current(cert, directory / CERT, now or datetime.datetime.now(datetime.UTC))
+        return cls(
+            directory=directory,
+            ca_pem=b"".join(_pem(ca) for ca in cas),
+            cert_pem=_pem(cert),
+            key_pem=_key_pem(key),
             not_after=cert.not_valid_after_utc,
         )

@@ -36,7 +36,7 @@ from csi_driver.node.agent import NodeAgent
 from csi_driver.node.pool import Pool
 from csi_driver.node.reconcile.images import image_runner
 from csi_driver.node.runner import CommandRunner
-from csi_driver.pki import Identity, Role
+from csi_driver.pki import ClientTlsBundle, Identity, Role
 from csi_driver.reconcile.runner import Runner
 from csi_driver.store.base import CatalogStore
 from csi_driver.store.catalog import Catalog
@@ -232,14 +232,16 @@ def start_controller(
     catalog_path: str | Path,
     security: AgentSecurity | None = None,
     catalog_listen: str | None = None,
+    catalog_tls: ClientTlsBundle | None = None,
 ) -> Services:
     """``security``: the controller's certificate (it must name the controller), which
-    secures the catalog it opens and the one it serves to nodes (default: plain)."""
+    secures the catalog it opens and the one it serves to nodes (default: plain).
+    ``catalog_tls``: the etcd's own PKI instead, for the catalog it opens."""
     services = Services()
     security = security or AgentSecurity()
     with _stopped_on_failure(services):
         _require_identity(security, Identity.controller())
-        store = open_store(catalog_path, security=security)
+        store = open_store(catalog_path, security=security, catalog_tls=catalog_tls)
         services.closers.append(store.close)
         _serve_catalog(store, catalog_listen, security, services)
         volumes = VolumeService(Catalog(store))
@@ -257,10 +259,16 @@ def start_controller(
     return services
 
 
-def start_node(csi_endpoint: str, config: NodeConfig, catalog_path: str | Path) -> Services:
+def start_node(
+    csi_endpoint: str,
+    config: NodeConfig,
+    catalog_path: str | Path,
+    catalog_tls: ClientTlsBundle | None = None,
+) -> Services:
+    """``catalog_tls``: the etcd's own PKI for the catalog (else ``config.security``)."""
     services = Services()
     with _stopped_on_failure(services):
-        store = open_store(catalog_path, security=config.security)
+        store = open_store(catalog_path, security=config.security, catalog_tls=catalog_tls)
         services.closers.append(store.close)
         parts = NodeParts(config)
         _start_node_side(parts, Catalog(store), services)
@@ -282,11 +290,12 @@ def start_all_in_one(
     config: NodeConfig,
     catalog_path: str | Path,
     catalog_listen: str | None = None,
+    catalog_tls: ClientTlsBundle | None = None,
 ) -> Services:
     """Controller and node in one process, on one CSI socket (one-machine mode)."""
     services = Services()
     with _stopped_on_failure(services):
-        store = open_store(catalog_path, security=config.security)
+        store = open_store(catalog_path, security=config.security, catalog_tls=catalog_tls)
         services.closers.append(store.close)
         _serve_catalog(store, catalog_listen, config.security, services)
         catalog = Catalog(store)

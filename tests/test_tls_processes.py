@@ -26,6 +26,7 @@ from csi_driver.csi.client import CsiClient, mount_capability
 from csi_driver.gen import csi_pb2
 from csi_driver.gen.ferry.v1 import agent_pb2, agent_pb2_grpc
 from csi_driver.pki import TlsBundle
+from tests.certs import ForeignPki
 from tests.store.etcd_cluster import ETCD, SKIP_REASON, EtcdCluster, EtcdTls
 from tests.test_cli import ferry
 
@@ -179,14 +180,19 @@ def _create(endpoint: str, name: str) -> Any:
 
 
 def _pair_creates_a_volume(
-    ca_dir: Path, tmp_path: Path, spawn: Any, catalog: str, name: str
+    ca_dir: Path, tmp_path: Path, spawn: Any, catalog: str, name: str, *catalog_args: str
 ) -> None:
-    """A node and a controller under mTLS on ``catalog``; the controller creates ``name``."""
-    node_args = _node_args(tmp_path, "--tls-dir", str(ca_dir / "node-n1"), "--catalog", catalog)
+    """A node and a controller under mTLS on ``catalog``; the controller creates ``name``.
+
+    ``catalog_args``: more flags both give for the catalog (``--catalog-tls-dir``).
+    """
+    node_args = _node_args(
+        tmp_path, "--tls-dir", str(ca_dir / "node-n1"), "--catalog", catalog, *catalog_args
+    )
     spawn("node", *node_args).wait_for("ferry started")
     spawn(
         "controller", "controller", "--endpoint", f"unix://{tmp_path}/controller.sock",
-        "--catalog", catalog, "--tls-dir", str(ca_dir / "controller"),
+        "--catalog", catalog, "--tls-dir", str(ca_dir / "controller"), *catalog_args,
     ).wait_for("ferry started")  # fmt: skip
     created = _create(f"unix://{tmp_path}/controller.sock", name)
     assert created.volume.capacity_bytes == 16 * MiB
@@ -300,3 +306,26 @@ def test_controller_and_node_share_only_a_tls_etcd(
     assert catalog_etcd.url.startswith("etcds://")
     _pair_creates_a_volume(ca_dir, tmp_path, spawn, catalog_etcd.url, "pvc-over-etcds")
     assert not (tmp_path / "catalog.db").exists()  # no file catalog anywhere
+
+
+def test_controller_and_node_share_an_etcd_with_its_own_pki(
+    ca_dir: Path, tmp_path: Path, spawn: Any
+) -> None:
+    """An existing etcd whose CA is not Ferry's: --catalog-tls-dir carries its credentials
+    (one client certificate for both), --tls-dir still secures the agent API."""
+    if ETCD is None:
+        pytest.skip(SKIP_REASON)
+    pki = ForeignPki.create(tmp_path / "etcd-pki")
+    server = pki.issue("etcd-member", dns=("localhost",), ips=("127.0.0.1",), server=True)
+    client = pki.issue("ferry")
+    cluster = EtcdCluster(tmp_path, 1, EtcdTls(server, client)).start()
+    try:
+        catalog = cluster.url.replace("127.0.0.1", "localhost")
+        _pair_creates_a_volume(
+            ca_dir, tmp_path, spawn, catalog, "pvc-over-their-etcd",
+            "--catalog-tls-dir", str(client),
+        )  # fmt: skip
+        assert not (tmp_path / "catalog.db").exists()
+        assert cluster.count_keys() > 0  # the volume's records are in their etcd
+    finally:
+        cluster.close()

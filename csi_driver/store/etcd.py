@@ -48,7 +48,7 @@ from csi_driver.core.errors import (
     StoreError,
     StoreUnavailable,
 )
-from csi_driver.pki import TlsBundle
+from csi_driver.pki import ClientTlsBundle, TlsBundle
 from csi_driver.store.base import (
     ABSENT,
     CatalogStore,
@@ -63,7 +63,7 @@ from csi_driver.store.base import (
     conflict,
     prefix_end,
 )
-from csi_driver.store.etcd_tls import CATALOG_SERVER_NAME, CatalogTlsAdapter
+from csi_driver.store.etcd_tls import CatalogTls, CatalogTlsAdapter
 from csi_driver.store.leader import LeaderElection
 from csi_driver.store.watch import StreamWatch
 
@@ -116,34 +116,30 @@ def _reason(exc: requests.RequestException) -> object:
     return reason
 
 
-def _tls_refusal(exc: requests.RequestException) -> str | None:
+def _tls_refusal(exc: requests.RequestException, tls: CatalogTls | None) -> str | None:
     """Why the TLS handshake failed, said for an operator; None if it was not TLS.
 
     Only handshake failures count: this process refusing the member's
     certificate, or the member alerting that it refused ours. Either way the
     member never read a request.
     """
-    if not isinstance(exc, requests.exceptions.SSLError):
+    if tls is None or not isinstance(exc, requests.exceptions.SSLError):
         return None
     reason = _reason(exc)
     detail = str(reason)
     if isinstance(reason, ssl.SSLCertVerificationError | CertificateError):
         return (
             f"presented a certificate this process does not accept as the catalog's ({detail}): "
-            "each etcd member needs a certificate of this cluster's CA for the identity "
-            f"'catalog' (`ferry ca issue --name catalog`, naming {CATALOG_SERVER_NAME})"
+            f"{tls.member_hint}"
         )
     if "ALERT" in detail.upper():
-        return (
-            f"refused this process's certificate in the TLS handshake ({detail}): etcd's "
-            "--trusted-ca-file must hold this cluster's CA, and --tls-dir a certificate it issued"
-        )
+        return f"refused {tls.presenting} in the TLS handshake ({detail}): {tls.client_hint}"
     return None
 
 
-def _never_sent(exc: requests.RequestException) -> bool:
+def _never_sent(exc: requests.RequestException, tls: CatalogTls | None) -> bool:
     """True when the request provably never reached etcd (refused, connect timeout, TLS)."""
-    if isinstance(exc, requests.ConnectTimeout) or _tls_refusal(exc) is not None:
+    if isinstance(exc, requests.ConnectTimeout) or _tls_refusal(exc, tls) is not None:
         return True
     return isinstance(_reason(exc), urllib3.exceptions.ConnectTimeoutError)
 
@@ -163,19 +159,21 @@ class EtcdStore(CatalogStore):
         self,
         endpoints: Sequence[EtcdEndpoint],
         *,
-        tls: TlsBundle | None = None,
+        tls: TlsBundle | ClientTlsBundle | None = None,
         request_timeout_s: float = 5.0,
         lease_ttl_s: int = DEFAULT_LEASE_TTL_S,
     ) -> None:
-        """``tls``: speak mutual TLS as that identity (see ``etcd_tls``); else plain HTTP."""
+        """``tls``: speak mutual TLS with those credentials (see ``etcd_tls``); else plain
+        HTTP. A :class:`TlsBundle` is Ferry's PKI, a :class:`ClientTlsBundle` the etcd's own."""
         if not endpoints:
             raise InvalidArgument("an etcd catalog needs at least one host:port endpoint")
         self.endpoints = tuple(endpoints)
+        self._tls = CatalogTls.of(tls) if tls is not None else None
         self.tls = tls is not None
         self._timeout = request_timeout_s
         self._connect_timeout = min(1.0, request_timeout_s)
         self.lease_ttl_s = lease_ttl_s
-        protocol = "https" if tls is not None else "http"
+        protocol = "https" if self._tls is not None else "http"
         self._clients = []
         for endpoint in self.endpoints:
             client = Etcd3Client(
@@ -189,10 +187,10 @@ class EtcdStore(CatalogStore):
             # Never through a proxy from the environment, and with TLS no CA
             # bundle from it either (REQUESTS_CA_BUNDLE): only the cluster CA counts.
             client.session.trust_env = False
-            if tls is None:
+            if self._tls is None:
                 client.session.mount("http://", HTTPAdapter(pool_connections=4, pool_maxsize=64))
             else:
-                adapter = CatalogTlsAdapter(tls, pool_connections=4, pool_maxsize=64)
+                adapter = CatalogTlsAdapter(self._tls, pool_connections=4, pool_maxsize=64)
                 client.session.mount("https://", adapter)
             self._clients.append(client)
         self._preferred = 0
@@ -230,7 +228,7 @@ class EtcdStore(CatalogStore):
                 )
             except requests.RequestException as exc:
                 problem = self._describe(exc, read_timeout)
-                if write and not _never_sent(exc):
+                if write and not _never_sent(exc, self._tls):
                     raise StoreUnavailable(
                         f"etcd member {endpoint} {problem} during {what}: the cluster may "
                         "have lost quorum or be electing a leader; the write may or may not "
@@ -259,18 +257,18 @@ class EtcdStore(CatalogStore):
         )
 
     def _describe(self, exc: requests.RequestException, timeout: float) -> str:
-        tls = _tls_refusal(exc)
-        if tls is not None:
-            return tls
-        if _never_sent(exc):
+        refusal = _tls_refusal(exc, self._tls)
+        if refusal is not None:
+            return refusal
+        if _never_sent(exc, self._tls):
             return "refused the connection"
         if isinstance(exc, requests.Timeout):
             return f"did not answer within {timeout:g}s"
-        if isinstance(exc, requests.exceptions.SSLError):
+        if isinstance(exc, requests.exceptions.SSLError) and self._tls is not None:
             # Often a member that refused our certificate and hung up without an alert.
             return (
                 f"broke off the TLS session ({_reason(exc)}); if this persists, etcd refuses "
-                "this process's certificate: its --trusted-ca-file must hold this cluster's CA"
+                f"{self._tls.presenting}: {self._tls.client_hint}"
             )
         dropped = f"dropped the connection ({type(exc).__name__})"
         if not self.tls:

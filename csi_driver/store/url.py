@@ -8,12 +8,17 @@ Forms accepted by :func:`open_store`:
   HTTP, for an etcd only this machine reaches (loopback, a closed bridge);
 - ``etcds://host:port[,host:port...]``: the same over mutual TLS, as this
   process's identity from ``--tls-dir``; each member must present a
-  ``catalog`` certificate of the cluster CA (see ``store/etcd_tls.py``).
-  Without a TLS bundle it is refused: never a silent fallback to plaintext;
+  ``catalog`` certificate of the cluster CA. Given a ``--catalog-tls-dir``
+  bundle (an existing etcd with its own PKI), as that bundle's client
+  instead, each member checked by the address dialled against that bundle's
+  CA (see ``store/etcd_tls.py``). Without a TLS bundle it is refused: never
+  a silent fallback to plaintext;
 - ``ferry://host:port``: the controller's ``ferry.v1.Catalog`` service, for
   nodes that must not open the catalog's files.
 
-Anything else is refused with ``InvalidArgument`` naming the accepted forms.
+Anything else is refused with ``InvalidArgument`` naming the accepted forms,
+and so is a ``--catalog-tls-dir`` bundle for a catalog that is not ``etcds://``
+(it would be silently unused).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 
 from csi_driver.catalog_api.client import RemoteStore
 from csi_driver.core.errors import FailedPrecondition, InvalidArgument
+from csi_driver.pki import ClientTlsBundle
 from csi_driver.store.base import CatalogStore
 from csi_driver.store.etcd import EtcdEndpoint, EtcdStore
 from csi_driver.store.sqlite import SqliteStore
@@ -83,14 +89,24 @@ def parse_catalog_url(text: str | os.PathLike[str]) -> CatalogUrl:
 
 
 def open_store(
-    url: str | os.PathLike[str], *, security: AgentSecurity | None = None
+    url: str | os.PathLike[str],
+    *,
+    security: AgentSecurity | None = None,
+    catalog_tls: ClientTlsBundle | None = None,
 ) -> CatalogStore:
     """Open the catalog store that ``url`` names (see the module doc).
 
     ``security`` is this process's mTLS (``--tls-dir``): it secures
     ``ferry://`` and ``etcds://``, both as this process's identity.
+    ``catalog_tls`` (``--catalog-tls-dir``) replaces it for ``etcds://``.
     """
     where = parse_catalog_url(url)
+    if catalog_tls is not None and not where.etcd_tls:
+        raise InvalidArgument(
+            f"--catalog-tls-dir {catalog_tls.directory} is for an etcd spoken to over TLS, "
+            f"but the catalog is {os.fspath(url)!r}: use etcds://host:port[,...] or drop "
+            "--catalog-tls-dir"
+        )
     if where.sqlite_path is not None:
         return SqliteStore(where.sqlite_path)
     if where.service is not None:
@@ -98,11 +114,14 @@ def open_store(
     endpoints = [EtcdEndpoint(host, port) for host, port in where.etcd_endpoints]
     if not where.etcd_tls:
         return EtcdStore(endpoints)
+    if catalog_tls is not None:
+        return EtcdStore(endpoints, tls=catalog_tls)
     tls = security.tls if security is not None else None
     if tls is None:
         raise FailedPrecondition(
             f"catalog {os.fspath(url)!r} asks for mutual TLS but this process has no "
             "certificate: give --tls-dir (ca.crt, tls.crt, tls.key from `ferry ca issue` or a "
-            "TLS Secret), or use etcd:// for an etcd only this machine reaches"
+            "TLS Secret), --catalog-tls-dir for an etcd with its own PKI, or etcd:// for an "
+            "etcd only this machine reaches"
         )
     return EtcdStore(endpoints, tls=tls)

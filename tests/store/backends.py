@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from cryptography import x509
 
 from csi_driver.catalog_api.server import register
-from csi_driver.pki import TlsBundle
+from csi_driver.pki import CERT, ClientTlsBundle, TlsBundle, identity_of
 from csi_driver.store.base import CatalogStore
 from csi_driver.store.etcd import EtcdEndpoint, EtcdStore
 from csi_driver.store.sqlite import SqliteStore
@@ -23,10 +24,17 @@ TEST_LEASE_TTL_S = 2
 TEST_REQUEST_TIMEOUT_S = 3.0
 
 
+def _bundle(tls_dir: Path) -> TlsBundle | ClientTlsBundle:
+    cert = x509.load_pem_x509_certificate((tls_dir / CERT).read_bytes())
+    return TlsBundle.load(tls_dir) if identity_of(cert) else ClientTlsBundle.load(tls_dir)
+
+
 def open_url(url: str, tls_dir: Path | None = None) -> CatalogStore:
     """Open a store the way ``open_store`` does, with the tests' shorter etcd timings.
 
-    ``tls_dir``: the bundle an ``etcds://`` catalog is spoken to with.
+    ``tls_dir``: the bundle an ``etcds://`` catalog is spoken to with: a
+    Ferry identity's (``--tls-dir``) or, naming none, an etcd's own PKI's
+    (``--catalog-tls-dir``).
     """
     where = parse_catalog_url(url)
     if not where.etcd_endpoints:
@@ -35,7 +43,7 @@ def open_url(url: str, tls_dir: Path | None = None) -> CatalogStore:
     assert where.etcd_tls == (tls_dir is not None), f"{url} with TLS bundle {tls_dir}"
     return EtcdStore(
         [EtcdEndpoint(h, p) for h, p in where.etcd_endpoints],
-        tls=TlsBundle.load(tls_dir) if tls_dir is not None else None,
+        tls=_bundle(tls_dir) if tls_dir is not None else None,
         request_timeout_s=TEST_REQUEST_TIMEOUT_S,
         lease_ttl_s=TEST_LEASE_TTL_S,
     )

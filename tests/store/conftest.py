@@ -1,11 +1,13 @@
 """Store backends for the contract suite: SQLite, a real etcd, the catalog service.
 
-``backend`` is parametrized over four: each SQLite test gets a fresh
+``backend`` is parametrized over five: each SQLite test gets a fresh
 file; the etcd tests of a module share one real single-member etcd (started
 once, emptied before each test, always stopped), ``etcds`` likewise one
 that admits only clients of its CA (``--client-cert-auth``), its CA and
-certificates made by Ferry's own pki; each ``ferry`` test gets a
-real ``ferry.v1.Catalog`` server on loopback over its own SQLite file. Tests
+certificates made by Ferry's own pki, and ``etcds-own`` one whose PKI is
+not Ferry's at all (an existing etcd's, spoken to with ``--catalog-tls-dir``);
+each ``ferry`` test gets a real ``ferry.v1.Catalog`` server on loopback over
+its own SQLite file. Tests
 that need etcd skip with the reason only when the ``etcd`` binary is missing.
 """
 
@@ -18,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from csi_driver.store.base import CatalogStore
-from tests.certs import Pki
+from tests.certs import ForeignPki, Pki
 from tests.store.backends import Backend, CatalogServer
 from tests.store.etcd_cluster import ETCD, SKIP_REASON, EtcdCluster, EtcdTls
 
@@ -58,7 +60,19 @@ def etcd_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsEtcd]:
     cluster.close()
 
 
-@pytest.fixture(params=["sqlite", "etcd", "etcds", "ferry"])
+@pytest.fixture(scope="module")
+def etcd_own_pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """A TLS etcd under a PKI that is not Ferry's; ``.tls.client`` is a bundle it accepts."""
+    require_etcd()
+    base = tmp_path_factory.mktemp("etcd-own-pki")
+    pki = ForeignPki.create(base / "pki")
+    server = pki.issue("etcd-member", dns=("localhost",), ips=("127.0.0.1",), server=True)
+    cluster = EtcdCluster(base, 1, EtcdTls(server, pki.issue("ferry-client"))).start()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture(params=["sqlite", "etcd", "etcds", "etcds-own", "ferry"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     server: CatalogServer | None = None
     if request.param == "sqlite":
@@ -72,6 +86,11 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         secured: TlsEtcd = request.getfixturevalue("etcd_tls")
         secured.cluster.wipe()
         chosen = Backend("etcds", secured.cluster.url, secured.cluster.restart, secured.client)
+    elif request.param == "etcds-own":
+        own: EtcdCluster = request.getfixturevalue("etcd_own_pki")
+        own.wipe()
+        assert own.tls is not None
+        chosen = Backend("etcds-own", own.url, own.restart, own.tls.client)
     else:
         server = CatalogServer(tmp_path / "served.db").start()
         chosen = Backend("ferry", server.url, server.restart)

@@ -245,6 +245,16 @@ class EtcdCluster:
             timeout=5,
         ).raise_for_status()
 
+    def count_keys(self) -> int:
+        """How many keys the cluster holds (read by the fixture, not through Ferry)."""
+        reply = self._http.post(
+            self.members[0].client_url + "/v3/kv/range",
+            json={"key": "AA==", "range_end": "AA==", "count_only": True},
+            timeout=5,
+        )
+        reply.raise_for_status()
+        return int(reply.json().get("count", 0))
+
     def close(self) -> None:
         for member in self.members:
             if member.process is not None and member.process.poll() is None:

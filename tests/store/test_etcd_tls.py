@@ -35,15 +35,17 @@ def _endpoints(cluster: EtcdCluster) -> list[EtcdEndpoint]:
     return [EtcdEndpoint("127.0.0.1", m.client_port) for m in cluster.members]
 
 
-def _refused(store: CatalogStore, *complaints: str) -> None:
-    """Reads and writes both fail UNAVAILABLE, saying each of ``complaints``."""
+def refused(store: CatalogStore, *complaints: str) -> str:
+    """Reads and writes both fail UNAVAILABLE, saying each of ``complaints``; the last
+    message is returned."""
     try:
         for attempt in (lambda: store.get("k"), lambda: store.put("k", b"v")):
             with pytest.raises(StoreUnavailable) as caught:
                 attempt()
             assert status_for(caught.value) is grpc.StatusCode.UNAVAILABLE
             for complaint in complaints:
-                assert complaint in caught.value.message
+                assert complaint in caught.value.message, caught.value.message
+        return caught.value.message
     finally:
         store.close()
 
@@ -85,12 +87,12 @@ def test_a_client_certificate_of_another_ca_is_refused(etcd_tls: TlsEtcd, tmp_pa
     ours = etcd_tls.pki.ca.cert.public_bytes(serialization.Encoding.PEM)
     stranger = TlsBundle(ours, theirs.cert_pem, theirs.key_pem, theirs.identity, theirs.not_after)
     store = EtcdStore(_endpoints(etcd_tls.cluster), tls=stranger, request_timeout_s=2)
-    _refused(store, "certificate")
+    refused(store, "certificate")
 
 
 def test_plaintext_against_the_tls_etcd_is_refused_and_says_etcds(etcd_tls: TlsEtcd) -> None:
     store = EtcdStore(_endpoints(etcd_tls.cluster), request_timeout_s=2)
-    _refused(store, "the catalog URL must be etcds://")
+    refused(store, "the catalog URL must be etcds://")
 
 
 @pytest.fixture(params=["another CA", "another identity"])
@@ -113,7 +115,7 @@ def test_an_etcd_without_this_clusters_catalog_certificate_is_refused(
     store = EtcdStore(
         _endpoints(impostor), tls=TlsBundle.load(etcd_tls.client), request_timeout_s=2
     )
-    _refused(store, "does not accept as the catalog's", "nothing was written")
+    refused(store, "does not accept as the catalog's", "nothing was written")
 
 
 @pytest.mark.parametrize(
@@ -132,3 +134,14 @@ def test_ferry_on_etcds_without_a_usable_bundle_exits_1(
     )  # fmt: skip
     assert done.returncode == 1, done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_only_the_cluster_ca_is_trusted_after_connecting(etcd_tls: TlsEtcd) -> None:
+    """requests hands each connection certifi's roots; none may reach the context."""
+    store = EtcdStore(_endpoints(etcd_tls.cluster), tls=TlsBundle.load(etcd_tls.client))
+    try:
+        store.ping()
+        adapter = store._clients[0].session.get_adapter("https://127.0.0.1")
+        assert len(adapter.context.get_ca_certs()) == 1  # type: ignore[attr-defined]
+    finally:
+        store.close()
