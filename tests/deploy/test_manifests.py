@@ -40,12 +40,30 @@ def helm(*args: str) -> str:
     return done.stdout
 
 
-@pytest.fixture(scope="module")
-def rendered() -> list[dict[str, Any]]:
+#: Values for an existing etcd with its own PKI (endpoints plus a client TLS Secret).
+EXISTING_ETCD = (
+    "--set", "catalog.etcd.deploy=false",
+    "--set", "catalog.etcd.endpoints={etcd-0.db.example:2379,10.0.0.5:2379}",
+    "--set", "catalog.etcd.tlsSecret=etcd-client",
+)  # fmt: skip
+
+
+def render(*values: str) -> list[dict[str, Any]]:
     if not HELM.exists():
         pytest.skip("helm not fetched: run `python3 scripts/fetch_helm.py` (setup does)")
-    out = helm("template", "ferry", str(CHART), "--namespace", "ferry-system")
+    out = helm("template", "ferry", str(CHART), "--namespace", "ferry-system", *values)
     return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+@pytest.fixture(scope="module")
+def rendered() -> list[dict[str, Any]]:
+    return render()
+
+
+@pytest.fixture(scope="module")
+def existing_etcd() -> list[dict[str, Any]]:
+    """The chart for an existing etcd that keeps its own PKI."""
+    return render(*EXISTING_ETCD)
 
 
 @needs_helm
@@ -53,9 +71,11 @@ def test_chart_lints() -> None:
     assert "0 chart(s) failed" in helm("lint", str(CHART))
 
 
-def test_every_manifest_matches_the_kubernetes_schema(rendered: list[dict[str, Any]]) -> None:
+def test_every_manifest_matches_the_kubernetes_schema(
+    rendered: list[dict[str, Any]], existing_etcd: list[dict[str, Any]]
+) -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
-    docs = [*load(PLAIN), *load(EXAMPLES), *rendered]
+    docs = [*load(PLAIN), *load(EXAMPLES), *rendered, *existing_etcd]
     assert len(docs) >= 20
     for doc in docs:
         # Raises ValidationError naming the object and the offending field.
@@ -108,9 +128,11 @@ def ferry_containers(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def test_every_ferry_command_line_parses(rendered: list[dict[str, Any]]) -> None:
+def test_every_ferry_command_line_parses(
+    rendered: list[dict[str, Any]], existing_etcd: list[dict[str, Any]]
+) -> None:
     """Flags in the manifests are flags Ferry has: a renamed flag fails here, not in a pod."""
-    containers = ferry_containers([*rendered, *load(PLAIN)])
+    containers = ferry_containers([*rendered, *load(PLAIN), *existing_etcd])
     assert {c["args"][0] for c in containers} == {"ca", "controller", "node"}
     parser = build_parser()
     for container in containers:
@@ -127,6 +149,7 @@ def test_multi_node_wiring(rendered: list[dict[str, Any]]) -> None:
             assert catalog.startswith("--catalog=etcds://ferry-etcd-0.ferry-etcd.")
             assert parse_catalog_url(catalog.removeprefix("--catalog=")).etcd_tls
             assert "--tls-dir=/tls" in args
+            assert not any(a.startswith("--catalog-tls-dir") for a in args)
         if args[0] == "node":
             assert "--agent-endpoint=tcp://$(POD_IP):9810" in args
     kinds = {d["kind"]: d for d in rendered if d["metadata"]["name"] == "ferry-etcd"}
@@ -138,6 +161,46 @@ def test_multi_node_wiring(rendered: list[dict[str, Any]]) -> None:
         if "template" in d.get("spec", {})
         for v in d["spec"]["template"]["spec"].get("volumes", [])
     )
+
+
+def test_an_existing_etcd_with_its_own_pki(existing_etcd: list[dict[str, Any]]) -> None:
+    """deploy: false with endpoints and tlsSecret: no etcd of ours, the Secret mounted into
+    the controller and every node and passed as --catalog-tls-dir."""
+    assert not [d for d in existing_etcd if d["metadata"]["name"] == "ferry-etcd"]
+    pods = {
+        d["kind"]: d["spec"]["template"]["spec"]
+        for d in existing_etcd
+        if d["kind"] in ("Deployment", "DaemonSet")
+    }
+    assert set(pods) == {"Deployment", "DaemonSet"}
+    for pod in pods.values():
+        ferry = next(c for c in pod["containers"] if c["name"] == "ferry")
+        args = build_parser().parse_args([re.sub(r"\$\((\w+)\)", "x", a) for a in ferry["args"]])
+        assert args.catalog == "etcds://etcd-0.db.example:2379,10.0.0.5:2379"
+        assert parse_catalog_url(args.catalog).etcd_endpoints == (
+            ("etcd-0.db.example", 2379),
+            ("10.0.0.5", 2379),
+        )
+        assert args.catalog_tls_dir == Path("/catalog-tls")
+        assert args.tls_dir == Path("/tls")  # the agent API keeps the cluster CA
+        mounts = {m["name"]: m for m in ferry["volumeMounts"]}
+        assert mounts["catalog-tls"] == {
+            "name": "catalog-tls", "mountPath": "/catalog-tls", "readOnly": True,
+        }  # fmt: skip
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["catalog-tls"]["secret"]["secretName"] == "etcd-client"
+
+
+@needs_helm
+def test_a_tls_secret_next_to_the_charts_own_etcd_is_refused() -> None:
+    done = subprocess.run(
+        [str(HELM), "template", "ferry", str(CHART), "--set", "catalog.etcd.tlsSecret=x"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "catalog.etcd.tlsSecret is for an existing etcd" in done.stderr
 
 
 def test_chart_uses_the_same_images(rendered: list[dict[str, Any]]) -> None:
