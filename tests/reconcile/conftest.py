@@ -11,9 +11,10 @@ import threading
 import time
 from collections.abc import Callable
 
-from tests.store.conftest import backend, etcd_single, store
+from tests.store.conftest import backend, etcd_own_pki, etcd_single, etcd_tls, store
 
-__all__ = ["backend", "etcd_single", "store"]  # fixtures, re-exported for pytest
+# Fixtures, re-exported for pytest: backend's etcds params need their clusters.
+__all__ = ["backend", "etcd_own_pki", "etcd_single", "etcd_tls", "store"]
 
 #: Upper bound on waiting for a background thread to catch up. A correctness
 #: bound (the test fails if it passes), never a speed claim.
