@@ -21,6 +21,7 @@ Tree::
     ├── Unimplemented          feature not offered               -> UNIMPLEMENTED
     ├── Unauthenticated        caller is not a Ferry agent       -> UNAUTHENTICATED
     ├── PermissionDenied       a Ferry agent, not allowed here   -> PERMISSION_DENIED
+    ├── DataLoss               bytes do not match their hash     -> DATA_LOSS
     └── InternalError          a bug or a host failure           -> INTERNAL
         ├── CommandFailed      an external command failed
         └── StoreError         the catalog store failed
@@ -106,6 +107,18 @@ class Unauthenticated(FerryError):
 
 class PermissionDenied(FerryError):
     """The caller is a Ferry agent, but not one allowed to make this call."""
+
+
+class DataLoss(FerryError):
+    """Bytes do not match the hash they were promised under (a chunk corrupted on
+    the wire or on disk); they were not committed anywhere.
+
+    ``chunks`` names the chunk indexes that failed, when known.
+    """
+
+    def __init__(self, message: str, chunks: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.chunks = chunks
 
 
 class InternalError(FerryError):

@@ -43,6 +43,7 @@ CODES: tuple[tuple[type[errors.FerryError], grpc.StatusCode], ...] = (
     (errors.Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.DataLoss, grpc.StatusCode.DATA_LOSS),
     (errors.InternalError, grpc.StatusCode.INTERNAL),
 )
 

@@ -151,6 +151,22 @@ def preallocate(fd: int, offset: int, length: int, what: str) -> None:
     raise InternalError(f"cannot {what}: fallocate failed: {os.strerror(code)}")
 
 
+_PUNCH_HOLE = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate ``length`` bytes at ``offset`` of ``fd`` so they read as zeros."""
+    if _FALLOCATE(fd, _PUNCH_HOLE, offset, length) == 0:
+        return
+    code = ctypes.get_errno()
+    if code in (errno.EOPNOTSUPP, errno.ENOSYS):
+        raise FailedPrecondition(
+            "cannot punch holes on this filesystem (fallocate PUNCH_HOLE is unsupported); "
+            "keep pools and replicas on ext4, xfs or btrfs"
+        )
+    raise InternalError(f"punching a hole at {offset}+{length} failed: {os.strerror(code)}")
+
+
 def _filesystem_of(path: Path) -> str:
     """The filesystem type mounted at (or above) ``path``, from /proc/self/mounts."""
     best, kind = "", "unknown"

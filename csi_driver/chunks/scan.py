@@ -1,0 +1,138 @@
+"""Reading an image into a manifest, touching only what holds data.
+
+Invariants:
+
+- Ranges the filesystem reports as holes (``SEEK_DATA``/``SEEK_HOLE``) are
+  never read: a sparse or mostly empty image costs what it holds.
+- Each chunk that may hold data is read exactly once, into one reused buffer
+  (memory stays one chunk, whatever the image's size); the same bytes decide
+  "all zeros, so a hole" and give the digest. Thick images are fallocated:
+  ext4 and xfs report their unwritten extents as holes, but a filesystem may
+  report them as data, and written zeros are data to every filesystem; both
+  still become holes in the manifest.
+- A rescan given the previous manifest and the chunks that may have changed
+  reads only those chunks.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from csi_driver.chunks.manifest import (
+    DEFAULT_CHUNK_SIZE,
+    Digest,
+    Manifest,
+    check_chunk_size,
+    chunk_count,
+    chunk_digest,
+)
+from csi_driver.core.errors import InternalError, InvalidArgument, NotFound
+
+#: A byte range: offset and length.
+Range = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Scan:
+    manifest: Manifest
+    bytes_read: int
+
+
+def data_ranges(fd: int, size: int) -> Iterator[Range]:
+    """The ranges of ``fd`` below ``size`` that the filesystem says may hold data."""
+    position = 0
+    while position < size:
+        try:
+            start = os.lseek(fd, position, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after position
+                return
+            raise
+        if start >= size:
+            return
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        yield start, end - start
+        position = end
+
+
+def chunks_touching(ranges: Iterable[Range], chunk_size: int) -> set[int]:
+    """Indexes of the chunks that overlap any of ``ranges``."""
+    touched: set[int] = set()
+    for offset, length in ranges:
+        if length > 0:
+            touched.update(range(offset // chunk_size, (offset + length - 1) // chunk_size + 1))
+    return touched
+
+
+def read_exactly(fd: int, buffer: bytearray, offset: int, length: int) -> memoryview:
+    """``length`` bytes of ``fd`` at ``offset``, read into ``buffer``."""
+    view = memoryview(buffer)[:length]
+    done = 0
+    while done < length:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise InternalError(
+                f"the image ended at byte {offset + done} while reading a chunk; was it "
+                "truncated during the scan? Retry once it is quiescent"
+            )
+        done += got
+    return view
+
+
+def _digest_or_hole(view: memoryview, zeros: bytes) -> Digest | None:
+    whole = len(view) == len(zeros)
+    if (view.obj == zeros) if whole else (view == zeros[: len(view)]):
+        return None
+    return chunk_digest(view)
+
+
+def scan_image(
+    path: Path,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    *,
+    previous: Manifest | None = None,
+    changed: Iterable[int] | None = None,
+) -> Scan:
+    """The manifest of the image at ``path``.
+
+    With ``previous`` and ``changed``, only the ``changed`` chunks are read;
+    the others keep their digests from ``previous`` (which must describe the
+    same size and chunk size).
+    """
+    check_chunk_size(chunk_size)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise NotFound(f"no image at {path}") from exc
+    try:
+        size = os.fstat(fd).st_size
+        count = chunk_count(size, chunk_size)
+        wanted: set[int] = set(range(count))
+        digests: list[Digest | None] = [None] * count
+        if previous is not None and changed is not None:
+            if previous.size != size or previous.chunk_size != chunk_size:
+                raise InvalidArgument(
+                    f"{path} is {size} bytes in {chunk_size}-byte chunks; the previous "
+                    f"manifest is {previous.size} in {previous.chunk_size}: scan it whole"
+                )
+            digests = list(previous.chunks)
+            wanted = {i for i in changed if 0 <= i < count}
+            for index in wanted:
+                digests[index] = None
+        holding = chunks_touching(data_ranges(fd, size), chunk_size) & wanted
+        buffer = bytearray(chunk_size)
+        zeros = bytes(chunk_size)
+        bytes_read = 0
+        for index in sorted(holding):
+            offset = index * chunk_size
+            length = min(chunk_size, size - offset)
+            view = read_exactly(fd, buffer, offset, length)
+            bytes_read += length
+            digests[index] = _digest_or_hole(view, zeros)
+    finally:
+        os.close(fd)
+    return Scan(Manifest(size, chunk_size, tuple(digests)), bytes_read)

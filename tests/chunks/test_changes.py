@@ -1,0 +1,94 @@
+"""Change detection on real xfs, btrfs and ext4 filesystems on loop devices: with
+reflinks a capture reads only the chunks whose extents changed; without, it hashes."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from csi_driver.chunks.changes import ChangeTracker, Method
+from csi_driver.chunks.extents import can_reflink, changed_ranges, extent_map, reflink
+from csi_driver.chunks.manifest import MiB
+from csi_driver.chunks.scan import scan_image
+from csi_driver.node.pool import preallocate
+from tests.node.conftest import requires_root, small_filesystem
+
+pytestmark = [requires_root, pytest.mark.root]
+
+REFLINK_FILESYSTEMS = {
+    "xfs": ["mkfs.xfs", "-q", "-m", "reflink=1"],
+    "btrfs": ["mkfs.btrfs", "-q"],
+}
+
+
+def thick_image(path: Path, size: int) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        preallocate(fd, 0, size, "test")
+    finally:
+        os.close(fd)
+
+
+def write_at(path: Path, offset: int, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("fs", sorted(REFLINK_FILESYSTEMS))
+def test_a_capture_reads_only_the_chunks_written_since_the_last(tmp_path: Path, fs: str) -> None:
+    with small_filesystem(tmp_path, 320 * MiB, REFLINK_FILESYSTEMS[fs]) as mount:
+        assert can_reflink(mount)
+        image = mount / "image.img"
+        thick_image(image, 64 * MiB)
+        rng = random.Random(8)
+        for index in (0, 5, 6, 40):
+            write_at(image, index * MiB, rng.randbytes(MiB))
+        tracker = ChangeTracker(image, mount / "track", chunk_size=MiB)
+        first = tracker.capture()
+        assert first.method is Method.FULL
+        assert first.manifest.data_chunks == (0, 5, 6, 40)
+
+        for offset in (5 * MiB + 4096, 41 * MiB + 100 * 1024, 63 * MiB):
+            write_at(image, offset, b"\xab" * 4096)
+        second = tracker.capture()
+        assert second.method is Method.EXTENTS
+        assert second.bytes_read == 3 * MiB  # chunks 5, 41, 63: nothing else read
+        assert second.manifest == scan_image(second.source, MiB).manifest
+        assert second.manifest.data_chunks == (0, 5, 6, 40, 41, 63)
+        assert not first.source.exists()  # the older snapshot went after the new manifest
+
+        third = tracker.capture()
+        assert third.method is Method.EXTENTS and third.bytes_read == 0
+        assert third.manifest == second.manifest
+
+
+@pytest.mark.parametrize("fs", sorted(REFLINK_FILESYSTEMS))
+def test_extent_comparison_reports_exactly_the_rewritten_ranges(tmp_path: Path, fs: str) -> None:
+    with small_filesystem(tmp_path, 320 * MiB, REFLINK_FILESYSTEMS[fs]) as mount:
+        image, snapshot = mount / "image.img", mount / "snap.img"
+        image.write_bytes(os.urandom(16 * MiB))
+        reflink(image, snapshot)
+        assert changed_ranges(extent_map(snapshot), extent_map(image), 16 * MiB) == []
+        write_at(image, 3 * MiB, b"\1" * 8192)
+        ranges = changed_ranges(extent_map(snapshot), extent_map(image), 16 * MiB)
+        assert ranges and all(3 * MiB - 256 * 1024 <= o < 3 * MiB + 256 * 1024 for o, _ in ranges)
+        assert sum(length for _, length in ranges) <= MiB
+
+
+def test_without_reflinks_a_capture_hashes_the_image(tmp_path: Path) -> None:
+    with small_filesystem(tmp_path, 128 * MiB, ["mkfs.ext4", "-q"]) as mount:
+        assert not can_reflink(mount)
+        image = mount / "image.img"
+        thick_image(image, 16 * MiB)
+        write_at(image, 2 * MiB, b"\1" * 4096)
+        tracker = ChangeTracker(image, mount / "track", chunk_size=MiB)
+        capture = tracker.capture()
+        assert capture.method is Method.HASHING and capture.source == image
+        assert capture.manifest.data_chunks == (2,)
