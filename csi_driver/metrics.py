@@ -69,3 +69,26 @@ def serve(port: int, address: str = "0.0.0.0") -> WSGIServer | None:
         return None
     server, _ = start_http_server(port, addr=address)
     return server
+
+
+TRANSFER_BYTES = Counter(
+    "ferry_transfer_bytes_total",
+    "Chunk bytes moved between nodes, by direction (sent, received).",
+    ["direction"],
+)
+TRANSFER_CHUNKS = Counter(
+    "ferry_transfer_chunks_total",
+    "Chunks moved between nodes, by direction and outcome (sent; landed, rejected).",
+    ["direction", "outcome"],
+)
+TRANSFER_REMAINING = Gauge(
+    "ferry_transfer_remaining_bytes", "Bytes a transfer still has to receive.", ["transfer"]
+)
+TRANSFER_RATE = Gauge(
+    "ferry_transfer_rate_bytes_per_second",
+    "Receive rate of a transfer since it (re)started.",
+    ["transfer"],
+)
+TRANSFER_ETA = Gauge(
+    "ferry_transfer_eta_seconds", "Estimated seconds until a transfer completes.", ["transfer"]
+)

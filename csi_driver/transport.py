@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,22 +184,28 @@ class PeerGate(_ServerInterceptor):
         return handler
 
 
-def open_channel(endpoint: str, security: AgentSecurity, server: Identity) -> grpc.Channel:
-    """A channel to the agent ``server`` at ``endpoint``, secured as ``security`` says."""
+def open_channel(
+    endpoint: str,
+    security: AgentSecurity,
+    server: Identity,
+    options: Sequence[tuple[str, int | str]] = (),
+) -> grpc.Channel:
+    """A channel to the agent ``server`` at ``endpoint``, secured as ``security`` says;
+    ``options`` are gRPC channel arguments (message size limits, say)."""
     parsed = parse_endpoint(endpoint)
     if parsed.scheme == "unix":
-        return grpc.insecure_channel(f"unix://{parsed.address}")
+        return grpc.insecure_channel(f"unix://{parsed.address}", options=list(options))
     security.check(parsed, f"{server}'s agent API")
     if security.tls is None:
-        return grpc.insecure_channel(parsed.address)
+        return grpc.insecure_channel(parsed.address, options=list(options))
     credentials = grpc.ssl_channel_credentials(
         root_certificates=security.tls.ca_pem,
         private_key=security.tls.key_pem,
         certificate_chain=security.tls.cert_pem,
     )
     # The server must prove it is `server`, whatever address it registered.
-    options = [("grpc.ssl_target_name_override", server.dns_name)]
-    return grpc.secure_channel(parsed.address, credentials, options=options)
+    target = [("grpc.ssl_target_name_override", server.dns_name), *options]
+    return grpc.secure_channel(parsed.address, credentials, options=target)
 
 
 def _prepare_socket(path: Path) -> None:

@@ -231,10 +231,10 @@ class Staging:
             view, offset = view[written:], offset + written
         self._pending.append(index)
 
-    def sync(self) -> None:
-        """Make written chunks durable, then record them as landed."""
+    def sync(self) -> list[int]:
+        """Make written chunks durable, then record them as landed; return them."""
         if not self._pending:
-            return
+            return []
         if self._fd is not None:
             os.fdatasync(self._fd)
         with open(self.store.staging_dir / "landed", "ab") as journal:
@@ -242,7 +242,8 @@ class Staging:
             journal.flush()
             os.fsync(journal.fileno())
         self.landed.update(self._pending)
-        self._pending.clear()
+        durable, self._pending = self._pending, []
+        return durable
 
     def close(self) -> None:
         self.sync()

@@ -18,17 +18,14 @@ from csi_driver.chunks.generations import GenerationStore
 from csi_driver.chunks.manifest import Manifest
 from csi_driver.chunks.scan import scan_image
 from csi_driver.core.errors import DataLoss, FailedPrecondition
+from tests.chunks.images import write_image
 
 CHUNK = 64 * 1024
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_image(path: Path, chunks: dict[int, bytes], count: int) -> Manifest:
-    with open(path, "wb") as handle:
-        handle.truncate(count * CHUNK)
-        for index, data in chunks.items():
-            handle.seek(index * CHUNK)
-            handle.write(data)
+    write_image(path, chunks, count, CHUNK)
     return scan_image(path, CHUNK).manifest
 
 

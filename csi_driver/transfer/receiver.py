@@ -1,0 +1,274 @@
+"""The receiving side: pull the chunks a replica lacks into a new generation.
+
+Invariants:
+
+- Flow control: at most ``window_bytes`` of chunks are asked for and not yet
+  landed at any time (one chunk when a chunk is larger), so memory stays flat
+  whatever the image's size.
+- Every chunk is checked against the manifest's digest before it is written
+  (:meth:`Staging.write`); a bad one is asked for again, up to
+  ``chunk_attempts`` times, then the pull fails with DATA_LOSS and nothing
+  is committed.
+- What landed is durable (:meth:`Staging.sync`) before the stream is given up
+  or retried, so a dropped connection or a restarted receiver resumes
+  without asking again for any chunk that landed.
+- The replica's new generation is committed only after the whole image
+  verifies against the manifest (:meth:`Staging.commit`).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from csi_driver.chunks.generations import Generation, GenerationStore, Staging
+from csi_driver.chunks.manifest import MAX_CHUNK_SIZE, Manifest, MiB, decode
+from csi_driver.core.errors import DataLoss, FerryError, InternalError, Unavailable
+from csi_driver.csi.errors import CODES
+from csi_driver.gen.ferry.v1 import transfer_pb2, transfer_pb2_grpc
+from csi_driver.metrics import TRANSFER_BYTES, TRANSFER_CHUNKS
+from csi_driver.transfer.progress import Progress, ProgressMeter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WINDOW_BYTES = 16 * MiB
+#: Make written chunks durable (and landed) at least this often: what a crash
+#: costs again, at most.
+SYNC_BYTES = 16 * MiB
+SYNC_SECONDS = 1.0
+#: Channel arguments: one chunk per message, and a dead peer noticed in seconds.
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_receive_message_length", MAX_CHUNK_SIZE + MiB),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+)
+#: Codes after which the same pull, on a new connection, can succeed.
+RETRYABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
+)
+
+
+@dataclass
+class Attempt:
+    """One connection's worth of a pull: what was asked for and what landed
+    (durably: a chunk counts as landed once synced)."""
+
+    requested: list[int] = field(default_factory=list)
+    landed: list[int] = field(default_factory=list)
+    rejected: list[int] = field(default_factory=list)
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class PullResult:
+    generation: Generation
+    progress: Progress
+    landed_before: int  # chunks that had landed in an earlier run of this pull
+    attempts: tuple[Attempt, ...]
+
+    @property
+    def chunks_received(self) -> int:
+        return sum(len(a.landed) for a in self.attempts)
+
+    @property
+    def chunks_rejected(self) -> int:
+        return sum(len(a.rejected) for a in self.attempts)
+
+
+def _domain_error(exc: grpc.RpcError, what: str) -> FerryError:
+    """The domain error for a status the sender answered with."""
+    code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+    for kind, mapped in CODES:
+        if mapped is code:
+            return kind(f"{what}: {details}")
+    if code in RETRYABLE:
+        return Unavailable(f"{what}: {details}; the sending node is unreachable, retry")
+    return InternalError(f"{what}: {code.name}: {details}")
+
+
+class Receiver:
+    """Pulls transfers from one sending node over ``channel_factory``'s channels.
+
+    ``max_rate_bytes_per_s`` caps the receive rate (replication should not
+    starve the volume's own I/O); ``on_landed`` hears of every chunk once it
+    is durable.
+    """
+
+    def __init__(
+        self,
+        channel_factory: Callable[[], grpc.Channel],
+        *,
+        window_bytes: int = DEFAULT_WINDOW_BYTES,
+        connection_attempts: int = 5,
+        chunk_attempts: int = 3,
+        backoff_s: float = 0.5,
+        max_rate_bytes_per_s: float | None = None,
+        on_landed: Callable[[int, Progress], None] | None = None,
+    ) -> None:
+        self._channel_factory = channel_factory
+        self._window = window_bytes
+        self._connection_attempts = connection_attempts
+        self._chunk_attempts = chunk_attempts
+        self._backoff = backoff_s
+        self._on_landed = on_landed
+        self._max_rate = max_rate_bytes_per_s
+
+    def manifest(self, transfer_id: str) -> Manifest:
+        with self._channel_factory() as channel:
+            stub = transfer_pb2_grpc.ChunkSourceStub(channel)
+            request = transfer_pb2.GetManifestRequest(transfer_id=transfer_id)
+            try:
+                reply = stub.GetManifest(request, timeout=30)
+            except grpc.RpcError as exc:
+                raise _domain_error(exc, f"cannot get transfer {transfer_id}'s manifest") from exc
+        return decode(reply.manifest)
+
+    def pull(self, transfer_id: str, store: GenerationStore) -> PullResult:
+        """Bring ``store`` to the image exported as ``transfer_id``; return the new
+        generation (or the current one, when it already holds that image)."""
+        target = self.manifest(transfer_id)
+        current = store.current()
+        if current is not None and current.manifest == target:
+            meter = ProgressMeter(transfer_id, 0)
+            return PullResult(current, meter.finish(), 0, ())
+        staging = store.stage(target)
+        landed_before = len(staging.landed & set(staging.delta.send))
+        done = sum(target.chunk_length(i) for i in staging.landed if i in staging.delta.send)
+        meter = ProgressMeter(transfer_id, staging.delta.send_bytes, done)
+        attempts: list[Attempt] = []
+        failures = collections.Counter[int]()
+        log.info(
+            "pull started",
+            extra={
+                "transfer": transfer_id,
+                "chunks": len(staging.delta.send),
+                "landed_before": landed_before,
+                "bytes": staging.delta.send_bytes,
+            },
+        )
+        while True:
+            connection_failures = 0
+            while staging.missing():
+                attempt = Attempt()
+                attempts.append(attempt)
+                try:
+                    self._stream(transfer_id, staging, meter, attempt, failures)
+                except grpc.RpcError as exc:
+                    code = exc.code() if isinstance(exc, grpc.Call) else None
+                    attempt.error = code.name if code else str(exc)
+                    connection_failures += 1
+                    if code not in RETRYABLE or connection_failures >= self._connection_attempts:
+                        raise _domain_error(exc, f"transfer {transfer_id} failed") from exc
+                    log.warning(
+                        "chunk stream lost; resuming",
+                        extra={"transfer": transfer_id, "code": attempt.error},
+                    )
+                    time.sleep(self._backoff * connection_failures)
+            try:
+                generation = staging.commit()
+                break
+            except DataLoss as exc:
+                # Bytes that passed on arrival no longer verify: fetch them again, once.
+                for index in exc.chunks:
+                    failures[index] += 1
+                    if failures[index] >= self._chunk_attempts:
+                        raise
+        staging.close()
+        progress = meter.finish()
+        return PullResult(generation, progress, landed_before, tuple(attempts))
+
+    def _stream(
+        self,
+        transfer_id: str,
+        staging: Staging,
+        meter: ProgressMeter,
+        attempt: Attempt,
+        failures: collections.Counter[int],
+    ) -> None:
+        target = staging.target
+        pending = collections.deque(staging.missing())
+        in_flight: dict[int, int] = {}
+        asks: queue.Queue[Any] = queue.Queue()
+        unsynced = 0
+        synced_at = time.monotonic()
+
+        def sync() -> None:
+            for index in staging.sync():
+                attempt.landed.append(index)
+                if self._on_landed is not None:
+                    self._on_landed(index, meter.value())
+
+        def grant(first: bool = False) -> None:
+            batch: list[int] = []
+            budget = self._window - sum(in_flight.values())
+            while pending and (target.chunk_length(pending[0]) <= budget or not in_flight):
+                index = pending.popleft()
+                length = target.chunk_length(index)
+                in_flight[index] = length
+                budget -= length
+                batch.append(index)
+            if batch or first:
+                attempt.requested.extend(batch)
+                asks.put(
+                    transfer_pb2.ChunkRequest(
+                        transfer_id=transfer_id if first else "", indexes=batch
+                    )
+                )
+
+        def requests() -> Iterator[Any]:
+            while (ask := asks.get()) is not None:
+                yield ask
+
+        grant(first=True)
+        with self._channel_factory() as channel:
+            responses = transfer_pb2_grpc.ChunkSourceStub(channel).PullChunks(requests())
+            try:
+                for chunk in responses:
+                    length = in_flight.pop(chunk.index, None)
+                    if length is None:
+                        raise DataLoss(f"the sender sent chunk {chunk.index}, never asked for")
+                    try:
+                        staging.write(chunk.index, chunk.data)
+                    except DataLoss:
+                        attempt.rejected.append(chunk.index)
+                        failures[chunk.index] += 1
+                        TRANSFER_CHUNKS.labels("received", "rejected").inc()
+                        log.warning(
+                            "chunk rejected: digest mismatch",
+                            extra={"transfer": transfer_id, "chunk": chunk.index},
+                        )
+                        if failures[chunk.index] >= self._chunk_attempts:
+                            raise
+                        pending.appendleft(chunk.index)
+                    else:
+                        TRANSFER_CHUNKS.labels("received", "landed").inc()
+                        TRANSFER_BYTES.labels("received").inc(length)
+                        meter.add(length)
+                        unsynced += length
+                        if unsynced >= SYNC_BYTES or time.monotonic() - synced_at >= SYNC_SECONDS:
+                            sync()
+                            unsynced, synced_at = 0, time.monotonic()
+                        self._throttle(meter)
+                    if not pending and not in_flight:
+                        break
+                    grant()
+            finally:
+                asks.put(None)
+                responses.cancel()
+                sync()
+
+    def _throttle(self, meter: ProgressMeter) -> None:
+        if self._max_rate is None:
+            return
+        progress = meter.value()
+        ahead = progress.bytes_this_session / self._max_rate - progress.elapsed_s
+        if ahead > 0:
+            time.sleep(ahead)

@@ -1,0 +1,14 @@
+"""Test images: sparse files with chosen chunks written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def write_image(path: Path, chunks: dict[int, bytes], count: int, chunk_size: int) -> None:
+    """``path`` as ``count`` chunks of ``chunk_size``: holes but for ``chunks``."""
+    with open(path, "wb") as handle:
+        handle.truncate(count * chunk_size)
+        for index, data in chunks.items():
+            handle.seek(index * chunk_size)
+            handle.write(data)

@@ -1,0 +1,190 @@
+"""Chunk streams between two nodes over real mutual TLS on loopback TCP."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client import REGISTRY
+
+from csi_driver.chunks.generations import GenerationStore
+from csi_driver.core.errors import DataLoss, InvalidArgument, NotFound, PermissionDenied
+from csi_driver.gen.ferry.v1 import transfer_pb2, transfer_pb2_grpc
+from csi_driver.pki import Identity
+from csi_driver.transfer.progress import Progress
+from csi_driver.transfer.receiver import CHANNEL_OPTIONS
+from csi_driver.transport import AgentSecurity, open_channel
+from tests.certs import Pki
+from tests.transfer.conftest import (
+    CHUNK,
+    ReceiverFactory,
+    Sender,
+    file_digest,
+    random_chunks,
+    write_image,
+)
+
+DATA = [0, 1, 2, 5, 8, 9, 10, 11, 20, 31]
+
+
+def received_bytes() -> float:
+    value = REGISTRY.get_sample_value("ferry_transfer_bytes_total", {"direction": "received"})
+    return value or 0.0
+
+
+def test_a_full_pull_then_a_delta_land_byte_identical(
+    tmp_path: Path, sender: Sender, receiver_for: ReceiverFactory
+) -> None:
+    source = tmp_path / "source.img"
+    write_image(source, random_chunks(DATA, 1), 32)
+    sender.export("t1", source)
+    store = GenerationStore(tmp_path / "replica")
+    before = received_bytes()
+
+    result = receiver_for().pull("t1", store)
+    assert result.generation.number == 1
+    assert file_digest(result.generation.image) == file_digest(source)
+    assert sorted(result.attempts[0].landed) == DATA
+    assert sender.exports.require("t1").sent == dict.fromkeys(DATA, 1)  # holes never sent
+    assert result.progress.bytes_done == result.progress.bytes_total == len(DATA) * CHUNK
+    assert result.progress.eta_s == 0.0
+    assert received_bytes() - before == len(DATA) * CHUNK
+
+    write_image(source, {**random_chunks(DATA, 1), **random_chunks([9, 30], 2)}, 32)
+    sender.export("t2", source)
+    again = receiver_for().pull("t2", store)
+    assert again.generation.number == 2 and again.chunks_received == 2
+    assert sender.exports.require("t2").sent == {9: 1, 30: 1}
+    assert file_digest(again.generation.image) == file_digest(source)
+    # Pulling what the replica holds already sends nothing.
+    assert receiver_for().pull("t2", store).chunks_received == 0
+
+
+def test_flow_control_keeps_at_most_the_window_in_flight(
+    tmp_path: Path, sender: Sender, receiver_for: ReceiverFactory
+) -> None:
+    source = tmp_path / "source.img"
+    write_image(source, random_chunks(range(24), 3), 24)
+    sender.export("t", source)
+    export = sender.exports.require("t")
+    worst: list[int] = []
+
+    def landed(index: int, progress: Progress) -> None:
+        # Sent but not yet written never exceeds the window: 2 chunks.
+        worst.append(export.sent.total() - progress.bytes_done // CHUNK)
+
+    receiver = receiver_for(window_bytes=2 * CHUNK, on_landed=landed)
+    receiver.pull("t", GenerationStore(tmp_path / "replica"))
+    assert len(worst) == 24 and max(worst) <= 2
+
+
+def test_a_dropped_connection_resumes_without_resending_what_landed(
+    tmp_path: Path, sender: Sender, receiver_for: ReceiverFactory
+) -> None:
+    source = tmp_path / "source.img"
+    write_image(source, random_chunks(range(40), 4), 40)
+    sender.export("t", source)
+    dropped = threading.Event()
+
+    def landed(index: int, progress: Progress) -> None:
+        if progress.bytes_done >= 8 * CHUNK and not dropped.is_set():
+            dropped.set()
+            sender.stop()  # the link goes away mid-stream
+            threading.Timer(0.3, sender.restart).start()
+
+    receiver = receiver_for(
+        window_bytes=2 * CHUNK, on_landed=landed, max_rate_bytes_per_s=40 * CHUNK
+    )
+    result = receiver.pull("t", GenerationStore(tmp_path / "replica"))
+    assert dropped.is_set() and len(result.attempts) >= 2
+    first = set(result.attempts[0].landed)
+    later = {i for a in result.attempts[1:] for i in a.requested}
+    assert len(first) >= 8 and not first & later  # nothing that landed was asked for again
+    assert sorted(i for a in result.attempts for i in a.landed) == list(range(40))
+    sent = sender.exports.require("t").sent
+    assert all(sent[i] == 1 for i in first)
+    assert file_digest(result.generation.image) == file_digest(source)
+
+
+def test_a_chunk_corrupt_at_the_source_is_rejected_and_never_committed(
+    tmp_path: Path, sender: Sender, receiver_for: ReceiverFactory
+) -> None:
+    source = tmp_path / "source.img"
+    chunks = random_chunks(range(8), 5)
+    write_image(source, chunks, 8)
+    sender.export("t", source)  # the manifest says what chunk 3 must be
+    with open(source, "r+b") as handle:  # then its bytes rot on the sender's disk
+        handle.seek(3 * CHUNK + 1000)
+        handle.write(b"\0\1\2")
+    store = GenerationStore(tmp_path / "replica")
+    with pytest.raises(DataLoss, match="chunk 3"):
+        receiver_for(chunk_attempts=3).pull("t", store)
+    assert sender.exports.require("t").sent[3] == 3  # asked for again, then given up
+    assert store.current() is None  # nothing committed
+
+    write_image(source, chunks, 8)  # repaired: a retry fetches only chunk 3
+    result = receiver_for().pull("t", store)
+    assert result.chunks_received == 1 and result.landed_before == 7
+    assert file_digest(result.generation.image) == file_digest(source)
+
+
+def test_only_other_nodes_may_pull(pki: Pki, sender: Sender, receiver_for: ReceiverFactory) -> None:
+    with pytest.raises(PermissionDenied, match="controller may not call"):
+        receiver_for("controller").manifest("t")
+    with pytest.raises(PermissionDenied, match="node/sender may not call"):
+        receiver_for("node/sender").manifest("t")
+    with pytest.raises(NotFound, match="exports no transfer 'nope'"):
+        receiver_for().manifest("nope")
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "message"),
+    [
+        (
+            transfer_pb2.ChunkRequest(indexes=[0]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "name transfer_id",
+        ),
+        (
+            transfer_pb2.ChunkRequest(transfer_id="x", indexes=[0]),
+            grpc.StatusCode.NOT_FOUND,
+            "exports no",
+        ),
+        (
+            transfer_pb2.ChunkRequest(transfer_id="t", indexes=[1]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "is a hole",
+        ),
+        (
+            transfer_pb2.ChunkRequest(transfer_id="t", indexes=[9]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "outside",
+        ),
+    ],
+)
+def test_bad_chunk_requests_get_clear_codes(
+    tmp_path: Path,
+    pki: Pki,
+    sender: Sender,
+    request_: transfer_pb2.ChunkRequest,
+    code: grpc.StatusCode,
+    message: str,
+) -> None:
+    source = tmp_path / "source.img"
+    write_image(source, random_chunks([0], 6), 2)
+    sender.export("t", source)
+    security = AgentSecurity(tls=pki.bundle("node/receiver"))
+    with open_channel(
+        str(sender.endpoint), security, Identity.node("sender"), CHANNEL_OPTIONS
+    ) as channel:
+        stub = transfer_pb2_grpc.ChunkSourceStub(channel)
+        with pytest.raises(grpc.RpcError) as failure:
+            list(stub.PullChunks(iter([request_]), timeout=10))
+    assert failure.value.code() is code and message in (failure.value.details() or "")
+
+
+def test_an_export_needs_an_id(tmp_path: Path, sender: Sender) -> None:
+    with pytest.raises(InvalidArgument):
+        sender.exports.add("", tmp_path / "x", None)  # type: ignore[arg-type]
