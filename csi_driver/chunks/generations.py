@@ -9,6 +9,7 @@ Layout under a replica's root::
                         with the delta written into it
       manifest          the target manifest (what the image must become)
       base              the generation it was copied from ("0": none)
+      copy              how: "reflink" (blocks shared with the base) or "bytes"
       landed            journal of chunk indexes durably written (u32 each)
 
 Invariants:
@@ -22,6 +23,10 @@ Invariants:
 - A chunk index enters ``landed`` only after its bytes were checked against
   the target digest and the image was fdatasync'ed, so a resumed staging
   never asks again for a chunk that landed, and never trusts one that did not.
+- Verification reads every chunk that may differ from a verified generation:
+  all of them, unless the staged image is a reflink of the base, in which
+  case chunks whose extents are still the base's hold the base's verified
+  bytes (see :mod:`.extents`) and only the others are read again.
 - Chunks whose digest fails on arrival or at verification are never
   committed: :class:`DataLoss` names them, and they are dropped from
   ``landed`` so that a retry asks for them again.
@@ -39,9 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from csi_driver.chunks.durable import write_atomic
-from csi_driver.chunks.extents import reflink
+from csi_driver.chunks.extents import changed_ranges, extent_map, reflink
 from csi_driver.chunks.manifest import Delta, Manifest, chunk_digest, decode, delta, encode
-from csi_driver.chunks.scan import data_ranges, scan_image
+from csi_driver.chunks.scan import chunks_touching, data_ranges, scan_image
 from csi_driver.core.errors import DataLoss, FailedPrecondition, ResourceExhausted
 from csi_driver.node.pool import fsync_dir, punch_hole
 
@@ -104,7 +109,8 @@ class GenerationStore:
         building = self.root / ".staging.tmp"
         shutil.rmtree(building, ignore_errors=True)
         building.mkdir(mode=0o700)
-        _prepare_image(building / "image", base, target)
+        copy = _prepare_image(building / "image", base, target)
+        (building / "copy").write_text(copy)
         (building / "landed").touch()
         (building / "base").write_text(str(base_number))
         write_atomic(building / "manifest", encode(target))
@@ -130,9 +136,11 @@ class GenerationStore:
 
 def _same_staging(staging: Path, target: Manifest, base_number: int) -> bool:
     try:
-        return (staging / "manifest").read_bytes() == encode(target) and (
-            staging / "base"
-        ).read_text() == str(base_number)
+        return (
+            (staging / "manifest").read_bytes() == encode(target)
+            and (staging / "base").read_text() == str(base_number)
+            and (staging / "copy").exists()
+        )
     except FileNotFoundError:
         return False
 
@@ -143,12 +151,15 @@ def _read_journal(path: Path) -> set[int]:
     return {_INDEX.unpack_from(data, at)[0] for at in range(0, whole, _INDEX.size)}
 
 
-def _prepare_image(path: Path, base: Generation | None, target: Manifest) -> None:
+def _prepare_image(path: Path, base: Generation | None, target: Manifest) -> str:
     """``path`` as a copy of ``base``'s image (reflinked when the filesystem can),
-    resized to ``target`` and with the chunks ``target`` holds as holes punched."""
+    resized to ``target`` and with the chunks ``target`` holds as holes punched;
+    return how it was copied."""
+    copy = "bytes"
     if base is not None:
         try:
             reflink(base.image, path)
+            copy = "reflink"
         except FailedPrecondition:
             _sparse_copy(base.image, path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -159,6 +170,7 @@ def _prepare_image(path: Path, base: Generation | None, target: Manifest) -> Non
         os.fsync(fd)
     finally:
         os.close(fd)
+    return copy
 
 
 def _sparse_copy(source: Path, destination: Path) -> None:
@@ -196,6 +208,7 @@ class Staging:
     delta: Delta
     base_number: int
     landed: set[int]
+    verified_bytes: int = 0  # what the last commit read back to verify
     _pending: list[int] = field(default_factory=list)
     _fd: int | None = None
 
@@ -258,7 +271,7 @@ class Staging:
             raise FailedPrecondition(
                 f"{len(self.missing())} chunks have not landed yet; fetch them before commit"
             )
-        found = scan_image(self.image, self.target.chunk_size).manifest
+        found = self._verify()
         if found != self.target:
             bad = tuple(
                 i
@@ -272,6 +285,36 @@ class Staging:
                 bad,
             )
         return self.store._commit(self)
+
+    def _verify(self) -> Manifest:
+        """The staged image's manifest, read back from disk (see the module docstring)."""
+        base = self.store.current()
+        if (base.number if base else 0) != self.base_number:
+            raise FailedPrecondition(
+                f"replica {self.store.root} was committed to by someone else while this "
+                "staging was built; stage again"
+            )
+        chunk_size = self.target.chunk_size
+        copy = (self.store.staging_dir / "copy").read_text()
+        scan = None
+        if (
+            base is not None
+            and copy == "reflink"
+            and base.manifest.size == self.target.size
+            and base.manifest.chunk_size == chunk_size
+        ):
+            try:
+                ranges = changed_ranges(
+                    extent_map(base.image), extent_map(self.image), self.target.size
+                )
+                changed = chunks_touching(ranges, chunk_size)
+                scan = scan_image(self.image, chunk_size, previous=base.manifest, changed=changed)
+            except FailedPrecondition:
+                scan = None  # no extent map here: read it all
+        if scan is None:
+            scan = scan_image(self.image, chunk_size)
+        self.verified_bytes = scan.bytes_read
+        return scan.manifest
 
     def _forget(self, bad: tuple[int, ...]) -> None:
         holes = [i for i in bad if self.target.chunks[i] is None]

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from csi_driver.chunks.generations import GenerationStore
-from csi_driver.chunks.manifest import Manifest
+from csi_driver.chunks.generations import GenerationStore, Staging
+from csi_driver.chunks.manifest import Manifest, MiB
 from csi_driver.chunks.scan import scan_image
 from csi_driver.core.errors import DataLoss, FailedPrecondition
 from tests.chunks.images import write_image
+from tests.node.conftest import requires_root, small_filesystem
 
 CHUNK = 64 * 1024
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,17 +30,23 @@ def make_image(path: Path, chunks: dict[int, bytes], count: int) -> Manifest:
     return scan_image(path, CHUNK).manifest
 
 
-def apply(store: GenerationStore, source: Path, target: Manifest) -> int:
-    """Stage ``target`` from ``source``'s bytes and commit; return chunks written."""
-    staging = store.stage(target)
+def fill(staging: Staging, source: Path) -> int:
+    """Write the chunks ``staging`` lacks from ``source``; return how many."""
     missing = staging.missing()
     with open(source, "rb") as handle:
         for index in missing:
-            offset, length = target.span(index)
+            offset, length = staging.target.span(index)
             handle.seek(offset)
             staging.write(index, handle.read(length))
-    staging.commit()
     return len(missing)
+
+
+def apply(store: GenerationStore, source: Path, target: Manifest) -> int:
+    """Stage ``target`` from ``source``'s bytes and commit; return chunks written."""
+    staging = store.stage(target)
+    written = fill(staging, source)
+    staging.commit()
+    return written
 
 
 def digest(path: Path) -> str:
@@ -59,10 +66,7 @@ def test_generations_follow_the_source_and_send_only_what_changed(tmp_path: Path
     assert staging.missing() == [3, 12]
     # Until the commit the previous generation is current, untouched.
     assert store.current() == one and digest(one.image) != digest(source)
-    with open(source, "rb") as handle:
-        for index in staging.missing():
-            handle.seek(index * CHUNK)
-            staging.write(index, handle.read(CHUNK))
+    fill(staging, source)
     two = staging.commit()
     assert two.number == 2 and store.current() == two
     assert digest(two.image) == digest(source)
@@ -112,7 +116,7 @@ APPLY_SLOWLY = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from csi_driver.chunks.generations import GenerationStore
+    from csi_driver.chunks.generations import GenerationStore, Staging
     from csi_driver.chunks.scan import scan_image
 
     source, root = Path(sys.argv[1]), Path(sys.argv[2])
@@ -162,3 +166,35 @@ def test_a_process_killed_mid_apply_leaves_the_old_generation_and_a_retry_comple
     current = store.current()
     assert current is not None and current.number == 2
     assert digest(current.image) == digest(source)
+
+
+@requires_root
+@pytest.mark.root
+def test_on_xfs_a_generation_is_a_reflink_and_verifying_it_reads_what_changed(
+    tmp_path: Path,
+) -> None:
+    with small_filesystem(tmp_path, 320 * MiB, ["mkfs.xfs", "-q", "-m", "reflink=1"]) as mount:
+        source = mount / "source.img"
+        store = GenerationStore(mount / "replica")
+        chunks = {i: bytes([i + 1]) * CHUNK for i in range(64)}
+        first = make_image(source, chunks, 64)
+        staging = store.stage(first)
+        fill(staging, source)
+        staging.commit()
+        assert staging.verified_bytes == 64 * CHUNK  # the first one is read whole
+        second = make_image(source, {**chunks, 7: b"\xaa" * CHUNK, 50: b"\xbb" * CHUNK}, 64)
+        staging = store.stage(second)
+        assert (store.staging_dir / "copy").read_text() == "reflink"
+        assert fill(staging, source) == 2
+        staging.sync()
+        with open(staging.image, "r+b") as handle:  # a landed chunk rots before commit
+            handle.seek(50 * CHUNK + 3)
+            handle.write(b"\0")
+        with pytest.raises(DataLoss, match=r"chunks \[50\]"):
+            staging.commit()
+        assert staging.verified_bytes <= 2 * CHUNK
+        retry = store.stage(second)
+        assert retry.missing() == [50]
+        assert apply(store, source, second) == 1
+        current = store.current()
+        assert current is not None and digest(current.image) == digest(source)

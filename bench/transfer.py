@@ -1,0 +1,387 @@
+"""``python -m bench.transfer``: node-to-node transfer against the raw limit and rsync.
+
+Two hosts are two network namespaces on a bridge; each gets a pool on its
+own small xfs filesystem (reflinks) on a loop device. The sending pool holds
+a thick image of ``--image-gib`` with ``--data-gib`` of random data (three
+of every four 4 MiB blocks). In one run, back to back:
+
+1. raw limit: ``dd`` reads the whole image and a plain TCP socket carries
+   the bytes from one namespace to the other (discarded on arrival);
+2. Ferry full transfer: the sender captures the image (a reflink snapshot,
+   hashed once), the receiver pulls every data chunk over mutual TLS,
+   checks each, writes it and verifies the whole generation before commit;
+3. 64 MiB of scattered 64 KiB writes to the image, then
+   - Ferry incremental: capture (extent comparison with the last snapshot,
+     only changed chunks read) plus pull of the delta into a new generation;
+   - ``rsync --inplace --no-whole-file`` of the same image to a copy of
+     its previous state held by an rsync daemon in the other namespace.
+
+Prints a table and writes JSON (default ``bench/results/transfer-latest.json``).
+Needs root, mkfs.xfs and rsync (scripts/setup.sh installs them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from csi_driver.chunks.manifest import MiB
+from csi_driver.node.pool import preallocate
+from csi_driver.node.runner import CommandRunner
+from csi_driver.pki import CertificateAuthority, Identity
+from csi_driver.sandbox.network import in_namespace, linked_namespaces
+
+GiB = 1024 * MiB
+BLOCK = 4 * MiB
+PORT = 7443
+RAW_PORT = 7444
+RSYNC_PORT = 7873
+SCATTER_BYTES = 64 * MiB
+SCATTER_WRITE = 64 * 1024
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+
+SINK = """
+import socket, sys, time
+server = socket.create_server((sys.argv[1], int(sys.argv[2])))
+print("listening", flush=True)
+conn, _ = server.accept()
+total, started = 0, time.perf_counter()
+while data := conn.recv(1 << 20):
+    total += len(data)
+print(total, time.perf_counter() - started, flush=True)
+"""
+PUSH = """
+import os, socket, sys
+sock = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+while data := os.read(0, 1 << 20):
+    sock.sendall(data)
+sock.close()
+"""
+
+
+def progress(text: str) -> None:
+    print(f"  .. {text}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def xfs_pool(base: Path, name: str, size: int) -> Iterator[Path]:
+    backing, mountpoint = base / f"{name}.fs", base / name
+    mountpoint.mkdir()
+    with open(backing, "wb") as handle:
+        handle.truncate(size)
+    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(backing)], check=True)
+    device = subprocess.run(
+        ["losetup", "--find", "--show", str(backing)], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    try:
+        subprocess.run(["mount", device, str(mountpoint)], check=True)
+        try:
+            yield mountpoint
+        finally:
+            subprocess.run(["umount", str(mountpoint)], check=False)
+    finally:
+        subprocess.run(["losetup", "--detach", device], check=False)
+
+
+def make_image(path: Path, size: int, data: int) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        preallocate(fd, 0, size, "bench image")
+        written = 0
+        for index in range(size // BLOCK):
+            if index % 4 == 3 or written >= data:
+                continue
+            os.pwrite(fd, os.urandom(BLOCK), index * BLOCK)
+            written += BLOCK
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def scatter(path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        slots = os.fstat(fd).st_size // SCATTER_WRITE
+        for slot in rng.sample(range(slots), SCATTER_BYTES // SCATTER_WRITE):
+            os.pwrite(fd, rng.randbytes(SCATTER_WRITE), slot * SCATTER_WRITE)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def netns(name: str, argv: list[str]) -> list[str]:
+    return list(in_namespace(name, tuple(argv)))
+
+
+def json_lines(child: subprocess.Popen[str]) -> Iterator[dict[str, Any]]:
+    assert child.stdout is not None
+    for line in child.stdout:
+        yield json.loads(line)
+
+
+@dataclass(frozen=True)
+class Results:
+    image_bytes: int
+    data_bytes: int
+    raw_seconds: float
+    raw_mib_s: float
+    full_capture_seconds: float
+    full_pull_seconds: float
+    full_ratio_time: float  # raw seconds / Ferry pull seconds (image moved either way)
+    full_ratio_throughput: float  # Ferry data MiB/s / raw MiB/s
+    incremental_capture_seconds: float
+    incremental_capture_bytes_read: int
+    incremental_pull_seconds: float
+    incremental_chunks: int
+    rsync_seconds: float
+    incremental_speedup_vs_rsync: float
+    sender_peak_rss_mib: float
+    receiver_peak_rss_mib: float
+
+
+class TransferBench:
+    def __init__(self, work: Path, sender_ns: Any, receiver_ns: Any) -> None:
+        self.work = work
+        self.ca = CertificateAuthority.create()
+        self.a = sender_ns
+        self.b = receiver_ns
+
+    def certificates(self, name: str) -> Path:
+        directory = self.work / "tls" / name.replace("/", "-")
+        if not directory.exists():
+            self.ca.issue(Identity.parse(name)).write(directory)
+        return directory
+
+    def raw(self, image: Path) -> tuple[float, int]:
+        sink = subprocess.Popen(
+            netns(self.b.name, [sys.executable, "-c", SINK, self.b.address, str(RAW_PORT)]),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert sink.stdout is not None
+        assert sink.stdout.readline().strip() == "listening"
+        started = time.perf_counter()
+        dd = subprocess.Popen(["dd", f"if={image}", "bs=4M", "status=none"], stdout=subprocess.PIPE)
+        push = netns(self.a.name, [sys.executable, "-c", PUSH, self.b.address, str(RAW_PORT)])
+        subprocess.run(push, stdin=dd.stdout, check=True)
+        assert dd.stdout is not None
+        dd.stdout.close()
+        dd.wait()
+        total = int(sink.stdout.readline().split()[0])
+        sink.wait()
+        return time.perf_counter() - started, total
+
+    def serve(self, image: Path) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+        argv = [
+            sys.executable, "-m", "csi_driver.transfer", "serve",
+            "--listen", f"tcp://{self.a.address}:{PORT}", "--node-id", "sender",
+            "--tls-dir", str(self.certificates("node/sender")),
+            "--export", f"vol={image}", "--work-dir", str(image.parent / "captures"),
+        ]  # fmt: skip
+        child = subprocess.Popen(
+            netns(self.a.name, argv), stdout=subprocess.PIPE, text=True, env=ENV
+        )
+        ready = next(json_lines(child))
+        if ready["event"] != "ready":
+            raise RuntimeError(f"sender failed: {ready}")
+        return child, ready["exports"][0]
+
+    def stop(self, child: subprocess.Popen[str]) -> dict[str, Any]:
+        child.terminate()
+        stopped = next(json_lines(child))
+        child.wait()
+        return stopped
+
+    def pull(self, replica: Path) -> dict[str, Any]:
+        argv = [
+            sys.executable, "-m", "csi_driver.transfer", "pull",
+            "--source", f"tcp://{self.a.address}:{PORT}", "--server-node", "sender",
+            "--tls-dir", str(self.certificates("node/receiver")),
+            "--transfer", "vol", "--replica", str(replica),
+        ]  # fmt: skip
+        out = subprocess.run(
+            netns(self.b.name, argv), capture_output=True, text=True, env=ENV, check=False
+        )
+        done: dict[str, Any] = json.loads(out.stdout.splitlines()[-1]) if out.stdout else {}
+        if done.get("event") != "done":
+            raise RuntimeError(f"pull failed: {done} {out.stderr[-2000:]}")
+        return done
+
+    @contextmanager
+    def rsync_daemon(self, module: Path) -> Iterator[None]:
+        config = self.work / "rsyncd.conf"
+        config.write_text(
+            f"port = {RSYNC_PORT}\nuse chroot = no\n[bench]\npath = {module}\n"
+            "read only = no\nuid = root\ngid = root\n"
+        )
+        argv = ["rsync", "--daemon", "--no-detach", f"--config={config}"]
+        daemon = subprocess.Popen(netns(self.b.name, argv))
+        try:
+            time.sleep(0.5)
+            yield
+        finally:
+            daemon.terminate()
+            daemon.wait()
+
+    def rsync(self, image: Path, name: str) -> float:
+        argv = [
+            "rsync", "--inplace", "--no-whole-file", str(image),
+            f"rsync://{self.b.address}:{RSYNC_PORT}/bench/{name}",
+        ]  # fmt: skip
+        started = time.perf_counter()
+        subprocess.run(netns(self.a.name, argv), check=True)
+        return time.perf_counter() - started
+
+
+def run(args: argparse.Namespace, work: Path) -> Results:
+    size, data = int(args.image_gib * GiB), int(args.data_gib * GiB)
+    size -= size % BLOCK
+    prefix = f"fb{uuid.uuid4().hex[:6]}"
+    with ExitStack() as stack:
+        fs_size = size * 2 + GiB
+        sender_pool = stack.enter_context(xfs_pool(work, "sender", fs_size))
+        receiver_pool = stack.enter_context(xfs_pool(work, "receiver", fs_size))
+        a, b = stack.enter_context(linked_namespaces(CommandRunner(), prefix))
+        bench = TransferBench(work, a, b)
+        image = sender_pool / "vol.img"
+        progress(f"writing a {size / GiB:.1f} GiB thick image with {data / GiB:.1f} GiB of data")
+        make_image(image, size, data)
+        replica = receiver_pool / "replica"
+
+        progress("raw limit: dd | TCP socket between the namespaces")
+        raw_seconds, raw_bytes = bench.raw(image)
+        assert raw_bytes == size
+
+        progress("Ferry full transfer")
+        sender, capture = bench.serve(image)
+        full = bench.pull(replica)
+        stopped = bench.stop(sender)
+        rss = [stopped["peak_rss_bytes"], 0]
+        rss[1] = full["peak_rss_bytes"]
+        assert file_digest(Path(full["image"])) == file_digest(image)
+
+        progress("rsync's starting point: the receiver's copy of the image as it is now")
+        rsync_dir = receiver_pool / "rsync"
+        rsync_dir.mkdir()
+        shutil.copyfile(Path(full["image"]), rsync_dir / "vol.img")
+        # As a real earlier copy would be: older than the source's next change
+        # (rsync skips files whose size and mtime match).
+        earlier = image.stat().st_mtime - 60
+        os.utime(rsync_dir / "vol.img", (earlier, earlier))
+
+        progress(f"{SCATTER_BYTES // MiB} MiB of scattered {SCATTER_WRITE // 1024} KiB writes")
+        scatter(image, seed=args.seed)
+
+        progress("Ferry incremental: capture by extents, pull the delta")
+        sender, incremental_capture = bench.serve(image)
+        incremental = bench.pull(replica)
+        stopped = bench.stop(sender)
+        rss[0] = max(rss[0], stopped["peak_rss_bytes"])
+        rss[1] = max(rss[1], incremental["peak_rss_bytes"])
+        assert file_digest(Path(incremental["image"])) == file_digest(image)
+
+        progress("rsync --inplace --no-whole-file of the same change")
+        with bench.rsync_daemon(rsync_dir):
+            rsync_seconds = bench.rsync(image, "vol.img")
+        assert file_digest(rsync_dir / "vol.img") == file_digest(image)
+
+    raw_mib_s = size / MiB / raw_seconds
+    full_mib_s = capture["data_bytes"] / MiB / full["seconds"]
+    ferry_incremental = incremental_capture["capture_s"] + incremental["seconds"]
+    return Results(
+        image_bytes=size,
+        data_bytes=capture["data_bytes"],
+        raw_seconds=round(raw_seconds, 2),
+        raw_mib_s=round(raw_mib_s, 1),
+        full_capture_seconds=capture["capture_s"],
+        full_pull_seconds=full["seconds"],
+        full_ratio_time=round(raw_seconds / full["seconds"], 2),
+        full_ratio_throughput=round(full_mib_s / raw_mib_s, 2),
+        incremental_capture_seconds=incremental_capture["capture_s"],
+        incremental_capture_bytes_read=incremental_capture["bytes_read"],
+        incremental_pull_seconds=incremental["seconds"],
+        incremental_chunks=incremental["chunks_received"],
+        rsync_seconds=round(rsync_seconds, 2),
+        incremental_speedup_vs_rsync=round(rsync_seconds / ferry_incremental, 1),
+        sender_peak_rss_mib=round(rss[0] / MiB, 1),
+        receiver_peak_rss_mib=round(rss[1] / MiB, 1),
+    )
+
+
+def render(r: Results) -> str:
+    gib = r.image_bytes / GiB
+    return "\n".join(
+        [
+            f"| Measure ({gib:.1f} GiB image, {r.data_bytes / GiB:.2f} GiB data) | value |",
+            "|---|---:|",
+            f"| raw limit: dd + plain TCP, whole image | {r.raw_seconds} s ({r.raw_mib_s} MiB/s) |",
+            f"| Ferry full: sender capture (snapshot + hash) | {r.full_capture_seconds} s |",
+            f"| Ferry full: pull, verify, commit | {r.full_pull_seconds} s |",
+            f"| full ratio, raw time / Ferry pull time | {r.full_ratio_time} |",
+            f"| full ratio, Ferry data MiB/s / raw MiB/s | {r.full_ratio_throughput} |",
+            f"| Ferry incremental: capture by extents | {r.incremental_capture_seconds} s "
+            f"({r.incremental_capture_bytes_read / MiB:.0f} MiB read) |",
+            f"| Ferry incremental: pull {r.incremental_chunks} chunks, verify, commit "
+            f"| {r.incremental_pull_seconds} s |",
+            f"| rsync --inplace --no-whole-file | {r.rsync_seconds} s |",
+            "| incremental speed-up vs rsync (capture + pull) "
+            f"| {r.incremental_speedup_vs_rsync}x |",
+            f"| peak RSS, sender / receiver | {r.sender_peak_rss_mib} / "
+            f"{r.receiver_peak_rss_mib} MiB |",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.transfer", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--image-gib", type=float, default=4.0)
+    parser.add_argument("--data-gib", type=float, default=3.0)
+    parser.add_argument("--seed", type=int, default=64)
+    parser.add_argument("--workdir", type=Path, default=None, help="scratch (default /var/tmp)")
+    parser.add_argument("--output", type=Path, default=Path("bench/results/transfer-latest.json"))
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("the transfer benchmark needs root: loop devices, mounts, network namespaces")
+        return 2
+    for tool in ("mkfs.xfs", "rsync", "dd"):
+        if shutil.which(tool) is None:
+            print(f"{tool} is missing: run scripts/setup.sh")
+            return 2
+    work = Path(tempfile.mkdtemp(prefix="ferry-bench-transfer-", dir=args.workdir or "/var/tmp"))
+    try:
+        results = run(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(render(results))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"results": asdict(results)}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
