@@ -54,15 +54,21 @@ SCATTER_BYTES = 64 * MiB
 SCATTER_WRITE = 64 * 1024
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
 
+# The raw receiver writes what arrives to a file on the receiving pool and
+# fsyncs it, as any move must: the limit is read + network + write.
 SINK = """
-import socket, sys, time
+import os, socket, sys
 server = socket.create_server((sys.argv[1], int(sys.argv[2])))
 print("listening", flush=True)
 conn, _ = server.accept()
-total, started = 0, time.perf_counter()
-while data := conn.recv(1 << 20):
-    total += len(data)
-print(total, time.perf_counter() - started, flush=True)
+total = 0
+with open(sys.argv[3], "wb") as out:
+    while data := conn.recv(1 << 20):
+        out.write(data)
+        total += len(data)
+    out.flush()
+    os.fsync(out.fileno())
+print(total, flush=True)
 """
 PUSH = """
 import os, socket, sys
@@ -144,6 +150,7 @@ def json_lines(child: subprocess.Popen[str]) -> Iterator[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class Results:
+    chunk_size: int
     image_bytes: int
     data_bytes: int
     raw_seconds: float
@@ -163,8 +170,9 @@ class Results:
 
 
 class TransferBench:
-    def __init__(self, work: Path, sender_ns: Any, receiver_ns: Any) -> None:
+    def __init__(self, work: Path, sender_ns: Any, receiver_ns: Any, chunk_size: int) -> None:
         self.work = work
+        self.chunk_size = chunk_size
         self.ca = CertificateAuthority.create()
         self.a = sender_ns
         self.b = receiver_ns
@@ -175,9 +183,10 @@ class TransferBench:
             self.ca.issue(Identity.parse(name)).write(directory)
         return directory
 
-    def raw(self, image: Path) -> tuple[float, int]:
+    def raw(self, image: Path, landing: Path) -> tuple[float, int]:
+        argv = [sys.executable, "-c", SINK, self.b.address, str(RAW_PORT), str(landing)]
         sink = subprocess.Popen(
-            netns(self.b.name, [sys.executable, "-c", SINK, self.b.address, str(RAW_PORT)]),
+            netns(self.b.name, argv),
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -200,6 +209,7 @@ class TransferBench:
             "--listen", f"tcp://{self.a.address}:{PORT}", "--node-id", "sender",
             "--tls-dir", str(self.certificates("node/sender")),
             "--export", f"vol={image}", "--work-dir", str(image.parent / "captures"),
+            "--chunk-size", str(self.chunk_size),
         ]  # fmt: skip
         child = subprocess.Popen(
             netns(self.a.name, argv), stdout=subprocess.PIPE, text=True, env=ENV
@@ -265,15 +275,16 @@ def run(args: argparse.Namespace, work: Path) -> Results:
         sender_pool = stack.enter_context(xfs_pool(work, "sender", fs_size))
         receiver_pool = stack.enter_context(xfs_pool(work, "receiver", fs_size))
         a, b = stack.enter_context(linked_namespaces(CommandRunner(), prefix))
-        bench = TransferBench(work, a, b)
+        bench = TransferBench(work, a, b, args.chunk_kib * 1024)
         image = sender_pool / "vol.img"
         progress(f"writing a {size / GiB:.1f} GiB thick image with {data / GiB:.1f} GiB of data")
         make_image(image, size, data)
         replica = receiver_pool / "replica"
 
         progress("raw limit: dd | TCP socket between the namespaces")
-        raw_seconds, raw_bytes = bench.raw(image)
+        raw_seconds, raw_bytes = bench.raw(image, receiver_pool / "raw.img")
         assert raw_bytes == size
+        (receiver_pool / "raw.img").unlink()
 
         progress("Ferry full transfer")
         sender, capture = bench.serve(image)
@@ -312,6 +323,7 @@ def run(args: argparse.Namespace, work: Path) -> Results:
     full_mib_s = capture["data_bytes"] / MiB / full["seconds"]
     ferry_incremental = incremental_capture["capture_s"] + incremental["seconds"]
     return Results(
+        chunk_size=args.chunk_kib * 1024,
         image_bytes=size,
         data_bytes=capture["data_bytes"],
         raw_seconds=round(raw_seconds, 2),
@@ -335,9 +347,11 @@ def render(r: Results) -> str:
     gib = r.image_bytes / GiB
     return "\n".join(
         [
-            f"| Measure ({gib:.1f} GiB image, {r.data_bytes / GiB:.2f} GiB data) | value |",
+            f"| Measure ({gib:.1f} GiB image, {r.data_bytes / GiB:.2f} GiB data, "
+            f"{r.chunk_size // 1024} KiB chunks) | value |",
             "|---|---:|",
-            f"| raw limit: dd + plain TCP, whole image | {r.raw_seconds} s ({r.raw_mib_s} MiB/s) |",
+            "| raw limit: dd + plain TCP + write, whole image "
+            f"| {r.raw_seconds} s ({r.raw_mib_s} MiB/s) |",
             f"| Ferry full: sender capture (snapshot + hash) | {r.full_capture_seconds} s |",
             f"| Ferry full: pull, verify, commit | {r.full_pull_seconds} s |",
             f"| full ratio, raw time / Ferry pull time | {r.full_ratio_time} |",
@@ -361,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--image-gib", type=float, default=4.0)
     parser.add_argument("--data-gib", type=float, default=3.0)
+    parser.add_argument("--chunk-kib", type=int, default=4096, help="Ferry's chunk size")
     parser.add_argument("--seed", type=int, default=64)
     parser.add_argument("--workdir", type=Path, default=None, help="scratch (default /var/tmp)")
     parser.add_argument("--output", type=Path, default=Path("bench/results/transfer-latest.json"))

@@ -40,6 +40,7 @@ import os
 import re
 import shutil
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -211,6 +212,8 @@ class Staging:
     verified_bytes: int = 0  # what the last commit read back to verify
     _pending: list[int] = field(default_factory=list)
     _fd: int | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _sync_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def image(self) -> Path:
@@ -218,7 +221,8 @@ class Staging:
 
     def missing(self) -> list[int]:
         """Chunks still to write, in order: the delta's, less those landed."""
-        return [i for i in self.delta.send if i not in self.landed]
+        with self._lock:
+            return [i for i in self.delta.send if i not in self.landed]
 
     def check(self, index: int, data: bytes) -> None:
         """DataLoss unless ``data`` is exactly chunk ``index`` of the target."""
@@ -242,21 +246,27 @@ class Staging:
         while view:
             written = os.pwrite(self._fd, view, offset)
             view, offset = view[written:], offset + written
-        self._pending.append(index)
+        with self._lock:
+            self._pending.append(index)
 
     def sync(self) -> list[int]:
-        """Make written chunks durable, then record them as landed; return them."""
-        if not self._pending:
-            return []
-        if self._fd is not None:
-            os.fdatasync(self._fd)
-        with open(self.store.staging_dir / "landed", "ab") as journal:
-            journal.write(b"".join(_INDEX.pack(i) for i in self._pending))
-            journal.flush()
-            os.fsync(journal.fileno())
-        self.landed.update(self._pending)
-        durable, self._pending = self._pending, []
-        return durable
+        """Make the chunks written so far durable, then record them as landed; return
+        them. Safe to call from another thread while :meth:`write` goes on: a chunk
+        written after the call began waits for the next one."""
+        with self._sync_lock:
+            with self._lock:
+                durable, self._pending = self._pending, []
+            if not durable:
+                return []
+            if self._fd is not None:
+                os.fdatasync(self._fd)
+            with open(self.store.staging_dir / "landed", "ab") as journal:
+                journal.write(b"".join(_INDEX.pack(i) for i in durable))
+                journal.flush()
+                os.fsync(journal.fileno())
+            with self._lock:
+                self.landed.update(durable)
+            return durable
 
     def close(self) -> None:
         self.sync()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import logging
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -39,10 +40,9 @@ from csi_driver.transfer.progress import Progress, ProgressMeter
 log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW_BYTES = 16 * MiB
-#: Make written chunks durable (and landed) at least this often: what a crash
-#: costs again, at most.
-SYNC_BYTES = 16 * MiB
-SYNC_SECONDS = 1.0
+#: Make written chunks durable (and landed) this often, in the background: a
+#: crash costs at most this much receiving again.
+SYNC_SECONDS = 0.5
 #: Channel arguments: one chunk per message, and a dead peer noticed in seconds.
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_receive_message_length", MAX_CHUNK_SIZE + MiB),
@@ -197,14 +197,19 @@ class Receiver:
         pending = collections.deque(staging.missing())
         in_flight: dict[int, int] = {}
         asks: queue.Queue[Any] = queue.Queue()
-        unsynced = 0
-        synced_at = time.monotonic()
+        stop_syncing = threading.Event()
 
         def sync() -> None:
             for index in staging.sync():
                 attempt.landed.append(index)
                 if self._on_landed is not None:
                     self._on_landed(index, meter.value())
+
+        def sync_periodically() -> None:
+            # fdatasync off the receiving thread: disks are slow to flush, and
+            # the stream keeps flowing meanwhile.
+            while not stop_syncing.wait(SYNC_SECONDS):
+                sync()
 
         def grant(first: bool = False) -> None:
             batch: list[int] = []
@@ -228,6 +233,8 @@ class Receiver:
                 yield ask
 
         grant(first=True)
+        syncer = threading.Thread(target=sync_periodically, name="staging-sync", daemon=True)
+        syncer.start()
         with self._channel_factory() as channel:
             responses = transfer_pb2_grpc.ChunkSourceStub(channel).PullChunks(requests())
             try:
@@ -252,10 +259,6 @@ class Receiver:
                         TRANSFER_CHUNKS.labels("received", "landed").inc()
                         TRANSFER_BYTES.labels("received").inc(length)
                         meter.add(length)
-                        unsynced += length
-                        if unsynced >= SYNC_BYTES or time.monotonic() - synced_at >= SYNC_SECONDS:
-                            sync()
-                            unsynced, synced_at = 0, time.monotonic()
                         self._throttle(meter)
                     if not pending and not in_flight:
                         break
@@ -263,6 +266,8 @@ class Receiver:
             finally:
                 asks.put(None)
                 responses.cancel()
+                stop_syncing.set()
+                syncer.join()
                 sync()
 
     def _throttle(self, meter: ProgressMeter) -> None:
