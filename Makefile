@@ -18,4 +18,7 @@ demo:
 bench:
 	$(PY) -m bench
 
-.PHONY: protos test lint demo bench
+bench-transfer:
+	$(PY) -m bench.transfer
+
+.PHONY: protos test lint demo bench bench-transfer

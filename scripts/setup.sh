@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Prepare a fresh Debian/Ubuntu machine to run and test Ferry.
 #
-# Installs the host tools the node side drives (losetup, mkfs, resize, fio for
-# the benchmark) and etcd (the etcd catalog tests start real members) with
+# Installs the host tools the node side drives (losetup, mkfs, resize, fio and
+# rsync for the benchmarks) and etcd (the etcd catalog tests start real members) with
 # apt-get, then Ferry itself, editable, with its dev extras,
 # into a virtual environment at .venv. Debian 12 and Ubuntu 24.04 forbid pip
 # installs into the system Python (PEP 668, "externally-managed-environment"),
@@ -17,6 +17,8 @@ venv=.venv
 packages=(util-linux mount e2fsprogs xfsprogs fio etcd-server)
 # `ferry sandbox`: namespaces and links (ip), etcd's health check (etcdctl).
 packages+=(iproute2 etcd-client)
+# Chunk tests on btrfs (reflinks); bench/transfer.py compares against rsync.
+packages+=(btrfs-progs rsync)
 # Debian splits venv (and ensurepip) out of python3: install it when the
 # chosen interpreter cannot build a venv with pip in it.
 if ! "$python" -c 'import ensurepip, venv' >/dev/null 2>&1; then

@@ -12,7 +12,7 @@ Invariants:
 
 SHA-256 over BLAKE2b: on this CPU (SHA-NI) hashlib's sha256 runs at about
 1.9 GiB/s per core and blake2b at about 0.9 GiB/s (see
-docs/decisions/0007-chunk-hash.md).
+docs/decisions/0002-chunks-and-transfer.md).
 """
 
 from __future__ import annotations

@@ -119,9 +119,13 @@ def test_a_chunk_corrupt_at_the_source_is_rejected_and_never_committed(
         handle.seek(3 * CHUNK + 1000)
         handle.write(b"\0\1\2")
     store = GenerationStore(tmp_path / "replica")
+    labels = {"direction": "received", "outcome": "rejected"}
+    rejected_before = REGISTRY.get_sample_value("ferry_transfer_chunks_total", labels) or 0
     with pytest.raises(DataLoss, match="chunk 3"):
         receiver_for(chunk_attempts=3).pull("t", store)
     assert sender.exports.require("t").sent[3] == 3  # asked for again, then given up
+    rejected = REGISTRY.get_sample_value("ferry_transfer_chunks_total", labels)
+    assert rejected == rejected_before + 3
     assert store.current() is None  # nothing committed
 
     write_image(source, chunks, 8)  # repaired: a retry fetches only chunk 3
