@@ -238,28 +238,9 @@ class Receiver:
         with self._channel_factory() as channel:
             responses = transfer_pb2_grpc.ChunkSourceStub(channel).PullChunks(requests())
             try:
-                for chunk in responses:
-                    length = in_flight.pop(chunk.index, None)
-                    if length is None:
-                        raise DataLoss(f"the sender sent chunk {chunk.index}, never asked for")
-                    try:
-                        staging.write(chunk.index, chunk.data)
-                    except DataLoss:
-                        attempt.rejected.append(chunk.index)
-                        failures[chunk.index] += 1
-                        TRANSFER_CHUNKS.labels("received", "rejected").inc()
-                        log.warning(
-                            "chunk rejected: digest mismatch",
-                            extra={"transfer": transfer_id, "chunk": chunk.index},
-                        )
-                        if failures[chunk.index] >= self._chunk_attempts:
-                            raise
-                        pending.appendleft(chunk.index)
-                    else:
-                        TRANSFER_CHUNKS.labels("received", "landed").inc()
-                        TRANSFER_BYTES.labels("received").inc(length)
-                        meter.add(length)
-                        self._throttle(meter)
+                for message in responses:
+                    for chunk in message.chunks:
+                        self._land(chunk, staging, in_flight, pending, attempt, failures, meter)
                     if not pending and not in_flight:
                         break
                     grant()
@@ -269,6 +250,39 @@ class Receiver:
                 stop_syncing.set()
                 syncer.join()
                 sync()
+
+    def _land(
+        self,
+        chunk: Any,
+        staging: Staging,
+        in_flight: dict[int, int],
+        pending: collections.deque[int],
+        attempt: Attempt,
+        failures: collections.Counter[int],
+        meter: ProgressMeter,
+    ) -> None:
+        """Check and write one arrived chunk, or put it back in line to ask again."""
+        length = in_flight.pop(chunk.index, None)
+        if length is None:
+            raise DataLoss(f"the sender sent chunk {chunk.index}, never asked for")
+        try:
+            staging.write(chunk.index, chunk.data)
+        except DataLoss:
+            attempt.rejected.append(chunk.index)
+            failures[chunk.index] += 1
+            TRANSFER_CHUNKS.labels("received", "rejected").inc()
+            log.warning(
+                "chunk rejected: digest mismatch",
+                extra={"transfer": meter.transfer_id, "chunk": chunk.index},
+            )
+            if failures[chunk.index] >= self._chunk_attempts:
+                raise
+            pending.appendleft(chunk.index)
+            return
+        TRANSFER_CHUNKS.labels("received", "landed").inc()
+        TRANSFER_BYTES.labels("received").inc(length)
+        meter.add(length)
+        self._throttle(meter)
 
     def _throttle(self, meter: ProgressMeter) -> None:
         if self._max_rate is None:
