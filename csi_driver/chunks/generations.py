@@ -70,6 +70,8 @@ class GenerationStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Committed generations never change: their manifests are read once.
+        self._manifests: dict[int, Manifest] = {}
 
     @property
     def staging_dir(self) -> Path:
@@ -87,9 +89,13 @@ class GenerationStore:
         numbers = self._numbers()
         if not numbers:
             return None
-        directory = self._dir(numbers[-1])
-        manifest = decode((directory / "manifest").read_bytes())
-        return Generation(numbers[-1], directory / "image", manifest)
+        number = numbers[-1]
+        directory = self._dir(number)
+        manifest = self._manifests.get(number)
+        if manifest is None:
+            manifest = decode((directory / "manifest").read_bytes())
+            self._manifests = {number: manifest}
+        return Generation(number, directory / "image", manifest)
 
     def stage(self, target: Manifest) -> Staging:
         """The staging of the generation holding ``target``: resumed when one for the
@@ -103,28 +109,27 @@ class GenerationStore:
                 "staging resumed",
                 extra={"replica": str(self.root), "landed_chunks": len(landed)},
             )
-            return Staging(
-                self, target, delta(target, base.manifest if base else None), base_number, landed
-            )
+            plan = delta(target, base.manifest if base else None)
+            return Staging(self, target, plan, base_number, landed)
         shutil.rmtree(staging, ignore_errors=True)
         building = self.root / ".staging.tmp"
         shutil.rmtree(building, ignore_errors=True)
         building.mkdir(mode=0o700)
-        copy = _prepare_image(building / "image", base, target)
+        plan = delta(target, base.manifest if base else None)
+        copy = _prepare_image(building / "image", base, plan)
         (building / "copy").write_text(copy)
         (building / "landed").touch()
         (building / "base").write_text(str(base_number))
         write_atomic(building / "manifest", encode(target))
         os.rename(building, staging)
         fsync_dir(self.root)
-        return Staging(
-            self, target, delta(target, base.manifest if base else None), base_number, set()
-        )
+        return Staging(self, target, plan, base_number, set())
 
     def _commit(self, staging: Staging) -> Generation:
         number = max(self._numbers(), default=0) + 1
         os.rename(self.staging_dir, self._dir(number))
         fsync_dir(self.root)  # the commit point
+        self._manifests = {number: staging.target}
         for old in self._numbers():
             if old < number:
                 shutil.rmtree(self._dir(old), ignore_errors=True)
@@ -152,9 +157,9 @@ def _read_journal(path: Path) -> set[int]:
     return {_INDEX.unpack_from(data, at)[0] for at in range(0, whole, _INDEX.size)}
 
 
-def _prepare_image(path: Path, base: Generation | None, target: Manifest) -> str:
+def _prepare_image(path: Path, base: Generation | None, plan: Delta) -> str:
     """``path`` as a copy of ``base``'s image (reflinked when the filesystem can),
-    resized to ``target`` and with the chunks ``target`` holds as holes punched;
+    resized to ``plan``'s target and with the chunks it holds as holes punched;
     return how it was copied."""
     copy = "bytes"
     if base is not None:
@@ -165,9 +170,9 @@ def _prepare_image(path: Path, base: Generation | None, target: Manifest) -> str
             _sparse_copy(base.image, path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        os.ftruncate(fd, target.size)
-        for index in delta(target, base.manifest if base else None).punch:
-            punch_hole(fd, *target.span(index))
+        os.ftruncate(fd, plan.target.size)
+        for index in plan.punch:
+            punch_hole(fd, *plan.target.span(index))
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -121,14 +121,18 @@ def delta(target: Manifest, base: Manifest | None) -> Delta:
         return Delta(target, target.data_chunks, ())
     send: list[int] = []
     punch: list[int] = []
+    have = base.chunks
+    # Every chunk but the last is whole, so only the last chunk of either image
+    # can differ in length: a digest of other bytes says nothing there.
+    comparable = min(len(have), len(target.chunks))
+    if comparable and target.chunk_length(comparable - 1) != base.chunk_length(comparable - 1):
+        comparable -= 1
     for index, wanted in enumerate(target.chunks):
-        # A shrunk or grown last chunk changes length: its old digest says nothing.
-        same_span = index < len(base.chunks) and base.span(index) == target.span(index)
-        have = base.chunks[index] if same_span else None
+        held = have[index] if index < len(have) else None
         if wanted is None:
-            if index < len(base.chunks) and base.chunks[index] is not None:
+            if held is not None:
                 punch.append(index)
-        elif wanted != have:
+        elif index >= comparable or wanted != held:
             send.append(index)
     return Delta(target, tuple(send), tuple(punch))
 

@@ -85,6 +85,9 @@ def test_a_short_last_chunk_is_its_own_length() -> None:
     assert manifest.span(1) == (CHUNK, 100)
     grown = Manifest(2 * CHUNK, CHUNK, (None, chunk_digest(b"\1" * 100 + bytes(CHUNK - 100))))
     assert delta(grown, manifest).send == (1,)
+    assert delta(manifest, grown).send == (1,)  # shrunk: same digest would still differ
+    same_bytes = Manifest(CHUNK + 100, CHUNK, (chunk_digest(b"\2" * CHUNK), manifest.chunks[1]))
+    assert delta(same_bytes, manifest).send == (0,)
 
 
 @pytest.mark.parametrize(

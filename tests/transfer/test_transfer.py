@@ -10,7 +10,13 @@ import pytest
 from prometheus_client import REGISTRY
 
 from csi_driver.chunks.generations import GenerationStore
-from csi_driver.core.errors import DataLoss, InvalidArgument, NotFound, PermissionDenied
+from csi_driver.core.errors import (
+    DataLoss,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from csi_driver.gen.ferry.v1 import transfer_pb2, transfer_pb2_grpc
 from csi_driver.pki import Identity
 from csi_driver.transfer.progress import Progress
@@ -192,3 +198,13 @@ def test_bad_chunk_requests_get_clear_codes(
 def test_an_export_needs_an_id(tmp_path: Path, sender: Sender) -> None:
     with pytest.raises(InvalidArgument):
         sender.exports.add("", tmp_path / "x", None)  # type: ignore[arg-type]
+
+
+def test_get_manifest_requires_a_transfer_id_and_a_reachable_sender(
+    pki: Pki, sender: Sender, receiver_for: ReceiverFactory
+) -> None:
+    with pytest.raises(InvalidArgument, match="transfer_id"):
+        receiver_for().manifest("")
+    sender.stop()
+    with pytest.raises(Unavailable):
+        receiver_for().manifest("t")
