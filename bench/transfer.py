@@ -163,6 +163,7 @@ class Results:
     incremental_capture_bytes_read: int
     incremental_pull_seconds: float
     incremental_chunks: int
+    incremental_phases: dict[str, float]
     rsync_seconds: float
     incremental_speedup_vs_rsync: float
     sender_peak_rss_mib: float
@@ -271,7 +272,8 @@ def run(args: argparse.Namespace, work: Path) -> Results:
     size -= size % BLOCK
     prefix = f"fb{uuid.uuid4().hex[:6]}"
     with ExitStack() as stack:
-        fs_size = size * 2 + GiB
+        # Image, snapshots sharing it, a replica, its next generation, rsync's copy.
+        fs_size = size * 3 + GiB
         sender_pool = stack.enter_context(xfs_pool(work, "sender", fs_size))
         receiver_pool = stack.enter_context(xfs_pool(work, "receiver", fs_size))
         a, b = stack.enter_context(linked_namespaces(CommandRunner(), prefix))
@@ -336,6 +338,7 @@ def run(args: argparse.Namespace, work: Path) -> Results:
         incremental_capture_bytes_read=incremental_capture["bytes_read"],
         incremental_pull_seconds=incremental["seconds"],
         incremental_chunks=incremental["chunks_received"],
+        incremental_phases=incremental["phases"],
         rsync_seconds=round(rsync_seconds, 2),
         incremental_speedup_vs_rsync=round(rsync_seconds / ferry_incremental, 1),
         sender_peak_rss_mib=round(rss[0] / MiB, 1),
@@ -360,6 +363,8 @@ def render(r: Results) -> str:
             f"({r.incremental_capture_bytes_read / MiB:.0f} MiB read) |",
             f"| Ferry incremental: pull {r.incremental_chunks} chunks, verify, commit "
             f"| {r.incremental_pull_seconds} s |",
+            "| ... of which manifest / stage / stream+verify+commit "
+            f"| {' / '.join(f'{v} s' for v in r.incremental_phases.values())} |",
             f"| rsync --inplace --no-whole-file | {r.rsync_seconds} s |",
             "| incremental speed-up vs rsync (capture + pull) "
             f"| {r.incremental_speedup_vs_rsync}x |",

@@ -248,9 +248,17 @@ class Staging:
             self._fd = os.open(self.image, os.O_WRONLY | os.O_CLOEXEC)
         offset = self.target.span(index)[0]
         view = memoryview(data)
-        while view:
-            written = os.pwrite(self._fd, view, offset)
-            view, offset = view[written:], offset + written
+        try:
+            while view:
+                written = os.pwrite(self._fd, view, offset)
+                view, offset = view[written:], offset + written
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhausted(
+                    f"the filesystem holding replica {self.store.root} is full; free space "
+                    "on it (what landed is kept: the transfer resumes)"
+                ) from exc
+            raise
         with self._lock:
             self._pending.append(index)
 

@@ -105,6 +105,7 @@ def pull(args: argparse.Namespace) -> int:
         bytes_received=result.progress.bytes_this_session,
         seconds=round(time.monotonic() - started, 3),
         rate_mib_s=round(result.progress.rate_bytes_per_s / MiB, 1),
+        phases=dict(result.phases),
         peak_rss_bytes=peak_rss_bytes(),
     )
     return 0

@@ -72,6 +72,8 @@ class PullResult:
     progress: Progress
     landed_before: int  # chunks that had landed in an earlier run of this pull
     attempts: tuple[Attempt, ...]
+    #: Seconds spent per phase: manifest, stage, stream (with the commit's verify).
+    phases: tuple[tuple[str, float], ...] = ()
 
     @property
     def chunks_received(self) -> int:
@@ -134,12 +136,15 @@ class Receiver:
     def pull(self, transfer_id: str, store: GenerationStore) -> PullResult:
         """Bring ``store`` to the image exported as ``transfer_id``; return the new
         generation (or the current one, when it already holds that image)."""
+        started = time.monotonic()
         target = self.manifest(transfer_id)
         current = store.current()
         if current is not None and current.manifest == target:
             meter = ProgressMeter(transfer_id, 0)
             return PullResult(current, meter.finish(), 0, ())
+        fetched = time.monotonic()
         staging = store.stage(target)
+        staged = time.monotonic()
         landed_before = len(staging.landed & set(staging.delta.send))
         done = sum(target.chunk_length(i) for i in staging.landed if i in staging.delta.send)
         meter = ProgressMeter(transfer_id, staging.delta.send_bytes, done)
@@ -154,8 +159,29 @@ class Receiver:
                 "bytes": staging.delta.send_bytes,
             },
         )
+        try:
+            generation = self._complete(transfer_id, staging, meter, attempts, failures)
+        finally:
+            staging.close()
+        progress = meter.finish()
+        phases = (
+            ("manifest", round(fetched - started, 3)),
+            ("stage", round(staged - fetched, 3)),
+            ("stream_verify_commit", round(time.monotonic() - staged, 3)),
+        )
+        return PullResult(generation, progress, landed_before, tuple(attempts), phases)
+
+    def _complete(
+        self,
+        transfer_id: str,
+        staging: Staging,
+        meter: ProgressMeter,
+        attempts: list[Attempt],
+        failures: collections.Counter[int],
+    ) -> Generation:
+        """Stream until nothing is missing, reconnecting as needed, then commit."""
+        connection_failures = 0
         while True:
-            connection_failures = 0
             while staging.missing():
                 attempt = Attempt()
                 attempts.append(attempt)
@@ -164,7 +190,8 @@ class Receiver:
                 except grpc.RpcError as exc:
                     code = exc.code() if isinstance(exc, grpc.Call) else None
                     attempt.error = code.name if code else str(exc)
-                    connection_failures += 1
+                    # A link that keeps delivering between drops is worth keeping at.
+                    connection_failures = 1 if attempt.landed else connection_failures + 1
                     if code not in RETRYABLE or connection_failures >= self._connection_attempts:
                         raise _domain_error(exc, f"transfer {transfer_id} failed") from exc
                     log.warning(
@@ -173,17 +200,14 @@ class Receiver:
                     )
                     time.sleep(self._backoff * connection_failures)
             try:
-                generation = staging.commit()
-                break
+                return staging.commit()
             except DataLoss as exc:
-                # Bytes that passed on arrival no longer verify: fetch them again, once.
+                # Bytes that passed on arrival no longer verify: they were dropped
+                # from the landed set, so the next round fetches them again.
                 for index in exc.chunks:
                     failures[index] += 1
                     if failures[index] >= self._chunk_attempts:
                         raise
-        staging.close()
-        progress = meter.finish()
-        return PullResult(generation, progress, landed_before, tuple(attempts))
 
     def _stream(
         self,
