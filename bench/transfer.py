@@ -174,9 +174,22 @@ class TransferBench:
     def __init__(self, work: Path, sender_ns: Any, receiver_ns: Any, chunk_size: int) -> None:
         self.work = work
         self.chunk_size = chunk_size
+        self.children: list[subprocess.Popen[str]] = []
         self.ca = CertificateAuthority.create()
         self.a = sender_ns
         self.b = receiver_ns
+
+    def spawn(self, argv: list[str]) -> subprocess.Popen[str]:
+        """A child process, killed by :meth:`kill_all` if it is still running."""
+        child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=ENV)
+        self.children.append(child)
+        return child
+
+    def kill_all(self) -> None:
+        for child in self.children:
+            if child.poll() is None:
+                child.kill()
+            child.wait()
 
     def certificates(self, name: str) -> Path:
         directory = self.work / "tls" / name.replace("/", "-")
@@ -186,11 +199,7 @@ class TransferBench:
 
     def raw(self, image: Path, landing: Path) -> tuple[float, int]:
         argv = [sys.executable, "-c", SINK, self.b.address, str(RAW_PORT), str(landing)]
-        sink = subprocess.Popen(
-            netns(self.b.name, argv),
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        sink = self.spawn(netns(self.b.name, argv))
         assert sink.stdout is not None
         assert sink.stdout.readline().strip() == "listening"
         started = time.perf_counter()
@@ -212,9 +221,7 @@ class TransferBench:
             "--export", f"vol={image}", "--work-dir", str(image.parent / "captures"),
             "--chunk-size", str(self.chunk_size),
         ]  # fmt: skip
-        child = subprocess.Popen(
-            netns(self.a.name, argv), stdout=subprocess.PIPE, text=True, env=ENV
-        )
+        child = self.spawn(netns(self.a.name, argv))
         ready = next(json_lines(child))
         if ready["event"] != "ready":
             raise RuntimeError(f"sender failed: {ready}")
@@ -278,6 +285,7 @@ def run(args: argparse.Namespace, work: Path) -> Results:
         receiver_pool = stack.enter_context(xfs_pool(work, "receiver", fs_size))
         a, b = stack.enter_context(linked_namespaces(CommandRunner(), prefix))
         bench = TransferBench(work, a, b, args.chunk_kib * 1024)
+        stack.callback(bench.kill_all)  # first out: before namespaces and mounts go
         image = sender_pool / "vol.img"
         progress(f"writing a {size / GiB:.1f} GiB thick image with {data / GiB:.1f} GiB of data")
         make_image(image, size, data)
