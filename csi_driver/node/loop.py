@@ -18,6 +18,7 @@ filesystems it creates to 4 KiB instead (see ``filesystem.py``).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from csi_driver.node.runner import CommandRunner
 log = logging.getLogger(__name__)
 
 SYS_BLOCK = Path("/sys/block")
+#: What sysfs answers for a loop device detached under our feet.
+_GONE = frozenset({errno.ENOENT, errno.ENODEV, errno.ENXIO})
 DELETED_SUFFIX = " (deleted)"
 SECTOR = 512
 #: The loop device only hands requests to its worker thread, which submits
@@ -76,8 +79,12 @@ class LoopDevices:
                 dio = (entry / "loop" / "dio").read_text(encoding="utf-8").strip() == "1"
                 sectors = int((entry / "size").read_text(encoding="utf-8"))
                 read_only = (entry / "ro").read_text(encoding="utf-8").strip() == "1"
-            except (FileNotFoundError, ValueError):
-                continue  # not attached, or detached while we looked
+            except (OSError, ValueError) as exc:
+                # Not attached, or detached while we looked: sysfs then answers
+                # ENOENT, or ENODEV while the kernel tears the binding down.
+                if isinstance(exc, OSError) and exc.errno not in _GONE:
+                    raise
+                continue
             # Reported, never required: a device is found by its backing file alone.
             scheduler = _active_choice(_read_optional(entry / "queue" / "scheduler"))
             cache = _read_optional(entry / "queue" / "write_cache")
@@ -172,7 +179,9 @@ class LoopDevices:
 def _read_optional(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
+    except OSError as exc:
+        if exc.errno not in _GONE:
+            raise
         return ""
 
 
