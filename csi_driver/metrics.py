@@ -47,6 +47,16 @@ INFORMER_RESUMES = Counter(
     ["prefix"],
 )
 
+CONTROLLER_LEADER = Gauge(
+    "ferry_controller_leader",
+    "1 while this controller process leads (runs background work), else 0.",
+)
+COLLECTED = Counter(
+    "ferry_gc_collected_total",
+    "Orphaned intents the leader's garbage collector settled, by action.",
+    ["action"],
+)
+
 
 def observe_pool(
     capacity_bytes: int, provisioned_bytes: int, allocated_bytes: int, volumes: int

@@ -21,6 +21,7 @@ import grpc
 from csi_driver.agent_api.server import NodeAgentServicer, admitted_callers
 from csi_driver.catalog_api.server import admitted_callers as catalog_callers
 from csi_driver.catalog_api.server import register as serve_store
+from csi_driver.controller.leadership import Leadership
 from csi_driver.controller.volumes import VolumeService
 from csi_driver.core.errors import InvalidArgument
 from csi_driver.core.model import NodeRecord, Topology
@@ -227,6 +228,13 @@ def _serve_catalog(
         services.endpoints.append(bound)
 
 
+def _campaign(catalog: Catalog, services: Services) -> None:
+    """Every controller process campaigns; only the leader runs background work."""
+    leadership = Leadership(catalog)
+    leadership.start()
+    services.closers.append(leadership.stop)
+
+
 def start_controller(
     csi_endpoint: str,
     catalog_path: str | Path,
@@ -244,7 +252,8 @@ def start_controller(
         store = open_store(catalog_path, security=security, catalog_tls=catalog_tls)
         services.closers.append(store.close)
         _serve_catalog(store, catalog_listen, security, services)
-        volumes = VolumeService(Catalog(store))
+        catalog = Catalog(store)
+        volumes = VolumeService(catalog)
         identity = IdentityServicer([volumes.check], controller=True)
         _serve_csi(
             csi_endpoint,
@@ -256,6 +265,7 @@ def start_controller(
             ],
             services,
         )
+        _campaign(catalog, services)
     return services
 
 
@@ -315,4 +325,5 @@ def start_all_in_one(
             ],
             services,
         )
+        _campaign(catalog, services)
     return services

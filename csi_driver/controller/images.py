@@ -14,13 +14,16 @@ spec's generation. Invariants:
   nothing behind, an expansion returns to the old size, a delete of an
   image in use leaves the volume READY) and maps to the CSI code the
   refusal names; a host error keeps the intent for the node's retries.
+- With a ``fence`` (the leader's garbage collector), every txn also
+  compares the leader's key, so a deposed leader's writes fail with
+  :class:`Deposed` instead of landing.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from csi_driver.core import deadline
@@ -66,6 +69,10 @@ _REFUSALS: dict[FailureReason, Callable[[str], FerryError]] = {
 }
 
 
+class Deposed(FailedPrecondition):
+    """A fenced txn failed: this process no longer leads, so it must not act."""
+
+
 def _refusal(status: ImageStatus) -> FerryError:
     kind = _REFUSALS.get(status.reason, InternalError)
     return kind(f"node {status.node_id}: {status.message}")
@@ -74,9 +81,28 @@ def _refusal(status: ImageStatus) -> FerryError:
 class ImageIntents:
     """Writes image intents with their volume and accounting; waits for nodes' statuses."""
 
-    def __init__(self, catalog: Catalog, *, wait_s: float = DEFAULT_WAIT_S) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        *,
+        wait_s: float = DEFAULT_WAIT_S,
+        fence: Callable[[], Compare] | None = None,
+    ) -> None:
         self._catalog = catalog
         self._wait_s = wait_s
+        self._fence = fence
+
+    def txn(self, compares: Sequence[Compare], ops: Sequence[Put | Delete]) -> int:
+        """``store.txn``, fenced when this writer acts as the leader."""
+        if self._fence is None:
+            return self._catalog.store.txn(compares, ops)
+        fence = self._fence()  # raises FailedPrecondition once leadership is known lost
+        try:
+            return self._catalog.store.txn([*compares, fence], ops)
+        except Conflict as exc:
+            if exc.key == fence.key:
+                raise Deposed(f"leadership lost ({fence.key} changed); not acting") from exc
+            raise
 
     # -- create ----------------------------------------------------------------
 
@@ -105,7 +131,7 @@ class ImageIntents:
         if claim_name:
             compares.append(self._catalog.name_absent(volume.name))
             ops.append(self._catalog.name_op(volume.name, volume.volume_id))
-        self._catalog.store.txn(compares, ops)
+        self.txn(compares, ops)
 
     def finish_create(self, volume: Volume, thin: bool) -> Volume:
         """Wait for the node to create ``volume``'s image; mark the volume READY."""
@@ -116,7 +142,7 @@ class ImageIntents:
                 volume.volume_id, lambda v: replace(v, state=VolumeState.READY)
             )
         if status.reason.final:
-            self._forget(volume)  # a refused create leaves nothing behind
+            self.forget(volume)  # a refused create leaves nothing behind
         raise _refusal(status)
 
     # -- delete ----------------------------------------------------------------
@@ -128,7 +154,7 @@ class ImageIntents:
         doomed = revise(image.value, deleted=True)
         deleting = replace(volume, state=VolumeState.DELETING)
         if doomed is not image.value or deleting != volume:
-            self._catalog.store.txn(
+            self.txn(
                 [
                     self._catalog.volume_unchanged(volume_read),
                     unchanged_since(image.value.key, image),
@@ -137,14 +163,14 @@ class ImageIntents:
             )
         status = self._await(doomed, f"node {doomed.node_id} to delete the image")
         if status.phase is ImagePhase.DELETED:
-            self._forget(volume)
+            self.forget(volume)
             return
         if status.reason is FailureReason.IN_USE:
             # The node kept the image because it is in use: the volume stays usable.
-            self._restore_after_refused_delete(volume.volume_id, doomed)
+            self.keep_after_refused_delete(volume.volume_id, doomed)
         raise _refusal(status)
 
-    def _restore_after_refused_delete(self, volume_id: str, doomed: ImageSpec) -> None:
+    def keep_after_refused_delete(self, volume_id: str, doomed: ImageSpec) -> None:
         for _ in range(_CAS_ATTEMPTS):
             volume_read = self._catalog.read_volume(volume_id)
             image = self._catalog.read_image(doomed.node_id, volume_id)
@@ -152,7 +178,7 @@ class ImageIntents:
                 return
             kept = revise(image.value, deleted=False)
             try:
-                self._catalog.store.txn(
+                self.txn(
                     [
                         self._catalog.volume_unchanged(volume_read),
                         unchanged_since(kept.key, image),
@@ -193,7 +219,7 @@ class ImageIntents:
             growth, 0
         )
         grown = revise(image.value, size_bytes=size)
-        revision = self._catalog.store.txn(
+        revision = self.txn(
             [unchanged_since(grown.key, image), unchanged_since(charged.key, account)],
             [put(grown), put(charged)],
         )
@@ -223,7 +249,7 @@ class ImageIntents:
                 return
             excess = image.value.size_bytes - volume.capacity_bytes
             try:
-                self._catalog.store.txn(
+                self.txn(
                     [unchanged_since(image.value.key, image), unchanged_since(key, account)],
                     [
                         put(revise(image.value, size_bytes=volume.capacity_bytes)),
@@ -245,7 +271,7 @@ class ImageIntents:
             volume.volume_id, volume.primary_node, volume.capacity_bytes, volume.epoch, thin=thin
         )
         try:
-            revision = self._catalog.store.txn([Compare(spec.key, ABSENT)], [put(spec)])
+            revision = self.txn([Compare(spec.key, ABSENT)], [put(spec)])
         except Conflict:
             again = self._catalog.read_image(volume.primary_node, volume.volume_id)
             if again is None:
@@ -270,7 +296,7 @@ class ImageIntents:
         assert record is not None  # the predicate only accepts a record
         return self._catalog.image_status(record.value)
 
-    def _forget(self, volume: Volume) -> None:
+    def forget(self, volume: Volume) -> None:
         """One txn: the volume, its name, its image records gone and its charge released."""
         key = node_accounting_key(volume.primary_node)
         for _ in range(_CAS_ATTEMPTS):
@@ -285,7 +311,7 @@ class ImageIntents:
                 compares += [unchanged_since(image.value.key, image), unchanged_since(key, account)]
                 ops.append(put(account.value.charge(-image.value.size_bytes, -1)))
             try:
-                self._catalog.store.txn(compares, ops)
+                self.txn(compares, ops)
             except Conflict:
                 continue
             log.info("volume forgotten", extra={"volume": volume.volume_id})

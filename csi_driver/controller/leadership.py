@@ -1,0 +1,107 @@
+"""Which controller process runs the background work: the elected leader.
+
+Every controller process campaigns for the catalog's ``controller``
+election (an etcd lease and key; on SQLite an exclusive lock on a file next
+to the database). CSI RPCs are served by every replica: each of their writes
+is a compare-and-swap, so concurrent replicas cannot corrupt a record. Work
+nobody asked for — the garbage collector, and later replication schedules
+and failover — runs only on the leader, and each of its txns carries the
+leader's fence, so a leader deposed without knowing it (a paused process, a
+lease that lapsed) has its writes refused by the store.
+
+Invariants: this process reports itself leader (log line ``leading``, gauge
+``ferry_controller_leader`` = 1) only between winning and losing (or
+resigning); a stop resigns, so a standby takes over at once; a dead leader's
+etcd lease lapses within its TTL and its lock is dropped by the kernel, so a
+standby takes over within the TTL plus one campaign retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+
+from csi_driver.controller.collector import Collector
+from csi_driver.controller.images import Deposed
+from csi_driver.metrics import CONTROLLER_LEADER
+from csi_driver.store.catalog import Catalog
+
+log = logging.getLogger(__name__)
+
+ELECTION = "controller"
+#: How often the leader sweeps for orphaned intents (and once at once on winning).
+SWEEP_INTERVAL_S = 5.0
+#: A campaign is retried in slices this long, so a stop is noticed promptly.
+CAMPAIGN_SLICE_S = 1.0
+#: Pause after a failed campaign (catalog unreachable) before the next.
+RETRY_S = 1.0
+
+
+def default_candidate() -> str:
+    """This process's name in the election: host (the pod's name in a cluster) and pid."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Leadership:
+    """Campaigns in a thread; while leading, runs the garbage collector periodically."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        candidate: str | None = None,
+        *,
+        sweep_interval_s: float = SWEEP_INTERVAL_S,
+    ) -> None:
+        self.candidate = candidate or default_candidate()
+        self._election = catalog.store.election(ELECTION, self.candidate)
+        self._collector = Collector(catalog, self._election.fence)
+        self._interval = sweep_interval_s
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="leadership", daemon=True)
+
+    @property
+    def is_leader(self) -> bool:
+        return self._election.is_leader
+
+    def start(self) -> None:
+        log.info("campaigning", extra={"election": ELECTION, "candidate": self.candidate})
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop campaigning and resign, so a standby takes over without waiting for a TTL."""
+        self._stopping.set()
+        self._election.resign()  # wakes a campaign and a leader's wait
+        self._thread.join(timeout)
+        self._election.resign()  # in case a campaign won after the first resign
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                won = self._election.campaign(timeout=CAMPAIGN_SLICE_S)
+            except Exception as exc:  # the catalog is down: keep trying, never die
+                log.warning("campaign failed", extra={"error": str(exc)})
+                self._stopping.wait(RETRY_S)
+                continue
+            if won and not self._stopping.is_set():
+                self._lead()
+
+    def _lead(self) -> None:
+        CONTROLLER_LEADER.set(1)
+        log.info("leading", extra={"election": ELECTION, "candidate": self.candidate})
+        try:
+            while not self._stopping.is_set() and self._election.is_leader:
+                try:
+                    self._collector.sweep()
+                except Deposed:
+                    # Someone else holds the key: drop what we hold and campaign anew.
+                    self._election.resign()
+                    break
+                except Exception as exc:  # a failed sweep is retried next interval
+                    log.warning("garbage collection failed", extra={"error": str(exc)})
+                if self._election.wait_lost(self._interval):
+                    break
+        finally:
+            CONTROLLER_LEADER.set(0)
+        log.info("not leading", extra={"election": ELECTION, "candidate": self.candidate})
