@@ -1,0 +1,151 @@
+"""The leader's garbage collector on a real SQLite catalog and a real node pool.
+
+Intents are written by the controller's own code (``ImageIntents``) and then
+left, as a controller killed mid-RPC leaves them; the node's real image
+reconciler acts on them; the collector must settle each exactly as the RPC
+would have, and write nothing once its leadership is gone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from csi_driver.controller.collector import Collector, Sweep
+from csi_driver.controller.images import Deposed, ImageIntents
+from csi_driver.core.errors import Unavailable
+from csi_driver.core.model import AccessType, FsType, GiB, MiB, Volume, VolumeState
+from csi_driver.core.records import ImageSpec, NodeAccounting, node_accounting_key
+from csi_driver.node.agent import NodeAgent
+from csi_driver.node.reconcile.images import ImageReconciler
+from csi_driver.store.catalog import Catalog
+from csi_driver.store.leader import LeaderElection, leader_key
+from csi_driver.store.records import put, read
+from csi_driver.store.sqlite import SqliteStore
+from tests.node.conftest import new_volume_id
+
+SIZE = 8 * MiB
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> Iterator[Catalog]:
+    store = SqliteStore(tmp_path / "catalog.db")
+    yield Catalog(store)
+    store.close()
+
+
+@pytest.fixture
+def election(catalog: Catalog) -> Iterator[LeaderElection]:
+    with catalog.store.election("controller", "leader-a") as leading:
+        assert leading.campaign(timeout=5)
+        yield leading
+
+
+@pytest.fixture
+def collector(catalog: Catalog, election: LeaderElection) -> Collector:
+    return Collector(catalog, election.fence)
+
+
+def _intend(catalog: Catalog, n: int, size: int = SIZE) -> Volume:
+    """A create's intent as CreateVolume writes it, whose RPC then died."""
+    volume = Volume(
+        volume_id=new_volume_id(n),
+        name=f"pvc-{n}",
+        capacity_bytes=size,
+        access_type=AccessType.MOUNT,
+        fs_type=FsType.EXT4,
+        primary_node="node-a",
+        epoch=1,
+        state=VolumeState.CREATING,
+    )
+    image = ImageSpec(volume.volume_id, "node-a", size, 1, thin=True)
+    ImageIntents(catalog).provision(
+        volume, image, catalog.accounts().get("node-a"), claim_name=True
+    )
+    return volume
+
+
+def _account(catalog: Catalog) -> NodeAccounting:
+    found = read(catalog.store, NodeAccounting, node_accounting_key("node-a"))
+    return found.value if found else NodeAccounting("node-a")
+
+
+def _gone(catalog: Catalog, volume: Volume) -> bool:
+    return (
+        catalog.get_volume(volume.volume_id) is None
+        and catalog.volume_id_for_name(volume.name) is None
+        and catalog.read_image("node-a", volume.volume_id) is None
+        and catalog.store.get(ImageSpec(volume.volume_id, "node-a", 0, 1).status_key) is None
+    )
+
+
+def test_a_create_the_node_finished_is_marked_ready(
+    catalog: Catalog, collector: Collector, agent: NodeAgent
+) -> None:
+    volume = _intend(catalog, 1)
+    assert collector.sweep() == Sweep()  # the node has not acted: nothing to decide
+    ImageReconciler(catalog.store, agent)(volume.volume_id)
+    assert collector.sweep() == Sweep(finished=1)
+    assert catalog.require_volume(volume.volume_id).state is VolumeState.READY
+    assert collector.sweep() == Sweep()
+    assert _account(catalog) == NodeAccounting("node-a", SIZE, 1)
+
+
+def test_a_create_the_node_refused_leaves_nothing(
+    catalog: Catalog, collector: Collector, agent: NodeAgent
+) -> None:
+    volume = _intend(catalog, 2, size=64 * GiB)  # larger than the 4 GiB pool: too-large
+    ImageReconciler(catalog.store, agent)(volume.volume_id)
+    assert collector.sweep() == Sweep(rolled_back=1)
+    assert _gone(catalog, volume)
+    assert _account(catalog) == NodeAccounting("node-a", 0, 0)
+
+
+def test_a_delete_the_node_finished_is_completed(
+    catalog: Catalog, collector: Collector, agent: NodeAgent
+) -> None:
+    volume = _intend(catalog, 3)
+    reconcile = ImageReconciler(catalog.store, agent)
+    reconcile(volume.volume_id)
+    collector.sweep()
+    read_as = catalog.read_volume(volume.volume_id)
+    assert read_as is not None
+    with pytest.raises(Unavailable):  # the RPC gives up waiting: DELETING stays
+        ImageIntents(catalog, wait_s=0.5).delete(read_as)
+    assert catalog.require_volume(volume.volume_id).state is VolumeState.DELETING
+    reconcile(volume.volume_id)
+    assert collector.sweep() == Sweep(deleted=1)
+    assert _gone(catalog, volume)
+    assert agent.pool.get(volume.volume_id) is None
+    assert _account(catalog) == NodeAccounting("node-a", 0, 0)
+
+
+def test_an_image_spec_without_a_volume_is_deleted_and_uncharged(
+    catalog: Catalog, collector: Collector, agent: NodeAgent
+) -> None:
+    spec = ImageSpec(new_volume_id(4), "node-a", SIZE, 1, thin=True)
+    catalog.store.txn([], [put(spec), put(NodeAccounting("node-a", SIZE, 1))])
+    reconcile = ImageReconciler(catalog.store, agent)
+    reconcile(spec.volume_id)
+    assert agent.pool.get(spec.volume_id) is not None
+    assert collector.sweep() == Sweep(orphans=1)  # marked deleted
+    reconcile(spec.volume_id)
+    assert agent.pool.get(spec.volume_id) is None
+    assert collector.sweep() == Sweep(orphans=1)  # records removed, charge released
+    assert catalog.read_image("node-a", spec.volume_id) is None
+    assert catalog.store.get(spec.status_key) is None
+    assert _account(catalog) == NodeAccounting("node-a", 0, 0)
+
+
+def test_a_deposed_leader_writes_nothing(
+    catalog: Catalog, collector: Collector, agent: NodeAgent
+) -> None:
+    volume = _intend(catalog, 5)
+    ImageReconciler(catalog.store, agent)(volume.volume_id)
+    # A newer leader took the key (as after this one's lease lapsed unnoticed).
+    catalog.store.put(leader_key("controller"), b"leader-b")
+    with pytest.raises(Deposed):
+        collector.sweep()
+    assert catalog.require_volume(volume.volume_id).state is VolumeState.CREATING
