@@ -84,6 +84,20 @@ def attach_and_mount(place: Place, node: str, volume_id: str) -> str:
     return target
 
 
+def unmount(place: Place, node: str, volume_id: str) -> None:
+    """NodeUnpublish and NodeUnstage through ``node``'s socket."""
+    staging, target = paths(place, node, volume_id)
+    with place.client(node) as client:
+        client.node.NodeUnpublishVolume(
+            csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=target),
+            timeout=RPC_TIMEOUT_S,
+        )
+        client.node.NodeUnstageVolume(
+            csi_pb2.NodeUnstageVolumeRequest(volume_id=volume_id, staging_target_path=staging),
+            timeout=RPC_TIMEOUT_S,
+        )
+
+
 def mount_source(mountpoint: str) -> str | None:
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         left, _, right = line.partition(" - ")
@@ -162,15 +176,7 @@ def test_a_volume_lives_its_whole_life_through_node_2(running: Place) -> None:
     assert (Path(target) / "data").read_bytes() == data
 
     staging, _ = paths(running, "node-2", volume_id)
-    with running.client("node-2") as node:
-        node.node.NodeUnpublishVolume(
-            csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=target),
-            timeout=RPC_TIMEOUT_S,
-        )
-        node.node.NodeUnstageVolume(
-            csi_pb2.NodeUnstageVolumeRequest(volume_id=volume_id, staging_target_path=staging),
-            timeout=RPC_TIMEOUT_S,
-        )
+    unmount(running, "node-2", volume_id)
     assert mount_source(target) is None and mount_source(staging) is None
     with running.client("controller") as controller:
         controller.controller.ControllerUnpublishVolume(
