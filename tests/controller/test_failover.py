@@ -2,10 +2,11 @@
 
 A node and two controllers share a catalog (a SQLite file, or a real
 single-member etcd); callers create volumes concurrently through both CSI
-sockets. Mid-run the leader is SIGKILLed while it still waits on three
-creates nobody will retry (the node is paused so they are in flight). The
-standby must take over (the issue's bound: 15 s), the callers' retries must
-complete, and the new leader's garbage collector must finish the abandoned
+sockets. Mid-run the leader is SIGKILLed while it still waits on creates
+(the node is paused so they are in flight): three nobody retries, two the
+test retries through the survivor. The standby must take over (the issue's
+bound: 15 s), the retries must complete with the volume the dead leader
+recorded, and the new leader's garbage collector must finish the abandoned
 intents. Afterwards: no acknowledged volume lost, one volume per name, and the
 pool's images, the image specs and the catalog's volumes are the same set.
 """
@@ -194,19 +195,21 @@ def test_standby_takes_over_and_nothing_is_lost_duplicated_or_orphaned(
         threads = [threading.Thread(target=callers.run, args=(c, deadline)) for c in range(CALLERS)]
         for thread in threads:
             thread.start()
-        _wait(lambda: len(callers.acked) >= CALLERS, 20, "the first creates")
+        _wait(lambda: len(callers.acked) >= CALLERS, 60, "the first creates")
 
-        # Creates that are in flight on the leader when it dies, and that no caller retries.
+        # Creates in flight on the leader when it dies (the node is paused so they
+        # wait): the "abandoned" ones nobody retries, the "retried" ones we retry.
+        in_flight = [f"abandoned-{i}" for i in range(ABANDONED)] + ["retried-0", "retried-1"]
         node.popen.send_signal(signal.SIGSTOP)
         try:
-            for i in range(ABANDONED):
+            for name in in_flight:
                 threading.Thread(
-                    target=_abandon, args=(cluster.socket("a"), f"abandoned-{i}"), daemon=True
+                    target=_send, args=(cluster.socket("a"), name), daemon=True
                 ).start()
             _wait(
-                lambda: all(catalog.volume_id_for_name(f"abandoned-{i}") for i in range(ABANDONED)),
-                10,
-                "the abandoned intents",
+                lambda: all(catalog.volume_id_for_name(name) for name in in_flight),
+                30,
+                "the in-flight intents",
             )
             first.popen.kill()
             killed_at = time.monotonic()
@@ -218,11 +221,17 @@ def test_standby_takes_over_and_nothing_is_lost_duplicated_or_orphaned(
         second.wait_for("leading", timeout_s=5)
         print(f"\ntakeover after SIGKILL of the leader ({cluster.catalog}): {takeover_s:.2f} s")
 
+        # A retry through the survivor completes the intent its dead peer recorded.
+        for name in ("retried-0", "retried-1"):
+            recorded = catalog.volume_id_for_name(name)
+            assert _create(cluster.socket("b"), name, timeout=30) == recorded
+            callers.acked[name] = str(recorded)
+
         for thread in threads:
             thread.join(60)
-        assert not callers.errors
-        assert len(callers.acked) == CALLERS * PER_CALLER
-        assert callers.retries > 0  # the kill really cut some creates short
+        assert not callers.errors, callers.errors
+        assert len(callers.acked) == CALLERS * PER_CALLER + 2
+        print(f"callers' retries after errors: {callers.retries}")
 
         # The new leader's collector finishes the intents nobody retried.
         def all_ready() -> bool:
@@ -239,8 +248,8 @@ def test_standby_takes_over_and_nothing_is_lost_duplicated_or_orphaned(
         store.close()
 
 
-def _abandon(endpoint: str, name: str) -> None:
-    # Its controller is killed mid-call: the point is that nobody retries it.
+def _send(endpoint: str, name: str) -> None:
+    """A create whose answer nobody reads: its controller is killed mid-call."""
     with contextlib.suppress(grpc.RpcError):
         _create(endpoint, name, timeout=30)
 
