@@ -254,6 +254,7 @@ def start_controller(
         _serve_catalog(store, catalog_listen, security, services)
         catalog = Catalog(store)
         volumes = VolumeService(catalog)
+        services.closers.append(volumes.close)
         identity = IdentityServicer([volumes.check], controller=True)
         _serve_csi(
             csi_endpoint,
@@ -312,6 +313,7 @@ def start_all_in_one(
         parts = NodeParts(config)
         _start_node_side(parts, catalog, services)
         volumes = VolumeService(catalog)
+        services.closers.append(volumes.close)
         identity = IdentityServicer([volumes.check, parts.agent.check], controller=True)
         node = NodeServicer(parts.agent, parts.topology, config.max_volumes)
         _serve_csi(
