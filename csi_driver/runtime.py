@@ -27,7 +27,6 @@ from csi_driver.core.errors import InvalidArgument
 from csi_driver.core.model import NodeRecord, Topology
 from csi_driver.core.placement import NODE_KEY, ZONE_KEY
 from csi_driver.csi.controller import ControllerServicer
-from csi_driver.csi.errors import RUNNING
 from csi_driver.csi.identity import IdentityServicer
 from csi_driver.csi.node import NodeServicer
 from csi_driver.gen import csi_pb2_grpc
@@ -39,6 +38,7 @@ from csi_driver.node.reconcile.images import image_runner
 from csi_driver.node.runner import CommandRunner
 from csi_driver.pki import ClientTlsBundle, Identity, Role
 from csi_driver.reconcile.runner import Runner
+from csi_driver.rpc.errors import RUNNING
 from csi_driver.store.base import CatalogStore
 from csi_driver.store.catalog import Catalog
 from csi_driver.store.url import open_store

@@ -37,8 +37,8 @@ from csi_driver.core.errors import (
     PermissionDenied,
     Unauthenticated,
 )
-from csi_driver.csi.errors import abort
 from csi_driver.pki import Identity, TlsBundle
+from csi_driver.rpc.errors import abort
 
 log = logging.getLogger(__name__)
 

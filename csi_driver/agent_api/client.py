@@ -17,9 +17,9 @@ import grpc
 from csi_driver.core import deadline, errors
 from csi_driver.core.model import NodeRecord
 from csi_driver.core.nodes import NodeClient
-from csi_driver.csi.errors import CODES
 from csi_driver.gen.ferry.v1 import agent_pb2, agent_pb2_grpc
 from csi_driver.pki import Identity, Role
+from csi_driver.rpc.errors import CODES
 from csi_driver.transport import AgentSecurity, open_channel
 
 _FROM_CODE: dict[grpc.StatusCode, type[errors.FerryError]] = {code: kind for kind, code in CODES}

@@ -6,12 +6,12 @@ from typing import Any
 
 import grpc
 
-from csi_driver.csi.errors import rpc
 from csi_driver.gen.ferry.v1 import agent_pb2, agent_pb2_grpc
 from csi_driver.metrics import observe_pool, observe_provisioned
 from csi_driver.node.agent import NodeAgent
 from csi_driver.node.pool import ImageInfo
 from csi_driver.pki import Identity, Role
+from csi_driver.rpc.errors import rpc
 from csi_driver.transport import Admission
 
 

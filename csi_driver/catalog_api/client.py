@@ -3,7 +3,7 @@
 How nodes of a SQLite-backed multi-node install reach the catalog without
 opening its file (``--catalog ferry://host:port``). It passes the same
 contract suite as the local backends. Errors come back as the domain errors
-the server raised (one table, ``csi_driver.csi.errors.CODES``); a service
+the server raised (one table, ``csi_driver.rpc.errors.CODES``); a service
 that cannot be reached is ``StoreUnavailable``, and for a write whose
 outcome is unknown the message says so. Leadership is a ``Campaign`` stream:
 the server holds it for us while the stream lives.
@@ -21,9 +21,9 @@ import grpc
 
 from csi_driver.core import errors
 from csi_driver.core.errors import Compacted, FerryError, StoreUnavailable
-from csi_driver.csi.errors import CODES
 from csi_driver.gen.ferry.v1 import catalog_pb2, catalog_pb2_grpc
 from csi_driver.pki import Identity
+from csi_driver.rpc.errors import CODES
 from csi_driver.store.base import (
     CatalogStore,
     Compare,

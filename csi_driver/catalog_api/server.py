@@ -23,9 +23,9 @@ from typing import Any
 import grpc
 
 from csi_driver.core.errors import Compacted, Conflict, FerryError
-from csi_driver.csi.errors import rpc, status_for
 from csi_driver.gen.ferry.v1 import catalog_pb2, catalog_pb2_grpc
 from csi_driver.pki import Identity, Role
+from csi_driver.rpc.errors import rpc, status_for
 from csi_driver.store.base import (
     CatalogStore,
     Compare,

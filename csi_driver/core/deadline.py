@@ -1,7 +1,7 @@
 """The deadline of the call that a piece of work is done for.
 
 The CSI layer binds each RPC's deadline for the duration of the call
-(``csi_driver.csi.errors.rpc``); whatever runs for that call on its thread —
+(``csi_driver.rpc.errors.rpc``); whatever runs for that call on its thread —
 host commands above all, and waits for a volume's lock — reads it with
 :func:`remaining` and gives up in time, instead of working on for a caller
 that has already gone. Work outside any RPC (startup recovery, the

@@ -2,7 +2,7 @@
 
 Every failure that crosses a module boundary is a :class:`FerryError`. Each
 subclass names *what kind* of failure it is; the CSI layer maps the kind to a
-gRPC status code in exactly one place (``csi_driver.csi.errors``). Messages
+gRPC status code in exactly one place (``csi_driver.rpc.errors``). Messages
 are written for the operator: say what is wrong and what to do next.
 
 Tree::

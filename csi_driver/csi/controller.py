@@ -17,8 +17,8 @@ from csi_driver.csi.convert import (
     topology_from_proto,
     topology_to_proto,
 )
-from csi_driver.csi.errors import rpc
 from csi_driver.gen import csi_pb2, csi_pb2_grpc
+from csi_driver.rpc.errors import rpc
 
 _RPC = csi_pb2.ControllerServiceCapability.RPC
 

@@ -9,8 +9,8 @@ import grpc
 
 from csi_driver import DRIVER_NAME, __version__
 from csi_driver.core.errors import FailedPrecondition, FerryError
-from csi_driver.csi.errors import rpc
 from csi_driver.gen import csi_pb2, csi_pb2_grpc
+from csi_driver.rpc.errors import rpc
 
 _Service = csi_pb2.PluginCapability.Service
 _Expansion = csi_pb2.PluginCapability.VolumeExpansion

@@ -28,9 +28,9 @@ from csi_driver.core.model import (
     VolumeCapability,
 )
 from csi_driver.csi.convert import capability_from_proto, topology_to_proto
-from csi_driver.csi.errors import rpc
 from csi_driver.gen import csi_pb2, csi_pb2_grpc
 from csi_driver.node.agent import NodeAgent
+from csi_driver.rpc.errors import rpc
 
 _RPC = csi_pb2.NodeServiceCapability.RPC
 _Usage = csi_pb2.VolumeUsage

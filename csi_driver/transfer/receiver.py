@@ -32,9 +32,9 @@ import grpc
 from csi_driver.chunks.generations import Generation, GenerationStore, Staging
 from csi_driver.chunks.manifest import MAX_CHUNK_SIZE, Manifest, MiB, decode
 from csi_driver.core.errors import DataLoss, FerryError, InternalError, Unavailable
-from csi_driver.csi.errors import CODES
 from csi_driver.gen.ferry.v1 import transfer_pb2, transfer_pb2_grpc
 from csi_driver.metrics import TRANSFER_BYTES, TRANSFER_CHUNKS
+from csi_driver.rpc.errors import CODES
 from csi_driver.transfer.progress import Progress, ProgressMeter
 
 log = logging.getLogger(__name__)

@@ -28,10 +28,10 @@ import grpc
 from csi_driver.chunks.manifest import Manifest, encode
 from csi_driver.chunks.scan import read_exactly
 from csi_driver.core.errors import FerryError, InvalidArgument, NotFound
-from csi_driver.csi.errors import abort, rpc
 from csi_driver.gen.ferry.v1 import transfer_pb2, transfer_pb2_grpc
 from csi_driver.metrics import TRANSFER_BYTES, TRANSFER_CHUNKS
 from csi_driver.pki import Identity, Role
+from csi_driver.rpc.errors import abort, rpc
 from csi_driver.transport import Admission, AgentSecurity, Endpoint, start_server
 
 log = logging.getLogger(__name__)

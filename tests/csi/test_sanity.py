@@ -36,9 +36,9 @@ from csi_driver.core.errors import (
     UNKNOWN_STARTING_TOKEN,
 )
 from csi_driver.core.model import MiB
-from csi_driver.csi.validate import REQUIRED_MESSAGE
 from csi_driver.gen import csi_pb2
 from csi_driver.gen.ferry.v1 import agent_pb2, agent_pb2_grpc
+from csi_driver.rpc.validate import REQUIRED_MESSAGE
 from csi_driver.transport import channel_target
 from tests.csi.conftest import (
     NODE_ID,

@@ -11,9 +11,9 @@ from csi_driver.core.errors import InvalidArgument
 from csi_driver.csi.controller import ControllerServicer
 from csi_driver.csi.identity import IdentityServicer
 from csi_driver.csi.node import NodeServicer
-from csi_driver.csi.validate import Required, present
 from csi_driver.gen import csi_pb2
 from csi_driver.gen.ferry.v1 import agent_pb2
+from csi_driver.rpc.validate import Required, present
 from tests.csi.conftest import mount_capability
 
 SERVED = [

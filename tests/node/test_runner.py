@@ -21,9 +21,9 @@ import pytest
 from csi_driver.core import deadline
 from csi_driver.core.errors import Aborted, DeadlineExceeded, FerryError, Unavailable
 from csi_driver.core.locks import KeyedLocks
-from csi_driver.csi.errors import rpc
 from csi_driver.metrics import RPC_REQUESTS
 from csi_driver.node.runner import DEADLINE_MARGIN_S, CommandRunner
+from csi_driver.rpc.errors import rpc
 from csi_driver.transport import start_server
 from tests.node.conftest import processes_mentioning
 

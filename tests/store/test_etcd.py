@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from csi_driver.core.errors import Conflict, StoreUnavailable
-from csi_driver.csi.errors import status_for
+from csi_driver.rpc.errors import status_for
 from csi_driver.store.base import ABSENT, CatalogStore, Compare, Event, Put
 from csi_driver.store.etcd import EtcdEndpoint, EtcdStore
 from tests.store.backends import TEST_LEASE_TTL_S, open_url

@@ -19,8 +19,8 @@ import requests
 from cryptography.hazmat.primitives import serialization
 
 from csi_driver.core.errors import FailedPrecondition, StoreUnavailable
-from csi_driver.csi.errors import status_for
 from csi_driver.pki import CA_CERT, TlsBundle
+from csi_driver.rpc.errors import status_for
 from csi_driver.store.base import CatalogStore
 from csi_driver.store.etcd import EtcdEndpoint, EtcdStore
 from csi_driver.store.url import open_store

@@ -22,8 +22,8 @@ from csi_driver.catalog_api.client import RemoteStore
 from csi_driver.core.errors import FailedPrecondition, PermissionDenied, StoreUnavailable
 from csi_driver.core.model import MiB
 from csi_driver.csi.client import CsiClient, mount_capability
-from csi_driver.csi.errors import status_for
 from csi_driver.gen import csi_pb2
+from csi_driver.rpc.errors import status_for
 from csi_driver.runtime import start_controller, start_node
 from csi_driver.store.sqlite import SqliteStore
 from csi_driver.transport import AgentSecurity

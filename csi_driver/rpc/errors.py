@@ -3,7 +3,7 @@
 Every servicer method is wrapped by :func:`rpc`, which binds the request
 context for logging and the call's deadline for the host commands it runs
 (``csi_driver.core.deadline``), times the call, checks the request's declared
-required fields before the handler runs (``csi_driver.csi.validate``), maps a
+required fields before the handler runs (``csi_driver.rpc.validate``), maps a
 :class:`FerryError` to its status code, and turns anything unexpected into
 INTERNAL with the stack logged (never a crash of the server, never a silent
 hang).
@@ -24,8 +24,8 @@ import grpc
 
 from csi_driver import log as ferry_log
 from csi_driver.core import deadline, errors
-from csi_driver.csi.validate import Required
 from csi_driver.metrics import RPC_REQUESTS, RPC_SECONDS
+from csi_driver.rpc.validate import Required
 
 logger = logging.getLogger(__name__)
 
