@@ -44,6 +44,7 @@ from csi_driver.node.pool import preallocate
 from csi_driver.node.runner import CommandRunner
 from csi_driver.pki import CertificateAuthority, Identity
 from csi_driver.sandbox.network import in_namespace, linked_namespaces
+from csi_driver.sandbox.scratch import scratch_filesystem
 
 GiB = 1024 * MiB
 BLOCK = 4 * MiB
@@ -81,26 +82,6 @@ sock.close()
 
 def progress(text: str) -> None:
     print(f"  .. {text}", file=sys.stderr, flush=True)
-
-
-@contextmanager
-def xfs_pool(base: Path, name: str, size: int) -> Iterator[Path]:
-    backing, mountpoint = base / f"{name}.fs", base / name
-    mountpoint.mkdir()
-    with open(backing, "wb") as handle:
-        handle.truncate(size)
-    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(backing)], check=True)
-    device = subprocess.run(
-        ["losetup", "--find", "--show", str(backing)], check=True, capture_output=True, text=True
-    ).stdout.strip()
-    try:
-        subprocess.run(["mount", device, str(mountpoint)], check=True)
-        try:
-            yield mountpoint
-        finally:
-            subprocess.run(["umount", str(mountpoint)], check=False)
-    finally:
-        subprocess.run(["losetup", "--detach", device], check=False)
 
 
 def make_image(path: Path, size: int, data: int) -> None:
@@ -146,6 +127,10 @@ def json_lines(child: subprocess.Popen[str]) -> Iterator[dict[str, Any]]:
     assert child.stdout is not None
     for line in child.stdout:
         yield json.loads(line)
+
+
+#: Each node's pool: xfs, so replica generations are reflinked.
+XFS_REFLINK = ("mkfs.xfs", "-q", "-m", "reflink=1")
 
 
 @dataclass(frozen=True)
@@ -281,8 +266,10 @@ def run(args: argparse.Namespace, work: Path) -> Results:
     with ExitStack() as stack:
         # Image, snapshots sharing it, a replica, its next generation, rsync's copy.
         fs_size = size * 3 + GiB
-        sender_pool = stack.enter_context(xfs_pool(work, "sender", fs_size))
-        receiver_pool = stack.enter_context(xfs_pool(work, "receiver", fs_size))
+        sender_pool = stack.enter_context(scratch_filesystem(work, fs_size, XFS_REFLINK, "sender"))
+        receiver_pool = stack.enter_context(
+            scratch_filesystem(work, fs_size, XFS_REFLINK, "receiver")
+        )
         a, b = stack.enter_context(linked_namespaces(CommandRunner(), prefix))
         bench = TransferBench(work, a, b, args.chunk_kib * 1024)
         stack.callback(bench.kill_all)  # first out: before namespaces and mounts go

@@ -13,9 +13,7 @@ stands in for a kernel.
 from __future__ import annotations
 
 import os
-import subprocess
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -26,6 +24,7 @@ from csi_driver.node.agent import NodeAgent
 from csi_driver.node.pool import Pool
 from csi_driver.node.runner import CommandRunner
 from csi_driver.node.teardown import release_under
+from csi_driver.sandbox.scratch import scratch_filesystem
 
 ROOT_REASON = "needs root and /dev/loop-control (loop devices, mkfs, mount)"
 
@@ -125,24 +124,5 @@ DEFAULT_SIZE = 64 * MiB
 XFS_SIZE = 320 * MiB
 
 
-@contextmanager
-def small_filesystem(base: Path, size: int, mkfs: Sequence[str]) -> Iterator[Path]:
-    """A real filesystem of ``size`` bytes made by ``mkfs`` on a loop device over a
-    file in ``base``, mounted at ``base/fs``; everything below it is released after."""
-    backing, mountpoint = base / "fs.img", base / "fs"
-    mountpoint.mkdir()
-    with open(backing, "wb") as handle:
-        handle.truncate(size)
-    subprocess.run([*mkfs, str(backing)], check=True, capture_output=True)
-    device = subprocess.run(
-        ["losetup", "--find", "--show", str(backing)], check=True, capture_output=True, text=True
-    ).stdout.strip()
-    try:
-        subprocess.run(["mount", device, str(mountpoint)], check=True)
-        try:
-            yield mountpoint
-        finally:
-            release_under(mountpoint)  # loop devices over images inside it
-            subprocess.run(["umount", str(mountpoint)], check=False)
-    finally:
-        subprocess.run(["losetup", "--detach", device], check=False)
+#: A real filesystem on a loop device, mounted at ``base/fs`` (see csi_driver.sandbox.scratch).
+small_filesystem = scratch_filesystem
