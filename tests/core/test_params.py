@@ -6,7 +6,12 @@ import pytest
 
 from csi_driver.core.errors import InvalidArgument
 from csi_driver.core.model import FsType
-from csi_driver.core.params import Provisioning, StorageParameters, parse_parameters
+from csi_driver.core.params import (
+    FailoverPolicy,
+    Provisioning,
+    StorageParameters,
+    parse_parameters,
+)
 
 
 def test_defaults() -> None:
@@ -56,3 +61,71 @@ def test_thin_is_an_explicit_choice_and_recorded(value: str) -> None:
 def test_bad_provisioning(value: str) -> None:
     with pytest.raises(InvalidArgument, match=r"provisioning=.*thick or thin"):
         parse_parameters({"provisioning": value})
+
+
+def test_policy_defaults_are_no_schedule_and_wait() -> None:
+    params = parse_parameters({})
+    assert params.rpo_seconds == 0
+    assert params.failover_policy is FailoverPolicy.WAIT
+    # Defaults are not recorded: volumes made before these parameters existed
+    # still compare equal to a request that omits them.
+    assert params.as_dict() == {"replicas": "0"}
+    assert parse_parameters({"rpoSeconds": "0", "failoverPolicy": "wait"}) == params
+
+
+@pytest.mark.parametrize(
+    ("given", "rpo", "policy"),
+    [
+        ({"rpoSeconds": "30"}, 30, FailoverPolicy.WAIT),
+        ({"rpoSeconds": " 604800 "}, 604800, FailoverPolicy.WAIT),
+        ({"failoverPolicy": "promote"}, 0, FailoverPolicy.PROMOTE),
+        ({"failoverPolicy": "Promote", "rpoSeconds": "5"}, 5, FailoverPolicy.PROMOTE),
+    ],
+)
+def test_policy_values_parse_and_round_trip(
+    given: dict[str, str], rpo: int, policy: FailoverPolicy
+) -> None:
+    params = parse_parameters(given)
+    assert (params.rpo_seconds, params.failover_policy) == (rpo, policy)
+    assert parse_parameters(params.as_dict()) == params
+
+
+@pytest.mark.parametrize("value", ["-1", "1.5", "", "ten", "604801", "1e3", "٣"])
+def test_bad_rpo_seconds_names_parameter_and_range(value: str) -> None:
+    with pytest.raises(InvalidArgument, match=r"rpoSeconds=.*whole number from 0 to 604800"):
+        parse_parameters({"rpoSeconds": value})
+
+
+@pytest.mark.parametrize("value", ["", "always", "promote,wait", "failover"])
+def test_bad_failover_policy_names_parameter_and_choices(value: str) -> None:
+    with pytest.raises(InvalidArgument, match=r"failoverPolicy=.*wait or promote"):
+        parse_parameters({"failoverPolicy": value})
+
+
+def test_mutable_parameters_change_only_the_policy() -> None:
+    base = parse_parameters({"fsType": "xfs", "replicas": "1", "provisioning": "thin"})
+    changed = base.with_mutable({"replicas": "2", "rpoSeconds": "60", "failoverPolicy": "promote"})
+    assert changed == StorageParameters(
+        FsType.XFS, 2, Provisioning.THIN, 60, FailoverPolicy.PROMOTE
+    )
+    assert base.with_mutable({}) == base
+    assert changed.with_mutable({"rpoSeconds": "60"}) == changed
+
+
+@pytest.mark.parametrize("key", ["fsType", "provisioning", "csi.storage.k8s.io/pvc/name", "x"])
+def test_immutable_or_unknown_mutable_parameter_is_named(key: str) -> None:
+    with pytest.raises(InvalidArgument, match=rf"{key!r} cannot be changed.*replicas, rpoSeconds"):
+        StorageParameters().with_mutable({key: "v", "replicas": "1"})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("replicas", "4", "replicas='4'.*0 to 3"),
+        ("rpoSeconds", "-5", "rpoSeconds='-5'.*0 to 604800"),
+        ("failoverPolicy", "never", "failoverPolicy='never'.*wait or promote"),
+    ],
+)
+def test_bad_mutable_values_are_refused(key: str, value: str, words: str) -> None:
+    with pytest.raises(InvalidArgument, match=words):
+        StorageParameters().with_mutable({key: value})

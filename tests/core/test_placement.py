@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+from dataclasses import replace
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -11,15 +14,31 @@ from csi_driver.core.model import NodeRecord, Topology, TopologyRequirement
 from csi_driver.core.placement import (
     NODE_KEY,
     ZONE_KEY,
+    NodeReadiness,
     NodeView,
+    ReplicaPlan,
     accessible_segment,
     choose_primary,
+    choose_replicas,
+    place_volume,
+    plan_replicas,
 )
 
+RACK_KEY = "topology.kubernetes.io/rack"
+READY, NOT_READY, LEAVING = NodeReadiness.READY, NodeReadiness.NOT_READY, NodeReadiness.LEAVING
 
-def view(node_id: str, capacity: int, used: int = 0, zone: str = "z1") -> NodeView:
-    topo = Topology.of({ZONE_KEY: zone, NODE_KEY: node_id})
-    return NodeView(NodeRecord(node_id, "unix:///x", topo, capacity, 0), used, 0)
+
+def view(
+    node_id: str,
+    capacity: int,
+    used: int = 0,
+    zone: str = "z1",
+    readiness: NodeReadiness = READY,
+    rack: str | None = None,
+) -> NodeView:
+    labels = {ZONE_KEY: zone, NODE_KEY: node_id} | ({RACK_KEY: rack} if rack else {})
+    topo = Topology.of(labels)
+    return NodeView(NodeRecord(node_id, "unix:///x", topo, capacity, 0), used, 0, readiness)
 
 
 def seg(**kv: str) -> Topology:
@@ -106,3 +125,198 @@ def test_choice_always_fits_and_respects_requisite(
         and n.node.topology.satisfies(seg(zone=zone) if zone else Topology())
     ]
     assert chosen_view.free_bytes == max(n.free_bytes for n in fitting)
+
+
+# -- readiness and replicas ----------------------------------------------------------
+
+
+def test_primary_is_never_a_node_that_is_not_ready() -> None:
+    nodes = [
+        view("a", 1000, readiness=NOT_READY),
+        view("b", 100),
+        view("c", 9000, readiness=LEAVING),
+    ]
+    assert choose_primary(nodes, 50, None).node_id == "b"
+    with pytest.raises(ResourceExhausted, match="ready"):
+        choose_primary(nodes[:1], 50, None)
+
+
+def test_replicas_never_beside_a_copy_and_only_where_they_fit() -> None:
+    nodes = [view("a", 100), view("b", 100, 90), view("c", 100, 20), view("d", 100)]
+    # a holds the primary; b lacks room; d and c have room, d the most.
+    assert choose_replicas(nodes, 50, ["a"], 2) == ("d", "c")
+    assert choose_replicas(nodes, 50, ["a"], 5) == ("d", "c")
+    assert choose_replicas(nodes, 50, ["a", "d"], 1) == ("c",)
+    assert choose_replicas(nodes, 50, ["a"], 0) == ()
+
+
+def test_replicas_spread_across_failure_domains_before_free_space() -> None:
+    nodes = [
+        view("a", 100, rack="r1"),
+        view("b", 900, rack="r1"),
+        view("c", 200, rack="r2"),
+        view("d", 300, rack="r3"),
+    ]
+    # b has the most room but shares a's rack: the other racks come first.
+    assert choose_replicas(nodes, 50, ["a"], 3) == ("d", "c", "b")
+
+
+def test_replicas_stay_within_the_volumes_topology() -> None:
+    nodes = [view("a", 100, zone="z1"), view("b", 100, zone="z1"), view("c", 900, zone="z2")]
+    placed = place_volume(nodes, 50, None, 2)
+    # A volume is reported accessible from its primary's zone: a replica in
+    # another zone could never serve its pod.
+    assert placed.primary == "c"
+    assert placed.replicas == ()
+    assert placed.missing == 2
+    placed = place_volume(nodes, 50, TopologyRequirement(preferred=(seg(node="a"),)), 2)
+    assert (placed.primary, placed.replicas, placed.missing) == ("a", ("b",), 1)
+
+
+def test_replicas_skip_nodes_that_are_not_ready() -> None:
+    nodes = [view("a", 100), view("b", 900, readiness=NOT_READY), view("c", 900, readiness=LEAVING)]
+    assert choose_replicas(nodes, 10, ["a"], 2) == ()
+
+
+def test_plan_is_settled_when_the_replicas_match_the_policy() -> None:
+    nodes = [view("a", 100), view("b", 100), view("c", 100)]
+    assert plan_replicas(nodes, 10, "a", ["b", "c"], 2) == ReplicaPlan(("b", "c"), (), (), 0)
+    assert plan_replicas(nodes, 10, "a", ["b", "c"], 2).settled
+
+
+def test_plan_replaces_a_replica_on_a_leaving_or_vanished_node() -> None:
+    nodes = [view("a", 100), view("b", 100, readiness=LEAVING), view("c", 100), view("d", 50)]
+    plan = plan_replicas(nodes, 10, "a", ["b", "gone"], 2)
+    assert plan == ReplicaPlan((), ("b", "gone"), ("c", "d"), 0)
+
+
+def test_plan_keeps_a_replica_on_a_node_that_is_only_not_ready() -> None:
+    nodes = [view("a", 100), view("b", 100, readiness=NOT_READY), view("c", 100)]
+    assert plan_replicas(nodes, 10, "a", ["b"], 1) == ReplicaPlan(("b",), (), (), 0)
+
+
+def test_plan_retires_a_replica_whose_node_cannot_hold_the_growth() -> None:
+    nodes = [view("a", 100), view("b", 100, 95), view("c", 100, 30)]
+    plan = plan_replicas(nodes, 10, "a", ["b"], 1, growth_bytes=20)
+    # b has 5 bytes free, the growth needs 20; c takes the grown copy (30 bytes).
+    assert plan == ReplicaPlan((), ("b",), ("c",), 0)
+
+
+def test_plan_retires_a_replica_on_the_primary_node_after_a_move() -> None:
+    nodes = [view("a", 100), view("b", 100), view("c", 100)]
+    plan = plan_replicas(nodes, 10, "b", ["a", "b"], 2)
+    assert plan == ReplicaPlan(("a",), ("b",), ("c",), 0)
+
+
+def test_fewer_wanted_retires_the_least_useful_first() -> None:
+    nodes = [
+        view("p", 100, rack="r1"),
+        view("b", 100, rack="r1"),
+        view("c", 100, rack="r2"),
+        view("d", 100, rack="r3", readiness=NOT_READY),
+    ]
+    assert plan_replicas(nodes, 10, "p", ["b", "c", "d"], 2).retire == ("d",)
+    assert plan_replicas(nodes, 10, "p", ["b", "c", "d"], 1) == ReplicaPlan(
+        ("c",), ("b", "d"), (), 0
+    )
+    assert plan_replicas(nodes, 10, "p", ["b", "c", "d"], 0).retire == ("b", "c", "d")
+
+
+def test_more_wanted_than_nodes_reports_what_is_missing() -> None:
+    nodes = [view("a", 100), view("b", 100)]
+    assert plan_replicas(nodes, 10, "a", [], 3) == ReplicaPlan((), (), ("b",), 2)
+
+
+# -- properties ----------------------------------------------------------------------
+
+_node_specs = st.lists(
+    st.tuples(
+        st.integers(1, 1_000),  # capacity
+        st.integers(0, 1_000),  # used
+        st.sampled_from(["z1", "z2"]),
+        st.sampled_from(["r1", "r2", "r3"]),
+        st.sampled_from(list(NodeReadiness)),
+    ),
+    min_size=1,
+    max_size=7,
+)
+
+
+def _views(specs: list[tuple[int, int, str, str, NodeReadiness]]) -> list[NodeView]:
+    return [
+        view(f"n{i}", cap, min(used, cap), zone, ready, rack)
+        for i, (cap, used, zone, rack, ready) in enumerate(specs)
+    ]
+
+
+@given(_node_specs, st.integers(1, 600), st.integers(0, 4), st.randoms(use_true_random=False))
+def test_placement_never_doubles_up_never_overfills_and_is_deterministic(
+    specs: list[tuple[int, int, str, str, NodeReadiness]],
+    size: int,
+    replicas: int,
+    rng: random.Random,
+) -> None:
+    nodes = _views(specs)
+    try:
+        placed = place_volume(nodes, size, None, replicas)
+    except (OutOfRange, ResourceExhausted):
+        assert all(n.free_bytes < size or n.readiness is not READY for n in nodes)
+        return
+    copies = [placed.primary, *placed.replicas]
+    assert len(set(copies)) == len(copies)
+    by_id = {n.node.node_id: n for n in nodes}
+    for node_id in copies:
+        assert by_id[node_id].free_bytes >= size
+        assert by_id[node_id].readiness is READY
+    assert len(placed.replicas) + placed.missing == replicas
+    shuffled = list(nodes)
+    rng.shuffle(shuffled)
+    assert place_volume(shuffled, size, None, replicas) == placed
+
+
+@given(
+    _node_specs,
+    st.integers(1, 600),
+    st.integers(0, 200),
+    st.integers(0, 4),
+    st.data(),
+    st.randoms(use_true_random=False),
+)
+def test_replanning_never_doubles_up_never_overfills_and_is_deterministic(
+    specs: list[tuple[int, int, str, str, NodeReadiness]],
+    size: int,
+    growth: int,
+    wanted: int,
+    data: st.DataObject,
+    rng: random.Random,
+) -> None:
+    nodes = _views(specs)
+    ids = [n.node.node_id for n in nodes] + ["gone"]
+    primary = data.draw(st.sampled_from(ids))
+    current = data.draw(st.lists(st.sampled_from(ids), max_size=5))
+    plan = plan_replicas(nodes, size, primary, current, wanted, growth_bytes=growth)
+    after = [primary, *plan.keep, *plan.add]
+    # Never two copies on one node, not even while retiring copies still exist.
+    assert len(set(after)) == len(after)
+    assert not set(plan.add) & set(plan.retire)
+    assert set(plan.keep) | set(plan.retire) == set(current)
+    assert not set(plan.keep) & set(plan.retire)
+    by_id = {n.node.node_id: n for n in nodes}
+    for node_id in plan.add:
+        assert by_id[node_id].free_bytes >= size + growth
+        assert by_id[node_id].readiness is READY
+    for node_id in plan.keep:
+        assert by_id[node_id].free_bytes >= growth
+        assert by_id[node_id].readiness is not LEAVING
+    assert len(plan.keep) + len(plan.add) + plan.missing == wanted
+    shuffled = list(nodes)
+    rng.shuffle(shuffled)
+    assert plan_replicas(shuffled, size, primary, current, wanted, growth_bytes=growth) == plan
+    # Carrying a plan out (the new copies and the growth charged) settles it.
+    charged = {**{k: growth for k in plan.keep}, **{a: size + growth for a in plan.add}}
+    after_views = [
+        replace(n, provisioned_bytes=n.provisioned_bytes + charged.get(n.node.node_id, 0))
+        for n in nodes
+    ]
+    again = plan_replicas(after_views, size + growth, primary, [*plan.keep, *plan.add], wanted)
+    assert (again.add, again.retire) == ((), ())
