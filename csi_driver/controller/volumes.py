@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from csi_driver.controller.images import DEFAULT_WAIT_S, ImageIntents
+from csi_driver.controller.policy import check_mutable, modify_volume
 from csi_driver.core.errors import (
     CONTROLLER_PUBLISH_INCOMPATIBLE,
     NAME_CONFLICT,
@@ -185,11 +186,16 @@ class VolumeService:
         capabilities: Sequence[VolumeCapability],
         parameters: Mapping[str, str],
         requirement: TopologyRequirement | None,
+        mutable_parameters: Mapping[str, str] | None = None,
     ) -> Volume:
-        """Provision (or return the already provisioned) volume called ``name``."""
+        """Provision (or return the already provisioned) volume called ``name``.
+
+        ``mutable_parameters`` (the PVC's VolumeAttributesClass) override the
+        StorageClass's policy parameters from the start.
+        """
         if not name:
             raise InvalidArgument("name is required")
-        params = parse_parameters(parameters)
+        params = parse_parameters(parameters).with_mutable(mutable_parameters or {})
         access_type, fs_type = volume_shape(capabilities, params)
         size = resolve_size(capacity, MINIMUM_SIZE[fs_type])
         with self._names.hold(name, timeout=self._lock_timeout):
@@ -393,6 +399,7 @@ class VolumeService:
         volume_id: str,
         capabilities: Sequence[VolumeCapability],
         parameters: Mapping[str, str],
+        mutable_parameters: Mapping[str, str] | None = None,
     ) -> str:
         """Return "" when every capability is served, else the reason it is not."""
         volume = self._require_volume(volume_id)
@@ -403,9 +410,9 @@ class VolumeService:
                 return f"volume {volume_id} is a {volume.access_type.value} volume" + (
                     f" formatted {volume.fs_type.value}" if volume.fs_type else ""
                 )
-        if parameters:
+        if parameters or mutable_parameters:
             try:
-                params = parse_parameters(parameters)
+                params = parse_parameters(parameters).with_mutable(mutable_parameters or {})
             except InvalidArgument as exc:
                 return exc.message
             if params.as_dict() != dict(volume.parameters):
@@ -518,6 +525,14 @@ class VolumeService:
             new_size = self._images.finish_grow(volume, grown.value)
         log.info("volume expanded", extra={"volume": volume_id, "bytes": new_size})
         return new_size
+
+    # -- policy ----------------------------------------------------------------
+
+    def modify(self, volume_id: str, mutable_parameters: Mapping[str, str]) -> Volume:
+        """Change the volume's replication policy (ControllerModifyVolume); idempotent."""
+        check_mutable(mutable_parameters)
+        with self._volumes.hold(volume_id, timeout=self._lock_timeout):
+            return modify_volume(self._catalog, volume_id, mutable_parameters)
 
     # -- internals -------------------------------------------------------------
 

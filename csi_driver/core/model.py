@@ -144,6 +144,10 @@ class Volume:
     parameters: tuple[tuple[str, str], ...] = ()
     publications: tuple[Publication, ...] = ()
     created_at: float = 0.0
+    #: Bumped (records.revise) when the volume's policy (parameters) changes,
+    #: so the reconcilers that add or retire replicas can report which policy
+    #: they acted on; publications and state are not part of it.
+    generation: int = 1
 
     def published_on(self, node_id: str) -> Publication | None:
         return next((p for p in self.publications if p.node_id == node_id), None)

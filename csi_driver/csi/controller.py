@@ -32,6 +32,7 @@ CAPABILITIES = (
     _RPC.VOLUME_CONDITION,
     _RPC.GET_VOLUME,
     _RPC.SINGLE_NODE_MULTI_WRITER,
+    _RPC.MODIFY_VOLUME,
 )
 
 ACCESS_TYPE_CONTEXT_KEY = "ferry.csi.dev/access-type"
@@ -66,16 +67,13 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
                 "volume_content_source (clone or restore from snapshot) is not supported by "
                 "this Ferry release; create an empty volume"
             )
-        if request.mutable_parameters:
-            raise InvalidArgument(
-                "mutable_parameters are not supported: Ferry does not offer MODIFY_VOLUME"
-            )
         volume = self._volumes.create_volume(
             name=request.name,
             capacity=capacity_from_proto(request),
             capabilities=capabilities,
             parameters=dict(request.parameters),
             requirement=requirement_from_proto(request),
+            mutable_parameters=dict(request.mutable_parameters),
         )
         return csi_pb2.CreateVolumeResponse(volume=self._volume_message(volume))
 
@@ -101,7 +99,10 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     def ValidateVolumeCapabilities(self, request: Any, context: grpc.ServicerContext) -> Any:
         capabilities = capabilities_from_proto(request.volume_capabilities)
         reason = self._volumes.validate_capabilities(
-            request.volume_id, capabilities, dict(request.parameters)
+            request.volume_id,
+            capabilities,
+            dict(request.parameters),
+            dict(request.mutable_parameters),
         )
         if reason:
             return csi_pb2.ValidateVolumeCapabilitiesResponse(message=reason)
@@ -175,6 +176,11 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             capacity_bytes=size, node_expansion_required=True
         )
 
+    @rpc(required=("volume_id", "mutable_parameters"))
+    def ControllerModifyVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._volumes.modify(request.volume_id, dict(request.mutable_parameters))
+        return csi_pb2.ControllerModifyVolumeResponse()
+
     # Not offered (and not advertised in ControllerGetCapabilities): UNIMPLEMENTED
     # whatever the request holds, so none of their fields is declared required.
 
@@ -196,7 +202,3 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     @rpc
     def GetSnapshot(self, request: Any, context: grpc.ServicerContext) -> Any:
         return self._unoffered("GetSnapshot")
-
-    @rpc
-    def ControllerModifyVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._unoffered("ControllerModifyVolume")

@@ -73,6 +73,7 @@ def _volume_to_json(volume: Volume) -> bytes:
             for p in volume.publications
         ],
         "created_at": volume.created_at,
+        "generation": volume.generation,
     }
     return json.dumps(doc, sort_keys=True).encode()
 
@@ -99,6 +100,7 @@ def _volume_from_json(raw: bytes) -> Volume:
             for p in doc["publications"]
         ),
         created_at=float(doc["created_at"]),
+        generation=int(doc.get("generation", 1)),
     )
 
 

@@ -671,6 +671,7 @@ def test_controller_capabilities(ferry: Ferry) -> None:
         _RPC.VOLUME_CONDITION,
         _RPC.GET_VOLUME,
         _RPC.SINGLE_NODE_MULTI_WRITER,
+        _RPC.MODIFY_VOLUME,
     }
 
 
@@ -680,7 +681,6 @@ def test_controller_capabilities(ferry: Ferry) -> None:
         ("CreateSnapshot", csi_pb2.CreateSnapshotRequest),
         ("DeleteSnapshot", csi_pb2.DeleteSnapshotRequest),
         ("ListSnapshots", csi_pb2.ListSnapshotsRequest),
-        ("ControllerModifyVolume", csi_pb2.ControllerModifyVolumeRequest),
     ],
 )
 def test_unadvertised_rpcs_are_unimplemented(ferry: Ferry, method: str, request_type: type) -> None:

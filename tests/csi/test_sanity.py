@@ -207,6 +207,13 @@ REQUIRED: list[tuple[str, Callable[[Case, str], Any], tuple[str, ...]]] = [
         ("volume_id", "capacity_range"),
     ),
     (
+        "ControllerModifyVolume",
+        lambda c, vid: csi_pb2.ControllerModifyVolumeRequest(
+            volume_id=vid, mutable_parameters={"replicas": "1"}
+        ),
+        ("volume_id", "mutable_parameters"),
+    ),
+    (
         "NodeStageVolume",
         lambda c, vid: csi_pb2.NodeStageVolumeRequest(
             volume_id=vid, staging_target_path=c.staging(), volume_capability=capability(c.access)
@@ -305,6 +312,7 @@ UNKNOWN: list[tuple[str, grpc.StatusCode, dict[str, str]]] = [
     ("ValidateVolumeCapabilities", NOT_FOUND, {}),
     ("ControllerGetVolume", NOT_FOUND, {}),
     ("ControllerExpandVolume", NOT_FOUND, {}),
+    ("ControllerModifyVolume", NOT_FOUND, {}),
     ("NodeStageVolume", NOT_FOUND, {}),
     ("NodeUnstageVolume", OK, {}),
     ("NodePublishVolume", NOT_FOUND, {}),
