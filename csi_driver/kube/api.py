@@ -1,0 +1,220 @@
+"""The Kubernetes API, for what only it knows: Events on PVCs, Node readiness.
+
+The only module of Ferry that imports the ``kubernetes`` client. It reaches
+the API server in-cluster (the pod's service account) or through a
+kubeconfig (``KUBECONFIG``), never otherwise; each call carries a short
+timeout, because what calls it (a move, a failover) must not wait on the
+API server. Invariants:
+
+- An Event goes on the volume's PersistentVolumeClaim (found through the
+  PersistentVolume named like the volume, its ``claimRef``), with the PV as
+  the related object; on the PV itself (namespace ``default``, as for any
+  cluster-scoped object) when it is bound to no claim. A volume whose PV
+  does not exist (yet, or any more) gets a log line instead.
+- Emitting never raises: a failed post is logged with the Event's words.
+- Nothing here decides anything; the decisions are the pure functions of
+  :mod:`.events` and :mod:`.nodes`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
+
+from csi_driver import DRIVER_NAME
+from csi_driver.core.errors import Unavailable
+from csi_driver.kube.events import EventSink, LoggingSink, VolumeEvent, VolumeRef
+from csi_driver.kube.nodes import NodeFacts, Taint
+
+log = logging.getLogger(__name__)
+
+#: Seconds any one call to the API server may take.
+CALL_TIMEOUT_S = 5.0
+REPORTING_CONTROLLER = f"{DRIVER_NAME}/controller"
+#: Where Events about cluster-scoped objects (a PV without a claim) go.
+CLUSTER_EVENTS_NAMESPACE = "default"
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    """The object an Event is about."""
+
+    kind: str
+    name: str
+    namespace: str = ""
+    uid: str = ""
+    api_version: str = "v1"
+
+    def as_dict(self) -> dict[str, str]:
+        out = {"apiVersion": self.api_version, "kind": self.kind, "name": self.name}
+        if self.namespace:
+            out["namespace"] = self.namespace
+        if self.uid:
+            out["uid"] = self.uid
+        return out
+
+
+def cluster_configured() -> bool:
+    """True in a pod with a service account, or when ``KUBECONFIG`` names a file."""
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) or bool(os.environ.get("KUBECONFIG"))
+
+
+def connect(kubeconfig: str | None = None) -> client.ApiClient:
+    """An API client: ``kubeconfig`` if given, in-cluster in a pod, else ``KUBECONFIG``."""
+    try:
+        if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+            configuration = client.Configuration()
+            config.load_incluster_config(  # type: ignore[no-untyped-call]
+                client_configuration=configuration
+            )
+            return client.ApiClient(configuration)
+        api: client.ApiClient = config.new_client_from_config(  # type: ignore[no-untyped-call]
+            config_file=kubeconfig
+        )
+        return api
+    except (config.ConfigException, OSError) as exc:
+        raise Unavailable(
+            f"cannot reach the Kubernetes API: {exc}; run in a pod with a service account "
+            "or set KUBECONFIG"
+        ) from exc
+
+
+def _timestamp(value: dt.datetime | None) -> float:
+    return value.timestamp() if value is not None else 0.0
+
+
+def node_facts(node: Any) -> NodeFacts:
+    """A ``V1Node`` read as :class:`NodeFacts`."""
+    conditions = (node.status.conditions if node.status else None) or []
+    ready = next((c for c in conditions if c.type == "Ready"), None)
+    spec = node.spec
+    taints = (spec.taints if spec else None) or []
+    return NodeFacts(
+        name=node.metadata.name,
+        ready=ready.status if ready is not None else "",
+        ready_since=_timestamp(ready.last_transition_time) if ready is not None else 0.0,
+        unschedulable=bool(spec.unschedulable) if spec else False,
+        taints=tuple(Taint(t.key, t.value or "", t.effect or "") for t in taints),
+    )
+
+
+class KubeApi:
+    """The few calls Ferry makes to the Kubernetes API."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self._core = client.CoreV1Api(api)
+        self._events = client.EventsV1Api(api)
+
+    def node(self, name: str) -> NodeFacts | None:
+        """The Node called ``name``, or None when Kubernetes has no such Node."""
+        try:
+            return node_facts(self._core.read_node(name, _request_timeout=CALL_TIMEOUT_S))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def nodes(self) -> list[NodeFacts]:
+        listed = self._core.list_node(_request_timeout=CALL_TIMEOUT_S)
+        return [node_facts(n) for n in listed.items]
+
+    def regarding(self, volume: VolumeRef) -> tuple[ObjectRef, ObjectRef] | None:
+        """(the object an Event about ``volume`` goes on, its PV), or None without a PV."""
+        try:
+            pv: Any = self._core.read_persistent_volume(
+                volume.name, _request_timeout=CALL_TIMEOUT_S
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        pv_ref = ObjectRef("PersistentVolume", volume.name, uid=pv.metadata.uid or "")
+        claim = pv.spec.claim_ref if pv.spec is not None else None
+        if claim is None or not claim.name:
+            return pv_ref, pv_ref
+        return ObjectRef(
+            "PersistentVolumeClaim", claim.name, claim.namespace or "", claim.uid or ""
+        ), pv_ref
+
+    def post_event(
+        self, regarding: ObjectRef, related: ObjectRef, event: VolumeEvent, instance: str
+    ) -> str:
+        """Create an events.k8s.io/v1 Event; return its name."""
+        namespace = regarding.namespace or CLUSTER_EVENTS_NAMESPACE
+        now = dt.datetime.now(dt.UTC)
+        body: dict[str, Any] = {
+            "apiVersion": "events.k8s.io/v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{regarding.name}.", "namespace": namespace},
+            # MicroTime: Kubernetes wants the microseconds written out.
+            "eventTime": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "reportingController": REPORTING_CONTROLLER,
+            "reportingInstance": instance[:128],
+            "action": event.reason.action,
+            "reason": event.reason.reason,
+            "note": event.note,
+            "type": event.event_type.value,
+            "regarding": regarding.as_dict(),
+        }
+        if related != regarding:
+            body["related"] = related.as_dict()
+        # A plain dict: the client's model would write eventTime without the
+        # microseconds when they happen to be 0, which the API server refuses.
+        created: Any = self._events.create_namespaced_event(
+            namespace,
+            body,  # type: ignore[arg-type]
+            _request_timeout=CALL_TIMEOUT_S,
+        )
+        return str(created.metadata.name)
+
+
+class KubeSink:
+    """An :class:`EventSink` posting Events on the volume's PVC."""
+
+    def __init__(self, api: KubeApi, instance: str) -> None:
+        self._api = api
+        self._instance = instance
+        self._fallback = LoggingSink()
+
+    def emit(self, volume: VolumeRef, event: VolumeEvent) -> None:
+        # The log line is written whatever happens to the post: the log is
+        # the record that outlives Kubernetes' one-hour Event retention.
+        self._fallback.emit(volume, event)
+        try:
+            target = self._api.regarding(volume)
+            if target is None:
+                log.info(
+                    "no PersistentVolume for the volume: event logged only",
+                    extra={"volume": volume.volume_id, "volume_name": volume.name},
+                )
+                return
+            self._api.post_event(target[0], target[1], event, self._instance)
+        except (ApiException, HTTPError, OSError) as exc:
+            log.warning(
+                "could not post a Kubernetes Event",
+                extra={
+                    "volume": volume.volume_id,
+                    "reason": event.reason.reason,
+                    "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                },
+            )
+
+
+def event_sink(instance: str | None = None) -> EventSink:
+    """Events to the cluster when one is configured (in a pod, or KUBECONFIG), else the log."""
+    if not cluster_configured():
+        return LoggingSink()
+    try:
+        api = KubeApi(connect())
+    except Unavailable as exc:
+        log.warning("Kubernetes Events disabled: %s", exc.message)
+        return LoggingSink()
+    return KubeSink(api, instance or os.environ.get("POD_NAME") or socket.gethostname())
