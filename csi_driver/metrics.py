@@ -1,7 +1,15 @@
-"""Prometheus metrics: names follow ``ferry_<area>_<what>_<unit>``."""
+"""Prometheus metrics: names follow ``ferry_<area>_<what>_<unit>``.
+
+The chart's Grafana dashboard queries these names; a test checks every name
+it uses is one exported here, so renaming a metric means fixing the
+dashboard in the same change.
+"""
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -102,3 +110,133 @@ TRANSFER_RATE = Gauge(
 TRANSFER_ETA = Gauge(
     "ferry_transfer_eta_seconds", "Estimated seconds until a transfer completes.", ["transfer"]
 )
+
+
+# -- volume mobility: moves, replication, failover ----------------------------------
+# Recorded by the mobility reconcilers through the functions below (labels are
+# enums, so a typo cannot start a new series). Per-volume series (lag, replica
+# counts) are removed with forget_volume / forget_replica when the volume or
+# the replica goes, so a deleted volume does not report its last lag forever.
+
+
+class DataFlow(enum.Enum):
+    """Why volume data crossed between nodes."""
+
+    MOVE = "move"  # a volume following its pod (ControllerPublish on another node)
+    REPLICATION = "replication"  # a scheduled delta to a replica (rpoSeconds)
+    RESYNC = "resync"  # a replica (re)built: added, or a returning stale primary
+
+
+class MoveResult(enum.Enum):
+    DONE = "done"
+    FAILED = "failed"  # gave up and rolled back; the old primary still serves
+
+
+_DURATION_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600)
+
+VOLUME_BYTES_MOVED = Counter(
+    "ferry_volume_moved_bytes_total",
+    "Volume data bytes shipped between nodes and verified, by flow (move, replication, resync).",
+    ["flow"],
+)
+MOVE_SECONDS = Histogram(
+    "ferry_move_duration_seconds",
+    "Time from a move's start (ControllerPublish on a node without the primary) to its end.",
+    ["result"],
+    buckets=_DURATION_BUCKETS,
+)
+FAILOVER_SECONDS = Histogram(
+    "ferry_failover_duration_seconds",
+    "Time from the primary's node declared lost (out-of-service or forced detach) to the "
+    "replica promoted.",
+    buckets=_DURATION_BUCKETS,
+)
+FAILOVER_LOSS_WINDOW = Histogram(
+    "ferry_failover_data_loss_window_seconds",
+    "How far the promoted replica lagged the lost primary: writes in that window are lost.",
+    buckets=(0, 1, 5, 15, 30, 60, 300, 900, 3600),
+)
+REPLICATION_LAG_SECONDS = Gauge(
+    "ferry_replication_lag_seconds",
+    "Age of the newest primary image a replica holds, per volume and replica node.",
+    ["volume", "replica"],
+)
+REPLICATION_LAG_BYTES = Gauge(
+    "ferry_replication_lag_bytes",
+    "Bytes of the primary a replica does not hold yet (last known), per volume and replica node.",
+    ["volume", "replica"],
+)
+REPLICATION_RPO_SECONDS = Gauge(
+    "ferry_replication_rpo_seconds",
+    "The volume's rpoSeconds (0: no schedule): compare with ferry_replication_lag_seconds.",
+    ["volume"],
+)
+VOLUME_REPLICAS = Gauge(
+    "ferry_volume_replicas", "Replicas of a volume in place and in sync.", ["volume"]
+)
+VOLUME_REPLICAS_WANTED = Gauge(
+    "ferry_volume_replicas_wanted", "Replicas the volume's policy asks for.", ["volume"]
+)
+TRANSFERS_IN_FLIGHT = Gauge(
+    "ferry_transfers_in_flight", "Node-to-node transfers under way, by flow.", ["flow"]
+)
+
+
+def count_moved(flow: DataFlow, nbytes: int) -> None:
+    """``nbytes`` of volume data landed verified on another node for ``flow``."""
+    VOLUME_BYTES_MOVED.labels(flow.value).inc(nbytes)
+
+
+def observe_move(seconds: float, result: MoveResult) -> None:
+    MOVE_SECONDS.labels(result.value).observe(seconds)
+
+
+def observe_failover(seconds: float, loss_window_s: float) -> None:
+    FAILOVER_SECONDS.observe(seconds)
+    FAILOVER_LOSS_WINDOW.observe(loss_window_s)
+
+
+def observe_replication(
+    volume_id: str, replica_node: str, lag_seconds: float, lag_bytes: int
+) -> None:
+    REPLICATION_LAG_SECONDS.labels(volume_id, replica_node).set(lag_seconds)
+    REPLICATION_LAG_BYTES.labels(volume_id, replica_node).set(lag_bytes)
+
+
+def observe_replicas(volume_id: str, in_sync: int, wanted: int, rpo_seconds: int) -> None:
+    VOLUME_REPLICAS.labels(volume_id).set(in_sync)
+    VOLUME_REPLICAS_WANTED.labels(volume_id).set(wanted)
+    REPLICATION_RPO_SECONDS.labels(volume_id).set(rpo_seconds)
+
+
+@contextmanager
+def transfer_in_flight(flow: DataFlow) -> Iterator[None]:
+    """Count a transfer as under way for the duration of the ``with`` block."""
+    gauge = TRANSFERS_IN_FLIGHT.labels(flow.value)
+    gauge.inc()
+    try:
+        yield
+    finally:
+        gauge.dec()
+
+
+def forget_replica(volume_id: str, replica_node: str) -> None:
+    """The replica was retired: drop its lag series."""
+    for gauge in (REPLICATION_LAG_SECONDS, REPLICATION_LAG_BYTES):
+        with suppress(KeyError):
+            gauge.remove(volume_id, replica_node)
+
+
+def forget_volume(volume_id: str) -> None:
+    """The volume was deleted: drop every series labelled with it."""
+    replicas = {
+        sample.labels["replica"]
+        for family in REPLICATION_LAG_SECONDS.collect()
+        for sample in family.samples
+        if sample.labels["volume"] == volume_id
+    }
+    for replica in replicas:
+        forget_replica(volume_id, replica)
+    for gauge in (VOLUME_REPLICAS, VOLUME_REPLICAS_WANTED, REPLICATION_RPO_SECONDS):
+        with suppress(KeyError):
+            gauge.remove(volume_id)
