@@ -11,7 +11,8 @@ API server. Invariants:
   the related object; on the PV itself (namespace ``default``, as for any
   cluster-scoped object) when it is bound to no claim. A volume whose PV
   does not exist (yet, or any more) gets a log line instead.
-- Emitting never raises: a failed post is logged with the Event's words.
+- Emitting never raises and never waits on the API server: the Event is
+  logged at once and posted by a worker thread; a failed post is logged.
 - Nothing here decides anything; the decisions are the pure functions of
   :mod:`.events` and :mod:`.nodes`.
 """
@@ -21,7 +22,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import queue
 import socket
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,22 +72,26 @@ def cluster_configured() -> bool:
 
 def connect(kubeconfig: str | None = None) -> client.ApiClient:
     """An API client: ``kubeconfig`` if given, in-cluster in a pod, else ``KUBECONFIG``."""
+    configuration = client.Configuration()
     try:
         if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-            configuration = client.Configuration()
             config.load_incluster_config(  # type: ignore[no-untyped-call]
                 client_configuration=configuration
             )
-            return client.ApiClient(configuration)
-        api: client.ApiClient = config.new_client_from_config(  # type: ignore[no-untyped-call]
-            config_file=kubeconfig
-        )
-        return api
+        else:
+            config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=kubeconfig, client_configuration=configuration
+            )
     except (config.ConfigException, OSError) as exc:
         raise Unavailable(
             f"cannot reach the Kubernetes API: {exc}; run in a pod with a service account "
             "or set KUBECONFIG"
         ) from exc
+    # One retry, not urllib3's three: the callers (reconcilers reporting a
+    # move, a failover) have their own next pass, and must not stall on a
+    # dead API server for CALL_TIMEOUT_S times four.
+    configuration.retries = 1
+    return client.ApiClient(configuration)
 
 
 def _timestamp(value: dt.datetime | None) -> float:
@@ -177,17 +184,48 @@ class KubeApi:
 
 
 class KubeSink:
-    """An :class:`EventSink` posting Events on the volume's PVC."""
+    """An :class:`EventSink` posting Events on the volume's PVC, off the caller's thread.
 
-    def __init__(self, api: KubeApi, instance: str) -> None:
+    ``emit`` logs the Event and queues the post; one worker thread posts in
+    order, so a slow or unreachable API server never stalls a move or a
+    failover. When ``queue_size`` posts are waiting, further Events are
+    logged only (the log is the record anyway).
+    """
+
+    def __init__(self, api: KubeApi, instance: str, queue_size: int = 1000) -> None:
         self._api = api
         self._instance = instance
         self._fallback = LoggingSink()
+        self._queue: queue.Queue[tuple[VolumeRef, VolumeEvent] | None] = queue.Queue(queue_size)
+        self._worker = threading.Thread(target=self._post_all, name="kube-events", daemon=True)
+        self._worker.start()
 
     def emit(self, volume: VolumeRef, event: VolumeEvent) -> None:
         # The log line is written whatever happens to the post: the log is
         # the record that outlives Kubernetes' one-hour Event retention.
         self._fallback.emit(volume, event)
+        try:
+            self._queue.put_nowait((volume, event))
+        except queue.Full:
+            log.warning(
+                "too many Kubernetes Events waiting to be posted: event logged only",
+                extra={"volume": volume.volume_id, "reason": event.reason.reason},
+            )
+
+    def close(self, timeout_s: float = CALL_TIMEOUT_S) -> bool:
+        """Post what is queued (within ``timeout_s``) and stop; True if all was posted."""
+        try:
+            self._queue.put(None, timeout=timeout_s)
+        except queue.Full:
+            return False
+        self._worker.join(timeout_s)
+        return not self._worker.is_alive()
+
+    def _post_all(self) -> None:
+        while (item := self._queue.get()) is not None:
+            self._post(*item)
+
+    def _post(self, volume: VolumeRef, event: VolumeEvent) -> None:
         try:
             target = self._api.regarding(volume)
             if target is None:

@@ -67,8 +67,9 @@ def test_an_event_lands_on_the_volumes_claim(
     kube_client: Any, claimed_volume: tuple[VolumeRef, str, str]
 ) -> None:
     volume, namespace, pvc = claimed_volume
-    events = MobilityEvents(KubeSink(KubeApi(kube_client), "ferry-test"))
-    events.failed_over(volume, "node-1", "node-2", 4, 12.5, "2026-11-26T23:40:01Z")
+    sink = KubeSink(KubeApi(kube_client), "ferry-test")
+    MobilityEvents(sink).failed_over(volume, "node-1", "node-2", 4, 12.5, "2026-11-26T23:40:01Z")
+    assert sink.close(), "the queued Event was not posted in time"
     api = client.EventsV1Api(kube_client)
     deadline = time.monotonic() + 10
     found: list[Any] = []
@@ -92,7 +93,9 @@ def test_a_volume_without_a_pv_gets_no_event_and_no_error(kube_client: Any) -> N
     api = KubeApi(kube_client)
     ghost = VolumeRef("vol-" + "0" * 32, f"pvc-ferry-absent-{uuid.uuid4().hex[:8]}")
     assert api.regarding(ghost) is None
-    MobilityEvents(KubeSink(api, "ferry-test")).move_failed(ghost, "node-2", "test")
+    sink = KubeSink(api, "ferry-test")
+    MobilityEvents(sink).move_failed(ghost, "node-2", "test")
+    assert sink.close()
 
 
 def test_node_readiness_reads_the_cluster(kube_client: Any) -> None:
