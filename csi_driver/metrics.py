@@ -114,9 +114,10 @@ TRANSFER_ETA = Gauge(
 
 # -- volume mobility: moves, replication, failover ----------------------------------
 # Recorded by the mobility reconcilers through the functions below (labels are
-# enums, so a typo cannot start a new series). Per-volume series (lag, replica
-# counts) are removed with forget_volume / forget_replica when the volume or
-# the replica goes, so a deleted volume does not report its last lag forever.
+# enums or volume ids, so a typo cannot start a new series). Per-volume series
+# (lag, replica counts) are removed with forget_volume / forget_replica when the
+# volume or the replica goes, so a deleted volume does not report its last lag
+# forever. The chart's dashboard and docs/operations.md name these metrics.
 
 
 class DataFlow(enum.Enum):
@@ -128,8 +129,10 @@ class DataFlow(enum.Enum):
 
 
 class MoveResult(enum.Enum):
+    """How a move ended (the values of the move record's last step)."""
+
     DONE = "done"
-    FAILED = "failed"  # gave up and rolled back; the old primary still serves
+    ABANDONED = "abandoned"  # rolled back; the source stays the primary
 
 
 _DURATION_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600)
@@ -139,11 +142,25 @@ VOLUME_BYTES_MOVED = Counter(
     "Volume data bytes shipped between nodes and verified, by flow (move, replication, resync).",
     ["flow"],
 )
+REPLICA_SYNC_BYTES = Counter(
+    "ferry_replica_sync_bytes_total",
+    "Bytes a replica on this node received from its primary, by volume.",
+    ["volume"],
+)
+REPLICA_SYNCS = Counter(
+    "ferry_replica_syncs_total",
+    "Replica generations committed on this node, by volume.",
+    ["volume"],
+)
 MOVE_SECONDS = Histogram(
     "ferry_move_duration_seconds",
-    "Time from a move's start (ControllerPublish on a node without the primary) to its end.",
+    "Time from a move's request (ControllerPublish on a node without the primary) to its end.",
     ["result"],
     buckets=_DURATION_BUCKETS,
+)
+MOVE_FINAL_SYNC_BYTES = Counter(
+    "ferry_move_final_sync_bytes_total",
+    "Bytes the final (quiescent) sync of moves shipped: what the pod waited for.",
 )
 FAILOVER_SECONDS = Histogram(
     "ferry_failover_duration_seconds",
@@ -153,7 +170,8 @@ FAILOVER_SECONDS = Histogram(
 )
 FAILOVER_LOSS_WINDOW = Histogram(
     "ferry_failover_data_loss_window_seconds",
-    "How far the promoted replica lagged the lost primary: writes in that window are lost.",
+    "Writes a failover may have lost: from the promoted replica's capture to the lost "
+    "primary's last sign of life.",
     buckets=(0, 1, 5, 15, 30, 60, 300, 900, 3600),
 )
 REPLICATION_LAG_SECONDS = Gauge(
@@ -187,13 +205,27 @@ def count_moved(flow: DataFlow, nbytes: int) -> None:
     VOLUME_BYTES_MOVED.labels(flow.value).inc(nbytes)
 
 
-def observe_move(seconds: float, result: MoveResult) -> None:
-    MOVE_SECONDS.labels(result.value).observe(seconds)
+def observe_sync(volume_id: str, received_bytes: int) -> None:
+    """A replica committed a generation after receiving ``received_bytes``."""
+    REPLICA_SYNCS.labels(volume_id).inc()
+    REPLICA_SYNC_BYTES.labels(volume_id).inc(received_bytes)
 
 
-def observe_failover(seconds: float, loss_window_s: float) -> None:
-    FAILOVER_SECONDS.observe(seconds)
-    FAILOVER_LOSS_WINDOW.observe(loss_window_s)
+def observe_move(result: MoveResult | str, seconds: float, final_bytes: int = 0) -> None:
+    """A move ended (``done`` or ``abandoned``) after ``seconds``.
+
+    ``result`` may be the move step's value; anything but a :class:`MoveResult`
+    value is a bug (ValueError), not a new series.
+    """
+    MOVE_SECONDS.labels(MoveResult(result).value).observe(seconds)
+    MOVE_FINAL_SYNC_BYTES.inc(final_bytes)
+
+
+def observe_failover(data_loss_window_s: float, seconds: float | None = None) -> None:
+    """A replica was promoted; ``seconds`` since the node was declared lost, when known."""
+    FAILOVER_LOSS_WINDOW.observe(data_loss_window_s)
+    if seconds is not None:
+        FAILOVER_SECONDS.observe(seconds)
 
 
 def observe_replication(
@@ -237,6 +269,12 @@ def forget_volume(volume_id: str) -> None:
     }
     for replica in replicas:
         forget_replica(volume_id, replica)
-    for gauge in (VOLUME_REPLICAS, VOLUME_REPLICAS_WANTED, REPLICATION_RPO_SECONDS):
+    for metric in (
+        VOLUME_REPLICAS,
+        VOLUME_REPLICAS_WANTED,
+        REPLICATION_RPO_SECONDS,
+        REPLICA_SYNC_BYTES,
+        REPLICA_SYNCS,
+    ):
         with suppress(KeyError):
-            gauge.remove(volume_id)
+            metric.remove(volume_id)

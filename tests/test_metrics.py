@@ -16,6 +16,7 @@ from csi_driver.metrics import (
     observe_move,
     observe_replicas,
     observe_replication,
+    observe_sync,
     transfer_in_flight,
 )
 
@@ -50,15 +51,31 @@ def test_move_and_failover_durations_are_histograms() -> None:
     failovers = ("ferry_failover_duration_seconds_count", ())
     window_sum = ("ferry_failover_data_loss_window_seconds_sum", ())
     before = exposed()
-    observe_move(1.5, MoveResult.DONE)
-    observe_move(40, MoveResult.DONE)
-    observe_move(3, MoveResult.FAILED)
-    observe_failover(8.0, loss_window_s=12.5)
+    final = ("ferry_move_final_sync_bytes_total", ())
+    observe_move(MoveResult.DONE, 1.5, final_bytes=4096)
+    observe_move("done", 40)  # the move record's step value
+    observe_move(MoveResult.ABANDONED, 3)
+    observe_failover(12.5, seconds=8.0)
+    observe_failover(3.0)  # the time since the node was declared lost is not known
     after = exposed()
     assert after[count] - before.get(count, 0) == 2
     assert after[under_two] - before.get(under_two, 0) == 1
+    assert after[final] - before.get(final, 0) == 4096
     assert after[failovers] - before.get(failovers, 0) == 1
-    assert after[window_sum] - before.get(window_sum, 0) == 12.5
+    assert after[window_sum] - before.get(window_sum, 0) == 15.5
+    with pytest.raises(ValueError):
+        observe_move("switched", 1.0)  # not an end: a bug, not a new series
+
+
+def test_replica_syncs_per_volume() -> None:
+    volume = "vol-" + "e" * 32
+    observe_sync(volume, 1 << 20)
+    observe_sync(volume, 4096)
+    samples = exposed()
+    assert samples[("ferry_replica_sync_bytes_total", (("volume", volume),))] == (1 << 20) + 4096
+    assert samples[("ferry_replica_syncs_total", (("volume", volume),))] == 2
+    forget_volume(volume)
+    assert not [k for k in exposed() if ("volume", volume) in k[1]]
 
 
 def test_replication_lag_per_volume_and_replica_until_forgotten() -> None:
