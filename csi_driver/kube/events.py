@@ -16,6 +16,7 @@ Invariants:
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import logging
 import threading
@@ -99,6 +100,10 @@ def seconds_text(s: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
+def utc_text(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 # -- the Events ------------------------------------------------------------------------
 
 
@@ -140,14 +145,15 @@ def move_failed(target: str, why: str) -> VolumeEvent:
 
 
 def failed_over(
-    lost_node: str, new_primary: str, epoch: int, loss_window_s: float, replicated_at: str
+    lost_node: str, new_primary: str, epoch: int, loss_window_s: float, replicated_at: float
 ) -> VolumeEvent:
-    """``loss_window_s``: how far the promoted replica lags the lost primary at most."""
+    """``loss_window_s``: how far the promoted replica lags the lost primary at most;
+    ``replicated_at``: when the promoted image was captured (seconds since the epoch)."""
     return _event(
         Reason.FAILED_OVER,
         f"Node {lost_node} holding the primary was lost; promoted the replica on node "
         f"{new_primary} (epoch {epoch}). Data-loss window: writes acknowledged after "
-        f"{replicated_at} (up to {seconds_text(loss_window_s)}) are not on the new "
+        f"{utc_text(replicated_at)} (up to {seconds_text(loss_window_s)}) are not on the new "
         f"primary. If node {lost_node} returns, its divergent data is kept as a snapshot "
         "image, never merged: see docs/operations.md (node loss).",
     )
@@ -267,7 +273,7 @@ class MobilityEvents:
         new_primary: str,
         epoch: int,
         loss_window_s: float,
-        replicated_at: str,
+        replicated_at: float,
     ) -> None:
         event = failed_over(lost_node, new_primary, epoch, loss_window_s, replicated_at)
         self._changed(volume, f"primary:{lost_node}", None, None)

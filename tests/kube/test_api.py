@@ -23,6 +23,9 @@ from csi_driver.kube.nodes import readiness
 
 pytestmark = pytest.mark.slow
 
+#: 2026-11-26T23:40:01Z
+STAMP = 1795736401.0
+
 
 @pytest.fixture
 def claimed_volume(kube_client: Any) -> Iterator[tuple[VolumeRef, str, str]]:
@@ -68,7 +71,7 @@ def test_an_event_lands_on_the_volumes_claim(
 ) -> None:
     volume, namespace, pvc = claimed_volume
     sink = KubeSink(KubeApi(kube_client), "ferry-test")
-    MobilityEvents(sink).failed_over(volume, "node-1", "node-2", 4, 12.5, "2026-11-26T23:40:01Z")
+    MobilityEvents(sink).failed_over(volume, "node-1", "node-2", 4, 12.5, STAMP)
     assert sink.close(), "the queued Event was not posted in time"
     api = client.EventsV1Api(kube_client)
     deadline = time.monotonic() + 10

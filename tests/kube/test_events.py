@@ -27,6 +27,8 @@ from csi_driver.kube.events import (
 )
 
 VOL = VolumeRef("vol-" + "a" * 32, "pvc-0b7c")
+#: 2026-11-26T23:40:01Z
+STAMP = 1795736401.0
 OTHER = VolumeRef("vol-" + "b" * 32, "pvc-9f21")
 MiB = 1024 * 1024
 
@@ -93,7 +95,7 @@ WORDS = [
         ["cannot proceed: node-2 has 10 MiB free", "stuck move"],
     ),
     (
-        failed_over("node-1", "node-3", 9, 12.5, "2026-11-26T23:40:01Z"),
+        failed_over("node-1", "node-3", 9, 12.5, STAMP),
         "FailedOver",
         EventType.WARNING,
         [
@@ -159,7 +161,7 @@ def test_moves_and_failovers_are_emitted_every_time() -> None:
     events.move_waiting(VOL, "node-2", "the volume to be unstaged on node-1", 0, MiB)
     events.move_waiting(VOL, "node-2", "the volume to be unstaged on node-1", 0, MiB)
     events.move_finished(VOL, "node-1", "node-2", 1.0, MiB, 2)
-    events.failed_over(OTHER, "node-2", "node-3", 3, 4.0, "t")
+    events.failed_over(OTHER, "node-2", "node-3", 3, 4.0, STAMP)
     assert sink.reasons == [
         Reason.MOVE_STARTED,
         Reason.MOVE_WAITING,
@@ -218,7 +220,7 @@ def test_failover_waiting_once_per_loss() -> None:
     events.failover_waiting(VOL, "node-1", 80)
     events.primary_reachable(VOL, "node-1")
     events.failover_waiting(VOL, "node-1", 5)
-    events.failed_over(VOL, "node-1", "node-2", 4, 3.0, "t")
+    events.failed_over(VOL, "node-1", "node-2", 4, 3.0, STAMP)
     events.failover_waiting(VOL, "node-1", 5)
     assert sink.reasons == [
         Reason.FAILOVER_WAITING,
@@ -241,7 +243,7 @@ def test_without_a_cluster_events_are_log_lines(caplog: pytest.LogCaptureFixture
     events = MobilityEvents(LoggingSink())
     with caplog.at_level(logging.INFO, logger="csi_driver.kube.events"):
         events.move_finished(VOL, "node-1", "node-2", 1.0, MiB, 2)
-        events.failed_over(VOL, "node-2", "node-3", 3, 4.0, "t")
+        events.failed_over(VOL, "node-2", "node-3", 3, 4.0, STAMP)
     first, second = caplog.records
     assert (first.levelno, second.levelno) == (logging.INFO, logging.WARNING)
     assert first.reason == "MoveFinished"
