@@ -1,4 +1,5 @@
-"""``ferry``: run Ferry's controller, node agent, both, the one-machine demo or the sandbox."""
+"""``ferry``: run Ferry's controller, node agent, both, the one-machine demo or the sandbox;
+back volumes up and restore them."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from csi_driver import __version__, ca_command, log
+from csi_driver.backup import command as backup_command
 from csi_driver.core.errors import FerryError
 from csi_driver.metrics import serve as serve_metrics
 from csi_driver.pki import ClientTlsBundle, TlsBundle
@@ -183,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="leave the workdir behind")
     ca_command.add_parser(sub)
     sandbox_commands.add_parser(sub, parse_size)
+    backup_command.add_parsers(sub, parse_size)
     return parser
 
 
@@ -195,6 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_demo(args.workdir, args.size, args.fs_type, keep=args.keep)
     if args.command == "ca":
         return ca_command.run(args)
+    if args.command in ("backup", "restore"):
+        log.configure(args.log_level if args.log_level != "info" else "warning", "text")
+        return backup_command.run(args)
     if args.command == "sandbox":
         log.configure(args.log_level if args.log_level != "info" else "warning", "text")
         return sandbox_commands.run(args)

@@ -1,0 +1,214 @@
+"""What a target holds, byte for byte: chunk objects, sealed manifests, the config.
+
+Chunk object::
+
+    "FBC1" | flags (1: bit 0 = zstd) | nonce (12) | AES-256-GCM(payload)
+
+The payload is the chunk compressed with zstd, or stored as is when zstd
+does not make it smaller (random or already compressed data). The GCM tag
+covers the header and, as associated data, the chunk's name, so a chunk
+object moved under another name fails authentication like one altered.
+
+Manifest object (one per backup, the backup's commit point)::
+
+    "FBM1" | key id (8) | nonce (12) | AES-256-GCM(body)
+
+with the backup id as associated data (a manifest renamed to another id is
+refused). The body is a JSON header (the backup's metadata) and the image's
+chunk manifest (:mod:`csi_driver.chunks.manifest`), so the target holds no
+plaintext metadata at all: volume names, sizes and digests need the key.
+
+Invariants: decoding never returns bytes that were not written under this
+key: a wrong key is :class:`FailedPrecondition` naming both key ids, and
+anything altered is :class:`DataLoss`. Decompression is bounded by the
+chunk's length from the manifest, so a hostile object cannot balloon memory.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import struct
+from dataclasses import dataclass
+
+import zstandard
+from cryptography.exceptions import InvalidTag
+
+from csi_driver.backup.keys import KEY_ID_BYTES, BackupKey
+from csi_driver.chunks import manifest as manifests
+from csi_driver.chunks.manifest import Digest, Manifest, chunk_digest
+from csi_driver.core.errors import DataLoss, FailedPrecondition, InvalidArgument
+
+FORMAT_VERSION = 1
+NONCE_BYTES = 12
+_CHUNK_MAGIC = b"FBC1"
+_MANIFEST_MAGIC = b"FBM1"
+_ZSTD = 0x01
+#: zstd level 1: on this machine it compresses text at ~5 GiB/s and gives up on
+#: random data at ~2.6 GiB/s per core; higher levels gain little on volume
+#: images and cost throughput the benchmark holds us to (docs/benchmarks.md).
+ZSTD_LEVEL = 1
+_LENGTH = struct.Struct(">I")
+
+
+def wrong_key(found: bytes, ours: bytes, what: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"{what} was written under backup key {found.hex()}, not the key given "
+        f"({ours.hex()}): use the key the backups were made with"
+    )
+
+
+def seal_chunk(key: BackupKey, name: str, data: bytes | memoryview) -> bytes:
+    compressed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data)
+    flags, payload = (_ZSTD, compressed) if len(compressed) < len(data) else (0, bytes(data))
+    header = _CHUNK_MAGIC + bytes([flags])
+    nonce = os.urandom(NONCE_BYTES)
+    sealed = key.chunk_cipher.encrypt(nonce, payload, header + name.encode())
+    return header + nonce + sealed
+
+
+def open_chunk(key: BackupKey, name: str, blob: bytes, digest: Digest, length: int) -> bytes:
+    """The chunk stored as ``name``, checked to be the ``length`` bytes hashing to ``digest``."""
+    head = len(_CHUNK_MAGIC) + 1
+    if len(blob) < head + NONCE_BYTES or blob[: len(_CHUNK_MAGIC)] != _CHUNK_MAGIC:
+        raise DataLoss(f"chunk {name} is not a Ferry chunk object (damaged or replaced)")
+    header, nonce = blob[:head], blob[head : head + NONCE_BYTES]
+    try:
+        sealed = blob[head + NONCE_BYTES :]
+        payload = key.chunk_cipher.decrypt(nonce, sealed, header + name.encode())
+    except InvalidTag:
+        raise DataLoss(
+            f"chunk {name} failed authentication: it was altered in the target (or written "
+            "under another key); nothing was restored from it"
+        ) from None
+    if header[-1] & _ZSTD:
+        try:
+            data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=length)
+        except zstandard.ZstdError as exc:
+            raise DataLoss(f"chunk {name} does not decompress: {exc}") from None
+    else:
+        data = payload
+    if len(data) != length or chunk_digest(data) != digest:
+        raise DataLoss(f"chunk {name} does not hold the bytes its manifest names")
+    return data
+
+
+@dataclass(frozen=True)
+class BackupInfo:
+    """A backup's metadata, sealed in its manifest."""
+
+    backup_id: str
+    created_at: float
+    volume_id: str  # the source volume's id in its own cluster ("" for a plain image)
+    volume_name: str  # what retention groups by: the PV name, or a label
+    fs_type: str | None  # "ext4", "xfs", or None for a raw block volume
+    source: str  # where the bytes were read from, for the operator
+
+
+@dataclass(frozen=True)
+class Backup:
+    info: BackupInfo
+    manifest: Manifest
+
+    @property
+    def backup_id(self) -> str:
+        return self.info.backup_id
+
+
+def seal_manifest(key: BackupKey, backup: Backup) -> bytes:
+    header = json.dumps(
+        {
+            "format": FORMAT_VERSION,
+            "backup_id": backup.info.backup_id,
+            "created_at": backup.info.created_at,
+            "volume_id": backup.info.volume_id,
+            "volume_name": backup.info.volume_name,
+            "fs_type": backup.info.fs_type,
+            "source": backup.info.source,
+        },
+        sort_keys=True,
+    ).encode()
+    body = _LENGTH.pack(len(header)) + header + manifests.encode(backup.manifest)
+    nonce = os.urandom(NONCE_BYTES)
+    prefix = _MANIFEST_MAGIC + key.key_id
+    sealed = key.manifest_cipher.encrypt(nonce, body, prefix + backup.backup_id.encode())
+    return prefix + nonce + sealed
+
+
+def open_manifest(key: BackupKey, backup_id: str, blob: bytes) -> Backup:
+    head = len(_MANIFEST_MAGIC) + KEY_ID_BYTES
+    if len(blob) < head + NONCE_BYTES or blob[: len(_MANIFEST_MAGIC)] != _MANIFEST_MAGIC:
+        raise DataLoss(f"backup {backup_id}'s manifest is not a Ferry manifest (damaged)")
+    found = blob[len(_MANIFEST_MAGIC) : head]
+    if found != key.key_id:
+        raise wrong_key(found, key.key_id, f"backup {backup_id}")
+    nonce = blob[head : head + NONCE_BYTES]
+    try:
+        body = key.manifest_cipher.decrypt(
+            nonce, blob[head + NONCE_BYTES :], blob[:head] + backup_id.encode()
+        )
+    except InvalidTag:
+        raise DataLoss(
+            f"backup {backup_id}'s manifest failed authentication: it was altered or "
+            "renamed in the target; do not restore it"
+        ) from None
+    try:
+        (length,) = _LENGTH.unpack_from(body)
+        doc = json.loads(body[_LENGTH.size : _LENGTH.size + length])
+        info = BackupInfo(
+            backup_id=str(doc["backup_id"]),
+            created_at=float(doc["created_at"]),
+            volume_id=str(doc["volume_id"]),
+            volume_name=str(doc["volume_name"]),
+            fs_type=None if doc["fs_type"] is None else str(doc["fs_type"]),
+            source=str(doc["source"]),
+        )
+        manifest = manifests.decode(body[_LENGTH.size + length :])
+    except (struct.error, ValueError, KeyError, TypeError, InvalidArgument) as exc:
+        # Authenticated yet unreadable: written by a newer Ferry, or a bug.
+        raise DataLoss(f"backup {backup_id}'s manifest cannot be read: {exc}") from None
+    if info.backup_id != backup_id:
+        raise DataLoss(f"backup {backup_id}'s manifest names another backup ({info.backup_id})")
+    return Backup(info, manifest)
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """What every client of a target must agree on, authenticated with the key."""
+
+    chunk_size: int
+    key_id: bytes
+    created_at: float
+
+
+def encode_config(key: BackupKey, config: TargetConfig) -> bytes:
+    doc = {
+        "format": FORMAT_VERSION,
+        "chunk_size": config.chunk_size,
+        "key_id": config.key_id.hex(),
+        "created_at": config.created_at,
+    }
+    body = json.dumps(doc, sort_keys=True)
+    return json.dumps({**doc, "mac": key.mac(body.encode()).hex()}, sort_keys=True).encode()
+
+
+def decode_config(key: BackupKey, raw: bytes) -> TargetConfig:
+    try:
+        doc = json.loads(raw)
+        mac = bytes.fromhex(doc.pop("mac"))
+        found = bytes.fromhex(doc["key_id"])
+        config = TargetConfig(int(doc["chunk_size"]), found, float(doc["created_at"]))
+        version = int(doc["format"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DataLoss(f"the target's config is damaged: {exc}") from None
+    if found != key.key_id:
+        raise wrong_key(found, key.key_id, "this backup target")
+    if not hmac.compare_digest(key.mac(json.dumps(doc, sort_keys=True).encode()), mac):
+        raise DataLoss("the target's config failed authentication: it was altered")
+    if version != FORMAT_VERSION:
+        raise FailedPrecondition(
+            f"the target uses backup format {version}; this Ferry reads format "
+            f"{FORMAT_VERSION}: use a matching release"
+        )
+    return config

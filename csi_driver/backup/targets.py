@@ -1,0 +1,354 @@
+"""Backup targets: a flat namespace of immutable objects, in a directory or a bucket.
+
+A target stores whole objects under ``/``-separated keys and offers five
+operations: put, get, list by prefix, delete, and flush. Invariants every
+target keeps:
+
+- A put is atomic: readers see no object or the whole one, never part of it
+  (a directory writes a temporary file and renames it; S3 has a single PUT).
+- ``put(..., durable=True)`` returns only once the object and everything put
+  before it survive a crash (the manifest, the backup's commit point, is put
+  so); :meth:`Target.flush` makes earlier puts durable.
+- Keys are made by Ferry, never by users: they are checked against a narrow
+  alphabet, so no key can name a path outside a directory target.
+- Every put is counted (objects and bytes): what a backup uploaded is
+  measured, not estimated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+from csi_driver.core.errors import (
+    FailedPrecondition,
+    FerryError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
+from csi_driver.node.pool import fsync_dir
+
+_KEY = re.compile(r"^[a-z]+(/[A-Za-z0-9_.-]+)*$")
+
+
+def check_key(key: str) -> str:
+    if not _KEY.match(key) or "/." in key:
+        raise InvalidArgument(f"{key!r} is not a backup object key")
+    return key
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    size: int
+    modified: float  # seconds since the epoch, as the target reports it
+
+
+@dataclass
+class PutCounter:
+    """Objects and bytes put through a target (thread-safe)."""
+
+    objects: int = 0
+    bytes: int = 0
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def add(self, size: int) -> None:
+        with self._lock:
+            self.objects += 1
+            self.bytes += size
+
+
+class Target(Protocol):
+    description: str
+    uploaded: PutCounter
+
+    def put(self, key: str, data: bytes, *, durable: bool = False) -> None: ...
+
+    def get(self, key: str) -> bytes:
+        """The object's bytes; NotFound when there is none."""
+        ...
+
+    def list(self, prefix: str) -> Iterator[StoredObject]: ...
+
+    def delete(self, key: str) -> None:
+        """Remove the object; a missing one is already deleted."""
+        ...
+
+    def flush(self) -> None: ...
+
+
+class FilesystemTarget:
+    """Objects as files under ``root`` (the embedded default target)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.description = str(self.root)
+        self.uploaded = PutCounter()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise FailedPrecondition(f"cannot use {root} as a backup target: {exc}") from exc
+        self._unsynced_dirs: set[Path] = set()
+        self._lock = threading.Lock()
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def put(self, key: str, data: bytes, *, durable: bool = False) -> None:
+        path = self._path(key)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            for attempt in (1, 2):
+                path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                try:
+                    _write_synced(tmp, data)
+                    break
+                except FileNotFoundError:
+                    if attempt == 2:
+                        raise  # the directory keeps vanishing: not a race with delete
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _os_error(exc, f"write {key} to {self.root}") from exc
+        self.uploaded.add(len(data))
+        with self._lock:
+            self._unsynced_dirs.add(path.parent)
+        if durable:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            dirs, self._unsynced_dirs = self._unsynced_dirs, set()
+        for directory in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+            # A directory emptied and removed since (a released claim's) needs no sync.
+            with contextlib.suppress(FileNotFoundError):
+                fsync_dir(directory)
+                if directory != self.root:
+                    fsync_dir(directory.parent)  # the directory's own name, if new
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"no object {key} in backup target {self.root}") from None
+        except OSError as exc:
+            raise _os_error(exc, f"read {key} from {self.root}") from exc
+
+    def list(self, prefix: str) -> Iterator[StoredObject]:
+        start = self.root / prefix.rstrip("/") if prefix else self.root
+        if not start.is_dir():
+            return
+        for directory, _, files in os.walk(start):
+            for name in sorted(files):
+                if name.startswith("."):
+                    continue  # a put in flight (or interrupted)
+                path = Path(directory) / name
+                try:
+                    info = path.stat()
+                except FileNotFoundError:
+                    continue
+                key = path.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    yield StoredObject(key, info.st_size, info.st_mtime)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise _os_error(exc, f"delete {key} from {self.root}") from exc
+        # Directories exist only for the objects in them (a put makes its own again).
+        if path.parent != self.root:
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        # Before the rename: a name that survives a crash has its bytes.
+        os.fsync(handle.fileno())
+
+
+def _os_error(exc: OSError, what: str) -> FerryError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceExhausted(f"cannot {what}: the target's filesystem is full; free space")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PermissionDenied(f"cannot {what}: {exc.strerror}; check the target's permissions")
+    return Unavailable(f"cannot {what}: {exc.strerror}")
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Where a bucket is and how to sign requests to it (None: boto3's own default chain,
+    e.g. ``AWS_ACCESS_KEY_ID`` in the environment)."""
+
+    bucket: str
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+
+    #: Names of the settings in a config file or a mounted Secret.
+    FIELDS = ("endpoint", "region", "access-key-id", "secret-access-key")
+
+    @classmethod
+    def load(cls, bucket: str, prefix: str, config: Path | None) -> S3Settings:
+        """Settings for ``bucket``, read from ``config``: a JSON object, or a directory
+        with one file per setting (a Kubernetes Secret mounted as a volume)."""
+        values: dict[str, str] = {}
+        if config is not None:
+            values = _read_settings(config)
+        unknown = set(values) - set(cls.FIELDS)
+        if unknown:
+            raise InvalidArgument(
+                f"unknown S3 settings {sorted(unknown)} in {config}; known: {', '.join(cls.FIELDS)}"
+            )
+        return cls(
+            bucket=bucket,
+            prefix=prefix,
+            endpoint_url=values.get("endpoint"),
+            region=values.get("region"),
+            access_key_id=values.get("access-key-id"),
+            secret_access_key=values.get("secret-access-key"),
+        )
+
+
+def _read_settings(config: Path) -> dict[str, str]:
+    if config.is_dir():
+        return {
+            p.name: p.read_text(encoding="utf-8").strip()
+            for p in sorted(config.iterdir())
+            if p.is_file() and not p.name.startswith(".")
+        }
+    try:
+        doc = json.loads(config.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NotFound(f"no S3 settings file at {config}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidArgument(f"{config} is not a JSON object of S3 settings: {exc}") from None
+    if not isinstance(doc, dict) or not all(isinstance(v, str) for v in doc.values()):
+        raise InvalidArgument(f"{config} must be a JSON object of strings")
+    return {str(k): str(v) for k, v in doc.items()}
+
+
+class S3Target:
+    """Objects in an S3-compatible bucket, under an optional key prefix."""
+
+    def __init__(self, settings: S3Settings) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.settings = settings
+        self._prefix = settings.prefix.strip("/") + "/" if settings.prefix.strip("/") else ""
+        where = settings.endpoint_url or "AWS"
+        self.description = f"s3://{settings.bucket}/{self._prefix} at {where}"
+        self.uploaded = PutCounter()
+        self._client: Any = boto3.session.Session().client(
+            "s3",
+            endpoint_url=settings.endpoint_url,
+            region_name=settings.region or "us-east-1",
+            aws_access_key_id=settings.access_key_id,
+            aws_secret_access_key=settings.secret_access_key,
+            config=Config(
+                retries={"max_attempts": 5, "mode": "standard"},
+                max_pool_connections=16,
+                connect_timeout=5,
+                read_timeout=60,
+            ),
+        )
+
+    def _call(self, what: str, call: Any, **kwargs: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return call(Bucket=self.settings.bucket, **kwargs)
+        except ClientError as exc:
+            raise _s3_error(exc, what, self.description) from exc
+        except BotoCoreError as exc:
+            raise Unavailable(f"cannot {what} at {self.description}: {exc}") from exc
+
+    def put(self, key: str, data: bytes, *, durable: bool = False) -> None:
+        # One PUT is atomic and, once answered, durable: ``durable`` asks nothing more.
+        self._call(
+            f"write {key}", self._client.put_object, Key=self._prefix + check_key(key), Body=data
+        )
+        self.uploaded.add(len(data))
+
+    def flush(self) -> None:
+        """Nothing to do: every answered PUT is already durable."""
+
+    def get(self, key: str) -> bytes:
+        answer = self._call(
+            f"read {key}", self._client.get_object, Key=self._prefix + check_key(key)
+        )
+        body: bytes = answer["Body"].read()
+        return body
+
+    def list(self, prefix: str) -> Iterator[StoredObject]:
+        token: str | None = None
+        while True:
+            extra = {"ContinuationToken": token} if token else {}
+            page = self._call(
+                f"list {prefix}",
+                self._client.list_objects_v2,
+                Prefix=self._prefix + prefix,
+                **extra,
+            )
+            for item in page.get("Contents", ()):
+                key = str(item["Key"])[len(self._prefix) :]
+                yield StoredObject(key, int(item["Size"]), item["LastModified"].timestamp())
+            if not page.get("IsTruncated"):
+                return
+            token = page["NextContinuationToken"]
+
+    def delete(self, key: str) -> None:
+        self._call(f"delete {key}", self._client.delete_object, Key=self._prefix + check_key(key))
+
+
+def _s3_error(exc: Any, what: str, where: str) -> FerryError:
+    error = exc.response.get("Error", {})
+    code = str(error.get("Code", ""))
+    message = f"cannot {what} at {where}: {code} {error.get('Message', '')}".rstrip()
+    if code in ("NoSuchKey", "404", "NotFound"):
+        return NotFound(message)
+    if code == "NoSuchBucket":
+        return FailedPrecondition(f"{message}; create the bucket first")
+    if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+        return PermissionDenied(f"{message}; check the target's credentials")
+    return Unavailable(f"{message}; retry later")
+
+
+def open_target(location: str, s3_config: Path | None = None) -> Target:
+    """The target at ``location``: a directory path (or ``file://`` URL), or
+    ``s3://bucket[/prefix]`` with its settings in ``s3_config``."""
+    parsed = urlparse(location)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise InvalidArgument(f"{location!r} names no bucket: use s3://BUCKET[/PREFIX]")
+        return S3Target(S3Settings.load(parsed.netloc, parsed.path, s3_config))
+    if parsed.scheme in ("", "file"):
+        path = parsed.path if parsed.scheme else location
+        if not path or not os.path.isabs(path):
+            raise InvalidArgument(f"a directory target needs an absolute path, not {location!r}")
+        return FilesystemTarget(Path(path))
+    raise InvalidArgument(
+        f"unknown backup target {location!r}: use an absolute directory or s3://BUCKET[/PREFIX]"
+    )
