@@ -249,7 +249,7 @@ class _Uploader:
 
     def _put(self, name: str, data: bytes) -> int:
         blob = seal_chunk(self._repo.key, name, data)
-        self._repo.target.put(chunk_key(name), blob)
+        self._repo.target.stage(chunk_key(name), blob)
         return len(data)
 
     def submit(self, name: str, data: bytes, done: Callable[[int], None]) -> None:
@@ -656,6 +656,7 @@ def collect_garbage(
                 for stored in list(target.list(f"{CLAIMS}{op}/")):
                     target.delete(stored.key)
             sweep.forget_old(keep_sweeps_s)
+            target.remove_leftovers(repo.grace_s)
         progress.finish()
     log.info(
         "garbage collected",

@@ -1,14 +1,17 @@
 """Backup targets: a flat namespace of immutable objects, in a directory or a bucket.
 
-A target stores whole objects under ``/``-separated keys and offers five
-operations: put, get, list by prefix, delete, and flush. Invariants every
-target keeps:
+A target stores whole objects under ``/``-separated keys: put (visible at
+once), stage (visible by the next flush), get, list by prefix, delete, and
+flush. Invariants every target keeps:
 
 - A put is atomic: readers see no object or the whole one, never part of it
   (a directory writes a temporary file and renames it; S3 has a single PUT).
-- ``put(..., durable=True)`` returns only once the object and everything put
-  before it survive a crash (the manifest, the backup's commit point, is put
-  so); :meth:`Target.flush` makes earlier puts durable.
+- An object that is visible after a crash has all its bytes, except plain
+  ``put``s without ``durable`` (claims and heartbeats, worthless after a
+  crash anyway). Staged objects (chunks) become visible only once durable.
+- ``put(..., durable=True)`` returns only once the object and everything
+  staged before it survive a crash: the manifest, a backup's commit point,
+  is put so.
 - Keys are made by Ferry, never by users: they are checked against a narrow
   alphabet, so no key can name a path outside a directory target.
 - Every put is counted (objects and bytes): what a backup uploaded is
@@ -23,6 +26,7 @@ import json
 import os
 import re
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -77,7 +81,14 @@ class Target(Protocol):
     description: str
     uploaded: PutCounter
 
-    def put(self, key: str, data: bytes, *, durable: bool = False) -> None: ...
+    def put(self, key: str, data: bytes, *, durable: bool = False) -> None:
+        """Store ``data``, visible to every reader on return; ``durable``: and on disk,
+        with every object staged before it."""
+        ...
+
+    def stage(self, key: str, data: bytes) -> None:
+        """Store ``data`` visible (and durable) by the next :meth:`flush` at the latest."""
+        ...
 
     def get(self, key: str) -> bytes:
         """The object's bytes; NotFound when there is none."""
@@ -89,57 +100,115 @@ class Target(Protocol):
         """Remove the object; a missing one is already deleted."""
         ...
 
-    def flush(self) -> None: ...
+    def flush(self) -> None:
+        """Make every staged object visible and durable."""
+        ...
+
+    def remove_leftovers(self, older_than_s: float) -> int:
+        """Remove what puts that died left behind; how many objects."""
+        ...
 
 
 class FilesystemTarget:
-    """Objects as files under ``root`` (the embedded default target)."""
+    """Objects as files under ``root`` (the embedded default target).
 
-    def __init__(self, root: Path) -> None:
+    A staged object is written to a hidden temporary file and renamed into
+    place only by a flush, after an fsync: so a name that survives a crash
+    always has its bytes, and the cost of durability is one journal commit
+    per flush rather than one per chunk. A flush happens every
+    ``flush_bytes`` staged, and before every durable put.
+    """
+
+    def __init__(self, root: Path, *, flush_bytes: int = 256 * 1024 * 1024) -> None:
         self.root = Path(root)
         self.description = str(self.root)
         self.uploaded = PutCounter()
+        self.flush_bytes = flush_bytes
         try:
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             raise FailedPrecondition(f"cannot use {root} as a backup target: {exc}") from exc
-        self._unsynced_dirs: set[Path] = set()
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._staged: list[tuple[Path, Path]] = []
+        self._staged_bytes = 0
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
-    def put(self, key: str, data: bytes, *, durable: bool = False) -> None:
+    def _write(self, key: str, data: bytes, *, sync: bool) -> tuple[Path, Path]:
         path = self._path(key)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             for attempt in (1, 2):
                 path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 try:
-                    _write_synced(tmp, data)
+                    _write_file(tmp, data, sync=sync)
                     break
                 except FileNotFoundError:
                     if attempt == 2:
                         raise  # the directory keeps vanishing: not a race with delete
-            os.replace(tmp, path)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise _os_error(exc, f"write {key} to {self.root}") from exc
         self.uploaded.add(len(data))
-        with self._lock:
-            self._unsynced_dirs.add(path.parent)
+        return tmp, path
+
+    def put(self, key: str, data: bytes, *, durable: bool = False) -> None:
         if durable:
+            self.flush()
+        tmp, path = self._write(key, data, sync=durable)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _os_error(exc, f"write {key} to {self.root}") from exc
+        if durable:
+            _sync_dirs({path.parent}, self.root)
+
+    def stage(self, key: str, data: bytes) -> None:
+        staged = self._write(key, data, sync=False)
+        with self._lock:
+            self._staged.append(staged)
+            self._staged_bytes += len(data)
+            due = self._staged_bytes >= self.flush_bytes
+        if due:
             self.flush()
 
     def flush(self) -> None:
-        with self._lock:
-            dirs, self._unsynced_dirs = self._unsynced_dirs, set()
-        for directory in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
-            # A directory emptied and removed since (a released claim's) needs no sync.
-            with contextlib.suppress(FileNotFoundError):
-                fsync_dir(directory)
-                if directory != self.root:
-                    fsync_dir(directory.parent)  # the directory's own name, if new
+        with self._flush_lock:
+            with self._lock:
+                staged, self._staged, self._staged_bytes = self._staged, [], 0
+            if not staged:
+                return
+            try:
+                for tmp, _ in staged:
+                    fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                for tmp, path in staged:
+                    os.replace(tmp, path)
+            except OSError as exc:
+                for tmp, _ in staged:
+                    tmp.unlink(missing_ok=True)
+                raise _os_error(exc, f"flush objects to {self.root}") from exc
+            _sync_dirs({path.parent for _, path in staged}, self.root)
+
+    def remove_leftovers(self, older_than_s: float) -> int:
+        """Delete temporary files of puts that died (a crashed backup's); return how many."""
+        removed = 0
+        cutoff = time.time() - older_than_s
+        for directory, _, files in os.walk(self.root):
+            for name in files:
+                path = Path(directory) / name
+                if name.startswith(".") and name.endswith(".tmp"):
+                    with contextlib.suppress(FileNotFoundError):
+                        if path.stat().st_mtime < cutoff:
+                            path.unlink()
+                            removed += 1
+        return removed
 
     def get(self, key: str) -> bytes:
         try:
@@ -178,12 +247,21 @@ class FilesystemTarget:
                 path.parent.rmdir()
 
 
-def _write_synced(path: Path, data: bytes) -> None:
+def _write_file(path: Path, data: bytes, *, sync: bool) -> None:
     with open(path, "wb") as handle:
         handle.write(data)
-        handle.flush()
-        # Before the rename: a name that survives a crash has its bytes.
-        os.fsync(handle.fileno())
+        if sync:
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _sync_dirs(directories: set[Path], root: Path) -> None:
+    """fsync ``directories`` and, for new ones, their parents (their names)."""
+    parents = {d.parent for d in directories if d != root}
+    for directory in sorted(directories | parents, key=lambda p: len(p.parts), reverse=True):
+        # A directory emptied and removed since (a released claim's) needs no sync.
+        with contextlib.suppress(FileNotFoundError):
+            fsync_dir(directory)
 
 
 def _os_error(exc: OSError, what: str) -> FerryError:
@@ -292,8 +370,14 @@ class S3Target:
         )
         self.uploaded.add(len(data))
 
+    def stage(self, key: str, data: bytes) -> None:
+        self.put(key, data)
+
     def flush(self) -> None:
         """Nothing to do: every answered PUT is already durable."""
+
+    def remove_leftovers(self, older_than_s: float) -> int:
+        return 0  # single PUTs leave nothing behind (no multipart uploads)
 
     def get(self, key: str) -> bytes:
         answer = self._call(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from csi_driver.backup.keys import BackupKey
 from csi_driver.backup.repository import MANIFESTS, Repository, backup_image, restore_image
+from csi_driver.backup.targets import FilesystemTarget
 from tests.backup.conftest import CHUNK, child_env, location_of, random_chunks, write_image
 
 COUNT = 32
@@ -86,7 +87,13 @@ def test_a_killed_backup_leaves_no_manifest_and_its_retry_completes(
     assert list(repo.target.list(MANIFESTS)) == []
     assert repo.backups() == []
     landed = len(list(repo.target.list("chunks/")))
-    assert 0 < landed < COUNT
+    assert landed < COUNT
+    if isinstance(repo.target, FilesystemTarget):
+        # Chunks staged but never flushed: invisible, and swept away later.
+        assert landed == 0
+        assert repo.target.remove_leftovers(older_than_s=0) > 0
+    else:
+        assert landed > 0  # every answered PUT is an object
     retry = backup_image(repo, image, volume_name="db")
     assert retry.chunks_uploaded == COUNT - landed
     restored = restore_image(repo, retry.backup.backup_id, tmp_path / "restored")
