@@ -81,6 +81,8 @@ MANIFESTS = "manifests/"
 #: Chunks read, claimed and checked together: the claim objects stay few, and
 #: a batch (64 MiB at 4 MiB chunks) keeps both cores busy while the next is read.
 BATCH_CHUNKS = 16
+#: Compared against to find all-zero chunks (a hole in the manifest) without allocating.
+_ZEROS = bytes(DEFAULT_CHUNK_SIZE)
 _BACKUP_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
 
 
@@ -258,6 +260,9 @@ class _Uploader:
         self._inflight.append(self._pool.submit(self._put, name, data))
         self.chunks += 1
 
+    def hash(self, chunks: list[bytes]) -> list[Digest | None]:
+        return list(self._pool.map(_digest_or_hole, chunks))
+
     def drain(self, done: Callable[[int], None]) -> None:
         while self._inflight:
             done(self._inflight.popleft().result())
@@ -279,11 +284,18 @@ class _Uploader:
 def _read_chunks(
     fd: int, size: int, chunk_size: int, indexes: list[int]
 ) -> Iterator[tuple[int, bytes]]:
-    buffer = bytearray(chunk_size)
     for index in indexes:
         offset = index * chunk_size
         length = min(chunk_size, size - offset)
-        yield index, bytes(read_exactly(fd, buffer, offset, length))
+        data = os.pread(fd, length, offset)
+        if len(data) < length:  # a short read: finish it the slow way
+            data = bytes(read_exactly(fd, bytearray(length), offset, length))
+        yield index, data
+
+
+def _digest_or_hole(data: bytes) -> Digest | None:
+    zeros = _ZEROS if len(data) == len(_ZEROS) else bytes(len(data))
+    return None if data == zeros else chunk_digest(data)
 
 
 def backup_image(
@@ -343,14 +355,18 @@ def backup_image(
 
             if manifest is None:
                 for start in range(0, len(indexes), BATCH_CHUNKS):
-                    batch = indexes[start : start + BATCH_CHUNKS]
+                    batch = list(
+                        _read_chunks(fd, size, chunk_size, indexes[start : start + BATCH_CHUNKS])
+                    )
+                    # Hashed on the uploader's threads too: both cores hash while the
+                    # previous batch is still being sealed and written.
+                    found = uploader.hash([data for _, data in batch])
                     named: list[tuple[str, bytes]] = []
-                    for index, data in _read_chunks(fd, size, chunk_size, batch):
+                    for (index, data), digest in zip(batch, found, strict=True):
                         bytes_read += len(data)
-                        if data == bytes(len(data)):
+                        if digest is None:
                             progress.advance(len(data))
                             continue  # zeros: a hole
-                        digest = chunk_digest(data)
                         digests[index] = digest
                         named.append((repo.key.chunk_name(digest), data))
                     claim.add(name for name, _ in named)
