@@ -21,4 +21,7 @@ bench:
 bench-transfer:
 	$(PY) -m bench.transfer
 
-.PHONY: protos test lint demo bench bench-transfer
+bench-backup:
+	$(PY) -m bench.backup
+
+.PHONY: protos test lint demo bench bench-transfer bench-backup
