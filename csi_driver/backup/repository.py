@@ -636,7 +636,8 @@ def collect_garbage(
     """Delete chunks no manifest and no live claim names (see :mod:`.claims`).
 
     ``before_delete`` is told how many chunks are about to go, once, after
-    the mark and before the first deletion (the CLI confirms there).
+    the mark and before the first deletion, while the sweep holds new
+    backups back (a caller may report, or pause there).
     """
     progress = progress or Progress()
     target = repo.target
