@@ -93,7 +93,7 @@ def open_chunk(key: BackupKey, name: str, blob: bytes, digest: Digest, length: i
         raise DataLoss(f"chunk {name} is not a Ferry chunk object (damaged or replaced)")
     header, nonce = blob[:head], blob[head : head + NONCE_BYTES]
     try:
-        sealed = blob[head + NONCE_BYTES :]
+        sealed = memoryview(blob)[head + NONCE_BYTES :]  # no copy of the chunk
         payload = key.chunk_cipher.decrypt(nonce, sealed, header + name.encode())
     except InvalidTag:
         raise DataLoss(
