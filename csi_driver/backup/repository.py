@@ -33,7 +33,7 @@ import re
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,6 +298,82 @@ def _digest_or_hole(data: bytes) -> Digest | None:
     return None if data == zeros else chunk_digest(data)
 
 
+@dataclass
+class _Run:
+    """One backup's reading and uploading, under its claim (see :mod:`.claims`)."""
+
+    repo: Repository
+    fd: int
+    size: int
+    claim: Claim
+    uploader: _Uploader
+    progress: Progress
+    present: set[str]  # chunk names the target holds, as last listed
+    bytes_read: int = 0
+
+    def _relied_on(self, names: Iterable[str]) -> None:
+        """Claim ``names`` before trusting ``present`` about them."""
+        self.claim.add(names)
+        if self.claim.quiet():
+            self.present = self.repo.chunk_names()  # a sweep ran since the last listing
+
+    def _upload(self, name: str, data: bytes) -> None:
+        self.present.add(name)
+        self.uploader.submit(name, data, self.progress.advance)
+
+    def scan_and_upload(self) -> Manifest:
+        """Read and hash every data chunk once; upload those the target lacks."""
+        chunk_size = self.repo.config.chunk_size
+        indexes = sorted(chunks_touching(data_ranges(self.fd, self.size), chunk_size))
+        self.progress.start(
+            "backup", sum(min(chunk_size, self.size - i * chunk_size) for i in indexes)
+        )
+        digests: list[Digest | None] = [None] * chunk_count(self.size, chunk_size)
+        for start in range(0, len(indexes), BATCH_CHUNKS):
+            batch = list(
+                _read_chunks(self.fd, self.size, chunk_size, indexes[start : start + BATCH_CHUNKS])
+            )
+            # Hashed on the uploader's threads too: both cores hash while the
+            # previous batch is still being sealed and written.
+            found = self.uploader.hash([data for _, data in batch])
+            named: list[tuple[str, bytes]] = []
+            for (index, data), digest in zip(batch, found, strict=True):
+                self.bytes_read += len(data)
+                if digest is None:
+                    self.progress.advance(len(data))
+                    continue  # zeros: a hole
+                digests[index] = digest
+                named.append((self.repo.key.chunk_name(digest), data))
+            self._relied_on(name for name, _ in named)
+            for name, data in named:
+                if name in self.present:
+                    self.progress.advance(len(data))
+                else:
+                    self._upload(name, data)
+        return Manifest(self.size, chunk_size, tuple(digests))
+
+    def upload_missing(self, manifest: Manifest, source: Path) -> None:
+        """Read only the chunks of ``manifest`` the target lacks, checking each."""
+        self.progress.start("backup", manifest.data_bytes)
+        names = self.repo.names_of(manifest)
+        self._relied_on(name for name in names if name is not None)
+        wanted = [
+            i for i, name in enumerate(names) if name is not None and name not in self.present
+        ]
+        self.progress.advance(manifest.data_bytes - sum(manifest.chunk_length(i) for i in wanted))
+        for index, data in _read_chunks(self.fd, self.size, manifest.chunk_size, wanted):
+            self.bytes_read += len(data)
+            if chunk_digest(data) != manifest.chunks[index]:
+                raise FailedPrecondition(
+                    f"chunk {index} of {source} changed since its manifest was taken; "
+                    "back up a snapshot, or a volume nobody writes to"
+                )
+            name = names[index]
+            assert name is not None
+            if name not in self.present:  # the same chunk twice in one image: once
+                self._upload(name, data)
+
+
 def backup_image(
     repo: Repository,
     source: Path,
@@ -342,64 +418,13 @@ def backup_image(
             _Uploader(repo) as uploader,
         ):
             claim.quiet()
-            present = repo.chunk_names()
-            digests: list[Digest | None] = [None] * chunk_count(size, chunk_size)
-            bytes_read = 0
-            indexes = sorted(chunks_touching(data_ranges(fd, size), chunk_size))
-            total = sum(min(chunk_size, size - i * chunk_size) for i in indexes)
-            progress.start("backup", total if manifest is None else manifest.data_bytes)
-
-            def upload(name: str, data: bytes) -> None:
-                present.add(name)
-                uploader.submit(name, data, progress.advance)
-
+            run = _Run(repo, fd, size, claim, uploader, progress, repo.chunk_names())
             if manifest is None:
-                for start in range(0, len(indexes), BATCH_CHUNKS):
-                    batch = list(
-                        _read_chunks(fd, size, chunk_size, indexes[start : start + BATCH_CHUNKS])
-                    )
-                    # Hashed on the uploader's threads too: both cores hash while the
-                    # previous batch is still being sealed and written.
-                    found = uploader.hash([data for _, data in batch])
-                    named: list[tuple[str, bytes]] = []
-                    for (index, data), digest in zip(batch, found, strict=True):
-                        bytes_read += len(data)
-                        if digest is None:
-                            progress.advance(len(data))
-                            continue  # zeros: a hole
-                        digests[index] = digest
-                        named.append((repo.key.chunk_name(digest), data))
-                    claim.add(name for name, _ in named)
-                    if claim.quiet():
-                        present = repo.chunk_names()
-                    for name, data in named:
-                        if name in present:
-                            progress.advance(len(data))
-                        else:
-                            upload(name, data)
-                final = Manifest(size, chunk_size, tuple(digests))
+                final = run.scan_and_upload()
             else:
-                names = repo.names_of(manifest)
-                claim.add(name for name in names if name is not None)
-                if claim.quiet():
-                    present = repo.chunk_names()
-                wanted = [
-                    i for i, name in enumerate(names) if name is not None and name not in present
-                ]
-                present_bytes = manifest.data_bytes - sum(manifest.chunk_length(i) for i in wanted)
-                progress.advance(present_bytes)
-                for index, data in _read_chunks(fd, size, chunk_size, wanted):
-                    bytes_read += len(data)
-                    if chunk_digest(data) != manifest.chunks[index]:
-                        raise FailedPrecondition(
-                            f"chunk {index} of {source} changed since its manifest was taken; "
-                            "back up a snapshot, or a volume nobody writes to"
-                        )
-                    wanted_name = names[index]
-                    assert wanted_name is not None
-                    if wanted_name not in present:
-                        upload(wanted_name, data)
+                run.upload_missing(manifest, source)
                 final = manifest
+            bytes_read = run.bytes_read
             uploader.drain(progress.advance)
             progress.finish()
             repo.target.flush()  # every chunk durable before the manifest names it

@@ -220,3 +220,31 @@ def test_an_empty_target_is_not_a_repository(target: Target, key: BackupKey) -> 
 
 def test_chunk_keys_spread_over_directories() -> None:
     assert chunk_key("ab" + "0" * 62) == "chunks/ab/ab" + "0" * 62
+
+
+def test_with_a_manifest_only_missing_chunks_are_read(fs_repo: Repository, tmp_path: Path) -> None:
+    image = tmp_path / "image"
+    mixed_image(image)
+    backup_image(fs_repo, image, volume_name="db")
+    with open(image, "r+b") as handle:
+        handle.seek(9 * CHUNK)
+        handle.write(b"new bytes")
+    manifest = scan_image(image, CHUNK).manifest
+    result = backup_image(fs_repo, image, volume_name="db", manifest=manifest)
+    assert (result.bytes_read, result.chunks_uploaded) == (CHUNK, 1)
+    assert result.backup.manifest == manifest
+    restored = restore_image(fs_repo, result.backup.backup_id, tmp_path / "restored")
+    assert digest(restored.path) == digest(image)
+
+
+def test_a_source_that_changed_since_its_manifest_is_refused(
+    fs_repo: Repository, tmp_path: Path
+) -> None:
+    image = tmp_path / "image"
+    write_image(image, random_chunks(range(4), 9), 4)
+    manifest = scan_image(image, CHUNK).manifest
+    with open(image, "r+b") as handle:
+        handle.write(b"changed after the manifest")
+    with pytest.raises(FailedPrecondition, match="changed since its manifest"):
+        backup_image(fs_repo, image, volume_name="db", manifest=manifest)
+    assert fs_repo.backups() == []
