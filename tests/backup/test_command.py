@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 from csi_driver.backup.targets import S3Target
+from csi_driver.cli import main
 from tests.backup.conftest import CHUNK, child_env, mixed_image, s3_settings
 
 
 def ferry(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """``ferry ARGS`` as its own process, as an operator runs it."""
     return subprocess.run(
         [sys.executable, "-m", "csi_driver.cli", *map(str, args)],
         env=child_env(),
@@ -20,6 +25,19 @@ def ferry(*args: str | Path) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=120,
     )
+
+
+def ferry_here(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """``ferry ARGS`` through the same entry point, in this process (no start-up cost)."""
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level  # main() configures logging its way
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in args])
+    finally:
+        root.handlers[:], root.level = handlers, level
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def test_the_operator_cycle_on_a_directory(tmp_path: Path) -> None:
@@ -57,19 +75,19 @@ def test_the_operator_cycle_on_a_directory(tmp_path: Path) -> None:
 def test_errors_say_what_to_do(tmp_path: Path) -> None:
     key, other, image = tmp_path / "key", tmp_path / "other", tmp_path / "image"
     mixed_image(image, count=4)
-    ferry("backup", "keygen", "--out", key)
-    ferry("backup", "keygen", "--out", other)
+    ferry_here("backup", "keygen", "--out", key)
+    ferry_here("backup", "keygen", "--out", other)
     target = tmp_path / "target"
-    ferry("backup", "create", "--target", target, "--key-file", key, "--image", image)
-    wrong = ferry("backup", "list", "--target", target, "--key-file", other)
+    ferry_here("backup", "create", "--target", target, "--key-file", key, "--image", image)
+    wrong = ferry_here("backup", "list", "--target", target, "--key-file", other)
     assert wrong.returncode == 1
     assert "use the key the backups were made with" in wrong.stderr
     assert "Traceback" not in wrong.stderr
-    no_target = ferry("backup", "list", "--key-file", key)
+    no_target = ferry_here("backup", "list", "--key-file", key)
     assert no_target.returncode == 1 and "FERRY_BACKUP_TARGET" in no_target.stderr
-    relative = ferry("backup", "list", "--target", "relative/dir", "--key-file", key)
+    relative = ferry_here("backup", "list", "--target", "relative/dir", "--key-file", key)
     assert "absolute path" in relative.stderr
-    bad_id = ferry("restore", "../../etc", "--target", target, "--key-file", key, "--to", "/x")
+    bad_id = ferry_here("restore", "../../etc", "--target", target, "--key-file", key, "--to", "/x")
     assert bad_id.returncode == 1 and "is not a backup id" in bad_id.stderr
     tampered = next((target / "chunks").rglob("*"))
     while tampered.is_dir():
@@ -77,7 +95,7 @@ def test_errors_say_what_to_do(tmp_path: Path) -> None:
     data = bytearray(tampered.read_bytes())
     data[-1] ^= 1
     tampered.write_bytes(bytes(data))
-    verify = ferry("backup", "verify", "--target", target, "--key-file", key)
+    verify = ferry_here("backup", "verify", "--target", target, "--key-file", key)
     assert verify.returncode == 1 and "FAILED" in verify.stderr
 
 
@@ -96,17 +114,17 @@ def test_s3_settings_from_a_mounted_secret(
         (secret / name).write_text(f"{value}\n")  # Secrets often end in a newline
     key, image = tmp_path / "key", tmp_path / "image"
     mixed_image(image, count=4)
-    ferry("backup", "keygen", "--out", key)
+    ferry_here("backup", "keygen", "--out", key)
     location = f"s3://{s3_bucket}/cli-test"
     env_args = ("--target", location, "--s3-config", secret, "--key-file", key)
-    made = ferry("backup", "create", *env_args, "--image", image, "--quiet")
+    made = ferry_here("backup", "create", *env_args, "--image", image, "--quiet")
     assert made.returncode == 0, made.stderr
     assert made.stderr == ""
     whole_bucket = S3Target(replace(settings, prefix=""))
     assert "cli-test/config" in {s.key for s in whole_bucket.list("cli-test/")}
-    listed = ferry("backup", "list", *env_args)
+    listed = ferry_here("backup", "list", *env_args)
     assert listed.returncode == 0 and "image" in listed.stdout
-    missing = ferry(
+    missing = ferry_here(
         "backup",
         "list",
         "--target",
