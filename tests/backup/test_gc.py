@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from csi_driver.backup.claims import CLAIMS, SWEEPS
+from csi_driver.backup.keys import BackupKey
 from csi_driver.backup.repository import (
     CHUNKS,
     MANIFESTS,
@@ -17,11 +19,13 @@ from csi_driver.backup.repository import (
     Repository,
     backup_image,
     collect_garbage,
+    new_backup_id,
     prune,
     verify_backup,
 )
 from csi_driver.backup.retention import RetentionPolicy
-from csi_driver.core.errors import DataLoss
+from csi_driver.backup.targets import FilesystemTarget
+from csi_driver.core.errors import Aborted, DataLoss
 from tests.backup.conftest import CHUNK, random_chunks, write_image
 
 #: Two claim batches: the first 16 chunks, then 8.
@@ -161,3 +165,34 @@ def test_gc_refuses_to_run_over_a_damaged_manifest(fs_repo: Repository, tmp_path
     with pytest.raises(DataLoss):
         collect_garbage(fs_repo)
     assert len(chunk_names(fs_repo)) == 2
+
+
+def test_a_backup_whose_claim_lapsed_commits_nothing(
+    fs_target: FilesystemTarget, key: BackupKey, tmp_path: Path
+) -> None:
+    """Its heartbeat cannot be written for longer than half the grace period: a
+    collector may have found it stale, so the backup must not write its manifest."""
+    repo = Repository.open(fs_target, key, create=True, chunk_size=CHUNK, grace_s=1.2)
+    image = tmp_path / "image"
+    write_image(image, random_chunks(range(8), 6), 8)
+    backup_id = new_backup_id()
+    pause = PauseAt()
+    outcome: dict[str, object] = {}
+
+    def run_backup() -> None:
+        try:
+            backup_image(repo, image, volume_name="db", progress=pause, backup_id=backup_id)
+        except Aborted as exc:
+            outcome["aborted"] = exc
+
+    thread = threading.Thread(target=run_backup)
+    thread.start()
+    assert pause.paused.wait(30)
+    claim_dir = fs_target.root / CLAIMS / backup_id
+    shutil.rmtree(claim_dir)
+    claim_dir.write_bytes(b"")  # a file where the heartbeat's directory was: puts fail
+    time.sleep(1.0)
+    pause.release.set()
+    thread.join(60)
+    assert "could not renew its claim" in str(outcome["aborted"])
+    assert list(repo.target.list(MANIFESTS)) == []
