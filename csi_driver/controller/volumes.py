@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 
 from csi_driver.controller.images import DEFAULT_WAIT_S, ImageIntents
 from csi_driver.controller.policy import check_mutable, modify_volume
+from csi_driver.core.encryption import check_encryptable
 from csi_driver.core.errors import (
     CONTROLLER_PUBLISH_INCOMPATIBLE,
     NAME_CONFLICT,
@@ -131,15 +132,18 @@ def volume_shape(
     if len(kinds) > 1:
         raise InvalidArgument("a volume cannot be both a block device and a filesystem")
     access_type = kinds.pop()
-    if access_type is AccessType.BLOCK:
-        return access_type, None
-    fs_types = {cap.fs_type for cap in capabilities if cap.fs_type} | (
-        {params.fs_type} if params.fs_type else set()
-    )
-    if len(fs_types) > 1:
-        shown = ", ".join(sorted(f.value for f in fs_types))
-        raise InvalidArgument(f"conflicting filesystem types requested: {shown}")
-    return access_type, (fs_types.pop() if fs_types else DEFAULT_FS)
+    fs_type = None
+    if access_type is AccessType.MOUNT:
+        fs_types = {cap.fs_type for cap in capabilities if cap.fs_type} | (
+            {params.fs_type} if params.fs_type else set()
+        )
+        if len(fs_types) > 1:
+            shown = ", ".join(sorted(f.value for f in fs_types))
+            raise InvalidArgument(f"conflicting filesystem types requested: {shown}")
+        fs_type = fs_types.pop() if fs_types else DEFAULT_FS
+    if params.encrypted:
+        check_encryptable(access_type, fs_type)
+    return access_type, fs_type
 
 
 def _serves(volume: Volume, cap: VolumeCapability) -> bool:

@@ -199,7 +199,16 @@ STAGED_ELSEWHERE = (
 #: NodeStageVolume, ALREADY_EXISTS: same staging path, other capability.
 STAGE_INCOMPATIBLE = (
     "volume {volume_id} is already staged at {path} with a different capability "
-    "(access type, fsType, mount flags or read-only); unstage it to stage it differently"
+    "(access type, fsType, mount flags, read-only or encryption); unstage it to stage it "
+    "differently"
+)
+#: NodeStageVolume, FAILED_PRECONDITION: the secret's key is not the one the volume's data
+#: is encrypted with (the request is well formed; it does not fit the volume's state).
+WRONG_VOLUME_KEY = (
+    "volume {volume_id} is encrypted with another key: its data needs the key with "
+    "identifier {expected}, and the node-stage secret's encryptionKey has identifier "
+    "{given}. Put the volume's own key in the Secret that the StorageClass's "
+    "csi.storage.k8s.io/node-stage-secret-name names; kubelet retries the stage"
 )
 #: NodeUnstageVolume, FAILED_PRECONDITION: targets still mounted from the staging path.
 STILL_PUBLISHED_AT = "volume {volume_id} is still published at {targets}; unpublish it first"

@@ -29,12 +29,15 @@ RPO_SECONDS = "rpoSeconds"
 #: turning replication off in practice.
 MAX_RPO_SECONDS = 7 * 24 * 3600
 FAILOVER_POLICY = "failoverPolicy"
+#: ``"true"``: files are encrypted at rest with a key from the node-stage secret
+#: (csi_driver.core.encryption).
+ENCRYPTED = "encrypted"
 
 #: Keys the external-provisioner adds itself (``--extra-create-metadata``):
 #: PVC/PV names. Accepted and ignored.
 PROVISIONER_PREFIX = "csi.storage.k8s.io/"
 
-KNOWN = (FS_TYPE, REPLICAS, PROVISIONING, RPO_SECONDS, FAILOVER_POLICY)
+KNOWN = (FS_TYPE, REPLICAS, PROVISIONING, RPO_SECONDS, FAILOVER_POLICY, ENCRYPTED)
 #: What a VolumeAttributesClass may change on an existing volume.
 MUTABLE = (REPLICAS, RPO_SECONDS, FAILOVER_POLICY)
 
@@ -75,6 +78,8 @@ class StorageParameters:
     #: Background replication period; 0 ships deltas only for moves.
     rpo_seconds: int = 0
     failover_policy: FailoverPolicy = FailoverPolicy.WAIT
+    #: Files encrypted at rest (fscrypt); fixed when the volume is made.
+    encrypted: bool = False
 
     def as_dict(self) -> dict[str, str]:
         out: dict[str, str] = {REPLICAS: str(self.replicas)}
@@ -88,6 +93,8 @@ class StorageParameters:
             out[RPO_SECONDS] = str(self.rpo_seconds)
         if self.failover_policy is not FailoverPolicy.WAIT:
             out[FAILOVER_POLICY] = self.failover_policy.value
+        if self.encrypted:
+            out[ENCRYPTED] = "true"
         return out
 
     def with_mutable(self, mutable: Mapping[str, str]) -> StorageParameters:
@@ -120,7 +127,8 @@ def parse_parameters(parameters: Mapping[str, str]) -> StorageParameters:
     primary (0 to :data:`MAX_REPLICAS`). ``provisioning`` is ``thick`` (the
     default) or ``thin``. ``rpoSeconds`` (default 0: no background schedule)
     is how often the primary ships its changes to the replicas.
-    ``failoverPolicy`` is ``wait`` (the default) or ``promote``.
+    ``failoverPolicy`` is ``wait`` (the default) or ``promote``. ``encrypted`` is
+    ``true`` or ``false`` (the default).
     """
     unknown = sorted(
         k for k in parameters if k not in KNOWN and not k.startswith(PROVISIONER_PREFIX)
@@ -141,6 +149,7 @@ def parse_parameters(parameters: Mapping[str, str]) -> StorageParameters:
             if FAILOVER_POLICY in parameters
             else FailoverPolicy.WAIT
         ),
+        encrypted=_encrypted(parameters),
     )
 
 
@@ -174,6 +183,16 @@ def _failover_policy(value: str) -> FailoverPolicy:
             "the volume on its node until it returns; promote fails over to the freshest "
             "replica and may lose the writes since its last replication)"
         ) from None
+
+
+def _encrypted(parameters: Mapping[str, str]) -> bool:
+    text = parameters.get(ENCRYPTED, "false").strip().lower()
+    if text not in ("true", "false"):
+        raise InvalidArgument(
+            f'parameter encrypted={parameters[ENCRYPTED]!r} is invalid: use "true" or '
+            '"false" (fixed when the volume is made)'
+        )
+    return text == "true"
 
 
 def _provisioning(parameters: Mapping[str, str]) -> Provisioning:

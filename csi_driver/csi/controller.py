@@ -7,8 +7,10 @@ from typing import Any
 import grpc
 
 from csi_driver.controller.volumes import FS_TYPE_CONTEXT_KEY, VolumeService
+from csi_driver.core.encryption import ENCRYPTED_CONTEXT_KEY
 from csi_driver.core.errors import InvalidArgument, Unimplemented
 from csi_driver.core.model import AccessType, Volume
+from csi_driver.core.params import parse_parameters
 from csi_driver.csi.convert import (
     capabilities_from_proto,
     capability_from_proto,
@@ -46,6 +48,9 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         context = {ACCESS_TYPE_CONTEXT_KEY: volume.access_type.value}
         if volume.access_type is AccessType.MOUNT and volume.fs_type:
             context[FS_TYPE_CONTEXT_KEY] = volume.fs_type.value
+        if parse_parameters(dict(volume.parameters)).encrypted:
+            # kubelet hands this back to NodeStageVolume, with the node-stage secret.
+            context[ENCRYPTED_CONTEXT_KEY] = "true"
         return csi_pb2.Volume(
             volume_id=volume.volume_id,
             capacity_bytes=volume.capacity_bytes,

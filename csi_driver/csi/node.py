@@ -13,6 +13,12 @@ from typing import Any
 import grpc
 
 from csi_driver.controller.volumes import DEFAULT_FS, FS_TYPE_CONTEXT_KEY
+from csi_driver.core.encryption import (
+    ENCRYPTED_CONTEXT_KEY,
+    check_encryptable,
+    encrypted_context,
+    volume_key,
+)
 from csi_driver.core.errors import (
     STAGING_PATH_NOT_SET,
     FailedPrecondition,
@@ -23,6 +29,7 @@ from csi_driver.core.errors import (
 from csi_driver.core.model import (
     SUPPORTED_ACCESS_MODES,
     VOLUME_ID_PATTERN,
+    AccessType,
     FsType,
     Topology,
     VolumeCapability,
@@ -69,12 +76,17 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     @rpc(required=("volume_id", "staging_target_path", "volume_capability"))
     def NodeStageVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
         capability = _capability(request)
-        volume_id = _known_volume(request.volume_id)
         fs_type = capability.fs_type
         if fs_type is None:
             from_context = request.volume_context.get(FS_TYPE_CONTEXT_KEY, "")
             fs_type = FsType.parse(from_context) if from_context else DEFAULT_FS
-        self._agent.stage(volume_id, request.staging_target_path, capability, fs_type)
+        key = None
+        if encrypted_context(request.volume_context.get(ENCRYPTED_CONTEXT_KEY, "")):
+            mounted = capability.access_type is AccessType.MOUNT
+            check_encryptable(capability.access_type, fs_type if mounted else None)
+            key = volume_key(request.secrets)
+        volume_id = _known_volume(request.volume_id)
+        self._agent.stage(volume_id, request.staging_target_path, capability, fs_type, key)
         return csi_pb2.NodeStageVolumeResponse()
 
     @rpc(required=("volume_id", "staging_target_path"))

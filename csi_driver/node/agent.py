@@ -9,6 +9,12 @@ staging path, each target, a format under way) is persisted in
 which loop devices and mounts are its own, and a retry finishes a step that
 was cut short (a deadline, a shutdown, a killed pod) instead of trusting
 what it half left.
+
+An encrypted volume's files live in one directory of its filesystem,
+:data:`ENCRYPTED_DIR`, whose fscrypt policy names the volume's key; pods
+are given that directory, never the filesystem's root, so nothing a pod
+writes is stored in plaintext. The key is given to the kernel at stage and
+taken back at unstage; Ferry keeps no copy of it, on disk or in memory.
 """
 
 from __future__ import annotations
@@ -17,11 +23,13 @@ import errno
 import json
 import logging
 import os
+import stat
 import threading
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from csi_driver.core.encryption import VolumeKey, check_encryptable
 from csi_driver.core.errors import (
     NOT_STAGED,
     PUBLISH_INCOMPATIBLE,
@@ -29,6 +37,7 @@ from csi_driver.core.errors import (
     STAGE_INCOMPATIBLE,
     STAGED_ELSEWHERE,
     STILL_PUBLISHED_AT,
+    WRONG_VOLUME_KEY,
     AlreadyExists,
     FailedPrecondition,
     FerryError,
@@ -40,8 +49,9 @@ from csi_driver.core.errors import (
 from csi_driver.core.locks import KeyedLocks
 from csi_driver.core.model import AccessMode, AccessType, FsType, VolumeCapability
 from csi_driver.node.filesystem import Filesystems
+from csi_driver.node.fscrypt import Fscrypt, KeyIdentifier
 from csi_driver.node.health import KernelLog, ext4_errors, xfs_shut_down
-from csi_driver.node.host import FilesystemHost, LoopDeviceHost, MountHost
+from csi_driver.node.host import EncryptionHost, FilesystemHost, LoopDeviceHost, MountHost
 from csi_driver.node.loop import LoopDevices
 from csi_driver.node.mounts import Mounts, check_mount_flags
 from csi_driver.node.paths import PathPolicy
@@ -54,6 +64,9 @@ log = logging.getLogger(__name__)
 VOLUME_LOCK_TIMEOUT_S = 30.0
 #: Where abnormal-volume messages send the operator.
 RUNBOOK = "docs/operations.md, 'A volume is reported abnormal'"
+#: The directory of an encrypted volume's filesystem that pods get: everything in it
+#: is encrypted with the volume's key.
+ENCRYPTED_DIR = "data"
 
 
 @dataclass(frozen=True)
@@ -104,6 +117,8 @@ class Staged:
     targets: dict[str, Target] = field(default_factory=dict)
     #: mkfs was started on the (then blank) device and has not finished.
     formatting: bool = False
+    #: Files are encrypted (fscrypt) under ENCRYPTED_DIR, which is what pods get.
+    encrypted: bool = False
 
     def to_json(self) -> dict[str, object]:
         doc = asdict(self)
@@ -129,6 +144,7 @@ class Staged:
             read_only=bool(doc.get("read_only", False)),
             targets={str(k): Target.from_json(v) for k, v in targets.items()},
             formatting=bool(doc.get("formatting", False)),
+            encrypted=bool(doc.get("encrypted", False)),
         )
 
 
@@ -180,10 +196,11 @@ class StateStore:
 class NodeAgent:
     """Host side of CSI's Node service for one node's pool.
 
-    The host is reached only through ``loops``, ``filesystems`` and
-    ``mounts`` (``csi_driver.node.host``); each defaults to Ferry's real one
-    built on ``runner``. Every method checks its arguments, then its
-    persisted state, before its first host call.
+    The host is reached only through ``loops``, ``filesystems``, ``mounts``
+    and ``encryption`` (``csi_driver.node.host``); each defaults to Ferry's
+    real one (built on ``runner``, but for the ioctls of ``encryption``).
+    Every method checks its arguments, then its persisted state, before its
+    first host call.
     """
 
     def __init__(
@@ -196,6 +213,7 @@ class NodeAgent:
         loops: LoopDeviceHost | None = None,
         filesystems: FilesystemHost | None = None,
         mounts: MountHost | None = None,
+        encryption: EncryptionHost | None = None,
     ) -> None:
         self.node_id = node_id
         self.pool = pool
@@ -203,6 +221,7 @@ class NodeAgent:
         self.loops: LoopDeviceHost = loops or LoopDevices(runner, kernel_log=self.kernel_log)
         self.filesystems: FilesystemHost = filesystems or Filesystems(runner)
         self.mounts: MountHost = mounts or Mounts(runner)
+        self.encryption: EncryptionHost = encryption or Fscrypt()
         self.paths = PathPolicy(allowed_roots)
         self._states = StateStore(pool.state_dir)
         self._locks = KeyedLocks()
@@ -230,7 +249,9 @@ class NodeAgent:
         staging_path: str,
         capability: VolumeCapability,
         fs_type: FsType,
+        key: VolumeKey | None = None,
     ) -> None:
+        """Stage the volume; ``key`` (an encrypted volume's) unlocks its files."""
         staging = self.paths.check(staging_path, "staging_target_path")
         flags = check_mount_flags(capability.mount_flags)
         wanted = Staged(
@@ -240,7 +261,10 @@ class NodeAgent:
             fs_type=fs_type if capability.access_type is AccessType.MOUNT else None,
             mount_flags=flags,
             read_only=capability.access_mode.read_only,
+            encrypted=key is not None,
         )
+        if key is not None:
+            check_encryptable(wanted.access_type, wanted.fs_type)
         with self._locks.hold(volume_id, timeout=VOLUME_LOCK_TIMEOUT_S):
             image = self.pool.require(volume_id)
             current = self._states.load(volume_id)
@@ -266,7 +290,79 @@ class NodeAgent:
                 staging.mkdir(parents=True, exist_ok=True)
                 return
             assert wanted.fs_type is not None
+            was_mounted = self.mounts.at(staging) is not None
             self._mount_staging(device, staging, wanted)
+            if key is None:
+                return
+            try:
+                self._unlock(staging, wanted, key)
+            except FerryError:
+                if not was_mounted and not wanted.targets:
+                    # Refused (a wrong key): leave nothing mounted, since kubelet does
+                    # not unstage after a final error and nothing else would clean up.
+                    self._release(wanted, staging)
+                raise
+
+    def _unlock(self, staging: Path, staged: Staged, key: VolumeKey) -> None:
+        """Give the mounted filesystem the volume's key and check that its data is
+        encrypted with it; the first time, encrypt :data:`ENCRYPTED_DIR` with it.
+
+        The key's identifier is compared with the directory's policy before
+        anything is read or written: a wrong key is refused (and taken back
+        from the kernel), never used to write files the right key cannot read.
+        """
+        identifier = self.encryption.add_key(staging, key)
+        data = staging / ENCRYPTED_DIR
+        try:
+            if not os.path.lexists(data):
+                self._require_writable(staged, "create its encrypted directory")
+                data.mkdir()
+                os.chmod(data, stat.S_IMODE(os.stat(staging).st_mode))
+                fsync_dir(staging)
+            elif data.is_symlink() or not data.is_dir():
+                raise FailedPrecondition(
+                    f"{data} is not a directory: the volume's filesystem was changed outside "
+                    "Ferry; inspect it before staging it again"
+                )
+            policy = self.encryption.policy(data)
+            if policy is None:
+                # New, or a first stage cut short before its policy: the kernel sets one
+                # on an empty directory only, so no plaintext file can be inside.
+                self._require_writable(staged, "encrypt its directory")
+                self.encryption.set_policy(data, identifier)
+                fsync_dir(data)
+                log.info(
+                    "volume encrypted", extra={"volume": staged.volume_id, "key": str(identifier)}
+                )
+                return
+        except FerryError:
+            self._take_back(staging, identifier)  # nothing is encrypted with it
+            raise
+        if policy.identifier != identifier:
+            self._take_back(staging, identifier)
+            raise FailedPrecondition(
+                WRONG_VOLUME_KEY.format(
+                    volume_id=staged.volume_id, expected=policy.identifier, given=identifier
+                )
+            )
+        log.info("volume unlocked", extra={"volume": staged.volume_id, "key": str(identifier)})
+
+    def _require_writable(self, staged: Staged, what: str) -> None:
+        if staged.read_only:
+            raise FailedPrecondition(
+                f"encrypted volume {staged.volume_id} has never been staged writable, so it "
+                f"has no encrypted directory yet, and a read-only stage cannot {what}: "
+                "stage it read-write once first"
+            )
+
+    def _take_back(self, staging: Path, identifier: KeyIdentifier) -> None:
+        """Withdraw a key from the filesystem mounted at ``staging``; warn if files held it."""
+        flags = self.encryption.remove_key(staging, identifier)
+        if flags:
+            log.warning(
+                "volume key still in use after removal",
+                extra={"path": str(staging), "key": str(identifier), "flags": flags},
+            )
 
     def _mount_staging(self, device: str, staging: Path, staged: Staged) -> None:
         assert staged.fs_type is not None
@@ -315,7 +411,7 @@ class NodeAgent:
             if not self.filesystems.needs_mkfs(device, staged.fs_type):
                 return False
             self._states.save(replace(staged, formatting=True))
-        self.filesystems.mkfs(device, staged.fs_type)
+        self.filesystems.mkfs(device, staged.fs_type, encrypted=staged.encrypted)
         self._states.save(replace(staged, formatting=False))
         return True
 
@@ -330,23 +426,33 @@ class NodeAgent:
                 raise FailedPrecondition(
                     STILL_PUBLISHED_AT.format(volume_id=volume_id, targets=", ".join(sorted(live)))
                 )
-            for target in current.targets.values():
-                if target.device:
-                    self.loops.detach(target.device)
-            self.mounts.unmount(staging)
-            image = self.pool.image_path(volume_id)
-            backing = os.path.realpath(image)
-            # Every device of the image, not only the writable one: a read-only attach
-            # cut short before its target was recorded left one that nothing claims.
-            detached = True
-            for loop in self.loops.attached():
-                if loop.backing_file == backing:
-                    detached = self._detach_unused(loop.device) and detached
-            if current.formatting and detached:
-                # The next stage must see the device blank again, not a half-made filesystem.
-                self.filesystems.wipe(str(image))
-            self._states.remove(volume_id)
+            self._release(current, staging)
             log.info("volume unstaged", extra={"volume": volume_id, "path": str(staging)})
+
+    def _release(self, current: Staged, staging: Path) -> None:
+        """Undo a stage whose targets are unmounted: key, mount, loop devices, record."""
+        for target in current.targets.values():
+            if target.device:
+                self.loops.detach(target.device)
+        data = staging / ENCRYPTED_DIR
+        if current.encrypted and self.mounts.at(staging) is not None and data.is_dir():
+            # The ioctl needs the mounted filesystem, so before the unmount.
+            policy = self.encryption.policy(data)
+            if policy is not None:
+                self._take_back(staging, policy.identifier)
+        self.mounts.unmount(staging)
+        image = self.pool.image_path(current.volume_id)
+        backing = os.path.realpath(image)
+        # Every device of the image, not only the writable one: a read-only attach
+        # cut short before its target was recorded left one that nothing claims.
+        detached = True
+        for loop in self.loops.attached():
+            if loop.backing_file == backing:
+                detached = self._detach_unused(loop.device) and detached
+        if current.formatting and detached:
+            # The next stage must see the device blank again, not a half-made filesystem.
+            self.filesystems.wipe(str(image))
+        self._states.remove(current.volume_id)
 
     # -- delete --------------------------------------------------------------------
 
@@ -437,9 +543,17 @@ class NodeAgent:
                 f"volume {staged.volume_id} is not mounted at {staging} (node restarted?); "
                 "stage it again"
             )
+        source, root = staging, mounted.root
+        if staged.encrypted:
+            source, root = staging / ENCRYPTED_DIR, os.path.join(mounted.root, ENCRYPTED_DIR)
+            if source.is_symlink() or not source.is_dir():
+                raise FailedPrecondition(
+                    f"encrypted volume {staged.volume_id} has no encrypted directory at "
+                    f"{source}; unstage and stage it again"
+                )
         on_target = self.mounts.at(target)
         if on_target is not None:
-            if on_target.source == mounted.source:
+            if on_target.source == mounted.source and on_target.root == root:
                 if entry.read_only and not on_target.read_only:
                     # A publish cut short between its bind and its read-only remount.
                     self.mounts.remount_read_only(target)
@@ -449,7 +563,7 @@ class NodeAgent:
         _require_fresh_mountpoint(target, directory=True)
         self._remember(staged, target, entry)
         target.mkdir(parents=True, exist_ok=True)
-        self.mounts.bind(staging, target, read_only=entry.read_only)
+        self.mounts.bind(source, target, read_only=entry.read_only)
         log.info(
             "volume published",
             extra={"volume": staged.volume_id, "path": str(target), "read_only": entry.read_only},

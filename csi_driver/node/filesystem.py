@@ -81,10 +81,24 @@ class Filesystems:
             )
         return True
 
-    def mkfs(self, device: str, fs_type: FsType) -> None:
-        """Create ``fs_type`` on ``device``, whatever it holds: callers check first."""
-        self._runner.run([*_MKFS[fs_type], device], timeout_s=MKFS_TIMEOUT_S)
-        log.info("filesystem created", extra={"device": device, "fs": fs_type.value})
+    def mkfs(self, device: str, fs_type: FsType, *, encrypted: bool = False) -> None:
+        """Create ``fs_type`` on ``device``, whatever it holds: callers check first.
+
+        ``encrypted`` turns on ext4's ``encrypt`` feature, without which the
+        kernel refuses to give a directory an fscrypt policy.
+        """
+        argv = [*_MKFS[fs_type]]
+        if encrypted:
+            if fs_type is not FsType.EXT4:
+                raise FailedPrecondition(
+                    f"{fs_type.value} has no filesystem encryption; encrypted volumes are ext4"
+                )
+            argv += ["-O", "encrypt"]
+        self._runner.run([*argv, device], timeout_s=MKFS_TIMEOUT_S)
+        log.info(
+            "filesystem created",
+            extra={"device": device, "fs": fs_type.value, "encrypted": encrypted},
+        )
 
     def wipe(self, path: str) -> None:
         """Erase every filesystem signature on ``path`` (a device or an image file)."""

@@ -1,14 +1,16 @@
-"""The node agent's view of the host: loop devices, filesystems, mounts.
+"""The node agent's view of the host: loop devices, filesystems, mounts, encryption.
 
 :class:`~csi_driver.node.agent.NodeAgent` reaches the host only through
-these three interfaces. Ferry's real implementations
+these four interfaces. Ferry's real implementations
 (:class:`~csi_driver.node.loop.LoopDevices`,
 :class:`~csi_driver.node.filesystem.Filesystems`,
-:class:`~csi_driver.node.mounts.Mounts`) are built from the command runner by
-default; injecting others lets tests prove what the agent decides *before*
-it touches the host (every argument check, every refusal from its persisted
-state) without root. Nothing here imitates the kernel: tests that need loop
-devices, filesystems and mounts use the real ones, as root.
+:class:`~csi_driver.node.mounts.Mounts`, and
+:class:`~csi_driver.node.fscrypt.Fscrypt`, which uses ioctls, not commands)
+are built from the command runner by default; injecting others lets tests
+prove what the agent decides *before* it touches the host (every argument
+check, every refusal from its persisted state) without root. Nothing here
+imitates the kernel: tests that need loop devices, filesystems, mounts and
+encryption use the real ones, as root.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+from csi_driver.core.encryption import VolumeKey
 from csi_driver.core.model import FsType
+from csi_driver.node.fscrypt import KeyIdentifier, Policy
 from csi_driver.node.loop import LoopDevice
 from csi_driver.node.mounts import MountEntry
 
@@ -34,7 +38,7 @@ class LoopDeviceHost(Protocol):
 
 class FilesystemHost(Protocol):
     def needs_mkfs(self, device: str, fs_type: FsType) -> bool: ...
-    def mkfs(self, device: str, fs_type: FsType) -> None: ...
+    def mkfs(self, device: str, fs_type: FsType, *, encrypted: bool = False) -> None: ...
     def wipe(self, path: str) -> None: ...
     def grow(self, device: str, mountpoint: Path, fs_type: FsType) -> None: ...
     def grow_unmounted(self, device: str, fs_type: FsType, device_bytes: int) -> bool: ...
@@ -47,3 +51,10 @@ class MountHost(Protocol):
     def bind(self, source: Path | str, target: Path, *, read_only: bool) -> None: ...
     def remount_read_only(self, target: Path) -> None: ...
     def unmount(self, target: Path) -> None: ...
+
+
+class EncryptionHost(Protocol):
+    def add_key(self, mountpoint: Path, key: VolumeKey) -> KeyIdentifier: ...
+    def remove_key(self, mountpoint: Path, identifier: KeyIdentifier) -> int: ...
+    def policy(self, directory: Path) -> Policy | None: ...
+    def set_policy(self, directory: Path, identifier: KeyIdentifier) -> None: ...

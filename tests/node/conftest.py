@@ -113,6 +113,7 @@ def hands_off_agent(tmp_path: Path) -> NodeAgent:
         loops=HostUntouchable("loops"),  # type: ignore[arg-type]
         filesystems=HostUntouchable("filesystems"),  # type: ignore[arg-type]
         mounts=HostUntouchable("mounts"),  # type: ignore[arg-type]
+        encryption=HostUntouchable("encryption"),  # type: ignore[arg-type]
     )
 
 

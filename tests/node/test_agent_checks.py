@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from csi_driver.core.encryption import KEY_BYTES, VolumeKey
 from csi_driver.core.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -76,6 +77,11 @@ def stage(
     return lambda a: a.stage(vid, staging or staging_of(a, vid), cap, fs)
 
 
+def encrypted(vid: str, cap: VolumeCapability = MOUNT_RW, fs: FsType = FsType.EXT4) -> Call:
+    key = VolumeKey(bytes(KEY_BYTES))
+    return lambda a: a.stage(vid, staging_of(a, vid), cap, fs, key)
+
+
 def publish(
     vid: str,
     target: str | None = None,
@@ -129,6 +135,9 @@ REFUSALS: list[tuple[str, Call, type[FerryError]]] = [
     ),
     ("stage: same path, other fsType", stage(STAGED, fs=FsType.XFS), AlreadyExists),
     ("stage: same path, other access type", stage(STAGED, cap=BLOCK_RW), AlreadyExists),
+    ("stage: encrypted block volume", encrypted(IMAGE_ONLY, cap=BLOCK_RW), InvalidArgument),
+    ("stage: encrypted xfs volume", encrypted(IMAGE_ONLY, fs=FsType.XFS), InvalidArgument),
+    ("stage: same path, now encrypted", encrypted(STAGED), AlreadyExists),
     # NodePublishVolume
     ("publish: target outside kubelet", publish(STAGED, OUTSIDE), InvalidArgument),
     ("publish: staging outside kubelet", publish(STAGED, staging=OUTSIDE), InvalidArgument),
