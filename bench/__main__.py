@@ -8,7 +8,9 @@ CSI socket:
 * NodeStageVolume + NodePublishVolume latency for a new volume (mkfs) and
   for one whose filesystem already exists;
 * fio throughput through a published volume, as a ratio to the same fio job
-  on the pool's own filesystem, run back to back in the same process.
+  on the pool's own filesystem, run back to back in the same process;
+* fio throughput through an encrypted volume (``encrypted: "true"``), as a
+  ratio to an unencrypted one (``--skip-encryption`` leaves it out).
 
 The fio comparison is kept fair: the same job file (O_DIRECT, libaio, same
 size, iodepth and block size) runs on both sides, each side's file is fully
@@ -17,6 +19,13 @@ or pays first-write allocation inside a job), and the sides alternate
 (volume, pool, pool, volume, ...) so drift in a shared host's disk hits both;
 medians are reported. ``--jobs`` runs a subset, ``--quick`` a smoke run.
 
+The encryption comparison runs buffered jobs (:data:`CRYPT_JOBS`) on both
+volumes: ext4 serves O_DIRECT on an encrypted file through the page cache
+unless the disk encrypts inline, so direct I/O would compare cache with
+disk. Each job moves its bytes once (fio's random map: no block twice, the
+file's cache dropped first), writes end with an fsync, and a run's time is
+the whole fio process, fsync included.
+
 Prints a table and writes JSON (default ``bench/results/latest.json``) with
 every sample. Needs root (loop devices, mounts) and fio.
 """
@@ -24,6 +33,7 @@ every sample. Needs root (loop devices, mounts) and fio.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import platform
@@ -33,7 +43,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -42,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from csi_driver import __version__
+from csi_driver.core.encryption import ENCRYPTED_CONTEXT_KEY, KEY_BYTES, SECRET_KEY
 from csi_driver.core.model import GiB, MiB
 from csi_driver.csi.client import CsiClient, mount_capability
 from csi_driver.gen import csi_pb2
@@ -103,16 +114,18 @@ class FioResult:
     def ratio(self) -> float:
         return self.volume.mib_s / self.pool.mib_s if self.pool.mib_s else 0.0
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, names: tuple[str, str] = ("volume", "pool")) -> dict[str, Any]:
+        """As JSON; ``names`` say what the two sides are (measured, baseline)."""
+        measured, baseline = names
         return {
             "job": self.job,
-            "volume_mib_s": round(self.volume.mib_s, 1),
-            "pool_mib_s": round(self.pool.mib_s, 1),
-            "volume_iops": round(self.volume.iops),
-            "pool_iops": round(self.pool.iops),
+            f"{measured}_mib_s": round(self.volume.mib_s, 1),
+            f"{baseline}_mib_s": round(self.pool.mib_s, 1),
+            f"{measured}_iops": round(self.volume.iops),
+            f"{baseline}_iops": round(self.pool.iops),
             "ratio": round(self.ratio, 3),
-            "volume_samples": [asdict(x) for x in self.volume.samples],
-            "pool_samples": [asdict(x) for x in self.pool.samples],
+            f"{measured}_samples": [asdict(x) for x in self.volume.samples],
+            f"{baseline}_samples": [asdict(x) for x in self.pool.samples],
         }
 
 
@@ -168,12 +181,20 @@ class Bench:
         target = self.kubelet / "pods" / volume_id / "mount"
         return str(staging), str(target)
 
-    def stage_publish(self, volume_id: str, fs: str) -> None:
+    def stage_publish(self, volume_id: str, fs: str, volume: Any = None) -> None:
+        """Stage and publish; ``volume`` (CreateVolume's) passes its context, and for an
+        encrypted one the bench's key, as kubelet would."""
         staging, target = self.paths(volume_id)
         cap = mount_capability(fs)
+        context = dict(volume.volume_context) if volume is not None else {}
+        secrets = {SECRET_KEY: BENCH_KEY} if ENCRYPTED_CONTEXT_KEY in context else {}
         self.csi.node.NodeStageVolume(
             csi_pb2.NodeStageVolumeRequest(
-                volume_id=volume_id, staging_target_path=staging, volume_capability=cap
+                volume_id=volume_id,
+                staging_target_path=staging,
+                volume_capability=cap,
+                volume_context=context,
+                secrets=secrets,
             )
         )
         self.csi.node.NodePublishVolume(
@@ -256,13 +277,88 @@ def lay_out(runner: CommandRunner, directory: Path, size_mib: int) -> None:
     runner.run(argv, timeout_s=size_mib + 120)
 
 
-def selected_jobs(names: str) -> list[str]:
-    """Jobs whose name starts with one of the comma-separated ``names``."""
+def selected_jobs(names: str, known: Mapping[str, list[str]] = FIO_JOBS) -> list[str]:
+    """Jobs of ``known`` whose name starts with one of the comma-separated ``names``."""
     wanted = [n.strip() for n in names.split(",") if n.strip()]
-    jobs = [job for job in FIO_JOBS if any(job.startswith(w) for w in wanted)]
+    jobs = [job for job in known if any(job.startswith(w) for w in wanted)]
     if not jobs:
-        raise SystemExit(f"--jobs {names!r} matches none of: {', '.join(FIO_JOBS)}")
+        raise SystemExit(f"--jobs {names!r} matches none of: {', '.join(known)}")
     return jobs
+
+
+def alternating(
+    run: Callable[[Path, str], FioSample], first: Path, second: Path, jobs: list[str], repeats: int
+) -> list[FioResult]:
+    """Each job ``repeats`` times on ``first`` and on ``second``, alternating which goes
+    first, so drift in the host's disk hits both; medians are kept."""
+    results = []
+    for job in jobs:
+        progress(f"fio {job}: {repeats}x on each side, alternating")
+        runs: dict[Path, list[FioSample]] = {first: [], second: []}
+        for i in range(repeats):
+            for where in [first, second] if i % 2 == 0 else [second, first]:
+                runs[where].append(run(where, job))
+        results.append(FioResult(job, FioSide(tuple(runs[first])), FioSide(tuple(runs[second]))))
+    return results
+
+
+#: The encryption comparison's jobs: buffered, each block once, writes fsync'd (see the
+#: module's docstring). Random jobs move a part of the file so each run stays short.
+CRYPT_JOBS = {
+    "seq-write 1M": ["--rw=write", "--bs=1M", "--end_fsync=1"],
+    "seq-read 1M": ["--rw=read", "--bs=1M"],
+    "rand-write 4k": ["--rw=randwrite", "--bs=4k", "--io_size=64M", "--end_fsync=1"],
+    "rand-read 4k": ["--rw=randread", "--bs=4k", "--io_size=32M"],
+    "rand-write 4k fsync": ["--rw=randwrite", "--bs=4k", "--io_size=4M", "--fsync=1"],
+}
+#: The key of the bench's encrypted volume (made for this run, never kept).
+BENCH_KEY = base64.b64encode(os.urandom(KEY_BYTES)).decode()
+
+
+def crypt_fio(runner: CommandRunner, directory: Path, job: str, size_mib: int) -> FioSample:
+    """One buffered job in ``directory``, timed from fio's start to its exit."""
+    argv = [
+        "fio", "--name=ferry", f"--filename={directory / FIO_FILE}", f"--size={size_mib}M",
+        "--ioengine=psync", "--direct=0", "--invalidate=1", "--output-format=json",
+        *CRYPT_JOBS[job],
+    ]  # fmt: skip
+    result = runner.run(argv, timeout_s=size_mib * 2 + 300)
+    report = json.loads(result.stdout[result.stdout.index("{") :])
+    side = report["jobs"][0]["write" if "write" in job else "read"]
+    return FioSample(
+        side["io_bytes"] / MiB / result.duration_s, side["total_ios"] / result.duration_s
+    )
+
+
+def encryption_cost(bench: Bench, jobs: list[str], size_mib: int, repeats: int) -> list[FioResult]:
+    """Each job on an encrypted volume (\"volume\" side) and an unencrypted one (\"pool\")."""
+    runner = CommandRunner()
+    size = (size_mib + 256) * MiB
+    volumes = {
+        name: bench.create(f"{name}-{uuid.uuid4().hex[:6]}", size, "ext4", parameters)
+        for name, parameters in (("encrypted", {"encrypted": "true"}), ("plain", {}))
+    }
+    published = []
+    try:
+        for volume in volumes.values():
+            bench.stage_publish(volume.volume_id, "ext4", volume)
+            published.append(volume.volume_id)
+        encrypted, plain = (Path(bench.paths(v.volume_id)[1]) for v in volumes.values())
+        progress(f"laying out a {size_mib} MiB fio file on an encrypted and a plain volume")
+        for where in (encrypted, plain):
+            lay_out(runner, where, size_mib)
+        return alternating(
+            lambda where, job: crypt_fio(runner, where, job, size_mib),
+            encrypted,
+            plain,
+            jobs,
+            repeats,
+        )
+    finally:
+        for volume_id in published:
+            bench.unpublish_unstage(volume_id)
+        for volume in volumes.values():
+            bench.delete(volume.volume_id)
 
 
 def throughput(
@@ -284,26 +380,21 @@ def throughput(
     volume = Path(bench.paths(vid)[1])
     baseline = pool_dir / "fio-baseline"
     baseline.mkdir(exist_ok=True)
-    results = []
     try:
         progress(f"laying out a {size_mib} MiB fio file on the volume and on the pool")
         for where in (volume, baseline):
             lay_out(runner, where, size_mib)
-        for job in jobs:
-            progress(f"fio {job}: {repeats}x on the volume and on the pool's filesystem")
-            runs: dict[Path, list[FioSample]] = {volume: [], baseline: []}
-            for i in range(repeats):
-                order = [volume, baseline] if i % 2 == 0 else [baseline, volume]
-                for where in order:
-                    runs[where].append(fio(runner, where, job, size_mib, runtime_s))
-            results.append(
-                FioResult(job, FioSide(tuple(runs[volume])), FioSide(tuple(runs[baseline])))
-            )
+        return alternating(
+            lambda where, job: fio(runner, where, job, size_mib, runtime_s),
+            volume,
+            baseline,
+            jobs,
+            repeats,
+        )
     finally:
         shutil.rmtree(baseline, ignore_errors=True)
         bench.unpublish_unstage(vid)
         bench.delete(vid)
-    return results
 
 
 @contextmanager
@@ -328,24 +419,36 @@ def running_ferry(workdir: Path) -> Iterator[Bench]:
         release_under(workdir)
 
 
-def render(latencies: list[Latency], fio_results: list[FioResult]) -> str:
+def fio_table(title: str, sides: tuple[str, str], results: list[FioResult]) -> list[str]:
+    """A markdown table of ``results``; ``sides`` name the measured side and the baseline."""
+    if not results:
+        return []
+    measured, baseline = sides
+    lines = [
+        "",
+        f"| {title}, medians | {measured} MiB/s | {baseline} MiB/s | {measured} IOPS "
+        f"| {baseline} IOPS | ratio |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.job} | {r.volume.mib_s:.0f} | {r.pool.mib_s:.0f} | {r.volume.iops:.0f} "
+            f"| {r.pool.iops:.0f} | {r.ratio:.2f} |"
+        )
+    return lines
+
+
+def render(
+    latencies: list[Latency], fio_results: list[FioResult], crypt_results: list[FioResult]
+) -> str:
     lines = []
     if latencies:
         lines += ["| Operation | n | p50 ms | p99 ms |", "|---|---:|---:|---:|"]
     for lat in latencies:
         s = lat.summary()
         lines.append(f"| {s['name']} | {s['count']} | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} |")
-    lines += [
-        "",
-        "| fio job (O_DIRECT), medians | volume MiB/s | pool fs MiB/s | volume IOPS "
-        "| pool fs IOPS | ratio |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in fio_results:
-        lines.append(
-            f"| {r.job} | {r.volume.mib_s:.0f} | {r.pool.mib_s:.0f} | {r.volume.iops:.0f} "
-            f"| {r.pool.iops:.0f} | {r.ratio:.2f} |"
-        )
+    lines += fio_table("fio job (O_DIRECT)", ("volume", "pool fs"), fio_results)
+    lines += fio_table("fio job (buffered, fsync'd)", ("encrypted", "plain"), crypt_results)
     return "\n".join(lines)
 
 
@@ -370,6 +473,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--fio-only", action="store_true", help="skip the RPC latency measurements")
     parser.add_argument(
+        "--skip-encryption", action="store_true", help="skip the encrypted/plain comparison"
+    )
+    parser.add_argument(
+        "--skip-pool", action="store_true", help="skip the volume/pool fio comparison"
+    )
+    parser.add_argument(
         "--parameter",
         type=parameter,
         action="append",
@@ -390,8 +499,11 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds, args.mount_rounds, args.fio_size, args.fio_runtime = 20, 2, 64, 1
         args.fio_repeats = 1
     jobs = selected_jobs(args.jobs)
+    crypt_jobs = [] if args.skip_encryption else selected_jobs(args.jobs, CRYPT_JOBS)
     workdir = Path(tempfile.mkdtemp(prefix="ferry-bench-", dir=args.workdir or "/var/tmp"))
     latencies: list[Latency] = []
+    fio_results: list[FioResult] = []
+    crypt_results: list[FioResult] = []
     load_before = os.getloadavg()
     try:
         with running_ferry(workdir) as bench:
@@ -403,18 +515,21 @@ def main(argv: list[str] | None = None) -> int:
                 for fs, size in (("ext4", 1 * GiB), ("xfs", 1 * GiB)):
                     progress(f"NodeStage+NodePublish x{args.mount_rounds} on {fs}")
                     latencies += bench.mount_latency(args.mount_rounds, fs, size)
-            fio_results = throughput(
-                bench,
-                workdir / "pool",
-                jobs,
-                args.fio_size,
-                args.fio_runtime,
-                args.fio_repeats,
-                dict(args.parameter),
-            )
+            if not args.skip_pool:
+                fio_results = throughput(
+                    bench,
+                    workdir / "pool",
+                    jobs,
+                    args.fio_size,
+                    args.fio_runtime,
+                    args.fio_repeats,
+                    dict(args.parameter),
+                )
+            if crypt_jobs:
+                crypt_results = encryption_cost(bench, crypt_jobs, args.fio_size, args.fio_repeats)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    table = render(latencies, fio_results)
+    table = render(latencies, fio_results, crypt_results)
     print(table)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(
@@ -432,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
                 "parameters": vars(args) | {"workdir": str(workdir), "output": str(args.output)},
                 "latency": [lat.summary() for lat in latencies],
                 "fio": [r.summary() for r in fio_results],
+                "encryption": [r.summary(("encrypted", "plain")) for r in crypt_results],
             },
             indent=2,
         )
