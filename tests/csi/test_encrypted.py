@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import mmap
 import os
 import signal
 from collections.abc import Iterator
@@ -39,6 +40,7 @@ ENCRYPTED = {"encrypted": "true"}
 #: Written through the mount; must never be found in the image of an encrypted volume.
 PATTERN = b"FERRY-PLAINTEXT-PATTERN-0123456789abcdef/"
 NAME = "ferry-plaintext-file-name"
+DIRECT_PATTERN = b"FERRY-DIRECT-IO-PATTERN-fedcba9876543210/"
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -84,6 +86,19 @@ def write_pattern(target: str, mib: int = 4) -> bytes:
     return payload
 
 
+def write_direct(path: Path, payload: bytes) -> None:
+    """Write ``payload`` (whole 4 KiB blocks) with O_DIRECT, as a database would."""
+    buffer = mmap.mmap(-1, len(payload))  # page-aligned, as O_DIRECT wants
+    buffer.write(payload)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+    try:
+        assert os.write(fd, buffer) == len(payload)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        buffer.close()
+
+
 def image_of(ferry: Ferry, volume_id: str) -> Path:
     return ferry.base / "node-a" / "pool" / "images" / f"{volume_id}.img"
 
@@ -113,24 +128,36 @@ def written_and_unstaged(ferry: Ferry, parameters: dict[str, str], key: str) -> 
 def test_the_image_holds_no_plaintext_and_the_key_reads_it_back(mountable: Ferry) -> None:
     ferry = mountable
     key = new_key()
-    volume, payload = written_and_unstaged(ferry, ENCRYPTED, key)
+    volume = ferry.create("enc", parameters=ENCRYPTED)
     assert volume.volume_context[ENCRYPTED_CONTEXT_KEY] == "true"
+    stage(ferry, volume, key)
+    target = Path(ferry.publish(volume.volume_id))
+    payload = write_pattern(str(target))
+    # O_DIRECT cannot bypass the encryption (ext4 serves it through the page cache).
+    direct = (DIRECT_PATTERN * (MiB // len(DIRECT_PATTERN) + 1))[:MiB]
+    write_direct(target / "direct", direct)
+    unpublish(ferry, volume.volume_id)
+    unstage(ferry, volume.volume_id)
     image = image_of(ferry, volume.volume_id)
     assert not image_holds(image, PATTERN[:24])
+    assert not image_holds(image, DIRECT_PATTERN[:24])
     assert not image_holds(image, NAME.encode())
     # The same scan finds both in an unencrypted volume: it can fail.
     plain = ferry.create("plain")
     ferry.stage(plain.volume_id)
-    write_pattern(ferry.publish(plain.volume_id))
+    plain_target = Path(ferry.publish(plain.volume_id))
+    write_pattern(str(plain_target))
+    write_direct(plain_target / "direct", direct)
     unpublish(ferry, plain.volume_id)
     unstage(ferry, plain.volume_id)
-    assert image_holds(image_of(ferry, plain.volume_id), PATTERN[:24])
-    assert image_holds(image_of(ferry, plain.volume_id), NAME.encode())
+    for needle in (PATTERN[:24], DIRECT_PATTERN[:24], NAME.encode()):
+        assert image_holds(image_of(ferry, plain.volume_id), needle)
 
     stage(ferry, volume, key)
-    target = Path(ferry.publish(volume.volume_id))
-    assert os.listdir(target) == [NAME]  # the pod sees the encrypted directory only
+    ferry.publish(volume.volume_id)
+    assert sorted(os.listdir(target)) == ["direct", NAME]  # the encrypted directory only
     assert (target / NAME).read_bytes() == payload
+    assert (target / "direct").read_bytes() == direct
     unpublish(ferry, volume.volume_id)
     unstage(ferry, volume.volume_id)
 
@@ -392,3 +419,26 @@ def test_restaged_after_a_node_service_restart_and_the_key_is_written_nowhere(
     needles += [wrong[:40].encode()]
     assert files_holding(tmp_path, needles) == []
     assert files_holding(tmp_path, [b"volume unlocked"]) != []  # the scan reads the log
+
+
+def test_read_only_stages_of_an_encrypted_volume(mountable: Ferry) -> None:
+    ferry = mountable
+    reader = mount_capability(mode="SINGLE_NODE_READER_ONLY")
+    fresh = ferry.create("fresh", parameters=ENCRYPTED, capability=reader)
+    request = stage_request(ferry, fresh, new_key(), capability=reader)
+    details = expect_code(
+        grpc.StatusCode.FAILED_PRECONDITION, ferry.client.node.NodeStageVolume, request
+    )
+    assert "stage it read-write once first" in details
+    assert staged_anywhere(ferry, fresh.volume_id) == []
+
+    key = new_key()
+    volume, payload = written_and_unstaged(ferry, ENCRYPTED, key)
+    ferry.client.node.NodeStageVolume(stage_request(ferry, volume, key, capability=reader))
+    target = Path(ferry.publish(volume.volume_id, capability=reader, readonly=True))
+    assert (target / NAME).read_bytes() == payload
+    with pytest.raises(OSError) as caught:
+        (target / "new").write_bytes(b"x")
+    assert caught.value.errno == errno.EROFS
+    unpublish(ferry, volume.volume_id)
+    unstage(ferry, volume.volume_id)
