@@ -316,9 +316,7 @@ class NodeAgent:
         try:
             if not os.path.lexists(data):
                 self._require_writable(staged, "create its encrypted directory")
-                data.mkdir()
-                os.chmod(data, stat.S_IMODE(os.stat(staging).st_mode))
-                fsync_dir(staging)
+                _make_encrypted_dir(data, like=staging)
             elif data.is_symlink() or not data.is_dir():
                 raise FailedPrecondition(
                     f"{data} is not a directory: the volume's filesystem was changed outside "
@@ -879,6 +877,19 @@ def _require_fresh_mountpoint(target: Path, *, directory: bool) -> None:
             f"target_path {target} exists and is not an empty file; a block volume is "
             "published on a fresh file"
         )
+
+
+def _make_encrypted_dir(data: Path, like: Path) -> None:
+    """Create ``data`` with the mode of the filesystem's root ``like``, durably."""
+    try:
+        data.mkdir()
+        os.chmod(data, stat.S_IMODE(os.stat(like).st_mode))
+        fsync_dir(like)
+    except OSError as exc:
+        raise InternalError(
+            f"cannot create the encrypted directory {data}: {exc.strerror}; check the "
+            "volume's filesystem (docs/operations.md, 'Encrypted volumes')"
+        ) from exc
 
 
 def _remove_target(target: Path) -> None:
