@@ -103,20 +103,20 @@ def image_of(ferry: Ferry, volume_id: str) -> Path:
     return ferry.base / "node-a" / "pool" / "images" / f"{volume_id}.img"
 
 
-def image_holds(image: Path, needle: bytes) -> bool:
-    """Whether ``needle`` occurs anywhere in the raw bytes of ``image``."""
-    block = 8 * MiB
+def holds(path: Path, *needles: bytes) -> bool:
+    """Whether any of ``needles`` (up to 128 bytes) occurs in the raw bytes of ``path``."""
     tail = b""
-    with open(image, "rb") as handle:
-        while chunk := handle.read(block):
-            if needle in tail + chunk:
+    with open(path, "rb") as handle:
+        while chunk := handle.read(8 * MiB):
+            if any(needle in tail + chunk for needle in needles):
                 return True
-            tail = chunk[-len(needle) :]
+            tail = chunk[-128:]
     return False
 
 
-def written_and_unstaged(ferry: Ferry, parameters: dict[str, str], key: str) -> tuple[Any, bytes]:
-    volume = ferry.create("enc", parameters=parameters)
+def written_and_unstaged(ferry: Ferry, key: str) -> tuple[Any, bytes]:
+    """An encrypted volume with the pattern written through its mount, unstaged."""
+    volume = ferry.create("enc", parameters=ENCRYPTED)
     vid = volume.volume_id
     stage(ferry, volume, key)
     payload = write_pattern(ferry.publish(vid))
@@ -139,9 +139,9 @@ def test_the_image_holds_no_plaintext_and_the_key_reads_it_back(mountable: Ferry
     unpublish(ferry, volume.volume_id)
     unstage(ferry, volume.volume_id)
     image = image_of(ferry, volume.volume_id)
-    assert not image_holds(image, PATTERN[:24])
-    assert not image_holds(image, DIRECT_PATTERN[:24])
-    assert not image_holds(image, NAME.encode())
+    assert not holds(image, PATTERN[:24])
+    assert not holds(image, DIRECT_PATTERN[:24])
+    assert not holds(image, NAME.encode())
     # The same scan finds both in an unencrypted volume: it can fail.
     plain = ferry.create("plain")
     ferry.stage(plain.volume_id)
@@ -151,7 +151,7 @@ def test_the_image_holds_no_plaintext_and_the_key_reads_it_back(mountable: Ferry
     unpublish(ferry, plain.volume_id)
     unstage(ferry, plain.volume_id)
     for needle in (PATTERN[:24], DIRECT_PATTERN[:24], NAME.encode()):
-        assert image_holds(image_of(ferry, plain.volume_id), needle)
+        assert holds(image_of(ferry, plain.volume_id), needle)
 
     stage(ferry, volume, key)
     ferry.publish(volume.volume_id)
@@ -181,7 +181,7 @@ def mounted_without_key(image: Path, where: Path) -> Iterator[Path]:
 
 def test_a_node_without_the_key_reads_only_ciphertext(mountable: Ferry) -> None:
     ferry = mountable
-    volume, _ = written_and_unstaged(ferry, ENCRYPTED, new_key())
+    volume, _ = written_and_unstaged(ferry, new_key())
     with mounted_without_key(image_of(ferry, volume.volume_id), ferry.base / "thief") as root:
         names = os.listdir(root / ENCRYPTED_DIR)
         assert len(names) == 1 and names[0] != NAME
@@ -208,7 +208,7 @@ def staged_anywhere(ferry: Ferry, volume_id: str) -> list[str]:
 def test_a_wrong_key_is_refused_and_leaves_nothing_staged(mountable: Ferry) -> None:
     ferry = mountable
     key = new_key()
-    volume, payload = written_and_unstaged(ferry, ENCRYPTED, key)
+    volume, payload = written_and_unstaged(ferry, key)
     vid = volume.volume_id
     wrong = stage_request(ferry, volume, new_key())
     details = expect_code(
@@ -332,18 +332,11 @@ class DebugFerryProcess(FerryProcess):
 
 def files_holding(base: Path, needles: list[bytes]) -> list[str]:
     """Regular files below ``base`` (logs, catalog, records, images) holding any needle."""
-    found = []
-    for path in sorted(base.rglob("*")):
-        if path.is_symlink() or not path.is_file():
-            continue
-        tail = b""
-        with open(path, "rb") as handle:
-            while chunk := handle.read(8 * MiB):
-                if any(n in tail + chunk for n in needles):
-                    found.append(str(path))
-                    break
-                tail = chunk[-128:]
-    return found
+    return [
+        str(path)
+        for path in sorted(base.rglob("*"))
+        if not path.is_symlink() and path.is_file() and holds(path, *needles)
+    ]
 
 
 @pytest.mark.slow
@@ -433,7 +426,7 @@ def test_read_only_stages_of_an_encrypted_volume(mountable: Ferry) -> None:
     assert staged_anywhere(ferry, fresh.volume_id) == []
 
     key = new_key()
-    volume, payload = written_and_unstaged(ferry, ENCRYPTED, key)
+    volume, payload = written_and_unstaged(ferry, key)
     ferry.client.node.NodeStageVolume(stage_request(ferry, volume, key, capability=reader))
     target = Path(ferry.publish(volume.volume_id, capability=reader, readonly=True))
     assert (target / NAME).read_bytes() == payload
