@@ -11,8 +11,10 @@ from that master key. Ferry talks to the kernel directly with four ioctls
   in the filesystem's own keyring (not a process's), so they survive the
   Ferry process that added them and vanish when the filesystem is unmounted.
 - ``FS_IOC_SET_ENCRYPTION_POLICY`` gives an empty directory a v2 policy
-  (AES-256-XTS contents, AES-256-CTS names, the identifier). The kernel
-  refuses it unless the caller added that key, and refuses to change it.
+  (AES-256-XTS contents, AES-256-CTS names, the identifier), and never
+  changes one. The kernel would take an identifier whose key nobody added
+  from root (CAP_FOWNER), so Ferry only ever sets one it just got back from
+  adding the key.
 - ``FS_IOC_GET_ENCRYPTION_POLICY_EX`` reads a directory's policy, which
   needs no key: that is how Ferry tells a wrong key from the right one
   (the identifiers differ) before anything is read or written.
