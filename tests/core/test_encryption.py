@@ -89,3 +89,10 @@ def test_the_storage_class_parameter() -> None:
     assert "encrypted" not in parse_parameters({"encrypted": "false"}).as_dict()
     with pytest.raises(InvalidArgument, match=r'encrypted=.yes. is invalid: use "true" or "false"'):
         parse_parameters({"encrypted": "yes"})
+
+
+def test_a_volume_attributes_class_cannot_turn_encryption_on_or_off() -> None:
+    params = parse_parameters({"encrypted": "true"})
+    for value in ("false", "true"):
+        with pytest.raises(InvalidArgument, match="'encrypted' cannot be changed"):
+            params.with_mutable({"encrypted": value})
