@@ -15,25 +15,36 @@ from csi_driver.core.records import (
     KINDS,
     SCHEMA_VERSION,
     CatalogRecord,
+    ExportPhase,
+    ExportSpec,
+    ExportStatus,
     FailureReason,
     ImagePhase,
     ImageRole,
     ImageSpec,
     ImageStatus,
+    MoveSpec,
+    MoveStatus,
+    MoveStep,
     NodeAccounting,
     NodeSpec,
     NodeStatus,
+    TransferPhase,
+    TransferStatus,
     VolumePhase,
     VolumeSpec,
     VolumeStatus,
     answers,
     decode,
     encode,
+    export_status_key,
     image_spec_key,
     image_specs_on,
     image_status_key,
+    image_statuses_on,
     node_accounting_key,
     revise,
+    volume_of_key,
 )
 
 VOL = "vol-" + "a" * 32
@@ -118,6 +129,70 @@ records: st.SearchStrategy[CatalogRecord] = st.one_of(
         size_bytes=sizes,
         reason=st.sampled_from(FailureReason),
         message=texts,
+        synced_transfer=texts,
+        manifest_digest=texts,
+        synced_at=floats,
+        synced_bytes=sizes,
+    ),
+    st.builds(
+        ExportSpec,
+        volume_id=volume_ids,
+        node_id=node_ids,
+        epoch=generations,
+        round=generations,
+        final=st.booleans(),
+        generation=generations,
+    ),
+    st.builds(
+        ExportStatus,
+        volume_id=volume_ids,
+        node_id=node_ids,
+        phase=st.sampled_from(ExportPhase),
+        observed_generation=generations,
+        epoch=generations,
+        transfer_id=texts,
+        endpoint=texts,
+        manifest_digest=texts,
+        size_bytes=sizes,
+        data_bytes=sizes,
+        captured_at=floats,
+        final=st.booleans(),
+        message=texts,
+    ),
+    st.builds(
+        TransferStatus,
+        volume_id=volume_ids,
+        node_id=node_ids,
+        transfer_id=texts,
+        source_node=node_ids,
+        phase=st.sampled_from(TransferPhase),
+        bytes_total=sizes,
+        bytes_done=sizes,
+        rate_bytes_per_s=floats,
+        eta_s=floats,
+        started_at=floats,
+        updated_at=floats,
+        message=texts,
+    ),
+    st.builds(
+        MoveSpec,
+        volume_id=volume_ids,
+        source_node=node_ids,
+        target_node=node_ids,
+        from_epoch=generations,
+        requested_at=floats,
+        generation=generations,
+    ),
+    st.builds(
+        MoveStatus,
+        volume_id=volume_ids,
+        observed_generation=generations,
+        step=st.sampled_from(MoveStep),
+        message=texts,
+        updated_at=floats,
+        final_bytes=sizes,
+        final_started_at=floats,
+        finished_at=floats,
     ),
 )
 
@@ -192,6 +267,11 @@ def test_kinds_registry_names_every_record_type() -> None:
         "NodeAccounting",
         "ImageSpec",
         "ImageStatus",
+        "ExportSpec",
+        "ExportStatus",
+        "TransferStatus",
+        "MoveSpec",
+        "MoveStatus",
     }
     assert all(kind == cls.KIND for kind, cls in KINDS.items())
 
@@ -243,3 +323,11 @@ def test_accounting_charges_and_refuses_to_go_negative() -> None:
     assert released.charge(16 << 20, 0).volume_count == 1  # an expansion
     with pytest.raises(InvalidArgument, match="negative"):
         released.charge(-(64 << 20), -1)
+
+
+def test_runners_woken_by_other_nodes_records_find_the_volume_in_the_key() -> None:
+    assert volume_of_key(export_status_key("node-2", VOL)) == VOL
+    assert volume_of_key(image_status_key("n", VOL)) == VOL
+    assert volume_of_key(image_statuses_on("n")) is None  # the prefix itself
+    assert volume_of_key("status/exports/n/not-a-volume") is None
+    assert volume_of_key(f"status/exports/a/b/{VOL}") is None
