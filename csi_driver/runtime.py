@@ -8,6 +8,7 @@ endpoint, and keeps the node's registration in the catalog fresh;
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -33,8 +34,11 @@ from csi_driver.gen import csi_pb2_grpc
 from csi_driver.gen.ferry.v1 import agent_pb2_grpc
 from csi_driver.metrics import observe_pool
 from csi_driver.node.agent import NodeAgent
+from csi_driver.node.fencing import EpochFence
 from csi_driver.node.pool import Pool
+from csi_driver.node.reconcile.exports import export_runner
 from csi_driver.node.reconcile.images import image_runner
+from csi_driver.node.reconcile.replicas import replica_runner
 from csi_driver.node.runner import CommandRunner
 from csi_driver.pki import ClientTlsBundle, Identity, Role
 from csi_driver.reconcile.runner import Runner
@@ -42,7 +46,14 @@ from csi_driver.rpc.errors import RUNNING
 from csi_driver.store.base import CatalogStore
 from csi_driver.store.catalog import Catalog
 from csi_driver.store.url import open_store
-from csi_driver.transport import AgentSecurity, Endpoint, Registration, start_server
+from csi_driver.transfer.source import Exports, serve_chunks
+from csi_driver.transport import (
+    AgentSecurity,
+    Endpoint,
+    Registration,
+    parse_endpoint,
+    start_server,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +72,17 @@ class NodeConfig:
     max_volumes: int = 0
     pool_capacity_bytes: int | None = None
     security: AgentSecurity = field(default_factory=AgentSecurity)
+    #: Where other nodes pull this node's exports; empty: beside the agent API
+    #: (same host, a port the kernel picks; or a socket in the pool).
+    transfer_endpoint: str = ""
+
+    def chunk_endpoint(self) -> str:
+        if self.transfer_endpoint:
+            return self.transfer_endpoint
+        agent = parse_endpoint(self.agent_endpoint)
+        if agent.scheme == "unix":
+            return f"unix://{self.pool_root.resolve() / 'chunks.sock'}"
+        return f"tcp://{agent.address.rpartition(':')[0]}:0"
 
 
 @dataclass
@@ -183,6 +205,7 @@ def _start_node_side(parts: NodeParts, catalog: Catalog, services: Services) -> 
     images = image_runner(catalog.store, parts.agent)
     images.start()
     services.closers.append(lambda: _stop_runner(images))
+    _start_mobility(parts, catalog, services)
     beat = threading.Thread(
         target=_heartbeat,
         args=(catalog, parts, services._stopping),
@@ -190,6 +213,23 @@ def _start_node_side(parts: NodeParts, catalog: Catalog, services: Services) -> 
         daemon=True,
     )
     beat.start()
+
+
+def _start_mobility(parts: NodeParts, catalog: Catalog, services: Services) -> None:
+    """Serve this node's exports to the other nodes and keep its replicas in sync."""
+    security = parts.config.security
+    exports = Exports()
+    chunk_server, chunk_endpoint = serve_chunks(
+        parts.config.chunk_endpoint(), exports, security, parts.config.node_id
+    )
+    services.servers.append(chunk_server)
+    services.endpoints.append(chunk_endpoint)
+    for runner in (
+        export_runner(catalog.store, parts.agent, exports, str(chunk_endpoint)),
+        replica_runner(catalog.store, parts.agent, security),
+    ):
+        runner.start()
+        services.closers.append(functools.partial(_stop_runner, runner))
 
 
 def _stop_runner(runner: Runner) -> None:
@@ -281,9 +321,11 @@ def start_node(
         store = open_store(catalog_path, security=config.security, catalog_tls=catalog_tls)
         services.closers.append(store.close)
         parts = NodeParts(config)
-        _start_node_side(parts, Catalog(store), services)
+        catalog = Catalog(store)
+        _start_node_side(parts, catalog, services)
         identity = IdentityServicer([parts.agent.check], controller=False)
-        node = NodeServicer(parts.agent, parts.topology, config.max_volumes)
+        fence = EpochFence(catalog, config.node_id)
+        node = NodeServicer(parts.agent, parts.topology, config.max_volumes, fence)
         _serve_csi(
             csi_endpoint,
             [
@@ -313,7 +355,8 @@ def start_all_in_one(
         _start_node_side(parts, catalog, services)
         volumes = VolumeService(catalog)
         identity = IdentityServicer([volumes.check, parts.agent.check], controller=True)
-        node = NodeServicer(parts.agent, parts.topology, config.max_volumes)
+        fence = EpochFence(catalog, config.node_id)
+        node = NodeServicer(parts.agent, parts.topology, config.max_volumes, fence)
         _serve_csi(
             csi_endpoint,
             [

@@ -1,0 +1,242 @@
+"""The leader's replication reconciler: every volume has the replicas it asks for.
+
+For each READY volume whose parameters ask for ``replicas: N``, this
+reconciler (run by the leading controller only) assigns replicas on N other
+nodes (anti-affinity: never two copies on one node) by writing REPLICA
+ImageSpecs with their nodes' accounting in one txn, and keeps an ExportSpec
+on the primary at the volume's epoch so the replicas have something to pull.
+It never calls a node: nodes reconcile the records (node/reconcile/replicas.py,
+node/reconcile/exports.py). Invariants:
+
+- Each write compares what it read plus the leader's fence: a concurrent
+  RPC, move or newer leader wins, and a deposed leader writes nothing.
+- A volume being moved is left to the move reconciler.
+- A replica that failed on an export is given a fresh round (a new capture)
+  once the export is older than :data:`RETRY_AFTER_S`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+from csi_driver.controller.images import ImageIntents
+from csi_driver.core.errors import Conflict, ResourceExhausted
+from csi_driver.core.model import Volume, VolumeState
+from csi_driver.core.params import Provisioning, parse_parameters
+from csi_driver.core.placement import NodeView
+from csi_driver.core.records import (
+    EXPORT_STATUSES,
+    IMAGE_STATUSES,
+    ExportSpec,
+    ExportStatus,
+    ImagePhase,
+    ImageRole,
+    ImageSpec,
+    ImageStatus,
+    MoveSpec,
+    MoveStatus,
+    NodeAccounting,
+    answers,
+    export_spec_key,
+    export_status_key,
+    image_spec_key,
+    image_status_key,
+    move_spec_key,
+    move_status_key,
+    revise,
+    volume_of_key,
+)
+from csi_driver.reconcile.informer import Informer
+from csi_driver.reconcile.runner import Runner, Source, strip_prefix
+from csi_driver.store.base import Compare
+from csi_driver.store.catalog import VOLUMES, Catalog
+from csi_driver.store.records import Versioned, put, read, unchanged_since
+
+log = logging.getLogger(__name__)
+
+#: Replicated volumes are looked at again this often (failed syncs retried).
+POLL_S = 5.0
+#: A replica that failed on an export gets a new capture after this long.
+RETRY_AFTER_S = 10.0
+
+
+def images_of(catalog: Catalog, volume_id: str) -> dict[str, Versioned[ImageSpec]]:
+    """Every node's image spec of ``volume_id``, by node: one read per registered node."""
+    found = {}
+    for node in catalog.list_nodes():
+        image = read(catalog.store, ImageSpec, image_spec_key(node.node_id, volume_id))
+        if image is not None:
+            found[node.node_id] = image
+    return found
+
+
+def node_views(
+    catalog: Catalog, accounts: Mapping[str, Versioned[NodeAccounting]]
+) -> list[NodeView]:
+    views = []
+    for node in catalog.list_nodes():
+        account = accounts.get(node.node_id)
+        charged = account.value if account else NodeAccounting(node.node_id)
+        views.append(NodeView(node, charged.provisioned_bytes, charged.volume_count))
+    return views
+
+
+def choose_replica_nodes(
+    views: Sequence[NodeView], holders: Iterable[str], count: int, size_bytes: int
+) -> list[str]:
+    """``count`` nodes with room for ``size_bytes`` that hold no copy yet, most free first.
+
+    The minimal call site until placement's replica choice (core/placement.py)
+    takes over: anti-affinity by node, capacity, deterministic ties.
+    """
+    taken = set(holders)
+    roomy = [v for v in views if v.node.node_id not in taken and v.free_bytes >= size_bytes]
+    roomy.sort(key=lambda v: (-v.free_bytes, v.node.node_id))
+    return [v.node.node_id for v in roomy[:count]]
+
+
+def moving(catalog: Catalog, volume_id: str) -> MoveSpec | None:
+    """The volume's move in flight, if any."""
+    spec = read(catalog.store, MoveSpec, move_spec_key(volume_id))
+    if spec is None:
+        return None
+    status = read(catalog.store, MoveStatus, move_status_key(volume_id))
+    if status is not None and answers(status.value, spec.value) and status.value.step.finished:
+        return None
+    return spec.value
+
+
+class ReplicationReconciler:
+    """Replica assignment and exports for one volume (the work key is its id)."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        intents: ImageIntents,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._catalog = catalog
+        self._intents = intents
+        self._clock = clock
+
+    def __call__(self, volume_id: str) -> float | None:
+        volume_read = self._catalog.read_volume(volume_id)
+        if volume_read is None or volume_read.value.state is not VolumeState.READY:
+            return None
+        volume = volume_read.value
+        wanted = parse_parameters(dict(volume.parameters)).replicas
+        if moving(self._catalog, volume_id) is not None:
+            return POLL_S
+        images = images_of(self._catalog, volume_id)
+        replicas = {
+            node: image
+            for node, image in images.items()
+            if image.value.role is ImageRole.REPLICA and not image.value.deleted
+        }
+        if len(replicas) < wanted:
+            self._assign(volume, set(images), wanted - len(replicas))
+            return 0.0  # look again at once: the export comes next
+        if not replicas:
+            return None
+        self._export(volume, replicas)
+        return POLL_S
+
+    def _assign(self, volume: Volume, holders: set[str], count: int) -> None:
+        accounts = self._catalog.accounts()
+        chosen = choose_replica_nodes(
+            node_views(self._catalog, accounts), holders, count, volume.capacity_bytes
+        )
+        if not chosen:
+            raise ResourceExhausted(
+                f"no node without a copy of volume {volume.volume_id} has "
+                f"{volume.capacity_bytes} bytes free for a replica; add nodes or free space"
+            )
+        compares: list[Compare] = []
+        ops = []
+        thin = parse_parameters(dict(volume.parameters)).provisioning is Provisioning.THIN
+        for node_id in chosen:
+            spec = ImageSpec(
+                volume.volume_id,
+                node_id,
+                volume.capacity_bytes,
+                volume.epoch,
+                role=ImageRole.REPLICA,
+                thin=thin,
+                source_node=volume.primary_node,
+            )
+            account = accounts.get(node_id)
+            charged = (account.value if account else NodeAccounting(node_id)).charge(
+                volume.capacity_bytes
+            )
+            compares += [Compare(spec.key, 0), unchanged_since(charged.key, account)]
+            ops += [put(spec), put(charged)]
+        try:
+            self._intents.txn(compares, ops)
+        except Conflict:
+            return  # an accounting moved: the next pass places again
+        log.info(
+            "replicas assigned",
+            extra={"volume": volume.volume_id, "nodes": chosen, "primary": volume.primary_node},
+        )
+
+    def _export(self, volume: Volume, replicas: Mapping[str, Versioned[ImageSpec]]) -> None:
+        key = export_spec_key(volume.primary_node, volume.volume_id)
+        export = read(self._catalog.store, ExportSpec, key)
+        if export is None:
+            spec = ExportSpec(volume.volume_id, volume.primary_node, volume.epoch)
+            self._try([Compare(key, 0)], spec)
+            return
+        if export.value.epoch != volume.epoch or export.value.final:
+            # A new epoch, or a move's final round left by a move that ended: a
+            # fresh capture of the volume as it is now.
+            changed = revise(
+                export.value, epoch=volume.epoch, round=export.value.round + 1, final=False
+            )
+            self._try([unchanged_since(key, export)], changed)
+            return
+        served = read(
+            self._catalog.store,
+            ExportStatus,
+            export_status_key(volume.primary_node, volume.volume_id),
+        )
+        if served is None or not answers(served.value, export.value):
+            return
+        if self._clock() - served.value.captured_at < RETRY_AFTER_S:
+            return
+        for node_id, image in replicas.items():
+            status = read(
+                self._catalog.store, ImageStatus, image_status_key(node_id, volume.volume_id)
+            )
+            failed = (
+                status is not None
+                and answers(status.value, image.value)
+                and status.value.phase is ImagePhase.FAILED
+            )
+            if failed:
+                self._try(
+                    [unchanged_since(key, export)],
+                    revise(export.value, round=export.value.round + 1),
+                )
+                return
+
+    def _try(self, compares: list[Compare], spec: ExportSpec) -> None:
+        try:
+            self._intents.txn(compares, [put(spec)])
+        except Conflict:
+            return  # changed meanwhile: the next pass looks again
+
+
+def replication_runner(catalog: Catalog, intents: ImageIntents) -> Runner:
+    return Runner(
+        "replication",
+        ReplicationReconciler(catalog, intents),
+        [
+            Source(Informer(catalog.store, VOLUMES), strip_prefix(VOLUMES)),
+            Source(Informer(catalog.store, IMAGE_STATUSES), volume_of_key),
+            Source(Informer(catalog.store, EXPORT_STATUSES), volume_of_key),
+        ],
+        workers=1,
+        resync_s=30.0,
+    )
