@@ -129,7 +129,10 @@ class ImageReconciler:
             )
         if info is None:
             info = pool.create_image(spec.volume_id, spec.size_bytes, spec.epoch, thin=spec.thin)
-        elif info.size_bytes < spec.size_bytes:
+        elif (pool.replicas_dir / spec.volume_id).exists():
+            # A promotion cut short after its rename: the generations left are stale.
+            shutil.rmtree(pool.replicas_dir / spec.volume_id, ignore_errors=True)
+        if info.size_bytes < spec.size_bytes:
             info = pool.expand_image(spec.volume_id, spec.size_bytes)
         return ImageStatus(
             spec.volume_id, self.node_id, ImagePhase.READY, spec.generation, info.size_bytes
