@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 
 from csi_driver.controller.images import ImageIntents
 from csi_driver.core.errors import Conflict, ResourceExhausted
 from csi_driver.core.model import Volume, VolumeState
 from csi_driver.core.params import Provisioning, parse_parameters
-from csi_driver.core.placement import NodeView
+from csi_driver.core.placement import NodeView, choose_replicas
 from csi_driver.core.records import (
     EXPORT_STATUSES,
     IMAGE_STATUSES,
@@ -83,20 +83,6 @@ def node_views(
     return views
 
 
-def choose_replica_nodes(
-    views: Sequence[NodeView], holders: Iterable[str], count: int, size_bytes: int
-) -> list[str]:
-    """``count`` nodes with room for ``size_bytes`` that hold no copy yet, most free first.
-
-    The minimal call site until placement's replica choice (core/placement.py)
-    takes over: anti-affinity by node, capacity, deterministic ties.
-    """
-    taken = set(holders)
-    roomy = [v for v in views if v.node.node_id not in taken and v.free_bytes >= size_bytes]
-    roomy.sort(key=lambda v: (-v.free_bytes, v.node.node_id))
-    return [v.node.node_id for v in roomy[:count]]
-
-
 def moving(catalog: Catalog, volume_id: str) -> MoveSpec | None:
     """The volume's move in flight, if any."""
     spec = read(catalog.store, MoveSpec, move_spec_key(volume_id))
@@ -145,8 +131,8 @@ class ReplicationReconciler:
 
     def _assign(self, volume: Volume, holders: set[str], count: int) -> None:
         accounts = self._catalog.accounts()
-        chosen = choose_replica_nodes(
-            node_views(self._catalog, accounts), holders, count, volume.capacity_bytes
+        chosen = choose_replicas(
+            node_views(self._catalog, accounts), volume.capacity_bytes, sorted(holders), count
         )
         if not chosen:
             raise ResourceExhausted(
