@@ -11,8 +11,10 @@ node/reconcile/exports.py). Invariants:
 - Each write compares what it read plus the leader's fence: a concurrent
   RPC, move or newer leader wins, and a deposed leader writes nothing.
 - A volume being moved is left to the move reconciler.
-- A replica that failed on an export is given a fresh round (a new capture)
-  once the export is older than :data:`RETRY_AFTER_S`.
+- Background replication (``rpoSeconds``): once every replica holds the
+  latest capture and it is ``rpoSeconds`` old, the export's round is bumped
+  (a new crash-consistent capture, shipped as a delta). A replica that failed
+  on an export gets a fresh round once it is older than :data:`RETRY_AFTER_S`.
 """
 
 from __future__ import annotations
@@ -112,7 +114,8 @@ class ReplicationReconciler:
         if volume_read is None or volume_read.value.state is not VolumeState.READY:
             return None
         volume = volume_read.value
-        wanted = parse_parameters(dict(volume.parameters)).replicas
+        params = parse_parameters(dict(volume.parameters))
+        wanted = params.replicas
         if moving(self._catalog, volume_id) is not None:
             return POLL_S
         images = images_of(self._catalog, volume_id)
@@ -126,8 +129,7 @@ class ReplicationReconciler:
             return 0.0  # look again at once: the export comes next
         if not replicas:
             return None
-        self._export(volume, replicas)
-        return POLL_S
+        return self._export(volume, replicas, params.rpo_seconds)
 
     def _assign(self, volume: Volume, holders: set[str], count: int) -> None:
         accounts = self._catalog.accounts()
@@ -167,13 +169,16 @@ class ReplicationReconciler:
             extra={"volume": volume.volume_id, "nodes": chosen, "primary": volume.primary_node},
         )
 
-    def _export(self, volume: Volume, replicas: Mapping[str, Versioned[ImageSpec]]) -> None:
+    def _export(
+        self, volume: Volume, replicas: Mapping[str, Versioned[ImageSpec]], rpo_s: int
+    ) -> float:
+        """Keep the primary's export current; return when to look again."""
         key = export_spec_key(volume.primary_node, volume.volume_id)
         export = read(self._catalog.store, ExportSpec, key)
         if export is None:
             spec = ExportSpec(volume.volume_id, volume.primary_node, volume.epoch)
             self._try([Compare(key, 0)], spec)
-            return
+            return POLL_S
         if export.value.epoch != volume.epoch or export.value.final:
             # A new epoch, or a move's final round left by a move that ended: a
             # fresh capture of the volume as it is now.
@@ -181,31 +186,39 @@ class ReplicationReconciler:
                 export.value, epoch=volume.epoch, round=export.value.round + 1, final=False
             )
             self._try([unchanged_since(key, export)], changed)
-            return
+            return POLL_S
         served = read(
             self._catalog.store,
             ExportStatus,
             export_status_key(volume.primary_node, volume.volume_id),
         )
         if served is None or not answers(served.value, export.value):
-            return
-        if self._clock() - served.value.captured_at < RETRY_AFTER_S:
-            return
-        for node_id, image in replicas.items():
-            status = read(
-                self._catalog.store, ImageStatus, image_status_key(node_id, volume.volume_id)
+            return POLL_S
+        age = self._clock() - served.value.captured_at
+        statuses = [
+            read(self._catalog.store, ImageStatus, image_status_key(node_id, volume.volume_id))
+            for node_id in replicas
+        ]
+        synced = all(
+            s is not None and s.value.synced_transfer == served.value.transfer_id for s in statuses
+        )
+        failed = any(
+            s is not None
+            and answers(s.value, replicas[s.value.node_id].value)
+            and s.value.phase is ImagePhase.FAILED
+            for s in statuses
+        )
+        # The schedule: a new capture once the last one reached every replica and
+        # is rpoSeconds old; a retry once a replica failed on it and it is stale.
+        due = bool(rpo_s) and synced and age >= rpo_s
+        if due or (failed and age >= RETRY_AFTER_S):
+            self._try(
+                [unchanged_since(key, export)], revise(export.value, round=export.value.round + 1)
             )
-            failed = (
-                status is not None
-                and answers(status.value, image.value)
-                and status.value.phase is ImagePhase.FAILED
-            )
-            if failed:
-                self._try(
-                    [unchanged_since(key, export)],
-                    revise(export.value, round=export.value.round + 1),
-                )
-                return
+            return POLL_S
+        if rpo_s and synced:
+            return max(0.1, rpo_s - age)
+        return POLL_S
 
     def _try(self, compares: list[Compare], spec: ExportSpec) -> None:
         try:

@@ -369,6 +369,8 @@ class ImageStatus:
     manifest_digest: str = ""
     synced_at: float = 0.0
     synced_bytes: int = 0
+    #: when the primary captured the image this replica holds: its lag is now - this
+    synced_captured_at: float = 0.0
 
     @property
     def key(self) -> str:

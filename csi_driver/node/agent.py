@@ -478,6 +478,17 @@ class NodeAgent:
                 )
             self.pool.delete_image(volume_id)
 
+    def staged_volumes(self) -> list[str]:
+        return [s.volume_id for s in self._states.all()]
+
+    def mounted_at(self, volume_id: str) -> Path | None:
+        """Where the volume's filesystem is staged on this node, if it is."""
+        staged = self._states.load(volume_id)
+        if staged is None or staged.access_type is not AccessType.MOUNT:
+            return None
+        path = Path(staged.staging_path)
+        return path if self.mounts.at(path) is not None else None
+
     @contextlib.contextmanager
     def quiesced(self, volume_id: str) -> Iterator[None]:
         """Hold the volume's lock while nothing on this node uses its image.

@@ -133,6 +133,7 @@ records: st.SearchStrategy[CatalogRecord] = st.one_of(
         manifest_digest=texts,
         synced_at=floats,
         synced_bytes=sizes,
+        synced_captured_at=floats,
     ),
     st.builds(
         ExportSpec,

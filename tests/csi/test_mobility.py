@@ -278,3 +278,44 @@ def test_replicas_are_assigned_on_other_nodes_and_synced_verified(
     assert status is not None and status.value.synced_bytes == CHUNK
     generations = sorted(replica.glob("gen-*/image"))
     assert len(generations) == 1 and _digest(generations[0]) == _digest(source)
+
+
+def test_a_mounted_volume_is_replicated_every_rpo_crash_consistently(
+    mountable: Ferry, second_node: str, catalog: Catalog
+) -> None:
+    ferry = mountable
+    volume_id = ferry.create(
+        "rpo", size=32 * MiB, parameters={"replicas": "1", "rpoSeconds": "1"}
+    ).volume_id
+    ferry.stage(volume_id)
+    target = Path(ferry.publish(volume_id))
+    replica = ferry.base / SECOND / "pool" / "replicas" / volume_id
+    try:
+        for round_ in range(2):
+            block = os.urandom(4096)
+            written = time.time()
+            with open(target / f"file-{round_}", "wb") as handle:
+                handle.write(block)
+                handle.flush()
+                os.fsync(handle.fileno())
+
+            def holds_it(block: bytes = block, written: float = written) -> bool:
+                status = read(catalog.store, ImageStatus, image_status_key(SECOND, volume_id))
+                if status is None or status.value.synced_captured_at <= written:
+                    return False
+                images = sorted(replica.glob("gen-*/image"))
+                return bool(images) and block in images[-1].read_bytes()
+
+            # Captured after the write (frozen, so its data is in the image), shipped.
+            _eventually(holds_it, f"round {round_} on the replica", timeout=30)
+    finally:
+        ferry.client.node.NodeUnpublishVolume(
+            csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=str(target))
+        )
+        ferry.client.node.NodeUnstageVolume(
+            csi_pb2.NodeUnstageVolumeRequest(
+                volume_id=volume_id, staging_target_path=ferry.staging(volume_id)
+            )
+        )
+    status = read(catalog.store, ImageStatus, image_status_key(SECOND, volume_id))
+    assert status is not None and 0 < status.value.synced_bytes < 32 * MiB  # deltas

@@ -2,11 +2,14 @@
 
 The controller writes ``spec/exports/<node>/<volume>``; each ``round`` asks
 for a new capture of the volume's image. This reconciler, in the node agent
-that holds the primary image, captures it (a reflink snapshot where the pool
-can, else the image itself), serves it through the node's ChunkSource under
+that holds the primary image, captures it, serves it through the node's ChunkSource under
 the export's transfer id, and reports ``status/exports/<node>/<volume>``
 with the endpoint, the manifest digest and the capture time. Invariants:
 
+- A capture of a mounted volume is crash-consistent: its filesystem is
+  frozen (FIFREEZE) just long enough to reflink the image, or to copy it
+  where the pool cannot reflink; the copy is then hashed and served while
+  the volume is written again. An unmounted image is captured as it is.
 - A ``final`` export (a move's last sync) is captured only while nothing on
   this node uses the volume, under the volume's lock (:meth:`NodeAgent.quiesced`),
   so the image it serves is the one the volume's last writer left; until
@@ -22,10 +25,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import time
+from pathlib import Path
 
 from csi_driver.chunks.changes import ChangeTracker
+from csi_driver.chunks.extents import reflink
+from csi_driver.chunks.generations import sparse_copy
 from csi_driver.chunks.manifest import Manifest, encode
 from csi_driver.core.errors import FailedPrecondition, FerryError
 from csi_driver.core.records import (
@@ -39,6 +46,7 @@ from csi_driver.core.records import (
 )
 from csi_driver.faults import crash_point
 from csi_driver.node.agent import NodeAgent
+from csi_driver.node.filesystem import frozen, thaw
 from csi_driver.reconcile.informer import Informer
 from csi_driver.reconcile.report import report
 from csi_driver.reconcile.runner import Runner, Source, strip_prefix
@@ -107,12 +115,14 @@ class ExportReconciler:
 
     def _capture(self, spec: ExportSpec) -> ExportStatus:
         image = self._agent.pool.require(spec.volume_id)
-        tracker = ChangeTracker(image.path, self._agent.pool.captures_dir / spec.volume_id)
+        work = self._agent.pool.captures_dir / spec.volume_id
         if spec.final:
             with self._agent.quiesced(spec.volume_id):
-                capture = tracker.capture()
+                capture = ChangeTracker(image.path, work).capture()
         else:
-            capture = tracker.capture()
+            mounted = self._agent.mounted_at(spec.volume_id)
+            source = image.path if mounted is None else _frozen_copy(image.path, mounted, work)
+            capture = ChangeTracker(source, work / "snapshots").capture()
         self._retire(spec.volume_id)
         self._exports.add(spec.transfer_id, capture.source, capture.manifest)
         self._served[spec.volume_id] = spec.transfer_id
@@ -164,6 +174,34 @@ class ExportReconciler:
             )
 
 
+def _frozen_copy(image: Path, mountpoint: Path, work: Path) -> Path:
+    """A crash-consistent copy of a mounted volume's image: a reflink (or, on a pool
+    that cannot, a sparse copy) made while its filesystem is frozen."""
+    work.mkdir(parents=True, exist_ok=True, mode=0o700)
+    copy, building = work / "frozen.img", work / ".frozen.img.tmp"
+    started = time.monotonic()
+    with frozen(mountpoint):
+        try:
+            reflink(image, building)
+        except FailedPrecondition:
+            sparse_copy(image, building)
+    held = time.monotonic() - started
+    # A pull still streaming the previous copy keeps reading its inode.
+    os.replace(building, copy)
+    log.info("image copied while frozen", extra={"image": str(image), "frozen_s": round(held, 3)})
+    return copy
+
+
+def thaw_staged(agent: NodeAgent) -> None:
+    """Thaw what a capture left frozen when this process was killed mid-copy."""
+    for volume_id in agent.staged_volumes():
+        mounted = agent.mounted_at(volume_id)
+        if mounted is not None and thaw(mounted):
+            log.warning(
+                "thawed a filesystem a killed capture left frozen", extra={"volume": volume_id}
+            )
+
+
 def export_runner(
     store: CatalogStore,
     agent: NodeAgent,
@@ -173,6 +211,7 @@ def export_runner(
     resync_s: float = 60.0,
 ) -> Runner:
     specs = export_specs_on(agent.node_id)
+    thaw_staged(agent)
     return Runner(
         f"exports:{agent.node_id}",
         ExportReconciler(store, agent, exports, endpoint),

@@ -228,6 +228,7 @@ class ReplicaReconciler:
             manifest_digest=digest,
             synced_at=time.time(),
             synced_bytes=result.progress.bytes_this_session,
+            synced_captured_at=export.captured_at,
         )
 
     def _status(
@@ -246,6 +247,7 @@ class ReplicaReconciler:
             manifest_digest=manifest_digest(generation.manifest) if generation else "",
             synced_at=before.synced_at if before else 0.0,
             synced_bytes=before.synced_bytes if before else 0,
+            synced_captured_at=before.synced_captured_at if before else 0.0,
         )
 
     def _report(
