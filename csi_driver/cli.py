@@ -80,6 +80,13 @@ def _node_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-volumes", type=int, default=0, help="most volumes this node will stage (0: no limit)"
     )
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=10.0,
+        help="seconds between this node's heartbeats in the catalog (the controller "
+        "declares a node lost after --node-lost-after without one)",
+    )
 
 
 def _node_config(args: argparse.Namespace, security: AgentSecurity) -> NodeConfig:
@@ -92,6 +99,7 @@ def _node_config(args: argparse.Namespace, security: AgentSecurity) -> NodeConfi
         max_volumes=args.max_volumes,
         pool_capacity_bytes=args.pool_capacity,
         security=security,
+        heartbeat_s=args.heartbeat_interval,
     )
 
 
@@ -162,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     def catalog_listen(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument(
+            "--node-lost-after",
+            type=float,
+            default=30.0,
+            help="seconds without a heartbeat after which a node counts as lost: its "
+            "volumes with failoverPolicy promote fail over to their freshest replica",
+        )
+        p.add_argument(
             "--catalog-listen",
             default=None,
             help="also serve the catalog to nodes (tcp://host:port); "
@@ -224,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 security,
                 catalog_listen=args.catalog_listen,
                 catalog_tls=catalog_tls,
+                node_lost_after_s=args.node_lost_after,
             )
         elif args.command == "node":
             config = _node_config(args, security)
@@ -231,7 +247,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             config = _node_config(args, security)
             services = runtime.start_all_in_one(
-                args.endpoint, config, args.catalog, args.catalog_listen, catalog_tls
+                args.endpoint,
+                config,
+                args.catalog,
+                args.catalog_listen,
+                catalog_tls,
+                node_lost_after_s=args.node_lost_after,
             )
         serve_metrics(args.metrics_port)
     except FerryError as exc:

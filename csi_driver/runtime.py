@@ -22,6 +22,7 @@ import grpc
 from csi_driver.agent_api.server import NodeAgentServicer, admitted_callers
 from csi_driver.catalog_api.server import admitted_callers as catalog_callers
 from csi_driver.catalog_api.server import register as serve_store
+from csi_driver.controller.failover import NODE_LOST_AFTER_S
 from csi_driver.controller.leadership import Leadership
 from csi_driver.controller.volumes import VolumeService
 from csi_driver.core.errors import InvalidArgument
@@ -75,6 +76,7 @@ class NodeConfig:
     #: Where other nodes pull this node's exports; empty: beside the agent API
     #: (same host, a port the kernel picks; or a socket in the pool).
     transfer_endpoint: str = ""
+    heartbeat_s: float = HEARTBEAT_INTERVAL_S
 
     def chunk_endpoint(self) -> str:
         if self.transfer_endpoint:
@@ -165,7 +167,7 @@ def _report_pool(pool: Pool) -> None:
 
 def _heartbeat(catalog: Catalog, parts: NodeParts, stopping: threading.Event) -> None:
     node_id = parts.config.node_id
-    while not stopping.wait(HEARTBEAT_INTERVAL_S):
+    while not stopping.wait(parts.config.heartbeat_s):
         try:
             parts.pool.keep_reserved()
             catalog.heartbeat(node_id, time.time(), parts.agent.conditions())
@@ -268,9 +270,9 @@ def _serve_catalog(
         services.endpoints.append(bound)
 
 
-def _campaign(catalog: Catalog, services: Services) -> None:
+def _campaign(catalog: Catalog, services: Services, node_lost_after_s: float) -> None:
     """Every controller process campaigns; only the leader runs background work."""
-    leadership = Leadership(catalog)
+    leadership = Leadership(catalog, node_lost_after_s=node_lost_after_s)
     leadership.start()
     services.closers.append(leadership.stop)
 
@@ -281,6 +283,7 @@ def start_controller(
     security: AgentSecurity | None = None,
     catalog_listen: str | None = None,
     catalog_tls: ClientTlsBundle | None = None,
+    node_lost_after_s: float = NODE_LOST_AFTER_S,
 ) -> Services:
     """``security``: the controller's certificate (it must name the controller), which
     secures the catalog it opens and the one it serves to nodes (default: plain).
@@ -305,7 +308,7 @@ def start_controller(
             ],
             services,
         )
-        _campaign(catalog, services)
+        _campaign(catalog, services, node_lost_after_s)
     return services
 
 
@@ -343,6 +346,7 @@ def start_all_in_one(
     catalog_path: str | Path,
     catalog_listen: str | None = None,
     catalog_tls: ClientTlsBundle | None = None,
+    node_lost_after_s: float = NODE_LOST_AFTER_S,
 ) -> Services:
     """Controller and node in one process, on one CSI socket (one-machine mode)."""
     services = Services()
@@ -368,5 +372,5 @@ def start_all_in_one(
             ],
             services,
         )
-        _campaign(catalog, services)
+        _campaign(catalog, services, node_lost_after_s)
     return services

@@ -24,6 +24,7 @@ import socket
 import threading
 
 from csi_driver.controller.collector import Collector
+from csi_driver.controller.failover import NODE_LOST_AFTER_S, failover_runner
 from csi_driver.controller.images import Deposed, ImageIntents
 from csi_driver.controller.moves import move_runner
 from csi_driver.controller.replication import replication_runner
@@ -56,7 +57,9 @@ class Leadership:
         candidate: str | None = None,
         *,
         sweep_interval_s: float = SWEEP_INTERVAL_S,
+        node_lost_after_s: float = NODE_LOST_AFTER_S,
     ) -> None:
+        self._lost_after = node_lost_after_s
         self.candidate = candidate or default_candidate()
         self._election = catalog.store.election(ELECTION, self.candidate)
         self._catalog = catalog
@@ -94,7 +97,11 @@ class Leadership:
     def _reconcilers(self) -> list[Runner]:
         """The leader's reconcilers (moves, replication), their txns fenced."""
         intents = ImageIntents(self._catalog, fence=self._election.fence)
-        return [move_runner(self._catalog, intents), replication_runner(self._catalog, intents)]
+        return [
+            move_runner(self._catalog, intents, self._lost_after),
+            replication_runner(self._catalog, intents),
+            failover_runner(self._catalog, intents, self._lost_after),
+        ]
 
     def _lead(self) -> None:
         CONTROLLER_LEADER.set(1)

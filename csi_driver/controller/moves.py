@@ -39,7 +39,9 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
+from csi_driver.controller.failover import NODE_LOST_AFTER_S, lost_for
 from csi_driver.controller.images import REPLY_MARGIN_S, ImageIntents
+from csi_driver.controller.primaries import switch_primary
 from csi_driver.controller.replication import images_of
 from csi_driver.core import deadline
 from csi_driver.core.errors import (
@@ -83,7 +85,7 @@ from csi_driver.metrics import observe_move
 from csi_driver.reconcile.informer import Informer
 from csi_driver.reconcile.runner import Runner, Source, strip_prefix
 from csi_driver.reconcile.wait import wait_for
-from csi_driver.store.base import ABSENT, Compare, Delete, Put, Record
+from csi_driver.store.base import ABSENT, Compare, Record
 from csi_driver.store.catalog import Catalog
 from csi_driver.store.records import Versioned, put, read, unchanged_since
 
@@ -137,7 +139,10 @@ class MoveReconciler:
         intents: ImageIntents,
         observer: MoveObserver | None = None,
         clock: Callable[[], float] = time.time,
+        *,
+        lost_after_s: float = NODE_LOST_AFTER_S,
     ) -> None:
+        self._lost_after = lost_after_s
         self._catalog = catalog
         self._store = catalog.store
         self._intents = intents
@@ -282,6 +287,14 @@ class MoveReconciler:
             self._store, ExportStatus, export_status_key(move.source_node, move.volume_id)
         )
         if served is None or not answers(served.value, export.value):
+            silent = lost_for(self._catalog, move.source_node, self._lost_after, self._clock())
+            if silent is not None:
+                return self._waiting(
+                    status,
+                    f"node {move.source_node} holding the data is unreachable (silent "
+                    f"{silent:.0f}s): with failoverPolicy promote its freshest replica takes "
+                    "over; with wait the volume waits for the node",
+                )
             return None
         if served.value.phase is ExportPhase.WAITING:
             return self._waiting(status, f"source: {served.value.message}")
@@ -325,37 +338,17 @@ class MoveReconciler:
         )
 
     def _switch(self, move: MoveSpec, status: MoveStatus, volume: Versioned[Volume]) -> MoveStatus:
-        """One txn: the epoch bumped, the target primary, every other copy its replica."""
-        v = volume.value
-        epoch = v.epoch + 1
+        """One txn: the epoch bumped, the target primary, every other copy its replica.
+
+        The status follows in its own txn: a crash between the two is read back
+        from the volume (its primary is the target at a later epoch)."""
         images = images_of(self._catalog, move.volume_id)
-        compares = [self._catalog.volume_unchanged(volume)]
-        ops: list[Put | Delete] = [
-            self._catalog.volume_op(replace(v, primary_node=move.target_node, epoch=epoch))
-        ]
-        for node_id, image in images.items():
-            if image.value.deleted:
-                continue
-            if node_id == move.target_node:
-                changed = revise(image.value, role=ImageRole.PRIMARY, epoch=epoch, source_node="")
-            else:
-                changed = revise(
-                    image.value, role=ImageRole.REPLICA, epoch=epoch, source_node=move.target_node
-                )
-            compares.append(unchanged_since(image.value.key, image))
-            ops.append(put(changed))
-        # The old primary's export is over; the new primary exports at the new epoch.
-        ops.append(Delete(export_spec_key(move.source_node, move.volume_id)))
-        ops.append(Delete(export_status_key(move.source_node, move.volume_id)))
-        new_export = ExportSpec(move.volume_id, move.target_node, epoch)
-        ops.append(put(new_export))
-        # The status follows in its own txn: a crash between the two is read back
-        # from the volume (its primary is the target at a later epoch).
-        self._intents.txn(compares, ops)
+        switch = switch_primary(volume, images, move.target_node, diverged=False)
+        self._intents.txn(switch.compares, switch.ops)
         return replace(
             status,
             step=MoveStep.SWITCHED,
-            message=f"node {move.target_node} is primary at epoch {epoch}",
+            message=f"node {move.target_node} is primary at epoch {switch.epoch}",
         )
 
     def _finish(self, move: MoveSpec, status: MoveStatus) -> MoveStatus | None:
@@ -478,11 +471,14 @@ class MoveRequests:
 
 
 def move_runner(
-    catalog: Catalog, intents: ImageIntents, observer: MoveObserver | None = None
+    catalog: Catalog,
+    intents: ImageIntents,
+    lost_after_s: float = NODE_LOST_AFTER_S,
+    observer: MoveObserver | None = None,
 ) -> Runner:
     return Runner(
         "moves",
-        MoveReconciler(catalog, intents, observer),
+        MoveReconciler(catalog, intents, observer, lost_after_s=lost_after_s),
         [
             Source(Informer(catalog.store, MOVE_SPECS), strip_prefix(MOVE_SPECS)),
             Source(Informer(catalog.store, IMAGE_STATUSES), volume_of_key),

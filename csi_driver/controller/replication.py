@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from csi_driver.controller.images import ImageIntents
 from csi_driver.core.errors import Conflict, ResourceExhausted
 from csi_driver.core.model import Volume, VolumeState
-from csi_driver.core.params import Provisioning, parse_parameters
+from csi_driver.core.params import Provisioning, StorageParameters, parse_parameters
 from csi_driver.core.placement import NodeView, choose_replicas
 from csi_driver.core.records import (
     EXPORT_STATUSES,
@@ -85,6 +85,16 @@ def node_views(
     return views
 
 
+def ready_volume(
+    catalog: Catalog, volume_id: str
+) -> tuple[Versioned[Volume], StorageParameters] | None:
+    """The volume and its parameters when it is READY (nothing to do otherwise)."""
+    volume_read = catalog.read_volume(volume_id)
+    if volume_read is None or volume_read.value.state is not VolumeState.READY:
+        return None
+    return volume_read, parse_parameters(dict(volume_read.value.parameters))
+
+
 def moving(catalog: Catalog, volume_id: str) -> MoveSpec | None:
     """The volume's move in flight, if any."""
     spec = read(catalog.store, MoveSpec, move_spec_key(volume_id))
@@ -110,11 +120,10 @@ class ReplicationReconciler:
         self._clock = clock
 
     def __call__(self, volume_id: str) -> float | None:
-        volume_read = self._catalog.read_volume(volume_id)
-        if volume_read is None or volume_read.value.state is not VolumeState.READY:
+        found = ready_volume(self._catalog, volume_id)
+        if found is None:
             return None
-        volume = volume_read.value
-        params = parse_parameters(dict(volume.parameters))
+        volume, params = found[0].value, found[1]
         wanted = params.replicas
         if moving(self._catalog, volume_id) is not None:
             return POLL_S

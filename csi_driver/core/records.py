@@ -25,6 +25,7 @@ heartbeat::
     status/transfers/<node_id>/<volume_id>  TransferStatus    node <node_id> (the receiver)
     spec/moves/<volume_id>                  MoveSpec          controller (ControllerPublish)
     status/moves/<volume_id>                MoveStatus        controller (move reconciler)
+    status/failovers/<volume_id>            FailoverStatus    controller (failover reconciler)
 
 Mobility. A replica is an ImageSpec with role REPLICA and ``source_node``
 (the primary it follows). The primary serves point-in-time images when its
@@ -88,6 +89,7 @@ EXPORT_STATUSES = STATUS + "exports/"
 TRANSFER_STATUSES = STATUS + "transfers/"
 MOVE_SPECS = SPEC + "moves/"
 MOVE_STATUSES = STATUS + "moves/"
+FAILOVER_STATUSES = STATUS + "failovers/"
 
 
 def _node(node_id: str) -> str:
@@ -144,6 +146,10 @@ def move_spec_key(volume_id: str) -> str:
 
 def move_status_key(volume_id: str) -> str:
     return MOVE_STATUSES + _volume(volume_id)
+
+
+def failover_status_key(volume_id: str) -> str:
+    return FAILOVER_STATUSES + _volume(volume_id)
 
 
 def volume_of_key(key: str) -> str | None:
@@ -340,6 +346,9 @@ class ImageSpec:
     generation: int = 1
     #: REPLICA only: the primary node whose exports this replica pulls.
     source_node: str = ""
+    #: A primary demoted by a failover: what it holds may include writes the new
+    #: primary never got, so it is kept aside (a snapshot image), never overwritten.
+    keep_divergent: bool = False
 
     @property
     def key(self) -> str:
@@ -529,6 +538,31 @@ class MoveStatus:
         return move_status_key(self.volume_id)
 
 
+@dataclass(frozen=True)
+class FailoverStatus:
+    """The last failover of a volume: who took over, and the writes it may have lost.
+
+    ``data_loss_window_s`` is from the capture the new primary holds to the
+    last heartbeat of the lost one: writes made in it may be gone (they are
+    kept aside on the old primary if it returns).
+    """
+
+    KIND: ClassVar[str] = "FailoverStatus"
+
+    volume_id: str
+    from_node: str
+    to_node: str
+    epoch: int
+    at: float
+    primary_last_seen: float = 0.0
+    replica_captured_at: float = 0.0
+    data_loss_window_s: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return failover_status_key(self.volume_id)
+
+
 class _Spec(Protocol):
     @property
     def generation(self) -> int: ...
@@ -576,6 +610,7 @@ CatalogRecord = (
     | TransferStatus
     | MoveSpec
     | MoveStatus
+    | FailoverStatus
 )
 R = TypeVar("R", bound=CatalogRecord)
 
@@ -595,6 +630,7 @@ KINDS: dict[str, type[Any]] = {
         TransferStatus,
         MoveSpec,
         MoveStatus,
+        FailoverStatus,
     )
 }
 

@@ -7,6 +7,8 @@ Layout under the pool root::
     state/                    the node agent's persisted stage/publish intents
     replicas/<volume-id>/     a replica's generations (chunks.generations)
     captures/<volume-id>/     a primary's point-in-time captures it exports
+    preserved/<volume-id>-<t>.img  a failed-over primary's divergent image, kept
+                              for the operator (never deleted by Ferry)
 
 Metadata is written atomically (temp file, fsync, rename) *before* the
 image, and the image is built under a temporary name and renamed into place
@@ -192,8 +194,10 @@ class Pool:
         self.state_dir = self.root / "state"
         self.replicas_dir = self.root / "replicas"
         self.captures_dir = self.root / "captures"
+        self.preserved_dir = self.root / "preserved"
         for directory in (
             self.root,
+            self.preserved_dir,
             self.images_dir,
             self.state_dir,
             self.replicas_dir,

@@ -18,6 +18,7 @@ from csi_driver.core.records import (
     ExportPhase,
     ExportSpec,
     ExportStatus,
+    FailoverStatus,
     FailureReason,
     ImagePhase,
     ImageRole,
@@ -119,6 +120,8 @@ records: st.SearchStrategy[CatalogRecord] = st.one_of(
         thin=st.booleans(),
         deleted=st.booleans(),
         generation=generations,
+        source_node=texts,
+        keep_divergent=st.booleans(),
     ),
     st.builds(
         ImageStatus,
@@ -194,6 +197,17 @@ records: st.SearchStrategy[CatalogRecord] = st.one_of(
         final_bytes=sizes,
         final_started_at=floats,
         finished_at=floats,
+    ),
+    st.builds(
+        FailoverStatus,
+        volume_id=volume_ids,
+        from_node=node_ids,
+        to_node=node_ids,
+        epoch=generations,
+        at=floats,
+        primary_last_seen=floats,
+        replica_captured_at=floats,
+        data_loss_window_s=floats,
     ),
 )
 
@@ -273,6 +287,7 @@ def test_kinds_registry_names_every_record_type() -> None:
         "TransferStatus",
         "MoveSpec",
         "MoveStatus",
+        "FailoverStatus",
     }
     assert all(kind == cls.KIND for kind, cls in KINDS.items())
 

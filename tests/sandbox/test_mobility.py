@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -29,7 +30,7 @@ from csi_driver.core.model import MiB
 from csi_driver.csi.client import mount_capability
 from csi_driver.gen import csi_pb2
 from tests.sandbox.conftest import Place, _missing, _new_place, requires_host
-from tests.sandbox.test_sandbox import RETRYABLE, create_on, paths, unmount
+from tests.sandbox.test_sandbox import NODE_KEY, RETRYABLE, create_on, paths, unmount
 
 pytestmark = [requires_host, pytest.mark.root, pytest.mark.slow]
 
@@ -116,6 +117,21 @@ def _stage_and_publish(place: Place, node: str, volume_id: str, context: dict[st
     return target
 
 
+def _stage_stale(place: Place, node: str, volume_id: str) -> None:
+    """NodeStageVolume as kubelet would retry it with the first attachment's context."""
+    staging, _ = paths(place, node, volume_id)
+    with place.client(node) as client:
+        client.node.NodeStageVolume(
+            csi_pb2.NodeStageVolumeRequest(
+                volume_id=volume_id,
+                staging_target_path=staging,
+                volume_capability=mount_capability(),
+                publish_context={"ferry.csi.dev/epoch": "1"},
+            ),
+            timeout=10,
+        )
+
+
 class Writer:
     """Appends 4 KiB records to a file, fsyncing each; remembers what was acknowledged."""
 
@@ -171,17 +187,8 @@ def test_a_moved_volume_keeps_every_acknowledged_write_and_fences_the_old_node(
     assert context["ferry.csi.dev/epoch"] == "2"
     print(f"\nmoved {len(writer.acknowledged)} records, publish to mounted in {downtime:.2f} s")
 
-    staging, _ = paths(mobile, "node-1", volume_id)
-    with mobile.client("node-1") as client, pytest.raises(grpc.RpcError) as refused:
-        client.node.NodeStageVolume(
-            csi_pb2.NodeStageVolumeRequest(
-                volume_id=volume_id,
-                staging_target_path=staging,
-                volume_capability=mount_capability(),
-                publish_context={"ferry.csi.dev/epoch": "1"},
-            ),
-            timeout=20,
-        )
+    with pytest.raises(grpc.RpcError) as refused:
+        _stage_stale(mobile, "node-1", volume_id)
     assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
     assert "replica" in (refused.value.details() or "")
     unmount(mobile, "node-2", volume_id)
@@ -241,3 +248,93 @@ def test_a_kill_at_any_step_of_a_move_resumes_and_completes(mobile: Place, step:
     leftovers = [p.name for p in replica.iterdir() if not p.name.startswith("gen-")]
     assert leftovers == [], "a half-built generation was left behind"
     assert not (mobile.node_dir(target) / "pool" / "replicas" / volume_id).exists()
+
+
+def _create_replicated(place: Place, node: str, name: str) -> str:
+    request = csi_pb2.CreateVolumeRequest(
+        name=name,
+        capacity_range=csi_pb2.CapacityRange(required_bytes=64 * MiB),
+        volume_capabilities=[mount_capability()],
+        parameters={"replicas": "1", "rpoSeconds": "1", "failoverPolicy": "promote"},
+    )
+    request.accessibility_requirements.requisite.add().segments[NODE_KEY] = node
+    with place.client("controller") as client:
+        return str(client.controller.CreateVolume(request, timeout=60).volume.volume_id)
+
+
+def _eventually(check: Any, what: str, timeout: float = 30) -> Any:
+    ends = time.monotonic() + timeout
+    while True:
+        found = check()
+        if found:
+            return found
+        assert time.monotonic() < ends, f"{what} not within {timeout} s"
+        time.sleep(0.2)
+
+
+def _write_block(directory: Path, name: str) -> bytes:
+    block = secrets.token_bytes(RECORD)
+    with open(directory / name, "wb") as handle:
+        handle.write(block)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return block
+
+
+def _holds(images: list[Path], block: bytes) -> bool:
+    return any(block in image.read_bytes() for image in images)
+
+
+def test_a_partitioned_primary_is_failed_over_fenced_and_keeps_its_divergent_data(
+    mobile: Place,
+) -> None:
+    volume_id = _create_replicated(mobile, "node-1", "split-brain")
+    context = _publish(mobile, volume_id, "node-1")
+    mounted = Path(_stage_and_publish(mobile, "node-1", volume_id, context))
+    acknowledged = _write_block(mounted, "before")
+
+    def replica_node() -> str | None:
+        for node in ("node-2", "node-3"):
+            images = sorted(
+                (mobile.node_dir(node) / "pool" / "replicas" / volume_id).glob("gen-*/image")
+            )
+            if images and _holds(images, acknowledged):
+                return node
+        return None
+
+    survivor = _eventually(replica_node, "the write replicated (rpoSeconds 1)")
+    mobile.fault("cut", "node-1")
+    try:
+        divergent = _write_block(mounted, "after")  # the partitioned primary goes on writing
+        _unpublish(mobile, volume_id, "node-1")  # Kubernetes' force detach after the taint
+        context, _ = _publish_until_done(mobile, volume_id, survivor)
+        assert context["ferry.csi.dev/epoch"] == "2"
+        moved = Path(_stage_and_publish(mobile, survivor, volume_id, context))
+        assert (moved / "before").read_bytes() == acknowledged
+        assert not (moved / "after").exists()
+    finally:
+        mobile.fault("heal", "node-1")
+
+    def refused() -> str | None:
+        try:
+            _stage_stale(mobile, "node-1", volume_id)
+        except grpc.RpcError as exc:
+            if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
+                return exc.details() or "refused"
+            return None  # its catalog connection is still coming back
+        raise AssertionError("the old primary staged the volume again")
+
+    assert "epoch 2" in _eventually(refused, "the returned node refused a stage")
+    unmount(mobile, "node-1", volume_id)  # kubelet cleans up the dead pod there
+    preserved = mobile.node_dir("node-1") / "pool" / "preserved"
+    _eventually(
+        lambda: _holds(sorted(preserved.glob(f"{volume_id}-*.img")), divergent),
+        "the divergent image kept aside",
+    )
+    resynced = mobile.node_dir("node-1") / "pool" / "replicas" / volume_id
+    _eventually(
+        lambda: _holds(sorted(resynced.glob("gen-*/image")), acknowledged),
+        "node-1 resynced as a replica",
+    )
+    unmount(mobile, survivor, volume_id)
+    _unpublish(mobile, volume_id, survivor)

@@ -104,7 +104,7 @@ class ReplicaReconciler:
             self._report(spec_read, current, self._status(spec, ImagePhase.DELETED, current))
             return None
         try:
-            generation = self._adopt_demoted(volume_id)
+            generation = self._adopt_demoted(volume_id, keep_aside=spec.keep_divergent)
         except FailedPrecondition as exc:
             failed = self._status(spec, ImagePhase.FAILED, current)
             self._report(
@@ -141,12 +141,23 @@ class ReplicaReconciler:
         self._report(spec_read, current, status)
         return None
 
-    def _adopt_demoted(self, volume_id: str) -> Generation | None:
+    def _adopt_demoted(self, volume_id: str, *, keep_aside: bool) -> Generation | None:
         """The replica's current generation; a pool image here (a demoted primary's)
-        becomes it first."""
+        becomes it first, or, demoted by a failover (``keep_aside``), is kept as a
+        snapshot image: it may hold writes the new primary never got."""
         generations = self.store_of(volume_id)
         pool = self._agent.pool
-        if pool.get(volume_id) is None:
+        image = pool.get(volume_id)
+        if image is None:
+            return generations.current()
+        if keep_aside:
+            with self._agent.quiesced(volume_id):
+                kept = pool.preserved_dir / f"{volume_id}-{int(time.time())}.img"
+                pool.release_image(volume_id, kept)
+            log.warning(
+                "a failed-over primary's own data kept as a snapshot image",
+                extra={"volume": volume_id, "path": str(kept)},
+            )
             return generations.current()
         with self._agent.quiesced(volume_id):
             image = pool.require(volume_id)
