@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from csi_driver import __version__, ca_command, log
+from csi_driver import __version__, ca_command, log, volumes_command
 from csi_driver.backup import command as backup_command
 from csi_driver.core.errors import FerryError
 from csi_driver.metrics import serve as serve_metrics
@@ -201,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca_command.add_parser(sub)
     sandbox_commands.add_parser(sub, parse_size)
     backup_command.add_parsers(sub, parse_size)
+    volumes_command.add_parser(sub)
     return parser
 
 
@@ -219,6 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "sandbox":
         log.configure(args.log_level if args.log_level != "info" else "warning", "text")
         return sandbox_commands.run(args)
+    if args.command in ("volumes", "drain"):
+        log.configure(args.log_level if args.log_level != "info" else "warning", "text")
+        return volumes_command.run(args)
 
     if args.log_format == "json":
         log.route_native_stderr()  # gRPC core's lines (TLS refusals) become JSON too

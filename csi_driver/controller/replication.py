@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from csi_driver.controller.images import ImageIntents
 from csi_driver.core.errors import Conflict, ResourceExhausted
@@ -85,6 +85,49 @@ def node_views(
     return views
 
 
+def assign_replicas(
+    intents: ImageIntents,
+    volume: Volume,
+    views: Sequence[NodeView],
+    accounts: Mapping[str, Versioned[NodeAccounting]],
+    holders: set[str],
+    count: int,
+) -> tuple[str, ...]:
+    """One txn: ``count`` REPLICA image specs on nodes placement picks (none among
+    ``holders``), each with its node's charge. Conflict when an accounting moved."""
+    chosen = choose_replicas(views, volume.capacity_bytes, sorted(holders), count)
+    if not chosen:
+        raise ResourceExhausted(
+            f"no node without a copy of volume {volume.volume_id} has "
+            f"{volume.capacity_bytes} bytes free for a replica; add nodes or free space"
+        )
+    compares: list[Compare] = []
+    ops = []
+    thin = parse_parameters(dict(volume.parameters)).provisioning is Provisioning.THIN
+    for node_id in chosen:
+        spec = ImageSpec(
+            volume.volume_id,
+            node_id,
+            volume.capacity_bytes,
+            volume.epoch,
+            role=ImageRole.REPLICA,
+            thin=thin,
+            source_node=volume.primary_node,
+        )
+        account = accounts.get(node_id)
+        charged = (account.value if account else NodeAccounting(node_id)).charge(
+            volume.capacity_bytes
+        )
+        compares += [Compare(spec.key, 0), unchanged_since(charged.key, account)]
+        ops += [put(spec), put(charged)]
+    intents.txn(compares, ops)
+    log.info(
+        "replicas assigned",
+        extra={"volume": volume.volume_id, "nodes": chosen, "primary": volume.primary_node},
+    )
+    return chosen
+
+
 def ready_volume(
     catalog: Catalog, volume_id: str
 ) -> tuple[Versioned[Volume], StorageParameters] | None:
@@ -142,41 +185,11 @@ class ReplicationReconciler:
 
     def _assign(self, volume: Volume, holders: set[str], count: int) -> None:
         accounts = self._catalog.accounts()
-        chosen = choose_replicas(
-            node_views(self._catalog, accounts), volume.capacity_bytes, sorted(holders), count
-        )
-        if not chosen:
-            raise ResourceExhausted(
-                f"no node without a copy of volume {volume.volume_id} has "
-                f"{volume.capacity_bytes} bytes free for a replica; add nodes or free space"
-            )
-        compares: list[Compare] = []
-        ops = []
-        thin = parse_parameters(dict(volume.parameters)).provisioning is Provisioning.THIN
-        for node_id in chosen:
-            spec = ImageSpec(
-                volume.volume_id,
-                node_id,
-                volume.capacity_bytes,
-                volume.epoch,
-                role=ImageRole.REPLICA,
-                thin=thin,
-                source_node=volume.primary_node,
-            )
-            account = accounts.get(node_id)
-            charged = (account.value if account else NodeAccounting(node_id)).charge(
-                volume.capacity_bytes
-            )
-            compares += [Compare(spec.key, 0), unchanged_since(charged.key, account)]
-            ops += [put(spec), put(charged)]
+        views = node_views(self._catalog, accounts)
         try:
-            self._intents.txn(compares, ops)
+            assign_replicas(self._intents, volume, views, accounts, holders, count)
         except Conflict:
             return  # an accounting moved: the next pass places again
-        log.info(
-            "replicas assigned",
-            extra={"volume": volume.volume_id, "nodes": chosen, "primary": volume.primary_node},
-        )
 
     def _export(
         self, volume: Volume, replicas: Mapping[str, Versioned[ImageSpec]], rpo_s: int

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +21,8 @@ import grpc
 import pytest
 from prometheus_client import REGISTRY
 
+from csi_driver.controller.overview import drain, drained, overview
+from csi_driver.core.errors import NotFound
 from csi_driver.core.model import MiB
 from csi_driver.core.records import (
     ExportSpec,
@@ -319,3 +323,50 @@ def test_a_mounted_volume_is_replicated_every_rpo_crash_consistently(
         )
     status = read(catalog.store, ImageStatus, image_status_key(SECOND, volume_id))
     assert status is not None and 0 < status.value.synced_bytes < 32 * MiB  # deltas
+
+
+def test_ferry_volumes_shows_primary_replicas_and_lag(
+    ferry: Ferry, second_node: str, catalog: Catalog
+) -> None:
+    volume_id = ferry.create("shown", size=16 * MiB, parameters={"replicas": "1"}).volume_id
+    _eventually(
+        lambda: any(v.replicas and v.replicas[0].synced for v in overview(catalog)),
+        "the replica synced",
+    )
+    (view,) = overview(catalog)
+    assert (view.volume.volume_id, view.volume.primary_node, view.volume.epoch) == (
+        volume_id,
+        NODE_ID,
+        1,
+    )
+    assert [r.node_id for r in view.replicas] == [SECOND]
+    assert view.replicas[0].lag_s is not None and 0 <= view.replicas[0].lag_s < 60
+    shown = subprocess.run(
+        [sys.executable, "-m", "csi_driver.cli", "volumes", "--catalog", str(ferry.catalog)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        check=True,
+    ).stdout
+    header, row = shown.splitlines()[:2]
+    assert header.split()[:4] == ["VOLUME", "NAME", "PRIMARY", "EPOCH"]
+    assert row.split()[:4] == [volume_id, "shown", NODE_ID, "1"]
+    assert f"{SECOND}(" in row
+
+
+def test_a_drained_node_hands_over_in_a_move_that_ships_nothing_more(
+    ferry: Ferry, second_node: str, catalog: Catalog
+) -> None:
+    volume_id = ferry.create("drained", size=32 * MiB).volume_id
+    _scribble(_image(ferry, NODE_ID, volume_id), [0, 20 * MiB], b"drain")
+    wanted = drain(catalog, NODE_ID)
+    assert list(wanted) == [volume_id]
+    _eventually(lambda: all(drained(catalog, NODE_ID, wanted).values()), "the drain")
+    replica = read(catalog.store, ImageSpec, image_spec_key(SECOND, volume_id))
+    assert replica is not None and replica.value.role is ImageRole.REPLICA
+
+    assert _publish(ferry, volume_id, SECOND)["ferry.csi.dev/epoch"] == "2"
+    assert _move_status(catalog, volume_id).final_bytes == 0  # the drain shipped it all
+    with pytest.raises(NotFound):
+        drain(catalog, "node-z")

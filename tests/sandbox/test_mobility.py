@@ -29,7 +29,7 @@ import pytest
 from csi_driver.core.model import MiB
 from csi_driver.csi.client import mount_capability
 from csi_driver.gen import csi_pb2
-from tests.sandbox.conftest import Place, _missing, _new_place, requires_host
+from tests.sandbox.conftest import Place, _missing, _new_place, requires_host, run_ferry
 from tests.sandbox.test_sandbox import NODE_KEY, RETRYABLE, create_on, paths, unmount
 
 pytestmark = [requires_host, pytest.mark.root, pytest.mark.slow]
@@ -190,6 +190,9 @@ def test_a_moved_volume_keeps_every_acknowledged_write_and_fences_the_old_node(
     with pytest.raises(grpc.RpcError) as refused:
         _stage_stale(mobile, "node-1", volume_id)
     assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    shown = run_ferry("volumes", "--sandbox", str(mobile.directory)).stdout
+    row = next(line for line in shown.splitlines() if line.startswith(volume_id)).split()
+    assert row[2:4] == ["node-2", "2"] and row[4].startswith("node-1(")
     assert "replica" in (refused.value.details() or "")
     unmount(mobile, "node-2", volume_id)
     _unpublish(mobile, volume_id, "node-2")
