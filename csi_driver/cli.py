@@ -198,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=parse_size, default=parse_size("256Mi"))
     demo.add_argument("--fs-type", default="ext4", choices=["ext4", "xfs"])
     demo.add_argument("--keep", action="store_true", help="leave the workdir behind")
+    demo.add_argument(
+        "--local",
+        action="store_true",
+        help="the one-node walk instead (stage, write, restage, expand) on SQLite",
+    )
     ca_command.add_parser(sub)
     sandbox_commands.add_parser(sub, parse_size)
     backup_command.add_parsers(sub, parse_size)
@@ -208,10 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        from csi_driver.demo import run_demo
-
         log.configure(args.log_level if args.log_level != "info" else "warning", "text")
-        return run_demo(args.workdir, args.size, args.fs_type, keep=args.keep)
+        if args.local:
+            from csi_driver.demo import run_demo
+
+            return run_demo(args.workdir, args.size, args.fs_type, keep=args.keep)
+        from csi_driver.sandbox.demo import run_mobility_demo
+
+        return run_mobility_demo(args.workdir, args.size, keep=args.keep)
     if args.command == "ca":
         return ca_command.run(args)
     if args.command in ("backup", "restore"):

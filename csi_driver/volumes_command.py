@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from csi_driver.controller.overview import VolumeView, drain, drained, overview
 from csi_driver.core.errors import FerryError, InvalidArgument
+from csi_driver.core.records import encode
 from csi_driver.pki import TlsBundle
 from csi_driver.sandbox.network import netns_file
 from csi_driver.sandbox.plan import CONTROLLER
@@ -46,6 +50,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     volumes = sub.add_parser("volumes", help="list volumes: primary, replicas, lag, transfers")
     catalog_args(volumes)
     volumes.add_argument("--watch", action="store_true", help="redraw every second")
+    volumes.add_argument("--json", action="store_true", help="one JSON document, for scripts")
     drain_p = sub.add_parser("drain", help="bring NODE's volumes to fresh replicas elsewhere")
     drain_p.add_argument("node", help="the node about to be drained")
     drain_p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
@@ -110,10 +115,27 @@ def render(views: Sequence[VolumeView]) -> str:
     return "\n".join(lines)
 
 
+def as_json(view: VolumeView) -> dict[str, Any]:
+    """A volume's view as plain JSON: every record value by its field names."""
+    return {
+        "volume_id": view.volume.volume_id,
+        "name": view.volume.name,
+        "primary": view.volume.primary_node,
+        "epoch": view.volume.epoch,
+        "replicas": [asdict(r) for r in view.replicas],
+        "transfers": [asdict(t) for t in view.transfers],
+        "move": json.loads(encode(view.last_move)) if view.last_move else None,
+        "failover": json.loads(encode(view.last_failover)) if view.last_failover else None,
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         catalog = _catalog(args)
         try:
+            if args.command == "volumes" and args.json:
+                print(json.dumps([as_json(v) for v in overview(catalog)], indent=2))
+                return 0
             if args.command == "volumes":
                 return _volumes(catalog, args.watch)
             return _drain(catalog, args.node, args.timeout)

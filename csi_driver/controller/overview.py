@@ -26,12 +26,14 @@ from csi_driver.core.errors import Conflict, FailedPrecondition, NotFound, Unava
 from csi_driver.core.model import Volume
 from csi_driver.core.records import (
     ExportSpec,
+    FailoverStatus,
     ImageRole,
     ImageStatus,
     MoveStatus,
     TransferPhase,
     TransferStatus,
     export_spec_key,
+    failover_status_key,
     image_status_key,
     move_status_key,
     revise,
@@ -71,6 +73,8 @@ class VolumeView:
     replicas: tuple[ReplicaView, ...]
     transfers: tuple[TransferView, ...]
     move: str  # the move's step and message, or ""
+    last_move: MoveStatus | None = None
+    last_failover: FailoverStatus | None = None
 
 
 def overview(catalog: Catalog, now: float | None = None) -> list[VolumeView]:
@@ -112,7 +116,17 @@ def overview(catalog: Catalog, now: float | None = None) -> list[VolumeView]:
         if move is not None:
             detail = f": {move.value.message}" if move.value.message else ""
             described = f"{move.value.step.value}{detail}"
-        views.append(VolumeView(volume, tuple(replicas), tuple(transfers), described))
+        failover = read(store, FailoverStatus, failover_status_key(volume.volume_id))
+        views.append(
+            VolumeView(
+                volume,
+                tuple(replicas),
+                tuple(transfers),
+                described,
+                move.value if move else None,
+                failover.value if failover else None,
+            )
+        )
     return views
 
 

@@ -478,6 +478,13 @@ class NodeAgent:
                 )
             self.pool.delete_image(volume_id)
 
+    @contextlib.contextmanager
+    def holding(self, volume_id: str) -> Iterator[None]:
+        """Hold the volume's lock: no stage, unstage, publish or unpublish meanwhile
+        (a capture holding the mountpoint open would make an unmount fail busy)."""
+        with self._locks.hold(volume_id, timeout=VOLUME_LOCK_TIMEOUT_S):
+            yield
+
     def staged_volumes(self) -> list[str]:
         return [s.volume_id for s in self._states.all()]
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,8 +28,10 @@ import pytest
 from csi_driver.core.model import MiB
 from csi_driver.csi.client import mount_capability
 from csi_driver.gen import csi_pb2
+from csi_driver.sandbox.demo import Demo, Workload
+from csi_driver.sandbox.harness import Sandbox
 from tests.sandbox.conftest import Place, _missing, _new_place, requires_host, run_ferry
-from tests.sandbox.test_sandbox import NODE_KEY, RETRYABLE, create_on, paths, unmount
+from tests.sandbox.test_sandbox import NODE_KEY, RETRYABLE, create_on
 
 pytestmark = [requires_host, pytest.mark.root, pytest.mark.slow]
 
@@ -92,34 +93,16 @@ def _unpublish(place: Place, volume_id: str, node: str) -> None:
 
 
 def _stage_and_publish(place: Place, node: str, volume_id: str, context: dict[str, str]) -> str:
-    staging, target = paths(place, node, volume_id)
-    capability = mount_capability()
-    with place.client(node) as client:
-        client.node.NodeStageVolume(
-            csi_pb2.NodeStageVolumeRequest(
-                volume_id=volume_id,
-                staging_target_path=staging,
-                volume_capability=capability,
-                publish_context=context,
-            ),
-            timeout=60,
-        )
-        client.node.NodePublishVolume(
-            csi_pb2.NodePublishVolumeRequest(
-                volume_id=volume_id,
-                staging_target_path=staging,
-                target_path=target,
-                volume_capability=capability,
-                publish_context=context,
-            ),
-            timeout=60,
-        )
-    return target
+    return str(Demo(Sandbox(place.directory)).mount(volume_id, node, context))
+
+
+def unmount(place: Place, node: str, volume_id: str) -> None:
+    Demo(Sandbox(place.directory)).unmount(volume_id, node)
 
 
 def _stage_stale(place: Place, node: str, volume_id: str) -> None:
     """NodeStageVolume as kubelet would retry it with the first attachment's context."""
-    staging, _ = paths(place, node, volume_id)
+    staging, _ = Demo(Sandbox(place.directory)).paths(node, volume_id)
     with place.client(node) as client:
         client.node.NodeStageVolume(
             csi_pb2.NodeStageVolumeRequest(
@@ -132,43 +115,14 @@ def _stage_stale(place: Place, node: str, volume_id: str) -> None:
         )
 
 
-class Writer:
-    """Appends 4 KiB records to a file, fsyncing each; remembers what was acknowledged."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.acknowledged: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            while not self._stop.is_set():
-                record = secrets.token_bytes(RECORD)
-                os.write(fd, record)
-                os.fsync(fd)
-                self.acknowledged.append(hashlib.sha256(record).hexdigest())
-        finally:
-            os.close(fd)
-
-    def __enter__(self) -> Writer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def test_a_moved_volume_keeps_every_acknowledged_write_and_fences_the_old_node(
     mobile: Place,
 ) -> None:
     volume_id = create_on(mobile, "node-1", "moving-writer").volume_id
     context = _publish(mobile, volume_id, "node-1")
     target = _stage_and_publish(mobile, "node-1", volume_id, context)
-    with Writer(Path(target) / "log") as writer:
-        time.sleep(1.0)
+    writer = Workload(Path(target) / "log")  # fsyncs every record, keeps their checksums
+    writer.run_for(1.0)
     unmount(mobile, "node-1", volume_id)
     _unpublish(mobile, volume_id, "node-1")
 
@@ -177,13 +131,7 @@ def test_a_moved_volume_keeps_every_acknowledged_write_and_fences_the_old_node(
     moved = _stage_and_publish(mobile, "node-2", volume_id, context)
     downtime = time.monotonic() - started
 
-    data = (Path(moved) / "log").read_bytes()
-    assert len(data) >= len(writer.acknowledged) * RECORD
-    found = [
-        hashlib.sha256(data[i * RECORD : (i + 1) * RECORD]).hexdigest()
-        for i in range(len(writer.acknowledged))
-    ]
-    assert found == writer.acknowledged, "an acknowledged write did not arrive"
+    assert writer.intact_in(Path(moved) / "log") == len(writer.acknowledged) > 0
     assert context["ferry.csi.dev/epoch"] == "2"
     print(f"\nmoved {len(writer.acknowledged)} records, publish to mounted in {downtime:.2f} s")
 

@@ -120,8 +120,9 @@ class ExportReconciler:
             with self._agent.quiesced(spec.volume_id):
                 capture = ChangeTracker(image.path, work).capture()
         else:
-            mounted = self._agent.mounted_at(spec.volume_id)
-            source = image.path if mounted is None else _frozen_copy(image.path, mounted, work)
+            with self._agent.holding(spec.volume_id):
+                mounted = self._agent.mounted_at(spec.volume_id)
+                source = image.path if mounted is None else _frozen_copy(image.path, mounted, work)
             capture = ChangeTracker(source, work / "snapshots").capture()
         self._retire(spec.volume_id)
         self._exports.add(spec.transfer_id, capture.source, capture.manifest)
