@@ -10,7 +10,8 @@ node/reconcile/exports.py). Invariants:
 
 - Each write compares what it read plus the leader's fence: a concurrent
   RPC, move or newer leader wins, and a deposed leader writes nothing.
-- A volume being moved is left to the move reconciler.
+- A volume being moved is left to the move reconciler; a deleted volume's
+  exports, transfers, move and failover records are removed.
 - Background replication (``rpoSeconds``): once every replica holds the
   latest capture and it is ``rpoSeconds`` old, the export's round is bumped
   (a new crash-consistent capture, shipped as a delta). A replica that failed
@@ -43,16 +44,18 @@ from csi_driver.core.records import (
     answers,
     export_spec_key,
     export_status_key,
+    failover_status_key,
     image_spec_key,
     image_status_key,
     move_spec_key,
     move_status_key,
     revise,
+    transfer_status_key,
     volume_of_key,
 )
 from csi_driver.reconcile.informer import Informer
 from csi_driver.reconcile.runner import Runner, Source, strip_prefix
-from csi_driver.store.base import Compare
+from csi_driver.store.base import Compare, Delete
 from csi_driver.store.catalog import VOLUMES, Catalog
 from csi_driver.store.records import Versioned, put, read, unchanged_since
 
@@ -165,6 +168,8 @@ class ReplicationReconciler:
     def __call__(self, volume_id: str) -> float | None:
         found = ready_volume(self._catalog, volume_id)
         if found is None:
+            if self._catalog.read_volume(volume_id) is None:
+                self._forget(volume_id)
             return None
         volume, params = found[0].value, found[1]
         wanted = params.replicas
@@ -182,6 +187,21 @@ class ReplicationReconciler:
         if not replicas:
             return None
         return self._export(volume, replicas, params.rpo_seconds)
+
+    def _forget(self, volume_id: str) -> None:
+        """A deleted volume's mobility records go too (its images go by the collector)."""
+        keys = [move_spec_key(volume_id), move_status_key(volume_id)]
+        keys.append(failover_status_key(volume_id))
+        for node in self._catalog.list_nodes():
+            keys += [
+                export_spec_key(node.node_id, volume_id),
+                export_status_key(node.node_id, volume_id),
+                transfer_status_key(node.node_id, volume_id),
+            ]
+        present = [key for key in keys if self._catalog.store.get(key) is not None]
+        if present:
+            self._intents.txn([], [Delete(key) for key in present])
+            log.info("records of a deleted volume removed", extra={"volume": volume_id})
 
     def _assign(self, volume: Volume, holders: set[str], count: int) -> None:
         accounts = self._catalog.accounts()

@@ -370,3 +370,35 @@ def test_a_drained_node_hands_over_in_a_move_that_ships_nothing_more(
     assert _move_status(catalog, volume_id).final_bytes == 0  # the drain shipped it all
     with pytest.raises(NotFound):
         drain(catalog, "node-z")
+
+
+def test_a_stage_with_a_malformed_epoch_in_its_context_is_invalid_argument(
+    ferry: Ferry,
+) -> None:
+    volume_id = ferry.create("garbled", size=16 * MiB).volume_id
+    details = expect_code(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ferry.client.node.NodeStageVolume,
+        _stage_request(ferry, volume_id, "one"),
+    )
+    assert "epoch" in details
+
+
+def test_deleting_a_replicated_volume_leaves_no_replica_or_record_behind(
+    ferry: Ferry, second_node: str, catalog: Catalog
+) -> None:
+    volume_id = ferry.create("doomed", size=16 * MiB, parameters={"replicas": "1"}).volume_id
+    replica = ferry.base / SECOND / "pool" / "replicas" / volume_id
+    _eventually(lambda: any(replica.glob("gen-*/image")), "the replica synced")
+    ferry.client.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id))
+
+    def gone() -> bool:
+        left = [
+            r.key
+            for prefix in ("spec/", "status/")
+            for r in catalog.store.list(prefix)
+            if r.key.endswith(volume_id)
+        ]
+        return not left and not replica.exists()
+
+    _eventually(gone, "the replica and every record of the volume removed")

@@ -39,10 +39,13 @@ from csi_driver.core.records import (
     ExportPhase,
     ExportSpec,
     ExportStatus,
+    ImageRole,
+    ImageSpec,
     answers,
     export_spec_key,
     export_specs_on,
     export_status_key,
+    image_spec_key,
 )
 from csi_driver.faults import crash_point
 from csi_driver.node.agent import NodeAgent
@@ -95,6 +98,10 @@ class ExportReconciler:
         ):
             return None
         if self._agent.pool.get(volume_id) is None:
+            image = read(self._store, ImageSpec, image_spec_key(self.node_id, volume_id))
+            if image is None or image.value.role is not ImageRole.PRIMARY or image.value.deleted:
+                self._retire(volume_id)  # not (or no longer) this node's to serve
+                return None
             # Just made primary: the image reconciler adopts the replica first.
             waiting = self._status(spec, ExportPhase.WAITING, "no image in the pool yet")
             self._report(spec_read, current, waiting)

@@ -101,7 +101,8 @@ class ReplicaReconciler:
         current = read(self._store, ImageStatus, image_status_key(self.node_id, volume_id))
         if spec.deleted:
             shutil.rmtree(self._agent.pool.replicas_dir / volume_id, ignore_errors=True)
-            self._report(spec_read, current, self._status(spec, ImagePhase.DELETED, current))
+            gone = ImageStatus(volume_id, self.node_id, ImagePhase.DELETED, spec.generation)
+            self._report(spec_read, current, gone)
             return None
         try:
             generation = self._adopt_demoted(volume_id, keep_aside=spec.keep_divergent)
