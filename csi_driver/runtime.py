@@ -33,6 +33,7 @@ from csi_driver.csi.identity import IdentityServicer
 from csi_driver.csi.node import NodeServicer
 from csi_driver.gen import csi_pb2_grpc
 from csi_driver.gen.ferry.v1 import agent_pb2_grpc
+from csi_driver.kube.events import MobilityEvents
 from csi_driver.metrics import observe_pool
 from csi_driver.node.agent import NodeAgent
 from csi_driver.node.fencing import EpochFence
@@ -272,7 +273,11 @@ def _serve_catalog(
 
 def _campaign(catalog: Catalog, services: Services, node_lost_after_s: float) -> None:
     """Every controller process campaigns; only the leader runs background work."""
-    leadership = Leadership(catalog, node_lost_after_s=node_lost_after_s)
+    # Only a controller needs the kubernetes client (Events on PVCs).
+    from csi_driver.kube.api import event_sink
+
+    events = MobilityEvents(event_sink())
+    leadership = Leadership(catalog, node_lost_after_s=node_lost_after_s, events=events)
     leadership.start()
     services.closers.append(leadership.stop)
 

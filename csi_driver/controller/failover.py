@@ -39,6 +39,7 @@ from csi_driver.core.records import (
     ImageStatus,
     image_status_key,
 )
+from csi_driver.kube.events import LoggingSink, MobilityEvents, VolumeRef
 from csi_driver.metrics import observe_failover
 from csi_driver.reconcile.informer import Informer
 from csi_driver.reconcile.runner import Runner, Source, strip_prefix
@@ -69,7 +70,9 @@ class FailoverReconciler:
         intents: ImageIntents,
         lost_after_s: float = NODE_LOST_AFTER_S,
         clock: Callable[[], float] = time.time,
+        events: MobilityEvents | None = None,
     ) -> None:
+        self._events = events or MobilityEvents(LoggingSink())
         self._catalog = catalog
         self._intents = intents
         self._lost_after = lost_after_s
@@ -81,11 +84,15 @@ class FailoverReconciler:
             return None
         volume_read, params = found
         volume = volume_read.value
-        if params.replicas == 0 or params.failover_policy is not FailoverPolicy.PROMOTE:
-            return None
         poll = max(1.0, self._lost_after / 3)
         now = self._clock()
-        if lost_for(self._catalog, volume.primary_node, self._lost_after, now) is None:
+        ref = VolumeRef(volume_id, volume.name)
+        silent = lost_for(self._catalog, volume.primary_node, self._lost_after, now)
+        if silent is None:
+            self._events.primary_reachable(ref, volume.primary_node)
+            return poll if params.replicas else None
+        if params.failover_policy is not FailoverPolicy.PROMOTE or params.replicas == 0:
+            self._events.failover_waiting(ref, volume.primary_node, silent)
             return poll
         self._promote(volume_read, now)
         return poll
@@ -133,6 +140,14 @@ class FailoverReconciler:
         except Conflict:
             return  # something changed: the next pass decides again
         observe_failover(record.data_loss_window_s)
+        self._events.failed_over(
+            VolumeRef(volume.volume_id, volume.name),
+            record.from_node,
+            chosen,
+            epoch,
+            record.data_loss_window_s,
+            captured_at,
+        )
         log.warning(
             "volume failed over",
             extra={
@@ -145,10 +160,15 @@ class FailoverReconciler:
         )
 
 
-def failover_runner(catalog: Catalog, intents: ImageIntents, lost_after_s: float) -> Runner:
+def failover_runner(
+    catalog: Catalog,
+    intents: ImageIntents,
+    lost_after_s: float,
+    events: MobilityEvents | None = None,
+) -> Runner:
     return Runner(
         "failover",
-        FailoverReconciler(catalog, intents, lost_after_s),
+        FailoverReconciler(catalog, intents, lost_after_s, events=events),
         [Source(Informer(catalog.store, VOLUMES), strip_prefix(VOLUMES))],
         workers=1,
         resync_s=max(1.0, lost_after_s / 3),

@@ -28,6 +28,7 @@ from csi_driver.controller.failover import NODE_LOST_AFTER_S, failover_runner
 from csi_driver.controller.images import Deposed, ImageIntents
 from csi_driver.controller.moves import move_runner
 from csi_driver.controller.replication import replication_runner
+from csi_driver.kube.events import LoggingSink, MobilityEvents
 from csi_driver.metrics import CONTROLLER_LEADER
 from csi_driver.reconcile.runner import Runner
 from csi_driver.store.catalog import Catalog
@@ -58,8 +59,10 @@ class Leadership:
         *,
         sweep_interval_s: float = SWEEP_INTERVAL_S,
         node_lost_after_s: float = NODE_LOST_AFTER_S,
+        events: MobilityEvents | None = None,
     ) -> None:
         self._lost_after = node_lost_after_s
+        self._events = events or MobilityEvents(LoggingSink())
         self.candidate = candidate or default_candidate()
         self._election = catalog.store.election(ELECTION, self.candidate)
         self._catalog = catalog
@@ -98,9 +101,9 @@ class Leadership:
         """The leader's reconcilers (moves, replication), their txns fenced."""
         intents = ImageIntents(self._catalog, fence=self._election.fence)
         return [
-            move_runner(self._catalog, intents, self._lost_after),
-            replication_runner(self._catalog, intents),
-            failover_runner(self._catalog, intents, self._lost_after),
+            move_runner(self._catalog, intents, self._lost_after, self._events),
+            replication_runner(self._catalog, intents, self._events),
+            failover_runner(self._catalog, intents, self._lost_after, self._events),
         ]
 
     def _lead(self) -> None:

@@ -81,6 +81,7 @@ from csi_driver.core.records import (
     volume_of_key,
 )
 from csi_driver.faults import crash_point
+from csi_driver.kube.events import LoggingSink, MobilityEvents, VolumeRef
 from csi_driver.metrics import observe_move
 from csi_driver.reconcile.informer import Informer
 from csi_driver.reconcile.runner import Runner, Source, strip_prefix
@@ -96,38 +97,55 @@ POLL_S = 0.5
 
 
 class MoveObserver:
-    """What a move tells the outside world; the Events/metrics layer subclasses it.
+    """What a move tells the outside world: logs, metrics and the PVC's Events.
 
     Each hook is called by the leader once per transition it made.
     """
 
+    def __init__(self, catalog: Catalog, events: MobilityEvents | None = None) -> None:
+        self._catalog = catalog
+        self._events = events or MobilityEvents(LoggingSink())
+
+    def _ref(self, volume_id: str) -> VolumeRef:
+        volume = self._catalog.get_volume(volume_id)
+        return VolumeRef(volume_id, volume.name if volume else "")
+
     def started(self, move: MoveSpec) -> None:
-        log.info(
-            "move started",
-            extra={
-                "volume": move.volume_id,
-                "source": move.source_node,
-                "target": move.target_node,
-            },
+        target = read(
+            self._catalog.store, ImageStatus, image_status_key(move.target_node, move.volume_id)
+        )
+        warm = target is not None and bool(target.value.manifest_digest)
+        volume = self._catalog.get_volume(move.volume_id)
+        size = volume.capacity_bytes if volume else 0
+        self._events.move_started(
+            self._ref(move.volume_id), move.source_node, move.target_node, size, warm
         )
 
-    def stepped(self, move: MoveSpec, status: MoveStatus) -> None:
+    def stepped(self, move: MoveSpec, status: MoveStatus, waiting: bool) -> None:
+        """A step done, or (``waiting``) a new reason the step waits."""
         log.info(
-            "move step done",
+            "move step",
             extra={"volume": move.volume_id, "step": status.step.value, "detail": status.message},
         )
+        if waiting and status.message:
+            self._events.move_waiting(
+                self._ref(move.volume_id), move.target_node, status.message, 0, 0
+            )
 
     def finished(self, move: MoveSpec, status: MoveStatus, seconds: float) -> None:
         observe_move(status.step.value, seconds, status.final_bytes)
-        log.info(
-            "move finished",
-            extra={
-                "volume": move.volume_id,
-                "result": status.step.value,
-                "seconds": round(seconds, 3),
-                "final_bytes": status.final_bytes,
-            },
-        )
+        ref = self._ref(move.volume_id)
+        if status.step is MoveStep.DONE:
+            self._events.move_finished(
+                ref,
+                move.source_node,
+                move.target_node,
+                seconds,
+                status.final_bytes,
+                move.from_epoch + 1,
+            )
+        else:
+            self._events.move_failed(ref, move.target_node, status.message)
 
 
 class MoveReconciler:
@@ -146,7 +164,7 @@ class MoveReconciler:
         self._catalog = catalog
         self._store = catalog.store
         self._intents = intents
-        self._observer = observer or MoveObserver()
+        self._observer = observer or MoveObserver(catalog)
         self._clock = clock
 
     def __call__(self, volume_id: str) -> float | None:
@@ -174,7 +192,7 @@ class MoveReconciler:
                 self._intents.txn([unchanged_since(move.key, spec_read)], [put(outcome)])
             except Conflict:
                 return 0.0  # a new request replaced the move: start over with it
-            self._observer.stepped(move, outcome)
+            self._observer.stepped(move, outcome, waiting=outcome.step is status.step)
             crash_point(f"controller:move:{outcome.step.value}")
             if outcome.step.finished:
                 self._observer.finished(move, outcome, self._clock() - move.requested_at)
@@ -474,11 +492,11 @@ def move_runner(
     catalog: Catalog,
     intents: ImageIntents,
     lost_after_s: float = NODE_LOST_AFTER_S,
-    observer: MoveObserver | None = None,
+    events: MobilityEvents | None = None,
 ) -> Runner:
     return Runner(
         "moves",
-        MoveReconciler(catalog, intents, observer, lost_after_s=lost_after_s),
+        MoveReconciler(catalog, intents, MoveObserver(catalog, events), lost_after_s=lost_after_s),
         [
             Source(Informer(catalog.store, MOVE_SPECS), strip_prefix(MOVE_SPECS)),
             Source(Informer(catalog.store, IMAGE_STATUSES), volume_of_key),

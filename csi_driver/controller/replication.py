@@ -41,6 +41,8 @@ from csi_driver.core.records import (
     MoveSpec,
     MoveStatus,
     NodeAccounting,
+    TransferPhase,
+    TransferStatus,
     answers,
     export_spec_key,
     export_status_key,
@@ -53,6 +55,8 @@ from csi_driver.core.records import (
     transfer_status_key,
     volume_of_key,
 )
+from csi_driver.kube.events import LoggingSink, MobilityEvents, VolumeRef
+from csi_driver.metrics import forget_volume, observe_replicas, observe_replication
 from csi_driver.reconcile.informer import Informer
 from csi_driver.reconcile.runner import Runner, Source, strip_prefix
 from csi_driver.store.base import Compare, Delete
@@ -160,16 +164,20 @@ class ReplicationReconciler:
         catalog: Catalog,
         intents: ImageIntents,
         clock: Callable[[], float] = time.time,
+        events: MobilityEvents | None = None,
     ) -> None:
         self._catalog = catalog
         self._intents = intents
         self._clock = clock
+        self._events = events or MobilityEvents(LoggingSink())
 
     def __call__(self, volume_id: str) -> float | None:
         found = ready_volume(self._catalog, volume_id)
         if found is None:
             if self._catalog.read_volume(volume_id) is None:
                 self._forget(volume_id)
+                forget_volume(volume_id)
+                self._events.forget(volume_id)
             return None
         volume, params = found[0].value, found[1]
         wanted = params.replicas
@@ -181,12 +189,44 @@ class ReplicationReconciler:
             for node, image in images.items()
             if image.value.role is ImageRole.REPLICA and not image.value.deleted
         }
+        self._report(volume, replicas, wanted, params.rpo_seconds)
         if len(replicas) < wanted:
             self._assign(volume, set(images), wanted - len(replicas))
             return 0.0  # look again at once: the export comes next
         if not replicas:
             return None
         return self._export(volume, replicas, params.rpo_seconds)
+
+    def _report(
+        self,
+        volume: Volume,
+        replicas: Mapping[str, Versioned[ImageSpec]],
+        wanted: int,
+        rpo_s: int,
+    ) -> None:
+        """Lag per replica and replicas in sync, as metrics and (on a change) Events."""
+        ref = VolumeRef(volume.volume_id, volume.name)
+        now, in_sync = self._clock(), 0
+        for node_id in replicas:
+            status = read(
+                self._catalog.store, ImageStatus, image_status_key(node_id, volume.volume_id)
+            )
+            captured = status.value.synced_captured_at if status else 0.0
+            if not captured:
+                continue
+            in_sync += 1
+            running = read(
+                self._catalog.store, TransferStatus, transfer_status_key(node_id, volume.volume_id)
+            )
+            behind = 0
+            if running is not None and running.value.phase is TransferPhase.RUNNING:
+                behind = max(0, running.value.bytes_total - running.value.bytes_done)
+            observe_replication(volume.volume_id, node_id, now - captured, behind)
+            self._events.replication_lag(ref, node_id, now - captured, behind, rpo_s)
+        observe_replicas(volume.volume_id, in_sync, wanted, rpo_s)
+        if wanted:
+            why = "replicas are being placed or have not synced yet"
+            self._events.replica_count(ref, in_sync, wanted, why)
 
     def _forget(self, volume_id: str) -> None:
         """A deleted volume's mobility records go too (its images go by the collector)."""
@@ -269,10 +309,12 @@ class ReplicationReconciler:
             return  # changed meanwhile: the next pass looks again
 
 
-def replication_runner(catalog: Catalog, intents: ImageIntents) -> Runner:
+def replication_runner(
+    catalog: Catalog, intents: ImageIntents, events: MobilityEvents | None = None
+) -> Runner:
     return Runner(
         "replication",
-        ReplicationReconciler(catalog, intents),
+        ReplicationReconciler(catalog, intents, events=events),
         [
             Source(Informer(catalog.store, VOLUMES), strip_prefix(VOLUMES)),
             Source(Informer(catalog.store, IMAGE_STATUSES), volume_of_key),

@@ -10,6 +10,7 @@ switches the primary; the old node is then refused NodeStageVolume.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -118,8 +119,9 @@ def _eventually(check: Callable[[], bool], what: str, timeout: float = 30) -> No
 
 
 def test_a_move_ships_the_image_verified_and_fences_the_old_primary(
-    ferry: Ferry, second_node: str, catalog: Catalog
+    ferry: Ferry, second_node: str, catalog: Catalog, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="csi_driver.kube.events")
     volume_id = ferry.create("mover", size=32 * MiB).volume_id
     source = _image(ferry, NODE_ID, volume_id)
     _scribble(source, [0, 5 * MiB, 17 * MiB, 31 * MiB], b"first")
@@ -146,6 +148,8 @@ def test_a_move_ships_the_image_verified_and_fences_the_old_primary(
     status = _move_status(catalog, volume_id)
     assert status.step is MoveStep.DONE
     assert status.final_bytes == 4 * CHUNK  # the four written chunks, no hole
+    reasons = [getattr(r, "reason", "") for r in caplog.records if r.name.endswith("events")]
+    assert reasons[0] == "MoveStarted" and "MoveFinished" in reasons  # the PVC's Events
 
     details = expect_code(
         grpc.StatusCode.FAILED_PRECONDITION,

@@ -53,7 +53,7 @@ from csi_driver.core.records import (
     volume_of_key,
 )
 from csi_driver.faults import crash_point
-from csi_driver.metrics import observe_sync
+from csi_driver.metrics import DataFlow, count_moved, observe_sync, transfer_in_flight
 from csi_driver.node.agent import NodeAgent
 from csi_driver.node.reconcile.exports import manifest_digest
 from csi_driver.pki import Identity
@@ -204,8 +204,16 @@ class ReplicaReconciler:
             lambda: open_channel(export.endpoint, self._security, source, CHANNEL_OPTIONS),
             on_landed=landed,
         )
+        generations = self.store_of(spec.volume_id)
+        if export.final:
+            flow = DataFlow.MOVE
+        elif generations.current() is None:
+            flow = DataFlow.RESYNC
+        else:
+            flow = DataFlow.REPLICATION
         try:
-            result = receiver.pull(export.transfer_id, self.store_of(spec.volume_id))
+            with transfer_in_flight(flow):
+                result = receiver.pull(export.transfer_id, generations)
         except FerryError as exc:
             failed = replace(transfer, phase=TransferPhase.FAILED, message=exc.message)
             self._store.put(failed.key, _encode(failed))
@@ -221,6 +229,7 @@ class ReplicaReconciler:
         done = replace(done, phase=TransferPhase.DONE, eta_s=0.0)
         self._store.put(done.key, _encode(done))
         observe_sync(spec.volume_id, result.progress.bytes_this_session)
+        count_moved(flow, result.progress.bytes_this_session)
         log.info(
             "replica synced",
             extra={
