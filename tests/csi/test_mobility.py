@@ -131,8 +131,9 @@ def test_a_move_ships_the_image_verified_and_fences_the_old_primary(
 
     assert context == {"ferry.csi.dev/epoch": "2", "ferry.csi.dev/primary": SECOND}
     assert _digest(_image(ferry, SECOND, volume_id)) == before
-    assert not source.exists()  # the old primary's image became its replica's base
     kept = ferry.base / NODE_ID / "pool" / "replicas" / volume_id / "gen-00000001" / "image"
+    # The old primary's image becomes its replica's base (moved, never copied).
+    _eventually(lambda: kept.exists() and not source.exists(), "node-a's demotion")
     assert _digest(kept) == before
     volume = catalog.require_volume(volume_id)
     assert (volume.primary_node, volume.epoch) == (SECOND, 2)

@@ -192,13 +192,20 @@ def test_a_kill_at_any_step_of_a_move_resumes_and_completes(mobile: Place, step:
     assert context["ferry.csi.dev/epoch"] == "2"
     moved = _image(mobile, target, volume_id)
     assert hashlib.sha256(moved.read_bytes()).hexdigest() == before
-    assert not _image(mobile, source, volume_id).exists()
     replica = mobile.node_dir(source) / "pool" / "replicas" / volume_id
-    kept = sorted(replica.glob("gen-*/image"))
+
+    def demoted() -> list[Path] | None:  # the source's own reconciler, asynchronously
+        kept = sorted(replica.glob("gen-*/image"))
+        return kept if kept and not _image(mobile, source, volume_id).exists() else None
+
+    kept = _eventually(demoted, "the source demoted to a replica")
     assert len(kept) == 1 and hashlib.sha256(kept[0].read_bytes()).hexdigest() == before
     leftovers = [p.name for p in replica.iterdir() if not p.name.startswith("gen-")]
     assert leftovers == [], "a half-built generation was left behind"
-    assert not (mobile.node_dir(target) / "pool" / "replicas" / volume_id).exists()
+    _eventually(
+        lambda: not (mobile.node_dir(target) / "pool" / "replicas" / volume_id).exists(),
+        "the target's replica directory gone once promoted",
+    )
 
 
 def _create_replicated(place: Place, node: str, name: str) -> str:
