@@ -442,6 +442,11 @@ class MoveRequests:
         volume = volume_read.value
         store = self._catalog.store
         existing = read(store, MoveSpec, move_spec_key(volume.volume_id))
+        if volume.primary_node == target:
+            # Switched already: the move that did it finishes (or finished) by itself.
+            if existing is not None and existing.value.target_node == target:
+                return existing.value
+            raise Aborted(f"volume {volume.volume_id} just changed its primary; retry")
         if existing is not None:
             move = existing.value
             if self.in_flight(volume.volume_id) is not None:
