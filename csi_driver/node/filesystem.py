@@ -108,6 +108,15 @@ class Filesystems:
             self._runner.run(["xfs_growfs", "-d", str(mountpoint)], timeout_s=MKFS_TIMEOUT_S)
         log.info("filesystem grown", extra={"device": device, "fs": fs_type.value})
 
+    def freeze(self, mountpoint: Path) -> None:
+        """Flush a mounted filesystem and block its writers until :meth:`thaw`."""
+        self._runner.run(["fsfreeze", "--freeze", str(mountpoint)])
+
+    def thaw(self, mountpoint: Path) -> None:
+        """Let writers of a frozen filesystem go on. Never cut short: a filesystem
+        left frozen hangs every writer of the volume."""
+        self._runner.run(["fsfreeze", "--unfreeze", str(mountpoint)], interruptible=False)
+
     def ext4_size(self, device: str) -> int:
         """The size in bytes an ext4 filesystem on ``device`` spans."""
         result = self._runner.run(["dumpe2fs", "-h", device])
