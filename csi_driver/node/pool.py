@@ -321,9 +321,11 @@ class Pool:
 
         ``fill`` builds a temporary file that is renamed into place only once
         it is whole, so an image of this volume is either absent or complete.
-        The growth beyond what ``fill`` wrote is reserved like a new image's
-        (unless ``thin``); the blocks it shares with a snapshot are the
-        snapshot's until the volume overwrites them.
+        Unless ``thin``, every block the filled file leaves unallocated (its
+        growth, a copied source's holes) is reserved like a new image's; the
+        blocks it shares with a snapshot by reflink are allocated, but an
+        overwrite of one needs a new block (copy on write), which the pool's
+        filesystem must find then.
         """
         size = _aligned(size_bytes)
         with self._lock:
@@ -361,7 +363,8 @@ class Pool:
 
     @staticmethod
     def _fit(path: Path, volume_id: str, size: int, thin: bool) -> None:
-        """Grow a filled image to ``size``, reserving the growth unless ``thin``."""
+        """Grow a filled image to ``size``; unless ``thin``, reserve every block it does
+        not hold yet (a copy keeps its source's holes), as :meth:`keep_reserved` does."""
         filled = path.stat().st_size
         if filled > size:
             raise OutOfRange(
@@ -370,10 +373,10 @@ class Pool:
             )
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:
-            if thin or filled == size:
+            if thin:
                 os.ftruncate(fd, size)
             else:
-                preallocate(fd, filled, size - filled, f"create volume {volume_id}")
+                preallocate(fd, 0, size, f"create volume {volume_id}")
             os.fsync(fd)
         finally:
             os.close(fd)
