@@ -9,6 +9,8 @@ volumes that are not staged need no root: the pool's images are files.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import grpc
@@ -292,3 +294,30 @@ def test_group_snapshots(ferry: Ferry) -> None:
     assert list(listed(ferry).entries) == []
     snapshots_dir = ferry.base / "node-a" / "pool" / "snapshots"
     assert not list(snapshots_dir.glob("snap-*"))
+
+
+def test_cli_creates_lists_and_deletes(ferry: Ferry) -> None:
+    volume = ferry.create("v", SIZE).volume_id
+    endpoint = f"unix://{ferry.base}/csi.sock"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "csi_driver.cli", "snapshot", *args, "--endpoint", endpoint],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    made = cli("create", "--name", "from-cli", "--volume", volume)
+    assert made.returncode == 0, made.stderr
+    snapshot_id = made.stdout.split()[1]
+    assert f"of {volume}: ready in" in made.stdout
+    table = cli("list", "--volume", volume).stdout.splitlines()
+    assert table[0].split()[0] == "SNAPSHOT"
+    assert table[1].split()[:4] == [snapshot_id, volume, "64Mi", "yes"]
+    assert cli("delete", snapshot_id).returncode == 0
+    assert len(cli("list").stdout.splitlines()) == 1
+    refused = cli("create", "--name", "x", "--volume", "vol-" + "0" * 32)
+    assert refused.returncode == 1
+    assert "NOT_FOUND" in refused.stderr and "Traceback" not in refused.stderr
