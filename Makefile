@@ -21,4 +21,7 @@ bench:
 bench-transfer:
 	$(PY) -m bench.transfer
 
-.PHONY: protos test lint demo bench bench-transfer
+bench-snapshots:
+	$(PY) -m bench.snapshots
+
+.PHONY: protos test lint demo bench bench-transfer bench-snapshots
