@@ -4,10 +4,11 @@
   snapshot, chunk by chunk over the chunk service, verified, and is
   byte-identical to the snapshot (two real node services sharing a
   catalog, each serving its snapshots on its own socket).
-- A snapshot of a mounted volume under writes (fsfreeze) restores to a
-  filesystem that fsck finds clean, holding exactly a prefix of the
-  writes: all that was durable before the snapshot was asked for, none
-  that began after it was answered.
+- A snapshot of a mounted volume under writes (fsfreeze) restores, into a
+  larger volume, to a filesystem that fsck finds clean, that grows to the
+  new size on stage, and that holds exactly a prefix of the writes: all
+  that was durable before the snapshot was asked for, none that began
+  after it was answered.
 """
 
 from __future__ import annotations
@@ -152,7 +153,9 @@ def test_snapshot_under_writes_restores_consistent(mountable: Ferry) -> None:
         while writer.durable < started_after + 50:  # writes go on after the thaw
             threading.Event().wait(0.01)
     assert taken.ready_to_use
-    restored = ferry.client.controller.CreateVolume(from_snapshot("restored", taken.snapshot_id))
+    restored = ferry.client.controller.CreateVolume(
+        from_snapshot("restored", taken.snapshot_id, size=2 * SIZE)
+    )
     restored_id = restored.volume.volume_id
     fsck = subprocess.run(
         ["e2fsck", "-f", "-n", str(image(ferry, "node-a", restored_id))],
@@ -163,6 +166,8 @@ def test_snapshot_under_writes_restores_consistent(mountable: Ferry) -> None:
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     ferry.stage(restored_id)
     restored_target = Path(ferry.publish(restored_id, pod="pod-2"))
+    grown = os.statvfs(restored_target)
+    assert grown.f_blocks * grown.f_frsize > SIZE + SIZE // 2  # the filesystem grew on stage
     data = (restored_target / "log").read_bytes()
     count = len(data) // RECORD
     assert len(data) % RECORD == 0, "a torn record"
