@@ -117,11 +117,15 @@ class SnapshotReconciler:
             return
         spec = spec_read.value
         current = read(self._store, SnapshotStatus, snapshot_status_key(self.node_id, snapshot_id))
-        if current is not None and _done(current.value, spec) and not self._lost(spec):
-            return
+        if current is not None and _done(current.value, spec):
+            ready = current.value.phase is ImagePhase.READY
+            if not (ready and self._lost(spec)):
+                return
         if spec.group_id and not spec.deleted:
+            # Taken by its group, at the group's freeze point: READY only once the
+            # whole group is (a member file of a half-taken group is taken again).
             info = self._snapshots.get(snapshot_id)
-            if info is not None:  # taken by its group; the group's status may be lost
+            if info is not None and self._group_ready(spec.group_id):
                 self._report([(spec_read, current, _ready(spec, info))])
             return
         try:
@@ -134,6 +138,16 @@ class SnapshotReconciler:
                 raise
             return
         self._report([(spec_read, current, status)])
+
+    def _group_ready(self, group_id: str) -> bool:
+        group = read(self._store, GroupSnapshotSpec, group_spec_key(self.node_id, group_id))
+        status = read(self._store, GroupSnapshotStatus, group_status_key(self.node_id, group_id))
+        return (
+            group is not None
+            and status is not None
+            and answers(status.value, group.value)
+            and status.value.phase is ImagePhase.READY
+        )
 
     def _lost(self, spec: SnapshotSpec) -> bool:
         """A READY snapshot whose bytes vanished (reported, never retaken: the point
