@@ -746,14 +746,29 @@ class NodeAgent:
                     "could not free leaked loop device",
                     extra={"device": loop.device, "error": exc.message},
                 )
-        for volume_id in staged:
+        for volume_id, record in staged.items():
             if self.pool.get(volume_id) is None:
                 log.error("staged volume has no image in the pool", extra={"volume": volume_id})
+            self._thaw_if_frozen(record)
         log.info(
             "node agent recovered",
             extra={"staged": len(staged), "freed_loop_devices": freed},
         )
         return freed
+
+    def _thaw_if_frozen(self, staged: Staged) -> None:
+        """A snapshot cut short by a crash can leave the filesystem frozen, and every
+        writer of the volume hung: thaw it (a no-op when it is not frozen)."""
+        staging = Path(staged.staging_path)
+        if staged.access_type is not AccessType.MOUNT or self.mounts.at(staging) is None:
+            return
+        try:
+            self.filesystems.thaw(staging, if_frozen=True)
+        except FerryError as exc:
+            log.error(
+                "could not thaw a staged filesystem",
+                extra={"volume": staged.volume_id, "error": exc.message},
+            )
 
     def _detach_unused(self, device: str) -> bool:
         """Detach ``device`` unless something still mounts it; True if detached."""

@@ -112,10 +112,15 @@ class Filesystems:
         """Flush a mounted filesystem and block its writers until :meth:`thaw`."""
         self._runner.run(["fsfreeze", "--freeze", str(mountpoint)])
 
-    def thaw(self, mountpoint: Path) -> None:
+    def thaw(self, mountpoint: Path, *, if_frozen: bool = False) -> None:
         """Let writers of a frozen filesystem go on. Never cut short: a filesystem
-        left frozen hangs every writer of the volume."""
-        self._runner.run(["fsfreeze", "--unfreeze", str(mountpoint)], interruptible=False)
+        left frozen hangs every writer of the volume. ``if_frozen``: a filesystem
+        that is not frozen is fine (the kernel answers EINVAL, fsfreeze exits 1)."""
+        self._runner.run(
+            ["fsfreeze", "--unfreeze", str(mountpoint)],
+            ok_codes=(0, 1) if if_frozen else (0,),
+            interruptible=False,
+        )
 
     def ext4_size(self, device: str) -> int:
         """The size in bytes an ext4 filesystem on ``device`` spans."""

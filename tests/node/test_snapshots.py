@@ -9,17 +9,20 @@ snapshot's bytes and is grown (reserved) to its volume's size.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
 
-from csi_driver.core.model import MiB
+from csi_driver.core.model import AccessMode, AccessType, FsType, MiB, VolumeCapability
 from csi_driver.core.records import SnapshotMethod
+from csi_driver.node.agent import NodeAgent
 from csi_driver.node.pool import Pool
 from csi_driver.node.snapshots import SnapshotStore, copy_image
 from tests.node.conftest import new_volume_id, requires_root, small_filesystem
 
 SNAPSHOT = "snap-" + "1" * 32
+MOUNT_RW = VolumeCapability(AccessMode.SINGLE_NODE_WRITER, AccessType.MOUNT)
 FILESYSTEMS = {
     "xfs": (["mkfs.xfs", "-q", "-m", "reflink=1"], SnapshotMethod.REFLINK),
     "ext4": (["mkfs.ext4", "-q", "-m", "0"], SnapshotMethod.COPY),
@@ -60,3 +63,31 @@ def test_snapshot_holds_its_point_in_time(tmp_path: Path, fs: str) -> None:
         assert store.require(SNAPSHOT).path.read_bytes() == held  # outlives its volume
         store.delete(SNAPSHOT)
         assert store.get(SNAPSHOT) is None and store.ids() == []
+
+
+@requires_root
+@pytest.mark.root
+def test_a_restart_thaws_a_filesystem_a_crash_left_frozen(agent: NodeAgent, kubelet: Path) -> None:
+    volume = new_volume_id(3)
+    agent.pool.create_image(volume, 64 * MiB, epoch=1)
+    staging = kubelet / "plugins" / "frozen" / "globalmount"
+    agent.stage(volume, str(staging), MOUNT_RW, FsType.EXT4)
+    agent.filesystems.freeze(staging)  # as a snapshot does, then the process died
+    written = threading.Event()
+
+    def write() -> None:
+        with open(staging / "after", "wb") as handle:
+            handle.write(b"x" * 4096)
+            handle.flush()
+            os.fsync(handle.fileno())
+        written.set()
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    assert not written.wait(0.5)  # frozen: the writer waits
+    agent.recover()  # what a restarted node agent does first
+    assert written.wait(10)
+    writer.join()
+    agent.recover()  # and again, on a filesystem that is not frozen: nothing to do
+    assert (staging / "after").read_bytes() == b"x" * 4096
+    agent.unstage(volume, str(staging))
