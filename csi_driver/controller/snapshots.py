@@ -120,8 +120,6 @@ class CloneSource:
     fs_type: FsType | None
     #: How the volume records its source ("snapshot:<id>" or "volume:<id>").
     described: str
-    #: The snapshot taken only to clone a volume: deleted once the clone is made.
-    temporary_name: str = ""
 
 
 def _view(spec: SnapshotSpec, status: SnapshotStatus | None) -> SnapshotView:
@@ -171,6 +169,8 @@ class SnapshotService:
                 spec = self._write_snapshot(name, volume)
             elif not isinstance(spec, SnapshotSpec) or spec.source_volume_id != source_volume_id:
                 raise AlreadyExists(self._conflict(name, spec))
+            elif spec.deleted:
+                raise Aborted(f"snapshot {name!r} is being deleted; retry once it is gone")
             return self._settle(spec)
 
     def _claimed(self, name: str) -> SnapshotSpec | GroupSnapshotSpec | None:
@@ -484,8 +484,7 @@ class SnapshotService:
             )
         if not VOLUME_ID_PATTERN.match(volume_id) or self._catalog.get_volume(volume_id) is None:
             raise NotFound(f"source volume {volume_id} does not exist")
-        temporary = "ferry-clone-" + hashlib.sha256(clone_name.encode()).hexdigest()[:32]
-        view = self.create(temporary, volume_id)
+        view = self.create(_clone_snapshot_name(clone_name), volume_id)
         if not view.ready:
             raise Unavailable(f"the snapshot of source volume {volume_id} is not ready; retry")
         found = self._spec(view.snapshot_id)
@@ -498,20 +497,21 @@ class SnapshotService:
             spec.access_type,
             spec.fs_type,
             f"volume:{volume_id}",
-            temporary_name=temporary,
         )
 
-    def release(self, source: CloneSource) -> None:
-        """Delete the temporary snapshot a volume clone was made from (best effort:
-        a failure leaves it to the next CreateVolume repeat)."""
-        if not source.temporary_name:
+    def release_clone(self, clone_name: str) -> None:
+        """Delete the snapshot a volume was cloned through, once the clone exists
+        (best effort: what a failure leaves, the next repeat of the CreateVolume
+        deletes)."""
+        owner = self._store.get(snapshot_name_key(_clone_snapshot_name(clone_name)))
+        if owner is None:
             return
         try:
-            self.delete(source.image.snapshot_id)
+            self.delete(owner.value.decode())
         except FerryError as exc:
             log.warning(
-                "temporary clone snapshot kept",
-                extra={"snapshot": source.image.snapshot_id, "error": exc.message},
+                "clone snapshot kept",
+                extra={"snapshot": owner.value.decode(), "error": exc.message},
             )
 
     # -- shared ----------------------------------------------------------------
@@ -560,6 +560,11 @@ class SnapshotService:
         )
         assert record is not None
         return decode(cls, record.value)
+
+
+def _clone_snapshot_name(clone_name: str) -> str:
+    """The name of the snapshot a volume called ``clone_name`` is cloned through."""
+    return "ferry-clone-" + hashlib.sha256(clone_name.encode()).hexdigest()[:32]
 
 
 def _check_members(group: GroupSnapshotSpec, snapshot_ids: Sequence[str]) -> None:

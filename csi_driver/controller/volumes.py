@@ -224,32 +224,41 @@ class VolumeService:
         parameters: Mapping[str, str],
         requirement: TopologyRequirement | None,
         mutable_parameters: Mapping[str, str] | None = None,
-        source: CloneSource | None = None,
+        content_source: str = "",
+        resolve_source: Callable[[], CloneSource] | None = None,
     ) -> Volume:
         """Provision (or return the already provisioned) volume called ``name``,
-        empty or as a copy of ``source`` (a clone or a restore).
+        empty or as a copy of a source (a clone or a restore).
 
         ``mutable_parameters`` (the PVC's VolumeAttributesClass) override the
-        StorageClass's policy parameters from the start.
+        StorageClass's policy parameters from the start. ``content_source``
+        names the source ("snapshot:<id>", "volume:<id>"); ``resolve_source``
+        finds it, and is called only when the volume is provisioned now: a
+        repeat for a volume made already needs nothing of its source, which
+        may be gone by then.
         """
         if not name:
             raise InvalidArgument("name is required")
         params = parse_parameters(parameters).with_mutable(mutable_parameters or {})
-        if source is not None and source.fs_type is not None and params.fs_type is None:
-            # A restore keeps its source's filesystem unless the request names one.
-            capabilities = [replace(c, fs_type=c.fs_type or source.fs_type) for c in capabilities]
         access_type, fs_type = volume_shape(capabilities, params)
-        size = resolve_size(capacity, MINIMUM_SIZE[fs_type])
-        if source is not None:
-            size = _clone_size(source, capacity, size, fs_type)
-            requirement = requirement or _near(self._catalog.get_node(source.image.node_id))
         with self._names.hold(name, timeout=self._lock_timeout):
             existing_id = self._catalog.volume_id_for_name(name)
             if existing_id is not None:
                 volume = self._catalog.get_volume(existing_id)
                 if volume is not None:
-                    self._check_compatible(volume, capacity, capabilities, params, source)
+                    self._check_compatible(volume, capacity, capabilities, params, content_source)
                     return self._finish_create(volume)
+            source = resolve_source() if resolve_source is not None else None
+            if source is not None and source.fs_type is not None and params.fs_type is None:
+                # A restore keeps its source's filesystem unless the request names one.
+                capabilities = [
+                    replace(c, fs_type=c.fs_type or source.fs_type) for c in capabilities
+                ]
+                access_type, fs_type = volume_shape(capabilities, params)
+            size = resolve_size(capacity, MINIMUM_SIZE[fs_type])
+            if source is not None:
+                size = _clone_size(source, capacity, size, fs_type)
+                requirement = requirement or _near(self._catalog.get_node(source.image.node_id))
             return self._provision(
                 name, size, access_type, fs_type, params, requirement, existing_id, source
             )
@@ -336,11 +345,10 @@ class VolumeService:
         capacity: CapacityRange,
         capabilities: Sequence[VolumeCapability],
         params: StorageParameters,
-        source: CloneSource | None,
+        content_source: str,
     ) -> None:
         problems = []
-        wanted_source = source.described if source else ""
-        if volume.content_source != wanted_source:
+        if volume.content_source != content_source:
             problems.append(f"it was created from {volume.content_source or 'nothing'}")
         if capacity.required_bytes and volume.capacity_bytes < capacity.required_bytes:
             problems.append(f"it has {volume.capacity_bytes} bytes, less than required")

@@ -6,7 +6,7 @@ from typing import Any
 
 import grpc
 
-from csi_driver.controller.snapshots import SnapshotService, SnapshotView
+from csi_driver.controller.snapshots import CloneSource, SnapshotService, SnapshotView
 from csi_driver.controller.volumes import FS_TYPE_CONTEXT_KEY, VolumeService
 from csi_driver.core.model import AccessType, Volume
 from csi_driver.csi.convert import (
@@ -80,10 +80,14 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     @rpc(required=("name", "volume_capabilities"))
     def CreateVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
         capabilities = capabilities_from_proto(request.volume_capabilities)
-        source = None
+        described, resolve = "", None
         if request.HasField("volume_content_source"):
             snapshot_id, volume_id = content_source_from_proto(request.volume_content_source)
-            source = self._snapshots.clone_source(snapshot_id, volume_id, request.name)
+            described = f"snapshot:{snapshot_id}" if snapshot_id else f"volume:{volume_id}"
+
+            def resolve() -> CloneSource:
+                return self._snapshots.clone_source(snapshot_id, volume_id, request.name)
+
         volume = self._volumes.create_volume(
             name=request.name,
             capacity=capacity_from_proto(request),
@@ -91,10 +95,11 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             parameters=dict(request.parameters),
             requirement=requirement_from_proto(request),
             mutable_parameters=dict(request.mutable_parameters),
-            source=source,
+            content_source=described,
+            resolve_source=resolve,
         )
-        if source is not None:
-            self._snapshots.release(source)
+        if described.startswith("volume:"):
+            self._snapshots.release_clone(request.name)
         message = self._volume_message(volume)
         if request.HasField("volume_content_source"):
             message.content_source.CopyFrom(request.volume_content_source)

@@ -230,9 +230,17 @@ def test_clone_of_a_volume(ferry: Ferry) -> None:
     assert clone.volume.content_source.volume.volume_id == volume.volume_id
     copy = ferry.base / "node-a" / "pool" / "images" / f"{clone.volume.volume_id}.img"
     assert copy.read_bytes() == image.read_bytes()
+    source_bytes = image.read_bytes()
     # The snapshot taken only to clone is gone once the clone is made.
     assert list(listed(ferry).entries) == []
-    other = from_snapshot("c", snapshot_id=snap(ferry, "s", volume.volume_id).snapshot_id)
+    # A repeat needs nothing of the source, which may be gone by then.
+    ferry.client.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id))
+    again = ferry.client.controller.CreateVolume(from_snapshot("c", volume_id=volume.volume_id))
+    assert again.volume.volume_id == clone.volume.volume_id
+    assert copy.exists() and list(listed(ferry).entries) == []
+    assert copy.read_bytes() == source_bytes
+    taken = snap(ferry, "s", ferry.create("v2", SIZE).volume_id)
+    other = from_snapshot("c", snapshot_id=taken.snapshot_id)
     expect_code(grpc.StatusCode.ALREADY_EXISTS, ferry.client.controller.CreateVolume, other)
 
 
