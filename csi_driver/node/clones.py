@@ -82,7 +82,13 @@ class SnapshotFetcher:
             )
         endpoint, server = node.chunk_endpoint, Identity.node(source.node_id)
         receiver = Receiver(lambda: open_channel(endpoint, self._security, server, CHANNEL_OPTIONS))
-        generations = GenerationStore(self._work / source.snapshot_id)
+        root = self._work / source.snapshot_id
+        done = GenerationStore(root).current()
+        if done is not None and not done.image.exists():
+            # Handed over to an image by an attempt that crashed before cleaning up:
+            # that image was never committed to the pool, so pull again.
+            shutil.rmtree(root)
+        generations = GenerationStore(root)
         result = receiver.pull(source.snapshot_id, generations)
         os.replace(result.generation.image, destination)
         shutil.rmtree(generations.root, ignore_errors=True)
