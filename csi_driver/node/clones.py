@@ -72,8 +72,9 @@ class SnapshotFetcher:
         self._security = security
         self._work = Path(pool_root) / "incoming"
 
-    def fetch(self, source: ImageSource, destination: Path) -> None:
-        """``destination`` as a verified copy of snapshot ``source``, pulled from its node."""
+    def fetch(self, source: ImageSource, volume_id: str, destination: Path) -> None:
+        """``destination`` as a verified copy of snapshot ``source``, pulled from its node
+        for volume ``volume_id`` (one pull per volume at a time: its reconcile key)."""
         node = self._catalog.get_node(source.node_id)
         if node is None or not node.chunk_endpoint:
             raise FailedPrecondition(
@@ -82,7 +83,7 @@ class SnapshotFetcher:
             )
         endpoint, server = node.chunk_endpoint, Identity.node(source.node_id)
         receiver = Receiver(lambda: open_channel(endpoint, self._security, server, CHANNEL_OPTIONS))
-        root = self._work / source.snapshot_id
+        root = self._work / volume_id
         done = GenerationStore(root).current()
         if done is not None and not done.image.exists():
             # Handed over to an image by an attempt that crashed before cleaning up:

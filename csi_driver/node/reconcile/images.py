@@ -146,7 +146,7 @@ class ImageReconciler:
                     "cannot pull chunks from other nodes (no catalog-backed fetcher)"
                 )
             else:
-                self._fetcher.fetch(source, path)
+                self._fetcher.fetch(source, spec.volume_id, path)
 
         return self._agent.pool.create_image_from(
             spec.volume_id, spec.size_bytes, spec.epoch, fill, thin=spec.thin
