@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -68,3 +69,26 @@ def test_clones_on_another_node_are_byte_identical(running: Place) -> None:
     assert not image(running, "node-1", restored.volume_id).exists()
     assert digest(image(running, "node-2", restored.volume_id)) == before
     assert digest(image(running, "node-2", clone.volume_id)) == after != before
+
+
+def test_a_snapshot_asked_of_a_dead_node_is_ready_only_once_taken(running: Place) -> None:
+    """The intent outlives the node's death; ``ready_to_use`` waits for the node."""
+    volume = create_on(running, "node-3", f"pvc-{uuid.uuid4()}")
+    held = running.node_dir("node-3") / "pool" / "snapshots"
+    request = csi_pb2.CreateSnapshotRequest(name="while-dead", source_volume_id=volume.volume_id)
+    running.fault("kill", "node-3")
+    try:
+        with running.client("controller") as client:
+            pending = client.controller.CreateSnapshot(request, timeout=3).snapshot
+        assert not pending.ready_to_use and pending.snapshot_id
+        assert not list(held.glob("snap-*.img"))
+    finally:
+        running.fault("start", "node-3")
+    with running.client("controller") as client:
+        deadline = time.monotonic() + RPC_TIMEOUT_S
+        while True:
+            again = client.controller.CreateSnapshot(request, timeout=RPC_TIMEOUT_S).snapshot
+            if again.ready_to_use or time.monotonic() > deadline:
+                break
+    assert again.ready_to_use and again.snapshot_id == pending.snapshot_id
+    assert (held / f"{again.snapshot_id}.img").exists()
