@@ -35,6 +35,7 @@ from csi_driver.chunks.extents import reflink
 from csi_driver.chunks.generations import sparse_copy
 from csi_driver.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from csi_driver.core.records import SNAPSHOT_ID_PATTERN, SnapshotMethod
+from csi_driver.metrics import SNAPSHOT_BYTES, SNAPSHOT_SECONDS
 from csi_driver.node.pool import fsync_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -137,13 +138,16 @@ class SnapshotStore:
             tmp.unlink(missing_ok=True)
             self._meta(snapshot_id).unlink(missing_ok=True)
             raise
+        elapsed = time.monotonic() - started
+        SNAPSHOT_SECONDS.labels(method.value).observe(elapsed)
+        SNAPSHOT_BYTES.set(self.allocated_bytes())
         log.info(
             "snapshot taken",
             extra={
                 "snapshot": snapshot_id,
                 "volume": volume_id,
                 "method": method.value,
-                "seconds": round(time.monotonic() - started, 4),
+                "seconds": round(elapsed, 4),
             },
         )
         return self.require(snapshot_id)
@@ -153,6 +157,7 @@ class SnapshotStore:
         self._meta(snapshot_id).unlink(missing_ok=True)
         self.path(snapshot_id).unlink(missing_ok=True)
         fsync_dir(self.directory)
+        SNAPSHOT_BYTES.set(self.allocated_bytes())
         log.info("snapshot deleted", extra={"snapshot": snapshot_id})
 
     def allocated_bytes(self) -> int:
