@@ -22,14 +22,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from csi_driver.core.model import MiB
 from csi_driver.core.placement import NODE_KEY
+from csi_driver.csi.client import block_capability
 from csi_driver.gen import csi_pb2
+from csi_driver.node.reconcile.snapshots import TORN_COPY
 from csi_driver.node.teardown import release_under
 from csi_driver.runtime import start_node
-from tests.csi.conftest import Ferry, node_config, running
+from tests.csi.conftest import Ferry, expect_code, node_config, running
 from tests.csi.test_snapshots import from_snapshot, snap
 from tests.node.conftest import host_can_mount, requires_root
 
@@ -174,3 +177,26 @@ def test_snapshot_under_writes_restores_consistent(mountable: Ferry) -> None:
     assert durable_before <= count <= started_after
     for n in range(count):
         assert data[n * RECORD : (n + 1) * RECORD] == n.to_bytes(8, "big") * (RECORD // 8)
+
+
+@requires_root
+@pytest.mark.root
+def test_a_block_volume_in_use_is_not_copied_torn(mountable: Ferry) -> None:
+    """On a pool that cannot reflink (this ext4 /tmp), a copy of a block volume that
+    its pod may be writing would be no point in time: refused, saying what to do."""
+    ferry = mountable
+    volume = ferry.create("raw", SIZE, capability=block_capability())
+    ferry.stage(volume.volume_id, block_capability())
+    request = csi_pb2.CreateSnapshotRequest(name="torn", source_volume_id=volume.volume_id)
+    details = expect_code(
+        grpc.StatusCode.FAILED_PRECONDITION, ferry.client.controller.CreateSnapshot, request
+    )
+    assert details.endswith(TORN_COPY.format(volume_id=volume.volume_id, node_id="node-a"))
+    assert list(ferry.client.controller.ListSnapshots(csi_pb2.ListSnapshotsRequest()).entries) == []
+    ferry.client.node.NodeUnstageVolume(
+        csi_pb2.NodeUnstageVolumeRequest(
+            volume_id=volume.volume_id, staging_target_path=ferry.staging(volume.volume_id)
+        )
+    )
+    taken = ferry.client.controller.CreateSnapshot(request).snapshot  # unused: a copy is fine
+    assert taken.ready_to_use
