@@ -200,3 +200,55 @@ def test_a_block_volume_in_use_is_not_copied_torn(mountable: Ferry) -> None:
     )
     taken = ferry.client.controller.CreateSnapshot(request).snapshot  # unused: a copy is fine
     assert taken.ready_to_use
+
+
+@requires_root
+@pytest.mark.root
+def test_a_group_snapshot_is_one_point_in_time(mountable: Ferry) -> None:
+    """Record n goes to volume A, then to volume B, each made durable before the next
+    write: at one freeze point B holds n or n - 1 records when A holds n."""
+    ferry = mountable
+    targets = []
+    volumes = []
+    for name in ("a", "b"):
+        volume = ferry.create(name, SIZE).volume_id
+        ferry.stage(volume)
+        targets.append(Path(ferry.publish(volume, pod=f"pod-{name}")))
+        volumes.append(volume)
+    stop = threading.Event()
+
+    def write() -> None:
+        handles = [open(t / "log", "wb") for t in targets]  # noqa: SIM115
+        try:
+            n = 0
+            while not stop.is_set():
+                for handle in handles:
+                    handle.write(n.to_bytes(8, "big") * (RECORD // 8))
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                n += 1
+        finally:
+            for handle in handles:
+                handle.close()
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        threading.Event().wait(0.5)
+        group = ferry.client.group.CreateVolumeGroupSnapshot(
+            csi_pb2.CreateVolumeGroupSnapshotRequest(name="app", source_volume_ids=volumes)
+        ).group_snapshot
+    finally:
+        stop.set()
+        writer.join(timeout=30)
+    by_volume = {s.source_volume_id: s.snapshot_id for s in group.snapshots}
+    counts = []
+    for name, volume in zip(("a", "b"), volumes, strict=True):
+        restored = ferry.client.controller.CreateVolume(
+            from_snapshot(f"restored-{name}", by_volume[volume])
+        ).volume.volume_id
+        ferry.stage(restored)
+        data = (Path(ferry.publish(restored, pod=f"pod-r{name}")) / "log").read_bytes()
+        assert len(data) % RECORD == 0
+        counts.append(len(data) // RECORD)
+    assert counts[0] > 0 and counts[0] - counts[1] in (0, 1), counts
