@@ -329,3 +329,13 @@ def test_cli_creates_lists_and_deletes(ferry: Ferry) -> None:
     refused = cli("create", "--name", "x", "--volume", "vol-" + "0" * 32)
     assert refused.returncode == 1
     assert "NOT_FOUND" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_a_restore_keeps_its_source_filesystem(ferry: Ferry) -> None:
+    volume = ferry.create("v", SIZE)
+    taken = snap(ferry, "s", volume.volume_id)
+    other_fs = from_snapshot("x", taken.snapshot_id)
+    other_fs.volume_capabilities[0].mount.fs_type = "xfs"
+    expect_code(INVALID, ferry.client.controller.CreateVolume, other_fs)
+    restored = ferry.client.controller.CreateVolume(from_snapshot("r", taken.snapshot_id))
+    assert restored.volume.volume_context["fsType"] == "ext4"
