@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 
 from csi_driver.chunks.durable import write_atomic
@@ -45,23 +46,35 @@ class SnapshotExports(Exports):
     def __init__(self, snapshots: SnapshotStore) -> None:
         super().__init__()
         self._snapshots = snapshots
+        # One manifest computed at a time: a receiver that timed out waiting for a
+        # large snapshot's asks again, and must find that work, not start it twice.
+        self._scanning = threading.Lock()
 
     def require(self, transfer_id: str) -> Export:
         try:
-            return super().require(transfer_id)
+            export = super().require(transfer_id)
         except NotFound:
             if not SNAPSHOT_ID_PATTERN.match(transfer_id):
                 raise
-        info = self._snapshots.get(transfer_id)
-        if info is None:
-            raise NotFound(f"this node holds no snapshot {transfer_id}")
-        cached = info.path.with_suffix(".manifest")
-        try:
-            manifest = decode(cached.read_bytes())
-        except FileNotFoundError:
-            manifest = scan_image(info.path).manifest
-            write_atomic(cached, encode(manifest))
-        return self.add(transfer_id, info.path, manifest)
+        else:
+            if export.image.exists() or not SNAPSHOT_ID_PATTERN.match(transfer_id):
+                return export
+            self.remove(transfer_id)  # the snapshot was deleted since it was exported
+        with self._scanning:
+            try:
+                return super().require(transfer_id)
+            except NotFound:
+                pass
+            info = self._snapshots.get(transfer_id)
+            if info is None:
+                raise NotFound(f"this node holds no snapshot {transfer_id}")
+            cached = info.path.with_suffix(".manifest")
+            try:
+                manifest = decode(cached.read_bytes())
+            except FileNotFoundError:
+                manifest = scan_image(info.path).manifest
+                write_atomic(cached, encode(manifest))
+            return self.add(transfer_id, info.path, manifest)
 
 
 class SnapshotFetcher:

@@ -4,6 +4,7 @@ Layout under the pool root::
 
     snapshots/<snapshot-id>.img    the snapshot's bytes (never written again)
     snapshots/<snapshot-id>.json   its metadata: source volume, method, when taken
+    snapshots/<snapshot-id>.manifest  its chunk manifest, once another node asked for it
 
 Invariants:
 
@@ -156,6 +157,7 @@ class SnapshotStore:
         """Remove a snapshot; an unknown one is already deleted."""
         self._meta(snapshot_id).unlink(missing_ok=True)
         self.path(snapshot_id).unlink(missing_ok=True)
+        self.path(snapshot_id).with_suffix(".manifest").unlink(missing_ok=True)
         fsync_dir(self.directory)
         SNAPSHOT_BYTES.set(self.allocated_bytes())
         log.info("snapshot deleted", extra={"snapshot": snapshot_id})

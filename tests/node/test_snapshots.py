@@ -14,9 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from csi_driver.chunks.scan import scan_image
+from csi_driver.core.errors import NotFound
 from csi_driver.core.model import AccessMode, AccessType, FsType, MiB, VolumeCapability
 from csi_driver.core.records import SnapshotMethod
 from csi_driver.node.agent import NodeAgent
+from csi_driver.node.clones import SnapshotExports
 from csi_driver.node.pool import Pool
 from csi_driver.node.snapshots import SnapshotStore, copy_image
 from tests.node.conftest import new_volume_id, requires_root, small_filesystem
@@ -91,3 +94,25 @@ def test_a_restart_thaws_a_filesystem_a_crash_left_frozen(agent: NodeAgent, kube
     agent.recover()  # and again, on a filesystem that is not frozen: nothing to do
     assert (staging / "after").read_bytes() == b"x" * 4096
     agent.unstage(volume, str(staging))
+
+
+def test_snapshots_are_exported_on_demand_and_withdrawn_when_deleted(tmp_path: Path) -> None:
+    pool = Pool(tmp_path / "pool", capacity_bytes=64 * MiB)
+    volume = new_volume_id(4)
+    info = pool.create_image(volume, 8 * MiB, epoch=1, thin=True)
+    with open(info.path, "r+b") as handle:
+        handle.seek(MiB)
+        handle.write(b"exported" * 512)
+    store = SnapshotStore(pool.root)
+    taken = store.take(SNAPSHOT, volume, info.path)
+    exports = SnapshotExports(store)
+    export = exports.require(SNAPSHOT)
+    assert export.manifest == scan_image(taken.path).manifest
+    assert export.manifest.data_bytes == export.manifest.chunk_size  # one data chunk
+    assert exports.require(SNAPSHOT) is export
+    with pytest.raises(NotFound):
+        exports.require("snap-" + "2" * 32)
+    store.delete(SNAPSHOT)
+    assert not list(store.directory.iterdir())  # the cached manifest went with it
+    with pytest.raises(NotFound):
+        exports.require(SNAPSHOT)
