@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from csi_driver import __version__, ca_command, log
+from csi_driver import __version__, ca_command, log, snapshot_command
 from csi_driver.backup import command as backup_command
 from csi_driver.core.errors import FerryError
 from csi_driver.metrics import serve as serve_metrics
@@ -76,6 +76,12 @@ def _node_args(parser: argparse.ArgumentParser) -> None:
         default="unix:///run/ferry/agent.sock",
         help="where the node agent API listens (unix:// or tcp://host:port)",
     )
+    parser.add_argument(
+        "--chunk-endpoint",
+        default=None,
+        help="where this node serves its snapshots' chunks to other nodes (tcp://host:port, "
+        "mutual TLS with --tls-dir); clones and restores on other nodes pull from it",
+    )
     parser.add_argument("--zone", default="default", help="topology zone of this node")
     parser.add_argument(
         "--max-volumes", type=int, default=0, help="most volumes this node will stage (0: no limit)"
@@ -92,6 +98,7 @@ def _node_config(args: argparse.Namespace, security: AgentSecurity) -> NodeConfi
         max_volumes=args.max_volumes,
         pool_capacity_bytes=args.pool_capacity,
         security=security,
+        chunk_endpoint=args.chunk_endpoint,
     )
 
 
@@ -184,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--fs-type", default="ext4", choices=["ext4", "xfs"])
     demo.add_argument("--keep", action="store_true", help="leave the workdir behind")
     ca_command.add_parser(sub)
+    snapshot_command.add_parser(sub)
     sandbox_commands.add_parser(sub, parse_size)
     backup_command.add_parsers(sub, parse_size)
     return parser
@@ -201,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("backup", "restore"):
         log.configure(args.log_level if args.log_level != "info" else "warning", "text")
         return backup_command.run(args)
+    if args.command == "snapshot":
+        return snapshot_command.run(args)
     if args.command == "sandbox":
         log.configure(args.log_level if args.log_level != "info" else "warning", "text")
         return sandbox_commands.run(args)

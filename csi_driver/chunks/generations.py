@@ -167,7 +167,7 @@ def _prepare_image(path: Path, base: Generation | None, plan: Delta) -> str:
             reflink(base.image, path)
             copy = "reflink"
         except FailedPrecondition:
-            _sparse_copy(base.image, path)
+            sparse_copy(base.image, path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, plan.target.size)
@@ -179,7 +179,7 @@ def _prepare_image(path: Path, base: Generation | None, plan: Delta) -> str:
     return copy
 
 
-def _sparse_copy(source: Path, destination: Path) -> None:
+def sparse_copy(source: Path, destination: Path) -> None:
     """Copy only the ranges of ``source`` that hold data; the rest stays holes."""
     src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
     dst = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)

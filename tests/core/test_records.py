@@ -16,13 +16,20 @@ from csi_driver.core.records import (
     SCHEMA_VERSION,
     CatalogRecord,
     FailureReason,
+    GroupMember,
+    GroupSnapshotSpec,
+    GroupSnapshotStatus,
     ImagePhase,
     ImageRole,
+    ImageSource,
     ImageSpec,
     ImageStatus,
     NodeAccounting,
     NodeSpec,
     NodeStatus,
+    SnapshotMethod,
+    SnapshotSpec,
+    SnapshotStatus,
     VolumePhase,
     VolumeSpec,
     VolumeStatus,
@@ -34,11 +41,15 @@ from csi_driver.core.records import (
     image_status_key,
     node_accounting_key,
     revise,
+    snapshot_spec_key,
+    snapshot_specs_on,
 )
 
 VOL = "vol-" + "a" * 32
 
 volume_ids = st.text("0123456789abcdef", min_size=32, max_size=32).map(lambda h: "vol-" + h)
+snapshot_ids = st.text("0123456789abcdef", min_size=32, max_size=32).map(lambda h: "snap-" + h)
+group_ids = st.text("0123456789abcdef", min_size=32, max_size=32).map(lambda h: "group-" + h)
 node_ids = st.from_regex(r"\A[A-Za-z0-9]([A-Za-z0-9._-]{0,20}[A-Za-z0-9])?\Z")
 sizes = st.integers(min_value=0, max_value=2**62)
 texts = st.text(max_size=40)
@@ -108,6 +119,7 @@ records: st.SearchStrategy[CatalogRecord] = st.one_of(
         thin=st.booleans(),
         deleted=st.booleans(),
         generation=generations,
+        source=st.none() | st.builds(ImageSource, snapshot_id=snapshot_ids, node_id=node_ids),
     ),
     st.builds(
         ImageStatus,
@@ -116,6 +128,54 @@ records: st.SearchStrategy[CatalogRecord] = st.one_of(
         phase=st.sampled_from(ImagePhase),
         observed_generation=generations,
         size_bytes=sizes,
+        reason=st.sampled_from(FailureReason),
+        message=texts,
+    ),
+    st.builds(
+        SnapshotSpec,
+        snapshot_id=snapshot_ids,
+        name=texts,
+        node_id=node_ids,
+        source_volume_id=volume_ids,
+        size_bytes=sizes,
+        access_type=st.sampled_from(AccessType),
+        fs_type=st.none() | st.sampled_from(FsType),
+        created_at=floats,
+        group_id=st.just("") | group_ids,
+        deleted=st.booleans(),
+        generation=generations,
+    ),
+    st.builds(
+        SnapshotStatus,
+        snapshot_id=snapshot_ids,
+        node_id=node_ids,
+        phase=st.sampled_from(ImagePhase),
+        observed_generation=generations,
+        size_bytes=sizes,
+        taken_at=floats,
+        method=st.sampled_from(SnapshotMethod),
+        reason=st.sampled_from(FailureReason),
+        message=texts,
+    ),
+    st.builds(
+        GroupSnapshotSpec,
+        group_id=group_ids,
+        name=texts,
+        node_id=node_ids,
+        members=st.lists(
+            st.builds(GroupMember, snapshot_id=snapshot_ids, volume_id=volume_ids), max_size=3
+        ).map(tuple),
+        created_at=floats,
+        deleted=st.booleans(),
+        generation=generations,
+    ),
+    st.builds(
+        GroupSnapshotStatus,
+        group_id=group_ids,
+        node_id=node_ids,
+        phase=st.sampled_from(ImagePhase),
+        observed_generation=generations,
+        taken_at=floats,
         reason=st.sampled_from(FailureReason),
         message=texts,
     ),
@@ -192,6 +252,10 @@ def test_kinds_registry_names_every_record_type() -> None:
         "NodeAccounting",
         "ImageSpec",
         "ImageStatus",
+        "SnapshotSpec",
+        "SnapshotStatus",
+        "GroupSnapshotSpec",
+        "GroupSnapshotStatus",
     }
     assert all(kind == cls.KIND for kind, cls in KINDS.items())
 
@@ -243,3 +307,12 @@ def test_accounting_charges_and_refuses_to_go_negative() -> None:
     assert released.charge(16 << 20, 0).volume_count == 1  # an expansion
     with pytest.raises(InvalidArgument, match="negative"):
         released.charge(-(64 << 20), -1)
+
+
+def test_snapshot_keys_are_node_first_and_refuse_foreign_ids() -> None:
+    snap = "snap-" + "b" * 32
+    assert snapshot_spec_key("node-1", snap) == f"spec/snapshots/node-1/{snap}"
+    assert not snapshot_spec_key("node-10", snap).startswith(snapshot_specs_on("node-1"))
+    for bad in ("snap-x", "../" + snap, "vol-" + "b" * 32):
+        with pytest.raises(InvalidArgument):
+            snapshot_spec_key("node-1", bad)
