@@ -24,4 +24,7 @@ bench-transfer:
 bench-backup:
 	$(PY) -m bench.backup
 
-.PHONY: protos test lint demo bench bench-transfer bench-backup
+bench-snapshots:
+	$(PY) -m bench.snapshots
+
+.PHONY: protos test lint demo bench bench-transfer bench-backup bench-snapshots

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from csi_driver import __version__, ca_command, log, volumes_command
+from csi_driver import __version__, ca_command, log, snapshot_command, volumes_command
 from csi_driver.backup import command as backup_command
 from csi_driver.core.errors import FerryError
 from csi_driver.metrics import serve as serve_metrics
@@ -76,6 +76,12 @@ def _node_args(parser: argparse.ArgumentParser) -> None:
         default="unix:///run/ferry/agent.sock",
         help="where the node agent API listens (unix:// or tcp://host:port)",
     )
+    parser.add_argument(
+        "--chunk-endpoint",
+        default=None,
+        help="where this node serves its snapshots' chunks to other nodes (tcp://host:port, "
+        "mutual TLS with --tls-dir); clones and restores on other nodes pull from it",
+    )
     parser.add_argument("--zone", default="default", help="topology zone of this node")
     parser.add_argument(
         "--max-volumes", type=int, default=0, help="most volumes this node will stage (0: no limit)"
@@ -100,6 +106,7 @@ def _node_config(args: argparse.Namespace, security: AgentSecurity) -> NodeConfi
         pool_capacity_bytes=args.pool_capacity,
         security=security,
         heartbeat_s=args.heartbeat_interval,
+        chunk_endpoint=args.chunk_endpoint,
     )
 
 
@@ -204,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the one-node walk instead (stage, write, restage, expand) on SQLite",
     )
     ca_command.add_parser(sub)
+    snapshot_command.add_parser(sub)
     sandbox_commands.add_parser(sub, parse_size)
     backup_command.add_parsers(sub, parse_size)
     volumes_command.add_parser(sub)
@@ -226,6 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("backup", "restore"):
         log.configure(args.log_level if args.log_level != "info" else "warning", "text")
         return backup_command.run(args)
+    if args.command == "snapshot":
+        return snapshot_command.run(args)
     if args.command == "sandbox":
         log.configure(args.log_level if args.log_level != "info" else "warning", "text")
         return sandbox_commands.run(args)

@@ -25,6 +25,16 @@ RPC_SECONDS = Histogram(
     ["method"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+SNAPSHOT_SECONDS = Histogram(
+    "ferry_snapshot_take_seconds",
+    "Time a node took to capture a snapshot (its fsfreeze excluded), by method.",
+    ["method"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+SNAPSHOT_BYTES = Gauge(
+    "ferry_pool_snapshot_allocated_bytes",
+    "Bytes the node's snapshots hold on the pool's filesystem (shared blocks included).",
+)
 POOL_CAPACITY = Gauge("ferry_pool_capacity_bytes", "Bytes the node's pool may provision.")
 POOL_PROVISIONED = Gauge(
     "ferry_pool_provisioned_bytes", "Bytes promised to volumes in the node's pool."

@@ -24,11 +24,13 @@ from csi_driver.catalog_api.server import admitted_callers as catalog_callers
 from csi_driver.catalog_api.server import register as serve_store
 from csi_driver.controller.failover import NODE_LOST_AFTER_S
 from csi_driver.controller.leadership import Leadership
+from csi_driver.controller.snapshots import SnapshotService
 from csi_driver.controller.volumes import VolumeService
 from csi_driver.core.errors import InvalidArgument
 from csi_driver.core.model import NodeRecord, Topology
 from csi_driver.core.placement import NODE_KEY, ZONE_KEY
 from csi_driver.csi.controller import ControllerServicer
+from csi_driver.csi.group_controller import GroupControllerServicer
 from csi_driver.csi.identity import IdentityServicer
 from csi_driver.csi.node import NodeServicer
 from csi_driver.gen import csi_pb2_grpc
@@ -36,11 +38,13 @@ from csi_driver.gen.ferry.v1 import agent_pb2_grpc
 from csi_driver.kube.events import MobilityEvents
 from csi_driver.metrics import observe_pool
 from csi_driver.node.agent import NodeAgent
+from csi_driver.node.clones import SnapshotExports, SnapshotFetcher
 from csi_driver.node.fencing import EpochFence
 from csi_driver.node.pool import Pool
 from csi_driver.node.reconcile.exports import export_runner
 from csi_driver.node.reconcile.images import image_runner
 from csi_driver.node.reconcile.replicas import replica_runner
+from csi_driver.node.reconcile.snapshots import snapshot_runner
 from csi_driver.node.runner import CommandRunner
 from csi_driver.pki import ClientTlsBundle, Identity, Role
 from csi_driver.reconcile.runner import Runner
@@ -74,17 +78,19 @@ class NodeConfig:
     max_volumes: int = 0
     pool_capacity_bytes: int | None = None
     security: AgentSecurity = field(default_factory=AgentSecurity)
-    #: Where other nodes pull this node's exports; empty: beside the agent API
-    #: (same host, a port the kernel picks; or a socket in the pool).
+    #: Where this node serves its snapshots' chunks to other nodes (None: it does not).
+    chunk_endpoint: str | None = None
+    #: Where other nodes pull this node's volume exports (replicas, moves); empty:
+    #: beside the agent API (same host, a port the kernel picks; or a socket in the pool).
     transfer_endpoint: str = ""
     heartbeat_s: float = HEARTBEAT_INTERVAL_S
 
-    def chunk_endpoint(self) -> str:
+    def export_endpoint(self) -> str:
         if self.transfer_endpoint:
             return self.transfer_endpoint
         agent = parse_endpoint(self.agent_endpoint)
         if agent.scheme == "unix":
-            return f"unix://{self.pool_root.resolve() / 'chunks.sock'}"
+            return f"unix://{self.pool_root.resolve() / 'exports.sock'}"
         return f"tcp://{agent.address.rpartition(':')[0]}:0"
 
 
@@ -148,7 +154,7 @@ class NodeParts:
         self.agent = NodeAgent(config.node_id, self.pool, self.runner, config.kubelet_dirs)
         self.topology = Topology.of({ZONE_KEY: config.zone, NODE_KEY: config.node_id})
 
-    def registration(self, advertised: Endpoint) -> NodeRecord:
+    def registration(self, advertised: Endpoint, chunks: Endpoint | None = None) -> NodeRecord:
         return NodeRecord(
             node_id=self.config.node_id,
             agent_endpoint=str(advertised),
@@ -156,6 +162,7 @@ class NodeParts:
             capacity_bytes=self.pool.status().capacity_bytes,
             max_volumes=self.config.max_volumes,
             heartbeat_at=time.time(),
+            chunk_endpoint=str(chunks) if chunks else "",
         )
 
 
@@ -202,12 +209,26 @@ def _start_node_side(parts: NodeParts, catalog: Catalog, services: Services) -> 
     services.servers.append(agent_server)
     services.endpoints.append(agent_endpoint)
     services.killers.append(parts.runner.kill_running)
-    catalog.register_node(parts.registration(agent_endpoint))
+    chunks = None
+    if parts.config.chunk_endpoint:
+        chunk_server, chunks = serve_chunks(
+            parts.config.chunk_endpoint,
+            SnapshotExports(parts.agent.snapshots),
+            parts.config.security,
+            node_id,
+        )
+        services.servers.append(chunk_server)
+        services.endpoints.append(chunks)
+    catalog.register_node(parts.registration(agent_endpoint, chunks))
     _report_pool(parts.pool)
-    # The node's images follow their records in the catalog from here on.
-    images = image_runner(catalog.store, parts.agent)
-    images.start()
-    services.closers.append(lambda: _stop_runner(images))
+    # The node's images and snapshots follow their records in the catalog from here on.
+    fetcher = SnapshotFetcher(catalog.store, parts.config.security, parts.config.pool_root)
+    for runner in (
+        image_runner(catalog.store, parts.agent, fetcher=fetcher),
+        snapshot_runner(catalog.store, parts.agent),
+    ):
+        runner.start()
+        services.closers.append(functools.partial(_stop_runner, runner))
     _start_mobility(parts, catalog, services)
     beat = threading.Thread(
         target=_heartbeat,
@@ -223,7 +244,7 @@ def _start_mobility(parts: NodeParts, catalog: Catalog, services: Services) -> N
     security = parts.config.security
     exports = Exports()
     chunk_server, chunk_endpoint = serve_chunks(
-        parts.config.chunk_endpoint(), exports, security, parts.config.node_id
+        parts.config.export_endpoint(), exports, security, parts.config.node_id
     )
     services.servers.append(chunk_server)
     services.endpoints.append(chunk_endpoint)
@@ -271,6 +292,16 @@ def _serve_catalog(
         services.endpoints.append(bound)
 
 
+def _controller_services(volumes: VolumeService, snapshots: SnapshotService) -> list[Registration]:
+    """The CSI Controller and GroupController services, which share the catalog."""
+    controller = ControllerServicer(volumes, snapshots)
+    group = GroupControllerServicer(snapshots)
+    return [
+        lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(controller, s),
+        lambda s: csi_pb2_grpc.add_GroupControllerServicer_to_server(group, s),
+    ]
+
+
 def _campaign(catalog: Catalog, services: Services, node_lost_after_s: float) -> None:
     """Every controller process campaigns; only the leader runs background work."""
     # Only a controller needs the kubernetes client (Events on PVCs).
@@ -307,9 +338,7 @@ def start_controller(
             csi_endpoint,
             [
                 lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
-                lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(
-                    ControllerServicer(volumes), s
-                ),
+                *_controller_services(volumes, SnapshotService(catalog)),
             ],
             services,
         )
@@ -370,10 +399,8 @@ def start_all_in_one(
             csi_endpoint,
             [
                 lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
-                lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(
-                    ControllerServicer(volumes), s
-                ),
                 lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s),
+                *_controller_services(volumes, SnapshotService(catalog)),
             ],
             services,
         )

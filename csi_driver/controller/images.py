@@ -33,6 +33,7 @@ from csi_driver.core.errors import (
     FailedPrecondition,
     FerryError,
     InternalError,
+    NotFound,
     OutOfRange,
     ResourceExhausted,
     StoreError,
@@ -66,6 +67,7 @@ _REFUSALS: dict[FailureReason, Callable[[str], FerryError]] = {
     FailureReason.TOO_LARGE: OutOfRange,
     FailureReason.IN_USE: FailedPrecondition,
     FailureReason.MISMATCH: AlreadyExists,
+    FailureReason.SOURCE_MISSING: NotFound,  # a clone's snapshot vanished meanwhile
 }
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from csi_driver.controller.images import DEFAULT_WAIT_S, ImageIntents
 from csi_driver.controller.moves import MoveRequests
 from csi_driver.controller.policy import check_mutable, modify_volume
+from csi_driver.controller.snapshots import CloneSource
 from csi_driver.core.encryption import check_encryptable
 from csi_driver.core.errors import (
     CONTROLLER_PUBLISH_INCOMPATIBLE,
@@ -56,7 +57,13 @@ from csi_driver.core.model import (
     VolumeState,
 )
 from csi_driver.core.params import Provisioning, StorageParameters, parse_parameters
-from csi_driver.core.placement import NodeView, accessible_segment, choose_primary, eligible
+from csi_driver.core.placement import (
+    NODE_KEY,
+    NodeView,
+    accessible_segment,
+    choose_primary,
+    eligible,
+)
 from csi_driver.core.records import ImageSpec, NodeAccounting
 from csi_driver.store.catalog import NAMES, Catalog
 from csi_driver.store.records import Versioned
@@ -115,6 +122,36 @@ def resolve_size(capacity: CapacityRange, minimum: int) -> int:
                 f"in whole MiB); raise the limit"
             )
     return size
+
+
+def _clone_size(
+    source: CloneSource, capacity: CapacityRange, size: int, fs_type: FsType | None
+) -> int:
+    """The size of a volume made from ``source``: never smaller than the source, and at
+    least what the request asks (the filesystem grows to it on stage)."""
+    if source.fs_type is not None and fs_type is not None and source.fs_type != fs_type:
+        raise InvalidArgument(
+            f"the source holds {source.fs_type.value}, not the requested {fs_type.value}; "
+            "request the source's fsType"
+        )
+    if capacity.required_bytes and capacity.required_bytes < source.size_bytes:
+        raise OutOfRange(
+            f"required_bytes {capacity.required_bytes} is smaller than the source "
+            f"({source.size_bytes} bytes); volumes made from it cannot be smaller"
+        )
+    if capacity.limit_bytes and capacity.limit_bytes < source.size_bytes:
+        raise OutOfRange(
+            f"limit_bytes {capacity.limit_bytes} is smaller than the source "
+            f"({source.size_bytes} bytes); raise the limit"
+        )
+    return size if capacity.required_bytes else source.size_bytes
+
+
+def _near(node: NodeRecord | None) -> TopologyRequirement | None:
+    """Without a topology requirement, a copy goes where its source is: a reflink there."""
+    if node is None:
+        return None
+    return TopologyRequirement(preferred=(Topology.of({NODE_KEY: node.node_id}),))
 
 
 def volume_shape(
@@ -193,26 +230,43 @@ class VolumeService:
         parameters: Mapping[str, str],
         requirement: TopologyRequirement | None,
         mutable_parameters: Mapping[str, str] | None = None,
+        content_source: str = "",
+        resolve_source: Callable[[], CloneSource] | None = None,
     ) -> Volume:
-        """Provision (or return the already provisioned) volume called ``name``.
+        """Provision (or return the already provisioned) volume called ``name``,
+        empty or as a copy of a source (a clone or a restore).
 
         ``mutable_parameters`` (the PVC's VolumeAttributesClass) override the
-        StorageClass's policy parameters from the start.
+        StorageClass's policy parameters from the start. ``content_source``
+        names the source ("snapshot:<id>", "volume:<id>"); ``resolve_source``
+        finds it, and is called only when the volume is provisioned now: a
+        repeat for a volume made already needs nothing of its source, which
+        may be gone by then.
         """
         if not name:
             raise InvalidArgument("name is required")
         params = parse_parameters(parameters).with_mutable(mutable_parameters or {})
         access_type, fs_type = volume_shape(capabilities, params)
-        size = resolve_size(capacity, MINIMUM_SIZE[fs_type])
         with self._names.hold(name, timeout=self._lock_timeout):
             existing_id = self._catalog.volume_id_for_name(name)
             if existing_id is not None:
                 volume = self._catalog.get_volume(existing_id)
                 if volume is not None:
-                    self._check_compatible(volume, capacity, capabilities, params)
+                    self._check_compatible(volume, capacity, capabilities, params, content_source)
                     return self._finish_create(volume)
+            source = resolve_source() if resolve_source is not None else None
+            if source is not None and source.fs_type is not None and params.fs_type is None:
+                # A restore keeps its source's filesystem unless the request names one.
+                capabilities = [
+                    replace(c, fs_type=c.fs_type or source.fs_type) for c in capabilities
+                ]
+                access_type, fs_type = volume_shape(capabilities, params)
+            size = resolve_size(capacity, MINIMUM_SIZE[fs_type])
+            if source is not None:
+                size = _clone_size(source, capacity, size, fs_type)
+                requirement = requirement or _near(self._catalog.get_node(source.image.node_id))
             return self._provision(
-                name, size, access_type, fs_type, params, requirement, existing_id
+                name, size, access_type, fs_type, params, requirement, existing_id, source
             )
 
     def _provision(
@@ -224,6 +278,7 @@ class VolumeService:
         params: StorageParameters,
         requirement: TopologyRequirement | None,
         claimed_id: str | None,
+        source: CloneSource | None,
     ) -> Volume:
         volume_id = claimed_id or f"vol-{uuid.uuid4().hex}"
         thin = params.provisioning is Provisioning.THIN
@@ -242,8 +297,16 @@ class VolumeService:
                     state=VolumeState.CREATING,
                     parameters=tuple(sorted(params.as_dict().items())),
                     created_at=self._clock(),
+                    content_source=source.described if source else "",
                 )
-                image = ImageSpec(volume_id, primary.node_id, size, volume.epoch, thin=thin)
+                image = ImageSpec(
+                    volume_id,
+                    primary.node_id,
+                    size,
+                    volume.epoch,
+                    thin=thin,
+                    source=source.image if source else None,
+                )
                 try:
                     self._images.provision(
                         volume, image, accounts.get(primary.node_id), claim_name=not claimed_id
@@ -288,8 +351,11 @@ class VolumeService:
         capacity: CapacityRange,
         capabilities: Sequence[VolumeCapability],
         params: StorageParameters,
+        content_source: str,
     ) -> None:
         problems = []
+        if volume.content_source != content_source:
+            problems.append(f"it was created from {volume.content_source or 'nothing'}")
         if capacity.required_bytes and volume.capacity_bytes < capacity.required_bytes:
             problems.append(f"it has {volume.capacity_bytes} bytes, less than required")
         if capacity.limit_bytes and volume.capacity_bytes > capacity.limit_bytes:

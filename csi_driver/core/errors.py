@@ -237,3 +237,21 @@ UNKNOWN_STARTING_TOKEN = (
 )
 #: Any RPC, ABORTED: another operation holds the volume (or name).
 OPERATION_PENDING = "an operation on {key} is already in progress; retry shortly"
+#: CreateSnapshot / CreateVolumeGroupSnapshot, ALREADY_EXISTS: the name is another source's.
+SNAPSHOT_NAME_CONFLICT = (
+    "snapshot name {name!r} is already used by {snapshot_id} of {source}; choose another "
+    "name or snapshot that source"
+)
+#: DeleteSnapshot, FAILED_PRECONDITION: members go with their group.
+SNAPSHOT_IN_GROUP = (
+    "snapshot {snapshot_id} belongs to group snapshot {group_id}; delete the group snapshot"
+)
+#: ListSnapshots, ABORTED: a token Ferry did not issue.
+UNKNOWN_SNAPSHOT_TOKEN = (
+    "starting_token {token!r} is not one Ferry issued for snapshots; list again without a token"
+)
+#: DeleteVolumeGroupSnapshot / GetVolumeGroupSnapshot, INVALID_ARGUMENT: other members named.
+GROUP_MEMBERS_MISMATCH = (
+    "group snapshot {group_id} holds snapshots {members}, not the snapshot_ids given; pass "
+    "exactly its members"
+)

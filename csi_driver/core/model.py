@@ -148,6 +148,8 @@ class Volume:
     #: so the reconcilers that add or retire replicas can report which policy
     #: they acted on; publications and state are not part of it.
     generation: int = 1
+    #: What the volume was created from: "" (empty), "snapshot:<id>" or "volume:<id>".
+    content_source: str = ""
 
     def published_on(self, node_id: str) -> Publication | None:
         return next((p for p in self.publications if p.node_id == node_id), None)
@@ -166,6 +168,8 @@ class NodeRecord:
     labels: tuple[tuple[str, str], ...] = field(default_factory=tuple)
     #: Volumes the node found abnormal at its last heartbeat: (volume id, why).
     volume_conditions: tuple[tuple[str, str], ...] = ()
+    #: Where other nodes pull chunks (snapshots) from this node; "" if it serves none.
+    chunk_endpoint: str = ""
 
 
 def check_volume_id(volume_id: str) -> str:

@@ -20,6 +20,13 @@ heartbeat::
                                                               it counts
     spec/images/<node_id>/<volume_id>       ImageSpec         controller
     status/images/<node_id>/<volume_id>     ImageStatus       node <node_id>
+    spec/snapshots/<node_id>/<snapshot_id>  SnapshotSpec      controller
+    status/snapshots/<node_id>/<snapshot_id> SnapshotStatus   node <node_id>
+    spec/groups/<node_id>/<group_id>        GroupSnapshotSpec controller
+    status/groups/<node_id>/<group_id>      GroupSnapshotStatus node <node_id>
+    index/snapshots/<snapshot_id>           the node holding it (bytes)
+    index/groups/<group_id>                 the node holding it (bytes)
+    snapshot-names/<name>                   the snapshot or group id a name maps to
     spec/exports/<node_id>/<volume_id>      ExportSpec        controller
     status/exports/<node_id>/<volume_id>    ExportStatus      node <node_id> (the source)
     status/transfers/<node_id>/<volume_id>  TransferStatus    node <node_id> (the receiver)
@@ -56,6 +63,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import types
 import typing
 from dataclasses import MISSING, dataclass, fields, is_dataclass, replace
@@ -211,6 +219,7 @@ class FailureReason(enum.Enum):
     STALE_EPOCH = "stale-epoch"  # the spec's epoch is older than the image's -> ABORTED
     LOST = "lost"  # a READY image vanished from the pool: never silently recreated
     HOST_ERROR = "host-error"  # a command or the filesystem failed -> INTERNAL
+    SOURCE_MISSING = "source-missing"  # a clone's snapshot is gone -> NOT_FOUND
 
     @property
     def final(self) -> bool:
@@ -344,6 +353,9 @@ class ImageSpec:
     thin: bool = False  # space not reserved up front (StorageClass provisioning: thin)
     deleted: bool = False
     generation: int = 1
+    #: The snapshot a new image starts as (clone or restore); None: blank.
+    source: ImageSource | None = None
+
     #: REPLICA only: the primary node whose exports this replica pulls.
     source_node: str = ""
     #: A primary demoted by a failover: what it holds may include writes the new
@@ -388,6 +400,209 @@ class ImageStatus:
     @property
     def settled(self) -> bool:
         """True when the node has finished with the generation it reports on."""
+        return self.phase is not ImagePhase.PENDING
+
+
+# -- snapshots ---------------------------------------------------------------
+# A snapshot lives on the node that held its volume's primary image when it
+# was taken; its spec and status are keyed node first, like images, and
+# ``index/snapshots/<id>`` says which node, so a lookup by id reads one key.
+
+SNAPSHOT_SPECS = SPEC + "snapshots/"
+SNAPSHOT_STATUSES = STATUS + "snapshots/"
+GROUP_SPECS = SPEC + "groups/"
+GROUP_STATUSES = STATUS + "groups/"
+SNAPSHOT_INDEX = "index/snapshots/"
+GROUP_INDEX = "index/groups/"
+SNAPSHOT_NAMES = "snapshot-names/"
+
+#: Snapshot and group ids are Ferry's own; they end up in file names on nodes.
+SNAPSHOT_ID_PATTERN = re.compile(r"^snap-[0-9a-f]{32}$")
+GROUP_ID_PATTERN = re.compile(r"^group-[0-9a-f]{32}$")
+
+
+def _snapshot(snapshot_id: str) -> str:
+    if not SNAPSHOT_ID_PATTERN.match(snapshot_id):
+        raise InvalidArgument(
+            f"malformed snapshot id {snapshot_id!r}: Ferry snapshot ids look like snap-<32 hex>"
+        )
+    return snapshot_id
+
+
+def _group(group_id: str) -> str:
+    if not GROUP_ID_PATTERN.match(group_id):
+        raise InvalidArgument(
+            f"malformed group snapshot id {group_id!r}: Ferry's look like group-<32 hex>"
+        )
+    return group_id
+
+
+def snapshot_specs_on(node_id: str) -> str:
+    return f"{SNAPSHOT_SPECS}{_node(node_id)}/"
+
+
+def snapshot_statuses_on(node_id: str) -> str:
+    return f"{SNAPSHOT_STATUSES}{_node(node_id)}/"
+
+
+def snapshot_spec_key(node_id: str, snapshot_id: str) -> str:
+    return snapshot_specs_on(node_id) + _snapshot(snapshot_id)
+
+
+def snapshot_status_key(node_id: str, snapshot_id: str) -> str:
+    return snapshot_statuses_on(node_id) + _snapshot(snapshot_id)
+
+
+def snapshot_index_key(snapshot_id: str) -> str:
+    return SNAPSHOT_INDEX + _snapshot(snapshot_id)
+
+
+def group_specs_on(node_id: str) -> str:
+    return f"{GROUP_SPECS}{_node(node_id)}/"
+
+
+def group_statuses_on(node_id: str) -> str:
+    return f"{GROUP_STATUSES}{_node(node_id)}/"
+
+
+def group_spec_key(node_id: str, group_id: str) -> str:
+    return group_specs_on(node_id) + _group(group_id)
+
+
+def group_status_key(node_id: str, group_id: str) -> str:
+    return group_statuses_on(node_id) + _group(group_id)
+
+
+def group_index_key(group_id: str) -> str:
+    return GROUP_INDEX + _group(group_id)
+
+
+def snapshot_name_key(name: str) -> str:
+    if not name:
+        raise InvalidArgument("a snapshot name must not be empty")
+    return SNAPSHOT_NAMES + name
+
+
+class SnapshotMethod(enum.Enum):
+    """How a snapshot's bytes were captured."""
+
+    NONE = "none"  # not taken yet
+    REFLINK = "reflink"  # blocks shared with the image: O(1) in its size
+    COPY = "copy"  # the pool cannot reflink: the data ranges were copied
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """Where a new image's bytes come from: snapshot ``snapshot_id`` on ``node_id``.
+
+    On the same node the image is a reflink (or a copy) of the snapshot;
+    on another node its chunks are pulled from that node and verified.
+    """
+
+    snapshot_id: str
+    node_id: str
+
+
+@dataclass(frozen=True)
+class SnapshotSpec:
+    """A point-in-time image of volume ``source_volume_id`` that node ``node_id`` holds."""
+
+    KIND: ClassVar[str] = "SnapshotSpec"
+
+    snapshot_id: str
+    name: str
+    node_id: str
+    source_volume_id: str
+    size_bytes: int  # the source volume's capacity (a restore needs at least this)
+    access_type: AccessType
+    fs_type: FsType | None
+    created_at: float = 0.0
+    #: Set for a member of a group snapshot: the group takes it, with its peers.
+    group_id: str = ""
+    deleted: bool = False
+    generation: int = 1
+
+    @property
+    def key(self) -> str:
+        return snapshot_spec_key(self.node_id, self.snapshot_id)
+
+    @property
+    def status_key(self) -> str:
+        return snapshot_status_key(self.node_id, self.snapshot_id)
+
+
+@dataclass(frozen=True)
+class SnapshotStatus:
+    """What node ``node_id`` last did about snapshot ``snapshot_id``."""
+
+    KIND: ClassVar[str] = "SnapshotStatus"
+
+    snapshot_id: str
+    node_id: str
+    phase: ImagePhase
+    observed_generation: int
+    size_bytes: int = 0
+    taken_at: float = 0.0  # the point in time the snapshot holds
+    method: SnapshotMethod = SnapshotMethod.NONE
+    reason: FailureReason = FailureReason.NONE
+    message: str = ""
+
+    @property
+    def key(self) -> str:
+        return snapshot_status_key(self.node_id, self.snapshot_id)
+
+    @property
+    def settled(self) -> bool:
+        return self.phase is not ImagePhase.PENDING
+
+
+@dataclass(frozen=True)
+class GroupMember:
+    snapshot_id: str
+    volume_id: str
+
+
+@dataclass(frozen=True)
+class GroupSnapshotSpec:
+    """Snapshots of several volumes of one node, all taken at one freeze point."""
+
+    KIND: ClassVar[str] = "GroupSnapshotSpec"
+
+    group_id: str
+    name: str
+    node_id: str
+    members: tuple[GroupMember, ...]
+    created_at: float = 0.0
+    deleted: bool = False
+    generation: int = 1
+
+    @property
+    def key(self) -> str:
+        return group_spec_key(self.node_id, self.group_id)
+
+    @property
+    def status_key(self) -> str:
+        return group_status_key(self.node_id, self.group_id)
+
+
+@dataclass(frozen=True)
+class GroupSnapshotStatus:
+    KIND: ClassVar[str] = "GroupSnapshotStatus"
+
+    group_id: str
+    node_id: str
+    phase: ImagePhase
+    observed_generation: int
+    taken_at: float = 0.0
+    reason: FailureReason = FailureReason.NONE
+    message: str = ""
+
+    @property
+    def key(self) -> str:
+        return group_status_key(self.node_id, self.group_id)
+
+    @property
+    def settled(self) -> bool:
         return self.phase is not ImagePhase.PENDING
 
 
@@ -605,6 +820,10 @@ CatalogRecord = (
     | NodeAccounting
     | ImageSpec
     | ImageStatus
+    | SnapshotSpec
+    | SnapshotStatus
+    | GroupSnapshotSpec
+    | GroupSnapshotStatus
     | ExportSpec
     | ExportStatus
     | TransferStatus
@@ -625,6 +844,10 @@ KINDS: dict[str, type[Any]] = {
         NodeAccounting,
         ImageSpec,
         ImageStatus,
+        SnapshotSpec,
+        SnapshotStatus,
+        GroupSnapshotSpec,
+        GroupSnapshotStatus,
         ExportSpec,
         ExportStatus,
         TransferStatus,

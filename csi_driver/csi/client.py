@@ -33,12 +33,13 @@ def block_capability(mode: str = "SINGLE_NODE_WRITER") -> Any:
 
 
 class CsiClient:
-    """Identity, Controller and Node stubs sharing one channel to ``endpoint``."""
+    """Identity, Controller, GroupController and Node stubs sharing one channel to ``endpoint``."""
 
     def __init__(self, endpoint: str) -> None:
         self.channel = grpc.insecure_channel(channel_target(endpoint))
         self.identity = csi_pb2_grpc.IdentityStub(self.channel)
         self.controller = csi_pb2_grpc.ControllerStub(self.channel)
+        self.group = csi_pb2_grpc.GroupControllerStub(self.channel)
         self.node = csi_pb2_grpc.NodeStub(self.channel)
 
     def wait_ready(self, timeout_s: float = 10.0) -> None:

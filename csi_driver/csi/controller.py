@@ -6,15 +6,16 @@ from typing import Any
 
 import grpc
 
+from csi_driver.controller.snapshots import CloneSource, SnapshotService, SnapshotView
 from csi_driver.controller.volumes import FS_TYPE_CONTEXT_KEY, VolumeService
 from csi_driver.core.encryption import ENCRYPTED_CONTEXT_KEY
-from csi_driver.core.errors import InvalidArgument, Unimplemented
 from csi_driver.core.model import AccessType, Volume
 from csi_driver.core.params import parse_parameters
 from csi_driver.csi.convert import (
     capabilities_from_proto,
     capability_from_proto,
     capacity_from_proto,
+    content_source_from_proto,
     requirement_from_proto,
     topology_from_proto,
     topology_to_proto,
@@ -35,14 +36,31 @@ CAPABILITIES = (
     _RPC.GET_VOLUME,
     _RPC.SINGLE_NODE_MULTI_WRITER,
     _RPC.MODIFY_VOLUME,
+    _RPC.CREATE_DELETE_SNAPSHOT,
+    _RPC.LIST_SNAPSHOTS,
+    _RPC.CLONE_VOLUME,
+    _RPC.GET_SNAPSHOT,
 )
 
 ACCESS_TYPE_CONTEXT_KEY = "ferry.csi.dev/access-type"
 
 
+def snapshot_message(view: SnapshotView) -> Any:
+    snapshot = csi_pb2.Snapshot(
+        size_bytes=view.size_bytes,
+        snapshot_id=view.snapshot_id,
+        source_volume_id=view.source_volume_id,
+        ready_to_use=view.ready,
+        group_snapshot_id=view.group_id,
+    )
+    snapshot.creation_time.FromNanoseconds(int(view.created_at * 1e9))
+    return snapshot
+
+
 class ControllerServicer(csi_pb2_grpc.ControllerServicer):
-    def __init__(self, volumes: VolumeService) -> None:
+    def __init__(self, volumes: VolumeService, snapshots: SnapshotService) -> None:
         self._volumes = volumes
+        self._snapshots = snapshots
 
     def _volume_message(self, volume: Volume) -> Any:
         context = {ACCESS_TYPE_CONTEXT_KEY: volume.access_type.value}
@@ -67,11 +85,14 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     @rpc(required=("name", "volume_capabilities"))
     def CreateVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
         capabilities = capabilities_from_proto(request.volume_capabilities)
+        described, resolve = "", None
         if request.HasField("volume_content_source"):
-            raise InvalidArgument(
-                "volume_content_source (clone or restore from snapshot) is not supported by "
-                "this Ferry release; create an empty volume"
-            )
+            snapshot_id, volume_id = content_source_from_proto(request.volume_content_source)
+            described = f"snapshot:{snapshot_id}" if snapshot_id else f"volume:{volume_id}"
+
+            def resolve() -> CloneSource:
+                return self._snapshots.clone_source(snapshot_id, volume_id, request.name)
+
         volume = self._volumes.create_volume(
             name=request.name,
             capacity=capacity_from_proto(request),
@@ -79,8 +100,15 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             parameters=dict(request.parameters),
             requirement=requirement_from_proto(request),
             mutable_parameters=dict(request.mutable_parameters),
+            content_source=described,
+            resolve_source=resolve,
         )
-        return csi_pb2.CreateVolumeResponse(volume=self._volume_message(volume))
+        if described.startswith("volume:"):
+            self._snapshots.release_clone(request.name)
+        message = self._volume_message(volume)
+        if request.HasField("volume_content_source"):
+            message.content_source.CopyFrom(request.volume_content_source)
+        return csi_pb2.CreateVolumeResponse(volume=message)
 
     @rpc(required=("volume_id",))
     def DeleteVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -186,24 +214,28 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         self._volumes.modify(request.volume_id, dict(request.mutable_parameters))
         return csi_pb2.ControllerModifyVolumeResponse()
 
-    # Not offered (and not advertised in ControllerGetCapabilities): UNIMPLEMENTED
-    # whatever the request holds, so none of their fields is declared required.
-
-    def _unoffered(self, what: str) -> Any:
-        raise Unimplemented(f"{what} is not offered by this Ferry release")
-
-    @rpc
+    @rpc(required=("source_volume_id", "name"))
     def CreateSnapshot(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._unoffered("CreateSnapshot")
+        view = self._snapshots.create(request.name, request.source_volume_id)
+        return csi_pb2.CreateSnapshotResponse(snapshot=snapshot_message(view))
 
-    @rpc
+    @rpc(required=("snapshot_id",))
     def DeleteSnapshot(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._unoffered("DeleteSnapshot")
+        self._snapshots.delete(request.snapshot_id)
+        return csi_pb2.DeleteSnapshotResponse()
 
     @rpc
     def ListSnapshots(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._unoffered("ListSnapshots")
+        views, next_token = self._snapshots.list(
+            request.snapshot_id,
+            request.source_volume_id,
+            request.max_entries,
+            request.starting_token,
+        )
+        entries = [csi_pb2.ListSnapshotsResponse.Entry(snapshot=snapshot_message(v)) for v in views]
+        return csi_pb2.ListSnapshotsResponse(entries=entries, next_token=next_token)
 
-    @rpc
+    @rpc(required=("snapshot_id",))
     def GetSnapshot(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._unoffered("GetSnapshot")
+        view = self._snapshots.get(request.snapshot_id)
+        return csi_pb2.GetSnapshotResponse(snapshot=snapshot_message(view))

@@ -88,3 +88,16 @@ def requirement_from_proto(request: Any) -> TopologyRequirement | None:
         requisite=tuple(topology_from_proto(t) for t in req.requisite),
         preferred=tuple(topology_from_proto(t) for t in req.preferred),
     )
+
+
+def content_source_from_proto(source: Any) -> tuple[str, str]:
+    """CreateVolume's volume_content_source as (snapshot id, volume id): one is set."""
+    kind = source.WhichOneof("type")
+    if kind == "snapshot" and source.snapshot.snapshot_id:
+        return source.snapshot.snapshot_id, ""
+    if kind == "volume" and source.volume.volume_id:
+        return "", source.volume.volume_id
+    raise InvalidArgument(
+        "volume_content_source must name a snapshot (snapshot.snapshot_id) or a volume "
+        "(volume.volume_id)"
+    )

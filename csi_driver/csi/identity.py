@@ -40,9 +40,10 @@ class IdentityServicer(csi_pb2_grpc.IdentityServicer):
             csi_pb2.PluginCapability(volume_expansion=_Expansion(type=_Expansion.ONLINE)),
         ]
         if self._controller:
-            caps.insert(
-                0, csi_pb2.PluginCapability(service=_Service(type=_Service.CONTROLLER_SERVICE))
-            )
+            caps[:0] = [
+                csi_pb2.PluginCapability(service=_Service(type=_Service.CONTROLLER_SERVICE)),
+                csi_pb2.PluginCapability(service=_Service(type=_Service.GROUP_CONTROLLER_SERVICE)),
+            ]
         return csi_pb2.GetPluginCapabilitiesResponse(capabilities=caps)
 
     @rpc

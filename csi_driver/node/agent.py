@@ -26,7 +26,7 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -58,6 +58,7 @@ from csi_driver.node.mounts import Mounts, check_mount_flags
 from csi_driver.node.paths import PathPolicy
 from csi_driver.node.pool import ImageInfo, Pool, fsync_dir, write_json_atomic
 from csi_driver.node.runner import CommandRunner
+from csi_driver.node.snapshots import SnapshotStore
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,16 @@ class Staged:
 
 
 @dataclass(frozen=True)
+class Quiesced:
+    """A volume held at a point in time by :meth:`NodeAgent.quiesced`."""
+
+    volume_id: str
+    image: Path
+    frozen: bool  # its filesystem is frozen: any copy of the image is consistent
+    in_use: bool  # attached but not frozen (a block volume): only a reflink is consistent
+
+
+@dataclass(frozen=True)
 class VolumeStats:
     total_bytes: int
     used_bytes: int
@@ -225,6 +236,7 @@ class NodeAgent:
         self.encryption: EncryptionHost = encryption or Fscrypt()
         self.paths = PathPolicy(allowed_roots)
         self._states = StateStore(pool.state_dir)
+        self.snapshots = SnapshotStore(pool.root)
         self._locks = KeyedLocks()
         # losetup picks "the first free device" racily across volumes; serialise attach.
         self._attach_lock = threading.Lock()
@@ -497,7 +509,7 @@ class NodeAgent:
         return path if self.mounts.at(path) is not None else None
 
     @contextlib.contextmanager
-    def quiesced(self, volume_id: str) -> Iterator[None]:
+    def unused(self, volume_id: str) -> Iterator[None]:
         """Hold the volume's lock while nothing on this node uses its image.
 
         Raises FailedPrecondition naming the users otherwise. Inside, no stage
@@ -529,6 +541,39 @@ class NodeAgent:
             if entry.source in devices or bound:
                 users.append(f"mounted at {entry.mountpoint}")
         return list(dict.fromkeys(users))
+
+    # -- point in time ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def quiesced(self, volume_ids: Sequence[str]) -> Iterator[list[Quiesced]]:
+        """Hold the volumes still at one point in time while the caller copies them.
+
+        Takes every volume's lock (in id order, so two callers never deadlock),
+        then freezes each writable filesystem staged here (fsfreeze flushes it
+        and blocks its writers), yields, and thaws them all whatever happens.
+        A block volume in use cannot be frozen: it is reported ``in_use`` and
+        only a reflink of it (atomic with respect to its writes) is a point in time.
+        """
+        with contextlib.ExitStack() as stack:
+            for volume_id in sorted(set(volume_ids)):
+                stack.enter_context(self._locks.hold(volume_id, timeout=VOLUME_LOCK_TIMEOUT_S))
+            found = []
+            for volume_id in volume_ids:
+                image = self.pool.require(volume_id)
+                staged = self._states.load(volume_id)
+                mounted = (
+                    staged is not None
+                    and staged.access_type is AccessType.MOUNT
+                    and not staged.read_only
+                    and self.mounts.at(Path(staged.staging_path)) is not None
+                )
+                if staged is not None and mounted:
+                    staging = Path(staged.staging_path)
+                    self.filesystems.freeze(staging)
+                    stack.callback(self.filesystems.thaw, staging)
+                in_use = bool(self._users(volume_id)) and not mounted
+                found.append(Quiesced(volume_id, image.path, frozen=mounted, in_use=in_use))
+            yield found
 
     # -- publish -------------------------------------------------------------------
 
@@ -853,14 +898,29 @@ class NodeAgent:
                     "could not free leaked loop device",
                     extra={"device": loop.device, "error": exc.message},
                 )
-        for volume_id in staged:
+        for volume_id, record in staged.items():
             if self.pool.get(volume_id) is None:
                 log.error("staged volume has no image in the pool", extra={"volume": volume_id})
+            self._thaw_if_frozen(record)
         log.info(
             "node agent recovered",
             extra={"staged": len(staged), "freed_loop_devices": freed},
         )
         return freed
+
+    def _thaw_if_frozen(self, staged: Staged) -> None:
+        """A snapshot cut short by a crash can leave the filesystem frozen, and every
+        writer of the volume hung: thaw it (a no-op when it is not frozen)."""
+        staging = Path(staged.staging_path)
+        if staged.access_type is not AccessType.MOUNT or self.mounts.at(staging) is None:
+            return
+        try:
+            self.filesystems.thaw(staging, if_frozen=True)
+        except FerryError as exc:
+            log.error(
+                "could not thaw a staged filesystem",
+                extra={"volume": staged.volume_id, "error": exc.message},
+            )
 
     def _detach_unused(self, device: str) -> bool:
         """Detach ``device`` unless something still mounts it; True if detached."""

@@ -127,6 +127,20 @@ class Filesystems:
             self._runner.run(["xfs_growfs", "-d", str(mountpoint)], timeout_s=MKFS_TIMEOUT_S)
         log.info("filesystem grown", extra={"device": device, "fs": fs_type.value})
 
+    def freeze(self, mountpoint: Path) -> None:
+        """Flush a mounted filesystem and block its writers until :meth:`thaw`."""
+        self._runner.run(["fsfreeze", "--freeze", str(mountpoint)])
+
+    def thaw(self, mountpoint: Path, *, if_frozen: bool = False) -> None:
+        """Let writers of a frozen filesystem go on. Never cut short: a filesystem
+        left frozen hangs every writer of the volume. ``if_frozen``: a filesystem
+        that is not frozen is fine (the kernel answers EINVAL, fsfreeze exits 1)."""
+        self._runner.run(
+            ["fsfreeze", "--unfreeze", str(mountpoint)],
+            ok_codes=(0, 1) if if_frozen else (0,),
+            interruptible=False,
+        )
+
     def ext4_size(self, device: str) -> int:
         """The size in bytes an ext4 filesystem on ``device`` spans."""
         result = self._runner.run(["dumpe2fs", "-h", device])

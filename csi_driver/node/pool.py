@@ -310,11 +310,7 @@ class Pool:
                     )
                 return existing
             self._reserve(size, f"create volume {volume_id}")
-            meta = self._meta_path(volume_id)
-            write_json_atomic(
-                meta,
-                {"volume_id": volume_id, "epoch": epoch, "thin": thin, "created_at": time.time()},
-            )
+            meta = self._record(volume_id, epoch, thin)
             try:
                 self._write_image(volume_id, size, thin)
             except BaseException:
@@ -324,6 +320,80 @@ class Pool:
             self._sizes[volume_id] = size
         log.info("image created", extra={"volume": volume_id, "bytes": size, "kind": kind})
         return self.require(volume_id)
+
+    def create_image_from(
+        self,
+        volume_id: str,
+        size_bytes: int,
+        epoch: int,
+        fill: Callable[[Path], None],
+        *,
+        thin: bool = False,
+    ) -> ImageInfo:
+        """An image whose first bytes ``fill(path)`` writes (a clone or a restore),
+        grown to ``size_bytes``; a repeat returns the existing image.
+
+        ``fill`` builds a temporary file that is renamed into place only once
+        it is whole, so an image of this volume is either absent or complete.
+        Unless ``thin``, every block the filled file leaves unallocated (its
+        growth, a copied source's holes) is reserved like a new image's; the
+        blocks it shares with a snapshot by reflink are allocated, but an
+        overwrite of one needs a new block (copy on write), which the pool's
+        filesystem must find then.
+        """
+        size = _aligned(size_bytes)
+        with self._lock:
+            existing = self.get(volume_id)
+            if existing is not None:
+                return existing
+            self._reserve(size, f"create volume {volume_id}")
+            meta = self._record(volume_id, epoch, thin)
+            self._sizes[volume_id] = size  # reserved while filling, outside the lock
+        image = self.image_path(volume_id)
+        tmp = image.with_name(f".{image.name}.tmp")
+        try:
+            fill(tmp)
+            self._fit(tmp, volume_id, size, thin)
+            os.replace(tmp, image)
+            fsync_dir(self.images_dir)
+        except BaseException:
+            with self._lock:
+                tmp.unlink(missing_ok=True)
+                meta.unlink(missing_ok=True)
+                fsync_dir(self.images_dir)
+                self._sizes.pop(volume_id, None)
+            raise
+        log.info("image created from a source", extra={"volume": volume_id, "bytes": size})
+        return self.require(volume_id)
+
+    def _record(self, volume_id: str, epoch: int, thin: bool) -> Path:
+        """Write the image's metadata (before its bytes: see the module docstring)."""
+        meta = self._meta_path(volume_id)
+        write_json_atomic(
+            meta,
+            {"volume_id": volume_id, "epoch": epoch, "thin": thin, "created_at": time.time()},
+        )
+        return meta
+
+    @staticmethod
+    def _fit(path: Path, volume_id: str, size: int, thin: bool) -> None:
+        """Grow a filled image to ``size``; unless ``thin``, reserve every block it does
+        not hold yet (a copy keeps its source's holes), as :meth:`keep_reserved` does."""
+        filled = path.stat().st_size
+        if filled > size:
+            raise OutOfRange(
+                f"volume {volume_id}'s source holds {filled} bytes, more than its "
+                f"{size}-byte size; ask for at least the source's size"
+            )
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            if thin:
+                os.ftruncate(fd, size)
+            else:
+                preallocate(fd, 0, size, f"create volume {volume_id}")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _write_image(self, volume_id: str, size: int, thin: bool) -> None:
         image = self.image_path(volume_id)

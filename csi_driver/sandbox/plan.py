@@ -36,6 +36,7 @@ MAX_NODES = 200
 ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
 AGENT_PORT = 7400
+CHUNK_PORT = 7600
 CATALOG_PORT = 7500
 ZONE = "sandbox"
 #: sun_path holds 108 bytes including the terminating NUL.
@@ -259,6 +260,8 @@ class SandboxPlan:
             str(node_dir / "kubelet"),
             "--agent-endpoint",
             f"tcp://{member.namespace.address}:{AGENT_PORT}",
+            "--chunk-endpoint",
+            f"tcp://{member.namespace.address}:{CHUNK_PORT}",
             "--zone",
             ZONE,
             "--heartbeat-interval",

@@ -74,6 +74,7 @@ def _volume_to_json(volume: Volume) -> bytes:
         ],
         "created_at": volume.created_at,
         "generation": volume.generation,
+        "content_source": volume.content_source,
     }
     return json.dumps(doc, sort_keys=True).encode()
 
@@ -101,6 +102,7 @@ def _volume_from_json(raw: bytes) -> Volume:
         ),
         created_at=float(doc["created_at"]),
         generation=int(doc.get("generation", 1)),
+        content_source=str(doc.get("content_source", "")),
     )
 
 
@@ -114,6 +116,7 @@ def _node_to_json(node: NodeRecord) -> bytes:
         "heartbeat_at": node.heartbeat_at,
         "labels": dict(node.labels),
         "volume_conditions": dict(node.volume_conditions),
+        "chunk_endpoint": node.chunk_endpoint,
     }
     return json.dumps(doc, sort_keys=True).encode()
 
@@ -129,6 +132,7 @@ def _node_from_json(raw: bytes) -> NodeRecord:
         heartbeat_at=float(doc["heartbeat_at"]),
         labels=tuple(sorted(doc["labels"].items())),
         volume_conditions=tuple(sorted(doc.get("volume_conditions", {}).items())),
+        chunk_endpoint=str(doc.get("chunk_endpoint", "")),
     )
 
 

@@ -20,8 +20,12 @@ from csi_driver.core.records import (
     ExportStatus,
     FailoverStatus,
     FailureReason,
+    GroupMember,
+    GroupSnapshotSpec,
+    GroupSnapshotStatus,
     ImagePhase,
     ImageRole,
+    ImageSource,
     ImageSpec,
     ImageStatus,
     MoveSpec,
@@ -30,6 +34,9 @@ from csi_driver.core.records import (
     NodeAccounting,
     NodeSpec,
     NodeStatus,
+    SnapshotMethod,
+    SnapshotSpec,
+    SnapshotStatus,
     TransferPhase,
     TransferStatus,
     VolumePhase,
@@ -45,12 +52,23 @@ from csi_driver.core.records import (
     image_statuses_on,
     node_accounting_key,
     revise,
+    snapshot_spec_key,
+    snapshot_specs_on,
     volume_of_key,
 )
 
 VOL = "vol-" + "a" * 32
 
 volume_ids = st.text("0123456789abcdef", min_size=32, max_size=32).map(lambda h: "vol-" + h)
+node_ids = st.from_regex(r"\A[A-Za-z0-9]([A-Za-z0-9._-]{0,20}[A-Za-z0-9])?\Z")
+sizes = st.integers(min_value=0, max_value=2**62)
+texts = st.text(max_size=40)
+pairs = st.lists(st.tuples(texts, texts), max_size=4).map(lambda x: tuple(sorted(set(x))))
+generations = st.integers(min_value=1, max_value=2**40)
+floats = st.floats(allow_nan=False, allow_infinity=False)
+
+snapshot_ids = st.text("0123456789abcdef", min_size=32, max_size=32).map(lambda h: "snap-" + h)
+group_ids = st.text("0123456789abcdef", min_size=32, max_size=32).map(lambda h: "group-" + h)
 node_ids = st.from_regex(r"\A[A-Za-z0-9]([A-Za-z0-9._-]{0,20}[A-Za-z0-9])?\Z")
 sizes = st.integers(min_value=0, max_value=2**62)
 texts = st.text(max_size=40)
@@ -120,6 +138,7 @@ records: st.SearchStrategy[CatalogRecord] = st.one_of(
         thin=st.booleans(),
         deleted=st.booleans(),
         generation=generations,
+        source=st.none() | st.builds(ImageSource, snapshot_id=snapshot_ids, node_id=node_ids),
         source_node=texts,
         keep_divergent=st.booleans(),
     ),
@@ -209,6 +228,54 @@ records: st.SearchStrategy[CatalogRecord] = st.one_of(
         replica_captured_at=floats,
         data_loss_window_s=floats,
     ),
+    st.builds(
+        SnapshotSpec,
+        snapshot_id=snapshot_ids,
+        name=texts,
+        node_id=node_ids,
+        source_volume_id=volume_ids,
+        size_bytes=sizes,
+        access_type=st.sampled_from(AccessType),
+        fs_type=st.none() | st.sampled_from(FsType),
+        created_at=floats,
+        group_id=st.just("") | group_ids,
+        deleted=st.booleans(),
+        generation=generations,
+    ),
+    st.builds(
+        SnapshotStatus,
+        snapshot_id=snapshot_ids,
+        node_id=node_ids,
+        phase=st.sampled_from(ImagePhase),
+        observed_generation=generations,
+        size_bytes=sizes,
+        taken_at=floats,
+        method=st.sampled_from(SnapshotMethod),
+        reason=st.sampled_from(FailureReason),
+        message=texts,
+    ),
+    st.builds(
+        GroupSnapshotSpec,
+        group_id=group_ids,
+        name=texts,
+        node_id=node_ids,
+        members=st.lists(
+            st.builds(GroupMember, snapshot_id=snapshot_ids, volume_id=volume_ids), max_size=3
+        ).map(tuple),
+        created_at=floats,
+        deleted=st.booleans(),
+        generation=generations,
+    ),
+    st.builds(
+        GroupSnapshotStatus,
+        group_id=group_ids,
+        node_id=node_ids,
+        phase=st.sampled_from(ImagePhase),
+        observed_generation=generations,
+        taken_at=floats,
+        reason=st.sampled_from(FailureReason),
+        message=texts,
+    ),
 )
 
 
@@ -288,6 +355,10 @@ def test_kinds_registry_names_every_record_type() -> None:
         "MoveSpec",
         "MoveStatus",
         "FailoverStatus",
+        "SnapshotSpec",
+        "SnapshotStatus",
+        "GroupSnapshotSpec",
+        "GroupSnapshotStatus",
     }
     assert all(kind == cls.KIND for kind, cls in KINDS.items())
 
@@ -347,3 +418,12 @@ def test_runners_woken_by_other_nodes_records_find_the_volume_in_the_key() -> No
     assert volume_of_key(image_statuses_on("n")) is None  # the prefix itself
     assert volume_of_key("status/exports/n/not-a-volume") is None
     assert volume_of_key(f"status/exports/a/b/{VOL}") is None
+
+
+def test_snapshot_keys_are_node_first_and_refuse_foreign_ids() -> None:
+    snap = "snap-" + "b" * 32
+    assert snapshot_spec_key("node-1", snap) == f"spec/snapshots/node-1/{snap}"
+    assert not snapshot_spec_key("node-10", snap).startswith(snapshot_specs_on("node-1"))
+    for bad in ("snap-x", "../" + snap, "vol-" + "b" * 32):
+        with pytest.raises(InvalidArgument):
+            snapshot_spec_key("node-1", bad)

@@ -23,7 +23,11 @@ def test_capabilities_cover_controller_topology_and_online_expansion(ferry: Ferr
     expansion = {
         c.volume_expansion.type for c in reply.capabilities if c.HasField("volume_expansion")
     }
-    assert services == {_Service.CONTROLLER_SERVICE, _Service.VOLUME_ACCESSIBILITY_CONSTRAINTS}
+    assert services == {
+        _Service.CONTROLLER_SERVICE,
+        _Service.GROUP_CONTROLLER_SERVICE,
+        _Service.VOLUME_ACCESSIBILITY_CONSTRAINTS,
+    }
     assert expansion == {_Expansion.ONLINE}
 
 

@@ -174,6 +174,7 @@ def test_controller_and_node_as_separate_processes(
     assert os.path.ismount(staging)
     capabilities = controller.identity.GetPluginCapabilities(csi_pb2.GetPluginCapabilitiesRequest())
     node_capabilities = node.identity.GetPluginCapabilities(csi_pb2.GetPluginCapabilitiesRequest())
-    assert len(capabilities.capabilities) == len(node_capabilities.capabilities) + 1
+    # The controller adds the Controller and GroupController services.
+    assert len(capabilities.capabilities) == len(node_capabilities.capabilities) + 2
     node.close()
     controller.close()

@@ -9,6 +9,7 @@ import pytest
 from csi_driver.agent_api.server import NodeAgentServicer
 from csi_driver.core.errors import InvalidArgument
 from csi_driver.csi.controller import ControllerServicer
+from csi_driver.csi.group_controller import GroupControllerServicer
 from csi_driver.csi.identity import IdentityServicer
 from csi_driver.csi.node import NodeServicer
 from csi_driver.gen import csi_pb2
@@ -19,6 +20,7 @@ from tests.csi.conftest import mount_capability
 SERVED = [
     (IdentityServicer, csi_pb2.DESCRIPTOR.services_by_name["Identity"]),
     (ControllerServicer, csi_pb2.DESCRIPTOR.services_by_name["Controller"]),
+    (GroupControllerServicer, csi_pb2.DESCRIPTOR.services_by_name["GroupController"]),
     (NodeServicer, csi_pb2.DESCRIPTOR.services_by_name["Node"]),
     (NodeAgentServicer, agent_pb2.DESCRIPTOR.services_by_name["NodeAgent"]),
 ]

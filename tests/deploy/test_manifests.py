@@ -239,3 +239,24 @@ def test_the_chart_made_cluster_ca_issues_every_identity(
         out = tmp_path / identity.replace("/", "-")
         ca.issue(Identity.parse(identity), ips=("10.1.2.3",)).write(out)
         assert TlsBundle.load(out).identity == Identity.parse(identity)
+
+
+def test_snapshots_in_the_chart(rendered: list[dict[str, Any]]) -> None:
+    """The csi-snapshotter sidecar shares the controller's socket; nodes serve chunks;
+    the classes (which need the cluster's snapshot CRDs) render only when asked for."""
+    controller = next(d for d in rendered if d["kind"] == "Deployment")
+    sidecars = {c["name"]: c for c in controller["spec"]["template"]["spec"]["containers"]}
+    assert "--csi-address=/csi/csi.sock" in sidecars["csi-snapshotter"]["args"]
+    assert not [d for d in rendered if d["kind"].startswith("Volume")]
+    node = next(d for d in rendered if d["kind"] == "DaemonSet")
+    ferry = node["spec"]["template"]["spec"]["containers"][0]
+    assert "--chunk-endpoint=tcp://$(POD_IP):9811" in ferry["args"]
+    classes = render(
+        "--set", "snapshots.volumeSnapshotClass.create=true",
+        "--set", "snapshots.volumeGroupSnapshotClass.create=true",
+    )  # fmt: skip
+    made = {d["kind"]: d for d in classes if d["kind"].startswith("Volume")}
+    assert made["VolumeSnapshotClass"]["apiVersion"] == "snapshot.storage.k8s.io/v1"
+    assert made["VolumeGroupSnapshotClass"]["apiVersion"] == "groupsnapshot.storage.k8s.io/v1beta1"
+    for kind in made.values():
+        assert (kind["driver"], kind["deletionPolicy"]) == ("ferry.csi.dev", "Delete")

@@ -63,6 +63,7 @@ def test_nodes_reach_the_catalog_over_the_network_only() -> None:
     node2 = plan.member("node-2")
     command = plan.command(node2)
     assert command[command.index("--agent-endpoint") + 1] == "tcp://10.251.0.12:7400"
+    assert command[command.index("--chunk-endpoint") + 1] == "tcp://10.251.0.12:7600"
     assert command[command.index("--pool") + 1] == "/s/nodes/node-2/pool"
     assert node2.socket == Path("/s/nodes/node-2/csi.sock")
     assert plan.member("controller").socket == Path("/s/controller/csi.sock")

@@ -11,7 +11,7 @@ with the endpoint, the manifest digest and the capture time. Invariants:
   where the pool cannot reflink; the copy is then hashed and served while
   the volume is written again. An unmounted image is captured as it is.
 - A ``final`` export (a move's last sync) is captured only while nothing on
-  this node uses the volume, under the volume's lock (:meth:`NodeAgent.quiesced`),
+  this node uses the volume, under the volume's lock (:meth:`NodeAgent.unused`),
   so the image it serves is the one the volume's last writer left; until
   then the status says WAITING and why.
 - Exports live in memory: after a restart the informer's list brings every
@@ -124,7 +124,7 @@ class ExportReconciler:
         image = self._agent.pool.require(spec.volume_id)
         work = self._agent.pool.captures_dir / spec.volume_id
         if spec.final:
-            with self._agent.quiesced(spec.volume_id):
+            with self._agent.unused(spec.volume_id):
                 capture = ChangeTracker(image.path, work).capture()
         else:
             with self._agent.holding(spec.volume_id):

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 
 from csi_driver.chunks.generations import GenerationStore
 from csi_driver.core.errors import (
     AlreadyExists,
     FailedPrecondition,
     FerryError,
+    NotFound,
     OutOfRange,
     ResourceExhausted,
 )
@@ -37,6 +39,7 @@ from csi_driver.core.records import (
     FailureReason,
     ImagePhase,
     ImageRole,
+    ImageSource,
     ImageSpec,
     ImageStatus,
     answers,
@@ -48,7 +51,9 @@ from csi_driver.core.records import (
 from csi_driver.faults import crash_point
 from csi_driver.metrics import observe_provisioned
 from csi_driver.node.agent import NodeAgent
+from csi_driver.node.clones import SnapshotFetcher
 from csi_driver.node.pool import ImageInfo
+from csi_driver.node.snapshots import copy_image
 from csi_driver.reconcile.informer import Informer
 from csi_driver.reconcile.report import report
 from csi_driver.reconcile.runner import Runner, Source, strip_prefix
@@ -63,15 +68,19 @@ _FINAL: tuple[tuple[type[FerryError], FailureReason], ...] = (
     (OutOfRange, FailureReason.TOO_LARGE),
     (FailedPrecondition, FailureReason.IN_USE),
     (AlreadyExists, FailureReason.MISMATCH),
+    (NotFound, FailureReason.SOURCE_MISSING),
 )
 
 
 class ImageReconciler:
     """Reconciles one volume's image on this node (the work key is the volume id)."""
 
-    def __init__(self, store: CatalogStore, agent: NodeAgent) -> None:
+    def __init__(
+        self, store: CatalogStore, agent: NodeAgent, fetcher: SnapshotFetcher | None = None
+    ) -> None:
         self._store = store
         self._agent = agent
+        self._fetcher = fetcher
         self.node_id = agent.node_id
 
     def __call__(self, volume_id: str) -> float | None:
@@ -117,7 +126,7 @@ class ImageReconciler:
                 f"node {self.node_id} after it was created; restore it, or delete the volume",
             )
         if info is None:
-            info = self._promote(spec)
+            info = self._promote(spec)  # a replica's generation, whatever the image began as
         if info is None and spec.epoch > 1:
             # A primary at a later epoch took its data from a replica: a blank image
             # in its place would pass for the volume. Never make one.
@@ -127,7 +136,9 @@ class ImageReconciler:
                 f"at epoch {spec.epoch} but holds no verified replica of it; promote a node "
                 "that does, or restore it",
             )
-        if info is None:
+        if info is None and spec.source is not None:
+            info = self._create_from(spec, spec.source)
+        elif info is None:
             info = pool.create_image(spec.volume_id, spec.size_bytes, spec.epoch, thin=spec.thin)
         elif (pool.replicas_dir / spec.volume_id).exists():
             # A promotion cut short after its rename: the generations left are stale.
@@ -158,6 +169,25 @@ class ImageReconciler:
             extra={"volume": spec.volume_id, "epoch": spec.epoch, "generation": generation.number},
         )
         return info
+
+    def _create_from(self, spec: ImageSpec, source: ImageSource) -> ImageInfo:
+        """A clone or restore: the snapshot's bytes, by reflink or copy when it is held
+        here, pulled and verified from its node otherwise; then grown to the spec's size."""
+
+        def fill(path: Path) -> None:
+            if source.node_id == self.node_id:
+                copy_image(self._agent.snapshots.require(source.snapshot_id).path, path)
+            elif self._fetcher is None:
+                raise FailedPrecondition(
+                    f"snapshot {source.snapshot_id} is on node {source.node_id} and this node "
+                    "cannot pull chunks from other nodes (no catalog-backed fetcher)"
+                )
+            else:
+                self._fetcher.fetch(source, spec.volume_id, path)
+
+        return self._agent.pool.create_image_from(
+            spec.volume_id, spec.size_bytes, spec.epoch, fill, thin=spec.thin
+        )
 
     def _report(
         self,
@@ -214,7 +244,12 @@ def _failed(spec: ImageSpec, reason: FailureReason, exc: FerryError) -> ImageSta
 
 
 def image_runner(
-    store: CatalogStore, agent: NodeAgent, *, resync_s: float = 60.0, workers: int = 2
+    store: CatalogStore,
+    agent: NodeAgent,
+    *,
+    resync_s: float = 60.0,
+    workers: int = 2,
+    fetcher: SnapshotFetcher | None = None,
 ) -> Runner:
     """A runner of this node's image reconciler over its spec and status prefixes.
 
@@ -224,7 +259,7 @@ def image_runner(
     specs, statuses = image_specs_on(agent.node_id), image_statuses_on(agent.node_id)
     return Runner(
         f"images:{agent.node_id}",
-        ImageReconciler(store, agent),
+        ImageReconciler(store, agent, fetcher),
         [
             Source(Informer(store, specs), strip_prefix(specs)),
             Source(Informer(store, statuses), strip_prefix(statuses)),

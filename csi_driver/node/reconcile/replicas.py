@@ -152,7 +152,7 @@ class ReplicaReconciler:
         if image is None:
             return generations.current()
         if keep_aside:
-            with self._agent.quiesced(volume_id):
+            with self._agent.unused(volume_id):
                 kept = pool.preserved_dir / f"{volume_id}-{int(time.time())}.img"
                 pool.release_image(volume_id, kept)
             log.warning(
@@ -160,7 +160,7 @@ class ReplicaReconciler:
                 extra={"volume": volume_id, "path": str(kept)},
             )
             return generations.current()
-        with self._agent.quiesced(volume_id):
+        with self._agent.unused(volume_id):
             image = pool.require(volume_id)
             manifest = scan_image(image.path).manifest
             # The pool image was the primary: newer than any older replica data here.

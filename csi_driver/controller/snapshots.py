@@ -1,0 +1,575 @@
+"""The controller's snapshots: CreateSnapshot and friends, group snapshots, clone sources.
+
+Each change is one store transaction writing intent (a
+:class:`SnapshotSpec`, or a :class:`GroupSnapshotSpec` with its members,
+plus the name and id index keys), followed by a wait, bounded by the RPC's
+deadline, for the status the node holding the volumes reports. Invariants:
+
+- Idempotent by name: ``snapshot-names/<name>`` is claimed in the txn that
+  writes the spec (compare absent), so two callers never get two snapshots
+  for one name; a repeat for the same source finds the intent and waits, a
+  repeat for another source is ALREADY_EXISTS.
+- ``ready_to_use`` is true only when the node reported READY for the
+  spec's generation, i.e. the snapshot's bytes are durable in its pool.
+  When the deadline comes first, CreateSnapshot answers ``ready_to_use:
+  false`` with the intent kept: the snapshotter calls again and finds it.
+- A node's final refusal removes the intent in one txn (spec, status, name,
+  index) and maps to the code its reason names; a host error keeps it.
+- A snapshot lives on its own: deleting its source volume leaves it, and a
+  restore from it needs nothing of the volume.
+- A group's snapshots are taken at one freeze point on one node: every
+  source volume of a group must have its primary on the same node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from csi_driver.core import deadline
+from csi_driver.core.errors import (
+    GROUP_MEMBERS_MISMATCH,
+    SNAPSHOT_IN_GROUP,
+    SNAPSHOT_NAME_CONFLICT,
+    UNKNOWN_SNAPSHOT_TOKEN,
+    Aborted,
+    AlreadyExists,
+    Conflict,
+    FailedPrecondition,
+    FerryError,
+    InternalError,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from csi_driver.core.locks import KeyedLocks
+from csi_driver.core.model import VOLUME_ID_PATTERN, AccessType, FsType, Volume, VolumeState
+from csi_driver.core.records import (
+    GROUP_ID_PATTERN,
+    SNAPSHOT_ID_PATTERN,
+    SNAPSHOT_SPECS,
+    SNAPSHOT_STATUSES,
+    FailureReason,
+    GroupMember,
+    GroupSnapshotSpec,
+    GroupSnapshotStatus,
+    ImagePhase,
+    ImageSource,
+    SnapshotSpec,
+    SnapshotStatus,
+    answers,
+    decode,
+    group_index_key,
+    group_spec_key,
+    revise,
+    snapshot_index_key,
+    snapshot_name_key,
+    snapshot_spec_key,
+)
+from csi_driver.reconcile.wait import wait_for
+from csi_driver.store.base import ABSENT, Compare, Delete, Put, Record
+from csi_driver.store.catalog import Catalog
+from csi_driver.store.records import Versioned, put, read, unchanged_since
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WAIT_S = 60.0
+REPLY_MARGIN_S = 0.2
+_CAS_ATTEMPTS = 16
+
+_REFUSALS: dict[FailureReason, Callable[[str], FerryError]] = {
+    FailureReason.IN_USE: FailedPrecondition,
+    FailureReason.SOURCE_MISSING: FailedPrecondition,
+}
+
+St = TypeVar("St", SnapshotStatus, GroupSnapshotStatus)
+
+
+@dataclass(frozen=True)
+class SnapshotView:
+    """A snapshot as CSI reports it."""
+
+    snapshot_id: str
+    source_volume_id: str
+    size_bytes: int
+    created_at: float
+    ready: bool
+    group_id: str = ""
+
+
+@dataclass(frozen=True)
+class GroupView:
+    group_id: str
+    created_at: float
+    ready: bool
+    snapshots: tuple[SnapshotView, ...]
+
+
+@dataclass(frozen=True)
+class CloneSource:
+    """What a new volume starts as (CreateVolume's volume_content_source), resolved."""
+
+    image: ImageSource
+    size_bytes: int
+    access_type: AccessType
+    fs_type: FsType | None
+    #: How the volume records its source ("snapshot:<id>" or "volume:<id>").
+    described: str
+
+
+def _view(spec: SnapshotSpec, status: SnapshotStatus | None) -> SnapshotView:
+    ready = status is not None and answers(status, spec) and status.phase is ImagePhase.READY
+    return SnapshotView(
+        snapshot_id=spec.snapshot_id,
+        source_volume_id=spec.source_volume_id,
+        size_bytes=status.size_bytes if status is not None and ready else spec.size_bytes,
+        created_at=status.taken_at if status is not None and ready else spec.created_at,
+        ready=ready,
+        group_id=spec.group_id,
+    )
+
+
+def _refusal(node_id: str, reason: FailureReason, message: str) -> FerryError:
+    return _REFUSALS.get(reason, InternalError)(f"node {node_id}: {message}")
+
+
+class SnapshotService:
+    """Domain logic behind the CSI snapshot RPCs and the GroupController service."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        *,
+        clock: Callable[[], float] = time.time,
+        wait_s: float = DEFAULT_WAIT_S,
+        lock_timeout_s: float = 30.0,
+    ) -> None:
+        self._catalog = catalog
+        self._store = catalog.store
+        self._clock = clock
+        self._wait_s = wait_s
+        self._lock_timeout = lock_timeout_s
+        self._names = KeyedLocks()
+
+    # -- create ----------------------------------------------------------------
+
+    def create(self, name: str, source_volume_id: str) -> SnapshotView:
+        """Take (or return the already taken) snapshot called ``name`` of a volume."""
+        if not name:
+            raise InvalidArgument("name is required")
+        with self._names.hold(name, timeout=self._lock_timeout):
+            spec = self._claimed(name)
+            if spec is None:
+                volume = self._source_volume(source_volume_id)
+                spec = self._write_snapshot(name, volume)
+            elif not isinstance(spec, SnapshotSpec) or spec.source_volume_id != source_volume_id:
+                raise AlreadyExists(self._conflict(name, spec))
+            elif spec.deleted:
+                raise Aborted(f"snapshot {name!r} is being deleted; retry once it is gone")
+            return self._settle(spec)
+
+    def _claimed(self, name: str) -> SnapshotSpec | GroupSnapshotSpec | None:
+        """The snapshot or group already called ``name``, if any."""
+        owner = self._store.get(snapshot_name_key(name))
+        if owner is None:
+            return None
+        owner_id = owner.value.decode()
+        if GROUP_ID_PATTERN.match(owner_id):
+            group = self._group_spec(owner_id)
+            return group.value if group else None
+        found = self._spec(owner_id)
+        return found.value if found else None
+
+    @staticmethod
+    def _conflict(name: str, spec: SnapshotSpec | GroupSnapshotSpec) -> str:
+        if isinstance(spec, SnapshotSpec):
+            return SNAPSHOT_NAME_CONFLICT.format(
+                name=name, snapshot_id=spec.snapshot_id, source=f"volume {spec.source_volume_id}"
+            )
+        members = ", ".join(m.volume_id for m in spec.members)
+        return SNAPSHOT_NAME_CONFLICT.format(
+            name=name, snapshot_id=spec.group_id, source=f"volumes {members}"
+        )
+
+    def _source_volume(self, volume_id: str) -> Volume:
+        volume = self._catalog.get_volume(volume_id) if VOLUME_ID_PATTERN.match(volume_id) else None
+        if volume is None:
+            raise NotFound(f"source volume {volume_id} does not exist")
+        if volume.state is not VolumeState.READY:
+            raise Unavailable(f"volume {volume_id} is {volume.state.value}; retry when it is ready")
+        return volume
+
+    def _new_spec(self, name: str, volume: Volume, group_id: str = "") -> SnapshotSpec:
+        return SnapshotSpec(
+            snapshot_id=f"snap-{uuid.uuid4().hex}",
+            name=name,
+            node_id=volume.primary_node,
+            source_volume_id=volume.volume_id,
+            size_bytes=volume.capacity_bytes,
+            access_type=volume.access_type,
+            fs_type=volume.fs_type,
+            created_at=self._clock(),
+            group_id=group_id,
+        )
+
+    def _write_snapshot(self, name: str, volume: Volume) -> SnapshotSpec:
+        spec = self._new_spec(name, volume)
+        index = snapshot_index_key(spec.snapshot_id)
+        try:
+            self._store.txn(
+                [
+                    Compare(snapshot_name_key(name), ABSENT),
+                    Compare(index, ABSENT),
+                    Compare(spec.key, ABSENT),
+                ],
+                [
+                    Put(snapshot_name_key(name), spec.snapshot_id.encode()),
+                    Put(index, spec.node_id.encode()),
+                    put(spec),
+                ],
+            )
+        except Conflict as exc:
+            raise Aborted(f"snapshot {name!r} is being created by another call; retry") from exc
+        log.info(
+            "snapshot requested",
+            extra={"snapshot": spec.snapshot_id, "volume": volume.volume_id, "node": spec.node_id},
+        )
+        return spec
+
+    def _settle(self, spec: SnapshotSpec) -> SnapshotView:
+        """Wait for the node's answer; READY or still pending (not ready) is returned."""
+        try:
+            status = self._await(SnapshotStatus, spec.status_key, spec, "take the snapshot")
+        except Unavailable:
+            return _view(spec, None)  # not ready yet: the snapshotter asks again
+        if status.phase is ImagePhase.READY:
+            return _view(spec, status)
+        if status.reason.final:
+            self._forget_snapshots([spec])
+        raise _refusal(spec.node_id, status.reason, status.message)
+
+    # -- delete ----------------------------------------------------------------
+
+    def delete(self, snapshot_id: str) -> None:
+        """Delete a snapshot; unknown ids succeed (CSI idempotency)."""
+        found = self._spec(snapshot_id)
+        if found is None:
+            return
+        spec = found.value
+        if spec.group_id and self._group_spec(spec.group_id) is not None:
+            raise FailedPrecondition(
+                SNAPSHOT_IN_GROUP.format(snapshot_id=snapshot_id, group_id=spec.group_id)
+            )
+        doomed = revise(spec, deleted=True)
+        if doomed is not spec:
+            self._txn([unchanged_since(spec.key, found)], [put(doomed)])
+        status = self._await(SnapshotStatus, doomed.status_key, doomed, "delete the snapshot")
+        if status.phase is not ImagePhase.DELETED:
+            raise _refusal(doomed.node_id, status.reason, status.message)
+        self._forget_snapshots([doomed])
+        log.info("snapshot deleted", extra={"snapshot": snapshot_id})
+
+    def _forget_snapshots(
+        self, specs: Sequence[SnapshotSpec], extra: Sequence[Delete] = ()
+    ) -> None:
+        """One txn: the specs, their statuses, index keys and names (still theirs) gone."""
+        ops: list[Put | Delete] = list(extra)
+        compares: list[Compare] = []
+        for spec in specs:
+            ops += [
+                Delete(spec.key),
+                Delete(spec.status_key),
+                Delete(snapshot_index_key(spec.snapshot_id)),
+            ]
+            owner = self._store.get(snapshot_name_key(spec.name))
+            if owner is not None and owner.value.decode() == spec.snapshot_id:
+                compares.append(Compare(snapshot_name_key(spec.name), owner.revision))
+                ops.append(Delete(snapshot_name_key(spec.name)))
+        self._txn(compares, ops)
+
+    # -- queries ---------------------------------------------------------------
+
+    def get(self, snapshot_id: str) -> SnapshotView:
+        found = self._spec(snapshot_id)
+        if found is None or found.value.deleted:
+            raise NotFound(f"snapshot {snapshot_id} does not exist")
+        status = read(self._store, SnapshotStatus, found.value.status_key)
+        return _view(found.value, status.value if status else None)
+
+    def list(
+        self, snapshot_id: str, source_volume_id: str, max_entries: int, starting_token: str
+    ) -> tuple[list[SnapshotView], str]:
+        """A page of snapshots in id order and the token for the next page ("" at the end)."""
+        if max_entries < 0:
+            raise InvalidArgument("max_entries must not be negative")
+        if starting_token and not SNAPSHOT_ID_PATTERN.match(starting_token):
+            raise Aborted(UNKNOWN_SNAPSHOT_TOKEN.format(token=starting_token))
+        if snapshot_id:
+            found = self._spec(snapshot_id)
+            specs = [found.value] if found else []
+        else:
+            specs = [decode(SnapshotSpec, r.value) for r in self._store.list(SNAPSHOT_SPECS)]
+        statuses = {
+            s.snapshot_id: s
+            for s in (decode(SnapshotStatus, r.value) for r in self._store.list(SNAPSHOT_STATUSES))
+        }
+        views = sorted(
+            (
+                _view(s, statuses.get(s.snapshot_id))
+                for s in specs
+                if not s.deleted
+                and (not source_volume_id or s.source_volume_id == source_volume_id)
+            ),
+            key=lambda v: v.snapshot_id,
+        )
+        if starting_token:
+            views = [v for v in views if v.snapshot_id > starting_token]
+        if max_entries and len(views) > max_entries:
+            views = views[:max_entries]
+            return views, views[-1].snapshot_id
+        return views, ""
+
+    # -- groups ----------------------------------------------------------------
+
+    def create_group(self, name: str, volume_ids: Sequence[str]) -> GroupView:
+        """Snapshot ``volume_ids`` at one point in time, as the group called ``name``."""
+        if not name:
+            raise InvalidArgument("name is required")
+        wanted = tuple(dict.fromkeys(volume_ids))
+        with self._names.hold(name, timeout=self._lock_timeout):
+            spec = self._claimed(name)
+            if spec is None:
+                spec = self._write_group(name, wanted)
+            elif not isinstance(spec, GroupSnapshotSpec) or sorted(
+                m.volume_id for m in spec.members
+            ) != sorted(wanted):
+                raise AlreadyExists(self._conflict(name, spec))
+            return self._settle_group(spec)
+
+    def _write_group(self, name: str, volume_ids: Sequence[str]) -> GroupSnapshotSpec:
+        volumes = [self._source_volume(v) for v in volume_ids]
+        nodes = sorted({v.primary_node for v in volumes})
+        if len(nodes) > 1:
+            raise FailedPrecondition(
+                f"the volumes of a group snapshot are frozen together on one node, and these "
+                f"live on nodes {', '.join(nodes)}; schedule the app's pods on one node, or "
+                "snapshot the volumes one by one"
+            )
+        group_id = f"group-{uuid.uuid4().hex}"
+        members = [self._new_spec(f"{name}/{v.volume_id}", v, group_id) for v in volumes]
+        group = GroupSnapshotSpec(
+            group_id,
+            name,
+            nodes[0],
+            tuple(GroupMember(m.snapshot_id, m.source_volume_id) for m in members),
+            created_at=self._clock(),
+        )
+        compares = [Compare(snapshot_name_key(name), ABSENT), Compare(group.key, ABSENT)]
+        ops: list[Put | Delete] = [
+            Put(snapshot_name_key(name), group_id.encode()),
+            Put(group_index_key(group_id), group.node_id.encode()),
+            put(group),
+        ]
+        for member in members:
+            compares.append(Compare(member.key, ABSENT))
+            ops += [
+                Put(snapshot_index_key(member.snapshot_id), member.node_id.encode()),
+                put(member),
+            ]
+        try:
+            self._store.txn(compares, ops)
+        except Conflict as exc:
+            raise Aborted(f"group snapshot {name!r} is being created by another call") from exc
+        log.info("group snapshot requested", extra={"group": group_id, "node": group.node_id})
+        return group
+
+    def _settle_group(self, group: GroupSnapshotSpec) -> GroupView:
+        try:
+            status = self._await(GroupSnapshotStatus, group.status_key, group, "take the group")
+        except Unavailable:
+            return self._group_view(group, None)
+        if status.phase is ImagePhase.READY:
+            return self._group_view(group, status)
+        if status.reason.final:
+            self._forget_group(group)
+        raise _refusal(group.node_id, status.reason, status.message)
+
+    def _group_view(
+        self, group: GroupSnapshotSpec, status: GroupSnapshotStatus | None
+    ) -> GroupView:
+        members = []
+        for member in group.members:
+            spec = self._spec(member.snapshot_id)
+            if spec is not None:
+                found = read(self._store, SnapshotStatus, spec.value.status_key)
+                members.append(_view(spec.value, found.value if found else None))
+        ready = (
+            status is not None
+            and answers(status, group)
+            and status.phase is ImagePhase.READY
+            and all(m.ready for m in members)
+        )
+        created = status.taken_at if status is not None and ready else group.created_at
+        return GroupView(group.group_id, created, ready, tuple(members))
+
+    def get_group(self, group_id: str, snapshot_ids: Sequence[str]) -> GroupView:
+        found = self._group_spec(group_id)
+        if found is None or found.value.deleted:
+            raise NotFound(f"group snapshot {group_id} does not exist")
+        _check_members(found.value, snapshot_ids)
+        status = read(self._store, GroupSnapshotStatus, found.value.status_key)
+        return self._group_view(found.value, status.value if status else None)
+
+    def delete_group(self, group_id: str, snapshot_ids: Sequence[str]) -> None:
+        """Delete a group snapshot and its members; unknown ids succeed."""
+        found = self._group_spec(group_id)
+        if found is None:
+            return
+        group = found.value
+        _check_members(group, snapshot_ids)
+        doomed = revise(group, deleted=True)
+        compares = [unchanged_since(group.key, found)]
+        ops: list[Put | Delete] = [put(doomed)]
+        members = []
+        for member in group.members:
+            spec = self._spec(member.snapshot_id)
+            if spec is not None:
+                members.append(revise(spec.value, deleted=True))
+                compares.append(unchanged_since(spec.value.key, spec))
+                ops.append(put(members[-1]))
+        if doomed is not group:
+            self._txn(compares, ops)
+        status = self._await(GroupSnapshotStatus, doomed.status_key, doomed, "delete the group")
+        if status.phase is not ImagePhase.DELETED:
+            raise _refusal(doomed.node_id, status.reason, status.message)
+        self._forget_group(doomed)
+        log.info("group snapshot deleted", extra={"group": group_id})
+
+    def _forget_group(self, group: GroupSnapshotSpec) -> None:
+        members = [s.value for m in group.members if (s := self._spec(m.snapshot_id))]
+        extra = [
+            Delete(group.key),
+            Delete(group.status_key),
+            Delete(group_index_key(group.group_id)),
+        ]
+        owner = self._store.get(snapshot_name_key(group.name))
+        if owner is not None and owner.value.decode() == group.group_id:
+            extra.append(Delete(snapshot_name_key(group.name)))
+        self._forget_snapshots(members, extra)
+
+    # -- clone sources ---------------------------------------------------------
+
+    def clone_source(self, snapshot_id: str, volume_id: str, clone_name: str) -> CloneSource:
+        """Resolve CreateVolume's content source (a snapshot, or a volume, which is
+        snapshotted first under a name derived from the clone's)."""
+        if snapshot_id:
+            found = self._spec(snapshot_id)
+            if found is None or found.value.deleted:
+                raise NotFound(f"source snapshot {snapshot_id} does not exist")
+            spec = found.value
+            view = self.get(snapshot_id)
+            if not view.ready:
+                raise Unavailable(f"source snapshot {snapshot_id} is not ready yet; retry")
+            return CloneSource(
+                ImageSource(snapshot_id, spec.node_id),
+                spec.size_bytes,
+                spec.access_type,
+                spec.fs_type,
+                f"snapshot:{snapshot_id}",
+            )
+        if not VOLUME_ID_PATTERN.match(volume_id) or self._catalog.get_volume(volume_id) is None:
+            raise NotFound(f"source volume {volume_id} does not exist")
+        view = self.create(_clone_snapshot_name(clone_name), volume_id)
+        if not view.ready:
+            raise Unavailable(f"the snapshot of source volume {volume_id} is not ready; retry")
+        found = self._spec(view.snapshot_id)
+        if found is None:
+            raise Aborted(f"the snapshot of source volume {volume_id} vanished; retry")
+        spec = found.value
+        return CloneSource(
+            ImageSource(spec.snapshot_id, spec.node_id),
+            spec.size_bytes,
+            spec.access_type,
+            spec.fs_type,
+            f"volume:{volume_id}",
+        )
+
+    def release_clone(self, clone_name: str) -> None:
+        """Delete the snapshot a volume was cloned through, once the clone exists
+        (best effort: what a failure leaves, the next repeat of the CreateVolume
+        deletes)."""
+        owner = self._store.get(snapshot_name_key(_clone_snapshot_name(clone_name)))
+        if owner is None:
+            return
+        try:
+            self.delete(owner.value.decode())
+        except FerryError as exc:
+            log.warning(
+                "clone snapshot kept",
+                extra={"snapshot": owner.value.decode(), "error": exc.message},
+            )
+
+    # -- shared ----------------------------------------------------------------
+
+    def _spec(self, snapshot_id: str) -> Versioned[SnapshotSpec] | None:
+        if not SNAPSHOT_ID_PATTERN.match(snapshot_id):
+            return None
+        node = self._store.get(snapshot_index_key(snapshot_id))
+        if node is None:
+            return None
+        return read(self._store, SnapshotSpec, snapshot_spec_key(node.value.decode(), snapshot_id))
+
+    def _group_spec(self, group_id: str) -> Versioned[GroupSnapshotSpec] | None:
+        if not GROUP_ID_PATTERN.match(group_id):
+            return None
+        node = self._store.get(group_index_key(group_id))
+        if node is None:
+            return None
+        return read(self._store, GroupSnapshotSpec, group_spec_key(node.value.decode(), group_id))
+
+    def _txn(self, compares: Sequence[Compare], ops: Sequence[Put | Delete]) -> None:
+        try:
+            self._store.txn(compares, ops)
+        except Conflict as exc:
+            raise Aborted(f"a snapshot changed during this call ({exc.key}); retry") from exc
+
+    def _await(
+        self,
+        cls: type[St],
+        key: str,
+        spec: SnapshotSpec | GroupSnapshotSpec,
+        what: str,
+    ) -> St:
+        def settled(record: Record | None) -> bool:
+            if record is None:
+                return False
+            status = decode(cls, record.value)
+            return answers(status, spec) and status.settled
+
+        record = wait_for(
+            self._store,
+            key,
+            settled,
+            time.monotonic() + max(0.0, deadline.clamp(self._wait_s) - REPLY_MARGIN_S),
+            waiting_for=f"node {spec.node_id} to {what} (generation {spec.generation})",
+        )
+        assert record is not None
+        return decode(cls, record.value)
+
+
+def _clone_snapshot_name(clone_name: str) -> str:
+    """The name of the snapshot a volume called ``clone_name`` is cloned through."""
+    return "ferry-clone-" + hashlib.sha256(clone_name.encode()).hexdigest()[:32]
+
+
+def _check_members(group: GroupSnapshotSpec, snapshot_ids: Sequence[str]) -> None:
+    members = sorted(m.snapshot_id for m in group.members)
+    if snapshot_ids and sorted(set(snapshot_ids)) != members:
+        raise InvalidArgument(
+            GROUP_MEMBERS_MISMATCH.format(group_id=group.group_id, members=", ".join(members))
+        )

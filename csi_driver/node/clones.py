@@ -1,0 +1,116 @@
+"""Snapshots travelling between nodes: served as chunk streams, pulled and verified.
+
+A clone or restore whose snapshot lives on another node is built from that
+node's chunks (DESIGN.md, "restore and clone = pull a manifest and its
+chunks onto any node"):
+
+- The holding node serves every snapshot in its pool under the snapshot's
+  id as transfer id (:class:`SnapshotExports`). A snapshot is never written
+  again, so the export is immutable while served; its manifest is computed
+  once, on first demand, and kept next to it.
+- The receiving node pulls it into a generation store under its pool
+  (:class:`SnapshotFetcher`): every chunk is checked against the manifest
+  as it lands, and the image is committed only when it verifies whole;
+  then the verified image becomes the new volume's image. A pull cut short
+  resumes from what landed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+
+from csi_driver.chunks.durable import write_atomic
+from csi_driver.chunks.generations import GenerationStore
+from csi_driver.chunks.manifest import decode, encode
+from csi_driver.chunks.scan import scan_image
+from csi_driver.core.errors import FailedPrecondition, NotFound
+from csi_driver.core.records import SNAPSHOT_ID_PATTERN, ImageSource
+from csi_driver.node.snapshots import SnapshotStore
+from csi_driver.pki import Identity
+from csi_driver.store.base import CatalogStore
+from csi_driver.store.catalog import Catalog
+from csi_driver.transfer.receiver import CHANNEL_OPTIONS, Receiver
+from csi_driver.transfer.source import Export, Exports
+from csi_driver.transport import AgentSecurity, open_channel
+
+log = logging.getLogger(__name__)
+
+
+class SnapshotExports(Exports):
+    """The snapshots of one pool, exported on demand under their ids."""
+
+    def __init__(self, snapshots: SnapshotStore) -> None:
+        super().__init__()
+        self._snapshots = snapshots
+        # One manifest computed at a time: a receiver that timed out waiting for a
+        # large snapshot's asks again, and must find that work, not start it twice.
+        self._scanning = threading.Lock()
+
+    def require(self, transfer_id: str) -> Export:
+        try:
+            export = super().require(transfer_id)
+        except NotFound:
+            if not SNAPSHOT_ID_PATTERN.match(transfer_id):
+                raise
+        else:
+            if export.image.exists() or not SNAPSHOT_ID_PATTERN.match(transfer_id):
+                return export
+            self.remove(transfer_id)  # the snapshot was deleted since it was exported
+        with self._scanning:
+            try:
+                return super().require(transfer_id)
+            except NotFound:
+                pass
+            info = self._snapshots.get(transfer_id)
+            if info is None:
+                raise NotFound(f"this node holds no snapshot {transfer_id}")
+            cached = info.path.with_suffix(".manifest")
+            try:
+                manifest = decode(cached.read_bytes())
+            except FileNotFoundError:
+                manifest = scan_image(info.path).manifest
+                write_atomic(cached, encode(manifest))
+            return self.add(transfer_id, info.path, manifest)
+
+
+class SnapshotFetcher:
+    """Pulls snapshots held by other nodes into this node's pool."""
+
+    def __init__(self, store: CatalogStore, security: AgentSecurity, pool_root: Path) -> None:
+        self._catalog = Catalog(store)
+        self._security = security
+        self._work = Path(pool_root) / "incoming"
+
+    def fetch(self, source: ImageSource, volume_id: str, destination: Path) -> None:
+        """``destination`` as a verified copy of snapshot ``source``, pulled from its node
+        for volume ``volume_id`` (one pull per volume at a time: its reconcile key)."""
+        node = self._catalog.get_node(source.node_id)
+        if node is None or not node.chunk_endpoint:
+            raise FailedPrecondition(
+                f"node {source.node_id} holding snapshot {source.snapshot_id} serves no "
+                "chunks (start its node service with --chunk-endpoint), or is not registered"
+            )
+        endpoint, server = node.chunk_endpoint, Identity.node(source.node_id)
+        receiver = Receiver(lambda: open_channel(endpoint, self._security, server, CHANNEL_OPTIONS))
+        root = self._work / volume_id
+        done = GenerationStore(root).current()
+        if done is not None and not done.image.exists():
+            # Handed over to an image by an attempt that crashed before cleaning up:
+            # that image was never committed to the pool, so pull again.
+            shutil.rmtree(root)
+        generations = GenerationStore(root)
+        result = receiver.pull(source.snapshot_id, generations)
+        os.replace(result.generation.image, destination)
+        shutil.rmtree(generations.root, ignore_errors=True)
+        log.info(
+            "snapshot pulled from another node",
+            extra={
+                "snapshot": source.snapshot_id,
+                "node": source.node_id,
+                "bytes": result.progress.bytes_this_session,
+            },
+        )
