@@ -115,9 +115,13 @@ class ChunkCodec:
         self._key.chunk_cipher.encrypt_into(nonce, payload, header + name.encode(), sealed)
         return header + nonce, sealed
 
-    def open(self, name: str, blob: Blob, digest: Digest, length: int) -> memoryview:
+    def open(
+        self, name: str, blob: Blob, digest: Digest, length: int, into: bytearray | None = None
+    ) -> memoryview:
         """The chunk stored as ``name``, checked to be the ``length`` bytes hashing to
-        ``digest``; valid until this codec's next call."""
+        ``digest``. With ``into`` (at least ``length`` bytes), the result is in
+        ``into`` or in bytes of its own; without, it is valid until this
+        codec's next call."""
         head = len(_CHUNK_MAGIC) + 1
         if len(blob) < head + NONCE_BYTES + TAG_BYTES or blob[: len(_CHUNK_MAGIC)] != _CHUNK_MAGIC:
             raise DataLoss(f"chunk {name} is not a Ferry chunk object (damaged or replaced)")
@@ -127,7 +131,11 @@ class ChunkCodec:
         # A stored chunk is never larger than its plaintext (zstd or as is).
         if len(sealed) - TAG_BYTES > length:
             raise DataLoss(f"chunk {name} is larger than the chunk it should hold")
-        payload = self._buffer(len(sealed) - TAG_BYTES)
+        payload = (
+            self._buffer(len(sealed) - TAG_BYTES)
+            if into is None
+            else memoryview(into)[: len(sealed) - TAG_BYTES]
+        )
         try:
             self._key.chunk_cipher.decrypt_into(nonce, sealed, header + name.encode(), payload)
         except InvalidTag:

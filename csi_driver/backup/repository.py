@@ -235,8 +235,10 @@ class Repository:
     def names_of(self, manifest: Manifest) -> list[str | None]:
         return [None if d is None else self.key.chunk_name(d) for d in manifest.chunks]
 
-    def _fetch(self, name: str, digest: Digest, length: int) -> memoryview:
-        """The chunk, checked; valid until this thread's next fetch."""
+    def _fetch(
+        self, name: str, digest: Digest, length: int, into: bytearray | None = None
+    ) -> memoryview:
+        """The chunk, checked; see :meth:`ChunkCodec.open` for where it lands."""
         try:
             blob = self.target.get(chunk_key(name))
         except NotFound:
@@ -244,7 +246,7 @@ class Repository:
                 f"chunk {name} is missing from {self.target.description}; the backup "
                 "cannot be restored whole"
             ) from None
-        return self.codec().open(name, blob, digest, length)
+        return self.codec().open(name, blob, digest, length, into)
 
 
 class _Buffers:
@@ -614,31 +616,39 @@ def _fetch_into(
     wanted: tuple[int, ...],
     progress: Progress,
 ) -> int:
-    """Fetch, check and write chunks ``wanted`` on worker threads, a bounded number
-    at a time (each lands at its own offset: order does not matter, and a
-    resumed restore re-checks whatever a crash left)."""
+    """Fetch and check chunks ``wanted`` on worker threads, write them in order from
+    this one: one writer, so the workers never wait on the file's lock, and
+    reused buffers, so no chunk costs fresh pages."""
+    window: deque[tuple[int, bytearray, Future[memoryview]]] = deque()
+    buffers = _Buffers(3 * repo.workers, manifest.chunk_size)
 
-    def fetch_and_write(index: int) -> int:
+    def fetch(index: int, buffer: bytearray) -> memoryview:
         name, digest = names[index], manifest.chunks[index]
         assert name is not None and digest is not None
-        data = repo._fetch(name, digest, manifest.chunk_length(index))
-        offset = manifest.span(index)[0]
+        # In ``buffer``, or (decompressed) in bytes of its own: never in the
+        # codec's buffer, which this worker reuses for its next chunk.
+        return repo._fetch(name, digest, manifest.chunk_length(index), into=buffer)
+
+    def write(index: int, buffer: bytearray, future: Future[memoryview]) -> None:
+        data, offset = future.result(), manifest.span(index)[0]
+        length = len(data)
         while data:
             written = os.pwrite(fd, data, offset)
             data, offset = data[written:], offset + written
-        return manifest.chunk_length(index)
+        buffers.give(buffer)
+        progress.advance(length)
 
-    window: deque[Future[int]] = deque()
     with ThreadPoolExecutor(repo.workers, thread_name_prefix="restore-fetch") as pool:
         try:
             for index in wanted:
-                window.append(pool.submit(fetch_and_write, index))
                 if len(window) >= 2 * repo.workers:
-                    progress.advance(window.popleft().result())
+                    write(*window.popleft())
+                buffer = buffers.take()
+                window.append((index, buffer, pool.submit(fetch, index, buffer)))
             while window:
-                progress.advance(window.popleft().result())
+                write(*window.popleft())
         finally:
-            for future in window:
+            for _, _, future in window:
                 future.cancel()
     return len(wanted)
 
