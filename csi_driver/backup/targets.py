@@ -157,14 +157,16 @@ class FilesystemTarget:
         directory = self.root / STAGING if staged else path.parent
         tmp = directory / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
         try:
-            for attempt in (1, 2):
-                directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # The directory usually exists: made only when missing (a syscall per chunk
+            # saved), and again if a delete removed it in between.
+            for attempt in (1, 2, 3):
                 try:
                     size = _write_file(tmp, parts, sync=sync)
                     break
                 except FileNotFoundError:
-                    if attempt == 2:
+                    if attempt == 3:
                         raise  # the directory keeps vanishing: not a race with delete
+                    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise _os_error(exc, f"write {key} to {self.root}") from exc
@@ -239,20 +241,22 @@ class FilesystemTarget:
                 min(_SYNC_THREADS, len(staged)), thread_name_prefix="backup-target-fsync"
             ) as pool:
                 list(pool.map(_fsync_path, (tmp for tmp, _ in staged)))
-            for tmp, path in staged:
-                for attempt in (1, 2):
-                    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-                    try:
-                        os.replace(tmp, path)
-                        break
-                    except FileNotFoundError:
-                        if attempt == 2:
-                            raise  # the directory keeps vanishing: not a race with delete
+                for tmp, path in staged:
+                    for attempt in (1, 2, 3):
+                        try:
+                            os.replace(tmp, path)
+                            break
+                        except FileNotFoundError:
+                            if attempt == 3:
+                                raise  # the directory keeps vanishing: not a race with delete
+                            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                # Names left in .staging after a crash are leftovers: only the new
+                # names need to be durable.
+                _sync_dirs({path.parent for _, path in staged}, self.root, pool)
         except OSError as exc:
             for tmp, _ in staged:
                 tmp.unlink(missing_ok=True)
             raise _os_error(exc, f"flush objects to {self.root}") from exc
-        _sync_dirs({path.parent for _, path in staged} | {self.root / STAGING}, self.root)
 
     def remove_leftovers(self, older_than_s: float) -> int:
         """Delete temporary files of puts that died (a crashed backup's); return how many."""
@@ -332,13 +336,22 @@ def _fsync_path(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _sync_dirs(directories: set[Path], root: Path) -> None:
-    """fsync ``directories`` and, for new ones, their parents (their names)."""
-    parents = {d.parent for d in directories if d != root}
-    for directory in sorted(directories | parents, key=lambda p: len(p.parts), reverse=True):
+def _sync_dirs(directories: set[Path], root: Path, pool: ThreadPoolExecutor | None = None) -> None:
+    """fsync ``directories`` and, for new ones, their parents (their names); on
+    ``pool``'s threads when given (concurrent fsyncs share journal commits)."""
+
+    def sync(directory: Path) -> None:
         # A directory emptied and removed since (a released claim's) needs no sync.
         with contextlib.suppress(FileNotFoundError):
             fsync_dir(directory)
+
+    parents = {d.parent for d in directories if d != root}
+    ordered = sorted(directories | parents, key=lambda p: len(p.parts), reverse=True)
+    if pool is None:
+        for directory in ordered:
+            sync(directory)
+    else:
+        list(pool.map(sync, ordered))
 
 
 def _os_error(exc: OSError, what: str) -> FerryError:
