@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from csi_driver import metrics
 from csi_driver.backup.claims import CLAIMS, DEFAULT_GRACE_S, Claim, Sweep, read_claims
 from csi_driver.backup.format import (
     Backup,
@@ -123,6 +124,7 @@ class BackupResult:
     chunks_uploaded: int
     bytes_uploaded: int  # every object put, compressed and encrypted, manifest included
     elapsed_s: float
+    bytes_deduplicated: int = 0  # data chunks not uploaded: the target held them
 
 
 @dataclass(frozen=True)
@@ -375,6 +377,7 @@ class _Run:
     progress: Progress
     present: set[str]  # chunk names the target holds, as last listed
     bytes_read: int = 0
+    bytes_deduplicated: int = 0
 
     def _relied_on(self, names: Iterable[str]) -> None:
         """Claim ``names`` before trusting ``present`` about them."""
@@ -406,6 +409,7 @@ class _Run:
             for name, read in named:
                 if name in self.present:
                     self.progress.advance(len(read.data))
+                    self.bytes_deduplicated += len(read.data)
                     self.uploader.skip(read)
                 else:
                     self._upload(name, read)
@@ -419,7 +423,9 @@ class _Run:
         wanted = [
             i for i, name in enumerate(names) if name is not None and name not in self.present
         ]
-        self.progress.advance(manifest.data_bytes - sum(manifest.chunk_length(i) for i in wanted))
+        held = manifest.data_bytes - sum(manifest.chunk_length(i) for i in wanted)
+        self.progress.advance(held)
+        self.bytes_deduplicated += held
         for start in range(0, len(wanted), BATCH_CHUNKS):
             for read in self.uploader.read(wanted[start : start + BATCH_CHUNKS]):
                 self.bytes_read += len(read.data)
@@ -431,11 +437,13 @@ class _Run:
                 name = names[read.index]
                 assert name is not None
                 if name in self.present:  # the same chunk twice in one image: once
+                    self.bytes_deduplicated += len(read.data)
                     self.uploader.skip(read)
                 else:
                     self._upload(name, read)
 
 
+@metrics.times_failures(metrics.BackupOperation.BACKUP)
 def backup_image(
     repo: Repository,
     source: Path,
@@ -486,7 +494,7 @@ def backup_image(
             else:
                 run.upload_missing(manifest, source)
                 final = manifest
-            bytes_read = run.bytes_read
+            bytes_read, bytes_deduplicated = run.bytes_read, run.bytes_deduplicated
             uploader.drain(progress.advance)
             progress.finish()
             repo.target.flush()  # every chunk durable before the manifest names it
@@ -511,6 +519,13 @@ def backup_image(
         uploader.chunks,
         repo.target.uploaded.bytes - uploaded_before,
         time.monotonic() - started,
+        bytes_deduplicated,
+    )
+    metrics.observe_backup(
+        result.elapsed_s,
+        read_bytes=bytes_read,
+        uploaded_bytes=result.bytes_uploaded,
+        deduplicated_bytes=bytes_deduplicated,
     )
     log.info(
         "backup committed",
@@ -529,6 +544,7 @@ def _part_path(destination: Path, backup_id: str) -> Path:
     return destination.with_name(f".{destination.name}.{backup_id}.part")
 
 
+@metrics.times_failures(metrics.BackupOperation.RESTORE)
 def restore_image(
     repo: Repository,
     backup_id: str,
@@ -560,7 +576,7 @@ def restore_image(
         raise AlreadyExists(f"{destination} exists; restore to a new path")
     part = _part_path(destination, backup_id)
     names = repo.names_of(manifest)
-    fetched = kept_chunks = 0
+    fetched = kept_chunks = written = 0
     with Claim(repo.target, f"restore-{uuid.uuid4().hex[:12]}", grace_s=repo.grace_s) as claim:
         claim.add(sorted({name for name in names if name is not None}))
         claim.quiet()
@@ -581,6 +597,7 @@ def restore_image(
                     "restore resumed",
                     extra={"backup": backup_id, "chunks_kept": kept_chunks},
                 )
+            written = sum(manifest.chunk_length(i) for i in wanted)
             fetched = _fetch_into(repo, fd, manifest, names, wanted, progress)
             os.fsync(fd)
         finally:
@@ -592,7 +609,9 @@ def restore_image(
         "backup restored",
         extra={"backup": backup_id, "path": str(destination), "chunks_fetched": fetched},
     )
-    return RestoreResult(backup, destination, fetched, kept_chunks, time.monotonic() - started)
+    result = RestoreResult(backup, destination, fetched, kept_chunks, time.monotonic() - started)
+    metrics.observe_restore(result.elapsed_s, written)
+    return result
 
 
 def _still_wanted(
