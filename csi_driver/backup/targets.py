@@ -142,7 +142,10 @@ class FilesystemTarget:
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             raise FailedPrecondition(f"cannot use {root} as a backup target: {exc}") from exc
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the staged list
+        # Starting a background flush and flushing: one at a time, so that a
+        # flush always knows of (and waits for) every background flush begun.
+        self._flush_lock = threading.Lock()
         self._staged: list[tuple[Path, Path]] = []
         self._staged_bytes = 0
         self._background: Future[None] | None = None
@@ -200,37 +203,39 @@ class FilesystemTarget:
         return staged
 
     def _flush_in_background(self) -> None:
-        with self._lock:
-            running, self._background = self._background, None
-        if running is not None:
-            running.result()  # one at a time: bounds what is written but not yet durable
-        staged = self._take_staged()
-        if not staged:
-            return
-        done: Future[None] = Future()
+        with self._flush_lock:
+            self._wait_background()  # one at a time: bounds what is written but not durable
+            staged = self._take_staged()
+            if not staged:
+                return
+            done: Future[None] = Future()
 
-        def commit() -> None:
-            try:
-                self._commit(staged)
-            except BaseException as exc:
-                done.set_exception(exc)
-            else:
-                done.set_result(None)
+            def commit() -> None:
+                try:
+                    self._commit(staged)
+                except BaseException as exc:
+                    done.set_exception(exc)
+                else:
+                    done.set_result(None)
 
-        with self._lock:
             self._background = done
-        # A daemon thread: a process that dies mid-flush leaves only temporary
-        # files, which remove_leftovers collects.
-        threading.Thread(target=commit, name="backup-target-flush", daemon=True).start()
+            # A daemon thread: a process that dies mid-flush has written no manifest
+            # yet (flush waits for this), and leaves temporary files remove_leftovers
+            # collects.
+            threading.Thread(target=commit, name="backup-target-flush", daemon=True).start()
+
+    def _wait_background(self) -> None:
+        """Wait for the background flush, if one runs (the caller holds ``_flush_lock``)."""
+        running, self._background = self._background, None
+        if running is not None:
+            running.result()
 
     def flush(self) -> None:
-        with self._lock:
-            running, self._background = self._background, None
-        try:
-            self._commit(self._take_staged())
-        finally:
-            if running is not None:
-                running.result()
+        with self._flush_lock:
+            try:
+                self._commit(self._take_staged())
+            finally:
+                self._wait_background()
 
     def _commit(self, staged: list[tuple[Path, Path]]) -> None:
         """Make ``staged`` durable, then visible under their names, then those names durable."""

@@ -3,6 +3,8 @@ a flush that failed in the background is reported, never lost."""
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,26 @@ def test_background_flushes_leave_every_object_in_place(tmp_path: Path) -> None:
     target.flush()
     assert {s.key: target.get(s.key) for s in target.list("chunks/")} == blobs
     assert target.uploaded.bytes == 40 * 1000
+    assert list((tmp_path / "t" / STAGING).iterdir()) == []
+
+
+def test_a_flush_waits_for_every_background_flush_under_concurrent_staging(
+    tmp_path: Path,
+) -> None:
+    """Many threads cross the flush threshold at once (as a backup's workers do):
+    once flush returns, every object is in place, none left in staging."""
+    target = FilesystemTarget(tmp_path / "t", flush_bytes=16 * 1024)
+    blob = bytes(1024)
+
+    def stage_many(worker: int) -> None:
+        for i in range(60):
+            target.stage(f"chunks/{i % 16:02x}/w{worker}-{i}", blob)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(stage_many, range(8)))
+    target.flush()
+    assert not [t for t in threading.enumerate() if t.name == "backup-target-flush"]
+    assert len(list(target.list("chunks/"))) == 8 * 60
     assert list((tmp_path / "t" / STAGING).iterdir()) == []
 
 
