@@ -19,6 +19,14 @@ image is read once, so every side reads it from the page cache.
   (with the default 4 MiB chunks and with 64 KiB chunks).
 
 Rounds alternate (cp, Ferry, cp, Ferry...) and the table shows medians.
+With ``--baseline TREE`` (another checkout of Ferry, e.g. a ``git worktree``
+of the previous commit), each round also runs that tree's backup and
+restore, so before and after are measured in the same run under the same
+load. Each Ferry side runs in its own process (the tree's ``PYTHONPATH``),
+timed inside it, not counting its start; ``cp`` runs once per round for both.
+The page cache is warm for every side (reading what it copies); dropping it
+would need ``/proc/sys/vm/drop_caches``, which on a shared machine slows
+everyone's work, so the cold case is not measured here.
 Prints a table and writes JSON (default ``bench/results/backup-latest.json``).
 """
 
@@ -38,7 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from csi_driver.backup.keys import BackupKey
-from csi_driver.backup.repository import Repository, backup_image, restore_image
+from csi_driver.backup.repository import Repository, backup_image
 from csi_driver.backup.targets import FilesystemTarget
 from csi_driver.chunks.manifest import MiB
 
@@ -68,6 +76,44 @@ def warm(path: Path) -> None:
     with open(path, "rb") as handle:
         while handle.read(BLOCK):
             pass
+
+
+#: One timed backup and restore, run in a process of its own with a tree's PYTHONPATH:
+#: argv is the image, the work directory and the key; prints the seconds as JSON.
+_ONE_ROUND = """
+import json, shutil, sys, time
+from pathlib import Path
+from csi_driver.backup.keys import BackupKey
+from csi_driver.backup.repository import Repository, backup_image, restore_image
+from csi_driver.backup.targets import FilesystemTarget
+image, work, key = Path(sys.argv[1]), Path(sys.argv[2]), BackupKey.parse(sys.argv[3])
+target = FilesystemTarget(work / "ferry-target")
+repo = Repository.open(target, key, create=True)
+with open(image, "rb") as handle:  # warm, as for cp
+    while handle.read(4 << 20):
+        pass
+backup = backup_image(repo, image, volume_name="bench")
+stored = sum(s.size for s in target.list("chunks/"))
+restored = restore_image(repo, backup.backup.backup_id, work / "ferry-restored")
+(work / "ferry-restored").unlink()
+shutil.rmtree(target.root)
+print(json.dumps({"backup_s": backup.elapsed_s, "restore_s": restored.elapsed_s, "stored": stored}))
+"""
+
+
+def ferry_round(tree: Path, image: Path, work: Path, key: BackupKey) -> dict[str, float]:
+    """One backup and restore by the Ferry in ``tree``, in a process of its own."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    out = subprocess.run(
+        [sys.executable, "-c", _ONE_ROUND, str(image), str(work), key.dump().strip()],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tree,
+    ).stdout
+    result: dict[str, float] = json.loads(out.strip().splitlines()[-1])
+    return result
 
 
 def fsync_file(path: Path) -> None:
@@ -118,6 +164,9 @@ class Results:
     restore_cp_s: list[float] = field(default_factory=list)
     restore_cp_fsync_s: list[float] = field(default_factory=list)
     restore_s: list[float] = field(default_factory=list)
+    baseline: str = ""
+    baseline_backup_s: list[float] = field(default_factory=list)
+    baseline_restore_s: list[float] = field(default_factory=list)
     stored_bytes: int = 0
     incremental: dict[str, dict[str, float]] = field(default_factory=dict)
     load_average: list[float] = field(default_factory=list)
@@ -154,6 +203,11 @@ def run(args: argparse.Namespace, work: Path) -> Results:
     progress(f"writing a {size / GiB:.2f} GiB image")
     make_image(image, size, seed=1)
     key = BackupKey.generate()
+    this_tree = Path(__file__).resolve().parent.parent
+    sides = [("after", this_tree)]
+    if args.baseline is not None:
+        results.baseline = str(args.baseline)
+        sides.insert(0, ("before", args.baseline.resolve()))
     for round_ in range(args.rounds):
         progress(f"round {round_ + 1} of {args.rounds}")
         plain = work / "cp-target"
@@ -169,16 +223,19 @@ def run(args: argparse.Namespace, work: Path) -> Results:
         shutil.rmtree(plain)
         (work / "cp-restored").unlink()
 
-        target = FilesystemTarget(work / "ferry-target")
-        repo = Repository.open(target, key, create=True)
-        warm(image)
-        backup = backup_image(repo, image, volume_name="bench")
-        results.backup_s.append(backup.elapsed_s)
-        results.stored_bytes = sum(s.size for s in target.list("chunks/"))
-        restored = restore_image(repo, backup.backup.backup_id, work / "ferry-restored")
-        results.restore_s.append(restored.elapsed_s)
-        (work / "ferry-restored").unlink()
-        shutil.rmtree(target.root)
+        # Alternate which side goes first, so neither always follows cp.
+        for side, tree in sides if round_ % 2 == 0 else sides[::-1]:
+            timed = ferry_round(tree, image, work, key)
+            if side == "after":
+                results.backup_s.append(timed["backup_s"])
+                results.restore_s.append(timed["restore_s"])
+                results.stored_bytes = int(timed["stored"])
+            else:
+                results.baseline_backup_s.append(timed["backup_s"])
+                results.baseline_restore_s.append(timed["restore_s"])
+        results.load_average.extend(os.getloadavg()[:1])
+    if args.no_incremental:
+        return results
     progress("incremental backups")
     patterns = (
         ("clustered 1%, 4 MiB chunks", 4 * MiB, False),
@@ -187,7 +244,6 @@ def run(args: argparse.Namespace, work: Path) -> Results:
     )
     for name, chunk_size, scattered in patterns:
         results.incremental[name] = incremental(work, size, chunk_size, scattered)
-    results.load_average = list(os.getloadavg())
     return results
 
 
@@ -199,12 +255,26 @@ def render(r: Results) -> str:
     lines = [
         f"{r.size_bytes / GiB:.2f} GiB image, {r.rounds} rounds (medians), "
         f"stored {r.stored_bytes / r.size_bytes:.0%} of it (zstd + AES-GCM), "
-        f"load average {', '.join(f'{x:.1f}' for x in r.load_average)}",
+        f"1-minute load average per round {', '.join(f'{x:.1f}' for x in r.load_average)}",
         "",
         "| | Ferry MiB/s | cp MiB/s | cp + fsync MiB/s | ratio to cp | ratio to cp + fsync |",
         "|---|---:|---:|---:|---:|---:|",
-        row("backup", r.backup_s, r.cp_s, r.cp_fsync_s),
-        row("restore", r.restore_s, r.restore_cp_s, r.restore_cp_fsync_s),
+    ]
+    if r.baseline:
+        lines += [
+            row("backup, before", r.baseline_backup_s, r.cp_s, r.cp_fsync_s),
+            row("backup, after", r.backup_s, r.cp_s, r.cp_fsync_s),
+            row("restore, before", r.baseline_restore_s, r.restore_cp_s, r.restore_cp_fsync_s),
+            row("restore, after", r.restore_s, r.restore_cp_s, r.restore_cp_fsync_s),
+        ]
+    else:
+        lines += [
+            row("backup", r.backup_s, r.cp_s, r.cp_fsync_s),
+            row("restore", r.restore_s, r.restore_cp_s, r.restore_cp_fsync_s),
+        ]
+    if not r.incremental:
+        return "\n".join(lines)
+    lines += [
         "",
         "| second backup after 1% changed | chunks uploaded | bytes uploaded | of the volume |",
         "|---|---:|---:|---:|",
@@ -223,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-gib", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=Path("/var/tmp"))
+    parser.add_argument(
+        "--baseline", type=Path, help="another Ferry tree to measure in the same rounds"
+    )
+    parser.add_argument("--no-incremental", action="store_true")
     parser.add_argument("--output", type=Path, default=Path("bench/results/backup-latest.json"))
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="ferry-bench-backup-", dir=args.dir))

@@ -8,11 +8,17 @@ dashboard in the same change.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+import functools
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from typing import ParamSpec, TypeVar
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 RPC_REQUESTS = Counter(
     "ferry_csi_requests_total",
@@ -288,3 +294,83 @@ def forget_volume(volume_id: str) -> None:
     ):
         with suppress(KeyError):
             metric.remove(volume_id)
+
+
+# -- backups and restores ---------------------------------------------------------------
+# Recorded by backup_image / restore_image in whichever process runs them. Today
+# that is `ferry backup|restore`, a one-shot CLI process that prints its totals
+# and rates instead (nothing would scrape it before it exits); the node agent
+# exports them once it runs backups itself (the Backup record's reconciler,
+# docs/decisions/0003).
+
+
+class BackupOperation(enum.Enum):
+    BACKUP = "backup"
+    RESTORE = "restore"
+
+
+class BackupOutcome(enum.Enum):
+    DONE = "done"  # committed: a manifest put, or an image in place
+    FAILED = "failed"
+
+
+BACKUP_READ_BYTES = Counter(
+    "ferry_backup_read_bytes_total", "Bytes backups read from source images."
+)
+BACKUP_UPLOADED_BYTES = Counter(
+    "ferry_backup_uploaded_bytes_total",
+    "Bytes backups put in their targets (compressed and encrypted, manifests included).",
+)
+BACKUP_DEDUPLICATED_BYTES = Counter(
+    "ferry_backup_deduplicated_bytes_total",
+    "Bytes of data chunks a backup did not upload because the target held them already.",
+)
+RESTORE_BYTES = Counter(
+    "ferry_restore_bytes_total",
+    "Bytes restores wrote into images (fetched, authenticated and hash-checked).",
+)
+BACKUP_SECONDS = Histogram(
+    "ferry_backup_duration_seconds",
+    "Time a backup or a restore took, by operation and outcome.",
+    ["operation", "outcome"],
+    buckets=_DURATION_BUCKETS,
+)
+
+
+def observe_backup(
+    seconds: float, *, read_bytes: int, uploaded_bytes: int, deduplicated_bytes: int
+) -> None:
+    """A backup committed."""
+    BACKUP_SECONDS.labels(BackupOperation.BACKUP.value, BackupOutcome.DONE.value).observe(seconds)
+    BACKUP_READ_BYTES.inc(read_bytes)
+    BACKUP_UPLOADED_BYTES.inc(uploaded_bytes)
+    BACKUP_DEDUPLICATED_BYTES.inc(deduplicated_bytes)
+
+
+def observe_restore(seconds: float, written_bytes: int) -> None:
+    """A restore put its image in place."""
+    BACKUP_SECONDS.labels(BackupOperation.RESTORE.value, BackupOutcome.DONE.value).observe(seconds)
+    RESTORE_BYTES.inc(written_bytes)
+
+
+def times_failures(
+    operation: BackupOperation,
+) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """Decorate a backup or restore so that one that raises is timed as ``failed``
+    (the function observes its own success, with its byte counts)."""
+
+    def decorate(run: Callable[_P, _R]) -> Callable[_P, _R]:
+        @functools.wraps(run)
+        def timed(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            started = time.monotonic()
+            try:
+                return run(*args, **kwargs)
+            except BaseException:
+                BACKUP_SECONDS.labels(operation.value, BackupOutcome.FAILED.value).observe(
+                    time.monotonic() - started
+                )
+                raise
+
+        return timed
+
+    return decorate

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import re
+import threading
 import time
 import uuid
 from collections import deque
@@ -39,16 +41,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from csi_driver import metrics
 from csi_driver.backup.claims import CLAIMS, DEFAULT_GRACE_S, Claim, Sweep, read_claims
 from csi_driver.backup.format import (
     Backup,
     BackupInfo,
+    ChunkCodec,
     TargetConfig,
     decode_config,
     encode_config,
-    open_chunk,
     open_manifest,
-    seal_chunk,
     seal_manifest,
 )
 from csi_driver.backup.keys import BackupKey
@@ -81,8 +83,6 @@ MANIFESTS = "manifests/"
 #: Chunks read, claimed and checked together: the claim objects stay few, and
 #: a batch (64 MiB at 4 MiB chunks) keeps both cores busy while the next is read.
 BATCH_CHUNKS = 16
-#: Compared against to find all-zero chunks (a hole in the manifest) without allocating.
-_ZEROS = bytes(DEFAULT_CHUNK_SIZE)
 _BACKUP_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
 
 
@@ -124,6 +124,7 @@ class BackupResult:
     chunks_uploaded: int
     bytes_uploaded: int  # every object put, compressed and encrypted, manifest included
     elapsed_s: float
+    bytes_deduplicated: int = 0  # data chunks not uploaded: the target held them
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,14 @@ class Repository:
         self.config = config
         self.grace_s = grace_s
         self.workers = workers
+        self._codecs = threading.local()
+
+    def codec(self) -> ChunkCodec:
+        """This thread's codec (codecs reuse buffers, so each thread has its own)."""
+        codec: ChunkCodec | None = getattr(self._codecs, "codec", None)
+        if codec is None:
+            codec = self._codecs.codec = ChunkCodec(self.key)
+        return codec
 
     @classmethod
     def open(
@@ -228,7 +237,10 @@ class Repository:
     def names_of(self, manifest: Manifest) -> list[str | None]:
         return [None if d is None else self.key.chunk_name(d) for d in manifest.chunks]
 
-    def _fetch(self, name: str, digest: Digest, length: int) -> bytes:
+    def _fetch(
+        self, name: str, digest: Digest, length: int, into: bytearray | None = None
+    ) -> memoryview:
+        """The chunk, checked; see :meth:`ChunkCodec.open` for where it lands."""
         try:
             blob = self.target.get(chunk_key(name))
         except NotFound:
@@ -236,32 +248,94 @@ class Repository:
                 f"chunk {name} is missing from {self.target.description}; the backup "
                 "cannot be restored whole"
             ) from None
-        return open_chunk(self.key, name, blob, digest, length)
+        return self.codec().open(name, blob, digest, length, into)
+
+
+class _Buffers:
+    """Chunk-sized read buffers, reused from chunk to chunk: their number bounds
+    the memory a backup holds (a batch being claimed plus what is in flight)."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(count):
+            self._free.put(bytearray(size))
+
+    def take(self) -> bytearray:
+        return self._free.get()
+
+    def give(self, buffer: bytearray) -> None:
+        self._free.put(buffer)
+
+
+@dataclass(frozen=True)
+class _Read:
+    """One chunk read into a pooled buffer, and its digest (None: all zeros, a hole)."""
+
+    index: int
+    buffer: bytearray
+    data: memoryview
+    digest: Digest | None
 
 
 class _Uploader:
-    """Seals and puts chunks on worker threads, a bounded number in flight."""
+    """Reads, hashes, seals and stages chunks on worker threads.
 
-    def __init__(self, repo: Repository) -> None:
+    Every step of a chunk (pread, SHA-256, zstd, AES-GCM, the write) releases
+    the GIL, so the workers use every core; the thread that drives them only
+    claims names and decides what to upload. Reads and seals share the
+    workers' queue in order, so the next batch is read and hashed while the
+    last one is still being sealed; a pool of buffers bounds the memory.
+    """
+
+    def __init__(self, repo: Repository, fd: int, size: int) -> None:
         self._repo = repo
+        self._fd = fd
+        self._size = size
         self._pool = ThreadPoolExecutor(repo.workers, thread_name_prefix="backup-upload")
         self._inflight: deque[Future[int]] = deque()
-        self._limit = 2 * repo.workers
+        chunk_size = repo.config.chunk_size
+        self._buffers = _Buffers(BATCH_CHUNKS + 2 * repo.workers, chunk_size)
+        self._zero_digest = chunk_digest(bytes(chunk_size))
         self.chunks = 0
 
-    def _put(self, name: str, data: bytes) -> int:
-        blob = seal_chunk(self._repo.key, name, data)
-        self._repo.target.stage(chunk_key(name), blob)
-        return len(data)
+    def _read(self, index: int) -> _Read:
+        chunk_size = self._repo.config.chunk_size
+        offset = index * chunk_size
+        length = min(chunk_size, self._size - offset)
+        buffer = self._buffers.take()
+        try:
+            data = read_exactly(self._fd, buffer, offset, length)
+            digest = chunk_digest(data)
+        except BaseException:
+            self._buffers.give(buffer)
+            raise
+        # Comparing digests, not bytes: the hash is paid anyway, off the GIL.
+        zero = self._zero_digest if length == chunk_size else chunk_digest(bytes(length))
+        return _Read(index, buffer, data, None if digest == zero else digest)
 
-    def submit(self, name: str, data: bytes, done: Callable[[int], None]) -> None:
-        while len(self._inflight) >= self._limit:
+    def read(self, indexes: list[int]) -> Iterator[_Read]:
+        """``indexes`` read and hashed on the workers, in order."""
+        # A read abandoned after an error keeps its buffer: the pool goes with the run.
+        for future in [self._pool.submit(self._read, index) for index in indexes]:
+            yield future.result()
+
+    def skip(self, read: _Read) -> None:
+        self._buffers.give(read.buffer)
+
+    def _put(self, name: str, read: _Read) -> int:
+        try:
+            header, sealed = self._repo.codec().seal(name, read.data)
+            self._repo.target.stage(chunk_key(name), header, sealed)
+            return len(read.data)
+        finally:
+            self._buffers.give(read.buffer)
+
+    def submit(self, name: str, read: _Read, done: Callable[[int], None]) -> None:
+        """Seal and stage ``read`` as ``name``; ``done`` is told the bytes as they land."""
+        while self._inflight and self._inflight[0].done():
             done(self._inflight.popleft().result())
-        self._inflight.append(self._pool.submit(self._put, name, data))
+        self._inflight.append(self._pool.submit(self._put, name, read))
         self.chunks += 1
-
-    def hash(self, chunks: list[bytes]) -> list[Digest | None]:
-        return list(self._pool.map(_digest_or_hole, chunks))
 
     def drain(self, done: Callable[[int], None]) -> None:
         while self._inflight:
@@ -278,7 +352,7 @@ class _Uploader:
     ) -> None:
         for future in self._inflight:
             future.cancel()
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _read_chunks(
@@ -293,23 +367,17 @@ def _read_chunks(
         yield index, data
 
 
-def _digest_or_hole(data: bytes) -> Digest | None:
-    zeros = _ZEROS if len(data) == len(_ZEROS) else bytes(len(data))
-    return None if data == zeros else chunk_digest(data)
-
-
 @dataclass
 class _Run:
     """One backup's reading and uploading, under its claim (see :mod:`.claims`)."""
 
     repo: Repository
-    fd: int
-    size: int
     claim: Claim
     uploader: _Uploader
     progress: Progress
     present: set[str]  # chunk names the target holds, as last listed
     bytes_read: int = 0
+    bytes_deduplicated: int = 0
 
     def _relied_on(self, names: Iterable[str]) -> None:
         """Claim ``names`` before trusting ``present`` about them."""
@@ -317,40 +385,35 @@ class _Run:
         if self.claim.quiet():
             self.present = self.repo.chunk_names()  # a sweep ran since the last listing
 
-    def _upload(self, name: str, data: bytes) -> None:
+    def _upload(self, name: str, read: _Read) -> None:
         self.present.add(name)
-        self.uploader.submit(name, data, self.progress.advance)
+        self.uploader.submit(name, read, self.progress.advance)
 
-    def scan_and_upload(self) -> Manifest:
+    def scan_and_upload(self, fd: int, size: int) -> Manifest:
         """Read and hash every data chunk once; upload those the target lacks."""
         chunk_size = self.repo.config.chunk_size
-        indexes = sorted(chunks_touching(data_ranges(self.fd, self.size), chunk_size))
-        self.progress.start(
-            "backup", sum(min(chunk_size, self.size - i * chunk_size) for i in indexes)
-        )
-        digests: list[Digest | None] = [None] * chunk_count(self.size, chunk_size)
+        indexes = sorted(chunks_touching(data_ranges(fd, size), chunk_size))
+        self.progress.start("backup", sum(min(chunk_size, size - i * chunk_size) for i in indexes))
+        digests: list[Digest | None] = [None] * chunk_count(size, chunk_size)
         for start in range(0, len(indexes), BATCH_CHUNKS):
-            batch = list(
-                _read_chunks(self.fd, self.size, chunk_size, indexes[start : start + BATCH_CHUNKS])
-            )
-            # Hashed on the uploader's threads too: both cores hash while the
-            # previous batch is still being sealed and written.
-            found = self.uploader.hash([data for _, data in batch])
-            named: list[tuple[str, bytes]] = []
-            for (index, data), digest in zip(batch, found, strict=True):
-                self.bytes_read += len(data)
-                if digest is None:
-                    self.progress.advance(len(data))
-                    continue  # zeros: a hole
-                digests[index] = digest
-                named.append((self.repo.key.chunk_name(digest), data))
+            named: list[tuple[str, _Read]] = []
+            for read in self.uploader.read(indexes[start : start + BATCH_CHUNKS]):
+                self.bytes_read += len(read.data)
+                if read.digest is None:
+                    self.progress.advance(len(read.data))
+                    self.uploader.skip(read)  # zeros: a hole
+                    continue
+                digests[read.index] = read.digest
+                named.append((self.repo.key.chunk_name(read.digest), read))
             self._relied_on(name for name, _ in named)
-            for name, data in named:
+            for name, read in named:
                 if name in self.present:
-                    self.progress.advance(len(data))
+                    self.progress.advance(len(read.data))
+                    self.bytes_deduplicated += len(read.data)
+                    self.uploader.skip(read)
                 else:
-                    self._upload(name, data)
-        return Manifest(self.size, chunk_size, tuple(digests))
+                    self._upload(name, read)
+        return Manifest(size, chunk_size, tuple(digests))
 
     def upload_missing(self, manifest: Manifest, source: Path) -> None:
         """Read only the chunks of ``manifest`` the target lacks, checking each."""
@@ -360,20 +423,27 @@ class _Run:
         wanted = [
             i for i, name in enumerate(names) if name is not None and name not in self.present
         ]
-        self.progress.advance(manifest.data_bytes - sum(manifest.chunk_length(i) for i in wanted))
-        for index, data in _read_chunks(self.fd, self.size, manifest.chunk_size, wanted):
-            self.bytes_read += len(data)
-            if chunk_digest(data) != manifest.chunks[index]:
-                raise FailedPrecondition(
-                    f"chunk {index} of {source} changed since its manifest was taken; "
-                    "back up a snapshot, or a volume nobody writes to"
-                )
-            name = names[index]
-            assert name is not None
-            if name not in self.present:  # the same chunk twice in one image: once
-                self._upload(name, data)
+        held = manifest.data_bytes - sum(manifest.chunk_length(i) for i in wanted)
+        self.progress.advance(held)
+        self.bytes_deduplicated += held
+        for start in range(0, len(wanted), BATCH_CHUNKS):
+            for read in self.uploader.read(wanted[start : start + BATCH_CHUNKS]):
+                self.bytes_read += len(read.data)
+                if read.digest != manifest.chunks[read.index]:
+                    raise FailedPrecondition(
+                        f"chunk {read.index} of {source} changed since its manifest was "
+                        "taken; back up a snapshot, or a volume nobody writes to"
+                    )
+                name = names[read.index]
+                assert name is not None
+                if name in self.present:  # the same chunk twice in one image: once
+                    self.bytes_deduplicated += len(read.data)
+                    self.uploader.skip(read)
+                else:
+                    self._upload(name, read)
 
 
+@metrics.times_failures(metrics.BackupOperation.BACKUP)
 def backup_image(
     repo: Repository,
     source: Path,
@@ -415,16 +485,16 @@ def backup_image(
             )
         with (
             Claim(repo.target, backup_id, grace_s=repo.grace_s) as claim,
-            _Uploader(repo) as uploader,
+            _Uploader(repo, fd, size) as uploader,
         ):
             claim.quiet()
-            run = _Run(repo, fd, size, claim, uploader, progress, repo.chunk_names())
+            run = _Run(repo, claim, uploader, progress, repo.chunk_names())
             if manifest is None:
-                final = run.scan_and_upload()
+                final = run.scan_and_upload(fd, size)
             else:
                 run.upload_missing(manifest, source)
                 final = manifest
-            bytes_read = run.bytes_read
+            bytes_read, bytes_deduplicated = run.bytes_read, run.bytes_deduplicated
             uploader.drain(progress.advance)
             progress.finish()
             repo.target.flush()  # every chunk durable before the manifest names it
@@ -449,6 +519,13 @@ def backup_image(
         uploader.chunks,
         repo.target.uploaded.bytes - uploaded_before,
         time.monotonic() - started,
+        bytes_deduplicated,
+    )
+    metrics.observe_backup(
+        result.elapsed_s,
+        read_bytes=bytes_read,
+        uploaded_bytes=result.bytes_uploaded,
+        deduplicated_bytes=bytes_deduplicated,
     )
     log.info(
         "backup committed",
@@ -467,6 +544,7 @@ def _part_path(destination: Path, backup_id: str) -> Path:
     return destination.with_name(f".{destination.name}.{backup_id}.part")
 
 
+@metrics.times_failures(metrics.BackupOperation.RESTORE)
 def restore_image(
     repo: Repository,
     backup_id: str,
@@ -498,7 +576,7 @@ def restore_image(
         raise AlreadyExists(f"{destination} exists; restore to a new path")
     part = _part_path(destination, backup_id)
     names = repo.names_of(manifest)
-    fetched = kept_chunks = 0
+    fetched = kept_chunks = written = 0
     with Claim(repo.target, f"restore-{uuid.uuid4().hex[:12]}", grace_s=repo.grace_s) as claim:
         claim.add(sorted({name for name in names if name is not None}))
         claim.quiet()
@@ -519,6 +597,7 @@ def restore_image(
                     "restore resumed",
                     extra={"backup": backup_id, "chunks_kept": kept_chunks},
                 )
+            written = sum(manifest.chunk_length(i) for i in wanted)
             fetched = _fetch_into(repo, fd, manifest, names, wanted, progress)
             os.fsync(fd)
         finally:
@@ -530,7 +609,9 @@ def restore_image(
         "backup restored",
         extra={"backup": backup_id, "path": str(destination), "chunks_fetched": fetched},
     )
-    return RestoreResult(backup, destination, fetched, kept_chunks, time.monotonic() - started)
+    result = RestoreResult(backup, destination, fetched, kept_chunks, time.monotonic() - started)
+    metrics.observe_restore(result.elapsed_s, written)
+    return result
 
 
 def _still_wanted(
@@ -554,39 +635,41 @@ def _fetch_into(
     wanted: tuple[int, ...],
     progress: Progress,
 ) -> int:
-    """Fetch and check chunks ``wanted`` on worker threads, write them in order."""
+    """Fetch and check chunks ``wanted`` on worker threads, write them in order from
+    this one: one writer, so the workers never wait on the file's lock, and
+    reused buffers, so no chunk costs fresh pages."""
+    window: deque[tuple[int, bytearray, Future[memoryview]]] = deque()
+    buffers = _Buffers(3 * repo.workers, manifest.chunk_size)
 
-    def fetch(index: int) -> bytes:
+    def fetch(index: int, buffer: bytearray) -> memoryview:
         name, digest = names[index], manifest.chunks[index]
         assert name is not None and digest is not None
-        return repo._fetch(name, digest, manifest.chunk_length(index))
+        # In ``buffer``, or (decompressed) in bytes of its own: never in the
+        # codec's buffer, which this worker reuses for its next chunk.
+        return repo._fetch(name, digest, manifest.chunk_length(index), into=buffer)
 
-    window: deque[tuple[int, Future[bytes]]] = deque()
-    pending = iter(wanted)
+    def write(index: int, buffer: bytearray, future: Future[memoryview]) -> None:
+        data, offset = future.result(), manifest.span(index)[0]
+        length = len(data)
+        while data:
+            written = os.pwrite(fd, data, offset)
+            data, offset = data[written:], offset + written
+        buffers.give(buffer)
+        progress.advance(length)
+
     with ThreadPoolExecutor(repo.workers, thread_name_prefix="restore-fetch") as pool:
         try:
-            for index in pending:
-                window.append((index, pool.submit(fetch, index)))
+            for index in wanted:
                 if len(window) >= 2 * repo.workers:
-                    _write_chunk(fd, manifest, *window.popleft(), progress)
+                    write(*window.popleft())
+                buffer = buffers.take()
+                window.append((index, buffer, pool.submit(fetch, index, buffer)))
             while window:
-                _write_chunk(fd, manifest, *window.popleft(), progress)
+                write(*window.popleft())
         finally:
-            for _, future in window:
+            for _, _, future in window:
                 future.cancel()
     return len(wanted)
-
-
-def _write_chunk(
-    fd: int, manifest: Manifest, index: int, future: Future[bytes], progress: Progress
-) -> None:
-    data = future.result()
-    offset = manifest.span(index)[0]
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
-    progress.advance(len(data))
 
 
 def verify_backup(
