@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from csi_driver import __version__, ca_command, log, snapshot_command
+from csi_driver import __version__, ca_command, log, snapshot_command, volumes_command
 from csi_driver.backup import command as backup_command
 from csi_driver.core.errors import FerryError
 from csi_driver.metrics import serve as serve_metrics
@@ -86,6 +86,13 @@ def _node_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-volumes", type=int, default=0, help="most volumes this node will stage (0: no limit)"
     )
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=10.0,
+        help="seconds between this node's heartbeats in the catalog (the controller "
+        "declares a node lost after --node-lost-after without one)",
+    )
 
 
 def _node_config(args: argparse.Namespace, security: AgentSecurity) -> NodeConfig:
@@ -98,6 +105,7 @@ def _node_config(args: argparse.Namespace, security: AgentSecurity) -> NodeConfi
         max_volumes=args.max_volumes,
         pool_capacity_bytes=args.pool_capacity,
         security=security,
+        heartbeat_s=args.heartbeat_interval,
         chunk_endpoint=args.chunk_endpoint,
     )
 
@@ -169,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     def catalog_listen(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument(
+            "--node-lost-after",
+            type=float,
+            default=30.0,
+            help="seconds without a heartbeat after which a node counts as lost: its "
+            "volumes with failoverPolicy promote fail over to their freshest replica",
+        )
+        p.add_argument(
             "--catalog-listen",
             default=None,
             help="also serve the catalog to nodes (tcp://host:port); "
@@ -190,20 +205,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=parse_size, default=parse_size("256Mi"))
     demo.add_argument("--fs-type", default="ext4", choices=["ext4", "xfs"])
     demo.add_argument("--keep", action="store_true", help="leave the workdir behind")
+    demo.add_argument(
+        "--local",
+        action="store_true",
+        help="the one-node walk instead (stage, write, restage, expand) on SQLite",
+    )
     ca_command.add_parser(sub)
     snapshot_command.add_parser(sub)
     sandbox_commands.add_parser(sub, parse_size)
     backup_command.add_parsers(sub, parse_size)
+    volumes_command.add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        from csi_driver.demo import run_demo
-
         log.configure(args.log_level if args.log_level != "info" else "warning", "text")
-        return run_demo(args.workdir, args.size, args.fs_type, keep=args.keep)
+        if args.local:
+            from csi_driver.demo import run_demo
+
+            return run_demo(args.workdir, args.size, args.fs_type, keep=args.keep)
+        from csi_driver.sandbox.demo import run_mobility_demo
+
+        return run_mobility_demo(args.workdir, args.size, keep=args.keep)
     if args.command == "ca":
         return ca_command.run(args)
     if args.command in ("backup", "restore"):
@@ -214,6 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "sandbox":
         log.configure(args.log_level if args.log_level != "info" else "warning", "text")
         return sandbox_commands.run(args)
+    if args.command in ("volumes", "drain"):
+        log.configure(args.log_level if args.log_level != "info" else "warning", "text")
+        return volumes_command.run(args)
 
     if args.log_format == "json":
         log.route_native_stderr()  # gRPC core's lines (TLS refusals) become JSON too
@@ -234,6 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 security,
                 catalog_listen=args.catalog_listen,
                 catalog_tls=catalog_tls,
+                node_lost_after_s=args.node_lost_after,
             )
         elif args.command == "node":
             config = _node_config(args, security)
@@ -241,7 +270,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             config = _node_config(args, security)
             services = runtime.start_all_in_one(
-                args.endpoint, config, args.catalog, args.catalog_listen, catalog_tls
+                args.endpoint,
+                config,
+                args.catalog,
+                args.catalog_listen,
+                catalog_tls,
+                node_lost_after_s=args.node_lost_after,
             )
         serve_metrics(args.metrics_port)
     except FerryError as exc:

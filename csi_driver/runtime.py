@@ -22,6 +22,7 @@ import grpc
 from csi_driver.agent_api.server import NodeAgentServicer, admitted_callers
 from csi_driver.catalog_api.server import admitted_callers as catalog_callers
 from csi_driver.catalog_api.server import register as serve_store
+from csi_driver.controller.failover import NODE_LOST_AFTER_S
 from csi_driver.controller.leadership import Leadership
 from csi_driver.controller.snapshots import SnapshotService
 from csi_driver.controller.volumes import VolumeService
@@ -34,11 +35,15 @@ from csi_driver.csi.identity import IdentityServicer
 from csi_driver.csi.node import NodeServicer
 from csi_driver.gen import csi_pb2_grpc
 from csi_driver.gen.ferry.v1 import agent_pb2_grpc
+from csi_driver.kube.events import MobilityEvents
 from csi_driver.metrics import observe_pool
 from csi_driver.node.agent import NodeAgent
 from csi_driver.node.clones import SnapshotExports, SnapshotFetcher
+from csi_driver.node.fencing import EpochFence
 from csi_driver.node.pool import Pool
+from csi_driver.node.reconcile.exports import export_runner
 from csi_driver.node.reconcile.images import image_runner
+from csi_driver.node.reconcile.replicas import replica_runner
 from csi_driver.node.reconcile.snapshots import snapshot_runner
 from csi_driver.node.runner import CommandRunner
 from csi_driver.pki import ClientTlsBundle, Identity, Role
@@ -47,8 +52,14 @@ from csi_driver.rpc.errors import RUNNING
 from csi_driver.store.base import CatalogStore
 from csi_driver.store.catalog import Catalog
 from csi_driver.store.url import open_store
-from csi_driver.transfer.source import serve_chunks
-from csi_driver.transport import AgentSecurity, Endpoint, Registration, start_server
+from csi_driver.transfer.source import Exports, serve_chunks
+from csi_driver.transport import (
+    AgentSecurity,
+    Endpoint,
+    Registration,
+    parse_endpoint,
+    start_server,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +80,18 @@ class NodeConfig:
     security: AgentSecurity = field(default_factory=AgentSecurity)
     #: Where this node serves its snapshots' chunks to other nodes (None: it does not).
     chunk_endpoint: str | None = None
+    #: Where other nodes pull this node's volume exports (replicas, moves); empty:
+    #: beside the agent API (same host, a port the kernel picks; or a socket in the pool).
+    transfer_endpoint: str = ""
+    heartbeat_s: float = HEARTBEAT_INTERVAL_S
+
+    def export_endpoint(self) -> str:
+        if self.transfer_endpoint:
+            return self.transfer_endpoint
+        agent = parse_endpoint(self.agent_endpoint)
+        if agent.scheme == "unix":
+            return f"unix://{self.pool_root.resolve() / 'exports.sock'}"
+        return f"tcp://{agent.address.rpartition(':')[0]}:0"
 
 
 @dataclass
@@ -152,7 +175,7 @@ def _report_pool(pool: Pool) -> None:
 
 def _heartbeat(catalog: Catalog, parts: NodeParts, stopping: threading.Event) -> None:
     node_id = parts.config.node_id
-    while not stopping.wait(HEARTBEAT_INTERVAL_S):
+    while not stopping.wait(parts.config.heartbeat_s):
         try:
             parts.pool.keep_reserved()
             catalog.heartbeat(node_id, time.time(), parts.agent.conditions())
@@ -206,6 +229,7 @@ def _start_node_side(parts: NodeParts, catalog: Catalog, services: Services) -> 
     ):
         runner.start()
         services.closers.append(functools.partial(_stop_runner, runner))
+    _start_mobility(parts, catalog, services)
     beat = threading.Thread(
         target=_heartbeat,
         args=(catalog, parts, services._stopping),
@@ -213,6 +237,23 @@ def _start_node_side(parts: NodeParts, catalog: Catalog, services: Services) -> 
         daemon=True,
     )
     beat.start()
+
+
+def _start_mobility(parts: NodeParts, catalog: Catalog, services: Services) -> None:
+    """Serve this node's exports to the other nodes and keep its replicas in sync."""
+    security = parts.config.security
+    exports = Exports()
+    chunk_server, chunk_endpoint = serve_chunks(
+        parts.config.export_endpoint(), exports, security, parts.config.node_id
+    )
+    services.servers.append(chunk_server)
+    services.endpoints.append(chunk_endpoint)
+    for runner in (
+        export_runner(catalog.store, parts.agent, exports, str(chunk_endpoint)),
+        replica_runner(catalog.store, parts.agent, security),
+    ):
+        runner.start()
+        services.closers.append(functools.partial(_stop_runner, runner))
 
 
 def _stop_runner(runner: Runner) -> None:
@@ -261,9 +302,13 @@ def _controller_services(volumes: VolumeService, snapshots: SnapshotService) -> 
     ]
 
 
-def _campaign(catalog: Catalog, services: Services) -> None:
+def _campaign(catalog: Catalog, services: Services, node_lost_after_s: float) -> None:
     """Every controller process campaigns; only the leader runs background work."""
-    leadership = Leadership(catalog)
+    # Only a controller needs the kubernetes client (Events on PVCs).
+    from csi_driver.kube.api import event_sink
+
+    events = MobilityEvents(event_sink())
+    leadership = Leadership(catalog, node_lost_after_s=node_lost_after_s, events=events)
     leadership.start()
     services.closers.append(leadership.stop)
 
@@ -274,6 +319,7 @@ def start_controller(
     security: AgentSecurity | None = None,
     catalog_listen: str | None = None,
     catalog_tls: ClientTlsBundle | None = None,
+    node_lost_after_s: float = NODE_LOST_AFTER_S,
 ) -> Services:
     """``security``: the controller's certificate (it must name the controller), which
     secures the catalog it opens and the one it serves to nodes (default: plain).
@@ -296,7 +342,7 @@ def start_controller(
             ],
             services,
         )
-        _campaign(catalog, services)
+        _campaign(catalog, services, node_lost_after_s)
     return services
 
 
@@ -312,9 +358,11 @@ def start_node(
         store = open_store(catalog_path, security=config.security, catalog_tls=catalog_tls)
         services.closers.append(store.close)
         parts = NodeParts(config)
-        _start_node_side(parts, Catalog(store), services)
+        catalog = Catalog(store)
+        _start_node_side(parts, catalog, services)
         identity = IdentityServicer([parts.agent.check], controller=False)
-        node = NodeServicer(parts.agent, parts.topology, config.max_volumes)
+        fence = EpochFence(catalog, config.node_id)
+        node = NodeServicer(parts.agent, parts.topology, config.max_volumes, fence)
         _serve_csi(
             csi_endpoint,
             [
@@ -332,6 +380,7 @@ def start_all_in_one(
     catalog_path: str | Path,
     catalog_listen: str | None = None,
     catalog_tls: ClientTlsBundle | None = None,
+    node_lost_after_s: float = NODE_LOST_AFTER_S,
 ) -> Services:
     """Controller and node in one process, on one CSI socket (one-machine mode)."""
     services = Services()
@@ -344,7 +393,8 @@ def start_all_in_one(
         _start_node_side(parts, catalog, services)
         volumes = VolumeService(catalog)
         identity = IdentityServicer([volumes.check, parts.agent.check], controller=True)
-        node = NodeServicer(parts.agent, parts.topology, config.max_volumes)
+        fence = EpochFence(catalog, config.node_id)
+        node = NodeServicer(parts.agent, parts.topology, config.max_volumes, fence)
         _serve_csi(
             csi_endpoint,
             [
@@ -354,5 +404,5 @@ def start_all_in_one(
             ],
             services,
         )
-        _campaign(catalog, services)
+        _campaign(catalog, services, node_lost_after_s)
     return services

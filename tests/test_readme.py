@@ -47,11 +47,30 @@ def test_setup_never_pip_installs_into_the_system_python() -> None:
 
 @requires_root
 @pytest.mark.slow
-def test_demo_walks_a_volume_through_its_life(tmp_path: Path) -> None:
+def test_demo_moves_a_volume_between_nodes_and_fails_it_over(tmp_path: Path) -> None:
     demo = quick_start_commands()[0].split(" && ", 1)[1].split()
     assert demo[-1] == "demo"
     done = subprocess.run(
         [sys.executable, "-m", "csi_driver.cli", "demo", "--workdir", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"attach \+ stage \+ publish in [\d.]+ s; the final sync shipped", done.stdout)
+    assert re.search(r"verified: all \d+ acknowledged records identical on node-2", done.stdout)
+    assert re.search(r"promoted node-\d \(epoch 3\); data-loss window", done.stdout)
+    assert "the data survived the move and the node's loss" in done.stdout
+    assert not (tmp_path / "demo").exists()
+
+
+@requires_root
+@pytest.mark.slow
+def test_local_demo_walks_a_volume_through_its_life(tmp_path: Path) -> None:
+    local = [sys.executable, "-m", "csi_driver.cli", "demo", "--local"]
+    done = subprocess.run(
+        [*local, "--workdir", str(tmp_path / "demo")],
         capture_output=True,
         text=True,
         timeout=120,

@@ -203,7 +203,10 @@ def test_node_refuses_and_logs_clients_without_this_clusters_certificate(
     ca_dir: Path, tmp_path: Path, spawn: Any
 ) -> None:
     node = spawn("node", *_node_args(tmp_path, "--tls-dir", str(ca_dir / "node-n1")))
-    address = node.wait_for("serving", endpoint="tcp://")["endpoint"].removeprefix("tcp://")
+    node.wait_for("ferry started")
+    # The agent API is served first; the chunk source (for other nodes) after it.
+    served = [line for line in node.lines() if line["msg"] == "serving"]
+    address = served[0]["endpoint"].removeprefix("tcp://")
     assert re.fullmatch(r"127\.0\.0\.1:\d+", address)
 
     stranger = tmp_path / "stranger"
@@ -280,7 +283,8 @@ def test_insecure_agent_api_allows_plaintext_tcp_and_says_so(tmp_path: Path, spa
     node = spawn("node", *_node_args(tmp_path, "--insecure-agent-api"))
     warning = node.wait_for("agent API in plaintext")
     assert warning["level"] == "warning"
-    address = node.wait_for("serving", endpoint="tcp://")["endpoint"]
+    node.wait_for("ferry started")
+    address = next(line for line in node.lines() if line["msg"] == "serving")["endpoint"]
     assert _get_pool(grpc.insecure_channel(address.removeprefix("tcp://"))) is grpc.StatusCode.OK
 
 

@@ -97,6 +97,26 @@ class GenerationStore:
             self._manifests = {number: manifest}
         return Generation(number, directory / "image", manifest)
 
+    def adopt(self, image: Path, manifest: Manifest) -> Generation:
+        """Commit ``image`` (moved here by rename, on this filesystem) as the first
+        generation; ``manifest`` must be its manifest, read while it was quiescent.
+
+        A demoted primary keeps its image as its replica's base, so the next
+        sync from the new primary sends only what differs.
+        """
+        if self._numbers():
+            raise FailedPrecondition(f"replica {self.root} already has generations")
+        building = self.root / ".adopt.tmp"
+        shutil.rmtree(building, ignore_errors=True)
+        building.mkdir(mode=0o700)
+        os.rename(image, building / "image")
+        write_atomic(building / "manifest", encode(manifest))
+        os.rename(building, self._dir(1))
+        fsync_dir(self.root)
+        self._manifests = {1: manifest}
+        log.info("generation adopted", extra={"replica": str(self.root)})
+        return Generation(1, self._dir(1) / "image", manifest)
+
     def stage(self, target: Manifest) -> Staging:
         """The staging of the generation holding ``target``: resumed when one for the
         same target and base exists, else started afresh from the current generation."""
@@ -180,7 +200,10 @@ def _prepare_image(path: Path, base: Generation | None, plan: Delta) -> str:
 
 
 def sparse_copy(source: Path, destination: Path) -> None:
-    """Copy only the ranges of ``source`` that hold data; the rest stays holes."""
+    """Copy only the ranges of ``source`` that hold data; the rest stays holes.
+
+    Also what a primary copies its image with, while frozen, on a pool that
+    cannot reflink (node/reconcile/exports.py)."""
     src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
     dst = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:

@@ -4,8 +4,8 @@ Every controller process campaigns for the catalog's ``controller``
 election (an etcd lease and key; on SQLite an exclusive lock on a file next
 to the database). CSI RPCs are served by every replica: each of their writes
 is a compare-and-swap, so concurrent replicas cannot corrupt a record. Work
-nobody asked for — the garbage collector, and later replication schedules
-and failover — runs only on the leader, and each of its txns carries the
+nobody asked for — the garbage collector, the move and replication
+reconcilers — runs only on the leader, and each of its txns carries the
 leader's fence, so a leader deposed without knowing it (a paused process, a
 lease that lapsed) has its writes refused by the store.
 
@@ -24,8 +24,13 @@ import socket
 import threading
 
 from csi_driver.controller.collector import Collector
-from csi_driver.controller.images import Deposed
+from csi_driver.controller.failover import NODE_LOST_AFTER_S, failover_runner
+from csi_driver.controller.images import Deposed, ImageIntents
+from csi_driver.controller.moves import move_runner
+from csi_driver.controller.replication import replication_runner
+from csi_driver.kube.events import LoggingSink, MobilityEvents
 from csi_driver.metrics import CONTROLLER_LEADER
+from csi_driver.reconcile.runner import Runner
 from csi_driver.store.catalog import Catalog
 
 log = logging.getLogger(__name__)
@@ -53,9 +58,14 @@ class Leadership:
         candidate: str | None = None,
         *,
         sweep_interval_s: float = SWEEP_INTERVAL_S,
+        node_lost_after_s: float = NODE_LOST_AFTER_S,
+        events: MobilityEvents | None = None,
     ) -> None:
+        self._lost_after = node_lost_after_s
+        self._events = events or MobilityEvents(LoggingSink())
         self.candidate = candidate or default_candidate()
         self._election = catalog.store.election(ELECTION, self.candidate)
+        self._catalog = catalog
         self._collector = Collector(catalog, self._election.fence)
         self._interval = sweep_interval_s
         self._stopping = threading.Event()
@@ -87,9 +97,21 @@ class Leadership:
             if won and not self._stopping.is_set():
                 self._lead()
 
+    def _reconcilers(self) -> list[Runner]:
+        """The leader's reconcilers (moves, replication), their txns fenced."""
+        intents = ImageIntents(self._catalog, fence=self._election.fence)
+        return [
+            move_runner(self._catalog, intents, self._lost_after, self._events),
+            replication_runner(self._catalog, intents, self._events),
+            failover_runner(self._catalog, intents, self._lost_after, self._events),
+        ]
+
     def _lead(self) -> None:
         CONTROLLER_LEADER.set(1)
         log.info("leading", extra={"election": ELECTION, "candidate": self.candidate})
+        runners = self._reconcilers()
+        for runner in runners:
+            runner.start()
         try:
             while not self._stopping.is_set() and self._election.is_leader:
                 try:
@@ -103,5 +125,7 @@ class Leadership:
                 if self._election.wait_lost(self._interval):
                     break
         finally:
+            for runner in runners:
+                runner.stop(timeout=10.0)
             CONTROLLER_LEADER.set(0)
         log.info("not leading", extra={"election": ELECTION, "candidate": self.candidate})

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from csi_driver.controller.images import DEFAULT_WAIT_S, ImageIntents
+from csi_driver.controller.moves import MoveRequests
 from csi_driver.controller.policy import check_mutable, modify_volume
 from csi_driver.controller.snapshots import CloneSource
 from csi_driver.core.encryption import check_encryptable
@@ -202,6 +203,7 @@ class VolumeService:
     ) -> None:
         self._catalog = catalog
         self._images = ImageIntents(catalog, wait_s=wait_s)
+        self._moves = MoveRequests(catalog, wait_s=wait_s, clock=clock)
         self._clock = clock
         self._lock_timeout = lock_timeout_s
         self._names = KeyedLocks()
@@ -407,6 +409,7 @@ class VolumeService:
                 "with the requested capability"
             )
         wanted = Publication(node_id, readonly, capability.access_type, capability.access_mode)
+        self._follow(volume_id, node_id)
 
         def add(current: Volume) -> Volume:
             if current.state is not VolumeState.READY:
@@ -427,9 +430,8 @@ class VolumeService:
                     )
                 )
             if node_id != current.primary_node:
-                raise FailedPrecondition(
-                    f"volume {volume_id} holds its data on node {current.primary_node}; "
-                    "this Ferry release cannot move it to another node"
+                raise Aborted(
+                    f"volume {volume_id} moved to node {current.primary_node} meanwhile; retry"
                 )
             if node.max_volumes and self._published_count(node_id) >= node.max_volumes:
                 raise ResourceExhausted(
@@ -441,6 +443,35 @@ class VolumeService:
         with self._volumes.hold(volume_id, timeout=self._lock_timeout):
             published = self._catalog.update_volume(volume_id, add)
         return {EPOCH_CONTEXT_KEY: str(published.epoch), PRIMARY_CONTEXT_KEY: node_id}
+
+    def _follow(self, volume_id: str, node_id: str) -> None:
+        """Make ``node_id`` the volume's primary first: a move, waited for within the
+        deadline (ABORTED with its progress past it; the attacher retries)."""
+        volume_read = self._catalog.read_volume(volume_id)
+        if volume_read is None:
+            raise NotFound(f"volume {volume_id} does not exist")
+        volume = volume_read.value
+        in_flight = self._moves.in_flight(volume_id)
+        if volume.primary_node == node_id and in_flight is None:
+            return
+        if volume.published_on(node_id) is not None:
+            return  # a repeat: the publish below answers it
+        if volume.publications:
+            raise FailedPrecondition(
+                PUBLISHED_ON_OTHER_NODE.format(
+                    volume_id=volume_id, node=volume.publications[0].node_id
+                )
+            )
+        if volume.state is not VolumeState.READY:
+            raise FailedPrecondition(
+                f"volume {volume_id} is {volume.state.value}; retry when it is ready"
+            )
+        if in_flight is not None and in_flight[0].target_node != node_id:
+            raise Aborted(
+                f"volume {volume_id} is moving to node {in_flight[0].target_node}; retry "
+                "once that move is done"
+            )
+        self._moves.bring(volume_read, node_id)
 
     def unpublish(self, volume_id: str, node_id: str) -> None:
         """Withdraw the volume from ``node_id`` (every node when empty); idempotent."""

@@ -27,6 +27,19 @@ heartbeat::
     index/snapshots/<snapshot_id>           the node holding it (bytes)
     index/groups/<group_id>                 the node holding it (bytes)
     snapshot-names/<name>                   the snapshot or group id a name maps to
+    spec/exports/<node_id>/<volume_id>      ExportSpec        controller
+    status/exports/<node_id>/<volume_id>    ExportStatus      node <node_id> (the source)
+    status/transfers/<node_id>/<volume_id>  TransferStatus    node <node_id> (the receiver)
+    spec/moves/<volume_id>                  MoveSpec          controller (ControllerPublish)
+    status/moves/<volume_id>                MoveStatus        controller (move reconciler)
+    status/failovers/<volume_id>            FailoverStatus    controller (failover reconciler)
+
+Mobility. A replica is an ImageSpec with role REPLICA and ``source_node``
+(the primary it follows). The primary serves point-in-time images when its
+ExportSpec asks (each ``round`` is one capture); every replica of the volume
+pulls the export whose ``epoch`` is its own, commits it only when the whole
+manifest verifies, and reports the synced transfer and manifest digest in its
+ImageStatus. A move is a MoveSpec whose status records the last step done.
 
 Images are keyed node first, so a node agent watches exactly its own work
 with one prefix (``spec/images/<node_id>/``). Ids never contain ``/``
@@ -79,6 +92,12 @@ NODE_STATUSES = STATUS + "nodes/"
 NODE_ACCOUNTS = ACCOUNTING + "nodes/"
 IMAGE_SPECS = SPEC + "images/"
 IMAGE_STATUSES = STATUS + "images/"
+EXPORT_SPECS = SPEC + "exports/"
+EXPORT_STATUSES = STATUS + "exports/"
+TRANSFER_STATUSES = STATUS + "transfers/"
+MOVE_SPECS = SPEC + "moves/"
+MOVE_STATUSES = STATUS + "moves/"
+FAILOVER_STATUSES = STATUS + "failovers/"
 
 
 def _node(node_id: str) -> str:
@@ -110,6 +129,42 @@ def image_spec_key(node_id: str, volume_id: str) -> str:
 
 def image_status_key(node_id: str, volume_id: str) -> str:
     return image_statuses_on(node_id) + _volume(volume_id)
+
+
+def export_specs_on(node_id: str) -> str:
+    """The prefix of every export node ``node_id`` is asked to serve."""
+    return f"{EXPORT_SPECS}{_node(node_id)}/"
+
+
+def export_spec_key(node_id: str, volume_id: str) -> str:
+    return export_specs_on(node_id) + _volume(volume_id)
+
+
+def export_status_key(node_id: str, volume_id: str) -> str:
+    return f"{EXPORT_STATUSES}{_node(node_id)}/{_volume(volume_id)}"
+
+
+def transfer_status_key(node_id: str, volume_id: str) -> str:
+    return f"{TRANSFER_STATUSES}{_node(node_id)}/{_volume(volume_id)}"
+
+
+def move_spec_key(volume_id: str) -> str:
+    return MOVE_SPECS + _volume(volume_id)
+
+
+def move_status_key(volume_id: str) -> str:
+    return MOVE_STATUSES + _volume(volume_id)
+
+
+def failover_status_key(volume_id: str) -> str:
+    return FAILOVER_STATUSES + _volume(volume_id)
+
+
+def volume_of_key(key: str) -> str | None:
+    """The volume id a per-node record key ends with (``<kind>/<family>/<node>/<volume>``);
+    None for any other key. A work-key map for runners woken by other nodes' records."""
+    parts = key.split("/")
+    return parts[3] if len(parts) == 4 and VOLUME_ID_PATTERN.match(parts[3]) else None
 
 
 def volume_spec_key(volume_id: str) -> str:
@@ -301,6 +356,12 @@ class ImageSpec:
     #: The snapshot a new image starts as (clone or restore); None: blank.
     source: ImageSource | None = None
 
+    #: REPLICA only: the primary node whose exports this replica pulls.
+    source_node: str = ""
+    #: A primary demoted by a failover: what it holds may include writes the new
+    #: primary never got, so it is kept aside (a snapshot image), never overwritten.
+    keep_divergent: bool = False
+
     @property
     def key(self) -> str:
         return image_spec_key(self.node_id, self.volume_id)
@@ -323,6 +384,14 @@ class ImageStatus:
     size_bytes: int = 0
     reason: FailureReason = FailureReason.NONE
     message: str = ""
+    #: REPLICA: the export last committed (its transfer id and manifest digest),
+    #: when, and how many bytes that sync received.
+    synced_transfer: str = ""
+    manifest_digest: str = ""
+    synced_at: float = 0.0
+    synced_bytes: int = 0
+    #: when the primary captured the image this replica holds: its lag is now - this
+    synced_captured_at: float = 0.0
 
     @property
     def key(self) -> str:
@@ -537,6 +606,178 @@ class GroupSnapshotStatus:
         return self.phase is not ImagePhase.PENDING
 
 
+class ExportPhase(enum.Enum):
+    READY = "ready"  # captured and served at ``endpoint``
+    WAITING = "waiting"  # a final export waits for the volume to be unstaged here
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """Node ``node_id`` (the primary) should serve a point-in-time image of its volume.
+
+    Each ``round`` asks for a new capture. ``final`` captures only once nothing
+    on the node uses the volume (a move's last sync: the image is quiescent).
+    """
+
+    KIND: ClassVar[str] = "ExportSpec"
+
+    volume_id: str
+    node_id: str
+    epoch: int
+    round: int = 1
+    final: bool = False
+    generation: int = 1
+
+    @property
+    def key(self) -> str:
+        return export_spec_key(self.node_id, self.volume_id)
+
+    @property
+    def status_key(self) -> str:
+        return export_status_key(self.node_id, self.volume_id)
+
+    @property
+    def transfer_id(self) -> str:
+        return f"{self.volume_id}-e{self.epoch}-r{self.round}"
+
+
+@dataclass(frozen=True)
+class ExportStatus:
+    KIND: ClassVar[str] = "ExportStatus"
+
+    volume_id: str
+    node_id: str
+    phase: ExportPhase
+    observed_generation: int
+    epoch: int = 0
+    transfer_id: str = ""
+    endpoint: str = ""  # the node's chunk source (tcp:// or unix://)
+    manifest_digest: str = ""
+    size_bytes: int = 0
+    data_bytes: int = 0
+    captured_at: float = 0.0
+    final: bool = False
+    message: str = ""
+
+    @property
+    def key(self) -> str:
+        return export_status_key(self.node_id, self.volume_id)
+
+
+class TransferPhase(enum.Enum):
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class TransferStatus:
+    """A pull into node ``node_id``'s replica: what a CLI or a metric shows of it."""
+
+    KIND: ClassVar[str] = "TransferStatus"
+
+    volume_id: str
+    node_id: str
+    transfer_id: str
+    source_node: str
+    phase: TransferPhase
+    bytes_total: int = 0
+    bytes_done: int = 0
+    rate_bytes_per_s: float = 0.0
+    eta_s: float = -1.0  # unknown until something arrived
+    started_at: float = 0.0
+    updated_at: float = 0.0
+    message: str = ""
+
+    @property
+    def key(self) -> str:
+        return transfer_status_key(self.node_id, self.volume_id)
+
+
+class MoveStep(enum.Enum):
+    """A move's steps in order; the status names the last one completed."""
+
+    REQUESTED = "requested"
+    SOURCE_RELEASED = "source-released"  # published nowhere (RWO: detached from the source)
+    TARGET_ASSIGNED = "target-assigned"  # the target holds a replica image spec
+    FINAL_CAPTURED = "final-captured"  # the source served its quiescent image
+    VERIFIED = "verified"  # the target committed exactly that image
+    SWITCHED = "switched"  # epoch bumped, target primary, source a replica
+    DONE = "done"  # the target serves the volume as its primary
+    ABANDONED = "abandoned"  # rolled back: the source stays primary
+
+    @property
+    def finished(self) -> bool:
+        return self in (MoveStep.DONE, MoveStep.ABANDONED)
+
+
+@dataclass(frozen=True)
+class MoveSpec:
+    """Move volume ``volume_id``'s primary from ``source_node`` to ``target_node``."""
+
+    KIND: ClassVar[str] = "MoveSpec"
+
+    volume_id: str
+    source_node: str
+    target_node: str
+    from_epoch: int
+    requested_at: float = 0.0
+    generation: int = 1
+
+    @property
+    def key(self) -> str:
+        return move_spec_key(self.volume_id)
+
+    @property
+    def status_key(self) -> str:
+        return move_status_key(self.volume_id)
+
+
+@dataclass(frozen=True)
+class MoveStatus:
+    KIND: ClassVar[str] = "MoveStatus"
+
+    volume_id: str
+    observed_generation: int
+    step: MoveStep
+    message: str = ""
+    updated_at: float = 0.0
+    #: bytes the final sync shipped, and when the final sync started and the move ended
+    final_bytes: int = 0
+    final_started_at: float = 0.0
+    finished_at: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return move_status_key(self.volume_id)
+
+
+@dataclass(frozen=True)
+class FailoverStatus:
+    """The last failover of a volume: who took over, and the writes it may have lost.
+
+    ``data_loss_window_s`` is from the capture the new primary holds to the
+    last heartbeat of the lost one: writes made in it may be gone (they are
+    kept aside on the old primary if it returns).
+    """
+
+    KIND: ClassVar[str] = "FailoverStatus"
+
+    volume_id: str
+    from_node: str
+    to_node: str
+    epoch: int
+    at: float
+    primary_last_seen: float = 0.0
+    replica_captured_at: float = 0.0
+    data_loss_window_s: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return failover_status_key(self.volume_id)
+
+
 class _Spec(Protocol):
     @property
     def generation(self) -> int: ...
@@ -583,6 +824,12 @@ CatalogRecord = (
     | SnapshotStatus
     | GroupSnapshotSpec
     | GroupSnapshotStatus
+    | ExportSpec
+    | ExportStatus
+    | TransferStatus
+    | MoveSpec
+    | MoveStatus
+    | FailoverStatus
 )
 R = TypeVar("R", bound=CatalogRecord)
 
@@ -601,6 +848,12 @@ KINDS: dict[str, type[Any]] = {
         SnapshotStatus,
         GroupSnapshotSpec,
         GroupSnapshotStatus,
+        ExportSpec,
+        ExportStatus,
+        TransferStatus,
+        MoveSpec,
+        MoveStatus,
+        FailoverStatus,
     )
 }
 

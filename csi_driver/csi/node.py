@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from csi_driver.controller.volumes import DEFAULT_FS, FS_TYPE_CONTEXT_KEY
+from csi_driver.controller.volumes import DEFAULT_FS, EPOCH_CONTEXT_KEY, FS_TYPE_CONTEXT_KEY
 from csi_driver.core.encryption import (
     ENCRYPTED_CONTEXT_KEY,
     check_encryptable,
@@ -37,6 +37,7 @@ from csi_driver.core.model import (
 from csi_driver.csi.convert import capability_from_proto, topology_to_proto
 from csi_driver.gen import csi_pb2, csi_pb2_grpc
 from csi_driver.node.agent import NodeAgent
+from csi_driver.node.fencing import EpochFence
 from csi_driver.rpc.errors import rpc
 
 _RPC = csi_pb2.NodeServiceCapability.RPC
@@ -67,11 +68,27 @@ def _capability(request: Any) -> VolumeCapability:
     return capability
 
 
+def _context_epoch(context: Any) -> int | None:
+    text = context.get(EPOCH_CONTEXT_KEY, "")
+    if not text:
+        return None  # a CO that does not attach (no ControllerPublish): the catalog decides
+    if not text.isdigit():
+        raise InvalidArgument(f"publish_context {EPOCH_CONTEXT_KEY}={text!r} is not an epoch")
+    return int(text)
+
+
 class NodeServicer(csi_pb2_grpc.NodeServicer):
-    def __init__(self, agent: NodeAgent, topology: Topology, max_volumes: int) -> None:
+    def __init__(
+        self,
+        agent: NodeAgent,
+        topology: Topology,
+        max_volumes: int,
+        fence: EpochFence | None = None,
+    ) -> None:
         self._agent = agent
         self._topology = topology
         self._max_volumes = max_volumes
+        self._fence = fence
 
     @rpc(required=("volume_id", "staging_target_path", "volume_capability"))
     def NodeStageVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -86,7 +103,16 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             check_encryptable(capability.access_type, fs_type if mounted else None)
             key = volume_key(request.secrets)
         volume_id = _known_volume(request.volume_id)
-        self._agent.stage(volume_id, request.staging_target_path, capability, fs_type, key)
+        epoch = _context_epoch(request.publish_context)
+        fence = self._fence
+        self._agent.stage(
+            volume_id,
+            request.staging_target_path,
+            capability,
+            fs_type,
+            key,
+            admit=(lambda: fence.check(volume_id, epoch)) if fence is not None else None,
+        )
         return csi_pb2.NodeStageVolumeResponse()
 
     @rpc(required=("volume_id", "staging_target_path"))

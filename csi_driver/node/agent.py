@@ -26,7 +26,7 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -263,8 +263,11 @@ class NodeAgent:
         capability: VolumeCapability,
         fs_type: FsType,
         key: VolumeKey | None = None,
+        admit: Callable[[], None] | None = None,
     ) -> None:
-        """Stage the volume; ``key`` (an encrypted volume's) unlocks its files."""
+        """Stage the volume; ``key`` (an encrypted volume's) unlocks its files.
+        ``admit`` (the epoch fence) runs under the volume's lock before anything
+        else is looked at, and raises to refuse the stage."""
         staging = self.paths.check(staging_path, "staging_target_path")
         flags = check_mount_flags(capability.mount_flags)
         wanted = Staged(
@@ -279,6 +282,8 @@ class NodeAgent:
         if key is not None:
             check_encryptable(wanted.access_type, wanted.fs_type)
         with self._locks.hold(volume_id, timeout=VOLUME_LOCK_TIMEOUT_S):
+            if admit is not None:
+                admit()
             image = self.pool.require(volume_id)
             current = self._states.load(volume_id)
             if current is not None:
@@ -484,6 +489,41 @@ class NodeAgent:
                     "(kubelet does once no pod uses it), then delete it again"
                 )
             self.pool.delete_image(volume_id)
+
+    @contextlib.contextmanager
+    def holding(self, volume_id: str) -> Iterator[None]:
+        """Hold the volume's lock: no stage, unstage, publish or unpublish meanwhile
+        (a capture holding the mountpoint open would make an unmount fail busy)."""
+        with self._locks.hold(volume_id, timeout=VOLUME_LOCK_TIMEOUT_S):
+            yield
+
+    def staged_volumes(self) -> list[str]:
+        return [s.volume_id for s in self._states.all()]
+
+    def mounted_at(self, volume_id: str) -> Path | None:
+        """Where the volume's filesystem is staged on this node, if it is."""
+        staged = self._states.load(volume_id)
+        if staged is None or staged.access_type is not AccessType.MOUNT:
+            return None
+        path = Path(staged.staging_path)
+        return path if self.mounts.at(path) is not None else None
+
+    @contextlib.contextmanager
+    def unused(self, volume_id: str) -> Iterator[None]:
+        """Hold the volume's lock while nothing on this node uses its image.
+
+        Raises FailedPrecondition naming the users otherwise. Inside, no stage
+        or publish can start: a move's final capture reads a quiescent image.
+        """
+        with self._locks.hold(volume_id, timeout=VOLUME_LOCK_TIMEOUT_S):
+            users = self._users(volume_id)
+            if users:
+                raise FailedPrecondition(
+                    f"volume {volume_id} is still in use on node {self.node_id}: "
+                    f"{'; '.join(users)}; it moves once kubelet has unpublished and "
+                    "unstaged it there"
+                )
+            yield
 
     def _users(self, volume_id: str) -> list[str]:
         """Where the volume is in use on this node, as phrases for an operator."""

@@ -5,6 +5,10 @@ Layout under the pool root::
     images/<volume-id>.img    the volume's bytes
     images/<volume-id>.json   its metadata: epoch, kind (thick/thin), creation time
     state/                    the node agent's persisted stage/publish intents
+    replicas/<volume-id>/     a replica's generations (chunks.generations)
+    captures/<volume-id>/     a primary's point-in-time captures it exports
+    preserved/<volume-id>-<t>.img  a failed-over primary's divergent image, kept
+                              for the operator (never deleted by Ferry)
 
 Metadata is written atomically (temp file, fsync, rename) *before* the
 image, and the image is built under a temporary name and renamed into place
@@ -188,7 +192,17 @@ class Pool:
         self.root = Path(root)
         self.images_dir = self.root / "images"
         self.state_dir = self.root / "state"
-        for directory in (self.root, self.images_dir, self.state_dir):
+        self.replicas_dir = self.root / "replicas"
+        self.captures_dir = self.root / "captures"
+        self.preserved_dir = self.root / "preserved"
+        for directory in (
+            self.root,
+            self.preserved_dir,
+            self.images_dir,
+            self.state_dir,
+            self.replicas_dir,
+            self.captures_dir,
+        ):
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.Lock()
         self._remove_temp_files()
@@ -398,6 +412,41 @@ class Pool:
         os.close(fd)
         os.replace(tmp, image)
         fsync_dir(self.images_dir)
+
+    def adopt_image(self, volume_id: str, source: Path, epoch: int, *, thin: bool) -> ImageInfo:
+        """Make the file at ``source`` (on the pool's filesystem) the volume's image.
+
+        A replica promoted to primary: its verified generation becomes the pool
+        image by one rename, never a copy. The metadata is written first, so a
+        crash between the two leaves a record whose image is still at ``source``
+        for the promotion to rename again.
+        """
+        with self._lock:
+            if self.get(volume_id) is not None:
+                raise AlreadyExists(f"volume {volume_id} already has an image in the pool")
+            size = source.stat().st_size
+            self._reserve(size, f"promote volume {volume_id}'s replica")
+            write_json_atomic(
+                self._meta_path(volume_id),
+                {"volume_id": volume_id, "epoch": epoch, "thin": thin, "created_at": time.time()},
+            )
+            os.rename(source, self.image_path(volume_id))
+            fsync_dir(self.images_dir)
+            fsync_dir(source.parent)
+            self._sizes[volume_id] = size
+        log.info("image adopted", extra={"volume": volume_id, "bytes": size, "epoch": epoch})
+        return self.require(volume_id)
+
+    def release_image(self, volume_id: str, destination: Path) -> None:
+        """Move the volume's image out of the pool to ``destination`` (same filesystem):
+        a demoted primary's image becomes its replica's first generation."""
+        with self._lock:
+            os.rename(self.image_path(volume_id), destination)
+            fsync_dir(destination.parent)
+            self._meta_path(volume_id).unlink(missing_ok=True)
+            fsync_dir(self.images_dir)
+            self._sizes.pop(volume_id, None)
+        log.info("image released from the pool", extra={"volume": volume_id})
 
     def delete_image(self, volume_id: str) -> None:
         """Remove an image and its metadata; unknown ids are already deleted."""

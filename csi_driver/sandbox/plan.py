@@ -80,6 +80,11 @@ class Member:
     log: Path
 
 
+#: Liveness in the sandbox: fast enough for a failover demo in seconds.
+SANDBOX_HEARTBEAT_S = 1.0
+SANDBOX_NODE_LOST_AFTER_S = 5.0
+
+
 @dataclass(frozen=True)
 class SandboxPlan:
     directory: Path
@@ -230,11 +235,14 @@ class SandboxPlan:
             "--tls-dir", str(self.tls / member.name),
         )  # fmt: skip
         if member.role is Role.CONTROLLER:
+            # Nodes beat every second here, so a node killed or cut in a test or
+            # the demo counts as lost (failoverPolicy promote) within seconds.
+            lost = ("--node-lost-after", str(SANDBOX_NODE_LOST_AFTER_S))
             if self.catalog is CatalogKind.ETCD:
-                return (*ferry, "controller", *common, "--catalog", self.catalog_url)
+                return (*ferry, "controller", *common, *lost, "--catalog", self.catalog_url)
             listen = f"tcp://{self.control.address}:{CATALOG_PORT}"
             catalog = ("--catalog", str(self.sqlite_file), "--catalog-listen", listen)
-            return (*ferry, "controller", *common, *catalog)
+            return (*ferry, "controller", *common, *lost, *catalog)
         node_dir = self.node_dir(member.name)
         return (
             *ferry,
@@ -256,6 +264,8 @@ class SandboxPlan:
             f"tcp://{member.namespace.address}:{CHUNK_PORT}",
             "--zone",
             ZONE,
+            "--heartbeat-interval",
+            str(SANDBOX_HEARTBEAT_S),
         )
 
     def _etcd_command(self, member: Member) -> tuple[str, ...]:

@@ -15,6 +15,10 @@ from csi_driver.core.records import (
     KINDS,
     SCHEMA_VERSION,
     CatalogRecord,
+    ExportPhase,
+    ExportSpec,
+    ExportStatus,
+    FailoverStatus,
     FailureReason,
     GroupMember,
     GroupSnapshotSpec,
@@ -24,30 +28,45 @@ from csi_driver.core.records import (
     ImageSource,
     ImageSpec,
     ImageStatus,
+    MoveSpec,
+    MoveStatus,
+    MoveStep,
     NodeAccounting,
     NodeSpec,
     NodeStatus,
     SnapshotMethod,
     SnapshotSpec,
     SnapshotStatus,
+    TransferPhase,
+    TransferStatus,
     VolumePhase,
     VolumeSpec,
     VolumeStatus,
     answers,
     decode,
     encode,
+    export_status_key,
     image_spec_key,
     image_specs_on,
     image_status_key,
+    image_statuses_on,
     node_accounting_key,
     revise,
     snapshot_spec_key,
     snapshot_specs_on,
+    volume_of_key,
 )
 
 VOL = "vol-" + "a" * 32
 
 volume_ids = st.text("0123456789abcdef", min_size=32, max_size=32).map(lambda h: "vol-" + h)
+node_ids = st.from_regex(r"\A[A-Za-z0-9]([A-Za-z0-9._-]{0,20}[A-Za-z0-9])?\Z")
+sizes = st.integers(min_value=0, max_value=2**62)
+texts = st.text(max_size=40)
+pairs = st.lists(st.tuples(texts, texts), max_size=4).map(lambda x: tuple(sorted(set(x))))
+generations = st.integers(min_value=1, max_value=2**40)
+floats = st.floats(allow_nan=False, allow_infinity=False)
+
 snapshot_ids = st.text("0123456789abcdef", min_size=32, max_size=32).map(lambda h: "snap-" + h)
 group_ids = st.text("0123456789abcdef", min_size=32, max_size=32).map(lambda h: "group-" + h)
 node_ids = st.from_regex(r"\A[A-Za-z0-9]([A-Za-z0-9._-]{0,20}[A-Za-z0-9])?\Z")
@@ -120,6 +139,8 @@ records: st.SearchStrategy[CatalogRecord] = st.one_of(
         deleted=st.booleans(),
         generation=generations,
         source=st.none() | st.builds(ImageSource, snapshot_id=snapshot_ids, node_id=node_ids),
+        source_node=texts,
+        keep_divergent=st.booleans(),
     ),
     st.builds(
         ImageStatus,
@@ -130,6 +151,82 @@ records: st.SearchStrategy[CatalogRecord] = st.one_of(
         size_bytes=sizes,
         reason=st.sampled_from(FailureReason),
         message=texts,
+        synced_transfer=texts,
+        manifest_digest=texts,
+        synced_at=floats,
+        synced_bytes=sizes,
+        synced_captured_at=floats,
+    ),
+    st.builds(
+        ExportSpec,
+        volume_id=volume_ids,
+        node_id=node_ids,
+        epoch=generations,
+        round=generations,
+        final=st.booleans(),
+        generation=generations,
+    ),
+    st.builds(
+        ExportStatus,
+        volume_id=volume_ids,
+        node_id=node_ids,
+        phase=st.sampled_from(ExportPhase),
+        observed_generation=generations,
+        epoch=generations,
+        transfer_id=texts,
+        endpoint=texts,
+        manifest_digest=texts,
+        size_bytes=sizes,
+        data_bytes=sizes,
+        captured_at=floats,
+        final=st.booleans(),
+        message=texts,
+    ),
+    st.builds(
+        TransferStatus,
+        volume_id=volume_ids,
+        node_id=node_ids,
+        transfer_id=texts,
+        source_node=node_ids,
+        phase=st.sampled_from(TransferPhase),
+        bytes_total=sizes,
+        bytes_done=sizes,
+        rate_bytes_per_s=floats,
+        eta_s=floats,
+        started_at=floats,
+        updated_at=floats,
+        message=texts,
+    ),
+    st.builds(
+        MoveSpec,
+        volume_id=volume_ids,
+        source_node=node_ids,
+        target_node=node_ids,
+        from_epoch=generations,
+        requested_at=floats,
+        generation=generations,
+    ),
+    st.builds(
+        MoveStatus,
+        volume_id=volume_ids,
+        observed_generation=generations,
+        step=st.sampled_from(MoveStep),
+        message=texts,
+        updated_at=floats,
+        final_bytes=sizes,
+        final_started_at=floats,
+        finished_at=floats,
+    ),
+    st.builds(
+        FailoverStatus,
+        volume_id=volume_ids,
+        from_node=node_ids,
+        to_node=node_ids,
+        epoch=generations,
+        at=floats,
+        primary_last_seen=floats,
+        replica_captured_at=floats,
+        data_loss_window_s=floats,
     ),
     st.builds(
         SnapshotSpec,
@@ -252,6 +349,12 @@ def test_kinds_registry_names_every_record_type() -> None:
         "NodeAccounting",
         "ImageSpec",
         "ImageStatus",
+        "ExportSpec",
+        "ExportStatus",
+        "TransferStatus",
+        "MoveSpec",
+        "MoveStatus",
+        "FailoverStatus",
         "SnapshotSpec",
         "SnapshotStatus",
         "GroupSnapshotSpec",
@@ -307,6 +410,14 @@ def test_accounting_charges_and_refuses_to_go_negative() -> None:
     assert released.charge(16 << 20, 0).volume_count == 1  # an expansion
     with pytest.raises(InvalidArgument, match="negative"):
         released.charge(-(64 << 20), -1)
+
+
+def test_runners_woken_by_other_nodes_records_find_the_volume_in_the_key() -> None:
+    assert volume_of_key(export_status_key("node-2", VOL)) == VOL
+    assert volume_of_key(image_status_key("n", VOL)) == VOL
+    assert volume_of_key(image_statuses_on("n")) is None  # the prefix itself
+    assert volume_of_key("status/exports/n/not-a-volume") is None
+    assert volume_of_key(f"status/exports/a/b/{VOL}") is None
 
 
 def test_snapshot_keys_are_node_first_and_refuse_foreign_ids() -> None:

@@ -338,16 +338,16 @@ class TestControllerPublish:
             publish_request(volume.volume_id, node_id=second_node),
         )
 
-    def test_node_without_the_data_is_failed_precondition(
+    def test_node_without_the_data_gets_it_moved_there(
         self, ferry: Ferry, second_node: str
     ) -> None:
-        volume = ferry.create("pinned")
-        details = expect_code(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            ferry.client.controller.ControllerPublishVolume,
-            publish_request(volume.volume_id, node_id=second_node),
-        )
-        assert NODE_ID in details
+        # The move itself is tested in tests/controller/test_moves.py.
+        volume = ferry.create("follows")
+        context = ferry.client.controller.ControllerPublishVolume(
+            publish_request(volume.volume_id, node_id=second_node), timeout=60
+        ).publish_context
+        assert context["ferry.csi.dev/primary"] == second_node
+        assert context["ferry.csi.dev/epoch"] == "2"
 
     def test_node_volume_limit_is_resource_exhausted(self, ferry: Ferry) -> None:
         for i in range(16):  # the test node's max_volumes

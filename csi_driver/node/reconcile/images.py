@@ -23,11 +23,12 @@ only writer). Invariants:
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
+from csi_driver.chunks.generations import GenerationStore
 from csi_driver.core.errors import (
     AlreadyExists,
-    Conflict,
     FailedPrecondition,
     FerryError,
     NotFound,
@@ -37,6 +38,7 @@ from csi_driver.core.errors import (
 from csi_driver.core.records import (
     FailureReason,
     ImagePhase,
+    ImageRole,
     ImageSource,
     ImageSpec,
     ImageStatus,
@@ -46,15 +48,17 @@ from csi_driver.core.records import (
     image_status_key,
     image_statuses_on,
 )
+from csi_driver.faults import crash_point
 from csi_driver.metrics import observe_provisioned
 from csi_driver.node.agent import NodeAgent
 from csi_driver.node.clones import SnapshotFetcher
 from csi_driver.node.pool import ImageInfo
 from csi_driver.node.snapshots import copy_image
 from csi_driver.reconcile.informer import Informer
+from csi_driver.reconcile.report import report
 from csi_driver.reconcile.runner import Runner, Source, strip_prefix
 from csi_driver.store.base import CatalogStore
-from csi_driver.store.records import Versioned, put, read, unchanged_since
+from csi_driver.store.records import Versioned, read
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +88,8 @@ class ImageReconciler:
         if spec_read is None:
             return None  # nothing asked of this node (or the controller finished)
         spec = spec_read.value
+        if spec.role is ImageRole.REPLICA:
+            return None  # the replica reconciler's (node/reconcile/replicas.py)
         current = read(self._store, ImageStatus, image_status_key(self.node_id, volume_id))
         if current is not None and _done(current.value, spec):
             return None
@@ -114,24 +120,55 @@ class ImageReconciler:
         if info is None and was_ready:
             # A blank image in its place would be formatted on the next stage
             # and pass for the volume: report the loss instead.
-            return ImageStatus(
-                spec.volume_id,
-                self.node_id,
-                ImagePhase.FAILED,
-                spec.generation,
-                reason=FailureReason.LOST,
-                message=f"the image of volume {spec.volume_id} disappeared from the pool on "
+            return _lost(
+                spec,
+                f"the image of volume {spec.volume_id} disappeared from the pool on "
                 f"node {self.node_id} after it was created; restore it, or delete the volume",
+            )
+        if info is None:
+            info = self._promote(spec)  # a replica's generation, whatever the image began as
+        if info is None and spec.epoch > 1:
+            # A primary at a later epoch took its data from a replica: a blank image
+            # in its place would pass for the volume. Never make one.
+            return _lost(
+                spec,
+                f"node {self.node_id} was made primary of volume {spec.volume_id} "
+                f"at epoch {spec.epoch} but holds no verified replica of it; promote a node "
+                "that does, or restore it",
             )
         if info is None and spec.source is not None:
             info = self._create_from(spec, spec.source)
         elif info is None:
             info = pool.create_image(spec.volume_id, spec.size_bytes, spec.epoch, thin=spec.thin)
-        elif info.size_bytes < spec.size_bytes:
+        elif (pool.replicas_dir / spec.volume_id).exists():
+            # A promotion cut short after its rename: the generations left are stale.
+            shutil.rmtree(pool.replicas_dir / spec.volume_id, ignore_errors=True)
+        if info.size_bytes < spec.size_bytes:
             info = pool.expand_image(spec.volume_id, spec.size_bytes)
         return ImageStatus(
             spec.volume_id, self.node_id, ImagePhase.READY, spec.generation, info.size_bytes
         )
+
+    def _promote(self, spec: ImageSpec) -> ImageInfo | None:
+        """A replica made primary here (a move or a failover): its verified current
+        generation becomes the pool image, by rename; None when there is none."""
+        root = self._agent.pool.replicas_dir / spec.volume_id
+        if not root.is_dir():
+            return None
+        replica = GenerationStore(root)
+        generation = replica.current()
+        if generation is None:
+            return None
+        info = self._agent.pool.adopt_image(
+            spec.volume_id, generation.image, spec.epoch, thin=spec.thin
+        )
+        crash_point("node:image:promoted")
+        shutil.rmtree(replica.root, ignore_errors=True)
+        log.info(
+            "replica promoted to primary",
+            extra={"volume": spec.volume_id, "epoch": spec.epoch, "generation": generation.number},
+        )
+        return info
 
     def _create_from(self, spec: ImageSpec, source: ImageSource) -> ImageInfo:
         """A clone or restore: the snapshot's bytes, by reflink or copy when it is held
@@ -158,16 +195,7 @@ class ImageReconciler:
         current: Versioned[ImageStatus] | None,
         status: ImageStatus,
     ) -> None:
-        if current is not None and current.value == status:
-            return
-        try:
-            self._store.txn([unchanged_since(spec_read.value.key, spec_read)], [put(status)])
-        except Conflict:
-            # The spec changed while we worked: its event queues another pass.
-            log.info(
-                "image spec changed during reconcile; reconciling again",
-                extra={"volume": status.volume_id},
-            )
+        if not report(self._store, spec_read, current, status):
             return
         log.info(
             "image status reported",
@@ -191,6 +219,17 @@ def _done(status: ImageStatus, spec: ImageSpec) -> bool:
     if status.phase is ImagePhase.FAILED:
         return status.reason.final
     return status.phase is ImagePhase.DELETED
+
+
+def _lost(spec: ImageSpec, message: str) -> ImageStatus:
+    return ImageStatus(
+        spec.volume_id,
+        spec.node_id,
+        ImagePhase.FAILED,
+        spec.generation,
+        reason=FailureReason.LOST,
+        message=message,
+    )
 
 
 def _failed(spec: ImageSpec, reason: FailureReason, exc: FerryError) -> ImageStatus:

@@ -1,0 +1,175 @@
+"""The leader's failover reconciler: a volume whose primary node is lost.
+
+A node is lost when its heartbeat (``nodes/<id>``) is older than
+``node_lost_after_s``. For each volume whose primary is on a lost node:
+
+- ``failoverPolicy: wait`` (the default): nothing moves; the volume waits
+  for its node (a move to another node says so while it waits), so no
+  acknowledged write is ever given up.
+- ``failoverPolicy: promote``: the freshest replica (the latest capture it
+  committed) on a live node becomes the primary in one txn that bumps the
+  epoch, makes the lost primary a replica marked ``keep_divergent``, points
+  every other replica at the new primary, drops the lost node's
+  publications (the CO's force-detach: recorded, and fenced by the epoch),
+  and records the data-loss window in ``status/failovers/<volume>``.
+
+Invariants: nothing is promoted without a verified replica (a replica that
+never synced is not a candidate); the old primary cannot stage again (its
+epoch and role are stale: node/fencing.py) and, when it returns, keeps what
+it holds aside as a snapshot image instead of overwriting it
+(node/reconcile/replicas.py). Every write compares what it read plus the
+leader's fence.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from csi_driver.controller.images import ImageIntents
+from csi_driver.controller.primaries import switch_primary
+from csi_driver.controller.replication import images_of, ready_volume
+from csi_driver.core.errors import Conflict
+from csi_driver.core.model import Volume
+from csi_driver.core.params import FailoverPolicy
+from csi_driver.core.records import (
+    FailoverStatus,
+    ImageRole,
+    ImageStatus,
+    image_status_key,
+)
+from csi_driver.kube.events import LoggingSink, MobilityEvents, VolumeRef
+from csi_driver.metrics import observe_failover
+from csi_driver.reconcile.informer import Informer
+from csi_driver.reconcile.runner import Runner, Source, strip_prefix
+from csi_driver.store.catalog import VOLUMES, Catalog
+from csi_driver.store.records import Versioned, put, read
+
+log = logging.getLogger(__name__)
+
+#: Default for ``--node-lost-after``: three missed heartbeats of 10 s.
+NODE_LOST_AFTER_S = 30.0
+
+
+def lost_for(catalog: Catalog, node_id: str, lost_after_s: float, now: float) -> float | None:
+    """Seconds since ``node_id`` was last heard of, when that makes it lost; else None."""
+    node = catalog.get_node(node_id)
+    if node is None:
+        return None
+    silent = now - node.heartbeat_at
+    return silent if silent > lost_after_s else None
+
+
+class FailoverReconciler:
+    """Fails one volume over when its primary's node is lost (work key: its id)."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        intents: ImageIntents,
+        lost_after_s: float = NODE_LOST_AFTER_S,
+        clock: Callable[[], float] = time.time,
+        events: MobilityEvents | None = None,
+    ) -> None:
+        self._events = events or MobilityEvents(LoggingSink())
+        self._catalog = catalog
+        self._intents = intents
+        self._lost_after = lost_after_s
+        self._clock = clock
+
+    def __call__(self, volume_id: str) -> float | None:
+        found = ready_volume(self._catalog, volume_id)
+        if found is None:
+            return None
+        volume_read, params = found
+        volume = volume_read.value
+        poll = max(1.0, self._lost_after / 3)
+        now = self._clock()
+        ref = VolumeRef(volume_id, volume.name)
+        silent = lost_for(self._catalog, volume.primary_node, self._lost_after, now)
+        if silent is None:
+            self._events.primary_reachable(ref, volume.primary_node)
+            return poll if params.replicas else None
+        if params.failover_policy is not FailoverPolicy.PROMOTE or params.replicas == 0:
+            self._events.failover_waiting(ref, volume.primary_node, silent)
+            return poll
+        self._promote(volume_read, now)
+        return poll
+
+    def _promote(self, volume_read: Versioned[Volume], now: float) -> None:
+        volume = volume_read.value
+        images = images_of(self._catalog, volume.volume_id)
+        best: tuple[float, str] | None = None
+        for node_id, image in images.items():
+            if image.value.role is not ImageRole.REPLICA or image.value.deleted:
+                continue
+            if lost_for(self._catalog, node_id, self._lost_after, now) is not None:
+                continue
+            status = read(
+                self._catalog.store, ImageStatus, image_status_key(node_id, volume.volume_id)
+            )
+            if status is None or not status.value.manifest_digest:
+                continue  # never synced: no data to promote
+            candidate = (status.value.synced_captured_at, node_id)
+            if best is None or candidate[0] > best[0]:
+                best = candidate
+        if best is None:
+            log.warning(
+                "primary lost and no synced replica on a live node: waiting",
+                extra={"volume": volume.volume_id, "node": volume.primary_node},
+            )
+            return
+        captured_at, chosen = best
+        lost = self._catalog.get_node(volume.primary_node)
+        last_seen = lost.heartbeat_at if lost else 0.0
+        switch = switch_primary(volume_read, images, chosen, diverged=True)
+        epoch = switch.epoch
+        record = FailoverStatus(
+            volume.volume_id,
+            from_node=volume.primary_node,
+            to_node=chosen,
+            epoch=epoch,
+            at=now,
+            primary_last_seen=last_seen,
+            replica_captured_at=captured_at,
+            data_loss_window_s=round(max(0.0, last_seen - captured_at), 3),
+        )
+        try:
+            self._intents.txn(switch.compares, [*switch.ops, put(record)])
+        except Conflict:
+            return  # something changed: the next pass decides again
+        observe_failover(record.data_loss_window_s)
+        self._events.failed_over(
+            VolumeRef(volume.volume_id, volume.name),
+            record.from_node,
+            chosen,
+            epoch,
+            record.data_loss_window_s,
+            captured_at,
+        )
+        log.warning(
+            "volume failed over",
+            extra={
+                "volume": volume.volume_id,
+                "from": record.from_node,
+                "to": chosen,
+                "epoch": epoch,
+                "data_loss_window_s": record.data_loss_window_s,
+            },
+        )
+
+
+def failover_runner(
+    catalog: Catalog,
+    intents: ImageIntents,
+    lost_after_s: float,
+    events: MobilityEvents | None = None,
+) -> Runner:
+    return Runner(
+        "failover",
+        FailoverReconciler(catalog, intents, lost_after_s, events=events),
+        [Source(Informer(catalog.store, VOLUMES), strip_prefix(VOLUMES))],
+        workers=1,
+        resync_s=max(1.0, lost_after_s / 3),
+    )
