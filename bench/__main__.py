@@ -26,6 +26,10 @@ disk. Each job moves its bytes once (fio's random map: no block twice, the
 file's cache dropped first), writes end with an fsync, and a run's time is
 the whole fio process, fsync included.
 
+``--control-plane`` instead measures CreateVolume alone on SQLite and on a
+real single-member etcd, with the catalog's size as a column (see
+``bench/control_plane.py``).
+
 Prints a table and writes JSON (default ``bench/results/latest.json``) with
 every sample. Needs root (loop devices, mounts) and fio.
 """
@@ -36,7 +40,6 @@ import argparse
 import base64
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -51,6 +54,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from bench import control_plane
 from csi_driver import __version__
 from csi_driver.core.encryption import ENCRYPTED_CONTEXT_KEY, KEY_BYTES, SECRET_KEY
 from csi_driver.core.model import GiB, MiB
@@ -58,9 +62,7 @@ from csi_driver.csi.client import CsiClient, mount_capability
 from csi_driver.gen import csi_pb2
 from csi_driver.node.runner import CommandRunner
 from csi_driver.node.teardown import release_under
-from csi_driver.runtime import NodeConfig, start_all_in_one
-
-NODE_ID = "bench-node"
+from csi_driver.runtime import start_all_in_one
 
 
 @dataclass
@@ -399,15 +401,8 @@ def throughput(
 
 @contextmanager
 def running_ferry(workdir: Path) -> Iterator[Bench]:
-    kubelet = workdir / "kubelet"
-    kubelet.mkdir(parents=True)
-    config = NodeConfig(
-        node_id=NODE_ID,
-        pool_root=workdir / "pool",
-        kubelet_dirs=(kubelet,),
-        agent_endpoint=f"unix://{workdir}/agent.sock",
-        pool_capacity_bytes=64 * GiB,
-    )
+    config = control_plane.node_config(workdir, 64 * GiB)
+    kubelet = config.kubelet_dirs[0]
     services = start_all_in_one(f"unix://{workdir}/csi.sock", config, workdir / "catalog.db")
     client = CsiClient(f"unix://{workdir}/csi.sock")
     try:
@@ -459,6 +454,41 @@ def parameter(text: str) -> tuple[str, str]:
     return key, value
 
 
+def control_plane_main(args: argparse.Namespace) -> int:
+    serial, concurrent = (50, 320) if args.quick else (300, 1280)
+    workroot = Path(tempfile.mkdtemp(prefix="ferry-bench-cp-", dir=args.workdir or "/var/tmp"))
+    load_before = os.getloadavg()
+    try:
+        rows = control_plane.run(
+            workroot,
+            args.backends.split(","),
+            [int(n) for n in args.catalog_sizes.split(",")],
+            serial,
+            concurrent,
+        )
+    finally:
+        shutil.rmtree(workroot, ignore_errors=True)
+    print(control_plane.render(rows))
+    output = args.output.with_name("control-plane.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(
+        json.dumps(
+            {
+                "ferry_version": __version__,
+                "taken_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "host": control_plane.host(load_before),
+                "rows": [row.summary() for row in rows],
+                "serial_samples_ms": {
+                    f"{row.backend}-{row.catalog_size}": row.serial_ms for row in rows
+                },
+            },
+            indent=2,
+        )
+    )
+    print(f"\nloadavg before {load_before}, after {os.getloadavg()}; JSON written to {output}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=100, help="create/delete pairs per mode")
@@ -491,10 +521,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output", type=Path, default=Path("bench/results/latest.json"))
     parser.add_argument("--quick", action="store_true", help="few rounds, short fio (smoke run)")
+    parser.add_argument(
+        "--control-plane",
+        action="store_true",
+        help="CreateVolume latency and throughput per backend and catalog size, nothing else",
+    )
+    parser.add_argument("--backends", default="sqlite,etcd", help="for --control-plane")
+    parser.add_argument(
+        "--catalog-sizes", default="100,10000", help="existing volumes, for --control-plane"
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("the benchmark needs root: it attaches loop devices and mounts filesystems")
         return 2
+    if args.control_plane:
+        return control_plane_main(args)
     if args.quick:
         args.rounds, args.mount_rounds, args.fio_size, args.fio_runtime = 20, 2, 64, 1
         args.fio_repeats = 1
@@ -537,13 +578,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "ferry_version": __version__,
                 "taken_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "host": {
-                    "kernel": platform.release(),
-                    "cpus": os.cpu_count(),
-                    # The host is shared: its load says how far to trust the run.
-                    "loadavg_before": load_before,
-                    "loadavg_after": os.getloadavg(),
-                },
+                "host": control_plane.host(load_before),
                 "parameters": vars(args) | {"workdir": str(workdir), "output": str(args.output)},
                 "latency": [lat.summary() for lat in latencies],
                 "fio": [r.summary() for r in fio_results],

@@ -1,0 +1,282 @@
+"""``python -m bench --control-plane``: CreateVolume cost as the catalog grows.
+
+For each backend (SQLite all-in-one; a real single-member etcd that this
+module starts from Debian's ``etcd`` binary, with its default fsync'd WAL)
+and each catalog size, a fresh Ferry all-in-one is started, the catalog is
+filled with that many existing volumes, and then over the real CSI socket:
+
+* serial CreateVolume latency (p50/p99), one caller;
+* CreateVolume throughput with 32 concurrent callers (creates/s, wall clock).
+
+Volumes are thin 1 MiB block volumes so the pool's disk is not the subject;
+every create is still acknowledged only after the node's image and the
+catalog's records are fsync'd.
+
+The catalog is filled honestly and quickly: the same records a create
+writes (volume, name claim, image spec and the node's charged accounting)
+are written in batched transactions, and the node's own image reconciler
+then creates each image and reports its status, as it would after a
+restart. Measurement starts once every image is reported READY.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from csi_driver.core.model import AccessType, GiB, MiB, Volume, VolumeState
+from csi_driver.core.records import IMAGE_STATUSES, ImageSpec, NodeAccounting
+from csi_driver.csi.client import CsiClient, block_capability
+from csi_driver.gen import csi_pb2
+from csi_driver.node.teardown import release_under
+from csi_driver.runtime import NodeConfig, start_all_in_one
+from csi_driver.store.catalog import Catalog
+from csi_driver.store.records import put
+from csi_driver.store.url import open_store
+
+NODE_ID = "bench-node"
+SIZE = 1 * MiB
+THIN = {"provisioning": "thin"}
+#: Volumes per filling txn: 3 ops each plus the accounting stay under etcd's 128.
+_FILL_BATCH = 25
+_ETCD_START_S = 20.0
+
+
+@dataclass(frozen=True)
+class Row:
+    backend: str
+    catalog_size: int
+    serial_ms: list[float]
+    concurrent_per_s: float
+    callers: int
+
+    def p(self, q: float) -> float:
+        ordered = sorted(self.serial_ms)
+        return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "catalog_size": self.catalog_size,
+            "serial_count": len(self.serial_ms),
+            "serial_p50_ms": round(self.p(50), 2),
+            "serial_p99_ms": round(self.p(99), 2),
+            "callers": self.callers,
+            "concurrent_creates_per_s": round(self.concurrent_per_s, 1),
+        }
+
+
+def node_config(workdir: Path, capacity: int) -> NodeConfig:
+    """The benchmark's one node, its pool and kubelet directory under ``workdir``."""
+    kubelet = workdir / "kubelet"
+    kubelet.mkdir(parents=True)
+    return NodeConfig(
+        node_id=NODE_ID,
+        pool_root=workdir / "pool",
+        kubelet_dirs=(kubelet,),
+        agent_endpoint=f"unix://{workdir}/agent.sock",
+        pool_capacity_bytes=capacity,
+    )
+
+
+def host(load_before: tuple[float, float, float]) -> dict[str, Any]:
+    """The machine a run took on; it is shared, so its load says how far to trust the run."""
+    return {
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+@contextmanager
+def single_etcd(workdir: Path) -> Iterator[str]:
+    """A single-member etcd on loopback (default durability); yields its catalog URL."""
+    etcd = shutil.which("etcd")
+    if etcd is None:
+        raise SystemExit("the etcd benchmark needs Debian's etcd-server (the etcd binary)")
+    client, peer = _free_port(), _free_port()
+    argv = [
+        etcd,
+        "--name=bench",
+        f"--data-dir={workdir / 'etcd'}",
+        f"--listen-client-urls=http://127.0.0.1:{client}",
+        f"--advertise-client-urls=http://127.0.0.1:{client}",
+        f"--listen-peer-urls=http://127.0.0.1:{peer}",
+        f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
+        f"--initial-cluster=bench=http://127.0.0.1:{peer}",
+        "--log-level=warn",
+        "--logger=zap",
+    ]
+    with open(workdir / "etcd.log", "ab") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + _ETCD_START_S
+        while True:
+            try:
+                reply = requests.get(f"http://127.0.0.1:{client}/health", timeout=0.5)
+                if reply.status_code == 200 and reply.json().get("health") == "true":
+                    break
+            except requests.RequestException:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"etcd did not start; see {workdir / 'etcd.log'}")
+            time.sleep(0.1)
+        yield f"etcd://127.0.0.1:{client}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def fill(catalog: Catalog, count: int) -> None:
+    """Write ``count`` existing volumes' records in batched txns (as creates write them)."""
+    store = catalog.store
+    account_key = NodeAccounting(NODE_ID).key
+    for start in range(0, count, _FILL_BATCH):
+        stored = store.get(account_key)
+        account = (
+            catalog.accounts()[NODE_ID].value if stored is not None else NodeAccounting(NODE_ID)
+        )
+        ops = []
+        for i in range(start, min(count, start + _FILL_BATCH)):
+            volume_id = f"vol-{uuid.uuid4().hex}"
+            volume = Volume(
+                volume_id=volume_id,
+                name=f"fill-{i}",
+                capacity_bytes=SIZE,
+                access_type=AccessType.BLOCK,
+                fs_type=None,
+                primary_node=NODE_ID,
+                epoch=1,
+                state=VolumeState.READY,
+                parameters=tuple(THIN.items()),
+                created_at=time.time(),
+            )
+            ops += [
+                catalog.volume_op(volume),
+                catalog.name_op(volume.name, volume_id),
+                put(ImageSpec(volume_id, NODE_ID, SIZE, 1, thin=True)),
+            ]
+            account = account.charge(SIZE)
+        ops.append(put(account))
+        store.txn([], ops)
+
+
+def wait_settled(catalog: Catalog, count: int, timeout_s: float = 900.0) -> None:
+    """Wait until the node has reported a status for ``count`` images."""
+    deadline = time.monotonic() + timeout_s
+    while len(catalog.store.list(IMAGE_STATUSES)) < count:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the node did not create {count} images in {timeout_s:.0f}s")
+        time.sleep(0.5)
+
+
+def _create(csi: CsiClient, name: str) -> None:
+    csi.controller.CreateVolume(
+        csi_pb2.CreateVolumeRequest(
+            name=name,
+            capacity_range=csi_pb2.CapacityRange(required_bytes=SIZE),
+            volume_capabilities=[block_capability()],
+            parameters=THIN,
+        )
+    )
+
+
+def measure(
+    backend: str, catalog_url: str, workdir: Path, size: int, serial: int, concurrent: int
+) -> Row:
+    config = node_config(workdir, 256 * GiB)
+    endpoint = f"unix://{workdir}/csi.sock"
+    filler = open_store(catalog_url)
+    try:
+        started = time.monotonic()
+        fill(Catalog(filler), size)
+        services = start_all_in_one(endpoint, config, catalog_url)
+        client = CsiClient(endpoint)
+        try:
+            client.wait_ready()
+            wait_settled(Catalog(filler), size)
+            print(
+                f"  .. {backend}: {size} volumes in {time.monotonic() - started:.0f}s",
+                flush=True,
+            )
+            for i in range(10):  # warm up channels and caches
+                _create(client, f"warm-{i}")
+            samples = []
+            for i in range(serial):
+                t0 = time.perf_counter()
+                _create(client, f"serial-{i}")
+                samples.append((time.perf_counter() - t0) * 1000)
+            callers = 32
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=callers) as pool:
+                list(pool.map(lambda i: _create(client, f"conc-{i}"), range(concurrent)))
+            rate = concurrent / (time.perf_counter() - t0)
+        finally:
+            client.close()
+            services.stop(grace_s=1)
+            release_under(workdir)
+    finally:
+        filler.close()
+    return Row(backend, size, samples, rate, callers)
+
+
+def run(
+    workroot: Path, backends: list[str], sizes: list[int], serial: int, concurrent: int
+) -> list[Row]:
+    rows = []
+    for backend in backends:
+        for size in sizes:
+            workdir = workroot / f"{backend}-{size}"
+            workdir.mkdir(parents=True)
+            try:
+                if backend == "sqlite":
+                    url = str(workdir / "catalog.db")
+                    rows.append(measure(backend, url, workdir, size, serial, concurrent))
+                else:
+                    with single_etcd(workdir) as url:
+                        rows.append(measure(backend, url, workdir, size, serial, concurrent))
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
+            print("  .. " + str(rows[-1].summary()), flush=True)
+    return rows
+
+
+def render(rows: list[Row]) -> str:
+    lines = [
+        "| backend | catalog size | serial p50 ms | serial p99 ms | 32-caller creates/s "
+        "| p50 ratio vs smallest |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    base: dict[str, float] = {}
+    for row in rows:
+        base.setdefault(row.backend, row.p(50))
+        lines.append(
+            f"| {row.backend} | {row.catalog_size} | {row.p(50):.2f} | {row.p(99):.2f} "
+            f"| {row.concurrent_per_s:.0f} | {row.p(50) / base[row.backend]:.2f} |"
+        )
+    return "\n".join(lines)
