@@ -58,7 +58,7 @@ from csi_driver.reconcile.informer import Informer
 from csi_driver.reconcile.report import report
 from csi_driver.reconcile.runner import Runner, Source, strip_prefix
 from csi_driver.store.base import CatalogStore
-from csi_driver.store.records import Versioned, read
+from csi_driver.store.records import R, Versioned, from_stored, read
 
 log = logging.getLogger(__name__)
 
@@ -76,21 +76,41 @@ class ImageReconciler:
     """Reconciles one volume's image on this node (the work key is the volume id)."""
 
     def __init__(
-        self, store: CatalogStore, agent: NodeAgent, fetcher: SnapshotFetcher | None = None
+        self,
+        store: CatalogStore,
+        agent: NodeAgent,
+        fetcher: SnapshotFetcher | None = None,
+        *,
+        specs: Informer | None = None,
+        statuses: Informer | None = None,
     ) -> None:
+        """``specs``/``statuses``: the runner's informers, read instead of the store.
+
+        Their caches are as fresh as the event that queued the work (an
+        informer applies a change before it reports it), and a stale spec
+        only makes the status write's compare fail, which its newer event
+        answers with another pass.
+        """
         self._store = store
         self._agent = agent
         self._fetcher = fetcher
+        self._specs = specs
+        self._statuses = statuses
         self.node_id = agent.node_id
 
+    def _read(self, informer: Informer | None, cls: type[R], key: str) -> Versioned[R] | None:
+        if informer is None:
+            return read(self._store, cls, key)
+        return from_stored(cls, informer.get(key))
+
     def __call__(self, volume_id: str) -> float | None:
-        spec_read = read(self._store, ImageSpec, image_spec_key(self.node_id, volume_id))
+        spec_read = self._read(self._specs, ImageSpec, image_spec_key(self.node_id, volume_id))
         if spec_read is None:
             return None  # nothing asked of this node (or the controller finished)
         spec = spec_read.value
         if spec.role is ImageRole.REPLICA:
             return None  # the replica reconciler's (node/reconcile/replicas.py)
-        current = read(self._store, ImageStatus, image_status_key(self.node_id, volume_id))
+        current = self._read(self._statuses, ImageStatus, image_status_key(self.node_id, volume_id))
         if current is not None and _done(current.value, spec):
             return None
         was_ready = (
@@ -257,12 +277,13 @@ def image_runner(
     anyone else is corrected from the spec.
     """
     specs, statuses = image_specs_on(agent.node_id), image_statuses_on(agent.node_id)
+    spec_cache, status_cache = Informer(store, specs), Informer(store, statuses)
     return Runner(
         f"images:{agent.node_id}",
-        ImageReconciler(store, agent, fetcher),
+        ImageReconciler(store, agent, fetcher, specs=spec_cache, statuses=status_cache),
         [
-            Source(Informer(store, specs), strip_prefix(specs)),
-            Source(Informer(store, statuses), strip_prefix(statuses)),
+            Source(spec_cache, strip_prefix(specs)),
+            Source(status_cache, strip_prefix(statuses)),
         ],
         workers=workers,
         resync_s=resync_s,
