@@ -333,6 +333,7 @@ def start_controller(
         _serve_catalog(store, catalog_listen, security, services)
         catalog = Catalog(store)
         volumes = VolumeService(catalog)
+        services.closers.append(volumes.close)
         identity = IdentityServicer([volumes.check], controller=True)
         _serve_csi(
             csi_endpoint,
@@ -392,6 +393,7 @@ def start_all_in_one(
         parts = NodeParts(config)
         _start_node_side(parts, catalog, services)
         volumes = VolumeService(catalog)
+        services.closers.append(volumes.close)
         identity = IdentityServicer([volumes.check, parts.agent.check], controller=True)
         fence = EpochFence(catalog, config.node_id)
         node = NodeServicer(parts.agent, parts.topology, config.max_volumes, fence)

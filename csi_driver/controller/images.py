@@ -10,6 +10,10 @@ spec's generation. Invariants:
   counts: charges and releases ride in the same txn as the specs.
 - A deadline that passes keeps the intent (UNAVAILABLE): the node goes on
   reconciling, and the CO's retry finds the intent and only waits.
+- A volume is READY once its primary image's status says READY: the
+  catalog derives it from that status (:meth:`Catalog.read_volume`), so a
+  create costs one write txn of the controller's, and a crash anywhere
+  leaves a CREATING volume whose retry waits for the same status.
 - A node's final refusal undoes the intent in one txn (a create leaves
   nothing behind, an expansion returns to the old size, a delete of an
   image in use leaves the volume READY) and maps to the CSI code the
@@ -40,6 +44,7 @@ from csi_driver.core.errors import (
 )
 from csi_driver.core.model import Volume, VolumeState
 from csi_driver.core.records import (
+    IMAGE_STATUSES,
     FailureReason,
     ImagePhase,
     ImageSpec,
@@ -49,7 +54,7 @@ from csi_driver.core.records import (
     node_accounting_key,
     revise,
 )
-from csi_driver.reconcile.wait import wait_for
+from csi_driver.reconcile.wait import Waiters
 from csi_driver.store.base import ABSENT, Compare, Delete, Put, Record
 from csi_driver.store.catalog import Catalog
 from csi_driver.store.records import Versioned, put, unchanged_since
@@ -93,6 +98,11 @@ class ImageIntents:
         self._catalog = catalog
         self._wait_s = wait_s
         self._fence = fence
+        self._statuses = Waiters(catalog.store, IMAGE_STATUSES)
+
+    def close(self) -> None:
+        """Stop following the nodes' image statuses."""
+        self._statuses.close()
 
     def txn(self, compares: Sequence[Compare], ops: Sequence[Put | Delete]) -> int:
         """``store.txn``, fenced when this writer acts as the leader."""
@@ -135,14 +145,17 @@ class ImageIntents:
             ops.append(self._catalog.name_op(volume.name, volume.volume_id))
         self.txn(compares, ops)
 
-    def finish_create(self, volume: Volume, thin: bool) -> Volume:
-        """Wait for the node to create ``volume``'s image; mark the volume READY."""
-        image = self._image_of(volume, thin)
-        status = self._await(image.value, f"node {image.value.node_id} to create the image")
+    def finish_create(self, volume: Volume, thin: bool, image: ImageSpec | None = None) -> Volume:
+        """Wait for the node to create ``volume``'s image; return the volume READY.
+
+        ``image`` is the spec just written with the volume (None: read it).
+        Nothing more is written: READY is derived from the image's status.
+        """
+        if image is None:
+            image = self._image_of(volume, thin).value
+        status = self._await(image, f"node {image.node_id} to create the image")
         if status.phase is ImagePhase.READY:
-            return self._catalog.update_volume(
-                volume.volume_id, lambda v: replace(v, state=VolumeState.READY)
-            )
+            return replace(volume, state=VolumeState.READY)
         if status.reason.final:
             self.forget(volume)  # a refused create leaves nothing behind
         raise _refusal(status)
@@ -288,8 +301,7 @@ class ImageIntents:
             status = self._catalog.image_status(record.value)
             return answers(status, spec) and status.settled
 
-        record = wait_for(
-            self._catalog.store,
+        record = self._statuses.wait(
             spec.status_key,
             settled,
             time.monotonic() + max(0.0, deadline.clamp(self._wait_s) - REPLY_MARGIN_S),

@@ -65,8 +65,9 @@ from csi_driver.core.placement import (
     eligible,
 )
 from csi_driver.core.records import ImageSpec, NodeAccounting
+from csi_driver.store.base import Put
 from csi_driver.store.catalog import NAMES, Catalog
-from csi_driver.store.records import Versioned
+from csi_driver.store.records import Versioned, put, unchanged_since
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,10 @@ class VolumeService:
         """Raise unless the catalog can serve reads and writes."""
         self._catalog.store.ping()
 
+    def close(self) -> None:
+        """Stop the catalog watches this service keeps (the catalog stays open)."""
+        self._images.close()
+
     # -- provisioning ----------------------------------------------------------
 
     def create_volume(
@@ -328,9 +333,9 @@ class VolumeService:
                 "bytes": size,
             },
         )
-        return self._finish_create(volume)
+        return self._finish_create(volume, image)
 
-    def _finish_create(self, volume: Volume) -> Volume:
+    def _finish_create(self, volume: Volume, image: ImageSpec | None = None) -> Volume:
         if volume.state is VolumeState.READY:
             return volume
         if volume.state is VolumeState.DELETING:
@@ -339,7 +344,7 @@ class VolumeService:
                 "after the deletion completes"
             )
         thin = parse_parameters(dict(volume.parameters)).provisioning is Provisioning.THIN
-        ready = self._images.finish_create(volume, thin)
+        ready = self._images.finish_create(volume, thin, image)
         log.info(
             "volume provisioned", extra={"volume": volume.volume_id, "node": volume.primary_node}
         )
@@ -433,15 +438,19 @@ class VolumeService:
                 raise Aborted(
                     f"volume {volume_id} moved to node {current.primary_node} meanwhile; retry"
                 )
-            if node.max_volumes and self._published_count(node_id) >= node.max_volumes:
+            return replace(current, publications=(*current.publications, wanted))
+
+        def room(account: NodeAccounting) -> None:
+            if node.max_volumes and account.published_count >= node.max_volumes:
                 raise ResourceExhausted(
                     f"node {node_id} already has its maximum of {node.max_volumes} "
                     "Ferry volumes published"
                 )
-            return replace(current, publications=(*current.publications, wanted))
 
         with self._volumes.hold(volume_id, timeout=self._lock_timeout):
-            published = self._catalog.update_volume(volume_id, add)
+            published = self._change_publications(volume_id, add, room)
+        if published is None:
+            raise NotFound(f"volume {volume_id} does not exist")
         return {EPOCH_CONTEXT_KEY: str(published.epoch), PRIMARY_CONTEXT_KEY: node_id}
 
     def _follow(self, volume_id: str, node_id: str) -> None:
@@ -477,18 +486,51 @@ class VolumeService:
         """Withdraw the volume from ``node_id`` (every node when empty); idempotent."""
         if not VOLUME_ID_PATTERN.match(volume_id):
             return
+
+        def withdraw(v: Volume) -> Volume:
+            kept = tuple(p for p in v.publications if node_id and p.node_id != node_id)
+            return replace(v, publications=kept)
+
         with self._volumes.hold(volume_id, timeout=self._lock_timeout):
-            if self._catalog.get_volume(volume_id) is None:
-                return
-            self._catalog.update_volume(
-                volume_id,
-                lambda v: replace(
-                    v,
-                    publications=tuple(
-                        p for p in v.publications if node_id and p.node_id != node_id
-                    ),
-                ),
-            )
+            self._change_publications(volume_id, withdraw, None)
+
+    def _change_publications(
+        self,
+        volume_id: str,
+        change: Callable[[Volume], Volume],
+        room: Callable[[NodeAccounting], None] | None,
+    ) -> Volume | None:
+        """One txn: the volume's publications and each affected node's published count.
+
+        ``change`` may raise to refuse; ``room`` checks a node that gains a
+        publication. None: the volume is gone.
+        """
+        self._accounts()  # counts publications of a catalog older than accounting
+        for _ in range(_CAS_ATTEMPTS):
+            volume_read = self._catalog.read_volume(volume_id)
+            if volume_read is None:
+                return None
+            current = volume_read.value
+            updated = change(current)
+            if updated == current:
+                return current
+            before = {p.node_id for p in current.publications}
+            after = {p.node_id for p in updated.publications}
+            compares = [self._catalog.volume_unchanged(volume_read)]
+            ops: list[Put] = [self._catalog.volume_op(updated)]
+            for node_id in sorted(before ^ after):
+                read_as = self._catalog.account(node_id)
+                account = read_as.value if read_as else NodeAccounting(node_id)
+                if node_id in after and room is not None:
+                    room(account)
+                compares.append(unchanged_since(account.key, read_as))
+                ops.append(put(account.publications(1 if node_id in after else -1)))
+            try:
+                self._images.txn(compares, ops)
+            except Conflict:
+                continue
+            return updated
+        raise StoreError(f"volume {volume_id} kept changing under concurrent updates; retry")
 
     # -- queries ---------------------------------------------------------------
 
@@ -653,9 +695,6 @@ class VolumeService:
                 "node agent and retry"
             )
         return node
-
-    def _published_count(self, node_id: str) -> int:
-        return sum(1 for v in self._catalog.list_volumes() if v.published_on(node_id))
 
     def _accounts(self) -> dict[str, Versioned[NodeAccounting]]:
         if not self._accounted:

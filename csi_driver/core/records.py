@@ -322,10 +322,21 @@ class NodeAccounting:
     node_id: str
     provisioned_bytes: int = 0
     volume_count: int = 0
+    #: volumes published on the node (ControllerPublishVolume's max-volumes check)
+    published_count: int = 0
 
     @property
     def key(self) -> str:
         return node_accounting_key(self.node_id)
+
+    def publications(self, change: int) -> NodeAccounting:
+        """Account for ``change`` more (negative: fewer) volumes published on the node.
+
+        Floored at zero: a record written before this count existed reads 0
+        while volumes may still be published, and their unpublish must not
+        make it negative (the count is exact again once they are unpublished).
+        """
+        return replace(self, published_count=max(0, self.published_count + change))
 
     def charge(self, size_bytes: int, volumes: int = 1) -> NodeAccounting:
         """Account for ``volumes`` more volumes totalling ``size_bytes`` (negative to release)."""

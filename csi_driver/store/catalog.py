@@ -8,6 +8,11 @@ Keys:
 - image specs and statuses and per-node accounting: the records of
   :mod:`csi_driver.core.records` (see docs/records.md)
 
+A volume stored CREATING whose primary image the node reported READY is
+read as READY (:meth:`Catalog.observed`): the node's status is the fact,
+so a create needs no third transaction to copy it into the volume, and the
+next write of the volume (a publish) stores READY with it.
+
 Updates are read-modify-write with compare-and-swap; :meth:`Catalog.update_volume`
 retries a few times when another writer got there first. A change that spans
 a volume, its image and its node's accounting is one :meth:`CatalogStore.txn`
@@ -35,12 +40,14 @@ from csi_driver.core.model import (
 )
 from csi_driver.core.records import (
     NODE_ACCOUNTS,
+    ImagePhase,
     ImageSpec,
     ImageStatus,
     NodeAccounting,
     decode,
     image_spec_key,
     image_status_key,
+    node_accounting_key,
 )
 from csi_driver.store.base import ABSENT, CatalogStore, Compare, Delete, Put
 from csi_driver.store.records import Versioned, from_stored, put, read
@@ -146,7 +153,16 @@ class Catalog:
 
     def get_volume(self, volume_id: str) -> Volume | None:
         record = self.store.get(VOLUMES + volume_id)
-        return _volume_from_json(record.value) if record else None
+        return self.observed(_volume_from_json(record.value)) if record else None
+
+    def observed(self, volume: Volume) -> Volume:
+        """``volume`` READY if it is CREATING and its image's status says READY."""
+        if volume.state is not VolumeState.CREATING:
+            return volume
+        stored = self.store.get(image_status_key(volume.primary_node, volume.volume_id))
+        if stored is not None and self.image_status(stored.value).phase is ImagePhase.READY:
+            return replace(volume, state=VolumeState.READY)
+        return volume
 
     def require_volume(self, volume_id: str) -> Volume:
         volume = self.get_volume(volume_id)
@@ -167,7 +183,7 @@ class Catalog:
             record = self.store.get(VOLUMES + volume_id)
             if record is None:
                 raise NotFound(f"volume {volume_id} does not exist")
-            current = _volume_from_json(record.value)
+            current = self.observed(_volume_from_json(record.value))
             updated = change(current)
             if updated == current:
                 return current
@@ -187,7 +203,9 @@ class Catalog:
     def read_volume(self, volume_id: str) -> Versioned[Volume] | None:
         """The volume with the revision it was read at (for a txn's compare)."""
         record = self.store.get(VOLUMES + volume_id)
-        return Versioned(_volume_from_json(record.value), record.revision) if record else None
+        if record is None:
+            return None
+        return Versioned(self.observed(_volume_from_json(record.value)), record.revision)
 
     @staticmethod
     def volume_op(volume: Volume) -> Put:
@@ -217,7 +235,8 @@ class Catalog:
 
     def list_volumes(self, start_after: str = "", limit: int = 0) -> list[Volume]:
         after = VOLUMES + start_after if start_after else ""
-        return [_volume_from_json(r.value) for r in self.store.list(VOLUMES, after, limit)]
+        records = self.store.list(VOLUMES, after, limit)
+        return [self.observed(_volume_from_json(r.value)) for r in records]
 
     # -- the name index ------------------------------------------------------
 
@@ -250,6 +269,9 @@ class Catalog:
     def read_image(self, node_id: str, volume_id: str) -> Versioned[ImageSpec] | None:
         return read(self.store, ImageSpec, image_spec_key(node_id, volume_id))
 
+    def account(self, node_id: str) -> Versioned[NodeAccounting] | None:
+        return read(self.store, NodeAccounting, node_accounting_key(node_id))
+
     def accounts(self) -> dict[str, Versioned[NodeAccounting]]:
         """Every node's accounting with its revision: one record per node, no volume read."""
         found = (from_stored(NodeAccounting, r) for r in self.store.list(NODE_ACCOUNTS))
@@ -267,6 +289,9 @@ class Catalog:
         for volume in self.list_volumes():
             node = volume.primary_node
             totals[node] = totals.get(node, NodeAccounting(node)).charge(volume.capacity_bytes)
+            for publication in volume.publications:
+                on = publication.node_id
+                totals[on] = totals.get(on, NodeAccounting(on)).publications(1)
         try:
             self.store.txn(
                 [Compare(a.key, ABSENT) for a in totals.values()],

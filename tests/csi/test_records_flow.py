@@ -207,3 +207,28 @@ def test_a_final_refusal_from_the_node_rolls_the_create_back(cluster: Cluster) -
     assert cluster.catalog.read_image(NODE_ID, volume_id) is None
     assert store.get(refusal.key) is None
     assert cluster.accounting() == before
+
+
+def test_ready_comes_from_the_node_status_and_publications_are_counted_per_node(
+    cluster: Cluster,
+) -> None:
+    volume = cluster.create("pvc-1")
+    stored = cluster.catalog.store.get(f"volumes/{volume.volume_id}")
+    assert stored is not None and b'"creating"' in stored.value  # no third txn
+    read_back = cluster.catalog.read_volume(volume.volume_id)
+    assert read_back is not None and read_back.value.state is VolumeState.READY
+
+    publish = csi_pb2.ControllerPublishVolumeRequest(
+        volume_id=volume.volume_id, node_id=NODE_ID, volume_capability=mount_capability()
+    )
+    cluster.client.controller.ControllerPublishVolume(publish)
+    cluster.client.controller.ControllerPublishVolume(publish)  # a repeat counts once
+    assert cluster.accounting() == NodeAccounting(NODE_ID, 16 * MiB, 1, published_count=1)
+    stored = cluster.catalog.store.get(f"volumes/{volume.volume_id}")
+    assert stored is not None and b'"ready"' in stored.value  # stored with the publish
+    unpublish = csi_pb2.ControllerUnpublishVolumeRequest(
+        volume_id=volume.volume_id, node_id=NODE_ID
+    )
+    cluster.client.controller.ControllerUnpublishVolume(unpublish)
+    cluster.client.controller.ControllerUnpublishVolume(unpublish)
+    assert cluster.accounting() == NodeAccounting(NODE_ID, 16 * MiB, 1, published_count=0)

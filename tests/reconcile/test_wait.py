@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from csi_driver.core.errors import StoreUnavailable, Unavailable
-from csi_driver.reconcile.wait import read_at, wait_for
+from csi_driver.reconcile.wait import Waiters, read_at, wait_for
 from csi_driver.store.base import CatalogStore, Record
 from tests.reconcile.conftest import SETTLE_S
 from tests.store.backends import Backend
@@ -114,3 +114,45 @@ def test_a_wait_outlives_a_store_restart(backend: Backend, store: CatalogStore) 
             time.sleep(0.05)
     waiter.join(60.0)
     assert len(result) == 1 and result[0] is not None and result[0].value == b"ready"
+
+
+def test_waiters_serve_many_waits_from_one_watch(store: CatalogStore) -> None:
+    waiters = Waiters(store, "status/images/")
+    keys = [f"{KEY}{i}" for i in range(8)]
+    store.put(keys[0], b"ready")  # there before the informer lists
+    results: dict[str, Record | None] = {}
+
+    def waiter(key: str) -> None:
+        deadline = time.monotonic() + SETTLE_S
+        results[key] = waiters.wait(key, _value_is(b"ready"), deadline, waiting_for="image")
+
+    try:
+        threads = [threading.Thread(target=waiter, args=(key,)) for key in keys]
+        for thread in threads:
+            thread.start()
+        for key in keys[1:]:
+            store.put(key, b"pending")
+            store.put(key, b"ready")
+        for thread in threads:
+            thread.join()
+    finally:
+        waiters.close()
+    assert sorted(results) == keys
+    assert all(r is not None and r.value == b"ready" for r in results.values())
+
+
+def test_a_waiter_times_out_with_unavailable_and_says_what_it_awaited(
+    store: CatalogStore,
+) -> None:
+    waiters = Waiters(store, "status/images/")
+    store.put(KEY, b"pending")
+    try:
+        with pytest.raises(Unavailable, match=r"node-1 to create the image.*retry resumes it"):
+            waiters.wait(
+                KEY,
+                _value_is(b"ready"),
+                time.monotonic() + 0.3,
+                waiting_for="node-1 to create the image",
+            )
+    finally:
+        waiters.close()

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from csi_driver.core.errors import Conflict, CorruptRecord
-from csi_driver.core.model import AccessType, FsType, Volume, VolumeState
+from csi_driver.core.model import AccessMode, AccessType, FsType, Publication, Volume, VolumeState
 from csi_driver.core.records import (
     ImageSpec,
     NodeAccounting,
@@ -108,12 +108,16 @@ def test_a_catalog_older_than_accounting_is_counted_once(store: CatalogStore) ->
             Volume(
                 spec.volume_id, spec.name, (n + 1) * MiB, AccessType.MOUNT, FsType.EXT4,
                 node, 1, VolumeState.READY,
+                publications=(
+                    (Publication(node, False, AccessType.MOUNT, AccessMode.SINGLE_NODE_WRITER),)
+                    if n != 1 else ()
+                ),
             )
         )  # fmt: skip
     assert catalog.backfill_accounting() == 2
     counted = {node: a.value for node, a in catalog.accounts().items()}
     assert counted == {
-        "node-1": NodeAccounting("node-1", 3 * MiB, 2),
-        "node-2": NodeAccounting("node-2", 3 * MiB, 1),
+        "node-1": NodeAccounting("node-1", 3 * MiB, 2, published_count=1),
+        "node-2": NodeAccounting("node-2", 3 * MiB, 1, published_count=1),
     }
     assert catalog.backfill_accounting() == 0  # creates since are counted by their txns
