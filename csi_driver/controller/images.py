@@ -125,11 +125,12 @@ class ImageIntents:
         account: Versioned[NodeAccounting] | None,
         *,
         claim_name: bool,
-    ) -> None:
+    ) -> Versioned[NodeAccounting]:
         """One txn: the new volume, its name, its image spec and its node's charge.
 
-        Raises Conflict (naming the key) when the accounting moved since it
-        was read or the name or volume was taken meanwhile.
+        Returns the node's accounting as written. Raises Conflict (naming
+        the key) when the accounting moved since it was read or the name or
+        volume was taken meanwhile.
         """
         charged = (account.value if account else NodeAccounting(image.node_id)).charge(
             image.size_bytes
@@ -143,7 +144,7 @@ class ImageIntents:
         if claim_name:
             compares.append(self._catalog.name_absent(volume.name))
             ops.append(self._catalog.name_op(volume.name, volume.volume_id))
-        self.txn(compares, ops)
+        return Versioned(charged, self.txn(compares, ops))
 
     def finish_create(self, volume: Volume, thin: bool, image: ImageSpec | None = None) -> Volume:
         """Wait for the node to create ``volume``'s image; return the volume READY.

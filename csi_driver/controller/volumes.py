@@ -32,6 +32,7 @@ from csi_driver.core.errors import (
     AlreadyExists,
     Conflict,
     FailedPrecondition,
+    FerryError,
     InvalidArgument,
     NotFound,
     OutOfRange,
@@ -78,6 +79,9 @@ ALLOCATION_UNIT = 1 * MiB
 #: Smallest image each kind of volume can live in (mkfs.xfs refuses < 300 MiB).
 MINIMUM_SIZE = {None: 1 * MiB, FsType.EXT4: 8 * MiB, FsType.XFS: 300 * MiB}
 DEFAULT_FS = FsType.EXT4
+#: How long placement reuses the node registrations it read (they change
+#: rarely; a placement that finds no room reads them again at once).
+NODES_REMEMBERED_S = 1.0
 #: A node whose agent has not reported for this long is reported abnormal.
 NODE_STALE_AFTER_S = 60.0
 
@@ -214,6 +218,14 @@ class VolumeService:
         # over (the txn's compare still guards other controller processes).
         self._placement = threading.Lock()
         self._accounted = False
+        # What placement last read or wrote, under ``_placement``: a create
+        # reuses it instead of reading the catalog again. Safe because the
+        # txn compares the chosen node's accounting at the remembered
+        # revision (a Conflict reads afresh), and a placement that finds no
+        # room in a remembered view decides again on a fresh one. This
+        # process's other accounting writes forget it (:meth:`_forget_placement`).
+        self._remembered_accounts: dict[str, Versioned[NodeAccounting]] = {}
+        self._remembered_nodes: tuple[float, list[NodeRecord]] | None = None
 
     # -- health ----------------------------------------------------------------
 
@@ -288,9 +300,18 @@ class VolumeService:
         volume_id = claimed_id or f"vol-{uuid.uuid4().hex}"
         thin = params.provisioning is Provisioning.THIN
         with self._placement:
+            fresh = False
             for _ in range(_CAS_ATTEMPTS):
-                accounts = self._accounts()
-                primary = choose_primary(self._node_views(accounts), size, requirement)
+                accounts = self._placement_accounts(fresh)
+                try:
+                    primary = choose_primary(
+                        self._node_views(accounts, self._placement_nodes(fresh)), size, requirement
+                    )
+                except (ResourceExhausted, OutOfRange):
+                    if fresh:
+                        raise
+                    fresh = True  # the remembered view may be stale: decide on a fresh one
+                    continue
                 volume = Volume(
                     volume_id=volume_id,
                     name=name,
@@ -313,14 +334,16 @@ class VolumeService:
                     source=source.image if source else None,
                 )
                 try:
-                    self._images.provision(
+                    charged = self._images.provision(
                         volume, image, accounts.get(primary.node_id), claim_name=not claimed_id
                     )
                 except Conflict as exc:
                     if exc.key is not None and exc.key.startswith(NAMES):
                         # Another controller process claimed the name meanwhile.
                         raise Aborted(OPERATION_PENDING.format(key=name)) from exc
-                    continue  # the node's accounting moved: place again
+                    fresh = True  # the node's accounting moved: read it and place again
+                    continue
+                self._remembered_accounts[primary.node_id] = charged
                 break
             else:
                 raise StoreError(f"placement of {name!r} kept losing races; retry")
@@ -344,7 +367,11 @@ class VolumeService:
                 "after the deletion completes"
             )
         thin = parse_parameters(dict(volume.parameters)).provisioning is Provisioning.THIN
-        ready = self._images.finish_create(volume, thin, image)
+        try:
+            ready = self._images.finish_create(volume, thin, image)
+        except FerryError:
+            self._forget_placement()  # a refused create released its charge
+            raise
         log.info(
             "volume provisioned", extra={"volume": volume.volume_id, "node": volume.primary_node}
         )
@@ -394,7 +421,10 @@ class VolumeService:
                 )
             # Intent first: a crash or a slow node leaves DELETING, which refuses
             # new publications and which the provisioner's retry completes.
-            self._images.delete(volume_read)
+            try:
+                self._images.delete(volume_read)
+            finally:
+                self._forget_placement()
         log.info("volume deleted", extra={"volume": volume_id})
 
     # -- publication -----------------------------------------------------------
@@ -529,6 +559,8 @@ class VolumeService:
                 self._images.txn(compares, ops)
             except Conflict:
                 continue
+            if len(ops) > 1:
+                self._forget_placement()
             return updated
         raise StoreError(f"volume {volume_id} kept changing under concurrent updates; retry")
 
@@ -665,7 +697,11 @@ class VolumeService:
                     break
                 else:
                     raise StoreError(f"expansion of {volume_id} kept losing races; retry")
-            new_size = self._images.finish_grow(volume, grown.value)
+                self._remembered_accounts = {}
+            try:
+                new_size = self._images.finish_grow(volume, grown.value)
+            finally:
+                self._forget_placement()  # a refused growth released its charge
         log.info("volume expanded", extra={"volume": volume_id, "bytes": new_size})
         return new_size
 
@@ -704,14 +740,34 @@ class VolumeService:
             self._accounted = True
         return self._catalog.accounts()
 
+    def _placement_accounts(self, fresh: bool) -> dict[str, Versioned[NodeAccounting]]:
+        if fresh or not self._remembered_accounts:
+            self._remembered_accounts = self._accounts()
+        return dict(self._remembered_accounts)
+
+    def _placement_nodes(self, fresh: bool) -> list[NodeRecord]:
+        remembered = self._remembered_nodes
+        now = time.monotonic()
+        if fresh or remembered is None or now - remembered[0] > NODES_REMEMBERED_S:
+            remembered = (now, self._catalog.list_nodes())
+            self._remembered_nodes = remembered
+        return remembered[1]
+
+    def _forget_placement(self) -> None:
+        """Called after this process changed an accounting outside placement."""
+        with self._placement:
+            self._remembered_accounts = {}
+
     def _node_views(
-        self, accounts: Mapping[str, Versioned[NodeAccounting]] | None = None
+        self,
+        accounts: Mapping[str, Versioned[NodeAccounting]] | None = None,
+        nodes: list[NodeRecord] | None = None,
     ) -> list[NodeView]:
         """Every registered node with what the catalog promised it: one read per node."""
         if accounts is None:
             accounts = self._accounts()
         views = []
-        for node in self._catalog.list_nodes():
+        for node in self._catalog.list_nodes() if nodes is None else nodes:
             account = accounts.get(node.node_id)
             charged = account.value if account else NodeAccounting(node.node_id)
             views.append(NodeView(node, charged.provisioned_bytes, charged.volume_count))
