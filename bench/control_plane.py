@@ -62,6 +62,9 @@ class Row:
     serial_ms: list[float]
     concurrent_per_s: float
     callers: int
+    #: CPU seconds of this process (client, controller and node threads) per
+    #: serial create: the cost a quiet machine's wall clock would approach
+    cpu_ms_per_create: float
 
     def p(self, q: float) -> float:
         ordered = sorted(self.serial_ms)
@@ -76,6 +79,7 @@ class Row:
             "serial_p99_ms": round(self.p(99), 2),
             "callers": self.callers,
             "concurrent_creates_per_s": round(self.concurrent_per_s, 1),
+            "cpu_ms_per_serial_create": round(self.cpu_ms_per_create, 2),
         }
 
 
@@ -227,10 +231,12 @@ def measure(
             for i in range(10):  # warm up channels and caches
                 _create(client, f"warm-{i}")
             samples = []
+            cpu_started = time.process_time()
             for i in range(serial):
                 t0 = time.perf_counter()
                 _create(client, f"serial-{i}")
                 samples.append((time.perf_counter() - t0) * 1000)
+            cpu_ms = (time.process_time() - cpu_started) * 1000 / serial
             callers = 32
             t0 = time.perf_counter()
             with ThreadPoolExecutor(max_workers=callers) as pool:
@@ -242,7 +248,7 @@ def measure(
             release_under(workdir)
     finally:
         filler.close()
-    return Row(backend, size, samples, rate, callers)
+    return Row(backend, size, samples, rate, callers, cpu_ms)
 
 
 def run(
@@ -269,14 +275,15 @@ def run(
 def render(rows: list[Row]) -> str:
     lines = [
         "| backend | catalog size | serial p50 ms | serial p99 ms | 32-caller creates/s "
-        "| p50 ratio vs smallest |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| p50 ratio vs smallest | Ferry CPU ms per serial create |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     base: dict[str, float] = {}
     for row in rows:
         base.setdefault(row.backend, row.p(50))
         lines.append(
             f"| {row.backend} | {row.catalog_size} | {row.p(50):.2f} | {row.p(99):.2f} "
-            f"| {row.concurrent_per_s:.0f} | {row.p(50) / base[row.backend]:.2f} |"
+            f"| {row.concurrent_per_s:.0f} | {row.p(50) / base[row.backend]:.2f} "
+            f"| {row.cpu_ms_per_create:.2f} |"
         )
     return "\n".join(lines)
