@@ -947,10 +947,21 @@ def _from_json(tp: Any, doc: Any, where: str) -> Any:
     raise TypeError(f"records cannot hold values of type {tp!r}")  # a bug in this module
 
 
+_HINTS: dict[type[Any], dict[str, Any]] = {}
+
+
+def _hints(cls: type[Any]) -> dict[str, Any]:
+    """A record class's resolved field types (resolving them costs more than a decode)."""
+    found = _HINTS.get(cls)
+    if found is None:
+        found = _HINTS[cls] = typing.get_type_hints(cls)
+    return found
+
+
 def _dataclass_from_json(cls: type[Any], doc: Any, where: str) -> Any:
     if not isinstance(doc, dict):
         raise CorruptRecord(f"{where}: expected an object, found {type(doc).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     values: dict[str, Any] = {}
     for f in fields(cls):
         if f.name in doc:
