@@ -3,10 +3,14 @@
 For each backend (SQLite all-in-one; a real single-member etcd that this
 module starts from Debian's ``etcd`` binary, with its default fsync'd WAL)
 and each catalog size, a fresh Ferry all-in-one is started, the catalog is
-filled with that many existing volumes, and then over the real CSI socket:
+filled with that many existing volumes, and then over the real CSI socket,
+from another process (as the external-provisioner calls Ferry):
 
 * serial CreateVolume latency (p50/p99), one caller;
-* CreateVolume throughput with 32 concurrent callers (creates/s, wall clock).
+* CreateVolume throughput with 32 concurrent callers (creates/s, wall clock);
+* Ferry's CPU time per serial create (controller and node threads of the
+  all-in-one process; etcd's own CPU is not counted): on this shared
+  machine it says what an idle core's wall clock would approach.
 
 Volumes are thin 1 MiB block volumes so the pool's disk is not the subject;
 every create is still acknowledged only after the node's image and the
@@ -21,11 +25,13 @@ restart. Measurement starts once every image is reported READY.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -53,6 +59,7 @@ THIN = {"provisioning": "thin"}
 #: Volumes per filling txn: 3 ops each plus the accounting stay under etcd's 128.
 _FILL_BATCH = 25
 _ETCD_START_S = 20.0
+CALLERS = 32
 
 
 @dataclass(frozen=True)
@@ -210,6 +217,42 @@ def _create(csi: CsiClient, name: str) -> None:
     )
 
 
+def _callers(endpoint: str, prefix: str, count: int, callers: int) -> list[float]:
+    """Run ``count`` creates from ``callers`` threads of another process, as a CO would.
+
+    A separate process, so the callers' gRPC client neither shares Ferry's
+    GIL nor counts in Ferry's CPU time. Returns each create's milliseconds.
+    """
+    argv = [sys.executable, "-m", "bench.control_plane", endpoint, prefix, str(count), str(callers)]
+    done = subprocess.run(argv, capture_output=True, check=False, env=os.environ.copy())
+    if done.returncode != 0:
+        raise SystemExit(f"the benchmark's callers failed: {done.stderr.decode()[-2000:]}")
+    samples: list[float] = json.loads(done.stdout)
+    return samples
+
+
+def callers_main(argv: list[str]) -> int:
+    """The callers' process: warm up, then time ``count`` creates from ``callers`` threads."""
+    endpoint, prefix, count, callers = argv[0], argv[1], int(argv[2]), int(argv[3])
+    client = CsiClient(endpoint)
+    try:
+        client.wait_ready()
+        for i in range(10):  # the channel and the server's threads, not the catalog
+            _create(client, f"{prefix}-warm-{i}")
+
+        def one(i: int) -> float:
+            started = time.perf_counter()
+            _create(client, f"{prefix}-{i}")
+            return (time.perf_counter() - started) * 1000
+
+        with ThreadPoolExecutor(max_workers=callers) as pool:
+            samples = list(pool.map(one, range(count)))
+    finally:
+        client.close()
+    print(json.dumps(samples))
+    return 0
+
+
 def measure(
     backend: str, catalog_url: str, workdir: Path, size: int, serial: int, concurrent: int
 ) -> Row:
@@ -220,35 +263,26 @@ def measure(
         started = time.monotonic()
         fill(Catalog(filler), size)
         services = start_all_in_one(endpoint, config, catalog_url)
-        client = CsiClient(endpoint)
         try:
-            client.wait_ready()
+            CsiClient(endpoint).wait_ready()
             wait_settled(Catalog(filler), size)
             print(
                 f"  .. {backend}: {size} volumes in {time.monotonic() - started:.0f}s",
                 flush=True,
             )
-            for i in range(10):  # warm up channels and caches
-                _create(client, f"warm-{i}")
-            samples = []
             cpu_started = time.process_time()
-            for i in range(serial):
-                t0 = time.perf_counter()
-                _create(client, f"serial-{i}")
-                samples.append((time.perf_counter() - t0) * 1000)
+            samples = _callers(endpoint, "serial", serial, 1)
             cpu_ms = (time.process_time() - cpu_started) * 1000 / serial
-            callers = 32
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(max_workers=callers) as pool:
-                list(pool.map(lambda i: _create(client, f"conc-{i}"), range(concurrent)))
-            rate = concurrent / (time.perf_counter() - t0)
+            started = time.perf_counter()
+            _callers(endpoint, "conc", concurrent, CALLERS)
+            # Wall clock of the whole batch, the callers' start-up included.
+            rate = concurrent / (time.perf_counter() - started)
         finally:
-            client.close()
             services.stop(grace_s=1)
             release_under(workdir)
     finally:
         filler.close()
-    return Row(backend, size, samples, rate, callers, cpu_ms)
+    return Row(backend, size, samples, rate, CALLERS, cpu_ms)
 
 
 def run(
@@ -287,3 +321,7 @@ def render(rows: list[Row]) -> str:
             f"| {row.cpu_ms_per_create:.2f} |"
         )
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(callers_main(sys.argv[1:]))
