@@ -77,7 +77,7 @@ class Collector:
     def sweep(self) -> Sweep:
         """One pass over every intent; raises Deposed once leadership is lost."""
         done = Sweep()
-        for volume in self._catalog.list_volumes():
+        for volume in self._catalog.list_volumes(stored=True):
             if volume.state in (VolumeState.CREATING, VolumeState.DELETING):
                 done = self._settle(volume, done)
         for record in self._catalog.store.list(IMAGE_SPECS):
@@ -128,7 +128,7 @@ class Collector:
         return done
 
     def _mark_ready(self, volume: Volume) -> bool:
-        current = self._catalog.read_volume(volume.volume_id)
+        current = self._catalog.read_volume(volume.volume_id, stored=True)
         if current is None or current.value.state is not VolumeState.CREATING:
             return False
         try:

@@ -200,12 +200,13 @@ class Catalog:
         if owner is not None and owner.value.decode() == volume.volume_id:
             self.store.delete(NAMES + volume.name, owner.revision)
 
-    def read_volume(self, volume_id: str) -> Versioned[Volume] | None:
+    def read_volume(self, volume_id: str, *, stored: bool = False) -> Versioned[Volume] | None:
         """The volume with the revision it was read at (for a txn's compare)."""
         record = self.store.get(VOLUMES + volume_id)
         if record is None:
             return None
-        return Versioned(self.observed(_volume_from_json(record.value)), record.revision)
+        volume = _volume_from_json(record.value)
+        return Versioned(volume if stored else self.observed(volume), record.revision)
 
     @staticmethod
     def volume_op(volume: Volume) -> Put:
@@ -233,10 +234,14 @@ class Catalog:
             ops.append(Delete(NAMES + volume.name))
         return compares, ops
 
-    def list_volumes(self, start_after: str = "", limit: int = 0) -> list[Volume]:
+    def list_volumes(
+        self, start_after: str = "", limit: int = 0, *, stored: bool = False
+    ) -> list[Volume]:
+        """Volumes in id order; ``stored``: as written, READY not derived (the collector)."""
         after = VOLUMES + start_after if start_after else ""
         records = self.store.list(VOLUMES, after, limit)
-        return [self.observed(_volume_from_json(r.value)) for r in records]
+        volumes = [_volume_from_json(r.value) for r in records]
+        return volumes if stored else [self.observed(v) for v in volumes]
 
     # -- the name index ------------------------------------------------------
 
