@@ -18,6 +18,7 @@ given an :class:`AgentSecurity`:
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import stat
@@ -189,15 +190,23 @@ def open_channel(
     security: AgentSecurity,
     server: Identity,
     options: Sequence[tuple[str, int | str]] = (),
+    *,
+    fallbacks: Sequence[str] = (),
 ) -> grpc.Channel:
     """A channel to the agent ``server`` at ``endpoint``, secured as ``security`` says;
-    ``options`` are gRPC channel arguments (message size limits, say)."""
+    ``options`` are gRPC channel arguments (message size limits, say).
+
+    ``fallbacks``: more ``ip:port`` addresses of replicas of the same server; the
+    channel uses the first that answers and moves on when it stops answering
+    (gRPC's pick_first over an ``ipv4:``/``ipv6:`` address list, so IP literals only).
+    """
     parsed = parse_endpoint(endpoint)
     if parsed.scheme == "unix":
         return grpc.insecure_channel(f"unix://{parsed.address}", options=list(options))
     security.check(parsed, f"{server}'s agent API")
+    address = _address_list(parsed.address, fallbacks) if fallbacks else parsed.address
     if security.tls is None:
-        return grpc.insecure_channel(parsed.address, options=list(options))
+        return grpc.insecure_channel(address, options=list(options))
     credentials = grpc.ssl_channel_credentials(
         root_certificates=security.tls.ca_pem,
         private_key=security.tls.key_pem,
@@ -205,7 +214,23 @@ def open_channel(
     )
     # The server must prove it is `server`, whatever address it registered.
     target = [("grpc.ssl_target_name_override", server.dns_name), *options]
-    return grpc.secure_channel(parsed.address, credentials, options=target)
+    return grpc.secure_channel(address, credentials, options=target)
+
+
+def _address_list(first: str, fallbacks: Sequence[str]) -> str:
+    """A gRPC ``ipv4:a:p,b:p`` (or ``ipv6:[a]:p,...``) target; InvalidArgument for names."""
+    addresses = [first, *fallbacks]
+    hosts = [a.rpartition(":")[0].strip("[]") for a in addresses]
+    try:
+        versions = {ipaddress.ip_address(h).version for h in hosts}
+    except ValueError:
+        raise InvalidArgument(
+            f"replicas {', '.join(addresses)}: several addresses must all be IP literals "
+            "(a host name resolves to its own list: give that one name instead)"
+        ) from None
+    if len(versions) > 1:
+        raise InvalidArgument(f"replicas {', '.join(addresses)} mix IPv4 and IPv6 addresses")
+    return f"ipv{versions.pop()}:" + ",".join(addresses)
 
 
 def _prepare_socket(path: Path) -> None:

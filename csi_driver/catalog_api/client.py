@@ -1,7 +1,8 @@
 """``RemoteStore``: the catalog store contract spoken to a ``ferry.v1.Catalog`` service.
 
 How nodes of a SQLite-backed multi-node install reach the catalog without
-opening its file (``--catalog ferry://host:port``). It passes the same
+opening its file (``--catalog ferry://host:port[,ip:port...]``: several
+controller replicas serving one catalog file, used first-answering-first). It passes the same
 contract suite as the local backends. Errors come back as the domain errors
 the server raised (one table, ``csi_driver.rpc.errors.CODES``); a service
 that cannot be reached is ``StoreUnavailable``, and for a write whose
@@ -69,13 +70,22 @@ class RemoteStore(CatalogStore):
         security: AgentSecurity | None = None,
         *,
         request_timeout_s: float = 10.0,
+        fallbacks: Sequence[str] = (),
     ) -> None:
-        """``security``: mTLS as the caller's identity (plaintext only if it allows it)."""
-        self.target = target
+        """``security``: mTLS as the caller's identity (plaintext only if it allows it).
+
+        ``fallbacks``: more controllers serving the same catalog (IP:port); calls go
+        to the first that answers. A call cut by the switch fails as any lost call
+        does (StoreUnavailable), and its retry, or a watch's resume, reaches the next.
+        """
+        self.target = ",".join((target, *fallbacks))
         self._timeout = request_timeout_s
         # The service is the controller's: its certificate must say so.
         self._channel = open_channel(
-            f"tcp://{target}", security or AgentSecurity(), Identity.controller()
+            f"tcp://{target}",
+            security or AgentSecurity(),
+            Identity.controller(),
+            fallbacks=fallbacks,
         )
         self._stub = catalog_pb2_grpc.CatalogStub(self._channel)
 

@@ -13,8 +13,10 @@ Forms accepted by :func:`open_store`:
   instead, each member checked by the address dialled against that bundle's
   CA (see ``store/etcd_tls.py``). Without a TLS bundle it is refused: never
   a silent fallback to plaintext;
-- ``ferry://host:port``: the controller's ``ferry.v1.Catalog`` service, for
-  nodes that must not open the catalog's files.
+- ``ferry://host:port[,ip:port...]``: the controller's ``ferry.v1.Catalog``
+  service, for nodes that must not open the catalog's files; several
+  addresses (IP literals) name controller replicas serving one catalog, and
+  the client moves to the next when the one it uses stops answering.
 
 Anything else is refused with ``InvalidArgument`` naming the accepted forms,
 and so is a ``--catalog-tls-dir`` bundle for a catalog that is not ``etcds://``
@@ -23,6 +25,7 @@ and so is a ``--catalog-tls-dir`` bundle for a catalog that is not ``etcds://``
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass
@@ -41,7 +44,7 @@ _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 
 FORMS = (
     "a file path, sqlite:///abs/path.db, etcd://host:port[,host:port...], "
-    "etcds://host:port[,host:port...] (mutual TLS) or ferry://host:port"
+    "etcds://host:port[,host:port...] (mutual TLS) or ferry://host:port[,ip:port...]"
 )
 
 
@@ -53,6 +56,8 @@ class CatalogUrl:
     etcd_endpoints: tuple[tuple[str, int], ...] = ()
     etcd_tls: bool = False  # etcds://: mutual TLS with the process's --tls-dir bundle
     service: str | None = None  # host:port of a ferry.v1.Catalog service
+    #: more controllers serving the same catalog, tried in order when ``service`` is down
+    service_fallbacks: tuple[str, ...] = ()
 
 
 def _host_port(raw: str, part: str) -> tuple[str, int]:
@@ -81,10 +86,19 @@ def parse_catalog_url(text: str | os.PathLike[str]) -> CatalogUrl:
         endpoints = [_host_port(raw, part) for part in rest.rstrip("/").split(",")]
         if scheme != "ferry":
             return CatalogUrl(etcd_endpoints=tuple(endpoints), etcd_tls=scheme == "etcds")
-        if len(endpoints) != 1:
-            raise InvalidArgument(f"catalog {raw!r}: a ferry URL names one host:port")
-        host, port = endpoints[0]
-        return CatalogUrl(service=f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        services = tuple(
+            f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host, port in endpoints
+        )
+        if len(services) > 1:
+            for host, _ in endpoints:
+                try:
+                    ipaddress.ip_address(host)
+                except ValueError:
+                    raise InvalidArgument(
+                        f"catalog {raw!r}: several ferry:// endpoints must be IP addresses "
+                        f"({host!r} is not); a host name gives one endpoint"
+                    ) from None
+        return CatalogUrl(service=services[0], service_fallbacks=services[1:])
     raise InvalidArgument(f"catalog {raw!r}: unknown scheme {scheme!r}; give {FORMS}")
 
 
@@ -110,7 +124,7 @@ def open_store(
     if where.sqlite_path is not None:
         return SqliteStore(where.sqlite_path)
     if where.service is not None:
-        return RemoteStore(where.service, security)
+        return RemoteStore(where.service, security, fallbacks=where.service_fallbacks)
     endpoints = [EtcdEndpoint(host, port) for host, port in where.etcd_endpoints]
     if not where.etcd_tls:
         return EtcdStore(endpoints)

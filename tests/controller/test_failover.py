@@ -1,13 +1,15 @@
 """Controller failover with real processes: two ``ferry controller`` on one catalog.
 
 A node and two controllers share a catalog (a SQLite file, or a real
-single-member etcd); callers create volumes concurrently through both CSI
-sockets. Mid-run the leader is SIGKILLed while it still waits on creates
-(the node is paused so they are in flight): three nobody retries, two the
-test retries through the survivor. The standby must take over (the issue's
-bound: 15 s), the retries must complete with the volume the dead leader
-recorded, and the new leader's garbage collector must finish the abandoned
-intents. Afterwards: no acknowledged volume lost, one volume per name, and the
+single-member etcd); on SQLite only the controllers open the file and the
+node reaches it through their catalog services (``ferry://a,b``). Callers
+create volumes concurrently through both CSI sockets. Mid-run the leader is
+SIGKILLed while it still waits on creates (the node is paused so they are
+in flight): three nobody retries, two the test retries through the
+survivor. The standby must take over (the issue's bound: 15 s), the
+retries must complete with the volume the dead leader recorded, and the
+new leader's garbage collector must finish the abandoned intents.
+Afterwards: no acknowledged volume lost, one volume per name, and the
 pool's images, the image specs and the catalog's volumes are the same set.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -56,9 +59,14 @@ RETRYABLE = {
 
 @dataclass
 class Cluster:
+    """Two controllers and a node. On SQLite the node never opens the catalog's
+    file: it reaches it through either controller's catalog service (ferry://),
+    so a paused node cannot hold the file's write lock over the controllers."""
+
     base: Path
     catalog: str
     started: list[Process] = field(default_factory=list)
+    catalog_ports: dict[str, int] = field(default_factory=dict)
 
     def spawn(self, name: str, *args: str) -> Process:
         log = self.base / f"{name}.log"
@@ -72,10 +80,25 @@ class Cluster:
         self.started.append(Process(popen, log))
         return self.started[-1]
 
+    @property
+    def shared_file(self) -> bool:
+        return "://" not in self.catalog
+
     def controller(self, name: str) -> Process:
+        serve: list[str] = []
+        if self.shared_file:
+            self.catalog_ports[name] = _free_port()
+            listen = f"tcp://127.0.0.1:{self.catalog_ports[name]}"
+            serve = ["--catalog-listen", listen, "--insecure-agent-api"]
         return self.spawn(
-            name, "controller", "--endpoint", self.socket(name), "--catalog", self.catalog
+            name, "controller", "--endpoint", self.socket(name), "--catalog", self.catalog, *serve
         )
+
+    def node_catalog(self) -> list[str]:
+        if not self.shared_file:
+            return ["--catalog", self.catalog]
+        replicas = ",".join(f"127.0.0.1:{port}" for port in self.catalog_ports.values())
+        return ["--catalog", f"ferry://{replicas}", "--insecure-agent-api"]
 
     def socket(self, name: str) -> str:
         return f"unix://{self.base}/{name}.sock"
@@ -85,7 +108,7 @@ class Cluster:
         return self.spawn(
             "node", "node", "--node-id", "n1",
             "--endpoint", self.socket("node"),
-            "--catalog", self.catalog,
+            *self.node_catalog(),
             "--pool", str(self.base / "pool"), "--pool-capacity", "1Gi",
             "--kubelet-dir", str(self.base / "kubelet"),
             "--agent-endpoint", f"unix://{self.base}/agent.sock",
@@ -111,6 +134,13 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]
             process.popen.wait(timeout=30)
         if etcd is not None:
             etcd.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
 
 
 def _create(endpoint: str, name: str, timeout: float) -> str:
@@ -180,12 +210,12 @@ def _wait(condition: Callable[[], bool], timeout: float, what: str) -> float:
 def test_standby_takes_over_and_nothing_is_lost_duplicated_or_orphaned(
     cluster: Cluster,
 ) -> None:
-    node = cluster.node()
-    node.wait_for("ferry started")
     first = cluster.controller("a")
     first.wait_for("leading")
     second = cluster.controller("b")
     second.wait_for("campaigning")
+    node = cluster.node()
+    node.wait_for("ferry started")
     store = open_store(cluster.catalog)
     catalog = Catalog(store)
     try:
@@ -233,9 +263,10 @@ def test_standby_takes_over_and_nothing_is_lost_duplicated_or_orphaned(
         assert len(callers.acked) == CALLERS * PER_CALLER + 2
         print(f"callers' retries after errors: {callers.retries}")
 
-        # The new leader's collector finishes the intents nobody retried.
+        # The new leader's collector finishes the intents nobody retried: READY as
+        # stored, not only as derived from the node's status.
         def all_ready() -> bool:
-            return all(v.state is VolumeState.READY for v in catalog.list_volumes())
+            return all(v.state is VolumeState.READY for v in catalog.list_volumes(stored=True))
 
         _wait(all_ready, 30, "every volume READY")
         _assert_consistent(catalog, cluster.base / "pool", callers.acked)

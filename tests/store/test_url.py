@@ -42,6 +42,10 @@ from tests.store.etcd_cluster import EtcdCluster
         ("ETCDS://[::1]:2379/", CatalogUrl(etcd_endpoints=(("::1", 2379),), etcd_tls=True)),
         ("ferry://ctl.ferry:7070", CatalogUrl(service="ctl.ferry:7070")),
         ("ferry://[::1]:7070", CatalogUrl(service="[::1]:7070")),
+        (
+            "ferry://10.0.0.1:7070,10.0.0.2:7071",
+            CatalogUrl(service="10.0.0.1:7070", service_fallbacks=("10.0.0.2:7071",)),
+        ),
     ],
 )
 def test_catalog_url_forms(text: str, expected: CatalogUrl) -> None:
@@ -60,7 +64,8 @@ def test_catalog_url_forms(text: str, expected: CatalogUrl) -> None:
         ("etcds://", "not host:port"),
         ("https://host:2379", "unknown scheme"),
         ("http://host:2379", "unknown scheme"),
-        ("ferry://a:1,b:2", "one host:port"),
+        ("ferry://a:1,b:2", "must be IP addresses"),
+        ("ferry://10.0.0.1:1,ctl:2", "must be IP addresses"),
     ],
 )
 def test_bad_catalog_urls_are_refused_with_the_forms(text: str, complaint: str) -> None:
