@@ -36,8 +36,10 @@ from csi_driver.store.catalog import Catalog
 log = logging.getLogger(__name__)
 
 ELECTION = "controller"
-#: How often the leader sweeps for orphaned intents (and once at once on winning).
-SWEEP_INTERVAL_S = 5.0
+#: How often the leader settles the intents that changed (everything once on winning).
+SWEEP_INTERVAL_S = 1.0
+#: How long a new leader waits for the collector's caches before its first pass.
+SYNC_SLICE_S = 1.0
 #: A campaign is retried in slices this long, so a stop is noticed promptly.
 CAMPAIGN_SLICE_S = 1.0
 #: Pause after a failed campaign (catalog unreachable) before the next.
@@ -50,7 +52,7 @@ def default_candidate() -> str:
 
 
 class Leadership:
-    """Campaigns in a thread; while leading, runs the garbage collector periodically."""
+    """Campaigns in a thread; while leading, settles what changed every ``sweep_interval_s``."""
 
     def __init__(
         self,
@@ -77,6 +79,8 @@ class Leadership:
 
     def start(self) -> None:
         log.info("campaigning", extra={"election": ELECTION, "candidate": self.candidate})
+        # Standbys follow the catalog too, so a takeover starts from warm caches.
+        self._collector.start()
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -85,6 +89,7 @@ class Leadership:
         self._election.resign()  # wakes a campaign and a leader's wait
         self._thread.join(timeout)
         self._election.resign()  # in case a campaign won after the first resign
+        self._collector.stop(timeout)
 
     def _run(self) -> None:
         while not self._stopping.is_set():
@@ -113,9 +118,13 @@ class Leadership:
         for runner in runners:
             runner.start()
         try:
+            while not self._collector.wait_synced(SYNC_SLICE_S):
+                if self._stopping.is_set() or not self._election.is_leader:
+                    break
+            self._collector.resync()  # a new leader looks at everything once
             while not self._stopping.is_set() and self._election.is_leader:
                 try:
-                    self._collector.sweep()
+                    self._collector.settle_changed()
                 except Deposed:
                     # Someone else holds the key: drop what we hold and campaign anew.
                     self._election.resign()

@@ -86,7 +86,7 @@ def _volume_to_json(volume: Volume) -> bytes:
     return json.dumps(doc, sort_keys=True).encode()
 
 
-def _volume_from_json(raw: bytes) -> Volume:
+def volume_from_json(raw: bytes) -> Volume:
     doc = json.loads(raw)
     return Volume(
         volume_id=doc["volume_id"],
@@ -153,7 +153,7 @@ class Catalog:
 
     def get_volume(self, volume_id: str) -> Volume | None:
         record = self.store.get(VOLUMES + volume_id)
-        return self.observed(_volume_from_json(record.value)) if record else None
+        return self.observed(volume_from_json(record.value)) if record else None
 
     def observed(self, volume: Volume) -> Volume:
         """``volume`` READY if it is CREATING and its image's status says READY."""
@@ -183,7 +183,7 @@ class Catalog:
             record = self.store.get(VOLUMES + volume_id)
             if record is None:
                 raise NotFound(f"volume {volume_id} does not exist")
-            current = self.observed(_volume_from_json(record.value))
+            current = self.observed(volume_from_json(record.value))
             updated = change(current)
             if updated == current:
                 return current
@@ -205,7 +205,7 @@ class Catalog:
         record = self.store.get(VOLUMES + volume_id)
         if record is None:
             return None
-        volume = _volume_from_json(record.value)
+        volume = volume_from_json(record.value)
         return Versioned(volume if stored else self.observed(volume), record.revision)
 
     @staticmethod
@@ -240,7 +240,7 @@ class Catalog:
         """Volumes in id order; ``stored``: as written, READY not derived (the collector)."""
         after = VOLUMES + start_after if start_after else ""
         records = self.store.list(VOLUMES, after, limit)
-        volumes = [_volume_from_json(r.value) for r in records]
+        volumes = [volume_from_json(r.value) for r in records]
         return volumes if stored else [self.observed(v) for v in volumes]
 
     # -- the name index ------------------------------------------------------

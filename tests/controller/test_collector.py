@@ -8,6 +8,7 @@ would have, and write nothing once its leadership is gone.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -88,7 +89,8 @@ def test_a_create_the_node_finished_is_marked_ready(
     assert collector.sweep() == Sweep()  # the node has not acted: nothing to decide
     ImageReconciler(catalog.store, agent)(volume.volume_id)
     assert collector.sweep() == Sweep(finished=1)
-    assert catalog.require_volume(volume.volume_id).state is VolumeState.READY
+    stored = catalog.read_volume(volume.volume_id, stored=True)
+    assert stored is not None and stored.value.state is VolumeState.READY
     assert collector.sweep() == Sweep()
     assert _account(catalog) == NodeAccounting("node-a", SIZE, 1)
 
@@ -148,4 +150,44 @@ def test_a_deposed_leader_writes_nothing(
     catalog.store.put(leader_key("controller"), b"leader-b")
     with pytest.raises(Deposed):
         collector.sweep()
-    assert catalog.require_volume(volume.volume_id).state is VolumeState.CREATING
+    stored = catalog.read_volume(volume.volume_id, stored=True)
+    assert stored is not None and stored.value.state is VolumeState.CREATING
+
+
+def _settled(collector: Collector, want: Sweep, timeout: float = 10.0) -> Sweep:
+    """Passes over what changed until one did ``want``'s work (the caches trail the store)."""
+    ends = time.monotonic() + timeout
+    while True:
+        done = collector.settle_changed()
+        if done == want or time.monotonic() > ends:
+            return done
+        time.sleep(0.05)
+
+
+def test_running_it_looks_only_at_what_changed_and_batches_ready(
+    catalog: Catalog, election: LeaderElection, agent: NodeAgent
+) -> None:
+    reconcile = ImageReconciler(catalog.store, agent)
+    existing = [_intend(catalog, n) for n in range(10, 22)]
+    for volume in existing:
+        reconcile(volume.volume_id)
+    collector = Collector(catalog, election.fence, resync_s=3600)
+    collector.start()
+    try:
+        assert collector.wait_synced(10)
+        collector.resync()
+        first = collector.settle_changed()  # every cached record, one txn for all READY
+        assert first == Sweep(finished=len(existing))
+        assert first.examined == 2 * len(existing)
+        assert all(v.state is VolumeState.READY for v in catalog.list_volumes(stored=True))
+        volume = _intend(catalog, 30)
+        reconcile(volume.volume_id)
+        done = _settled(collector, Sweep(finished=1))
+        assert done == Sweep(finished=1)
+        assert done.examined <= 2  # that volume and its image spec, not the catalog
+        stored = catalog.read_volume(volume.volume_id, stored=True)
+        assert stored is not None and stored.value.state is VolumeState.READY
+        assert collector.settle_changed() == Sweep()
+        assert _account(catalog) == NodeAccounting("node-a", 13 * SIZE, 13)
+    finally:
+        collector.stop()

@@ -272,7 +272,10 @@ def test_standby_takes_over_and_nothing_is_lost_duplicated_or_orphaned(
         _assert_consistent(catalog, cluster.base / "pool", callers.acked)
         abandoned = {catalog.volume_id_for_name(f"abandoned-{i}") for i in range(ABANDONED)}
         finished = {
-            line["volume"] for line in second.lines() if line["msg"] == "orphaned create finished"
+            volume
+            for line in second.lines()
+            if line["msg"] == "creates finished: stored READY"
+            for volume in line["volumes"]
         }
         assert abandoned <= finished
     finally:
