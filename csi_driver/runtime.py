@@ -42,7 +42,7 @@ from csi_driver.node.clones import SnapshotExports, SnapshotFetcher
 from csi_driver.node.fencing import EpochFence
 from csi_driver.node.pool import Pool
 from csi_driver.node.reconcile.exports import export_runner
-from csi_driver.node.reconcile.images import image_runner
+from csi_driver.node.reconcile.images import LocalImages, image_runner
 from csi_driver.node.reconcile.replicas import replica_runner
 from csi_driver.node.reconcile.snapshots import snapshot_runner
 from csi_driver.node.runner import CommandRunner
@@ -153,6 +153,8 @@ class NodeParts:
         self.pool = Pool(config.pool_root, config.pool_capacity_bytes)
         self.agent = NodeAgent(config.node_id, self.pool, self.runner, config.kubelet_dirs)
         self.topology = Topology.of({ZONE_KEY: config.zone, NODE_KEY: config.node_id})
+        #: the image reconciler, once started, for a controller in this process
+        self.local_images: LocalImages | None = None
 
     def registration(self, advertised: Endpoint, chunks: Endpoint | None = None) -> NodeRecord:
         return NodeRecord(
@@ -223,10 +225,9 @@ def _start_node_side(parts: NodeParts, catalog: Catalog, services: Services) -> 
     _report_pool(parts.pool)
     # The node's images and snapshots follow their records in the catalog from here on.
     fetcher = SnapshotFetcher(catalog.store, parts.config.security, parts.config.pool_root)
-    for runner in (
-        image_runner(catalog.store, parts.agent, fetcher=fetcher),
-        snapshot_runner(catalog.store, parts.agent),
-    ):
+    images, local = image_runner(catalog.store, parts.agent, fetcher=fetcher)
+    parts.local_images = local
+    for runner in (images, snapshot_runner(catalog.store, parts.agent)):
         runner.start()
         services.closers.append(functools.partial(_stop_runner, runner))
     _start_mobility(parts, catalog, services)
@@ -392,7 +393,7 @@ def start_all_in_one(
         catalog = Catalog(store)
         parts = NodeParts(config)
         _start_node_side(parts, catalog, services)
-        volumes = VolumeService(catalog)
+        volumes = VolumeService(catalog, local=parts.local_images)
         services.closers.append(volumes.close)
         identity = IdentityServicer([volumes.check, parts.agent.check], controller=True)
         fence = EpochFence(catalog, config.node_id)

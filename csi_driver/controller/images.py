@@ -76,6 +76,10 @@ _REFUSALS: dict[FailureReason, Callable[[str], FerryError]] = {
 }
 
 
+#: A node's image reconciler in this process: the status it stored for a spec, or None.
+LocalNode = Callable[[Versioned[ImageSpec]], ImageStatus | None]
+
+
 class Deposed(FailedPrecondition):
     """A fenced txn failed: this process no longer leads, so it must not act."""
 
@@ -94,10 +98,14 @@ class ImageIntents:
         *,
         wait_s: float = DEFAULT_WAIT_S,
         fence: Callable[[], Compare] | None = None,
+        local: LocalNode | None = None,
     ) -> None:
+        """``local``: the image reconciler of a node in this process (all-in-one);
+        a spec for that node is reconciled at once in the caller's thread."""
         self._catalog = catalog
         self._wait_s = wait_s
         self._fence = fence
+        self._local = local
         self._statuses = Waiters(catalog.store, IMAGE_STATUSES)
 
     def close(self) -> None:
@@ -146,15 +154,16 @@ class ImageIntents:
             ops.append(self._catalog.name_op(volume.name, volume.volume_id))
         return Versioned(charged, self.txn(compares, ops))
 
-    def finish_create(self, volume: Volume, thin: bool, image: ImageSpec | None = None) -> Volume:
+    def finish_create(
+        self, volume: Volume, thin: bool, written: Versioned[ImageSpec] | None = None
+    ) -> Volume:
         """Wait for the node to create ``volume``'s image; return the volume READY.
 
-        ``image`` is the spec just written with the volume (None: read it).
+        ``written`` is the spec just written with the volume (None: read it).
         Nothing more is written: READY is derived from the image's status.
         """
-        if image is None:
-            image = self._image_of(volume, thin).value
-        status = self._await(image, f"node {image.node_id} to create the image")
+        image = written if written is not None else self._image_of(volume, thin)
+        status = self._await(image, f"node {image.value.node_id} to create the image")
         if status.phase is ImagePhase.READY:
             return replace(volume, state=VolumeState.READY)
         if status.reason.final:
@@ -167,23 +176,24 @@ class ImageIntents:
         """Mark the volume DELETING and its image deleted; forget both once the node did."""
         volume = volume_read.value
         image = self._image_of(volume, thin=False)
-        doomed = revise(image.value, deleted=True)
+        doomed = Versioned(revise(image.value, deleted=True), image.revision)
         deleting = replace(volume, state=VolumeState.DELETING)
-        if doomed is not image.value or deleting != volume:
-            self.txn(
+        if doomed.value is not image.value or deleting != volume:
+            revision = self.txn(
                 [
                     self._catalog.volume_unchanged(volume_read),
                     unchanged_since(image.value.key, image),
                 ],
-                [self._catalog.volume_op(deleting), put(doomed)],
+                [self._catalog.volume_op(deleting), put(doomed.value)],
             )
-        status = self._await(doomed, f"node {doomed.node_id} to delete the image")
+            doomed = Versioned(doomed.value, revision)
+        status = self._await(doomed, f"node {doomed.value.node_id} to delete the image")
         if status.phase is ImagePhase.DELETED:
             self.forget(volume)
             return
         if status.reason is FailureReason.IN_USE:
             # The node kept the image because it is in use: the volume stays usable.
-            self.keep_after_refused_delete(volume.volume_id, doomed)
+            self.keep_after_refused_delete(volume.volume_id, doomed.value)
         raise _refusal(status)
 
     def keep_after_refused_delete(self, volume_id: str, doomed: ImageSpec) -> None:
@@ -241,9 +251,10 @@ class ImageIntents:
         )
         return Versioned(grown, revision)
 
-    def finish_grow(self, volume: Volume, grown: ImageSpec) -> int:
+    def finish_grow(self, volume: Volume, written: Versioned[ImageSpec]) -> int:
         """Wait for the node to grow the image; record and return the volume's new size."""
-        status = self._await(grown, f"node {grown.node_id} to grow the image")
+        grown = written.value
+        status = self._await(written, f"node {grown.node_id} to grow the image")
         if status.phase is ImagePhase.READY:
             size = max(status.size_bytes, grown.size_bytes)
             self._catalog.update_volume(
@@ -295,7 +306,14 @@ class ImageIntents:
             return again
         return Versioned(spec, revision)
 
-    def _await(self, spec: ImageSpec, what: str) -> ImageStatus:
+    def _await(self, written: Versioned[ImageSpec], what: str) -> ImageStatus:
+        """The node's settled status for the spec ``written`` (at its revision)."""
+        spec = written.value
+        if self._local is not None:
+            local = self._local(written)
+            if local is not None and answers(local, spec) and local.settled:
+                return local
+
         def settled(record: Record | None) -> bool:
             if record is None:
                 return False

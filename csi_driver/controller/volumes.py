@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from csi_driver.controller.images import DEFAULT_WAIT_S, ImageIntents
+from csi_driver.controller.images import DEFAULT_WAIT_S, ImageIntents, LocalNode
 from csi_driver.controller.moves import MoveRequests
 from csi_driver.controller.policy import check_mutable, modify_volume
 from csi_driver.controller.snapshots import CloneSource
@@ -205,9 +205,11 @@ class VolumeService:
         clock: Callable[[], float] = time.time,
         lock_timeout_s: float = 30.0,
         wait_s: float = DEFAULT_WAIT_S,
+        local: LocalNode | None = None,
     ) -> None:
+        """``local``: the image reconciler of a node in this process (see ImageIntents)."""
         self._catalog = catalog
-        self._images = ImageIntents(catalog, wait_s=wait_s)
+        self._images = ImageIntents(catalog, wait_s=wait_s, local=local)
         self._moves = MoveRequests(catalog, wait_s=wait_s, clock=clock)
         self._clock = clock
         self._lock_timeout = lock_timeout_s
@@ -356,9 +358,9 @@ class VolumeService:
                 "bytes": size,
             },
         )
-        return self._finish_create(volume, image)
+        return self._finish_create(volume, Versioned(image, charged.revision))
 
-    def _finish_create(self, volume: Volume, image: ImageSpec | None = None) -> Volume:
+    def _finish_create(self, volume: Volume, image: Versioned[ImageSpec] | None = None) -> Volume:
         if volume.state is VolumeState.READY:
             return volume
         if volume.state is VolumeState.DELETING:
@@ -699,7 +701,7 @@ class VolumeService:
                     raise StoreError(f"expansion of {volume_id} kept losing races; retry")
                 self._remembered_accounts = {}
             try:
-                new_size = self._images.finish_grow(volume, grown.value)
+                new_size = self._images.finish_grow(volume, grown)
             finally:
                 self._forget_placement()  # a refused growth released its charge
         log.info("volume expanded", extra={"volume": volume_id, "bytes": new_size})

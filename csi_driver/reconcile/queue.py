@@ -20,7 +20,8 @@ import heapq
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 
 class WorkQueue:
@@ -46,6 +47,7 @@ class WorkQueue:
         self._seq = 0
         self._failures: dict[str, int] = {}
         self._shut = False
+        self._holders_waiting = 0
 
     def add(self, key: str) -> None:
         """Queue ``key`` to run as soon as a worker is free."""
@@ -110,10 +112,27 @@ class WorkQueue:
                 self._cond.wait(max(0.0, min(waits)) if waits else None)
             return None
 
+    @contextmanager
+    def holding(self, key: str) -> Iterator[None]:
+        """Own ``key`` as a worker would, for work done outside the workers: waits
+        while a worker holds it; adds made meanwhile queue it again afterwards."""
+        with self._cond:
+            self._holders_waiting += 1
+            while key in self._processing:
+                self._cond.wait()
+            self._holders_waiting -= 1
+            self._processing.add(key)
+        try:
+            yield
+        finally:
+            self.done(key)
+
     def done(self, key: str) -> None:
         """Release ``key``; queue it again if it was added while held."""
         with self._cond:
             self._processing.discard(key)
+            if self._holders_waiting:
+                self._cond.notify_all()
             if key in self._dirty:
                 self._dirty.discard(key)
                 self._enqueue(key)

@@ -21,13 +21,13 @@ def report(
     spec_read: Versioned[Any],
     current: Versioned[Any] | None,
     status: CatalogRecord,
-) -> bool:
-    """Write ``status`` unless unchanged; False when the spec changed meanwhile
-    (its event queues another pass) or nothing needed writing."""
+) -> int:
+    """Write ``status`` unless unchanged; the revision it was written at, or 0 (falsy)
+    when the spec changed meanwhile (its event queues another pass) or nothing
+    needed writing."""
     if current is not None and current.value == status:
-        return False
+        return 0
     try:
-        store.txn([unchanged_since(spec_read.value.key, spec_read)], [put(status)])
+        return store.txn([unchanged_since(spec_read.value.key, spec_read)], [put(status)])
     except Conflict:
-        return False
-    return True
+        return 0

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from csi_driver.core.errors import FerryError
 from csi_driver.metrics import RECONCILE_SECONDS, RECONCILES
@@ -29,6 +30,8 @@ from csi_driver.reconcile.informer import Informer
 from csi_driver.reconcile.queue import WorkQueue
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Reconcile one work key; return seconds until it should run again, or None.
 Reconcile = Callable[[str], float | None]
@@ -119,6 +122,12 @@ class Runner:
         if not joined:
             log.warning("runner threads still running after stop", extra={"runner": self.name})
         return joined
+
+    def run_now(self, key: str, work: Callable[[], T]) -> T:
+        """Run ``work`` for ``key`` in the caller's thread, never while a worker
+        holds ``key`` (a change that arrives meanwhile is reconciled after)."""
+        with self.queue.holding(key):
+            return work()
 
     def resync(self) -> None:
         """Queue every key the informers hold."""

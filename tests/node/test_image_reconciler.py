@@ -133,7 +133,7 @@ def test_a_restarted_node_converges_to_specs_written_while_it_was_down(
     specs = [_spec(10 + i) for i in range(4)]
     for spec in specs:
         store.put(spec.key, put(spec).value)
-    runner = image_runner(store, agent, resync_s=3600)
+    runner, _ = image_runner(store, agent, resync_s=3600)
     runner.start()
     try:
         for spec in specs:

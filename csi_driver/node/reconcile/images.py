@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 from pathlib import Path
 
 from csi_driver.chunks.generations import GenerationStore
@@ -97,6 +98,12 @@ class ImageReconciler:
         self._specs = specs
         self._statuses = statuses
         self.node_id = agent.node_id
+        # The status each volume was last reported with, until the status
+        # informer shows it: a pass that runs before the watch delivers our own
+        # write (one run in the caller's thread, see LocalImages) need not
+        # write it again.
+        self._lock = threading.Lock()
+        self._written: dict[str, Versioned[ImageStatus]] = {}
 
     def _read(self, informer: Informer | None, cls: type[R], key: str) -> Versioned[R] | None:
         if informer is None:
@@ -107,12 +114,22 @@ class ImageReconciler:
         spec_read = self._read(self._specs, ImageSpec, image_spec_key(self.node_id, volume_id))
         if spec_read is None:
             return None  # nothing asked of this node (or the controller finished)
+        self.reconcile(spec_read)
+        return None
+
+    def reconcile(self, spec_read: Versioned[ImageSpec]) -> ImageStatus | None:
+        """Act on ``spec_read``; return the status now stored for it (None: not stored,
+        the spec changed meanwhile). Host errors are reported, then raised."""
         spec = spec_read.value
         if spec.role is ImageRole.REPLICA:
             return None  # the replica reconciler's (node/reconcile/replicas.py)
+        volume_id = spec.volume_id
         current = self._read(self._statuses, ImageStatus, image_status_key(self.node_id, volume_id))
+        written = self._written.get(volume_id)
+        if written is not None and (current is None or written.revision > current.revision):
+            current = written  # the cache has not caught up with our own last write
         if current is not None and _done(current.value, spec):
-            return None
+            return current.value
         was_ready = (
             current is not None
             and answers(current.value, spec)
@@ -122,14 +139,14 @@ class ImageReconciler:
             status = self._act(spec, was_ready)
         except FerryError as exc:
             reason = next((r for kind, r in _FINAL if isinstance(exc, kind)), None)
-            self._report(spec_read, current, _failed(spec, reason or FailureReason.HOST_ERROR, exc))
+            failed = _failed(spec, reason or FailureReason.HOST_ERROR, exc)
+            stored = self._report(spec_read, current, failed)
             if reason is None:
                 raise  # a host error: the runner retries with backoff
-            return None
+            return stored
         pool = self._agent.pool
         observe_provisioned(pool.provisioned_bytes, pool.image_count)
-        self._report(spec_read, current, status)
-        return None
+        return self._report(spec_read, current, status)
 
     def _act(self, spec: ImageSpec, was_ready: bool) -> ImageStatus:
         if spec.deleted:
@@ -214,9 +231,17 @@ class ImageReconciler:
         spec_read: Versioned[ImageSpec],
         current: Versioned[ImageStatus] | None,
         status: ImageStatus,
-    ) -> None:
-        if not report(self._store, spec_read, current, status):
-            return
+    ) -> ImageStatus | None:
+        if current is not None and current.value == status:
+            return status
+        revision = report(self._store, spec_read, current, status)
+        if not revision:
+            return None  # the spec changed while we worked: its event queues another pass
+        with self._lock:
+            if status.phase is ImagePhase.DELETED:
+                self._written.pop(status.volume_id, None)
+            else:
+                self._written[status.volume_id] = Versioned(status, revision)
         log.info(
             "image status reported",
             extra={
@@ -226,6 +251,7 @@ class ImageReconciler:
                 "reason": status.reason.value,
             },
         )
+        return status
 
 
 def _done(status: ImageStatus, spec: ImageSpec) -> bool:
@@ -263,6 +289,41 @@ def _failed(spec: ImageSpec, reason: FailureReason, exc: FerryError) -> ImageSta
     )
 
 
+class LocalImages:
+    """The image reconciler of a node in the controller's own process (all-in-one).
+
+    The controller, having just written a spec for this node, runs the
+    reconcile in its own thread (:meth:`Runner.run_now`: never beside a worker
+    on the same volume) instead of waiting for the node's watch to deliver the
+    spec, a worker to pick it up and its own watch to deliver the status. The
+    catalog stays the contract: the node acts on the spec as written and
+    stores its status with the same compare as always; the spec's event
+    still reaches the runner, whose pass then finds nothing to do.
+    """
+
+    def __init__(self, runner: Runner, reconciler: ImageReconciler) -> None:
+        self._runner = runner
+        self._reconciler = reconciler
+        self.node_id = reconciler.node_id
+
+    def __call__(self, spec_read: Versioned[ImageSpec]) -> ImageStatus | None:
+        """The status stored for ``spec_read``; None when another node owns it or the
+        work failed here (the runner retries it: wait for its status)."""
+        if spec_read.value.node_id != self.node_id:
+            return None
+        try:
+            return self._runner.run_now(
+                spec_read.value.volume_id, lambda: self._reconciler.reconcile(spec_read)
+            )
+        except Exception as exc:
+            log.warning(
+                "image reconcile in the caller's thread failed; the runner retries it",
+                exc_info=not isinstance(exc, FerryError),
+                extra={"volume": spec_read.value.volume_id, "error": str(exc)},
+            )
+            return None
+
+
 def image_runner(
     store: CatalogStore,
     agent: NodeAgent,
@@ -270,17 +331,19 @@ def image_runner(
     resync_s: float = 60.0,
     workers: int = 2,
     fetcher: SnapshotFetcher | None = None,
-) -> Runner:
-    """A runner of this node's image reconciler over its spec and status prefixes.
+) -> tuple[Runner, LocalImages]:
+    """A runner of this node's image reconciler over its spec and status prefixes,
+    and the same reconciler for a controller in this process.
 
     Status changes are watched too, so a status removed or rewritten by
     anyone else is corrected from the spec.
     """
     specs, statuses = image_specs_on(agent.node_id), image_statuses_on(agent.node_id)
     spec_cache, status_cache = Informer(store, specs), Informer(store, statuses)
-    return Runner(
+    reconciler = ImageReconciler(store, agent, fetcher, specs=spec_cache, statuses=status_cache)
+    runner = Runner(
         f"images:{agent.node_id}",
-        ImageReconciler(store, agent, fetcher, specs=spec_cache, statuses=status_cache),
+        reconciler,
         [
             Source(spec_cache, strip_prefix(specs)),
             Source(status_cache, strip_prefix(statuses)),
@@ -288,3 +351,4 @@ def image_runner(
         workers=workers,
         resync_s=resync_s,
     )
+    return runner, LocalImages(runner, reconciler)
