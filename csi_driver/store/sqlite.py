@@ -10,9 +10,14 @@ reused, even after a restart.
 
 Watches poll the event log in their caller's thread, woken at once by
 writes from this process and within :data:`WATCH_POLL_S` by writes from
-others. The log is compacted explicitly (:meth:`SqliteStore.compact`) and
-automatically to the last ``history`` revisions, so it never grows without
-bound.
+others. A revision this process committed is kept in memory for a while
+(:data:`_RECENT_REVISIONS`, exactly the events it wrote), so the watches of
+this process read it from there instead of querying the log once each; a
+watch queries the log only for revisions it does not find there, and only
+when some connection committed since its last query (``PRAGMA
+data_version``, and this process's own count of commits). The log is
+compacted explicitly (:meth:`SqliteStore.compact`) and automatically to the
+last ``history`` revisions, so it never grows without bound.
 """
 
 from __future__ import annotations
@@ -79,6 +84,8 @@ WATCH_POLL_S = 0.05
 _WATCH_WINDOW = 256
 #: Automatic compaction runs at multiples of this revision (or of ``history``, if smaller).
 _AUTO_COMPACT_EVERY = 1024
+#: Revisions this process committed that its watches can read from memory.
+_RECENT_REVISIONS = 256
 _SQLITE_BUSY = 5
 
 
@@ -116,6 +123,21 @@ class _SharedFile:
         self.writer = threading.Lock()
         self.condition = threading.Condition()
         self.generation = 0
+        # revision -> the events committed at it, for revisions this process wrote
+        self._recent: dict[int, tuple[Event, ...]] = {}
+        self._recent_lock = threading.Lock()
+
+    def committed(self, revision: int, events: tuple[Event, ...]) -> None:
+        """Remember what this process committed at ``revision`` (after its COMMIT)."""
+        with self._recent_lock:
+            self._recent[revision] = events
+            if len(self._recent) > _RECENT_REVISIONS:
+                del self._recent[min(self._recent)]
+
+    def recent(self, revision: int) -> tuple[Event, ...] | None:
+        """The events of ``revision`` if this process committed it lately, else None."""
+        with self._recent_lock:
+            return self._recent.get(revision)
 
     @classmethod
     def for_path(cls, path: Path) -> _SharedFile:
@@ -311,6 +333,15 @@ class SqliteStore(CatalogStore):
                     self._compact(conn, revision - self._history)
         except sqlite3.Error as exc:
             raise self._failure("write", exc) from exc
+        self._shared.committed(
+            revision,
+            tuple(
+                Event(EventType.PUT, op.key, op.value, revision)
+                if isinstance(op, Put)
+                else Event(EventType.DELETE, op.key, b"", revision)
+                for op in changes
+            ),
+        )
         self._shared.notify()
         return revision
 
@@ -358,8 +389,18 @@ class SqliteStore(CatalogStore):
     def watch(self, prefix: str, from_revision: int) -> Watch:
         return SqliteWatch(self, prefix, from_revision)
 
-    def _events(self, low: str, high: str | None, start: int) -> tuple[list[Event], int]:
-        """Events in ``[start, start + window)`` under the prefix; and the last revision read."""
+    def _data_version(self) -> tuple[int, int]:
+        """This thread's connection and its ``PRAGMA data_version`` (which changes when
+        any other connection commits)."""
+        try:
+            with self._use() as conn:
+                return id(conn), int(conn.execute("PRAGMA data_version").fetchone()[0])
+        except sqlite3.Error as exc:
+            raise self._failure("change check", exc) from exc
+
+    def _events(self, low: str, high: str | None, start: int) -> tuple[list[Event], int, int]:
+        """Events in ``[start, start + window)`` under the prefix, the last revision read
+        and the store's revision."""
         query = (
             "SELECT revision, deleted, key, value FROM events "
             "WHERE revision >= ? AND revision <= ? AND key >= ?"
@@ -373,7 +414,8 @@ class SqliteStore(CatalogStore):
                         f"cannot watch from {start}: re-list and watch from its revision + 1",
                         compacted,
                     )
-                last = min(self._meta(conn, "revision"), start + _WATCH_WINDOW - 1)
+                end = self._meta(conn, "revision")
+                last = min(end, start + _WATCH_WINDOW - 1)
                 args: list[object] = [start, last, low]
                 if high is not None:
                     query += " AND key < ?"
@@ -385,7 +427,7 @@ class SqliteStore(CatalogStore):
             Event(EventType.DELETE if r[1] else EventType.PUT, r[2], bytes(r[3]), int(r[0]))
             for r in rows
         ]
-        return events, last
+        return events, last, end
 
     def election(self, name: str, candidate: str) -> LeaderElection:
         lock = self._path.with_name(f"{self._path.name}.{leader_key(name).replace('/', '-')}.lock")
@@ -421,7 +463,8 @@ class SqliteWatch(Watch):
         self._closed = threading.Event()
         start = from_revision or store.revision() + 1
         self._scanned = start - 1
-        self._fill()  # reports a compacted start at once
+        self._seen_version: tuple[int, int, int] | None = None
+        self._query()  # reports a compacted start at once
 
     @property
     def next_revision(self) -> int:
@@ -432,9 +475,36 @@ class SqliteWatch(Watch):
         return self._closed.is_set()
 
     def _fill(self) -> None:
-        events, last = self._store._events(self._low, self._high, self._scanned + 1)
+        """Read what follows ``_scanned``: from memory while this process wrote it,
+        else from the log if anyone committed since the last query."""
+        shared = self._store._shared
+        advanced = False
+        while (events := shared.recent(self._scanned + 1)) is not None:
+            self._buffer.extend(e for e in events if self._covers(e.key))
+            self._scanned += 1
+            advanced = True
+        if advanced:
+            return
+        # data_version misses commits made through this very connection; the
+        # process's own commits all move ``generation``.
+        version = (*self._store._data_version(), shared.generation)
+        if version == self._seen_version:
+            return
+        if self._store.revision() == self._scanned:
+            self._seen_version = version  # the commits were those read from memory
+            return
+        # Seen only once a query reached the end of the log (not one window of it).
+        self._seen_version = version if self._query() else None
+
+    def _covers(self, key: str) -> bool:
+        return key >= self._low and (self._high is None or key < self._high)
+
+    def _query(self) -> bool:
+        """Read one window of the log; True when it reached the log's end."""
+        events, last, end = self._store._events(self._low, self._high, self._scanned + 1)
         self._buffer.extend(events)
         self._scanned = max(self._scanned, last)
+        return last >= end
 
     def poll(self, timeout: float | None = None) -> Event | None:
         deadline = None if timeout is None else time.monotonic() + timeout

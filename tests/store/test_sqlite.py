@@ -17,7 +17,7 @@ from csi_driver.core.errors import (
     StoreUnavailable,
 )
 from csi_driver.store.base import ABSENT, Put
-from csi_driver.store.sqlite import SqliteStore
+from csi_driver.store.sqlite import _RECENT_REVISIONS, SqliteStore
 
 
 @pytest.fixture
@@ -258,3 +258,28 @@ def test_closing_a_store_while_other_threads_use_it_is_safe(tmp_path: Path) -> N
     record = store.get("x/k")  # a closed store reopens on use
     assert record is not None and record.value == b"v"
     store.close()
+
+
+def test_a_watch_misses_nothing_its_process_wrote_beyond_what_memory_keeps(
+    tmp_path: Path,
+) -> None:
+    """Revisions this process wrote are read from memory while kept there; older
+    ones, written through the watching thread's own connection (which PRAGMA
+    data_version does not report), still come from the log."""
+    store = SqliteStore(tmp_path / "c.db")
+    other = SqliteStore(tmp_path / "c.db")
+    try:
+        watch = store.watch("k/", 0)
+        writes = 3 * _RECENT_REVISIONS
+        for i in range(writes):  # this thread: the watch's own connection
+            store.put(f"k/{i:04d}", b"x")
+        seen = [watch.poll(1.0) for _ in range(writes)]
+        assert [e.key if e else None for e in seen] == [f"k/{i:04d}" for i in range(writes)]
+        assert watch.poll(0.1) is None
+        other.put("k/other", b"y")  # another store on the file, from memory as well
+        event = watch.poll(1.0)
+        assert event is not None and event.key == "k/other"
+        watch.close()
+    finally:
+        store.close()
+        other.close()
