@@ -90,6 +90,10 @@ PRIMARY_CONTEXT_KEY = "ferry.csi.dev/primary"
 FS_TYPE_CONTEXT_KEY = "fsType"
 
 
+class _NameTaken(Conflict):
+    """The provision txn lost on the name's compare: the name is claimed already."""
+
+
 @dataclass(frozen=True)
 class Condition:
     abnormal: bool
@@ -267,6 +271,18 @@ class VolumeService:
         params = parse_parameters(parameters).with_mutable(mutable_parameters or {})
         access_type, fs_type = volume_shape(capabilities, params)
         with self._names.hold(name, timeout=self._lock_timeout):
+            if resolve_source is None:
+                # Optimistic: a new name is the common case, and the provision txn's
+                # compare on the name says whether it is, without a read before it.
+                size = resolve_size(capacity, MINIMUM_SIZE[fs_type])
+                try:
+                    intent = self._provision(
+                        name, size, access_type, fs_type, params, requirement, None, None
+                    )
+                except (_NameTaken, ResourceExhausted, OutOfRange):
+                    pass  # the name may be taken (a repeat gets its volume, wherever it fits)
+                else:
+                    return self._finish_create(*intent)
             existing_id = self._catalog.volume_id_for_name(name)
             if existing_id is not None:
                 volume = self._catalog.get_volume(existing_id)
@@ -284,9 +300,14 @@ class VolumeService:
             if source is not None:
                 size = _clone_size(source, capacity, size, fs_type)
                 requirement = requirement or _near(self._catalog.get_node(source.image.node_id))
-            return self._provision(
-                name, size, access_type, fs_type, params, requirement, existing_id, source
-            )
+            try:
+                intent = self._provision(
+                    name, size, access_type, fs_type, params, requirement, existing_id, source
+                )
+            except _NameTaken as exc:
+                # Another controller process claimed the name meanwhile.
+                raise Aborted(OPERATION_PENDING.format(key=name)) from exc
+            return self._finish_create(*intent)
 
     def _provision(
         self,
@@ -298,7 +319,8 @@ class VolumeService:
         requirement: TopologyRequirement | None,
         claimed_id: str | None,
         source: CloneSource | None,
-    ) -> Volume:
+    ) -> tuple[Volume, Versioned[ImageSpec]]:
+        """Place the volume and write its intent; the volume and its image spec as written."""
         volume_id = claimed_id or f"vol-{uuid.uuid4().hex}"
         thin = params.provisioning is Provisioning.THIN
         with self._placement:
@@ -341,8 +363,7 @@ class VolumeService:
                     )
                 except Conflict as exc:
                     if exc.key is not None and exc.key.startswith(NAMES):
-                        # Another controller process claimed the name meanwhile.
-                        raise Aborted(OPERATION_PENDING.format(key=name)) from exc
+                        raise _NameTaken(exc.message, key=exc.key) from exc
                     fresh = True  # the node's accounting moved: read it and place again
                     continue
                 self._remembered_accounts[primary.node_id] = charged
@@ -358,7 +379,7 @@ class VolumeService:
                 "bytes": size,
             },
         )
-        return self._finish_create(volume, Versioned(image, charged.revision))
+        return volume, Versioned(image, charged.revision)
 
     def _finish_create(self, volume: Volume, image: Versioned[ImageSpec] | None = None) -> Volume:
         if volume.state is VolumeState.READY:
@@ -633,7 +654,12 @@ class VolumeService:
         )
 
     def accessible_topology(self, volume: Volume) -> list[Topology]:
-        node = self._catalog.get_node(volume.primary_node)
+        """From the registrations placement last read (a node's topology does not
+        change while it holds volumes); read afresh for a node not among them."""
+        with self._placement:
+            remembered = self._remembered_nodes
+        nodes = {n.node_id: n for n in remembered[1]} if remembered else {}
+        node = nodes.get(volume.primary_node) or self._catalog.get_node(volume.primary_node)
         return [accessible_segment(node)] if node else []
 
     def condition(self, volume: Volume) -> Condition:

@@ -193,6 +193,12 @@ class TestCreateVolume:
             create_request(name="more", size=200 * MiB),
         )
 
+    def test_a_repeat_on_a_full_node_returns_the_volume(self, ferry: Ferry) -> None:
+        # The repeat finds no room for another volume that size: it must still
+        # answer with the volume the name already has, not RESOURCE_EXHAUSTED.
+        first = ferry.create("fills", size=POOL_CAPACITY - 100 * MiB)
+        assert ferry.create("fills", size=POOL_CAPACITY - 100 * MiB) == first
+
     def test_unreachable_topology_is_resource_exhausted(self, ferry: Ferry) -> None:
         requirement = csi_pb2.TopologyRequirement(
             requisite=[csi_pb2.Topology(segments={ZONE_KEY: "elsewhere"})]
