@@ -26,6 +26,7 @@ from csi_driver.gen import csi_pb2
 from csi_driver.rpc.errors import status_for
 from csi_driver.runtime import start_controller, start_node
 from csi_driver.store.sqlite import SqliteStore
+from csi_driver.store.url import open_store
 from csi_driver.transport import AgentSecurity
 from tests.certs import Pki
 from tests.csi.conftest import node_config
@@ -91,6 +92,44 @@ def test_leadership_ends_when_the_service_goes_away(server: CatalogServer) -> No
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki.create(tmp_path_factory.mktemp("pki"))
+
+
+def test_several_controllers_serving_one_file_are_used_first_answering_first(
+    tmp_path: Path,
+) -> None:
+    """ferry://a,b: calls go to a; once a is gone, a call may fail (its outcome said),
+    and the next ones, and a watch resumed where it stopped, reach b."""
+    first = CatalogServer(tmp_path / "shared.db", progress_s=0.2).start()
+    second = CatalogServer(tmp_path / "shared.db", progress_s=0.2).start()
+    store = open_store(
+        f"ferry://127.0.0.1:{first.port},127.0.0.1:{second.port}",
+        security=LOOPBACK_PLAINTEXT,
+    )
+    try:
+        store.put("k/1", b"one")
+        watch = store.watch("k/", store.revision() + 1)
+        first.stop()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                store.put("k/2", b"two")
+                break
+            except StoreUnavailable:
+                assert time.monotonic() < deadline, "the second controller was never used"
+                time.sleep(0.1)
+        assert store.get("k/2") is not None
+        with pytest.raises(StoreUnavailable):  # the first one's stream ended with it
+            while watch.poll(5) is not None:
+                pass
+        resumed = store.watch("k/", watch.next_revision)
+        event = resumed.poll(5)
+        assert event is not None and event.key == "k/2"
+        resumed.close()
+        watch.close()
+    finally:
+        store.close()
+        first.stop()
+        second.stop()
 
 
 def test_a_node_registers_through_the_controllers_catalog_service_over_mtls(
