@@ -309,7 +309,9 @@ class ImageIntents:
     def _await(self, written: Versioned[ImageSpec], what: str) -> ImageStatus:
         """The node's settled status for the spec ``written`` (at its revision)."""
         spec = written.value
-        if self._local is not None:
+        left = deadline.remaining()
+        # No work is started for a call whose time is spent: its intent stays for the retry.
+        if self._local is not None and (left is None or left > REPLY_MARGIN_S):
             local = self._local(written)
             if local is not None and answers(local, spec) and local.settled:
                 return local
