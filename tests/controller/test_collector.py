@@ -114,8 +114,12 @@ def test_a_delete_the_node_finished_is_completed(
     collector.sweep()
     read_as = catalog.read_volume(volume.volume_id)
     assert read_as is not None
-    with pytest.raises(Unavailable):  # the RPC gives up waiting: DELETING stays
-        ImageIntents(catalog, wait_s=0.5).delete(read_as)
+    intents = ImageIntents(catalog, wait_s=0.5)
+    try:
+        with pytest.raises(Unavailable):  # the RPC gives up waiting: DELETING stays
+            intents.delete(read_as)
+    finally:
+        intents.close()  # its status watch, started by the wait
     assert catalog.require_volume(volume.volume_id).state is VolumeState.DELETING
     reconcile(volume.volume_id)
     assert collector.sweep() == Sweep(deleted=1)
