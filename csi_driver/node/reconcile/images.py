@@ -307,9 +307,11 @@ class LocalImages:
         self.node_id = reconciler.node_id
 
     def __call__(self, spec_read: Versioned[ImageSpec]) -> ImageStatus | None:
-        """The status stored for ``spec_read``; None when another node owns it or the
-        work failed here (the runner retries it: wait for its status)."""
-        if spec_read.value.node_id != self.node_id:
+        """The status stored for ``spec_read``; None when another node owns it, when it
+        copies data (a clone or restore: the runner's workers do that, so the RPC's
+        wait stays bounded by its deadline) or when the work failed here (the runner
+        retries it): then wait for the runner's status."""
+        if spec_read.value.node_id != self.node_id or spec_read.value.source is not None:
             return None
         try:
             return self._runner.run_now(
