@@ -14,6 +14,7 @@ from pathlib import Path
 
 from csi_driver import __version__, ca_command, log, snapshot_command
 from csi_driver.backup import command as backup_command
+from csi_driver.backup.snapshots import BackupSettings
 from csi_driver.core.errors import FerryError
 from csi_driver.metrics import serve as serve_metrics
 from csi_driver.pki import ClientTlsBundle, TlsBundle
@@ -99,6 +100,9 @@ def _node_config(args: argparse.Namespace, security: AgentSecurity) -> NodeConfi
         pool_capacity_bytes=args.pool_capacity,
         security=security,
         chunk_endpoint=args.chunk_endpoint,
+        # The chart's backup: block ($FERRY_BACKUP_*): snapshots whose class asks
+        # for a backup are shipped there, and restored from there on other nodes.
+        backup=BackupSettings.from_env(),
     )
 
 
@@ -234,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 security,
                 catalog_listen=args.catalog_listen,
                 catalog_tls=catalog_tls,
+                backup=BackupSettings.from_env(),
             )
         elif args.command == "node":
             config = _node_config(args, security)

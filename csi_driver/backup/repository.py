@@ -454,6 +454,8 @@ def backup_image(
     manifest: Manifest | None = None,
     progress: Progress | None = None,
     backup_id: str | None = None,
+    encrypted: bool = False,
+    described: str | None = None,
 ) -> BackupResult:
     """Back up the image at ``source``, which must not change while this runs (a
     snapshot, or a volume nobody uses). Returns once the backup is committed.
@@ -506,7 +508,8 @@ def backup_image(
                     volume_id=volume_id,
                     volume_name=volume_name,
                     fs_type=fs_type,
-                    source=str(source),
+                    source=described or str(source),
+                    encrypted=encrypted,
                 ),
                 final,
             )

@@ -11,6 +11,8 @@ node reported, exactly as the RPC would have:
   its node's charge go in one txn (nothing is left behind).
 - DELETING, image DELETED: the same removal; ``in-use``: the volume goes
   back to READY and its image spec back to kept.
+- Snapshot intents orphaned the same way are settled by
+  :mod:`.snapshot_collector` in the same sweep.
 - An image spec with no volume (written by no current flow, but a catalog
   restored or edited by hand can hold one) is marked deleted, and once its
   node reports DELETED its records go and its node's charge is released.
@@ -26,10 +28,12 @@ is background work, never on an RPC's path.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from csi_driver.controller.images import ImageIntents
+from csi_driver.controller.snapshot_collector import DEFAULT_GRACE_S, collect_snapshots
 from csi_driver.core.errors import Conflict
 from csi_driver.core.model import Volume, VolumeState
 from csi_driver.core.records import (
@@ -60,16 +64,26 @@ class Sweep:
     rolled_back: int = 0  # a refused create removed, or a refused delete kept
     deleted: int = 0  # DELETING volumes removed
     orphans: int = 0  # image specs without a volume marked deleted or removed
+    snapshots: int = 0  # orphaned snapshot intents marked deleted or removed
 
     @property
     def total(self) -> int:
-        return self.finished + self.rolled_back + self.deleted + self.orphans
+        return self.finished + self.rolled_back + self.deleted + self.orphans + self.snapshots
 
 
 class Collector:
     """Settles orphaned intents; every write is fenced by ``fence`` (the leader's)."""
 
-    def __init__(self, catalog: Catalog, fence: Callable[[], Compare]) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        fence: Callable[[], Compare],
+        *,
+        clock: Callable[[], float] = time.time,
+        snapshot_grace_s: float = DEFAULT_GRACE_S,
+    ) -> None:
+        self._clock = clock
+        self._snapshot_grace = snapshot_grace_s
         self._catalog = catalog
         self._fence = fence
         self._intents = ImageIntents(catalog, fence=fence)
@@ -80,10 +94,19 @@ class Collector:
         for volume in self._catalog.list_volumes():
             if volume.state in (VolumeState.CREATING, VolumeState.DELETING):
                 done = self._settle(volume, done)
+        images = []
         for record in self._catalog.store.list(IMAGE_SPECS):
             spec = from_stored(ImageSpec, record)
+            if spec is not None:
+                images.append(spec.value)
             if spec is not None and self._catalog.get_volume(spec.value.volume_id) is None:
                 done = self._collect_orphan(spec.value, record.revision, done)
+        snapshots = collect_snapshots(
+            self._catalog, self._intents.txn, images, self._clock(), self._snapshot_grace
+        )
+        if snapshots:
+            COLLECTED.labels("snapshot").inc(snapshots)
+            done = replace(done, snapshots=snapshots)
         if done.total:
             log.info("garbage collected", extra=done.__dict__)
         return done
