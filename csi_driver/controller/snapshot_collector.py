@@ -74,10 +74,11 @@ def collect_snapshots(
         status_read = read(store, SnapshotStatus, spec.status_key)
         status = status_read.value if status_read is not None else None
         settled = status is not None and answers(status, spec) and status.settled
+        refused = settled and status is not None and status.phase is ImagePhase.FAILED
         same = Compare(spec.key, record.revision)
         where = {"snapshot": spec.snapshot_id, "node": spec.node_id}
         try:
-            if spec.deleted or (settled and status is not None and status.reason.final):
+            if spec.deleted or (refused and status is not None and status.reason.final):
                 if spec.deleted and not (
                     settled and status is not None and status.phase is ImagePhase.DELETED
                 ):
