@@ -399,10 +399,17 @@ class SnapshotService:
 
     # -- groups ----------------------------------------------------------------
 
-    def create_group(self, name: str, volume_ids: Sequence[str]) -> GroupView:
+    def create_group(
+        self, name: str, volume_ids: Sequence[str], parameters: Mapping[str, str] | None = None
+    ) -> GroupView:
         """Snapshot ``volume_ids`` at one point in time, as the group called ``name``."""
         if not name:
             raise InvalidArgument("name is required")
+        if parse_snapshot_parameters(parameters or {}).backup:
+            raise InvalidArgument(
+                "a VolumeGroupSnapshotClass cannot ask for a backup yet: back the group's "
+                'volumes up with a VolumeSnapshotClass that has backup: "true", one by one'
+            )
         wanted = tuple(dict.fromkeys(volume_ids))
         with self._names.hold(name, timeout=self._lock_timeout):
             spec = self._claimed(name)

@@ -11,9 +11,13 @@ returned.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+
+import pytest
 
 from csi_driver.controller.collector import Collector, Sweep
 from csi_driver.controller.snapshots import SnapshotService
+from csi_driver.core.model import Volume
 from csi_driver.core.records import SnapshotSpec, snapshot_name_key
 from csi_driver.node.agent import NodeAgent
 from csi_driver.node.reconcile.images import ImageReconciler
@@ -28,15 +32,31 @@ __all__ = ["catalog", "election"]  # the collector tests' catalog and leadership
 GRACE_S = 60.0
 
 
-def test_a_snapshot_nobody_received_is_collected_after_its_grace(
-    catalog: Catalog, election: LeaderElection, agent: NodeAgent
-) -> None:
+@dataclass
+class Scene:
+    """A READY volume, its controller's snapshot service and a collector on a clock the
+    test moves forward (the grace is measured against it)."""
+
+    now: list[float]
+    collector: Collector
+    service: SnapshotService
+    volume: Volume
+
+
+@pytest.fixture
+def scene(catalog: Catalog, election: LeaderElection, agent: NodeAgent) -> Scene:
     now = [time.time()]
     collector = Collector(catalog, election.fence, clock=lambda: now[0], snapshot_grace_s=GRACE_S)
     volume = _intend(catalog, 11)
     ImageReconciler(catalog.store, agent)(volume.volume_id)
     collector.sweep()  # the volume is READY
-    service = SnapshotService(catalog, wait_s=0.3)
+    return Scene(now, collector, SnapshotService(catalog, wait_s=0.3), volume)
+
+
+def test_a_snapshot_nobody_received_is_collected_after_its_grace(
+    catalog: Catalog, scene: Scene, agent: NodeAgent
+) -> None:
+    now, collector, service, volume = scene.now, scene.collector, scene.service, scene.volume
     orphan = service.create("snap-orphan", volume.volume_id)  # its caller died waiting
     kept = service.create("snap-kept", volume.volume_id, acknowledge=True)
     assert not orphan.ready
@@ -61,14 +81,9 @@ def test_a_snapshot_nobody_received_is_collected_after_its_grace(
 
 
 def test_a_refused_snapshot_left_by_a_dead_call_leaves_nothing(
-    catalog: Catalog, election: LeaderElection, agent: NodeAgent
+    catalog: Catalog, scene: Scene, agent: NodeAgent
 ) -> None:
-    now = [time.time()]
-    collector = Collector(catalog, election.fence, clock=lambda: now[0], snapshot_grace_s=GRACE_S)
-    volume = _intend(catalog, 12)
-    ImageReconciler(catalog.store, agent)(volume.volume_id)
-    collector.sweep()
-    service = SnapshotService(catalog, wait_s=0.3)
+    now, collector, service, volume = scene.now, scene.collector, scene.service, scene.volume
     refused = service.create("snap-refused", volume.volume_id, {"backup": "true"})
     SnapshotReconciler(catalog.store, agent)(refused.snapshot_id)  # no backup target: final
     now[0] += GRACE_S + 1

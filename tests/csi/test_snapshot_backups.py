@@ -29,7 +29,9 @@ from csi_driver.core.encryption import ENCRYPTED_CONTEXT_KEY
 from csi_driver.core.model import MiB
 from csi_driver.csi.client import block_capability, mount_capability
 from csi_driver.gen import csi_pb2
+from csi_driver.runtime import start_node
 from tests.csi.conftest import Ferry, expect_code, node_config, running
+from tests.csi.test_clones import on_node
 
 SIZE = 32 * MiB
 CHUNK = 4 * MiB
@@ -133,6 +135,19 @@ def test_snapshot_class_parameters_are_checked(
     # The sidecar's own metadata keys are not the class's parameters.
     sidecar = {"csi.storage.k8s.io/volumesnapshot/name": "snap"}
     assert snapshot(backed, "snap-sidecar", volume.volume_id, sidecar).ready_to_use
+    group = csi_pb2.CreateVolumeGroupSnapshotRequest(
+        name="group-params", source_volume_ids=[volume.volume_id], parameters=parameters
+    )
+    details = expect_code(
+        grpc.StatusCode.INVALID_ARGUMENT, backed.client.group.CreateVolumeGroupSnapshot, group
+    )
+    assert says in details
+    group.parameters.clear()
+    group.parameters.update(BACKUP)
+    details = expect_code(
+        grpc.StatusCode.INVALID_ARGUMENT, backed.client.group.CreateVolumeGroupSnapshot, group
+    )
+    assert "cannot ask for a backup yet" in details
 
 
 def test_a_backup_needs_a_target_on_the_node(tmp_path: Path) -> None:
@@ -240,3 +255,23 @@ def test_a_copy_keeps_its_sources_encryption(backed: Ferry) -> None:
     assert "is an encrypted volume" in expect_code(invalid, create, request)
     same = create(restore("pv-secret-copy", secret_snap.snapshot_id, {"encrypted": "true"}))
     assert same.volume.volume_context[ENCRYPTED_CONTEXT_KEY] == "true"
+
+
+def test_a_node_that_never_held_the_snapshot_restores_it_from_the_target(
+    tmp_path: Path, backed: Ferry, settings: BackupSettings
+) -> None:
+    # node-a serves no chunks, so the only way to node-b is through the backup target.
+    config_b = replace(node_config(backed.base, "node-b"), backup=settings)
+    node_b = start_node(f"unix://{backed.base}/csi-b.sock", config_b, backed.catalog)
+    try:
+        volume = backed.create("pv-moving", SIZE, block_capability())
+        write_chunks(image(backed, volume.volume_id), {1: b"second-", 7: b"last-"})
+        expected = image(backed, volume.volume_id).read_bytes()
+        taken = snapshot(backed, "snap-moving", volume.volume_id, BACKUP)
+        assert taken.ready_to_use
+        request = on_node(restore_request("pv-moved", taken.snapshot_id), "node-b")
+        moved = backed.client.controller.CreateVolume(request).volume
+        path = backed.base / "node-b" / "pool" / "images" / f"{moved.volume_id}.img"
+        assert path.read_bytes() == expected
+    finally:
+        node_b.stop(grace_s=0)
