@@ -195,7 +195,23 @@ def test_a_backup_snapshot_restores_in_a_fresh_installation(
         csi_pb2.CreateSnapshotRequest(name="snap-tuesday", source_volume_id=volume.volume_id),
     )
 
+    endpoint = f"unix://{backed.base}/csi.sock"
+    command = ["snapshot", "create", "--name", "snap-cli", "--volume", volume.volume_id]
+    third = subprocess.run(
+        [sys.executable, "-m", "csi_driver.cli", *command, "--backup", "--endpoint", endpoint],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert third.returncode == 0, third.stderr
+    assert ": ready in" in third.stdout and "backed up (32Mi at" in third.stdout
+    cli_snapshot = third.stdout.split()[1]
+    assert chunk_objects(settings) == chunks_after_first + 1  # nothing changed since
+
     backups = listed(settings)
+    assert backups[-1]["source"] == f"snapshot:{cli_snapshot}"
+    backups = backups[:-1]
     assert [b["source"] for b in backups] == [
         f"snapshot:{first.snapshot_id}",
         f"snapshot:{second.snapshot_id}",
@@ -203,7 +219,7 @@ def test_a_backup_snapshot_restores_in_a_fresh_installation(
     assert {b["volume_name"] for b in backups} == {"pv-db"}
     verified = ferry_backup(settings, "verify")
     assert verified.returncode == 0, verified.stderr
-    assert verified.stdout.count(": ok,") == 2
+    assert verified.stdout.count(": ok,") == 3
     handle = backups[-1]["snapshot_handle"]
     # Same installation, a node that never held it would pull it from the target too.
     restored_here = backed.client.controller.CreateVolume(restore_request("pv-here", handle))
@@ -227,7 +243,7 @@ def test_a_backup_snapshot_restores_in_a_fresh_installation(
         )
         # DeleteSnapshot of a handle keeps the backup: backups outlive snapshots.
         fresh.client.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=handle))
-        assert len(listed(settings)) == 2
+        assert len(listed(settings)) == 3
 
 
 def test_a_copy_keeps_its_sources_encryption(backed: Ferry) -> None:
