@@ -101,12 +101,14 @@ class SnapshotBackups:
         self._repo: Repository | None = None
         self._lock = threading.Lock()
 
-    def repository(self) -> Repository:
+    def repository(self, *, create: bool = False) -> Repository:
+        """The repository; only a backup (``create``) initialises an empty target, so a
+        reader pointed at the wrong place is told so (NotFound) instead of making one."""
         with self._lock:
             if self._repo is None:
                 target = open_target(self.settings.target, self.settings.s3_config)
                 key = BackupKey.load(self.settings.key_file)
-                self._repo = Repository.open(target, key, create=True)
+                self._repo = Repository.open(target, key, create=create)
             return self._repo
 
     def ship(
@@ -126,7 +128,7 @@ class SnapshotBackups:
         Incremental: only chunks the target lacks (the previous backups of the
         volume hold the rest) are uploaded. A repeat finds the committed backup.
         """
-        repo = self.repository()
+        repo = self.repository(create=True)
         backup_id = snapshot_backup_id(snapshot_id, created_at)
         try:
             repo.backup(backup_id)

@@ -291,3 +291,17 @@ def test_a_node_that_never_held_the_snapshot_restores_it_from_the_target(
         assert path.read_bytes() == expected
     finally:
         node_b.stop(grace_s=0)
+
+
+def test_a_handle_never_initialises_an_empty_target(
+    tmp_path: Path, settings: BackupSettings
+) -> None:
+    with installation(tmp_path / "reader", settings) as ferry:
+        handle = "backup-20260101T000000Z-0123abcd"
+        details = expect_code(
+            grpc.StatusCode.NOT_FOUND,
+            ferry.client.controller.GetSnapshot,
+            csi_pb2.GetSnapshotRequest(snapshot_id=handle),
+        )
+        assert "no Ferry backups in" in details
+        assert not Path(settings.target, "config").exists()
