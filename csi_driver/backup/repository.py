@@ -463,7 +463,9 @@ def backup_image(
     With ``manifest`` (the image's, e.g. from a reflink capture), only the chunks
     the target lacks are read; each is checked against the manifest as it is
     read (FailedPrecondition when the source changed). Without it, every data
-    chunk is read once and hashed.
+    chunk is read once and hashed. ``encrypted`` (fscrypt inside the image) and
+    ``described`` (the source as the operator knows it, e.g. ``snapshot:<id>``;
+    default: the path) are sealed into the manifest.
     """
     started = time.monotonic()
     progress = progress or Progress()
