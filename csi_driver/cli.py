@@ -14,6 +14,7 @@ from pathlib import Path
 
 from csi_driver import __version__, ca_command, log, snapshot_command, volumes_command
 from csi_driver.backup import command as backup_command
+from csi_driver.backup.snapshots import BackupSettings
 from csi_driver.core.errors import FerryError
 from csi_driver.metrics import serve as serve_metrics
 from csi_driver.pki import ClientTlsBundle, TlsBundle
@@ -107,6 +108,9 @@ def _node_config(args: argparse.Namespace, security: AgentSecurity) -> NodeConfi
         security=security,
         heartbeat_s=args.heartbeat_interval,
         chunk_endpoint=args.chunk_endpoint,
+        # The chart's backup: block ($FERRY_BACKUP_*): snapshots whose class asks
+        # for a backup are shipped there, and restored from there on other nodes.
+        backup=BackupSettings.from_env(),
     )
 
 
@@ -263,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 catalog_listen=args.catalog_listen,
                 catalog_tls=catalog_tls,
                 node_lost_after_s=args.node_lost_after,
+                backup=BackupSettings.from_env(),
             )
         elif args.command == "node":
             config = _node_config(args, security)

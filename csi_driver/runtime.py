@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 
 from csi_driver.agent_api.server import NodeAgentServicer, admitted_callers
+from csi_driver.backup.snapshots import BackupSettings, SnapshotBackups
 from csi_driver.catalog_api.server import admitted_callers as catalog_callers
 from csi_driver.catalog_api.server import register as serve_store
 from csi_driver.controller.failover import NODE_LOST_AFTER_S
@@ -92,6 +93,9 @@ class NodeConfig:
         if agent.scheme == "unix":
             return f"unix://{self.pool_root.resolve() / 'exports.sock'}"
         return f"tcp://{agent.address.rpartition(':')[0]}:0"
+
+    #: The installation's backup target (the chart's ``backup:`` block), if any.
+    backup: BackupSettings | None = None
 
 
 @dataclass
@@ -224,10 +228,13 @@ def _start_node_side(parts: NodeParts, catalog: Catalog, services: Services) -> 
     catalog.register_node(parts.registration(agent_endpoint, chunks))
     _report_pool(parts.pool)
     # The node's images and snapshots follow their records in the catalog from here on.
-    fetcher = SnapshotFetcher(catalog.store, parts.config.security, parts.config.pool_root)
+    backups = SnapshotBackups(parts.config.backup) if parts.config.backup else None
+    fetcher = SnapshotFetcher(
+        catalog.store, parts.config.security, parts.config.pool_root, backups, node_id
+    )
     images, local = image_runner(catalog.store, parts.agent, fetcher=fetcher)
     parts.local_images = local
-    for runner in (images, snapshot_runner(catalog.store, parts.agent)):
+    for runner in (images, snapshot_runner(catalog.store, parts.agent, backups=backups)):
         runner.start()
         services.closers.append(functools.partial(_stop_runner, runner))
     _start_mobility(parts, catalog, services)
@@ -321,6 +328,7 @@ def start_controller(
     catalog_listen: str | None = None,
     catalog_tls: ClientTlsBundle | None = None,
     node_lost_after_s: float = NODE_LOST_AFTER_S,
+    backup: BackupSettings | None = None,
 ) -> Services:
     """``security``: the controller's certificate (it must name the controller), which
     secures the catalog it opens and the one it serves to nodes (default: plain).
@@ -340,12 +348,17 @@ def start_controller(
             csi_endpoint,
             [
                 lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
-                *_controller_services(volumes, SnapshotService(catalog)),
+                *_controller_services(volumes, _snapshot_service(catalog, backup)),
             ],
             services,
         )
         _campaign(catalog, services, node_lost_after_s)
     return services
+
+
+def _snapshot_service(catalog: Catalog, backup: BackupSettings | None) -> SnapshotService:
+    """The controller reads the backup target only to resolve ``backup-<id>`` handles."""
+    return SnapshotService(catalog, backups=SnapshotBackups(backup) if backup else None)
 
 
 def start_node(
@@ -403,7 +416,7 @@ def start_all_in_one(
             [
                 lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
                 lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s),
-                *_controller_services(volumes, SnapshotService(catalog)),
+                *_controller_services(volumes, _snapshot_service(catalog, config.backup)),
             ],
             services,
         )

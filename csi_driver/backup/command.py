@@ -36,6 +36,7 @@ from csi_driver.backup.repository import (
     verify_backup,
 )
 from csi_driver.backup.retention import RetentionPolicy
+from csi_driver.backup.snapshots import backup_handle
 from csi_driver.backup.targets import open_target
 from csi_driver.backup.volumes import backup_volume, detect_fs_type, restore_volume
 from csi_driver.chunks.manifest import DEFAULT_CHUNK_SIZE
@@ -221,6 +222,10 @@ def _list(args: argparse.Namespace) -> int:
                 "fs_type": info.fs_type,
                 "size_bytes": backup.manifest.size,
                 "data_bytes": backup.manifest.data_bytes,
+                "source": info.source,
+                "encrypted": info.encrypted,
+                # A VolumeSnapshotContent's snapshotHandle, in any installation.
+                "snapshot_handle": backup_handle(info.backup_id),
             }
             print(json.dumps(doc, sort_keys=True))
         else:

@@ -175,6 +175,8 @@ class BackupInfo:
     volume_name: str  # what retention groups by: the PV name, or a label
     fs_type: str | None  # "ext4", "xfs", or None for a raw block volume
     source: str  # where the bytes were read from, for the operator
+    #: Files encrypted at rest by fscrypt inside the image: a restore needs the volume's key.
+    encrypted: bool = False
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,7 @@ def seal_manifest(key: BackupKey, backup: Backup) -> bytes:
             "volume_name": backup.info.volume_name,
             "fs_type": backup.info.fs_type,
             "source": backup.info.source,
+            "encrypted": backup.info.encrypted,
         },
         sort_keys=True,
     ).encode()
@@ -234,6 +237,7 @@ def open_manifest(key: BackupKey, backup_id: str, blob: bytes) -> Backup:
             volume_name=str(doc["volume_name"]),
             fs_type=None if doc["fs_type"] is None else str(doc["fs_type"]),
             source=str(doc["source"]),
+            encrypted=bool(doc.get("encrypted", False)),  # absent before encrypted volumes
         )
         manifest = manifests.decode(body[_LENGTH.size + length :])
     except (struct.error, ValueError, KeyError, TypeError, InvalidArgument) as exc:

@@ -454,6 +454,8 @@ def backup_image(
     manifest: Manifest | None = None,
     progress: Progress | None = None,
     backup_id: str | None = None,
+    encrypted: bool = False,
+    described: str | None = None,
 ) -> BackupResult:
     """Back up the image at ``source``, which must not change while this runs (a
     snapshot, or a volume nobody uses). Returns once the backup is committed.
@@ -461,7 +463,9 @@ def backup_image(
     With ``manifest`` (the image's, e.g. from a reflink capture), only the chunks
     the target lacks are read; each is checked against the manifest as it is
     read (FailedPrecondition when the source changed). Without it, every data
-    chunk is read once and hashed.
+    chunk is read once and hashed. ``encrypted`` (fscrypt inside the image) and
+    ``described`` (the source as the operator knows it, e.g. ``snapshot:<id>``;
+    default: the path) are sealed into the manifest.
     """
     started = time.monotonic()
     progress = progress or Progress()
@@ -506,7 +510,8 @@ def backup_image(
                     volume_id=volume_id,
                     volume_name=volume_name,
                     fs_type=fs_type,
-                    source=str(source),
+                    source=described or str(source),
+                    encrypted=encrypted,
                 ),
                 final,
             )

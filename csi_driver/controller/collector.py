@@ -29,6 +29,9 @@ to act. A volume a node finished is made READY with others in one txn
 (:data:`READY_BATCH` at a time), not one txn each. Every ``resync_s`` it
 looks at every cached record again, from memory. :meth:`Collector.sweep`
 is the same pass over everything read from the store (tests, tools).
+Snapshot intents orphaned the same way are settled by :mod:`.snapshot_collector`:
+in every full sweep, and at each resync of the informer-driven passes (their grace
+is minutes, so the resync's cadence is enough).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from csi_driver.controller.images import ImageIntents
+from csi_driver.controller.snapshot_collector import DEFAULT_GRACE_S, collect_snapshots
 from csi_driver.core.errors import Conflict
 from csi_driver.core.model import Volume, VolumeState
 from csi_driver.core.records import (
@@ -77,10 +81,11 @@ class Sweep:
     orphans: int = 0  # image specs without a volume marked deleted or removed
     #: volumes and image specs looked at (what the pass cost, not what it did)
     examined: int = field(default=0, compare=False)
+    snapshots: int = 0  # orphaned snapshot intents marked deleted or removed
 
     @property
     def total(self) -> int:
-        return self.finished + self.rolled_back + self.deleted + self.orphans
+        return self.finished + self.rolled_back + self.deleted + self.orphans + self.snapshots
 
 
 #: Volumes made READY per txn (each is a compare and a put; etcd allows 128 ops).
@@ -116,8 +121,17 @@ class Collector:
     """Settles orphaned intents; every write is fenced by ``fence`` (the leader's)."""
 
     def __init__(
-        self, catalog: Catalog, fence: Callable[[], Compare], *, resync_s: float = RESYNC_S
+        self,
+        catalog: Catalog,
+        fence: Callable[[], Compare],
+        *,
+        resync_s: float = RESYNC_S,
+        clock: Callable[[], float] = time.time,
+        snapshot_grace_s: float = DEFAULT_GRACE_S,
     ) -> None:
+        self._clock = clock
+        self._snapshot_grace = snapshot_grace_s
+        self._snapshots_due = False
         self._catalog = catalog
         self._fence = fence
         self._intents = ImageIntents(catalog, fence=fence)
@@ -174,17 +188,22 @@ class Collector:
 
     def settle_changed(self) -> Sweep:
         """One pass over what changed since the last (everything, once per resync)."""
-        if time.monotonic() - self._resynced_at >= self._resync_s:
+        resynced = time.monotonic() - self._resynced_at >= self._resync_s
+        if resynced:
             self.resync()
         with self._lock:
             volumes, self._changed_volumes = self._changed_volumes, set()
             specs, self._changed_specs = self._changed_specs, set()
         try:
-            return self._pass(self._cache, sorted(volumes), sorted(specs))
+            snapshots = resynced or self._snapshots_due
+            self._snapshots_due = False
+            every_spec = self._specs.cached_keys() if snapshots else None
+            return self._pass(self._cache, sorted(volumes), sorted(specs), every_spec)
         except BaseException:
             with self._lock:  # not settled: look again next time
                 self._changed_volumes.update(volumes)
                 self._changed_specs.update(specs)
+            self._snapshots_due = self._snapshots_due or snapshots
             raise
 
     # -- passes ------------------------------------------------------------------
@@ -195,9 +214,17 @@ class Collector:
         store = self._catalog.store
         volumes = [r.key[len(VOLUMES) :] for r in store.list(VOLUMES)]
         specs = [r.key for r in store.list(IMAGE_SPECS)]
-        return self._pass(_StoreView(self._catalog), volumes, specs)
+        return self._pass(_StoreView(self._catalog), volumes, specs, specs)
 
-    def _pass(self, view: _View, volume_ids: Sequence[str], spec_keys: Sequence[str]) -> Sweep:
+    def _pass(
+        self,
+        view: _View,
+        volume_ids: Sequence[str],
+        spec_keys: Sequence[str],
+        every_spec: Sequence[str] | None,
+    ) -> Sweep:
+        """``every_spec``: every image spec's key, to settle orphaned snapshot
+        intents too (None: not in this pass)."""
         done = Sweep(examined=len(volume_ids) + len(spec_keys))
         ready: list[Versioned[Volume]] = []
         for volume_id in volume_ids:
@@ -212,9 +239,26 @@ class Collector:
             spec = from_stored(ImageSpec, view.get(key))
             if spec is not None and view.get(VOLUMES + spec.value.volume_id) is None:
                 done = self._collect_orphan(view, spec.value, spec.revision, done)
+        if every_spec is not None:
+            done = self._collect_snapshots(view, every_spec, done)
         if done.total:
             log.info("garbage collected", extra={**done.__dict__})
         return done
+
+    def _collect_snapshots(self, view: _View, spec_keys: Sequence[str], done: Sweep) -> Sweep:
+        """Settle orphaned snapshot intents; ``spec_keys`` must be every image spec
+        (a snapshot an image is being built from is never collected)."""
+        images = [
+            spec.value
+            for spec in (from_stored(ImageSpec, view.get(key)) for key in spec_keys)
+            if spec is not None
+        ]
+        count = collect_snapshots(
+            self._catalog, self._intents.txn, images, self._clock(), self._snapshot_grace
+        )
+        if count:
+            COLLECTED.labels("snapshot").inc(count)
+        return replace(done, snapshots=count)
 
     def _status_of(self, view: _View, spec: ImageSpec) -> ImageStatus | None:
         record = view.get(spec.status_key)

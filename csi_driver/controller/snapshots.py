@@ -19,6 +19,15 @@ deadline, for the status the node holding the volumes reports. Invariants:
   restore from it needs nothing of the volume.
 - A group's snapshots are taken at one freeze point on one node: every
   source volume of a group must have its primary on the same node.
+- A snapshot whose class asks for a backup is ready only once its backup is
+  committed (the node reports its id); ``backup-<backup id>`` handles name
+  backups in the target, restorable here even when this catalog never held
+  them (see :mod:`csi_driver.backup.snapshots`).
+- A clone or restore has its source's encryption: an encrypted snapshot or
+  backup restores only into an encrypted class, and a plain one only into a
+  plain class (INVALID_ARGUMENT otherwise).
+- A snapshot whose id no CreateSnapshot returned stays ``awaiting_caller``:
+  the leader's collector removes it once it is older than its grace.
 """
 
 from __future__ import annotations
@@ -27,10 +36,11 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
+from csi_driver.backup.snapshots import SnapshotBackups, handle_backup_id
 from csi_driver.core import deadline
 from csi_driver.core.errors import (
     GROUP_MEMBERS_MISMATCH,
@@ -49,6 +59,7 @@ from csi_driver.core.errors import (
 )
 from csi_driver.core.locks import KeyedLocks
 from csi_driver.core.model import VOLUME_ID_PATTERN, AccessType, FsType, Volume, VolumeState
+from csi_driver.core.params import parse_parameters
 from csi_driver.core.records import (
     GROUP_ID_PATTERN,
     SNAPSHOT_ID_PATTERN,
@@ -71,6 +82,7 @@ from csi_driver.core.records import (
     snapshot_name_key,
     snapshot_spec_key,
 )
+from csi_driver.core.snapshot_class import parse_snapshot_parameters
 from csi_driver.reconcile.wait import wait_for
 from csi_driver.store.base import ABSENT, Compare, Delete, Put, Record
 from csi_driver.store.catalog import Catalog
@@ -100,6 +112,7 @@ class SnapshotView:
     created_at: float
     ready: bool
     group_id: str = ""
+    backup_id: str = ""  # the committed backup of a snapshot whose class asked for one
 
 
 @dataclass(frozen=True)
@@ -120,6 +133,8 @@ class CloneSource:
     fs_type: FsType | None
     #: How the volume records its source ("snapshot:<id>" or "volume:<id>").
     described: str
+    #: The source's files are encrypted (fscrypt): so must the new volume's be.
+    encrypted: bool = False
 
 
 def _view(spec: SnapshotSpec, status: SnapshotStatus | None) -> SnapshotView:
@@ -131,6 +146,7 @@ def _view(spec: SnapshotSpec, status: SnapshotStatus | None) -> SnapshotView:
         created_at=status.taken_at if status is not None and ready else spec.created_at,
         ready=ready,
         group_id=spec.group_id,
+        backup_id=status.backup_id if status is not None and ready else "",
     )
 
 
@@ -148,7 +164,9 @@ class SnapshotService:
         clock: Callable[[], float] = time.time,
         wait_s: float = DEFAULT_WAIT_S,
         lock_timeout_s: float = 30.0,
+        backups: SnapshotBackups | None = None,
     ) -> None:
+        self._backups = backups
         self._catalog = catalog
         self._store = catalog.store
         self._clock = clock
@@ -158,20 +176,54 @@ class SnapshotService:
 
     # -- create ----------------------------------------------------------------
 
-    def create(self, name: str, source_volume_id: str) -> SnapshotView:
-        """Take (or return the already taken) snapshot called ``name`` of a volume."""
+    def create(
+        self,
+        name: str,
+        source_volume_id: str,
+        parameters: Mapping[str, str] | None = None,
+        *,
+        acknowledge: bool = False,
+    ) -> SnapshotView:
+        """Take (or return the already taken) snapshot called ``name`` of a volume.
+
+        ``parameters`` are the VolumeSnapshotClass's; ``acknowledge`` records
+        that the caller (CreateSnapshot) receives the id, so the collector
+        keeps the snapshot.
+        """
         if not name:
             raise InvalidArgument("name is required")
+        backup = parse_snapshot_parameters(parameters or {}).backup
         with self._names.hold(name, timeout=self._lock_timeout):
             spec = self._claimed(name)
             if spec is None:
                 volume = self._source_volume(source_volume_id)
-                spec = self._write_snapshot(name, volume)
-            elif not isinstance(spec, SnapshotSpec) or spec.source_volume_id != source_volume_id:
+                spec = self._write_snapshot(name, volume, backup)
+            elif (
+                not isinstance(spec, SnapshotSpec)
+                or spec.source_volume_id != source_volume_id
+                or spec.backup != backup
+            ):
                 raise AlreadyExists(self._conflict(name, spec))
             elif spec.deleted:
                 raise Aborted(f"snapshot {name!r} is being deleted; retry once it is gone")
-            return self._settle(spec)
+            view = self._settle(spec)
+            if acknowledge and spec.awaiting_caller:
+                self._acknowledge(spec)
+            return view
+
+    def _acknowledge(self, spec: SnapshotSpec) -> None:
+        """Mark the snapshot as handed out (best effort: a lost race leaves it for the
+        caller's repeat; no generation bump, so the node has nothing to redo)."""
+        found = self._spec(spec.snapshot_id)
+        if found is None or not found.value.awaiting_caller:
+            return
+        try:
+            self._store.txn(
+                [unchanged_since(found.value.key, found)],
+                [put(replace(found.value, awaiting_caller=False))],
+            )
+        except Conflict:
+            log.info("snapshot changed while acknowledged", extra={"snapshot": spec.snapshot_id})
 
     def _claimed(self, name: str) -> SnapshotSpec | GroupSnapshotSpec | None:
         """The snapshot or group already called ``name``, if any."""
@@ -204,7 +256,9 @@ class SnapshotService:
             raise Unavailable(f"volume {volume_id} is {volume.state.value}; retry when it is ready")
         return volume
 
-    def _new_spec(self, name: str, volume: Volume, group_id: str = "") -> SnapshotSpec:
+    def _new_spec(
+        self, name: str, volume: Volume, group_id: str = "", backup: bool = False
+    ) -> SnapshotSpec:
         return SnapshotSpec(
             snapshot_id=f"snap-{uuid.uuid4().hex}",
             name=name,
@@ -215,10 +269,14 @@ class SnapshotService:
             fs_type=volume.fs_type,
             created_at=self._clock(),
             group_id=group_id,
+            backup=backup,
+            volume_name=volume.name,
+            encrypted=parse_parameters(dict(volume.parameters)).encrypted,
+            awaiting_caller=not group_id,
         )
 
-    def _write_snapshot(self, name: str, volume: Volume) -> SnapshotSpec:
-        spec = self._new_spec(name, volume)
+    def _write_snapshot(self, name: str, volume: Volume, backup: bool = False) -> SnapshotSpec:
+        spec = self._new_spec(name, volume, backup=backup)
         index = snapshot_index_key(spec.snapshot_id)
         try:
             self._store.txn(
@@ -295,6 +353,8 @@ class SnapshotService:
     # -- queries ---------------------------------------------------------------
 
     def get(self, snapshot_id: str) -> SnapshotView:
+        if (backed := self._backup_view(snapshot_id)) is not None:
+            return backed
         found = self._spec(snapshot_id)
         if found is None or found.value.deleted:
             raise NotFound(f"snapshot {snapshot_id} does not exist")
@@ -309,6 +369,9 @@ class SnapshotService:
             raise InvalidArgument("max_entries must not be negative")
         if starting_token and not SNAPSHOT_ID_PATTERN.match(starting_token):
             raise Aborted(UNKNOWN_SNAPSHOT_TOKEN.format(token=starting_token))
+        if snapshot_id and (backed := self._backup_view(snapshot_id)) is not None:
+            wanted = not source_volume_id or source_volume_id == backed.source_volume_id
+            return ([backed] if wanted and not starting_token else []), ""
         if snapshot_id:
             found = self._spec(snapshot_id)
             specs = [found.value] if found else []
@@ -336,10 +399,17 @@ class SnapshotService:
 
     # -- groups ----------------------------------------------------------------
 
-    def create_group(self, name: str, volume_ids: Sequence[str]) -> GroupView:
+    def create_group(
+        self, name: str, volume_ids: Sequence[str], parameters: Mapping[str, str] | None = None
+    ) -> GroupView:
         """Snapshot ``volume_ids`` at one point in time, as the group called ``name``."""
         if not name:
             raise InvalidArgument("name is required")
+        if parse_snapshot_parameters(parameters or {}).backup:
+            raise InvalidArgument(
+                "a VolumeGroupSnapshotClass cannot ask for a backup yet: back the group's "
+                'volumes up with a VolumeSnapshotClass that has backup: "true", one by one'
+            )
         wanted = tuple(dict.fromkeys(volume_ids))
         with self._names.hold(name, timeout=self._lock_timeout):
             spec = self._claimed(name)
@@ -462,11 +532,52 @@ class SnapshotService:
             extra.append(Delete(snapshot_name_key(group.name)))
         self._forget_snapshots(members, extra)
 
+    # -- backups as snapshots ----------------------------------------------------
+
+    def _backup_view(self, snapshot_id: str) -> SnapshotView | None:
+        """A ``backup-<id>`` handle as a snapshot (always ready: a backup is committed
+        whole or not at all); None for any other id."""
+        backup_id = handle_backup_id(snapshot_id)
+        if backup_id is None:
+            return None
+        if self._backups is None:
+            raise NotFound(
+                f"snapshot {snapshot_id} names a backup and Ferry has no backup target "
+                "configured: set the chart's backup.target and backup.keySecret"
+            )
+        info = self._backups.describe(backup_id)
+        return SnapshotView(
+            snapshot_id,
+            info.info.volume_id,
+            info.manifest.size,
+            info.info.created_at,
+            ready=True,
+            backup_id=backup_id,
+        )
+
+    def _backup_source(self, snapshot_id: str, backup_id: str) -> CloneSource:
+        assert self._backups is not None  # _backup_view found the backup
+        info = self._backups.describe(backup_id).info
+        fs_type = FsType(info.fs_type) if info.fs_type else None
+        view = self._backup_view(snapshot_id)
+        assert view is not None
+        return CloneSource(
+            ImageSource(snapshot_id, "", backup_id),
+            view.size_bytes,
+            AccessType.MOUNT if fs_type else AccessType.BLOCK,
+            fs_type,
+            f"snapshot:{snapshot_id}",
+            encrypted=info.encrypted,
+        )
+
     # -- clone sources ---------------------------------------------------------
 
     def clone_source(self, snapshot_id: str, volume_id: str, clone_name: str) -> CloneSource:
         """Resolve CreateVolume's content source (a snapshot, or a volume, which is
         snapshotted first under a name derived from the clone's)."""
+        if snapshot_id and (backup_id := handle_backup_id(snapshot_id)) is not None:
+            self._backup_view(snapshot_id)  # NotFound without a target or the backup
+            return self._backup_source(snapshot_id, backup_id)
         if snapshot_id:
             found = self._spec(snapshot_id)
             if found is None or found.value.deleted:
@@ -476,11 +587,12 @@ class SnapshotService:
             if not view.ready:
                 raise Unavailable(f"source snapshot {snapshot_id} is not ready yet; retry")
             return CloneSource(
-                ImageSource(snapshot_id, spec.node_id),
+                ImageSource(snapshot_id, spec.node_id, view.backup_id),
                 spec.size_bytes,
                 spec.access_type,
                 spec.fs_type,
                 f"snapshot:{snapshot_id}",
+                encrypted=spec.encrypted,
             )
         if not VOLUME_ID_PATTERN.match(volume_id) or self._catalog.get_volume(volume_id) is None:
             raise NotFound(f"source volume {volume_id} does not exist")
@@ -497,6 +609,7 @@ class SnapshotService:
             spec.access_type,
             spec.fs_type,
             f"volume:{volume_id}",
+            encrypted=spec.encrypted,
         )
 
     def release_clone(self, clone_name: str) -> None:

@@ -156,6 +156,22 @@ def _clone_size(
     return size if capacity.required_bytes else source.size_bytes
 
 
+def _check_encryption(source: CloneSource, encrypted: bool) -> None:
+    """A copy keeps its source's fscrypt policy and ciphertext: the class must agree."""
+    if source.encrypted and not encrypted:
+        raise InvalidArgument(
+            f"the source ({source.described}) is an encrypted volume: a copy of it stays "
+            'encrypted and needs its key, so request a StorageClass with encrypted: "true" '
+            "(and the source's key as the node-stage secret)"
+        )
+    if encrypted and not source.encrypted:
+        raise InvalidArgument(
+            f"the source ({source.described}) is not encrypted and a copy keeps its "
+            "plaintext files: request an unencrypted StorageClass, or copy the data into a "
+            "new encrypted volume"
+        )
+
+
 def _near(node: NodeRecord | None) -> TopologyRequirement | None:
     """Without a topology requirement, a copy goes where its source is: a reflink there."""
     if node is None:
@@ -298,6 +314,7 @@ class VolumeService:
                 access_type, fs_type = volume_shape(capabilities, params)
             size = resolve_size(capacity, MINIMUM_SIZE[fs_type])
             if source is not None:
+                _check_encryption(source, params.encrypted)
                 size = _clone_size(source, capacity, size, fs_type)
                 requirement = requirement or _near(self._catalog.get_node(source.image.node_id))
             try:

@@ -507,11 +507,14 @@ class ImageSource:
     """Where a new image's bytes come from: snapshot ``snapshot_id`` on ``node_id``.
 
     On the same node the image is a reflink (or a copy) of the snapshot;
-    on another node its chunks are pulled from that node and verified.
+    on another node its chunks are pulled from that node and verified, or,
+    when the snapshot was backed up (``backup_id``), restored from the
+    backup target. A backup handle from another installation has no node.
     """
 
     snapshot_id: str
     node_id: str
+    backup_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -532,6 +535,16 @@ class SnapshotSpec:
     group_id: str = ""
     deleted: bool = False
     generation: int = 1
+    #: The VolumeSnapshotClass asked for a backup: READY only once it is committed.
+    backup: bool = False
+    #: The source volume's name (the PV's): what its backup is listed and retained by.
+    volume_name: str = ""
+    #: The source volume is encrypted (fscrypt): so is every volume made from this.
+    encrypted: bool = False
+    #: Written by a call whose caller has not received the id yet; cleared (without a
+    #: generation bump) once a CreateSnapshot returns it. One left set past a grace
+    #: period is an orphan: the leader's collector removes it.
+    awaiting_caller: bool = False
 
     @property
     def key(self) -> str:
@@ -557,6 +570,8 @@ class SnapshotStatus:
     method: SnapshotMethod = SnapshotMethod.NONE
     reason: FailureReason = FailureReason.NONE
     message: str = ""
+    #: The committed backup of a snapshot whose spec asks for one.
+    backup_id: str = ""
 
     @property
     def key(self) -> str:

@@ -216,7 +216,9 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
 
     @rpc(required=("source_volume_id", "name"))
     def CreateSnapshot(self, request: Any, context: grpc.ServicerContext) -> Any:
-        view = self._snapshots.create(request.name, request.source_volume_id)
+        view = self._snapshots.create(
+            request.name, request.source_volume_id, dict(request.parameters), acknowledge=True
+        )
         return csi_pb2.CreateSnapshotResponse(snapshot=snapshot_message(view))
 
     @rpc(required=("snapshot_id",))

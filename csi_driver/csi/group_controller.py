@@ -37,7 +37,9 @@ class GroupControllerServicer(csi_pb2_grpc.GroupControllerServicer):
 
     @rpc(required=("name", "source_volume_ids"))
     def CreateVolumeGroupSnapshot(self, request: Any, context: grpc.ServicerContext) -> Any:
-        view = self._snapshots.create_group(request.name, list(request.source_volume_ids))
+        view = self._snapshots.create_group(
+            request.name, list(request.source_volume_ids), dict(request.parameters)
+        )
         return csi_pb2.CreateVolumeGroupSnapshotResponse(group_snapshot=group_message(view))
 
     @rpc(required=("group_snapshot_id",))

@@ -13,6 +13,10 @@ chunks onto any node"):
   as it lands, and the image is committed only when it verifies whole;
   then the verified image becomes the new volume's image. A pull cut short
   resumes from what landed.
+- A snapshot that was backed up (its source names a backup id) is restored
+  from the backup target instead, when this node has one: that needs
+  nothing of the node that took it (which may be gone, or in another
+  cluster), and every chunk is authenticated and hash-checked as it lands.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import shutil
 import threading
 from pathlib import Path
 
+from csi_driver.backup.snapshots import NOT_CONFIGURED, SnapshotBackups
 from csi_driver.chunks.durable import write_atomic
 from csi_driver.chunks.generations import GenerationStore
 from csi_driver.chunks.manifest import decode, encode
@@ -80,7 +85,16 @@ class SnapshotExports(Exports):
 class SnapshotFetcher:
     """Pulls snapshots held by other nodes into this node's pool."""
 
-    def __init__(self, store: CatalogStore, security: AgentSecurity, pool_root: Path) -> None:
+    def __init__(
+        self,
+        store: CatalogStore,
+        security: AgentSecurity,
+        pool_root: Path,
+        backups: SnapshotBackups | None = None,
+        node_id: str = "",
+    ) -> None:
+        self._backups = backups
+        self._node_id = node_id
         self._catalog = Catalog(store)
         self._security = security
         self._work = Path(pool_root) / "incoming"
@@ -88,6 +102,9 @@ class SnapshotFetcher:
     def fetch(self, source: ImageSource, volume_id: str, destination: Path) -> None:
         """``destination`` as a verified copy of snapshot ``source``, pulled from its node
         for volume ``volume_id`` (one pull per volume at a time: its reconcile key)."""
+        if source.backup_id and (self._backups is not None or not source.node_id):
+            self._restore(source, destination)
+            return
         node = self._catalog.get_node(source.node_id)
         if node is None or not node.chunk_endpoint:
             raise FailedPrecondition(
@@ -113,4 +130,17 @@ class SnapshotFetcher:
                 "node": source.node_id,
                 "bytes": result.progress.bytes_this_session,
             },
+        )
+
+    def _restore(self, source: ImageSource, destination: Path) -> None:
+        if self._backups is None:
+            raise FailedPrecondition(
+                NOT_CONFIGURED.format(
+                    node_id=self._node_id, what=f"restore backup {source.backup_id}"
+                )
+            )
+        self._backups.restore(source.backup_id, destination)
+        log.info(
+            "snapshot restored from its backup",
+            extra={"snapshot": source.snapshot_id, "backup": source.backup_id},
         )

@@ -55,3 +55,25 @@ def test_nothing_is_mounted_without_a_target() -> None:
     pod = node_pod(render())
     assert not [v for v in pod["volumes"] if v["name"].startswith("backup")]
     assert not [e for e in ferry_container(pod)["env"] if e["name"].startswith("FERRY_BACKUP")]
+
+
+def test_the_controller_reads_the_same_target_for_backup_handles() -> None:
+    docs = render(*S3_VALUES)
+    (deployment,) = (
+        d for d in docs if d["kind"] == "Deployment" and "controller" in d["metadata"]["name"]
+    )
+    pod = deployment["spec"]["template"]["spec"]
+    container = ferry_container(pod)
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["FERRY_BACKUP_TARGET"] == "s3://backups/prod"
+    assert env["FERRY_BACKUP_KEY_FILE"] == "/backup/key/key"
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["backup-key"]["readOnly"] and mounts["backup-s3"]["readOnly"]
+    assert not [e for e in ferry_container(node_pod(render()))["env"] if "BACKUP" in e["name"]]
+
+
+def test_the_backup_snapshot_class_asks_for_a_backup() -> None:
+    docs = render(*S3_VALUES, "--set", "snapshots.backupSnapshotClass.create=true")
+    classes = {d["metadata"]["name"]: d for d in docs if d["kind"] == "VolumeSnapshotClass"}
+    assert classes["ferry-backups"]["parameters"] == {"backup": "true"}
+    assert classes["ferry-backups"]["deletionPolicy"] == "Retain"

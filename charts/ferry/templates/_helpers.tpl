@@ -81,3 +81,44 @@ into the "tls" emptyDir. Call with (dict "ctx" $ "name" "<identity>" "extra" "<f
 - name: tls
   emptyDir: {medium: Memory}
 {{- end -}}
+
+{{- /* The chart's backup: block, for the node pods (they ship and restore snapshot
+backups) and the controller (it resolves backup-<id> snapshot handles). */}}
+{{- define "ferry.backupEnv" -}}
+{{- with .Values.backup.target }}
+- {name: FERRY_BACKUP_TARGET, value: {{ . | quote }}}
+{{- end }}
+{{- if .Values.backup.keySecret }}
+- {name: FERRY_BACKUP_KEY_FILE, value: /backup/key/key}
+{{- end }}
+{{- if .Values.backup.s3Secret }}
+- {name: FERRY_BACKUP_S3_CONFIG, value: /backup/s3}
+{{- end }}
+{{- end }}
+
+{{- define "ferry.backupMounts" -}}
+{{- if .Values.backup.keySecret }}
+- {name: backup-key, mountPath: /backup/key, readOnly: true}
+{{- end }}
+{{- if .Values.backup.s3Secret }}
+- {name: backup-s3, mountPath: /backup/s3, readOnly: true}
+{{- end }}
+{{- if hasPrefix "/" .Values.backup.target }}
+- {name: backup-target, mountPath: {{ .Values.backup.target }}}
+{{- end }}
+{{- end }}
+
+{{- define "ferry.backupVolumes" -}}
+{{- with .Values.backup.keySecret }}
+- name: backup-key
+  secret: {secretName: {{ . }}, defaultMode: 0400}
+{{- end }}
+{{- with .Values.backup.s3Secret }}
+- name: backup-s3
+  secret: {secretName: {{ . }}, defaultMode: 0400}
+{{- end }}
+{{- if hasPrefix "/" .Values.backup.target }}
+- name: backup-target
+  hostPath: {path: {{ .Values.backup.target }}, type: DirectoryOrCreate}
+{{- end }}
+{{- end }}

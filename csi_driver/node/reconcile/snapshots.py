@@ -20,13 +20,20 @@ Invariants:
   per generation, host errors are reported and retried with backoff.
 - Deleting a snapshot never touches its volume, and deleting the volume
   never touches its snapshots.
+- A snapshot whose spec asks for a backup is READY only once the backup is
+  committed in the target, its id in the status; the backup id is derived
+  from the snapshot, so a crash between commit and report ships nothing
+  twice. A node without a backup target refuses it (FAILED_PRECONDITION) and
+  keeps no snapshot file for it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 
+from csi_driver.backup.snapshots import NOT_CONFIGURED, SnapshotBackups
 from csi_driver.core.errors import Conflict, FailedPrecondition, FerryError, NotFound
 from csi_driver.core.records import (
     GROUP_ID_PATTERN,
@@ -96,7 +103,10 @@ def _ready(spec: SnapshotSpec, info: SnapshotInfo) -> SnapshotStatus:
 class SnapshotReconciler:
     """Reconciles this node's snapshots and group snapshots (work key: their id)."""
 
-    def __init__(self, store: CatalogStore, agent: NodeAgent) -> None:
+    def __init__(
+        self, store: CatalogStore, agent: NodeAgent, backups: SnapshotBackups | None = None
+    ) -> None:
+        self._backups = backups
         self._store = store
         self._agent = agent
         self._snapshots = agent.snapshots
@@ -162,7 +172,7 @@ class SnapshotReconciler:
             )
         existing = self._snapshots.get(spec.snapshot_id)
         if existing is not None:
-            return _ready(spec, existing)
+            return self._finished(spec, existing)
         current = read(
             self._store, SnapshotStatus, snapshot_status_key(self.node_id, spec.snapshot_id)
         )
@@ -171,9 +181,36 @@ class SnapshotReconciler:
                 f"snapshot {spec.snapshot_id} disappeared from node {self.node_id}'s pool "
                 "after it was taken; delete it"
             )
+        if spec.backup and self._backups is None:
+            raise FailedPrecondition(self._no_target(spec))
         with self._agent.quiesced([spec.source_volume_id]) as (held,):
             info = _take(self._snapshots, spec.snapshot_id, held, self.node_id)
-        return _ready(spec, info)
+        return self._finished(spec, info)
+
+    def _no_target(self, spec: SnapshotSpec) -> str:
+        return NOT_CONFIGURED.format(
+            node_id=self.node_id, what=f"back up snapshot {spec.snapshot_id}"
+        )
+
+    def _finished(self, spec: SnapshotSpec, info: SnapshotInfo) -> SnapshotStatus:
+        """READY, after shipping the snapshot into the backup target when asked to
+        (outside the quiesce: the snapshot file is never written again)."""
+        if not spec.backup:
+            return _ready(spec, info)
+        if self._backups is None:
+            self._snapshots.delete(spec.snapshot_id)
+            raise FailedPrecondition(self._no_target(spec))
+        backup_id = self._backups.ship(
+            spec.snapshot_id,
+            spec.created_at,
+            info.path,
+            volume_id=spec.source_volume_id,
+            volume_name=spec.volume_name or spec.source_volume_id,
+            fs_type=spec.fs_type.value if spec.fs_type else None,
+            encrypted=spec.encrypted,
+        )
+        log.info("snapshot backed up", extra={"snapshot": spec.snapshot_id, "backup": backup_id})
+        return replace(_ready(spec, info), backup_id=backup_id)
 
     # -- a group -------------------------------------------------------------------
 
@@ -312,7 +349,12 @@ def _failed_snapshot(spec: SnapshotSpec, reason: FailureReason, exc: FerryError)
 
 
 def snapshot_runner(
-    store: CatalogStore, agent: NodeAgent, *, resync_s: float = 60.0, workers: int = 2
+    store: CatalogStore,
+    agent: NodeAgent,
+    *,
+    resync_s: float = 60.0,
+    workers: int = 2,
+    backups: SnapshotBackups | None = None,
 ) -> Runner:
     """A runner of this node's snapshot reconciler over its snapshot and group prefixes."""
     node = agent.node_id
@@ -324,7 +366,7 @@ def snapshot_runner(
     )
     return Runner(
         f"snapshots:{node}",
-        SnapshotReconciler(store, agent),
+        SnapshotReconciler(store, agent, backups),
         [Source(Informer(store, p), strip_prefix(p)) for p in prefixes],
         workers=workers,
         resync_s=resync_s,

@@ -1,0 +1,307 @@
+"""Snapshots that are backups (VolumeSnapshotClass ``backup: "true"``), over CSI.
+
+A real all-in-one Ferry whose node has a backup target (a directory, as the
+chart's ``backup:`` block gives it) takes the snapshot, ships it, and reports
+it ready only once the backup is committed; a *fresh* installation (new
+catalog, new pool, same target and key) restores it through CreateVolume from
+the ``backup-<id>`` handle, byte-identical. The backups are listed and
+verified by the real ``ferry backup`` CLI in a subprocess. Unstaged block
+volumes need no root: their images are files in the pool.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from csi_driver.backup.keys import BackupKey
+from csi_driver.backup.snapshots import BackupSettings
+from csi_driver.core.encryption import ENCRYPTED_CONTEXT_KEY
+from csi_driver.core.model import MiB
+from csi_driver.csi.client import block_capability, mount_capability
+from csi_driver.gen import csi_pb2
+from csi_driver.runtime import start_node
+from tests.csi.conftest import Ferry, expect_code, node_config, running
+from tests.csi.test_clones import on_node
+
+SIZE = 32 * MiB
+CHUNK = 4 * MiB
+BACKUP = {"backup": "true"}
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> BackupSettings:
+    key = tmp_path / "backup.key"
+    BackupKey.generate().save(key)
+    return BackupSettings(str(tmp_path / "target"), key)
+
+
+def installation(base: Path, settings: BackupSettings | None) -> Any:
+    base.mkdir(parents=True, exist_ok=True)
+    return running(base, replace(node_config(base), backup=settings))
+
+
+@pytest.fixture
+def backed(tmp_path: Path, settings: BackupSettings) -> Iterator[Ferry]:
+    with installation(tmp_path / "one", settings) as ferry:
+        yield ferry
+
+
+def image(ferry: Ferry, volume_id: str) -> Path:
+    return ferry.base / "node-a" / "pool" / "images" / f"{volume_id}.img"
+
+
+def write_chunks(path: Path, chunks: dict[int, bytes]) -> None:
+    """Writes into an unstaged block volume's image, as its pod would have."""
+    with open(path, "r+b") as handle:
+        for index, fill in chunks.items():
+            handle.seek(index * CHUNK)
+            handle.write(fill * (CHUNK // len(fill)))
+
+
+def snapshot(ferry: Ferry, name: str, volume_id: str, parameters: dict[str, str]) -> Any:
+    request = csi_pb2.CreateSnapshotRequest(
+        name=name, source_volume_id=volume_id, parameters=parameters
+    )
+    return ferry.client.controller.CreateSnapshot(request).snapshot
+
+
+def ferry_backup(settings: BackupSettings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "csi_driver.cli", "backup", *args, "--quiet"],
+        env={
+            **os.environ,
+            "FERRY_BACKUP_TARGET": settings.target,
+            "FERRY_BACKUP_KEY_FILE": str(settings.key_file),
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def listed(settings: BackupSettings) -> list[dict[str, Any]]:
+    done = ferry_backup(settings, "list", "--json")
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def chunk_objects(settings: BackupSettings) -> int:
+    return sum(1 for p in Path(settings.target, "chunks").rglob("*") if p.is_file())
+
+
+def restore_request(
+    name: str, handle: str, parameters: dict[str, str] | None = None, capability: Any = None
+) -> Any:
+    source = csi_pb2.VolumeContentSource()
+    source.snapshot.snapshot_id = handle
+    return csi_pb2.CreateVolumeRequest(
+        name=name,
+        capacity_range=csi_pb2.CapacityRange(required_bytes=SIZE),
+        volume_capabilities=[capability or block_capability()],
+        volume_content_source=source,
+        parameters=parameters or {},
+    )
+
+
+@pytest.mark.parametrize(
+    ("parameters", "says"),
+    [
+        ({"backups": "true"}, "unknown VolumeSnapshotClass parameter(s) backups"),
+        ({"backup": "yes please"}, 'use "true" or "false"'),
+    ],
+)
+def test_snapshot_class_parameters_are_checked(
+    backed: Ferry, parameters: dict[str, str], says: str
+) -> None:
+    volume = backed.create("pv-params", SIZE, block_capability())
+    request = csi_pb2.CreateSnapshotRequest(
+        name="snap-params", source_volume_id=volume.volume_id, parameters=parameters
+    )
+    details = expect_code(
+        grpc.StatusCode.INVALID_ARGUMENT, backed.client.controller.CreateSnapshot, request
+    )
+    assert says in details
+    # The sidecar's own metadata keys are not the class's parameters.
+    sidecar = {"csi.storage.k8s.io/volumesnapshot/name": "snap"}
+    assert snapshot(backed, "snap-sidecar", volume.volume_id, sidecar).ready_to_use
+    group = csi_pb2.CreateVolumeGroupSnapshotRequest(
+        name="group-params", source_volume_ids=[volume.volume_id], parameters=parameters
+    )
+    details = expect_code(
+        grpc.StatusCode.INVALID_ARGUMENT, backed.client.group.CreateVolumeGroupSnapshot, group
+    )
+    assert says in details
+    group.parameters.clear()
+    group.parameters.update(BACKUP)
+    details = expect_code(
+        grpc.StatusCode.INVALID_ARGUMENT, backed.client.group.CreateVolumeGroupSnapshot, group
+    )
+    assert "cannot ask for a backup yet" in details
+
+
+def test_a_backup_needs_a_target_on_the_node(tmp_path: Path) -> None:
+    with installation(tmp_path / "plain", None) as ferry:
+        volume = ferry.create("pv-no-target", SIZE, block_capability())
+        request = csi_pb2.CreateSnapshotRequest(
+            name="snap-no-target", source_volume_id=volume.volume_id, parameters=BACKUP
+        )
+        details = expect_code(
+            grpc.StatusCode.FAILED_PRECONDITION, ferry.client.controller.CreateSnapshot, request
+        )
+        assert "no backup target" in details and "backup.target" in details
+        pool = ferry.base / "node-a" / "pool" / "snapshots"
+        assert not list(pool.glob("snap-*.img"))  # nothing kept for the refused snapshot
+        # No target: a backup handle cannot be resolved, and says why.
+        handle = "backup-20260101T000000Z-0123abcd"
+        details = expect_code(
+            grpc.StatusCode.NOT_FOUND,
+            ferry.client.controller.CreateVolume,
+            restore_request("pv-from-nothing", handle),
+        )
+        assert "no backup target" in details
+
+
+def test_a_backup_snapshot_restores_in_a_fresh_installation(
+    tmp_path: Path, backed: Ferry, settings: BackupSettings
+) -> None:
+    volume = backed.create("pv-db", SIZE, block_capability())
+    write_chunks(image(backed, volume.volume_id), {0: b"first-", 2: b"third-", 5: b"sixth-"})
+    first = snapshot(backed, "snap-monday", volume.volume_id, BACKUP)
+    assert first.ready_to_use
+    chunks_after_first = chunk_objects(settings)
+    assert chunks_after_first == 3  # the data chunks; holes are not stored
+
+    write_chunks(image(backed, volume.volume_id), {2: b"changed-"})
+    expected = image(backed, volume.volume_id).read_bytes()
+    second = snapshot(backed, "snap-tuesday", volume.volume_id, BACKUP)
+    assert second.ready_to_use
+    assert chunk_objects(settings) == chunks_after_first + 1  # incremental: one new chunk
+    # A repeat is idempotent: no second backup of the same snapshot.
+    assert snapshot(backed, "snap-tuesday", volume.volume_id, BACKUP) == second
+    expect_code(
+        grpc.StatusCode.ALREADY_EXISTS,
+        backed.client.controller.CreateSnapshot,
+        csi_pb2.CreateSnapshotRequest(name="snap-tuesday", source_volume_id=volume.volume_id),
+    )
+
+    endpoint = f"unix://{backed.base}/csi.sock"
+    command = ["snapshot", "create", "--name", "snap-cli", "--volume", volume.volume_id]
+    third = subprocess.run(
+        [sys.executable, "-m", "csi_driver.cli", *command, "--backup", "--endpoint", endpoint],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert third.returncode == 0, third.stderr
+    assert ": ready in" in third.stdout and "backed up (32Mi at" in third.stdout
+    cli_snapshot = third.stdout.split()[1]
+    assert chunk_objects(settings) == chunks_after_first + 1  # nothing changed since
+
+    backups = listed(settings)
+    assert backups[-1]["source"] == f"snapshot:{cli_snapshot}"
+    backups = backups[:-1]
+    assert [b["source"] for b in backups] == [
+        f"snapshot:{first.snapshot_id}",
+        f"snapshot:{second.snapshot_id}",
+    ]
+    assert {b["volume_name"] for b in backups} == {"pv-db"}
+    verified = ferry_backup(settings, "verify")
+    assert verified.returncode == 0, verified.stderr
+    assert verified.stdout.count(": ok,") == 3
+    handle = backups[-1]["snapshot_handle"]
+    # Same installation, a node that never held it would pull it from the target too.
+    restored_here = backed.client.controller.CreateVolume(restore_request("pv-here", handle))
+    assert image(backed, restored_here.volume.volume_id).read_bytes() == expected
+
+    with installation(tmp_path / "two", settings) as fresh:
+        got = fresh.client.controller.GetSnapshot(csi_pb2.GetSnapshotRequest(snapshot_id=handle))
+        assert got.snapshot.ready_to_use and got.snapshot.size_bytes == SIZE
+        page = fresh.client.controller.ListSnapshots(
+            csi_pb2.ListSnapshotsRequest(snapshot_id=handle)
+        )
+        assert [e.snapshot.snapshot_id for e in page.entries] == [handle]
+        restored = fresh.client.controller.CreateVolume(restore_request("pv-db-copy", handle))
+        assert restored.volume.content_source.snapshot.snapshot_id == handle
+        assert image(fresh, restored.volume.volume_id).read_bytes() == expected
+        missing = "backup-20260101T000000Z-0123abcd"
+        expect_code(
+            grpc.StatusCode.NOT_FOUND,
+            fresh.client.controller.CreateVolume,
+            restore_request("pv-missing", missing),
+        )
+        # DeleteSnapshot of a handle keeps the backup: backups outlive snapshots.
+        fresh.client.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=handle))
+        assert len(listed(settings)) == 3
+
+
+def test_a_copy_keeps_its_sources_encryption(backed: Ferry) -> None:
+    encrypted = backed.create("pv-secret", SIZE, parameters={"encrypted": "true"})
+    plain = backed.create("pv-plain", SIZE)
+    secret_snap = snapshot(backed, "snap-secret", encrypted.volume_id, {})
+    plain_snap = snapshot(backed, "snap-plain", plain.volume_id, {})
+
+    def restore(name: str, snapshot_id: str, parameters: dict[str, str]) -> Any:
+        return restore_request(name, snapshot_id, parameters, mount_capability())
+
+    create = backed.client.controller.CreateVolume
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    details = expect_code(invalid, create, restore("pv-leak", secret_snap.snapshot_id, {}))
+    assert "is an encrypted volume" in details and 'encrypted: "true"' in details
+    details = expect_code(
+        invalid, create, restore("pv-fake", plain_snap.snapshot_id, {"encrypted": "true"})
+    )
+    assert "is not encrypted" in details
+    # A clone (through a snapshot of the volume) is held to the same rule.
+    clone = csi_pb2.VolumeContentSource()
+    clone.volume.volume_id = encrypted.volume_id
+    request = restore("pv-clone", "", {})
+    request.volume_content_source.CopyFrom(clone)
+    assert "is an encrypted volume" in expect_code(invalid, create, request)
+    same = create(restore("pv-secret-copy", secret_snap.snapshot_id, {"encrypted": "true"}))
+    assert same.volume.volume_context[ENCRYPTED_CONTEXT_KEY] == "true"
+
+
+def test_a_node_that_never_held_the_snapshot_restores_it_from_the_target(
+    tmp_path: Path, backed: Ferry, settings: BackupSettings
+) -> None:
+    # node-a serves no chunks, so the only way to node-b is through the backup target.
+    config_b = replace(node_config(backed.base, "node-b"), backup=settings)
+    node_b = start_node(f"unix://{backed.base}/csi-b.sock", config_b, backed.catalog)
+    try:
+        volume = backed.create("pv-moving", SIZE, block_capability())
+        write_chunks(image(backed, volume.volume_id), {1: b"second-", 7: b"last-"})
+        expected = image(backed, volume.volume_id).read_bytes()
+        taken = snapshot(backed, "snap-moving", volume.volume_id, BACKUP)
+        assert taken.ready_to_use
+        request = on_node(restore_request("pv-moved", taken.snapshot_id), "node-b")
+        moved = backed.client.controller.CreateVolume(request).volume
+        path = backed.base / "node-b" / "pool" / "images" / f"{moved.volume_id}.img"
+        assert path.read_bytes() == expected
+    finally:
+        node_b.stop(grace_s=0)
+
+
+def test_a_handle_never_initialises_an_empty_target(
+    tmp_path: Path, settings: BackupSettings
+) -> None:
+    with installation(tmp_path / "reader", settings) as ferry:
+        handle = "backup-20260101T000000Z-0123abcd"
+        details = expect_code(
+            grpc.StatusCode.NOT_FOUND,
+            ferry.client.controller.GetSnapshot,
+            csi_pb2.GetSnapshotRequest(snapshot_id=handle),
+        )
+        assert "no Ferry backups in" in details
+        assert not Path(settings.target, "config").exists()
