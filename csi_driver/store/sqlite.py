@@ -65,6 +65,9 @@ CREATE TABLE IF NOT EXISTS meta (
     value INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO meta (name, value) VALUES ('revision', 0);
+-- Which database this is: a file removed and created again at the same path is
+-- another database, whose revisions must not be read from the old one's memory.
+INSERT OR IGNORE INTO meta (name, value) VALUES ('incarnation', random());
 CREATE TABLE IF NOT EXISTS events (
     revision INTEGER NOT NULL,
     seq INTEGER NOT NULL,
@@ -140,8 +143,9 @@ class _SharedFile:
             return self._recent.get(revision)
 
     @classmethod
-    def for_path(cls, path: Path) -> _SharedFile:
-        key = str(path.resolve())
+    def for_file(cls, path: Path, incarnation: int) -> _SharedFile:
+        """The shared state of the database at ``path`` created as ``incarnation``."""
+        key = f"{path.resolve()}#{incarnation}"
         with cls._registry_lock:
             return cls._registry.setdefault(key, cls())
 
@@ -179,9 +183,10 @@ class SqliteStore(CatalogStore):
         self._lock = threading.Lock()
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
-            self._shared = _SharedFile.for_path(self._path)
             with self._use() as conn:
                 conn.executescript(_SCHEMA)
+                incarnation = self._meta(conn, "incarnation")
+            self._shared = _SharedFile.for_file(self._path, incarnation)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(
                 f"cannot open catalog database {self._path}: {exc}; "

@@ -283,3 +283,32 @@ def test_a_watch_misses_nothing_its_process_wrote_beyond_what_memory_keeps(
     finally:
         store.close()
         other.close()
+
+
+def test_a_database_created_again_at_the_same_path_shares_nothing_with_the_old_one(
+    tmp_path: Path,
+) -> None:
+    """Revisions are numbered per database: stores of one database share what
+    this process committed (locks, recent events), but a file removed and
+    created again at the same path is another database and must not be read
+    from the old one's memory. (Found when a test's catalog path was reused in
+    one process: a snapshot reconciler never saw its spec.)"""
+    path = tmp_path / "c.db"
+    old, same = SqliteStore(path), SqliteStore(path)
+    for i in range(3):
+        old.put(f"k/old/{i}", b"x")
+    assert old._shared is same._shared
+    old.close()
+    same.close()
+    path.unlink()
+    new = SqliteStore(path)
+    try:
+        assert new._shared is not old._shared
+        assert new._shared.recent(1) is None  # nothing remembered of the old revision 1
+        watch = new.watch("k/", 0)
+        new.put("k/new", b"y")
+        event = watch.poll(1.0)
+        assert event is not None and event.key == "k/new"
+        watch.close()
+    finally:
+        new.close()
