@@ -3,14 +3,16 @@
 Layout of a tracker's work directory::
 
     snap-<n>.img        reflink snapshot n of the image (pools that can reflink)
+    snap-<n>.blocks     its block table (see :mod:`.blocks`)
     snap-<n>.manifest   its manifest (written last: a snapshot without one is
                         an interrupted capture, discarded at the next)
+    hashed.blocks       the block table of the last capture by hashing (ext4)
 
 Invariants:
 
 - On a pool that can reflink (xfs, btrfs), capture ``n`` is a reflink
-  snapshot; its manifest is snapshot ``n - 1``'s with only the chunks whose
-  extents differ between the two snapshots read again. The previous
+  snapshot; its manifest and block table are snapshot ``n - 1``'s with only
+  the blocks whose extents differ between the two snapshots read again. The previous
   snapshot is removed only after the new manifest is durable, so the extent
   comparison always has a live older copy (see :mod:`.extents`).
 - Elsewhere (ext4) the image is hashed whole in place: the caller must keep
@@ -27,11 +29,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from csi_driver.chunks.blocks import BlockTable
 from csi_driver.chunks.durable import write_atomic
 from csi_driver.chunks.extents import changed_ranges, extent_map, reflink
 from csi_driver.chunks.manifest import DEFAULT_CHUNK_SIZE, Manifest, decode, encode
-from csi_driver.chunks.scan import chunks_touching, scan_image
-from csi_driver.core.errors import FailedPrecondition
+from csi_driver.chunks.scan import rescan_blocks, scan_image
+from csi_driver.core.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ _SNAPSHOT = re.compile(r"^snap-(\d{8})\.img$")
 
 
 class Method(enum.Enum):
-    EXTENTS = "extents"  # reflink snapshot, only chunks with changed extents read
+    EXTENTS = "extents"  # reflink snapshot, only blocks with changed extents read
     FULL = "full"  # reflink snapshot, read whole (first capture, or size changed)
     HASHING = "hashing"  # no reflink: the image itself, read whole
 
@@ -51,6 +54,8 @@ class Capture:
     source: Path  # where the manifest's bytes can be read until the next capture
     method: Method
     bytes_read: int
+    #: The manifest's block table (:mod:`.blocks`), valid as long as ``source`` is.
+    blocks: Path | None = None
 
 
 class ChangeTracker:
@@ -75,7 +80,11 @@ class ChangeTracker:
         for number in reversed(self._numbers()):
             path = self._snapshot(number).with_suffix(".manifest")
             if path.exists():
-                return number, decode(path.read_bytes())
+                try:
+                    return number, decode(path.read_bytes())
+                except InvalidArgument:
+                    log.warning("capture of an older format ignored", extra={"path": str(path)})
+                    return None
         return None
 
     def capture(self) -> Capture:
@@ -83,34 +92,60 @@ class ChangeTracker:
         number = previous[0] + 1 if previous else 1
         for stale in self._numbers():
             if previous is None or stale > previous[0]:
-                self._snapshot(stale).unlink(missing_ok=True)  # an interrupted capture
+                for suffix in (".img", ".blocks", ".manifest"):  # an interrupted capture
+                    self._snapshot(stale).with_suffix(suffix).unlink(missing_ok=True)
         snapshot = self._snapshot(number)
         try:
             reflink(self.image, snapshot)
         except FailedPrecondition:
-            scan = scan_image(self.image, self.chunk_size)
+            hashed = self.work_dir / "hashed.blocks"
+            table = BlockTable.create(hashed, self.image.stat().st_size, self.chunk_size)
+            try:
+                scan = scan_image(self.image, self.chunk_size, table=table)
+            finally:
+                table.close()
             log.info(
                 "image hashed (no reflink on this pool)",
                 extra={"image": str(self.image), "bytes_read": scan.bytes_read},
             )
-            return Capture(number, scan.manifest, self.image, Method.HASHING, scan.bytes_read)
+            return Capture(
+                number, scan.manifest, self.image, Method.HASHING, scan.bytes_read, hashed
+            )
         method = Method.FULL
+        blocks = snapshot.with_suffix(".blocks")
         older = self._snapshot(previous[0]) if previous else None
-        if previous is not None and older is not None and older.exists():
-            size = snapshot.stat().st_size
+        size = snapshot.stat().st_size
+        if (
+            previous is not None
+            and older is not None
+            and older.exists()
+            and older.with_suffix(".blocks").exists()
+            and previous[1].size == size
+            and previous[1].chunk_size == self.chunk_size
+        ):
             base = previous[1]
-            if base.size == size and base.chunk_size == self.chunk_size:
-                ranges = changed_ranges(extent_map(older), extent_map(snapshot), size)
-                changed = chunks_touching(ranges, self.chunk_size)
-                scan = scan_image(snapshot, self.chunk_size, previous=base, changed=changed)
-                method = Method.EXTENTS
-        if method is Method.FULL:
-            scan = scan_image(snapshot, self.chunk_size)
+            ranges = changed_ranges(extent_map(older), extent_map(snapshot), size)
+            table = BlockTable.create(
+                blocks, size, self.chunk_size, copy_of=older.with_suffix(".blocks")
+            )
+            try:
+                scan = rescan_blocks(snapshot, base, table, ranges)
+                table.sync()
+            finally:
+                table.close()
+            method = Method.EXTENTS
+        else:
+            table = BlockTable.create(blocks, size, self.chunk_size)
+            try:
+                scan = scan_image(snapshot, self.chunk_size, table=table)
+                table.sync()
+            finally:
+                table.close()
         write_atomic(snapshot.with_suffix(".manifest"), encode(scan.manifest))
         for old in self._numbers():
             if old < number:
-                self._snapshot(old).unlink(missing_ok=True)
-                self._snapshot(old).with_suffix(".manifest").unlink(missing_ok=True)
+                for suffix in (".img", ".blocks", ".manifest"):
+                    self._snapshot(old).with_suffix(suffix).unlink(missing_ok=True)
         log.info(
             "image captured",
             extra={
@@ -120,4 +155,4 @@ class ChangeTracker:
                 "bytes_read": scan.bytes_read,
             },
         )
-        return Capture(number, scan.manifest, snapshot, method, scan.bytes_read)
+        return Capture(number, scan.manifest, snapshot, method, scan.bytes_read, blocks)

@@ -4,13 +4,17 @@ Layout under a replica's root::
 
     gen-<n>/image       committed generation n (the newest is current)
     gen-<n>/manifest    its manifest, verified against the image before commit
+    gen-<n>/blocks      its block table (:mod:`.blocks`), verified with it
     staging/            the generation being built, if any:
       image             the previous generation's copy (reflink where possible)
                         with the delta written into it
+      blocks            the previous generation's block table, likewise
       manifest          the target manifest (what the image must become)
       base              the generation it was copied from ("0": none)
       copy              how: "reflink" (blocks shared with the base) or "bytes"
       landed            journal of chunk indexes durably written (u32 each)
+      whole             chunks to fetch whole, not by blocks: they failed
+                        verification once (u32 each)
 
 Invariants:
 
@@ -23,10 +27,17 @@ Invariants:
 - A chunk index enters ``landed`` only after its bytes were checked against
   the target digest and the image was fdatasync'ed, so a resumed staging
   never asks again for a chunk that landed, and never trusts one that did not.
-- Verification reads every chunk that may differ from a verified generation:
+  A chunk the base holds other data for may be written by blocks
+  (:meth:`Staging.plan_blocks`): its block digests are checked against the
+  target's chunk digest, each block written against its block digest, and
+  only blocks whose digests differ from the base's are written at all.
+- Verification reads every block that may differ from a verified generation:
   all of them, unless the staged image is a reflink of the base, in which
-  case chunks whose extents are still the base's hold the base's verified
-  bytes (see :mod:`.extents`) and only the others are read again.
+  case blocks whose extents are still the base's and whose table entries
+  are the base's hold the base's verified bytes (see :mod:`.extents`), and
+  only the others are read again; every chunk touched must have table
+  entries whose digest is the target's. A generation's table is therefore
+  as verified as its image.
 - Chunks whose digest fails on arrival or at verification are never
   committed: :class:`DataLoss` names them, and they are dropped from
   ``landed`` so that a retry asks for them again.
@@ -44,11 +55,30 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from csi_driver.chunks.blocks import BlockTable
 from csi_driver.chunks.durable import write_atomic
 from csi_driver.chunks.extents import changed_ranges, extent_map, reflink
-from csi_driver.chunks.manifest import Delta, Manifest, chunk_digest, decode, delta, encode
-from csi_driver.chunks.scan import chunks_touching, data_ranges, scan_image
-from csi_driver.core.errors import DataLoss, FailedPrecondition, ResourceExhausted
+from csi_driver.chunks.manifest import (
+    DIGEST_SIZE,
+    HOLE_BLOCK,
+    Delta,
+    Manifest,
+    block_count,
+    block_digest,
+    block_digests,
+    block_size,
+    decode,
+    delta,
+    encode,
+    root_digest,
+)
+from csi_driver.chunks.scan import chunks_touching, data_ranges, read_exactly, scan_image
+from csi_driver.core.errors import (
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+)
 from csi_driver.node.pool import fsync_dir, punch_hole
 
 log = logging.getLogger(__name__)
@@ -62,6 +92,11 @@ class Generation:
     number: int
     image: Path
     manifest: Manifest
+
+    @property
+    def blocks(self) -> Path:
+        """The image's block table."""
+        return self.image.with_name("blocks")
 
 
 class GenerationStore:
@@ -86,6 +121,8 @@ class GenerationStore:
         )
 
     def current(self) -> Generation | None:
+        """The newest committed generation; None when there is none that this
+        version can read (one of an older format is replaced by the next commit)."""
         numbers = self._numbers()
         if not numbers:
             return None
@@ -93,7 +130,13 @@ class GenerationStore:
         directory = self._dir(number)
         manifest = self._manifests.get(number)
         if manifest is None:
-            manifest = decode((directory / "manifest").read_bytes())
+            try:
+                manifest = decode((directory / "manifest").read_bytes())
+            except InvalidArgument:
+                log.warning("generation of an older format ignored", extra={"dir": str(directory)})
+                return None
+            if not (directory / "blocks").exists():
+                return None
             self._manifests = {number: manifest}
         return Generation(number, directory / "image", manifest)
 
@@ -123,27 +166,42 @@ class GenerationStore:
         base = self.current()
         base_number = base.number if base else 0
         staging = self.staging_dir
+        plan = delta(target, base.manifest if base else None)
         if _same_staging(staging, target, base_number):
             landed = _read_journal(staging / "landed")
             log.info(
                 "staging resumed",
                 extra={"replica": str(self.root), "landed_chunks": len(landed)},
             )
-            plan = delta(target, base.manifest if base else None)
-            return Staging(self, target, plan, base_number, landed)
+            table = BlockTable(staging / "blocks", target.size, target.chunk_size, writable=True)
+            whole = _read_journal(staging / "whole") if (staging / "whole").exists() else set()
+            return Staging(
+                self, target, plan, base_number, landed, table=table, base=base, whole=whole
+            )
         shutil.rmtree(staging, ignore_errors=True)
         building = self.root / ".staging.tmp"
         shutil.rmtree(building, ignore_errors=True)
         building.mkdir(mode=0o700)
-        plan = delta(target, base.manifest if base else None)
         copy = _prepare_image(building / "image", base, plan)
+        same_chunks = base is not None and base.manifest.chunk_size == target.chunk_size
+        table = BlockTable.create(
+            building / "blocks",
+            target.size,
+            target.chunk_size,
+            copy_of=base.blocks if base is not None and same_chunks else None,
+        )
+        for index in plan.punch:
+            table.punch(index)
+        table.sync()
+        table.close()
         (building / "copy").write_text(copy)
         (building / "landed").touch()
         (building / "base").write_text(str(base_number))
         write_atomic(building / "manifest", encode(target))
         os.rename(building, staging)
         fsync_dir(self.root)
-        return Staging(self, target, plan, base_number, set())
+        table = BlockTable(staging / "blocks", target.size, target.chunk_size, writable=True)
+        return Staging(self, target, plan, base_number, set(), table=table, base=base)
 
     def _commit(self, staging: Staging) -> Generation:
         number = max(self._numbers(), default=0) + 1
@@ -166,9 +224,14 @@ def _same_staging(staging: Path, target: Manifest, base_number: int) -> bool:
             (staging / "manifest").read_bytes() == encode(target)
             and (staging / "base").read_text() == str(base_number)
             and (staging / "copy").exists()
+            and (staging / "blocks").exists()
         )
     except FileNotFoundError:
         return False
+
+
+def _journal(indexes: set[int]) -> bytes:
+    return b"".join(_INDEX.pack(i) for i in sorted(indexes))
 
 
 def _read_journal(path: Path) -> set[int]:
@@ -228,6 +291,21 @@ def sparse_copy(source: Path, destination: Path) -> None:
         os.close(dst)
 
 
+@dataclass(frozen=True)
+class BlockPatch:
+    """How chunk ``index`` is written by blocks: the target's block ``digests``
+    (checked against its chunk digest), the ``runs`` of blocks to fetch as
+    (first, count), and the blocks to zero (holes in the target, data in the base)."""
+
+    index: int
+    digests: bytes
+    runs: tuple[tuple[int, int], ...]
+    zero: tuple[int, ...]
+
+    def run_digests(self, first: int, count: int) -> bytes:
+        return self.digests[first * DIGEST_SIZE : (first + count) * DIGEST_SIZE]
+
+
 @dataclass
 class Staging:
     """A generation being built: write the chunks :meth:`missing` names, then commit."""
@@ -238,42 +316,158 @@ class Staging:
     base_number: int
     landed: set[int]
     verified_bytes: int = 0  # what the last commit read back to verify
+    table: BlockTable | None = None
+    #: The generation this one is built on (None: built from nothing).
+    base: Generation | None = None
+    #: Chunks to fetch whole, not by blocks (their blocks did not verify once).
+    whole: set[int] = field(default_factory=set)
     _pending: list[int] = field(default_factory=list)
+    #: Block digests of the chunks in ``_pending``, written to the table by :meth:`sync`.
+    _entries: dict[int, bytes] = field(default_factory=dict)
     _fd: int | None = None
+    _base_table: BlockTable | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _sync_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        if self.table is None:
+            self.table = BlockTable(
+                self.store.staging_dir / "blocks",
+                self.target.size,
+                self.target.chunk_size,
+                writable=True,
+            )
+        base = self.base
+        if base is not None and base.manifest.chunk_size == self.target.chunk_size:
+            self._base_table = BlockTable(base.blocks, base.manifest.size, base.manifest.chunk_size)
 
     @property
     def image(self) -> Path:
         return self.store.staging_dir / "image"
+
+    def _table(self) -> BlockTable:
+        assert self.table is not None  # set by __post_init__
+        return self.table
 
     def missing(self) -> list[int]:
         """Chunks still to write, in order: the delta's, less those landed."""
         with self._lock:
             return [i for i in self.delta.send if i not in self.landed]
 
-    def check(self, index: int, data: bytes) -> None:
-        """DataLoss unless ``data`` is exactly chunk ``index`` of the target."""
+    def by_blocks(self, index: int) -> bool:
+        """Whether chunk ``index`` is fetched by blocks: the base has a chunk of the
+        same length there (data or a hole) whose block digests are known, so
+        only blocks that differ from it need to travel."""
+        base = self.base
+        return (
+            self._base_table is not None
+            and base is not None
+            and index not in self.whole
+            and index < len(base.manifest.chunks)
+            and base.manifest.chunk_length(index) == self.target.chunk_length(index)
+        )
+
+    def check(self, index: int, data: bytes) -> bytes:
+        """DataLoss unless ``data`` is exactly chunk ``index`` of the target; return
+        its block digests."""
         wanted = self.target.chunks[index] if 0 <= index < len(self.target.chunks) else None
         if wanted is None:
             raise DataLoss(f"chunk {index} is not a data chunk of the target image", (index,))
-        if len(data) != self.target.chunk_length(index) or chunk_digest(data) != wanted:
+        digests = b""
+        if len(data) == self.target.chunk_length(index):
+            digests = block_digests(data, self.target.chunk_size)
+        if not digests or root_digest(digests) != wanted:
             raise DataLoss(
                 f"chunk {index} does not match its digest in the manifest; it was not "
                 "written and will be asked for again",
                 (index,),
             )
+        return digests
 
     def write(self, index: int, data: bytes) -> None:
         """Write chunk ``index`` after checking it; durable at the next :meth:`sync`."""
-        self.check(index, data)
+        digests = self.check(index, data)
+        self._pwrite(self.target.span(index)[0], data)
+        with self._lock:
+            self._pending.append(index)
+            self._entries[index] = digests
+
+    def plan_blocks(self, index: int, digests: bytes) -> BlockPatch:
+        """The blocks to fetch for chunk ``index`` whose target block digests the
+        sender says are ``digests``; DataLoss unless the manifest's chunk digest
+        commits to them."""
+        if not self.by_blocks(index) or self._base_table is None:
+            raise DataLoss(f"chunk {index} is not fetched by blocks", (index,))
+        count = block_count(self.target.chunk_length(index), self.target.chunk_size)
+        if len(digests) != count * DIGEST_SIZE or root_digest(digests) != self.target.chunks[index]:
+            raise DataLoss(
+                f"the block digests sent for chunk {index} do not match its digest in the "
+                "manifest; it will be asked for again",
+                (index,),
+            )
+        have = self._base_table.read(index)
+        runs: list[tuple[int, int]] = []
+        zero: list[int] = []
+        for block in range(count):
+            at = block * DIGEST_SIZE
+            wanted = digests[at : at + DIGEST_SIZE]
+            if wanted == have[at : at + DIGEST_SIZE]:
+                continue
+            if wanted == HOLE_BLOCK:
+                zero.append(block)
+            elif runs and sum(runs[-1]) == block:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((block, 1))
+        return BlockPatch(index, digests, tuple(runs), tuple(zero))
+
+    def write_run(self, patch: BlockPatch, first: int, data: bytes) -> None:
+        """Write the run of ``patch``'s blocks from ``first``, each checked against
+        its digest first; DataLoss (nothing written) when one does not match."""
+        count = next((n for start, n in patch.runs if start == first), 0)
+        step = block_size(self.target.chunk_size)
+        offset, length = self.target.span(patch.index)
+        expected = min(count * step, length - first * step)
+        if not count or len(data) != expected:
+            raise DataLoss(
+                f"chunk {patch.index} got an unasked run at block {first}", (patch.index,)
+            )
+        view = memoryview(data)
+        wanted = patch.run_digests(first, count)
+        for n in range(count):
+            got = block_digest(view[n * step : (n + 1) * step])
+            if got != wanted[n * DIGEST_SIZE : (n + 1) * DIGEST_SIZE]:
+                raise DataLoss(
+                    f"block {first + n} of chunk {patch.index} does not match its digest; "
+                    "the chunk will be asked for again",
+                    (patch.index,),
+                )
+        self._pwrite(offset + first * step, data)
+
+    def finish(self, patch: BlockPatch) -> None:
+        """Chunk ``patch.index`` is whole once its runs are written: zero its blocks
+        that became holes, record its block digests; durable at the next :meth:`sync`."""
+        step = block_size(self.target.chunk_size)
+        offset, length = self.target.span(patch.index)
+        if patch.zero:
+            fd = self._open()
+            for block in patch.zero:
+                punch_hole(fd, offset + block * step, min(step, length - block * step))
+        with self._lock:
+            self._pending.append(patch.index)
+            self._entries[patch.index] = patch.digests
+
+    def _open(self) -> int:
         if self._fd is None:
             self._fd = os.open(self.image, os.O_WRONLY | os.O_CLOEXEC)
-        offset = self.target.span(index)[0]
+        return self._fd
+
+    def _pwrite(self, offset: int, data: bytes) -> None:
+        fd = self._open()
         view = memoryview(data)
         try:
             while view:
-                written = os.pwrite(self._fd, view, offset)
+                written = os.pwrite(fd, view, offset)
                 view, offset = view[written:], offset + written
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -282,8 +476,6 @@ class Staging:
                     "on it (what landed is kept: the transfer resumes)"
                 ) from exc
             raise
-        with self._lock:
-            self._pending.append(index)
 
     def sync(self) -> list[int]:
         """Make the chunks written so far durable, then record them as landed; return
@@ -292,12 +484,17 @@ class Staging:
         with self._sync_lock:
             with self._lock:
                 durable, self._pending = self._pending, []
+                entries, self._entries = self._entries, {}
             if not durable:
                 return []
+            # Table writes batched here, off the receiving thread, in index order.
+            for index in sorted(entries):
+                self._table().write(index, entries[index])
             if self._fd is not None:
                 os.fdatasync(self._fd)
+            self._table().sync()
             with open(self.store.staging_dir / "landed", "ab") as journal:
-                journal.write(b"".join(_INDEX.pack(i) for i in durable))
+                journal.write(_journal(set(durable)))
                 journal.flush()
                 os.fsync(journal.fileno())
             with self._lock:
@@ -309,6 +506,9 @@ class Staging:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        self._table().close()
+        if self._base_table is not None:
+            self._base_table.close()
 
     def commit(self) -> Generation:
         """Verify the whole staged image against the target, then commit it."""
@@ -317,13 +517,9 @@ class Staging:
             raise FailedPrecondition(
                 f"{len(self.missing())} chunks have not landed yet; fetch them before commit"
             )
-        found = self._verify()
-        if found != self.target:
-            bad = tuple(
-                i
-                for i, (a, b) in enumerate(zip(found.chunks, self.target.chunks, strict=True))
-                if a != b
-            )
+        bad = self._verify()
+        self._table().close()
+        if bad:
             self._forget(bad)
             raise DataLoss(
                 f"the staged image differs from its manifest in chunks {list(bad[:8])}; "
@@ -332,35 +528,88 @@ class Staging:
             )
         return self.store._commit(self)
 
-    def _verify(self) -> Manifest:
-        """The staged image's manifest, read back from disk (see the module docstring)."""
+    def _verify(self) -> tuple[int, ...]:
+        """The chunks whose staged bytes or block digests are not the target's, read
+        back from disk (see the module docstring)."""
         base = self.store.current()
         if (base.number if base else 0) != self.base_number:
             raise FailedPrecondition(
                 f"replica {self.store.root} was committed to by someone else while this "
                 "staging was built; stage again"
             )
-        chunk_size = self.target.chunk_size
         copy = (self.store.staging_dir / "copy").read_text()
-        scan = None
         if (
             base is not None
             and copy == "reflink"
             and base.manifest.size == self.target.size
-            and base.manifest.chunk_size == chunk_size
+            and base.manifest.chunk_size == self.target.chunk_size
         ):
             try:
-                ranges = changed_ranges(
-                    extent_map(base.image), extent_map(self.image), self.target.size
-                )
-                changed = chunks_touching(ranges, chunk_size)
-                scan = scan_image(self.image, chunk_size, previous=base.manifest, changed=changed)
+                return self._verify_against(base)
             except FailedPrecondition:
-                scan = None  # no extent map here: read it all
-        if scan is None:
-            scan = scan_image(self.image, chunk_size)
+                pass  # no extent map here: read it all
+        # The table is rewritten from the bytes on disk, so it is theirs by construction.
+        scan = scan_image(self.image, self.target.chunk_size, table=self._table())
+        self._table().sync()
         self.verified_bytes = scan.bytes_read
-        return scan.manifest
+        return tuple(
+            i
+            for i, (a, b) in enumerate(zip(scan.manifest.chunks, self.target.chunks, strict=True))
+            if a != b
+        )
+
+    def _verify_against(self, base: Generation) -> tuple[int, ...]:
+        """Verification of a staged reflink of ``base``: only blocks whose extents or
+        table entries differ from ``base``'s are read."""
+        target, table = self.target, self._table()
+        step = block_size(target.chunk_size)
+        per_chunk = target.chunk_size // step
+        moved = changed_ranges(extent_map(base.image), extent_map(self.image), target.size)
+        suspects = chunks_touching(moved, step)  # block numbers across the image
+        entries_moved = changed_ranges(
+            extent_map(base.blocks), extent_map(table.path), os.stat(table.path).st_size
+        )
+        checked = {b // per_chunk for b in suspects}
+        checked |= chunks_touching(entries_moved, per_chunk * DIGEST_SIZE)
+        checked |= {*self.delta.send, *self.delta.punch}
+        base_table = BlockTable(base.blocks, base.manifest.size, base.manifest.chunk_size)
+        bad: list[int] = []
+        read = 0
+        fd = os.open(self.image, os.O_RDONLY | os.O_CLOEXEC)
+        buffer = bytearray(step)
+        try:
+            for index, (wanted, held) in enumerate(
+                zip(target.chunks, base.manifest.chunks, strict=True)
+            ):
+                if index not in checked:
+                    if wanted != held:
+                        bad.append(index)
+                    continue
+                entries = table.read(index)
+                if root_digest(entries) != wanted:
+                    bad.append(index)
+                    continue
+                have = base_table.read(index)
+                offset, length = target.span(index)
+                for block in range(len(entries) // DIGEST_SIZE):
+                    at = block * DIGEST_SIZE
+                    entry = entries[at : at + DIGEST_SIZE]
+                    if (
+                        index * per_chunk + block not in suspects
+                        and entry == have[at : at + DIGEST_SIZE]
+                    ):
+                        continue  # the base's verified bytes, on the base's blocks
+                    size = min(step, length - block * step)
+                    view = read_exactly(fd, buffer, offset + block * step, size)
+                    read += size
+                    if block_digest(view) != entry:
+                        bad.append(index)
+                        break
+        finally:
+            os.close(fd)
+            base_table.close()
+        self.verified_bytes = read
+        return tuple(bad)
 
     def _forget(self, bad: tuple[int, ...]) -> None:
         holes = [i for i in bad if self.target.chunks[i] is None]
@@ -369,12 +618,18 @@ class Staging:
             try:
                 for index in holes:
                     punch_hole(fd, *self.target.span(index))
+                    self._table().punch(index)
                 os.fsync(fd)
+                self._table().sync()
             finally:
                 os.close(fd)
+                self._table().close()
+        # Blocks that rotted where they equal the base's would never be sent
+        # again by blocks: these chunks come whole from now on, even after a restart.
+        self.whole.update(bad)
+        write_atomic(self.store.staging_dir / "whole", _journal(self.whole))
         self.landed.difference_update(bad)
-        journal = b"".join(_INDEX.pack(i) for i in sorted(self.landed))
-        write_atomic(self.store.staging_dir / "landed", journal)
+        write_atomic(self.store.staging_dir / "landed", _journal(self.landed))
         # A chunk that was a hole in the base and must be data is in the delta
         # already; a bad chunk outside it (the copied base was wrong) must be sent.
         extra = tuple(i for i in bad if i not in self.delta.send and self.target.chunks[i])

@@ -11,7 +11,11 @@ Invariants:
   report them as data, and written zeros are data to every filesystem; both
   still become holes in the manifest.
 - A rescan given the previous manifest and the chunks that may have changed
-  reads only those chunks.
+  reads only those chunks; given the previous block table and the byte
+  ranges that may have changed (:func:`rescan_blocks`), only the blocks
+  those ranges touch.
+- With a :class:`~.blocks.BlockTable`, every chunk whose digest is computed
+  has its block digests written to the table, so table and manifest agree.
 """
 
 from __future__ import annotations
@@ -22,13 +26,18 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from csi_driver.chunks.blocks import BlockTable
 from csi_driver.chunks.manifest import (
     DEFAULT_CHUNK_SIZE,
+    DIGEST_SIZE,
     Digest,
     Manifest,
+    block_digest,
+    block_digests,
+    block_size,
     check_chunk_size,
     chunk_count,
-    chunk_digest,
+    root_digest,
 )
 from csi_driver.core.errors import InternalError, InvalidArgument, NotFound
 
@@ -83,25 +92,20 @@ def read_exactly(fd: int, buffer: bytearray, offset: int, length: int) -> memory
     return view
 
 
-def _digest_or_hole(view: memoryview, zeros: bytes) -> Digest | None:
-    whole = len(view) == len(zeros)
-    if (view.obj == zeros) if whole else (view == zeros[: len(view)]):
-        return None
-    return chunk_digest(view)
-
-
 def scan_image(
     path: Path,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     *,
     previous: Manifest | None = None,
     changed: Iterable[int] | None = None,
+    table: BlockTable | None = None,
 ) -> Scan:
     """The manifest of the image at ``path``.
 
     With ``previous`` and ``changed``, only the ``changed`` chunks are read;
     the others keep their digests from ``previous`` (which must describe the
-    same size and chunk size).
+    same size and chunk size). ``table`` receives the block digests of every
+    chunk read (it must hold ``previous``'s, or be new when there is none).
     """
     check_chunk_size(chunk_size)
     try:
@@ -125,14 +129,77 @@ def scan_image(
                 digests[index] = None
         holding = chunks_touching(data_ranges(fd, size), chunk_size) & wanted
         buffer = bytearray(chunk_size)
-        zeros = bytes(chunk_size)
         bytes_read = 0
         for index in sorted(holding):
             offset = index * chunk_size
             length = min(chunk_size, size - offset)
             view = read_exactly(fd, buffer, offset, length)
             bytes_read += length
-            digests[index] = _digest_or_hole(view, zeros)
+            blocks = block_digests(view, chunk_size)
+            digests[index] = root_digest(blocks)
+            if table is not None:
+                table.write(index, blocks)
+        if table is not None and previous is not None:
+            for index in wanted - holding:  # no data any more: the old entries go
+                table.punch(index)
     finally:
         os.close(fd)
     return Scan(Manifest(size, chunk_size, tuple(digests)), bytes_read)
+
+
+def rescan_blocks(
+    path: Path, previous: Manifest, table: BlockTable, ranges: Iterable[Range]
+) -> Scan:
+    """The manifest of the image at ``path``, which was ``previous`` but for
+    ``ranges``: only the blocks those ranges touch are read, and ``table``
+    (``previous``'s block table) is brought up to date."""
+    chunk_size = previous.chunk_size
+    step = block_size(chunk_size)
+    per_chunk = chunk_size // step
+    touched: dict[int, list[int]] = {}
+    for block in sorted(chunks_touching(ranges, step)):
+        touched.setdefault(block // per_chunk, []).append(block % per_chunk)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise NotFound(f"no image at {path}") from exc
+    digests = list(previous.chunks)
+    bytes_read = 0
+    try:
+        size = os.fstat(fd).st_size
+        if previous.size != size:
+            raise InvalidArgument(
+                f"{path} is {size} bytes, the previous manifest {previous.size}: scan it whole"
+            )
+        buffer = bytearray(chunk_size)
+        for index, blocks in touched.items():
+            if index >= len(digests):
+                continue
+            entries = bytearray(table.read(index))
+            chunk_start = index * chunk_size
+            for run_start, run_length in _runs(blocks):
+                offset = chunk_start + run_start * step
+                length = min(run_length * step, size - offset)
+                if length <= 0:
+                    continue
+                view = read_exactly(fd, buffer, offset, length)
+                bytes_read += length
+                for n, at in enumerate(range(0, length, step)):
+                    slot = (run_start + n) * DIGEST_SIZE
+                    entries[slot : slot + DIGEST_SIZE] = block_digest(view[at : at + step])
+            table.write(index, bytes(entries))
+            digests[index] = root_digest(bytes(entries))
+    finally:
+        os.close(fd)
+    return Scan(Manifest(size, chunk_size, tuple(digests)), bytes_read)
+
+
+def _runs(blocks: list[int]) -> Iterator[tuple[int, int]]:
+    """Sorted block numbers as (first, count) runs of consecutive ones."""
+    start = previous = blocks[0]
+    for block in blocks[1:]:
+        if block != previous + 1:
+            yield start, previous - start + 1
+            start = block
+        previous = block
+    yield start, previous - start + 1

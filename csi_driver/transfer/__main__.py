@@ -57,7 +57,7 @@ def serve(args: argparse.Namespace) -> int:
         started = time.monotonic()
         tracker = ChangeTracker(Path(path), args.work_dir / transfer_id, args.chunk_size)
         capture = tracker.capture()
-        exports.add(transfer_id, capture.source, capture.manifest)
+        exports.add(transfer_id, capture.source, capture.manifest, capture.blocks)
         described.append(
             {
                 "transfer": transfer_id,

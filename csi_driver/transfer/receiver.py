@@ -8,7 +8,11 @@ Invariants:
 - Every chunk is checked against the manifest's digest before it is written
   (:meth:`Staging.write`); a bad one is asked for again, up to
   ``chunk_attempts`` times, then the pull fails with DATA_LOSS and nothing
-  is committed.
+  is committed. A chunk the replica holds older data for is fetched by
+  blocks: its block digests first, checked against the chunk digest, then
+  only the blocks that differ, each checked against its digest
+  (:meth:`Staging.plan_blocks`); a chunk whose blocks fail is asked for
+  again whole.
 - What landed is durable (:meth:`Staging.sync`) before the stream is given up
   or retried, so a dropped connection or a restarted receiver resumes
   without asking again for any chunk that landed.
@@ -29,8 +33,16 @@ from typing import Any
 
 import grpc
 
-from csi_driver.chunks.generations import Generation, GenerationStore, Staging
-from csi_driver.chunks.manifest import MAX_CHUNK_SIZE, Manifest, MiB, decode
+from csi_driver.chunks.generations import BlockPatch, Generation, GenerationStore, Staging
+from csi_driver.chunks.manifest import (
+    DIGEST_SIZE,
+    MAX_CHUNK_SIZE,
+    Manifest,
+    MiB,
+    block_count,
+    block_size,
+    decode,
+)
 from csi_driver.core.errors import DataLoss, FerryError, InternalError, Unavailable
 from csi_driver.gen.ferry.v1 import transfer_pb2, transfer_pb2_grpc
 from csi_driver.metrics import TRANSFER_BYTES, TRANSFER_CHUNKS
@@ -64,6 +76,8 @@ class Attempt:
     landed: list[int] = field(default_factory=list)
     rejected: list[int] = field(default_factory=list)
     error: str = ""
+    #: Bytes that arrived: chunk data, block runs and block digests.
+    bytes_received: int = 0
 
 
 @dataclass(frozen=True)
@@ -82,6 +96,11 @@ class PullResult:
     @property
     def chunks_rejected(self) -> int:
         return sum(len(a.rejected) for a in self.attempts)
+
+    @property
+    def bytes_received(self) -> int:
+        """What crossed the wire (less than the chunks' size when sent by blocks)."""
+        return sum(a.bytes_received for a in self.attempts)
 
 
 def _domain_error(exc: grpc.RpcError, what: str) -> FerryError:
@@ -217,9 +236,7 @@ class Receiver:
         attempt: Attempt,
         failures: collections.Counter[int],
     ) -> None:
-        target = staging.target
-        pending = collections.deque(staging.missing())
-        in_flight: dict[int, int] = {}
+        stream = _Stream(transfer_id, staging, self._window, attempt)
         asks: queue.Queue[Any] = queue.Queue()
         stop_syncing = threading.Event()
 
@@ -235,28 +252,11 @@ class Receiver:
             while not stop_syncing.wait(SYNC_SECONDS):
                 sync()
 
-        def grant(first: bool = False) -> None:
-            batch: list[int] = []
-            budget = self._window - sum(in_flight.values())
-            while pending and (target.chunk_length(pending[0]) <= budget or not in_flight):
-                index = pending.popleft()
-                length = target.chunk_length(index)
-                in_flight[index] = length
-                budget -= length
-                batch.append(index)
-            if batch or first:
-                attempt.requested.extend(batch)
-                asks.put(
-                    transfer_pb2.ChunkRequest(
-                        transfer_id=transfer_id if first else "", indexes=batch
-                    )
-                )
-
         def requests() -> Iterator[Any]:
             while (ask := asks.get()) is not None:
                 yield ask
 
-        grant(first=True)
+        asks.put(stream.grant(first=True))
         syncer = threading.Thread(target=sync_periodically, name="staging-sync", daemon=True)
         syncer.start()
         with self._channel_factory() as channel:
@@ -264,10 +264,21 @@ class Receiver:
             try:
                 for message in responses:
                     for chunk in message.chunks:
-                        self._land(chunk, staging, in_flight, pending, attempt, failures, meter)
-                    if not pending and not in_flight:
+                        attempt.bytes_received += len(chunk.data) + len(chunk.block_digests)
+                        TRANSFER_BYTES.labels("received").inc(len(chunk.data))
+                        try:
+                            done = stream.land(chunk)
+                        except DataLoss as exc:
+                            self._reject(exc, stream, attempt, failures, meter)
+                            continue
+                        if done is not None:
+                            TRANSFER_CHUNKS.labels("received", "landed").inc()
+                            meter.add(staging.target.chunk_length(done))
+                            self._throttle(meter)
+                    if stream.finished():
                         break
-                    grant()
+                    if (ask := stream.grant()) is not None:
+                        asks.put(ask)
             finally:
                 asks.put(None)
                 responses.cancel()
@@ -275,38 +286,29 @@ class Receiver:
                 syncer.join()
                 sync()
 
-    def _land(
+    def _reject(
         self,
-        chunk: Any,
-        staging: Staging,
-        in_flight: dict[int, int],
-        pending: collections.deque[int],
+        exc: DataLoss,
+        stream: _Stream,
         attempt: Attempt,
         failures: collections.Counter[int],
         meter: ProgressMeter,
     ) -> None:
-        """Check and write one arrived chunk, or put it back in line to ask again."""
-        length = in_flight.pop(chunk.index, None)
-        if length is None:
-            raise DataLoss(f"the sender sent chunk {chunk.index}, never asked for")
-        try:
-            staging.write(chunk.index, chunk.data)
-        except DataLoss:
-            attempt.rejected.append(chunk.index)
-            failures[chunk.index] += 1
+        """A chunk that arrived bad: ask for it again, whole, or give up on it.
+        A sender that sends what was never asked for is not retried."""
+        if not exc.chunks:
+            raise exc
+        for index in exc.chunks:
+            attempt.rejected.append(index)
+            failures[index] += 1
             TRANSFER_CHUNKS.labels("received", "rejected").inc()
             log.warning(
                 "chunk rejected: digest mismatch",
-                extra={"transfer": meter.transfer_id, "chunk": chunk.index},
+                extra={"transfer": meter.transfer_id, "chunk": index},
             )
-            if failures[chunk.index] >= self._chunk_attempts:
-                raise
-            pending.appendleft(chunk.index)
-            return
-        TRANSFER_CHUNKS.labels("received", "landed").inc()
-        TRANSFER_BYTES.labels("received").inc(length)
-        meter.add(length)
-        self._throttle(meter)
+            if failures[index] >= self._chunk_attempts:
+                raise exc
+            stream.again(index)
 
     def _throttle(self, meter: ProgressMeter) -> None:
         if self._max_rate is None:
@@ -315,3 +317,103 @@ class Receiver:
         ahead = progress.bytes_this_session / self._max_rate - progress.elapsed_s
         if ahead > 0:
             time.sleep(ahead)
+
+
+#: What a stream asks for: ("whole", chunk), ("table", chunk) or ("run", chunk, first, count).
+Ask = tuple[str, int, int, int]
+
+
+class _Stream:
+    """One connection's bookkeeping: what to ask for next, what is in flight (at
+    most ``window`` bytes), and the chunks being written by blocks."""
+
+    def __init__(self, transfer_id: str, staging: Staging, window: int, attempt: Attempt) -> None:
+        self.transfer_id = transfer_id
+        self.staging = staging
+        self.window = window
+        self.attempt = attempt
+        self.pending = collections.deque[Ask](
+            ("table" if staging.by_blocks(i) else "whole", i, 0, 0) for i in staging.missing()
+        )
+        self.in_flight: dict[tuple[str, int, int], int] = {}
+        self.patches: dict[int, tuple[BlockPatch, set[int]]] = {}
+        self._step = block_size(staging.target.chunk_size)
+
+    def _cost(self, ask: Ask) -> int:
+        kind, index, first, count = ask
+        target = self.staging.target
+        length = target.chunk_length(index)
+        if kind == "whole":
+            return length
+        if kind == "table":
+            return block_count(length, target.chunk_size) * DIGEST_SIZE
+        return min(count * self._step, length - first * self._step)
+
+    def grant(self, first: bool = False) -> Any:
+        """The next request: as much as the window allows (one ask at least, when
+        nothing is in flight); None when there is nothing to ask."""
+        request = transfer_pb2.ChunkRequest(transfer_id=self.transfer_id if first else "")
+        budget = self.window - sum(self.in_flight.values())
+        asked = False
+        while self.pending:
+            cost = self._cost(self.pending[0])
+            if cost > budget and (self.in_flight or asked):
+                break
+            kind, index, start, count = self.pending.popleft()
+            self.in_flight[(kind, index, start)] = cost
+            budget -= cost
+            asked = True
+            if kind == "whole":
+                request.indexes.append(index)
+                self.attempt.requested.append(index)
+            elif kind == "table":
+                request.block_tables.append(index)
+                self.attempt.requested.append(index)
+            else:
+                request.runs.add(index=index, first=start, count=count)
+        return request if asked or first else None
+
+    def finished(self) -> bool:
+        return not self.pending and not self.in_flight
+
+    def land(self, chunk: Any) -> int | None:
+        """Check and write one arrived part of a reply; return the chunk it completed."""
+        index: int = chunk.index
+        key: tuple[str, int, int]
+        if chunk.block_digests:
+            key = ("table", index, 0)
+        elif chunk.HasField("run"):
+            key = ("run", index, int(chunk.run.first))
+        else:
+            key = ("whole", index, 0)
+        if self.in_flight.pop(key, None) is None:
+            raise DataLoss(f"the sender sent chunk {index}, never asked for")
+        kind, _, first = key
+        if kind == "whole":
+            self.staging.write(index, chunk.data)
+            return index
+        if kind == "table":
+            patch = self.staging.plan_blocks(index, chunk.block_digests)
+            if not patch.runs:
+                self.staging.finish(patch)
+                return index
+            self.patches[index] = (patch, {start for start, _ in patch.runs})
+            self.pending.extendleft(("run", index, s, n) for s, n in reversed(patch.runs))
+            return None
+        entry = self.patches.get(index)
+        if entry is None:
+            return None  # a run of a chunk rejected meanwhile, asked for again whole
+        patch, waiting = entry
+        self.staging.write_run(patch, first, chunk.data)
+        waiting.discard(first)
+        if waiting:
+            return None
+        del self.patches[index]
+        self.staging.finish(patch)
+        return index
+
+    def again(self, index: int) -> None:
+        """Ask for chunk ``index`` again, whole (its runs still in flight are dropped)."""
+        self.patches.pop(index, None)
+        self.staging.whole.add(index)
+        self.pending.appendleft(("whole", index, 0, 0))

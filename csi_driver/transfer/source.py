@@ -10,6 +10,9 @@ Invariants:
 - A chunk is read only when asked for, and a reply never waits for more
   requests, so a stream holds at most what the receiver allowed in flight
   (batched within one request), never the image.
+- Block digests come from the export's block table when it has one (a
+  capture's), else from reading the chunk; either way the receiver checks
+  them against the manifest's chunk digest.
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ from typing import Any
 
 import grpc
 
-from csi_driver.chunks.manifest import Manifest, encode
-from csi_driver.chunks.scan import read_exactly
-from csi_driver.core.errors import FerryError, InvalidArgument, NotFound
+from csi_driver.chunks.blocks import BlockTable
+from csi_driver.chunks.manifest import Manifest, block_count, block_digests, block_size, encode
+from csi_driver.core.errors import FerryError, InternalError, InvalidArgument, NotFound
 from csi_driver.gen.ferry.v1 import transfer_pb2, transfer_pb2_grpc
 from csi_driver.metrics import TRANSFER_BYTES, TRANSFER_CHUNKS
 from csi_driver.pki import Identity, Role
@@ -52,12 +55,17 @@ def admitted_peers(node_id: str) -> Admission:
 
 @dataclass
 class Export:
-    """An image served under a transfer id, with how often each chunk was sent."""
+    """An image served under a transfer id, with how often each chunk was sent
+    (whole, or its block table as the start of a block delta)."""
 
     transfer_id: str
     image: Path
     manifest: Manifest
     sent: collections.Counter[int] = field(default_factory=collections.Counter)
+    #: The manifest's block table, if the capture kept one (else computed per chunk).
+    blocks: Path | None = None
+    #: Bytes of chunk data sent (whole chunks and block runs).
+    sent_bytes: int = 0
 
 
 class Exports:
@@ -67,10 +75,14 @@ class Exports:
         self._lock = threading.Lock()
         self._exports: dict[str, Export] = {}
 
-    def add(self, transfer_id: str, image: Path, manifest: Manifest) -> Export:
+    def add(
+        self, transfer_id: str, image: Path, manifest: Manifest, blocks: Path | None = None
+    ) -> Export:
+        """Serve ``image`` (which must hold ``manifest``'s bytes while served) as
+        ``transfer_id``; ``blocks`` is its block table, when the capture kept one."""
         if not transfer_id:
             raise InvalidArgument("an export needs a transfer id")
-        export = Export(transfer_id, image, manifest)
+        export = Export(transfer_id, image, manifest, blocks=blocks)
         with self._lock:
             self._exports[transfer_id] = export
         log.info(
@@ -106,51 +118,115 @@ class ChunkSourceServicer(transfer_pb2_grpc.ChunkSourceServicer):
     def PullChunks(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
         # A stream cannot use @rpc (it wraps one request and one reply): errors
         # met while streaming are mapped here, through the same abort.
-        fd: int | None = None
+        reader: _Reader | None = None
         try:
-            export: Export | None = None
-            buffer = bytearray()
             for request in request_iterator:
-                if export is None:
+                if reader is None:
                     if not request.transfer_id:
                         raise InvalidArgument("the first chunk request must name transfer_id")
-                    export = self._exports.require(request.transfer_id)
-                    fd = os.open(export.image, os.O_RDONLY | os.O_CLOEXEC)
-                    buffer = bytearray(export.manifest.chunk_size)
-                batch: list[Any] = []
-                size = 0
-                for index in request.indexes:
-                    data = _read_chunk(export, fd, buffer, index)
-                    export.sent[index] += 1
-                    TRANSFER_BYTES.labels("sent").inc(len(data))
-                    TRANSFER_CHUNKS.labels("sent", "sent").inc()
-                    batch.append(transfer_pb2.Chunk(index=index, data=data))
-                    size += len(data)
-                    if size >= BATCH_BYTES:
-                        yield transfer_pb2.Chunks(chunks=batch)
-                        batch, size = [], 0
-                if batch:
-                    yield transfer_pb2.Chunks(chunks=batch)
+                    reader = _Reader(self._exports.require(request.transfer_id))
+                yield from _batched(reader.answer(request))
         except FerryError as exc:
             log.info("chunk stream refused", extra={"error": exc.message})
             abort(context, exc)
         finally:
-            if fd is not None:
-                os.close(fd)
+            if reader is not None:
+                reader.close()
 
 
-def _read_chunk(export: Export, fd: int | None, buffer: bytearray, index: int) -> bytes:
-    manifest = export.manifest
-    if not 0 <= index < len(manifest.chunks):
-        raise InvalidArgument(
-            f"chunk {index} is outside transfer {export.transfer_id}'s "
-            f"{len(manifest.chunks)} chunks"
+def _batched(chunks: Iterator[Any]) -> Iterator[Any]:
+    """Chunks gathered into messages of about :data:`BATCH_BYTES`."""
+    batch: list[Any] = []
+    size = 0
+    for chunk in chunks:
+        batch.append(chunk)
+        size += len(chunk.data) + len(chunk.block_digests)
+        if size >= BATCH_BYTES:
+            yield transfer_pb2.Chunks(chunks=batch)
+            batch, size = [], 0
+    if batch:
+        yield transfer_pb2.Chunks(chunks=batch)
+
+
+class _Reader:
+    """One stream's reads of one export: whole chunks, block tables and block runs."""
+
+    def __init__(self, export: Export) -> None:
+        self.export = export
+        manifest = export.manifest
+        self._fd = os.open(export.image, os.O_RDONLY | os.O_CLOEXEC)
+        self._table = (
+            BlockTable(export.blocks, manifest.size, manifest.chunk_size) if export.blocks else None
         )
-    if manifest.chunks[index] is None:
-        raise InvalidArgument(f"chunk {index} is a hole: holes are never sent, zero it instead")
-    assert fd is not None
-    offset, length = manifest.span(index)
-    return bytes(read_exactly(fd, buffer, offset, length))
+
+    def close(self) -> None:
+        os.close(self._fd)
+        if self._table is not None:
+            self._table.close()
+
+    def answer(self, request: Any) -> Iterator[Any]:
+        for index in request.block_tables:
+            self._check(index)
+            yield transfer_pb2.Chunk(index=index, block_digests=self._block_digests(index))
+        for index in request.indexes:
+            self._check(index)
+            if self.export.manifest.chunks[index] is None:
+                raise InvalidArgument(
+                    f"chunk {index} is a hole: holes are never sent, zero it instead"
+                )
+            data = self._read(*self.export.manifest.span(index))
+            self.export.sent[index] += 1
+            TRANSFER_CHUNKS.labels("sent", "sent").inc()
+            yield transfer_pb2.Chunk(index=index, data=data)
+        for run in request.runs:
+            offset, length = self._run_span(run)
+            yield transfer_pb2.Chunk(index=run.index, data=self._read(offset, length), run=run)
+
+    def _check(self, index: int) -> None:
+        count = len(self.export.manifest.chunks)
+        if not 0 <= index < count:
+            raise InvalidArgument(
+                f"chunk {index} is outside transfer {self.export.transfer_id}'s {count} chunks"
+            )
+
+    def _block_digests(self, index: int) -> bytes:
+        self.export.sent[index] += 1
+        TRANSFER_CHUNKS.labels("sent", "sent").inc()
+        if self._table is not None:
+            return self._table.read(index)
+        manifest = self.export.manifest
+        if manifest.chunks[index] is None:
+            return block_digests(bytes(manifest.chunk_length(index)), manifest.chunk_size)
+        return block_digests(self._read(*manifest.span(index), count=False), manifest.chunk_size)
+
+    def _run_span(self, run: Any) -> tuple[int, int]:
+        self._check(run.index)
+        manifest = self.export.manifest
+        offset, length = manifest.span(run.index)
+        step = block_size(manifest.chunk_size)
+        blocks = block_count(length, manifest.chunk_size)
+        if run.count == 0 or run.first + run.count > blocks:
+            raise InvalidArgument(
+                f"blocks {run.first}..{run.first + run.count - 1} are not within chunk "
+                f"{run.index}'s {blocks} blocks"
+            )
+        start = offset + run.first * step
+        return start, min(run.count * step, offset + length - start)
+
+    def _read(self, offset: int, length: int, *, count: bool = True) -> bytes:
+        data = os.pread(self._fd, length, offset)
+        while len(data) < length:  # short reads are rare; each retry reads the rest
+            more = os.pread(self._fd, length - len(data), offset + len(data))
+            if not more:
+                raise InternalError(
+                    f"the exported image of {self.export.transfer_id} ended at byte "
+                    f"{offset + len(data)}: it changed while served; export it again"
+                )
+            data += more
+        if count:
+            self.export.sent_bytes += length
+            TRANSFER_BYTES.labels("sent").inc(length)
+        return data
 
 
 def serve_chunks(

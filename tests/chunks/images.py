@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -12,3 +13,13 @@ def write_image(path: Path, chunks: dict[int, bytes], count: int, chunk_size: in
         for index, data in chunks.items():
             handle.seek(index * chunk_size)
             handle.write(data)
+
+
+def write_at(path: Path, offset: int, data: bytes) -> None:
+    """``data`` written over ``path`` at ``offset``, durably."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from csi_driver.chunks.blocks import BlockTable
 from csi_driver.chunks.changes import ChangeTracker, Method
 from csi_driver.chunks.extents import can_reflink, changed_ranges, extent_map, reflink
-from csi_driver.chunks.manifest import MiB
+from csi_driver.chunks.manifest import BLOCK_SIZE, MiB
 from csi_driver.chunks.scan import scan_image
 from csi_driver.node.pool import preallocate
+from tests.chunks.images import write_at
 from tests.node.conftest import requires_root, small_filesystem
 
 pytestmark = [requires_root, pytest.mark.root]
@@ -29,15 +31,6 @@ def thick_image(path: Path, size: int) -> None:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         preallocate(fd, 0, size, "test")
-    finally:
-        os.close(fd)
-
-
-def write_at(path: Path, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -67,8 +60,12 @@ def test_a_capture_reads_only_the_chunks_written_since_the_last(tmp_path: Path, 
             write_at(image, offset, b"\xab" * 4096)
         second = tracker.capture()
         assert second.method is Method.EXTENTS
-        assert second.bytes_read == 3 * MiB  # chunks 5, 41, 63: nothing else read
-        assert second.manifest == scan_image(second.source, MiB).manifest
+        # The 64 KiB blocks holding the three writes (in chunks 5, 41, 63), nothing else.
+        assert second.bytes_read == 3 * BLOCK_SIZE
+        fresh = BlockTable.create(tmp_path / "fresh.blocks", 64 * MiB, MiB)
+        assert second.manifest == scan_image(second.source, MiB, table=fresh).manifest
+        assert second.blocks is not None
+        assert second.blocks.read_bytes() == fresh.path.read_bytes()  # table kept exact
         assert second.manifest.data_chunks == (0, 5, 6, 40, 41, 63)
         assert not first.source.exists()  # the older snapshot went after the new manifest
 

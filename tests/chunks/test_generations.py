@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from csi_driver.chunks.blocks import BlockTable
 from csi_driver.chunks.generations import GenerationStore, Staging
-from csi_driver.chunks.manifest import Manifest, MiB
+from csi_driver.chunks.manifest import BLOCK_SIZE, Manifest, MiB, block_digests
 from csi_driver.chunks.scan import scan_image
 from csi_driver.core.errors import DataLoss, FailedPrecondition
 from tests.chunks.images import write_image
@@ -198,3 +199,62 @@ def test_on_xfs_a_generation_is_a_reflink_and_verifying_it_reads_what_changed(
         assert apply(store, source, second) == 1
         current = store.current()
         assert current is not None and digest(current.image) == digest(source)
+
+
+@requires_root
+@pytest.mark.root
+def test_by_blocks_only_changed_blocks_are_written_and_an_unsent_one_that_rots_is_caught(
+    tmp_path: Path,
+) -> None:
+    big = 4 * BLOCK_SIZE  # chunks of four blocks
+    with small_filesystem(tmp_path, 320 * MiB, ["mkfs.xfs", "-q", "-m", "reflink=1"]) as mount:
+        source = mount / "source.img"
+        store = GenerationStore(mount / "replica")
+        chunks = {i: bytes([i + 1]) * big for i in range(16)}
+        write_image(source, chunks, 16, big)
+        first = scan_image(source, big).manifest
+        staging = store.stage(first)
+        with open(source, "rb") as handle:
+            for index in staging.missing():
+                handle.seek(index * big)
+                staging.write(index, handle.read(big))
+        staging.commit()
+
+        with open(source, "r+b") as handle:  # block 1 of chunk 3 changes, block 2 zeroes
+            handle.seek(3 * big + BLOCK_SIZE)
+            handle.write(b"\xcc" * BLOCK_SIZE + bytes(BLOCK_SIZE))
+        second = scan_image(source, big).manifest
+        staging = store.stage(second)
+        assert staging.missing() == [3] and staging.by_blocks(3)
+        with open(source, "rb") as handle:
+            handle.seek(3 * big)
+            data = handle.read(big)
+        patch = staging.plan_blocks(3, block_digests(data, big))
+        assert patch.runs == ((1, 1),) and patch.zero == (2,)
+        with pytest.raises(DataLoss, match="block 1 of chunk 3"):
+            staging.write_run(patch, 1, b"\xcd" * BLOCK_SIZE)
+        staging.write_run(patch, 1, data[BLOCK_SIZE : 2 * BLOCK_SIZE])
+        staging.finish(patch)
+        staging.sync()
+        with open(staging.image, "r+b") as handle:  # block 3 was never sent; it rots
+            handle.seek(3 * big + 3 * BLOCK_SIZE + 5)
+            handle.write(b"\0")
+        with pytest.raises(DataLoss, match=r"chunks \[3\]"):
+            staging.commit()
+        # Only the blocks that differ from the base were read back: 1, 2 and 3.
+        assert staging.verified_bytes == 3 * BLOCK_SIZE
+        retry = store.stage(second)
+        assert retry.missing() == [3] and not retry.by_blocks(3)  # asked for whole now
+        with open(source, "rb") as handle:
+            handle.seek(3 * big)
+            retry.write(3, handle.read(big))
+        two = retry.commit()
+        assert digest(two.image) == digest(source)
+        assert two.blocks.read_bytes()[: 16 * 4 * 32] == _table_of(source, big, mount)
+
+
+def _table_of(image: Path, chunk_size: int, scratch: Path) -> bytes:
+    table = BlockTable.create(scratch / "fresh.blocks", image.stat().st_size, chunk_size)
+    scan_image(image, chunk_size, table=table)
+    table.close()
+    return table.path.read_bytes()

@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from csi_driver.chunks.blocks import BlockTable
 from csi_driver.chunks.manifest import MiB
 from csi_driver.chunks.scan import scan_image
 from csi_driver.pki import Identity
@@ -41,8 +42,17 @@ class Sender:
     server: grpc.Server
     endpoint: Endpoint
 
-    def export(self, transfer_id: str, image: Path) -> None:
-        self.exports.add(transfer_id, image, scan_image(image, CHUNK).manifest)
+    def export(self, transfer_id: str, image: Path, *, with_table: bool = False) -> None:
+        """Serve ``image``; ``with_table`` keeps its block table, as a capture does
+        (without one, the sender hashes a chunk's blocks when they are asked for)."""
+        if not with_table:
+            self.exports.add(transfer_id, image, scan_image(image, CHUNK).manifest)
+            return
+        size = image.stat().st_size
+        table = BlockTable.create(image.with_name(f"{transfer_id}.blocks"), size, CHUNK)
+        manifest = scan_image(image, CHUNK, table=table).manifest
+        table.close()
+        self.exports.add(transfer_id, image, manifest, table.path)
 
     def stop(self) -> None:
         self.server.stop(grace=0).wait()

@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from csi_driver.chunks.generations import GenerationStore
+from csi_driver.chunks.manifest import BLOCK_SIZE, DIGEST_SIZE
 from csi_driver.core.errors import (
     DataLoss,
     InvalidArgument,
@@ -23,6 +24,7 @@ from csi_driver.transfer.progress import Progress
 from csi_driver.transfer.receiver import CHANNEL_OPTIONS
 from csi_driver.transport import AgentSecurity, open_channel
 from tests.certs import Pki
+from tests.chunks.images import write_at
 from tests.transfer.conftest import (
     CHUNK,
     ReceiverFactory,
@@ -66,6 +68,54 @@ def test_a_full_pull_then_a_delta_land_byte_identical(
     assert file_digest(again.generation.image) == file_digest(source)
     # Pulling what the replica holds already sends nothing.
     assert receiver_for().pull("t2", store).chunks_received == 0
+
+
+@pytest.mark.parametrize("with_table", [False, True], ids=["hashed-on-demand", "table"])
+def test_a_chunk_the_replica_holds_is_sent_by_its_changed_blocks(
+    tmp_path: Path, sender: Sender, receiver_for: ReceiverFactory, with_table: bool
+) -> None:
+    source = tmp_path / "source.img"
+    chunks = random_chunks(range(8), 11)
+    write_image(source, chunks, 8)
+    store = GenerationStore(tmp_path / "replica")
+    sender.export("t1", source, with_table=with_table)
+    receiver_for().pull("t1", store)
+
+    write_at(source, 2 * CHUNK + 100 * 1024, b"\1" * 4096)  # in block 1 of chunk 2
+    write_at(source, 5 * CHUNK + 3 * BLOCK_SIZE, b"\2" * 2 * BLOCK_SIZE)  # blocks 3-4 of 5
+    write_at(source, 6 * CHUNK, bytes(BLOCK_SIZE))  # block 0 of 6 zeroed: a hole, never sent
+    sender.export("t2", source, with_table=with_table)
+    before = received_bytes()
+    result = receiver_for().pull("t2", store)
+    assert result.chunks_received == 3
+    tables = 3 * (CHUNK // BLOCK_SIZE) * DIGEST_SIZE
+    assert result.bytes_received == 3 * BLOCK_SIZE + tables
+    assert received_bytes() - before == 3 * BLOCK_SIZE
+    assert sender.exports.require("t2").sent_bytes == 3 * BLOCK_SIZE
+    assert file_digest(result.generation.image) == file_digest(source)
+
+
+def test_a_block_corrupt_at_the_source_is_asked_for_whole_and_never_committed(
+    tmp_path: Path, sender: Sender, receiver_for: ReceiverFactory
+) -> None:
+    source = tmp_path / "source.img"
+    write_image(source, random_chunks(range(4), 12), 4)
+    store = GenerationStore(tmp_path / "replica")
+    sender.export("t1", source, with_table=True)
+    first = receiver_for().pull("t1", store)
+    write_at(source, CHUNK + 2 * BLOCK_SIZE, b"\3" * BLOCK_SIZE)
+    sender.export("t2", source, with_table=True)  # the table says what block 2 must be
+    write_at(source, CHUNK + 2 * BLOCK_SIZE + 7, b"\4")  # then it rots on the sender's disk
+    with pytest.raises(DataLoss, match="chunk 1"):
+        receiver_for(chunk_attempts=3).pull("t2", store)
+    # Asked by blocks once, then whole twice; the replica kept its generation.
+    assert sender.exports.require("t2").sent[1] == 3
+    assert store.current() == first.generation
+
+    write_at(source, CHUNK + 2 * BLOCK_SIZE + 7, b"\3")
+    result = receiver_for().pull("t2", store)
+    assert result.chunks_received == 1
+    assert file_digest(result.generation.image) == file_digest(source)
 
 
 def test_flow_control_keeps_at_most_the_window_in_flight(

@@ -1,0 +1,115 @@
+"""Block tables: the block digests of every chunk of an image, in a file next to it.
+
+A manifest holds one digest per chunk (a few MiB); each chunk digest commits
+to the digests of the chunk's blocks (64 KiB, see :mod:`.manifest`). The
+table keeps those block digests, so that a delta can be computed and sent
+per block: a capture rehashes only the blocks that changed, a sender ships
+only the blocks a receiver lacks, and a receiver verifies only what it wrote.
+
+Layout: entry ``j`` of chunk ``i`` is the 32 bytes at
+``(i * blocks_per_chunk + j) * 32``; a chunk's slot has room for a whole
+chunk's blocks even when it is the short last one. A sparse file reads as
+zeros, which is :data:`~.manifest.HOLE_BLOCK`: a new table describes an image
+of holes.
+
+Invariants:
+
+- A table is trusted only as far as the manifest beside it: the writer
+  stores a chunk's entries together with (before) the manifest or journal
+  entry that names the chunk, and readers check a slice against its chunk
+  digest (:func:`~.manifest.root_digest`) wherever the slice came from
+  elsewhere.
+- Memory stays one chunk's slice: entries are read and written by chunk.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from csi_driver.chunks.extents import reflink
+from csi_driver.chunks.manifest import (
+    DIGEST_SIZE,
+    HOLE_BLOCK,
+    block_count,
+    block_size,
+    chunk_count,
+    root_digest,
+)
+from csi_driver.core.errors import FailedPrecondition, InternalError
+
+
+class BlockTable:
+    """The block table at ``path`` of an image of ``size`` bytes in chunks of ``chunk_size``."""
+
+    def __init__(self, path: Path, size: int, chunk_size: int, *, writable: bool = False) -> None:
+        self.path = path
+        self.chunk_size = chunk_size
+        self.size = size
+        self.per_chunk = self.chunk_size // block_size(self.chunk_size)
+        self._writable = writable
+        self._fd: int | None = None
+
+    @classmethod
+    def create(
+        cls, path: Path, size: int, chunk_size: int, copy_of: Path | None = None
+    ) -> BlockTable:
+        """A writable table at ``path``: a copy of the table at ``copy_of`` (reflinked
+        where the filesystem can), or all holes."""
+        path.unlink(missing_ok=True)
+        if copy_of is not None:
+            try:
+                reflink(copy_of, path)
+            except FailedPrecondition:
+                with open(copy_of, "rb") as src, open(path, "wb") as dst:
+                    while os.copy_file_range(src.fileno(), dst.fileno(), 1 << 30):
+                        pass
+        table = cls(path, size, chunk_size, writable=True)
+        fd = table._open()
+        os.ftruncate(fd, chunk_count(size, chunk_size) * table.per_chunk * DIGEST_SIZE)
+        return table
+
+    def _open(self) -> int:
+        if self._fd is None:
+            flags = (os.O_RDWR | os.O_CREAT) if self._writable else os.O_RDONLY
+            self._fd = os.open(self.path, flags | os.O_CLOEXEC, 0o600)
+        return self._fd
+
+    def _slot(self, index: int) -> tuple[int, int]:
+        length = min(self.chunk_size, self.size - index * self.chunk_size)
+        return index * self.per_chunk * DIGEST_SIZE, block_count(length, self.chunk_size)
+
+    def read(self, index: int) -> bytes:
+        """Chunk ``index``'s block digests, concatenated."""
+        offset, count = self._slot(index)
+        data = os.pread(self._open(), count * DIGEST_SIZE, offset)
+        # A table shorter than its image (torn create) reads as holes past its end.
+        return data + HOLE_BLOCK * (count - len(data) // DIGEST_SIZE)
+
+    def write(self, index: int, digests: bytes) -> None:
+        offset, count = self._slot(index)
+        if len(digests) != count * DIGEST_SIZE:
+            raise InternalError(
+                f"chunk {index} has {count} blocks; {len(digests) // DIGEST_SIZE} digests given"
+            )
+        fd = self._open()
+        done = 0
+        while done < len(digests):
+            done += os.pwrite(fd, digests[done:], offset + done)
+
+    def punch(self, index: int) -> None:
+        """Chunk ``index`` becomes a hole."""
+        self.write(index, HOLE_BLOCK * self._slot(index)[1])
+
+    def check(self, index: int, digest: bytes | None) -> bool:
+        """Whether chunk ``index``'s entries are those its manifest digest commits to."""
+        return root_digest(self.read(index)) == digest
+
+    def sync(self) -> None:
+        if self._fd is not None:
+            os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
