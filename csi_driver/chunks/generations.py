@@ -31,7 +31,9 @@ Invariants:
   (:meth:`Staging.plan_blocks`): its block digests are checked against the
   target's chunk digest, each block written against its block digest, and
   only blocks whose digests differ from the base's are written at all.
-- Verification reads every block that may differ from a verified generation:
+- Verification reads every block that may differ from a verified generation
+  (or, for chunks written whole, reads them back once they are durable,
+  :meth:`Staging.read_back`, so that it overlaps with the stream):
   all of them, unless the staged image is a reflink of the base, in which
   case blocks whose extents are still the base's and whose table entries
   are the base's hold the base's verified bytes (see :mod:`.extents`), and
@@ -324,6 +326,10 @@ class Staging:
     _pending: list[int] = field(default_factory=list)
     #: Block digests of the chunks in ``_pending``, written to the table by :meth:`sync`.
     _entries: dict[int, bytes] = field(default_factory=dict)
+    #: Chunks written whole in this process, not yet read back.
+    _written_whole: set[int] = field(default_factory=set)
+    #: Chunks read back from disk once durable, whose bytes matched their digests.
+    _read_back: set[int] = field(default_factory=set)
     _fd: int | None = None
     _base_table: BlockTable | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -391,6 +397,7 @@ class Staging:
         with self._lock:
             self._pending.append(index)
             self._entries[index] = digests
+            self._written_whole.add(index)
 
     def plan_blocks(self, index: int, digests: bytes) -> BlockPatch:
         """The blocks to fetch for chunk ``index`` whose target block digests the
@@ -501,6 +508,41 @@ class Staging:
                 self.landed.update(durable)
             return durable
 
+    def read_back(self, indexes: list[int]) -> int:
+        """Read the chunks of ``indexes`` that were written whole and are durable back
+        from disk, and check them against their block digests; return the bytes read.
+
+        Verification before commit then skips the chunks that matched: the
+        receiver calls this as chunks land, so reading back overlaps with the
+        stream instead of following it. A chunk that does not match is left
+        for the commit's verification to find.
+        """
+        with self._lock:
+            wanted = [i for i in indexes if i in self._written_whole and i in self.landed]
+            self._written_whole.difference_update(wanted)
+        if not wanted:
+            return 0
+        table = BlockTable(self.table_path, self.target.size, self.target.chunk_size)
+        fd = os.open(self.image, os.O_RDONLY | os.O_CLOEXEC)
+        buffer = bytearray(self.target.chunk_size)
+        read = 0
+        try:
+            for index in wanted:
+                offset, length = self.target.span(index)
+                view = read_exactly(fd, buffer, offset, length)
+                read += length
+                if block_digests(view, self.target.chunk_size) == table.read(index):
+                    with self._lock:
+                        self._read_back.add(index)
+        finally:
+            os.close(fd)
+            table.close()
+        return read
+
+    @property
+    def table_path(self) -> Path:
+        return self.store.staging_dir / "blocks"
+
     def close(self) -> None:
         self.sync()
         if self._fd is not None:
@@ -548,9 +590,20 @@ class Staging:
                 return self._verify_against(base)
             except FailedPrecondition:
                 pass  # no extent map here: read it all
-        # The table is rewritten from the bytes on disk, so it is theirs by construction.
-        scan = scan_image(self.image, self.target.chunk_size, table=self._table())
-        self._table().sync()
+        # The table is rewritten from the bytes on disk, so it is theirs by
+        # construction; chunks read back as they landed are not read again.
+        known: list[bytes | None] = [None] * len(self.target.chunks)
+        table = self._table()
+        for index in self._read_back:
+            known[index] = root_digest(table.read(index))
+        scan = scan_image(
+            self.image,
+            self.target.chunk_size,
+            previous=Manifest(self.target.size, self.target.chunk_size, tuple(known)),
+            changed=set(range(len(known))) - self._read_back,
+            table=table,
+        )
+        table.sync()
         self.verified_bytes = scan.bytes_read
         return tuple(
             i
@@ -589,6 +642,8 @@ class Staging:
                 if root_digest(entries) != wanted:
                     bad.append(index)
                     continue
+                if index in self._read_back:
+                    continue  # its bytes were read back and matched these entries
                 have = base_table.read(index)
                 offset, length = target.span(index)
                 for block in range(len(entries) // DIGEST_SIZE):

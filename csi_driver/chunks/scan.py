@@ -4,8 +4,9 @@ Invariants:
 
 - Ranges the filesystem reports as holes (``SEEK_DATA``/``SEEK_HOLE``) are
   never read: a sparse or mostly empty image costs what it holds.
-- Each chunk that may hold data is read exactly once, into one reused buffer
-  (memory stays one chunk, whatever the image's size); the same bytes decide
+- Each chunk that may hold data is read exactly once, by one of
+  :data:`HASHERS` threads (memory stays a few chunks, whatever the image's
+  size); the same bytes decide
   "all zeros, so a hole" and give the digest. Thick images are fallocated:
   ext4 and xfs report their unwritten extents as holes, but a filesystem may
   report them as data, and written zeros are data to every filesystem; both
@@ -20,9 +21,11 @@ Invariants:
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,14 +131,9 @@ def scan_image(
             for index in wanted:
                 digests[index] = None
         holding = chunks_touching(data_ranges(fd, size), chunk_size) & wanted
-        buffer = bytearray(chunk_size)
         bytes_read = 0
-        for index in sorted(holding):
-            offset = index * chunk_size
-            length = min(chunk_size, size - offset)
-            view = read_exactly(fd, buffer, offset, length)
+        for index, length, blocks in _hashed(fd, sorted(holding), chunk_size, size):
             bytes_read += length
-            blocks = block_digests(view, chunk_size)
             digests[index] = root_digest(blocks)
             if table is not None:
                 table.write(index, blocks)
@@ -145,6 +143,46 @@ def scan_image(
     finally:
         os.close(fd)
     return Scan(Manifest(size, chunk_size, tuple(digests)), bytes_read)
+
+
+#: Threads reading and hashing chunks: reads and SHA-256 of 64 KiB blocks
+#: release the GIL, so two keep two cores busy (or one core and the disk).
+HASHERS = 2
+
+
+def _hashed(
+    fd: int, indexes: list[int], chunk_size: int, size: int
+) -> Iterator[tuple[int, int, bytes]]:
+    """(index, length, block digests) of each chunk of ``indexes``, in order, read and
+    hashed by :data:`HASHERS` threads; at most ``2 * HASHERS`` chunks are held."""
+
+    def work(index: int) -> tuple[int, int, bytes]:
+        offset = index * chunk_size
+        length = min(chunk_size, size - offset)
+        return index, length, block_digests(pread_exactly(fd, offset, length), chunk_size)
+
+    with ThreadPoolExecutor(HASHERS, thread_name_prefix="hash") as pool:
+        window: collections.deque[Future[tuple[int, int, bytes]]] = collections.deque()
+        for index in indexes:
+            window.append(pool.submit(work, index))
+            if len(window) >= 2 * HASHERS:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
+def pread_exactly(fd: int, offset: int, length: int) -> bytes:
+    """``length`` bytes of ``fd`` at ``offset``, as one new bytes object."""
+    data = os.pread(fd, length, offset)
+    while len(data) < length:  # short reads are rare; each retry reads the rest
+        more = os.pread(fd, length - len(data), offset + len(data))
+        if not more:
+            raise InternalError(
+                f"the image ended at byte {offset + len(data)} while reading a chunk; was it "
+                "truncated meanwhile? Retry once it is quiescent"
+            )
+        data += more
+    return data
 
 
 def rescan_blocks(

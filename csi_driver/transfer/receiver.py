@@ -241,14 +241,17 @@ class Receiver:
         stop_syncing = threading.Event()
 
         def sync() -> None:
-            for index in staging.sync():
+            durable = staging.sync()
+            for index in durable:
                 attempt.landed.append(index)
                 if self._on_landed is not None:
                     self._on_landed(index, meter.value())
+            # Read back what landed now, while the stream flows, not after it.
+            staging.read_back(durable)
 
         def sync_periodically() -> None:
-            # fdatasync off the receiving thread: disks are slow to flush, and
-            # the stream keeps flowing meanwhile.
+            # fdatasync and reading back off the receiving thread: disks are slow
+            # to flush, and the stream keeps flowing meanwhile.
             while not stop_syncing.wait(SYNC_SECONDS):
                 sync()
 

@@ -30,6 +30,7 @@ import grpc
 
 from csi_driver.chunks.blocks import BlockTable
 from csi_driver.chunks.manifest import Manifest, block_count, block_digests, block_size, encode
+from csi_driver.chunks.scan import pread_exactly
 from csi_driver.core.errors import FerryError, InternalError, InvalidArgument, NotFound
 from csi_driver.gen.ferry.v1 import transfer_pb2, transfer_pb2_grpc
 from csi_driver.metrics import TRANSFER_BYTES, TRANSFER_CHUNKS
@@ -214,15 +215,13 @@ class _Reader:
         return start, min(run.count * step, offset + length - start)
 
     def _read(self, offset: int, length: int, *, count: bool = True) -> bytes:
-        data = os.pread(self._fd, length, offset)
-        while len(data) < length:  # short reads are rare; each retry reads the rest
-            more = os.pread(self._fd, length - len(data), offset + len(data))
-            if not more:
-                raise InternalError(
-                    f"the exported image of {self.export.transfer_id} ended at byte "
-                    f"{offset + len(data)}: it changed while served; export it again"
-                )
-            data += more
+        try:
+            data = pread_exactly(self._fd, offset, length)
+        except InternalError as exc:
+            raise InternalError(
+                f"export {self.export.transfer_id} changed while served ({exc.message}); "
+                "export it again"
+            ) from exc
         if count:
             self.export.sent_bytes += length
             TRANSFER_BYTES.labels("sent").inc(length)
