@@ -19,7 +19,7 @@ from csi_driver.chunks.generations import GenerationStore, Staging
 from csi_driver.chunks.manifest import BLOCK_SIZE, Manifest, MiB, block_digests
 from csi_driver.chunks.scan import scan_image
 from csi_driver.core.errors import DataLoss, FailedPrecondition
-from tests.chunks.images import write_image
+from tests.chunks.images import write_at, write_image
 from tests.node.conftest import requires_root, small_filesystem
 
 CHUNK = 64 * 1024
@@ -108,6 +108,26 @@ def test_bytes_damaged_on_disk_after_landing_are_caught_at_commit(tmp_path: Path
     # The damaged chunk was forgotten, so a retry asks for it again and commits.
     retry = store.stage(target)
     assert retry.missing() == [2]
+    assert apply(store, source, target) == 1
+    current = store.current()
+    assert current is not None and digest(current.image) == digest(source)
+
+
+def test_chunks_read_back_as_they_land_are_not_read_again_and_rot_before_it_is_caught(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "source.img"
+    chunks = {i: bytes([i + 1]) * CHUNK for i in range(4)}
+    target = make_image(source, chunks, 6)  # chunks 4 and 5 are holes
+    store = GenerationStore(tmp_path / "replica")
+    staging = store.stage(target)
+    fill(staging, source)
+    landed = staging.sync()
+    write_at(staging.image, 2 * CHUNK + 17, b"\xff")  # rots before it is read back
+    assert staging.read_back(landed) == 4 * CHUNK
+    with pytest.raises(DataLoss, match=r"chunks \[2\]"):
+        staging.commit()
+    assert staging.verified_bytes == CHUNK  # only the chunk that did not match is read again
     assert apply(store, source, target) == 1
     current = store.current()
     assert current is not None and digest(current.image) == digest(source)
