@@ -326,10 +326,12 @@ class Staging:
     _pending: list[int] = field(default_factory=list)
     #: Block digests of the chunks in ``_pending``, written to the table by :meth:`sync`.
     _entries: dict[int, bytes] = field(default_factory=dict)
-    #: Chunks written whole in this process, not yet read back.
-    _written_whole: set[int] = field(default_factory=set)
-    #: Chunks read back from disk once durable, whose bytes matched their digests.
-    _read_back: set[int] = field(default_factory=set)
+    #: Chunks written in this process and not yet read back: None when written
+    #: whole, else the blocks written or zeroed.
+    _written: dict[int, frozenset[int] | None] = field(default_factory=dict)
+    #: Chunks read back from disk once durable whose bytes matched their block
+    #: digests: None for all of the chunk, else those blocks.
+    _read_back: dict[int, frozenset[int] | None] = field(default_factory=dict)
     _fd: int | None = None
     _base_table: BlockTable | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -397,7 +399,8 @@ class Staging:
         with self._lock:
             self._pending.append(index)
             self._entries[index] = digests
-            self._written_whole.add(index)
+            self._written[index] = None
+            self._read_back.pop(index, None)
 
     def plan_blocks(self, index: int, digests: bytes) -> BlockPatch:
         """The blocks to fetch for chunk ``index`` whose target block digests the
@@ -460,9 +463,12 @@ class Staging:
             fd = self._open()
             for block in patch.zero:
                 punch_hole(fd, offset + block * step, min(step, length - block * step))
+        written = {b for first, count in patch.runs for b in range(first, first + count)}
         with self._lock:
             self._pending.append(patch.index)
             self._entries[patch.index] = patch.digests
+            self._written[patch.index] = frozenset(written | set(patch.zero))
+            self._read_back.pop(patch.index, None)
 
     def _open(self) -> int:
         if self._fd is None:
@@ -509,31 +515,45 @@ class Staging:
             return durable
 
     def read_back(self, indexes: list[int]) -> int:
-        """Read the chunks of ``indexes`` that were written whole and are durable back
-        from disk, and check them against their block digests; return the bytes read.
+        """Read what this process wrote of the durable chunks ``indexes`` back from
+        disk (whole chunks, or the blocks written by blocks) and check it against
+        the block digests; return the bytes read.
 
-        Verification before commit then skips the chunks that matched: the
-        receiver calls this as chunks land, so reading back overlaps with the
-        stream instead of following it. A chunk that does not match is left
-        for the commit's verification to find.
+        Verification before commit then skips what matched: the receiver calls
+        this as chunks land, so reading back overlaps with the stream instead
+        of following it. What does not match is left for the commit's
+        verification to find.
         """
         with self._lock:
-            wanted = [i for i in indexes if i in self._written_whole and i in self.landed]
-            self._written_whole.difference_update(wanted)
+            wanted = {
+                i: self._written.pop(i) for i in indexes if i in self._written and i in self.landed
+            }
         if not wanted:
             return 0
         table = BlockTable(self.table_path, self.target.size, self.target.chunk_size)
         fd = os.open(self.image, os.O_RDONLY | os.O_CLOEXEC)
         buffer = bytearray(self.target.chunk_size)
+        step = block_size(self.target.chunk_size)
         read = 0
         try:
-            for index in wanted:
+            for index, blocks in wanted.items():
                 offset, length = self.target.span(index)
-                view = read_exactly(fd, buffer, offset, length)
-                read += length
-                if block_digests(view, self.target.chunk_size) == table.read(index):
+                entries = table.read(index)
+                if blocks is None:
+                    view = read_exactly(fd, buffer, offset, length)
+                    read += length
+                    matched = block_digests(view, self.target.chunk_size) == entries
+                else:
+                    matched = True
+                    for block in sorted(blocks):
+                        size = min(step, length - block * step)
+                        view = read_exactly(fd, buffer, offset + block * step, size)
+                        read += size
+                        at = block * DIGEST_SIZE
+                        matched = matched and block_digest(view) == entries[at : at + DIGEST_SIZE]
+                if matched:
                     with self._lock:
-                        self._read_back.add(index)
+                        self._read_back[index] = blocks
         finally:
             os.close(fd)
             table.close()
@@ -594,13 +614,14 @@ class Staging:
         # construction; chunks read back as they landed are not read again.
         known: list[bytes | None] = [None] * len(self.target.chunks)
         table = self._table()
-        for index in self._read_back:
+        whole = {i for i, blocks in self._read_back.items() if blocks is None}
+        for index in whole:
             known[index] = root_digest(table.read(index))
         scan = scan_image(
             self.image,
             self.target.chunk_size,
             previous=Manifest(self.target.size, self.target.chunk_size, tuple(known)),
-            changed=set(range(len(known))) - self._read_back,
+            changed=set(range(len(known))) - whole,
             table=table,
         )
         table.sync()
@@ -642,13 +663,16 @@ class Staging:
                 if root_digest(entries) != wanted:
                     bad.append(index)
                     continue
-                if index in self._read_back:
+                read_back = self._read_back.get(index, frozenset())
+                if read_back is None:
                     continue  # its bytes were read back and matched these entries
                 have = base_table.read(index)
                 offset, length = target.span(index)
                 for block in range(len(entries) // DIGEST_SIZE):
                     at = block * DIGEST_SIZE
                     entry = entries[at : at + DIGEST_SIZE]
+                    if block in read_back:
+                        continue  # read back as it landed, matching this entry
                     if (
                         index * per_chunk + block not in suspects
                         and entry == have[at : at + DIGEST_SIZE]
@@ -685,6 +709,8 @@ class Staging:
         write_atomic(self.store.staging_dir / "whole", _journal(self.whole))
         self.landed.difference_update(bad)
         write_atomic(self.store.staging_dir / "landed", _journal(self.landed))
+        for index in bad:
+            self._read_back.pop(index, None)
         # A chunk that was a hole in the base and must be data is in the delta
         # already; a bad chunk outside it (the copied base was wrong) must be sent.
         extra = tuple(i for i in bad if i not in self.delta.send and self.target.chunks[i])

@@ -255,14 +255,13 @@ def test_by_blocks_only_changed_blocks_are_written_and_an_unsent_one_that_rots_i
             staging.write_run(patch, 1, b"\xcd" * BLOCK_SIZE)
         staging.write_run(patch, 1, data[BLOCK_SIZE : 2 * BLOCK_SIZE])
         staging.finish(patch)
-        staging.sync()
-        with open(staging.image, "r+b") as handle:  # block 3 was never sent; it rots
-            handle.seek(3 * big + 3 * BLOCK_SIZE + 5)
-            handle.write(b"\0")
+        assert staging.sync() == [3]
+        assert staging.read_back([3]) == 2 * BLOCK_SIZE  # the blocks written and zeroed
+        write_at(staging.image, 3 * big + 3 * BLOCK_SIZE + 5, b"\0")  # block 3, never sent, rots
         with pytest.raises(DataLoss, match=r"chunks \[3\]"):
             staging.commit()
-        # Only the blocks that differ from the base were read back: 1, 2 and 3.
-        assert staging.verified_bytes == 3 * BLOCK_SIZE
+        # Blocks 1 and 2 were read back as they landed; only block 3 moved since.
+        assert staging.verified_bytes == BLOCK_SIZE
         retry = store.stage(second)
         assert retry.missing() == [3] and not retry.by_blocks(3)  # asked for whole now
         with open(source, "rb") as handle:
