@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -80,6 +81,12 @@ while data := os.read(0, 1 << 20):
     sock.sendall(data)
 sock.close()
 """
+
+
+def children_cpu_seconds() -> float:
+    """CPU time of the child processes waited for so far (user and system)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def progress(text: str) -> None:
@@ -147,6 +154,8 @@ class Results:
     full_ratio_time: float  # raw seconds / Ferry pull seconds (image moved either way)
     full_ratio_throughput: float  # Ferry data MiB/s / raw MiB/s
     full_ratio_throughput_with_capture: float  # the same, the sender's capture included
+    raw_cpu_seconds: float  # dd, the pushing and the receiving process
+    full_cpu_seconds: float  # Ferry's sender (capture included) and receiver
     incremental_capture_seconds: float
     incremental_capture_bytes_read: int
     incremental_pull_seconds: float
@@ -283,14 +292,18 @@ def run(args: argparse.Namespace, work: Path) -> Results:
         replica = receiver_pool / "replica"
 
         progress("raw limit: dd | TCP socket between the namespaces")
+        cpu = children_cpu_seconds()
         raw_seconds, raw_bytes = bench.raw(image, receiver_pool / "raw.img")
+        raw_cpu = children_cpu_seconds() - cpu
         assert raw_bytes == size
         (receiver_pool / "raw.img").unlink()
 
         progress("Ferry full transfer")
+        cpu = children_cpu_seconds()
         sender, capture = bench.serve(image)
         full = bench.pull(replica)
         stopped = bench.stop(sender)
+        full_cpu = children_cpu_seconds() - cpu
         rss = [stopped["peak_rss_bytes"], 0]
         rss[1] = full["peak_rss_bytes"]
         assert file_digest(Path(full["image"])) == file_digest(image)
@@ -333,6 +346,8 @@ def run(args: argparse.Namespace, work: Path) -> Results:
         full_pull_seconds=full["seconds"],
         full_ratio_time=round(raw_seconds / full["seconds"], 2),
         full_ratio_throughput=round(full_mib_s / raw_mib_s, 2),
+        raw_cpu_seconds=round(raw_cpu, 1),
+        full_cpu_seconds=round(full_cpu, 1),
         full_ratio_throughput_with_capture=round(
             capture["data_bytes"] / MiB / (capture["capture_s"] + full["seconds"]) / raw_mib_s, 2
         ),
@@ -364,6 +379,8 @@ def render(r: Results) -> str:
             f"| full ratio, Ferry data MiB/s / raw MiB/s | {r.full_ratio_throughput} |",
             "| full ratio with the capture, Ferry data MiB/s / raw MiB/s "
             f"| {r.full_ratio_throughput_with_capture} |",
+            f"| CPU seconds, raw / Ferry full (both sides, capture included) "
+            f"| {r.raw_cpu_seconds} / {r.full_cpu_seconds} |",
             f"| Ferry incremental: capture by extents | {r.incremental_capture_seconds} s "
             f"({r.incremental_capture_bytes_read / MiB:.0f} MiB read) |",
             f"| Ferry incremental: pull {r.incremental_chunks} chunks "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import signal
 import sys
 import threading
@@ -37,6 +38,12 @@ def peak_rss_bytes() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def cpu_seconds() -> float:
+    """CPU time this process used so far, user and system, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return round(usage.ru_utime + usage.ru_stime, 2)
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -75,7 +82,7 @@ def serve(args: argparse.Namespace) -> int:
     stop.wait()
     server.stop(grace=1).wait()
     sent = {d["transfer"]: exports.require(str(d["transfer"])).sent.total() for d in described}
-    emit("stopped", sent_chunks=sent, peak_rss_bytes=peak_rss_bytes())
+    emit("stopped", sent_chunks=sent, peak_rss_bytes=peak_rss_bytes(), cpu_s=cpu_seconds())
     return 0
 
 
@@ -108,6 +115,7 @@ def pull(args: argparse.Namespace) -> int:
         rate_mib_s=round(result.progress.rate_bytes_per_s / MiB, 1),
         phases=dict(result.phases),
         peak_rss_bytes=peak_rss_bytes(),
+        cpu_s=cpu_seconds(),
     )
     return 0
 
