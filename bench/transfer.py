@@ -379,7 +379,7 @@ def render(r: Results) -> str:
             f"| full ratio, Ferry data MiB/s / raw MiB/s | {r.full_ratio_throughput} |",
             "| full ratio with the capture, Ferry data MiB/s / raw MiB/s "
             f"| {r.full_ratio_throughput_with_capture} |",
-            f"| CPU seconds, raw / Ferry full (both sides, capture included) "
+            "| CPU seconds, raw / Ferry full (both sides, capture included) "
             f"| {r.raw_cpu_seconds} / {r.full_cpu_seconds} |",
             f"| Ferry incremental: capture by extents | {r.incremental_capture_seconds} s "
             f"({r.incremental_capture_bytes_read / MiB:.0f} MiB read) |",
