@@ -267,10 +267,13 @@ class Receiver:
             try:
                 for message in responses:
                     for chunk in message.chunks:
-                        attempt.bytes_received += len(chunk.data) + len(chunk.block_digests)
-                        TRANSFER_BYTES.labels("received").inc(len(chunk.data))
+                        # Each read of a bytes field copies it: read each once.
+                        data: bytes = chunk.data
+                        digests: bytes = chunk.block_digests
+                        attempt.bytes_received += len(data) + len(digests)
+                        TRANSFER_BYTES.labels("received").inc(len(data))
                         try:
-                            done = stream.land(chunk)
+                            done = stream.land(chunk, data, digests)
                         except DataLoss as exc:
                             self._reject(exc, stream, attempt, failures, meter)
                             continue
@@ -379,11 +382,12 @@ class _Stream:
     def finished(self) -> bool:
         return not self.pending and not self.in_flight
 
-    def land(self, chunk: Any) -> int | None:
-        """Check and write one arrived part of a reply; return the chunk it completed."""
+    def land(self, chunk: Any, data: bytes, digests: bytes) -> int | None:
+        """Check and write one arrived part of a reply (``chunk``, whose ``data`` and
+        ``block_digests`` are given); return the chunk it completed."""
         index: int = chunk.index
         key: tuple[str, int, int]
-        if chunk.block_digests:
+        if digests:
             key = ("table", index, 0)
         elif chunk.HasField("run"):
             key = ("run", index, int(chunk.run.first))
@@ -393,10 +397,10 @@ class _Stream:
             raise DataLoss(f"the sender sent chunk {index}, never asked for")
         kind, _, first = key
         if kind == "whole":
-            self.staging.write(index, chunk.data)
+            self.staging.write(index, data)
             return index
         if kind == "table":
-            patch = self.staging.plan_blocks(index, chunk.block_digests)
+            patch = self.staging.plan_blocks(index, digests)
             if not patch.runs:
                 self.staging.finish(patch)
                 return index
@@ -407,7 +411,7 @@ class _Stream:
         if entry is None:
             return None  # a run of a chunk rejected meanwhile, asked for again whole
         patch, waiting = entry
-        self.staging.write_run(patch, first, chunk.data)
+        self.staging.write_run(patch, first, data)
         waiting.discard(first)
         if waiting:
             return None

@@ -135,13 +135,13 @@ class ChunkSourceServicer(transfer_pb2_grpc.ChunkSourceServicer):
                 reader.close()
 
 
-def _batched(chunks: Iterator[Any]) -> Iterator[Any]:
-    """Chunks gathered into messages of about :data:`BATCH_BYTES`."""
+def _batched(chunks: Iterator[tuple[Any, int]]) -> Iterator[Any]:
+    """Chunks (each with its size) gathered into messages of about :data:`BATCH_BYTES`."""
     batch: list[Any] = []
     size = 0
-    for chunk in chunks:
+    for chunk, length in chunks:
         batch.append(chunk)
-        size += len(chunk.data) + len(chunk.block_digests)
+        size += length
         if size >= BATCH_BYTES:
             yield transfer_pb2.Chunks(chunks=batch)
             batch, size = [], 0
@@ -165,10 +165,13 @@ class _Reader:
         if self._table is not None:
             self._table.close()
 
-    def answer(self, request: Any) -> Iterator[Any]:
+    def answer(self, request: Any) -> Iterator[tuple[Any, int]]:
+        """The replies to ``request``, each with its size (a message's bytes fields
+        are copied whenever read, so sizes are taken before)."""
         for index in request.block_tables:
             self._check(index)
-            yield transfer_pb2.Chunk(index=index, block_digests=self._block_digests(index))
+            digests = self._block_digests(index)
+            yield transfer_pb2.Chunk(index=index, block_digests=digests), len(digests)
         for index in request.indexes:
             self._check(index)
             if self.export.manifest.chunks[index] is None:
@@ -178,10 +181,11 @@ class _Reader:
             data = self._read(*self.export.manifest.span(index))
             self.export.sent[index] += 1
             TRANSFER_CHUNKS.labels("sent", "sent").inc()
-            yield transfer_pb2.Chunk(index=index, data=data)
+            yield transfer_pb2.Chunk(index=index, data=data), len(data)
         for run in request.runs:
             offset, length = self._run_span(run)
-            yield transfer_pb2.Chunk(index=run.index, data=self._read(offset, length), run=run)
+            data = self._read(offset, length)
+            yield transfer_pb2.Chunk(index=run.index, data=data, run=run), length
 
     def _check(self, index: int) -> None:
         count = len(self.export.manifest.chunks)
