@@ -164,6 +164,9 @@ class Results:
     incremental_phases: dict[str, float]
     rsync_seconds: float
     incremental_speedup_vs_rsync: float
+    #: CPU of the whole processes (Ferry's include Python's start and imports).
+    incremental_cpu_seconds: float
+    rsync_cpu_seconds: float
     sender_peak_rss_mib: float
     receiver_peak_rss_mib: float
 
@@ -321,16 +324,20 @@ def run(args: argparse.Namespace, work: Path) -> Results:
         scatter(image, seed=args.seed)
 
         progress("Ferry incremental: capture by extents, pull the delta")
+        cpu = children_cpu_seconds()
         sender, incremental_capture = bench.serve(image)
         incremental = bench.pull(replica)
         stopped = bench.stop(sender)
+        incremental_cpu = children_cpu_seconds() - cpu
         rss[0] = max(rss[0], stopped["peak_rss_bytes"])
         rss[1] = max(rss[1], incremental["peak_rss_bytes"])
         assert file_digest(Path(incremental["image"])) == file_digest(image)
 
         progress("rsync --inplace --no-whole-file of the same change")
+        cpu = children_cpu_seconds()
         with bench.rsync_daemon(rsync_dir):
             rsync_seconds = bench.rsync(image, "vol.img")
+        rsync_cpu = children_cpu_seconds() - cpu
         assert file_digest(rsync_dir / "vol.img") == file_digest(image)
 
     raw_mib_s = size / MiB / raw_seconds
@@ -359,6 +366,8 @@ def run(args: argparse.Namespace, work: Path) -> Results:
         incremental_phases=incremental["phases"],
         rsync_seconds=round(rsync_seconds, 2),
         incremental_speedup_vs_rsync=round(rsync_seconds / ferry_incremental, 1),
+        incremental_cpu_seconds=round(incremental_cpu, 1),
+        rsync_cpu_seconds=round(rsync_cpu, 1),
         sender_peak_rss_mib=round(rss[0] / MiB, 1),
         receiver_peak_rss_mib=round(rss[1] / MiB, 1),
     )
@@ -391,6 +400,8 @@ def render(r: Results) -> str:
             f"| rsync --inplace --no-whole-file | {r.rsync_seconds} s |",
             "| incremental speed-up vs rsync (capture + pull) "
             f"| {r.incremental_speedup_vs_rsync}x |",
+            "| CPU seconds, Ferry incremental (whole processes) / rsync (both ends) "
+            f"| {r.incremental_cpu_seconds} / {r.rsync_cpu_seconds} |",
             f"| peak RSS, sender / receiver | {r.sender_peak_rss_mib} / "
             f"{r.receiver_peak_rss_mib} MiB |",
         ]
