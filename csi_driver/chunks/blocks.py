@@ -32,7 +32,6 @@ from csi_driver.chunks.manifest import (
     DIGEST_SIZE,
     HOLE_BLOCK,
     block_count,
-    block_size,
     chunk_count,
     root_digest,
 )
@@ -46,7 +45,7 @@ class BlockTable:
         self.path = path
         self.chunk_size = chunk_size
         self.size = size
-        self.per_chunk = self.chunk_size // block_size(self.chunk_size)
+        self.per_chunk = block_count(chunk_size, chunk_size)
         self._writable = writable
         self._fd: int | None = None
 

@@ -74,7 +74,13 @@ from csi_driver.chunks.manifest import (
     encode,
     root_digest,
 )
-from csi_driver.chunks.scan import chunks_touching, data_ranges, read_exactly, scan_image
+from csi_driver.chunks.scan import (
+    blocks_touching,
+    chunks_touching,
+    data_ranges,
+    read_exactly,
+    scan_image,
+)
 from csi_driver.core.errors import (
     DataLoss,
     FailedPrecondition,
@@ -637,13 +643,13 @@ class Staging:
         table entries differ from ``base``'s are read."""
         target, table = self.target, self._table()
         step = block_size(target.chunk_size)
-        per_chunk = target.chunk_size // step
+        per_chunk = block_count(target.chunk_size, target.chunk_size)
         moved = changed_ranges(extent_map(base.image), extent_map(self.image), target.size)
-        suspects = chunks_touching(moved, step)  # block numbers across the image
+        suspects = blocks_touching(moved, target.chunk_size)
         entries_moved = changed_ranges(
             extent_map(base.blocks), extent_map(table.path), os.stat(table.path).st_size
         )
-        checked = {b // per_chunk for b in suspects}
+        checked = set(suspects)
         checked |= chunks_touching(entries_moved, per_chunk * DIGEST_SIZE)
         checked |= {*self.delta.send, *self.delta.punch}
         base_table = BlockTable(base.blocks, base.manifest.size, base.manifest.chunk_size)
@@ -674,7 +680,7 @@ class Staging:
                     if block in read_back:
                         continue  # read back as it landed, matching this entry
                     if (
-                        index * per_chunk + block not in suspects
+                        block not in suspects.get(index, ())
                         and entry == have[at : at + DIGEST_SIZE]
                     ):
                         continue  # the base's verified bytes, on the base's blocks

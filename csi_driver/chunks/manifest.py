@@ -8,8 +8,9 @@ Invariants:
   digest: the SHA-256 of its blocks' digests (:func:`chunk_digest`). An
   all-zero chunk is always a hole, however it is stored, so two images with
   the same bytes have the same manifest.
-- A chunk is cut into blocks of :func:`block_size` (64 KiB when the chunk
-  size is a multiple of it, else the whole chunk); a block's digest is the
+- A chunk is cut into blocks of 64 KiB (:data:`BLOCK_SIZE`; the last one
+  shorter when the chunk is not a multiple), whatever the chunk size, so a
+  chunk's digest depends on its bytes alone; a block's digest is the
   SHA-256 of its bytes, or :data:`HOLE_BLOCK` when they are all zeros. The
   chunk digest commits to every block digest, so a receiver that trusts the
   manifest can check a chunk's block digests, then single blocks, and fetch
@@ -52,8 +53,9 @@ Buffer = bytes | bytearray | memoryview
 
 
 def block_size(chunk_size: int) -> int:
-    """The block size of chunks of ``chunk_size``: 64 KiB, or the chunk when not a multiple."""
-    return BLOCK_SIZE if chunk_size % BLOCK_SIZE == 0 else chunk_size
+    """The block size of chunks of ``chunk_size``: always :data:`BLOCK_SIZE` (a chunk
+    smaller than that is one block)."""
+    return BLOCK_SIZE
 
 
 def block_count(length: int, chunk_size: int) -> int:
@@ -90,8 +92,8 @@ def root_digest(digests: bytes) -> Digest | None:
 
 
 def chunk_digest(data: Buffer, chunk_size: int | None = None) -> Digest:
-    """The digest of a chunk's bytes, cut into the blocks of ``chunk_size`` (by
-    default ``len(data)``: give it for an image's short last chunk)."""
+    """The digest of a chunk's bytes (``chunk_size`` is accepted for symmetry with
+    :func:`block_digests`; blocks do not depend on it)."""
     digests = block_digests(data, chunk_size or len(data))
     return hashlib.sha256(_CHUNK_PREFIX + digests).digest()
 

@@ -71,6 +71,23 @@ def data_ranges(fd: int, size: int) -> Iterator[Range]:
         position = end
 
 
+def blocks_touching(ranges: Iterable[Range], chunk_size: int) -> dict[int, set[int]]:
+    """The blocks (by chunk index, then block index within the chunk) that overlap
+    any of ``ranges``."""
+    step = block_size(chunk_size)
+    touched: dict[int, set[int]] = {}
+    for offset, length in ranges:
+        end = offset + length
+        while offset < end:
+            index = offset // chunk_size
+            start = index * chunk_size
+            stop = min(end, start + chunk_size)
+            blocks = range((offset - start) // step, (stop - 1 - start) // step + 1)
+            touched.setdefault(index, set()).update(blocks)
+            offset = stop
+    return touched
+
+
 def chunks_touching(ranges: Iterable[Range], chunk_size: int) -> set[int]:
     """Indexes of the chunks that overlap any of ``ranges``."""
     touched: set[int] = set()
@@ -193,10 +210,7 @@ def rescan_blocks(
     (``previous``'s block table) is brought up to date."""
     chunk_size = previous.chunk_size
     step = block_size(chunk_size)
-    per_chunk = chunk_size // step
-    touched: dict[int, list[int]] = {}
-    for block in sorted(chunks_touching(ranges, step)):
-        touched.setdefault(block // per_chunk, []).append(block % per_chunk)
+    touched = {i: sorted(b) for i, b in sorted(blocks_touching(ranges, chunk_size).items())}
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError as exc:
