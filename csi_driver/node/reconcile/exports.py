@@ -132,7 +132,7 @@ class ExportReconciler:
                 source = image.path if mounted is None else _frozen_copy(image.path, mounted, work)
             capture = ChangeTracker(source, work / "snapshots").capture()
         self._retire(spec.volume_id)
-        self._exports.add(spec.transfer_id, capture.source, capture.manifest)
+        self._exports.add(spec.transfer_id, capture.source, capture.manifest, capture.blocks)
         self._served[spec.volume_id] = spec.transfer_id
         return ExportStatus(
             volume_id=spec.volume_id,
