@@ -161,6 +161,20 @@ class GenerationStore:
         shutil.rmtree(building, ignore_errors=True)
         building.mkdir(mode=0o700)
         os.rename(image, building / "image")
+        # The block table is read from the bytes, so it is theirs; the manifest
+        # given must be what they hash to, or the image is not what the caller read.
+        table = BlockTable.create(building / "blocks", manifest.size, manifest.chunk_size)
+        try:
+            found = scan_image(building / "image", manifest.chunk_size, table=table).manifest
+            table.sync()
+        finally:
+            table.close()
+        if found != manifest:
+            os.rename(building / "image", image)
+            shutil.rmtree(building, ignore_errors=True)
+            raise FailedPrecondition(
+                f"{image} changed since its manifest was read; adopt it once it is quiescent"
+            )
         write_atomic(building / "manifest", encode(manifest))
         os.rename(building, self._dir(1))
         fsync_dir(self.root)
