@@ -450,21 +450,30 @@ class VolumeService:
         if not VOLUME_ID_PATTERN.match(volume_id):
             return
         with self._volumes.hold(volume_id, timeout=self._lock_timeout):
-            volume_read = self._catalog.read_volume(volume_id)
-            if volume_read is None:
-                return
-            volume = volume_read.value
-            if volume.publications:
-                nodes = ", ".join(p.node_id for p in volume.publications)
-                raise FailedPrecondition(
-                    STILL_PUBLISHED_ON.format(volume_id=volume_id, nodes=nodes)
-                )
-            # Intent first: a crash or a slow node leaves DELETING, which refuses
-            # new publications and which the provisioner's retry completes.
-            try:
-                self._images.delete(volume_read)
-            finally:
-                self._forget_placement()
+            # The leader's collector may store READY for this volume between the read
+            # and the intent's txn (the volume's compare then fails): read again.
+            for attempt in range(_CAS_ATTEMPTS):
+                volume_read = self._catalog.read_volume(volume_id)
+                if volume_read is None:
+                    return
+                volume = volume_read.value
+                if volume.publications:
+                    nodes = ", ".join(p.node_id for p in volume.publications)
+                    raise FailedPrecondition(
+                        STILL_PUBLISHED_ON.format(volume_id=volume_id, nodes=nodes)
+                    )
+                # Intent first: a crash or a slow node leaves DELETING, which refuses
+                # new publications and which the provisioner's retry completes.
+                try:
+                    self._images.delete(volume_read)
+                    break
+                except Conflict as exc:
+                    if attempt + 1 == _CAS_ATTEMPTS:
+                        raise Aborted(
+                            f"volume {volume_id} kept changing while being deleted ({exc}); retry"
+                        ) from exc
+                finally:
+                    self._forget_placement()
         log.info("volume deleted", extra={"volume": volume_id})
 
     # -- publication -----------------------------------------------------------
