@@ -27,4 +27,7 @@ bench-backup:
 bench-snapshots:
 	$(PY) -m bench.snapshots
 
-.PHONY: protos test lint demo bench bench-transfer bench-backup bench-snapshots
+bench-mobility:
+	$(PY) -m bench.mobility
+
+.PHONY: protos test lint demo bench bench-transfer bench-backup bench-snapshots bench-mobility

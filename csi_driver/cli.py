@@ -21,6 +21,7 @@ from csi_driver.pki import ClientTlsBundle, TlsBundle
 from csi_driver.runtime import NodeConfig
 from csi_driver.sandbox import commands as sandbox_commands
 from csi_driver.shutdown import SignalPipe, serve_until_signalled
+from csi_driver.store.etcd import DEFAULT_LEASE_TTL_S, ETCD_MIN_LEASE_TTL_S
 from csi_driver.transport import AgentSecurity
 
 logger = logging.getLogger("ferry")
@@ -44,6 +45,14 @@ def parse_size(text: str) -> int:
     if not match:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size like 512Mi or 10Gi")
     return int(match.group(1)) * _UNITS[(match.group(2) or "").lower()]
+
+
+def _lease_ttl(text: str) -> int:
+    seconds = int(text)
+    if seconds < ETCD_MIN_LEASE_TTL_S:
+        # etcd raises a shorter TTL to its floor without saying so
+        raise argparse.ArgumentTypeError(f"at least {ETCD_MIN_LEASE_TTL_S} s (etcd's floor)")
+    return seconds
 
 
 def _node_args(parser: argparse.ArgumentParser) -> None:
@@ -188,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
             "volumes with failoverPolicy promote fail over to their freshest replica",
         )
         p.add_argument(
+            "--leader-lease-ttl",
+            type=_lease_ttl,
+            default=DEFAULT_LEASE_TTL_S,
+            help="seconds an etcd leader election lease lives: a killed leader's standby "
+            "(or restart) takes over after it lapses; shorter fails over sooner, but a "
+            "leader starved longer than it steps down (etcd's floor: 2)",
+        )
+        p.add_argument(
             "--catalog-listen",
             default=None,
             help="also serve the catalog to nodes (tcp://host:port); "
@@ -268,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 catalog_tls=catalog_tls,
                 node_lost_after_s=args.node_lost_after,
                 backup=BackupSettings.from_env(),
+                lease_ttl_s=args.leader_lease_ttl,
             )
         elif args.command == "node":
             config = _node_config(args, security)
@@ -281,6 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.catalog_listen,
                 catalog_tls,
                 node_lost_after_s=args.node_lost_after,
+                lease_ttl_s=args.leader_lease_ttl,
             )
         serve_metrics(args.metrics_port)
     except FerryError as exc:

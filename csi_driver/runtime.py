@@ -52,6 +52,7 @@ from csi_driver.reconcile.runner import Runner
 from csi_driver.rpc.errors import RUNNING
 from csi_driver.store.base import CatalogStore
 from csi_driver.store.catalog import Catalog
+from csi_driver.store.etcd import DEFAULT_LEASE_TTL_S
 from csi_driver.store.url import open_store
 from csi_driver.transfer.source import Exports, serve_chunks
 from csi_driver.transport import (
@@ -329,6 +330,7 @@ def start_controller(
     catalog_tls: ClientTlsBundle | None = None,
     node_lost_after_s: float = NODE_LOST_AFTER_S,
     backup: BackupSettings | None = None,
+    lease_ttl_s: int = DEFAULT_LEASE_TTL_S,
 ) -> Services:
     """``security``: the controller's certificate (it must name the controller), which
     secures the catalog it opens and the one it serves to nodes (default: plain).
@@ -337,7 +339,9 @@ def start_controller(
     security = security or AgentSecurity()
     with _stopped_on_failure(services):
         _require_identity(security, Identity.controller())
-        store = open_store(catalog_path, security=security, catalog_tls=catalog_tls)
+        store = open_store(
+            catalog_path, security=security, catalog_tls=catalog_tls, lease_ttl_s=lease_ttl_s
+        )
         services.closers.append(store.close)
         _serve_catalog(store, catalog_listen, security, services)
         catalog = Catalog(store)
@@ -396,11 +400,17 @@ def start_all_in_one(
     catalog_listen: str | None = None,
     catalog_tls: ClientTlsBundle | None = None,
     node_lost_after_s: float = NODE_LOST_AFTER_S,
+    lease_ttl_s: int = DEFAULT_LEASE_TTL_S,
 ) -> Services:
     """Controller and node in one process, on one CSI socket (one-machine mode)."""
     services = Services()
     with _stopped_on_failure(services):
-        store = open_store(catalog_path, security=config.security, catalog_tls=catalog_tls)
+        store = open_store(
+            catalog_path,
+            security=config.security,
+            catalog_tls=catalog_tls,
+            lease_ttl_s=lease_ttl_s,
+        )
         services.closers.append(store.close)
         _serve_catalog(store, catalog_listen, config.security, services)
         catalog = Catalog(store)

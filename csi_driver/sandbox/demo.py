@@ -71,12 +71,13 @@ class Demo:
         target = kubelet / "pods" / "app" / "volumes" / "kubernetes.io~csi" / volume_id / "mount"
         return str(staging), str(target)
 
-    def create(self, size: int) -> str:
+    def create(self, size: int, parameters: dict[str, str] = PARAMETERS) -> str:
+        """A volume on node-1."""
         request = csi_pb2.CreateVolumeRequest(
             name=f"pvc-demo-{secrets.token_hex(3)}",
             capacity_range=csi_pb2.CapacityRange(required_bytes=size),
             volume_capabilities=[mount_capability()],
-            parameters=PARAMETERS,
+            parameters=parameters,
         )
         request.accessibility_requirements.requisite.add().segments[NODE_KEY] = "node-1"
         with self.client("controller") as csi:

@@ -83,6 +83,8 @@ class Member:
 #: Liveness in the sandbox: fast enough for a failover demo in seconds.
 SANDBOX_HEARTBEAT_S = 1.0
 SANDBOX_NODE_LOST_AFTER_S = 5.0
+#: A killed controller's successor leads within this (its lease lapses): tests kill them.
+SANDBOX_LEADER_LEASE_TTL_S = 3
 
 
 @dataclass(frozen=True)
@@ -237,8 +239,9 @@ class SandboxPlan:
         if member.role is Role.CONTROLLER:
             # Nodes beat every second here, so a node killed or cut in a test or
             # the demo counts as lost (failoverPolicy promote) within seconds.
-            lost = ("--node-lost-after", str(SANDBOX_NODE_LOST_AFTER_S))
+            lost: tuple[str, ...] = ("--node-lost-after", str(SANDBOX_NODE_LOST_AFTER_S))
             if self.catalog is CatalogKind.ETCD:
+                lost += ("--leader-lease-ttl", str(SANDBOX_LEADER_LEASE_TTL_S))
                 return (*ferry, "controller", *common, *lost, "--catalog", self.catalog_url)
             listen = f"tcp://{self.control.address}:{CATALOG_PORT}"
             catalog = ("--catalog", str(self.sqlite_file), "--catalog-listen", listen)

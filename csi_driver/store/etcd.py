@@ -77,6 +77,8 @@ _COMPACTED = "required revision has been compacted"
 _FUTURE = "required revision is a future revision"
 
 DEFAULT_LEASE_TTL_S = 5
+#: etcd's shortest lease with its default election timeout (1 s): 1.5 x that, rounded up.
+ETCD_MIN_LEASE_TTL_S = 2
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from csi_driver.catalog_api.client import RemoteStore
 from csi_driver.core.errors import FailedPrecondition, InvalidArgument
 from csi_driver.pki import ClientTlsBundle
 from csi_driver.store.base import CatalogStore
-from csi_driver.store.etcd import EtcdEndpoint, EtcdStore
+from csi_driver.store.etcd import DEFAULT_LEASE_TTL_S, EtcdEndpoint, EtcdStore
 from csi_driver.store.sqlite import SqliteStore
 from csi_driver.transport import AgentSecurity
 
@@ -107,12 +107,15 @@ def open_store(
     *,
     security: AgentSecurity | None = None,
     catalog_tls: ClientTlsBundle | None = None,
+    lease_ttl_s: int = DEFAULT_LEASE_TTL_S,
 ) -> CatalogStore:
     """Open the catalog store that ``url`` names (see the module doc).
 
     ``security`` is this process's mTLS (``--tls-dir``): it secures
     ``ferry://`` and ``etcds://``, both as this process's identity.
     ``catalog_tls`` (``--catalog-tls-dir``) replaces it for ``etcds://``.
+    ``lease_ttl_s`` is an etcd election's lease (``--leader-lease-ttl``); SQLite's
+    election is a file lock the kernel drops with its process, with no TTL.
     """
     where = parse_catalog_url(url)
     if catalog_tls is not None and not where.etcd_tls:
@@ -127,9 +130,9 @@ def open_store(
         return RemoteStore(where.service, security, fallbacks=where.service_fallbacks)
     endpoints = [EtcdEndpoint(host, port) for host, port in where.etcd_endpoints]
     if not where.etcd_tls:
-        return EtcdStore(endpoints)
+        return EtcdStore(endpoints, lease_ttl_s=lease_ttl_s)
     if catalog_tls is not None:
-        return EtcdStore(endpoints, tls=catalog_tls)
+        return EtcdStore(endpoints, tls=catalog_tls, lease_ttl_s=lease_ttl_s)
     tls = security.tls if security is not None else None
     if tls is None:
         raise FailedPrecondition(
@@ -138,4 +141,4 @@ def open_store(
             "TLS Secret), --catalog-tls-dir for an etcd with its own PKI, or etcd:// for an "
             "etcd only this machine reaches"
         )
-    return EtcdStore(endpoints, tls=tls)
+    return EtcdStore(endpoints, tls=tls, lease_ttl_s=lease_ttl_s)

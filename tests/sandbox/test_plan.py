@@ -67,6 +67,9 @@ def test_nodes_reach_the_catalog_over_the_network_only() -> None:
     assert command[command.index("--pool") + 1] == "/s/nodes/node-2/pool"
     assert node2.socket == Path("/s/nodes/node-2/csi.sock")
     assert plan.member("controller").socket == Path("/s/controller/csi.sock")
+    controller = plan.command(plan.member("controller"))
+    # tests kill controllers: a successor must not wait out etcd's default lease
+    assert controller[controller.index("--leader-lease-ttl") + 1] == "3"
 
 
 def test_an_unknown_member_names_the_known_ones() -> None:
@@ -80,6 +83,7 @@ def test_on_sqlite_only_the_controller_opens_the_file_and_serves_it() -> None:
     controller = plan.command(plan.member("controller"))
     assert controller[controller.index("--catalog") + 1] == "/s/controller/catalog.db"
     assert controller[controller.index("--catalog-listen") + 1] == "tcp://10.251.0.2:7500"
+    assert "--leader-lease-ttl" not in controller  # SQLite's lock has no TTL
     for node in ("node-1", "node-2"):
         command = plan.command(plan.member(node))
         assert command[command.index("--catalog") + 1] == "ferry://10.251.0.2:7500"

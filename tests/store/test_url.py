@@ -13,7 +13,7 @@ from csi_driver.core.model import MiB
 from csi_driver.csi.client import CsiClient, mount_capability
 from csi_driver.gen import csi_pb2
 from csi_driver.runtime import start_all_in_one, start_controller
-from csi_driver.store.etcd import EtcdStore
+from csi_driver.store.etcd import DEFAULT_LEASE_TTL_S, EtcdStore
 from csi_driver.store.sqlite import SqliteStore
 from csi_driver.store.url import CatalogUrl, open_store, parse_catalog_url
 from tests.csi.conftest import node_config
@@ -127,3 +127,15 @@ def test_the_cli_passes_catalog_urls_through_unchanged() -> None:
     node = build_parser().parse_args(["node", "--catalog", "ferry://10.1.0.1:7070"])
     assert node.catalog == "ferry://10.1.0.1:7070"
     assert build_parser().parse_args(["all-in-one"]).catalog == "/var/lib/ferry/catalog.db"
+
+
+def test_the_leader_lease_ttl_reaches_the_etcd_election_and_has_etcds_floor() -> None:
+    parse = build_parser().parse_args
+    assert parse(["controller"]).leader_lease_ttl == DEFAULT_LEASE_TTL_S
+    assert parse(["all-in-one", "--leader-lease-ttl", "3"]).leader_lease_ttl == 3
+    for refused in ("1", "0", "two"):
+        with pytest.raises(SystemExit):
+            parse(["controller", "--leader-lease-ttl", refused])
+    etcd = open_store("etcd://127.0.0.1:1", lease_ttl_s=3)
+    assert isinstance(etcd, EtcdStore) and etcd.lease_ttl_s == 3
+    etcd.close()

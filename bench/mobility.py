@@ -1,0 +1,294 @@
+"""``python -m bench.mobility``: what a planned move costs the pod, with and without a warm replica.
+
+Brings up the three-node sandbox (etcd, a controller, three node processes
+in network namespaces, mutual TLS, loop devices) and plays kubelet and the
+external-attacher over the real CSI sockets, ``--repeat`` times per case:
+
+1. a volume is created on node-1, attached, staged and published, and
+   ``--data-mib`` of random data is written into it (fsynced);
+2. with a warm replica (``replicas: 1``, ``rpoSeconds: 1``): the bench
+   waits until the replica holds a capture, then writes ``--tail-mib``
+   more, the changes a move's final sync has to ship; without one
+   (``replicas: 0``) the move copies the whole image;
+3. the pod leaves node-1 (unpublish, unstage, ControllerUnpublish), and
+   the clock runs from ControllerPublishVolume on the new node (the
+   replica's node, or node-2) to NodePublishVolume done there, publishes
+   retried while they answer ABORTED as the external-attacher does.
+
+The downtime is that interval (median and max). Bytes shipped by the
+final sync are the move record's ``final_bytes``. The node services' peak
+RSS during the move is each node process's (and its children's) VmHWM,
+reset just before the publish by writing ``5`` to ``/proc/PID/clear_refs``
+and read after the mount, so it is the move's high-water mark, not the
+process's since start; the largest over the nodes is reported.
+
+Prints a table and writes JSON (default ``bench/results/mobility-latest.json``).
+Needs root (network namespaces, loop devices, mounts) and etcd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from csi_driver.gen import csi_pb2
+from csi_driver.sandbox.demo import Demo
+from csi_driver.sandbox.harness import Sandbox
+from csi_driver.sandbox.plan import SandboxPlan
+
+MiB = 1024 * 1024
+NODES = ("node-1", "node-2", "node-3")
+
+
+@dataclass(frozen=True)
+class Move:
+    warm: bool
+    target: str
+    downtime_s: float
+    attach_s: float  # of which ControllerPublishVolume, retries included
+    final_bytes: int
+    peak_rss_bytes: int  # the largest node's VmHWM over the move
+
+
+@dataclass(frozen=True)
+class Case:
+    warm: bool
+    volume_bytes: int
+    data_bytes: int
+    tail_bytes: int
+    moves: tuple[Move, ...]
+
+    @property
+    def median_s(self) -> float:
+        return round(statistics.median(m.downtime_s for m in self.moves), 3)
+
+    @property
+    def max_s(self) -> float:
+        return round(max(m.downtime_s for m in self.moves), 3)
+
+    @property
+    def median_attach_s(self) -> float:
+        return round(statistics.median(m.attach_s for m in self.moves), 3)
+
+    @property
+    def median_final_bytes(self) -> int:
+        return int(statistics.median(m.final_bytes for m in self.moves))
+
+    @property
+    def peak_rss_bytes(self) -> int:
+        return max(m.peak_rss_bytes for m in self.moves)
+
+
+def _descendants(pid: int) -> list[int]:
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            try:
+                queue += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+    return found
+
+
+def _node_pids(sandbox: Sandbox) -> dict[str, list[int]]:
+    return {s.name: _descendants(s.pid) for s in sandbox.status() if s.name in NODES and s.pid}
+
+
+def _reset_peaks(pids: dict[str, list[int]]) -> None:
+    for group in pids.values():
+        for pid in group:
+            try:
+                Path(f"/proc/{pid}/clear_refs").write_text("5")  # 5: reset the peak RSS
+            except OSError:
+                continue  # a child that ended
+
+
+def _peak_rss(pids: dict[str, list[int]]) -> int:
+    """The largest node's summed VmHWM (bytes) since the last reset."""
+    peaks = []
+    for group in pids.values():
+        total = 0
+        for pid in group:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) * 1024
+        peaks.append(total)
+    return max(peaks, default=0)
+
+
+def _write(path: Path, size: int) -> None:
+    block = os.urandom(4 * MiB)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for offset in range(0, size, len(block)):
+            os.write(fd, block[: min(len(block), size - offset)])
+            block = os.urandom(len(block))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _create(demo: Demo, size: int, replicas: int) -> str:
+    parameters = {"replicas": str(replicas)}
+    if replicas:
+        parameters["rpoSeconds"] = "1"
+    ends = time.monotonic() + 120
+    while True:
+        try:
+            return demo.create(size, parameters)
+        except grpc.RpcError as exc:
+            # The last volume's replicas are released by the collector's sweep, after
+            # DeleteVolume answered: wait for their space rather than size pools for both.
+            if exc.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > ends:
+                raise
+            time.sleep(1.0)
+
+
+def _delete(demo: Demo, volume_id: str) -> None:
+    with demo.client("controller") as csi:
+        csi.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id), timeout=120)
+
+
+def _warm_replica(demo: Demo, volume_id: str, written_at: float) -> str:
+    """The replica's node once it holds a capture taken after ``written_at``."""
+
+    def warm() -> dict[str, Any] | None:
+        replicas = demo.volume(volume_id)["replicas"]
+        # lag_s is the age of the replica's capture when `ferry volumes` read it
+        since = time.time() - written_at - 0.5
+        return next((r for r in replicas if r["synced"] and r["lag_s"] < since), None)
+
+    replica: dict[str, Any] = demo.wait("a warm replica", warm, timeout_s=120)
+    return str(replica["node_id"])
+
+
+def one_move(demo: Demo, warm: bool, size: int, data: int, tail: int) -> Move:
+    volume_id = _create(demo, size, 1 if warm else 0)
+    mounted = demo.mount(volume_id, "node-1", demo.attach(volume_id, "node-1"))
+    _write(mounted / "data", data)
+    target = _warm_replica(demo, volume_id, time.time()) if warm else "node-2"
+    if tail:
+        _write(mounted / "tail", tail)
+    demo.unmount(volume_id, "node-1")
+    demo.detach(volume_id, "node-1")
+    pids = _node_pids(demo.sandbox)
+    _reset_peaks(pids)
+    started = time.monotonic()
+    context = demo.attach(volume_id, target)
+    attached = time.monotonic() - started
+    demo.mount(volume_id, target, context)
+    downtime = time.monotonic() - started
+    peak = _peak_rss(pids)
+    move = demo.volume(volume_id)["move"]
+    if not move or move["step"] not in ("switched", "done"):
+        raise RuntimeError(f"the volume's last move did not finish: {move}")
+    demo.unmount(volume_id, target)
+    demo.detach(volume_id, target)
+    _delete(demo, volume_id)
+    return Move(
+        warm, target, round(downtime, 3), round(attached, 3), int(move["final_bytes"]), peak
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    size: int
+    data: int
+    tail: int
+    repeat: int
+
+
+def run(work: Path, settings: Settings) -> list[Case]:
+    sandbox = Sandbox(work)
+    plan = SandboxPlan(work, f"bm{secrets.token_hex(3)}", 3)
+    demo = Demo(sandbox)
+    cases = []
+    try:
+        sandbox.up(plan)
+        for warm in (True, False):
+            moves = []
+            for n in range(settings.repeat):
+                moves.append(one_move(demo, warm, settings.size, settings.data, settings.tail))
+                m = moves[-1]
+                demo.say(
+                    f"{'warm' if warm else 'cold'} move {n + 1}: {m.downtime_s:.2f} s "
+                    f"(attach {m.attach_s:.2f} s), "
+                    f"final sync {m.final_bytes / MiB:.1f} MiB, peak RSS "
+                    f"{m.peak_rss_bytes / MiB:.0f} MiB"
+                )
+            tail = settings.tail if warm else 0
+            cases.append(Case(warm, settings.size, settings.data, tail, tuple(moves)))
+    finally:
+        sandbox.down(plan.prefix)
+    return cases
+
+
+def render(cases: list[Case]) -> str:
+    lines = [
+        "| replica | volume | data | written after the last capture | downtime median "
+        "| max | of which attach (median) | final sync (median) | node peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cases:
+        lines.append(
+            f"| {'warm' if c.warm else 'none'} | {c.volume_bytes // MiB} MiB "
+            f"| {c.data_bytes // MiB} MiB | {f'{c.tail_bytes // MiB} MiB' if c.warm else '-'} "
+            f"| {c.median_s} s | {c.max_s} s | {c.median_attach_s} s "
+            f"| {c.median_final_bytes / MiB:.1f} MiB "
+            f"| {c.peak_rss_bytes / MiB:.0f} MiB |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.mobility", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--size-mib", type=int, default=512, help="each volume's size")
+    parser.add_argument("--data-mib", type=int, default=256, help="written before the move")
+    parser.add_argument("--tail-mib", type=int, default=8, help="written after the capture")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=None, help="scratch (default /tmp)")
+    parser.add_argument("--output", type=Path, default=Path("bench/results/mobility-latest.json"))
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("the mobility benchmark needs root: network namespaces, loop devices, mounts")
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="fybm-", dir=args.workdir or "/tmp"))
+    settings = Settings(args.size_mib * MiB, args.data_mib * MiB, args.tail_mib * MiB, args.repeat)
+    try:
+        cases = run(work, settings)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(render(cases))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    document = {
+        "settings": asdict(settings),
+        "cases": [
+            asdict(c) | {"median_s": c.median_s, "max_s": c.max_s, "peak_rss": c.peak_rss_bytes}
+            for c in cases
+        ],
+    }
+    args.output.write_text(json.dumps(document, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
