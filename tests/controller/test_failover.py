@@ -40,7 +40,7 @@ from csi_driver.store.leader import leader_key
 from csi_driver.store.records import read
 from csi_driver.store.url import open_store
 from tests.node.conftest import requires_root
-from tests.store.etcd_cluster import ETCD, SKIP_REASON, EtcdCluster, die_with_parent
+from tests.store.etcd_cluster import ETCD, SKIP_REASON, EtcdCluster, dying_with_parent
 from tests.test_tls_processes import Process
 
 pytestmark = [pytest.mark.slow, requires_root]
@@ -72,10 +72,9 @@ class Cluster:
         log = self.base / f"{name}.log"
         with log.open("wb") as out:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "csi_driver.cli", *args],
+                dying_with_parent([sys.executable, "-m", "csi_driver.cli", *args]),
                 stdout=out,
                 stderr=out,
-                preexec_fn=die_with_parent,
             )
         self.started.append(Process(popen, log))
         return self.started[-1]

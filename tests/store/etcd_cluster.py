@@ -14,7 +14,6 @@ Peers stay on plain loopback: they are not what these tests examine.
 
 from __future__ import annotations
 
-import ctypes
 import shutil
 import signal
 import socket
@@ -34,16 +33,21 @@ SKIP_REASON = "needs Debian's etcd-server (the etcd binary); scripts/setup.sh in
 _START_TIMEOUT_S = 20.0
 
 
-_PR_SET_PDEATHSIG = 1
+SETPRIV = shutil.which("setpriv") or "setpriv"
 
 
-def die_with_parent() -> None:
-    """``preexec_fn``: the kernel kills the child if the test process dies first.
+def dying_with_parent(argv: list[str]) -> list[str]:
+    """``argv`` run so that the kernel kills it if the test process dies first.
 
     Fixture teardown stops children normally; this covers a crashed or killed
     pytest, so no etcd or contender outlives its test run on a shared machine.
+    util-linux's ``setpriv`` sets the parent-death signal and execs ``argv``
+    (the signal survives exec). A ``preexec_fn`` did the same inside the
+    forked child, but Python code between fork and exec can deadlock on a lock
+    another of pytest's threads held at the fork (gRPC's, the import lock):
+    the child then hung before exec and printed nothing.
     """
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    return [SETPRIV, "--pdeathsig", "KILL", "--", *argv]
 
 
 def _free_ports(count: int) -> list[int]:
@@ -168,10 +172,9 @@ class EtcdCluster:
         assert not member.running, f"{member.name} is already running"
         with open(member.log_path, "ab") as log:
             member.process = subprocess.Popen(
-                self._argv(member),
+                dying_with_parent(self._argv(member)),
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=die_with_parent,
             )
 
     def start(self) -> EtcdCluster:

@@ -32,7 +32,7 @@ from csi_driver.store.base import (
     Watch,
 )
 from tests.store.backends import Backend
-from tests.store.etcd_cluster import die_with_parent
+from tests.store.etcd_cluster import dying_with_parent
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -408,12 +408,13 @@ class Contender:
     def __init__(self, backend: Backend, name: str, candidate: str) -> None:
         tls = [str(backend.tls_dir)] if backend.tls_dir is not None else []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.store.contender", backend.url, name, candidate, *tls],
+            dying_with_parent(
+                [sys.executable, "-m", "tests.store.contender", backend.url, name, candidate, *tls]
+            ),
             cwd=ROOT,
             env=dict(os.environ, PYTHONPATH=str(ROOT)),
             stdout=subprocess.PIPE,
             text=True,
-            preexec_fn=die_with_parent,
         )
         self._lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
