@@ -150,7 +150,9 @@ class Claim:
         self.release()
 
     def add(self, names: Iterable[str]) -> None:
-        """Claim ``names`` (write-ahead: before anything relies on them)."""
+        """Claim ``names`` (write-ahead: before anything relies on them); Aborted when
+        the heartbeat lapsed (a collector may already ignore this claim)."""
+        self.check_alive()
         body = b"".join(bytes.fromhex(name) for name in names)
         if body:
             self._seq += 1

@@ -175,7 +175,8 @@ def _report_backup(result: BackupResult) -> None:
     rate = result.bytes_read / result.elapsed_s / MiB if result.elapsed_s else 0.0
     print(
         f"backup {info.backup_id} of {info.volume_name}: {_mib(result.backup.manifest.size)} "
-        f"image, {_mib(result.bytes_read)} read, {result.chunks_uploaded} new chunks, "
+        f"image, {_mib(result.bytes_read)} read, {result.blocks_uploaded} new blocks in "
+        f"{result.packs_uploaded} packs, "
         f"{_mib(result.bytes_uploaded)} uploaded in {result.elapsed_s:.1f} s ({rate:.0f} MiB/s)"
     )
 
@@ -269,8 +270,10 @@ def _gc(args: argparse.Namespace) -> int:
     result = collect_garbage(_repo(args), dry_run=args.dry_run, progress=_progress(args))
     verb = "would delete" if args.dry_run else "deleted"
     print(
-        f"{verb} {result.chunks_deleted} chunks ({_mib(result.bytes_deleted)}), kept "
-        f"{result.chunks_kept}; removed {result.stale_claims_removed} stale claims"
+        f"{verb} {result.packs_deleted} packs and rewrote {result.packs_repacked} "
+        f"({result.blocks_moved} blocks kept), {_mib(result.bytes_deleted)} freed"
+        + (f", {result.chunks_deleted} format 1 chunks" if result.chunks_deleted else "")
+        + f"; kept {result.packs_kept} packs; removed {result.stale_claims_removed} stale claims"
     )
     return 0
 

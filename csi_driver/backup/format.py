@@ -1,6 +1,7 @@
-"""What a target holds, byte for byte: chunk objects, sealed manifests, the config.
+"""What a target holds, byte for byte: sealed manifests, the config, and format 1's
+chunk objects (format 2 stores blocks in packs: :mod:`.packs`).
 
-Chunk object::
+Format 1 chunk object (read, no longer written)::
 
     "FBC1" | flags (1: bit 0 = zstd) | nonce (12) | AES-256-GCM(payload)
 
@@ -18,6 +19,11 @@ with the backup id as associated data (a manifest renamed to another id is
 refused). The body is a JSON header (the backup's metadata) and the image's
 chunk manifest (:mod:`csi_driver.chunks.manifest`), so the target holds no
 plaintext metadata at all: volume names, sizes and digests need the key.
+Format 2 adds, after the chunk manifest, the block digests of every data
+chunk in chunk order (``ceil(length / 64 KiB)`` of 32 bytes each, zeros for
+a block of zeros); each chunk's digests must hash to its chunk digest
+(:func:`~csi_driver.chunks.manifest.root_digest`), so they are as trustworthy
+as the chunk manifest they extend.
 
 Invariants: decoding never returns bytes that were not written under this
 key: a wrong key is :class:`FailedPrecondition` naming both key ids, and
@@ -31,17 +37,27 @@ import hmac
 import json
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zstandard
 from cryptography.exceptions import InvalidTag
 
 from csi_driver.backup.keys import KEY_ID_BYTES, BackupKey
 from csi_driver.chunks import manifest as manifests
-from csi_driver.chunks.manifest import Digest, Manifest, chunk_digest
+from csi_driver.chunks.manifest import (
+    DIGEST_SIZE,
+    Digest,
+    Manifest,
+    block_count,
+    chunk_digest,
+    root_digest,
+)
 from csi_driver.core.errors import DataLoss, FailedPrecondition, InvalidArgument
 
-FORMAT_VERSION = 1
+#: Written by this Ferry: blocks in packs. Format 1 (a chunk object per chunk) is
+#: still read: restored, verified, pruned and collected, never written.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 NONCE_BYTES = 12
 _CHUNK_MAGIC = b"FBC1"
 _MANIFEST_MAGIC = b"FBM1"
@@ -183,6 +199,27 @@ class BackupInfo:
 class Backup:
     info: BackupInfo
     manifest: Manifest
+    #: Format 2: per chunk, its block digests (None for a hole); format 1: empty.
+    blocks: tuple[bytes | None, ...] = field(default=(), repr=False)
+    format: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.format == 1:
+            return
+        if len(self.blocks) != len(self.manifest.chunks):
+            raise InvalidArgument("a format 2 backup has the block digests of every chunk")
+        pairs = zip(self.manifest.chunks, self.blocks, strict=True)
+        for index, (digest, blocks) in enumerate(pairs):
+            if (blocks is None) != (digest is None) or (
+                blocks is not None
+                and (
+                    len(blocks)
+                    != block_count(self.manifest.chunk_length(index), self.manifest.chunk_size)
+                    * DIGEST_SIZE
+                    or root_digest(blocks) != digest
+                )
+            ):
+                raise InvalidArgument(f"chunk {index}'s block digests do not match its digest")
 
     @property
     def backup_id(self) -> str:
@@ -192,7 +229,7 @@ class Backup:
 def seal_manifest(key: BackupKey, backup: Backup) -> bytes:
     header = json.dumps(
         {
-            "format": FORMAT_VERSION,
+            "format": backup.format,
             "backup_id": backup.info.backup_id,
             "created_at": backup.info.created_at,
             "volume_id": backup.info.volume_id,
@@ -203,7 +240,16 @@ def seal_manifest(key: BackupKey, backup: Backup) -> bytes:
         },
         sort_keys=True,
     ).encode()
-    body = _LENGTH.pack(len(header)) + header + manifests.encode(backup.manifest)
+    encoded = manifests.encode(backup.manifest)
+    body = _LENGTH.pack(len(header)) + header + encoded  # format 1
+    if backup.format >= 2:
+        body = (
+            _LENGTH.pack(len(header))
+            + header
+            + _LENGTH.pack(len(encoded))
+            + encoded
+            + b"".join(blocks for blocks in backup.blocks if blocks is not None)
+        )
     nonce = os.urandom(NONCE_BYTES)
     prefix = _MANIFEST_MAGIC + key.key_id
     sealed = key.manifest_cipher.encrypt(nonce, body, prefix + backup.backup_id.encode())
@@ -239,13 +285,39 @@ def open_manifest(key: BackupKey, backup_id: str, blob: bytes) -> Backup:
             source=str(doc["source"]),
             encrypted=bool(doc.get("encrypted", False)),  # absent before encrypted volumes
         )
-        manifest = manifests.decode(body[_LENGTH.size + length :])
+        version = int(doc.get("format", 1))
+        rest = body[_LENGTH.size + length :]
+        if version == 1:
+            backup = Backup(info, manifests.decode(rest), format=1)
+        elif version == 2:
+            (encoded,) = _LENGTH.unpack_from(rest)
+            manifest = manifests.decode(rest[_LENGTH.size : _LENGTH.size + encoded])
+            backup = Backup(
+                info, manifest, _split_blocks(manifest, rest[_LENGTH.size + encoded :]), 2
+            )
+        else:
+            raise ValueError(f"backup format {version} is newer than this Ferry's")
     except (struct.error, ValueError, KeyError, TypeError, InvalidArgument) as exc:
         # Authenticated yet unreadable: written by a newer Ferry, or a bug.
         raise DataLoss(f"backup {backup_id}'s manifest cannot be read: {exc}") from None
     if info.backup_id != backup_id:
         raise DataLoss(f"backup {backup_id}'s manifest names another backup ({info.backup_id})")
-    return Backup(info, manifest)
+    return backup
+
+
+def _split_blocks(manifest: Manifest, data: bytes) -> tuple[bytes | None, ...]:
+    blocks: list[bytes | None] = []
+    at = 0
+    for index, digest in enumerate(manifest.chunks):
+        if digest is None:
+            blocks.append(None)
+            continue
+        size = block_count(manifest.chunk_length(index), manifest.chunk_size) * DIGEST_SIZE
+        blocks.append(data[at : at + size])
+        at += size
+    if at != len(data):
+        raise ValueError(f"{len(data) - at} stray bytes after the block digests")
+    return tuple(blocks)
 
 
 @dataclass(frozen=True)
@@ -255,11 +327,12 @@ class TargetConfig:
     chunk_size: int
     key_id: bytes
     created_at: float
+    format: int = FORMAT_VERSION
 
 
 def encode_config(key: BackupKey, config: TargetConfig) -> bytes:
     doc = {
-        "format": FORMAT_VERSION,
+        "format": config.format,
         "chunk_size": config.chunk_size,
         "key_id": config.key_id.hex(),
         "created_at": config.created_at,
@@ -273,17 +346,17 @@ def decode_config(key: BackupKey, raw: bytes) -> TargetConfig:
         doc = json.loads(raw)
         mac = bytes.fromhex(doc.pop("mac"))
         found = bytes.fromhex(doc["key_id"])
-        config = TargetConfig(int(doc["chunk_size"]), found, float(doc["created_at"]))
         version = int(doc["format"])
+        config = TargetConfig(int(doc["chunk_size"]), found, float(doc["created_at"]), version)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DataLoss(f"the target's config is damaged: {exc}") from None
     if found != key.key_id:
         raise wrong_key(found, key.key_id, "this backup target")
     if not hmac.compare_digest(key.mac(json.dumps(doc, sort_keys=True).encode()), mac):
         raise DataLoss("the target's config failed authentication: it was altered")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMATS:
         raise FailedPrecondition(
-            f"the target uses backup format {version}; this Ferry reads format "
-            f"{FORMAT_VERSION}: use a matching release"
+            f"the target uses backup format {version}; this Ferry reads formats "
+            f"{', '.join(map(str, READABLE_FORMATS))}: use a newer release"
         )
     return config

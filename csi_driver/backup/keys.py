@@ -8,9 +8,10 @@ Invariants:
 - Each use has its own subkey (HKDF-SHA256 with a distinct label): chunk
   names, chunk encryption, manifest sealing and the target's config MAC
   never share a key.
-- A chunk's name is HMAC(naming key, SHA-256 of its bytes): equal chunks get
-  equal names (deduplication across volumes and backups), but whoever lacks
-  the key cannot test whether a target holds some known content.
+- A block's (format 2) or chunk's (format 1) name is HMAC(naming key, its
+  digest): equal contents get equal names (deduplication across volumes and
+  backups), but whoever lacks the key cannot test whether a target holds
+  some known content.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class BackupKey:
     naming: bytes = field(init=False, repr=False)
     chunk_cipher: AESGCM = field(init=False, repr=False)
     manifest_cipher: AESGCM = field(init=False, repr=False)
+    block_cipher: AESGCM = field(init=False, repr=False)
+    index_cipher: AESGCM = field(init=False, repr=False)
     config_mac: bytes = field(init=False, repr=False)
     key_id: bytes = field(init=False)
 
@@ -60,6 +63,8 @@ class BackupKey:
             "naming": _derive(self.secret, "chunk-names"),
             "chunk_cipher": AESGCM(_derive(self.secret, "chunk-cipher")),
             "manifest_cipher": AESGCM(_derive(self.secret, "manifest-cipher")),
+            "block_cipher": AESGCM(_derive(self.secret, "block-cipher")),
+            "index_cipher": AESGCM(_derive(self.secret, "pack-index-cipher")),
             "config_mac": _derive(self.secret, "config-mac"),
             "key_id": _derive(self.secret, "key-id")[:KEY_ID_BYTES],
         }
@@ -117,6 +122,10 @@ class BackupKey:
     def chunk_name(self, digest: Digest) -> str:
         """The name a chunk with SHA-256 ``digest`` is stored under."""
         return hmac.new(self.naming, digest, hashlib.sha256).hexdigest()
+
+    def block_id(self, digest: bytes) -> bytes:
+        """The id a block with SHA-256 ``digest`` is stored under (format 2), raw."""
+        return hmac.digest(self.naming, digest, "sha256")
 
     def mac(self, data: bytes) -> bytes:
         return hmac.new(self.config_mac, data, hashlib.sha256).digest()

@@ -1,25 +1,33 @@
-"""A backup repository: the format of :mod:`.format` laid out in a :mod:`.targets` target.
+"""A backup repository: the format of :mod:`.format` and :mod:`.packs` in a :mod:`.targets` target.
 
-Layout::
+Layout (format 2)::
 
-    config                     chunk size and key id, authenticated (written once)
-    chunks/<nn>/<name>         a chunk object; <name> = HMAC(key, SHA-256 of its bytes)
+    config                     format, chunk size and key id, authenticated (written once)
+    packs/<nn>/<pack id>       sealed 64 KiB blocks, many per pack (16-32 MiB), and their index
+    index/<pack id>            a pack's sealed index (block id -> offset, lengths), alone
     manifests/<backup-id>      a sealed manifest: one backup, complete
     claims/..., sweeps/...     garbage collection's safety protocol (see :mod:`.claims`)
+    chunks/<nn>/<name>         format 1 only: one object per chunk (read, never written)
 
 Invariants:
 
-- A manifest is put last, in one atomic durable put, after every chunk it
-  names is durable: the target never holds a manifest naming a missing chunk
-  or a half-written manifest. An interrupted backup leaves only chunks, which
-  the retry reuses (it uploads what is missing) and which garbage collection
-  removes if no retry comes.
-- Chunks are immutable and shared: deduplicated across volumes and backups.
-  A backup uploads only chunks the target lacks, so a second backup of an
-  unchanged volume puts one manifest (and its claim's small objects).
+- A pack is visible only once complete (staged, then renamed after an fsync;
+  one PUT in S3); its index object only once the pack is durable; a manifest
+  is put last, in one atomic durable put, after every pack and index it
+  relies on is durable. The target never holds a manifest naming a missing
+  block, nor an index naming a missing pack. An interrupted backup leaves
+  only packs (and maybe indexes), which the retry reuses when indexed and
+  which garbage collection removes otherwise.
+- Blocks are immutable, named by a keyed hash and shared: deduplicated at
+  64 KiB across volumes and backups. A backup uploads only blocks no index
+  names, so a second backup of an unchanged volume puts one manifest (and
+  its claim's small objects), and one after scattered changes about what
+  changed, plus an index per new pack.
 - Everything read back is authenticated before use: a restore writes no byte
-  that failed its chunk's check, and a manifest that fails its check is never
-  restored nor trusted by garbage collection (which then refuses to run).
+  that failed its block's authentication and SHA-256 (and every chunk's
+  block digests hash to the chunk digest the sealed manifest holds); a
+  damaged index or manifest is never trusted, by restores or by garbage
+  collection (which then refuses to run).
 - A restore lands in a ``.part`` file next to its destination, renamed into
   place once complete and durable; a retry resumes it, keeping the chunks
   that already hold the right bytes.
@@ -29,21 +37,20 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import re
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 from csi_driver import metrics
 from csi_driver.backup.claims import CLAIMS, DEFAULT_GRACE_S, Claim, Sweep, read_claims
 from csi_driver.backup.format import (
+    FORMAT_VERSION,
     Backup,
     BackupInfo,
     ChunkCodec,
@@ -54,15 +61,33 @@ from csi_driver.backup.format import (
     seal_manifest,
 )
 from csi_driver.backup.keys import BackupKey
+from csi_driver.backup.packs import PACK_BYTES, PACK_MAGIC, TRAILER, Entry, Location, open_index
 from csi_driver.backup.retention import Dated, RetentionPolicy, kept
-from csi_driver.backup.targets import Target
+from csi_driver.backup.targets import StoredObject, Target
+from csi_driver.backup.upload import (
+    INDEX,
+    PACKS,
+    Buffers,
+    ChunkRead,
+    ChunkWorkers,
+    Codecs,
+    PackWriter,
+    Sealed,
+    index_key,
+    pack_key,
+    split_digests,
+)
+from csi_driver.chunks.blocks import BlockTable
 from csi_driver.chunks.manifest import (
+    BLOCK_SIZE,
     DEFAULT_CHUNK_SIZE,
+    HOLE_BLOCK,
     Digest,
     Manifest,
     check_chunk_size,
     chunk_count,
     chunk_digest,
+    root_digest,
 )
 from csi_driver.chunks.scan import chunks_touching, data_ranges, read_exactly
 from csi_driver.core.errors import (
@@ -83,7 +108,12 @@ MANIFESTS = "manifests/"
 #: Chunks read, claimed and checked together: the claim objects stay few, and
 #: a batch (64 MiB at 4 MiB chunks) keeps both cores busy while the next is read.
 BATCH_CHUNKS = 16
+#: A pack whose blocks still in use hold less than this share of its bytes is
+#: rewritten by garbage collection (its live blocks copied into a new pack):
+#: below half, the space won is at least the bytes copied.
+REPACK_BELOW = 0.5
 _BACKUP_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
+_ZEROS = bytes(BLOCK_SIZE)
 
 
 def new_backup_id() -> str:
@@ -101,6 +131,7 @@ def check_backup_id(backup_id: str) -> str:
 
 
 def chunk_key(name: str) -> str:
+    """Where format 1 stored a chunk."""
     return f"{CHUNKS}{name[:2]}/{name}"
 
 
@@ -121,10 +152,12 @@ class Progress:
 class BackupResult:
     backup: Backup
     bytes_read: int  # from the source image
-    chunks_uploaded: int
+    chunks_uploaded: int  # chunks with at least one new block
     bytes_uploaded: int  # every object put, compressed and encrypted, manifest included
     elapsed_s: float
-    bytes_deduplicated: int = 0  # data chunks not uploaded: the target held them
+    bytes_deduplicated: int = 0  # data bytes not uploaded: the target held their blocks
+    blocks_uploaded: int = 0
+    packs_uploaded: int = 0
 
 
 @dataclass(frozen=True)
@@ -151,10 +184,16 @@ class PruneResult:
 
 @dataclass(frozen=True)
 class GcResult:
-    chunks_deleted: int
-    bytes_deleted: int
-    chunks_kept: int
+    packs_deleted: int  # no block in use
+    packs_repacked: int  # rewritten: their live blocks copied into new packs
+    packs_kept: int
+    bytes_deleted: int  # of packs (and format 1 chunks) deleted
+    blocks_moved: int
     stale_claims_removed: int
+    chunks_deleted: int = 0  # format 1 chunk objects
+
+
+BlockMap = dict[bytes, Location]
 
 
 class Repository:
@@ -168,19 +207,22 @@ class Repository:
         *,
         grace_s: float = DEFAULT_GRACE_S,
         workers: int = 2,
+        pack_bytes: int = PACK_BYTES,
     ) -> None:
         self.target = target
         self.key = key
         self.config = config
         self.grace_s = grace_s
         self.workers = workers
-        self._codecs = threading.local()
+        self.pack_bytes = pack_bytes
+        self.codecs = Codecs(key)
+        self._chunk_codecs = threading.local()
 
-    def codec(self) -> ChunkCodec:
-        """This thread's codec (codecs reuse buffers, so each thread has its own)."""
-        codec: ChunkCodec | None = getattr(self._codecs, "codec", None)
+    def chunk_codec(self) -> ChunkCodec:
+        """This thread's format 1 codec (codecs reuse buffers)."""
+        codec: ChunkCodec | None = getattr(self._chunk_codecs, "codec", None)
         if codec is None:
-            codec = self._codecs.codec = ChunkCodec(self.key)
+            codec = self._chunk_codecs.codec = ChunkCodec(self.key)
         return codec
 
     @classmethod
@@ -193,6 +235,7 @@ class Repository:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         grace_s: float = DEFAULT_GRACE_S,
         workers: int = 2,
+        pack_bytes: int = PACK_BYTES,
     ) -> Repository:
         """The repository in ``target``; with ``create``, made there if it holds none."""
         try:
@@ -208,7 +251,7 @@ class Repository:
             log.info("backup target initialised", extra={"target": target.description})
             raw = target.get(CONFIG)
         config = decode_config(key, raw)
-        return cls(target, key, config, grace_s=grace_s, workers=workers)
+        return cls(target, key, config, grace_s=grace_s, workers=workers, pack_bytes=pack_bytes)
 
     # -- reading ---------------------------------------------------------------
 
@@ -231,16 +274,155 @@ class Repository:
         ]
         return sorted(found, key=lambda b: (b.info.created_at, b.backup_id))
 
+    def latest(self, volume_name: str, *, among: int = 8) -> Backup | None:
+        """The newest format 2 backup of ``volume_name`` among the ``among`` newest
+        backups (ids sort by time), or None: an incremental backup's parent."""
+        keys = sorted((s.key for s in self.target.list(MANIFESTS)), reverse=True)
+        for key in keys[:among]:
+            backup = self.backup(key.removeprefix(MANIFESTS))
+            if backup.format >= 2 and backup.info.volume_name == volume_name:
+                return backup
+        return None
+
     def chunk_names(self) -> set[str]:
+        """Format 1's chunk objects."""
         return {stored.key.rsplit("/", 1)[-1] for stored in self.target.list(CHUNKS)}
 
     def names_of(self, manifest: Manifest) -> list[str | None]:
+        """Format 1's chunk names of ``manifest``."""
         return [None if d is None else self.key.chunk_name(d) for d in manifest.chunks]
 
-    def _fetch(
+    def indexes(self) -> dict[bytes, list[Entry]]:
+        """Every pack's index, authenticated (DataLoss for a damaged one), by pack id."""
+        ids = []
+        for stored in self.target.list(INDEX):
+            try:
+                ids.append(bytes.fromhex(stored.key.removeprefix(INDEX)))
+            except ValueError:
+                continue  # not Ferry's
+        with ThreadPoolExecutor(8, thread_name_prefix="backup-index") as pool:
+            blobs = list(pool.map(lambda pack_id: self.target.get(index_key(pack_id)), ids))
+        return {
+            pack_id: open_index(self.key, pack_id, blob)
+            for pack_id, blob in zip(ids, blobs, strict=True)
+        }
+
+    def adopt_packs(self) -> int:
+        """Index the packs that have none (their backup died between its packs and
+        their indexes), from the index at each pack's end, so a retry reuses them. A
+        visible pack is complete and durable, so indexing it is always safe."""
+        indexed = {stored.key.removeprefix(INDEX) for stored in self.target.list(INDEX)}
+        adopted = 0
+        for stored in list(self.target.list(PACKS)):
+            name = stored.key.rsplit("/", 1)[-1]
+            if name in indexed:
+                continue
+            try:
+                pack_id = bytes.fromhex(name)
+                trailer = self.target.get_range(
+                    stored.key, stored.size - TRAILER.size, TRAILER.size
+                )
+                length, magic = TRAILER.unpack(trailer)
+                if magic != PACK_MAGIC or length > stored.size - TRAILER.size:
+                    raise DataLoss(f"pack {name} has no index at its end")
+                start = stored.size - TRAILER.size - length
+                index = self.target.get_range(stored.key, start, length)
+                open_index(self.key, pack_id, index)
+            except (ValueError, DataLoss, NotFound) as exc:
+                log.warning("pack not adopted", extra={"pack": name, "error": str(exc)})
+                continue
+            self.target.put(index_key(pack_id), index, durable=True)
+            adopted += 1
+        return adopted
+
+    def block_map(self) -> BlockMap:
+        """Where every indexed block is."""
+        found: BlockMap = {}
+        for pack_id, entries in self.indexes().items():
+            for entry in entries:
+                found.setdefault(entry.block_id, Location(pack_id, entry))
+        return found
+
+    def block_ids(self, backup: Backup) -> set[bytes]:
+        """The ids of the blocks ``backup`` (format 2) is made of."""
+        return {
+            self.key.block_id(digest)
+            for blocks in backup.blocks
+            if blocks is not None
+            for digest in split_digests(blocks)
+            if digest != HOLE_BLOCK
+        }
+
+    def fetch_chunk(
+        self, backup: Backup, index: int, buffer: bytearray, blocks: BlockMap
+    ) -> memoryview:
+        """Chunk ``index`` of ``backup``, checked, in ``buffer`` (or, format 1, in bytes
+        of its own): every block authenticated and hashed, read from its pack with
+        one ranged read per run of blocks stored one after another."""
+        manifest = backup.manifest
+        digest, length = manifest.chunks[index], manifest.chunk_length(index)
+        assert digest is not None
+        if backup.format == 1:
+            return self._fetch_v1(self.key.chunk_name(digest), digest, length, buffer)
+        digests = backup.blocks[index]
+        assert digests is not None
+        view = memoryview(buffer)[:length]
+        codec = self.codecs.get()
+        run: list[tuple[int, bytes, Location]] = []
+
+        def read_run() -> None:
+            first, last = run[0][2], run[-1][2]
+            start = first.entry.offset
+            try:
+                data = memoryview(
+                    self.target.get_range(
+                        pack_key(first.pack_id),
+                        start,
+                        last.entry.offset + last.entry.stored - start,
+                    )
+                )
+            except NotFound:
+                raise DataLoss(
+                    f"pack {first.pack_id.hex()} (chunk {index}) is missing from "
+                    f"{self.target.description}; the backup cannot be restored whole"
+                ) from None
+            for block, block_digest, where in run:
+                at = where.entry.offset - start
+                codec.open_into(
+                    where.entry,
+                    data[at : at + where.entry.stored],
+                    block_digest,
+                    view[block * BLOCK_SIZE : block * BLOCK_SIZE + where.entry.length],
+                )
+            run.clear()
+
+        for block, block_digest in enumerate(split_digests(digests)):
+            span = view[block * BLOCK_SIZE : (block + 1) * BLOCK_SIZE]
+            if block_digest == HOLE_BLOCK:
+                span[:] = _ZEROS[: len(span)]
+                continue
+            block_id = self.key.block_id(block_digest)
+            where = blocks.get(block_id)
+            if where is None:
+                raise DataLoss(
+                    f"block {block_id.hex()} (chunk {index}) is in no pack of "
+                    f"{self.target.description}; the backup cannot be restored whole"
+                )
+            if where.entry.length != len(span):
+                raise DataLoss(f"block {block_id.hex()}'s index gives it a wrong length")
+            if run and (
+                run[-1][2].pack_id != where.pack_id
+                or run[-1][2].entry.offset + run[-1][2].entry.stored != where.entry.offset
+            ):
+                read_run()
+            run.append((block, block_digest, where))
+        if run:
+            read_run()
+        return view
+
+    def _fetch_v1(
         self, name: str, digest: Digest, length: int, into: bytearray | None = None
     ) -> memoryview:
-        """The chunk, checked; see :meth:`ChunkCodec.open` for where it lands."""
         try:
             blob = self.target.get(chunk_key(name))
         except NotFound:
@@ -248,123 +430,7 @@ class Repository:
                 f"chunk {name} is missing from {self.target.description}; the backup "
                 "cannot be restored whole"
             ) from None
-        return self.codec().open(name, blob, digest, length, into)
-
-
-class _Buffers:
-    """Chunk-sized read buffers, reused from chunk to chunk: their number bounds
-    the memory a backup holds (a batch being claimed plus what is in flight)."""
-
-    def __init__(self, count: int, size: int) -> None:
-        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-        for _ in range(count):
-            self._free.put(bytearray(size))
-
-    def take(self) -> bytearray:
-        return self._free.get()
-
-    def give(self, buffer: bytearray) -> None:
-        self._free.put(buffer)
-
-
-@dataclass(frozen=True)
-class _Read:
-    """One chunk read into a pooled buffer, and its digest (None: all zeros, a hole)."""
-
-    index: int
-    buffer: bytearray
-    data: memoryview
-    digest: Digest | None
-
-
-class _Uploader:
-    """Reads, hashes, seals and stages chunks on worker threads.
-
-    Every step of a chunk (pread, SHA-256, zstd, AES-GCM, the write) releases
-    the GIL, so the workers use every core; the thread that drives them only
-    claims names and decides what to upload. Reads and seals share the
-    workers' queue in order, so the next batch is read and hashed while the
-    last one is still being sealed; a pool of buffers bounds the memory.
-    """
-
-    def __init__(self, repo: Repository, fd: int, size: int) -> None:
-        self._repo = repo
-        self._fd = fd
-        self._size = size
-        self._pool = ThreadPoolExecutor(repo.workers, thread_name_prefix="backup-upload")
-        self._inflight: deque[Future[int]] = deque()
-        chunk_size = repo.config.chunk_size
-        self._buffers = _Buffers(BATCH_CHUNKS + 2 * repo.workers, chunk_size)
-        self._zero_digest = chunk_digest(bytes(chunk_size))
-        self.chunks = 0
-
-    def _read(self, index: int) -> _Read:
-        chunk_size = self._repo.config.chunk_size
-        offset = index * chunk_size
-        length = min(chunk_size, self._size - offset)
-        buffer = self._buffers.take()
-        try:
-            data = read_exactly(self._fd, buffer, offset, length)
-            digest = chunk_digest(data)
-        except BaseException:
-            self._buffers.give(buffer)
-            raise
-        # Comparing digests, not bytes: the hash is paid anyway, off the GIL.
-        zero = self._zero_digest if length == chunk_size else chunk_digest(bytes(length))
-        return _Read(index, buffer, data, None if digest == zero else digest)
-
-    def read(self, indexes: list[int]) -> Iterator[_Read]:
-        """``indexes`` read and hashed on the workers, in order."""
-        # A read abandoned after an error keeps its buffer: the pool goes with the run.
-        for future in [self._pool.submit(self._read, index) for index in indexes]:
-            yield future.result()
-
-    def skip(self, read: _Read) -> None:
-        self._buffers.give(read.buffer)
-
-    def _put(self, name: str, read: _Read) -> int:
-        try:
-            header, sealed = self._repo.codec().seal(name, read.data)
-            self._repo.target.stage(chunk_key(name), header, sealed)
-            return len(read.data)
-        finally:
-            self._buffers.give(read.buffer)
-
-    def submit(self, name: str, read: _Read, done: Callable[[int], None]) -> None:
-        """Seal and stage ``read`` as ``name``; ``done`` is told the bytes as they land."""
-        while self._inflight and self._inflight[0].done():
-            done(self._inflight.popleft().result())
-        self._inflight.append(self._pool.submit(self._put, name, read))
-        self.chunks += 1
-
-    def drain(self, done: Callable[[int], None]) -> None:
-        while self._inflight:
-            done(self._inflight.popleft().result())
-
-    def __enter__(self) -> _Uploader:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        for future in self._inflight:
-            future.cancel()
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _read_chunks(
-    fd: int, size: int, chunk_size: int, indexes: list[int]
-) -> Iterator[tuple[int, bytes]]:
-    for index in indexes:
-        offset = index * chunk_size
-        length = min(chunk_size, size - offset)
-        data = os.pread(fd, length, offset)
-        if len(data) < length:  # a short read: finish it the slow way
-            data = bytes(read_exactly(fd, bytearray(length), offset, length))
-        yield index, data
+        return self.chunk_codec().open(name, blob, digest, length, into)
 
 
 @dataclass
@@ -373,74 +439,145 @@ class _Run:
 
     repo: Repository
     claim: Claim
-    uploader: _Uploader
+    workers: ChunkWorkers
+    packs: PackWriter
     progress: Progress
-    present: set[str]  # chunk names the target holds, as last listed
+    present: set[bytes]  # block ids indexed in the target, as last listed
+    written: set[bytes] = field(default_factory=set)  # block ids this run put in its packs
     bytes_read: int = 0
     bytes_deduplicated: int = 0
+    chunks_uploaded: int = 0
+    inflight: deque[Future[Sealed]] = field(default_factory=deque)
 
-    def _relied_on(self, names: Iterable[str]) -> None:
-        """Claim ``names`` before trusting ``present`` about them."""
-        self.claim.add(names)
-        if self.claim.quiet():
-            self.present = self.repo.chunk_names()  # a sweep ran since the last listing
+    def _relied_on(self, ids: Iterable[bytes]) -> None:
+        """Claim ``ids`` before trusting ``present`` about them."""
+        self.claim.add(block_id.hex() for block_id in ids)
+        if self.claim.quiet():  # a sweep ran since the last listing
+            self.present = set(self.repo.block_map())
 
-    def _upload(self, name: str, read: _Read) -> None:
-        self.present.add(name)
-        self.uploader.submit(name, read, self.progress.advance)
+    def _land(self, sealed: Sealed) -> None:
+        self.bytes_read += sealed.bytes_read
+        for block_id, record, length in sealed.records:
+            self.packs.add(block_id, record, length)
+            self.progress.advance(length)
 
-    def scan_and_upload(self, fd: int, size: int) -> Manifest:
-        """Read and hash every data chunk once; upload those the target lacks."""
+    def _submit(self, future: Future[Sealed]) -> None:
+        while self.inflight and (
+            self.inflight[0].done() or len(self.inflight) >= 2 * self.repo.workers
+        ):
+            self._land(self.inflight.popleft().result())
+        self.inflight.append(future)
+
+    def drain(self) -> None:
+        while self.inflight:
+            self._land(self.inflight.popleft().result())
+
+    def _new_blocks(self, index: int, blocks: bytes) -> list[tuple[int, bytes]]:
+        """The blocks of chunk ``index`` to upload (block number, id); counts the rest."""
+        wanted: list[tuple[int, bytes]] = []
+        length = self.repo.config.chunk_size
+        for block, digest in enumerate(split_digests(blocks)):
+            if digest == HOLE_BLOCK:
+                continue
+            block_id = self.repo.key.block_id(digest)
+            if block_id in self.present or block_id in self.written:
+                size = min(BLOCK_SIZE, length - block * BLOCK_SIZE)
+                self.bytes_deduplicated += size
+                self.progress.advance(size)
+            else:
+                self.written.add(block_id)
+                wanted.append((block, block_id))
+        if wanted:
+            self.chunks_uploaded += 1
+        return wanted
+
+    def _claim_present(self, chunks: list[bytes]) -> None:
+        ids = {
+            self.repo.key.block_id(digest)
+            for blocks in chunks
+            for digest in split_digests(blocks)
+            if digest != HOLE_BLOCK
+        }
+        self._relied_on(sorted(ids & self.present))
+
+    def scan_and_upload(self, fd: int, size: int) -> tuple[Manifest, tuple[bytes | None, ...]]:
+        """Read and hash every data chunk once; upload the blocks the target lacks."""
         chunk_size = self.repo.config.chunk_size
         indexes = sorted(chunks_touching(data_ranges(fd, size), chunk_size))
         self.progress.start("backup", sum(min(chunk_size, size - i * chunk_size) for i in indexes))
-        digests: list[Digest | None] = [None] * chunk_count(size, chunk_size)
+        count = chunk_count(size, chunk_size)
+        digests: list[Digest | None] = [None] * count
+        blocks: list[bytes | None] = [None] * count
         for start in range(0, len(indexes), BATCH_CHUNKS):
-            named: list[tuple[str, _Read]] = []
-            for read in self.uploader.read(indexes[start : start + BATCH_CHUNKS]):
+            reads: list[ChunkRead] = []
+            for read in self.workers.read(indexes[start : start + BATCH_CHUNKS]):
                 self.bytes_read += len(read.data)
-                if read.digest is None:
+                digest = root_digest(read.blocks)
+                if digest is None:  # zeros: a hole
                     self.progress.advance(len(read.data))
-                    self.uploader.skip(read)  # zeros: a hole
+                    self.workers.release(read)
                     continue
-                digests[read.index] = read.digest
-                named.append((self.repo.key.chunk_name(read.digest), read))
-            self._relied_on(name for name, _ in named)
-            for name, read in named:
-                if name in self.present:
-                    self.progress.advance(len(read.data))
-                    self.bytes_deduplicated += len(read.data)
-                    self.uploader.skip(read)
+                digests[read.index], blocks[read.index] = digest, read.blocks
+                reads.append(read)
+            self._claim_present([read.blocks for read in reads])
+            for read in reads:
+                wanted = self._new_blocks(read.index, read.blocks)
+                if wanted:
+                    self._submit(self.workers.seal(read, wanted))
                 else:
-                    self._upload(name, read)
-        return Manifest(size, chunk_size, tuple(digests))
+                    self.workers.release(read)
+        return Manifest(size, chunk_size, tuple(digests)), tuple(blocks)
 
-    def upload_missing(self, manifest: Manifest, source: Path) -> None:
-        """Read only the chunks of ``manifest`` the target lacks, checking each."""
+    def upload_missing(
+        self, manifest: Manifest, table: BlockTable | None, parent: Backup | None, source: Path
+    ) -> tuple[bytes | None, ...]:
+        """Upload the blocks of ``manifest`` the target lacks. Block digests come from
+        ``table`` (a capture's, checked against the manifest), else from ``parent``
+        (a backup holding the same chunk), else from reading the chunk; every block
+        read is checked against its digest."""
+        inherited: dict[Digest, bytes] = {}
+        if parent is not None:
+            for digest, entries in zip(parent.manifest.chunks, parent.blocks, strict=True):
+                if digest is not None and entries is not None:
+                    inherited[digest] = entries
         self.progress.start("backup", manifest.data_bytes)
-        names = self.repo.names_of(manifest)
-        self._relied_on(name for name in names if name is not None)
-        wanted = [
-            i for i, name in enumerate(names) if name is not None and name not in self.present
-        ]
-        held = manifest.data_bytes - sum(manifest.chunk_length(i) for i in wanted)
-        self.progress.advance(held)
-        self.bytes_deduplicated += held
-        for start in range(0, len(wanted), BATCH_CHUNKS):
-            for read in self.uploader.read(wanted[start : start + BATCH_CHUNKS]):
+        blocks: list[bytes | None] = [None] * len(manifest.chunks)
+        data = list(manifest.data_chunks)
+        for start in range(0, len(data), BATCH_CHUNKS):
+            batch = data[start : start + BATCH_CHUNKS]
+            known: dict[int, bytes] = {}
+            if table is not None:
+                for index in batch:
+                    found = table.read(index)
+                    if root_digest(found) == manifest.chunks[index]:
+                        known[index] = found
+            for index in batch:
+                digest = manifest.chunks[index]
+                if index not in known and digest in inherited:
+                    known[index] = inherited[digest]
+            reads = {
+                read.index: read for read in self.workers.read([i for i in batch if i not in known])
+            }
+            for index, read in reads.items():
                 self.bytes_read += len(read.data)
-                if read.digest != manifest.chunks[read.index]:
+                if root_digest(read.blocks) != manifest.chunks[index]:
                     raise FailedPrecondition(
-                        f"chunk {read.index} of {source} changed since its manifest was "
+                        f"chunk {index} of {source} changed since its manifest was "
                         "taken; back up a snapshot, or a volume nobody writes to"
                     )
-                name = names[read.index]
-                assert name is not None
-                if name in self.present:  # the same chunk twice in one image: once
-                    self.bytes_deduplicated += len(read.data)
-                    self.uploader.skip(read)
-                else:
-                    self._upload(name, read)
+                known[index] = read.blocks
+            self._claim_present([known[i] for i in batch])
+            for index in batch:
+                blocks[index] = known[index]
+                wanted = self._new_blocks(index, known[index])
+                held = reads.get(index)
+                if held is not None and wanted:
+                    self._submit(self.workers.seal(held, wanted))
+                elif held is not None:
+                    self.workers.release(held)
+                elif wanted:
+                    self._submit(self.workers.read_and_seal(index, wanted, known[index]))
+        return tuple(blocks)
 
 
 @metrics.times_failures(metrics.BackupOperation.BACKUP)
@@ -452,6 +589,7 @@ def backup_image(
     volume_id: str = "",
     fs_type: str | None = None,
     manifest: Manifest | None = None,
+    blocks: Path | None = None,
     progress: Progress | None = None,
     backup_id: str | None = None,
     encrypted: bool = False,
@@ -460,17 +598,25 @@ def backup_image(
     """Back up the image at ``source``, which must not change while this runs (a
     snapshot, or a volume nobody uses). Returns once the backup is committed.
 
-    With ``manifest`` (the image's, e.g. from a reflink capture), only the chunks
-    the target lacks are read; each is checked against the manifest as it is
-    read (FailedPrecondition when the source changed). Without it, every data
-    chunk is read once and hashed. ``encrypted`` (fscrypt inside the image) and
-    ``described`` (the source as the operator knows it, e.g. ``snapshot:<id>``;
-    default: the path) are sealed into the manifest.
+    With ``manifest`` (the image's, e.g. from a reflink capture), only chunks
+    holding blocks the target lacks are read, and with ``blocks`` (that
+    capture's block table) only those blocks; each is checked against the
+    manifest as it is read (FailedPrecondition when the source changed).
+    Without it, every data chunk is read once and hashed. ``encrypted``
+    (fscrypt inside the image) and ``described`` (the source as the operator
+    knows it, e.g. ``snapshot:<id>``; default: the path) are sealed into the
+    manifest.
     """
     started = time.monotonic()
     progress = progress or Progress()
     backup_id = check_backup_id(backup_id or new_backup_id())
     chunk_size = repo.config.chunk_size
+    if repo.config.format != FORMAT_VERSION:
+        raise FailedPrecondition(
+            f"{repo.target.description} holds format {repo.config.format} backups, which "
+            f"this Ferry restores, verifies and collects but no longer writes: back up into "
+            "a new target (format 2: blocks in packs)"
+        )
     if manifest is not None and manifest.chunk_size != chunk_size:
         raise InvalidArgument(
             f"the manifest's chunks are {manifest.chunk_size} bytes; this target's are "
@@ -481,27 +627,40 @@ def backup_image(
         fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise NotFound(f"no image at {source} to back up") from None
+    table: BlockTable | None = None
     try:
         size = os.fstat(fd).st_size
         if manifest is not None and manifest.size != size:
             raise FailedPrecondition(
                 f"{source} is {size} bytes but its manifest says {manifest.size}; capture again"
             )
+        if manifest is not None and blocks is not None:
+            table = BlockTable(blocks, size, chunk_size)
+        workers = ChunkWorkers(repo.key, fd, size, chunk_size, repo.workers, BATCH_CHUNKS)
         with (
             Claim(repo.target, backup_id, grace_s=repo.grace_s) as claim,
-            _Uploader(repo, fd, size) as uploader,
+            PackWriter(
+                repo.target,
+                repo.key,
+                lambda pack_id: claim.add([pack_id.hex()]),
+                repo.pack_bytes,
+            ) as packs,
         ):
-            claim.quiet()
-            run = _Run(repo, claim, uploader, progress, repo.chunk_names())
-            if manifest is None:
-                final = run.scan_and_upload(fd, size)
-            else:
-                run.upload_missing(manifest, source)
-                final = manifest
-            bytes_read, bytes_deduplicated = run.bytes_read, run.bytes_deduplicated
-            uploader.drain(progress.advance)
+            try:
+                claim.quiet()
+                repo.adopt_packs()
+                run = _Run(repo, claim, workers, packs, progress, set(repo.block_map()))
+                if manifest is None:
+                    final, block_digests = run.scan_and_upload(fd, size)
+                else:
+                    parent = None if table is not None else repo.latest(volume_name)
+                    block_digests = run.upload_missing(manifest, table, parent, source)
+                    final = manifest
+                run.drain()
+            finally:
+                workers.close()
             progress.finish()
-            repo.target.flush()  # every chunk durable before the manifest names it
+            packs.commit()  # every pack durable, then its index staged
             claim.check_alive()
             backup = Backup(
                 BackupInfo(
@@ -514,35 +673,53 @@ def backup_image(
                     encrypted=encrypted,
                 ),
                 final,
+                block_digests,
             )
+            # Durable: with the indexes staged before it.
             repo.target.put(MANIFESTS + backup_id, seal_manifest(repo.key, backup), durable=True)
     finally:
+        if table is not None:
+            table.close()
         os.close(fd)
     result = BackupResult(
         backup,
-        bytes_read,
-        uploader.chunks,
+        run.bytes_read,
+        run.chunks_uploaded,
         repo.target.uploaded.bytes - uploaded_before,
         time.monotonic() - started,
-        bytes_deduplicated,
+        run.bytes_deduplicated,
+        packs.blocks,
+        len(packs.indexes),
     )
     metrics.observe_backup(
         result.elapsed_s,
-        read_bytes=bytes_read,
+        read_bytes=result.bytes_read,
         uploaded_bytes=result.bytes_uploaded,
-        deduplicated_bytes=bytes_deduplicated,
+        deduplicated_bytes=result.bytes_deduplicated,
     )
     log.info(
         "backup committed",
         extra={
             "backup": backup_id,
             "volume": volume_name,
-            "bytes_read": bytes_read,
-            "chunks_uploaded": result.chunks_uploaded,
+            "bytes_read": result.bytes_read,
+            "blocks_uploaded": result.blocks_uploaded,
             "bytes_uploaded": result.bytes_uploaded,
         },
     )
     return result
+
+
+def _read_chunks(
+    fd: int, size: int, chunk_size: int, indexes: list[int]
+) -> Iterable[tuple[int, bytes]]:
+    for index in indexes:
+        offset = index * chunk_size
+        length = min(chunk_size, size - offset)
+        data = os.pread(fd, length, offset)
+        if len(data) < length:  # a short read: finish it the slow way
+            data = bytes(read_exactly(fd, bytearray(length), offset, length))
+        yield index, data
 
 
 def _part_path(destination: Path, backup_id: str) -> Path:
@@ -580,11 +757,9 @@ def restore_image(
     if destination.exists() and not replace:
         raise AlreadyExists(f"{destination} exists; restore to a new path")
     part = _part_path(destination, backup_id)
-    names = repo.names_of(manifest)
     fetched = kept_chunks = written = 0
     with Claim(repo.target, f"restore-{uuid.uuid4().hex[:12]}", grace_s=repo.grace_s) as claim:
-        claim.add(sorted({name for name in names if name is not None}))
-        claim.quiet()
+        blocks = _claim_for_reading(repo, backup, claim)
         resumed = part.exists() and part.stat().st_size == size
         fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -603,7 +778,7 @@ def restore_image(
                     extra={"backup": backup_id, "chunks_kept": kept_chunks},
                 )
             written = sum(manifest.chunk_length(i) for i in wanted)
-            fetched = _fetch_into(repo, fd, manifest, names, wanted, progress)
+            fetched = _fetch_into(repo, fd, backup, blocks, wanted, progress)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -617,6 +792,24 @@ def restore_image(
     result = RestoreResult(backup, destination, fetched, kept_chunks, time.monotonic() - started)
     metrics.observe_restore(result.elapsed_s, written)
     return result
+
+
+def _claim_for_reading(repo: Repository, backup: Backup, claim: Claim) -> BlockMap:
+    """Claim what a restore of ``backup`` reads, and where it is: its blocks (format 1:
+    chunks), then the packs holding them, again until no collection ran in between
+    (a collection may move a claimed block to a new pack, never a claimed pack)."""
+    if backup.format == 1:
+        claim.add(sorted({name for name in repo.names_of(backup.manifest) if name is not None}))
+        claim.quiet()
+        return {}
+    ids = repo.block_ids(backup)
+    claim.add(sorted(block_id.hex() for block_id in ids))
+    claim.quiet()
+    while True:
+        blocks = repo.block_map()
+        claim.add(sorted({blocks[i].pack_id.hex() for i in ids if i in blocks}))
+        if not claim.quiet():
+            return blocks
 
 
 def _still_wanted(
@@ -635,23 +828,21 @@ def _still_wanted(
 def _fetch_into(
     repo: Repository,
     fd: int,
-    manifest: Manifest,
-    names: list[str | None],
+    backup: Backup,
+    blocks: BlockMap,
     wanted: tuple[int, ...],
     progress: Progress,
 ) -> int:
-    """Fetch and check chunks ``wanted`` on worker threads, write them in order from
-    this one: one writer, so the workers never wait on the file's lock, and
-    reused buffers, so no chunk costs fresh pages."""
+    """Fetch and check chunks ``wanted`` on worker threads (ranged reads, decrypt,
+    decompress, SHA-256 per block), write them in order from this one, a chunk per
+    write: one writer, so the workers never wait on the file's lock, and reused
+    buffers, so no chunk costs fresh pages."""
+    manifest = backup.manifest
     window: deque[tuple[int, bytearray, Future[memoryview]]] = deque()
-    buffers = _Buffers(3 * repo.workers, manifest.chunk_size)
+    buffers = Buffers(3 * repo.workers, manifest.chunk_size)
 
     def fetch(index: int, buffer: bytearray) -> memoryview:
-        name, digest = names[index], manifest.chunks[index]
-        assert name is not None and digest is not None
-        # In ``buffer``, or (decompressed) in bytes of its own: never in the
-        # codec's buffer, which this worker reuses for its next chunk.
-        return repo._fetch(name, digest, manifest.chunk_length(index), into=buffer)
+        return repo.fetch_chunk(backup, index, buffer, blocks)
 
     def write(index: int, buffer: bytearray, future: Future[memoryview]) -> None:
         data, offset = future.result(), manifest.span(index)[0]
@@ -680,36 +871,40 @@ def _fetch_into(
 def verify_backup(
     repo: Repository, backup_id: str, *, progress: Progress | None = None
 ) -> VerifyResult:
-    """Read every chunk of backup ``backup_id`` back and check it; DataLoss naming the
-    bad ones (all of them, not just the first) if any fails."""
+    """Read every chunk of backup ``backup_id`` back and check it (every block
+    authenticated and hashed); DataLoss naming the bad ones (all of them, not just
+    the first) if any fails."""
     progress = progress or Progress()
     backup = repo.backup(backup_id)
     manifest = backup.manifest
-    names = repo.names_of(manifest)
-    unique = {names[i]: i for i in manifest.data_chunks}
+    unique = {manifest.chunks[i]: i for i in manifest.data_chunks}
     progress.start("verify", sum(manifest.chunk_length(i) for i in unique.values()))
+    blocks = repo.block_map() if backup.format >= 2 else {}
+    buffers = Buffers(3 * repo.workers, manifest.chunk_size)
     bad: list[str] = []
     checked = 0
 
-    def check(name: str, index: int) -> int:
-        digest = manifest.chunks[index]
-        assert digest is not None
-        return len(repo._fetch(name, digest, manifest.chunk_length(index)))
+    def check(index: int) -> int:
+        buffer = buffers.take()
+        try:
+            return len(repo.fetch_chunk(backup, index, buffer, blocks))
+        finally:
+            buffers.give(buffer)
 
     with ThreadPoolExecutor(repo.workers, thread_name_prefix="verify") as pool:
-        futures = [(name, i, pool.submit(check, name, i)) for name, i in unique.items() if name]
-        for name, index, future in futures:
+        futures = [(i, pool.submit(check, i)) for i in unique.values()]
+        for index, future in futures:
             try:
                 checked += future.result()
             except DataLoss as exc:
-                bad.append(name)
-                log.error("chunk failed verification", extra={"chunk": name, "error": exc.message})
+                bad.append(f"chunk {index}: {exc.message}")
+                log.error("chunk failed verification", extra={"chunk": index, "error": exc.message})
             progress.advance(manifest.chunk_length(index))
     progress.finish()
     if bad:
         raise DataLoss(
             f"backup {backup_id}: {len(bad)} of {len(unique)} chunks are missing or damaged "
-            f"in {repo.target.description} (first: {', '.join(bad[:4])}); restore an older "
+            f"in {repo.target.description} (first: {'; '.join(bad[:2])}); restore an older "
             "backup, and make a new one"
         )
     return VerifyResult(backup, len(unique), checked)
@@ -738,6 +933,71 @@ def prune(repo: Repository, policy: RetentionPolicy, *, dry_run: bool = False) -
     return PruneResult(tuple(sorted(keep)), tuple(sorted(remove)))
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What a collection removes: objects whose every byte is garbage, and packs to
+    rewrite with their live blocks."""
+
+    delete: list[StoredObject]  # packs (their index goes first) and format 1 chunks
+    repack: list[tuple[StoredObject, list[Entry]]]  # a pack and its live entries
+    kept: int
+
+
+def _plan(
+    repo: Repository, referenced: set[str], indexes: dict[bytes, list[Entry]], repack_below: float
+) -> _Plan:
+    delete = [s for s in repo.target.list(CHUNKS) if s.key.rsplit("/", 1)[-1] not in referenced]
+    repack: list[tuple[StoredObject, list[Entry]]] = []
+    kept = 0
+    now = time.time()
+    for stored in repo.target.list(PACKS):
+        name = stored.key.rsplit("/", 1)[-1]
+        entries = indexes.get(bytes.fromhex(name))
+        if name in referenced:  # claimed: being written, or read by a restore
+            kept += 1
+        elif entries is None:
+            # Unindexed: a backup that died before its indexes (or is still running,
+            # but then it claimed the pack).
+            if now - stored.modified > repo.grace_s:
+                delete.append(stored)
+            else:
+                kept += 1
+        else:
+            live = [e for e in entries if e.block_id.hex() in referenced]
+            if not live:
+                delete.append(stored)
+            elif sum(e.stored for e in live) < repack_below * sum(e.stored for e in entries):
+                repack.append((stored, live))
+            else:
+                kept += 1
+    return _Plan(delete, repack, kept)
+
+
+def _remove(target: Target, stored: StoredObject) -> None:
+    if stored.key.startswith(PACKS):
+        # The index first: an index never names a pack that is gone.
+        target.delete(index_key(bytes.fromhex(stored.key.rsplit("/", 1)[-1])))
+    target.delete(stored.key)
+
+
+def _repack(repo: Repository, repack: list[tuple[StoredObject, list[Entry]]]) -> int:
+    """Copy the live blocks of ``repack``'s packs into new packs, durable and indexed
+    before the old ones go; how many blocks moved."""
+    moved = 0
+    codec = repo.codecs.get()
+    with PackWriter(repo.target, repo.key, None, repo.pack_bytes) as writer:
+        for stored, live in repack:
+            pack = memoryview(repo.target.get(stored.key))
+            for entry in live:
+                record = pack[entry.offset : entry.offset + entry.stored]
+                codec.authenticate(entry.block_id, record)
+                writer.add(entry.block_id, bytes(record), entry.length)
+                moved += 1
+        writer.commit()
+    repo.target.flush()
+    return moved
+
+
 def collect_garbage(
     repo: Repository,
     *,
@@ -745,12 +1005,15 @@ def collect_garbage(
     progress: Progress | None = None,
     before_delete: Callable[[int], None] | None = None,
     keep_sweeps_s: float = 86400.0,
+    repack_below: float = REPACK_BELOW,
 ) -> GcResult:
-    """Delete chunks no manifest and no live claim names (see :mod:`.claims`).
+    """Delete packs (and format 1 chunks) no manifest and no live claim uses, and
+    rewrite packs whose live blocks hold less than ``repack_below`` of their bytes
+    (see :mod:`.claims` for why a running backup or restore is safe).
 
-    ``before_delete`` is told how many chunks are about to go, once, after
-    the mark and before the first deletion, while the sweep holds new
-    backups back (a caller may report, or pause there).
+    ``before_delete`` is told how many objects are about to go (deleted or
+    repacked), once, after the mark and before the first change, while the
+    sweep holds new backups back (a caller may report, or pause there).
     """
     progress = progress or Progress()
     target = repo.target
@@ -758,43 +1021,52 @@ def collect_garbage(
         claims = read_claims(target, repo.grace_s)
         referenced = set(claims.names)
         for backup in repo.backups():  # DataLoss on a damaged manifest: delete nothing
-            referenced.update(name for name in repo.names_of(backup.manifest) if name)
-        garbage = []
-        chunks_kept = 0
-        for stored in target.list(CHUNKS):
-            if stored.key.rsplit("/", 1)[-1] in referenced:
-                chunks_kept += 1
+            if backup.format == 1:
+                referenced.update(name for name in repo.names_of(backup.manifest) if name)
             else:
-                garbage.append(stored)
+                referenced.update(block_id.hex() for block_id in repo.block_ids(backup))
+        indexes = repo.indexes()  # DataLoss on a damaged index: delete nothing
+        plan = _plan(repo, referenced, indexes, repack_below)
         if before_delete is not None:
-            before_delete(len(garbage))
-        deleted = deleted_bytes = 0
-        progress.start("gc", sum(s.size for s in garbage))
+            before_delete(len(plan.delete) + len(plan.repack))
+        doomed = plan.delete + [stored for stored, _ in plan.repack]
+        progress.start("gc", sum(s.size for s in doomed))
+        moved = 0
         if not dry_run:
-            for stored in garbage:
+            if plan.repack:
+                moved = _repack(repo, plan.repack)
+            for number, stored in enumerate(doomed):
                 if not sweep.fresh():
                     raise Aborted(
                         "garbage collection could not renew its sweep record in time and "
-                        f"stopped after {deleted} chunks (a backup may now rely on the "
+                        f"stopped after {number} objects (a backup may now rely on the "
                         "others); run it again"
                     )
-                target.delete(stored.key)
-                deleted += 1
-                deleted_bytes += stored.size
+                _remove(target, stored)
                 progress.advance(stored.size)
             for op in claims.stale_ops:
-                for stored in list(target.list(f"{CLAIMS}{op}/")):
-                    target.delete(stored.key)
+                for stale in list(target.list(f"{CLAIMS}{op}/")):
+                    target.delete(stale.key)
             sweep.forget_old(keep_sweeps_s)
             target.remove_leftovers(repo.grace_s)
         progress.finish()
+    packs_deleted = sum(1 for s in plan.delete if s.key.startswith(PACKS))
+    result = GcResult(
+        packs_deleted=packs_deleted,
+        packs_repacked=len(plan.repack),
+        packs_kept=plan.kept,
+        bytes_deleted=sum(s.size for s in doomed),
+        blocks_moved=moved,
+        stale_claims_removed=0 if dry_run else len(claims.stale_ops),
+        chunks_deleted=len(plan.delete) - packs_deleted,
+    )
     log.info(
         "garbage collected",
-        extra={"chunks_deleted": deleted, "bytes_deleted": deleted_bytes, "dry_run": dry_run},
+        extra={
+            "packs_deleted": result.packs_deleted,
+            "packs_repacked": result.packs_repacked,
+            "bytes_deleted": result.bytes_deleted,
+            "dry_run": dry_run,
+        },
     )
-    return GcResult(
-        deleted if not dry_run else len(garbage),
-        deleted_bytes if not dry_run else sum(s.size for s in garbage),
-        chunks_kept,
-        len(claims.stale_ops) if not dry_run else 0,
-    )
+    return result

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from csi_driver.core.errors import (
+    DataLoss,
     FailedPrecondition,
     FerryError,
     InvalidArgument,
@@ -104,6 +105,11 @@ class Target(Protocol):
 
     def get(self, key: str) -> bytes:
         """The object's bytes; NotFound when there is none."""
+        ...
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """``length`` bytes of the object from ``offset`` (an S3 Range GET, a pread);
+        NotFound when there is no object, DataLoss when it is shorter."""
         ...
 
     def list(self, prefix: str) -> Iterator[StoredObject]: ...
@@ -285,6 +291,26 @@ class FilesystemTarget:
         except OSError as exc:
             raise _os_error(exc, f"read {key} from {self.root}") from exc
 
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(f"no object {key} in backup target {self.root}") from None
+        except OSError as exc:
+            raise _os_error(exc, f"read {key} from {self.root}") from exc
+        try:
+            data = os.pread(fd, length, offset)
+            while 0 < len(data) < length:  # short reads: rare, finish them
+                more = os.pread(fd, length - len(data), offset + len(data))
+                if not more:
+                    break
+                data += more
+        except OSError as exc:
+            raise _os_error(exc, f"read {key} from {self.root}") from exc
+        finally:
+            os.close(fd)
+        return _whole(data, length, key, self.description)
+
     def list(self, prefix: str) -> Iterator[StoredObject]:
         start = self.root / prefix.rstrip("/") if prefix else self.root
         if not start.is_dir():
@@ -357,6 +383,12 @@ def _sync_dirs(directories: set[Path], root: Path, pool: ThreadPoolExecutor | No
             sync(directory)
     else:
         list(pool.map(sync, ordered))
+
+
+def _whole(data: bytes, length: int, key: str, where: str) -> bytes:
+    if len(data) != length:
+        raise DataLoss(f"object {key} in {where} is shorter than its index says (truncated)")
+    return data
 
 
 def _os_error(exc: OSError, what: str) -> FerryError:
@@ -481,6 +513,16 @@ class S3Target:
         body: bytes = answer["Body"].read()
         return body
 
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        answer = self._call(
+            f"read {key}",
+            self._client.get_object,
+            Key=self._prefix + check_key(key),
+            Range=f"bytes={offset}-{offset + length - 1}",
+        )
+        body: bytes = answer["Body"].read()
+        return _whole(body, length, key, self.description)
+
     def list(self, prefix: str) -> Iterator[StoredObject]:
         token: str | None = None
         while True:
@@ -508,6 +550,8 @@ def _s3_error(exc: Any, what: str, where: str) -> FerryError:
     message = f"cannot {what} at {where}: {code} {error.get('Message', '')}".rstrip()
     if code in ("NoSuchKey", "404", "NotFound"):
         return NotFound(message)
+    if code == "InvalidRange":
+        return DataLoss(f"{message}: the object is shorter than its index says (truncated)")
     if code == "NoSuchBucket":
         return FailedPrecondition(f"{message}; create the bucket first")
     if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):

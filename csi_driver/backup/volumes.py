@@ -103,11 +103,11 @@ def backup_volume(
 ) -> BackupResult:
     """Back up volume ``volume_id`` from the pool at ``pool_root`` (see the module docstring)."""
     image = pool_image(pool_root, volume_id)
-    source, manifest = image.path, None
+    source, manifest, blocks = image.path, None, None
     if can_reflink(image.path.parent):
         work = pool_root / WORK_DIR / volume_id
         capture = ChangeTracker(image.path, work, repo.config.chunk_size).capture()
-        source, manifest = capture.source, capture.manifest
+        source, manifest, blocks = capture.source, capture.manifest, capture.blocks
     elif _in_use(image.path) is not None:
         raise FailedPrecondition(
             f"volume {volume_id} is staged and the pool at {pool_root} cannot reflink, so "
@@ -121,6 +121,7 @@ def backup_volume(
         volume_id=volume_id,
         fs_type=detect_fs_type(source),
         manifest=manifest,
+        blocks=blocks,
         progress=progress,
     )
 

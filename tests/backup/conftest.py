@@ -16,15 +16,17 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from csi_driver.backup.keys import BackupKey
+from csi_driver.backup.packs import Entry
 from csi_driver.backup.repository import Repository
 from csi_driver.backup.targets import FilesystemTarget, S3Settings, S3Target, Target
+from csi_driver.backup.upload import PACKS, pack_key
 from tests.chunks.images import write_image as write_images
 
 #: Small chunks keep test images small while still spanning several batches.
@@ -113,7 +115,11 @@ def key() -> BackupKey:
 
 
 def open_repo(target: Target, key: BackupKey) -> Repository:
-    return Repository.open(target, key, create=True, chunk_size=CHUNK, grace_s=GRACE_S)
+    # Packs of about a chunk: a random chunk's blocks fill one pack, so tests count
+    # packs where they would count chunks.
+    return Repository.open(
+        target, key, create=True, chunk_size=CHUNK, grace_s=GRACE_S, pack_bytes=CHUNK
+    )
 
 
 @pytest.fixture
@@ -142,6 +148,22 @@ def mixed_image(path: Path, count: int = 24, seed: int = 1) -> None:
         chunks[index] = (f"line {index} of a log file\n" * CHUNK).encode()[:CHUNK]
     chunks[2] = bytes(CHUNK)
     write_image(path, chunks, count)
+
+
+def packs(target: Target) -> dict[str, int]:
+    """The pack objects in ``target`` and their sizes."""
+    return {s.key: s.size for s in target.list(PACKS)}
+
+
+def block_entries(repo: Repository) -> list[tuple[bytes, Entry]]:
+    """Every block entry of every index: (pack id, entry), in pack order."""
+    return [(pack_id, e) for pack_id, entries in sorted(repo.indexes().items()) for e in entries]
+
+
+def rewrite_pack(target: Target, pack_id: bytes, change: Callable[[bytearray], None]) -> None:
+    data = bytearray(target.get(pack_key(pack_id)))
+    change(data)
+    target.put(pack_key(pack_id), bytes(data))
 
 
 def child_env() -> dict[str, str]:

@@ -52,10 +52,10 @@ def test_the_operator_cycle_on_a_directory(tmp_path: Path) -> None:
         "backup", "create", *common, "--image", image, "--name", "db", "--chunk-size", str(CHUNK)
     )
     assert first.returncode == 0, first.stderr
-    assert "16 new chunks" in first.stdout
+    assert "64 new blocks" in first.stdout
     assert "backup " in first.stderr and "MiB/s" in first.stderr  # the progress bar
     second = ferry("backup", "create", *common, "--image", image, "--name", "db")
-    assert "0 new chunks" in second.stdout
+    assert "0 new blocks" in second.stdout
     listed = ferry("backup", "list", *common, "--json")
     docs = [json.loads(line) for line in listed.stdout.splitlines()]
     assert [d["volume_name"] for d in docs] == ["db", "db"]
@@ -69,7 +69,7 @@ def test_the_operator_cycle_on_a_directory(tmp_path: Path) -> None:
     pruned = ferry("backup", "prune", *common, "--keep-last", "1")
     assert f"removed {docs[0]['backup_id']}" in pruned.stdout
     gc = ferry("backup", "gc", *common)
-    assert "deleted 0 chunks" in gc.stdout, gc.stdout
+    assert "deleted 0 packs" in gc.stdout, gc.stdout
 
 
 def test_errors_say_what_to_do(tmp_path: Path) -> None:
@@ -89,11 +89,11 @@ def test_errors_say_what_to_do(tmp_path: Path) -> None:
     assert "absolute path" in relative.stderr
     bad_id = ferry_here("restore", "../../etc", "--target", target, "--key-file", key, "--to", "/x")
     assert bad_id.returncode == 1 and "is not a backup id" in bad_id.stderr
-    tampered = next((target / "chunks").rglob("*"))
+    tampered = next((target / "packs").rglob("*"))
     while tampered.is_dir():
         tampered = next(tampered.iterdir())
     data = bytearray(tampered.read_bytes())
-    data[-1] ^= 1
+    data[100] ^= 1  # inside the first block
     tampered.write_bytes(bytes(data))
     verify = ferry_here("backup", "verify", "--target", target, "--key-file", key)
     assert verify.returncode == 1 and "FAILED" in verify.stderr

@@ -12,6 +12,7 @@ from pathlib import Path
 from csi_driver.backup.keys import BackupKey
 from csi_driver.backup.repository import MANIFESTS, Repository, backup_image, restore_image
 from csi_driver.backup.targets import FilesystemTarget
+from csi_driver.backup.upload import INDEX, PACKS
 from tests.backup.conftest import CHUNK, child_env, location_of, random_chunks, write_image
 
 COUNT = 32
@@ -27,7 +28,7 @@ from csi_driver.backup.targets import open_target
 
 operation, location, config, key_file, path, limit = sys.argv[1:7]
 target = open_target(location, Path(config) if config else None)
-repo = Repository.open(target, BackupKey.load(Path(key_file)), grace_s=30)
+repo = Repository.open(target, BackupKey.load(Path(key_file)), grace_s=30, pack_bytes=256 << 10)
 
 
 class Crash(Progress):
@@ -86,16 +87,18 @@ def test_a_killed_backup_leaves_no_manifest_and_its_retry_completes(
     run_child(repo, tmp_path, key, "backup", str(image))
     assert list(repo.target.list(MANIFESTS)) == []
     assert repo.backups() == []
-    landed = len(list(repo.target.list("chunks/")))
+    landed = len(list(repo.target.list(PACKS)))
     assert landed < COUNT
+    assert list(repo.target.list(INDEX)) == []  # indexes come only after every pack
     if isinstance(repo.target, FilesystemTarget):
-        # Chunks staged but never flushed: invisible, and swept away later.
+        # Packs staged but never flushed: invisible, and swept away later.
         assert landed == 0
         assert repo.target.remove_leftovers(older_than_s=0) > 0
     else:
         assert landed > 0  # every answered PUT is an object
     retry = backup_image(repo, image, volume_name="db")
-    assert retry.chunks_uploaded == COUNT - landed
+    # The packs that landed are indexed from their own ends and reused.
+    assert retry.chunks_uploaded == retry.packs_uploaded == COUNT - landed
     restored = restore_image(repo, retry.backup.backup_id, tmp_path / "restored")
     assert digest(restored.path) == digest(image)
 

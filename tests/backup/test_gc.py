@@ -13,7 +13,6 @@ import pytest
 from csi_driver.backup.claims import CLAIMS, SWEEPS
 from csi_driver.backup.keys import BackupKey
 from csi_driver.backup.repository import (
-    CHUNKS,
     MANIFESTS,
     Progress,
     Repository,
@@ -25,15 +24,17 @@ from csi_driver.backup.repository import (
 )
 from csi_driver.backup.retention import RetentionPolicy
 from csi_driver.backup.targets import FilesystemTarget
+from csi_driver.backup.upload import PACKS
 from csi_driver.core.errors import Aborted, DataLoss
 from tests.backup.conftest import CHUNK, random_chunks, write_image
 
-#: Two claim batches: the first 16 chunks, then 8.
+#: Two claim batches: the first 16 chunks, then 8. Test packs hold a random
+#: chunk each (see conftest), so packs are counted where chunks were.
 COUNT = 24
 
 
-def chunk_names(repo: Repository) -> set[str]:
-    return {s.key for s in repo.target.list(CHUNKS)}
+def pack_names(repo: Repository) -> set[str]:
+    return {s.key for s in repo.target.list(PACKS)}
 
 
 class PauseAt(Progress):
@@ -56,17 +57,18 @@ def test_prune_then_gc_frees_only_what_no_backup_uses(repo: Repository, tmp_path
     write_image(image, random_chunks(range(4), 2), 4)  # every chunk new
     new = backup_image(repo, image, volume_name="db").backup.backup_id
     backup_image(repo, image, volume_name="other")  # same chunks, another volume
-    assert len(chunk_names(repo)) == 8
+    assert len(pack_names(repo)) == 8
     result = prune(repo, RetentionPolicy(keep_last=1))
     assert result.removed == (old,)
     assert set(result.kept) == {new, *(b.backup_id for b in repo.backups())}
     dry = collect_garbage(repo, dry_run=True)
-    assert dry.chunks_deleted == 4 and len(chunk_names(repo)) == 8
+    assert dry.packs_deleted == 4 and len(pack_names(repo)) == 8
     gc = collect_garbage(repo)
-    assert (gc.chunks_deleted, gc.chunks_kept) == (4, 4)
+    assert (gc.packs_deleted, gc.packs_kept, gc.packs_repacked) == (4, 4, 0)
     assert gc.bytes_deleted >= 4 * CHUNK
+    assert len(repo.indexes()) == 4  # the deleted packs' indexes went with them
     verify_backup(repo, new)
-    assert collect_garbage(repo).chunks_deleted == 0
+    assert collect_garbage(repo).packs_deleted == 0
 
 
 def test_gc_keeps_chunks_a_running_backup_relies_on(repo: Repository, tmp_path: Path) -> None:
@@ -93,7 +95,7 @@ def test_gc_keeps_chunks_a_running_backup_relies_on(repo: Repository, tmp_path: 
     pause.release.set()
     thread.join(60)
     assert "error" not in outcome, outcome.get("error")
-    assert (gc.chunks_kept, gc.chunks_deleted) == (16, 8)
+    assert (gc.packs_kept, gc.packs_deleted) == (16, 8)
     result = outcome["result"]
     assert result.chunks_uploaded == 8  # type: ignore[attr-defined]
     verify_backup(repo, result.backup.backup_id)  # type: ignore[attr-defined]
@@ -137,12 +139,12 @@ def test_stale_claims_protect_nothing_and_are_removed(fs_repo: Repository, tmp_p
     write_image(image, random_chunks(range(2), 5), 2)
     first = backup_image(fs_repo, image, volume_name="db")
     fs_repo.target.delete(MANIFESTS + first.backup.backup_id)
-    names = fs_repo.names_of(first.backup.manifest)
-    # A backup that died long ago: its claim names the chunks, its heartbeat is old.
+    ids = sorted(fs_repo.block_ids(first.backup))
+    # A backup that died long ago: its claim names the blocks, its heartbeat is old.
     fs_repo.target.put(f"{CLAIMS}dead-op/live", json.dumps({"at": time.time() - 3600}).encode())
-    fs_repo.target.put(f"{CLAIMS}dead-op/00000001", b"".join(bytes.fromhex(n) for n in names if n))
+    fs_repo.target.put(f"{CLAIMS}dead-op/00000001", b"".join(ids))
     gc = collect_garbage(fs_repo)
-    assert (gc.chunks_deleted, gc.stale_claims_removed) == (2, 1)
+    assert (gc.packs_deleted, gc.stale_claims_removed) == (2, 1)
     assert list(fs_repo.target.list(CLAIMS)) == []
 
 
@@ -164,7 +166,7 @@ def test_gc_refuses_to_run_over_a_damaged_manifest(fs_repo: Repository, tmp_path
     fs_repo.target.put(MANIFESTS + backup_id, bytes(sealed))
     with pytest.raises(DataLoss):
         collect_garbage(fs_repo)
-    assert len(chunk_names(fs_repo)) == 2
+    assert len(pack_names(fs_repo)) == 2
 
 
 def test_a_backup_whose_claim_lapsed_commits_nothing(

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from csi_driver.backup.repository import CHUNKS, Repository, backup_image, restore_image
+from csi_driver.backup.repository import Repository, backup_image, restore_image
+from csi_driver.backup.upload import PACKS
 from csi_driver.core.errors import DataLoss
 from tests.backup.conftest import CHUNK, random_chunks, write_image
 
@@ -58,8 +59,8 @@ def test_a_failed_restore_is_timed_as_failed(fs_repo: Repository, tmp_path: Path
     image = tmp_path / "image"
     write_image(image, random_chunks(range(2), 8), 2)
     backup = backup_image(fs_repo, image, volume_name="db").backup
-    for stored in fs_repo.target.list(CHUNKS):
-        fs_repo.target.put(stored.key, b"FBC1" + bytes(40))  # damaged in the target
+    for stored in fs_repo.target.list(PACKS):
+        fs_repo.target.put(stored.key, bytes(40))  # damaged in the target
     failed = sample("ferry_backup_duration_seconds_count", operation="restore", outcome="failed")
     with pytest.raises(DataLoss):
         restore_image(fs_repo, backup.backup_id, tmp_path / "restored")

@@ -11,26 +11,33 @@ import pytest
 from csi_driver.backup.format import open_manifest
 from csi_driver.backup.keys import BackupKey
 from csi_driver.backup.repository import (
-    CHUNKS,
     MANIFESTS,
     Repository,
     backup_image,
-    chunk_key,
     restore_image,
     verify_backup,
 )
 from csi_driver.backup.targets import Target
+from csi_driver.backup.upload import index_key, pack_key
+from csi_driver.chunks.manifest import BLOCK_SIZE
 from csi_driver.chunks.scan import scan_image
 from csi_driver.core.errors import AlreadyExists, DataLoss, FailedPrecondition, NotFound
-from tests.backup.conftest import CHUNK, GRACE_S, mixed_image, random_chunks, write_image
+from tests.backup.conftest import (
+    CHUNK,
+    GRACE_S,
+    block_entries,
+    mixed_image,
+    packs,
+    random_chunks,
+    rewrite_pack,
+    write_image,
+)
+
+BLOCKS_PER_CHUNK = CHUNK // BLOCK_SIZE
 
 
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def stored_chunks(target: Target) -> dict[str, int]:
-    return {s.key: s.size for s in target.list(CHUNKS)}
 
 
 def flip_byte(target: Target, key: str, at: int = -1) -> None:
@@ -57,9 +64,11 @@ def test_compressible_chunks_are_stored_smaller(fs_repo: Repository, tmp_path: P
     image = tmp_path / "image"
     write_image(image, {0: b"a" * CHUNK, 1: random_chunks([1], 3)[1]}, 2)
     backup_image(fs_repo, image, volume_name="db")
-    sizes = sorted(stored_chunks(fs_repo.target).values())
-    assert sizes[0] < CHUNK // 50  # text: zstd
-    assert CHUNK < sizes[1] < CHUNK + 64  # random: stored as is, plus header and tag
+    sizes = sorted(entry.stored for _, entry in block_entries(fs_repo))
+    # Chunk 0's four blocks are one block, stored once and compressed by zstd.
+    assert len(sizes) == 1 + BLOCKS_PER_CHUNK and sizes[0] < BLOCK_SIZE // 50
+    # Random: stored as is, plus flags, nonce and tag.
+    assert sizes[1:] == [BLOCK_SIZE + 29] * BLOCKS_PER_CHUNK
 
 
 def test_second_backup_of_an_unchanged_volume_uploads_only_a_manifest(
@@ -68,14 +77,16 @@ def test_second_backup_of_an_unchanged_volume_uploads_only_a_manifest(
     image = tmp_path / "image"
     mixed_image(image)
     first = backup_image(repo, image, volume_name="db")
-    chunks_after_first = stored_chunks(repo.target)
-    assert first.chunks_uploaded == len(chunks_after_first) == 16  # the zero chunk is a hole
+    packs_after_first = packs(repo.target)
+    assert first.chunks_uploaded == 16  # the zero chunk is a hole
+    assert first.packs_uploaded == len(packs_after_first) == len(repo.indexes())
     second = backup_image(repo, image, volume_name="db")
-    assert second.chunks_uploaded == 0
+    assert (second.chunks_uploaded, second.blocks_uploaded, second.packs_uploaded) == (0, 0, 0)
     manifest_size = len(repo.target.get(MANIFESTS + second.backup.backup_id))
-    # The manifest, plus the claim's heartbeat and its list of chunk names.
-    assert manifest_size <= second.bytes_uploaded <= manifest_size + 16 * 32 + 200
-    assert stored_chunks(repo.target) == chunks_after_first
+    # The manifest, plus the claim's heartbeats and its lists of block ids (two batches).
+    claimed = 16 * BLOCKS_PER_CHUNK * 32
+    assert manifest_size <= second.bytes_uploaded <= manifest_size + claimed + 400
+    assert packs(repo.target) == packs_after_first
 
 
 def test_a_changed_chunk_is_all_a_backup_uploads(fs_repo: Repository, tmp_path: Path) -> None:
@@ -86,8 +97,8 @@ def test_a_changed_chunk_is_all_a_backup_uploads(fs_repo: Repository, tmp_path: 
         handle.seek(7 * CHUNK + 100)
         handle.write(b"changed")
     result = backup_image(fs_repo, image, volume_name="db")
-    assert result.chunks_uploaded == 1
-    assert result.bytes_uploaded < 2 * CHUNK
+    assert (result.chunks_uploaded, result.blocks_uploaded, result.packs_uploaded) == (1, 1, 1)
+    assert result.bytes_uploaded < 2 * BLOCK_SIZE
     restored = restore_image(fs_repo, result.backup.backup_id, tmp_path / "restored")
     assert digest(restored.path) == digest(image)
 
@@ -99,8 +110,8 @@ def test_chunks_are_shared_across_volumes(fs_repo: Repository, tmp_path: Path) -
     write_image(second, {**chunks, 3: random_chunks([3], 6)[3]}, 8)
     backup_image(fs_repo, first, volume_name="a")
     result = backup_image(fs_repo, second, volume_name="b")
-    assert result.chunks_uploaded == 1
-    assert len(stored_chunks(fs_repo.target)) == 9
+    assert (result.chunks_uploaded, result.blocks_uploaded) == (1, BLOCKS_PER_CHUNK)
+    assert len(block_entries(fs_repo)) == 9 * BLOCKS_PER_CHUNK
 
 
 def test_the_target_holds_no_plaintext_and_no_content_hashes(
@@ -125,35 +136,64 @@ def test_a_tampered_chunk_is_detected_by_verify_and_restore(
     image = tmp_path / "image"
     mixed_image(image)
     result = backup_image(repo, image, volume_name="db")
-    victim = sorted(stored_chunks(repo.target))[3]
-    flip_byte(repo.target, victim)
+    pack_id, victim = block_entries(repo)[7]
+
+    def flip(data: bytearray) -> None:
+        data[victim.offset + victim.stored - 1] ^= 0x01
+
+    rewrite_pack(repo.target, pack_id, flip)
     with pytest.raises(DataLoss) as caught:
         verify_backup(repo, result.backup.backup_id)
     assert "1 of 16 chunks" in caught.value.message
-    assert victim.rsplit("/", 1)[-1] in caught.value.message
+    assert victim.block_id.hex() in caught.value.message
     destination = tmp_path / "restored"
     with pytest.raises(DataLoss, match="failed authentication"):
         restore_image(repo, result.backup.backup_id, destination)
     assert not destination.exists()
 
 
-def test_a_chunk_swapped_for_another_is_detected(fs_repo: Repository, tmp_path: Path) -> None:
+def test_a_block_swapped_for_another_is_detected(fs_repo: Repository, tmp_path: Path) -> None:
     image = tmp_path / "image"
     write_image(image, random_chunks(range(2), 8), 2)
     result = backup_image(fs_repo, image, volume_name="db")
-    first, second = sorted(stored_chunks(fs_repo.target))
-    fs_repo.target.put(first, fs_repo.target.get(second))
+    pack_id, first = block_entries(fs_repo)[0]
+    second = block_entries(fs_repo)[1][1]
+    assert first.stored == second.stored
+
+    def swap(data: bytearray) -> None:
+        one = data[first.offset : first.offset + first.stored]
+        data[first.offset : first.offset + first.stored] = data[
+            second.offset : second.offset + second.stored
+        ]
+        data[second.offset : second.offset + second.stored] = one
+
+    rewrite_pack(fs_repo.target, pack_id, swap)
+    with pytest.raises(DataLoss, match="failed authentication"):
+        verify_backup(fs_repo, result.backup.backup_id)
+
+
+def test_a_tampered_or_swapped_index_is_detected(fs_repo: Repository, tmp_path: Path) -> None:
+    image = tmp_path / "image"
+    write_image(image, random_chunks(range(2), 8), 2)
+    result = backup_image(fs_repo, image, volume_name="db")
+    one, two = sorted(fs_repo.indexes())
+    fs_repo.target.put(index_key(one), fs_repo.target.get(index_key(two)))
+    with pytest.raises(DataLoss, match="altered or renamed"):
+        verify_backup(fs_repo, result.backup.backup_id)
+    flip_byte(fs_repo.target, index_key(two))
     with pytest.raises(DataLoss):
-        verify_backup(fs_repo, result.backup.backup_id)
+        restore_image(fs_repo, result.backup.backup_id, tmp_path / "restored")
 
 
-def test_a_missing_chunk_is_named(fs_repo: Repository, tmp_path: Path) -> None:
+def test_a_missing_pack_is_named(fs_repo: Repository, tmp_path: Path) -> None:
     image = tmp_path / "image"
     write_image(image, random_chunks(range(2), 8), 2)
     result = backup_image(fs_repo, image, volume_name="db")
-    fs_repo.target.delete(sorted(stored_chunks(fs_repo.target))[0])
-    with pytest.raises(DataLoss, match="missing or damaged"):
+    gone = sorted(fs_repo.indexes())[0]
+    fs_repo.target.delete(pack_key(gone))
+    with pytest.raises(DataLoss, match="missing or damaged") as caught:
         verify_backup(fs_repo, result.backup.backup_id)
+    assert gone.hex() in caught.value.message
 
 
 def test_a_tampered_or_renamed_manifest_is_detected(repo: Repository, tmp_path: Path) -> None:
@@ -218,8 +258,8 @@ def test_an_empty_target_is_not_a_repository(target: Target, key: BackupKey) -> 
         Repository.open(target, key)
 
 
-def test_chunk_keys_spread_over_directories() -> None:
-    assert chunk_key("ab" + "0" * 62) == "chunks/ab/ab" + "0" * 62
+def test_pack_keys_spread_over_directories() -> None:
+    assert pack_key(bytes.fromhex("ab" + "0" * 62)) == "packs/ab/ab" + "0" * 62
 
 
 def test_with_a_manifest_only_missing_chunks_are_read(fs_repo: Repository, tmp_path: Path) -> None:

@@ -16,8 +16,6 @@ from typing import Any
 
 import pytest
 
-from csi_driver.backup.format import open_chunk
-from csi_driver.backup.repository import chunk_key
 from csi_driver.backup.snapshots import BackupSettings, SnapshotBackups
 from csi_driver.csi.client import mount_capability
 from csi_driver.gen import csi_pb2
@@ -57,16 +55,13 @@ def backup_plaintext(settings: BackupSettings, snapshot_id: str) -> bool:
     """Whether the backup of ``snapshot_id``, its chunks decrypted, holds the pattern."""
     repo = SnapshotBackups(settings).repository()
     (entry,) = [b for b in listed(settings) if b["source"] == f"snapshot:{snapshot_id}"]
-    manifest = repo.backup(entry["backup_id"]).manifest
-    for index, name in enumerate(repo.names_of(manifest)):
-        digest = manifest.chunks[index]
-        if name is None or digest is None:
-            continue
-        length = min(manifest.chunk_size, manifest.size - index * manifest.chunk_size)
-        data = open_chunk(repo.key, name, repo.target.get(chunk_key(name)), digest, length)
-        if NEEDLE in data:
-            return True
-    return False
+    backup = repo.backup(entry["backup_id"])
+    blocks = repo.block_map()
+    buffer = bytearray(backup.manifest.chunk_size)
+    return any(
+        NEEDLE in bytes(repo.fetch_chunk(backup, index, buffer, blocks))
+        for index in backup.manifest.data_chunks
+    )
 
 
 def snapshot_file(ferry: Ferry, snapshot_id: str) -> Path:

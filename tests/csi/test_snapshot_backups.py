@@ -24,7 +24,8 @@ import grpc
 import pytest
 
 from csi_driver.backup.keys import BackupKey
-from csi_driver.backup.snapshots import BackupSettings
+from csi_driver.backup.snapshots import BackupSettings, SnapshotBackups
+from csi_driver.chunks.manifest import BLOCK_SIZE
 from csi_driver.core.encryption import ENCRYPTED_CONTEXT_KEY
 from csi_driver.core.model import MiB
 from csi_driver.csi.client import block_capability, mount_capability
@@ -96,8 +97,9 @@ def listed(settings: BackupSettings) -> list[dict[str, Any]]:
     return [json.loads(line) for line in done.stdout.splitlines()]
 
 
-def chunk_objects(settings: BackupSettings) -> int:
-    return sum(1 for p in Path(settings.target, "chunks").rglob("*") if p.is_file())
+def stored_blocks(settings: BackupSettings) -> int:
+    """Blocks in the target's packs (each chunk here holds one non-zero block)."""
+    return len(SnapshotBackups(settings).repository().block_map())
 
 
 def restore_request(
@@ -179,14 +181,17 @@ def test_a_backup_snapshot_restores_in_a_fresh_installation(
     write_chunks(image(backed, volume.volume_id), {0: b"first-", 2: b"third-", 5: b"sixth-"})
     first = snapshot(backed, "snap-monday", volume.volume_id, BACKUP)
     assert first.ready_to_use
-    chunks_after_first = chunk_objects(settings)
-    assert chunks_after_first == 3  # the data chunks; holes are not stored
+    blocks_after_first = stored_blocks(settings)
+    # The three data chunks' distinct blocks; holes are not stored.
+    assert 3 <= blocks_after_first <= 3 * CHUNK // BLOCK_SIZE
 
     write_chunks(image(backed, volume.volume_id), {2: b"changed-"})
     expected = image(backed, volume.volume_id).read_bytes()
     second = snapshot(backed, "snap-tuesday", volume.volume_id, BACKUP)
     assert second.ready_to_use
-    assert chunk_objects(settings) == chunks_after_first + 1  # incremental: one new chunk
+    blocks_after_second = stored_blocks(settings)
+    # Incremental: at most the changed chunk's blocks are new.
+    assert 0 < blocks_after_second - blocks_after_first <= CHUNK // BLOCK_SIZE
     # A repeat is idempotent: no second backup of the same snapshot.
     assert snapshot(backed, "snap-tuesday", volume.volume_id, BACKUP) == second
     expect_code(
@@ -207,7 +212,7 @@ def test_a_backup_snapshot_restores_in_a_fresh_installation(
     assert third.returncode == 0, third.stderr
     assert ": ready in" in third.stdout and "backed up (32Mi at" in third.stdout
     cli_snapshot = third.stdout.split()[1]
-    assert chunk_objects(settings) == chunks_after_first + 1  # nothing changed since
+    assert stored_blocks(settings) == blocks_after_second  # nothing changed since
 
     backups = listed(settings)
     assert backups[-1]["source"] == f"snapshot:{cli_snapshot}"

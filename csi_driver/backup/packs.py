@@ -1,0 +1,238 @@
+"""Packs (backup format 2): 64 KiB blocks, each sealed on its own, stored many to an object.
+
+A block is a 64 KiB piece of a chunk (the chunk machinery's block,
+:data:`~csi_driver.chunks.manifest.BLOCK_SIZE`, so a capture's block table
+gives a backup its block digests without reading the image again). Its id is
+``HMAC(naming key, SHA-256 of its bytes)`` (:meth:`BackupKey.block_id`).
+
+Block record, as stored in a pack::
+
+    flags (1: bit 0 = zstd) | nonce (12) | AES-256-GCM(payload)
+
+with ``"FBB2" | flags | block id`` as associated data: a record moved under
+another id, or with its flag flipped, fails authentication like an altered
+one. The payload is the block compressed with zstd, or as is when that does
+not make it smaller.
+
+Pack object (``packs/<nn>/<pack id>``, 16 to 32 MiB)::
+
+    block records, one after another | sealed index | index length (u32) | "FBP2"
+
+Index (the pack's table of contents; also stored alone as ``index/<pack id>``
+so that opening a repository reads a few KiB per pack, not the packs)::
+
+    key id (8) | nonce (12) | AES-256-GCM("FBI2" | pack id (32) | count (u32) |
+                                          count x (block id (32) | offset (u32) |
+                                                   stored length (u32) | length (u32)))
+
+with ``"FBI2" | pack id`` as associated data: an index under another pack's
+name is refused.
+
+Invariants: nothing here returns bytes that were not sealed under this key
+for this id: an altered record, index or a wrong key is :class:`DataLoss`
+(or FailedPrecondition naming both key ids). Decompression is bounded by the
+block's length from its index entry. A pack id and a block id are 32 bytes,
+like the names claims carry (see :mod:`.claims`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from dataclasses import dataclass
+
+import zstandard
+from cryptography.exceptions import InvalidTag
+
+from csi_driver.backup.format import wrong_key
+from csi_driver.backup.keys import KEY_ID_BYTES, BackupKey
+from csi_driver.core.errors import DataLoss
+
+_RECORD_AAD = b"FBB2"
+_INDEX_MAGIC = b"FBI2"
+PACK_MAGIC = b"FBP2"
+_ZSTD = 0x01
+NONCE_BYTES = 12
+TAG_BYTES = 16
+ID_BYTES = 32
+#: Bytes a record adds to its payload: flags, nonce and GCM tag.
+RECORD_OVERHEAD = 1 + NONCE_BYTES + TAG_BYTES
+#: zstd level 1, as format 1 (docs/decisions/0003-backup-format.md).
+ZSTD_LEVEL = 1
+#: A block whose first 8 KiB do not shrink by 3% is stored as is: random or
+#: already compressed data skips zstd's full pass.
+_SAMPLE = 8 * 1024
+_ENTRY = struct.Struct(">32sIII")
+_COUNT = struct.Struct(">32sI")
+TRAILER = struct.Struct(">I4s")
+#: A pack is closed once its records reach this many bytes (then it holds at
+#: most one more block): few objects per GiB, small enough to repack.
+PACK_BYTES = 16 * 1024 * 1024
+
+Blob = bytes | bytearray | memoryview
+
+
+def new_pack_id() -> bytes:
+    return os.urandom(ID_BYTES)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where a block is in its pack, and how long it is stored and restored."""
+
+    block_id: bytes
+    offset: int
+    stored: int  # the record's bytes in the pack
+    length: int  # the block's bytes
+
+
+@dataclass(frozen=True)
+class Location:
+    pack_id: bytes
+    entry: Entry
+
+
+class BlockCodec:
+    """Seals and opens block records; one per thread (it keeps zstd contexts)."""
+
+    def __init__(self, key: BackupKey) -> None:
+        self._key = key
+        self._compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+        self._decompressor = zstandard.ZstdDecompressor()
+
+    def _compressed(self, data: Blob) -> bytes | None:
+        if len(data) > 2 * _SAMPLE:
+            sample = self._compressor.compress(data[:_SAMPLE])
+            if len(sample) >= _SAMPLE * 0.97:
+                return None
+        compressed = self._compressor.compress(data)
+        return compressed if len(compressed) < len(data) else None
+
+    def seal(self, block_id: bytes, data: Blob) -> bytes:
+        """The record for block ``block_id`` holding ``data``."""
+        compressed = self._compressed(data)
+        flags, payload = (0, data) if compressed is None else (_ZSTD, compressed)
+        nonce = os.urandom(NONCE_BYTES)
+        aad = _RECORD_AAD + bytes([flags]) + block_id
+        return bytes([flags]) + nonce + self._key.block_cipher.encrypt(nonce, payload, aad)
+
+    def open_into(self, entry: Entry, record: memoryview, digest: bytes, into: memoryview) -> None:
+        """Write the block ``record`` holds into ``into`` (``entry.length`` bytes),
+        checked to be the bytes hashing to ``digest``."""
+        name = entry.block_id.hex()
+        if len(record) < RECORD_OVERHEAD or len(record) - RECORD_OVERHEAD > entry.length:
+            raise DataLoss(f"block {name} has an impossible length in its pack (damaged)")
+        flags = record[0]
+        nonce, sealed = record[1 : 1 + NONCE_BYTES], record[1 + NONCE_BYTES :]
+        aad = _RECORD_AAD + bytes([flags]) + entry.block_id
+        try:
+            if flags & _ZSTD:
+                payload = self._key.block_cipher.decrypt(nonce, sealed, aad)
+                data = self._decompressor.decompress(payload, max_output_size=entry.length)
+                if len(data) != entry.length:
+                    raise DataLoss(f"block {name} does not hold the bytes its index names")
+                into[:] = data
+            else:
+                if len(sealed) - TAG_BYTES != entry.length:
+                    raise DataLoss(f"block {name} does not hold the bytes its index names")
+                self._key.block_cipher.decrypt_into(nonce, sealed, aad, into)
+        except InvalidTag:
+            raise DataLoss(
+                f"block {name} failed authentication: it was altered in the target (or "
+                "written under another key); nothing was restored from it"
+            ) from None
+        except zstandard.ZstdError as exc:
+            raise DataLoss(f"block {name} does not decompress: {exc}") from None
+        if hashlib.sha256(into).digest() != digest:
+            raise DataLoss(f"block {name} does not hold the bytes its manifest names")
+
+    def authenticate(self, block_id: bytes, record: Blob) -> None:
+        """DataLoss unless ``record`` is block ``block_id``'s, as sealed (repacking)."""
+        view = memoryview(record)
+        if len(view) < RECORD_OVERHEAD:
+            raise DataLoss(f"block {block_id.hex()} is truncated in its pack")
+        aad = _RECORD_AAD + bytes([view[0]]) + block_id
+        try:
+            self._key.block_cipher.decrypt(view[1 : 1 + NONCE_BYTES], view[1 + NONCE_BYTES :], aad)
+        except InvalidTag:
+            raise DataLoss(f"block {block_id.hex()} failed authentication in its pack") from None
+
+
+def seal_index(key: BackupKey, pack_id: bytes, entries: list[Entry]) -> bytes:
+    body = bytearray(_INDEX_MAGIC + _COUNT.pack(pack_id, len(entries)))
+    for entry in entries:
+        body += _ENTRY.pack(entry.block_id, entry.offset, entry.stored, entry.length)
+    nonce = os.urandom(NONCE_BYTES)
+    sealed = key.index_cipher.encrypt(nonce, bytes(body), _INDEX_MAGIC + pack_id)
+    return key.key_id + nonce + sealed
+
+
+def open_index(key: BackupKey, pack_id: bytes, blob: Blob) -> list[Entry]:
+    """The entries of pack ``pack_id``'s index, authenticated."""
+    name = pack_id.hex()
+    view = memoryview(blob)
+    if len(view) < KEY_ID_BYTES + NONCE_BYTES + TAG_BYTES:
+        raise DataLoss(f"the index of pack {name} is truncated (damaged)")
+    found = bytes(view[:KEY_ID_BYTES])
+    if found != key.key_id:
+        raise wrong_key(found, key.key_id, f"pack {name}")
+    nonce = view[KEY_ID_BYTES : KEY_ID_BYTES + NONCE_BYTES]
+    try:
+        body = key.index_cipher.decrypt(
+            nonce, view[KEY_ID_BYTES + NONCE_BYTES :], _INDEX_MAGIC + pack_id
+        )
+    except InvalidTag:
+        raise DataLoss(
+            f"the index of pack {name} failed authentication: it was altered or renamed "
+            "in the target"
+        ) from None
+    head = len(_INDEX_MAGIC) + _COUNT.size
+    found_id, count = _COUNT.unpack_from(body, len(_INDEX_MAGIC))
+    if body[: len(_INDEX_MAGIC)] != _INDEX_MAGIC or found_id != pack_id:
+        raise DataLoss(f"the index of pack {name} names another pack")
+    if len(body) != head + count * _ENTRY.size:
+        raise DataLoss(f"the index of pack {name} cannot be read (written by a newer Ferry?)")
+    return [Entry(*_ENTRY.unpack_from(body, head + i * _ENTRY.size)) for i in range(count)]
+
+
+class PackBuilder:
+    """Records appended into one pack's bytes, then closed with its index."""
+
+    def __init__(self, key: BackupKey) -> None:
+        self._key = key
+        self.pack_id = new_pack_id()
+        self.entries: list[Entry] = []
+        self._data = bytearray()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    @property
+    def full(self) -> bool:
+        return len(self._data) >= PACK_BYTES
+
+    def add(self, block_id: bytes, record: Blob, length: int) -> Entry:
+        entry = Entry(block_id, len(self._data), len(record), length)
+        self._data += record
+        self.entries.append(entry)
+        return entry
+
+    def close(self) -> tuple[bytes, bytes]:
+        """The pack's bytes and its sealed index (also at the pack's end)."""
+        index = seal_index(self._key, self.pack_id, self.entries)
+        self._data += index + TRAILER.pack(len(index), PACK_MAGIC)
+        return bytes(self._data), index
+
+
+def index_of_pack(key: BackupKey, pack_id: bytes, pack: Blob) -> list[Entry]:
+    """The entries of a whole pack object, read from its own tail (when its separate
+    index object is lost)."""
+    view = memoryview(pack)
+    if len(view) < TRAILER.size:
+        raise DataLoss(f"pack {pack_id.hex()} is truncated")
+    length, magic = TRAILER.unpack_from(view, len(view) - TRAILER.size)
+    if magic != PACK_MAGIC or length > len(view) - TRAILER.size:
+        raise DataLoss(f"pack {pack_id.hex()} has no index at its end (damaged)")
+    start = len(view) - TRAILER.size - length
+    return open_index(key, pack_id, view[start : start + length])

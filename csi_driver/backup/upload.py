@@ -1,0 +1,280 @@
+"""A backup's write path (format 2): chunks read and hashed, new blocks sealed into packs.
+
+Invariants:
+
+- The per-block work (pread, SHA-256, zstd, AES-GCM) runs on worker
+  threads: each of these releases the GIL on a 64 KiB buffer, so the
+  workers keep every core busy while the driving thread only decides which
+  blocks are new and appends their records to the open pack. Results come
+  back in submission order, so packs hold blocks in image order and a
+  restore reads a chunk's blocks with one ranged read.
+- A pack's id is claimed (see :mod:`.claims`) before the pack is staged, so
+  a collection never takes a pack being written for an index it lacks yet.
+- A pack's index object is staged only after the pack itself is durable
+  (:meth:`PackWriter.commit`): an index never names a pack a crash could
+  lose, so no backup deduplicates against blocks that are not there.
+- Memory is bounded by a pool of chunk buffers and two packs (one being
+  filled, one being staged).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from types import TracebackType
+
+from csi_driver.backup.keys import BackupKey
+from csi_driver.backup.packs import PACK_BYTES, BlockCodec, PackBuilder
+from csi_driver.backup.targets import Target
+from csi_driver.chunks.manifest import (
+    BLOCK_SIZE,
+    DIGEST_SIZE,
+    block_digest,
+    block_digests,
+)
+from csi_driver.chunks.scan import read_exactly
+from csi_driver.core.errors import FailedPrecondition
+
+PACKS = "packs/"
+INDEX = "index/"
+
+
+def pack_key(pack_id: bytes) -> str:
+    name = pack_id.hex()
+    return f"{PACKS}{name[:2]}/{name}"
+
+
+def index_key(pack_id: bytes) -> str:
+    return f"{INDEX}{pack_id.hex()}"
+
+
+def split_digests(blocks: bytes) -> list[bytes]:
+    return [blocks[at : at + DIGEST_SIZE] for at in range(0, len(blocks), DIGEST_SIZE)]
+
+
+class Buffers:
+    """Chunk-sized buffers, reused from chunk to chunk: their number bounds the memory
+    an operation holds (and fresh 4 MiB objects cost a page fault per 4 KiB each)."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(count):
+            self._free.put(bytearray(size))
+
+    def take(self) -> bytearray:
+        return self._free.get()
+
+    def give(self, buffer: bytearray) -> None:
+        self._free.put(buffer)
+
+
+class Codecs:
+    """One :class:`BlockCodec` per thread (codecs keep zstd contexts)."""
+
+    def __init__(self, key: BackupKey) -> None:
+        self._key = key
+        self._local = threading.local()
+
+    def get(self) -> BlockCodec:
+        codec: BlockCodec | None = getattr(self._local, "codec", None)
+        if codec is None:
+            codec = self._local.codec = BlockCodec(self._key)
+        return codec
+
+
+@dataclass(frozen=True)
+class ChunkRead:
+    """A chunk read into a pooled buffer, and its block digests."""
+
+    index: int
+    buffer: bytearray
+    data: memoryview
+    blocks: bytes
+
+
+@dataclass(frozen=True)
+class Sealed:
+    """New block records of one chunk, in block order: (block id, record, length)."""
+
+    index: int
+    bytes_read: int
+    records: list[tuple[bytes, bytes, int]]
+
+
+class ChunkWorkers:
+    """Reads, hashes and seals chunks of the image open as ``fd`` on worker threads."""
+
+    def __init__(
+        self, key: BackupKey, fd: int, size: int, chunk_size: int, workers: int, batch: int
+    ) -> None:
+        self._key = key
+        self._fd = fd
+        self._size = size
+        self._chunk_size = chunk_size
+        self._codecs = Codecs(key)
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="backup-block")
+        self._buffers = Buffers(batch + 2 * workers, chunk_size)
+
+    def _length(self, index: int) -> int:
+        return min(self._chunk_size, self._size - index * self._chunk_size)
+
+    def _read(self, index: int) -> ChunkRead:
+        buffer = self._buffers.take()
+        try:
+            data = read_exactly(self._fd, buffer, index * self._chunk_size, self._length(index))
+            return ChunkRead(index, buffer, data, block_digests(data, self._chunk_size))
+        except BaseException:
+            self._buffers.give(buffer)
+            raise
+
+    def read(self, indexes: list[int]) -> Iterator[ChunkRead]:
+        """``indexes`` read and hashed on the workers, in order."""
+        # A read abandoned after an error keeps its buffer: the pool goes with the run.
+        for future in [self._pool.submit(self._read, index) for index in indexes]:
+            yield future.result()
+
+    def release(self, read: ChunkRead) -> None:
+        self._buffers.give(read.buffer)
+
+    def _seal(self, read: ChunkRead, wanted: list[tuple[int, bytes]]) -> Sealed:
+        codec = self._codecs.get()
+        try:
+            records = []
+            for block, block_id in wanted:
+                data = read.data[block * BLOCK_SIZE : (block + 1) * BLOCK_SIZE]
+                records.append((block_id, codec.seal(block_id, data), len(data)))
+            return Sealed(read.index, 0, records)
+        finally:
+            self._buffers.give(read.buffer)
+
+    def seal(self, read: ChunkRead, wanted: list[tuple[int, bytes]]) -> Future[Sealed]:
+        """Seal blocks ``wanted`` (block number, block id) of ``read``; its buffer goes back."""
+        return self._pool.submit(self._seal, read, wanted)
+
+    def _read_and_seal(self, index: int, wanted: list[tuple[int, bytes]], blocks: bytes) -> Sealed:
+        codec = self._codecs.get()
+        buffer = self._buffers.take()
+        start = index * self._chunk_size
+        length = self._length(index)
+        ids = dict(wanted)
+        try:
+            records = []
+            done = 0
+            for run in _runs(sorted(ids)):
+                offset = run[0] * BLOCK_SIZE
+                end = min((run[-1] + 1) * BLOCK_SIZE, length)
+                view = read_exactly(self._fd, buffer, start + offset, end - offset)
+                done += len(view)
+                for block in run:
+                    at = (block - run[0]) * BLOCK_SIZE
+                    data = view[at : at + BLOCK_SIZE]
+                    if (
+                        block_digest(data)
+                        != blocks[block * DIGEST_SIZE : (block + 1) * DIGEST_SIZE]
+                    ):
+                        raise FailedPrecondition(
+                            f"chunk {index} of the image changed since its manifest was taken; "
+                            "back up a snapshot, or a volume nobody writes to"
+                        )
+                    records.append((ids[block], codec.seal(ids[block], data), len(data)))
+            return Sealed(index, done, records)
+        finally:
+            self._buffers.give(buffer)
+
+    def read_and_seal(
+        self, index: int, wanted: list[tuple[int, bytes]], blocks: bytes
+    ) -> Future[Sealed]:
+        """Read only blocks ``wanted`` of chunk ``index``, check each against its digest in
+        ``blocks`` (FailedPrecondition when the image changed), and seal them."""
+        return self._pool.submit(self._read_and_seal, index, wanted, blocks)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _runs(blocks: list[int]) -> Iterator[list[int]]:
+    """Sorted block numbers as lists of consecutive ones."""
+    run: list[int] = []
+    for block in blocks:
+        if run and block != run[-1] + 1:
+            yield run
+            run = []
+        run.append(block)
+    if run:
+        yield run
+
+
+class PackWriter:
+    """Appends records to packs of about ``pack_bytes`` and stages each pack when full.
+
+    ``claim`` is told a pack's id before the pack is staged (a backup's claim;
+    None for a collection, which holds every backup back while it runs).
+    """
+
+    def __init__(
+        self,
+        target: Target,
+        key: BackupKey,
+        claim: Callable[[bytes], None] | None,
+        pack_bytes: int = PACK_BYTES,
+    ) -> None:
+        self._target = target
+        self._key = key
+        self._claim = claim
+        self._pack_bytes = pack_bytes
+        self._builder: PackBuilder | None = None
+        self._stager = ThreadPoolExecutor(1, thread_name_prefix="backup-pack")
+        self._staging: deque[Future[None]] = deque()
+        self.indexes: list[tuple[bytes, bytes]] = []
+        self.blocks = 0
+        self.stored_bytes = 0
+
+    def add(self, block_id: bytes, record: bytes, length: int) -> None:
+        if self._builder is None:
+            self._builder = PackBuilder(self._key)
+        self._builder.add(block_id, record, length)
+        self.blocks += 1
+        self.stored_bytes += len(record)
+        if len(self._builder) >= self._pack_bytes:
+            self._close()
+
+    def _close(self) -> None:
+        builder, self._builder = self._builder, None
+        if builder is None or not builder.entries:
+            return
+        if self._claim is not None:
+            self._claim(builder.pack_id)
+        data, index = builder.close()
+        while len(self._staging) >= 1:  # one pack staged at a time, the next filling
+            self._staging.popleft().result()
+        self._staging.append(
+            self._stager.submit(self._target.stage, pack_key(builder.pack_id), data)
+        )
+        self.indexes.append((builder.pack_id, index))
+
+    def commit(self) -> None:
+        """Close the open pack, make every pack durable, then stage their indexes (made
+        durable by the next durable put or flush)."""
+        self._close()
+        while self._staging:
+            self._staging.popleft().result()
+        self._target.flush()
+        for pack_id, index in self.indexes:
+            self._target.stage(index_key(pack_id), index)
+
+    def __enter__(self) -> PackWriter:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for future in self._staging:
+            future.cancel()
+        self._stager.shutdown(wait=True, cancel_futures=True)
