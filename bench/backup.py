@@ -14,9 +14,12 @@ image is read once, so every side reads it from the page cache.
   every chunk fsynced before its manifest), then ``restore_image`` to a new
   file (every chunk authenticated and hash-checked, fsynced at the end).
 - Incremental: 1% of the image changed, then a second backup; bytes put in
-  the target are counted by the target itself. Two patterns: one clustered
-  1% region, and the same bytes as 64 KiB writes scattered over the image
-  (with the default 4 MiB chunks and with 64 KiB chunks).
+  the target are counted by the target itself (packs, indexes, manifest and
+  claims). Two patterns: one clustered 1% region, and the same bytes as
+  64 KiB writes scattered over the image.
+- CPU: user + system seconds per GiB of the Ferry process (``getrusage``) for
+  the backup and for the restore, and of ``cp`` (its child's usage): steadier
+  than wall time on a shared machine.
 
 Rounds alternate (cp, Ferry, cp, Ferry...) and the table shows medians.
 With ``--baseline TREE`` (another checkout of Ferry, e.g. a ``git worktree``
@@ -36,6 +39,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -81,7 +85,7 @@ def warm(path: Path) -> None:
 #: One timed backup and restore, run in a process of its own with a tree's PYTHONPATH:
 #: argv is the image, the work directory and the key; prints the seconds as JSON.
 _ONE_ROUND = """
-import json, shutil, sys, time
+import json, resource, shutil, sys, time
 from pathlib import Path
 from csi_driver.backup.keys import BackupKey
 from csi_driver.backup.repository import Repository, backup_image, restore_image
@@ -92,12 +96,20 @@ repo = Repository.open(target, key, create=True)
 with open(image, "rb") as handle:  # warm, as for cp
     while handle.read(4 << 20):
         pass
+def cpu():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+before = cpu()
 backup = backup_image(repo, image, volume_name="bench")
-stored = sum(s.size for s in target.list("chunks/"))
+backup_cpu = cpu() - before
+stored = sum(s.size for prefix in ("chunks/", "packs/") for s in target.list(prefix))
+before = cpu()
 restored = restore_image(repo, backup.backup.backup_id, work / "ferry-restored")
+restore_cpu = cpu() - before
 (work / "ferry-restored").unlink()
 shutil.rmtree(target.root)
-print(json.dumps({"backup_s": backup.elapsed_s, "restore_s": restored.elapsed_s, "stored": stored}))
+print(json.dumps({"backup_s": backup.elapsed_s, "restore_s": restored.elapsed_s, "stored": stored,
+                  "backup_cpu_s": backup_cpu, "restore_cpu_s": restore_cpu}))
 """
 
 
@@ -124,14 +136,20 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def timed_cp(source: Path, destination: Path) -> tuple[float, float]:
-    """Seconds for ``cp``, and for ``cp`` plus an fsync of the copy."""
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed_cp(source: Path, destination: Path) -> tuple[float, float, float]:
+    """Seconds for ``cp``, for ``cp`` plus an fsync of the copy, and ``cp``'s CPU."""
     destination.unlink(missing_ok=True)
+    cpu = children_cpu()
     started = time.perf_counter()
     subprocess.run(["cp", str(source), str(destination)], check=True)
     copied = time.perf_counter() - started
     fsync_file(destination)
-    return copied, time.perf_counter() - started
+    return copied, time.perf_counter() - started, children_cpu() - cpu
 
 
 def change(path: Path, fraction: float, seed: int, scattered: bool) -> int:
@@ -168,6 +186,11 @@ class Results:
     baseline_backup_s: list[float] = field(default_factory=list)
     baseline_restore_s: list[float] = field(default_factory=list)
     stored_bytes: int = 0
+    cp_cpu_s: list[float] = field(default_factory=list)
+    backup_cpu_s: list[float] = field(default_factory=list)
+    restore_cpu_s: list[float] = field(default_factory=list)
+    baseline_backup_cpu_s: list[float] = field(default_factory=list)
+    baseline_restore_cpu_s: list[float] = field(default_factory=list)
     incremental: dict[str, dict[str, float]] = field(default_factory=dict)
     load_average: list[float] = field(default_factory=list)
 
@@ -175,22 +198,23 @@ class Results:
         return self.size_bytes / statistics.median(samples) / MiB
 
 
-def incremental(work: Path, size: int, chunk_size: int, scattered: bool) -> dict[str, float]:
+def incremental(work: Path, size: int, scattered: bool) -> dict[str, float]:
     image = work / "incremental.img"
     make_image(image, size, seed=3)
-    target = FilesystemTarget(work / f"incremental-{chunk_size}-{scattered}")
-    repo = Repository.open(target, BackupKey.generate(), create=True, chunk_size=chunk_size)
+    target = FilesystemTarget(work / f"incremental-{scattered}")
+    repo = Repository.open(target, BackupKey.generate(), create=True)
     first = backup_image(repo, image, volume_name="bench")
     changed = change(image, 0.01, seed=4, scattered=scattered)
     second = backup_image(repo, image, volume_name="bench")
     shutil.rmtree(target.root)
     image.unlink()
     return {
-        "chunk_size": chunk_size,
         "changed_bytes": changed,
         "first_uploaded_bytes": first.bytes_uploaded,
         "second_uploaded_bytes": second.bytes_uploaded,
         "second_chunks_uploaded": second.chunks_uploaded,
+        "second_blocks_uploaded": second.blocks_uploaded,
+        "second_packs_uploaded": second.packs_uploaded,
         "second_uploaded_fraction": second.bytes_uploaded / size,
         "second_backup_s": second.elapsed_s,
     }
@@ -213,11 +237,12 @@ def run(args: argparse.Namespace, work: Path) -> Results:
         plain = work / "cp-target"
         plain.mkdir(exist_ok=True)
         warm(image)
-        copied, synced = timed_cp(image, plain / "copy")
+        copied, synced, cpu = timed_cp(image, plain / "copy")
         results.cp_s.append(copied)
         results.cp_fsync_s.append(synced)
+        results.cp_cpu_s.append(cpu)
         warm(plain / "copy")
-        copied, synced = timed_cp(plain / "copy", work / "cp-restored")
+        copied, synced, _ = timed_cp(plain / "copy", work / "cp-restored")
         results.restore_cp_s.append(copied)
         results.restore_cp_fsync_s.append(synced)
         shutil.rmtree(plain)
@@ -230,20 +255,20 @@ def run(args: argparse.Namespace, work: Path) -> Results:
                 results.backup_s.append(timed["backup_s"])
                 results.restore_s.append(timed["restore_s"])
                 results.stored_bytes = int(timed["stored"])
+                results.backup_cpu_s.append(timed["backup_cpu_s"])
+                results.restore_cpu_s.append(timed["restore_cpu_s"])
             else:
                 results.baseline_backup_s.append(timed["backup_s"])
                 results.baseline_restore_s.append(timed["restore_s"])
+                results.baseline_backup_cpu_s.append(timed["backup_cpu_s"])
+                results.baseline_restore_cpu_s.append(timed["restore_cpu_s"])
         results.load_average.extend(os.getloadavg()[:1])
     if args.no_incremental:
         return results
     progress("incremental backups")
-    patterns = (
-        ("clustered 1%, 4 MiB chunks", 4 * MiB, False),
-        ("scattered 1%, 4 MiB chunks", 4 * MiB, True),
-        ("scattered 1%, 64 KiB chunks", 64 * 1024, True),
-    )
-    for name, chunk_size, scattered in patterns:
-        results.incremental[name] = incremental(work, size, chunk_size, scattered)
+    patterns = (("clustered 1% (one region)", False), ("scattered 1% (64 KiB writes)", True))
+    for name, scattered in patterns:
+        results.incremental[name] = incremental(work, size, scattered)
     return results
 
 
@@ -272,16 +297,34 @@ def render(r: Results) -> str:
             row("backup", r.backup_s, r.cp_s, r.cp_fsync_s),
             row("restore", r.restore_s, r.restore_cp_s, r.restore_cp_fsync_s),
         ]
+    gib = r.size_bytes / GiB
+
+    def cpu(samples: list[float]) -> str:
+        return ", ".join(f"{s / gib:.2f}" for s in samples) if samples else "-"
+
+    lines += [
+        "",
+        "| CPU s/GiB (user + system, per round) | backup | restore |",
+        "|---|---|---|",
+        f"| Ferry | {cpu(r.backup_cpu_s)} | {cpu(r.restore_cpu_s)} |",
+    ]
+    if r.baseline:
+        lines.append(
+            f"| Ferry, before | {cpu(r.baseline_backup_cpu_s)} | {cpu(r.baseline_restore_cpu_s)} |"
+        )
+    lines.append(f"| cp | {cpu(r.cp_cpu_s)} | |")
     if not r.incremental:
         return "\n".join(lines)
     lines += [
         "",
-        "| second backup after 1% changed | chunks uploaded | bytes uploaded | of the volume |",
-        "|---|---:|---:|---:|",
+        "| second backup after 1% changed | blocks uploaded | packs | bytes uploaded "
+        "| of the volume |",
+        "|---|---:|---:|---:|---:|",
     ]
     for name, inc in r.incremental.items():
         lines.append(
-            f"| {name} | {inc['second_chunks_uploaded']:.0f} | "
+            f"| {name} | {inc['second_blocks_uploaded']:.0f} | "
+            f"{inc['second_packs_uploaded']:.0f} | "
             f"{inc['second_uploaded_bytes'] / MiB:.1f} MiB | "
             f"{inc['second_uploaded_fraction']:.2%} |"
         )

@@ -109,13 +109,20 @@ class BlockCodec:
         compressed = self._compressor.compress(data)
         return compressed if len(compressed) < len(data) else None
 
-    def seal(self, block_id: bytes, data: Blob) -> bytes:
-        """The record for block ``block_id`` holding ``data``."""
+    def seal_into(self, block_id: bytes, data: Blob, out: memoryview) -> int:
+        """Write the record for block ``block_id`` holding ``data`` at the start of
+        ``out`` (room for ``len(data) + RECORD_OVERHEAD`` bytes); its length. Sealing
+        in place spares a copy per block: AES-GCM writes where the pack is built."""
         compressed = self._compressed(data)
         flags, payload = (0, data) if compressed is None else (_ZSTD, compressed)
         nonce = os.urandom(NONCE_BYTES)
         aad = _RECORD_AAD + bytes([flags]) + block_id
-        return bytes([flags]) + nonce + self._key.block_cipher.encrypt(nonce, payload, aad)
+        head = 1 + NONCE_BYTES
+        stored = head + len(payload) + TAG_BYTES
+        out[0] = flags
+        out[1:head] = nonce
+        self._key.block_cipher.encrypt_into(nonce, payload, aad, out[head:stored])
+        return stored
 
     def open_into(self, entry: Entry, record: memoryview, digest: bytes, into: memoryview) -> None:
         """Write the block ``record`` holds into ``into`` (``entry.length`` bytes),
@@ -218,21 +225,21 @@ class PackBuilder:
         self.entries.append(entry)
         return entry
 
-    def close(self) -> tuple[bytes, bytes]:
-        """The pack's bytes and its sealed index (also at the pack's end)."""
+    def close(self) -> tuple[bytearray, bytes]:
+        """The pack's bytes (no longer this builder's) and its sealed index (also at
+        the pack's end)."""
         index = seal_index(self._key, self.pack_id, self.entries)
         self._data += index + TRAILER.pack(len(index), PACK_MAGIC)
-        return bytes(self._data), index
+        data, self._data = self._data, bytearray()
+        return data, index
 
 
-def index_of_pack(key: BackupKey, pack_id: bytes, pack: Blob) -> list[Entry]:
-    """The entries of a whole pack object, read from its own tail (when its separate
-    index object is lost)."""
-    view = memoryview(pack)
-    if len(view) < TRAILER.size:
+def index_span(pack_id: bytes, pack_size: int, trailer: Blob) -> tuple[int, int]:
+    """Where a pack of ``pack_size`` bytes ending in ``trailer`` (its last
+    :data:`TRAILER` bytes) keeps its index: offset and length."""
+    if len(trailer) != TRAILER.size:
         raise DataLoss(f"pack {pack_id.hex()} is truncated")
-    length, magic = TRAILER.unpack_from(view, len(view) - TRAILER.size)
-    if magic != PACK_MAGIC or length > len(view) - TRAILER.size:
+    length, magic = TRAILER.unpack(trailer)
+    if magic != PACK_MAGIC or length > pack_size - TRAILER.size:
         raise DataLoss(f"pack {pack_id.hex()} has no index at its end (damaged)")
-    start = len(view) - TRAILER.size - length
-    return open_index(key, pack_id, view[start : start + length])
+    return pack_size - TRAILER.size - length, length

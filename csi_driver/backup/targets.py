@@ -107,9 +107,12 @@ class Target(Protocol):
         """The object's bytes; NotFound when there is none."""
         ...
 
-    def get_range(self, key: str, offset: int, length: int) -> bytes:
-        """``length`` bytes of the object from ``offset`` (an S3 Range GET, a pread);
-        NotFound when there is no object, DataLoss when it is shorter."""
+    def get_range(
+        self, key: str, offset: int, length: int, *, into: bytearray | None = None
+    ) -> Blob:
+        """``length`` bytes of the object from ``offset`` (an S3 Range GET, a pread),
+        in ``into`` when the target can read into a buffer (valid until ``into`` is
+        reused); NotFound when there is no object, DataLoss when it is shorter."""
         ...
 
     def list(self, prefix: str) -> Iterator[StoredObject]: ...
@@ -291,25 +294,29 @@ class FilesystemTarget:
         except OSError as exc:
             raise _os_error(exc, f"read {key} from {self.root}") from exc
 
-    def get_range(self, key: str, offset: int, length: int) -> bytes:
+    def get_range(
+        self, key: str, offset: int, length: int, *, into: bytearray | None = None
+    ) -> Blob:
         try:
             fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise NotFound(f"no object {key} in backup target {self.root}") from None
         except OSError as exc:
             raise _os_error(exc, f"read {key} from {self.root}") from exc
+        buffer = into if into is not None and len(into) >= length else bytearray(length)
+        view = memoryview(buffer)[:length]
+        done = 0
         try:
-            data = os.pread(fd, length, offset)
-            while 0 < len(data) < length:  # short reads: rare, finish them
-                more = os.pread(fd, length - len(data), offset + len(data))
-                if not more:
+            while done < length:  # short reads are rare: finish them
+                got = os.preadv(fd, [view[done:]], offset + done)
+                if got == 0:
                     break
-                data += more
+                done += got
         except OSError as exc:
             raise _os_error(exc, f"read {key} from {self.root}") from exc
         finally:
             os.close(fd)
-        return _whole(data, length, key, self.description)
+        return _whole(view[:done], length, key, self.description)
 
     def list(self, prefix: str) -> Iterator[StoredObject]:
         start = self.root / prefix.rstrip("/") if prefix else self.root
@@ -385,7 +392,7 @@ def _sync_dirs(directories: set[Path], root: Path, pool: ThreadPoolExecutor | No
         list(pool.map(sync, ordered))
 
 
-def _whole(data: bytes, length: int, key: str, where: str) -> bytes:
+def _whole(data: Blob, length: int, key: str, where: str) -> Blob:
     if len(data) != length:
         raise DataLoss(f"object {key} in {where} is shorter than its index says (truncated)")
     return data
@@ -513,7 +520,9 @@ class S3Target:
         body: bytes = answer["Body"].read()
         return body
 
-    def get_range(self, key: str, offset: int, length: int) -> bytes:
+    def get_range(
+        self, key: str, offset: int, length: int, *, into: bytearray | None = None
+    ) -> Blob:
         answer = self._call(
             f"read {key}",
             self._client.get_object,

@@ -22,14 +22,14 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
 
 from csi_driver.backup.keys import BackupKey
-from csi_driver.backup.packs import PACK_BYTES, BlockCodec, PackBuilder
-from csi_driver.backup.targets import Target
+from csi_driver.backup.packs import PACK_BYTES, RECORD_OVERHEAD, BlockCodec, PackBuilder
+from csi_driver.backup.targets import Blob, Target
 from csi_driver.chunks.manifest import (
     BLOCK_SIZE,
     DIGEST_SIZE,
@@ -98,11 +98,14 @@ class ChunkRead:
 
 @dataclass(frozen=True)
 class Sealed:
-    """New block records of one chunk, in block order: (block id, record, length)."""
+    """New block records of one chunk, one after another in ``out`` (a pooled buffer,
+    given back once they are in a pack): (block id, offset in ``out``, stored
+    length, block length) each, in block order."""
 
     index: int
     bytes_read: int
-    records: list[tuple[bytes, bytes, int]]
+    out: bytearray
+    records: list[tuple[bytes, int, int, int]]
 
 
 class ChunkWorkers:
@@ -118,6 +121,9 @@ class ChunkWorkers:
         self._codecs = Codecs(key)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="backup-block")
         self._buffers = Buffers(batch + 2 * workers, chunk_size)
+        # Sealed chunks in flight (see _Run._submit) and one landing.
+        record_room = chunk_size + (chunk_size // BLOCK_SIZE + 1) * RECORD_OVERHEAD
+        self._outputs = Buffers(2 * workers + 2, record_room)
 
     def _length(self, index: int) -> int:
         return min(self._chunk_size, self._size - index * self._chunk_size)
@@ -140,14 +146,37 @@ class ChunkWorkers:
     def release(self, read: ChunkRead) -> None:
         self._buffers.give(read.buffer)
 
-    def _seal(self, read: ChunkRead, wanted: list[tuple[int, bytes]]) -> Sealed:
+    def give_output(self, out: bytearray) -> None:
+        self._outputs.give(out)
+
+    def _seal_blocks(
+        self, index: int, bytes_read: int, blocks: Iterable[tuple[bytes, memoryview]]
+    ) -> Sealed:
         codec = self._codecs.get()
+        out = self._outputs.take()
         try:
+            view = memoryview(out)
             records = []
-            for block, block_id in wanted:
-                data = read.data[block * BLOCK_SIZE : (block + 1) * BLOCK_SIZE]
-                records.append((block_id, codec.seal(block_id, data), len(data)))
-            return Sealed(read.index, 0, records)
+            at = 0
+            for block_id, data in blocks:
+                stored = codec.seal_into(block_id, data, view[at:])
+                records.append((block_id, at, stored, len(data)))
+                at += stored
+            return Sealed(index, bytes_read, out, records)
+        except BaseException:
+            self._outputs.give(out)
+            raise
+
+    def _seal(self, read: ChunkRead, wanted: list[tuple[int, bytes]]) -> Sealed:
+        try:
+            return self._seal_blocks(
+                read.index,
+                0,
+                (
+                    (block_id, read.data[block * BLOCK_SIZE : (block + 1) * BLOCK_SIZE])
+                    for block, block_id in wanted
+                ),
+            )
         finally:
             self._buffers.give(read.buffer)
 
@@ -156,34 +185,38 @@ class ChunkWorkers:
         return self._pool.submit(self._seal, read, wanted)
 
     def _read_and_seal(self, index: int, wanted: list[tuple[int, bytes]], blocks: bytes) -> Sealed:
-        codec = self._codecs.get()
         buffer = self._buffers.take()
-        start = index * self._chunk_size
-        length = self._length(index)
-        ids = dict(wanted)
         try:
-            records = []
-            done = 0
-            for run in _runs(sorted(ids)):
-                offset = run[0] * BLOCK_SIZE
-                end = min((run[-1] + 1) * BLOCK_SIZE, length)
-                view = read_exactly(self._fd, buffer, start + offset, end - offset)
-                done += len(view)
-                for block in run:
-                    at = (block - run[0]) * BLOCK_SIZE
-                    data = view[at : at + BLOCK_SIZE]
-                    if (
-                        block_digest(data)
-                        != blocks[block * DIGEST_SIZE : (block + 1) * DIGEST_SIZE]
-                    ):
-                        raise FailedPrecondition(
-                            f"chunk {index} of the image changed since its manifest was taken; "
-                            "back up a snapshot, or a volume nobody writes to"
-                        )
-                    records.append((ids[block], codec.seal(ids[block], data), len(data)))
-            return Sealed(index, done, records)
+            return self._seal_blocks(
+                index,
+                sum(
+                    min(BLOCK_SIZE, self._length(index) - block * BLOCK_SIZE) for block, _ in wanted
+                ),
+                self._read_checked(index, dict(wanted), blocks, buffer),
+            )
         finally:
             self._buffers.give(buffer)
+
+    def _read_checked(
+        self, index: int, ids: dict[int, bytes], blocks: bytes, buffer: bytearray
+    ) -> Iterator[tuple[bytes, memoryview]]:
+        """Blocks ``ids`` of chunk ``index`` read into ``buffer``, a run of consecutive
+        ones per read, each checked against its digest in ``blocks``."""
+        start = index * self._chunk_size
+        length = self._length(index)
+        for run in _runs(sorted(ids)):
+            offset = run[0] * BLOCK_SIZE
+            end = min((run[-1] + 1) * BLOCK_SIZE, length)
+            view = read_exactly(self._fd, buffer, start + offset, end - offset)
+            for block in run:
+                at = (block - run[0]) * BLOCK_SIZE
+                data = view[at : at + BLOCK_SIZE]
+                if block_digest(data) != blocks[block * DIGEST_SIZE : (block + 1) * DIGEST_SIZE]:
+                    raise FailedPrecondition(
+                        f"chunk {index} of the image changed since its manifest was taken; "
+                        "back up a snapshot, or a volume nobody writes to"
+                    )
+                yield ids[block], data
 
     def read_and_seal(
         self, index: int, wanted: list[tuple[int, bytes]], blocks: bytes
@@ -233,7 +266,7 @@ class PackWriter:
         self.blocks = 0
         self.stored_bytes = 0
 
-    def add(self, block_id: bytes, record: bytes, length: int) -> None:
+    def add(self, block_id: bytes, record: Blob, length: int) -> None:
         if self._builder is None:
             self._builder = PackBuilder(self._key)
         self._builder.add(block_id, record, length)
