@@ -204,34 +204,43 @@ def open_index(key: BackupKey, pack_id: bytes, blob: Blob) -> list[Entry]:
 
 
 class PackBuilder:
-    """Records appended into one pack's bytes, then closed with its index."""
+    """Records appended into one pack's bytes, then closed with its index.
 
-    def __init__(self, key: BackupKey) -> None:
+    The bytes go into ``buffer`` (reused from pack to pack by the caller), or a
+    new one of ``capacity``; a pack that outgrows it moves to a larger one.
+    """
+
+    def __init__(self, key: BackupKey, buffer: bytearray | None, capacity: int) -> None:
         self._key = key
         self.pack_id = new_pack_id()
         self.entries: list[Entry] = []
-        self._data = bytearray()
+        self.buffer = buffer if buffer is not None else bytearray(capacity)
+        self._length = 0
 
     def __len__(self) -> int:
-        return len(self._data)
+        return self._length
 
-    @property
-    def full(self) -> bool:
-        return len(self._data) >= PACK_BYTES
+    def _append(self, data: Blob) -> None:
+        end = self._length + len(data)
+        if end > len(self.buffer):  # rare: a new buffer, never a resize of a shared one
+            grown = bytearray(max(end, 2 * len(self.buffer)))
+            grown[: self._length] = memoryview(self.buffer)[: self._length]
+            self.buffer = grown
+        self.buffer[self._length : end] = data
+        self._length = end
 
     def add(self, block_id: bytes, record: Blob, length: int) -> Entry:
-        entry = Entry(block_id, len(self._data), len(record), length)
-        self._data += record
+        entry = Entry(block_id, self._length, len(record), length)
+        self._append(record)
         self.entries.append(entry)
         return entry
 
-    def close(self) -> tuple[bytearray, bytes]:
-        """The pack's bytes (no longer this builder's) and its sealed index (also at
-        the pack's end)."""
+    def close(self) -> tuple[memoryview, bytes]:
+        """The pack's bytes (a view of :attr:`buffer`) and its sealed index (also at the
+        pack's end)."""
         index = seal_index(self._key, self.pack_id, self.entries)
-        self._data += index + TRAILER.pack(len(index), PACK_MAGIC)
-        data, self._data = self._data, bytearray()
-        return data, index
+        self._append(index + TRAILER.pack(len(index), PACK_MAGIC))
+        return memoryview(self.buffer)[: self._length], index
 
 
 def index_span(pack_id: bytes, pack_size: int, trailer: Blob) -> tuple[int, int]:

@@ -58,15 +58,25 @@ def split_digests(blocks: bytes) -> list[bytes]:
 
 class Buffers:
     """Chunk-sized buffers, reused from chunk to chunk: their number bounds the memory
-    an operation holds (and fresh 4 MiB objects cost a page fault per 4 KiB each)."""
+    an operation holds (and fresh 4 MiB objects cost a page fault per 4 KiB each).
+    Made on first need, not up front: zeroing 100 MiB before the first read
+    stalled a backup's start by seconds on a busy machine."""
 
     def __init__(self, count: int, size: int) -> None:
         self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-        for _ in range(count):
-            self._free.put(bytearray(size))
+        self._size = size
+        self._unmade = count
+        self._lock = threading.Lock()
 
     def take(self) -> bytearray:
-        return self._free.get()
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            make = self._unmade > 0
+            self._unmade -= make
+        return bytearray(self._size) if make else self._free.get()
 
     def give(self, buffer: bytearray) -> None:
         self._free.put(buffer)
@@ -261,14 +271,18 @@ class PackWriter:
         self._pack_bytes = pack_bytes
         self._builder: PackBuilder | None = None
         self._stager = ThreadPoolExecutor(1, thread_name_prefix="backup-pack")
-        self._staging: deque[Future[None]] = deque()
+        self._staging: deque[tuple[Future[None], bytearray]] = deque()
+        # Two pack buffers, reused: one filling, one staging. A fresh 16 MiB per
+        # pack cost a page fault per 4 KiB (60 000 faults per 512 MiB stored).
+        self._free: list[bytearray] = []
         self.indexes: list[tuple[bytes, bytes]] = []
         self.blocks = 0
         self.stored_bytes = 0
 
     def add(self, block_id: bytes, record: Blob, length: int) -> None:
         if self._builder is None:
-            self._builder = PackBuilder(self._key)
+            buffer = self._free.pop() if self._free else None
+            self._builder = PackBuilder(self._key, buffer, self._pack_bytes + self._pack_bytes // 8)
         self._builder.add(block_id, record, length)
         self.blocks += 1
         self.stored_bytes += len(record)
@@ -282,19 +296,29 @@ class PackWriter:
         if self._claim is not None:
             self._claim(builder.pack_id)
         data, index = builder.close()
-        while len(self._staging) >= 1:  # one pack staged at a time, the next filling
-            self._staging.popleft().result()
-        self._staging.append(
-            self._stager.submit(self._target.stage, pack_key(builder.pack_id), data)
-        )
+        while self._staging:  # one pack staged at a time, the next filling
+            self._staged()
+        key = pack_key(builder.pack_id)
+        self._staging.append((self._stager.submit(self._stage, key, data), builder.buffer))
         self.indexes.append((builder.pack_id, index))
+
+    def _stage(self, key: str, data: memoryview) -> None:
+        try:
+            self._target.stage(key, data)
+        finally:
+            data.release()  # the buffer is reused: no view of it may outlive the stage
+
+    def _staged(self) -> None:
+        future, buffer = self._staging.popleft()
+        future.result()
+        self._free.append(buffer)
 
     def commit(self) -> None:
         """Close the open pack, make every pack durable, then stage their indexes (made
         durable by the next durable put or flush)."""
         self._close()
         while self._staging:
-            self._staging.popleft().result()
+            self._staged()
         self._target.flush()
         for pack_id, index in self.indexes:
             self._target.stage(index_key(pack_id), index)
@@ -308,6 +332,6 @@ class PackWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        for future in self._staging:
+        for future, _ in self._staging:
             future.cancel()
         self._stager.shutdown(wait=True, cancel_futures=True)

@@ -104,10 +104,10 @@ def test_gc_drops_an_old_unindexed_pack_and_keeps_a_young_one(
     than the grace period (its claim would have protected it while it ran)."""
     target = fs_repo.target
     for age in (0.0, 2 * GRACE_S):
-        builder = PackBuilder(fs_repo.key)
+        builder = PackBuilder(fs_repo.key, None, 1024)
         builder.add(os.urandom(32), b"x" * 100, 100)
         data, _ = builder.close()
-        target.put(pack_key(builder.pack_id), data)
+        target.put(pack_key(builder.pack_id), bytes(data))
         path = fs_repo.target.root / pack_key(builder.pack_id)  # type: ignore[attr-defined]
         os.utime(path, (time.time() - age, time.time() - age))
     gc = collect_garbage(fs_repo)
