@@ -6,7 +6,8 @@ however unreferenced: a collector deleting such a chunk would leave the new
 manifest naming a chunk that is gone. Two kinds of small objects prevent it::
 
     claims/<op-id>/live        an operation's heartbeat (rewritten every interval)
-    claims/<op-id>/<seq>       chunk names it will rely on, written *before* it does
+    claims/<op-id>/<seq>       names it will rely on, written *before* it does: pack ids
+                               (format 2) or chunk names (format 1), 32 bytes each
     sweeps/<sweep-id>          a collection's heartbeat: live, then done
 
 The protocol (each side writes, then reads what the other wrote):

@@ -459,18 +459,26 @@ class _Run:
     workers: ChunkWorkers
     packs: PackWriter
     progress: Progress
-    present: set[bytes]  # block ids indexed in the target, as last listed
+    present: BlockMap  # the blocks indexed in the target, as last listed
     written: set[bytes] = field(default_factory=set)  # block ids this run put in its packs
+    claimed: set[bytes] = field(default_factory=set)  # pack ids this run relies on
     bytes_read: int = 0
     bytes_deduplicated: int = 0
     chunks_uploaded: int = 0
     inflight: deque[Future[Sealed]] = field(default_factory=deque)
 
-    def _relied_on(self, ids: Iterable[bytes]) -> None:
-        """Claim ``ids`` before trusting ``present`` about them."""
-        self.claim.add(block_id.hex() for block_id in ids)
-        if self.claim.quiet():  # a sweep ran since the last listing
-            self.present = set(self.repo.block_map())
+    def _relied_on(self, ids: set[bytes]) -> None:
+        """Claim the packs holding ``ids`` before trusting ``present`` about them, again
+        after every collection that ran meanwhile (it may have moved or removed
+        them): a collection leaves a claimed pack alone. A claim of packs rather
+        than blocks is a few ids per batch, not one per 64 KiB."""
+        while True:
+            packs = {self.present[i].pack_id for i in ids if i in self.present} - self.claimed
+            self.claim.add(sorted(pack_id.hex() for pack_id in packs))
+            self.claimed |= packs
+            if not self.claim.quiet():
+                return
+            self.present = self.repo.block_map()  # a sweep ran since the last listing
 
     def _land(self, sealed: Sealed) -> None:
         self.bytes_read += sealed.bytes_read
@@ -517,7 +525,7 @@ class _Run:
             for digest in split_digests(blocks)
             if digest != HOLE_BLOCK
         }
-        self._relied_on(sorted(ids & self.present))
+        self._relied_on(ids)
 
     def scan_and_upload(self, fd: int, size: int) -> tuple[Manifest, tuple[bytes | None, ...]]:
         """Read and hash every data chunk once; upload the blocks the target lacks."""
@@ -668,7 +676,7 @@ def backup_image(
             try:
                 claim.quiet()
                 repo.adopt_packs()
-                run = _Run(repo, claim, workers, packs, progress, set(repo.block_map()))
+                run = _Run(repo, claim, workers, packs, progress, repo.block_map())
                 if manifest is None:
                     final, block_digests = run.scan_and_upload(fd, size)
                 else:
@@ -814,15 +822,17 @@ def restore_image(
 
 
 def _claim_for_reading(repo: Repository, backup: Backup, claim: Claim) -> BlockMap:
-    """Claim what a restore of ``backup`` reads, and where it is: its blocks (format 1:
-    chunks), then the packs holding them, again until no collection ran in between
-    (a collection may move a claimed block to a new pack, never a claimed pack)."""
+    """Claim what a restore of ``backup`` reads, and where it is: the packs holding its
+    blocks (format 1: its chunks), again until no collection ran in between."""
     if backup.format == 1:
         claim.add(sorted({name for name in repo.names_of(backup.manifest) if name is not None}))
         claim.quiet()
         return {}
+    # The manifest names the blocks, so a collection keeps them while the backup
+    # exists; claiming the packs holding them (again after every collection that
+    # ran in between) keeps the restore's reads valid even if the backup is
+    # pruned, or a collection repacks, meanwhile.
     ids = repo.block_ids(backup)
-    claim.add(sorted(block_id.hex() for block_id in ids))
     claim.quiet()
     while True:
         blocks = repo.block_map()
