@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import threading
 import time
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from tests.backup.conftest import (
     random_chunks,
     write_image,
 )
+from tests.backup.test_gc import PauseAt
 
 
 def digest(path: Path) -> str:
@@ -157,3 +159,39 @@ def test_format_1_backups_are_restored_verified_and_collected_not_written(
     target.delete(MANIFESTS + backup_id)
     gc = collect_garbage(repo)
     assert gc.chunks_deleted == 16 and list(target.list("chunks/")) == []
+
+
+def test_a_restore_keeps_its_packs_from_a_repack(
+    fs_target: Target, key: BackupKey, tmp_path: Path
+) -> None:
+    """A collection that would repack a pack a running restore reads leaves it alone
+    (the restore claimed it), and repacks it once the restore is over."""
+    repo = Repository.open(
+        fs_target, key, create=True, chunk_size=CHUNK, grace_s=GRACE_S, pack_bytes=4 * CHUNK
+    )
+    image = tmp_path / "image"
+    chunks = random_chunks(range(4), 41)
+    write_image(image, chunks, 4)
+    backup_image(repo, image, volume_name="db")
+    write_image(image, {**chunks, **random_chunks([0, 1, 2], 42)}, 4)
+    new = backup_image(repo, image, volume_name="db").backup.backup_id
+    prune(repo, RetentionPolicy(keep_last=1))
+    pause = PauseAt()
+    outcome: dict[str, object] = {}
+
+    def run_restore() -> None:
+        try:
+            outcome["result"] = restore_image(repo, new, tmp_path / "restored", progress=pause)
+        except Exception as exc:  # reported by the assertion below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run_restore)
+    thread.start()
+    assert pause.paused.wait(30)
+    assert collect_garbage(repo).packs_repacked == 0
+    pause.release.set()
+    thread.join(60)
+    assert "error" not in outcome, outcome.get("error")
+    assert digest(tmp_path / "restored") == digest(image)
+    assert collect_garbage(repo).packs_repacked == 1
+    verify_backup(repo, new)
