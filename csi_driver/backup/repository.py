@@ -460,6 +460,7 @@ class _Run:
     packs: PackWriter
     progress: Progress
     present: BlockMap  # the blocks indexed in the target, as last listed
+    size: int  # the image's
     written: set[bytes] = field(default_factory=set)  # block ids this run put in its packs
     claimed: set[bytes] = field(default_factory=set)  # pack ids this run relies on
     bytes_read: int = 0
@@ -502,7 +503,8 @@ class _Run:
     def _new_blocks(self, index: int, blocks: bytes) -> list[tuple[int, bytes]]:
         """The blocks of chunk ``index`` to upload (block number, id); counts the rest."""
         wanted: list[tuple[int, bytes]] = []
-        length = self.repo.config.chunk_size
+        chunk_size = self.repo.config.chunk_size
+        length = min(chunk_size, self.size - index * chunk_size)
         for block, digest in enumerate(split_digests(blocks)):
             if digest == HOLE_BLOCK:
                 continue
@@ -676,7 +678,7 @@ def backup_image(
             try:
                 claim.quiet()
                 repo.adopt_packs()
-                run = _Run(repo, claim, workers, packs, progress, repo.block_map())
+                run = _Run(repo, claim, workers, packs, progress, repo.block_map(), size)
                 if manifest is None:
                     final, block_digests = run.scan_and_upload(fd, size)
                 else:

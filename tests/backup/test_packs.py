@@ -195,3 +195,13 @@ def test_a_restore_keeps_its_packs_from_a_repack(
     assert digest(tmp_path / "restored") == digest(image)
     assert collect_garbage(repo).packs_repacked == 1
     verify_backup(repo, new)
+
+
+def test_an_image_ending_in_a_short_block_round_trips(repo: Repository, tmp_path: Path) -> None:
+    image = tmp_path / "image"
+    image.write_bytes(random.Random(51).randbytes(2 * CHUNK + BLOCK_SIZE + 4464))
+    backup_image(repo, image, volume_name="db")
+    again = backup_image(repo, image, volume_name="db")
+    assert (again.blocks_uploaded, again.bytes_deduplicated) == (0, image.stat().st_size)
+    restored = restore_image(repo, again.backup.backup_id, tmp_path / "restored")
+    assert digest(restored.path) == digest(image)
