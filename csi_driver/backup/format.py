@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass, field
@@ -132,7 +133,12 @@ class ChunkCodec:
         return header + nonce, sealed
 
     def open(
-        self, name: str, blob: Blob, digest: Digest, length: int, into: bytearray | None = None
+        self,
+        name: str,
+        blob: Blob,
+        digest: Digest,
+        length: int,
+        into: bytearray | mmap.mmap | None = None,
     ) -> memoryview:
         """The chunk stored as ``name``, checked to be the ``length`` bytes hashing to
         ``digest``. With ``into`` (at least ``length`` bytes), the result is in

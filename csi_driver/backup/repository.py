@@ -35,7 +35,9 @@ Invariants:
 
 from __future__ import annotations
 
+import errno
 import logging
+import mmap
 import os
 import re
 import threading
@@ -360,7 +362,7 @@ class Repository:
         }
 
     def fetch_chunk(
-        self, backup: Backup, index: int, buffer: bytearray, blocks: BlockMap
+        self, backup: Backup, index: int, buffer: bytearray | mmap.mmap, blocks: BlockMap
     ) -> memoryview:
         """Chunk ``index`` of ``backup``, checked, in ``buffer`` (or, format 1, in bytes
         of its own): every block authenticated and hashed, read from its pack with
@@ -438,7 +440,7 @@ class Repository:
         return scratch
 
     def _fetch_v1(
-        self, name: str, digest: Digest, length: int, into: bytearray | None = None
+        self, name: str, digest: Digest, length: int, into: bytearray | mmap.mmap | None = None
     ) -> memoryview:
         try:
             blob = self.target.get(chunk_key(name))
@@ -807,7 +809,7 @@ def restore_image(
                     extra={"backup": backup_id, "chunks_kept": kept_chunks},
                 )
             written = sum(manifest.chunk_length(i) for i in wanted)
-            fetched = _fetch_into(repo, fd, backup, blocks, wanted, progress)
+            fetched = _fetch_into(repo, _Writer(part, fd), backup, blocks, wanted, progress)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -856,9 +858,54 @@ def _still_wanted(
     return tuple(missing), len(wanted) - len(missing)
 
 
+#: O_DIRECT wants buffers, offsets and lengths aligned to the device's blocks.
+_DIRECT_ALIGN = 4096
+
+
+class _Writer:
+    """Writes a restored image: whole aligned chunks with O_DIRECT, the rest through
+    the page cache (``fd``).
+
+    Writing a restore through the page cache cost 0.2 to 2 s of kernel CPU per
+    GiB on the shared machine (allocating and reclaiming cache pages under
+    memory pressure), more than decrypting and hashing it; O_DIRECT from
+    page-aligned buffers costs a few hundredths, and the restore is fsynced
+    anyway. Filesystems without O_DIRECT (tmpfs) get buffered writes."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.fd = fd
+        try:
+            self._direct: int | None = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError:
+            self._direct = None
+
+    def write(self, data: memoryview, offset: int, aligned: bool) -> None:
+        direct = self._direct
+        if aligned and direct is not None and not (offset | len(data)) % _DIRECT_ALIGN:
+            try:
+                _pwrite_all(direct, data, offset)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self.close()  # refused after all: buffered from now on
+        _pwrite_all(self.fd, data, offset)
+
+    def close(self) -> None:
+        if self._direct is not None:
+            os.close(self._direct)
+            self._direct = None
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
+
+
 def _fetch_into(
     repo: Repository,
-    fd: int,
+    writer: _Writer,
     backup: Backup,
     blocks: BlockMap,
     wanted: tuple[int, ...],
@@ -867,35 +914,38 @@ def _fetch_into(
     """Fetch and check chunks ``wanted`` on worker threads (ranged reads, decrypt,
     decompress, SHA-256 per block), write them in order from this one, a chunk per
     write: one writer, so the workers never wait on the file's lock, and reused
-    buffers, so no chunk costs fresh pages."""
+    page-aligned buffers (anonymous maps), so no chunk costs fresh pages and
+    whole chunks can be written with O_DIRECT."""
     manifest = backup.manifest
-    window: deque[tuple[int, bytearray, Future[memoryview]]] = deque()
-    buffers = Buffers(3 * repo.workers, manifest.chunk_size)
+    window: deque[tuple[int, mmap.mmap, Future[memoryview]]] = deque()
+    free = [mmap.mmap(-1, manifest.chunk_size) for _ in range(3 * repo.workers)]
 
-    def fetch(index: int, buffer: bytearray) -> memoryview:
+    def fetch(index: int, buffer: mmap.mmap) -> memoryview:
         return repo.fetch_chunk(backup, index, buffer, blocks)
 
-    def write(index: int, buffer: bytearray, future: Future[memoryview]) -> None:
-        data, offset = future.result(), manifest.span(index)[0]
-        length = len(data)
-        while data:
-            written = os.pwrite(fd, data, offset)
-            data, offset = data[written:], offset + written
-        buffers.give(buffer)
-        progress.advance(length)
+    def write(index: int, buffer: mmap.mmap, future: Future[memoryview]) -> None:
+        data = future.result()
+        # Format 1's compressed chunks come back in bytes of their own: not aligned.
+        writer.write(data, manifest.span(index)[0], aligned=data.obj is buffer)
+        data.release()
+        free.append(buffer)
+        progress.advance(manifest.chunk_length(index))
 
-    with ThreadPoolExecutor(repo.workers, thread_name_prefix="restore-fetch") as pool:
-        try:
-            for index in wanted:
-                if len(window) >= 2 * repo.workers:
+    try:
+        with ThreadPoolExecutor(repo.workers, thread_name_prefix="restore-fetch") as pool:
+            try:
+                for index in wanted:
+                    if len(window) >= 2 * repo.workers:
+                        write(*window.popleft())
+                    buffer = free.pop()
+                    window.append((index, buffer, pool.submit(fetch, index, buffer)))
+                while window:
                     write(*window.popleft())
-                buffer = buffers.take()
-                window.append((index, buffer, pool.submit(fetch, index, buffer)))
-            while window:
-                write(*window.popleft())
-        finally:
-            for _, _, future in window:
-                future.cancel()
+            finally:
+                for _, _, future in window:
+                    future.cancel()
+    finally:
+        writer.close()
     return len(wanted)
 
 
