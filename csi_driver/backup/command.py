@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 
+from csi_driver.backup.collection import collect_garbage
 from csi_driver.backup.keys import BackupKey
 from csi_driver.backup.progress_bar import ProgressBar
 from csi_driver.backup.repository import (
@@ -30,7 +31,6 @@ from csi_driver.backup.repository import (
     Repository,
     RestoreResult,
     backup_image,
-    collect_garbage,
     prune,
     restore_image,
     verify_backup,

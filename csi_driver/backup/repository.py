@@ -27,7 +27,7 @@ Invariants:
   that failed its block's authentication and SHA-256 (and every chunk's
   block digests hash to the chunk digest the sealed manifest holds); a
   damaged index or manifest is never trusted, by restores or by garbage
-  collection (which then refuses to run).
+  collection (:mod:`.collection`, which then refuses to run).
 - A restore lands in a ``.part`` file next to its destination, renamed into
   place once complete and durable; a retry resumes it, keeping the chunks
   that already hold the right bytes.
@@ -44,13 +44,13 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from csi_driver import metrics
-from csi_driver.backup.claims import CLAIMS, DEFAULT_GRACE_S, Claim, Sweep, read_claims
+from csi_driver.backup.claims import DEFAULT_GRACE_S, Claim
 from csi_driver.backup.format import (
     FORMAT_VERSION,
     Backup,
@@ -73,7 +73,7 @@ from csi_driver.backup.packs import (
     open_index,
 )
 from csi_driver.backup.retention import Dated, RetentionPolicy, kept
-from csi_driver.backup.targets import StoredObject, Target
+from csi_driver.backup.targets import Target
 from csi_driver.backup.upload import (
     INDEX,
     PACKS,
@@ -101,7 +101,6 @@ from csi_driver.chunks.manifest import (
 )
 from csi_driver.chunks.scan import chunks_touching, data_ranges, read_exactly
 from csi_driver.core.errors import (
-    Aborted,
     AlreadyExists,
     DataLoss,
     FailedPrecondition,
@@ -118,10 +117,6 @@ MANIFESTS = "manifests/"
 #: Chunks read, claimed and checked together: the claim objects stay few, and
 #: a batch (64 MiB at 4 MiB chunks) keeps both cores busy while the next is read.
 BATCH_CHUNKS = 16
-#: A pack whose blocks still in use hold less than this share of its bytes is
-#: rewritten by garbage collection (its live blocks copied into a new pack):
-#: below half, the space won is at least the bytes copied.
-REPACK_BELOW = 0.5
 _BACKUP_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
 _ZEROS = bytes(BLOCK_SIZE)
 
@@ -190,17 +185,6 @@ class VerifyResult:
 class PruneResult:
     kept: tuple[str, ...]
     removed: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class GcResult:
-    packs_deleted: int  # no block in use
-    packs_repacked: int  # rewritten: their live blocks copied into new packs
-    packs_kept: int
-    bytes_deleted: int  # of packs (and format 1 chunks) deleted
-    blocks_moved: int
-    stale_claims_removed: int
-    chunks_deleted: int = 0  # format 1 chunk objects
 
 
 BlockMap = dict[bytes, Location]
@@ -1012,142 +996,3 @@ def prune(repo: Repository, policy: RetentionPolicy, *, dry_run: bool = False) -
         "backups pruned", extra={"kept": len(keep), "removed": len(remove), "dry_run": dry_run}
     )
     return PruneResult(tuple(sorted(keep)), tuple(sorted(remove)))
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """What a collection removes: objects whose every byte is garbage, and packs to
-    rewrite with their live blocks."""
-
-    delete: list[StoredObject]  # packs (their index goes first) and format 1 chunks
-    repack: list[tuple[StoredObject, list[Entry]]]  # a pack and its live entries
-    kept: int
-
-
-def _plan(
-    repo: Repository, referenced: set[str], indexes: dict[bytes, list[Entry]], repack_below: float
-) -> _Plan:
-    delete = [s for s in repo.target.list(CHUNKS) if s.key.rsplit("/", 1)[-1] not in referenced]
-    repack: list[tuple[StoredObject, list[Entry]]] = []
-    kept = 0
-    now = time.time()
-    for stored in repo.target.list(PACKS):
-        name = stored.key.rsplit("/", 1)[-1]
-        entries = indexes.get(bytes.fromhex(name))
-        if name in referenced:  # claimed: being written, or read by a restore
-            kept += 1
-        elif entries is None:
-            # Unindexed: a backup that died before its indexes (or is still running,
-            # but then it claimed the pack).
-            if now - stored.modified > repo.grace_s:
-                delete.append(stored)
-            else:
-                kept += 1
-        else:
-            live = [e for e in entries if e.block_id.hex() in referenced]
-            if not live:
-                delete.append(stored)
-            elif sum(e.stored for e in live) < repack_below * sum(e.stored for e in entries):
-                repack.append((stored, live))
-            else:
-                kept += 1
-    return _Plan(delete, repack, kept)
-
-
-def _remove(target: Target, stored: StoredObject) -> None:
-    if stored.key.startswith(PACKS):
-        # The index first: an index never names a pack that is gone.
-        target.delete(index_key(bytes.fromhex(stored.key.rsplit("/", 1)[-1])))
-    target.delete(stored.key)
-
-
-def _repack(repo: Repository, repack: list[tuple[StoredObject, list[Entry]]]) -> int:
-    """Copy the live blocks of ``repack``'s packs into new packs, durable and indexed
-    before the old ones go; how many blocks moved."""
-    moved = 0
-    codec = repo.codecs.get()
-    with PackWriter(repo.target, repo.key, None, repo.pack_bytes) as writer:
-        for stored, live in repack:
-            pack = memoryview(repo.target.get(stored.key))
-            for entry in live:
-                record = pack[entry.offset : entry.offset + entry.stored]
-                codec.authenticate(entry.block_id, record)
-                writer.add(entry.block_id, record, entry.length)
-                moved += 1
-        writer.commit()
-    repo.target.flush()
-    return moved
-
-
-def collect_garbage(
-    repo: Repository,
-    *,
-    dry_run: bool = False,
-    progress: Progress | None = None,
-    before_delete: Callable[[int], None] | None = None,
-    keep_sweeps_s: float = 86400.0,
-    repack_below: float = REPACK_BELOW,
-) -> GcResult:
-    """Delete packs (and format 1 chunks) no manifest and no live claim uses, and
-    rewrite packs whose live blocks hold less than ``repack_below`` of their bytes
-    (see :mod:`.claims` for why a running backup or restore is safe).
-
-    ``before_delete`` is told how many objects are about to go (deleted or
-    repacked), once, after the mark and before the first change, while the
-    sweep holds new backups back (a caller may report, or pause there).
-    """
-    progress = progress or Progress()
-    target = repo.target
-    with Sweep(target, repo.grace_s) as sweep:
-        claims = read_claims(target, repo.grace_s)
-        referenced = set(claims.names)
-        for backup in repo.backups():  # DataLoss on a damaged manifest: delete nothing
-            if backup.format == 1:
-                referenced.update(name for name in repo.names_of(backup.manifest) if name)
-            else:
-                referenced.update(block_id.hex() for block_id in repo.block_ids(backup))
-        indexes = repo.indexes()  # DataLoss on a damaged index: delete nothing
-        plan = _plan(repo, referenced, indexes, repack_below)
-        if before_delete is not None:
-            before_delete(len(plan.delete) + len(plan.repack))
-        doomed = plan.delete + [stored for stored, _ in plan.repack]
-        progress.start("gc", sum(s.size for s in doomed))
-        moved = 0
-        if not dry_run:
-            if plan.repack:
-                moved = _repack(repo, plan.repack)
-            for number, stored in enumerate(doomed):
-                if not sweep.fresh():
-                    raise Aborted(
-                        "garbage collection could not renew its sweep record in time and "
-                        f"stopped after {number} objects (a backup may now rely on the "
-                        "others); run it again"
-                    )
-                _remove(target, stored)
-                progress.advance(stored.size)
-            for op in claims.stale_ops:
-                for stale in list(target.list(f"{CLAIMS}{op}/")):
-                    target.delete(stale.key)
-            sweep.forget_old(keep_sweeps_s)
-            target.remove_leftovers(repo.grace_s)
-        progress.finish()
-    packs_deleted = sum(1 for s in plan.delete if s.key.startswith(PACKS))
-    result = GcResult(
-        packs_deleted=packs_deleted,
-        packs_repacked=len(plan.repack),
-        packs_kept=plan.kept,
-        bytes_deleted=sum(s.size for s in doomed),
-        blocks_moved=moved,
-        stale_claims_removed=0 if dry_run else len(claims.stale_ops),
-        chunks_deleted=len(plan.delete) - packs_deleted,
-    )
-    log.info(
-        "garbage collected",
-        extra={
-            "packs_deleted": result.packs_deleted,
-            "packs_repacked": result.packs_repacked,
-            "bytes_deleted": result.bytes_deleted,
-            "dry_run": dry_run,
-        },
-    )
-    return result

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from csi_driver.backup.claims import CLAIMS, SWEEPS
+from csi_driver.backup.collection import collect_garbage
 from csi_driver.backup.keys import BackupKey
 from csi_driver.backup.repository import (
     MANIFESTS,
     Progress,
     Repository,
     backup_image,
-    collect_garbage,
     new_backup_id,
     prune,
     verify_backup,

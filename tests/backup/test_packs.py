@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from csi_driver.backup.collection import collect_garbage
 from csi_driver.backup.format import (
     Backup,
     BackupInfo,
@@ -28,7 +29,6 @@ from csi_driver.backup.repository import (
     Repository,
     backup_image,
     chunk_key,
-    collect_garbage,
     prune,
     restore_image,
     verify_backup,
