@@ -8,21 +8,32 @@ its history can never disagree and compare-and-swap is atomic across
 threads and processes sharing the file (WAL mode). Revisions are never
 reused, even after a restart.
 
-Watches poll the event log in their caller's thread, woken at once by
-writes from this process and within :data:`WATCH_POLL_S` by writes from
-others. A revision this process committed is kept in memory for a while
-(:data:`_RECENT_REVISIONS`, exactly the events it wrote), so the watches of
-this process read it from there instead of querying the log once each; a
-watch queries the log only for revisions it does not find there, and only
-when some connection committed since its last query (``PRAGMA
-data_version``, and this process's own count of commits). The log is
-compacted explicitly (:meth:`SqliteStore.compact`) and automatically to the
-last ``history`` revisions, so it never grows without bound.
+Writes are committed in groups: the threads of one process that write at
+the same time queue their txns, and one of them (the leader) applies every
+queued txn in one SQLite transaction, each txn at its own revision, its
+compares checked against the txns before it, and commits them with one
+fsync; each caller returns (or raises its Conflict) only after that commit.
+A failed commit fails every txn of its group, and none of them is written.
+A lone writer commits at once: grouping only gathers what queued while the
+previous commit was running.
+
+Watches read the event log in their caller's thread. A revision this
+process committed is kept in memory for a while (:data:`_RECENT_REVISIONS`,
+exactly the events it wrote): each commit wakes only the watches whose
+prefix it touched, and they read it from there. Commits made by other
+processes are noticed by one poller thread per database file (while any
+watch is open), which checks ``PRAGMA data_version`` every
+:data:`WATCH_POLL_S` and wakes every watch when a revision appeared that this
+process did not write; a watch queries the log only for revisions it cannot
+find in memory. The log is compacted explicitly
+(:meth:`SqliteStore.compact`) and automatically to the last ``history``
+revisions, so it never grows without bound.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import sqlite3
 import threading
 import time
@@ -34,6 +45,7 @@ from typing import ClassVar
 
 from csi_driver.core.errors import (
     Compacted,
+    Conflict,
     InvalidArgument,
     StoreError,
     StoreUnavailable,
@@ -53,6 +65,8 @@ from csi_driver.store.base import (
     conflict,
 )
 from csi_driver.store.leader import FileLockElection, LeaderElection, leader_key
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (
@@ -88,7 +102,9 @@ _WATCH_WINDOW = 256
 #: Automatic compaction runs at multiples of this revision (or of ``history``, if smaller).
 _AUTO_COMPACT_EVERY = 1024
 #: Revisions this process committed that its watches can read from memory.
-_RECENT_REVISIONS = 256
+_RECENT_REVISIONS = 512
+#: Most txns one group commit applies (bounds the time a leader spends on others' txns).
+_GROUP_MAX = 64
 _SQLITE_BUSY = 5
 
 
@@ -110,54 +126,156 @@ def _prefix_bounds(prefix: str) -> tuple[str, str | None]:
     return prefix, None
 
 
+class _Pending:
+    """One caller's txn waiting in the group commit queue."""
+
+    __slots__ = ("compares", "error", "finished", "history", "leads", "ops", "revision", "wake")
+
+    def __init__(self, compares: Sequence[Compare], ops: Sequence[Op], history: int) -> None:
+        self.compares = compares
+        self.ops = ops
+        self.history = history
+        self.wake = threading.Event()
+        self.leads = False
+        self.finished = False
+        self.revision = 0
+        self.error: BaseException | None = None
+
+
 class _SharedFile:
     """What the stores of one process share per database file.
 
-    ``writer`` serializes this process's write transactions, so its threads
-    queue on a lock instead of spinning in SQLite's sleep-and-retry busy
-    handler (which only arbitrates between processes now); writers notify
-    the watches on the same file through ``condition``.
+    ``writer`` serializes this process's write transactions (a group commit,
+    a compaction, a health check), so its threads queue on a lock instead of
+    spinning in SQLite's sleep-and-retry busy handler (which only arbitrates
+    between processes now). ``pending`` is the group commit queue.
     """
 
     _registry: ClassVar[dict[str, _SharedFile]] = {}
     _registry_lock: ClassVar[threading.Lock] = threading.Lock()
 
-    def __init__(self) -> None:
+    def __init__(self, path: Path) -> None:
+        self._path = path
         self.writer = threading.Lock()
-        self.condition = threading.Condition()
-        self.generation = 0
+        self.queue_lock = threading.Lock()
+        self.pending: list[_Pending] = []
+        self.leading = False
         # revision -> the events committed at it, for revisions this process wrote
         self._recent: dict[int, tuple[Event, ...]] = {}
-        self._recent_lock = threading.Lock()
+        self._lock = threading.Lock()
+        # the newest revision known to exist: committed here, or seen in the file
+        self._known = 0
+        self._watches: set[SqliteWatch] = set()
+        self._poller: threading.Thread | None = None
 
     def committed(self, revision: int, events: tuple[Event, ...]) -> None:
-        """Remember what this process committed at ``revision`` (after its COMMIT)."""
-        with self._recent_lock:
+        """Remember what this process committed at ``revision`` (after its COMMIT),
+        and wake the watches it concerns."""
+        with self._lock:
             self._recent[revision] = events
             if len(self._recent) > _RECENT_REVISIONS:
                 del self._recent[min(self._recent)]
+            self._known = max(self._known, revision)
+            woken = [w for w in self._watches if any(w.covers(e.key) for e in events)]
+        for watch in woken:
+            watch.wake()
 
     def recent(self, revision: int) -> tuple[Event, ...] | None:
         """The events of ``revision`` if this process committed it lately, else None."""
-        with self._recent_lock:
+        with self._lock:
             return self._recent.get(revision)
+
+    @property
+    def known(self) -> int:
+        """The newest revision known to exist (a watch behind it has something to read)."""
+        with self._lock:
+            return self._known
+
+    def observed(self, revision: int) -> None:
+        """The file was seen at ``revision``."""
+        with self._lock:
+            self._known = max(self._known, revision)
 
     @classmethod
     def for_file(cls, path: Path, incarnation: int) -> _SharedFile:
         """The shared state of the database at ``path`` created as ``incarnation``."""
-        key = f"{path.resolve()}#{incarnation}"
+        resolved = path.resolve()
+        key = f"{resolved}#{incarnation}"
         with cls._registry_lock:
-            return cls._registry.setdefault(key, cls())
+            return cls._registry.setdefault(key, cls(resolved))
 
-    def notify(self) -> None:
-        with self.condition:
-            self.generation += 1
-            self.condition.notify_all()
+    # -- watches of this file, and the poller for other processes' commits -------
 
-    def wait(self, seen: int, timeout: float) -> None:
-        with self.condition:
-            if self.generation == seen:
-                self.condition.wait(timeout)
+    def register(self, watch: SqliteWatch) -> None:
+        with self._lock:
+            self._watches.add(watch)
+            if self._poller is None:
+                self._poller = threading.Thread(
+                    target=self._poll, name=f"sqlite-poller:{self._path.name}", daemon=True
+                )
+                self._poller.start()
+
+    def unregister(self, watch: SqliteWatch) -> None:
+        with self._lock:
+            self._watches.discard(watch)
+
+    def _wake_all(self) -> None:
+        with self._lock:
+            watches = list(self._watches)
+        for watch in watches:
+            watch.wake()
+
+    def _foreign(self, after: int, revision: int) -> bool:
+        """True when a revision in ``(after, revision]`` was not committed here."""
+        if revision - after > _RECENT_REVISIONS:
+            return True
+        with self._lock:
+            return any(r not in self._recent for r in range(after + 1, revision + 1))
+
+    def _poll(self) -> None:
+        """Wake every watch when another process commits; ends with the last watch."""
+        conn: sqlite3.Connection | None = None
+        version = None
+        polled = self.known
+        try:
+            while True:
+                with self._lock:
+                    if not self._watches:
+                        self._poller = None
+                        return
+                time.sleep(WATCH_POLL_S)
+                try:
+                    if conn is None:
+                        conn = sqlite3.connect(self._path, isolation_level=None)
+                    now = conn.execute("PRAGMA data_version").fetchone()[0]
+                    if now == version:
+                        continue
+                    version = now
+                    row = conn.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()
+                except sqlite3.Error as exc:
+                    # The watches' own queries report the trouble to their owners.
+                    log.debug("catalog change check failed", extra={"error": str(exc)})
+                    self._wake_all()
+                    continue
+                revision = int(row[0])
+                if revision > polled:
+                    foreign = self._foreign(polled, revision)
+                    polled = revision
+                    self.observed(revision)
+                    if foreign:
+                        self._wake_all()
+        finally:
+            if conn is not None:
+                conn.close()
+
+
+def _events(changes: Sequence[Op], revision: int) -> tuple[Event, ...]:
+    return tuple(
+        Event(EventType.PUT, op.key, op.value, revision)
+        if isinstance(op, Put)
+        else Event(EventType.DELETE, op.key, b"", revision)
+        for op in changes
+    )
 
 
 @dataclass
@@ -319,36 +437,93 @@ class SqliteStore(CatalogStore):
     # -- writes --------------------------------------------------------------
 
     def _apply(self, compares: Sequence[Compare], ops: Sequence[Op]) -> int:
+        shared = self._shared
+        mine = _Pending(compares, ops, self._history)
+        with shared.queue_lock:
+            shared.pending.append(mine)
+            if not shared.leading:
+                shared.leading = mine.leads = True
+        while not mine.finished:
+            if mine.leads:
+                self._lead()
+            else:
+                mine.wake.wait()
+                mine.wake.clear()
+        if mine.error is not None:
+            raise mine.error
+        return mine.revision
+
+    def _lead(self) -> None:
+        """Commit one group of queued txns (this caller's first), then hand the lead on."""
+        shared = self._shared
+        with shared.queue_lock:
+            group, shared.pending = shared.pending[:_GROUP_MAX], shared.pending[_GROUP_MAX:]
+        try:
+            self._commit_group(group)
+        finally:
+            with shared.queue_lock:
+                if shared.pending:
+                    successor = shared.pending[0]
+                    successor.leads = True
+                    successor.wake.set()
+                else:
+                    shared.leading = False
+            for txn in group:
+                txn.finished = True
+                txn.wake.set()
+
+    def _commit_group(self, group: Sequence[_Pending]) -> None:
+        """Apply ``group`` in order in one transaction; the commit is each txn's.
+
+        A compare that fails fails only its txn (it wrote nothing); a store
+        error fails every txn of the group, the Conflicts decided in it too
+        (they were judged against writes that are not committed).
+        """
+        committed: list[tuple[int, tuple[Event, ...]]] = []
         try:
             with self._write("write") as conn:
-                for compare in compares:
-                    current = self._current(conn, compare.key)
-                    if current != compare.revision:
-                        raise conflict(compare.key, current, compare.revision)
-                changes = [
-                    op for op in ops if isinstance(op, Put) or self._current(conn, op.key) != ABSENT
-                ]
-                if not changes:
-                    return self._meta(conn, "revision")
-                conn.execute("UPDATE meta SET value = value + 1 WHERE name = 'revision'")
                 revision = self._meta(conn, "revision")
-                for seq, op in enumerate(changes):
-                    self._write_op(conn, op, revision, seq)
-                if revision % min(_AUTO_COMPACT_EVERY, self._history) == 0:
-                    self._compact(conn, revision - self._history)
+                for txn in group:
+                    failed = self._failed_compare(conn, txn.compares)
+                    if failed is not None:
+                        txn.error = failed
+                        continue
+                    changes = [
+                        op
+                        for op in txn.ops
+                        if isinstance(op, Put) or self._current(conn, op.key) != ABSENT
+                    ]
+                    if not changes:
+                        txn.revision = revision
+                        continue
+                    revision += 1
+                    for seq, op in enumerate(changes):
+                        self._write_op(conn, op, revision, seq)
+                    if revision % min(_AUTO_COMPACT_EVERY, txn.history) == 0:
+                        self._compact(conn, revision - txn.history)
+                    txn.revision = revision
+                    committed.append((revision, _events(changes, revision)))
+                if committed:
+                    conn.execute("UPDATE meta SET value = ? WHERE name = 'revision'", (revision,))
         except sqlite3.Error as exc:
-            raise self._failure("write", exc) from exc
-        self._shared.committed(
-            revision,
-            tuple(
-                Event(EventType.PUT, op.key, op.value, revision)
-                if isinstance(op, Put)
-                else Event(EventType.DELETE, op.key, b"", revision)
-                for op in changes
-            ),
-        )
-        self._shared.notify()
-        return revision
+            for txn in group:
+                txn.error = self._failure("write", exc)
+            return
+        except BaseException as exc:
+            for txn in group:
+                txn.error = exc
+            raise
+        for at, events in committed:
+            self._shared.committed(at, events)
+
+    def _failed_compare(
+        self, conn: sqlite3.Connection, compares: Sequence[Compare]
+    ) -> Conflict | None:
+        for compare in compares:
+            current = self._current(conn, compare.key)
+            if current != compare.revision:
+                return conflict(compare.key, current, compare.revision)
+        return None
 
     @staticmethod
     def _write_op(conn: sqlite3.Connection, op: Op, revision: int, seq: int) -> None:
@@ -394,15 +569,6 @@ class SqliteStore(CatalogStore):
     def watch(self, prefix: str, from_revision: int) -> Watch:
         return SqliteWatch(self, prefix, from_revision)
 
-    def _data_version(self) -> tuple[int, int]:
-        """This thread's connection and its ``PRAGMA data_version`` (which changes when
-        any other connection commits)."""
-        try:
-            with self._use() as conn:
-                return id(conn), int(conn.execute("PRAGMA data_version").fetchone()[0])
-        except sqlite3.Error as exc:
-            raise self._failure("change check", exc) from exc
-
     def _events(self, low: str, high: str | None, start: int) -> tuple[list[Event], int, int]:
         """Events in ``[start, start + window)`` under the prefix, the last revision read
         and the store's revision."""
@@ -428,6 +594,7 @@ class SqliteStore(CatalogStore):
                 rows = conn.execute(query + " ORDER BY revision, seq", args).fetchall()
         except sqlite3.Error as exc:
             raise self._failure(f"watch of {low!r}", exc) from exc
+        self._shared.observed(end)
         events = [
             Event(EventType.DELETE if r[1] else EventType.PUT, r[2], bytes(r[3]), int(r[0]))
             for r in rows
@@ -457,19 +624,22 @@ class SqliteStore(CatalogStore):
 
 
 class SqliteWatch(Watch):
-    """A watch that reads the event log, one window of whole revisions at a time."""
+    """A watch that reads this process's commits from memory and the rest from the
+    event log, one window of whole revisions at a time."""
 
     def __init__(self, store: SqliteStore, prefix: str, from_revision: int) -> None:
         if from_revision < 0:
             raise InvalidArgument(f"cannot watch from revision {from_revision}")
         self._store = store
+        self._shared = store._shared
         self._low, self._high = _prefix_bounds(prefix)
         self._buffer: collections.deque[Event] = collections.deque()
         self._closed = threading.Event()
+        self._woken = threading.Event()
         start = from_revision or store.revision() + 1
         self._scanned = start - 1
-        self._seen_version: tuple[int, int, int] | None = None
         self._query()  # reports a compacted start at once
+        self._shared.register(self)
 
     @property
     def next_revision(self) -> int:
@@ -479,56 +649,49 @@ class SqliteWatch(Watch):
     def closed(self) -> bool:
         return self._closed.is_set()
 
-    def _fill(self) -> None:
-        """Read what follows ``_scanned``: from memory while this process wrote it,
-        else from the log if anyone committed since the last query."""
-        shared = self._store._shared
-        advanced = False
-        while (events := shared.recent(self._scanned + 1)) is not None:
-            self._buffer.extend(e for e in events if self._covers(e.key))
-            self._scanned += 1
-            advanced = True
-        if advanced:
-            return
-        # data_version misses commits made through this very connection; the
-        # process's own commits all move ``generation``.
-        version = (*self._store._data_version(), shared.generation)
-        if version == self._seen_version:
-            return
-        if self._store.revision() == self._scanned:
-            self._seen_version = version  # the commits were those read from memory
-            return
-        # Seen only once a query reached the end of the log (not one window of it).
-        self._seen_version = version if self._query() else None
-
-    def _covers(self, key: str) -> bool:
+    def covers(self, key: str) -> bool:
         return key >= self._low and (self._high is None or key < self._high)
 
-    def _query(self) -> bool:
-        """Read one window of the log; True when it reached the log's end."""
-        events, last, end = self._store._events(self._low, self._high, self._scanned + 1)
+    def wake(self) -> None:
+        """Something this watch may want was committed (see :class:`_SharedFile`)."""
+        self._woken.set()
+
+    def _fill(self) -> None:
+        """Read what follows ``_scanned``: from memory while this process wrote it,
+        else from the log when a revision is known that memory does not hold."""
+        shared = self._shared
+        while (events := shared.recent(self._scanned + 1)) is not None:
+            self._buffer.extend(e for e in events if self.covers(e.key))
+            self._scanned += 1
+        while not self._buffer and self._scanned < shared.known:
+            before = self._scanned
+            self._query()
+            if self._scanned == before:
+                return  # the file is behind what this process knew (it was replaced)
+
+    def _query(self) -> None:
+        """Read one window of the log."""
+        events, last, _ = self._store._events(self._low, self._high, self._scanned + 1)
         self._buffer.extend(events)
         self._scanned = max(self._scanned, last)
-        return last >= end
 
     def poll(self, timeout: float | None = None) -> Event | None:
         deadline = None if timeout is None else time.monotonic() + timeout
-        wakeup = self._store._shared
         while not self._closed.is_set():
             if self._buffer:
                 return self._buffer.popleft()
-            seen = wakeup.generation
+            # Cleared before looking, so a commit landing meanwhile is not slept through.
+            self._woken.clear()
             self._fill()
             if self._buffer:
                 continue
-            wait = WATCH_POLL_S
-            if deadline is not None:
-                wait = min(wait, deadline - time.monotonic())
-                if wait <= 0:
-                    return None
-            wakeup.wait(seen, wait)
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                return None
+            self._woken.wait(wait)
         return None
 
     def close(self) -> None:
         self._closed.set()
-        self._store._shared.notify()
+        self._shared.unregister(self)
+        self._woken.set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from csi_driver.core.errors import (
     StoreError,
     StoreUnavailable,
 )
-from csi_driver.store.base import ABSENT, Put
+from csi_driver.store.base import ABSENT, Compare, Put
 from csi_driver.store.sqlite import _RECENT_REVISIONS, SqliteStore
 
 
@@ -312,3 +313,99 @@ def test_a_database_created_again_at_the_same_path_shares_nothing_with_the_old_o
         watch.close()
     finally:
         new.close()
+
+
+# -- group commit: concurrent txns share a transaction, each acknowledged once durable --
+
+
+def test_concurrent_txns_are_each_durable_when_acknowledged(tmp_path: Path) -> None:
+    """32 threads' txns (many grouped into one commit) each get their own revision, and
+    each is visible to a brand-new connection the moment its caller returns."""
+    path = tmp_path / "c.db"
+    store = SqliteStore(path)
+    revisions: list[int] = []
+    missing: list[str] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(32)
+
+    def write(i: int) -> None:
+        barrier.wait()
+        for j in range(10):
+            key = f"k/{i}/{j}"
+            revision = store.txn([], [Put(key, b"x")])
+            with sqlite3.connect(path) as fresh:
+                row = fresh.execute("SELECT revision FROM kv WHERE key = ?", (key,)).fetchone()
+            with lock:
+                revisions.append(revision)
+                if row is None or row[0] != revision:
+                    missing.append(key)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert missing == []
+    assert sorted(revisions) == list(range(1, 321))
+    store.close()
+
+
+def test_a_failed_compare_in_a_group_fails_only_its_own_txn(store: SqliteStore) -> None:
+    """Txns queued behind a commit in progress are committed together, in order: a
+    compare is judged against the txns before it in the group."""
+    base = store.put("other", b"0")
+    results: dict[str, object] = {}
+
+    def txn(name: str, compares: list[Compare], ops: list[Put]) -> None:
+        try:
+            results[name] = store.txn(compares, ops)
+        except Conflict as exc:
+            results[name] = exc
+
+    store._shared.writer.acquire()  # the commit in progress: the first txn waits in it
+    first = threading.Thread(target=txn, args=("first", [], [Put("a", b"1")]))
+    first.start()
+    queued = [
+        threading.Thread(target=txn, args=("claim", [Compare("b", ABSENT)], [Put("b", b"1")])),
+        threading.Thread(target=txn, args=("late", [Compare("b", ABSENT)], [Put("b", b"2")])),
+        threading.Thread(target=txn, args=("free", [], [Put("c", b"1")])),
+    ]
+    for thread in queued:
+        while len(store._shared.pending) < queued.index(thread):
+            time.sleep(0.01)
+        thread.start()
+    while len(store._shared.pending) < len(queued):
+        time.sleep(0.01)
+    store._shared.writer.release()
+    for thread in [first, *queued]:
+        thread.join(10)
+    assert results["first"] == base + 1
+    assert results["claim"] == base + 2
+    assert isinstance(results["late"], Conflict)
+    assert results["free"] == base + 3  # the conflict consumed no revision
+    record = store.get("b")
+    assert record is not None and record.value == b"1"
+
+
+def _write_one(path: str, key: str) -> None:
+    s = SqliteStore(Path(path))
+    s.put(key, b"theirs")
+    s.close()
+
+
+def test_a_watch_sees_another_process_commit_followed_by_one_of_ours(tmp_path: Path) -> None:
+    """Our own commit on another prefix right after a foreign one must not hide the
+    foreign revision from a watch (it is in no memory of ours)."""
+    path = tmp_path / "c.db"
+    store = SqliteStore(path)
+    with store.watch("theirs/", store.revision() + 1) as watch:
+        proc = multiprocessing.get_context("spawn").Process(
+            target=_write_one, args=(str(path), "theirs/k")
+        )
+        proc.start()
+        proc.join(60)
+        assert proc.exitcode == 0
+        store.put("ours/k", b"ours")
+        event = watch.poll(5)
+    assert event is not None and event.key == "theirs/k" and event.revision == 1
+    store.close()
