@@ -12,7 +12,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +41,7 @@ from csi_driver.metrics import observe_pool
 from csi_driver.node.agent import NodeAgent
 from csi_driver.node.clones import SnapshotExports, SnapshotFetcher
 from csi_driver.node.fencing import EpochFence
-from csi_driver.node.pool import Pool
+from csi_driver.node.pool import ImageInfo, Pool
 from csi_driver.node.reconcile.exports import export_runner
 from csi_driver.node.reconcile.images import LocalImages, image_runner
 from csi_driver.node.reconcile.replicas import replica_runner
@@ -173,8 +173,8 @@ class NodeParts:
         )
 
 
-def _report_pool(pool: Pool) -> None:
-    status = pool.status()
+def _report_pool(pool: Pool, images: Sequence[ImageInfo] | None = None) -> None:
+    status = pool.status(images)
     observe_pool(
         status.capacity_bytes, status.provisioned_bytes, status.allocated_bytes, status.image_count
     )
@@ -184,9 +184,12 @@ def _heartbeat(catalog: Catalog, parts: NodeParts, stopping: threading.Event) ->
     node_id = parts.config.node_id
     while not stopping.wait(parts.config.heartbeat_s):
         try:
-            parts.pool.keep_reserved()
-            catalog.heartbeat(node_id, time.time(), parts.agent.conditions())
-            _report_pool(parts.pool)
+            # One scan of the pool (a stat per image) serves the whole beat.
+            images = parts.pool.images()
+            if parts.pool.keep_reserved(images):
+                images = parts.pool.images()
+            catalog.heartbeat(node_id, time.time(), parts.agent.conditions(images))
+            _report_pool(parts.pool, images)
         except Exception:  # keep beating: a failed write is retried next period
             log.exception("heartbeat failed", extra={"node": node_id})
 

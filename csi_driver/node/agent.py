@@ -754,12 +754,15 @@ class NodeAgent:
             message=message or "ok",
         )
 
-    def conditions(self) -> dict[str, str]:
-        """Why each abnormal volume in this node's pool is abnormal (for the controller)."""
+    def conditions(self, images: Sequence[ImageInfo] | None = None) -> dict[str, str]:
+        """Why each abnormal volume in this node's pool is abnormal (for the controller).
+
+        ``images``: a scan of the pool just taken (else one is taken)."""
         staged = {s.volume_id: s for s in self._states.all()}
-        shortfall = self.pool.shortfall()
+        images = self.pool.images() if images is None else images
+        shortfall = self.pool.shortfall(images)
         found = {}
-        for image in self.pool.images():
+        for image in images:
             record = staged.get(image.volume_id)
             if record is not None:
                 lost, problems = self._health(record, Path(record.staging_path), shortfall)

@@ -13,7 +13,17 @@ Layout under the pool root::
 Metadata is written atomically (temp file, fsync, rename) *before* the
 image, and the image is built under a temporary name and renamed into place
 once its space is settled, so a crash leaves either nothing, a record that a
-retry completes, or a temporary file removed at the next start.
+retry completes, or a temporary file removed at the next start. A new image
+writes and fsyncs both temporary files first, then renames the metadata and
+the image (in that order, in one directory) and fsyncs the directory once;
+concurrent creates share that directory fsync (:class:`DirectorySync`). An
+image is acknowledged only after it. Should a filesystem ever persist the
+second rename without the first, the image reads as absent (no metadata)
+and the create's retry writes it again.
+
+The pool keeps each image's size, epoch and kind in memory (it is their
+only writer), so a lookup or a scan of the pool costs one ``stat`` per image
+and reads no metadata file.
 
 Capacity is never over-committed: the sum of image sizes never exceeds the
 pool's capacity. A thick image (the default) also holds its bytes on the
@@ -34,7 +44,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +104,13 @@ class PoolStatus:
 def write_json_atomic(path: Path, document: dict[str, object]) -> None:
     """Replace ``path`` with ``document`` so readers see the old or the new file, whole."""
     tmp = path.with_name(f".{path.name}.tmp")
+    write_json_durably(tmp, path, document)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_json_durably(tmp: Path, path: Path, document: dict[str, object]) -> None:
+    """Write ``document`` to ``tmp`` and fsync it (``path``: what it will become)."""
     try:
         with open(tmp, "w", encoding="utf-8") as handle:
             json.dump(document, handle, sort_keys=True)
@@ -107,8 +124,6 @@ def write_json_atomic(path: Path, document: dict[str, object]) -> None:
                 "free space on it and retry"
             ) from exc
         raise
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def fsync_dir(path: Path) -> None:
@@ -117,6 +132,43 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class DirectorySync:
+    """fsync of one directory, shared by the threads that need it at once.
+
+    A caller's changes to the directory (renames, unlinks) are durable once
+    an fsync that *started* after them has finished: a caller that finds an
+    fsync running waits for the next one, which also serves everyone who
+    arrived meanwhile, so N concurrent creates cost about two fsyncs, not N.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._changed = threading.Condition()
+        self._next = 1  # the number the next fsync to start will have
+        self._done = 0  # the last fsync finished
+        self._running = False
+
+    def sync(self) -> None:
+        """Return once this caller's earlier changes to the directory are durable."""
+        with self._changed:
+            mine = self._next
+            while self._done < mine:
+                if self._running:
+                    self._changed.wait()
+                    continue
+                self._running = True
+                number = self._next
+                self._next += 1
+                self._changed.release()
+                try:
+                    fsync_dir(self._path)
+                finally:
+                    self._changed.acquire()
+                    self._running = False
+                    self._changed.notify_all()
+                self._done = number
 
 
 def _libc_fallocate() -> Callable[[int, int, int, int], int]:
@@ -205,6 +257,12 @@ class Pool:
         ):
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.Lock()
+        # Signalled when a create that runs outside the lock ends (see _creating).
+        self._created = threading.Condition(self._lock)
+        self._creating: set[str] = set()
+        self._directory = DirectorySync(self.images_dir)
+        # Each image's epoch and kind, as its metadata file says (the pool writes it).
+        self._kinds: dict[str, tuple[int, bool]] = {}
         self._remove_temp_files()
         self.filesystem = _filesystem_of(self.root)
         if capacity_bytes is None:
@@ -214,14 +272,16 @@ class Pool:
         self.capacity_bytes = capacity_bytes // SIZE_ALIGNMENT * SIZE_ALIGNMENT
         # Image sizes, kept current under the lock so that reservations and
         # metrics need no listing of the whole pool.
-        self._sizes = {i.volume_id: i.size_bytes for i in self.images()}
+        found = self._scan()
+        self._sizes = {i.volume_id: i.size_bytes for i in found}
+        self._kinds = {i.volume_id: (i.epoch, i.thin) for i in found}
 
     def _default_capacity(self) -> int:
         stat = os.statvfs(self.root)
         free = stat.f_bavail * stat.f_frsize
         usable = int(free * (1 - HOST_RESERVE_FRACTION))
         # Bytes images already occupy are part of the pool, not missing from it.
-        return usable + sum(i.allocated_bytes for i in self.images())
+        return usable + sum(i.allocated_bytes for i in self._scan())
 
     def _remove_temp_files(self) -> None:
         for stale in self.images_dir.glob(".*.tmp"):
@@ -238,22 +298,28 @@ class Pool:
     # -- queries -------------------------------------------------------------------
 
     def get(self, volume_id: str) -> ImageInfo | None:
-        meta_path = self._meta_path(volume_id)
         image = self.image_path(volume_id)
+        kind = self._kinds.get(volume_id)
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            stat = image.stat()
+            if kind is None:
+                kind = self._read_kind(volume_id)
+            stat = os.stat(image)
         except FileNotFoundError:
             return None
         return ImageInfo(
             volume_id=volume_id,
             size_bytes=stat.st_size,
             allocated_bytes=stat.st_blocks * 512,
-            epoch=int(meta.get("epoch", 0)),
+            epoch=kind[0],
             path=image,
-            # Images made before thick provisioning existed were sparse.
-            thin=bool(meta.get("thin", True)),
+            thin=kind[1],
         )
+
+    def _read_kind(self, volume_id: str) -> tuple[int, bool]:
+        """The image's epoch and kind from its metadata file."""
+        meta = json.loads(self._meta_path(volume_id).read_text(encoding="utf-8"))
+        # Images made before thick provisioning existed were sparse.
+        return int(meta.get("epoch", 0)), bool(meta.get("thin", True))
 
     def require(self, volume_id: str) -> ImageInfo:
         info = self.get(volume_id)
@@ -262,6 +328,16 @@ class Pool:
         return info
 
     def images(self) -> list[ImageInfo]:
+        """Every image in the pool, in volume id order (one ``stat`` each)."""
+        found = []
+        for volume_id in sorted(self._kinds):
+            info = self.get(volume_id)
+            if info is not None:
+                found.append(info)
+        return found
+
+    def _scan(self) -> list[ImageInfo]:
+        """The images on disk, metadata read from each file (at start)."""
         found = []
         for meta in sorted(self.images_dir.glob(f"vol-*{META_SUFFIX}")):
             volume_id = meta.name.removesuffix(META_SUFFIX)
@@ -279,8 +355,9 @@ class Pool:
     def image_count(self) -> int:
         return len(self._sizes)
 
-    def status(self) -> PoolStatus:
-        images = self.images()
+    def status(self, images: Sequence[ImageInfo] | None = None) -> PoolStatus:
+        """``images``: a scan of the pool just taken (else one is taken)."""
+        images = self.images() if images is None else images
         return PoolStatus(
             capacity_bytes=self.capacity_bytes,
             provisioned_bytes=sum(i.size_bytes for i in images),
@@ -296,10 +373,17 @@ class Pool:
         self, volume_id: str, size_bytes: int, epoch: int, *, thin: bool = False
     ) -> ImageInfo:
         """Allocate an image (its space reserved unless ``thin``); a repeat with the
-        same size and kind returns the existing one."""
+        same size and kind returns the existing one.
+
+        The space is reserved under the pool's lock; the files are written
+        outside it, so creates of different volumes overlap (and share their
+        directory fsync), while a second create of the same volume waits.
+        """
         size = _aligned(size_bytes)
         kind = "thin" if thin else "thick"
-        with self._lock:
+        with self._created:
+            while volume_id in self._creating:
+                self._created.wait()
             existing = self.get(volume_id)
             if existing is not None:
                 if existing.size_bytes != size or existing.thin != thin:
@@ -310,16 +394,52 @@ class Pool:
                     )
                 return existing
             self._reserve(size, f"create volume {volume_id}")
-            meta = self._record(volume_id, epoch, thin)
-            try:
-                self._write_image(volume_id, size, thin)
-            except BaseException:
-                meta.unlink(missing_ok=True)
-                fsync_dir(self.images_dir)
-                raise
-            self._sizes[volume_id] = size
+            self._sizes[volume_id] = size  # reserved while its files are written
+            self._creating.add(volume_id)
+        created = False
+        try:
+            info = self._write_new(volume_id, size, epoch, thin)
+            created = True
+        finally:
+            with self._created:
+                self._creating.discard(volume_id)
+                if created:
+                    self._kinds[volume_id] = (epoch, thin)
+                else:
+                    self._sizes.pop(volume_id, None)
+                self._created.notify_all()
         log.info("image created", extra={"volume": volume_id, "bytes": size, "kind": kind})
-        return self.require(volume_id)
+        return info
+
+    def _write_new(self, volume_id: str, size: int, epoch: int, thin: bool) -> ImageInfo:
+        """Write a new image and its metadata durably (see the module docstring)."""
+        meta, image = self._meta_path(volume_id), self.image_path(volume_id)
+        meta_tmp = meta.with_name(f".{meta.name}.tmp")
+        image_tmp = image.with_name(f".{image.name}.tmp")
+        renamed: list[Path] = []
+        try:
+            fd = os.open(image_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                if thin:
+                    os.ftruncate(fd, size)
+                else:
+                    preallocate(fd, 0, size, f"create volume {volume_id}")
+                write_json_durably(meta_tmp, meta, _metadata(volume_id, epoch, thin))
+                os.fsync(fd)  # after the metadata's: one journal commit serves both
+                allocated = os.fstat(fd).st_blocks * 512
+            finally:
+                os.close(fd)
+            for tmp, final in ((meta_tmp, meta), (image_tmp, image)):
+                os.replace(tmp, final)
+                renamed.append(final)
+            self._directory.sync()
+        except BaseException:
+            for path in (meta_tmp, image_tmp, *renamed):
+                path.unlink(missing_ok=True)
+            if renamed:
+                self._directory.sync()
+            raise
+        return ImageInfo(volume_id, size, allocated, epoch, image, thin)
 
     def create_image_from(
         self,
@@ -355,7 +475,7 @@ class Pool:
             fill(tmp)
             self._fit(tmp, volume_id, size, thin)
             os.replace(tmp, image)
-            fsync_dir(self.images_dir)
+            self._directory.sync()
         except BaseException:
             with self._lock:
                 tmp.unlink(missing_ok=True)
@@ -363,16 +483,15 @@ class Pool:
                 fsync_dir(self.images_dir)
                 self._sizes.pop(volume_id, None)
             raise
+        with self._lock:
+            self._kinds[volume_id] = (epoch, thin)
         log.info("image created from a source", extra={"volume": volume_id, "bytes": size})
         return self.require(volume_id)
 
     def _record(self, volume_id: str, epoch: int, thin: bool) -> Path:
         """Write the image's metadata (before its bytes: see the module docstring)."""
         meta = self._meta_path(volume_id)
-        write_json_atomic(
-            meta,
-            {"volume_id": volume_id, "epoch": epoch, "thin": thin, "created_at": time.time()},
-        )
+        write_json_atomic(meta, _metadata(volume_id, epoch, thin))
         return meta
 
     @staticmethod
@@ -395,24 +514,6 @@ class Pool:
         finally:
             os.close(fd)
 
-    def _write_image(self, volume_id: str, size: int, thin: bool) -> None:
-        image = self.image_path(volume_id)
-        tmp = image.with_name(f".{image.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            if thin:
-                os.ftruncate(fd, size)
-            else:
-                preallocate(fd, 0, size, f"create volume {volume_id}")
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        os.replace(tmp, image)
-        fsync_dir(self.images_dir)
-
     def adopt_image(self, volume_id: str, source: Path, epoch: int, *, thin: bool) -> ImageInfo:
         """Make the file at ``source`` (on the pool's filesystem) the volume's image.
 
@@ -426,14 +527,12 @@ class Pool:
                 raise AlreadyExists(f"volume {volume_id} already has an image in the pool")
             size = source.stat().st_size
             self._reserve(size, f"promote volume {volume_id}'s replica")
-            write_json_atomic(
-                self._meta_path(volume_id),
-                {"volume_id": volume_id, "epoch": epoch, "thin": thin, "created_at": time.time()},
-            )
+            write_json_atomic(self._meta_path(volume_id), _metadata(volume_id, epoch, thin))
             os.rename(source, self.image_path(volume_id))
             fsync_dir(self.images_dir)
             fsync_dir(source.parent)
             self._sizes[volume_id] = size
+            self._kinds[volume_id] = (epoch, thin)
         log.info("image adopted", extra={"volume": volume_id, "bytes": size, "epoch": epoch})
         return self.require(volume_id)
 
@@ -446,15 +545,19 @@ class Pool:
             self._meta_path(volume_id).unlink(missing_ok=True)
             fsync_dir(self.images_dir)
             self._sizes.pop(volume_id, None)
+            self._kinds.pop(volume_id, None)
         log.info("image released from the pool", extra={"volume": volume_id})
 
     def delete_image(self, volume_id: str) -> None:
         """Remove an image and its metadata; unknown ids are already deleted."""
-        with self._lock:
+        with self._created:
+            while volume_id in self._creating:
+                self._created.wait()
             self.image_path(volume_id).unlink(missing_ok=True)
             self._meta_path(volume_id).unlink(missing_ok=True)
-            fsync_dir(self.images_dir)
             self._sizes.pop(volume_id, None)
+            self._kinds.pop(volume_id, None)
+        self._directory.sync()
         log.info("image deleted", extra={"volume": volume_id})
 
     def expand_image(self, volume_id: str, size_bytes: int) -> ImageInfo:
@@ -490,7 +593,7 @@ class Pool:
             os.ftruncate(fd, current.size_bytes)
             raise
 
-    def keep_reserved(self) -> list[str]:
+    def keep_reserved(self, images: Sequence[ImageInfo] | None = None) -> list[str]:
         """Reserve again the blocks thick images lost; return the volumes that needed it.
 
         A loop device turns its filesystem's discard and "write zeroes"
@@ -521,7 +624,7 @@ class Pool:
             log.info("thick images reserved again", extra={"volumes": restored})
         return restored
 
-    def shortfall(self) -> int:
+    def shortfall(self, images: Sequence[ImageInfo] | None = None) -> int:
         """Bytes the pool's filesystem lacks to back every image fully; 0 when it can.
 
         Thick images hold all their bytes already, so this is what thin images
@@ -529,7 +632,7 @@ class Pool:
         need beyond the filesystem's free space. Positive means a write to
         such an image can fail with an I/O error.
         """
-        wanted = sum(i.unallocated_bytes for i in self.images())
+        wanted = sum(i.unallocated_bytes for i in (self.images() if images is None else images))
         if not wanted:
             return 0
         stat = os.statvfs(self.root)
@@ -547,6 +650,10 @@ class Pool:
                 f"cannot {what}: pool has {self.capacity_bytes - provisioned} bytes free, "
                 f"{extra_bytes} needed; delete volumes or grow the pool"
             )
+
+
+def _metadata(volume_id: str, epoch: int, thin: bool) -> dict[str, object]:
+    return {"volume_id": volume_id, "epoch": epoch, "thin": thin, "created_at": time.time()}
 
 
 def _checked(volume_id: str) -> str:
