@@ -66,6 +66,7 @@ import json
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields, is_dataclass, replace
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -915,51 +916,142 @@ def decode(cls: type[R], raw: bytes) -> R:
     return value
 
 
+_PLAIN = (str, int, float, bool, type(None))
+#: A record class's field names, in order (``fields()`` costs more than a small encode).
+_FIELD_NAMES: dict[type[Any], tuple[str, ...]] = {}
+
+
 def _to_json(value: Any) -> Any:
+    if type(value) in _PLAIN:
+        return value
     if isinstance(value, enum.Enum):
         return value.value
-    if is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_json(getattr(value, f.name)) for f in fields(value)}
+    names = _FIELD_NAMES.get(type(value))
+    if names is None and is_dataclass(value) and not isinstance(value, type):
+        names = _FIELD_NAMES[type(value)] = tuple(f.name for f in fields(value))
+    if names is not None:
+        return {name: _to_json(getattr(value, name)) for name in names}
     if isinstance(value, tuple):
         return [_to_json(v) for v in value]
     return value
 
 
+Decoder = Callable[[Any, str], Any]
+#: A decoder per type, built once: the type is inspected at the first decode, not each.
+_DECODERS: dict[Any, Decoder] = {}
+
+
 def _from_json(tp: Any, doc: Any, where: str) -> Any:
     """Decode ``doc`` as type ``tp``, checking types exactly (bool is not an int)."""
+    return _decoder(tp)(doc, where)
+
+
+def _decoder(tp: Any) -> Decoder:
+    found = _DECODERS.get(tp)
+    if found is None:
+        found = _DECODERS[tp] = _build_decoder(tp)
+    return found
+
+
+def _build_decoder(tp: Any) -> Decoder:
     origin = typing.get_origin(tp)
     if origin in (types.UnionType, typing.Union):
-        options = typing.get_args(tp)
-        if doc is None and type(None) in options:
-            return None
-        (inner,) = (o for o in options if o is not type(None))
-        return _from_json(inner, doc, where)
+        return _optional_decoder(tp)
     if origin is tuple:
+        return _tuple_decoder(typing.get_args(tp))
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return _enum_decoder(tp)
+    if isinstance(tp, type) and is_dataclass(tp):
+        return _dataclass_decoder(tp)
+    if tp is float:
+
+        def number(doc: Any, where: str) -> Any:
+            if type(doc) not in (int, float):
+                raise CorruptRecord(f"{where}: expected a number, found {doc!r}")
+            return float(doc)
+
+        return number
+    if tp in (int, str, bool):
+
+        def exact(doc: Any, where: str) -> Any:
+            if type(doc) is not tp:
+                raise CorruptRecord(f"{where}: expected {tp.__name__}, found {doc!r}")
+            return doc
+
+        return exact
+
+    def unsupported(doc: Any, where: str) -> Any:
+        raise TypeError(f"records cannot hold values of type {tp!r}")  # a bug in this module
+
+    return unsupported
+
+
+def _optional_decoder(tp: Any) -> Decoder:
+    options = typing.get_args(tp)
+    nullable = type(None) in options
+    (inner,) = (o for o in options if o is not type(None))
+
+    def optional(doc: Any, where: str) -> Any:
+        if doc is None and nullable:
+            return None
+        return _decoder(inner)(doc, where)
+
+    return optional
+
+
+def _tuple_decoder(args: tuple[Any, ...]) -> Decoder:
+    def items(doc: Any, where: str) -> Any:
         if not isinstance(doc, list):
             raise CorruptRecord(f"{where}: expected a list, found {type(doc).__name__}")
-        args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_from_json(args[0], v, f"{where}[{i}]") for i, v in enumerate(doc))
+            each = _decoder(args[0])
+            return tuple(each(v, f"{where}[{i}]") for i, v in enumerate(doc))
         if len(doc) != len(args):
             raise CorruptRecord(f"{where}: expected {len(args)} items, found {len(doc)}")
-        items = enumerate(zip(args, doc, strict=True))
-        return tuple(_from_json(a, v, f"{where}[{i}]") for i, (a, v) in items)
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        pairs = enumerate(zip(args, doc, strict=True))
+        return tuple(_decoder(a)(v, f"{where}[{i}]") for i, (a, v) in pairs)
+
+    return items
+
+
+def _enum_decoder(tp: type[enum.Enum]) -> Decoder:
+    def member(doc: Any, where: str) -> Any:
         try:
             return tp(doc)
         except ValueError:
             raise CorruptRecord(f"{where}: {doc!r} is not a {tp.__name__}") from None
-    if isinstance(tp, type) and is_dataclass(tp):
-        return _dataclass_from_json(tp, doc, where)
-    if tp is float:
-        if type(doc) not in (int, float):
-            raise CorruptRecord(f"{where}: expected a number, found {doc!r}")
-        return float(doc)
-    if tp in (int, str, bool):
-        if type(doc) is not tp:
-            raise CorruptRecord(f"{where}: expected {tp.__name__}, found {doc!r}")
-        return doc
-    raise TypeError(f"records cannot hold values of type {tp!r}")  # a bug in this module
+
+    return member
+
+
+def _dataclass_decoder(cls: type[Any]) -> Decoder:
+    # The fields' decoders are looked up at the first decode (a class may name
+    # itself); each entry: name, its decoder, whether it must be present.
+    plan: list[tuple[str, Decoder, bool]] | None = None
+
+    def record(doc: Any, where: str) -> Any:
+        nonlocal plan
+        if not isinstance(doc, dict):
+            raise CorruptRecord(f"{where}: expected an object, found {type(doc).__name__}")
+        if plan is None:
+            hints = _hints(cls)
+            plan = [
+                (
+                    f.name,
+                    _decoder(hints[f.name]),
+                    f.default is MISSING and f.default_factory is MISSING,
+                )
+                for f in fields(cls)
+            ]
+        values: dict[str, Any] = {}
+        for name, decode_field, required in plan:
+            if name in doc:
+                values[name] = decode_field(doc[name], f"{where}.{name}")
+            elif required:
+                raise CorruptRecord(f"{where}: required field {name!r} is missing")
+        return cls(**values)
+
+    return record
 
 
 _HINTS: dict[type[Any], dict[str, Any]] = {}
@@ -971,16 +1063,3 @@ def _hints(cls: type[Any]) -> dict[str, Any]:
     if found is None:
         found = _HINTS[cls] = typing.get_type_hints(cls)
     return found
-
-
-def _dataclass_from_json(cls: type[Any], doc: Any, where: str) -> Any:
-    if not isinstance(doc, dict):
-        raise CorruptRecord(f"{where}: expected an object, found {type(doc).__name__}")
-    hints = _hints(cls)
-    values: dict[str, Any] = {}
-    for f in fields(cls):
-        if f.name in doc:
-            values[f.name] = _from_json(hints[f.name], doc[f.name], f"{where}.{f.name}")
-        elif f.default is MISSING and f.default_factory is MISSING:
-            raise CorruptRecord(f"{where}: required field {f.name!r} is missing")
-    return cls(**values)
