@@ -160,16 +160,26 @@ class FailoverReconciler:
         )
 
 
+def any_node_lost(catalog: Catalog, lost_after_s: float, now: float) -> bool:
+    """True when some registered node has been silent longer than ``lost_after_s``."""
+    return any(now - node.heartbeat_at > lost_after_s for node in catalog.list_nodes())
+
+
 def failover_runner(
     catalog: Catalog,
     intents: ImageIntents,
     lost_after_s: float,
     events: MobilityEvents | None = None,
 ) -> Runner:
+    """Volumes are looked at as they change, and all of them again every third of
+    ``lost_after_s`` while some node is lost (a node falling silent writes nothing,
+    so only the clock tells; while every node beats, that look would find nothing
+    to do, at the cost of reading every volume)."""
     return Runner(
         "failover",
         FailoverReconciler(catalog, intents, lost_after_s, events=events),
         [Source(Informer(catalog.store, VOLUMES), strip_prefix(VOLUMES))],
         workers=1,
         resync_s=max(1.0, lost_after_s / 3),
+        resync_when=lambda: any_node_lost(catalog, lost_after_s, time.time()),
     )

@@ -10,7 +10,10 @@ Invariants:
   returns None is done until its key changes again or the resync comes.
 - Every ``resync_s`` every cached key is reconciled again, so a side effect
   lost outside the catalog (an image removed by hand) is repaired without
-  any event.
+  any event; with a ``resync_when`` predicate, only at the periods when it
+  holds (a reconciler that only acts on a condition the catalog cannot
+  announce, such as a node falling silent, need not look at every key
+  otherwise).
 - :meth:`Runner.stop` closes the watches, wakes every thread and joins them
   within its timeout; a reconcile in progress is allowed to finish.
 """
@@ -69,6 +72,7 @@ class Runner:
         resync_s: float = 60.0,
         queue: WorkQueue | None = None,
         sync_timeout_s: float = 30.0,
+        resync_when: Callable[[], bool] | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("a runner needs at least one worker")
@@ -77,6 +81,7 @@ class Runner:
         self._sources = tuple(sources)
         self._workers = workers
         self._resync_s = resync_s
+        self._resync_when = resync_when
         self._sync_timeout = sync_timeout_s
         self.queue = queue if queue is not None else WorkQueue()  # an empty queue is falsy
         self._stop = threading.Event()
@@ -139,7 +144,13 @@ class Runner:
 
     def _resync(self) -> None:
         while not self._stop.wait(self._resync_s):
-            self.resync()
+            try:
+                due = self._resync_when is None or self._resync_when()
+            except Exception as exc:  # cannot tell: look at everything, as without one
+                log.warning("resync check failed", extra={"runner": self.name, "error": str(exc)})
+                due = True
+            if due:
+                self.resync()
 
     def _work(self) -> None:
         while not self._stop.is_set():

@@ -148,6 +148,29 @@ def test_resync_reconciles_cached_keys_without_any_change(
     eventually(lambda: len(calls.of("vol-a")) >= 3, "reconciled again by resync")
 
 
+def test_a_resync_with_a_condition_runs_only_while_it_holds(
+    store: CatalogStore, calls: Calls, make_runner: Callable[..., Runner]
+) -> None:
+    store.put(SPECS + "vol-a", b"v")
+    due = threading.Event()
+    checked = threading.Semaphore(0)
+
+    def reconcile(key: str) -> None:
+        calls.record(key)
+
+    def resync_when() -> bool:
+        checked.release()
+        return due.is_set()
+
+    make_runner(reconcile, resync_s=0.02, resync_when=resync_when)
+    eventually(lambda: len(calls.of("vol-a")) == 1, "reconciled once, from the list")
+    for _ in range(5):  # five periods pass, the condition false at each
+        assert checked.acquire(timeout=SETTLE_S)
+    assert len(calls.of("vol-a")) == 1
+    due.set()
+    eventually(lambda: len(calls.of("vol-a")) >= 3, "reconciled again once the condition holds")
+
+
 def test_stop_waits_for_the_reconcile_in_progress_and_joins_every_thread(
     store: CatalogStore, make_runner: Callable[..., Runner]
 ) -> None:
