@@ -165,7 +165,8 @@ class _SharedFile:
         self._lock = threading.Lock()
         # the newest revision known to exist: committed here, or seen in the file
         self._known = 0
-        self._watches: set[SqliteWatch] = set()
+        # open watches by the bounds of their prefix (many watch the same one)
+        self._watches: dict[tuple[str, str | None], list[SqliteWatch]] = {}
         self._poller: threading.Thread | None = None
 
     def committed(self, revision: int, events: tuple[Event, ...]) -> None:
@@ -176,9 +177,14 @@ class _SharedFile:
             if len(self._recent) > _RECENT_REVISIONS:
                 del self._recent[min(self._recent)]
             self._known = max(self._known, revision)
-            woken = [w for w in self._watches if any(w.covers(e.key) for e in events)]
-        for watch in woken:
-            watch.wake()
+            woken = [
+                watches
+                for (low, high), watches in self._watches.items()
+                if _touches(events, low, high)
+            ]
+        for watches in woken:
+            for watch in watches:
+                watch.wake()
 
     def recent(self, revision: int) -> tuple[Event, ...] | None:
         """The events of ``revision`` if this process committed it lately, else None."""
@@ -208,7 +214,7 @@ class _SharedFile:
 
     def register(self, watch: SqliteWatch) -> None:
         with self._lock:
-            self._watches.add(watch)
+            self._watches.setdefault(watch.bounds, []).append(watch)
             if self._poller is None:
                 self._poller = threading.Thread(
                     target=self._poll, name=f"sqlite-poller:{self._path.name}", daemon=True
@@ -217,11 +223,15 @@ class _SharedFile:
 
     def unregister(self, watch: SqliteWatch) -> None:
         with self._lock:
-            self._watches.discard(watch)
+            watches = self._watches.get(watch.bounds, [])
+            if watch in watches:
+                watches.remove(watch)
+            if not watches:
+                self._watches.pop(watch.bounds, None)
 
     def _wake_all(self) -> None:
         with self._lock:
-            watches = list(self._watches)
+            watches = [w for group in self._watches.values() for w in group]
         for watch in watches:
             watch.wake()
 
@@ -267,6 +277,11 @@ class _SharedFile:
         finally:
             if conn is not None:
                 conn.close()
+
+
+def _touches(events: Sequence[Event], low: str, high: str | None) -> bool:
+    """True when an event's key lies in ``[low, high)``."""
+    return any(event.key >= low and (high is None or event.key < high) for event in events)
 
 
 def _events(changes: Sequence[Op], revision: int) -> tuple[Event, ...]:
@@ -648,6 +663,10 @@ class SqliteWatch(Watch):
     @property
     def closed(self) -> bool:
         return self._closed.is_set()
+
+    @property
+    def bounds(self) -> tuple[str, str | None]:
+        return self._low, self._high
 
     def covers(self, key: str) -> bool:
         return key >= self._low and (self._high is None or key < self._high)
