@@ -21,7 +21,7 @@ from csi_driver.node.agent import NodeAgent
 from csi_driver.node.reconcile.images import ImageReconciler, image_runner
 from csi_driver.reconcile.wait import wait_for
 from csi_driver.store.base import Record
-from csi_driver.store.records import put, read
+from csi_driver.store.records import Versioned, put, read
 from csi_driver.store.sqlite import SqliteStore
 from tests.node.conftest import new_volume_id
 
@@ -153,5 +153,28 @@ def test_a_restarted_node_converges_to_specs_written_while_it_was_down(
             waiting_for="deletion",
         )
         assert agent.pool.get(doomed.volume_id) is None
+    finally:
+        assert runner.stop(timeout=30)
+
+
+def test_a_status_removed_right_after_the_callers_reconcile_is_written_again(
+    store: SqliteStore, agent: NodeAgent
+) -> None:
+    """The runner skips the passes its own events queue after a reconcile in the
+    caller's thread (all-in-one), but not a pass for anyone else's change."""
+    runner, local = image_runner(store, agent, resync_s=3600)
+    runner.start()
+    try:
+        spec = _spec(20)
+        status = local(Versioned(spec, store.put(spec.key, put(spec).value)))
+        assert status is not None and status.phase is ImagePhase.READY
+        store.delete(spec.status_key)  # well within the skip's few seconds
+        wait_for(
+            store,
+            spec.status_key,
+            lambda r: r is not None and b'"phase":"ready"' in r.value,
+            time.monotonic() + 30,
+            waiting_for="the status written again",
+        )
     finally:
         assert runner.stop(timeout=30)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import time
 from pathlib import Path
 
 from csi_driver.chunks.generations import GenerationStore
@@ -62,6 +63,10 @@ from csi_driver.store.base import CatalogStore
 from csi_driver.store.records import R, Versioned, from_stored, read
 
 log = logging.getLogger(__name__)
+
+#: How long after the caller's thread (LocalImages) settled a spec the runner's
+#: passes for that same spec, woken by its events, are skipped.
+FRESH_S = 5.0
 
 #: Node errors that are final for a generation, and the reason each reports.
 _FINAL: tuple[tuple[type[FerryError], FailureReason], ...] = (
@@ -104,6 +109,8 @@ class ImageReconciler:
         # write it again.
         self._lock = threading.Lock()
         self._written: dict[str, Versioned[ImageStatus]] = {}
+        # volume -> (spec revision, until when): settled in the caller's thread just now
+        self._fresh: dict[str, tuple[int, float]] = {}
 
     def _read(self, informer: Informer | None, cls: type[R], key: str) -> Versioned[R] | None:
         if informer is None:
@@ -114,8 +121,45 @@ class ImageReconciler:
         spec_read = self._read(self._specs, ImageSpec, image_spec_key(self.node_id, volume_id))
         if spec_read is None:
             return None  # nothing asked of this node (or the controller finished)
+        if self._just_settled(spec_read):
+            return None
         self.reconcile(spec_read)
         return None
+
+    def settled_here(self, spec_read: Versioned[ImageSpec]) -> None:
+        """The caller's thread has just settled ``spec_read`` (LocalImages): the
+        runner's passes that its own events queue have nothing to do."""
+        now = time.monotonic()
+        with self._lock:
+            if len(self._fresh) > 1024:
+                self._fresh = {k: v for k, v in self._fresh.items() if v[1] > now}
+            self._fresh[spec_read.value.volume_id] = (spec_read.revision, now + FRESH_S)
+
+    def _just_settled(self, spec_read: Versioned[ImageSpec]) -> bool:
+        """True for a pass on the very spec the caller's thread settled moments ago,
+        while the stored status is still the one written then (anyone else's write,
+        or a later resync, gets a full pass)."""
+        volume_id = spec_read.value.volume_id
+        with self._lock:
+            fresh = self._fresh.get(volume_id)
+            written = self._written.get(volume_id)
+        if fresh is None or written is None or fresh[0] != spec_read.revision:
+            return False
+        if time.monotonic() > fresh[1]:
+            with self._lock:
+                self._fresh.pop(volume_id, None)
+            return False
+        cached = self._read(self._statuses, ImageStatus, image_status_key(self.node_id, volume_id))
+        if cached is None:
+            # Skipped only while the cache has not caught up with our write (its event
+            # brings another pass); a status removed after it gets a full pass.
+            return self._cache_behind(written.revision)
+        return cached == written
+
+    def _cache_behind(self, revision: int) -> bool:
+        """True while the status informer has not applied ``revision`` yet (a status
+        missing from it then may be our own write on its way, not a removal)."""
+        return self._statuses is not None and self._statuses.revision < revision
 
     def reconcile(self, spec_read: Versioned[ImageSpec]) -> ImageStatus | None:
         """Act on ``spec_read``; return the status now stored for it (None: not stored,
@@ -126,7 +170,7 @@ class ImageReconciler:
         volume_id = spec.volume_id
         current = self._read(self._statuses, ImageStatus, image_status_key(self.node_id, volume_id))
         written = self._written.get(volume_id)
-        if written is not None and (current is None or written.revision > current.revision):
+        if written is not None and self._cache_behind(written.revision):
             current = written  # the cache has not caught up with our own last write
         if current is not None and _done(current.value, spec):
             return current.value
@@ -314,7 +358,7 @@ class LocalImages:
         if spec_read.value.node_id != self.node_id or spec_read.value.source is not None:
             return None
         try:
-            return self._runner.run_now(
+            status = self._runner.run_now(
                 spec_read.value.volume_id, lambda: self._reconciler.reconcile(spec_read)
             )
         except Exception as exc:
@@ -324,6 +368,9 @@ class LocalImages:
                 extra={"volume": spec_read.value.volume_id, "error": str(exc)},
             )
             return None
+        if status is not None and answers(status, spec_read.value) and status.settled:
+            self._reconciler.settled_here(spec_read)
+        return status
 
 
 def image_runner(
