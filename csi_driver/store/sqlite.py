@@ -178,13 +178,13 @@ class _SharedFile:
                 del self._recent[min(self._recent)]
             self._known = max(self._known, revision)
             woken = [
-                watches
+                watch
                 for (low, high), watches in self._watches.items()
                 if _touches(events, low, high)
+                for watch in watches
             ]
-        for watches in woken:
-            for watch in watches:
-                watch.wake()
+        for watch in woken:
+            watch.wake()
 
     def recent(self, revision: int) -> tuple[Event, ...] | None:
         """The events of ``revision`` if this process committed it lately, else None."""
