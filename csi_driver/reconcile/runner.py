@@ -84,6 +84,11 @@ class Runner:
         self._resync_when = resync_when
         self._sync_timeout = sync_timeout_s
         self.queue = queue if queue is not None else WorkQueue()  # an empty queue is falsy
+        # The metric children, looked up once: ``labels()`` costs more than a small reconcile.
+        self._outcomes = {
+            outcome: RECONCILES.labels(name, outcome) for outcome in ("done", "requeue", "error")
+        }
+        self._seconds = RECONCILE_SECONDS.labels(name)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         for source in self._sources:
@@ -161,7 +166,7 @@ class Runner:
             try:
                 again = self._reconcile(key)
             except Exception as exc:
-                RECONCILES.labels(self.name, "error").inc()
+                self._outcomes["error"].inc()
                 delay = self.queue.retry(key)
                 log.warning(
                     "reconcile failed; retrying",
@@ -175,10 +180,10 @@ class Runner:
                     },
                 )
             else:
-                RECONCILES.labels(self.name, "done" if again is None else "requeue").inc()
+                self._outcomes["done" if again is None else "requeue"].inc()
                 self.queue.forget(key)
                 if again is not None:
                     self.queue.add_after(key, again)
             finally:
-                RECONCILE_SECONDS.labels(self.name).observe(time.monotonic() - started)
+                self._seconds.observe(time.monotonic() - started)
                 self.queue.done(key)
