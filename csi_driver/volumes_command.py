@@ -129,6 +129,7 @@ def as_json(view: VolumeView) -> dict[str, Any]:
         "transfers": [asdict(t) for t in view.transfers],
         "move": json.loads(encode(view.last_move)) if view.last_move else None,
         "failover": json.loads(encode(view.last_failover)) if view.last_failover else None,
+        "fence": json.loads(encode(view.last_fence)) if view.last_fence else None,
     }
 
 

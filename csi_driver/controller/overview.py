@@ -31,6 +31,7 @@ from csi_driver.core.records import (
     DrainSpec,
     ExportSpec,
     FailoverStatus,
+    FenceStatus,
     ImageRole,
     ImageStatus,
     MoveStatus,
@@ -39,6 +40,7 @@ from csi_driver.core.records import (
     drain_spec_key,
     export_spec_key,
     failover_status_key,
+    fence_status_key,
     image_status_key,
     move_status_key,
     revise,
@@ -80,6 +82,8 @@ class VolumeView:
     move: str  # the move's step and message, or ""
     last_move: MoveStatus | None = None
     last_failover: FailoverStatus | None = None
+    #: The last forced detach from a lost node (ControllerUnpublishVolume, fenced).
+    last_fence: FenceStatus | None = None
 
 
 def overview(catalog: Catalog, now: float | None = None) -> list[VolumeView]:
@@ -122,6 +126,7 @@ def overview(catalog: Catalog, now: float | None = None) -> list[VolumeView]:
             detail = f": {move.value.message}" if move.value.message else ""
             described = f"{move.value.step.value}{detail}"
         failover = read(store, FailoverStatus, failover_status_key(volume.volume_id))
+        fence = read(store, FenceStatus, fence_status_key(volume.volume_id))
         views.append(
             VolumeView(
                 volume,
@@ -130,6 +135,7 @@ def overview(catalog: Catalog, now: float | None = None) -> list[VolumeView]:
                 described,
                 move.value if move else None,
                 failover.value if failover else None,
+                fence.value if fence else None,
             )
         )
     return views

@@ -213,7 +213,8 @@ def plan_replicas(
     when it is one too many (the least useful go first: on NOT_READY nodes, sharing
     the most failure domains, least free). A NOT_READY node keeps its
     replica. New replicas go where :func:`choose_replicas` puts them,
-    never on a node whose retiring copy still occupies it.
+    never on a node whose retiring copy still occupies it nor on one in
+    ``no_room``.
     """
     by_id = {n.node.node_id: n for n in nodes}
     current = list(dict.fromkeys(current))
@@ -247,7 +248,7 @@ def plan_replicas(
     kept = tuple(sorted(k.node.node_id for k in keep))
     needed = max(wanted, 0) - len(kept)
     add = choose_replicas(
-        nodes, size_bytes + growth_bytes, [primary, *kept, *retire], needed, within
+        nodes, size_bytes + growth_bytes, [primary, *kept, *retire, *no_room], needed, within
     )
     return ReplicaPlan(kept, tuple(sorted(retire)), add, max(needed, 0) - len(add))
 

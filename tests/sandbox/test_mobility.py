@@ -30,6 +30,7 @@ from csi_driver.csi.client import mount_capability
 from csi_driver.gen import csi_pb2
 from csi_driver.sandbox.demo import Demo, Workload
 from csi_driver.sandbox.harness import Sandbox
+from csi_driver.sandbox.plan import SANDBOX_NODE_LOST_AFTER_S
 from tests.sandbox.conftest import Place, _missing, _new_place, requires_host, run_ferry
 from tests.sandbox.test_sandbox import NODE_KEY, RETRYABLE, create_on
 
@@ -289,10 +290,70 @@ def test_a_partitioned_primary_is_failed_over_fenced_and_keeps_its_divergent_dat
         lambda: _holds(sorted(preserved.glob(f"{volume_id}-*.img")), divergent),
         "the divergent image kept aside",
     )
-    resynced = mobile.node_dir("node-1") / "pool" / "replicas" / volume_id
-    _eventually(
-        lambda: _holds(sorted(resynced.glob("gen-*/image")), acknowledged),
-        "node-1 resynced as a replica",
-    )
+
+    # node-1 was lost past --node-lost-after: its copy was re-placed (replicas: 1) on the
+    # third node, or, had no node been free, node-1 resynced as the replica.
+    def replica_holds_it() -> bool:
+        replicas = Demo(Sandbox(mobile.directory)).volume(volume_id)["replicas"]
+        return len(replicas) == 1 and _holds(
+            sorted(
+                (mobile.node_dir(replicas[0]["node_id"]) / "pool" / "replicas" / volume_id).glob(
+                    "gen-*/image"
+                )
+            ),
+            acknowledged,
+        )
+
+    _eventually(replica_holds_it, "one replica in place again, holding every acknowledged write")
     unmount(mobile, survivor, volume_id)
     _unpublish(mobile, volume_id, survivor)
+
+
+def test_a_forced_detach_from_a_lost_node_is_fenced_and_the_node_resumes_with_a_new_epoch(
+    mobile: Place,
+) -> None:
+    request = csi_pb2.CreateVolumeRequest(
+        name="fenced",
+        capacity_range=csi_pb2.CapacityRange(required_bytes=64 * MiB),
+        volume_capabilities=[mount_capability()],
+        parameters={"failoverPolicy": "wait"},
+    )
+    request.accessibility_requirements.requisite.add().segments[NODE_KEY] = "node-1"
+    with mobile.client("controller") as client:
+        volume_id = client.controller.CreateVolume(request, timeout=60).volume.volume_id
+    mounted = Path(
+        _stage_and_publish(mobile, "node-1", volume_id, _publish(mobile, volume_id, "node-1"))
+    )
+    written = _write_block(mounted, "kept")
+    mobile.fault("cut", "node-1")
+    try:
+        demo = Demo(Sandbox(mobile.directory))
+        time.sleep(SANDBOX_NODE_LOST_AFTER_S + 1.5)  # the node is lost now
+        _unpublish(mobile, volume_id, "node-1")  # Kubernetes' forced detach: answered OK
+        fence = _eventually(lambda: demo.volume(volume_id)["fence"], "the fence recorded")
+        assert (fence["node_id"], fence["epoch"]) == ("node-1", 2)
+        assert demo.volume(volume_id)["epoch"] == 2
+    finally:
+        mobile.fault("heal", "node-1")
+    # Back: the old attachment (epoch 1) can never be staged again...
+    details = _eventually(lambda: _refused(mobile, "node-1", volume_id), "the stale stage refused")
+    assert "stale attachment" in details
+    unmount(mobile, "node-1", volume_id)  # kubelet cleans up the dead pod
+    # ...but with failoverPolicy wait the data stayed there: a new attachment uses it.
+    context = _publish(mobile, volume_id, "node-1")
+    assert context["ferry.csi.dev/epoch"] == "2"
+    remounted = Path(_stage_and_publish(mobile, "node-1", volume_id, context))
+    assert (remounted / "kept").read_bytes() == written
+    unmount(mobile, "node-1", volume_id)
+    _unpublish(mobile, volume_id, "node-1")
+
+
+def _refused(place: Place, node: str, volume_id: str) -> str | None:
+    """The details of a refused stale stage; None while the node's catalog link returns."""
+    try:
+        _stage_stale(place, node, volume_id)
+    except grpc.RpcError as exc:
+        if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
+            return exc.details() or "refused"
+        return None
+    raise AssertionError("a stale attachment was staged")
