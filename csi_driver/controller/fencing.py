@@ -34,6 +34,7 @@ from csi_driver.controller.images import ImageIntents
 from csi_driver.controller.readiness import NodeReadings
 from csi_driver.core.errors import Conflict, StoreError
 from csi_driver.core.records import FenceStatus, ImageRole, NodeAccounting, revise
+from csi_driver.metrics import count_forced_detach
 from csi_driver.store.base import Compare, Put
 from csi_driver.store.catalog import Catalog
 from csi_driver.store.records import put, unchanged_since
@@ -85,6 +86,7 @@ class Fences:
                 self._intents.txn(compares, ops)
             except Conflict:
                 continue
+            count_forced_detach()
             log.warning(
                 "volume force-detached from a lost node: fenced",
                 extra={"volume": volume_id, "node": node_id, "epoch": epoch, "why": lost.why},

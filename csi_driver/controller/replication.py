@@ -81,6 +81,8 @@ from csi_driver.core.records import (
 )
 from csi_driver.kube.events import LoggingSink, MobilityEvents, VolumeRef
 from csi_driver.metrics import (
+    ReplicaChange,
+    count_replica_changes,
     forget_replica,
     forget_volume,
     observe_replicas,
@@ -164,6 +166,7 @@ def add_replicas(
         compares += [Compare(spec.key, 0), unchanged_since(charged.key, account)]
         ops += [put(spec), put(charged)]
     intents.txn(compares, ops)
+    count_replica_changes(ReplicaChange.ADDED, len(chosen))
     log.info(
         "replicas assigned",
         extra={"volume": volume.volume_id, "nodes": chosen, "primary": volume.primary_node},
@@ -362,6 +365,7 @@ class ReplicationReconciler:
                 self._intents.txn([unchanged_since(retired.key, image)], [put(retired)])
             except Conflict:
                 continue
+            count_replica_changes(ReplicaChange.RETIRED)
             log.info(
                 "replica retired",
                 extra={"volume": volume.volume_id, "node": image.value.node_id},

@@ -165,6 +165,10 @@ def _eventually(check: Callable[[], object], what: str, timeout: float = 30) -> 
         time.sleep(0.1)
 
 
+def _changes(action: str) -> float:
+    return REGISTRY.get_sample_value("ferry_replica_changes_total", {"action": action}) or 0
+
+
 def _settles_on(
     cluster: Cluster,
     volume_id: str,
@@ -196,9 +200,11 @@ def test_lowering_replicas_retires_copies_and_raising_adds_them(cluster: Cluster
         "two replicas synced",
     )
 
+    retired_before = _changes("retired")
     cluster.modify(volume_id, {"replicas": "1"})
 
     _eventually(lambda: len(cluster.replicas(volume_id)) == 1, "one replica retired")
+    assert _changes("retired") == retired_before + 1
     (kept,) = cluster.replicas(volume_id)
     retired = ({"node-b", "node-c"} - {kept}).pop()
     _eventually(lambda: cluster.gone(volume_id, retired), "the retired copy removed")
@@ -242,6 +248,7 @@ def test_a_forced_detach_from_a_lost_node_is_fenced_then_failed_over(cluster: Cl
     _eventually(lambda: cluster.synced(volume_id, replica), "the replica synced")
     assert cluster.publish(volume_id, "node-c")["ferry.csi.dev/epoch"] == "1"
     failovers = REGISTRY.get_sample_value("ferry_failover_duration_seconds_count") or 0
+    detaches = REGISTRY.get_sample_value("ferry_forced_detaches_total") or 0
 
     cluster.stop("node-c")  # the node dies with the volume published
     time.sleep(LOST_AFTER_S + 3 * HEARTBEAT_S)
@@ -258,6 +265,7 @@ def test_a_forced_detach_from_a_lost_node_is_fenced_then_failed_over(cluster: Cl
     assert image is not None and (image.value.role, image.value.epoch) == (ImageRole.PRIMARY, 2)
     account = cluster.catalog.account("node-c")
     assert account is not None and account.value.published_count == 0
+    assert (REGISTRY.get_sample_value("ferry_forced_detaches_total") or 0) == detaches + 1
 
     # The operator accepts the loss: the failover counts from the forced detach.
     cluster.modify(volume_id, {"failoverPolicy": "promote"})
