@@ -112,10 +112,14 @@ class FailoverReconciler:
     def _lost(self, volume: Volume) -> Lost | None:
         """Whether the volume's primary is lost: its node, or a forced detach from it."""
         fence = read(self._catalog.store, FenceStatus, fence_status_key(volume.volume_id))
+        node = self._catalog.get_node(volume.primary_node)
         if (
             fence is not None
             and fence.value.node_id == volume.primary_node
             and fence.value.epoch == volume.epoch
+            # A node heard from since it was declared lost is back: the fence stays
+            # (its old attachment can never stage) but is no reason to fail over.
+            and (node is None or node.heartbeat_at <= fence.value.at)
         ):
             return Lost(fence.value.at, f"force-detached from node {fence.value.node_id}")
         return self._readings.lost(volume.primary_node)

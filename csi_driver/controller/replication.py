@@ -267,6 +267,9 @@ class ReplicationReconciler:
             for image in images.values()
             if image.value.role is ImageRole.REPLICA and image.value.deleted
         ]
+        if not replicas and not retiring and not wanted:
+            self._report(volume, replicas, wanted, params.rpo_seconds)
+            return None  # nothing to place, retire or export: no node or accounting read
         for image in retiring:
             self._try_remove(image)
         replicas = self._unpin(volume, replicas)

@@ -12,6 +12,7 @@ exactly what :class:`csi_driver.kube.api.KubeNodes` returns in a cluster
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -31,11 +32,14 @@ from csi_driver.core.model import (
 )
 from csi_driver.core.records import (
     FailoverStatus,
+    FenceStatus,
     ImagePhase,
     ImageRole,
     ImageSpec,
     ImageStatus,
+    encode,
     failover_status_key,
+    fence_status_key,
     image_spec_key,
 )
 from csi_driver.kube.nodes import NodeFacts, NodeState, Taint, readiness
@@ -142,3 +146,23 @@ def test_a_live_agent_is_not_failed_over_without_the_operator(
     volume = catalog.require_volume(VOL)
     assert (volume.primary_node, volume.epoch) == ("node-1", 1)
     assert catalog.store.get(failover_status_key(VOL)) is None
+
+
+def test_a_fence_is_a_loss_until_the_node_is_heard_from_again(catalog: Catalog) -> None:
+    # ControllerUnpublishVolume fenced the volume off node-1 (declared lost at NOW - 10);
+    # node-1's agent has beaten since: it is back, and nothing fails over.
+    catalog.store.put(fence_status_key(VOL), encode(FenceStatus(VOL, "node-1", 1, NOW - 10)))
+    _reconciler(catalog, None)(VOL)
+    assert catalog.require_volume(VOL).primary_node == "node-1"
+
+    # Not heard from since (20 s of silence: not lost by heartbeat alone): the fence
+    # is the loss, and the failover is timed from it.
+    node = catalog.get_node("node-1")
+    assert node is not None
+    catalog.register_node(replace(node, heartbeat_at=NOW - 20))
+    count, total = _failovers()
+    _reconciler(catalog, None)(VOL)
+    volume = catalog.require_volume(VOL)
+    assert (volume.primary_node, volume.epoch) == ("node-2", 2)
+    after_count, after_total = _failovers()
+    assert after_count == count + 1 and after_total - total == pytest.approx(10.0)
