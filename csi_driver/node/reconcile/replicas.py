@@ -107,9 +107,7 @@ class ReplicaReconciler:
         current = read(self._store, ImageStatus, image_status_key(self.node_id, volume_id))
         if spec.deleted:
             try:
-                # A demoted primary's pool image goes through the same door as on
-                # any demotion: a failed-over one is kept aside, never destroyed.
-                self._adopt_demoted(volume_id, keep_aside=spec.keep_divergent)
+                self._discard_demoted(volume_id, keep_aside=spec.keep_divergent)
             except FailedPrecondition as exc:
                 return self._in_use(spec_read, current, exc)
             shutil.rmtree(self._agent.pool.replicas_dir / volume_id, ignore_errors=True)
@@ -161,6 +159,19 @@ class ReplicaReconciler:
             spec_read, current, replace(failed, reason=FailureReason.IN_USE, message=exc.message)
         )
         return IN_USE_POLL_S
+
+    def _discard_demoted(self, volume_id: str, *, keep_aside: bool) -> None:
+        """A retired replica's demoted pool image, if still here: a failed-over one is
+        kept aside (it may hold writes nobody else has), any other deleted once unused."""
+        if keep_aside:
+            self._adopt_demoted(volume_id, keep_aside=True)
+            return
+        pool = self._agent.pool
+        if pool.get(volume_id) is None:
+            return
+        with self._agent.unused(volume_id):
+            pool.delete_image(volume_id)
+        log.info("retired replica's demoted image deleted", extra={"volume": volume_id})
 
     def _adopt_demoted(self, volume_id: str, *, keep_aside: bool) -> Generation | None:
         """The replica's current generation; a pool image here (a demoted primary's)
