@@ -241,6 +241,26 @@ def test_a_drained_or_deleted_node_has_its_replica_placed_elsewhere(cluster: Clu
     _settles_on(cluster, volume_id, first, cluster.forgotten, "the replica placed back")
 
 
+def test_a_lost_node_has_its_replica_re_placed_and_removed_once_back(cluster: Cluster) -> None:
+    volume_id = cluster.create("lost-replica", {"replicas": "1"})
+    _eventually(lambda: cluster.replicas(volume_id), "a replica")
+    (first,) = cluster.replicas(volume_id)
+    _eventually(lambda: cluster.synced(volume_id, first), "the replica synced")
+    other = ({"node-b", "node-c"} - {first}).pop()
+
+    cluster.stop(first)  # silent past --node-lost-after: lost
+
+    _eventually(
+        lambda: set(cluster.replicas(volume_id)) == {other} and cluster.synced(volume_id, other),
+        "the replica re-placed on the other node",
+    )
+    retired = read(cluster.catalog.store, ImageSpec, image_spec_key(first, volume_id))
+    # Retired while away: the node cannot act on it, so its charge stays until it does.
+    assert retired is not None and retired.value.deleted
+    cluster.start(first)
+    _settles_on(cluster, volume_id, other, cluster.gone, "the lost node's copy removed")
+
+
 def test_a_forced_detach_from_a_lost_node_is_fenced_then_failed_over(cluster: Cluster) -> None:
     volume_id = cluster.create("lost", {"replicas": "1", "failoverPolicy": "wait"}, on="node-c")
     _eventually(lambda: cluster.replicas(volume_id), "a replica")
