@@ -211,9 +211,31 @@ VOLUME_REPLICAS = Gauge(
 VOLUME_REPLICAS_WANTED = Gauge(
     "ferry_volume_replicas_wanted", "Replicas the volume's policy asks for.", ["volume"]
 )
+REPLICA_CHANGES = Counter(
+    "ferry_replica_changes_total",
+    "Replicas the leader added or retired (policy changes, nodes leaving or full, moves).",
+    ["action"],
+)
+FORCED_DETACHES = Counter(
+    "ferry_forced_detaches_total",
+    "ControllerUnpublishVolume calls for a lost node: the volume fenced (epoch bumped).",
+)
 TRANSFERS_IN_FLIGHT = Gauge(
     "ferry_transfers_in_flight", "Node-to-node transfers under way, by flow.", ["flow"]
 )
+
+
+class ReplicaChange(enum.Enum):
+    ADDED = "added"
+    RETIRED = "retired"  # marked for deletion on its node
+
+
+def count_replica_changes(action: ReplicaChange, count: int = 1) -> None:
+    REPLICA_CHANGES.labels(action.value).inc(count)
+
+
+def count_forced_detach() -> None:
+    FORCED_DETACHES.inc()
 
 
 def count_moved(flow: DataFlow, nbytes: int) -> None:

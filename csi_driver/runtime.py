@@ -25,6 +25,7 @@ from csi_driver.catalog_api.server import admitted_callers as catalog_callers
 from csi_driver.catalog_api.server import register as serve_store
 from csi_driver.controller.failover import NODE_LOST_AFTER_S
 from csi_driver.controller.leadership import Leadership
+from csi_driver.controller.readiness import NodeReadings
 from csi_driver.controller.snapshots import SnapshotService
 from csi_driver.controller.volumes import VolumeService
 from csi_driver.core.errors import InvalidArgument
@@ -314,13 +315,23 @@ def _controller_services(volumes: VolumeService, snapshots: SnapshotService) -> 
     ]
 
 
-def _campaign(catalog: Catalog, services: Services, node_lost_after_s: float) -> None:
+def _readings(catalog: Catalog, node_lost_after_s: float) -> NodeReadings:
+    """Node readiness for a controller: Ferry's heartbeats, and Kubernetes' Nodes in a cluster."""
+    # Only a controller needs the kubernetes client (Events on PVCs, Node readiness).
+    from csi_driver.kube.api import node_states
+
+    kube = node_states()
+    return NodeReadings(catalog, node_lost_after_s, kube.state if kube is not None else None)
+
+
+def _campaign(catalog: Catalog, services: Services, readings: NodeReadings) -> None:
     """Every controller process campaigns; only the leader runs background work."""
-    # Only a controller needs the kubernetes client (Events on PVCs).
     from csi_driver.kube.api import event_sink
 
     events = MobilityEvents(event_sink())
-    leadership = Leadership(catalog, node_lost_after_s=node_lost_after_s, events=events)
+    leadership = Leadership(
+        catalog, node_lost_after_s=readings.lost_after_s, events=events, readings=readings
+    )
     leadership.start()
     services.closers.append(leadership.stop)
 
@@ -348,7 +359,8 @@ def start_controller(
         services.closers.append(store.close)
         _serve_catalog(store, catalog_listen, security, services)
         catalog = Catalog(store)
-        volumes = VolumeService(catalog)
+        readings = _readings(catalog, node_lost_after_s)
+        volumes = VolumeService(catalog, readings=readings)
         services.closers.append(volumes.close)
         identity = IdentityServicer([volumes.check], controller=True)
         _serve_csi(
@@ -359,7 +371,7 @@ def start_controller(
             ],
             services,
         )
-        _campaign(catalog, services, node_lost_after_s)
+        _campaign(catalog, services, readings)
     return services
 
 
@@ -419,7 +431,8 @@ def start_all_in_one(
         catalog = Catalog(store)
         parts = NodeParts(config)
         _start_node_side(parts, catalog, services)
-        volumes = VolumeService(catalog, local=parts.local_images)
+        readings = _readings(catalog, node_lost_after_s)
+        volumes = VolumeService(catalog, local=parts.local_images, readings=readings)
         services.closers.append(volumes.close)
         identity = IdentityServicer([volumes.check, parts.agent.check], controller=True)
         fence = EpochFence(catalog, config.node_id)
@@ -433,5 +446,5 @@ def start_all_in_one(
             ],
             services,
         )
-        _campaign(catalog, services, node_lost_after_s)
+        _campaign(catalog, services, readings)
     return services

@@ -25,7 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from csi_driver.controller.overview import VolumeView, drain, drained, overview
+from csi_driver.controller.overview import VolumeView, drain, drained, overview, undrain
 from csi_driver.core.errors import FerryError, InvalidArgument
 from csi_driver.core.records import encode
 from csi_driver.pki import TlsBundle
@@ -54,6 +54,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     drain_p = sub.add_parser("drain", help="bring NODE's volumes to fresh replicas elsewhere")
     drain_p.add_argument("node", help="the node about to be drained")
     drain_p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
+    drain_p.add_argument(
+        "--undo", action="store_true", help="forget the drain: NODE takes copies again"
+    )
     catalog_args(drain_p)
 
 
@@ -126,6 +129,7 @@ def as_json(view: VolumeView) -> dict[str, Any]:
         "transfers": [asdict(t) for t in view.transfers],
         "move": json.loads(encode(view.last_move)) if view.last_move else None,
         "failover": json.loads(encode(view.last_failover)) if view.last_failover else None,
+        "fence": json.loads(encode(view.last_fence)) if view.last_fence else None,
     }
 
 
@@ -138,6 +142,10 @@ def run(args: argparse.Namespace) -> int:
                 return 0
             if args.command == "volumes":
                 return _volumes(catalog, args.watch)
+            if args.undo:
+                found = undrain(catalog, args.node)
+                print(f"{args.node} {'is no longer drained' if found else 'was not drained'}")
+                return 0
             return _drain(catalog, args.node, args.timeout)
         finally:
             catalog.store.close()

@@ -1,7 +1,13 @@
 """The leader's failover reconciler: a volume whose primary node is lost.
 
-A node is lost when its heartbeat (``nodes/<id>``) is older than
-``node_lost_after_s``. For each volume whose primary is on a lost node:
+A node is lost (controller/readiness.py) when its heartbeat (``nodes/<id>``)
+is older than ``node_lost_after_s``, when Kubernetes says it is out of
+service (the ``node.kubernetes.io/out-of-service`` taint: at once, without
+waiting for the heartbeat) or no longer has the Node, and, for one volume,
+when ControllerUnpublishVolume force-detached the volume from it
+(``status/fences/<volume>`` at the volume's epoch). Failover time is
+counted from that moment (``ferry_failover_duration_seconds``). For each
+volume whose primary is on a lost node:
 
 - ``failoverPolicy: wait`` (the default): nothing moves; the volume waits
   for its node (a move to another node says so while it waits), so no
@@ -29,17 +35,22 @@ from collections.abc import Callable
 
 from csi_driver.controller.images import ImageIntents
 from csi_driver.controller.primaries import switch_primary
+from csi_driver.controller.readiness import NODE_LOST_AFTER_S, NodeReadings
 from csi_driver.controller.replication import images_of, ready_volume
 from csi_driver.core.errors import Conflict
 from csi_driver.core.model import Volume
 from csi_driver.core.params import FailoverPolicy
 from csi_driver.core.records import (
+    FENCE_STATUSES,
     FailoverStatus,
+    FenceStatus,
     ImageRole,
     ImageStatus,
+    fence_status_key,
     image_status_key,
 )
 from csi_driver.kube.events import LoggingSink, MobilityEvents, VolumeRef
+from csi_driver.kube.nodes import Lost
 from csi_driver.metrics import observe_failover
 from csi_driver.reconcile.informer import Informer
 from csi_driver.reconcile.runner import Runner, Source, strip_prefix
@@ -48,8 +59,7 @@ from csi_driver.store.records import Versioned, put, read
 
 log = logging.getLogger(__name__)
 
-#: Default for ``--node-lost-after``: three missed heartbeats of 10 s.
-NODE_LOST_AFTER_S = 30.0
+__all__ = ["NODE_LOST_AFTER_S", "FailoverReconciler", "failover_runner", "lost_for"]
 
 
 def lost_for(catalog: Catalog, node_id: str, lost_after_s: float, now: float) -> float | None:
@@ -71,12 +81,14 @@ class FailoverReconciler:
         lost_after_s: float = NODE_LOST_AFTER_S,
         clock: Callable[[], float] = time.time,
         events: MobilityEvents | None = None,
+        readings: NodeReadings | None = None,
     ) -> None:
         self._events = events or MobilityEvents(LoggingSink())
         self._catalog = catalog
         self._intents = intents
         self._lost_after = lost_after_s
         self._clock = clock
+        self._readings = readings or NodeReadings(catalog, lost_after_s, clock=clock)
 
     def __call__(self, volume_id: str) -> float | None:
         found = ready_volume(self._catalog, volume_id)
@@ -87,24 +99,39 @@ class FailoverReconciler:
         poll = max(1.0, self._lost_after / 3)
         now = self._clock()
         ref = VolumeRef(volume_id, volume.name)
-        silent = lost_for(self._catalog, volume.primary_node, self._lost_after, now)
-        if silent is None:
+        lost = self._lost(volume)
+        if lost is None:
             self._events.primary_reachable(ref, volume.primary_node)
             return poll if params.replicas else None
         if params.failover_policy is not FailoverPolicy.PROMOTE or params.replicas == 0:
-            self._events.failover_waiting(ref, volume.primary_node, silent)
+            self._events.failover_waiting(ref, volume.primary_node, max(0.0, now - lost.since))
             return poll
-        self._promote(volume_read, now)
+        self._promote(volume_read, now, lost)
         return poll
 
-    def _promote(self, volume_read: Versioned[Volume], now: float) -> None:
+    def _lost(self, volume: Volume) -> Lost | None:
+        """Whether the volume's primary is lost: its node, or a forced detach from it."""
+        fence = read(self._catalog.store, FenceStatus, fence_status_key(volume.volume_id))
+        node = self._catalog.get_node(volume.primary_node)
+        if (
+            fence is not None
+            and fence.value.node_id == volume.primary_node
+            and fence.value.epoch == volume.epoch
+            # A node heard from since it was declared lost is back: the fence stays
+            # (its old attachment can never stage) but is no reason to fail over.
+            and (node is None or node.heartbeat_at <= fence.value.at)
+        ):
+            return Lost(fence.value.at, f"force-detached from node {fence.value.node_id}")
+        return self._readings.lost(volume.primary_node)
+
+    def _promote(self, volume_read: Versioned[Volume], now: float, lost_at: Lost) -> None:
         volume = volume_read.value
         images = images_of(self._catalog, volume.volume_id)
         best: tuple[float, str] | None = None
         for node_id, image in images.items():
             if image.value.role is not ImageRole.REPLICA or image.value.deleted:
                 continue
-            if lost_for(self._catalog, node_id, self._lost_after, now) is not None:
+            if self._readings.lost(node_id) is not None:
                 continue
             status = read(
                 self._catalog.store, ImageStatus, image_status_key(node_id, volume.volume_id)
@@ -139,7 +166,7 @@ class FailoverReconciler:
             self._intents.txn(switch.compares, [*switch.ops, put(record)])
         except Conflict:
             return  # something changed: the next pass decides again
-        observe_failover(record.data_loss_window_s)
+        observe_failover(record.data_loss_window_s, max(0.0, now - lost_at.since))
         self._events.failed_over(
             VolumeRef(volume.volume_id, volume.name),
             record.from_node,
@@ -170,6 +197,7 @@ def failover_runner(
     intents: ImageIntents,
     lost_after_s: float,
     events: MobilityEvents | None = None,
+    readings: NodeReadings | None = None,
 ) -> Runner:
     """Volumes are looked at as they change, and all of them again every third of
     ``lost_after_s`` while some node is lost (a node falling silent writes nothing,
@@ -177,8 +205,12 @@ def failover_runner(
     to do, at the cost of reading every volume)."""
     return Runner(
         "failover",
-        FailoverReconciler(catalog, intents, lost_after_s, events=events),
-        [Source(Informer(catalog.store, VOLUMES), strip_prefix(VOLUMES))],
+        FailoverReconciler(catalog, intents, lost_after_s, events=events, readings=readings),
+        [
+            Source(Informer(catalog.store, VOLUMES), strip_prefix(VOLUMES)),
+            # A forced detach (a fence) is a loss at once: act on it without a poll.
+            Source(Informer(catalog.store, FENCE_STATUSES), strip_prefix(FENCE_STATUSES)),
+        ],
         workers=1,
         resync_s=max(1.0, lost_after_s / 3),
         resync_when=lambda: any_node_lost(catalog, lost_after_s, time.time()),

@@ -27,6 +27,7 @@ from csi_driver.controller.collector import Collector
 from csi_driver.controller.failover import NODE_LOST_AFTER_S, failover_runner
 from csi_driver.controller.images import Deposed, ImageIntents
 from csi_driver.controller.moves import move_runner
+from csi_driver.controller.readiness import NodeReadings
 from csi_driver.controller.replication import replication_runner
 from csi_driver.kube.events import LoggingSink, MobilityEvents
 from csi_driver.metrics import CONTROLLER_LEADER
@@ -62,8 +63,10 @@ class Leadership:
         sweep_interval_s: float = SWEEP_INTERVAL_S,
         node_lost_after_s: float = NODE_LOST_AFTER_S,
         events: MobilityEvents | None = None,
+        readings: NodeReadings | None = None,
     ) -> None:
         self._lost_after = node_lost_after_s
+        self._readings = readings or NodeReadings(catalog, node_lost_after_s)
         self._events = events or MobilityEvents(LoggingSink())
         self.candidate = candidate or default_candidate()
         self._election = catalog.store.election(ELECTION, self.candidate)
@@ -107,8 +110,8 @@ class Leadership:
         intents = ImageIntents(self._catalog, fence=self._election.fence)
         return [
             move_runner(self._catalog, intents, self._lost_after, self._events),
-            replication_runner(self._catalog, intents, self._events),
-            failover_runner(self._catalog, intents, self._lost_after, self._events),
+            replication_runner(self._catalog, intents, self._events, self._readings),
+            failover_runner(self._catalog, intents, self._lost_after, self._events, self._readings),
         ]
 
     def _lead(self) -> None:

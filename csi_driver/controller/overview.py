@@ -3,43 +3,50 @@
 :func:`overview` reads, for every volume, its primary and epoch, each
 replica with its lag (how old the capture it holds is), the transfers in
 flight into each replica, and the volume's move; it only reads. :func:`drain`
-prepares a node's departure: every volume whose primary is on it gets a
-replica elsewhere (assigned the way the leader assigns them, with its node's
+prepares a node's departure: it records the drain (``spec/drains/<node>``:
+the node is leaving, so the leader re-places the replicas it holds and puts
+no new copy there), and every volume whose primary is on it gets a replica
+elsewhere (assigned the way the leader assigns them, with its node's
 accounting) and a fresh capture shipped to its replicas, so the moves that
-follow ship only what changed since. It writes intent records only, like
-an RPC; the nodes do the work.
+follow ship only what changed since. The replicas a drain relies on are
+pinned for the node (``pinned_for``): the leader does not retire them
+before the move they prepare, whatever the volume's replica count.
+:func:`undrain` forgets the drain. They write intent records only, like an
+RPC; the nodes do the work.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from csi_driver.controller.images import ImageIntents
-from csi_driver.controller.replication import (
-    assign_replicas,
-    images_of,
-    node_views,
-)
+from csi_driver.controller.readiness import NodeReadings
+from csi_driver.controller.replication import assign_replicas, images_of
 from csi_driver.core.errors import Conflict, FailedPrecondition, NotFound, Unavailable
 from csi_driver.core.model import Volume
 from csi_driver.core.records import (
+    DrainSpec,
     ExportSpec,
     FailoverStatus,
+    FenceStatus,
     ImageRole,
     ImageStatus,
     MoveStatus,
     TransferPhase,
     TransferStatus,
+    drain_spec_key,
     export_spec_key,
     failover_status_key,
+    fence_status_key,
     image_status_key,
     move_status_key,
     revise,
     transfer_status_key,
 )
-from csi_driver.store.base import ABSENT, Compare
+from csi_driver.store.base import ABSENT, Compare, Delete
 from csi_driver.store.catalog import Catalog
 from csi_driver.store.records import put, read, unchanged_since
 
@@ -75,6 +82,8 @@ class VolumeView:
     move: str  # the move's step and message, or ""
     last_move: MoveStatus | None = None
     last_failover: FailoverStatus | None = None
+    #: The last forced detach from a lost node (ControllerUnpublishVolume, fenced).
+    last_fence: FenceStatus | None = None
 
 
 def overview(catalog: Catalog, now: float | None = None) -> list[VolumeView]:
@@ -117,6 +126,7 @@ def overview(catalog: Catalog, now: float | None = None) -> list[VolumeView]:
             detail = f": {move.value.message}" if move.value.message else ""
             described = f"{move.value.step.value}{detail}"
         failover = read(store, FailoverStatus, failover_status_key(volume.volume_id))
+        fence = read(store, FenceStatus, fence_status_key(volume.volume_id))
         views.append(
             VolumeView(
                 volume,
@@ -125,6 +135,7 @@ def overview(catalog: Catalog, now: float | None = None) -> list[VolumeView]:
                 described,
                 move.value if move else None,
                 failover.value if failover else None,
+                fence.value if fence else None,
             )
         )
     return views
@@ -140,17 +151,38 @@ def drain(
     if catalog.get_node(node_id) is None:
         raise NotFound(f"node {node_id} is not a Ferry node")
     intents = ImageIntents(catalog)
+    if read(catalog.store, DrainSpec, drain_spec_key(node_id)) is None:
+        # Drained meanwhile by another caller: the same record.
+        with contextlib.suppress(Conflict):
+            intents.txn(
+                [Compare(drain_spec_key(node_id), ABSENT)], [put(DrainSpec(node_id, clock()))]
+            )
+    readings = NodeReadings(catalog)
     wanted: dict[str, str] = {}
     for volume in catalog.list_volumes():
         if volume.primary_node != node_id:
             continue
         images = images_of(catalog, volume.volume_id)
-        others = [n for n, i in images.items() if n != node_id and not i.value.deleted]
+        others = {n: i for n, i in images.items() if n != node_id and not i.value.deleted}
         if not others:
             accounts = catalog.accounts()
             assign_replicas(
-                intents, volume, node_views(catalog, accounts), accounts, set(images), 1
+                intents,
+                volume,
+                readings.views(accounts),
+                accounts,
+                set(images),
+                1,
+                pinned_for=node_id,
             )
+        for image in others.values():
+            pinned = revise(image.value, pinned_for=node_id)
+            try:
+                intents.txn([unchanged_since(pinned.key, image)], [put(pinned)])
+            except Conflict as exc:
+                raise Unavailable(
+                    f"volume {volume.volume_id} changed meanwhile; drain again"
+                ) from exc
         key = export_spec_key(node_id, volume.volume_id)
         export = read(catalog.store, ExportSpec, key)
         if export is None:
@@ -170,6 +202,22 @@ def drain(
             raise Unavailable(f"volume {volume.volume_id} changed meanwhile; drain again") from exc
         wanted[volume.volume_id] = spec.transfer_id
     return wanted
+
+
+def undrain(catalog: Catalog, node_id: str) -> bool:
+    """Forget ``ferry drain NODE``: the node takes copies again. False if it was not drained.
+
+    Replicas pinned for the node stay pinned until its volumes move or the
+    pin's move happens; they are released like any pin (replication.py)."""
+    key = drain_spec_key(node_id)
+    found = catalog.store.get(key)
+    if found is None:
+        return False
+    try:
+        ImageIntents(catalog).txn([Compare(key, found.revision)], [Delete(key)])
+    except Conflict:
+        return catalog.store.get(key) is None
+    return True
 
 
 def drained(catalog: Catalog, node_id: str, wanted: dict[str, str]) -> dict[str, bool]:

@@ -72,6 +72,8 @@ def switch_primary(
             epoch=epoch,
             source_node="" if role is ImageRole.PRIMARY else to_node,
             keep_divergent=keep,
+            # A pin holds a replica for a move; the primary needs none.
+            pinned_for="" if role is ImageRole.PRIMARY else image.value.pinned_for,
         )
         compares.append(unchanged_since(image.value.key, image))
         ops.append(put(changed))

@@ -1,17 +1,31 @@
 """The leader's replication reconciler: every volume has the replicas it asks for.
 
 For each READY volume whose parameters ask for ``replicas: N``, this
-reconciler (run by the leading controller only) assigns replicas on N other
-nodes (anti-affinity: never two copies on one node) by writing REPLICA
-ImageSpecs with their nodes' accounting in one txn, and keeps an ExportSpec
-on the primary at the volume's epoch so the replicas have something to pull.
-It never calls a node: nodes reconcile the records (node/reconcile/replicas.py,
+reconciler (run by the leading controller only) brings its replicas to what
+:func:`~csi_driver.core.placement.plan_replicas` decides over the nodes'
+readiness (controller/readiness.py): it adds REPLICA ImageSpecs with their
+nodes' accounting in one txn, retires the ones beyond N or on nodes that
+leave (lost past ``--node-lost-after``, drained, out-of-service, deleted
+from the catalog) or filled up, and keeps an ExportSpec on the primary at
+the volume's epoch so the replicas have something to pull. It never calls a
+node: nodes reconcile the records (node/reconcile/replicas.py,
 node/reconcile/exports.py). Invariants:
 
 - Each write compares what it read plus the leader's fence: a concurrent
   RPC, move or newer leader wins, and a deposed leader writes nothing.
 - A volume being moved is left to the move reconciler; a deleted volume's
-  exports, transfers, move and failover records are removed.
+  exports, transfers, move, failover and fence records are removed.
+- Retiring is two steps: the spec is marked ``deleted`` (the node removes
+  the copy; a failed-over primary's own data is kept aside first), then,
+  once the node reports DELETED, one txn removes the spec, its status and
+  transfer and releases the node's charge. A retirement waits until every
+  replica kept has synced once, so adding a replacement never starts by
+  dropping the copy it replaces; the volume never loses its primary's copy.
+- A replica pinned for a move (``pinned_for``: ``ferry drain``) is never
+  retired while the volume's primary is still on that node; the pin is
+  released once it is not, and the replica then counts like any other.
+  After a move the old primary's copy is a replica like the others: kept
+  while the count wants it, retired beyond it.
 - Background replication (``rpoSeconds``): once every replica holds the
   latest capture and it is ``rpoSeconds`` old, the export's round is bumped
   (a new crash-consistent capture, shipped as a delta). A replica that failed
@@ -25,15 +39,23 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from csi_driver.controller.images import ImageIntents
+from csi_driver.controller.readiness import NodeReadings
 from csi_driver.core.errors import Conflict, ResourceExhausted
 from csi_driver.core.model import Volume, VolumeState
 from csi_driver.core.params import Provisioning, StorageParameters, parse_parameters
-from csi_driver.core.placement import NodeView, choose_replicas
+from csi_driver.core.placement import (
+    NodeView,
+    ReplicaPlan,
+    accessible_segment,
+    choose_replicas,
+    plan_replicas,
+)
 from csi_driver.core.records import (
     EXPORT_STATUSES,
     IMAGE_STATUSES,
     ExportSpec,
     ExportStatus,
+    FailureReason,
     ImagePhase,
     ImageRole,
     ImageSpec,
@@ -47,19 +69,28 @@ from csi_driver.core.records import (
     export_spec_key,
     export_status_key,
     failover_status_key,
+    fence_status_key,
     image_spec_key,
     image_status_key,
     move_spec_key,
     move_status_key,
+    node_accounting_key,
     revise,
     transfer_status_key,
     volume_of_key,
 )
 from csi_driver.kube.events import LoggingSink, MobilityEvents, VolumeRef
-from csi_driver.metrics import forget_volume, observe_replicas, observe_replication
+from csi_driver.metrics import (
+    ReplicaChange,
+    count_replica_changes,
+    forget_replica,
+    forget_volume,
+    observe_replicas,
+    observe_replication,
+)
 from csi_driver.reconcile.informer import Informer
 from csi_driver.reconcile.runner import Runner, Source, strip_prefix
-from csi_driver.store.base import Compare, Delete
+from csi_driver.store.base import Compare, Delete, Put
 from csi_driver.store.catalog import VOLUMES, Catalog
 from csi_driver.store.records import Versioned, put, read, unchanged_since
 
@@ -72,24 +103,16 @@ RETRY_AFTER_S = 10.0
 
 
 def images_of(catalog: Catalog, volume_id: str) -> dict[str, Versioned[ImageSpec]]:
-    """Every node's image spec of ``volume_id``, by node: one read per registered node."""
+    """Every node's image spec of ``volume_id``, by node: one read per node registered or
+    charged (a node whose record was deleted keeps its accounting, and its copies are
+    found to be retired)."""
+    nodes = {node.node_id for node in catalog.list_nodes()} | set(catalog.accounts())
     found = {}
-    for node in catalog.list_nodes():
-        image = read(catalog.store, ImageSpec, image_spec_key(node.node_id, volume_id))
+    for node_id in sorted(nodes):
+        image = read(catalog.store, ImageSpec, image_spec_key(node_id, volume_id))
         if image is not None:
-            found[node.node_id] = image
+            found[node_id] = image
     return found
-
-
-def node_views(
-    catalog: Catalog, accounts: Mapping[str, Versioned[NodeAccounting]]
-) -> list[NodeView]:
-    views = []
-    for node in catalog.list_nodes():
-        account = accounts.get(node.node_id)
-        charged = account.value if account else NodeAccounting(node.node_id)
-        views.append(NodeView(node, charged.provisioned_bytes, charged.volume_count))
-    return views
 
 
 def assign_replicas(
@@ -99,6 +122,8 @@ def assign_replicas(
     accounts: Mapping[str, Versioned[NodeAccounting]],
     holders: set[str],
     count: int,
+    *,
+    pinned_for: str = "",
 ) -> tuple[str, ...]:
     """One txn: ``count`` REPLICA image specs on nodes placement picks (none among
     ``holders``), each with its node's charge. Conflict when an accounting moved."""
@@ -108,6 +133,18 @@ def assign_replicas(
             f"no node without a copy of volume {volume.volume_id} has "
             f"{volume.capacity_bytes} bytes free for a replica; add nodes or free space"
         )
+    return add_replicas(intents, volume, accounts, chosen, pinned_for=pinned_for)
+
+
+def add_replicas(
+    intents: ImageIntents,
+    volume: Volume,
+    accounts: Mapping[str, Versioned[NodeAccounting]],
+    chosen: Sequence[str],
+    *,
+    pinned_for: str = "",
+) -> tuple[str, ...]:
+    """One txn: a REPLICA image spec on each of ``chosen``, each with its node's charge."""
     compares: list[Compare] = []
     ops = []
     thin = parse_parameters(dict(volume.parameters)).provisioning is Provisioning.THIN
@@ -120,6 +157,7 @@ def assign_replicas(
             role=ImageRole.REPLICA,
             thin=thin,
             source_node=volume.primary_node,
+            pinned_for=pinned_for,
         )
         account = accounts.get(node_id)
         charged = (account.value if account else NodeAccounting(node_id)).charge(
@@ -128,11 +166,44 @@ def assign_replicas(
         compares += [Compare(spec.key, 0), unchanged_since(charged.key, account)]
         ops += [put(spec), put(charged)]
     intents.txn(compares, ops)
+    count_replica_changes(ReplicaChange.ADDED, len(chosen))
     log.info(
         "replicas assigned",
         extra={"volume": volume.volume_id, "nodes": chosen, "primary": volume.primary_node},
     )
-    return chosen
+    return tuple(chosen)
+
+
+def remove_retired(
+    intents: ImageIntents,
+    catalog: Catalog,
+    image: Versioned[ImageSpec],
+) -> bool:
+    """One txn, once the node reported the retired copy DELETED (or the node is no
+    longer registered: nobody will ever report): its spec, status and transfer gone
+    and its node's charge released. False while the node has not."""
+    spec = image.value
+    status = read(catalog.store, ImageStatus, spec.status_key)
+    reported = (
+        status is not None
+        and answers(status.value, spec)
+        and status.value.phase is ImagePhase.DELETED
+    )
+    if not reported and catalog.get_node(spec.node_id) is not None:
+        return False
+    key = node_accounting_key(spec.node_id)
+    account = catalog.accounts().get(spec.node_id)
+    ops: list[Put | Delete] = [
+        Delete(spec.key),
+        Delete(spec.status_key),
+        Delete(transfer_status_key(spec.node_id, spec.volume_id)),
+    ]
+    if account is not None:
+        ops.append(put(account.value.charge(-spec.size_bytes, -1)))
+    intents.txn([unchanged_since(spec.key, image), unchanged_since(key, account)], ops)
+    forget_replica(spec.volume_id, spec.node_id)
+    log.info("retired replica removed", extra={"volume": spec.volume_id, "node": spec.node_id})
+    return True
 
 
 def ready_volume(
@@ -157,7 +228,7 @@ def moving(catalog: Catalog, volume_id: str) -> MoveSpec | None:
 
 
 class ReplicationReconciler:
-    """Replica assignment and exports for one volume (the work key is its id)."""
+    """Replica assignment, retirement and exports for one volume (the work key is its id)."""
 
     def __init__(
         self,
@@ -165,11 +236,13 @@ class ReplicationReconciler:
         intents: ImageIntents,
         clock: Callable[[], float] = time.time,
         events: MobilityEvents | None = None,
+        readings: NodeReadings | None = None,
     ) -> None:
         self._catalog = catalog
         self._intents = intents
         self._clock = clock
         self._events = events or MobilityEvents(LoggingSink())
+        self._readings = readings or NodeReadings(catalog, clock=clock)
 
     def __call__(self, volume_id: str) -> float | None:
         found = ready_volume(self._catalog, volume_id)
@@ -189,13 +262,123 @@ class ReplicationReconciler:
             for node, image in images.items()
             if image.value.role is ImageRole.REPLICA and not image.value.deleted
         }
+        retiring = [
+            image
+            for image in images.values()
+            if image.value.role is ImageRole.REPLICA and image.value.deleted
+        ]
+        if not replicas and not retiring and not wanted:
+            self._report(volume, replicas, wanted, params.rpo_seconds)
+            return None  # nothing to place, retire or export: no node or accounting read
+        for image in retiring:
+            self._try_remove(image)
+        replicas = self._unpin(volume, replicas)
         self._report(volume, replicas, wanted, params.rpo_seconds)
-        if len(replicas) < wanted:
-            self._assign(volume, set(images), wanted - len(replicas))
+        plan = self._plan(volume, replicas, wanted, busy={i.value.node_id for i in retiring})
+        if plan.add:
+            self._add(volume, plan.add)
             return 0.0  # look again at once: the export comes next
+        if plan.retire and self._all_synced(volume.volume_id, plan.keep):
+            self._retire(volume, [replicas[n] for n in plan.retire])
+            return 0.0  # the node's report of each retirement wakes this again
         if not replicas:
-            return None
+            return POLL_S if retiring else None
         return self._export(volume, replicas, params.rpo_seconds)
+
+    def _plan(
+        self,
+        volume: Volume,
+        replicas: Mapping[str, Versioned[ImageSpec]],
+        wanted: int,
+        busy: set[str],
+    ) -> ReplicaPlan:
+        """What placement decides for the unpinned replicas (pinned ones count as kept).
+
+        ``busy`` nodes still hold a retiring copy: no new one goes there until it is gone.
+        """
+        accounts = self._catalog.accounts()
+        views = [v for v in self._readings.views(accounts) if v.node.node_id not in busy]
+        pinned = [n for n, i in replicas.items() if i.value.pinned_for]
+        free = sorted(n for n in replicas if n not in pinned)
+        primary = next((v for v in views if v.node.node_id == volume.primary_node), None)
+        within = [accessible_segment(primary.node)] if primary is not None else []
+        no_room = [n for n in free if self._no_room(replicas[n].value)]
+        return plan_replicas(
+            [v for v in views if v.node.node_id not in pinned],
+            volume.capacity_bytes,
+            volume.primary_node,
+            free,
+            max(0, wanted - len(pinned)),
+            within,
+            no_room=no_room,
+        )
+
+    def _no_room(self, spec: ImageSpec) -> bool:
+        """The replica's node reported it has no room for this copy (its pool filled up)."""
+        status = read(self._catalog.store, ImageStatus, spec.status_key)
+        return (
+            status is not None
+            and answers(status.value, spec)
+            and status.value.phase is ImagePhase.FAILED
+            and status.value.reason is FailureReason.NO_SPACE
+        )
+
+    def _all_synced(self, volume_id: str, nodes: Sequence[str]) -> bool:
+        """Every replica on ``nodes`` has committed at least one verified sync."""
+        for node_id in nodes:
+            status = read(self._catalog.store, ImageStatus, image_status_key(node_id, volume_id))
+            if status is None or not status.value.manifest_digest:
+                return False
+        return True
+
+    def _unpin(
+        self, volume: Volume, replicas: dict[str, Versioned[ImageSpec]]
+    ) -> dict[str, Versioned[ImageSpec]]:
+        """Release the pins of replicas whose move happened (the primary left that node)."""
+        for node_id, image in list(replicas.items()):
+            pin = image.value.pinned_for
+            if not pin or pin == volume.primary_node:
+                continue
+            released = revise(image.value, pinned_for="")
+            try:
+                revision = self._intents.txn(
+                    [unchanged_since(released.key, image)], [put(released)]
+                )
+            except Conflict:
+                continue  # changed meanwhile: the next pass looks again
+            replicas[node_id] = Versioned(released, revision)
+            log.info(
+                "replica pin released: the move it prepared happened",
+                extra={"volume": volume.volume_id, "node": node_id, "pinned_for": pin},
+            )
+        return replicas
+
+    def _add(self, volume: Volume, nodes: Sequence[str]) -> None:
+        accounts = self._catalog.accounts()
+        try:
+            add_replicas(self._intents, volume, accounts, nodes)
+        except Conflict:
+            return  # an accounting moved: the next pass places again
+
+    def _retire(self, volume: Volume, images: Sequence[Versioned[ImageSpec]]) -> None:
+        """Mark each copy deleted (its node removes it; the records go once it did)."""
+        for image in images:
+            retired = revise(image.value, deleted=True)
+            try:
+                self._intents.txn([unchanged_since(retired.key, image)], [put(retired)])
+            except Conflict:
+                continue
+            count_replica_changes(ReplicaChange.RETIRED)
+            log.info(
+                "replica retired",
+                extra={"volume": volume.volume_id, "node": image.value.node_id},
+            )
+
+    def _try_remove(self, image: Versioned[ImageSpec]) -> None:
+        try:
+            remove_retired(self._intents, self._catalog, image)
+        except Conflict:
+            return  # the spec or the accounting moved: the next pass looks again
 
     def _report(
         self,
@@ -231,7 +414,7 @@ class ReplicationReconciler:
     def _forget(self, volume_id: str) -> None:
         """A deleted volume's mobility records go too (its images go by the collector)."""
         keys = [move_spec_key(volume_id), move_status_key(volume_id)]
-        keys.append(failover_status_key(volume_id))
+        keys += [failover_status_key(volume_id), fence_status_key(volume_id)]
         for node in self._catalog.list_nodes():
             keys += [
                 export_spec_key(node.node_id, volume_id),
@@ -242,14 +425,6 @@ class ReplicationReconciler:
         if present:
             self._intents.txn([], [Delete(key) for key in present])
             log.info("records of a deleted volume removed", extra={"volume": volume_id})
-
-    def _assign(self, volume: Volume, holders: set[str], count: int) -> None:
-        accounts = self._catalog.accounts()
-        views = node_views(self._catalog, accounts)
-        try:
-            assign_replicas(self._intents, volume, views, accounts, holders, count)
-        except Conflict:
-            return  # an accounting moved: the next pass places again
 
     def _export(
         self, volume: Volume, replicas: Mapping[str, Versioned[ImageSpec]], rpo_s: int
@@ -310,11 +485,14 @@ class ReplicationReconciler:
 
 
 def replication_runner(
-    catalog: Catalog, intents: ImageIntents, events: MobilityEvents | None = None
+    catalog: Catalog,
+    intents: ImageIntents,
+    events: MobilityEvents | None = None,
+    readings: NodeReadings | None = None,
 ) -> Runner:
     return Runner(
         "replication",
-        ReplicationReconciler(catalog, intents, events=events),
+        ReplicationReconciler(catalog, intents, events=events, readings=readings),
         [
             Source(Informer(catalog.store, VOLUMES), strip_prefix(VOLUMES)),
             Source(Informer(catalog.store, IMAGE_STATUSES), volume_of_key),

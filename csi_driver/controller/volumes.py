@@ -16,9 +16,11 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from csi_driver.controller.fencing import Fences
 from csi_driver.controller.images import DEFAULT_WAIT_S, ImageIntents, LocalNode
 from csi_driver.controller.moves import MoveRequests
 from csi_driver.controller.policy import check_mutable, modify_volume
+from csi_driver.controller.readiness import NodeReadings
 from csi_driver.controller.snapshots import CloneSource
 from csi_driver.core.encryption import check_encryptable
 from csi_driver.core.errors import (
@@ -226,10 +228,13 @@ class VolumeService:
         lock_timeout_s: float = 30.0,
         wait_s: float = DEFAULT_WAIT_S,
         local: LocalNode | None = None,
+        readings: NodeReadings | None = None,
     ) -> None:
-        """``local``: the image reconciler of a node in this process (see ImageIntents)."""
+        """``local``: the image reconciler of a node in this process (see ImageIntents).
+        ``readings``: what says a node is lost (a detach from it is fenced)."""
         self._catalog = catalog
         self._images = ImageIntents(catalog, wait_s=wait_s, local=local)
+        self._fences = Fences(catalog, self._images, readings or NodeReadings(catalog))
         self._moves = MoveRequests(catalog, wait_s=wait_s, clock=clock)
         self._clock = clock
         self._lock_timeout = lock_timeout_s
@@ -562,7 +567,9 @@ class VolumeService:
         self._moves.bring(volume_read, node_id)
 
     def unpublish(self, volume_id: str, node_id: str) -> None:
-        """Withdraw the volume from ``node_id`` (every node when empty); idempotent."""
+        """Withdraw the volume from ``node_id`` (every node when empty); idempotent.
+
+        From a lost node it is fenced, not just withdrawn (controller/fencing.py)."""
         if not VOLUME_ID_PATTERN.match(volume_id):
             return
 
@@ -571,6 +578,9 @@ class VolumeService:
             return replace(v, publications=kept)
 
         with self._volumes.hold(volume_id, timeout=self._lock_timeout):
+            if node_id and self._fences.fence(volume_id, node_id):
+                self._forget_placement()
+                return
             self._change_publications(volume_id, withdraw, None)
 
     def _change_publications(

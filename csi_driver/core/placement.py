@@ -201,17 +201,20 @@ def plan_replicas(
     wanted: int,
     within: Sequence[Topology] = (),
     growth_bytes: int = 0,
+    no_room: Sequence[str] = (),
 ) -> ReplicaPlan:
     """Re-place a volume's replicas after a node left or filled up, or ``wanted`` changed.
 
     A replica is retired when it shares the primary's node (after a move the
     old primary becomes a replica elsewhere, never beside the new one), when
     its node has left the view or is LEAVING, when its node lacks the
-    ``growth_bytes`` the volume's expansion needs on every copy, or when it
-    is one too many (the least useful go first: on NOT_READY nodes, sharing
+    ``growth_bytes`` the volume's expansion needs on every copy or is in
+    ``no_room`` (its node filled up: it reported no space for the copy), or
+    when it is one too many (the least useful go first: on NOT_READY nodes, sharing
     the most failure domains, least free). A NOT_READY node keeps its
     replica. New replicas go where :func:`choose_replicas` puts them,
-    never on a node whose retiring copy still occupies it.
+    never on a node whose retiring copy still occupies it nor on one in
+    ``no_room``.
     """
     by_id = {n.node.node_id: n for n in nodes}
     current = list(dict.fromkeys(current))
@@ -224,6 +227,7 @@ def plan_replicas(
             or view is None
             or view.readiness is NodeReadiness.LEAVING
             or view.free_bytes < growth_bytes
+            or node_id in no_room
         ):
             retire.append(node_id)
         else:
@@ -244,7 +248,7 @@ def plan_replicas(
     kept = tuple(sorted(k.node.node_id for k in keep))
     needed = max(wanted, 0) - len(kept)
     add = choose_replicas(
-        nodes, size_bytes + growth_bytes, [primary, *kept, *retire], needed, within
+        nodes, size_bytes + growth_bytes, [primary, *kept, *retire, *no_room], needed, within
     )
     return ReplicaPlan(kept, tuple(sorted(retire)), add, max(needed, 0) - len(add))
 

@@ -99,6 +99,8 @@ TRANSFER_STATUSES = STATUS + "transfers/"
 MOVE_SPECS = SPEC + "moves/"
 MOVE_STATUSES = STATUS + "moves/"
 FAILOVER_STATUSES = STATUS + "failovers/"
+FENCE_STATUSES = STATUS + "fences/"
+DRAIN_SPECS = SPEC + "drains/"
 
 
 def _node(node_id: str) -> str:
@@ -159,6 +161,14 @@ def move_status_key(volume_id: str) -> str:
 
 def failover_status_key(volume_id: str) -> str:
     return FAILOVER_STATUSES + _volume(volume_id)
+
+
+def fence_status_key(volume_id: str) -> str:
+    return FENCE_STATUSES + _volume(volume_id)
+
+
+def drain_spec_key(node_id: str) -> str:
+    return DRAIN_SPECS + _node(node_id)
 
 
 def volume_of_key(key: str) -> str | None:
@@ -373,6 +383,9 @@ class ImageSpec:
     #: A primary demoted by a failover: what it holds may include writes the new
     #: primary never got, so it is kept aside (a snapshot image), never overwritten.
     keep_divergent: bool = False
+    #: REPLICA kept for a move off this node (``ferry drain``): never retired
+    #: while the volume's primary is still there, whatever the replica count.
+    pinned_for: str = ""
 
     @property
     def key(self) -> str:
@@ -805,6 +818,44 @@ class FailoverStatus:
         return failover_status_key(self.volume_id)
 
 
+@dataclass(frozen=True)
+class FenceStatus:
+    """The last forced detach of a volume from a node Ferry could not reach.
+
+    ControllerUnpublishVolume for a lost node bumps the volume's epoch to
+    ``epoch`` in the txn that writes this, so whatever that node staged
+    under an older epoch can never be staged again; ``at`` is when the node
+    was declared lost (failover counts from it).
+    """
+
+    KIND: ClassVar[str] = "FenceStatus"
+
+    volume_id: str
+    node_id: str
+    epoch: int
+    at: float
+    why: str = ""
+
+    @property
+    def key(self) -> str:
+        return fence_status_key(self.volume_id)
+
+
+@dataclass(frozen=True)
+class DrainSpec:
+    """``ferry drain NODE``: the node is leaving; its copies are re-placed elsewhere."""
+
+    KIND: ClassVar[str] = "DrainSpec"
+
+    node_id: str
+    requested_at: float = 0.0
+    generation: int = 1
+
+    @property
+    def key(self) -> str:
+        return drain_spec_key(self.node_id)
+
+
 class _Spec(Protocol):
     @property
     def generation(self) -> int: ...
@@ -857,6 +908,8 @@ CatalogRecord = (
     | MoveSpec
     | MoveStatus
     | FailoverStatus
+    | FenceStatus
+    | DrainSpec
 )
 R = TypeVar("R", bound=CatalogRecord)
 
@@ -881,6 +934,8 @@ KINDS: dict[str, type[Any]] = {
         MoveSpec,
         MoveStatus,
         FailoverStatus,
+        FenceStatus,
+        DrainSpec,
     )
 }
 

@@ -25,6 +25,7 @@ import os
 import queue
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,7 @@ from urllib3.exceptions import HTTPError
 from csi_driver import DRIVER_NAME
 from csi_driver.core.errors import Unavailable
 from csi_driver.kube.events import EventSink, LoggingSink, VolumeEvent, VolumeRef
-from csi_driver.kube.nodes import NodeFacts, Taint
+from csi_driver.kube.nodes import NODE_DELETED, NodeFacts, NodeState, Taint, readiness
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,9 @@ def node_facts(node: Any) -> NodeFacts:
         ready=ready.status if ready is not None else "",
         ready_since=_timestamp(ready.last_transition_time) if ready is not None else 0.0,
         unschedulable=bool(spec.unschedulable) if spec else False,
-        taints=tuple(Taint(t.key, t.value or "", t.effect or "") for t in taints),
+        taints=tuple(
+            Taint(t.key, t.value or "", t.effect or "", _timestamp(t.time_added)) for t in taints
+        ),
     )
 
 
@@ -244,6 +247,53 @@ class KubeSink:
                     "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
                 },
             )
+
+
+class KubeNodes:
+    """Node readiness from the API server, for failover and placement.
+
+    ``state(name)`` answers from a cache at most ``ttl_s`` old, so the
+    leader's reconcilers (one call per volume and pass) cost the API server
+    one read per node per ``ttl_s``. None when the API cannot be read
+    (logged): the caller then decides on Ferry's heartbeat alone. A Node
+    Kubernetes does not have reads as :data:`~csi_driver.kube.nodes.NODE_DELETED`.
+    """
+
+    def __init__(self, api: KubeApi, ttl_s: float = 5.0) -> None:
+        self._api = api
+        self._ttl = ttl_s
+        self._lock = threading.Lock()
+        self._cache: dict[str, tuple[float, NodeState | None]] = {}
+
+    def state(self, name: str) -> NodeState | None:
+        now = time.monotonic()
+        with self._lock:
+            cached = self._cache.get(name)
+        if cached is not None and now - cached[0] < self._ttl:
+            return cached[1]
+        try:
+            facts = self._api.node(name)
+            found = NODE_DELETED if facts is None else readiness(facts)
+        except (ApiException, HTTPError, OSError) as exc:
+            log.warning(
+                "could not read a Node from Kubernetes: deciding on Ferry's heartbeat",
+                extra={"node": name, "error": str(exc).splitlines()[0] if str(exc) else ""},
+            )
+            found = None
+        with self._lock:
+            self._cache[name] = (now, found)
+        return found
+
+
+def node_states() -> KubeNodes | None:
+    """Node readiness from the cluster when one is configured (in a pod, or KUBECONFIG)."""
+    if not cluster_configured():
+        return None
+    try:
+        return KubeNodes(KubeApi(connect()))
+    except Unavailable as exc:
+        log.warning("Kubernetes Node readiness not used: %s", exc.message)
+        return None
 
 
 def event_sink(instance: str | None = None) -> EventSink:

@@ -132,7 +132,8 @@ def move_finished(
         Reason.MOVE_FINISHED,
         f"Moved from node {source} to node {target} in {seconds_text(seconds)}: "
         f"{size_text(bytes_sent)} sent and verified; node {target} is the primary "
-        f"(epoch {epoch}), node {source} keeps a replica.",
+        f"(epoch {epoch}); node {source}'s copy stays as a replica if the volume's "
+        "replica count wants one, else it is retired.",
     )
 
 

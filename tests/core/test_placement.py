@@ -222,6 +222,12 @@ def test_fewer_wanted_retires_the_least_useful_first() -> None:
     assert plan_replicas(nodes, 10, "p", ["b", "c", "d"], 0).retire == ("b", "c", "d")
 
 
+def test_plan_re_places_a_replica_whose_node_reported_no_room() -> None:
+    nodes = [view("a", 100), view("b", 100), view("c", 100)]
+    plan = plan_replicas(nodes, 10, "a", ["b"], 1, no_room=["b"])
+    assert plan == ReplicaPlan((), ("b",), ("c",), 0)
+
+
 def test_more_wanted_than_nodes_reports_what_is_missing() -> None:
     nodes = [view("a", 100), view("b", 100)]
     assert plan_replicas(nodes, 10, "a", [], 3) == ReplicaPlan((), (), ("b",), 2)
@@ -294,7 +300,10 @@ def test_replanning_never_doubles_up_never_overfills_and_is_deterministic(
     ids = [n.node.node_id for n in nodes] + ["gone"]
     primary = data.draw(st.sampled_from(ids))
     current = data.draw(st.lists(st.sampled_from(ids), max_size=5))
-    plan = plan_replicas(nodes, size, primary, current, wanted, growth_bytes=growth)
+    full = data.draw(st.lists(st.sampled_from(ids), max_size=2))
+    plan = plan_replicas(nodes, size, primary, current, wanted, growth_bytes=growth, no_room=full)
+    # A node that reported no room for this copy keeps none and gets none.
+    assert not set(full) & (set(plan.keep) | set(plan.add))
     after = [primary, *plan.keep, *plan.add]
     # Never two copies on one node, not even while retiring copies still exist.
     assert len(set(after)) == len(after)
@@ -311,12 +320,17 @@ def test_replanning_never_doubles_up_never_overfills_and_is_deterministic(
     assert len(plan.keep) + len(plan.add) + plan.missing == wanted
     shuffled = list(nodes)
     rng.shuffle(shuffled)
-    assert plan_replicas(shuffled, size, primary, current, wanted, growth_bytes=growth) == plan
+    assert (
+        plan_replicas(shuffled, size, primary, current, wanted, growth_bytes=growth, no_room=full)
+        == plan
+    )
     # Carrying a plan out (the new copies and the growth charged) settles it.
     charged = {**{k: growth for k in plan.keep}, **{a: size + growth for a in plan.add}}
     after_views = [
         replace(n, provisioned_bytes=n.provisioned_bytes + charged.get(n.node.node_id, 0))
         for n in nodes
     ]
-    again = plan_replicas(after_views, size + growth, primary, [*plan.keep, *plan.add], wanted)
+    again = plan_replicas(
+        after_views, size + growth, primary, [*plan.keep, *plan.add], wanted, no_room=full
+    )
     assert (again.add, again.retire) == ((), ())

@@ -355,6 +355,8 @@ def test_kinds_registry_names_every_record_type() -> None:
         "MoveSpec",
         "MoveStatus",
         "FailoverStatus",
+        "FenceStatus",
+        "DrainSpec",
         "SnapshotSpec",
         "SnapshotStatus",
         "GroupSnapshotSpec",

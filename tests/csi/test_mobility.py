@@ -22,7 +22,8 @@ import grpc
 import pytest
 from prometheus_client import REGISTRY
 
-from csi_driver.controller.overview import drain, drained, overview
+from csi_driver.controller.overview import drain, drained, overview, undrain
+from csi_driver.controller.replication import POLL_S
 from csi_driver.core.errors import NotFound
 from csi_driver.core.model import MiB
 from csi_driver.core.records import (
@@ -34,6 +35,7 @@ from csi_driver.core.records import (
     MoveSpec,
     MoveStatus,
     MoveStep,
+    drain_spec_key,
     export_spec_key,
     export_status_key,
     image_spec_key,
@@ -96,6 +98,22 @@ def _unpublish(ferry: Ferry, volume_id: str, node: str) -> None:
     )
 
 
+def _retired(ferry: Ferry, catalog: Catalog, node: str, volume_id: str) -> bool:
+    """``node`` holds nothing of the volume any more, in its pool or the catalog, and
+    its accounting charges nothing for it (the tests' volumes are its only ones)."""
+    pool = ferry.base / node / "pool"
+    account = catalog.account(node)
+    return (
+        catalog.store.get(image_spec_key(node, volume_id)) is None
+        and catalog.store.get(image_status_key(node, volume_id)) is None
+        and not (pool / "replicas" / volume_id).exists()
+        and not (pool / "images" / f"{volume_id}.img").exists()
+        and account is not None
+        and account.value.provisioned_bytes == 0
+        and account.value.volume_count == 0
+    )
+
+
 def _move_status(catalog: Catalog, volume_id: str) -> MoveStatus:
     found = read(catalog.store, MoveStatus, move_status_key(volume_id))
     assert found is not None
@@ -131,21 +149,14 @@ def test_a_move_ships_the_image_verified_and_fences_the_old_primary(
 
     assert context == {"ferry.csi.dev/epoch": "2", "ferry.csi.dev/primary": SECOND}
     assert _digest(_image(ferry, SECOND, volume_id)) == before
-    kept = ferry.base / NODE_ID / "pool" / "replicas" / volume_id / "gen-00000001" / "image"
-    # The old primary's image becomes its replica's base (moved, never copied).
-    _eventually(lambda: kept.exists() and not source.exists(), "node-a's demotion")
-    assert _digest(kept) == before
     volume = catalog.require_volume(volume_id)
     assert (volume.primary_node, volume.epoch) == (SECOND, 2)
-    old = read(catalog.store, ImageSpec, image_spec_key(NODE_ID, volume_id))
     new = read(catalog.store, ImageSpec, image_spec_key(SECOND, volume_id))
-    assert old is not None and new is not None
-    assert (old.value.role, old.value.epoch, old.value.source_node) == (
-        ImageRole.REPLICA,
-        2,
-        SECOND,
-    )
-    assert (new.value.role, new.value.epoch) == (ImageRole.PRIMARY, 2)
+    assert new is not None and (new.value.role, new.value.epoch) == (ImageRole.PRIMARY, 2)
+    # replicas: 0, so the old primary's copy is one too many: retired, its records
+    # gone and node-a's accounting released, with nothing left in its pool.
+    _eventually(lambda: _retired(ferry, catalog, NODE_ID, volume_id), "node-a's copy retired")
+    assert not source.exists()
     status = _move_status(catalog, volume_id)
     assert status.step is MoveStep.DONE
     assert status.final_bytes == 4 * CHUNK  # the four written chunks, no hole
@@ -157,7 +168,7 @@ def test_a_move_ships_the_image_verified_and_fences_the_old_primary(
         ferry.client.node.NodeStageVolume,
         _stage_request(ferry, volume_id, "1"),
     )
-    assert "replica" in details and SECOND in details
+    assert "not its primary" in details and SECOND in details
     with CsiClient(f"unix://{ferry.base}/csi-b.sock") as node_b:
         details = expect_code(
             grpc.StatusCode.FAILED_PRECONDITION,
@@ -170,7 +181,8 @@ def test_a_move_ships_the_image_verified_and_fences_the_old_primary(
 def test_moving_back_ships_only_what_changed(
     ferry: Ferry, second_node: str, catalog: Catalog
 ) -> None:
-    volume_id = ferry.create("round-trip", size=32 * MiB).volume_id
+    # One replica: after each move the old primary's copy is that replica.
+    volume_id = ferry.create("round-trip", size=32 * MiB, parameters={"replicas": "1"}).volume_id
     _scribble(_image(ferry, NODE_ID, volume_id), [0, 8 * MiB, 16 * MiB, 24 * MiB], b"one")
     _publish(ferry, volume_id, SECOND)
     _unpublish(ferry, volume_id, SECOND)
@@ -235,7 +247,11 @@ def test_a_publish_to_the_source_while_it_moves_away_is_aborted(
         )
         assert "moving to node node-b" in details
     _eventually(
-        lambda: _move_status(catalog, volume_id).step is MoveStep.DONE, "the move to finish"
+        lambda: (
+            (found := read(catalog.store, MoveStatus, move_status_key(volume_id))) is not None
+            and found.value.step is MoveStep.DONE
+        ),
+        "the move to finish",
     )
 
 
@@ -368,11 +384,21 @@ def test_a_drained_node_hands_over_in_a_move_that_ships_nothing_more(
     wanted = drain(catalog, NODE_ID)
     assert list(wanted) == [volume_id]
     _eventually(lambda: all(drained(catalog, NODE_ID, wanted).values()), "the drain")
+    # replicas: 0, yet the replica the drain made is pinned for the move it prepares:
+    # the leader's passes (every few seconds) leave it in place.
+    time.sleep(2 * POLL_S)
     replica = read(catalog.store, ImageSpec, image_spec_key(SECOND, volume_id))
     assert replica is not None and replica.value.role is ImageRole.REPLICA
+    assert (replica.value.pinned_for, replica.value.deleted) == (NODE_ID, False)
+    assert catalog.store.get(drain_spec_key(NODE_ID)) is not None  # node-a is leaving
 
     assert _publish(ferry, volume_id, SECOND)["ferry.csi.dev/epoch"] == "2"
     assert _move_status(catalog, volume_id).final_bytes == 0  # the drain shipped it all
+    primary = read(catalog.store, ImageSpec, image_spec_key(SECOND, volume_id))
+    assert primary is not None and primary.value.pinned_for == ""  # the pin is released
+    # The old primary's copy on the drained node is one too many: retired.
+    _eventually(lambda: _retired(ferry, catalog, NODE_ID, volume_id), "node-a's copy retired")
+    assert undrain(catalog, NODE_ID) and not undrain(catalog, NODE_ID)
     with pytest.raises(NotFound):
         drain(catalog, "node-z")
 

@@ -67,6 +67,8 @@ def test_every_dashboard_query_names_metrics_ferry_exports() -> None:
         "ferry_replication_lag_seconds",
         "ferry_replication_lag_bytes",
         "ferry_transfers_in_flight",
+        "ferry_replica_changes_total",
+        "ferry_forced_detaches_total",
     ):
         assert name in used, name
 

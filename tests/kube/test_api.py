@@ -17,9 +17,9 @@ from kubernetes import client
 
 from csi_driver import DRIVER_NAME
 from csi_driver.core.placement import NodeReadiness
-from csi_driver.kube.api import REPORTING_CONTROLLER, KubeApi, KubeSink
+from csi_driver.kube.api import REPORTING_CONTROLLER, KubeApi, KubeNodes, KubeSink
 from csi_driver.kube.events import MobilityEvents, VolumeRef
-from csi_driver.kube.nodes import readiness
+from csi_driver.kube.nodes import NODE_DELETED, readiness
 
 pytestmark = pytest.mark.slow
 
@@ -113,3 +113,14 @@ def test_node_readiness_reads_the_cluster(kube_client: Any) -> None:
         elif not facts.unschedulable and not facts.taints:
             assert state.readiness is NodeReadiness.READY
     assert api.node(f"ferry-no-such-node-{uuid.uuid4().hex[:8]}") is None
+
+
+def test_node_states_for_failover_read_the_cluster(kube_client: Any) -> None:
+    api = KubeApi(kube_client)
+    states = KubeNodes(api, ttl_s=60.0)
+    for facts in api.nodes():
+        state = states.state(facts.name)
+        assert state is not None and state.readiness is readiness(facts).readiness
+        assert states.state(facts.name) is state  # served from the cache within the TTL
+    # A Node Kubernetes does not have is one that left the cluster.
+    assert states.state(f"ferry-no-such-node-{uuid.uuid4().hex[:8]}") == NODE_DELETED

@@ -9,7 +9,8 @@ everything it was told was written reads back identical on node-2; node-1
 is refused a stage afterwards. Then the source, the target or the
 controller is killed with SIGKILL at each step of a move (``FERRY_CRASH_FILE``
 names the step), started again, and the retried publish completes with the
-target's image byte-identical to the source's and nothing left behind.
+target's image byte-identical to the source's and nothing left behind (the
+source's copy, one too many for ``replicas: 0``, retired).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from csi_driver.csi.client import mount_capability
 from csi_driver.gen import csi_pb2
 from csi_driver.sandbox.demo import Demo, Workload
 from csi_driver.sandbox.harness import Sandbox
+from csi_driver.sandbox.plan import SANDBOX_NODE_LOST_AFTER_S
 from tests.sandbox.conftest import Place, _missing, _new_place, requires_host, run_ferry
 from tests.sandbox.test_sandbox import NODE_KEY, RETRYABLE, create_on
 
@@ -140,8 +142,8 @@ def test_a_moved_volume_keeps_every_acknowledged_write_and_fences_the_old_node(
     assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
     shown = run_ferry("volumes", "--sandbox", str(mobile.directory)).stdout
     row = next(line for line in shown.splitlines() if line.startswith(volume_id)).split()
-    assert row[2:4] == ["node-2", "2"] and row[4].startswith("node-1(")
-    assert "replica" in (refused.value.details() or "")
+    assert row[2:4] == ["node-2", "2"]  # node-1's copy: a replica, or retired (replicas: 0)
+    assert "not its primary" in (refused.value.details() or "")
     unmount(mobile, "node-2", volume_id)
     _unpublish(mobile, volume_id, "node-2")
 
@@ -194,14 +196,14 @@ def test_a_kill_at_any_step_of_a_move_resumes_and_completes(mobile: Place, step:
     assert hashlib.sha256(moved.read_bytes()).hexdigest() == before
     replica = mobile.node_dir(source) / "pool" / "replicas" / volume_id
 
-    def demoted() -> list[Path] | None:  # the source's own reconciler, asynchronously
-        kept = sorted(replica.glob("gen-*/image"))
-        return kept if kept and not _image(mobile, source, volume_id).exists() else None
+    # replicas: 0, so the old primary's copy is one too many after the move: the
+    # source's own reconciler demotes it, then removes it, half-built parts and all.
+    def retired() -> bool:
+        return not _image(mobile, source, volume_id).exists() and not replica.exists()
 
-    kept = _eventually(demoted, "the source demoted to a replica")
-    assert len(kept) == 1 and hashlib.sha256(kept[0].read_bytes()).hexdigest() == before
-    leftovers = [p.name for p in replica.iterdir() if not p.name.startswith("gen-")]
-    assert leftovers == [], "a half-built generation was left behind"
+    _eventually(retired, "the source's copy retired")
+    shown = Demo(Sandbox(mobile.directory)).volume(volume_id)
+    assert (shown["primary"], shown["replicas"]) == (target, [])
     _eventually(
         lambda: not (mobile.node_dir(target) / "pool" / "replicas" / volume_id).exists(),
         "the target's replica directory gone once promoted",
@@ -289,10 +291,70 @@ def test_a_partitioned_primary_is_failed_over_fenced_and_keeps_its_divergent_dat
         lambda: _holds(sorted(preserved.glob(f"{volume_id}-*.img")), divergent),
         "the divergent image kept aside",
     )
-    resynced = mobile.node_dir("node-1") / "pool" / "replicas" / volume_id
-    _eventually(
-        lambda: _holds(sorted(resynced.glob("gen-*/image")), acknowledged),
-        "node-1 resynced as a replica",
-    )
+
+    # node-1 was lost past --node-lost-after: its copy was re-placed (replicas: 1) on the
+    # third node, or, had no node been free, node-1 resynced as the replica.
+    def replica_holds_it() -> bool:
+        replicas = Demo(Sandbox(mobile.directory)).volume(volume_id)["replicas"]
+        return len(replicas) == 1 and _holds(
+            sorted(
+                (mobile.node_dir(replicas[0]["node_id"]) / "pool" / "replicas" / volume_id).glob(
+                    "gen-*/image"
+                )
+            ),
+            acknowledged,
+        )
+
+    _eventually(replica_holds_it, "one replica in place again, holding every acknowledged write")
     unmount(mobile, survivor, volume_id)
     _unpublish(mobile, volume_id, survivor)
+
+
+def test_a_forced_detach_from_a_lost_node_is_fenced_and_the_node_resumes_with_a_new_epoch(
+    mobile: Place,
+) -> None:
+    request = csi_pb2.CreateVolumeRequest(
+        name="fenced",
+        capacity_range=csi_pb2.CapacityRange(required_bytes=64 * MiB),
+        volume_capabilities=[mount_capability()],
+        parameters={"failoverPolicy": "wait"},
+    )
+    request.accessibility_requirements.requisite.add().segments[NODE_KEY] = "node-1"
+    with mobile.client("controller") as client:
+        volume_id = client.controller.CreateVolume(request, timeout=60).volume.volume_id
+    mounted = Path(
+        _stage_and_publish(mobile, "node-1", volume_id, _publish(mobile, volume_id, "node-1"))
+    )
+    written = _write_block(mounted, "kept")
+    mobile.fault("cut", "node-1")
+    try:
+        demo = Demo(Sandbox(mobile.directory))
+        time.sleep(SANDBOX_NODE_LOST_AFTER_S + 1.5)  # the node is lost now
+        _unpublish(mobile, volume_id, "node-1")  # Kubernetes' forced detach: answered OK
+        fence = _eventually(lambda: demo.volume(volume_id)["fence"], "the fence recorded")
+        assert (fence["node_id"], fence["epoch"]) == ("node-1", 2)
+        assert demo.volume(volume_id)["epoch"] == 2
+    finally:
+        mobile.fault("heal", "node-1")
+    # Back: the old attachment (epoch 1) can never be staged again...
+    details = _eventually(lambda: _refused(mobile, "node-1", volume_id), "the stale stage refused")
+    assert "stale attachment" in details
+    unmount(mobile, "node-1", volume_id)  # kubelet cleans up the dead pod
+    # ...but with failoverPolicy wait the data stayed there: a new attachment uses it.
+    context = _publish(mobile, volume_id, "node-1")
+    assert context["ferry.csi.dev/epoch"] == "2"
+    remounted = Path(_stage_and_publish(mobile, "node-1", volume_id, context))
+    assert (remounted / "kept").read_bytes() == written
+    unmount(mobile, "node-1", volume_id)
+    _unpublish(mobile, volume_id, "node-1")
+
+
+def _refused(place: Place, node: str, volume_id: str) -> str | None:
+    """The details of a refused stale stage; None while the node's catalog link returns."""
+    try:
+        _stage_stale(place, node, volume_id)
+    except grpc.RpcError as exc:
+        if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
+            return exc.details() or "refused"
+        return None
+    raise AssertionError("a stale attachment was staged")

@@ -18,6 +18,12 @@ rate, ETA). Invariants:
 - A primary demoted to a replica keeps its image as the replica's first
   generation (moved, never copied, and only while nothing uses it), so the
   first sync from the new primary sends only what differs.
+- A retired replica (``deleted``) is removed with its generations; a
+  demoted primary's pool image still here is first kept aside when the
+  spec says ``keep_divergent`` (a failover), and nothing is removed while
+  the volume is in use here (reported ``in-use``, retried).
+- A pull that finds no room on the pool reports ``no-space``, so the
+  leader re-places the replica on a node that has room.
 - The image reconciler owns PRIMARY specs and this one REPLICA specs; each
   writes a status only while the spec it answers is unchanged.
 """
@@ -34,7 +40,7 @@ from dataclasses import replace
 
 from csi_driver.chunks.generations import Generation, GenerationStore
 from csi_driver.chunks.scan import scan_image
-from csi_driver.core.errors import FailedPrecondition, FerryError
+from csi_driver.core.errors import FailedPrecondition, FerryError, ResourceExhausted
 from csi_driver.core.records import (
     EXPORT_STATUSES,
     ExportPhase,
@@ -100,6 +106,10 @@ class ReplicaReconciler:
         spec = spec_read.value
         current = read(self._store, ImageStatus, image_status_key(self.node_id, volume_id))
         if spec.deleted:
+            try:
+                self._discard_demoted(volume_id, keep_aside=spec.keep_divergent)
+            except FailedPrecondition as exc:
+                return self._in_use(spec_read, current, exc)
             shutil.rmtree(self._agent.pool.replicas_dir / volume_id, ignore_errors=True)
             gone = ImageStatus(volume_id, self.node_id, ImagePhase.DELETED, spec.generation)
             self._report(spec_read, current, gone)
@@ -107,13 +117,7 @@ class ReplicaReconciler:
         try:
             generation = self._adopt_demoted(volume_id, keep_aside=spec.keep_divergent)
         except FailedPrecondition as exc:
-            failed = self._status(spec, ImagePhase.FAILED, current)
-            self._report(
-                spec_read,
-                current,
-                replace(failed, reason=FailureReason.IN_USE, message=exc.message),
-            )
-            return IN_USE_POLL_S
+            return self._in_use(spec_read, current, exc)
         export = read(self._store, ExportStatus, export_status_key(spec.source_node, volume_id))
         if not _usable(export, spec):
             phase = ImagePhase.READY if generation is not None else ImagePhase.PENDING
@@ -132,15 +136,42 @@ class ReplicaReconciler:
             status = self._pull(spec, export.value)
         except FerryError as exc:
             failed = self._status(spec, ImagePhase.FAILED, current)
-            self._report(
-                spec_read,
-                current,
-                replace(failed, reason=FailureReason.HOST_ERROR, message=exc.message),
+            reason = (
+                FailureReason.NO_SPACE
+                if isinstance(exc, ResourceExhausted)
+                else FailureReason.HOST_ERROR
             )
+            self._report(spec_read, current, replace(failed, reason=reason, message=exc.message))
             raise
         crash_point("node:replica:committed")
         self._report(spec_read, current, status)
         return None
+
+    def _in_use(
+        self,
+        spec_read: Versioned[ImageSpec],
+        current: Versioned[ImageStatus] | None,
+        exc: FailedPrecondition,
+    ) -> float:
+        """Report that the volume is in use here (a demoted primary not yet unstaged)."""
+        failed = self._status(spec_read.value, ImagePhase.FAILED, current)
+        self._report(
+            spec_read, current, replace(failed, reason=FailureReason.IN_USE, message=exc.message)
+        )
+        return IN_USE_POLL_S
+
+    def _discard_demoted(self, volume_id: str, *, keep_aside: bool) -> None:
+        """A retired replica's demoted pool image, if still here: a failed-over one is
+        kept aside (it may hold writes nobody else has), any other deleted once unused."""
+        if keep_aside:
+            self._adopt_demoted(volume_id, keep_aside=True)
+            return
+        pool = self._agent.pool
+        if pool.get(volume_id) is None:
+            return
+        with self._agent.unused(volume_id):
+            pool.delete_image(volume_id)
+        log.info("retired replica's demoted image deleted", extra={"volume": volume_id})
 
     def _adopt_demoted(self, volume_id: str, *, keep_aside: bool) -> Generation | None:
         """The replica's current generation; a pool image here (a demoted primary's)

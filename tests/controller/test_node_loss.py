@@ -1,0 +1,168 @@
+"""Node readiness as an input to failover, on a real SQLite catalog.
+
+The failover reconciler decides from records (the volume, its images, the
+replica's last sync, the nodes' heartbeats) and from what Kubernetes says of
+the primary's Node, read through :mod:`csi_driver.kube.nodes`' pure rules.
+The Kubernetes side enters as the :class:`~csi_driver.kube.nodes.NodeState`
+that a Node with the out-of-service taint (or NotReady) reads as, which is
+exactly what :class:`csi_driver.kube.api.KubeNodes` returns in a cluster
+(tested against one in tests/kube/test_api.py where KUBECONFIG reaches it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
+
+from csi_driver.controller.failover import FailoverReconciler
+from csi_driver.controller.images import ImageIntents
+from csi_driver.controller.readiness import NodeReadings
+from csi_driver.core.model import (
+    AccessType,
+    FsType,
+    MiB,
+    NodeRecord,
+    Topology,
+    Volume,
+    VolumeState,
+)
+from csi_driver.core.records import (
+    FailoverStatus,
+    FenceStatus,
+    ImagePhase,
+    ImageRole,
+    ImageSpec,
+    ImageStatus,
+    encode,
+    failover_status_key,
+    fence_status_key,
+    image_spec_key,
+)
+from csi_driver.kube.nodes import NodeFacts, NodeState, Taint, readiness
+from csi_driver.store.catalog import Catalog
+from csi_driver.store.records import put, read
+from csi_driver.store.sqlite import SqliteStore
+
+NOW = 1_800_000_000.0
+LOST_AFTER_S = 30.0
+VOL = "vol-" + "ab" * 16
+OUT_OF_SERVICE = readiness(
+    NodeFacts(
+        "node-1",
+        "Unknown",
+        taints=(Taint("node.kubernetes.io/out-of-service", "nodeshutdown", "NoExecute", NOW - 4),),
+    )
+)
+NOT_READY = readiness(NodeFacts("node-1", "Unknown", NOW - 100))
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> Iterator[Catalog]:
+    store = SqliteStore(tmp_path / "catalog.db")
+    catalog = Catalog(store)
+    for node in ("node-1", "node-2"):
+        catalog.register_node(
+            NodeRecord(node, f"unix:///{node}", Topology.of({}), 1 << 30, 0, heartbeat_at=NOW - 1)
+        )
+    catalog.put_volume(
+        Volume(
+            VOL,
+            "pvc-lost",
+            32 * MiB,
+            AccessType.MOUNT,
+            FsType.EXT4,
+            "node-1",
+            1,
+            VolumeState.READY,
+            parameters=(("failoverPolicy", "promote"), ("replicas", "1")),
+        )
+    )
+    replica = ImageSpec(VOL, "node-2", 32 * MiB, 1, role=ImageRole.REPLICA, source_node="node-1")
+    synced = ImageStatus(
+        VOL,
+        "node-2",
+        ImagePhase.READY,
+        1,
+        manifest_digest="d" * 64,
+        synced_transfer=f"{VOL}-e1-r1",
+        synced_captured_at=NOW - 9,
+    )
+    store.txn([], [put(ImageSpec(VOL, "node-1", 32 * MiB, 1)), put(replica), put(synced)])
+    try:
+        yield catalog
+    finally:
+        store.close()
+
+
+def _reconciler(catalog: Catalog, kube: NodeState | None) -> FailoverReconciler:
+    def node_state(name: str) -> NodeState | None:
+        return kube if name == "node-1" else None
+
+    readings = NodeReadings(catalog, LOST_AFTER_S, node_state, clock=lambda: NOW)
+    return FailoverReconciler(
+        catalog, ImageIntents(catalog), LOST_AFTER_S, clock=lambda: NOW, readings=readings
+    )
+
+
+def _failovers() -> tuple[float, float]:
+    count = REGISTRY.get_sample_value("ferry_failover_duration_seconds_count") or 0.0
+    total = REGISTRY.get_sample_value("ferry_failover_duration_seconds_sum") or 0.0
+    return count, total
+
+
+def test_an_out_of_service_node_is_failed_over_at_once(catalog: Catalog) -> None:
+    count, total = _failovers()
+
+    _reconciler(catalog, OUT_OF_SERVICE)(VOL)  # node-1's agent beat a second ago
+
+    volume = catalog.require_volume(VOL)
+    assert (volume.primary_node, volume.epoch) == ("node-2", 2)
+    record = read(catalog.store, FailoverStatus, failover_status_key(VOL))
+    assert record is not None and (record.value.from_node, record.value.to_node) == (
+        "node-1",
+        "node-2",
+    )
+    old = read(catalog.store, ImageSpec, image_spec_key("node-1", VOL))
+    assert old is not None and (old.value.role, old.value.keep_divergent) == (
+        ImageRole.REPLICA,
+        True,
+    )
+    # Timed from the taint (4 s before), not from the heartbeat.
+    after_count, after_total = _failovers()
+    assert after_count == count + 1 and after_total - total == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("kube", [None, NOT_READY], ids=["no-cluster", "not-ready"])
+def test_a_live_agent_is_not_failed_over_without_the_operator(
+    catalog: Catalog, kube: NodeState | None
+) -> None:
+    # A NotReady kubelet (or no cluster at all) with Ferry's agent still beating:
+    # the data is reachable, so promoting would give up acknowledged writes.
+    _reconciler(catalog, kube)(VOL)
+    volume = catalog.require_volume(VOL)
+    assert (volume.primary_node, volume.epoch) == ("node-1", 1)
+    assert catalog.store.get(failover_status_key(VOL)) is None
+
+
+def test_a_fence_is_a_loss_until_the_node_is_heard_from_again(catalog: Catalog) -> None:
+    # ControllerUnpublishVolume fenced the volume off node-1 (declared lost at NOW - 10);
+    # node-1's agent has beaten since: it is back, and nothing fails over.
+    catalog.store.put(fence_status_key(VOL), encode(FenceStatus(VOL, "node-1", 1, NOW - 10)))
+    _reconciler(catalog, None)(VOL)
+    assert catalog.require_volume(VOL).primary_node == "node-1"
+
+    # Not heard from since (20 s of silence: not lost by heartbeat alone): the fence
+    # is the loss, and the failover is timed from it.
+    node = catalog.get_node("node-1")
+    assert node is not None
+    catalog.register_node(replace(node, heartbeat_at=NOW - 20))
+    count, total = _failovers()
+    _reconciler(catalog, None)(VOL)
+    volume = catalog.require_volume(VOL)
+    assert (volume.primary_node, volume.epoch) == ("node-2", 2)
+    after_count, after_total = _failovers()
+    assert after_count == count + 1 and after_total - total == pytest.approx(10.0)
