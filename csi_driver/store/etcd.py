@@ -74,6 +74,8 @@ _COMPACTED = "required revision has been compacted"
 _FUTURE = "required revision is a future revision"
 #: How gRPC words a call it failed before any byte of it left this process.
 _NOT_CONNECTED = "failed to connect to all addresses"
+#: How etcd's own errors begin (no leader, request timed out, ...), as opposed to gRPC's.
+_SERVER_SAYS = "etcdserver:"
 #: Codes that mean "this member cannot serve now", not "etcd refused the request".
 _OUTAGE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 #: A stream with this metadata is ended by its member when that member has no leader.
@@ -276,7 +278,8 @@ class EtcdStore(CatalogStore):
                     raise _EtcdRefused(what, code, detail) from exc
                 problem = self._describe(code, detail, deadline_s)
                 if write and not _never_sent(code, detail):
-                    raise StoreUnavailable(self._unknown_outcome(member, problem, what)) from exc
+                    message = self._unknown_outcome(member, detail, problem, what)
+                    raise StoreUnavailable(message) from exc
                 failures.append(f"{member.endpoint}: {problem}")
                 continue
             self._preferred = index
@@ -287,8 +290,8 @@ class EtcdStore(CatalogStore):
             "is reachable and has quorum, then retry"
         )
 
-    def _unknown_outcome(self, member: _Member, problem: str, what: str) -> str:
-        if problem.startswith("answered"):
+    def _unknown_outcome(self, member: _Member, detail: str, problem: str, what: str) -> str:
+        if detail.startswith(_SERVER_SAYS):
             return (
                 f"etcd cluster {self._described} has no quorum or leader right now "
                 f"({member.endpoint} {problem}); the {what} may or may not have applied "
@@ -306,7 +309,7 @@ class EtcdStore(CatalogStore):
             return refusal
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
             return f"did not answer within {timeout:g}s"
-        if detail.startswith("etcdserver:"):
+        if detail.startswith(_SERVER_SAYS):
             return f"answered {detail!r}"  # the member runs, but the cluster cannot serve
         cause = _last_error(detail)
         if _never_sent(code, detail) and "refused" in cause.lower():
