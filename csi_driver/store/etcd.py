@@ -1,44 +1,41 @@
 """etcd v3 backend of the catalog store: the backend for many nodes.
 
-A thin mapping onto etcd's own semantics, spoken over etcd's gRPC-JSON
-gateway through the ``etcd3gw`` client (see docs/decisions/0001):
+A thin mapping onto etcd's own semantics, spoken over etcd's gRPC API with
+stubs generated from ``proto/etcd/`` (docs/decisions/0004):
 
 - ``txn``: one etcd Txn. A compare on ``ABSENT`` is ``create_revision == 0``,
   any other is ``mod_revision == N``; the failure branch reads the compared
   keys in the same Txn, so a lost race names the key that moved.
 - ``range``: a range over ``[prefix, prefix_end)`` with etcd's ``limit`` and
   ``more``; the header revision is the revision the page was read at.
-- ``watch``: etcd's watch stream, read by one thread per watch; a watch from
-  a compacted revision ends with etcd's ``compact_revision`` -> ``Compacted``.
+- ``watch``: one bidirectional Watch stream per watch, read by one thread;
+  a watch from a compacted revision ends with etcd's ``compact_revision`` ->
+  ``Compacted``. Streams ask etcd to end them when their member loses its
+  leader (``hasleader``), so a member cut off from quorum cannot leave a
+  watch silently stale: it fails and is resumed on another member.
 - elections: a lease kept alive by a thread plus a key bound to it; the key
   vanishes when the lease expires, which is what wakes a standby.
 
-Failures: a request that provably never reached a member (connection
-refused, connect timeout) is tried on the next endpoint. Reads are retried
-on any member failure. A write that may have reached a member is never
-retried here: it raises ``StoreUnavailable`` saying its outcome is unknown
-(etcd applies a Txn whole or not at all, so nothing is ever half-written).
+Every request carries a deadline (``request_timeout_s``). Failures: a request
+that provably never reached a member (gRPC could not connect, or the TLS
+handshake failed) is tried on the next endpoint; the member that answered
+last is tried first. Reads are retried on any member failure. A write that
+may have reached a member is never retried here: it raises
+``StoreUnavailable`` saying its outcome is unknown (etcd applies a Txn whole
+or not at all, so nothing is ever half-written).
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import json
 import logging
-import socket
-import ssl
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
-import requests
-import urllib3.exceptions
-from etcd3gw.client import Etcd3Client
-from requests.adapters import HTTPAdapter
-from urllib3.util.ssl_match_hostname import CertificateError
+import grpc
 
 from csi_driver.core.errors import (
     Compacted,
@@ -48,6 +45,7 @@ from csi_driver.core.errors import (
     StoreError,
     StoreUnavailable,
 )
+from csi_driver.gen.etcd import kv_pb2, rpc_pb2, rpc_pb2_grpc
 from csi_driver.pki import ClientTlsBundle, TlsBundle
 from csi_driver.store.base import (
     ABSENT,
@@ -58,27 +56,53 @@ from csi_driver.store.base import (
     EventType,
     Op,
     Page,
+    Put,
     Record,
     Watch,
     conflict,
     prefix_end,
 )
-from csi_driver.store.etcd_tls import CatalogTls, CatalogTlsAdapter
+from csi_driver.store.etcd_tls import CatalogTls
 from csi_driver.store.leader import LeaderElection
 from csi_driver.store.watch import StreamWatch
 
 log = logging.getLogger(__name__)
 
-#: gRPC codes etcd reports through the gateway's error body.
-_OUT_OF_RANGE = 11
-_UNAVAILABLE = 14
-_DEADLINE_EXCEEDED = 4
+Reply = TypeVar("Reply")
+
 _COMPACTED = "required revision has been compacted"
 _FUTURE = "required revision is a future revision"
+#: How gRPC words a call it failed before any byte of it left this process.
+_NOT_CONNECTED = "failed to connect to all addresses"
+#: How etcd's own errors begin (no leader, request timed out, ...), as opposed to gRPC's.
+_SERVER_SAYS = "etcdserver:"
+#: Codes that mean "this member cannot serve now", not "etcd refused the request".
+_OUTAGE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+#: A stream with this metadata is ended by its member when that member has no leader.
+_REQUIRE_LEADER = (("hasleader", "true"),)
 
 DEFAULT_LEASE_TTL_S = 5
 #: etcd's shortest lease with its default election timeout (1 s): 1.5 x that, rounded up.
 ETCD_MIN_LEASE_TTL_S = 2
+
+_CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    # Straight to the members: never through a proxy named by the environment
+    # (http_proxy, https_proxy, grpc_proxy), which gRPC would otherwise honour.
+    ("grpc.enable_http_proxy", 0),
+    # A whole catalog range may be large; etcd bounds what it sends itself.
+    ("grpc.max_receive_message_length", -1),
+    # Also gRPC's connect timeout: a member that does not answer a connect within
+    # a second is passed over, as the gateway client's connect timeout did.
+    ("grpc.min_reconnect_backoff_ms", 1000),
+    # A member back from a restart is used again within a second, not gRPC's two minutes.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    # A watch on a member whose network vanished (no RST) notices within 15 s;
+    # etcd admits pings every 5 s or slower, and only with a call open.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
 
 
 @dataclass(frozen=True)
@@ -93,69 +117,112 @@ class EtcdEndpoint:
 class _EtcdRefused(StoreError):
     """etcd answered with an error (not an outage): its gRPC code and message."""
 
-    def __init__(self, what: str, code: int, detail: str) -> None:
+    def __init__(self, what: str, code: grpc.StatusCode, detail: str) -> None:
         super().__init__(f"etcd refused {what}: {detail}")
         self.code = code
         self.detail = detail
 
 
-def _b64(text: str | bytes) -> str:
-    raw = text.encode() if isinstance(text, str) else text
-    return base64.b64encode(raw).decode()
+class _Member:
+    """One etcd endpoint: its channel and the stubs of the services Ferry calls."""
+
+    def __init__(self, endpoint: EtcdEndpoint, tls: CatalogTls | None) -> None:
+        self.endpoint = endpoint
+        target = str(endpoint)
+        if tls is None:
+            self.channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        else:
+            options = [*_CHANNEL_OPTIONS, *tls.channel_options()]
+            self.channel = grpc.secure_channel(target, tls.credentials(), options=options)
+        self.kv = rpc_pb2_grpc.KVStub(self.channel)
+        self.watch = rpc_pb2_grpc.WatchStub(self.channel)
+        self.lease = rpc_pb2_grpc.LeaseStub(self.channel)
+        self.maintenance = rpc_pb2_grpc.MaintenanceStub(self.channel)
 
 
-def _unb64(text: str) -> bytes:
-    return base64.b64decode(text)
+def _status(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+    """The code and detail of a failed call, etcd's own deadline counted as a deadline.
+
+    etcd gives up on a request at the deadline the client sent, and reports
+    that as UNKNOWN "context deadline exceeded": an outage, not a refusal.
+    """
+    code, detail = exc.code(), exc.details() or ""
+    if code is grpc.StatusCode.UNKNOWN and detail == "context deadline exceeded":
+        return grpc.StatusCode.DEADLINE_EXCEEDED, detail
+    return code, detail
 
 
-def _reason(exc: requests.RequestException) -> object:
-    """The lowest-level cause urllib3 reports under a requests exception."""
-    reason: object = exc.args[0] if exc.args else None
-    if isinstance(reason, urllib3.exceptions.MaxRetryError):
-        reason = reason.reason
-    if isinstance(reason, urllib3.exceptions.SSLError) and reason.args:
-        reason = reason.args[0]
-    return reason
+def _last_error(detail: str) -> str:
+    """The part of a gRPC connect failure that names the cause."""
+    return detail.rpartition("last error: ")[2] or detail
 
 
-def _tls_refusal(exc: requests.RequestException, tls: CatalogTls | None) -> str | None:
+def _never_sent(code: grpc.StatusCode, detail: str) -> bool:
+    """True when gRPC failed the call before sending it (no connection, TLS refused)."""
+    return code is grpc.StatusCode.UNAVAILABLE and detail.startswith(_NOT_CONNECTED)
+
+
+def _tls_refusal(detail: str, tls: CatalogTls | None) -> str | None:
     """Why the TLS handshake failed, said for an operator; None if it was not TLS.
 
     Only handshake failures count: this process refusing the member's
-    certificate, or the member alerting that it refused ours. Either way the
-    member never read a request.
+    certificate, or the member refusing ours (it alerts, and gRPC reports the
+    alert as data it cannot decrypt). Either way the member never read a request.
     """
-    if tls is None or not isinstance(exc, requests.exceptions.SSLError):
+    if tls is None or not detail.startswith(_NOT_CONNECTED):
         return None
-    reason = _reason(exc)
-    detail = str(reason)
-    if isinstance(reason, ssl.SSLCertVerificationError | CertificateError):
+    cause = _last_error(detail)
+    upper = cause.upper()
+    if "CERTIFICATE_VERIFY_FAILED" in upper or "HOSTNAME VERIFICATION" in upper:
         return (
-            f"presented a certificate this process does not accept as the catalog's ({detail}): "
+            f"presented a certificate this process does not accept as the catalog's ({cause}): "
             f"{tls.member_hint}"
         )
-    if "ALERT" in detail.upper():
-        return f"refused {tls.presenting} in the TLS handshake ({detail}): {tls.client_hint}"
+    if "ALERT" in upper or "TSI_DATA_CORRUPTED" in upper:
+        return f"refused {tls.presenting} in the TLS handshake ({cause}): {tls.client_hint}"
     return None
 
 
-def _never_sent(exc: requests.RequestException, tls: CatalogTls | None) -> bool:
-    """True when the request provably never reached etcd (refused, connect timeout, TLS)."""
-    if isinstance(exc, requests.ConnectTimeout) or _tls_refusal(exc, tls) is not None:
-        return True
-    return isinstance(_reason(exc), urllib3.exceptions.ConnectTimeoutError)
+def _record(kv: kv_pb2.KeyValue) -> Record:
+    return Record(kv.key.decode(), kv.value, kv.mod_revision)
 
 
-def _record(kv: Mapping[str, Any]) -> Record:
-    return Record(_unb64(kv["key"]).decode(), _unb64(kv.get("value", "")), int(kv["mod_revision"]))
+def _range_request(prefix: str, start_after: str = "", limit: int = 0) -> rpc_pb2.RangeRequest:
+    low = prefix.encode()
+    if start_after and start_after >= prefix:
+        low = max(low, start_after.encode() + b"\0")
+    return rpc_pb2.RangeRequest(
+        key=low or b"\0", range_end=prefix_end(prefix.encode()) or b"\0", limit=max(limit, 0)
+    )
 
 
-def _revision(reply: Mapping[str, Any]) -> int:
-    return int(reply.get("header", {}).get("revision", 0))
+def _compare(compare: Compare) -> rpc_pb2.Compare:
+    if compare.revision == ABSENT:
+        return rpc_pb2.Compare(
+            key=compare.key.encode(),
+            result=rpc_pb2.Compare.EQUAL,
+            target=rpc_pb2.Compare.CREATE,
+            create_revision=0,
+        )
+    return rpc_pb2.Compare(
+        key=compare.key.encode(),
+        result=rpc_pb2.Compare.EQUAL,
+        target=rpc_pb2.Compare.MOD,
+        mod_revision=compare.revision,
+    )
+
+
+def _op(op: Op, lease: int = 0) -> rpc_pb2.RequestOp:
+    if isinstance(op, Delete):
+        return rpc_pb2.RequestOp(
+            request_delete_range=rpc_pb2.DeleteRangeRequest(key=op.key.encode())
+        )
+    put = rpc_pb2.PutRequest(key=op.key.encode(), value=op.value, lease=lease)
+    return rpc_pb2.RequestOp(request_put=put)
 
 
 class EtcdStore(CatalogStore):
-    """Catalog store on an etcd v3 cluster (etcd >= 3.4, gRPC gateway on its client URLs)."""
+    """Catalog store on an etcd v3 cluster (etcd >= 3.4), over its gRPC API."""
 
     def __init__(
         self,
@@ -165,36 +232,17 @@ class EtcdStore(CatalogStore):
         request_timeout_s: float = 5.0,
         lease_ttl_s: int = DEFAULT_LEASE_TTL_S,
     ) -> None:
-        """``tls``: speak mutual TLS with those credentials (see ``etcd_tls``); else plain
-        HTTP. A :class:`TlsBundle` is Ferry's PKI, a :class:`ClientTlsBundle` the etcd's own."""
+        """``tls``: speak mutual TLS with those credentials (see ``etcd_tls``); else
+        plaintext. A :class:`TlsBundle` is Ferry's PKI, a :class:`ClientTlsBundle` the
+        etcd's own."""
         if not endpoints:
             raise InvalidArgument("an etcd catalog needs at least one host:port endpoint")
         self.endpoints = tuple(endpoints)
         self._tls = CatalogTls.of(tls) if tls is not None else None
         self.tls = tls is not None
         self._timeout = request_timeout_s
-        self._connect_timeout = min(1.0, request_timeout_s)
         self.lease_ttl_s = lease_ttl_s
-        protocol = "https" if self._tls is not None else "http"
-        self._clients = []
-        for endpoint in self.endpoints:
-            client = Etcd3Client(
-                endpoint.host,
-                endpoint.port,
-                protocol,
-                timeout=request_timeout_s,
-                api_path="/v3/",  # etcd >= 3.4: no discovery round trip
-            )
-            # Many threads share a client: keep a connection for each of them.
-            # Never through a proxy from the environment, and with TLS no CA
-            # bundle from it either (REQUESTS_CA_BUNDLE): only the cluster CA counts.
-            client.session.trust_env = False
-            if self._tls is None:
-                client.session.mount("http://", HTTPAdapter(pool_connections=4, pool_maxsize=64))
-            else:
-                adapter = CatalogTlsAdapter(self._tls, pool_connections=4, pool_maxsize=64)
-                client.session.mount("https://", adapter)
-            self._clients.append(client)
+        self._members = [_Member(endpoint, self._tls) for endpoint in self.endpoints]
         self._preferred = 0
         self._described = ",".join(str(e) for e in self.endpoints)
 
@@ -205,167 +253,142 @@ class EtcdStore(CatalogStore):
 
     def _order(self) -> list[int]:
         first = self._preferred
-        return [(first + i) % len(self._clients) for i in range(len(self._clients))]
+        return [(first + i) % len(self._members) for i in range(len(self._members))]
 
     def _call(
         self,
-        path: str,
-        body: Mapping[str, Any],
+        rpc: Callable[[_Member], Callable[..., Reply]],
+        request: object,
         what: str,
         *,
         write: bool,
         timeout: float | None = None,
-    ) -> Any:
-        """POST ``body`` to the gateway; fail over as far as it is safe (see module doc)."""
-        read_timeout = timeout or self._timeout
+    ) -> Reply:
+        """Send ``request`` to the first member that takes it; fail over as far as it is
+        safe (see module doc). ``rpc`` picks the stub method of a member."""
+        deadline_s = timeout or self._timeout
         failures: list[str] = []
         for index in self._order():
-            client = self._clients[index]
-            endpoint = self.endpoints[index]
+            member = self._members[index]
             try:
-                reply = client.session.post(
-                    client.get_url(path),
-                    data=json.dumps(body),
-                    timeout=(min(self._connect_timeout, read_timeout), read_timeout),
-                )
-            except requests.RequestException as exc:
-                problem = self._describe(exc, read_timeout)
-                if write and not _never_sent(exc, self._tls):
-                    raise StoreUnavailable(
-                        f"etcd member {endpoint} {problem} during {what}: the cluster may "
-                        "have lost quorum or be electing a leader; the write may or may not "
-                        "have applied (never partly): re-read before retrying"
-                    ) from exc
-                failures.append(f"{endpoint}: {problem}")
+                reply = rpc(member)(request, timeout=deadline_s)
+            except grpc.RpcError as exc:
+                code, detail = _status(exc)
+                if code not in _OUTAGE:
+                    raise _EtcdRefused(what, code, detail) from exc
+                problem = self._describe(code, detail, deadline_s)
+                if write and not _never_sent(code, detail):
+                    message = self._unknown_outcome(member, detail, problem, what)
+                    raise StoreUnavailable(message) from exc
+                failures.append(f"{member.endpoint}: {problem}")
                 continue
-            if reply.status_code == 200:
-                self._preferred = index
-                return reply.json()
-            code, message = self._error(reply)
-            if code in (_UNAVAILABLE, _DEADLINE_EXCEEDED) or reply.status_code >= 500:
-                if write:
-                    raise StoreUnavailable(
-                        f"etcd cluster {self._described} has no quorum or leader right now "
-                        f"({endpoint}: {message}); the {what} may or may not have applied "
-                        "(never partly): re-read before retrying once etcd recovers"
-                    )
-                failures.append(f"{endpoint}: {message}")
-                continue
-            raise _EtcdRefused(what, code, message)
+            self._preferred = index
+            return reply
         raise StoreUnavailable(
             f"no etcd member of {self._described} could serve {what} "
             f"({'; '.join(failures)}); nothing was written: check that etcd runs, "
             "is reachable and has quorum, then retry"
         )
 
-    def _describe(self, exc: requests.RequestException, timeout: float) -> str:
-        refusal = _tls_refusal(exc, self._tls)
+    def _unknown_outcome(self, member: _Member, detail: str, problem: str, what: str) -> str:
+        if detail.startswith(_SERVER_SAYS):
+            return (
+                f"etcd cluster {self._described} has no quorum or leader right now "
+                f"({member.endpoint} {problem}); the {what} may or may not have applied "
+                "(never partly): re-read before retrying once etcd recovers"
+            )
+        return (
+            f"etcd member {member.endpoint} {problem} during {what}: the cluster may have "
+            "lost quorum or be electing a leader; the write may or may not have applied "
+            "(never partly): re-read before retrying"
+        )
+
+    def _describe(self, code: grpc.StatusCode, detail: str, timeout: float) -> str:
+        refusal = _tls_refusal(detail, self._tls)
         if refusal is not None:
             return refusal
-        if _never_sent(exc, self._tls):
-            return "refused the connection"
-        if isinstance(exc, requests.Timeout):
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
             return f"did not answer within {timeout:g}s"
-        if isinstance(exc, requests.exceptions.SSLError) and self._tls is not None:
+        if detail.startswith(_SERVER_SAYS):
+            return f"answered {detail!r}"  # the member runs, but the cluster cannot serve
+        cause = _last_error(detail)
+        if _never_sent(code, detail) and "refused" in cause.lower():
+            return "refused the connection"
+        dropped = f"dropped the connection ({cause})"
+        if self._tls is not None:
             # Often a member that refused our certificate and hung up without an alert.
-            return (
-                f"broke off the TLS session ({_reason(exc)}); if this persists, etcd refuses "
-                f"{self._tls.presenting}: {self._tls.client_hint}"
+            dropped += (
+                f"; if this persists, etcd refuses {self._tls.presenting}: {self._tls.client_hint}"
             )
-        dropped = f"dropped the connection ({type(exc).__name__})"
-        if not self.tls:
-            # A member that serves TLS hangs up on plain HTTP without a word.
+        else:
+            # A member that serves TLS hangs up on plaintext without a word.
             dropped += "; if it serves TLS, the catalog URL must be etcds:// (with --tls-dir)"
         return dropped
-
-    @staticmethod
-    def _error(reply: requests.Response) -> tuple[int, str]:
-        try:
-            doc = reply.json()
-            return int(doc.get("code", 0)), str(doc.get("message") or doc.get("error"))
-        except ValueError:
-            return 0, f"HTTP {reply.status_code}: {reply.text[:200]}"
 
     # -- reads ---------------------------------------------------------------
 
     def get(self, key: str) -> Record | None:
-        reply = self._call("kv/range", {"key": _b64(key)}, f"read of {key!r}", write=False)
-        kvs = reply.get("kvs", [])
-        return _record(kvs[0]) if kvs else None
+        reply = self._call(
+            lambda m: m.kv.Range,
+            rpc_pb2.RangeRequest(key=key.encode()),
+            f"read of {key!r}",
+            write=False,
+        )
+        return _record(reply.kvs[0]) if reply.kvs else None
 
     def range(self, prefix: str, start_after: str = "", limit: int = 0) -> Page:
-        low = prefix.encode()
-        if start_after and start_after >= prefix:
-            low = max(low, start_after.encode() + b"\0")
-        body: dict[str, Any] = {
-            "key": _b64(low or b"\0"),
-            "range_end": _b64(prefix_end(prefix.encode()) or b"\0"),
-        }
-        if limit > 0:
-            body["limit"] = limit
-        reply = self._call("kv/range", body, f"list of {prefix!r}", write=False)
-        records = tuple(_record(kv) for kv in reply.get("kvs", []))
-        return Page(records, _revision(reply), bool(reply.get("more", False)))
+        reply = self._call(
+            lambda m: m.kv.Range,
+            _range_request(prefix, start_after, limit),
+            f"list of {prefix!r}",
+            write=False,
+        )
+        return Page(tuple(_record(kv) for kv in reply.kvs), reply.header.revision, reply.more)
 
     def revision(self) -> int:
-        reply = self._call(
-            "kv/range", {"key": _b64(b"\0"), "count_only": True}, "revision read", write=False
+        reply: rpc_pb2.RangeResponse = self._call(
+            lambda m: m.kv.Range,
+            rpc_pb2.RangeRequest(key=b"\0", count_only=True),
+            "revision read",
+            write=False,
         )
-        return _revision(reply)
+        return reply.header.revision
 
     # -- writes --------------------------------------------------------------
 
-    @staticmethod
-    def _compare(compare: Compare) -> dict[str, Any]:
-        if compare.revision == ABSENT:
-            return {
-                "key": _b64(compare.key),
-                "result": "EQUAL",
-                "target": "CREATE",
-                "create_revision": 0,
-            }
-        return {
-            "key": _b64(compare.key),
-            "result": "EQUAL",
-            "target": "MOD",
-            "mod_revision": compare.revision,
-        }
-
-    @staticmethod
-    def _op(op: Op, lease: int = 0) -> dict[str, Any]:
-        if isinstance(op, Delete):
-            return {"request_delete_range": {"key": _b64(op.key)}}
-        put: dict[str, Any] = {"key": _b64(op.key), "value": _b64(op.value)}
-        if lease:
-            put["lease"] = lease
-        return {"request_put": put}
-
-    def _txn_reply(
-        self, compares: Sequence[Compare], success: list[dict[str, Any]], what: str
-    ) -> Any:
-        body = {
-            "compare": [self._compare(c) for c in compares],
-            "success": success,
-            "failure": [{"request_range": {"key": _b64(c.key)}} for c in compares],
-        }
-        reply = self._call("kv/txn", body, what, write=bool(success))
-        if reply.get("succeeded", False) or not compares:
+    def _txn(
+        self, compares: Sequence[Compare], success: Sequence[rpc_pb2.RequestOp], what: str
+    ) -> rpc_pb2.TxnResponse:
+        request = rpc_pb2.TxnRequest(
+            compare=[_compare(c) for c in compares],
+            success=success,
+            failure=[
+                rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=c.key.encode()))
+                for c in compares
+            ],
+        )
+        reply: rpc_pb2.TxnResponse = self._call(
+            lambda m: m.kv.Txn, request, what, write=bool(success)
+        )
+        if reply.succeeded or not compares:
             return reply
-        for compare, response in zip(compares, reply.get("responses", []), strict=True):
-            kvs = response.get("response_range", {}).get("kvs", [])
-            actual = int(kvs[0]["mod_revision"]) if kvs else ABSENT
+        for compare, response in zip(compares, reply.responses, strict=True):
+            kvs = response.response_range.kvs
+            actual = kvs[0].mod_revision if kvs else ABSENT
             if actual != compare.revision:
                 raise conflict(compare.key, actual, compare.revision)
         raise StoreError(f"etcd refused {what} although each compared key matches; retry")
 
     def _apply(self, compares: Sequence[Compare], ops: Sequence[Op]) -> int:
-        reply = self._txn_reply(compares, [self._op(op) for op in ops], "txn")
-        return _revision(reply)
+        return self._txn(compares, [_op(op) for op in ops], "txn").header.revision
 
     def compact(self, revision: int) -> None:
         try:
             self._call(
-                "kv/compaction", {"revision": revision}, f"compaction to {revision}", write=True
+                lambda m: m.kv.Compact,
+                rpc_pb2.CompactionRequest(revision=revision),
+                f"compaction to {revision}",
+                write=True,
             )
         except _EtcdRefused as exc:
             if _COMPACTED in exc.detail:
@@ -383,55 +406,145 @@ class EtcdStore(CatalogStore):
             raise InvalidArgument(f"cannot watch from revision {from_revision}")
         return EtcdWatch(self, prefix, from_revision)
 
-    def _open_watch(self, body: Mapping[str, Any]) -> tuple[requests.Response, EtcdEndpoint]:
+    def _open_watch(
+        self, request: rpc_pb2.WatchRequest, prefix: str
+    ) -> tuple[EtcdWatchStream, rpc_pb2.WatchResponse]:
+        """A Watch stream on the first member that confirms the watch, and that
+        confirmation (see module doc)."""
         failures: list[str] = []
         for index in self._order():
-            client = self._clients[index]
+            member = self._members[index]
+            stream = EtcdWatchStream(member, request)
             try:
-                reply = client.session.post(
-                    client.get_url("watch"),
-                    data=json.dumps(body),
-                    stream=True,
-                    timeout=(self._connect_timeout, None),  # a quiet watch is not a failure
-                )
-            except requests.RequestException as exc:
-                problem = self._describe(exc, self._connect_timeout)
-                failures.append(f"{self.endpoints[index]}: {problem}")
+                created = stream.confirm(self._timeout)
+            except grpc.RpcError as exc:
+                stream.cancel()
+                code, detail = _status(exc)
+                if code not in _OUTAGE:
+                    raise _EtcdRefused(f"a watch of {prefix!r}", code, detail) from exc
+                failures.append(f"{member.endpoint}: {self._describe(code, detail, self._timeout)}")
                 continue
-            if reply.status_code == 200:
-                return reply, self.endpoints[index]
-            failures.append(f"{self.endpoints[index]}: {self._error(reply)[1]}")
-            reply.close()
+            if created.canceled:
+                stream.cancel()
+                raise StoreUnavailable(
+                    f"etcd member {member.endpoint} refused a watch of {prefix!r}: "
+                    f"{created.cancel_reason or 'no reason given'}; watch again"
+                )
+            self._preferred = index
+            return stream, created
         raise StoreUnavailable(
             f"no etcd member of {self._described} accepted a watch ({'; '.join(failures)}); "
-            "check that etcd runs and is reachable, then watch again"
+            "check that etcd runs, is reachable and has quorum, then watch again"
         )
 
     def grant_lease(self, ttl_s: int) -> int:
-        reply = self._call("lease/grant", {"TTL": ttl_s}, "lease grant", write=True)
-        return int(reply["ID"])
+        reply: rpc_pb2.LeaseGrantResponse = self._call(
+            lambda m: m.lease.LeaseGrant,
+            rpc_pb2.LeaseGrantRequest(TTL=ttl_s),
+            "lease grant",
+            write=True,
+        )
+        return reply.ID
 
     def keep_alive(self, lease: int, timeout: float | None = None) -> int:
         """Refresh ``lease``; return its remaining TTL in seconds (<= 0: it expired)."""
-        reply = self._call(
-            "lease/keepalive", {"ID": lease}, "lease keepalive", write=False, timeout=timeout
+
+        def refresh(member: _Member) -> Callable[..., rpc_pb2.LeaseKeepAliveResponse]:
+            def once(
+                request: rpc_pb2.LeaseKeepAliveRequest, timeout: float
+            ) -> rpc_pb2.LeaseKeepAliveResponse:
+                # One request, then half-close: etcd answers it and ends the stream.
+                replies = member.lease.LeaseKeepAlive(iter([request]), timeout=timeout)
+                try:
+                    reply: rpc_pb2.LeaseKeepAliveResponse = next(replies)
+                    return reply
+                finally:
+                    replies.cancel()
+
+            return once
+
+        reply: rpc_pb2.LeaseKeepAliveResponse = self._call(
+            refresh,
+            rpc_pb2.LeaseKeepAliveRequest(ID=lease),
+            "lease keepalive",
+            write=False,
+            timeout=timeout,
         )
-        return int(reply.get("result", {}).get("TTL", 0))
+        return reply.TTL
 
     def revoke_lease(self, lease: int) -> None:
         with contextlib.suppress(_EtcdRefused):  # already expired: the point is made
-            self._call("lease/revoke", {"ID": lease}, "lease revoke", write=True)
+            self._call(
+                lambda m: m.lease.LeaseRevoke,
+                rpc_pb2.LeaseRevokeRequest(ID=lease),
+                "lease revoke",
+                write=True,
+            )
 
     def election(self, name: str, candidate: str) -> LeaderElection:
         return LeaseElection(self, name, candidate, self.lease_ttl_s)
 
     def ping(self) -> None:
-        self._call("maintenance/status", {}, "health check", write=False)
+        self._call(
+            lambda m: m.maintenance.Status, rpc_pb2.StatusRequest(), "health check", write=False
+        )
         self.revision()  # linearizable: fails without quorum
 
     def close(self) -> None:
-        for client in self._clients:
-            client.session.close()
+        for member in self._members:
+            member.channel.close()
+
+
+class EtcdWatchStream:
+    """One gRPC Watch stream carrying one watch, on one member."""
+
+    def __init__(self, member: _Member, request: rpc_pb2.WatchRequest) -> None:
+        self.endpoint = member.endpoint
+        # The create request, then half-close: etcd keeps a half-closed stream's
+        # watches, and no thread of ours waits to send more.
+        self._call = member.watch.Watch(iter([request]), metadata=_REQUIRE_LEADER)
+
+    def confirm(self, timeout: float) -> rpc_pb2.WatchResponse:
+        """The first response (etcd's ``created``), within ``timeout`` seconds; raises the
+        stream's ``grpc.RpcError`` otherwise (DEADLINE_EXCEEDED when it stayed silent)."""
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            self._call.cancel()
+
+        # A deadline on the call would end the watch itself; this one ends only the wait.
+        timer = threading.Timer(timeout, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            first: rpc_pb2.WatchResponse = next(self._call)
+        except grpc.RpcError as exc:
+            if expired.is_set():
+                raise _Silent() from exc
+            raise
+        except StopIteration:
+            raise _Silent() from None
+        finally:
+            timer.cancel()
+        return first
+
+    def __iter__(self) -> Iterator[rpc_pb2.WatchResponse]:
+        responses: Iterator[rpc_pb2.WatchResponse] = self._call
+        return responses
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class _Silent(grpc.RpcError):
+    """A watch stream that confirmed nothing in time (or ended without a word)."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self) -> str:
+        return "no confirmation of the watch"
 
 
 class EtcdWatch(StreamWatch):
@@ -440,24 +553,26 @@ class EtcdWatch(StreamWatch):
     def __init__(self, store: EtcdStore, prefix: str, from_revision: int) -> None:
         super().__init__(from_revision)
         self._prefix = prefix
-        request: dict[str, Any] = {
-            "key": _b64(prefix.encode() or b"\0"),
-            "range_end": _b64(prefix_end(prefix.encode()) or b"\0"),
-        }
-        if from_revision:
-            request["start_revision"] = from_revision
-        self._reply, self._endpoint = store._open_watch({"create_request": request})
+        create = rpc_pb2.WatchCreateRequest(
+            key=prefix.encode() or b"\0",
+            range_end=prefix_end(prefix.encode()) or b"\0",
+            start_revision=from_revision,
+        )
+        self._stream, created = store._open_watch(
+            rpc_pb2.WatchRequest(create_request=create), prefix
+        )
+        self._endpoint = self._stream.endpoint
+        # From now (revision 0): from the first revision after the one etcd registered it at.
+        self._deliver([], self._after or created.header.revision + 1)
         self._reader = threading.Thread(target=self._read, name=f"etcd-watch {prefix}")
         self._reader.daemon = True
         self._reader.start()
-        # Return only once etcd registered the watch, so "from now" means now.
         self._await_start(store._timeout, f"a watch of {prefix!r} on etcd member {self._endpoint}")
 
     def _read(self) -> None:
         try:
-            for line in self._reply.iter_lines():
-                if line.strip():
-                    self._handle(json.loads(line))
+            for response in self._stream:
+                self._handle(response)
             if not self._closed.is_set():
                 raise StoreUnavailable(
                     f"etcd member {self._endpoint} closed the watch of {self._prefix!r}; "
@@ -465,58 +580,43 @@ class EtcdWatch(StreamWatch):
                 )
         except FerryError as exc:
             self._fail(exc)
-        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+        except grpc.RpcError as exc:
             if not self._closed.is_set():
+                detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
                 self._fail(
                     StoreUnavailable(
                         f"lost the watch of {self._prefix!r} on etcd member {self._endpoint} "
-                        f"({type(exc).__name__}); resume from the watch's next_revision"
+                        f"({detail}); resume from the watch's next_revision"
                     )
                 )
-        finally:
-            self._reply.close()
 
-    def _handle(self, doc: Mapping[str, Any]) -> None:
-        if "error" in doc:
-            raise StoreUnavailable(
-                f"etcd member {self._endpoint} ended the watch of {self._prefix!r}: "
-                f"{doc['error'].get('message', doc['error'])}; resume from its next_revision"
-            )
-        result = doc.get("result", {})
-        compact = int(result.get("compact_revision", 0))
-        if compact:
+    def _handle(self, response: rpc_pb2.WatchResponse) -> None:
+        if response.compact_revision:
+            compact = response.compact_revision
             raise Compacted(
                 f"catalog history before revision {compact} was compacted; cannot watch "
                 f"{self._prefix!r} from {self.next_revision}: re-list and watch from its "
                 "revision + 1",
                 compact,
             )
-        if result.get("created"):
-            self._deliver([], self._after or _revision(result) + 1)
-            return
-        if result.get("canceled"):
+        if response.canceled:
             raise StoreUnavailable(
                 f"etcd canceled the watch of {self._prefix!r}: "
-                f"{result.get('cancel_reason', 'no reason given')}; watch again"
+                f"{response.cancel_reason or 'no reason given'}; watch again"
             )
-        events = [self._event(e) for e in result.get("events", [])]
+        events = [self._event(e) for e in response.events]
         if events:
             self._deliver(events, events[-1].revision + 1)
 
     @staticmethod
-    def _event(raw: Mapping[str, Any]) -> Event:
-        kv = raw["kv"]
-        kind = EventType.DELETE if raw.get("type") == "DELETE" else EventType.PUT
-        value = _unb64(kv.get("value", "")) if kind is EventType.PUT else b""
-        return Event(kind, _unb64(kv["key"]).decode(), value, int(kv["mod_revision"]))
+    def _event(raw: kv_pb2.Event) -> Event:
+        kv = raw.kv
+        if raw.type == kv_pb2.Event.DELETE:
+            return Event(EventType.DELETE, kv.key.decode(), b"", kv.mod_revision)
+        return Event(EventType.PUT, kv.key.decode(), kv.value, kv.mod_revision)
 
     def _end_stream(self) -> None:
-        # Unblock the reader's recv: shutting the socket down ends its stream.
-        connection = getattr(self._reply.raw, "connection", None)
-        sock = getattr(connection, "sock", None)
-        if isinstance(sock, socket.socket):
-            with contextlib.suppress(OSError):  # already closed by the peer
-                sock.shutdown(socket.SHUT_RDWR)
+        self._stream.cancel()
         self._reader.join(timeout=5)
 
 
@@ -568,11 +668,9 @@ class LeaseElection(LeaderElection):
         """
         sent = time.monotonic()
         lease = self._etcd.grant_lease(self._ttl)
-        put = {"key": _b64(self.key), "value": _b64(self.candidate), "lease": lease}
+        put = _op(Put(self.key, self.candidate.encode()), lease)
         try:
-            reply = self._etcd._txn_reply(
-                [Compare(self.key, ABSENT)], [{"request_put": put}], "leader campaign"
-            )
+            reply = self._etcd._txn([Compare(self.key, ABSENT)], [put], "leader campaign")
         except Conflict:
             self._etcd.revoke_lease(lease)
             record = self._etcd.get(self.key)
@@ -581,7 +679,7 @@ class LeaseElection(LeaderElection):
         self._lease = lease
         self._valid_until = sent + self._ttl
         self._stop.clear()
-        self._won(Compare(self.key, _revision(reply)))
+        self._won(Compare(self.key, reply.header.revision))
         self._keeper = threading.Thread(
             target=self._keep_alive, name=f"lease {self.name}", daemon=True
         )

@@ -3,15 +3,14 @@
 Two ways to trust the members, chosen by where the credentials come from:
 
 - **Ferry's own PKI** (``--tls-dir``, a :class:`TlsBundle`): the same rules as
-  the agent API (``csi_driver.transport``), spoken over HTTPS to etcd's
-  gateway instead of gRPC. The client presents this process's own
-  certificate (its Ferry identity); etcd's ``--client-cert-auth`` admits it
-  only if the cluster CA signed it. The member must prove it is a
-  ``catalog`` agent: its certificate must name ``catalog.ferry.csi.dev``,
-  whatever address it was reached at (the counterpart of the agent API's
-  target-name override). A certificate of the same CA for another identity
-  (a node's, the controller's) is refused, so a compromised node cannot pose
-  as the catalog.
+  the agent API (``csi_driver.transport``), spoken to etcd's gRPC API. The
+  client presents this process's own certificate (its Ferry identity);
+  etcd's ``--client-cert-auth`` admits it only if the cluster CA signed it.
+  The member must prove it is a ``catalog`` agent: its certificate must name
+  ``catalog.ferry.csi.dev``, whatever address it was reached at (gRPC's
+  target-name override, as for the agent API). A certificate of the same CA
+  for another identity (a node's, the controller's) is refused, so a
+  compromised node cannot pose as the catalog.
 - **The etcd's own PKI** (``--catalog-tls-dir``, a :class:`ClientTlsBundle`),
   for an existing etcd that will not trust Ferry's CA: the client presents
   that bundle's certificate, trusts that bundle's CA, and checks each member
@@ -19,25 +18,19 @@ Two ways to trust the members, chosen by where the credentials come from:
 
 Either way:
 
-- Only the bundle's CA counts: never the system's roots, never certifi's,
-  never ``REQUESTS_CA_BUNDLE`` (``requests`` would add a bundle path to every
-  connection; :class:`CatalogTlsAdapter` refuses to let it).
+- Only the bundle's CA counts: gRPC is given it as the root certificates, so
+  it never falls back to its bundled roots or to
+  ``GRPC_DEFAULT_SSL_ROOTS_FILE_PATH``.
 - There is no fallback to plaintext.
-- The private key never touches the disk: ``ssl`` loads it from an anonymous
-  in-memory file that is closed as soon as it is read.
+- The private key never touches the disk: gRPC takes it from memory.
 """
 
 from __future__ import annotations
 
-import os
-import ssl
 from dataclasses import dataclass
-from typing import Any
 
-from requests.adapters import HTTPAdapter
-from urllib3.connectionpool import HTTPConnectionPool
+import grpc
 
-from csi_driver.core.errors import FailedPrecondition
 from csi_driver.pki import CA_CERT, CERT, ClientTlsBundle, Identity, Role, TlsBundle
 
 #: The name every catalog member's certificate carries under Ferry's PKI (module doc).
@@ -88,45 +81,16 @@ class CatalogTls:
             presenting=f"the client certificate in --catalog-tls-dir {where}",
         )
 
-    def context(self) -> ssl.SSLContext:
-        """An ``SSLContext`` presenting this certificate and trusting only this CA."""
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_verify_locations(cadata=self.ca_pem.decode())
-        # load_cert_chain reads only from a path: give it one that lives in memory.
-        fd = os.memfd_create("ferry-etcd-client", os.MFD_CLOEXEC)
-        try:
-            os.write(fd, self.cert_pem + self.key_pem)
-            context.load_cert_chain(f"/proc/self/fd/{fd}")
-        except (OSError, ssl.SSLError) as exc:
-            raise FailedPrecondition(
-                f"cannot use {self.presenting} for the etcd catalog ({exc}): check those files"
-            ) from exc
-        finally:
-            os.close(fd)
-        return context
+    def credentials(self) -> grpc.ChannelCredentials:
+        """Channel credentials presenting this certificate and trusting only this CA."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca_pem,
+            private_key=self.key_pem,
+            certificate_chain=self.cert_pem,
+        )
 
-
-class CatalogTlsAdapter(HTTPAdapter):
-    """An HTTPS adapter that speaks to etcd members as ``tls`` says (module doc)."""
-
-    def __init__(self, tls: CatalogTls, *, pool_connections: int, pool_maxsize: int) -> None:
-        self._tls = tls
-        self.context = tls.context()
-        super().__init__(pool_connections=pool_connections, pool_maxsize=pool_maxsize)
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.update(ssl_context=self.context)
-        if self._tls.server_name is not None:
-            # urllib3 checks the peer against assert_hostname instead of the
-            # address it dialled (and turns the context's own check off for it).
-            kwargs.update(assert_hostname=self._tls.server_name)
-        super().init_poolmanager(*args, **kwargs)
-
-    def cert_verify(self, conn: HTTPConnectionPool, url: str, verify: Any, cert: Any) -> None:
-        # requests would hand every connection certifi's bundle (or the
-        # environment's), which urllib3 loads into our context on top of the
-        # bundle's CA. Verification stays on; the context alone says whom to trust.
-        super().cert_verify(conn, url, verify, cert)
-        conn.ca_certs = None  # type: ignore[attr-defined]
-        conn.ca_cert_dir = None  # type: ignore[attr-defined]
+    def channel_options(self) -> list[tuple[str, str]]:
+        """gRPC channel arguments that make each member prove ``server_name``, if set."""
+        if self.server_name is None:
+            return []
+        return [("grpc.ssl_target_name_override", self.server_name)]

@@ -8,7 +8,10 @@ with a clear message in bounded time, nothing half-written) and recovers.
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -55,6 +58,36 @@ def test_unreachable_etcd_is_unavailable_with_a_clear_message() -> None:
     with pytest.raises(StoreUnavailable):
         store.ping()
     store.close()
+
+
+#: Run in a child process with a proxy in its environment: a write and a read.
+_PROXIED_PROBE = """
+import sys
+from csi_driver.store.etcd import EtcdEndpoint, EtcdStore
+store = EtcdStore([EtcdEndpoint("127.0.0.1", int(sys.argv[1]))], request_timeout_s=3)
+store.put("proxy/k", b"direct")
+record = store.get("proxy/k")
+print(record.value.decode() if record else "absent")
+"""
+
+
+def test_the_members_are_reached_directly_whatever_proxy_the_environment_names(
+    etcd_single: EtcdCluster,
+) -> None:
+    proxy = f"http://127.0.0.1:{_dead_port()}"
+    env = {**os.environ, "http_proxy": proxy, "https_proxy": proxy, "grpc_proxy": proxy}
+    env.pop("no_proxy", None)
+    env.pop("NO_PROXY", None)
+    port = str(etcd_single.members[0].client_port)
+    done = subprocess.run(
+        [sys.executable, "-c", _PROXIED_PROBE, port],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "direct"
 
 
 def test_a_watch_reports_its_lost_member_and_resumes_after_restart(

@@ -24,7 +24,7 @@ from csi_driver.store.etcd import EtcdEndpoint, EtcdStore
 from csi_driver.store.url import open_store
 from tests.certs import ForeignPki
 from tests.store.etcd_cluster import EtcdCluster, EtcdTls
-from tests.store.test_etcd_tls import refused
+from tests.store.test_etcd_tls import default_roots_probe, refused
 from tests.test_cli import ferry
 
 
@@ -54,16 +54,19 @@ def test_open_store_speaks_to_an_etcd_of_another_pki(etcd_own_pki: EtcdCluster, 
         store.close()
 
 
-def test_only_the_bundles_ca_is_trusted_after_connecting(etcd_own_pki: EtcdCluster) -> None:
-    """requests hands each connection certifi's roots; none may reach the context."""
-    store = _store(etcd_own_pki, _client(etcd_own_pki))
+def test_only_the_bundles_ca_is_trusted_never_grpcs_default_roots(
+    etcd_own_pki: EtcdCluster, tmp_path: Path
+) -> None:
+    """An etcd of yet another CA, which the environment's gRPC roots trust, stays refused."""
+    other = ForeignPki.create(tmp_path / "pki", "someone-elses-ca")
+    server = other.issue("etcd-member", ips=("127.0.0.1",), server=True)
+    impostor = EtcdCluster(tmp_path, 1, EtcdTls(server, server)).start()
     try:
-        store.ping()
-        adapter = store._clients[0].session.get_adapter("https://127.0.0.1")
-        trusted = adapter.context.get_ca_certs()  # type: ignore[attr-defined]
-        assert [dict(c["subject"][0])["commonName"] for c in trusted] == ["etcd-ca"]
+        printed = default_roots_probe(impostor, _client(etcd_own_pki), "own", "127.0.0.1")
     finally:
-        store.close()
+        impostor.close()
+    assert "default roots: accepted" in printed  # the environment's roots do take effect
+    assert "does not accept as the catalog's" in printed, printed
 
 
 @pytest.fixture(params=["another name", "another CA"])

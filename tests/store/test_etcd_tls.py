@@ -10,6 +10,9 @@ etcd whose certificate is not a ``catalog`` certificate of its own CA.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from csi_driver.pki import CA_CERT, TlsBundle
 from csi_driver.rpc.errors import status_for
 from csi_driver.store.base import CatalogStore
 from csi_driver.store.etcd import EtcdEndpoint, EtcdStore
+from csi_driver.store.etcd_tls import CATALOG_SERVER_NAME
 from csi_driver.store.url import open_store
 from csi_driver.transport import AgentSecurity
 from tests.certs import Pki
@@ -136,12 +140,63 @@ def test_ferry_on_etcds_without_a_usable_bundle_exits_1(
     assert message in done.stderr and "Traceback" not in done.stderr
 
 
-def test_only_the_cluster_ca_is_trusted_after_connecting(etcd_tls: TlsEtcd) -> None:
-    """requests hands each connection certifi's roots; none may reach the context."""
-    store = EtcdStore(_endpoints(etcd_tls.cluster), tls=TlsBundle.load(etcd_tls.client))
+#: Run in a child process, so gRPC reads GRPC_DEFAULT_SSL_ROOTS_FILE_PATH afresh:
+#: a call with gRPC's default roots (the control, which must succeed), then the
+#: store's read; prints what each did.
+_DEFAULT_ROOTS_PROBE = """
+import sys
+from pathlib import Path
+import grpc
+from csi_driver.core.errors import StoreUnavailable
+from csi_driver.gen.etcd import rpc_pb2, rpc_pb2_grpc
+from csi_driver.pki import CA_CERT, CERT, KEY, ClientTlsBundle, TlsBundle
+from csi_driver.store.etcd import EtcdEndpoint, EtcdStore
+from csi_driver.store.etcd_tls import CATALOG_SERVER_NAME
+
+port, member, client, kind = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+defaults = grpc.ssl_channel_credentials(
+    None, (member / KEY).read_bytes(), (member / CERT).read_bytes()
+)
+channel = grpc.secure_channel(
+    f"127.0.0.1:{port}", defaults, [("grpc.ssl_target_name_override", sys.argv[5])]
+)
+rpc_pb2_grpc.MaintenanceStub(channel).Status(rpc_pb2.StatusRequest(), timeout=5)
+print("default roots: accepted")
+bundle = TlsBundle.load(client) if kind == "ferry" else ClientTlsBundle.load(client)
+store = EtcdStore([EtcdEndpoint("127.0.0.1", port)], tls=bundle, request_timeout_s=2)
+try:
+    store.get("k")
+    print("store: accepted")
+except StoreUnavailable as exc:
+    print("store:", exc.message)
+"""
+
+
+def default_roots_probe(impostor: EtcdCluster, client: Path, kind: str, name: str) -> str:
+    """What the probe printed against ``impostor``, whose own bundle (its CA as
+    ``ca.crt``) is also the roots the environment gives gRPC."""
+    assert impostor.tls is not None
+    member = impostor.tls.server
+    env = {**os.environ, "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH": str(member / CA_CERT)}
+    port = str(impostor.members[0].client_port)
+    argv = [sys.executable, "-c", _DEFAULT_ROOTS_PROBE, port, str(member), str(client), kind]
+    done = subprocess.run([*argv, name], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_only_the_cluster_ca_is_trusted_never_grpcs_default_roots(
+    etcd_tls: TlsEtcd, tmp_path: Path
+) -> None:
+    """Given no roots, gRPC trusts GRPC_DEFAULT_SSL_ROOTS_FILE_PATH (or roots it ships);
+    the store gives the cluster CA, so a catalog of another CA stays refused even
+    where the environment trusts that CA."""
+    server = Pki.create(tmp_path / "other").issue("catalog", ips=("127.0.0.1",))
+    impostor = EtcdCluster(tmp_path, 1, EtcdTls(server, server)).start()
     try:
-        store.ping()
-        adapter = store._clients[0].session.get_adapter("https://127.0.0.1")
-        assert len(adapter.context.get_ca_certs()) == 1  # type: ignore[attr-defined]
+        printed = default_roots_probe(impostor, etcd_tls.client, "ferry", CATALOG_SERVER_NAME)
     finally:
-        store.close()
+        impostor.close()
+    assert "default roots: accepted" in printed  # the environment's roots do take effect
+    assert "store: etcd member" in printed or "store: no etcd member" in printed, printed
+    assert "does not accept as the catalog's" in printed
