@@ -28,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 
+from csi_driver.chunks.changes import ChangeTracker
 from csi_driver.chunks.generations import GenerationStore
 from csi_driver.core.errors import (
     AlreadyExists,
@@ -55,6 +56,7 @@ from csi_driver.metrics import observe_provisioned
 from csi_driver.node.agent import NodeAgent
 from csi_driver.node.clones import SnapshotFetcher
 from csi_driver.node.pool import ImageInfo
+from csi_driver.node.reconcile.exports import capture_lineage
 from csi_driver.node.snapshots import copy_image
 from csi_driver.reconcile.informer import Informer
 from csi_driver.reconcile.report import report
@@ -240,6 +242,11 @@ class ImageReconciler:
         generation = replica.current()
         if generation is None:
             return None
+        # The new primary's first capture compares extents with its verified
+        # generation instead of reading the whole image (a reflink: no bytes copied).
+        ChangeTracker(generation.image, capture_lineage(self._agent.pool, spec.volume_id)).seed(
+            generation.image, generation.manifest, generation.blocks
+        )
         info = self._agent.pool.adopt_image(
             spec.volume_id, generation.image, spec.epoch, thin=spec.thin
         )
