@@ -29,6 +29,7 @@ Needs root (network namespaces, loop devices, mounts) and etcd.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -46,6 +47,7 @@ from csi_driver.gen import csi_pb2
 from csi_driver.sandbox.demo import Demo
 from csi_driver.sandbox.harness import Sandbox
 from csi_driver.sandbox.plan import SandboxPlan
+from csi_driver.sandbox.scratch import scratch_filesystem
 
 MiB = 1024 * 1024
 NODES = ("node-1", "node-2", "node-3")
@@ -209,35 +211,58 @@ def one_move(demo: Demo, warm: bool, size: int, data: int, tail: int) -> Move:
 
 @dataclass(frozen=True)
 class Settings:
-    size: int
-    data: int
+    sizes: tuple[int, ...]
+    data: int  # 0: half of each volume
     tail: int
     repeat: int
+    cases: tuple[bool, ...] = (True, False)  # warm, cold
+    pool_fs: str = "xfs"
+    keep_logs: Path | None = None  # copy the sandbox's logs here at the end
+
+    def data_for(self, size: int) -> int:
+        return self.data or size // 2
+
+
+#: The node pools' filesystem: xfs with reflink, what operations.md asks pools to be.
+XFS_REFLINK = ("mkfs.xfs", "-q", "-m", "reflink=1")
 
 
 def run(work: Path, settings: Settings) -> list[Case]:
-    sandbox = Sandbox(work)
-    plan = SandboxPlan(work, f"bm{secrets.token_hex(3)}", 3)
-    demo = Demo(sandbox)
-    cases = []
-    try:
-        sandbox.up(plan)
-        for warm in (True, False):
-            moves = []
-            for n in range(settings.repeat):
-                moves.append(one_move(demo, warm, settings.size, settings.data, settings.tail))
-                m = moves[-1]
-                demo.say(
-                    f"{'warm' if warm else 'cold'} move {n + 1}: {m.downtime_s:.2f} s "
-                    f"(attach {m.attach_s:.2f} s), "
-                    f"final sync {m.final_bytes / MiB:.1f} MiB, peak RSS "
-                    f"{m.peak_rss_bytes / MiB:.0f} MiB"
-                )
-            tail = settings.tail if warm else 0
-            cases.append(Case(warm, settings.size, settings.data, tail, tuple(moves)))
-    finally:
-        sandbox.down(plan.prefix)
-    return cases
+    with contextlib.ExitStack() as stack:
+        largest = max(settings.sizes)
+        # Room on each pool for a volume, its replica and the last volume's, released late.
+        capacity = max(2 * 1024**3, 3 * largest)
+        if settings.pool_fs == "xfs":
+            # A sparse backing file: only what the nodes write takes space.
+            work = stack.enter_context(
+                scratch_filesystem(work, 3 * capacity + 1024**3, XFS_REFLINK, "pools")
+            )
+        sandbox = Sandbox(work)
+        plan = SandboxPlan(work, f"bm{secrets.token_hex(3)}", 3, pool_capacity_bytes=capacity)
+        demo = Demo(sandbox)
+        cases = []
+        try:
+            sandbox.up(plan)
+            for size in settings.sizes:
+                data = settings.data_for(size)
+                for warm in settings.cases:
+                    moves = []
+                    for n in range(settings.repeat):
+                        moves.append(one_move(demo, warm, size, data, settings.tail))
+                        m = moves[-1]
+                        demo.say(
+                            f"{size // MiB} MiB, {'warm' if warm else 'cold'} move {n + 1}: "
+                            f"{m.downtime_s:.2f} s (attach {m.attach_s:.2f} s), "
+                            f"final sync {m.final_bytes / MiB:.1f} MiB, peak RSS "
+                            f"{m.peak_rss_bytes / MiB:.0f} MiB"
+                        )
+                    tail = settings.tail if warm else 0
+                    cases.append(Case(warm, size, data, tail, tuple(moves)))
+        finally:
+            sandbox.down(plan.prefix)
+            if settings.keep_logs is not None:
+                shutil.copytree(plan.logs, settings.keep_logs, dirs_exist_ok=True)
+        return cases
 
 
 def render(cases: list[Case]) -> str:
@@ -261,18 +286,44 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.mobility", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--size-mib", type=int, default=512, help="each volume's size")
-    parser.add_argument("--data-mib", type=int, default=256, help="written before the move")
+    parser.add_argument(
+        "--sizes-mib", type=int, nargs="+", default=[512, 2048], help="the volumes' sizes"
+    )
+    parser.add_argument(
+        "--data-mib", type=int, default=0, help="written before the move (default: half)"
+    )
     parser.add_argument("--tail-mib", type=int, default=8, help="written after the capture")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--cases", choices=("both", "warm", "cold"), default="both", help="which moves to run"
+    )
+    parser.add_argument(
+        "--pool-fs",
+        choices=("xfs", "host"),
+        default="xfs",
+        help="the node pools' filesystem: xfs on a loop device (reflinks), or the "
+        "workdir's own (ext4 here: no reflinks, every capture hashes the whole image)",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="scratch (default /tmp)")
+    parser.add_argument(
+        "--keep-logs", type=Path, default=None, help="copy the sandbox's logs here at the end"
+    )
     parser.add_argument("--output", type=Path, default=Path("bench/results/mobility-latest.json"))
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("the mobility benchmark needs root: network namespaces, loop devices, mounts")
         return 2
     work = Path(tempfile.mkdtemp(prefix="fybm-", dir=args.workdir or "/tmp"))
-    settings = Settings(args.size_mib * MiB, args.data_mib * MiB, args.tail_mib * MiB, args.repeat)
+    wanted = {"both": (True, False), "warm": (True,), "cold": (False,)}[args.cases]
+    settings = Settings(
+        tuple(s * MiB for s in args.sizes_mib),
+        args.data_mib * MiB,
+        args.tail_mib * MiB,
+        args.repeat,
+        wanted,
+        args.pool_fs,
+        args.keep_logs,
+    )
     try:
         cases = run(work, settings)
     finally:
@@ -286,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             for c in cases
         ],
     }
-    args.output.write_text(json.dumps(document, indent=2) + "\n")
+    args.output.write_text(json.dumps(document, indent=2, default=str) + "\n")
     return 0
 
 
