@@ -61,6 +61,7 @@ class Move:
     attach_s: float  # of which ControllerPublishVolume, retries included
     final_bytes: int
     peak_rss_bytes: int  # the largest node's VmHWM over the move
+    cpu_s: float = 0.0  # the nodes' and the controller's CPU over the downtime
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,10 @@ class Case:
     def peak_rss_bytes(self) -> int:
         return max(m.peak_rss_bytes for m in self.moves)
 
+    @property
+    def median_cpu_s(self) -> float:
+        return round(statistics.median(m.cpu_s for m in self.moves), 2)
+
 
 def _descendants(pid: int) -> list[int]:
     found, queue = [], [pid]
@@ -107,6 +112,21 @@ def _descendants(pid: int) -> list[int]:
 
 def _node_pids(sandbox: Sandbox) -> dict[str, list[int]]:
     return {s.name: _descendants(s.pid) for s in sandbox.status() if s.name in NODES and s.pid}
+
+
+def _cpu_s(sandbox: Sandbox) -> float:
+    """CPU seconds (user + system, exited children included) of the node services
+    and the controller so far."""
+    ticks = 0
+    for member in sandbox.status():
+        if member.name not in (*NODES, "controller") or not member.pid:
+            continue
+        try:
+            fields = Path(f"/proc/{member.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _reset_peaks(pids: dict[str, list[int]]) -> None:
@@ -192,11 +212,13 @@ def one_move(demo: Demo, warm: bool, size: int, data: int, tail: int) -> Move:
     demo.detach(volume_id, "node-1")
     pids = _node_pids(demo.sandbox)
     _reset_peaks(pids)
+    cpu = _cpu_s(demo.sandbox)
     started = time.monotonic()
     context = demo.attach(volume_id, target)
     attached = time.monotonic() - started
     demo.mount(volume_id, target, context)
     downtime = time.monotonic() - started
+    cpu = _cpu_s(demo.sandbox) - cpu
     peak = _peak_rss(pids)
     move = demo.volume(volume_id)["move"]
     if not move or move["step"] not in ("switched", "done"):
@@ -205,7 +227,13 @@ def one_move(demo: Demo, warm: bool, size: int, data: int, tail: int) -> Move:
     demo.detach(volume_id, target)
     _delete(demo, volume_id)
     return Move(
-        warm, target, round(downtime, 3), round(attached, 3), int(move["final_bytes"]), peak
+        warm,
+        target,
+        round(downtime, 3),
+        round(attached, 3),
+        int(move["final_bytes"]),
+        peak,
+        round(cpu, 2),
     )
 
 
@@ -254,7 +282,7 @@ def run(work: Path, settings: Settings) -> list[Case]:
                             f"{size // MiB} MiB, {'warm' if warm else 'cold'} move {n + 1}: "
                             f"{m.downtime_s:.2f} s (attach {m.attach_s:.2f} s), "
                             f"final sync {m.final_bytes / MiB:.1f} MiB, peak RSS "
-                            f"{m.peak_rss_bytes / MiB:.0f} MiB"
+                            f"{m.peak_rss_bytes / MiB:.0f} MiB, CPU {m.cpu_s:.2f} s"
                         )
                     tail = settings.tail if warm else 0
                     cases.append(Case(warm, size, data, tail, tuple(moves)))
@@ -268,8 +296,9 @@ def run(work: Path, settings: Settings) -> list[Case]:
 def render(cases: list[Case]) -> str:
     lines = [
         "| replica | volume | data | written after the last capture | downtime median "
-        "| max | of which attach (median) | final sync (median) | node peak RSS |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| max | of which attach (median) | final sync (median) | node peak RSS "
+        "| CPU s (median) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cases:
         lines.append(
@@ -277,7 +306,7 @@ def render(cases: list[Case]) -> str:
             f"| {c.data_bytes // MiB} MiB | {f'{c.tail_bytes // MiB} MiB' if c.warm else '-'} "
             f"| {c.median_s} s | {c.max_s} s | {c.median_attach_s} s "
             f"| {c.median_final_bytes / MiB:.1f} MiB "
-            f"| {c.peak_rss_bytes / MiB:.0f} MiB |"
+            f"| {c.peak_rss_bytes / MiB:.0f} MiB | {c.median_cpu_s} |"
         )
     return "\n".join(lines)
 
