@@ -1,8 +1,12 @@
 """``python -m bench.mobility``: what a planned move costs the pod, with and without a warm replica.
 
 Brings up the three-node sandbox (etcd, a controller, three node processes
-in network namespaces, mutual TLS, loop devices) and plays kubelet and the
-external-attacher over the real CSI sockets, ``--repeat`` times per case:
+in network namespaces, mutual TLS, loop devices) with the nodes' pools on
+one xfs filesystem (``reflink=1``) on a loop device, what pools are meant to
+be (``--pool-fs host``: the work directory's own filesystem, ext4 here, where
+every capture hashes the whole image), and plays kubelet and the
+external-attacher over the real CSI sockets, ``--repeat`` times per case and
+per volume size (``--sizes-mib``; half of each volume is written):
 
 1. a volume is created on node-1, attached, staged and published, and
    ``--data-mib`` of random data is written into it (fsynced);
@@ -20,7 +24,10 @@ final sync are the move record's ``final_bytes``. The node services' peak
 RSS during the move is each node process's (and its children's) VmHWM,
 reset just before the publish by writing ``5`` to ``/proc/PID/clear_refs``
 and read after the mount, so it is the move's high-water mark, not the
-process's since start; the largest over the nodes is reported.
+process's since start; the largest over the nodes is reported. "CPU s" is
+the user + system time of the node services and the controller over the
+downtime (``/proc/PID/stat``, exited children included): steadier than wall
+time on a shared machine.
 
 Prints a table and writes JSON (default ``bench/results/mobility-latest.json``).
 Needs root (network namespaces, loop devices, mounts) and etcd.
