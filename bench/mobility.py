@@ -208,9 +208,22 @@ def _warm_replica(demo: Demo, volume_id: str, written_at: float) -> str:
     return str(replica["node_id"])
 
 
+def _attach(demo: Demo, volume_id: str, node: str) -> dict[str, str]:
+    """The demo's attach, also retried when its reply missed the attacher's deadline
+    (a busy machine), as the external-attacher retries it."""
+    ends = time.monotonic() + 300
+    while True:
+        try:
+            return demo.attach(volume_id, node)
+        except grpc.RpcError as exc:
+            if exc.code() is not grpc.StatusCode.DEADLINE_EXCEEDED or time.monotonic() > ends:
+                raise
+            demo.say("  attacher retries: ControllerPublishVolume missed its deadline")
+
+
 def one_move(demo: Demo, warm: bool, size: int, data: int, tail: int) -> Move:
     volume_id = _create(demo, size, 1 if warm else 0)
-    mounted = demo.mount(volume_id, "node-1", demo.attach(volume_id, "node-1"))
+    mounted = demo.mount(volume_id, "node-1", _attach(demo, volume_id, "node-1"))
     _write(mounted / "data", data)
     target = _warm_replica(demo, volume_id, time.time()) if warm else "node-2"
     if tail:
@@ -221,7 +234,7 @@ def one_move(demo: Demo, warm: bool, size: int, data: int, tail: int) -> Move:
     _reset_peaks(pids)
     cpu = _cpu_s(demo.sandbox)
     started = time.monotonic()
-    context = demo.attach(volume_id, target)
+    context = _attach(demo, volume_id, target)
     attached = time.monotonic() - started
     demo.mount(volume_id, target, context)
     downtime = time.monotonic() - started
