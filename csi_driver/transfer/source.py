@@ -13,10 +13,6 @@ Invariants:
 - Block digests come from the export's block table when it has one (a
   capture's), else from reading the chunk; either way the receiver checks
   them against the manifest's chunk digest.
-- Replies go out already encoded (:func:`encode_chunks`): a chunk's bytes are
-  copied once, from the read into the message, never into protobuf objects
-  (three copies and their page faults cost about 3 ms of CPU per 4 MiB); the
-  wire format is ``Chunks``'s, which the receiver decodes as generated.
 """
 
 from __future__ import annotations
@@ -140,7 +136,7 @@ class ChunkSourceServicer(transfer_pb2_grpc.ChunkSourceServicer):
                     if not request.transfer_id:
                         raise InvalidArgument("the first chunk request must name transfer_id")
                     reader = _Reader(self._exports.require(request.transfer_id))
-                yield from map(encode_chunks, _batched(reader.answer(request)))
+                yield from _batched(reader.answer(request))
         except FerryError as exc:
             log.info("chunk stream refused", extra={"error": exc.message})
             abort(context, exc)
@@ -149,71 +145,18 @@ class ChunkSourceServicer(transfer_pb2_grpc.ChunkSourceServicer):
                 reader.close()
 
 
-#: A reply's part: the chunk's fields but its data, and its data.
-Part = tuple[Any, bytes]
-
-
-def _batched(parts: Iterator[Part]) -> Iterator[list[Part]]:
-    """Parts gathered into messages of about :data:`BATCH_BYTES`."""
-    batch: list[Part] = []
+def _batched(chunks: Iterator[tuple[Any, int]]) -> Iterator[Any]:
+    """Chunks (each with its size) gathered into messages of about :data:`BATCH_BYTES`."""
+    batch: list[Any] = []
     size = 0
-    for part in parts:
-        batch.append(part)
-        size += len(part[1]) + len(part[0].block_digests)
+    for chunk, length in chunks:
+        batch.append(chunk)
+        size += length
         if size >= BATCH_BYTES:
-            yield batch
+            yield transfer_pb2.Chunks(chunks=batch)
             batch, size = [], 0
     if batch:
-        yield batch
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-#: Wire tags (field number << 3 | 2, length-delimited) of Chunks.chunks and Chunk.data.
-_CHUNKS_TAG = bytes([1 << 3 | 2])
-_DATA_TAG = bytes([2 << 3 | 2])
-
-
-def encode_chunks(parts: list[Part]) -> bytes:
-    """The ``Chunks`` message holding ``parts`` as protobuf encodes it: each chunk's
-    other fields serialized as usual, then its data as field 2 (fields may come in
-    any order on the wire), the data copied once, into the result."""
-    pieces: list[bytes] = []
-    for meta, data in parts:
-        fields = meta.SerializeToString()
-        data_header = _DATA_TAG + _varint(len(data)) if data else b""
-        length = len(fields) + len(data_header) + len(data)
-        pieces += (_CHUNKS_TAG, _varint(length), fields, data_header, data)
-    return b"".join(pieces)
-
-
-def _already_encoded(message: bytes) -> bytes:
-    return message
-
-
-def _register(servicer: ChunkSourceServicer, server: grpc.Server) -> None:
-    """The generated registration, but for PullChunks' replies: encoded already."""
-    handlers = {
-        "GetManifest": grpc.unary_unary_rpc_method_handler(
-            servicer.GetManifest,
-            request_deserializer=transfer_pb2.GetManifestRequest.FromString,
-            response_serializer=transfer_pb2.ManifestReply.SerializeToString,
-        ),
-        "PullChunks": grpc.stream_stream_rpc_method_handler(
-            servicer.PullChunks,
-            request_deserializer=transfer_pb2.ChunkRequest.FromString,
-            response_serializer=_already_encoded,
-        ),
-    }
-    service = transfer_pb2.DESCRIPTOR.services_by_name["ChunkSource"].full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+        yield transfer_pb2.Chunks(chunks=batch)
 
 
 class _Reader:
@@ -227,12 +170,13 @@ class _Reader:
     def close(self) -> None:
         os.close(self._fd)
 
-    def answer(self, request: Any) -> Iterator[Part]:
-        """The replies to ``request``, each a chunk's other fields and its data."""
+    def answer(self, request: Any) -> Iterator[tuple[Any, int]]:
+        """The replies to ``request``, each with its size (a message's bytes fields
+        are copied whenever read, so sizes are taken before)."""
         for index in request.block_tables:
             self._check(index)
             digests = self._block_digests(index)
-            yield transfer_pb2.Chunk(index=index, block_digests=digests), b""
+            yield transfer_pb2.Chunk(index=index, block_digests=digests), len(digests)
         for index in request.indexes:
             self._check(index)
             if self.export.manifest.chunks[index] is None:
@@ -242,10 +186,11 @@ class _Reader:
             data = self._read(*self.export.manifest.span(index))
             self.export.sent[index] += 1
             TRANSFER_CHUNKS.labels("sent", "sent").inc()
-            yield transfer_pb2.Chunk(index=index), data
+            yield transfer_pb2.Chunk(index=index, data=data), len(data)
         for run in request.runs:
             offset, length = self._run_span(run)
-            yield transfer_pb2.Chunk(index=run.index, run=run), self._read(offset, length)
+            data = self._read(offset, length)
+            yield transfer_pb2.Chunk(index=run.index, data=data, run=run), length
 
     def _check(self, index: int) -> None:
         count = len(self.export.manifest.chunks)
@@ -299,6 +244,6 @@ def serve_chunks(
     servicer = ChunkSourceServicer(exports)
     return start_server(
         endpoint,
-        [lambda server: _register(servicer, server)],
+        [lambda server: transfer_pb2_grpc.add_ChunkSourceServicer_to_server(servicer, server)],
         agents=(security, admitted_peers(node_id)),
     )
