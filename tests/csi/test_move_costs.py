@@ -11,8 +11,12 @@ replica's base by that final capture, so none of them reads the whole image.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,15 +39,46 @@ XFS = ["mkfs.xfs", "-q", "-m", "reflink=1"]
 def on_xfs(tmp_path: Path) -> Iterator[Ferry]:
     if shutil.which("mkfs.xfs") is None:
         pytest.skip("mkfs.xfs is not installed (scripts/setup.sh installs it)")
-    with (
-        small_filesystem(tmp_path, 512 * MiB, XFS, "x") as base,
-        running(base, node_config(base)) as ferry,
-    ):
-        node_b = start_node(f"unix://{base}/csi-b.sock", node_config(base, SECOND), ferry.catalog)
+    with small_filesystem(tmp_path, 512 * MiB, XFS, "x") as base:
         try:
-            yield ferry
+            with running(base, node_config(base)) as ferry:
+                node_b = start_node(
+                    f"unix://{base}/csi-b.sock", node_config(base, SECOND), ferry.catalog
+                )
+                try:
+                    yield ferry
+                finally:
+                    node_b.stop(grace_s=0)
         finally:
-            node_b.stop(grace_s=0)
+            _closed_under(base)
+            _unmounted(base)
+
+
+def _unmounted(base: Path, timeout_s: float = 20) -> None:
+    """Unmount ``base`` (before the scratch filesystem tries once): retried while the
+    stopped services' last threads still hold it busy, lazily in the end."""
+    ends = time.monotonic() + timeout_s
+    while subprocess.run(["umount", str(base)], capture_output=True, check=False).returncode:
+        if time.monotonic() > ends:
+            subprocess.run(["umount", "--lazy", str(base)], capture_output=True, check=False)
+            return
+        time.sleep(0.2)
+
+
+def _closed_under(base: Path, timeout_s: float = 20) -> None:
+    """Wait until this process holds no file under ``base`` open: a stopped node's
+    last reconcile (a capture, an adoption) may still be reading, and the
+    filesystem cannot be unmounted under it."""
+    ends = time.monotonic() + timeout_s
+    while time.monotonic() < ends:
+        held = []
+        for fd in Path("/proc/self/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd).startswith(f"{base}/"):
+                    held.append(fd)
+        if not held:
+            return
+        time.sleep(0.1)
 
 
 def _read_by(caplog: pytest.LogCaptureFixture, message: str, node: str) -> list[int]:
