@@ -12,7 +12,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from csi_driver import __version__, ca_command, log, snapshot_command, volumes_command
+from csi_driver import (
+    __version__,
+    allocator,
+    ca_command,
+    log,
+    snapshot_command,
+    volumes_command,
+)
 from csi_driver.backup import command as backup_command
 from csi_driver.backup.snapshots import BackupSettings
 from csi_driver.core.errors import FerryError
@@ -264,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.configure(args.log_level if args.log_level != "info" else "warning", "text")
         return volumes_command.run(args)
 
+    allocator.limit_arenas()  # before any thread of the service starts
     if args.log_format == "json":
         log.route_native_stderr()  # gRPC core's lines (TLS refusals) become JSON too
     log.configure(args.log_level, args.log_format)

@@ -68,6 +68,12 @@ class BlockTable:
         os.ftruncate(fd, chunk_count(size, chunk_size) * table.per_chunk * DIGEST_SIZE)
         return table
 
+    def open(self) -> BlockTable:
+        """Open the file now: reads keep to this file even when its path is replaced
+        or removed later (a newer capture's table)."""
+        self._open()
+        return self
+
     def _open(self) -> int:
         if self._fd is None:
             flags = (os.O_RDWR | os.O_CREAT) if self._writable else os.O_RDONLY

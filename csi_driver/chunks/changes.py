@@ -19,12 +19,18 @@ Invariants:
   it quiescent (unmounted or frozen) while :meth:`ChangeTracker.capture` runs.
 - A capture's ``source`` holds exactly the bytes its manifest describes
   until the next capture.
+- A lineage may be seeded (:meth:`ChangeTracker.seed`) with an image whose
+  manifest and block table are verified (a replica generation made primary),
+  and an image this lineage captured may be described from its newest
+  capture (:func:`describe_since_capture`): both cost what changed, never the
+  whole image, and both keep the older copy open while comparing extents.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +39,8 @@ from csi_driver.chunks.blocks import BlockTable
 from csi_driver.chunks.durable import write_atomic
 from csi_driver.chunks.extents import changed_ranges, extent_map, reflink
 from csi_driver.chunks.manifest import DEFAULT_CHUNK_SIZE, Manifest, decode, encode
-from csi_driver.chunks.scan import rescan_blocks, scan_image
-from csi_driver.core.errors import FailedPrecondition, InvalidArgument
+from csi_driver.chunks.scan import Scan, rescan_blocks, scan_image
+from csi_driver.core.errors import FailedPrecondition, FerryError, InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +77,29 @@ class ChangeTracker:
         return self.work_dir / f"snap-{number:08d}.img"
 
     def _numbers(self) -> list[int]:
-        return sorted(
-            int(m.group(1)) for p in self.work_dir.iterdir() if (m := _SNAPSHOT.match(p.name))
-        )
+        return _numbers(self.work_dir)
+
+    def seed(self, image: Path, manifest: Manifest, blocks: Path) -> bool:
+        """Start the lineage afresh with a reflink of ``image``, whose ``manifest``
+        and block table (``blocks``) are known and verified: the next capture
+        compares extents with it instead of reading the whole image. False (and
+        nothing kept) where the pool cannot reflink: captures hash there anyway."""
+        if manifest.chunk_size != self.chunk_size:
+            return False
+        for number in self._numbers():
+            for suffix in (".img", ".blocks", ".manifest"):
+                self._snapshot(number).with_suffix(suffix).unlink(missing_ok=True)
+        snapshot = self._snapshot(1)
+        try:
+            reflink(image, snapshot)
+            reflink(blocks, snapshot.with_suffix(".blocks"))
+        except FailedPrecondition:
+            snapshot.unlink(missing_ok=True)
+            snapshot.with_suffix(".blocks").unlink(missing_ok=True)
+            return False
+        write_atomic(snapshot.with_suffix(".manifest"), encode(manifest))  # last: complete
+        log.info("capture lineage seeded", extra={"image": str(image)})
+        return True
 
     def last(self) -> tuple[int, Manifest] | None:
         """The newest complete capture's number and manifest."""
@@ -123,16 +149,7 @@ class ChangeTracker:
             and previous[1].size == size
             and previous[1].chunk_size == self.chunk_size
         ):
-            base = previous[1]
-            ranges = changed_ranges(extent_map(older), extent_map(snapshot), size)
-            table = BlockTable.create(
-                blocks, size, self.chunk_size, copy_of=older.with_suffix(".blocks")
-            )
-            try:
-                scan = rescan_blocks(snapshot, base, table, ranges)
-                table.sync()
-            finally:
-                table.close()
+            scan = _rescan_since(older, previous[1], snapshot, blocks)
             method = Method.EXTENTS
         else:
             table = BlockTable.create(blocks, size, self.chunk_size)
@@ -156,3 +173,54 @@ class ChangeTracker:
             },
         )
         return Capture(number, scan.manifest, snapshot, method, scan.bytes_read, blocks)
+
+
+def _numbers(work_dir: Path) -> list[int]:
+    return sorted(int(m.group(1)) for p in work_dir.iterdir() if (m := _SNAPSHOT.match(p.name)))
+
+
+def _rescan_since(older: Path, manifest: Manifest, newer: Path, blocks: Path) -> Scan:
+    """``newer``'s manifest, ``older`` holding ``manifest`` (block table beside it):
+    the table is copied to ``blocks`` and only blocks whose extents differ are read.
+    The caller keeps ``older`` alive meanwhile (see :mod:`.extents`)."""
+    size = newer.stat().st_size
+    ranges = changed_ranges(extent_map(older), extent_map(newer), size)
+    table = BlockTable.create(
+        blocks, size, manifest.chunk_size, copy_of=older.with_suffix(".blocks")
+    )
+    try:
+        scan = rescan_blocks(newer, manifest, table, ranges)
+        table.sync()
+    finally:
+        table.close()
+    return scan
+
+
+def describe_since_capture(lineage: Path, image: Path, blocks: Path) -> Scan | None:
+    """The manifest of ``image``, a quiescent image whose captures are kept in
+    ``lineage`` (a demoted primary's), with its block table written to ``blocks``:
+    computed from the newest capture by comparing extents, reading only what
+    changed since. None when no capture can serve (none, another size, gone
+    meanwhile, no extent maps): the caller scans the image whole."""
+    try:
+        numbers = _numbers(lineage)
+    except FileNotFoundError:
+        return None
+    if not numbers:
+        return None
+    older = lineage / f"snap-{numbers[-1]:08d}.img"
+    try:
+        # Open first: while this descriptor lives, the capture's blocks cannot be
+        # reused, even if its lineage is removed meanwhile (a retired export).
+        fd = os.open(older, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        manifest = decode(older.with_suffix(".manifest").read_bytes())
+        if manifest.size != image.stat().st_size:
+            return None
+        return _rescan_since(older, manifest, image, blocks)
+    except (OSError, FerryError):
+        return None  # an interrupted or removed capture, or no extent maps here
+    finally:
+        os.close(fd)

@@ -9,9 +9,10 @@ blocks differ, or that are data in one and a hole in the other.
 Invariants:
 
 - The comparison never misses a change: a range is reported unchanged only
-  when both files map it to the same physical blocks with the same flags, or
-  both leave it unmapped. Extents without a stable physical address
-  (unknown, inline, encoded, delayed allocation) always count as changed.
+  when both files map it to the same written physical blocks, or both read it
+  as zeros with no blocks behind it (unmapped, or unwritten extents).
+  Extents without a stable physical address (unknown, inline, encoded,
+  delayed allocation) always count as changed.
 - It is only sound while the older copy still exists (its blocks cannot be
   reused), which is why :mod:`csi_driver.chunks.changes` keeps the previous
   snapshot until the next one is taken.
@@ -46,8 +47,6 @@ EXTENT_UNWRITTEN = 0x800
 EXTENT_SHARED = 0x2000
 #: Flags that mean fe_physical does not name the blocks holding the bytes.
 _UNSTABLE = EXTENT_UNKNOWN | EXTENT_DELALLOC | EXTENT_ENCODED | EXTENT_DATA_INLINE
-#: Flags that say something about the bytes themselves, compared between files.
-_COMPARED = EXTENT_UNWRITTEN
 
 #: Why a filesystem refuses FICLONE: it cannot (or not across these files).
 _NO_REFLINK = (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS)
@@ -137,11 +136,13 @@ def extent_map(path: Path) -> list[Extent]:
         os.close(fd)
 
 
-def _mapping(extent: Extent | None, position: int) -> tuple[int, int] | None:
-    """Where ``position`` lives: (physical address, compared flags); None when unmapped."""
-    if extent is None:
+def _mapping(extent: Extent | None, position: int) -> int | None:
+    """Where ``position``'s bytes live; None when they read as zeros without any
+    (unmapped, or an unwritten extent: a thick image's reserved space, or a hole
+    that the pool's ``keep_reserved`` filled since): two such ranges hold the same."""
+    if extent is None or extent.flags & EXTENT_UNWRITTEN:
         return None
-    return extent.physical + (position - extent.logical), extent.flags & _COMPARED
+    return extent.physical + (position - extent.logical)
 
 
 def changed_ranges(older: list[Extent], newer: list[Extent], size: int) -> list[tuple[int, int]]:

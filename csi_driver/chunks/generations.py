@@ -58,9 +58,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from csi_driver.chunks.blocks import BlockTable
+from csi_driver.chunks.changes import describe_since_capture
 from csi_driver.chunks.durable import write_atomic
 from csi_driver.chunks.extents import changed_ranges, extent_map, reflink
 from csi_driver.chunks.manifest import (
+    DEFAULT_CHUNK_SIZE,
     DIGEST_SIZE,
     HOLE_BLOCK,
     Delta,
@@ -148,12 +150,15 @@ class GenerationStore:
             self._manifests = {number: manifest}
         return Generation(number, directory / "image", manifest)
 
-    def adopt(self, image: Path, manifest: Manifest) -> Generation:
-        """Commit ``image`` (moved here by rename, on this filesystem) as the first
-        generation; ``manifest`` must be its manifest, read while it was quiescent.
+    def adopt(self, image: Path, lineage: Path | None = None) -> Generation:
+        """Commit ``image`` (moved here by rename, on this filesystem, and quiescent:
+        nothing may write it any more) as the first generation.
 
         A demoted primary keeps its image as its replica's base, so the next
-        sync from the new primary sends only what differs.
+        sync from the new primary sends only what differs. Its manifest and
+        block table are read from the bytes: from the newest capture in
+        ``lineage`` (the captures its exports were served from) by comparing
+        extents, reading only what changed since, or from the whole image.
         """
         if self._numbers():
             raise FailedPrecondition(f"replica {self.root} already has generations")
@@ -161,25 +166,26 @@ class GenerationStore:
         shutil.rmtree(building, ignore_errors=True)
         building.mkdir(mode=0o700)
         os.rename(image, building / "image")
-        # The block table is read from the bytes, so it is theirs; the manifest
-        # given must be what they hash to, or the image is not what the caller read.
-        table = BlockTable.create(building / "blocks", manifest.size, manifest.chunk_size)
-        try:
-            found = scan_image(building / "image", manifest.chunk_size, table=table).manifest
-            table.sync()
-        finally:
-            table.close()
-        if found != manifest:
-            os.rename(building / "image", image)
-            shutil.rmtree(building, ignore_errors=True)
-            raise FailedPrecondition(
-                f"{image} changed since its manifest was read; adopt it once it is quiescent"
-            )
+        scan = None
+        if lineage is not None:
+            scan = describe_since_capture(lineage, building / "image", building / "blocks")
+        if scan is None:
+            size = (building / "image").stat().st_size
+            table = BlockTable.create(building / "blocks", size, DEFAULT_CHUNK_SIZE)
+            try:
+                scan = scan_image(building / "image", DEFAULT_CHUNK_SIZE, table=table)
+                table.sync()
+            finally:
+                table.close()
+        manifest = scan.manifest
         write_atomic(building / "manifest", encode(manifest))
         os.rename(building, self._dir(1))
         fsync_dir(self.root)
         self._manifests = {1: manifest}
-        log.info("generation adopted", extra={"replica": str(self.root)})
+        log.info(
+            "generation adopted",
+            extra={"replica": str(self.root), "bytes_read": scan.bytes_read},
+        )
         return Generation(1, self._dir(1) / "image", manifest)
 
     def stage(self, target: Manifest) -> Staging:

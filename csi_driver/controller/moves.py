@@ -178,13 +178,13 @@ class MoveReconciler:
         else:
             status = MoveStatus(volume_id, move.generation, MoveStep.REQUESTED)
             self._observer.started(move)
-        if status.step.finished:
-            return None
-        volume = self._catalog.read_volume(volume_id)
-        outcome = self._step(move, status, volume)
-        if outcome is None:
-            return POLL_S  # waiting on a node
-        if outcome != status:
+        while not status.step.finished:
+            volume = self._catalog.read_volume(volume_id)
+            outcome = self._step(move, status, volume)
+            if outcome is None:
+                return POLL_S  # waiting on a node
+            if outcome == status:
+                return 0.0
             outcome = replace(outcome, updated_at=self._clock())
             if outcome.step.finished:
                 outcome = replace(outcome, finished_at=self._clock())
@@ -192,12 +192,18 @@ class MoveReconciler:
                 self._intents.txn([unchanged_since(move.key, spec_read)], [put(outcome)])
             except Conflict:
                 return 0.0  # a new request replaced the move: start over with it
-            self._observer.stepped(move, outcome, waiting=outcome.step is status.step)
+            advanced = outcome.step is not status.step
+            self._observer.stepped(move, outcome, waiting=not advanced)
             crash_point(f"controller:move:{outcome.step.value}")
             if outcome.step.finished:
                 self._observer.finished(move, outcome, self._clock() - move.requested_at)
                 return None
-        return 0.0
+            if not advanced:
+                return 0.0
+            # A step done (and persisted): take the next one now, not after a trip
+            # through the queue. The pod waits for every hop of the chain.
+            status = outcome
+        return None
 
     # -- the steps ---------------------------------------------------------------
 

@@ -21,6 +21,7 @@ import collections
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,9 @@ class Export:
     sent: collections.Counter[int] = field(default_factory=collections.Counter)
     #: The manifest's block table, if the capture kept one (else computed per chunk).
     blocks: Path | None = None
+    #: ``blocks``, open while anything serves this export: the next capture of the
+    #: volume may replace or remove the file while a stream still reads it.
+    table: BlockTable | None = None
     #: Bytes of chunk data sent (whole chunks and block runs).
     sent_bytes: int = 0
 
@@ -83,7 +87,13 @@ class Exports:
         ``transfer_id``; ``blocks`` is its block table, when the capture kept one."""
         if not transfer_id:
             raise InvalidArgument("an export needs a transfer id")
-        export = Export(transfer_id, image, manifest, blocks=blocks)
+        table = None
+        if blocks is not None:
+            table = BlockTable(blocks, manifest.size, manifest.chunk_size).open()
+        export = Export(transfer_id, image, manifest, blocks=blocks, table=table)
+        if table is not None:
+            # Closed once no stream holds the export any more, not when it is retired.
+            weakref.finalize(export, table.close)
         with self._lock:
             self._exports[transfer_id] = export
         log.info(
@@ -154,16 +164,11 @@ class _Reader:
 
     def __init__(self, export: Export) -> None:
         self.export = export
-        manifest = export.manifest
         self._fd = os.open(export.image, os.O_RDONLY | os.O_CLOEXEC)
-        self._table = (
-            BlockTable(export.blocks, manifest.size, manifest.chunk_size) if export.blocks else None
-        )
+        self._table = export.table
 
     def close(self) -> None:
         os.close(self._fd)
-        if self._table is not None:
-            self._table.close()
 
     def answer(self, request: Any) -> Iterator[tuple[Any, int]]:
         """The replies to ``request``, each with its size (a message's bytes fields

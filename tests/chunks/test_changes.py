@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from csi_driver.chunks.blocks import BlockTable
-from csi_driver.chunks.changes import ChangeTracker, Method
+from csi_driver.chunks.changes import ChangeTracker, Method, describe_since_capture
 from csi_driver.chunks.extents import can_reflink, changed_ranges, extent_map, reflink
 from csi_driver.chunks.manifest import BLOCK_SIZE, MiB
 from csi_driver.chunks.scan import scan_image
@@ -97,3 +97,81 @@ def test_without_reflinks_a_capture_hashes_the_image(tmp_path: Path) -> None:
         capture = tracker.capture()
         assert capture.method is Method.HASHING and capture.source == image
         assert capture.manifest.data_chunks == (2,)
+
+
+@pytest.mark.parametrize("fs", sorted(REFLINK_FILESYSTEMS))
+def test_reserving_a_hole_again_is_not_a_change(tmp_path: Path, fs: str) -> None:
+    """The pool's keep_reserved fills holes with unwritten extents: both read as zeros."""
+    with small_filesystem(tmp_path, 320 * MiB, mkfs(fs)) as mount:
+        image, snapshot = mount / "image.img", mount / "snap.img"
+        image.write_bytes(os.urandom(MiB))
+        os.truncate(image, 16 * MiB)
+        reflink(image, snapshot)
+        thick_image(image, 16 * MiB)
+        assert changed_ranges(extent_map(snapshot), extent_map(image), 16 * MiB) == []
+        write_at(image, 9 * MiB, b"\1" * 4096)  # a write into the reserved space is one
+        ranges = changed_ranges(extent_map(snapshot), extent_map(image), 16 * MiB)
+        assert ranges and all(8 * MiB <= o < 10 * MiB for o, _ in ranges)
+
+
+@pytest.mark.parametrize("fs", sorted(REFLINK_FILESYSTEMS))
+def test_a_seeded_lineage_captures_by_extents_from_the_first_capture(
+    tmp_path: Path, fs: str
+) -> None:
+    """A replica generation made primary: its verified manifest and table start the
+    lineage, so the new primary's first capture reads only what was written since."""
+    with small_filesystem(tmp_path, 320 * MiB, mkfs(fs)) as mount:
+        image = mount / "image.img"
+        thick_image(image, 32 * MiB)
+        for index in (1, 7, 30):
+            write_at(image, index * MiB, os.urandom(MiB))
+        table = BlockTable.create(mount / "image.blocks", 32 * MiB, MiB)
+        manifest = scan_image(image, MiB, table=table).manifest
+        table.close()
+        tracker = ChangeTracker(image, mount / "track", chunk_size=MiB)
+        assert tracker.seed(image, manifest, table.path)
+
+        write_at(image, 7 * MiB + 8192, b"\2" * 4096)
+        capture = tracker.capture()
+
+        assert capture.method is Method.EXTENTS and capture.bytes_read == BLOCK_SIZE
+        fresh = BlockTable.create(tmp_path / "fresh.blocks", 32 * MiB, MiB)
+        assert capture.manifest == scan_image(image, MiB, table=fresh).manifest
+        assert capture.blocks is not None
+        assert capture.blocks.read_bytes() == fresh.path.read_bytes()
+
+
+def test_seeding_where_nothing_reflinks_keeps_nothing(tmp_path: Path) -> None:
+    with small_filesystem(tmp_path, 128 * MiB, ["mkfs.ext4", "-q"]) as mount:
+        image = mount / "image.img"
+        image.write_bytes(b"\1" * 4096)
+        table = BlockTable.create(mount / "image.blocks", 4096, MiB)
+        manifest = scan_image(image, MiB, table=table).manifest
+        table.close()
+        tracker = ChangeTracker(image, mount / "track", chunk_size=MiB)
+        assert not tracker.seed(image, manifest, table.path)
+        assert list((mount / "track").iterdir()) == []
+        assert tracker.capture().method is Method.HASHING
+
+
+@pytest.mark.parametrize("fs", sorted(REFLINK_FILESYSTEMS))
+def test_an_image_is_described_from_its_last_capture_by_extents(tmp_path: Path, fs: str) -> None:
+    """A demoted primary's image: its manifest and table from the move's final capture,
+    reading only what changed since; nothing to go on, the caller scans."""
+    with small_filesystem(tmp_path, 320 * MiB, mkfs(fs)) as mount:
+        image = mount / "image.img"
+        thick_image(image, 32 * MiB)
+        for index in (0, 12):
+            write_at(image, index * MiB, os.urandom(MiB))
+        lineage = mount / "track"
+        ChangeTracker(image, lineage, chunk_size=MiB).capture()
+        write_at(image, 20 * MiB, b"\3" * 4096)
+
+        described = describe_since_capture(lineage, image, mount / "described.blocks")
+
+        assert described is not None and described.bytes_read == BLOCK_SIZE
+        fresh = BlockTable.create(tmp_path / "fresh.blocks", 32 * MiB, MiB)
+        assert described.manifest == scan_image(image, MiB, table=fresh).manifest
+        assert (mount / "described.blocks").read_bytes() == fresh.path.read_bytes()
+        shutil.rmtree(lineage)
+        assert describe_since_capture(lineage, image, mount / "again.blocks") is None

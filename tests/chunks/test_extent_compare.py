@@ -38,7 +38,9 @@ def mapping(extents: list[Extent], position: int) -> object:
         if extent.logical <= position < extent.end:
             if extent.flags & EXTENT_DELALLOC:
                 return ("unstable", position)
-            return (extent.physical + position - extent.logical, extent.flags & EXTENT_UNWRITTEN)
+            if extent.flags & EXTENT_UNWRITTEN:
+                return None  # reads as zeros, like a hole
+            return extent.physical + position - extent.logical
     return None
 
 

@@ -258,3 +258,26 @@ def test_get_manifest_requires_a_transfer_id_and_a_reachable_sender(
     sender.stop()
     with pytest.raises(Unavailable):
         receiver_for().manifest("t")
+
+
+def test_an_export_keeps_reading_its_own_block_table_after_the_next_capture_replaces_it(
+    tmp_path: Path, sender: Sender, receiver_for: ReceiverFactory
+) -> None:
+    """A volume's next capture (a move's final one) rewrites or removes the table
+    file while the replica may still pull the previous export by blocks."""
+    source = tmp_path / "source.img"
+    write_image(source, random_chunks(range(4), 5), 4)
+    store = GenerationStore(tmp_path / "replica")
+    sender.export("t1", source, with_table=True)
+    receiver_for().pull("t1", store)
+    write_at(source, CHUNK + 2 * BLOCK_SIZE, b"\7" * 4096)
+    sender.export("t2", source, with_table=True)
+
+    table = tmp_path / "t2.blocks"
+    table.unlink()
+    table.write_bytes(b"\xee" * (4 * (CHUNK // BLOCK_SIZE) * DIGEST_SIZE))  # another capture's
+    result = receiver_for().pull("t2", store)
+
+    assert result.chunks_rejected == 0
+    assert sender.exports.require("t2").sent_bytes == BLOCK_SIZE  # by blocks, as planned
+    assert file_digest(result.generation.image) == file_digest(source)

@@ -50,6 +50,7 @@ from csi_driver.core.records import (
 from csi_driver.faults import crash_point
 from csi_driver.node.agent import NodeAgent
 from csi_driver.node.filesystem import frozen, thaw
+from csi_driver.node.pool import Pool
 from csi_driver.reconcile.informer import Informer
 from csi_driver.reconcile.report import report
 from csi_driver.reconcile.runner import Runner, Source, strip_prefix
@@ -61,6 +62,18 @@ log = logging.getLogger(__name__)
 
 #: How often a final export looks again whether the volume was unstaged.
 QUIESCE_POLL_S = 0.5
+
+
+def capture_lineage(pool: Pool, volume_id: str) -> Path:
+    """Where a volume's captures on this node are kept (:class:`ChangeTracker`'s
+    work directory), final or not: each capture reads only what changed since
+    the one before, whatever made it."""
+    return pool.captures_dir / volume_id / "snapshots"
+
+
+def forget_captures(pool: Pool, volume_id: str) -> None:
+    """Remove every capture of the volume on this node (they hold its old blocks)."""
+    shutil.rmtree(pool.captures_dir / volume_id, ignore_errors=True)
 
 
 def manifest_digest(manifest: Manifest) -> str:
@@ -86,7 +99,12 @@ class ExportReconciler:
         spec_read = read(self._store, ExportSpec, export_spec_key(self.node_id, volume_id))
         if spec_read is None:
             self._retire(volume_id)
-            shutil.rmtree(self._agent.pool.captures_dir / volume_id, ignore_errors=True)
+            if self._demoted_here(volume_id):
+                # The replica reconciler adopts the image by its last capture, then
+                # removes the captures; only the frozen copy is of no use to it.
+                (self._agent.pool.captures_dir / volume_id / "frozen.img").unlink(missing_ok=True)
+            else:
+                forget_captures(self._agent.pool, volume_id)
             return None
         spec = spec_read.value
         current = read(self._store, ExportStatus, export_status_key(self.node_id, volume_id))
@@ -120,17 +138,29 @@ class ExportReconciler:
         self._report(spec_read, current, status)
         return None
 
+    def _demoted_here(self, volume_id: str) -> bool:
+        """True when this node now keeps a replica of the volume (a primary demoted
+        by a move): the replica reconciler adopts the image, perhaps this very
+        moment, by the last capture, and removes the captures itself."""
+        image = read(self._store, ImageSpec, image_spec_key(self.node_id, volume_id))
+        return (
+            image is not None and image.value.role is ImageRole.REPLICA and not image.value.deleted
+        )
+
     def _capture(self, spec: ExportSpec) -> ExportStatus:
         image = self._agent.pool.require(spec.volume_id)
         work = self._agent.pool.captures_dir / spec.volume_id
+        # A move's final capture compares extents with the last round's and reads
+        # only what changed since (the frozen copies and the image share blocks).
+        lineage = capture_lineage(self._agent.pool, spec.volume_id)
         if spec.final:
             with self._agent.unused(spec.volume_id):
-                capture = ChangeTracker(image.path, work).capture()
+                capture = ChangeTracker(image.path, lineage).capture()
         else:
             with self._agent.holding(spec.volume_id):
                 mounted = self._agent.mounted_at(spec.volume_id)
                 source = image.path if mounted is None else _frozen_copy(image.path, mounted, work)
-            capture = ChangeTracker(source, work / "snapshots").capture()
+            capture = ChangeTracker(source, lineage).capture()
         self._retire(spec.volume_id)
         self._exports.add(spec.transfer_id, capture.source, capture.manifest, capture.blocks)
         self._served[spec.volume_id] = spec.transfer_id

@@ -28,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 
+from csi_driver.chunks.changes import ChangeTracker
 from csi_driver.chunks.generations import GenerationStore
 from csi_driver.core.errors import (
     AlreadyExists,
@@ -55,6 +56,7 @@ from csi_driver.metrics import observe_provisioned
 from csi_driver.node.agent import NodeAgent
 from csi_driver.node.clones import SnapshotFetcher
 from csi_driver.node.pool import ImageInfo
+from csi_driver.node.reconcile.exports import capture_lineage, forget_captures
 from csi_driver.node.snapshots import copy_image
 from csi_driver.reconcile.informer import Informer
 from csi_driver.reconcile.report import report
@@ -195,6 +197,8 @@ class ImageReconciler:
     def _act(self, spec: ImageSpec, was_ready: bool) -> ImageStatus:
         if spec.deleted:
             self._agent.delete_image(spec.volume_id)
+            # Its captures too (a promotion cut short leaves a seeded one behind).
+            forget_captures(self._agent.pool, spec.volume_id)
             return ImageStatus(spec.volume_id, self.node_id, ImagePhase.DELETED, spec.generation)
         pool = self._agent.pool
         info = pool.get(spec.volume_id)
@@ -240,6 +244,11 @@ class ImageReconciler:
         generation = replica.current()
         if generation is None:
             return None
+        # The new primary's first capture compares extents with its verified
+        # generation instead of reading the whole image (a reflink: no bytes copied).
+        ChangeTracker(generation.image, capture_lineage(self._agent.pool, spec.volume_id)).seed(
+            generation.image, generation.manifest, generation.blocks
+        )
         info = self._agent.pool.adopt_image(
             spec.volume_id, generation.image, spec.epoch, thin=spec.thin
         )

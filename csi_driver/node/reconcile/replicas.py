@@ -39,7 +39,6 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from csi_driver.chunks.generations import Generation, GenerationStore
-from csi_driver.chunks.scan import scan_image
 from csi_driver.core.errors import FailedPrecondition, FerryError, ResourceExhausted
 from csi_driver.core.records import (
     EXPORT_STATUSES,
@@ -61,7 +60,11 @@ from csi_driver.core.records import (
 from csi_driver.faults import crash_point
 from csi_driver.metrics import DataFlow, count_moved, observe_sync, transfer_in_flight
 from csi_driver.node.agent import NodeAgent
-from csi_driver.node.reconcile.exports import manifest_digest
+from csi_driver.node.reconcile.exports import (
+    capture_lineage,
+    forget_captures,
+    manifest_digest,
+)
 from csi_driver.pki import Identity
 from csi_driver.reconcile.informer import Informer
 from csi_driver.reconcile.report import report
@@ -111,6 +114,7 @@ class ReplicaReconciler:
             except FailedPrecondition as exc:
                 return self._in_use(spec_read, current, exc)
             shutil.rmtree(self._agent.pool.replicas_dir / volume_id, ignore_errors=True)
+            forget_captures(self._agent.pool, volume_id)  # a demoted primary's, if any
             gone = ImageStatus(volume_id, self.node_id, ImagePhase.DELETED, spec.generation)
             self._report(spec_read, current, gone)
             return None
@@ -186,20 +190,23 @@ class ReplicaReconciler:
             with self._agent.unused(volume_id):
                 kept = pool.preserved_dir / f"{volume_id}-{int(time.time())}.img"
                 pool.release_image(volume_id, kept)
+                forget_captures(pool, volume_id)
             log.warning(
                 "a failed-over primary's own data kept as a snapshot image",
                 extra={"volume": volume_id, "path": str(kept)},
             )
             return generations.current()
         with self._agent.unused(volume_id):
-            image = pool.require(volume_id)
-            manifest = scan_image(image.path).manifest
+            pool.require(volume_id)
             # The pool image was the primary: newer than any older replica data here.
             shutil.rmtree(generations.root, ignore_errors=True)
             generations = self.store_of(volume_id)
             parked = generations.root / ".demoted.img"
             pool.release_image(volume_id, parked)
-            adopted = generations.adopt(parked, manifest)
+            # Unused and out of the pool: nothing writes it any more. Its last
+            # capture (a move's final one) describes it but for what changed since.
+            adopted = generations.adopt(parked, capture_lineage(pool, volume_id))
+            forget_captures(pool, volume_id)
         log.info("demoted primary's image kept as the replica's base", extra={"volume": volume_id})
         return adopted
 
