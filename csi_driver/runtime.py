@@ -239,7 +239,8 @@ def _start_node_side(parts: NodeParts, catalog: Catalog, services: Services) -> 
     )
     images, local = image_runner(catalog.store, parts.agent, fetcher=fetcher)
     parts.local_images = local
-    for runner in (images, snapshot_runner(catalog.store, parts.agent, backups=backups)):
+    snapshots = snapshot_runner(catalog.store, parts.agent, backups=backups, fetcher=fetcher)
+    for runner in (images, snapshots):
         runner.start()
         services.closers.append(functools.partial(_stop_runner, runner))
     _start_mobility(parts, catalog, services)

@@ -13,6 +13,11 @@ chunks onto any node"):
   as it lands, and the image is committed only when it verifies whole;
   then the verified image becomes the new volume's image. A pull cut short
   resumes from what landed.
+- A snapshot of a volume this node holds a replica of is copied here
+  (:meth:`SnapshotFetcher.copy`): the pull is staged against a reflink of
+  the replica's current generation, so only the chunks in which the
+  snapshot differs from the replica travel, each verified; the committed
+  image is kept as the snapshot's copy.
 - A snapshot that was backed up (its source names a backup id) is restored
   from the backup target instead, when this node has one: that needs
   nothing of the node that took it (which may be gone, or in another
@@ -33,8 +38,8 @@ from csi_driver.chunks.generations import GenerationStore
 from csi_driver.chunks.manifest import decode, encode
 from csi_driver.chunks.scan import scan_image
 from csi_driver.core.errors import FailedPrecondition, NotFound
-from csi_driver.core.records import SNAPSHOT_ID_PATTERN, ImageSource
-from csi_driver.node.snapshots import SnapshotStore
+from csi_driver.core.records import SNAPSHOT_ID_PATTERN, ImageSource, SnapshotSpec
+from csi_driver.node.snapshots import SnapshotInfo, SnapshotStore
 from csi_driver.pki import Identity
 from csi_driver.store.base import CatalogStore
 from csi_driver.store.catalog import Catalog
@@ -99,20 +104,64 @@ class SnapshotFetcher:
         self._security = security
         self._work = Path(pool_root) / "incoming"
 
+    def _receiver(self, node_id: str, snapshot_id: str) -> Receiver:
+        node = self._catalog.get_node(node_id)
+        if node is None or not node.chunk_endpoint:
+            raise FailedPrecondition(
+                f"node {node_id} holding snapshot {snapshot_id} serves no "
+                "chunks (start its node service with --chunk-endpoint), or is not registered"
+            )
+        endpoint, server = node.chunk_endpoint, Identity.node(node_id)
+        return Receiver(lambda: open_channel(endpoint, self._security, server, CHANNEL_OPTIONS))
+
+    def copy(
+        self, spec: SnapshotSpec, taken_at: float, snapshots: SnapshotStore, replica: Path
+    ) -> SnapshotInfo:
+        """Keep in ``snapshots`` a verified copy of the snapshot ``spec`` names (taken on
+        node ``spec.copy_from`` at ``taken_at``), pulled as a delta against the replica
+        whose generations are under ``replica`` (whole when there is none)."""
+        snapshot_id, home = spec.snapshot_id, spec.copy_from
+        existing = snapshots.get(snapshot_id)
+        if existing is not None:
+            self.discard(snapshot_id)
+            return existing
+        receiver = self._receiver(home, snapshot_id)
+        root = self._work / snapshot_id
+        generations = GenerationStore(root)
+        if generations.current() is None and not generations.staging_dir.exists():
+            base = GenerationStore(replica).current() if replica.is_dir() else None
+            if base is not None:
+                generations.seed(base)
+        result = receiver.pull(snapshot_id, generations)
+        info = snapshots.install(
+            snapshot_id,
+            spec.source_volume_id,
+            result.generation.image,
+            taken_at,
+            result.generation.manifest,
+        )
+        self.discard(snapshot_id)
+        log.info(
+            "snapshot copied from its node",
+            extra={
+                "snapshot": snapshot_id,
+                "node": home,
+                "bytes": result.progress.bytes_this_session,
+            },
+        )
+        return info
+
+    def discard(self, snapshot_id: str) -> None:
+        """Remove what a pull of ``snapshot_id`` left in ``incoming/``, if anything."""
+        shutil.rmtree(self._work / snapshot_id, ignore_errors=True)
+
     def fetch(self, source: ImageSource, volume_id: str, destination: Path) -> None:
         """``destination`` as a verified copy of snapshot ``source``, pulled from its node
         for volume ``volume_id`` (one pull per volume at a time: its reconcile key)."""
         if source.backup_id and (self._backups is not None or not source.node_id):
             self._restore(source, destination)
             return
-        node = self._catalog.get_node(source.node_id)
-        if node is None or not node.chunk_endpoint:
-            raise FailedPrecondition(
-                f"node {source.node_id} holding snapshot {source.snapshot_id} serves no "
-                "chunks (start its node service with --chunk-endpoint), or is not registered"
-            )
-        endpoint, server = node.chunk_endpoint, Identity.node(source.node_id)
-        receiver = Receiver(lambda: open_channel(endpoint, self._security, server, CHANNEL_OPTIONS))
+        receiver = self._receiver(source.node_id, source.snapshot_id)
         root = self._work / volume_id
         done = GenerationStore(root).current()
         if done is not None and not done.image.exists():

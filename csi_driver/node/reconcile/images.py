@@ -38,6 +38,7 @@ from csi_driver.core.errors import (
     ResourceExhausted,
 )
 from csi_driver.core.records import (
+    SNAPSHOT_ID_PATTERN,
     FailureReason,
     ImagePhase,
     ImageRole,
@@ -256,7 +257,14 @@ class ImageReconciler:
         here, pulled and verified from its node otherwise; then grown to the spec's size."""
 
         def fill(path: Path) -> None:
-            if source.node_id == self.node_id:
+            held = (
+                self._agent.snapshots.get(source.snapshot_id)
+                if SNAPSHOT_ID_PATTERN.match(source.snapshot_id)
+                else None  # a backup handle
+            )
+            if held is not None:  # taken here, or a copy kept with this node's replica
+                copy_image(held.path, path)
+            elif source.node_id == self.node_id:
                 copy_image(self._agent.snapshots.require(source.snapshot_id).path, path)
             elif self._fetcher is None:
                 raise FailedPrecondition(
