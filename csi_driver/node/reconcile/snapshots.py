@@ -170,7 +170,8 @@ class SnapshotReconciler:
         try:
             status = self._copy(spec) if spec.copy_from else self._act(spec)
         except FerryError as exc:
-            reason = _reason(exc)
+            # A copy's failures are the home's or the link's, not final: retried.
+            reason = FailureReason.HOST_ERROR if spec.copy_from else _reason(exc)
             self._report([(spec_read, current, _failed_snapshot(spec, reason, exc))])
             if not reason.final:
                 raise

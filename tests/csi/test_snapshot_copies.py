@@ -1,0 +1,132 @@
+"""Snapshots travel with their volume's replicas, and take pool space, in one process.
+
+Two real node services (node-a all-in-one with the controller, node-b on its
+own socket) share one SQLite catalog and pull chunks from each other over
+real gRPC unix sockets. A snapshot of a volume with a replica on node-b is
+copied there as a delta against the replica, listed as held on both nodes,
+charged to both nodes' accounting, and deleted on both. Images are written
+as files (unstaged volumes need no loop device).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client import REGISTRY
+
+from csi_driver.controller.snapshots import SnapshotService
+from csi_driver.core.model import MiB
+from csi_driver.core.records import (
+    ImageStatus,
+    SnapshotMethod,
+    SnapshotSpec,
+    SnapshotStatus,
+    image_status_key,
+    snapshot_spec_key,
+    snapshot_status_key,
+)
+from csi_driver.csi.client import block_capability
+from csi_driver.gen import csi_pb2
+from csi_driver.store.catalog import Catalog
+from csi_driver.store.records import read
+from csi_driver.store.sqlite import SqliteStore
+from tests.csi.conftest import NODE_ID, Ferry, expect_code
+from tests.csi.test_clones import two_nodes
+from tests.csi.test_mobility import _scribble
+
+SECOND = "node-b"
+__all__ = ["two_nodes"]  # the fixture
+SIZE = 32 * MiB
+
+
+@pytest.fixture
+def catalog(two_nodes: Ferry) -> Iterator[Catalog]:
+    store = SqliteStore(two_nodes.catalog)
+    try:
+        yield Catalog(store)
+    finally:
+        store.close()
+
+
+def _eventually(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    ends = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < ends, f"{what} not within {timeout} s"
+        time.sleep(0.1)
+
+
+def _pool(ferry: Ferry, node: str) -> Path:
+    return ferry.base / node / "pool"
+
+
+def _received() -> float:
+    return REGISTRY.get_sample_value("ferry_transfer_bytes_total", {"direction": "received"}) or 0
+
+
+def _snapshot_bytes(catalog: Catalog, node: str) -> int:
+    account = catalog.account(node)
+    return account.value.snapshot_bytes if account is not None else 0
+
+
+def test_a_snapshot_is_copied_to_the_replica_as_a_delta_and_deleted_everywhere(
+    two_nodes: Ferry, catalog: Catalog
+) -> None:
+    ferry = two_nodes
+    created = ferry.create("db", SIZE, block_capability(), parameters={"replicas": "1"})
+    volume_id = created.volume_id
+    image = _pool(ferry, NODE_ID) / "images" / f"{volume_id}.img"
+    _scribble(image, [0, 8 * MiB, 16 * MiB, 24 * MiB], b"before the replica")
+
+    def replica_synced() -> bool:
+        found = read(catalog.store, ImageStatus, image_status_key(SECOND, volume_id))
+        return found is not None and bool(found.value.synced_transfer)
+
+    _eventually(replica_synced, "node-b's replica synced")
+    _scribble(image, [9 * MiB], b"after the replica")  # one chunk the replica lacks
+    point_in_time = hashlib.sha256(image.read_bytes()).hexdigest()
+    received = _received()
+
+    taken = ferry.client.controller.CreateSnapshot(
+        csi_pb2.CreateSnapshotRequest(name="nightly", source_volume_id=volume_id)
+    ).snapshot
+    assert taken.ready_to_use
+    snapshot_id = taken.snapshot_id
+    _scribble(image, [20 * MiB], b"after the snapshot")
+    service = SnapshotService(catalog)
+    _eventually(lambda: service.get(snapshot_id).nodes == (NODE_ID, SECOND), "the copy on node-b")
+
+    copy = _pool(ferry, SECOND) / "snapshots" / f"{snapshot_id}.img"
+    assert hashlib.sha256(copy.read_bytes()).hexdigest() == point_in_time
+    # Only the 64 KiB block the replica did not hold travelled (by block digests
+    # against the replica's generation), not the snapshot's five data chunks.
+    assert _received() - received == MiB // 16
+    status = read(catalog.store, SnapshotStatus, snapshot_status_key(SECOND, snapshot_id))
+    assert status is not None and status.value.method is SnapshotMethod.PULLED
+    home = read(catalog.store, SnapshotStatus, snapshot_status_key(NODE_ID, snapshot_id))
+    assert home is not None and status.value.taken_at == home.value.taken_at
+    assert not (_pool(ferry, SECOND) / "incoming" / snapshot_id).exists()
+    # Both copies are charged where they are held; one listing entry for the snapshot.
+    assert (_snapshot_bytes(catalog, NODE_ID), _snapshot_bytes(catalog, SECOND)) == (SIZE, SIZE)
+    listed = ferry.client.controller.ListSnapshots(
+        csi_pb2.ListSnapshotsRequest(source_volume_id=volume_id)
+    )
+    assert [e.snapshot.snapshot_id for e in listed.entries] == [snapshot_id]
+    assert [v.nodes for v in service.list("", volume_id, 0, "")[0]] == [(NODE_ID, SECOND)]
+
+    ferry.client.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=snapshot_id))
+
+    assert not copy.exists()
+    assert not (_pool(ferry, NODE_ID) / "snapshots" / f"{snapshot_id}.img").exists()
+    for node in (NODE_ID, SECOND):
+        assert read(catalog.store, SnapshotSpec, snapshot_spec_key(node, snapshot_id)) is None
+        assert _snapshot_bytes(catalog, node) == 0
+    expect_code(
+        grpc.StatusCode.NOT_FOUND,
+        ferry.client.controller.GetSnapshot,
+        csi_pb2.GetSnapshotRequest(snapshot_id=snapshot_id),
+    )
