@@ -35,8 +35,9 @@ from csi_driver.gen import csi_pb2
 from csi_driver.store.catalog import Catalog
 from csi_driver.store.records import read
 from csi_driver.store.sqlite import SqliteStore
-from tests.csi.conftest import NODE_ID, Ferry, expect_code
+from tests.csi.conftest import NODE_ID, Ferry, expect_code, node_config, running
 from tests.csi.test_clones import two_nodes
+from tests.csi.test_controller import create_request
 from tests.csi.test_mobility import _scribble
 
 SECOND = "node-b"
@@ -130,3 +131,38 @@ def test_a_snapshot_is_copied_to_the_replica_as_a_delta_and_deleted_everywhere(
         ferry.client.controller.GetSnapshot,
         csi_pb2.GetSnapshotRequest(snapshot_id=snapshot_id),
     )
+
+
+def test_snapshots_take_their_size_from_capacity_and_placement(tmp_path: Path) -> None:
+    """A snapshot may come to hold every block of its volume (copy on write), so
+    GetCapacity and CreateVolume never promise that space away; deleting it frees it."""
+    with running(tmp_path, node_config(tmp_path, capacity=128 * MiB)) as ferry:
+        controller = ferry.client.controller
+
+        def available() -> tuple[int, int]:
+            reply = controller.GetCapacity(csi_pb2.GetCapacityRequest())
+            return reply.available_capacity, reply.maximum_volume_size.value
+
+        volume = ferry.create("db", 48 * MiB, block_capability())
+        assert available() == (80 * MiB, 80 * MiB)
+        snapshot = controller.CreateSnapshot(
+            csi_pb2.CreateSnapshotRequest(name="nightly", source_volume_id=volume.volume_id)
+        ).snapshot
+        assert available() == (32 * MiB, 32 * MiB)
+        details = expect_code(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            controller.CreateVolume,
+            create_request("would-fit-without-the-snapshot", 48 * MiB),
+        )
+        assert f"most free: {32 * MiB} bytes" in details
+        expect_code(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            controller.ControllerExpandVolume,
+            csi_pb2.ControllerExpandVolumeRequest(
+                volume_id=volume.volume_id,
+                capacity_range=csi_pb2.CapacityRange(required_bytes=96 * MiB),
+            ),
+        )
+        controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=snapshot.snapshot_id))
+        assert available() == (80 * MiB, 80 * MiB)
+        ferry.create("fits-again", 48 * MiB, block_capability())
