@@ -22,6 +22,10 @@ chunks onto any node"):
   from the backup target instead, when this node has one: that needs
   nothing of the node that took it (which may be gone, or in another
   cluster), and every chunk is authenticated and hash-checked as it lands.
+- Whatever a pull or a restore leaves half done (a partial generation, a
+  restore's ``.part`` file) lives under ``incoming/<id>/`` only: a retry
+  resumes it, success removes it, and so does the deletion of the volume
+  or snapshot copy it was for (:meth:`SnapshotFetcher.discard`).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from csi_driver.chunks.generations import GenerationStore
 from csi_driver.chunks.manifest import decode, encode
 from csi_driver.chunks.scan import scan_image
 from csi_driver.core.errors import FailedPrecondition, NotFound
+from csi_driver.core.model import VOLUME_ID_PATTERN
 from csi_driver.core.records import SNAPSHOT_ID_PATTERN, ImageSource, SnapshotSpec
 from csi_driver.node.snapshots import SnapshotInfo, SnapshotStore
 from csi_driver.pki import Identity
@@ -151,15 +156,18 @@ class SnapshotFetcher:
         )
         return info
 
-    def discard(self, snapshot_id: str) -> None:
-        """Remove what a pull of ``snapshot_id`` left in ``incoming/``, if anything."""
-        shutil.rmtree(self._work / snapshot_id, ignore_errors=True)
+    def discard(self, work_id: str) -> None:
+        """Remove what a pull or restore for ``work_id`` (a snapshot copy's id, or the
+        volume a clone or restore was for) left in ``incoming/``: its partial image and
+        the restore's ``.part`` file (kept until then, so that a retry resumes it)."""
+        if SNAPSHOT_ID_PATTERN.match(work_id) or VOLUME_ID_PATTERN.match(work_id):
+            shutil.rmtree(self._work / work_id, ignore_errors=True)
 
     def fetch(self, source: ImageSource, volume_id: str, destination: Path) -> None:
         """``destination`` as a verified copy of snapshot ``source``, pulled from its node
         for volume ``volume_id`` (one pull per volume at a time: its reconcile key)."""
         if source.backup_id and (self._backups is not None or not source.node_id):
-            self._restore(source, destination)
+            self._restore(source, volume_id, destination)
             return
         receiver = self._receiver(source.node_id, source.snapshot_id)
         root = self._work / volume_id
@@ -181,14 +189,23 @@ class SnapshotFetcher:
             },
         )
 
-    def _restore(self, source: ImageSource, destination: Path) -> None:
+    def _restore(self, source: ImageSource, volume_id: str, destination: Path) -> None:
+        """Restored under ``incoming/<volume>/`` (where an interrupted restore's ``.part``
+        waits for the retry, and goes with the rest if the volume is abandoned), then
+        moved to ``destination``."""
         if self._backups is None:
             raise FailedPrecondition(
                 NOT_CONFIGURED.format(
                     node_id=self._node_id, what=f"restore backup {source.backup_id}"
                 )
             )
-        self._backups.restore(source.backup_id, destination)
+        work = self._work / volume_id
+        work.mkdir(parents=True, exist_ok=True, mode=0o700)
+        restored = work / "restored.img"
+        if not restored.exists():  # else whole: restore_image renames its .part there last
+            self._backups.restore(source.backup_id, restored)
+        os.replace(restored, destination)
+        self.discard(volume_id)
         log.info(
             "snapshot restored from its backup",
             extra={"snapshot": source.snapshot_id, "backup": source.backup_id},

@@ -385,3 +385,69 @@ def test_a_handle_never_initialises_an_empty_target(
         )
         assert "no Ferry backups in" in details
         assert not Path(settings.target, "config").exists()
+
+
+def parts(ferry: Ferry) -> list[Path]:
+    return sorted((ferry.base / "node-a" / "pool").rglob("*.part"))
+
+
+class Tampered:
+    """A backup whose first stored chunk can be made to fail its check, and repaired."""
+
+    def __init__(self, ferry: Ferry, settings: BackupSettings) -> None:
+        volume = ferry.create("pv-src", SIZE, block_capability())
+        write_chunks(image(ferry, volume.volume_id), {0: b"zero-", 3: b"three-", 6: b"six-"})
+        self.expected = image(ferry, volume.volume_id).read_bytes()
+        assert snapshot(ferry, "snap-src", volume.volume_id, BACKUP).ready_to_use
+        self.handle = listed(settings)[-1]["snapshot_handle"]
+        self.chunk = next(p for p in Path(settings.target, "chunks").rglob("*") if p.is_file())
+        self.sealed = self.chunk.read_bytes()
+
+    def interrupt(self, ferry: Ferry, name: str) -> str:
+        """A restore cut short by a chunk that fails its check (left tampered); the
+        volume it was for."""
+        self.chunk.write_bytes(self.sealed[:-16] + bytes(16))
+        with pytest.raises(grpc.RpcError):
+            ferry.client.controller.CreateVolume(restore_request(name, self.handle), timeout=3)
+        assert parts(ferry), "the interrupted restore kept its .part file for the retry"
+        (work,) = (ferry.base / "node-a" / "pool" / "incoming").iterdir()
+        return work.name
+
+    def resumed(self, ferry: Ferry, name: str) -> None:
+        """Repaired, the restore completes on a retry (the node's, with backoff) and
+        leaves no .part file."""
+        self.chunk.write_bytes(self.sealed)
+        ends = time.monotonic() + 60
+        while True:
+            try:
+                request = restore_request(name, self.handle)
+                restored = ferry.client.controller.CreateVolume(request).volume
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < ends, "the retried restore did not complete"
+                time.sleep(0.5)
+        assert image(ferry, restored.volume_id).read_bytes() == self.expected
+        assert parts(ferry) == []
+
+
+def test_an_interrupted_restore_resumes_or_is_abandoned_and_leaves_no_part_file(
+    backed: Ferry, settings: BackupSettings
+) -> None:
+    backup = Tampered(backed, settings)
+    backup.interrupt(backed, "pv-retried")
+    backup.resumed(backed, "pv-retried")
+    # A restore given up (its volume deleted before it finished) leaves nothing either.
+    volume_id = backup.interrupt(backed, "pv-abandoned")
+    backed.client.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id))
+    assert parts(backed) == []
+    assert not list((backed.base / "node-a" / "pool" / "incoming").iterdir())
+
+
+def test_a_restore_interrupted_by_a_restart_resumes_and_leaves_no_part_file(
+    tmp_path: Path, settings: BackupSettings
+) -> None:
+    with installation(tmp_path / "one", settings) as ferry:
+        backup = Tampered(ferry, settings)
+        backup.interrupt(ferry, "pv-restarted")
+    with installation(tmp_path / "one", settings) as again:
+        backup.resumed(again, "pv-restarted")

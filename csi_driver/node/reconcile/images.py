@@ -121,6 +121,8 @@ class ImageReconciler:
     def __call__(self, volume_id: str) -> float | None:
         spec_read = self._read(self._specs, ImageSpec, image_spec_key(self.node_id, volume_id))
         if spec_read is None:
+            if self._fetcher is not None:
+                self._fetcher.discard(volume_id)  # a clone or restore given up: no leftovers
             return None  # nothing asked of this node (or the controller finished)
         if self._just_settled(spec_read):
             return None
@@ -196,6 +198,8 @@ class ImageReconciler:
     def _act(self, spec: ImageSpec, was_ready: bool) -> ImageStatus:
         if spec.deleted:
             self._agent.delete_image(spec.volume_id)
+            if self._fetcher is not None:
+                self._fetcher.discard(spec.volume_id)  # what a pull or restore left
             return ImageStatus(spec.volume_id, self.node_id, ImagePhase.DELETED, spec.generation)
         pool = self._agent.pool
         info = pool.get(spec.volume_id)
