@@ -219,12 +219,14 @@ class SnapshotService:
         parameters: Mapping[str, str] | None = None,
         *,
         acknowledge: bool = False,
+        copies: bool = True,
     ) -> SnapshotView:
         """Take (or return the already taken) snapshot called ``name`` of a volume.
 
         ``parameters`` are the VolumeSnapshotClass's; ``acknowledge`` records
         that the caller (CreateSnapshot) receives the id, so the collector
-        keeps the snapshot.
+        keeps the snapshot. ``copies``: copy it to the volume's replica nodes (not for
+        the transient snapshot a clone of a volume is made through).
         """
         if not name:
             raise InvalidArgument("name is required")
@@ -233,7 +235,7 @@ class SnapshotService:
             spec = self._claimed(name)
             if spec is None:
                 volume = self._source_volume(source_volume_id)
-                spec = self._write_snapshot(name, volume, backup)
+                spec = self._write_snapshot(name, volume, backup, copies)
             elif (
                 not isinstance(spec, SnapshotSpec)
                 or spec.source_volume_id != source_volume_id
@@ -361,9 +363,11 @@ class SnapshotService:
             return found is None
         return found is not None and found.revision == compare.revision
 
-    def _write_snapshot(self, name: str, volume: Volume, backup: bool = False) -> SnapshotSpec:
+    def _write_snapshot(
+        self, name: str, volume: Volume, backup: bool = False, copied: bool = True
+    ) -> SnapshotSpec:
         spec = self._new_spec(name, volume, backup=backup)
-        copies = self._copies(spec, volume)
+        copies = self._copies(spec, volume) if copied else []
         try:
             self._write_specs(
                 [spec, *copies],
@@ -767,7 +771,7 @@ class SnapshotService:
             )
         if not VOLUME_ID_PATTERN.match(volume_id) or self._catalog.get_volume(volume_id) is None:
             raise NotFound(f"source volume {volume_id} does not exist")
-        view = self.create(_clone_snapshot_name(clone_name), volume_id)
+        view = self.create(_clone_snapshot_name(clone_name), volume_id, copies=False)
         if not view.ready:
             raise Unavailable(f"the snapshot of source volume {volume_id} is not ready; retry")
         found = self._spec(view.snapshot_id)
