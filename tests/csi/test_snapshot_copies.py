@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
 import pytest
 from prometheus_client import REGISTRY
 
+from csi_driver.controller.snapshot_collector import collect_snapshots
 from csi_driver.controller.snapshots import SnapshotService
 from csi_driver.core.model import MiB
 from csi_driver.core.records import (
@@ -32,6 +34,8 @@ from csi_driver.core.records import (
 )
 from csi_driver.csi.client import block_capability
 from csi_driver.gen import csi_pb2
+from csi_driver.runtime import NodeConfig, Services, start_node
+from csi_driver.store.base import Compare, Delete, Put
 from csi_driver.store.catalog import Catalog
 from csi_driver.store.records import read
 from csi_driver.store.sqlite import SqliteStore
@@ -166,3 +170,80 @@ def test_snapshots_take_their_size_from_capacity_and_placement(tmp_path: Path) -
         controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=snapshot.snapshot_id))
         assert available() == (80 * MiB, 80 * MiB)
         ferry.create("fits-again", 48 * MiB, block_capability())
+
+
+@dataclass
+class Pair:
+    """node-a (all-in-one) and node-b, which the test may stop and start again."""
+
+    ferry: Ferry
+    catalog: Catalog
+    config_b: NodeConfig
+    node_b: Services | None = None
+
+    def start_b(self) -> None:
+        socket = f"unix://{self.ferry.base}/csi-b.sock"
+        self.node_b = start_node(socket, self.config_b, self.ferry.catalog)
+
+    def stop_b(self) -> None:
+        if self.node_b is not None:
+            self.node_b.stop(grace_s=0)
+            self.node_b = None
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[Pair]:
+    config_a = replace(node_config(tmp_path), chunk_endpoint=f"unix://{tmp_path}/a-chunks.sock")
+    config_b = replace(
+        node_config(tmp_path, SECOND), chunk_endpoint=f"unix://{tmp_path}/b-chunks.sock"
+    )
+    with running(tmp_path, config_a) as ferry:
+        store = SqliteStore(ferry.catalog)
+        both = Pair(ferry, Catalog(store), config_b)
+        try:
+            both.start_b()
+            yield both
+        finally:
+            both.stop_b()
+            store.close()
+
+
+def test_a_copy_on_a_lost_node_is_deleted_when_it_returns(pair: Pair) -> None:
+    """DeleteSnapshot does not wait for a lost node: its copy stays marked deleted,
+    the node deletes the file when it is back, and the collector drops the records."""
+    ferry, catalog = pair.ferry, pair.catalog
+    volume_id = ferry.create("db", SIZE, block_capability(), parameters={"replicas": "1"}).volume_id
+    _eventually(
+        lambda: read(catalog.store, ImageStatus, image_status_key(SECOND, volume_id)) is not None,
+        "node-b's replica",
+    )
+    snapshot_id = ferry.client.controller.CreateSnapshot(
+        csi_pb2.CreateSnapshotRequest(name="nightly", source_volume_id=volume_id)
+    ).snapshot.snapshot_id
+    service = SnapshotService(catalog, wait_s=5)
+    _eventually(lambda: service.get(snapshot_id).nodes == (NODE_ID, SECOND), "the copy")
+    copy = _pool(ferry, SECOND) / "snapshots" / f"{snapshot_id}.img"
+    assert copy.exists()
+    pair.stop_b()
+    # Silent for a minute: lost (NODE_LOST_AFTER_S) as failover would declare it.
+    catalog.heartbeat(SECOND, time.time() - 60)
+
+    service.delete(snapshot_id)
+
+    assert _snapshot_bytes(catalog, NODE_ID) == 0
+    tombstone = read(catalog.store, SnapshotSpec, snapshot_spec_key(SECOND, snapshot_id))
+    assert tombstone is not None and tombstone.value.deleted
+    assert _snapshot_bytes(catalog, SECOND) == SIZE  # until its node deleted the copy
+    assert copy.exists()
+
+    def txn(compares: Sequence[Compare], ops: Sequence[Put | Delete]) -> int:
+        return catalog.store.txn(compares, ops)
+
+    assert collect_snapshots(catalog, txn, [], time.time()) == 0  # not deleted there yet
+    pair.start_b()
+    _eventually(lambda: not copy.exists(), "node-b deleting its copy once back")
+    _eventually(
+        lambda: collect_snapshots(catalog, txn, [], time.time()) == 1, "the records dropped"
+    )
+    assert read(catalog.store, SnapshotSpec, snapshot_spec_key(SECOND, snapshot_id)) is None
+    assert _snapshot_bytes(catalog, SECOND) == 0
