@@ -12,7 +12,10 @@ chunks onto any node"):
   (:class:`SnapshotFetcher`): every chunk is checked against the manifest
   as it lands, and the image is committed only when it verifies whole;
   then the verified image becomes the new volume's image. A pull cut short
-  resumes from what landed.
+  resumes from what landed. When the node the source names cannot serve it
+  (unreachable, gone), the pull goes on from another node reporting a
+  READY copy (the replicas' nodes hold them): the same bytes, the same
+  manifest.
 - A snapshot of a volume this node holds a replica of is copied here
   (:meth:`SnapshotFetcher.copy`): the pull is staged against a reflink of
   the replica's current generation, so only the chunks in which the
@@ -41,13 +44,21 @@ from csi_driver.chunks.durable import write_atomic
 from csi_driver.chunks.generations import GenerationStore
 from csi_driver.chunks.manifest import decode, encode
 from csi_driver.chunks.scan import scan_image
-from csi_driver.core.errors import FailedPrecondition, NotFound
+from csi_driver.core.errors import FailedPrecondition, NotFound, Unavailable
 from csi_driver.core.model import VOLUME_ID_PATTERN
-from csi_driver.core.records import SNAPSHOT_ID_PATTERN, ImageSource, SnapshotSpec
+from csi_driver.core.records import (
+    SNAPSHOT_ID_PATTERN,
+    ImagePhase,
+    ImageSource,
+    SnapshotSpec,
+    SnapshotStatus,
+    snapshot_status_key,
+)
 from csi_driver.node.snapshots import SnapshotInfo, SnapshotStore
 from csi_driver.pki import Identity
 from csi_driver.store.base import CatalogStore
 from csi_driver.store.catalog import Catalog
+from csi_driver.store.records import read
 from csi_driver.transfer.receiver import CHANNEL_OPTIONS, Receiver
 from csi_driver.transfer.source import Export, Exports
 from csi_driver.transport import AgentSecurity, open_channel
@@ -169,7 +180,6 @@ class SnapshotFetcher:
         if source.backup_id and (self._backups is not None or not source.node_id):
             self._restore(source, volume_id, destination)
             return
-        receiver = self._receiver(source.node_id, source.snapshot_id)
         root = self._work / volume_id
         done = GenerationStore(root).current()
         if done is not None and not done.image.exists():
@@ -177,17 +187,45 @@ class SnapshotFetcher:
             # that image was never committed to the pool, so pull again.
             shutil.rmtree(root)
         generations = GenerationStore(root)
-        result = receiver.pull(source.snapshot_id, generations)
-        os.replace(result.generation.image, destination)
-        shutil.rmtree(generations.root, ignore_errors=True)
-        log.info(
-            "snapshot pulled from another node",
-            extra={
-                "snapshot": source.snapshot_id,
-                "node": source.node_id,
-                "bytes": result.progress.bytes_this_session,
-            },
+        failures = []
+        for node_id in self._holders(source):
+            try:
+                receiver = self._receiver(node_id, source.snapshot_id)
+                result = receiver.pull(source.snapshot_id, generations)
+            except (Unavailable, FailedPrecondition, NotFound) as exc:
+                # Every copy is the same point in time with the same manifest: the
+                # next holder resumes what this one's pull landed.
+                failures.append(exc.message)
+                continue
+            os.replace(result.generation.image, destination)
+            shutil.rmtree(generations.root, ignore_errors=True)
+            log.info(
+                "snapshot pulled from another node",
+                extra={
+                    "snapshot": source.snapshot_id,
+                    "node": node_id,
+                    "bytes": result.progress.bytes_this_session,
+                },
+            )
+            return
+        raise Unavailable(
+            f"no node holding snapshot {source.snapshot_id} could serve it "
+            f"({'; '.join(failures)}); retrying"
         )
+
+    def _holders(self, source: ImageSource) -> list[str]:
+        """The node the source names, then every other node reporting a READY copy."""
+        holders = [source.node_id]
+        for node in self._catalog.list_nodes():
+            status = read(
+                self._catalog.store,
+                SnapshotStatus,
+                snapshot_status_key(node.node_id, source.snapshot_id),
+            )
+            held = status is not None and status.value.phase is ImagePhase.READY
+            if held and node.node_id not in holders and node.node_id != self._node_id:
+                holders.append(node.node_id)
+        return holders
 
     def _restore(self, source: ImageSource, volume_id: str, destination: Path) -> None:
         """Restored under ``incoming/<volume>/`` (where an interrupted restore's ``.part``

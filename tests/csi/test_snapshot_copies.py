@@ -40,9 +40,10 @@ from csi_driver.store.catalog import Catalog
 from csi_driver.store.records import read
 from csi_driver.store.sqlite import SqliteStore
 from tests.csi.conftest import NODE_ID, Ferry, expect_code, node_config, running
-from tests.csi.test_clones import two_nodes
+from tests.csi.test_clones import on_node, two_nodes
 from tests.csi.test_controller import create_request
 from tests.csi.test_mobility import _scribble
+from tests.csi.test_snapshots import from_snapshot
 
 SECOND = "node-b"
 __all__ = ["two_nodes"]  # the fixture
@@ -247,3 +248,36 @@ def test_a_copy_on_a_lost_node_is_deleted_when_it_returns(pair: Pair) -> None:
     )
     assert read(catalog.store, SnapshotSpec, snapshot_spec_key(SECOND, snapshot_id)) is None
     assert _snapshot_bytes(catalog, SECOND) == 0
+
+
+def test_a_restore_pulls_from_a_copy_when_the_home_cannot_serve(pair: Pair) -> None:
+    """The home is registered and heartbeating but its chunk endpoint answers nothing
+    (a partition, a crashed chunk server): a restore on a third node pulls the
+    snapshot from the replica node's copy instead, verified."""
+    ferry, catalog = pair.ferry, pair.catalog
+    volume_id = ferry.create("db", SIZE, block_capability(), parameters={"replicas": "1"}).volume_id
+    image = _pool(ferry, NODE_ID) / "images" / f"{volume_id}.img"
+    _scribble(image, [0, 12 * MiB, 28 * MiB], b"the point in time")
+    point_in_time = hashlib.sha256(image.read_bytes()).hexdigest()
+    snapshot_id = ferry.client.controller.CreateSnapshot(
+        csi_pb2.CreateSnapshotRequest(name="nightly", source_volume_id=volume_id)
+    ).snapshot.snapshot_id
+    service = SnapshotService(catalog)
+    _eventually(lambda: service.get(snapshot_id).nodes == (NODE_ID, SECOND), "the copy")
+    home = catalog.get_node(NODE_ID)
+    assert home is not None
+    catalog.register_node(replace(home, chunk_endpoint=f"unix://{ferry.base}/nobody.sock"))
+    config_c = replace(
+        node_config(ferry.base, "node-c"), chunk_endpoint=f"unix://{ferry.base}/c-chunks.sock"
+    )
+    node_c = start_node(f"unix://{ferry.base}/csi-c.sock", config_c, ferry.catalog)
+    try:
+        request = from_snapshot("restored", snapshot_id, size=SIZE)
+        request.volume_capabilities[0].CopyFrom(block_capability())
+        restored = ferry.client.controller.CreateVolume(
+            on_node(request, "node-c"), timeout=60
+        ).volume
+        copy = _pool(ferry, "node-c") / "images" / f"{restored.volume_id}.img"
+        assert hashlib.sha256(copy.read_bytes()).hexdigest() == point_in_time
+    finally:
+        node_c.stop(grace_s=0)
