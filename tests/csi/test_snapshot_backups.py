@@ -392,7 +392,7 @@ def parts(ferry: Ferry) -> list[Path]:
 
 
 class Tampered:
-    """A backup whose first stored chunk can be made to fail its check, and repaired."""
+    """A backup whose first stored block can be made to fail its check, and repaired."""
 
     def __init__(self, ferry: Ferry, settings: BackupSettings) -> None:
         volume = ferry.create("pv-src", SIZE, block_capability())
@@ -400,13 +400,15 @@ class Tampered:
         self.expected = image(ferry, volume.volume_id).read_bytes()
         assert snapshot(ferry, "snap-src", volume.volume_id, BACKUP).ready_to_use
         self.handle = listed(settings)[-1]["snapshot_handle"]
-        self.chunk = next(p for p in Path(settings.target, "chunks").rglob("*") if p.is_file())
+        self.chunk = next(p for p in Path(settings.target, "packs").rglob("*") if p.is_file())
         self.sealed = self.chunk.read_bytes()
 
     def interrupt(self, ferry: Ferry, name: str) -> str:
         """A restore cut short by a chunk that fails its check (left tampered); the
         volume it was for."""
-        self.chunk.write_bytes(self.sealed[:-16] + bytes(16))
+        data = bytearray(self.sealed)
+        data[100] ^= 1  # inside the pack's first block
+        self.chunk.write_bytes(bytes(data))
         with pytest.raises(grpc.RpcError):
             ferry.client.controller.CreateVolume(restore_request(name, self.handle), timeout=3)
         assert parts(ferry), "the interrupted restore kept its .part file for the retry"
