@@ -239,7 +239,8 @@ def _start_node_side(parts: NodeParts, catalog: Catalog, services: Services) -> 
     )
     images, local = image_runner(catalog.store, parts.agent, fetcher=fetcher)
     parts.local_images = local
-    for runner in (images, snapshot_runner(catalog.store, parts.agent, backups=backups)):
+    snapshots = snapshot_runner(catalog.store, parts.agent, backups=backups, fetcher=fetcher)
+    for runner in (images, snapshots):
         runner.start()
         services.closers.append(functools.partial(_stop_runner, runner))
     _start_mobility(parts, catalog, services)
@@ -367,7 +368,9 @@ def start_controller(
             csi_endpoint,
             [
                 lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
-                *_controller_services(volumes, _snapshot_service(catalog, backup)),
+                *_controller_services(
+                    volumes, _snapshot_service(catalog, backup, node_lost_after_s)
+                ),
             ],
             services,
         )
@@ -375,9 +378,16 @@ def start_controller(
     return services
 
 
-def _snapshot_service(catalog: Catalog, backup: BackupSettings | None) -> SnapshotService:
-    """The controller reads the backup target only to resolve ``backup-<id>`` handles."""
-    return SnapshotService(catalog, backups=SnapshotBackups(backup) if backup else None)
+def _snapshot_service(
+    catalog: Catalog, backup: BackupSettings | None, node_lost_after_s: float
+) -> SnapshotService:
+    """The controller reads the backup target only to resolve ``backup-<id>`` handles;
+    a node lost (as failover decides it) is no source for a restore."""
+    return SnapshotService(
+        catalog,
+        backups=SnapshotBackups(backup) if backup else None,
+        node_lost_after_s=node_lost_after_s,
+    )
 
 
 def start_node(
@@ -442,7 +452,9 @@ def start_all_in_one(
             [
                 lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
                 lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s),
-                *_controller_services(volumes, _snapshot_service(catalog, config.backup)),
+                *_controller_services(
+                    volumes, _snapshot_service(catalog, config.backup, node_lost_after_s)
+                ),
             ],
             services,
         )

@@ -188,6 +188,32 @@ class GenerationStore:
         )
         return Generation(1, self._dir(1) / "image", manifest)
 
+    def seed(self, base: Generation) -> Generation:
+        """Commit a copy of ``base`` (another store's committed generation, on this
+        filesystem; a reflink where it can) as this store's first generation: the
+        base a pull of a related image (a snapshot of the same volume) is staged
+        against, so only the chunks that differ travel.
+        """
+        if self._numbers():
+            raise FailedPrecondition(f"{self.root} already has generations")
+        building = self.root / ".seed.tmp"
+        shutil.rmtree(building, ignore_errors=True)
+        building.mkdir(mode=0o700)
+        try:
+            try:
+                reflink(base.image, building / "image")
+            except FailedPrecondition:
+                sparse_copy(base.image, building / "image")
+            shutil.copyfile(base.blocks, building / "blocks")
+        except BaseException:
+            shutil.rmtree(building, ignore_errors=True)
+            raise
+        write_atomic(building / "manifest", encode(base.manifest))
+        os.rename(building, self._dir(1))
+        fsync_dir(self.root)
+        self._manifests = {1: base.manifest}
+        return Generation(1, self._dir(1) / "image", base.manifest)
+
     def stage(self, target: Manifest) -> Staging:
         """The staging of the generation holding ``target``: resumed when one for the
         same target and base exists, else started afresh from the current generation."""

@@ -265,7 +265,7 @@ class MoveReconciler:
         )
         if node is None:
             return self._abandon(status, f"node {move.target_node} is not registered")
-        if charged.provisioned_bytes > node.capacity_bytes:
+        if charged.promised_bytes > node.capacity_bytes:
             error = ResourceExhausted(
                 f"node {move.target_node} has no room for volume {move.volume_id}'s "
                 f"{volume.capacity_bytes} bytes"

@@ -88,6 +88,6 @@ class NodeReadings:
             charged = account.value if account else NodeAccounting(node.node_id)
             state = self.state(node, node.node_id in drained)
             views.append(
-                NodeView(node, charged.provisioned_bytes, charged.volume_count, state.readiness)
+                NodeView(node, charged.promised_bytes, charged.volume_count, state.readiness)
             )
         return views

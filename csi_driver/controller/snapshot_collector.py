@@ -12,7 +12,12 @@ the collector settles what the node reported:
 - one the node took: it is marked deleted, so the node deletes its file,
   then its records go once the node reports DELETED;
 - a deleted snapshot whose node reported DELETED (a DeleteSnapshot that
-  died waiting): its records go.
+  died waiting): its records go;
+- a snapshot's copy on a replica's node is marked deleted with its home
+  spec, and its records go once its node reported DELETED (also the copies
+  a DeleteSnapshot left marked on a node that was lost then).
+
+Records that go release their node's snapshot charge in the same txn.
 
 Invariants: a snapshot a CreateSnapshot returned (``awaiting_caller``
 cleared), a group member (its group owns it), and one that an image spec
@@ -26,6 +31,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
+from csi_driver.controller.snapshot_space import charge_snapshots
 from csi_driver.core.errors import Conflict
 from csi_driver.core.records import (
     SNAPSHOT_SPECS,
@@ -40,7 +46,7 @@ from csi_driver.core.records import (
 )
 from csi_driver.store.base import Compare, Delete, Put
 from csi_driver.store.catalog import Catalog
-from csi_driver.store.records import from_stored, put, read
+from csi_driver.store.records import Versioned, from_stored, put, read
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +68,16 @@ def collect_snapshots(
     store = catalog.store
     sources = {s.source.snapshot_id for s in image_specs if s.source is not None}
     done = 0
-    for record in store.list(SNAPSHOT_SPECS):
-        found = from_stored(SnapshotSpec, record)
-        if found is None:
-            continue
+    stored = [f for f in (from_stored(SnapshotSpec, r) for r in store.list(SNAPSHOT_SPECS)) if f]
+    copies: dict[str, list[Versioned[SnapshotSpec]]] = {}
+    for found in stored:
+        if found.value.copy_from:
+            copies.setdefault(found.value.snapshot_id, []).append(found)
+    for found in stored:
         spec = found.value
+        if spec.copy_from:
+            done += _collect_copy(catalog, txn, found)
+            continue
         if spec.group_id or spec.snapshot_id in sources:
             continue
         if not spec.deleted and not (spec.awaiting_caller and now - spec.created_at > grace_s):
@@ -75,7 +86,7 @@ def collect_snapshots(
         status = status_read.value if status_read is not None else None
         settled = status is not None and answers(status, spec) and status.settled
         refused = settled and status is not None and status.phase is ImagePhase.FAILED
-        same = Compare(spec.key, record.revision)
+        same = Compare(spec.key, found.revision)
         where = {"snapshot": spec.snapshot_id, "node": spec.node_id}
         try:
             if spec.deleted or (refused and status is not None and status.reason.final):
@@ -83,15 +94,49 @@ def collect_snapshots(
                     settled and status is not None and status.phase is ImagePhase.DELETED
                 ):
                     continue  # the node has not deleted it yet
-                txn([same, *_name_owned(catalog, spec)], _forget(catalog, spec))
+                charges, released = charge_snapshots(
+                    store, {spec.node_id: spec.size_bytes}, release=True
+                )
+                txn(
+                    [same, *_name_owned(catalog, spec), *charges],
+                    [*_forget(catalog, spec), *released],
+                )
                 log.info("orphaned snapshot records removed", extra=where)
             else:
-                txn([same], [put(revise(spec, deleted=True))])
+                marked = [c for c in copies.get(spec.snapshot_id, []) if not c.value.deleted]
+                txn(
+                    [same, *(Compare(c.value.key, c.revision) for c in marked)],
+                    [put(revise(s, deleted=True)) for s in [spec, *(c.value for c in marked)]],
+                )
                 log.info("orphaned snapshot marked deleted", extra=where)
         except Conflict:
             continue  # its caller (or a newer leader) moved it first
         done += 1
     return done
+
+
+def _collect_copy(catalog: Catalog, txn: Txn, found: Versioned[SnapshotSpec]) -> int:
+    """Drop a deleted copy's records once its node deleted it; 1 if it did."""
+    spec = found.value
+    if not spec.deleted:
+        return 0
+    status = read(catalog.store, SnapshotStatus, spec.status_key)
+    if status is None or not answers(status.value, spec):
+        return 0
+    if status.value.phase is not ImagePhase.DELETED:
+        return 0
+    charges, released = charge_snapshots(
+        catalog.store, {spec.node_id: spec.size_bytes}, release=True
+    )
+    try:
+        txn(
+            [Compare(spec.key, found.revision), *charges],
+            [Delete(spec.key), Delete(spec.status_key), *released],
+        )
+    except Conflict:
+        return 0
+    log.info("deleted snapshot copy's records removed", extra={"snapshot": spec.snapshot_id})
+    return 1
 
 
 def _name_owned(catalog: Catalog, spec: SnapshotSpec) -> list[Compare]:

@@ -20,9 +20,22 @@ deadline, for the status the node holding the volumes reports. Invariants:
 - A group's snapshots are taken at one freeze point on one node: every
   source volume of a group must have its primary on the same node.
 - A snapshot whose class asks for a backup is ready only once its backup is
-  committed (the node reports its id); ``backup-<backup id>`` handles name
-  backups in the target, restorable here even when this catalog never held
-  them (see :mod:`csi_driver.backup.snapshots`).
+  committed (the node reports its id); so is a group whose class asks for
+  one, each member backed up from its file taken at the group's freeze
+  point. A backup that fails answers UNAVAILABLE (the node retries it).
+  ``backup-<backup id>`` handles name backups in the target, restorable
+  here even when this catalog never held them (see
+  :mod:`csi_driver.backup.snapshots`).
+- A snapshot of a volume with replicas is copied to every node holding a
+  replica when it is taken (one spec per node, written in the same txn as
+  the home spec; each copy is pulled from the home node as a delta against
+  that node's replica), so it survives the loss of the primary's node: a
+  restore reads a live node that holds it. ``ready_to_use`` answers for the
+  home copy; a view lists every node holding a READY copy. Deleting a
+  snapshot deletes every copy: a copy on a lost node stays marked deleted
+  (its node deletes it when it returns, and the collector then drops it).
+- Every copy is charged to its node's accounting in the txn that writes its
+  spec and released in the one that removes it (:mod:`.snapshot_space`).
 - A clone or restore has its source's encryption: an encrypted snapshot or
   backup restores only into an encrypted class, and a plain one only into a
   plain class (INVALID_ARGUMENT otherwise).
@@ -41,6 +54,9 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from csi_driver.backup.snapshots import SnapshotBackups, handle_backup_id
+from csi_driver.controller.failover import NODE_LOST_AFTER_S
+from csi_driver.controller.replication import images_of
+from csi_driver.controller.snapshot_space import charge_snapshots, snapshot_sizes
 from csi_driver.core import deadline
 from csi_driver.core.errors import (
     GROUP_MEMBERS_MISMATCH,
@@ -70,6 +86,7 @@ from csi_driver.core.records import (
     GroupSnapshotSpec,
     GroupSnapshotStatus,
     ImagePhase,
+    ImageRole,
     ImageSource,
     SnapshotSpec,
     SnapshotStatus,
@@ -97,6 +114,9 @@ _CAS_ATTEMPTS = 16
 _REFUSALS: dict[FailureReason, Callable[[str], FerryError]] = {
     FailureReason.IN_USE: FailedPrecondition,
     FailureReason.SOURCE_MISSING: FailedPrecondition,
+    # The snapshot is taken and the node retries its backup: the caller's retry
+    # finds it committed.
+    FailureReason.BACKUP_FAILED: Unavailable,
 }
 
 St = TypeVar("St", SnapshotStatus, GroupSnapshotStatus)
@@ -113,6 +133,8 @@ class SnapshotView:
     ready: bool
     group_id: str = ""
     backup_id: str = ""  # the committed backup of a snapshot whose class asked for one
+    #: The nodes holding a READY copy: the home node and the volume's replicas' nodes.
+    nodes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -137,16 +159,28 @@ class CloneSource:
     encrypted: bool = False
 
 
-def _view(spec: SnapshotSpec, status: SnapshotStatus | None) -> SnapshotView:
-    ready = status is not None and answers(status, spec) and status.phase is ImagePhase.READY
+def _is_ready(spec: SnapshotSpec, status: SnapshotStatus | None) -> bool:
+    return status is not None and answers(status, spec) and status.phase is ImagePhase.READY
+
+
+def _view(
+    spec: SnapshotSpec,
+    status: SnapshotStatus | None,
+    copies: Sequence[tuple[SnapshotSpec, SnapshotStatus | None]] = (),
+) -> SnapshotView:
+    """The snapshot as CSI sees it: ready once its home copy is (or, that node lost
+    with its status, once any copy is)."""
+    held = [s for c, s in [(spec, status), *copies] if s is not None and _is_ready(c, s)]
+    first = held[0] if held else None
     return SnapshotView(
         snapshot_id=spec.snapshot_id,
         source_volume_id=spec.source_volume_id,
-        size_bytes=status.size_bytes if status is not None and ready else spec.size_bytes,
-        created_at=status.taken_at if status is not None and ready else spec.created_at,
-        ready=ready,
+        size_bytes=first.size_bytes if first is not None else spec.size_bytes,
+        created_at=first.taken_at if first is not None else spec.created_at,
+        ready=first is not None,
         group_id=spec.group_id,
-        backup_id=status.backup_id if status is not None and ready else "",
+        backup_id=next((s.backup_id for s in held if s.backup_id), ""),
+        nodes=tuple(sorted(s.node_id for s in held)),
     )
 
 
@@ -165,8 +199,10 @@ class SnapshotService:
         wait_s: float = DEFAULT_WAIT_S,
         lock_timeout_s: float = 30.0,
         backups: SnapshotBackups | None = None,
+        node_lost_after_s: float = NODE_LOST_AFTER_S,
     ) -> None:
         self._backups = backups
+        self._lost_after = node_lost_after_s
         self._catalog = catalog
         self._store = catalog.store
         self._clock = clock
@@ -183,12 +219,14 @@ class SnapshotService:
         parameters: Mapping[str, str] | None = None,
         *,
         acknowledge: bool = False,
+        copies: bool = True,
     ) -> SnapshotView:
         """Take (or return the already taken) snapshot called ``name`` of a volume.
 
         ``parameters`` are the VolumeSnapshotClass's; ``acknowledge`` records
         that the caller (CreateSnapshot) receives the id, so the collector
-        keeps the snapshot.
+        keeps the snapshot. ``copies``: copy it to the volume's replica nodes (not for
+        the transient snapshot a clone of a volume is made through).
         """
         if not name:
             raise InvalidArgument("name is required")
@@ -197,7 +235,7 @@ class SnapshotService:
             spec = self._claimed(name)
             if spec is None:
                 volume = self._source_volume(source_volume_id)
-                spec = self._write_snapshot(name, volume, backup)
+                spec = self._write_snapshot(name, volume, backup, copies)
             elif (
                 not isinstance(spec, SnapshotSpec)
                 or spec.source_volume_id != source_volume_id
@@ -275,27 +313,80 @@ class SnapshotService:
             awaiting_caller=not group_id,
         )
 
-    def _write_snapshot(self, name: str, volume: Volume, backup: bool = False) -> SnapshotSpec:
+    def _replica_nodes(self, volume: Volume) -> list[str]:
+        """The nodes holding a replica of ``volume``: each gets a copy of its snapshots."""
+        return sorted(
+            node
+            for node, image in images_of(self._catalog, volume.volume_id).items()
+            if image.value.role is ImageRole.REPLICA
+            and not image.value.deleted
+            and node != volume.primary_node
+        )
+
+    def _copies(self, spec: SnapshotSpec, volume: Volume) -> list[SnapshotSpec]:
+        return [
+            replace(spec, node_id=node, copy_from=spec.node_id, awaiting_caller=False)
+            for node in self._replica_nodes(volume)
+        ]
+
+    def _write_specs(
+        self, specs: Sequence[SnapshotSpec], compares: Sequence[Compare], ops: Sequence[Put]
+    ) -> None:
+        """One txn: ``specs`` (absent until now), their index keys (home specs) and the
+        charge of every copy; a lost race on an accounting record reads it again."""
+        for _ in range(_CAS_ATTEMPTS):
+            charges, charged = charge_snapshots(self._store, snapshot_sizes(specs))
+            try:
+                self._store.txn(
+                    [*compares, *charges, *(Compare(s.key, ABSENT) for s in specs)],
+                    [
+                        *ops,
+                        *charged,
+                        *(
+                            Put(snapshot_index_key(s.snapshot_id), s.node_id.encode())
+                            for s in specs
+                            if not s.copy_from
+                        ),
+                        *(put(s) for s in specs),
+                    ],
+                )
+                return
+            except Conflict:
+                if not all(self._holds(c) for c in compares):
+                    raise
+        raise Aborted("node accounting kept changing while the snapshot was recorded; retry")
+
+    def _holds(self, compare: Compare) -> bool:
+        """Whether ``compare`` would still pass."""
+        found = self._store.get(compare.key)
+        if compare.revision == ABSENT:
+            return found is None
+        return found is not None and found.revision == compare.revision
+
+    def _write_snapshot(
+        self, name: str, volume: Volume, backup: bool = False, copied: bool = True
+    ) -> SnapshotSpec:
         spec = self._new_spec(name, volume, backup=backup)
-        index = snapshot_index_key(spec.snapshot_id)
+        copies = self._copies(spec, volume) if copied else []
         try:
-            self._store.txn(
+            self._write_specs(
+                [spec, *copies],
                 [
                     Compare(snapshot_name_key(name), ABSENT),
-                    Compare(index, ABSENT),
-                    Compare(spec.key, ABSENT),
+                    Compare(snapshot_index_key(spec.snapshot_id), ABSENT),
                 ],
-                [
-                    Put(snapshot_name_key(name), spec.snapshot_id.encode()),
-                    Put(index, spec.node_id.encode()),
-                    put(spec),
-                ],
+                [Put(snapshot_name_key(name), spec.snapshot_id.encode())],
             )
         except Conflict as exc:
             raise Aborted(f"snapshot {name!r} is being created by another call; retry") from exc
         log.info(
             "snapshot requested",
-            extra={"snapshot": spec.snapshot_id, "volume": volume.volume_id, "node": spec.node_id},
+            extra={
+                "snapshot": spec.snapshot_id,
+                "volume": volume.volume_id,
+                "node": spec.node_id,
+                "copies": [c.node_id for c in copies],
+            },
         )
         return spec
 
@@ -314,7 +405,7 @@ class SnapshotService:
     # -- delete ----------------------------------------------------------------
 
     def delete(self, snapshot_id: str) -> None:
-        """Delete a snapshot; unknown ids succeed (CSI idempotency)."""
+        """Delete a snapshot and every copy of it; unknown ids succeed (CSI idempotency)."""
         found = self._spec(snapshot_id)
         if found is None:
             return
@@ -323,32 +414,98 @@ class SnapshotService:
             raise FailedPrecondition(
                 SNAPSHOT_IN_GROUP.format(snapshot_id=snapshot_id, group_id=spec.group_id)
             )
-        doomed = revise(spec, deleted=True)
-        if doomed is not spec:
-            self._txn([unchanged_since(spec.key, found)], [put(doomed)])
-        status = self._await(SnapshotStatus, doomed.status_key, doomed, "delete the snapshot")
-        if status.phase is not ImagePhase.DELETED:
-            raise _refusal(doomed.node_id, status.reason, status.message)
-        self._forget_snapshots([doomed])
+        holders = self._holders(snapshot_id, spec.node_id)
+        self._doom(holders)
+        self._await_deleted([h.value.node_id for h in holders], snapshot_id)
+        self._forget_snapshots([spec], keep=self._undeleted)
         log.info("snapshot deleted", extra={"snapshot": snapshot_id})
 
+    def _doom(self, holders: Sequence[Versioned[SnapshotSpec]]) -> None:
+        """One txn marking every copy in ``holders`` deleted (those not marked yet)."""
+        compares, ops = [], []
+        for held in holders:
+            doomed = revise(held.value, deleted=True)
+            if doomed is not held.value:
+                compares.append(unchanged_since(held.value.key, held))
+                ops.append(put(doomed))
+        if ops:
+            self._txn(compares, ops)
+
+    def _await_deleted(self, nodes: Sequence[str], snapshot_id: str) -> None:
+        """Wait for each node's copy to be deleted; a lost node's stays marked deleted
+        (it deletes the file when it returns, and the collector then drops the records)."""
+        for node in nodes:
+            held = read(self._store, SnapshotSpec, snapshot_spec_key(node, snapshot_id))
+            if held is None or self._lost(node):
+                continue
+            status = self._await(SnapshotStatus, held.value.status_key, held.value, "delete it")
+            if status.phase is not ImagePhase.DELETED:
+                raise _refusal(node, status.reason, status.message)
+
+    def _lost(self, node_id: str) -> bool:
+        """A node that has not been heard of for longer than the failover's limit."""
+        node = self._catalog.get_node(node_id)
+        return node is None or self._clock() - node.heartbeat_at > self._lost_after
+
+    def _holders(self, snapshot_id: str, home: str) -> list[Versioned[SnapshotSpec]]:
+        """Every node's spec for ``snapshot_id``, the home first: one read per node."""
+        nodes = [home, *sorted({n.node_id for n in self._catalog.list_nodes()} - {home})]
+        found = (read(self._store, SnapshotSpec, snapshot_spec_key(n, snapshot_id)) for n in nodes)
+        return [f for f in found if f is not None]
+
+    def _copy_statuses(
+        self, holders: Sequence[Versioned[SnapshotSpec]]
+    ) -> list[tuple[SnapshotSpec, SnapshotStatus | None]]:
+        copies = []
+        for held in holders:
+            if held.value.copy_from:
+                status = read(self._store, SnapshotStatus, held.value.status_key)
+                copies.append((held.value, status.value if status else None))
+        return copies
+
     def _forget_snapshots(
-        self, specs: Sequence[SnapshotSpec], extra: Sequence[Delete] = ()
+        self,
+        specs: Sequence[SnapshotSpec],
+        extra: Sequence[Delete] = (),
+        *,
+        keep: Callable[[SnapshotSpec], bool] = lambda spec: False,
     ) -> None:
-        """One txn: the specs, their statuses, index keys and names (still theirs) gone."""
-        ops: list[Put | Delete] = list(extra)
-        compares: list[Compare] = []
-        for spec in specs:
-            ops += [
-                Delete(spec.key),
-                Delete(spec.status_key),
-                Delete(snapshot_index_key(spec.snapshot_id)),
-            ]
-            owner = self._store.get(snapshot_name_key(spec.name))
-            if owner is not None and owner.value.decode() == spec.snapshot_id:
-                compares.append(Compare(snapshot_name_key(spec.name), owner.revision))
-                ops.append(Delete(snapshot_name_key(spec.name)))
-        self._txn(compares, ops)
+        """One txn: the snapshots' index keys and names (still theirs) gone, and every
+        copy's spec and status with its charge, but for the copies ``keep`` names (a
+        lost node's, left marked deleted for that node to delete)."""
+        for _ in range(_CAS_ATTEMPTS):
+            ops: list[Put | Delete] = list(extra)
+            compares: list[Compare] = []
+            released: list[SnapshotSpec] = []
+            for spec in specs:
+                for held in self._holders(spec.snapshot_id, spec.node_id):
+                    if keep(held.value):
+                        continue
+                    compares.append(unchanged_since(held.value.key, held))
+                    ops += [Delete(held.value.key), Delete(held.value.status_key)]
+                    released.append(held.value)
+                ops.append(Delete(snapshot_index_key(spec.snapshot_id)))
+                owner = self._store.get(snapshot_name_key(spec.name))
+                if owner is not None and owner.value.decode() == spec.snapshot_id:
+                    compares.append(Compare(snapshot_name_key(spec.name), owner.revision))
+                    ops.append(Delete(snapshot_name_key(spec.name)))
+            charges, charged = charge_snapshots(self._store, snapshot_sizes(released), release=True)
+            try:
+                self._store.txn([*compares, *charges], [*ops, *charged])
+                return
+            except Conflict:
+                continue  # a copy or an accounting record changed: read them again
+        raise Aborted("a snapshot kept changing while its records were removed; retry")
+
+    def _undeleted(self, spec: SnapshotSpec) -> bool:
+        """Whether ``spec``'s node has not reported its copy deleted yet."""
+        status = read(self._store, SnapshotStatus, spec.status_key)
+        return not (
+            spec.deleted
+            and status is not None
+            and answers(status.value, spec)
+            and status.value.phase is ImagePhase.DELETED
+        )
 
     # -- queries ---------------------------------------------------------------
 
@@ -359,7 +516,8 @@ class SnapshotService:
         if found is None or found.value.deleted:
             raise NotFound(f"snapshot {snapshot_id} does not exist")
         status = read(self._store, SnapshotStatus, found.value.status_key)
-        return _view(found.value, status.value if status else None)
+        copies = self._copy_statuses(self._holders(snapshot_id, found.value.node_id))
+        return _view(found.value, status.value if status else None, copies)
 
     def list(
         self, snapshot_id: str, source_volume_id: str, max_entries: int, starting_token: str
@@ -374,18 +532,25 @@ class SnapshotService:
             return ([backed] if wanted and not starting_token else []), ""
         if snapshot_id:
             found = self._spec(snapshot_id)
-            specs = [found.value] if found else []
+            holders = self._holders(snapshot_id, found.value.node_id) if found else []
+            specs = [h.value for h in holders]
         else:
             specs = [decode(SnapshotSpec, r.value) for r in self._store.list(SNAPSHOT_SPECS)]
         statuses = {
-            s.snapshot_id: s
+            (s.snapshot_id, s.node_id): s
             for s in (decode(SnapshotStatus, r.value) for r in self._store.list(SNAPSHOT_STATUSES))
         }
+        copies: dict[str, list[tuple[SnapshotSpec, SnapshotStatus | None]]] = {}
+        for spec in specs:
+            if spec.copy_from:
+                status = statuses.get((spec.snapshot_id, spec.node_id))
+                copies.setdefault(spec.snapshot_id, []).append((spec, status))
         views = sorted(
             (
-                _view(s, statuses.get(s.snapshot_id))
+                _view(s, statuses.get((s.snapshot_id, s.node_id)), copies.get(s.snapshot_id, ()))
                 for s in specs
                 if not s.deleted
+                and not s.copy_from
                 and (not source_volume_id or s.source_volume_id == source_volume_id)
             ),
             key=lambda v: v.snapshot_id,
@@ -405,23 +570,23 @@ class SnapshotService:
         """Snapshot ``volume_ids`` at one point in time, as the group called ``name``."""
         if not name:
             raise InvalidArgument("name is required")
-        if parse_snapshot_parameters(parameters or {}).backup:
-            raise InvalidArgument(
-                "a VolumeGroupSnapshotClass cannot ask for a backup yet: back the group's "
-                'volumes up with a VolumeSnapshotClass that has backup: "true", one by one'
-            )
+        backup = parse_snapshot_parameters(parameters or {}).backup
         wanted = tuple(dict.fromkeys(volume_ids))
         with self._names.hold(name, timeout=self._lock_timeout):
             spec = self._claimed(name)
             if spec is None:
-                spec = self._write_group(name, wanted)
-            elif not isinstance(spec, GroupSnapshotSpec) or sorted(
-                m.volume_id for m in spec.members
-            ) != sorted(wanted):
+                spec = self._write_group(name, wanted, backup)
+            elif (
+                not isinstance(spec, GroupSnapshotSpec)
+                or sorted(m.volume_id for m in spec.members) != sorted(wanted)
+                or spec.backup != backup
+            ):
                 raise AlreadyExists(self._conflict(name, spec))
             return self._settle_group(spec)
 
-    def _write_group(self, name: str, volume_ids: Sequence[str]) -> GroupSnapshotSpec:
+    def _write_group(
+        self, name: str, volume_ids: Sequence[str], backup: bool = False
+    ) -> GroupSnapshotSpec:
         volumes = [self._source_volume(v) for v in volume_ids]
         nodes = sorted({v.primary_node for v in volumes})
         if len(nodes) > 1:
@@ -431,28 +596,26 @@ class SnapshotService:
                 "snapshot the volumes one by one"
             )
         group_id = f"group-{uuid.uuid4().hex}"
-        members = [self._new_spec(f"{name}/{v.volume_id}", v, group_id) for v in volumes]
+        members = [self._new_spec(f"{name}/{v.volume_id}", v, group_id, backup) for v in volumes]
         group = GroupSnapshotSpec(
             group_id,
             name,
             nodes[0],
             tuple(GroupMember(m.snapshot_id, m.source_volume_id) for m in members),
             created_at=self._clock(),
+            backup=backup,
         )
-        compares = [Compare(snapshot_name_key(name), ABSENT), Compare(group.key, ABSENT)]
-        ops: list[Put | Delete] = [
-            Put(snapshot_name_key(name), group_id.encode()),
-            Put(group_index_key(group_id), group.node_id.encode()),
-            put(group),
-        ]
-        for member in members:
-            compares.append(Compare(member.key, ABSENT))
-            ops += [
-                Put(snapshot_index_key(member.snapshot_id), member.node_id.encode()),
-                put(member),
-            ]
+        copies = [c for m, v in zip(members, volumes, strict=True) for c in self._copies(m, v)]
         try:
-            self._store.txn(compares, ops)
+            self._write_specs(
+                [*members, *copies],
+                [Compare(snapshot_name_key(name), ABSENT), Compare(group.key, ABSENT)],
+                [
+                    Put(snapshot_name_key(name), group_id.encode()),
+                    Put(group_index_key(group_id), group.node_id.encode()),
+                    put(group),
+                ],
+            )
         except Conflict as exc:
             raise Aborted(f"group snapshot {name!r} is being created by another call") from exc
         log.info("group snapshot requested", extra={"group": group_id, "node": group.node_id})
@@ -477,7 +640,9 @@ class SnapshotService:
             spec = self._spec(member.snapshot_id)
             if spec is not None:
                 found = read(self._store, SnapshotStatus, spec.value.status_key)
-                members.append(_view(spec.value, found.value if found else None))
+                holders = self._holders(member.snapshot_id, spec.value.node_id)
+                copies = self._copy_statuses(holders)
+                members.append(_view(spec.value, found.value if found else None, copies))
         ready = (
             status is not None
             and answers(status, group)
@@ -505,18 +670,24 @@ class SnapshotService:
         doomed = revise(group, deleted=True)
         compares = [unchanged_since(group.key, found)]
         ops: list[Put | Delete] = [put(doomed)]
-        members = []
-        for member in group.members:
-            spec = self._spec(member.snapshot_id)
-            if spec is not None:
-                members.append(revise(spec.value, deleted=True))
-                compares.append(unchanged_since(spec.value.key, spec))
-                ops.append(put(members[-1]))
+        holders = [h for m in group.members for h in self._holders(m.snapshot_id, group.node_id)]
+        for held in holders:
+            marked = revise(held.value, deleted=True)
+            if marked is not held.value:
+                compares.append(unchanged_since(held.value.key, held))
+                ops.append(put(marked))
         if doomed is not group:
             self._txn(compares, ops)
         status = self._await(GroupSnapshotStatus, doomed.status_key, doomed, "delete the group")
         if status.phase is not ImagePhase.DELETED:
             raise _refusal(doomed.node_id, status.reason, status.message)
+        for member in group.members:
+            copies = [
+                h.value.node_id
+                for h in holders
+                if h.value.copy_from and h.value.snapshot_id == member.snapshot_id
+            ]
+            self._await_deleted(copies, member.snapshot_id)
         self._forget_group(doomed)
         log.info("group snapshot deleted", extra={"group": group_id})
 
@@ -530,7 +701,11 @@ class SnapshotService:
         owner = self._store.get(snapshot_name_key(group.name))
         if owner is not None and owner.value.decode() == group.group_id:
             extra.append(Delete(snapshot_name_key(group.name)))
-        self._forget_snapshots(members, extra)
+        # The group's DELETED answers for its members on its node; copies elsewhere
+        # answer for themselves.
+        self._forget_snapshots(
+            members, extra, keep=lambda spec: bool(spec.copy_from) and self._undeleted(spec)
+        )
 
     # -- backups as snapshots ----------------------------------------------------
 
@@ -587,7 +762,7 @@ class SnapshotService:
             if not view.ready:
                 raise Unavailable(f"source snapshot {snapshot_id} is not ready yet; retry")
             return CloneSource(
-                ImageSource(snapshot_id, spec.node_id, view.backup_id),
+                ImageSource(snapshot_id, self._holder(spec.node_id, view.nodes), view.backup_id),
                 spec.size_bytes,
                 spec.access_type,
                 spec.fs_type,
@@ -596,7 +771,7 @@ class SnapshotService:
             )
         if not VOLUME_ID_PATTERN.match(volume_id) or self._catalog.get_volume(volume_id) is None:
             raise NotFound(f"source volume {volume_id} does not exist")
-        view = self.create(_clone_snapshot_name(clone_name), volume_id)
+        view = self.create(_clone_snapshot_name(clone_name), volume_id, copies=False)
         if not view.ready:
             raise Unavailable(f"the snapshot of source volume {volume_id} is not ready; retry")
         found = self._spec(view.snapshot_id)
@@ -611,6 +786,16 @@ class SnapshotService:
             f"volume:{volume_id}",
             encrypted=spec.encrypted,
         )
+
+    def _holder(self, home: str, nodes: Sequence[str]) -> str:
+        """The node a restore reads the snapshot from: its home while that node lives,
+        else the live holder of a copy heard from last (the home's loss is why copies
+        exist)."""
+        if home in nodes and not self._lost(home):
+            return home
+        heard = {n.node_id: n.heartbeat_at for n in self._catalog.list_nodes()}
+        live = [n for n in nodes if n in heard and not self._lost(n)]
+        return max(live, key=lambda n: heard[n]) if live else home
 
     def release_clone(self, clone_name: str) -> None:
         """Delete the snapshot a volume was cloned through, once the clone exists

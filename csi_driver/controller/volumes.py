@@ -834,5 +834,5 @@ class VolumeService:
         for node in self._catalog.list_nodes() if nodes is None else nodes:
             account = accounts.get(node.node_id)
             charged = account.value if account else NodeAccounting(node.node_id)
-            views.append(NodeView(node, charged.provisioned_bytes, charged.volume_count))
+            views.append(NodeView(node, charged.promised_bytes, charged.volume_count))
         return views

@@ -17,6 +17,7 @@ Tree::
     ├── Aborted                conflicting operation in flight   -> ABORTED
     ├── DeadlineExceeded       the RPC's deadline cut work short -> DEADLINE_EXCEEDED
     ├── Unavailable            retry later (node down, busy)     -> UNAVAILABLE
+    │   ├── BackupFailed       a snapshot's backup did not commit
     │   └── StoreUnavailable   catalog backend unreachable / no quorum
     ├── Unimplemented          feature not offered               -> UNIMPLEMENTED
     ├── Unauthenticated        caller is not a Ferry agent       -> UNAUTHENTICATED
@@ -86,6 +87,10 @@ class DeadlineExceeded(FerryError):
 
 class Unavailable(FerryError):
     """A dependency (node agent, catalog) cannot be reached right now; retry later."""
+
+
+class BackupFailed(Unavailable):
+    """A snapshot was taken but its backup could not be committed in the target."""
 
 
 class StoreUnavailable(Unavailable):

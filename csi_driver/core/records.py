@@ -231,10 +231,13 @@ class FailureReason(enum.Enum):
     LOST = "lost"  # a READY image vanished from the pool: never silently recreated
     HOST_ERROR = "host-error"  # a command or the filesystem failed -> INTERNAL
     SOURCE_MISSING = "source-missing"  # a clone's snapshot is gone -> NOT_FOUND
+    #: A snapshot is taken but its backup could not be committed (the target is
+    #: unreachable or failing): retried by the node -> UNAVAILABLE.
+    BACKUP_FAILED = "backup-failed"
 
     @property
     def final(self) -> bool:
-        return self is not FailureReason.HOST_ERROR
+        return self not in (FailureReason.HOST_ERROR, FailureReason.BACKUP_FAILED)
 
 
 class VolumePhase(enum.Enum):
@@ -335,6 +338,10 @@ class NodeAccounting:
     volume_count: int = 0
     #: volumes published on the node (ControllerPublishVolume's max-volumes check)
     published_count: int = 0
+    #: the sizes of the snapshots the node holds (each snapshot copy counts its
+    #: source volume's size: the most a reflink snapshot comes to hold as the
+    #: volume is overwritten, and at least what a copied one holds)
+    snapshot_bytes: int = 0
 
     @property
     def key(self) -> str:
@@ -359,6 +366,19 @@ class NodeAccounting:
                 f"({provisioned} bytes, {count} volumes): a release without a charge"
             )
         return replace(self, provisioned_bytes=provisioned, volume_count=count)
+
+    def snapshots(self, size_bytes: int) -> NodeAccounting:
+        """Account for snapshot copies totalling ``size_bytes`` more (negative: fewer).
+
+        Floored at zero: snapshots taken before this count existed were never
+        charged, so their deletion must not make it negative.
+        """
+        return replace(self, snapshot_bytes=max(0, self.snapshot_bytes + size_bytes))
+
+    @property
+    def promised_bytes(self) -> int:
+        """Pool space promised away: volumes and the snapshots held beside them."""
+        return self.provisioned_bytes + self.snapshot_bytes
 
 
 @dataclass(frozen=True)
@@ -429,9 +449,10 @@ class ImageStatus:
 
 
 # -- snapshots ---------------------------------------------------------------
-# A snapshot lives on the node that held its volume's primary image when it
-# was taken; its spec and status are keyed node first, like images, and
-# ``index/snapshots/<id>`` says which node, so a lookup by id reads one key.
+# A snapshot is taken on the node that held its volume's primary image (its
+# home) and copied to the nodes holding the volume's replicas; each copy has
+# its own spec and status, keyed node first like images, and
+# ``index/snapshots/<id>`` names the home, so a lookup by id reads one key.
 
 SNAPSHOT_SPECS = SPEC + "snapshots/"
 SNAPSHOT_STATUSES = STATUS + "snapshots/"
@@ -514,6 +535,7 @@ class SnapshotMethod(enum.Enum):
     NONE = "none"  # not taken yet
     REFLINK = "reflink"  # blocks shared with the image: O(1) in its size
     COPY = "copy"  # the pool cannot reflink: the data ranges were copied
+    PULLED = "pulled"  # a copy pulled from the node that took it, verified chunk by chunk
 
 
 @dataclass(frozen=True)
@@ -559,6 +581,10 @@ class SnapshotSpec:
     #: generation bump) once a CreateSnapshot returns it. One left set past a grace
     #: period is an orphan: the leader's collector removes it.
     awaiting_caller: bool = False
+    #: A copy of the snapshot taken on node ``copy_from`` (its home: the index names
+    #: it), held here because this node holds a replica of the volume; pulled from
+    #: the home node as a delta against the replica. "": this is the home spec.
+    copy_from: str = ""
 
     @property
     def key(self) -> str:
@@ -615,6 +641,9 @@ class GroupSnapshotSpec:
     created_at: float = 0.0
     deleted: bool = False
     generation: int = 1
+    #: The VolumeGroupSnapshotClass asked for a backup: every member is backed up
+    #: (from its file, taken at the group's freeze point) before the group is READY.
+    backup: bool = False
 
     @property
     def key(self) -> str:

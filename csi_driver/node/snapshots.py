@@ -16,6 +16,10 @@ Invariants:
   to the image's writes. Elsewhere its data ranges are copied, which is only
   a point in time while nothing writes the image (the caller freezes or
   refuses).
+- A copy of a snapshot taken on another node (this node holds a replica of
+  its volume) is installed whole and verified, with its manifest, under the
+  same id (:meth:`SnapshotStore.install`); it is served and restored like
+  one taken here.
 - A snapshot outlives its volume: deleting the image leaves its snapshots,
   whose blocks the filesystem keeps for them.
 - A restored image starts as a reflink (or copy) of the snapshot and is then
@@ -32,8 +36,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from csi_driver.chunks.durable import write_atomic
 from csi_driver.chunks.extents import reflink
 from csi_driver.chunks.generations import sparse_copy
+from csi_driver.chunks.manifest import Manifest, encode
 from csi_driver.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from csi_driver.core.records import SNAPSHOT_ID_PATTERN, SnapshotMethod
 from csi_driver.metrics import SNAPSHOT_BYTES, SNAPSHOT_SECONDS
@@ -151,6 +157,33 @@ class SnapshotStore:
                 "seconds": round(elapsed, 4),
             },
         )
+        return self.require(snapshot_id)
+
+    def install(
+        self, snapshot_id: str, volume_id: str, image: Path, taken_at: float, manifest: Manifest
+    ) -> SnapshotInfo:
+        """Keep ``image`` (verified against ``manifest``; moved here by rename, on the
+        pool's filesystem) as a copy of snapshot ``snapshot_id`` taken elsewhere at
+        ``taken_at``. Its manifest is kept beside it, so this node serves it to a
+        restore without reading it again."""
+        existing = self.get(snapshot_id)
+        if existing is not None:
+            return existing
+        final = self.path(snapshot_id)
+        write_atomic(final.with_suffix(".manifest"), encode(manifest))
+        write_json_atomic(
+            self._meta(snapshot_id),
+            {
+                "snapshot_id": snapshot_id,
+                "source_volume_id": volume_id,
+                "taken_at": taken_at,
+                "method": SnapshotMethod.PULLED.value,
+            },
+        )
+        os.replace(image, final)
+        fsync_dir(self.directory)
+        SNAPSHOT_BYTES.set(self.allocated_bytes())
+        log.info("snapshot copy kept", extra={"snapshot": snapshot_id, "volume": volume_id})
         return self.require(snapshot_id)
 
     def delete(self, snapshot_id: str) -> None:

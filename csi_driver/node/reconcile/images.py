@@ -39,6 +39,7 @@ from csi_driver.core.errors import (
     ResourceExhausted,
 )
 from csi_driver.core.records import (
+    SNAPSHOT_ID_PATTERN,
     FailureReason,
     ImagePhase,
     ImageRole,
@@ -122,6 +123,8 @@ class ImageReconciler:
     def __call__(self, volume_id: str) -> float | None:
         spec_read = self._read(self._specs, ImageSpec, image_spec_key(self.node_id, volume_id))
         if spec_read is None:
+            if self._fetcher is not None:
+                self._fetcher.discard(volume_id)  # a clone or restore given up: no leftovers
             return None  # nothing asked of this node (or the controller finished)
         if self._just_settled(spec_read):
             return None
@@ -199,6 +202,8 @@ class ImageReconciler:
             self._agent.delete_image(spec.volume_id)
             # Its captures too (a promotion cut short leaves a seeded one behind).
             forget_captures(self._agent.pool, spec.volume_id)
+            if self._fetcher is not None:
+                self._fetcher.discard(spec.volume_id)  # what a pull or restore left
             return ImageStatus(spec.volume_id, self.node_id, ImagePhase.DELETED, spec.generation)
         pool = self._agent.pool
         info = pool.get(spec.volume_id)
@@ -265,7 +270,14 @@ class ImageReconciler:
         here, pulled and verified from its node otherwise; then grown to the spec's size."""
 
         def fill(path: Path) -> None:
-            if source.node_id == self.node_id:
+            held = (
+                self._agent.snapshots.get(source.snapshot_id)
+                if SNAPSHOT_ID_PATTERN.match(source.snapshot_id)
+                else None  # a backup handle
+            )
+            if held is not None:  # taken here, or a copy kept with this node's replica
+                copy_image(held.path, path)
+            elif source.node_id == self.node_id:
                 copy_image(self._agent.snapshots.require(source.snapshot_id).path, path)
             elif self._fetcher is None:
                 raise FailedPrecondition(

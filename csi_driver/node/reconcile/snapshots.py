@@ -24,7 +24,14 @@ Invariants:
   committed in the target, its id in the status; the backup id is derived
   from the snapshot, so a crash between commit and report ships nothing
   twice. A node without a backup target refuses it (FAILED_PRECONDITION) and
-  keeps no snapshot file for it.
+  keeps no snapshot file for it. A group whose spec asks for a backup backs
+  up every member (from its file, taken at the group's freeze point) before
+  the group is READY. A backup that fails is reported ``backup-failed`` (the
+  snapshot stays; the controller answers UNAVAILABLE) and retried.
+- A copy (``copy_from``: this node holds a replica of the volume) is pulled
+  from the home node once the home reports READY, as a delta against this
+  node's replica, and reported READY with the home's point in time only
+  once it is whole and verified in the pool. Deleting it deletes the file.
 """
 
 from __future__ import annotations
@@ -34,7 +41,13 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from csi_driver.backup.snapshots import NOT_CONFIGURED, SnapshotBackups
-from csi_driver.core.errors import Conflict, FailedPrecondition, FerryError, NotFound
+from csi_driver.core.errors import (
+    BackupFailed,
+    Conflict,
+    FailedPrecondition,
+    FerryError,
+    NotFound,
+)
 from csi_driver.core.records import (
     GROUP_ID_PATTERN,
     FailureReason,
@@ -55,6 +68,7 @@ from csi_driver.core.records import (
     snapshot_statuses_on,
 )
 from csi_driver.node.agent import NodeAgent, Quiesced
+from csi_driver.node.clones import SnapshotFetcher
 from csi_driver.node.snapshots import SnapshotInfo, SnapshotStore
 from csi_driver.reconcile.informer import Informer
 from csi_driver.reconcile.runner import Runner, Source, strip_prefix
@@ -63,11 +77,21 @@ from csi_driver.store.records import Versioned, put, read, unchanged_since
 
 log = logging.getLogger(__name__)
 
-#: Node errors that are final for a generation, and the reason each reports.
-_FINAL: tuple[tuple[type[FerryError], FailureReason], ...] = (
+#: Node errors and the reason each reports (final for a generation unless the
+#: reason says otherwise; anything else is a host error, retried).
+_REASONS: tuple[tuple[type[FerryError], FailureReason], ...] = (
     (NotFound, FailureReason.SOURCE_MISSING),
     (FailedPrecondition, FailureReason.IN_USE),
+    (BackupFailed, FailureReason.BACKUP_FAILED),
 )
+
+#: How often a copy looks again for its home's snapshot, until it is taken.
+COPY_POLL_S = 1.0
+
+
+def _reason(exc: FerryError) -> FailureReason:
+    return next((r for kind, r in _REASONS if isinstance(exc, kind)), FailureReason.HOST_ERROR)
+
 
 #: Why a copy (not a reflink) of a block volume in use is refused.
 TORN_COPY = (
@@ -104,9 +128,14 @@ class SnapshotReconciler:
     """Reconciles this node's snapshots and group snapshots (work key: their id)."""
 
     def __init__(
-        self, store: CatalogStore, agent: NodeAgent, backups: SnapshotBackups | None = None
+        self,
+        store: CatalogStore,
+        agent: NodeAgent,
+        backups: SnapshotBackups | None = None,
+        fetcher: SnapshotFetcher | None = None,
     ) -> None:
         self._backups = backups
+        self._fetcher = fetcher
         self._store = store
         self._agent = agent
         self._snapshots = agent.snapshots
@@ -115,39 +144,68 @@ class SnapshotReconciler:
     def __call__(self, key: str) -> float | None:
         if GROUP_ID_PATTERN.match(key):
             self._group(key)
-        else:
-            self._snapshot(key)
-        return None
+            return None
+        return self._snapshot(key)
 
     # -- one snapshot ------------------------------------------------------------
 
-    def _snapshot(self, snapshot_id: str) -> None:
+    def _snapshot(self, snapshot_id: str) -> float | None:
         spec_read = read(self._store, SnapshotSpec, snapshot_spec_key(self.node_id, snapshot_id))
         if spec_read is None:
-            return
+            return None
         spec = spec_read.value
         current = read(self._store, SnapshotStatus, snapshot_status_key(self.node_id, snapshot_id))
         if current is not None and _done(current.value, spec):
             ready = current.value.phase is ImagePhase.READY
             if not (ready and self._lost(spec)):
-                return
-        if spec.group_id and not spec.deleted:
+                return None
+        if spec.group_id and not spec.deleted and not spec.copy_from:
             # Taken by its group, at the group's freeze point: READY only once the
             # whole group is (a member file of a half-taken group is taken again).
+            # A member backed up gets its status (with the backup) from its group.
             info = self._snapshots.get(snapshot_id)
-            if info is not None and self._group_ready(spec.group_id):
+            if info is not None and not spec.backup and self._group_ready(spec.group_id):
                 self._report([(spec_read, current, _ready(spec, info))])
-            return
+            return None
         try:
-            status = self._act(spec)
+            status = self._copy(spec) if spec.copy_from else self._act(spec)
         except FerryError as exc:
-            reason = next((r for kind, r in _FINAL if isinstance(exc, kind)), None)
-            failed = _failed_snapshot(spec, reason or FailureReason.HOST_ERROR, exc)
-            self._report([(spec_read, current, failed)])
-            if reason is None:
+            # A copy's failures are the home's or the link's, not final: retried.
+            reason = FailureReason.HOST_ERROR if spec.copy_from else _reason(exc)
+            self._report([(spec_read, current, _failed_snapshot(spec, reason, exc))])
+            if not reason.final:
                 raise
-            return
+            return None
+        if status is None:
+            return COPY_POLL_S
         self._report([(spec_read, current, status)])
+        return None
+
+    def _copy(self, spec: SnapshotSpec) -> SnapshotStatus | None:
+        """This node's copy of a snapshot taken on ``spec.copy_from``; None while the
+        home has not taken it yet."""
+        if spec.deleted:
+            self._snapshots.delete(spec.snapshot_id)
+            if self._fetcher is not None:
+                self._fetcher.discard(spec.snapshot_id)
+            return SnapshotStatus(
+                spec.snapshot_id, self.node_id, ImagePhase.DELETED, spec.generation
+            )
+        info = self._snapshots.get(spec.snapshot_id)
+        if info is None:
+            home = read(
+                self._store, SnapshotStatus, snapshot_status_key(spec.copy_from, spec.snapshot_id)
+            )
+            if home is None or home.value.phase is not ImagePhase.READY:
+                return None
+            if self._fetcher is None:
+                raise FailedPrecondition(
+                    f"node {self.node_id} cannot pull snapshot {spec.snapshot_id} from node "
+                    f"{spec.copy_from}: it serves no chunks to other nodes"
+                )
+            replica = self._agent.pool.replicas_dir / spec.source_volume_id
+            info = self._fetcher.copy(spec, home.value.taken_at, self._snapshots, replica)
+        return _ready(spec, info)
 
     def _group_ready(self, group_id: str) -> bool:
         group = read(self._store, GroupSnapshotSpec, group_spec_key(self.node_id, group_id))
@@ -200,15 +258,22 @@ class SnapshotReconciler:
         if self._backups is None:
             self._snapshots.delete(spec.snapshot_id)
             raise FailedPrecondition(self._no_target(spec))
-        backup_id = self._backups.ship(
-            spec.snapshot_id,
-            spec.created_at,
-            info.path,
-            volume_id=spec.source_volume_id,
-            volume_name=spec.volume_name or spec.source_volume_id,
-            fs_type=spec.fs_type.value if spec.fs_type else None,
-            encrypted=spec.encrypted,
-        )
+        try:
+            backup_id = self._backups.ship(
+                spec.snapshot_id,
+                spec.created_at,
+                info.path,
+                volume_id=spec.source_volume_id,
+                volume_name=spec.volume_name or spec.source_volume_id,
+                fs_type=spec.fs_type.value if spec.fs_type else None,
+                encrypted=spec.encrypted,
+            )
+        except (FerryError, OSError) as exc:
+            why = exc.message if isinstance(exc, FerryError) else str(exc)
+            raise BackupFailed(
+                f"snapshot {spec.snapshot_id} is taken but its backup failed ({why}); "
+                "the node retries it: check the backup target"
+            ) from exc
         log.info("snapshot backed up", extra={"snapshot": spec.snapshot_id, "backup": backup_id})
         return replace(_ready(spec, info), backup_id=backup_id)
 
@@ -235,27 +300,35 @@ class SnapshotReconciler:
             self._report_group(group_read, current, deleted, [])
             return
         try:
+            if group.backup and self._backups is None:
+                raise FailedPrecondition(
+                    NOT_CONFIGURED.format(
+                        node_id=self.node_id, what=f"back up group snapshot {group_id}"
+                    )
+                )
             taken = self._take_group(group)
+            statuses = []
+            for member_read, info in zip(member_specs, taken, strict=True):
+                if member_read is None:
+                    continue  # the controller writes members with their group: gone: deleted
+                member_status = read(self._store, SnapshotStatus, member_read.value.status_key)
+                # Backed up (when asked) from the files taken at the group's freeze point.
+                done = self._finished(member_read.value, info)
+                statuses.append((member_read, member_status, done))
         except FerryError as exc:
-            reason = next((r for kind, r in _FINAL if isinstance(exc, kind)), None)
+            reason = _reason(exc)
             failed = GroupSnapshotStatus(
                 group_id,
                 self.node_id,
                 ImagePhase.FAILED,
                 group.generation,
-                reason=reason or FailureReason.HOST_ERROR,
+                reason=reason,
                 message=exc.message,
             )
             self._report_group(group_read, current, failed, [])
-            if reason is None:
+            if not reason.final:
                 raise
             return
-        statuses = []
-        for member_read, info in zip(member_specs, taken, strict=True):
-            if member_read is None:
-                continue  # the controller writes members with their group: gone means deleted
-            member_status = read(self._store, SnapshotStatus, member_read.value.status_key)
-            statuses.append((member_read, member_status, _ready(member_read.value, info)))
         ready = GroupSnapshotStatus(
             group_id,
             self.node_id,
@@ -355,6 +428,7 @@ def snapshot_runner(
     resync_s: float = 60.0,
     workers: int = 2,
     backups: SnapshotBackups | None = None,
+    fetcher: SnapshotFetcher | None = None,
 ) -> Runner:
     """A runner of this node's snapshot reconciler over its snapshot and group prefixes."""
     node = agent.node_id
@@ -366,7 +440,7 @@ def snapshot_runner(
     )
     return Runner(
         f"snapshots:{node}",
-        SnapshotReconciler(store, agent, backups),
+        SnapshotReconciler(store, agent, backups, fetcher),
         [Source(Informer(store, p), strip_prefix(p)) for p in prefixes],
         workers=workers,
         resync_s=resync_s,
