@@ -59,7 +59,7 @@ from csi_driver.core.model import (
     VolumeCapability,
     VolumeState,
 )
-from csi_driver.core.params import Provisioning, StorageParameters, parse_parameters
+from csi_driver.core.params import MUTABLE, Provisioning, StorageParameters, parse_parameters
 from csi_driver.core.placement import (
     NODE_KEY,
     NodeView,
@@ -209,6 +209,11 @@ def volume_shape(
     if params.encrypted:
         check_encryptable(access_type, fs_type)
     return access_type, fs_type
+
+
+def _fixed(parameters: Mapping[str, str]) -> dict[str, str]:
+    """The parameters a volume keeps for life: all but the mutable policy."""
+    return {key: value for key, value in parameters.items() if key not in MUTABLE}
 
 
 def _serves(volume: Volume, cap: VolumeCapability) -> bool:
@@ -439,7 +444,9 @@ class VolumeService:
             problems.append(f"it has {volume.capacity_bytes} bytes, more than the limit")
         if not all(_serves(volume, cap) for cap in capabilities):
             problems.append("its access type or filesystem differs")
-        if dict(volume.parameters) != params.as_dict():
+        # The policy (MUTABLE) may have changed since by ControllerModifyVolume: a
+        # retried create of the same claim must still find its volume.
+        if _fixed(dict(volume.parameters)) != _fixed(params.as_dict()):
             problems.append("its parameters differ")
         if problems:
             raise AlreadyExists(

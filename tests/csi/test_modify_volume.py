@@ -191,3 +191,22 @@ def test_validate_capabilities_takes_the_volume_attributes_class_into_account(
     refused = validate({"fsType": "xfs"})
     assert not refused.HasField("confirmed")
     assert "'fsType' cannot be changed" in refused.message
+
+
+def test_a_retried_create_finds_its_volume_after_a_policy_change(ferry: Ferry) -> None:
+    params = {"fsType": "ext4", "replicas": "0"}
+    volume_id = ferry.create("retried", parameters=params).volume_id
+    modify(ferry, volume_id, {"replicas": "1", "rpoSeconds": "30"})
+    # The provisioner retrying its original request still gets the volume.
+    assert ferry.create("retried", parameters=params).volume_id == volume_id
+    # A parameter the volume keeps for life still tells two claims apart.
+    request = csi_pb2.CreateVolumeRequest(
+        name="retried",
+        capacity_range=csi_pb2.CapacityRange(required_bytes=64 * 1024 * 1024),
+        volume_capabilities=[mount_capability()],
+        parameters={"fsType": "ext4", "provisioning": "thin"},
+    )
+    details = expect_code(
+        grpc.StatusCode.ALREADY_EXISTS, ferry.client.controller.CreateVolume, request
+    )
+    assert "its parameters differ" in details
