@@ -16,7 +16,11 @@ stubs generated from ``proto/etcd/`` (docs/decisions/0004):
 - elections: a lease kept alive by a thread plus a key bound to it; the key
   vanishes when the lease expires, which is what wakes a standby.
 
-Every request carries a deadline (``request_timeout_s``). Failures: a request
+Every request carries a deadline (``request_timeout_s``). Failures: etcd
+refusing a request for want of resources (RESOURCE_EXHAUSTED: "too many
+requests" while its apply lags, or its database space quota reached) is
+UNAVAILABLE with a retry hint, never INTERNAL: etcd refuses those before
+proposing them, so nothing was written. A request
 that provably never reached a member (gRPC could not connect, or the TLS
 handshake failed) is tried on the next endpoint; the member that answered
 last is tried first. Reads are retried on any member failure. A write that
@@ -76,6 +80,10 @@ _FUTURE = "required revision is a future revision"
 _NOT_CONNECTED = "failed to connect to all addresses"
 #: How etcd's own errors begin (no leader, request timed out, ...), as opposed to gRPC's.
 _SERVER_SAYS = "etcdserver:"
+#: etcd's words when its apply lags too far behind its log (ErrTooManyRequests).
+_TOO_MANY = "too many requests"
+#: etcd's words once its backend reached --quota-backend-bytes (the NOSPACE alarm).
+_NO_SPACE = "database space exceeded"
 #: Codes that mean "this member cannot serve now", not "etcd refused the request".
 _OUTAGE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 #: A stream with this metadata is ended by its member when that member has no leader.
@@ -121,6 +129,23 @@ class _EtcdRefused(StoreError):
         super().__init__(f"etcd refused {what}: {detail}")
         self.code = code
         self.detail = detail
+
+
+def _resources_refused(endpoint: EtcdEndpoint, what: str, detail: str) -> StoreUnavailable:
+    """etcd refused ``what`` for want of resources (see module doc): retry later."""
+    if _NO_SPACE in detail:
+        advice = (
+            "etcd accepts no write until its space is reclaimed: compact and defragment "
+            "it, disarm its NOSPACE alarm (etcdctl alarm disarm) or raise "
+            "--quota-backend-bytes, then retry"
+        )
+    elif _TOO_MANY in detail:
+        advice = "etcd is overloaded (its apply lags behind its log): retry in a moment"
+    else:
+        advice = "etcd is short of a resource: retry in a moment"
+    return StoreUnavailable(
+        f"etcd member {endpoint} refused {what} ({detail}); nothing was written: {advice}"
+    )
 
 
 class _Member:
@@ -251,44 +276,62 @@ class EtcdStore(CatalogStore):
 
     # -- requests ------------------------------------------------------------
 
-    def _order(self) -> list[int]:
-        first = self._preferred
+    def _order(self, first: int) -> list[int]:
         return [(first + i) % len(self._members) for i in range(len(self._members))]
 
     def _call(
         self,
         rpc: Callable[[_Member], Callable[..., Reply]],
         request: object,
-        what: str,
+        what: Callable[[], str],
         *,
         write: bool,
         timeout: float | None = None,
     ) -> Reply:
         """Send ``request`` to the first member that takes it; fail over as far as it is
-        safe (see module doc). ``rpc`` picks the stub method of a member."""
+        safe (see module doc). ``rpc`` picks the stub method of a member; ``what``
+        words the request, called only to word an error."""
         deadline_s = timeout or self._timeout
-        failures: list[str] = []
-        for index in self._order():
+        preferred = self._preferred
+        try:
+            # The common case kept lean: every catalog read and write comes this way.
+            return rpc(self._members[preferred])(request, timeout=deadline_s)
+        except grpc.RpcError as exc:
+            failures = [self._failed(self._members[preferred], exc, what, write, deadline_s)]
+        for index in self._order(preferred)[1:]:
             member = self._members[index]
             try:
                 reply = rpc(member)(request, timeout=deadline_s)
             except grpc.RpcError as exc:
-                code, detail = _status(exc)
-                if code not in _OUTAGE:
-                    raise _EtcdRefused(what, code, detail) from exc
-                problem = self._describe(code, detail, deadline_s)
-                if write and not _never_sent(code, detail):
-                    message = self._unknown_outcome(member, detail, problem, what)
-                    raise StoreUnavailable(message) from exc
-                failures.append(f"{member.endpoint}: {problem}")
+                failures.append(self._failed(member, exc, what, write, deadline_s))
                 continue
             self._preferred = index
             return reply
         raise StoreUnavailable(
-            f"no etcd member of {self._described} could serve {what} "
+            f"no etcd member of {self._described} could serve {what()} "
             f"({'; '.join(failures)}); nothing was written: check that etcd runs, "
             "is reachable and has quorum, then retry"
         )
+
+    def _failed(
+        self,
+        member: _Member,
+        exc: grpc.RpcError,
+        what: Callable[[], str],
+        write: bool,
+        deadline_s: float,
+    ) -> str:
+        """Why ``member`` could not serve, when another member may be tried; raises
+        when none may (etcd refused the request, or a write may have applied)."""
+        code, detail = _status(exc)
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED and detail.startswith(_SERVER_SAYS):
+            raise _resources_refused(member.endpoint, what(), detail) from exc
+        if code not in _OUTAGE:
+            raise _EtcdRefused(what(), code, detail) from exc
+        problem = self._describe(code, detail, deadline_s)
+        if write and not _never_sent(code, detail):
+            raise StoreUnavailable(self._unknown_outcome(member, detail, problem, what())) from exc
+        return f"{member.endpoint}: {problem}"
 
     def _unknown_outcome(self, member: _Member, detail: str, problem: str, what: str) -> str:
         if detail.startswith(_SERVER_SAYS):
@@ -331,7 +374,7 @@ class EtcdStore(CatalogStore):
         reply = self._call(
             lambda m: m.kv.Range,
             rpc_pb2.RangeRequest(key=key.encode()),
-            f"read of {key!r}",
+            lambda: f"read of {key!r}",
             write=False,
         )
         return _record(reply.kvs[0]) if reply.kvs else None
@@ -340,7 +383,7 @@ class EtcdStore(CatalogStore):
         reply = self._call(
             lambda m: m.kv.Range,
             _range_request(prefix, start_after, limit),
-            f"list of {prefix!r}",
+            lambda: f"list of {prefix!r}",
             write=False,
         )
         return Page(tuple(_record(kv) for kv in reply.kvs), reply.header.revision, reply.more)
@@ -349,7 +392,7 @@ class EtcdStore(CatalogStore):
         reply: rpc_pb2.RangeResponse = self._call(
             lambda m: m.kv.Range,
             rpc_pb2.RangeRequest(key=b"\0", count_only=True),
-            "revision read",
+            lambda: "revision read",
             write=False,
         )
         return reply.header.revision
@@ -368,7 +411,7 @@ class EtcdStore(CatalogStore):
             ],
         )
         reply: rpc_pb2.TxnResponse = self._call(
-            lambda m: m.kv.Txn, request, what, write=bool(success)
+            lambda m: m.kv.Txn, request, lambda: what, write=bool(success)
         )
         if reply.succeeded or not compares:
             return reply
@@ -387,7 +430,7 @@ class EtcdStore(CatalogStore):
             self._call(
                 lambda m: m.kv.Compact,
                 rpc_pb2.CompactionRequest(revision=revision),
-                f"compaction to {revision}",
+                lambda: f"compaction to {revision}",
                 write=True,
             )
         except _EtcdRefused as exc:
@@ -412,7 +455,7 @@ class EtcdStore(CatalogStore):
         """A Watch stream on the first member that confirms the watch, and that
         confirmation (see module doc)."""
         failures: list[str] = []
-        for index in self._order():
+        for index in self._order(self._preferred):
             member = self._members[index]
             stream = EtcdWatchStream(member, request)
             try:
@@ -441,7 +484,7 @@ class EtcdStore(CatalogStore):
         reply: rpc_pb2.LeaseGrantResponse = self._call(
             lambda m: m.lease.LeaseGrant,
             rpc_pb2.LeaseGrantRequest(TTL=ttl_s),
-            "lease grant",
+            lambda: "lease grant",
             write=True,
         )
         return reply.ID
@@ -466,7 +509,7 @@ class EtcdStore(CatalogStore):
         reply: rpc_pb2.LeaseKeepAliveResponse = self._call(
             refresh,
             rpc_pb2.LeaseKeepAliveRequest(ID=lease),
-            "lease keepalive",
+            lambda: "lease keepalive",
             write=False,
             timeout=timeout,
         )
@@ -477,7 +520,7 @@ class EtcdStore(CatalogStore):
             self._call(
                 lambda m: m.lease.LeaseRevoke,
                 rpc_pb2.LeaseRevokeRequest(ID=lease),
-                "lease revoke",
+                lambda: "lease revoke",
                 write=True,
             )
 
@@ -486,7 +529,10 @@ class EtcdStore(CatalogStore):
 
     def ping(self) -> None:
         self._call(
-            lambda m: m.maintenance.Status, rpc_pb2.StatusRequest(), "health check", write=False
+            lambda m: m.maintenance.Status,
+            rpc_pb2.StatusRequest(),
+            lambda: "health check",
+            write=False,
         )
         self.revision()  # linearizable: fails without quorum
 

@@ -107,10 +107,18 @@ class EtcdMember:
 class EtcdCluster:
     """``size`` etcd members on 127.0.0.1, started by :meth:`start`."""
 
-    def __init__(self, base: Path, size: int = 1, tls: EtcdTls | None = None) -> None:
+    def __init__(
+        self,
+        base: Path,
+        size: int = 1,
+        tls: EtcdTls | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        """``extra_args``: more etcd flags for every member (a test's own limits)."""
         assert ETCD is not None, SKIP_REASON
         self.base = base
         self.tls = tls
+        self.extra_args = extra_args
         self._http = tls.session() if tls is not None else requests.Session()
         self.token = f"ferry-test-{uuid.uuid4().hex[:8]}"
         ports = _free_ports(2 * size)
@@ -154,6 +162,7 @@ class EtcdCluster:
             "--logger=zap",
             "--log-level=warn",
             *self._tls_argv(),
+            *self.extra_args,
         ]
 
     def _tls_argv(self) -> list[str]:
