@@ -84,7 +84,7 @@ from csi_driver.faults import crash_point
 from csi_driver.kube.events import LoggingSink, MobilityEvents, VolumeRef
 from csi_driver.metrics import observe_move
 from csi_driver.reconcile.informer import Informer
-from csi_driver.reconcile.runner import Runner, Source, strip_prefix
+from csi_driver.reconcile.runner import KeyMap, Runner, Source, strip_prefix
 from csi_driver.reconcile.wait import wait_for
 from csi_driver.store.base import ABSENT, Compare, Record
 from csi_driver.store.catalog import Catalog
@@ -499,19 +499,39 @@ class MoveRequests:
         )
 
 
+def move_work(specs: Informer) -> KeyMap:
+    """The volume a node's status concerns, when ``specs`` (the move specs' informer)
+    holds a move of it.
+
+    Every other volume's status change, and the resync over every cached
+    status, then costs no catalog read: with 10,000 volumes that resync alone
+    read 1,000 keys a second. A move requested after its status was reported
+    is still seen: its spec's own event queues the volume.
+    """
+
+    def to_work(key: str) -> str | None:
+        volume_id = volume_of_key(key)
+        if volume_id is None or specs.get(move_spec_key(volume_id)) is None:
+            return None
+        return volume_id
+
+    return to_work
+
+
 def move_runner(
     catalog: Catalog,
     intents: ImageIntents,
     lost_after_s: float = NODE_LOST_AFTER_S,
     events: MobilityEvents | None = None,
 ) -> Runner:
+    specs = Informer(catalog.store, MOVE_SPECS)
     return Runner(
         "moves",
         MoveReconciler(catalog, intents, MoveObserver(catalog, events), lost_after_s=lost_after_s),
         [
-            Source(Informer(catalog.store, MOVE_SPECS), strip_prefix(MOVE_SPECS)),
-            Source(Informer(catalog.store, IMAGE_STATUSES), volume_of_key),
-            Source(Informer(catalog.store, EXPORT_STATUSES), volume_of_key),
+            Source(specs, strip_prefix(MOVE_SPECS)),
+            Source(Informer(catalog.store, IMAGE_STATUSES), move_work(specs)),
+            Source(Informer(catalog.store, EXPORT_STATUSES), move_work(specs)),
         ],
         workers=2,
         resync_s=10.0,

@@ -51,6 +51,7 @@ from csi_driver.core.records import (
     ImageStatus,
     TransferPhase,
     TransferStatus,
+    decode,
     export_status_key,
     image_spec_key,
     image_specs_on,
@@ -68,7 +69,7 @@ from csi_driver.node.reconcile.exports import (
 from csi_driver.pki import Identity
 from csi_driver.reconcile.informer import Informer
 from csi_driver.reconcile.report import report
-from csi_driver.reconcile.runner import Runner, Source, strip_prefix
+from csi_driver.reconcile.runner import KeyMap, Runner, Source, strip_prefix
 from csi_driver.store.base import CatalogStore
 from csi_driver.store.records import Versioned, put, read
 from csi_driver.transfer.progress import Progress
@@ -343,6 +344,32 @@ def _encode(record: TransferStatus) -> bytes:
     return put(record).value
 
 
+def replica_work(specs: Informer, node_id: str, to_volume: KeyMap = volume_of_key) -> KeyMap:
+    """The volume a key concerns, when this node's cached spec of it is a replica.
+
+    The reconciler does nothing for any other volume, so their changes, and
+    the resync over every spec of the node (10,000 of them on a full node),
+    cost no catalog read. A spec that becomes a replica later is queued by its
+    own change; a spec that does not decode is queued, for the reconciler to
+    meet the error.
+    """
+
+    def to_work(key: str) -> str | None:
+        volume_id = to_volume(key)
+        if volume_id is None:
+            return None
+        cached = specs.get(image_spec_key(node_id, volume_id))
+        if cached is None:
+            return None
+        try:
+            role = decode(ImageSpec, cached.value).role
+        except FerryError:
+            return volume_id
+        return volume_id if role is ImageRole.REPLICA else None
+
+    return to_work
+
+
 def replica_runner(
     store: CatalogStore,
     agent: NodeAgent,
@@ -353,12 +380,13 @@ def replica_runner(
 ) -> Runner:
     """A runner over this node's image specs and every node's export statuses."""
     specs = image_specs_on(agent.node_id)
+    cache = Informer(store, specs)
     return Runner(
         f"replicas:{agent.node_id}",
         ReplicaReconciler(store, agent, security),
         [
-            Source(Informer(store, specs), strip_prefix(specs)),
-            Source(Informer(store, EXPORT_STATUSES), volume_of_key),
+            Source(cache, replica_work(cache, agent.node_id, strip_prefix(specs))),
+            Source(Informer(store, EXPORT_STATUSES), replica_work(cache, agent.node_id)),
         ],
         workers=workers,
         resync_s=resync_s,
