@@ -55,7 +55,7 @@ from csi_driver.metrics import observe_failover
 from csi_driver.reconcile.informer import Informer
 from csi_driver.reconcile.runner import Runner, Source, strip_prefix
 from csi_driver.store.catalog import VOLUMES, Catalog
-from csi_driver.store.records import Versioned, put, read
+from csi_driver.store.records import Versioned, from_stored, put, read
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,12 @@ class FailoverReconciler:
         clock: Callable[[], float] = time.time,
         events: MobilityEvents | None = None,
         readings: NodeReadings | None = None,
+        fences: Informer | None = None,
     ) -> None:
+        """``fences``: the runner's informer of fence statuses, read instead of the
+        store (a fence the cache does not hold yet queues this volume again when
+        it arrives); None reads the store."""
+        self._fences = fences
         self._events = events or MobilityEvents(LoggingSink())
         self._catalog = catalog
         self._intents = intents
@@ -111,17 +116,24 @@ class FailoverReconciler:
 
     def _lost(self, volume: Volume) -> Lost | None:
         """Whether the volume's primary is lost: its node, or a forced detach from it."""
-        fence = read(self._catalog.store, FenceStatus, fence_status_key(volume.volume_id))
-        node = self._catalog.get_node(volume.primary_node)
+        key = fence_status_key(volume.volume_id)
+        fence = (
+            read(self._catalog.store, FenceStatus, key)
+            if self._fences is None
+            else from_stored(FenceStatus, self._fences.get(key))
+        )
         if (
             fence is not None
             and fence.value.node_id == volume.primary_node
             and fence.value.epoch == volume.epoch
+        ):
+            # Read only with a fence of this primary (most volumes have none): on etcd
+            # every read is a round trip, and the readings read the node anyway.
+            node = self._catalog.get_node(volume.primary_node)
             # A node heard from since it was declared lost is back: the fence stays
             # (its old attachment can never stage) but is no reason to fail over.
-            and (node is None or node.heartbeat_at <= fence.value.at)
-        ):
-            return Lost(fence.value.at, f"force-detached from node {fence.value.node_id}")
+            if node is None or node.heartbeat_at <= fence.value.at:
+                return Lost(fence.value.at, f"force-detached from node {fence.value.node_id}")
         return self._readings.lost(volume.primary_node)
 
     def _promote(self, volume_read: Versioned[Volume], now: float, lost_at: Lost) -> None:
@@ -203,13 +215,16 @@ def failover_runner(
     ``lost_after_s`` while some node is lost (a node falling silent writes nothing,
     so only the clock tells; while every node beats, that look would find nothing
     to do, at the cost of reading every volume)."""
+    fences = Informer(catalog.store, FENCE_STATUSES)
     return Runner(
         "failover",
-        FailoverReconciler(catalog, intents, lost_after_s, events=events, readings=readings),
+        FailoverReconciler(
+            catalog, intents, lost_after_s, events=events, readings=readings, fences=fences
+        ),
         [
             Source(Informer(catalog.store, VOLUMES), strip_prefix(VOLUMES)),
             # A forced detach (a fence) is a loss at once: act on it without a poll.
-            Source(Informer(catalog.store, FENCE_STATUSES), strip_prefix(FENCE_STATUSES)),
+            Source(fences, strip_prefix(FENCE_STATUSES)),
         ],
         workers=1,
         resync_s=max(1.0, lost_after_s / 3),

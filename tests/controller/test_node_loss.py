@@ -11,6 +11,7 @@ exactly what :class:`csi_driver.kube.api.KubeNodes` returns in a cluster
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +32,7 @@ from csi_driver.core.model import (
     VolumeState,
 )
 from csi_driver.core.records import (
+    FENCE_STATUSES,
     FailoverStatus,
     FenceStatus,
     ImagePhase,
@@ -43,6 +45,7 @@ from csi_driver.core.records import (
     image_spec_key,
 )
 from csi_driver.kube.nodes import NodeFacts, NodeState, Taint, readiness
+from csi_driver.reconcile.informer import Informer
 from csi_driver.store.catalog import Catalog
 from csi_driver.store.records import put, read
 from csi_driver.store.sqlite import SqliteStore
@@ -98,14 +101,41 @@ def catalog(tmp_path: Path) -> Iterator[Catalog]:
         store.close()
 
 
-def _reconciler(catalog: Catalog, kube: NodeState | None) -> FailoverReconciler:
+def _reconciler(
+    catalog: Catalog, kube: NodeState | None, fences: Informer | None = None
+) -> FailoverReconciler:
     def node_state(name: str) -> NodeState | None:
         return kube if name == "node-1" else None
 
     readings = NodeReadings(catalog, LOST_AFTER_S, node_state, clock=lambda: NOW)
     return FailoverReconciler(
-        catalog, ImageIntents(catalog), LOST_AFTER_S, clock=lambda: NOW, readings=readings
+        catalog,
+        ImageIntents(catalog),
+        LOST_AFTER_S,
+        clock=lambda: NOW,
+        readings=readings,
+        fences=fences,
     )
+
+
+@pytest.fixture(params=["store", "cache"])
+def fences(request: pytest.FixtureRequest, catalog: Catalog) -> Iterator[Informer | None]:
+    """Fences read from the store, or from the failover runner's informer."""
+    if request.param == "store":
+        yield None
+        return
+    informer = Informer(catalog.store, FENCE_STATUSES, poll_s=0.05)
+    informer.start()
+    assert informer.wait_synced(10)
+    yield informer
+    informer.stop()
+
+
+def _caught_up(fences: Informer | None, revision: int) -> None:
+    deadline = time.monotonic() + 10
+    while fences is not None and fences.revision < revision:
+        assert time.monotonic() < deadline, "the fence informer never saw the fence"
+        time.sleep(0.01)
 
 
 def _failovers() -> tuple[float, float]:
@@ -148,11 +178,14 @@ def test_a_live_agent_is_not_failed_over_without_the_operator(
     assert catalog.store.get(failover_status_key(VOL)) is None
 
 
-def test_a_fence_is_a_loss_until_the_node_is_heard_from_again(catalog: Catalog) -> None:
+def test_a_fence_is_a_loss_until_the_node_is_heard_from_again(
+    catalog: Catalog, fences: Informer | None
+) -> None:
     # ControllerUnpublishVolume fenced the volume off node-1 (declared lost at NOW - 10);
     # node-1's agent has beaten since: it is back, and nothing fails over.
-    catalog.store.put(fence_status_key(VOL), encode(FenceStatus(VOL, "node-1", 1, NOW - 10)))
-    _reconciler(catalog, None)(VOL)
+    fenced = FenceStatus(VOL, "node-1", 1, NOW - 10)
+    _caught_up(fences, catalog.store.put(fence_status_key(VOL), encode(fenced)))
+    _reconciler(catalog, None, fences)(VOL)
     assert catalog.require_volume(VOL).primary_node == "node-1"
 
     # Not heard from since (20 s of silence: not lost by heartbeat alone): the fence
@@ -161,7 +194,7 @@ def test_a_fence_is_a_loss_until_the_node_is_heard_from_again(catalog: Catalog) 
     assert node is not None
     catalog.register_node(replace(node, heartbeat_at=NOW - 20))
     count, total = _failovers()
-    _reconciler(catalog, None)(VOL)
+    _reconciler(catalog, None, fences)(VOL)
     volume = catalog.require_volume(VOL)
     assert (volume.primary_node, volume.epoch) == ("node-2", 2)
     after_count, after_total = _failovers()
