@@ -38,6 +38,7 @@ like the names claims carry (see :mod:`.claims`).
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -208,13 +209,15 @@ class PackBuilder:
 
     The bytes go into ``buffer`` (reused from pack to pack by the caller), or a
     new one of ``capacity``; a pack that outgrows it moves to a larger one.
+    Buffers are anonymous maps: page-aligned, so a directory target writes the
+    pack with O_DIRECT (see :func:`~csi_driver.backup.targets._write_file`).
     """
 
-    def __init__(self, key: BackupKey, buffer: bytearray | None, capacity: int) -> None:
+    def __init__(self, key: BackupKey, buffer: mmap.mmap | None, capacity: int) -> None:
         self._key = key
         self.pack_id = new_pack_id()
         self.entries: list[Entry] = []
-        self.buffer = buffer if buffer is not None else bytearray(capacity)
+        self.buffer = buffer if buffer is not None else mmap.mmap(-1, capacity)
         self._length = 0
 
     def __len__(self) -> int:
@@ -223,7 +226,7 @@ class PackBuilder:
     def _append(self, data: Blob) -> None:
         end = self._length + len(data)
         if end > len(self.buffer):  # rare: a new buffer, never a resize of a shared one
-            grown = bytearray(max(end, 2 * len(self.buffer)))
+            grown = mmap.mmap(-1, max(end, 2 * len(self.buffer)))
             grown[: self._length] = memoryview(self.buffer)[: self._length]
             self.buffer = grown
         self.buffer[self._length : end] = data

@@ -347,16 +347,32 @@ class FilesystemTarget:
                 path.parent.rmdir()
 
 
+#: O_DIRECT wants buffer addresses, offsets and lengths aligned to the device's blocks.
+DIRECT_ALIGN = 4096
+
+
 def _write_file(path: Path, parts: Sequence[Blob], *, sync: bool) -> int:
-    """Write ``parts`` to a new file at ``path`` in as few calls as the kernel allows."""
+    """Write ``parts`` to a new file at ``path`` in as few calls as the kernel allows.
+
+    A single page-aligned part (a pack, built in an anonymous map) goes to the
+    disk with O_DIRECT but for its last partial page: through the page cache a
+    pack cost 1 to 2 s of kernel CPU per GiB written (copying into cache pages
+    and reclaiming them on a machine short of free memory), more than sealing
+    it, and its fsync waited for all of it; direct, a few hundredths, and the
+    fsync that still makes it durable (size, extents, the disk's cache) is
+    quick. Anything else, or a filesystem refusing O_DIRECT, is written as is.
+    """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         views = [memoryview(part).cast("B") for part in parts]
         total = sum(len(view) for view in views)
-        written = 0
+        if len(views) == 1 and len(views[0]) >= DIRECT_ALIGN:
+            direct = _write_direct(path, views[0][: len(views[0]) // DIRECT_ALIGN * DIRECT_ALIGN])
+            if direct:
+                views = [views[0][direct:]] if direct < len(views[0]) else []
+                os.lseek(fd, direct, os.SEEK_SET)
         while views:
             done = os.writev(fd, views)
-            written += done
             while views and done >= len(views[0]):
                 done -= len(views[0])
                 views.pop(0)
@@ -367,6 +383,31 @@ def _write_file(path: Path, parts: Sequence[Blob], *, sync: bool) -> int:
     finally:
         os.close(fd)
     return total
+
+
+def _write_direct(path: Path, view: memoryview) -> int:
+    """Write as much of ``view`` (a whole number of pages) at the start of ``path`` with
+    O_DIRECT as the kernel takes aligned; how many bytes (0 when it refuses: the
+    buffer is not aligned, or the filesystem has no direct I/O, as tmpfs)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return 0
+        raise
+    done = 0
+    try:
+        while done < len(view):
+            written = os.write(fd, view[done:])
+            done += written
+            if not written or written % DIRECT_ALIGN:
+                break  # a short, unaligned write: the buffered path finishes
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
+    return done
 
 
 def _fsync_path(path: Path) -> None:
