@@ -64,6 +64,9 @@ ZSTD_LEVEL = 1
 #: A block whose first 8 KiB do not shrink by 3% is stored as is: random or
 #: already compressed data skips zstd's full pass.
 _SAMPLE = 8 * 1024
+#: A record's associated data starts with these, by its flags (built once, not per block).
+_AAD_PREFIX = {flags: _RECORD_AAD + bytes([flags]) for flags in (0, _ZSTD)}
+_HEAD = 1 + NONCE_BYTES  # flags and nonce, before the ciphertext
 _ENTRY = struct.Struct(">32sIII")
 _COUNT = struct.Struct(">32sI")
 TRAILER = struct.Struct(">I4s")
@@ -117,12 +120,12 @@ class BlockCodec:
         compressed = self._compressed(data)
         flags, payload = (0, data) if compressed is None else (_ZSTD, compressed)
         nonce = os.urandom(NONCE_BYTES)
-        aad = _RECORD_AAD + bytes([flags]) + block_id
-        head = 1 + NONCE_BYTES
-        stored = head + len(payload) + TAG_BYTES
+        stored = _HEAD + len(payload) + TAG_BYTES
         out[0] = flags
-        out[1:head] = nonce
-        self._key.block_cipher.encrypt_into(nonce, payload, aad, out[head:stored])
+        out[1:_HEAD] = nonce
+        self._key.block_cipher.encrypt_into(
+            nonce, payload, _AAD_PREFIX[flags] + block_id, out[_HEAD:stored]
+        )
         return stored
 
     def open_into(self, entry: Entry, record: memoryview, digest: bytes, into: memoryview) -> None:
@@ -237,6 +240,16 @@ class PackBuilder:
         self._append(record)
         self.entries.append(entry)
         return entry
+
+    def add_run(self, records: Blob, blocks: list[tuple[bytes, int, int, int]]) -> None:
+        """Append ``records``, the records of ``blocks`` one after another (block id,
+        offset in ``records``, stored length, block length each), in one copy."""
+        base = self._length
+        self._append(records)
+        self.entries.extend(
+            Entry(block_id, base + offset, stored, length)
+            for block_id, offset, stored, length in blocks
+        )
 
     def close(self) -> tuple[memoryview, bytes]:
         """The pack's bytes (a view of :attr:`buffer`) and its sealed index (also at the

@@ -469,10 +469,8 @@ class _Run:
 
     def _land(self, sealed: Sealed) -> None:
         self.bytes_read += sealed.bytes_read
-        out = memoryview(sealed.out)
-        for block_id, offset, stored, length in sealed.records:
-            self.packs.add(block_id, out[offset : offset + stored], length)
-            self.progress.advance(length)
+        self.packs.add_sealed(sealed.out, sealed.records)
+        self.progress.advance(sum(record[3] for record in sealed.records))
         self.workers.give_output(sealed.out)
 
     def _submit(self, future: Future[Sealed]) -> None:

@@ -280,15 +280,47 @@ class PackWriter:
         self.blocks = 0
         self.stored_bytes = 0
 
-    def add(self, block_id: bytes, record: Blob, length: int) -> None:
+    def _open(self) -> PackBuilder:
         if self._builder is None:
             buffer = self._free.pop() if self._free else None
             self._builder = PackBuilder(self._key, buffer, self._pack_bytes + self._pack_bytes // 8)
-        self._builder.add(block_id, record, length)
+        return self._builder
+
+    def add(self, block_id: bytes, record: Blob, length: int) -> None:
+        builder = self._open()
+        builder.add(block_id, record, length)
         self.blocks += 1
         self.stored_bytes += len(record)
-        if len(self._builder) >= self._pack_bytes:
+        if len(builder) >= self._pack_bytes:
             self._close()
+
+    def add_sealed(self, out: Blob, records: list[tuple[bytes, int, int, int]]) -> None:
+        """Add ``records`` (block id, offset in ``out``, stored length, block length
+        each; laid one after another in ``out``), a pack's worth per copy: packs
+        close where :meth:`add` would close them, one block past ``pack_bytes``."""
+        view = memoryview(out)
+        start = 0
+        while start < len(records):
+            builder = self._open()
+            room = self._pack_bytes - len(builder)
+            first = records[start][1]
+            end = start
+            while end < len(records):
+                _, offset, stored, _ = records[end]
+                end += 1
+                if offset + stored - first >= room:
+                    break
+            last = records[end - 1]
+            run = [
+                (i, offset - first, stored, length)
+                for i, offset, stored, length in records[start:end]
+            ]
+            builder.add_run(view[first : last[1] + last[2]], run)
+            self.blocks += end - start
+            self.stored_bytes += last[1] + last[2] - first
+            if len(builder) >= self._pack_bytes:
+                self._close()
+            start = end
 
     def _close(self) -> None:
         builder, self._builder = self._builder, None
