@@ -380,14 +380,21 @@ class Repository:
                     f"pack {first.pack_id.hex()} (chunk {index}) is missing from "
                     f"{self.target.description}; the backup cannot be restored whole"
                 ) from None
-            for block, block_digest, where in run:
-                at = where.entry.offset - start
-                codec.open_into(
-                    where.entry,
-                    data[at : at + where.entry.stored],
-                    block_digest,
-                    view[block * BLOCK_SIZE : block * BLOCK_SIZE + where.entry.length],
-                )
+            codec.open_many(
+                [
+                    (
+                        where.entry,
+                        data[
+                            where.entry.offset - start : where.entry.offset
+                            - start
+                            + where.entry.stored
+                        ],
+                        block_digest,
+                        view[block * BLOCK_SIZE : block * BLOCK_SIZE + where.entry.length],
+                    )
+                    for block, block_digest, where in run
+                ]
+            )
             run.clear()
 
         for block, block_digest in enumerate(split_digests(digests)):

@@ -349,13 +349,17 @@ class FilesystemTarget:
 
 #: O_DIRECT wants buffer addresses, offsets and lengths aligned to the device's blocks.
 DIRECT_ALIGN = 4096
+#: Objects smaller than this (indexes, manifests, claims), or immutable (``bytes``,
+#: never aligned on purpose), are not worth a direct write: the attempt costs a
+#: synchronous disk write or a refused one on the backup's driving thread.
+_DIRECT_MIN = 64 * DIRECT_ALIGN
 
 
 def _write_file(path: Path, parts: Sequence[Blob], *, sync: bool) -> int:
     """Write ``parts`` to a new file at ``path`` in as few calls as the kernel allows.
 
-    A single page-aligned part (a pack, built in an anonymous map) goes to the
-    disk with O_DIRECT but for its last partial page: through the page cache a
+    A single large, writable, page-aligned part (a pack, built in an anonymous
+    map) goes to the disk with O_DIRECT but for its last partial page: through the page cache a
     pack cost 1 to 2 s of kernel CPU per GiB written (copying into cache pages
     and reclaiming them on a machine short of free memory), more than sealing
     it, and its fsync waited for all of it; direct, a few hundredths, and the
@@ -366,7 +370,7 @@ def _write_file(path: Path, parts: Sequence[Blob], *, sync: bool) -> int:
     try:
         views = [memoryview(part).cast("B") for part in parts]
         total = sum(len(view) for view in views)
-        if len(views) == 1 and len(views[0]) >= DIRECT_ALIGN:
+        if len(views) == 1 and len(views[0]) >= _DIRECT_MIN and not views[0].readonly:
             direct = _write_direct(path, views[0][: len(views[0]) // DIRECT_ALIGN * DIRECT_ALIGN])
             if direct:
                 views = [views[0][direct:]] if direct < len(views[0]) else []

@@ -166,13 +166,7 @@ class ChunkWorkers:
         codec = self._codecs.get()
         out = self._outputs.take()
         try:
-            view = memoryview(out)
-            records = []
-            at = 0
-            for block_id, data in blocks:
-                stored = codec.seal_into(block_id, data, view[at:])
-                records.append((block_id, at, stored, len(data)))
-                at += stored
+            records = codec.seal_many(list(blocks), memoryview(out))
             return Sealed(index, bytes_read, out, records)
         except BaseException:
             self._outputs.give(out)
