@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from csi_driver.backup.collection import collect_garbage
 from csi_driver.backup.format import (
@@ -22,7 +23,7 @@ from csi_driver.backup.format import (
     seal_manifest,
 )
 from csi_driver.backup.keys import BackupKey
-from csi_driver.backup.packs import PackBuilder
+from csi_driver.backup.packs import RECORD_OVERHEAD, BlockCodec, Entry, PackBuilder
 from csi_driver.backup.repository import (
     CONFIG,
     MANIFESTS,
@@ -205,3 +206,68 @@ def test_an_image_ending_in_a_short_block_round_trips(repo: Repository, tmp_path
     assert (again.blocks_uploaded, again.bytes_deduplicated) == (0, image.stat().st_size)
     restored = restore_image(repo, again.backup.backup_id, tmp_path / "restored")
     assert digest(restored.path) == digest(image)
+
+
+def _blocks(count: int) -> list[bytes]:
+    """Alternately random and compressible 64 KiB blocks, and a short last one."""
+    text = b"".join(b"%08d GET /items?id=%d 200\n" % (i, i * 7919) for i in range(4000))
+    blocks = [os.urandom(BLOCK_SIZE) if i % 2 else text[:BLOCK_SIZE] for i in range(count)]
+    return [*blocks, text[:1000]]
+
+
+def test_blocks_sealed_together_open_together_byte_for_byte(key: BackupKey) -> None:
+    codec = BlockCodec(key)
+    blocks = _blocks(6)
+    ids = [key.block_id(hashlib.sha256(block).digest()) for block in blocks]
+    out = bytearray(sum(len(block) + RECORD_OVERHEAD for block in blocks))
+    records = codec.seal_many(list(zip(ids, blocks, strict=True)), memoryview(out))
+    flags = [out[offset] for _, offset, _, _ in records]
+    assert flags == [1, 0, 1, 0, 1, 0, 1]  # text compressed, random stored as is
+    restored = [bytearray(len(block)) for block in blocks]
+    codec.open_many(
+        [
+            (
+                Entry(block_id, offset, stored, length),
+                memoryview(out)[offset : offset + stored],
+                hashlib.sha256(block).digest(),
+                memoryview(into),
+            )
+            for (block_id, offset, stored, length), block, into in zip(
+                records, blocks, restored, strict=True
+            )
+        ]
+    )
+    assert restored == blocks
+
+
+@pytest.mark.parametrize(
+    ("length", "declared"),
+    [(BLOCK_SIZE - 1, True), (4 * BLOCK_SIZE, True), (4 * BLOCK_SIZE, False)],
+)
+def test_a_frame_declaring_another_length_is_refused_within_the_block(
+    key: BackupKey, length: int, declared: bool
+) -> None:
+    """A record sealed under the key (a bug, or a writer holding the key) whose zstd
+    frame declares another length than its index, or none, decompresses no further
+    than the index's length and is DataLoss, among well-formed neighbours."""
+    codec = BlockCodec(key)
+    good = _blocks(2)[0]
+    frame = zstandard.ZstdCompressor(write_content_size=declared).compress(bytes(length))
+    block_id = key.block_id(hashlib.sha256(good).digest())
+    nonce = os.urandom(12)
+    record = bytes([1]) + nonce + key.block_cipher.encrypt(nonce, frame, b"FBB2\x01" + block_id)
+    out = bytearray(len(good) + RECORD_OVERHEAD)
+    (sealed,) = codec.seal_many([(block_id, good)], memoryview(out))
+    entry = Entry(block_id, 0, len(record), BLOCK_SIZE)
+    into = [bytearray(BLOCK_SIZE), bytearray(BLOCK_SIZE)]
+    batch = [
+        (Entry(block_id, 0, sealed[2], BLOCK_SIZE), memoryview(out)[: sealed[2]]),
+        (entry, memoryview(record)),
+    ]
+    with pytest.raises(DataLoss, match=block_id.hex()):
+        codec.open_many(
+            [
+                (e, r, hashlib.sha256(good).digest(), memoryview(i))
+                for (e, r), i in zip(batch, into, strict=True)
+            ]
+        )
