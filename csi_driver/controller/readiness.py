@@ -19,7 +19,7 @@ Without a cluster the Kubernetes part is absent and Ferry's own view decides.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from csi_driver.core.model import NodeRecord
 from csi_driver.core.placement import NodeView
@@ -79,15 +79,22 @@ class NodeReadings:
             self._clock(),
         )
 
-    def views(self, accounts: Mapping[str, Versioned[NodeAccounting]]) -> list[NodeView]:
-        """Every registered node, what the catalog promised it, and its readiness."""
+    def views(
+        self,
+        accounts: Mapping[str, Versioned[NodeAccounting]],
+        nodes: Sequence[NodeRecord] | None = None,
+    ) -> list[NodeView]:
+        """Every registered node (or ``nodes``, registrations read already), what the
+        catalog promised it, and its readiness."""
         drained = self.drained()
         views = []
-        for node in self._catalog.list_nodes():
+        for node in self._catalog.list_nodes() if nodes is None else nodes:
             account = accounts.get(node.node_id)
             charged = account.value if account else NodeAccounting(node.node_id)
             state = self.state(node, node.node_id in drained)
             views.append(
-                NodeView(node, charged.promised_bytes, charged.volume_count, state.readiness)
+                NodeView(
+                    node, charged.promised_bytes, charged.volume_count, state.readiness, state.why
+                )
             )
         return views

@@ -236,10 +236,12 @@ class VolumeService:
         readings: NodeReadings | None = None,
     ) -> None:
         """``local``: the image reconciler of a node in this process (see ImageIntents).
-        ``readings``: what says a node is lost (a detach from it is fenced)."""
+        ``readings``: which nodes are ready for a new volume (not drained, silent or
+        lost, as for replicas) and which are lost (a detach from one is fenced)."""
         self._catalog = catalog
         self._images = ImageIntents(catalog, wait_s=wait_s, local=local)
-        self._fences = Fences(catalog, self._images, readings or NodeReadings(catalog))
+        self._readings = readings or NodeReadings(catalog)
+        self._fences = Fences(catalog, self._images, self._readings)
         self._moves = MoveRequests(catalog, wait_s=wait_s, clock=clock)
         self._clock = clock
         self._lock_timeout = lock_timeout_s
@@ -355,9 +357,9 @@ class VolumeService:
             for _ in range(_CAS_ATTEMPTS):
                 accounts = self._placement_accounts(fresh)
                 try:
-                    primary = choose_primary(
-                        self._node_views(accounts, self._placement_nodes(fresh)), size, requirement
-                    )
+                    # The readiness replica placement reads too: no drained or down node.
+                    views = self._readings.views(accounts, self._placement_nodes(fresh))
+                    primary = choose_primary(views, size, requirement)
                 except (ResourceExhausted, OutOfRange):
                     if fresh:
                         raise
