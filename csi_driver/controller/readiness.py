@@ -120,7 +120,12 @@ class NodeReadings:
             state = self.state(node, node.node_id in drained)
             views.append(
                 NodeView(
-                    node, charged.promised_bytes, charged.volume_count, state.readiness, state.why
+                    node,
+                    charged.promised_bytes,
+                    charged.volume_count,
+                    state.readiness,
+                    state.why,
+                    charged.snapshot_bytes,
                 )
             )
         return views

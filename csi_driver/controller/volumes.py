@@ -66,6 +66,7 @@ from csi_driver.core.placement import (
     accessible_segment,
     choose_primary,
     eligible,
+    snapshots_hold,
 )
 from csi_driver.core.records import ImageSpec, NodeAccounting
 from csi_driver.store.base import Put
@@ -750,6 +751,7 @@ class VolumeService:
                     raise ResourceExhausted(
                         f"node {node.node_id} has {view.free_bytes} bytes free; growing "
                         f"volume {volume_id} needs {growth} more"
+                        f"{snapshots_hold(view.snapshot_bytes, 'there')}"
                     )
 
             with self._placement:
@@ -843,5 +845,12 @@ class VolumeService:
         for node in self._catalog.list_nodes() if nodes is None else nodes:
             account = accounts.get(node.node_id)
             charged = account.value if account else NodeAccounting(node.node_id)
-            views.append(NodeView(node, charged.promised_bytes, charged.volume_count))
+            views.append(
+                NodeView(
+                    node,
+                    charged.promised_bytes,
+                    charged.volume_count,
+                    snapshot_bytes=charged.snapshot_bytes,
+                )
+            )
         return views

@@ -52,6 +52,8 @@ class NodeView:
     readiness: NodeReadiness = NodeReadiness.READY
     #: Why the node has that readiness ("drained (ferry drain)"...), for messages.
     why: str = ""
+    #: The part of ``provisioned_bytes`` that snapshot copies hold.
+    snapshot_bytes: int = 0
 
     @property
     def free_bytes(self) -> int:
@@ -92,15 +94,29 @@ def choose_primary(
                 f"({largest} bytes); request a smaller volume or add a larger node"
             )
         best = max(c.free_bytes for c in candidates)
+        held = sum(c.snapshot_bytes for c in candidates)
         raise ResourceExhausted(
-            f"no Ferry node has {size_bytes} bytes free (most free: {best} bytes); "
-            "free space by deleting volumes or add nodes"
+            f"no Ferry node has {size_bytes} bytes free (most free: {best} bytes)"
+            f"{snapshots_hold(held, 'on the nodes that match')}; free space by deleting "
+            "volumes or add nodes"
         )
     for segment in preferred:
         for candidate in roomy:
             if candidate.node.topology.satisfies(segment):
                 return candidate.node
     return min(roomy, key=lambda c: (-c.free_bytes, c.node.node_id)).node
+
+
+def snapshots_hold(held_bytes: int, where: str) -> str:
+    """The part of a no-room message that says what snapshots hold ("" when nothing)."""
+    if not held_bytes:
+        return ""
+    # Snapshots are charged their volume's whole size (controller/snapshot_space.py),
+    # which an operator looking at a pool's used blocks would not guess.
+    return (
+        f"; snapshots hold {held_bytes} bytes of it {where} (each snapshot copy is charged "
+        "its volume's full size): delete the VolumeSnapshots no longer needed"
+    )
 
 
 #: How many unready nodes a placement error names (the rest are counted).
