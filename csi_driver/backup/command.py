@@ -12,11 +12,12 @@ failure exits 1 with what to do next.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from csi_driver.backup.repository import (
     Repository,
     RestoreResult,
     backup_image,
+    part_path,
     prune,
     restore_image,
     verify_backup,
@@ -38,7 +40,12 @@ from csi_driver.backup.repository import (
 from csi_driver.backup.retention import RetentionPolicy
 from csi_driver.backup.snapshots import backup_handle
 from csi_driver.backup.targets import open_target
-from csi_driver.backup.volumes import backup_volume, detect_fs_type, restore_volume
+from csi_driver.backup.volumes import (
+    backup_volume,
+    detect_fs_type,
+    pool_image,
+    restore_volume,
+)
 from csi_driver.chunks.manifest import DEFAULT_CHUNK_SIZE
 from csi_driver.core.errors import FailedPrecondition, FerryError, InvalidArgument
 from csi_driver.csi.client import CsiClient, block_capability, mount_capability
@@ -281,14 +288,44 @@ def _gc(args: argparse.Namespace) -> int:
 def _restore(args: argparse.Namespace) -> int:
     repo = _repo(args)
     if args.to is not None:
-        result = restore_image(repo, args.backup_id, args.to, progress=_progress(args))
+        with _resumable(args.to, args.backup_id):
+            result = restore_image(repo, args.backup_id, args.to, progress=_progress(args))
         _report_restore(result, str(args.to))
         return 0
     volume_id = args.volume_id or _create_volume(repo, args)
-    result = restore_volume(repo, args.backup_id, args.pool, volume_id, progress=_progress(args))
+    with _resumable(pool_image(args.pool, volume_id).path, args.backup_id):
+        result = restore_volume(
+            repo, args.backup_id, args.pool, volume_id, progress=_progress(args)
+        )
     _report_restore(result, f"volume {volume_id}")
     print(volume_id)
     return 0
+
+
+class _Interrupted(FerryError):
+    """Ctrl-C (SIGINT) during a restore."""
+
+
+@contextlib.contextmanager
+def _resumable(destination: Path, backup_id: str) -> Iterator[None]:
+    """A restore cut short (Ctrl-C, an error) says where what it restored waits and
+    how to resume from it (the same command keeps the chunks already right)."""
+    try:
+        yield
+    except (KeyboardInterrupt, FerryError) as exc:
+        what = "interrupted" if isinstance(exc, KeyboardInterrupt) else exc.message
+        try:
+            part = part_path(destination, backup_id)
+        except InvalidArgument:
+            part = None  # no such backup id: nothing was restored anywhere
+        if part is None or not part.exists():
+            if isinstance(exc, KeyboardInterrupt):
+                raise _Interrupted(what) from None
+            raise
+        raise _Interrupted(
+            f"{what}; the {part.stat().st_blocks * 512} bytes restored so far are kept in "
+            f"{part}: run the same command again to resume from them, or delete that file"
+        ) from None
 
 
 def _create_volume(repo: Repository, args: argparse.Namespace) -> str:
@@ -344,6 +381,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"backup key {key.key_id_hex} written to {args.out}; keep a copy off-cluster")
             return 0
         return _ACTIONS[args.backup_command](args)
+    except _Interrupted as exc:
+        print(f"ferry {name}: {exc.message}", file=sys.stderr)
+        return 130  # what a shell reports for a command ended by SIGINT
     except FerryError as exc:
         print(f"ferry {name}: {exc.message}", file=sys.stderr)
         return 1

@@ -742,8 +742,9 @@ def _read_chunks(
         yield index, data
 
 
-def _part_path(destination: Path, backup_id: str) -> Path:
-    return destination.with_name(f".{destination.name}.{backup_id}.part")
+def part_path(destination: Path, backup_id: str) -> Path:
+    """Where a restore of ``backup_id`` to ``destination`` lands until it is whole."""
+    return destination.with_name(f".{destination.name}.{check_backup_id(backup_id)}.part")
 
 
 @metrics.times_failures(metrics.BackupOperation.RESTORE)
@@ -776,7 +777,7 @@ def restore_image(
         )
     if destination.exists() and not replace:
         raise AlreadyExists(f"{destination} exists; restore to a new path")
-    part = _part_path(destination, backup_id)
+    part = part_path(destination, backup_id)
     fetched = kept_chunks = written = 0
     with Claim(repo.target, f"restore-{uuid.uuid4().hex[:12]}", grace_s=repo.grace_s) as claim:
         blocks = _claim_for_reading(repo, backup, claim)

@@ -28,7 +28,7 @@ from csi_driver.controller.failover import NODE_LOST_AFTER_S, failover_runner
 from csi_driver.controller.images import Deposed, ImageIntents
 from csi_driver.controller.moves import move_runner
 from csi_driver.controller.readiness import NodeReadings
-from csi_driver.controller.replication import replication_runner
+from csi_driver.controller.replication import replication_runners
 from csi_driver.kube.events import LoggingSink, MobilityEvents
 from csi_driver.metrics import CONTROLLER_LEADER
 from csi_driver.reconcile.runner import Runner
@@ -110,7 +110,7 @@ class Leadership:
         intents = ImageIntents(self._catalog, fence=self._election.fence)
         return [
             move_runner(self._catalog, intents, self._lost_after, self._events),
-            replication_runner(self._catalog, intents, self._events, self._readings),
+            *replication_runners(self._catalog, intents, self._events, self._readings),
             failover_runner(self._catalog, intents, self._lost_after, self._events, self._readings),
         ]
 

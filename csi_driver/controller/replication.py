@@ -35,15 +35,17 @@ node/reconcile/exports.py). Invariants:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
 from csi_driver.controller.images import ImageIntents
-from csi_driver.controller.readiness import NodeReadings
+from csi_driver.controller.readiness import NodeReadings, readiness_runner
 from csi_driver.core.errors import Conflict, ResourceExhausted
 from csi_driver.core.model import Volume, VolumeState
 from csi_driver.core.params import Provisioning, StorageParameters, parse_parameters
 from csi_driver.core.placement import (
+    NodeReadiness,
     NodeView,
     ReplicaPlan,
     accessible_segment,
@@ -71,6 +73,7 @@ from csi_driver.core.records import (
     failover_status_key,
     fence_status_key,
     image_spec_key,
+    image_specs_on,
     image_status_key,
     move_spec_key,
     move_status_key,
@@ -89,6 +92,7 @@ from csi_driver.metrics import (
     observe_replication,
 )
 from csi_driver.reconcile.informer import Informer
+from csi_driver.reconcile.queue import WorkQueue
 from csi_driver.reconcile.runner import Runner, Source, strip_prefix
 from csi_driver.store.base import Compare, Delete, Put
 from csi_driver.store.catalog import VOLUMES, Catalog
@@ -243,10 +247,27 @@ class ReplicationReconciler:
         self._clock = clock
         self._events = events or MobilityEvents(LoggingSink())
         self._readings = readings or NodeReadings(catalog, clock=clock)
+        # Volumes whose last plan found no node for some wanted replica: a node
+        # becoming ready wakes them (replication_runners), without a scan.
+        self._degraded: set[str] = set()
+        self._degraded_lock = threading.Lock()
+
+    def degraded(self) -> list[str]:
+        """The volumes whose last plan left wanted replicas without a node."""
+        with self._degraded_lock:
+            return sorted(self._degraded)
+
+    def _mark_degraded(self, volume_id: str, missing: int) -> None:
+        with self._degraded_lock:
+            if missing > 0:
+                self._degraded.add(volume_id)
+            else:
+                self._degraded.discard(volume_id)
 
     def __call__(self, volume_id: str) -> float | None:
         found = ready_volume(self._catalog, volume_id)
         if found is None:
+            self._mark_degraded(volume_id, 0)
             if self._catalog.read_volume(volume_id) is None:
                 self._forget(volume_id)
                 forget_volume(volume_id)
@@ -268,6 +289,7 @@ class ReplicationReconciler:
             if image.value.role is ImageRole.REPLICA and image.value.deleted
         ]
         if not replicas and not retiring and not wanted:
+            self._mark_degraded(volume_id, 0)
             self._report(volume, replicas, wanted, params.rpo_seconds)
             return None  # nothing to place, retire or export: no node or accounting read
         for image in retiring:
@@ -275,6 +297,7 @@ class ReplicationReconciler:
         replicas = self._unpin(volume, replicas)
         self._report(volume, replicas, wanted, params.rpo_seconds)
         plan = self._plan(volume, replicas, wanted, busy={i.value.node_id for i in retiring})
+        self._mark_degraded(volume_id, plan.missing)
         if plan.add:
             self._add(volume, plan.add)
             return 0.0  # look again at once: the export comes next
@@ -484,15 +507,58 @@ class ReplicationReconciler:
             return  # changed meanwhile: the next pass looks again
 
 
-def replication_runner(
+class NodeWakeups:
+    """What a node's readiness change wakes in the replication runner's ``queue``.
+
+    The volumes with a copy on the node (one list of its image specs) and, when
+    it became ready, the volumes ``reconciler`` left short of replicas: never a
+    scan of every volume. A node seen for the first time (a new leader, or a
+    node just registered) holds nothing that is not looked at already.
+    """
+
+    def __init__(
+        self, catalog: Catalog, reconciler: ReplicationReconciler, queue: WorkQueue
+    ) -> None:
+        self._catalog = catalog
+        self._reconciler = reconciler
+        self._queue = queue
+
+    def __call__(self, node_id: str, before: NodeReadiness | None, now: NodeReadiness) -> None:
+        woken: set[str] = set()
+        if before is not None:
+            found = self._catalog.store.list(image_specs_on(node_id))
+            woken.update(v for v in map(volume_of_key, (r.key for r in found)) if v)
+        if now is NodeReadiness.READY:
+            woken.update(self._reconciler.degraded())
+        if not woken:
+            return
+        log.info(
+            "node readiness changed: replicas re-planned",
+            extra={
+                "node": node_id,
+                "before": before.value if before else "unknown",
+                "readiness": now.value,
+                "volumes": len(woken),
+            },
+        )
+        for volume_id in sorted(woken):
+            self._queue.add(volume_id)
+
+
+def replication_runners(
     catalog: Catalog,
     intents: ImageIntents,
     events: MobilityEvents | None = None,
     readings: NodeReadings | None = None,
-) -> Runner:
-    return Runner(
+) -> list[Runner]:
+    """The replication runner, and the one that wakes it when a node's readiness
+    changes (drained or undrained, silent, lost, back, registered, removed): see
+    :class:`NodeWakeups`."""
+    readings = readings or NodeReadings(catalog)
+    reconciler = ReplicationReconciler(catalog, intents, events=events, readings=readings)
+    runner = Runner(
         "replication",
-        ReplicationReconciler(catalog, intents, events=events, readings=readings),
+        reconciler,
         [
             Source(Informer(catalog.store, VOLUMES), strip_prefix(VOLUMES)),
             Source(Informer(catalog.store, IMAGE_STATUSES), volume_of_key),
@@ -501,3 +567,4 @@ def replication_runner(
         workers=1,
         resync_s=30.0,
     )
+    return [runner, readiness_runner(readings, NodeWakeups(catalog, reconciler, runner.queue))]

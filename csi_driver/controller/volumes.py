@@ -66,6 +66,7 @@ from csi_driver.core.placement import (
     accessible_segment,
     choose_primary,
     eligible,
+    snapshots_hold,
 )
 from csi_driver.core.records import ImageSpec, NodeAccounting
 from csi_driver.store.base import Put
@@ -236,10 +237,12 @@ class VolumeService:
         readings: NodeReadings | None = None,
     ) -> None:
         """``local``: the image reconciler of a node in this process (see ImageIntents).
-        ``readings``: what says a node is lost (a detach from it is fenced)."""
+        ``readings``: which nodes are ready for a new volume (not drained, silent or
+        lost, as for replicas) and which are lost (a detach from one is fenced)."""
         self._catalog = catalog
         self._images = ImageIntents(catalog, wait_s=wait_s, local=local)
-        self._fences = Fences(catalog, self._images, readings or NodeReadings(catalog))
+        self._readings = readings or NodeReadings(catalog)
+        self._fences = Fences(catalog, self._images, self._readings)
         self._moves = MoveRequests(catalog, wait_s=wait_s, clock=clock)
         self._clock = clock
         self._lock_timeout = lock_timeout_s
@@ -355,9 +358,9 @@ class VolumeService:
             for _ in range(_CAS_ATTEMPTS):
                 accounts = self._placement_accounts(fresh)
                 try:
-                    primary = choose_primary(
-                        self._node_views(accounts, self._placement_nodes(fresh)), size, requirement
-                    )
+                    # The readiness replica placement reads too: no drained or down node.
+                    views = self._readings.views(accounts, self._placement_nodes(fresh))
+                    primary = choose_primary(views, size, requirement)
                 except (ResourceExhausted, OutOfRange):
                     if fresh:
                         raise
@@ -748,6 +751,7 @@ class VolumeService:
                     raise ResourceExhausted(
                         f"node {node.node_id} has {view.free_bytes} bytes free; growing "
                         f"volume {volume_id} needs {growth} more"
+                        f"{snapshots_hold(view.snapshot_bytes, 'there')}"
                     )
 
             with self._placement:
@@ -841,5 +845,12 @@ class VolumeService:
         for node in self._catalog.list_nodes() if nodes is None else nodes:
             account = accounts.get(node.node_id)
             charged = account.value if account else NodeAccounting(node.node_id)
-            views.append(NodeView(node, charged.promised_bytes, charged.volume_count))
+            views.append(
+                NodeView(
+                    node,
+                    charged.promised_bytes,
+                    charged.volume_count,
+                    snapshot_bytes=charged.snapshot_bytes,
+                )
+            )
         return views

@@ -50,6 +50,10 @@ class NodeView:
     provisioned_bytes: int
     volume_count: int
     readiness: NodeReadiness = NodeReadiness.READY
+    #: Why the node has that readiness ("drained (ferry drain)"...), for messages.
+    why: str = ""
+    #: The part of ``provisioned_bytes`` that snapshot copies hold.
+    snapshot_bytes: int = 0
 
     @property
     def free_bytes(self) -> int:
@@ -77,13 +81,10 @@ def choose_primary(
     preferred = requirement.preferred if requirement else ()
     # CSI: with no requisite, the preferred segments also bound where it may go.
     bound = requisite or preferred
-    candidates = [n for n in eligible(nodes, bound) if n.readiness is NodeReadiness.READY]
+    matching = eligible(nodes, bound)
+    candidates = [n for n in matching if n.readiness is NodeReadiness.READY]
     if not candidates:
-        raise ResourceExhausted(
-            "no ready Ferry node matches the volume's topology requirement; check that "
-            "the Ferry node DaemonSet runs, and its nodes are Ready, where the "
-            "StorageClass allows"
-        )
+        raise ResourceExhausted(_none_ready(matching))
     roomy = [c for c in candidates if c.free_bytes >= size_bytes]
     if not roomy:
         largest = max(c.node.capacity_bytes for c in candidates)
@@ -93,15 +94,52 @@ def choose_primary(
                 f"({largest} bytes); request a smaller volume or add a larger node"
             )
         best = max(c.free_bytes for c in candidates)
+        held = sum(c.snapshot_bytes for c in candidates)
         raise ResourceExhausted(
-            f"no Ferry node has {size_bytes} bytes free (most free: {best} bytes); "
-            "free space by deleting volumes or add nodes"
+            f"no Ferry node has {size_bytes} bytes free (most free: {best} bytes)"
+            f"{snapshots_hold(held, 'on the nodes that match')}; free space by deleting "
+            "volumes or add nodes"
         )
     for segment in preferred:
         for candidate in roomy:
             if candidate.node.topology.satisfies(segment):
                 return candidate.node
     return min(roomy, key=lambda c: (-c.free_bytes, c.node.node_id)).node
+
+
+def snapshots_hold(held_bytes: int, where: str) -> str:
+    """The part of a no-room message that says what snapshots hold ("" when nothing)."""
+    if not held_bytes:
+        return ""
+    # Snapshots are charged their volume's whole size (controller/snapshot_space.py),
+    # which an operator looking at a pool's used blocks would not guess.
+    return (
+        f"; snapshots hold {held_bytes} bytes of it {where} (each snapshot copy is charged "
+        "its volume's full size): delete the VolumeSnapshots no longer needed"
+    )
+
+
+#: How many unready nodes a placement error names (the rest are counted).
+_NAMED_NODES = 8
+
+
+def _none_ready(matching: Sequence[NodeView]) -> str:
+    """Why no node matching the topology can take a volume, and what the operator can do."""
+    if not matching:
+        return (
+            "no Ferry node matches the volume's topology requirement; check that the "
+            "Ferry node DaemonSet runs where the StorageClass's allowedTopologies allow"
+        )
+    ordered = sorted(matching, key=lambda n: n.node.node_id)
+    named = [f"{n.node.node_id} ({n.why or n.readiness.value})" for n in ordered[:_NAMED_NODES]]
+    if len(ordered) > _NAMED_NODES:
+        named.append(f"{len(ordered) - _NAMED_NODES} more")
+    return (
+        "no ready Ferry node matches the volume's topology requirement; the nodes that "
+        f"match are not ready: {', '.join(named)}. Undo a drain with `ferry drain NODE "
+        "--undo`, bring a silent node's Ferry agent (and its Kubernetes Node) back to "
+        "Ready, or allow other nodes in the StorageClass's allowedTopologies"
+    )
 
 
 def accessible_segment(node: NodeRecord) -> Topology:

@@ -553,8 +553,13 @@ class Pool:
         with self._created:
             while volume_id in self._creating:
                 self._created.wait()
-            self.image_path(volume_id).unlink(missing_ok=True)
+            image = self.image_path(volume_id)
+            image.unlink(missing_ok=True)
             self._meta_path(volume_id).unlink(missing_ok=True)
+            # An interrupted `ferry restore` into the volume waits beside its image
+            # (backup/repository.py part_path) for a retry that cannot come now.
+            for part in self.images_dir.glob(f".{image.name}.*.part"):
+                part.unlink(missing_ok=True)
             self._sizes.pop(volume_id, None)
             self._kinds.pop(volume_id, None)
         self._directory.sync()

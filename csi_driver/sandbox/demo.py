@@ -260,13 +260,17 @@ def _walk(demo: Demo, size: int) -> None:
 
     again = Workload(mounted / "journal-2")
     again.run_for(1.0)
-    demo.wait(
-        "node-1's replica to catch up",
-        lambda: next(
-            (r for r in demo.volume(volume_id)["replicas"] if r["lag_s"] and r["lag_s"] < 3),
-            None,
-        ),
-    )
+    stopped_at = time.time()
+
+    def caught_up() -> dict[str, Any] | None:
+        # A capture taken after the second workload stopped: its age (lag_s) is less
+        # than the time since. Not a fixed lag: on a loaded machine a round of
+        # capture and sync may always take longer than a few seconds.
+        since = time.time() - stopped_at  # before the read: its lag_s is older still
+        replicas = demo.volume(volume_id)["replicas"]
+        return next((r for r in replicas if r["lag_s"] is not None and r["lag_s"] < since), None)
+
+    demo.wait("node-1's replica to catch up", caught_up, timeout_s=120)
     demo.sandbox.kill("node-2")
     demo.say("node-2 killed (SIGKILL) with the volume mounted")
     demo.detach(volume_id, "node-2")  # Kubernetes' force detach (out-of-service taint)

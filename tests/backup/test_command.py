@@ -135,3 +135,66 @@ def test_s3_settings_from_a_mounted_secret(
         key,
     )
     assert missing.returncode == 1 and "create the bucket" in missing.stderr
+
+
+#: ``ferry restore`` whose progress sends the process SIGINT (the operator's Ctrl-C)
+#: once ``limit`` bytes are restored: mid-way, at a known point.
+CTRL_C_CHILD = """
+import os, signal, sys
+from csi_driver.backup import command
+from csi_driver.backup.repository import Progress
+from csi_driver.cli import main
+
+limit = int(sys.argv[1])
+
+
+class CtrlC(Progress):
+    done = 0
+
+    def advance(self, done_bytes):
+        self.done += done_bytes
+        if self.done >= limit:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+command._progress = lambda args: CtrlC()
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_an_interrupted_restore_says_where_it_waits_and_the_same_command_resumes(
+    tmp_path: Path,
+) -> None:
+    key, target, image = tmp_path / "key", tmp_path / "target", tmp_path / "image"
+    mixed_image(image, count=48)
+    common = ("--target", target, "--key-file", key)
+    assert ferry_here("backup", "keygen", "--out", key).returncode == 0
+    made = ferry_here(
+        "backup", "create", *common, "--image", image, "--name", "db", "--chunk-size", str(CHUNK)
+    )
+    assert made.returncode == 0, made.stderr
+    listed = ferry_here("backup", "list", *common, "--json")
+    backup_id = json.loads(listed.stdout.splitlines()[0])["backup_id"]
+    restored = tmp_path / "restored"
+    command = ("restore", backup_id, *common, "--to", restored)
+
+    child = subprocess.run(
+        [sys.executable, "-c", CTRL_C_CHILD, str(4 * CHUNK), *map(str, command)],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert child.returncode == 130, child.stderr
+    assert "Traceback" not in child.stderr
+    (part,) = tmp_path.glob(".restored.*.part")
+    assert f"interrupted; the {part.stat().st_blocks * 512} bytes" in child.stderr
+    assert f"kept in {part}: run the same command again to resume" in child.stderr
+    assert not restored.exists()
+
+    again = ferry_here(*command, "--quiet")
+    assert again.returncode == 0, again.stderr
+    kept = int(again.stdout.split(" kept from an earlier try")[0].rsplit(", ", 1)[1].split()[0])
+    assert kept >= 3  # the chunks the interrupted run wrote were not fetched again
+    assert restored.read_bytes() == image.read_bytes()
+    assert list(tmp_path.glob(".restored*")) == []

@@ -158,7 +158,7 @@ def test_a_deposed_leader_writes_nothing(
     assert stored is not None and stored.value.state is VolumeState.CREATING
 
 
-def _settled(collector: Collector, want: Sweep, timeout: float = 10.0) -> Sweep:
+def _settled(collector: Collector, want: Sweep, timeout: float = 60.0) -> Sweep:
     """Passes over what changed until one did ``want``'s work (the caches trail the store)."""
     ends = time.monotonic() + timeout
     while True:

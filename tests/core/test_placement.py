@@ -141,6 +141,23 @@ def test_primary_is_never_a_node_that_is_not_ready() -> None:
         choose_primary(nodes[:1], 50, None)
 
 
+def test_no_ready_requisite_node_names_each_node_and_why() -> None:
+    nodes = [
+        replace(view("a", 1000, readiness=LEAVING), why="drained (ferry drain)"),
+        replace(view("b", 1000, readiness=NOT_READY), why="Ferry agent silent for 25s"),
+        view("c", 1000),
+    ]
+    req = TopologyRequirement(requisite=(seg(node="a"), seg(node="b")))
+    with pytest.raises(ResourceExhausted) as caught:
+        choose_primary(nodes, 50, req)
+    message = caught.value.message
+    assert "a (drained (ferry drain)), b (Ferry agent silent for 25s)" in message
+    assert "c (" not in message and "ferry drain NODE --undo" in message
+    many = [view(f"n{i:02}", 1000, readiness=NOT_READY) for i in range(10)]
+    with pytest.raises(ResourceExhausted, match=r"n07 \(not-ready\), 2 more\."):
+        choose_primary(many, 50, None)
+
+
 def test_replicas_never_beside_a_copy_and_only_where_they_fit() -> None:
     nodes = [view("a", 100), view("b", 100, 90), view("c", 100, 20), view("d", 100)]
     # a holds the primary; b lacks room; d and c have room, d the most.

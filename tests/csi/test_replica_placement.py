@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -76,7 +77,22 @@ class Cluster:
         request.accessibility_requirements.preferred.add().segments[
             "topology.ferry.csi.dev/node"
         ] = on
-        return str(self.client.controller.CreateVolume(request, timeout=30).volume.volume_id)
+        return str(self.provision(request).volume_id)
+
+    def provision(self, request: csi_pb2.CreateVolumeRequest) -> csi_pb2.Volume:
+        """CreateVolume, retried as the external-provisioner retries it: a node whose
+        heartbeat (every 0.3 s here) a loaded machine delays past two thirds of
+        LOST_AFTER_S is not ready for a new volume until its next beat."""
+        ends = time.monotonic() + 30
+        while True:
+            try:
+                reply = self.client.controller.CreateVolume(request, timeout=30)
+                return reply.volume
+            except grpc.RpcError as exc:
+                error: Any = exc
+                if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > ends:
+                    raise
+                time.sleep(HEARTBEAT_S)
 
     def publish(self, volume_id: str, node: str) -> dict[str, str]:
         reply = self.client.controller.ControllerPublishVolume(
@@ -330,3 +346,59 @@ def test_a_detach_from_a_reachable_node_is_not_fenced(cluster: Cluster) -> None:
     volume = cluster.catalog.require_volume(volume_id)
     assert (volume.epoch, volume.publications) == (1, ())
     assert cluster.catalog.store.get(fence_status_key(volume_id)) is None
+
+
+def _create_within(
+    cluster: Cluster, name: str, requisite: list[str], preferred: list[str], replicas: int = 0
+) -> csi_pb2.CreateVolumeRequest:
+    request = csi_pb2.CreateVolumeRequest(
+        name=name,
+        capacity_range=csi_pb2.CapacityRange(required_bytes=SIZE),
+        volume_capabilities=[mount_capability()],
+        parameters={"replicas": str(replicas)} if replicas else {},
+    )
+    for nodes, segments in (
+        (requisite, request.accessibility_requirements.requisite),
+        (preferred, request.accessibility_requirements.preferred),
+    ):
+        for node in nodes:
+            segment = segments.add().segments
+            segment["topology.ferry.csi.dev/zone"] = "zone-1"
+            segment["topology.ferry.csi.dev/node"] = node
+    return request
+
+
+def test_a_new_volume_and_its_replica_avoid_drained_and_lost_nodes(cluster: Cluster) -> None:
+    create = cluster.client.controller.CreateVolume
+    assert drain(cluster.catalog, "node-b") == {}
+    # The scheduler's choice (preferred) is drained: the volume goes to another
+    # requisite node, and its replica too avoids the drained node.
+    volume = cluster.provision(
+        _create_within(cluster, "avoids", ["node-a", "node-b", "node-c"], ["node-b"], 1)
+    )
+    assert cluster.catalog.require_volume(volume.volume_id).primary_node != "node-b"
+    _eventually(lambda: cluster.replicas(volume.volume_id), "a replica")
+    assert "node-b" not in cluster.replicas(volume.volume_id)
+
+    # Only drained nodes are allowed: RESOURCE_EXHAUSTED naming them, why, and what to do.
+    details = expect_code(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        create,
+        _create_within(cluster, "only-drained", ["node-b"], ["node-b"]),
+    )
+    assert "node-b (drained (ferry drain))" in details and "ferry drain NODE --undo" in details
+
+    # A node silent past --node-lost-after is no place for a new volume either.
+    cluster.stop("node-c")
+    time.sleep(LOST_AFTER_S + 3 * HEARTBEAT_S)
+    details = expect_code(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        create,
+        _create_within(cluster, "only-down", ["node-b", "node-c"], []),
+    )
+    assert "node-b (drained" in details and "node-c (Ferry agent silent for" in details
+
+    # Undrained, node-b takes it: the same request now succeeds there.
+    assert undrain(cluster.catalog, "node-b")
+    placed = cluster.provision(_create_within(cluster, "only-down", ["node-b", "node-c"], []))
+    assert cluster.catalog.require_volume(placed.volume_id).primary_node == "node-b"

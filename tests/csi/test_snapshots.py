@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,7 +27,7 @@ from csi_driver.core.model import MiB
 from csi_driver.csi.client import mount_capability
 from csi_driver.gen import csi_pb2
 from csi_driver.rpc.validate import REQUIRED_MESSAGE
-from tests.csi.conftest import Ferry, expect_code
+from tests.csi.conftest import Ferry, expect_code, node_config, running
 
 OK = grpc.StatusCode.OK
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -339,3 +340,31 @@ def test_a_restore_keeps_its_source_filesystem(ferry: Ferry) -> None:
     expect_code(INVALID, ferry.client.controller.CreateVolume, other_fs)
     restored = ferry.client.controller.CreateVolume(from_snapshot("r", taken.snapshot_id))
     assert restored.volume.volume_context["fsType"] == "ext4"
+
+
+def test_no_room_says_how_much_snapshots_hold(tmp_path: Path) -> None:
+    """A pool of 160 MiB: a 64 MiB volume and its snapshot (charged 64 MiB) leave
+    32 MiB; the next 64 MiB volume, and growing the first, are RESOURCE_EXHAUSTED
+    with a message that names what snapshots hold and what to do."""
+    with running(tmp_path, node_config(tmp_path, capacity=160 * MiB)) as small:
+        volume_id = small.create("held", SIZE).volume_id
+        snap(small, "held-snap", volume_id)
+        request = csi_pb2.CreateVolumeRequest(
+            name="no-room",
+            capacity_range=csi_pb2.CapacityRange(required_bytes=SIZE),
+            volume_capabilities=[mount_capability()],
+        )
+        details = expect_code(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, small.client.controller.CreateVolume, request
+        )
+        assert f"most free: {32 * MiB} bytes" in details
+        assert f"snapshots hold {SIZE} bytes of it" in details
+        assert "delete the VolumeSnapshots no longer needed" in details
+        grow = csi_pb2.ControllerExpandVolumeRequest(
+            volume_id=volume_id,
+            capacity_range=csi_pb2.CapacityRange(required_bytes=SIZE + 48 * MiB),
+        )
+        details = expect_code(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, small.client.controller.ControllerExpandVolume, grow
+        )
+        assert f"snapshots hold {SIZE} bytes of it there" in details

@@ -13,6 +13,8 @@ stands in for a kernel.
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -35,6 +37,27 @@ def host_can_mount() -> bool:
 
 requires_root = pytest.mark.skipif(not host_can_mount(), reason=ROOT_REASON)
 CAP_SYS_RESOURCE = 24
+
+
+def loops_under(base: Path) -> list[str]:
+    """The loop devices attached to a backing file below ``base``."""
+    listed = subprocess.run(
+        ["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    prefix = str(base.resolve()) + "/"
+    return [line.split()[0] for line in listed.splitlines() if prefix in line]
+
+
+def loops_gone_under(base: Path, ceiling_s: float = 30.0) -> list[str]:
+    """:func:`loops_under` once none is left or ``ceiling_s`` passed: the kernel
+    lets an auto-clearing loop device go asynchronously after its last user."""
+    ends = time.monotonic() + ceiling_s
+    while (left := loops_under(base)) and time.monotonic() < ends:
+        time.sleep(0.05)
+    return left
 
 
 def has_cap_sys_resource() -> bool:

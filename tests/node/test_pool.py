@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from csi_driver.backup.repository import part_path
 from csi_driver.core.errors import AlreadyExists, InvalidArgument, OutOfRange, ResourceExhausted
 from csi_driver.core.model import MiB
 from csi_driver.node.pool import Pool
@@ -99,6 +100,17 @@ def test_delete_is_idempotent_and_frees_capacity(small_pool: Pool) -> None:
     small_pool.delete_image(VOL_A)
     assert small_pool.get(VOL_A) is None
     assert small_pool.status().provisioned_bytes == 0
+
+
+def test_delete_removes_an_interrupted_restore_into_the_volume(small_pool: Pool) -> None:
+    image = small_pool.create_image(VOL_A, 8 * MiB, epoch=1).path
+    other = small_pool.create_image(VOL_B, 8 * MiB, epoch=1).path
+    mine = part_path(image, "20261127T050801Z-4a526434")
+    theirs = part_path(other, "20261127T050801Z-4a526434")
+    for part in (mine, theirs):
+        part.write_bytes(b"restored so far")
+    small_pool.delete_image(VOL_A)
+    assert not mine.exists() and theirs.exists()
 
 
 def test_expand_grows_and_never_shrinks(small_pool: Pool) -> None:

@@ -220,6 +220,11 @@ RETRYABLE = (
 )
 
 
+#: What a provisioner retries too: after a fault a node is not ready for a new
+#: volume (RESOURCE_EXHAUSTED) until its heartbeat reaches the catalog again.
+RETRIED_BY_THE_PROVISIONER = (*RETRYABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
 def create_with_retries(place: Place, node: str, name: str) -> Any:
     """What a provisioner does: retry the same name until it succeeds."""
     deadline = time.monotonic() + 120
@@ -227,8 +232,9 @@ def create_with_retries(place: Place, node: str, name: str) -> Any:
         try:
             return create_on(place, node, name, timeout=15)
         except grpc.RpcError as exc:
-            if exc.code() not in RETRYABLE or time.monotonic() > deadline:
+            if exc.code() not in RETRIED_BY_THE_PROVISIONER or time.monotonic() > deadline:
                 raise
+            time.sleep(0.2)
 
 
 @pytest.mark.parametrize(("fault", "member"), [("kill", "etcd"), ("stop", "controller")])
