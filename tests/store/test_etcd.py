@@ -225,14 +225,20 @@ def test_etcd_out_of_space_is_unavailable_with_a_retry_hint(tmp_path: Path) -> N
     quota here; "too many requests" takes the same path) is UNAVAILABLE, says that
     nothing was written and what to do, and never reads as an internal error."""
     require_etcd()
-    cluster = EtcdCluster(tmp_path, 1, extra_args=(f"--quota-backend-bytes={_TINY_QUOTA}",))
+    # The quota is checked against the database file, which grows only when the
+    # backend commits: a commit after every write makes the refusal come on time.
+    cluster = EtcdCluster(
+        tmp_path,
+        1,
+        extra_args=(f"--quota-backend-bytes={_TINY_QUOTA}", "--backend-batch-limit=1"),
+    )
     cluster.start()
     store = EtcdStore([EtcdEndpoint("127.0.0.1", cluster.members[0].client_port)])
     try:
         value = os.urandom(32 * 1024)
         written = 0
         with pytest.raises(StoreUnavailable) as full:
-            for written in range(64):  # 2 MiB of values against a 256 KiB quota
+            for written in range(256):  # 8 MiB of values against a 256 KiB quota
                 store.put(f"fill/{written}", value)
         assert written > 0, "the quota refused the very first write: pick a larger one"
         message = full.value.message
