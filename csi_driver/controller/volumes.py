@@ -62,6 +62,7 @@ from csi_driver.core.model import (
 from csi_driver.core.params import MUTABLE, Provisioning, StorageParameters, parse_parameters
 from csi_driver.core.placement import (
     NODE_KEY,
+    NodeReadiness,
     NodeView,
     accessible_segment,
     choose_primary,
@@ -689,7 +690,12 @@ class VolumeService:
                 _, fs_type = volume_shape(capabilities, params)
             except InvalidArgument:
                 return Capacity(0, 0, 0)
-        views = eligible(self._node_views(), [segment] if segment else [])
+        # Only nodes CreateVolume would place on count: a drained, silent or lost
+        # node's free space would draw the scheduler to a node that refuses it.
+        ready = [
+            v for v in self._readings.views(self._accounts()) if v.readiness is NodeReadiness.READY
+        ]
+        views = eligible(ready, [segment] if segment else [])
         free = [v.free_bytes // ALLOCATION_UNIT * ALLOCATION_UNIT for v in views]
         minimum = MINIMUM_SIZE[fs_type]
         largest = max(free, default=0)

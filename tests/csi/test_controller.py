@@ -5,9 +5,12 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from csi_driver.controller.overview import drain, undrain
 from csi_driver.core.model import GiB, MiB
 from csi_driver.core.placement import NODE_KEY, ZONE_KEY
 from csi_driver.gen import csi_pb2
+from csi_driver.store.catalog import Catalog
+from csi_driver.store.sqlite import SqliteStore
 from tests.csi.conftest import (
     NODE_ID,
     POOL_CAPACITY,
@@ -570,6 +573,26 @@ class TestGetCapacity:
         )
         assert self.capacity(ferry, accessible_topology=node_b).available_capacity == POOL_CAPACITY
         assert self.capacity(ferry, accessible_topology=elsewhere).available_capacity == 0
+
+    def test_a_drained_node_offers_no_capacity(self, ferry: Ferry, second_node: str) -> None:
+        """GetCapacity counts only nodes CreateVolume would place on: the scheduler
+        must not be drawn to a drained node that refuses new volumes."""
+        zone = csi_pb2.Topology(segments={ZONE_KEY: ZONE})
+        node_b = csi_pb2.Topology(segments={ZONE_KEY: ZONE, NODE_KEY: second_node})
+        store = SqliteStore(ferry.catalog)
+        try:
+            catalog = Catalog(store)
+            assert drain(catalog, second_node) == {}
+            drained = self.capacity(ferry, accessible_topology=node_b)
+            assert drained.available_capacity == 0
+            assert drained.maximum_volume_size.value == 0
+            whole = self.capacity(ferry, accessible_topology=zone)
+            assert whole.available_capacity == POOL_CAPACITY
+            assert undrain(catalog, second_node)
+            back = self.capacity(ferry, accessible_topology=node_b)
+            assert back.available_capacity == POOL_CAPACITY
+        finally:
+            store.close()
 
     def test_minimum_size_follows_the_filesystem(self, ferry: Ferry) -> None:
         reply = self.capacity(ferry, volume_capabilities=[mount_capability("xfs")])
