@@ -110,9 +110,8 @@ def images_of(catalog: Catalog, volume_id: str) -> dict[str, Versioned[ImageSpec
     """Every node's image spec of ``volume_id``, by node: one read per node registered or
     charged (a node whose record was deleted keeps its accounting, and its copies are
     found to be retired)."""
-    nodes = {node.node_id for node in catalog.list_nodes()} | set(catalog.accounts())
     found = {}
-    for node_id in sorted(nodes):
+    for node_id in catalog.node_ids():
         image = read(catalog.store, ImageSpec, image_spec_key(node_id, volume_id))
         if image is not None:
             found[node_id] = image
@@ -251,6 +250,9 @@ class ReplicationReconciler:
         # becoming ready wakes them (replication_runners), without a scan.
         self._degraded: set[str] = set()
         self._degraded_lock = threading.Lock()
+        # volume -> (in sync, wanted, rpo) as last given to the gauges: most passes
+        # change none of them, and a gauge's ``labels()`` costs more than the check
+        self._observed: dict[str, tuple[int, int, int]] = {}
 
     def degraded(self) -> list[str]:
         """The volumes whose last plan left wanted replicas without a node."""
@@ -265,15 +267,19 @@ class ReplicationReconciler:
                 self._degraded.discard(volume_id)
 
     def __call__(self, volume_id: str) -> float | None:
-        found = ready_volume(self._catalog, volume_id)
-        if found is None:
+        volume_read = self._catalog.read_volume(volume_id)
+        if volume_read is None:
             self._mark_degraded(volume_id, 0)
-            if self._catalog.read_volume(volume_id) is None:
-                self._forget(volume_id)
-                forget_volume(volume_id)
-                self._events.forget(volume_id)
+            self._forget(volume_id)
+            forget_volume(volume_id)
+            self._observed.pop(volume_id, None)
+            self._events.forget(volume_id)
             return None
-        volume, params = found[0].value, found[1]
+        if volume_read.value.state is not VolumeState.READY:
+            self._mark_degraded(volume_id, 0)
+            return None
+        volume = volume_read.value
+        params = parse_parameters(dict(volume.parameters))
         wanted = params.replicas
         if moving(self._catalog, volume_id) is not None:
             return POLL_S
@@ -429,7 +435,10 @@ class ReplicationReconciler:
                 behind = max(0, running.value.bytes_total - running.value.bytes_done)
             observe_replication(volume.volume_id, node_id, now - captured, behind)
             self._events.replication_lag(ref, node_id, now - captured, behind, rpo_s)
-        observe_replicas(volume.volume_id, in_sync, wanted, rpo_s)
+        observed = (in_sync, wanted, rpo_s)
+        if self._observed.get(volume.volume_id) != observed:
+            observe_replicas(volume.volume_id, in_sync, wanted, rpo_s)
+            self._observed[volume.volume_id] = observed
         if wanted:
             why = "replicas are being placed or have not synced yet"
             self._events.replica_count(ref, in_sync, wanted, why)

@@ -322,6 +322,13 @@ class Catalog:
     def list_nodes(self) -> list[NodeRecord]:
         return [_node_from_json(r.value) for r in self.store.list(NODES)]
 
+    def node_ids(self) -> list[str]:
+        """Every node registered or charged, sorted, from the keys alone (no record
+        decoded): a node whose record was deleted keeps its accounting."""
+        keys = [r.key[len(NODES) :] for r in self.store.list(NODES)]
+        keys += [r.key[len(NODE_ACCOUNTS) :] for r in self.store.list(NODE_ACCOUNTS)]
+        return sorted(set(keys))
+
     def heartbeat(
         self, node_id: str, at: float, volume_conditions: Mapping[str, str] | None = None
     ) -> None:
