@@ -15,6 +15,9 @@ Invariants:
 - Subscribers are told *which key* changed, never given the value: they
   read the current state when they act (level-triggered), so a burst of
   changes costs one reconcile.
+- With an ``index`` (a key's group, e.g. its volume), :meth:`Informer.indexed`
+  returns exactly the cached records of one group: the index changes with the
+  cache, under the same lock.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from csi_driver.store.base import CatalogStore, Event, EventType, Record, Watch
 log = logging.getLogger(__name__)
 
 Subscriber = Callable[[str], None]
+#: A cached key's group for :meth:`Informer.indexed` (None: in no group).
+IndexKey = Callable[[str], str | None]
 
 
 class Informer:
@@ -44,8 +49,12 @@ class Informer:
         poll_s: float = 0.5,
         retry_s: float = 0.2,
         max_retry_s: float = 5.0,
+        index: IndexKey | None = None,
     ) -> None:
         self._store = store
+        self._index_key = index
+        # group -> the cached keys in it (kept only with an ``index``)
+        self._index: dict[str, set[str]] = {}
         self.prefix = prefix
         self._page_size = page_size
         self._poll_s = poll_s
@@ -70,6 +79,11 @@ class Informer:
     def get(self, key: str) -> Record | None:
         with self._lock:
             return self._cache.get(key)
+
+    def indexed(self, group: str) -> list[Record]:
+        """The cached records whose key the ``index`` puts in ``group``, in key order."""
+        with self._lock:
+            return [self._cache[k] for k in sorted(self._index.get(group, ()))]
 
     def cached_keys(self) -> list[str]:
         with self._lock:
@@ -163,6 +177,9 @@ class Informer:
         with self._lock:
             old = self._cache
             self._cache = fresh
+            self._index = {}
+            for key in fresh:
+                self._indexed(key, present=True)
             self._next_revision = first_revision + 1
             self._applied = first_revision
             self.lists += 1
@@ -207,9 +224,25 @@ class Informer:
             if cached is not None and cached.revision >= event.revision:
                 return False
             if event.type is EventType.DELETE:
+                self._indexed(event.key, present=False)
                 return self._cache.pop(event.key, None) is not None
             self._cache[event.key] = Record(event.key, event.value, event.revision)
+            self._indexed(event.key, present=True)
             return True
+
+    def _indexed(self, key: str, *, present: bool) -> None:
+        """Keep ``key``'s group current (under ``_lock``)."""
+        group = self._index_key(key) if self._index_key is not None else None
+        if group is None:
+            return
+        if present:
+            self._index.setdefault(group, set()).add(key)
+            return
+        keys = self._index.get(group)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._index[group]
 
     def _notify(self, key: str) -> None:
         for subscriber in self._subscribers:

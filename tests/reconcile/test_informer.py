@@ -201,3 +201,41 @@ def _write_retrying(store: CatalogStore, key: str, value: bytes) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+def test_an_index_holds_exactly_the_cached_records_of_each_group(store: CatalogStore) -> None:
+    """The index is built by the first list and follows puts and deletes, as the cache."""
+    prefix = "spec/images/"
+
+    def volume(key: str) -> str | None:
+        parts = key.split("/")
+        return parts[3] if len(parts) == 4 else None
+
+    def by_index(informer: Informer, group: str) -> dict[str, bytes]:
+        return {r.key: r.value for r in informer.indexed(group)}
+
+    def store_group(group: str) -> dict[str, bytes]:
+        return {r.key: r.value for r in store.list(prefix) if volume(r.key) == group}
+
+    store.put(prefix + "node-1/vol-a", b"a1")
+    store.put(prefix + "node-2/vol-a", b"a2")
+    store.put(prefix + "node-1/vol-b", b"b1")
+    store.put(prefix + "loose", b"in no group")
+    informer = Informer(store, prefix, poll_s=0.05, retry_s=0.01, index=volume)
+    seen = Recorder()
+    informer.subscribe(seen)
+    try:
+        informer.start()
+        assert informer.wait_synced(20.0)
+        assert by_index(informer, "vol-a") == store_group("vol-a")
+        assert len(store_group("vol-a")) == 2
+        store.delete(prefix + "node-2/vol-a")
+        store.txn([], [Put(prefix + "node-3/vol-b", b"b3"), Delete(prefix + "node-1/vol-b")])
+        store.put(prefix + "node-1/vol-c", b"c1")
+        seen.wait_until(lambda k: prefix + "node-1/vol-c" in k)
+        assert by_index(informer, "vol-a") == {prefix + "node-1/vol-a": b"a1"}
+        assert by_index(informer, "vol-b") == {prefix + "node-3/vol-b": b"b3"}
+        assert by_index(informer, "vol-c") == {prefix + "node-1/vol-c": b"c1"}
+        assert informer.indexed("loose") == [] and informer.indexed("vol-none") == []
+    finally:
+        assert informer.stop(), "informer thread did not stop"
