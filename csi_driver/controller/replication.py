@@ -38,6 +38,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from csi_driver.controller.images import ImageIntents
 from csi_driver.controller.readiness import NodeReadings, readiness_runner
@@ -54,6 +55,7 @@ from csi_driver.core.placement import (
 )
 from csi_driver.core.records import (
     EXPORT_STATUSES,
+    IMAGE_SPECS,
     IMAGE_STATUSES,
     ExportSpec,
     ExportStatus,
@@ -68,6 +70,7 @@ from csi_driver.core.records import (
     TransferPhase,
     TransferStatus,
     answers,
+    decode,
     export_spec_key,
     export_status_key,
     failover_status_key,
@@ -95,7 +98,7 @@ from csi_driver.reconcile.informer import Informer
 from csi_driver.reconcile.queue import WorkQueue
 from csi_driver.reconcile.runner import Runner, Source, strip_prefix
 from csi_driver.store.base import Compare, Delete, Put
-from csi_driver.store.catalog import VOLUMES, Catalog
+from csi_driver.store.catalog import VOLUMES, Catalog, volume_from_json
 from csi_driver.store.records import Versioned, put, read, unchanged_since
 
 log = logging.getLogger(__name__)
@@ -230,6 +233,20 @@ def moving(catalog: Catalog, volume_id: str) -> MoveSpec | None:
     return spec.value
 
 
+@dataclass(frozen=True)
+class Caches:
+    """The replication runner's informers, read to find the volumes with nothing to do.
+
+    Each is one of the runner's sources: a cache behind the store has an event
+    on its way, which queues another pass once the cache holds it.
+    """
+
+    volumes: Informer
+    statuses: Informer
+    #: every node's image specs, indexed by volume id
+    specs: Informer
+
+
 class ReplicationReconciler:
     """Replica assignment, retirement and exports for one volume (the work key is its id)."""
 
@@ -240,7 +257,10 @@ class ReplicationReconciler:
         clock: Callable[[], float] = time.time,
         events: MobilityEvents | None = None,
         readings: NodeReadings | None = None,
+        caches: Caches | None = None,
     ) -> None:
+        """``caches``: the runner's informers; without them every pass reads the store."""
+        self._caches = caches
         self._catalog = catalog
         self._intents = intents
         self._clock = clock
@@ -253,6 +273,9 @@ class ReplicationReconciler:
         # volume -> (in sync, wanted, rpo) as last given to the gauges: most passes
         # change none of them, and a gauge's ``labels()`` costs more than the check
         self._observed: dict[str, tuple[int, int, int]] = {}
+        # volume -> the revisions of its cached volume and image specs when they
+        # last showed a READY volume with nothing to do (see _idle)
+        self._idle_at: dict[str, tuple[int, ...]] = {}
 
     def degraded(self) -> list[str]:
         """The volumes whose last plan left wanted replicas without a node."""
@@ -267,6 +290,9 @@ class ReplicationReconciler:
                 self._degraded.discard(volume_id)
 
     def __call__(self, volume_id: str) -> float | None:
+        if self._idle(volume_id):
+            self._mark_degraded(volume_id, 0)  # not READY, or asking for no replica
+            return None
         volume_read = self._catalog.read_volume(volume_id)
         if volume_read is None:
             self._mark_degraded(volume_id, 0)
@@ -313,6 +339,46 @@ class ReplicationReconciler:
         if not replicas:
             return POLL_S if retiring else None
         return self._export(volume, replicas, params.rpo_seconds)
+
+    def _idle(self, volume_id: str) -> bool:
+        """True when the caches show nothing to do: a volume not READY, or one that asks
+        for no replicas and has no replica copy (placed or retiring) on any node.
+
+        Most volumes are such, and most passes come from their own create; deciding
+        them from memory costs no store read. Anything else (a volume the cache
+        does not hold, or one that asks for or has replicas) is read from the store.
+        """
+        caches = self._caches
+        if caches is None:
+            return False
+        record = caches.volumes.get(VOLUMES + volume_id)
+        if record is None:
+            self._idle_at.pop(volume_id, None)
+            return False  # deleted, perhaps: the store says (and the records go)
+        specs = caches.specs.indexed(volume_id)
+        # What the decision below reads, by revision: a pass on the same records
+        # (the create's own events, one after another) decides the same.
+        seen = (record.revision, *(spec.revision for spec in specs))
+        if self._idle_at.get(volume_id) == seen:
+            return True
+        volume = volume_from_json(record.value)
+        if volume.state is VolumeState.CREATING:
+            status = caches.statuses.get(image_status_key(volume.primary_node, volume_id))
+            if status is None or self._catalog.image_status(status.value).phase is not (
+                ImagePhase.READY
+            ):
+                return True  # not READY yet (see Catalog.observed): nothing to do
+        elif volume.state is not VolumeState.READY:
+            return True
+        params = parse_parameters(dict(volume.parameters))
+        if params.replicas:
+            return False
+        for spec in specs:
+            if decode(ImageSpec, spec.value).role is ImageRole.REPLICA:
+                return False
+        self._report(volume, {}, 0, params.rpo_seconds)
+        self._idle_at[volume.volume_id] = seen
+        return True
 
     def _plan(
         self,
@@ -564,14 +630,24 @@ def replication_runners(
     changes (drained or undrained, silent, lost, back, registered, removed): see
     :class:`NodeWakeups`."""
     readings = readings or NodeReadings(catalog)
-    reconciler = ReplicationReconciler(catalog, intents, events=events, readings=readings)
+    caches = Caches(
+        volumes=Informer(catalog.store, VOLUMES),
+        statuses=Informer(catalog.store, IMAGE_STATUSES),
+        specs=Informer(catalog.store, IMAGE_SPECS, index=volume_of_key),
+    )
+    reconciler = ReplicationReconciler(
+        catalog, intents, events=events, readings=readings, caches=caches
+    )
     runner = Runner(
         "replication",
         reconciler,
         [
-            Source(Informer(catalog.store, VOLUMES), strip_prefix(VOLUMES)),
-            Source(Informer(catalog.store, IMAGE_STATUSES), volume_of_key),
+            Source(caches.volumes, strip_prefix(VOLUMES)),
+            Source(caches.statuses, volume_of_key),
             Source(Informer(catalog.store, EXPORT_STATUSES), volume_of_key),
+            # A replica spec written without its volume changing (a drain's pinned
+            # copy) must be seen here before its node reports on it.
+            Source(caches.specs, volume_of_key),
         ],
         workers=1,
         resync_s=30.0,
