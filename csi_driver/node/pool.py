@@ -301,9 +301,11 @@ class Pool:
         image = self.image_path(volume_id)
         kind = self._kinds.get(volume_id)
         try:
+            # The image first: a create asks about a volume that has none (one failed
+            # stat, not a metadata file's open and an exception through json).
+            stat = os.stat(image)
             if kind is None:
                 kind = self._read_kind(volume_id)
-            stat = os.stat(image)
         except FileNotFoundError:
             return None
         return ImageInfo(
