@@ -121,12 +121,18 @@ class ImageReconciler:
         return from_stored(cls, informer.get(key))
 
     def __call__(self, volume_id: str) -> float | None:
-        spec_read = self._read(self._specs, ImageSpec, image_spec_key(self.node_id, volume_id))
+        key = image_spec_key(self.node_id, volume_id)
+        if self._specs is not None:
+            cached = self._specs.get(key)
+            # Judged on revisions alone: most passes end here, with nothing decoded.
+            if cached is not None and self._just_settled(volume_id, cached.revision):
+                return None
+        spec_read = self._read(self._specs, ImageSpec, key)
         if spec_read is None:
             if self._fetcher is not None:
                 self._fetcher.discard(volume_id)  # a clone or restore given up: no leftovers
             return None  # nothing asked of this node (or the controller finished)
-        if self._just_settled(spec_read):
+        if self._specs is None and self._just_settled(volume_id, spec_read.revision):
             return None
         self.reconcile(spec_read)
         return None
@@ -140,26 +146,26 @@ class ImageReconciler:
                 self._fresh = {k: v for k, v in self._fresh.items() if v[1] > now}
             self._fresh[spec_read.value.volume_id] = (spec_read.revision, now + FRESH_S)
 
-    def _just_settled(self, spec_read: Versioned[ImageSpec]) -> bool:
-        """True for a pass on the very spec the caller's thread settled moments ago,
-        while the stored status is still the one written then (anyone else's write,
-        or a later resync, gets a full pass)."""
-        volume_id = spec_read.value.volume_id
+    def _just_settled(self, volume_id: str, spec_revision: int) -> bool:
+        """True for a pass on the very spec (at ``spec_revision``) the caller's thread
+        settled moments ago, while the stored status is still the one written then,
+        at the same revision (anyone else's write, or a later resync, gets a full pass)."""
         with self._lock:
             fresh = self._fresh.get(volume_id)
             written = self._written.get(volume_id)
-        if fresh is None or written is None or fresh[0] != spec_read.revision:
+        if fresh is None or written is None or fresh[0] != spec_revision:
             return False
         if time.monotonic() > fresh[1]:
             with self._lock:
                 self._fresh.pop(volume_id, None)
             return False
-        cached = self._read(self._statuses, ImageStatus, image_status_key(self.node_id, volume_id))
-        if cached is None:
+        key = image_status_key(self.node_id, volume_id)
+        stored = self._store.get(key) if self._statuses is None else self._statuses.get(key)
+        if stored is None:
             # Skipped only while the cache has not caught up with our write (its event
             # brings another pass); a status removed after it gets a full pass.
             return self._cache_behind(written.revision)
-        return cached == written
+        return stored.revision == written.revision
 
     def _cache_behind(self, revision: int) -> bool:
         """True while the status informer has not applied ``revision`` yet (a status
@@ -378,10 +384,17 @@ class LocalImages:
         retries it): then wait for the runner's status."""
         if spec_read.value.node_id != self.node_id or spec_read.value.source is not None:
             return None
+
+        def settle() -> ImageStatus | None:
+            status = self._reconciler.reconcile(spec_read)
+            if status is not None and answers(status, spec_read.value) and status.settled:
+                # Still holding the volume's key: a worker's pass queued by our own
+                # writes meanwhile runs after this and finds it settled.
+                self._reconciler.settled_here(spec_read)
+            return status
+
         try:
-            status = self._runner.run_now(
-                spec_read.value.volume_id, lambda: self._reconciler.reconcile(spec_read)
-            )
+            return self._runner.run_now(spec_read.value.volume_id, settle)
         except Exception as exc:
             log.warning(
                 "image reconcile in the caller's thread failed; the runner retries it",
@@ -389,9 +402,6 @@ class LocalImages:
                 extra={"volume": spec_read.value.volume_id, "error": str(exc)},
             )
             return None
-        if status is not None and answers(status, spec_read.value) and status.settled:
-            self._reconciler.settled_here(spec_read)
-        return status
 
 
 def image_runner(
