@@ -14,7 +14,10 @@ from another process (as the external-provisioner calls Ferry):
   would approach, and (the machine has 2 cores, one GIL per process) what
   rate one Ferry process can reach at best;
 * the callers' own CPU per create (their gRPC client), which shares the
-  machine's cores with Ferry.
+  machine's cores with Ferry;
+* where Ferry's CPU goes with 32 callers: each of its threads' CPU per
+  create, threads of one kind (a runner's workers, the gRPC server's pool)
+  summed under one name.
 
 The 32 callers' rate is timed inside the callers' process, from the first
 measured create to the last: its interpreter start-up and channel warm-up
@@ -41,12 +44,13 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +89,8 @@ class Row:
     concurrent_cpu_ms_per_create: float = 0.0
     #: CPU of the callers' process (their gRPC client) per create, with 32 callers
     client_cpu_ms_per_create: float = 0.0
+    #: Ferry's CPU ms per create with 32 callers, by thread kind (see thread_cpu_s)
+    threads_ms: dict[str, float] = field(default_factory=dict)
 
     def p(self, q: float) -> float:
         ordered = sorted(self.serial_ms)
@@ -102,7 +108,33 @@ class Row:
             "cpu_ms_per_serial_create": round(self.cpu_ms_per_create, 2),
             "cpu_ms_per_concurrent_create": round(self.concurrent_cpu_ms_per_create, 2),
             "client_cpu_ms_per_concurrent_create": round(self.client_cpu_ms_per_create, 2),
+            "cpu_ms_per_concurrent_create_by_thread": {
+                name: round(ms, 3) for name, ms in self.threads_ms.items()
+            },
         }
+
+    def threads_line(self) -> str:
+        """The threads that cost at least 0.01 ms per create, costliest first."""
+        costly = [(ms, name) for name, ms in self.threads_ms.items() if ms >= 0.01]
+        return ", ".join(f"{name} {ms:.2f}" for ms, name in sorted(costly, reverse=True))
+
+
+def thread_cpu_s() -> dict[str, float]:
+    """CPU seconds of this process's threads so far, by kind: the thread's name
+    without its trailing number (``grpc_3`` and ``grpc_12`` are both ``grpc``)."""
+    names = {thread.native_id: thread.name for thread in threading.enumerate()}
+    ticks = os.sysconf("SC_CLK_TCK")
+    found: dict[str, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue  # the thread ended meanwhile
+        fields = stat[stat.rindex(")") + 2 :].split()
+        used = (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+        kind = names.get(int(task.name), "(not a Python thread)").rstrip("0123456789_-")
+        found[kind] = found.get(kind, 0.0) + used
+    return found
 
 
 def node_config(workdir: Path, capacity: int) -> NodeConfig:
@@ -315,9 +347,13 @@ def measure(
             samples = _callers(endpoint, "serial", serial, 1).samples
             # The callers' warm-up creates (10) are billed too: a slight overestimate.
             cpu_ms = (time.process_time() - cpu_started) * 1000 / serial
-            cpu_started = time.process_time()
+            cpu_started, threads_before = time.process_time(), thread_cpu_s()
             batch = _callers(endpoint, "conc", concurrent, CALLERS)
             concurrent_cpu_ms = (time.process_time() - cpu_started) * 1000 / concurrent
+            threads_ms = {
+                kind: (used - threads_before.get(kind, 0.0)) * 1000 / concurrent
+                for kind, used in thread_cpu_s().items()
+            }
             rate = concurrent / batch.wall_s
         finally:
             services.stop(grace_s=1)
@@ -333,6 +369,7 @@ def measure(
         cpu_ms,
         concurrent_cpu_ms,
         batch.cpu_s * 1000 / concurrent,
+        threads_ms,
     )
 
 
@@ -353,7 +390,10 @@ def run(
                         rows.append(measure(backend, url, workdir, size, serial, concurrent))
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
-            print("  .. " + str(rows[-1].summary()), flush=True)
+            summary = rows[-1].summary()
+            del summary["cpu_ms_per_concurrent_create_by_thread"]  # the line below says it
+            print("  .. " + str(summary), flush=True)
+            print("  .. Ferry CPU ms per create by thread: " + rows[-1].threads_line(), flush=True)
     return rows
 
 
