@@ -141,6 +141,10 @@ def overview(catalog: Catalog, now: float | None = None) -> list[VolumeView]:
     return views
 
 
+#: Reads and writes of a drained volume's export before the drain gives up.
+_EXPORT_ATTEMPTS = 5
+
+
 def drain(
     catalog: Catalog,
     node_id: str,
@@ -183,7 +187,18 @@ def drain(
                 raise Unavailable(
                     f"volume {volume.volume_id} changed meanwhile; drain again"
                 ) from exc
-        key = export_spec_key(node_id, volume.volume_id)
+        wanted[volume.volume_id] = _export_round(intents, catalog, volume, node_id)
+    return wanted
+
+
+def _export_round(intents: ImageIntents, catalog: Catalog, volume: Volume, node_id: str) -> str:
+    """A fresh capture round of the volume's export on ``node_id``; its transfer id.
+
+    The leader's replication reconciler writes the same export as soon as it
+    sees the pinned replica: a lost race is read again, not handed to the caller.
+    """
+    key = export_spec_key(node_id, volume.volume_id)
+    for _ in range(_EXPORT_ATTEMPTS):
         export = read(catalog.store, ExportSpec, key)
         if export is None:
             spec = ExportSpec(volume.volume_id, node_id, volume.epoch)
@@ -198,10 +213,10 @@ def drain(
             compare = unchanged_since(key, export)
         try:
             intents.txn([compare], [put(spec)])
-        except Conflict as exc:
-            raise Unavailable(f"volume {volume.volume_id} changed meanwhile; drain again") from exc
-        wanted[volume.volume_id] = spec.transfer_id
-    return wanted
+        except Conflict:
+            continue
+        return spec.transfer_id
+    raise Unavailable(f"volume {volume.volume_id} changed meanwhile; drain again")
 
 
 def undrain(catalog: Catalog, node_id: str) -> bool:
