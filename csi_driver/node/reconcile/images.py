@@ -61,7 +61,7 @@ from csi_driver.node.reconcile.exports import capture_lineage, forget_captures
 from csi_driver.node.snapshots import copy_image
 from csi_driver.reconcile.informer import Informer
 from csi_driver.reconcile.report import report
-from csi_driver.reconcile.runner import Runner, Source, strip_prefix
+from csi_driver.reconcile.runner import KeyMap, Runner, Source, strip_prefix
 from csi_driver.store.base import CatalogStore
 from csi_driver.store.records import R, Versioned, from_stored, read
 
@@ -166,6 +166,28 @@ class ImageReconciler:
             # brings another pass); a status removed after it gets a full pass.
             return self._cache_behind(written.revision)
         return stored.revision == written.revision
+
+    def status_work(self, prefix: str) -> KeyMap:
+        """The work key of a status change under ``prefix``, except for our own writes.
+
+        The runner follows statuses so that one removed or rewritten by anyone else
+        is corrected from the spec; the event of a status exactly as this reconciler
+        wrote it (the same revision) has nothing to correct.
+        """
+        to_work = strip_prefix(prefix)
+
+        def mapped(key: str) -> str | None:
+            volume_id = to_work(key)
+            if volume_id is None or self._statuses is None:
+                return volume_id
+            with self._lock:
+                written = self._written.get(volume_id)
+            cached = self._statuses.get(key)
+            if written is not None and cached is not None and cached.revision == written.revision:
+                return None
+            return volume_id
+
+        return mapped
 
     def _cache_behind(self, revision: int) -> bool:
         """True while the status informer has not applied ``revision`` yet (a status
@@ -426,7 +448,7 @@ def image_runner(
         reconciler,
         [
             Source(spec_cache, strip_prefix(specs)),
-            Source(status_cache, strip_prefix(statuses)),
+            Source(status_cache, reconciler.status_work(statuses)),
         ],
         workers=workers,
         resync_s=resync_s,
