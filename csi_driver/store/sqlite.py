@@ -402,13 +402,9 @@ class SqliteStore(CatalogStore):
         return int(row[0])
 
     @staticmethod
-    def _revisions(conn: sqlite3.Connection, keys: Sequence[str]) -> dict[str, int]:
-        """The revision of each of ``keys`` that exists, in one statement."""
-        if not keys:
-            return {}
-        marks = ",".join("?" * len(keys))
-        rows = conn.execute(f"SELECT key, revision FROM kv WHERE key IN ({marks})", keys)
-        return {key: int(revision) for key, revision in rows}
+    def _current(conn: sqlite3.Connection, key: str) -> int:
+        row = conn.execute("SELECT revision FROM kv WHERE key = ?", (key,)).fetchone()
+        return int(row[0]) if row else ABSENT
 
     # -- reads ---------------------------------------------------------------
 
@@ -507,15 +503,17 @@ class SqliteStore(CatalogStore):
                     if failed is not None:
                         txn.error = failed
                         continue
-                    deleted = self._revisions(
-                        conn, [op.key for op in txn.ops if isinstance(op, Delete)]
-                    )
-                    changes = [op for op in txn.ops if isinstance(op, Put) or op.key in deleted]
+                    changes = [
+                        op
+                        for op in txn.ops
+                        if isinstance(op, Put) or self._current(conn, op.key) != ABSENT
+                    ]
                     if not changes:
                         txn.revision = revision
                         continue
                     revision += 1
-                    self._write_ops(conn, changes, revision)
+                    for seq, op in enumerate(changes):
+                        self._write_op(conn, op, revision, seq)
                     if revision % min(_AUTO_COMPACT_EVERY, txn.history) == 0:
                         self._compact(conn, revision - txn.history)
                     txn.revision = revision
@@ -536,40 +534,29 @@ class SqliteStore(CatalogStore):
     def _failed_compare(
         self, conn: sqlite3.Connection, compares: Sequence[Compare]
     ) -> Conflict | None:
-        """The first compare that does not hold (all read in one statement)."""
-        current = self._revisions(conn, [compare.key for compare in compares])
         for compare in compares:
-            found = current.get(compare.key, ABSENT)
-            if found != compare.revision:
-                return conflict(compare.key, found, compare.revision)
+            current = self._current(conn, compare.key)
+            if current != compare.revision:
+                return conflict(compare.key, current, compare.revision)
         return None
 
     @staticmethod
-    def _write_ops(conn: sqlite3.Connection, changes: Sequence[Op], revision: int) -> None:
-        """Apply ``changes`` at ``revision`` and log their events: a statement per kind
-        of change, not two per op (a key appears in at most one op of a txn)."""
-        puts = [(op.key, op.value, revision) for op in changes if isinstance(op, Put)]
-        gone = [(op.key,) for op in changes if isinstance(op, Delete)]
-        if puts:
-            conn.executemany(
-                "INSERT INTO kv (key, value, revision) VALUES (?, ?, ?) ON CONFLICT(key) "
-                "DO UPDATE SET value = excluded.value, revision = excluded.revision",
-                puts,
+    def _write_op(conn: sqlite3.Connection, op: Op, revision: int, seq: int) -> None:
+        if isinstance(op, Delete):
+            conn.execute("DELETE FROM kv WHERE key = ?", (op.key,))
+            conn.execute(
+                "INSERT INTO events (revision, seq, deleted, key, value) VALUES (?, ?, 1, ?, ?)",
+                (revision, seq, op.key, b""),
             )
-        if gone:
-            conn.executemany("DELETE FROM kv WHERE key = ?", gone)
-        conn.executemany(
-            "INSERT INTO events (revision, seq, deleted, key, value) VALUES (?, ?, ?, ?, ?)",
-            [
-                (
-                    revision,
-                    seq,
-                    int(isinstance(op, Delete)),
-                    op.key,
-                    op.value if isinstance(op, Put) else b"",
-                )
-                for seq, op in enumerate(changes)
-            ],
+            return
+        conn.execute(
+            "INSERT INTO kv (key, value, revision) VALUES (?, ?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value, revision = excluded.revision",
+            (op.key, op.value, revision),
+        )
+        conn.execute(
+            "INSERT INTO events (revision, seq, deleted, key, value) VALUES (?, ?, 0, ?, ?)",
+            (revision, seq, op.key, op.value),
         )
 
     @classmethod
