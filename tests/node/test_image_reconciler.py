@@ -178,3 +178,34 @@ def test_a_status_removed_right_after_the_callers_reconcile_is_written_again(
         )
     finally:
         assert runner.stop(timeout=30)
+
+
+def test_a_status_rewritten_by_anyone_else_is_corrected_from_the_spec(
+    store: SqliteStore, agent: NodeAgent
+) -> None:
+    """The runner's status source drops only the events of its own writes (same
+    revision): another writer's status, even a well-formed one, gets a pass."""
+    runner, local = image_runner(store, agent, resync_s=3600)
+    runner.start()
+    try:
+        spec = _spec(21)
+        status = local(Versioned(spec, store.put(spec.key, put(spec).value)))
+        assert status is not None and status.phase is ImagePhase.READY
+        wrong = ImageStatus(
+            spec.volume_id,
+            "node-a",
+            ImagePhase.FAILED,
+            spec.generation,
+            reason=FailureReason.HOST_ERROR,
+            message="written by someone else",
+        )
+        store.put(spec.status_key, put(wrong).value)
+        wait_for(
+            store,
+            spec.status_key,
+            lambda r: r is not None and b'"phase":"ready"' in r.value,
+            time.monotonic() + 30,
+            waiting_for="the status corrected",
+        )
+    finally:
+        assert runner.stop(timeout=30)
