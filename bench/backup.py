@@ -20,8 +20,7 @@ image is read once, so every side reads it from the page cache.
   the target are counted by the target itself (packs, indexes, manifest and
   claims). Two patterns: one clustered 1% region, and the same bytes as
   64 KiB writes scattered over the image.
-- CPU: user + system seconds per GiB of the Ferry process (``getrusage``, plus
-  its sealing worker processes when it has them, from ``/proc``) for
+- CPU: user + system seconds per GiB of the Ferry process (``getrusage``) for
   the backup and for the restore, and of ``cp`` (its child's usage): steadier
   than wall time on a shared machine.
 
@@ -100,14 +99,9 @@ repo = Repository.open(target, key, create=True)
 with open(image, "rb") as handle:  # warm, as for cp
     while handle.read(4 << 20):
         pass
-try:  # trees that seal in worker processes: their CPU counts too
-    from csi_driver.backup.sealers import worker_cpu_s
-except ImportError:
-    def worker_cpu_s():
-        return 0.0
 def cpu():
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime + worker_cpu_s()
+    return usage.ru_utime + usage.ru_stime
 before = cpu()
 backup = backup_image(repo, image, volume_name="bench")
 backup_cpu = cpu() - before

@@ -73,7 +73,6 @@ from csi_driver.backup.packs import (
     open_index,
 )
 from csi_driver.backup.retention import Dated, RetentionPolicy, kept
-from csi_driver.backup.sealers import PROCESS_MIN_BYTES, ProcessChunkWorkers
 from csi_driver.backup.targets import Target
 from csi_driver.backup.upload import (
     INDEX,
@@ -203,16 +202,12 @@ class Repository:
         grace_s: float = DEFAULT_GRACE_S,
         workers: int = 2,
         pack_bytes: int = PACK_BYTES,
-        process_min_bytes: int | None = PROCESS_MIN_BYTES,
     ) -> None:
         self.target = target
         self.key = key
         self.config = config
         self.grace_s = grace_s
         self.workers = workers
-        # Images of at least this many bytes are sealed in worker processes
-        # (see .sealers); None: always on threads.
-        self.process_min_bytes = process_min_bytes
         self.pack_bytes = pack_bytes
         self.codecs = Codecs(key)
         self._scratch = threading.local()
@@ -661,10 +656,7 @@ def backup_image(
             )
         if manifest is not None and blocks is not None:
             table = BlockTable(blocks, size, chunk_size)
-        sealers: type[ChunkWorkers] = ChunkWorkers
-        if repo.process_min_bytes is not None and size >= repo.process_min_bytes:
-            sealers = ProcessChunkWorkers
-        workers = sealers(repo.key, fd, size, chunk_size, repo.workers, BATCH_CHUNKS)
+        workers = ChunkWorkers(repo.key, fd, size, chunk_size, repo.workers, BATCH_CHUNKS)
         with (
             Claim(repo.target, backup_id, grace_s=repo.grace_s) as claim,
             PackWriter(

@@ -102,7 +102,7 @@ class ChunkRead:
     """A chunk read into a pooled buffer, and its block digests."""
 
     index: int
-    buffer: bytearray | memoryview  # the pooled buffer (a shared slot in worker processes)
+    buffer: bytearray
     data: memoryview
     blocks: bytes
 
@@ -115,36 +115,22 @@ class Sealed:
 
     index: int
     bytes_read: int
-    out: bytearray | memoryview
+    out: bytearray
     records: list[tuple[bytes, int, int, int]]
-
-
-def image_changed(index: int) -> FailedPrecondition:
-    return FailedPrecondition(
-        f"chunk {index} of the image changed since its manifest was taken; "
-        "back up a snapshot, or a volume nobody writes to"
-    )
 
 
 class ChunkWorkers:
     """Reads, hashes and seals chunks of the image open as ``fd`` on worker threads."""
 
     def __init__(
-        self,
-        key: BackupKey,
-        fd: int,
-        size: int,
-        chunk_size: int,
-        workers: int,
-        batch: int,
-        threads: int | None = None,
+        self, key: BackupKey, fd: int, size: int, chunk_size: int, workers: int, batch: int
     ) -> None:
         self._key = key
         self._fd = fd
         self._size = size
         self._chunk_size = chunk_size
         self._codecs = Codecs(key)
-        self._pool = ThreadPoolExecutor(threads or workers, thread_name_prefix="backup-block")
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="backup-block")
         self._buffers = Buffers(batch + 2 * workers, chunk_size)
         # Sealed chunks in flight (see _Run._submit) and one landing.
         record_room = chunk_size + (chunk_size // BLOCK_SIZE + 1) * RECORD_OVERHEAD
@@ -162,11 +148,6 @@ class ChunkWorkers:
             self._buffers.give(buffer)
             raise
 
-    def wanted_bytes(self, index: int, wanted: list[tuple[int, bytes]]) -> int:
-        """The image's bytes in blocks ``wanted`` of chunk ``index``."""
-        length = self._length(index)
-        return sum(min(BLOCK_SIZE, length - block * BLOCK_SIZE) for block, _ in wanted)
-
     def read(self, indexes: list[int]) -> Iterator[ChunkRead]:
         """``indexes`` read and hashed on the workers, in order."""
         # A read abandoned after an error keeps its buffer: the pool goes with the run.
@@ -174,11 +155,9 @@ class ChunkWorkers:
             yield future.result()
 
     def release(self, read: ChunkRead) -> None:
-        assert isinstance(read.buffer, bytearray)
         self._buffers.give(read.buffer)
 
-    def give_output(self, out: bytearray | memoryview) -> None:
-        assert isinstance(out, bytearray)
+    def give_output(self, out: bytearray) -> None:
         self._outputs.give(out)
 
     def _seal_blocks(
@@ -204,7 +183,7 @@ class ChunkWorkers:
                 ),
             )
         finally:
-            self.release(read)
+            self._buffers.give(read.buffer)
 
     def seal(self, read: ChunkRead, wanted: list[tuple[int, bytes]]) -> Future[Sealed]:
         """Seal blocks ``wanted`` (block number, block id) of ``read``; its buffer goes back."""
@@ -215,7 +194,9 @@ class ChunkWorkers:
         try:
             return self._seal_blocks(
                 index,
-                self.wanted_bytes(index, wanted),
+                sum(
+                    min(BLOCK_SIZE, self._length(index) - block * BLOCK_SIZE) for block, _ in wanted
+                ),
                 self._read_checked(index, dict(wanted), blocks, buffer),
             )
         finally:
@@ -228,7 +209,7 @@ class ChunkWorkers:
         ones per read, each checked against its digest in ``blocks``."""
         start = index * self._chunk_size
         length = self._length(index)
-        for run in runs(sorted(ids)):
+        for run in _runs(sorted(ids)):
             offset = run[0] * BLOCK_SIZE
             end = min((run[-1] + 1) * BLOCK_SIZE, length)
             view = read_exactly(self._fd, buffer, start + offset, end - offset)
@@ -236,7 +217,10 @@ class ChunkWorkers:
                 at = (block - run[0]) * BLOCK_SIZE
                 data = view[at : at + BLOCK_SIZE]
                 if block_digest(data) != blocks[block * DIGEST_SIZE : (block + 1) * DIGEST_SIZE]:
-                    raise image_changed(index)
+                    raise FailedPrecondition(
+                        f"chunk {index} of the image changed since its manifest was taken; "
+                        "back up a snapshot, or a volume nobody writes to"
+                    )
                 yield ids[block], data
 
     def read_and_seal(
@@ -250,7 +234,7 @@ class ChunkWorkers:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def runs(blocks: list[int]) -> Iterator[list[int]]:
+def _runs(blocks: list[int]) -> Iterator[list[int]]:
     """Sorted block numbers as lists of consecutive ones."""
     run: list[int] = []
     for block in blocks:
