@@ -54,11 +54,13 @@ class BlockTable:
         cls, path: Path, size: int, chunk_size: int, copy_of: Path | None = None
     ) -> BlockTable:
         """A writable table at ``path``: a copy of the table at ``copy_of`` (reflinked
-        where the filesystem can), or all holes."""
+        where the filesystem can), or all holes; on disk at the next :meth:`sync`."""
         path.unlink(missing_ok=True)
         if copy_of is not None:
             try:
-                reflink(copy_of, path)
+                # Not fsynced here: every writer syncs the table before the manifest
+                # or journal entry that makes it count (see the invariants above).
+                reflink(copy_of, path, durable=False)
             except FailedPrecondition:
                 with open(copy_of, "rb") as src, open(path, "wb") as dst:
                     while os.copy_file_range(src.fileno(), dst.fileno(), 1 << 30):

@@ -64,8 +64,10 @@ class Extent:
         return self.logical + self.length
 
 
-def reflink(source: Path, destination: Path) -> None:
-    """Make ``destination`` a reflink copy of ``source`` (sharing every block).
+def reflink(source: Path, destination: Path, *, durable: bool = True) -> None:
+    """Make ``destination`` a reflink copy of ``source`` (sharing every block), on
+    disk before this returns unless ``durable`` is False: then the caller
+    fsyncs it (or can lose it) later, as a staging does once per batch of chunks.
 
     FailedPrecondition when the filesystem cannot (ext4, tmpfs, or two
     filesystems): the caller falls back to copying or hashing.
@@ -75,7 +77,8 @@ def reflink(source: Path, destination: Path) -> None:
         dst = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             fcntl.ioctl(dst, _FICLONE, src)
-            os.fsync(dst)
+            if durable:
+                os.fsync(dst)
         except OSError as exc:
             os.close(dst)
             destination.unlink(missing_ok=True)
