@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import itertools
 import os
 import struct
 from dataclasses import dataclass
@@ -150,24 +149,33 @@ def _mapping(extent: Extent | None, position: int) -> int | None:
 
 def changed_ranges(older: list[Extent], newer: list[Extent], size: int) -> list[tuple[int, int]]:
     """Byte ranges below ``size`` that may differ between two reflink-related files,
-    as sorted, merged (offset, length) pairs."""
-    boundaries = {0, size}
-    for extent in (*older, *newer):
-        boundaries.update(b for b in (extent.logical, extent.end) if 0 < b < size)
-    cuts = sorted(boundaries)
+    as sorted, merged (offset, length) pairs.
+
+    One sweep over both maps (each sorted, without overlaps, as FIEMAP gives
+    them): a segment ends wherever an extent of either file begins or ends.
+    """
     changed: list[tuple[int, int]] = []
-    cursors = [0, 0]
-    for start, end in itertools.pairwise(cuts):
-        found: list[Extent | None] = []
-        for side, extents in enumerate((older, newer)):
-            while cursors[side] < len(extents) and extents[cursors[side]].end <= start:
-                cursors[side] += 1
-            here = extents[cursors[side]] if cursors[side] < len(extents) else None
-            found.append(here if here is not None and here.logical <= start else None)
-        unstable = any(e is not None and e.flags & _UNSTABLE for e in found)
-        if unstable or _mapping(found[0], start) != _mapping(found[1], start):
-            if changed and changed[-1][0] + changed[-1][1] == start:
+    i = j = position = 0
+    while position < size:
+        while i < len(older) and older[i].end <= position:
+            i += 1
+        while j < len(newer) and newer[j].end <= position:
+            j += 1
+        old = older[i] if i < len(older) and older[i].logical <= position else None
+        new = newer[j] if j < len(newer) and newer[j].logical <= position else None
+        end = size
+        for extents, cursor, here in ((older, i, old), (newer, j, new)):
+            if here is not None:
+                end = min(end, here.end)
+            elif cursor < len(extents):
+                end = min(end, extents[cursor].logical)
+        unstable = (old is not None and old.flags & _UNSTABLE) or (
+            new is not None and new.flags & _UNSTABLE
+        )
+        if unstable or _mapping(old, position) != _mapping(new, position):
+            if changed and changed[-1][0] + changed[-1][1] == position:
                 changed[-1] = (changed[-1][0], end - changed[-1][0])
             else:
-                changed.append((start, end - start))
+                changed.append((position, end - position))
+        position = end
     return changed
