@@ -23,6 +23,7 @@ Invariants:
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import queue
 import threading
@@ -143,8 +144,12 @@ class Receiver:
         self._on_landed = on_landed
         self._max_rate = max_rate_bytes_per_s
 
-    def manifest(self, transfer_id: str) -> Manifest:
-        with self._channel_factory() as channel:
+    def manifest(self, transfer_id: str, channel: grpc.Channel | None = None) -> Manifest:
+        """The manifest exported as ``transfer_id``, asked on ``channel`` (else on a
+        channel of its own)."""
+        with contextlib.ExitStack() as stack:
+            if channel is None:
+                channel = stack.enter_context(self._channel_factory())
             stub = transfer_pb2_grpc.ChunkSourceStub(channel)
             request = transfer_pb2.GetManifestRequest(transfer_id=transfer_id)
             try:
@@ -156,8 +161,13 @@ class Receiver:
     def pull(self, transfer_id: str, store: GenerationStore) -> PullResult:
         """Bring ``store`` to the image exported as ``transfer_id``; return the new
         generation (or the current one, when it already holds that image)."""
+        # One connection (and TLS handshake) for the manifest and the first stream.
+        with self._channel_factory() as channel:
+            return self._pull(transfer_id, store, channel)
+
+    def _pull(self, transfer_id: str, store: GenerationStore, channel: grpc.Channel) -> PullResult:
         started = time.monotonic()
-        target = self.manifest(transfer_id)
+        target = self.manifest(transfer_id, channel)
         current = store.current()
         if current is not None and current.manifest == target:
             meter = ProgressMeter(transfer_id, 0)
@@ -181,7 +191,9 @@ class Receiver:
         )
         streamed: list[float] = []
         try:
-            generation = self._complete(transfer_id, staging, meter, attempts, failures, streamed)
+            generation = self._complete(
+                transfer_id, staging, meter, attempts, failures, streamed, channel
+            )
         finally:
             staging.close()
         progress = meter.finish()
@@ -203,17 +215,21 @@ class Receiver:
         attempts: list[Attempt],
         failures: collections.Counter[int],
         streamed: list[float],
+        channel: grpc.Channel,
     ) -> Generation:
-        """Stream until nothing is missing, reconnecting as needed, then commit;
+        """Stream until nothing is missing, reconnecting as needed (the first
+        stream goes on ``channel``, a retry on a new one), then commit;
         ``streamed`` gets the time each round of streaming ended."""
         connection_failures = 0
+        first: grpc.Channel | None = channel
         while True:
             while staging.missing():
                 attempt = Attempt()
                 attempts.append(attempt)
                 try:
-                    self._stream(transfer_id, staging, meter, attempt, failures)
+                    self._stream(transfer_id, staging, meter, attempt, failures, first)
                 except grpc.RpcError as exc:
+                    first = None
                     code = exc.code() if isinstance(exc, grpc.Call) else None
                     attempt.error = code.name if code else str(exc)
                     # A link that keeps delivering between drops is worth keeping at.
@@ -243,6 +259,7 @@ class Receiver:
         meter: ProgressMeter,
         attempt: Attempt,
         failures: collections.Counter[int],
+        channel: grpc.Channel | None = None,
     ) -> None:
         stream = _Stream(transfer_id, staging, self._window, attempt)
         asks: queue.Queue[Any] = queue.Queue()
@@ -270,7 +287,9 @@ class Receiver:
         asks.put(stream.grant(first=True))
         syncer = threading.Thread(target=sync_periodically, name="staging-sync", daemon=True)
         syncer.start()
-        with self._channel_factory() as channel:
+        with contextlib.ExitStack() as stack:
+            if channel is None:
+                channel = stack.enter_context(self._channel_factory())
             responses = transfer_pb2_grpc.ChunkSourceStub(channel).PullChunks(requests())
             try:
                 for message in responses:

@@ -13,9 +13,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from csi_driver.chunks.blocks import BlockTable
-from csi_driver.chunks.generations import GenerationStore, Staging
+from csi_driver.chunks.generations import GenerationStore, Staging, differing_entries
 from csi_driver.chunks.manifest import BLOCK_SIZE, Manifest, MiB, block_digests
 from csi_driver.chunks.scan import scan_image
 from csi_driver.core.errors import DataLoss, FailedPrecondition
@@ -139,7 +141,7 @@ APPLY_SLOWLY = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from csi_driver.chunks.generations import GenerationStore, Staging
+    from csi_driver.chunks.generations import GenerationStore, Staging, differing_entries
     from csi_driver.chunks.scan import scan_image
 
     source, root = Path(sys.argv[1]), Path(sys.argv[2])
@@ -342,3 +344,16 @@ def test_a_commit_keeps_the_previous_generation_until_it_is_retired(tmp_path: Pa
     assert sorted(p.name for p in store.root.glob("gen-*")) == ["gen-00000003", "gen-00000004"]
     current = store.current()
     assert current is not None and digest(current.image) == digest(source)
+
+
+@given(st.binary(min_size=32, max_size=32 * 64), st.data())
+def test_differing_entries_are_exactly_the_digests_that_differ(
+    ours: bytes, data: st.DataObject
+) -> None:
+    entries = [ours[at : at + 32] for at in range(0, len(ours) - len(ours) % 32, 32)]
+    theirs = [
+        data.draw(st.binary(min_size=32, max_size=32)) if data.draw(st.booleans()) else entry
+        for entry in entries
+    ]
+    expected = {k for k, (a, b) in enumerate(zip(entries, theirs, strict=True)) if a != b}
+    assert differing_entries(b"".join(entries), b"".join(theirs)) == expected
