@@ -518,11 +518,9 @@ class Staging:
         have = self._base_table.read(index)
         runs: list[tuple[int, int]] = []
         zero: list[int] = []
-        for block in range(count):
+        for block in sorted(differing_entries(digests, have)):
             at = block * DIGEST_SIZE
             wanted = digests[at : at + DIGEST_SIZE]
-            if wanted == have[at : at + DIGEST_SIZE]:
-                continue
             if wanted == HOLE_BLOCK:
                 zero.append(block)
             elif runs and sum(runs[-1]) == block:

@@ -276,7 +276,9 @@ class Receiver:
 
         def sync_periodically() -> None:
             # fdatasync and reading back off the receiving thread: disks are slow
-            # to flush, and the stream keeps flowing meanwhile.
+            # to flush, and the stream keeps flowing meanwhile. The first at once:
+            # a new staging becomes durable while the first replies are on their way.
+            sync()
             while not stop_syncing.wait(SYNC_SECONDS):
                 sync()
 
