@@ -46,6 +46,11 @@ def cpu_seconds() -> float:
     return round(usage.ru_utime + usage.ru_stime, 2)
 
 
+#: This process's CPU seconds once its imports are done: Python's start and the
+#: imports, not the transfer's (a node's services are resident).
+STARTUP_CPU_S = cpu_seconds()
+
+
 def emit(event: str, **fields: Any) -> None:
     print(json.dumps({"event": event, **fields}), flush=True)
 
@@ -86,7 +91,13 @@ def serve(args: argparse.Namespace) -> int:
     stop.wait()
     server.stop(grace=1).wait()
     sent = {d["transfer"]: exports.require(str(d["transfer"])).sent.total() for d in described}
-    emit("stopped", sent_chunks=sent, peak_rss_bytes=peak_rss_bytes(), cpu_s=cpu_seconds())
+    emit(
+        "stopped",
+        sent_chunks=sent,
+        peak_rss_bytes=peak_rss_bytes(),
+        cpu_s=cpu_seconds(),
+        startup_cpu_s=STARTUP_CPU_S,
+    )
     return 0
 
 
@@ -121,6 +132,7 @@ def pull(args: argparse.Namespace) -> int:
         phases=dict(result.phases),
         peak_rss_bytes=peak_rss_bytes(),
         cpu_s=cpu_seconds(),
+        startup_cpu_s=STARTUP_CPU_S,
     )
     store.retire_older()  # the new generation is reported: the old one can go
     return 0
