@@ -67,7 +67,7 @@ from pathlib import Path
 
 from csi_driver.chunks.blocks import BlockTable
 from csi_driver.chunks.changes import describe_since_capture
-from csi_driver.chunks.durable import start_writeback, write_atomic
+from csi_driver.chunks.durable import write_atomic
 from csi_driver.chunks.extents import changed_ranges, extent_map, reflink
 from csi_driver.chunks.manifest import (
     DEFAULT_CHUNK_SIZE,
@@ -576,14 +576,10 @@ class Staging:
     def _pwrite(self, offset: int, data: bytes) -> None:
         fd = self._open()
         view = memoryview(data)
-        start = offset
         try:
             while view:
                 written = os.pwrite(fd, view, offset)
                 view, offset = view[written:], offset + written
-            # The disk starts on it now, while the stream goes on: the sync
-            # that lands it then waits for what is left, not for all of it.
-            start_writeback(fd, start, len(data))
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ResourceExhausted(
@@ -603,8 +599,7 @@ class Staging:
             if not durable and self._staging_durable:
                 return []
             # Table writes batched here, off the receiving thread, in index order.
-            for index in sorted(entries):
-                self._table().write(index, entries[index])
+            self._table().write_many(entries)
             # The image and table as a whole, not only what was written: the
             # first sync also makes the staging's copy of the base durable.
             os.fdatasync(self._open())

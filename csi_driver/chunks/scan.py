@@ -235,6 +235,7 @@ def rescan_blocks(
             ],
         )
         buffer = bytearray(chunk_size)
+        written: dict[int, bytes] = {}  # table entries, written a batch at a time
         for index, blocks in touched.items():
             if index >= len(digests):
                 continue
@@ -251,12 +252,19 @@ def rescan_blocks(
                 for n, at in enumerate(range(0, length, step)):
                     slot = (run_start + n) * DIGEST_SIZE
                     entries[slot : slot + DIGEST_SIZE] = block_digest(view[at : at + step])
-            table.write(index, bytes(entries))
-            digests[index] = root_digest(bytes(entries))
+            written[index] = bytes(entries)
+            digests[index] = root_digest(written[index])
+            if len(written) >= TABLE_BATCH:
+                table.write_many(written)
+                written.clear()
+        table.write_many(written)
     finally:
         os.close(fd)
     return Scan(Manifest(size, chunk_size, tuple(digests)), bytes_read)
 
+
+#: Chunks whose new table entries :func:`rescan_blocks` holds before writing them.
+TABLE_BATCH = 256
 
 #: How far ahead of the reader :class:`_ReadAhead` asks for ranges.
 READ_AHEAD_BYTES = 32 * 1024 * 1024
