@@ -29,16 +29,16 @@ Invariants:
 - A chunk index enters ``landed`` only after its bytes were checked against
   the target digest and the image was fdatasync'ed, so a resumed staging
   never asks again for a chunk that landed, and never trusts one that did not.
+  A chunk the base holds other data for may be written by blocks
+  (:meth:`Staging.plan_blocks`): its block digests are checked against the
+  target's chunk digest, each block written against its block digest, and
+  only blocks whose digests differ from the base's are written at all.
 - Starting a staging syncs nothing (its cost follows the delta, not the
   volume's size): the first :meth:`Staging.sync` makes the copy of the base,
   its table, the staging's files and directory durable before any chunk
   counts as landed. Base bytes a crash took from the copy before that are
   caught by verification, which reads every block whose extents are not
   the base's, and fetched again (``whole``), after a restart too.
-  A chunk the base holds other data for may be written by blocks
-  (:meth:`Staging.plan_blocks`): its block digests are checked against the
-  target's chunk digest, each block written against its block digest, and
-  only blocks whose digests differ from the base's are written at all.
 - Verification reads every block that may differ from a verified generation
   (or, for chunks written whole, reads them back once they are durable,
   :meth:`Staging.read_back`, so that it overlaps with the stream):
@@ -94,6 +94,7 @@ from csi_driver.chunks.scan import (
 from csi_driver.core.errors import (
     DataLoss,
     FailedPrecondition,
+    InternalError,
     InvalidArgument,
     ResourceExhausted,
 )
@@ -377,6 +378,8 @@ def differing_entries(ours: bytes, theirs: bytes) -> set[int]:
     """The indexes of the block digests that differ between two chunks' entries of
     the same length (compared as integers: the work is per differing entry, not
     per block, in Python)."""
+    if len(ours) != len(theirs):
+        raise InternalError(f"{len(ours)} and {len(theirs)} bytes of block digests compared")
     if ours == theirs:
         return set()
     bits = DIGEST_SIZE * 8
