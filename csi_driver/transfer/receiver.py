@@ -14,7 +14,7 @@ Invariants:
   (:meth:`Staging.plan_blocks`); a chunk whose blocks fail is asked for
   again whole.
 - What landed is durable (:meth:`Staging.sync`, every :data:`SYNC_SECONDS`
-  or :data:`SYNC_BYTES`, and when a stream ends) before the stream is given up
+  and when a stream ends) before the stream is given up
   or retried, so a dropped connection or a restarted receiver resumes
   without asking again for any chunk that landed.
 - The replica's new generation is committed only after the whole image
@@ -57,11 +57,6 @@ DEFAULT_WINDOW_BYTES = 16 * MiB
 #: Make written chunks durable (and landed) this often, in the background: a
 #: crash costs at most this much receiving again.
 SYNC_SECONDS = 0.5
-#: ... and sooner once this much arrived since (but not more often than every
-#: SYNC_MIN_SECONDS): what is left to flush and read back when the stream ends
-#: is then this much, not everything a short pull brought.
-SYNC_BYTES = 16 * MiB
-SYNC_MIN_SECONDS = 0.1
 #: Channel arguments: one chunk per message, and a dead peer noticed in seconds.
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_receive_message_length", MAX_CHUNK_SIZE + MiB),
@@ -270,7 +265,6 @@ class Receiver:
         stream = _Stream(transfer_id, staging, self._window, attempt)
         asks: queue.Queue[Any] = queue.Queue()
         stop_syncing = threading.Event()
-        wake = threading.Event()
 
         def sync() -> None:
             durable = staging.sync()
@@ -285,15 +279,8 @@ class Receiver:
             # fdatasync and reading back off the receiving thread: disks are slow
             # to flush, and the stream keeps flowing meanwhile. The first at once:
             # a new staging becomes durable while the first replies are on their way.
-            last = time.monotonic()
             sync()
-            while True:
-                wake.wait(SYNC_SECONDS)
-                early = last + SYNC_MIN_SECONDS - time.monotonic()
-                if stop_syncing.is_set() or (early > 0 and stop_syncing.wait(early)):
-                    return
-                wake.clear()
-                last = time.monotonic()
+            while not stop_syncing.wait(SYNC_SECONDS):
                 sync()
 
         def requests() -> Iterator[Any]:
@@ -307,7 +294,6 @@ class Receiver:
             if channel is None:
                 channel = stack.enter_context(self._channel_factory())
             responses = transfer_pb2_grpc.ChunkSourceStub(channel).PullChunks(requests())
-            arrived = 0
             try:
                 for message in responses:
                     for chunk in message.chunks:
@@ -315,7 +301,6 @@ class Receiver:
                         data: bytes = chunk.data
                         digests: bytes = chunk.block_digests
                         attempt.bytes_received += len(data) + len(digests)
-                        arrived += len(data)
                         TRANSFER_BYTES.labels("received").inc(len(data))
                         try:
                             done = stream.land(chunk, data, digests)
@@ -326,9 +311,6 @@ class Receiver:
                             TRANSFER_CHUNKS.labels("received", "landed").inc()
                             meter.add(staging.target.chunk_length(done))
                             self._throttle(meter)
-                    if arrived >= SYNC_BYTES:
-                        wake.set()
-                        arrived = 0
                     if stream.finished():
                         break
                     if (ask := stream.grant()) is not None:
@@ -337,7 +319,6 @@ class Receiver:
                 asks.put(None)
                 responses.cancel()
                 stop_syncing.set()
-                wake.set()
                 syncer.join()
                 sync()
 
