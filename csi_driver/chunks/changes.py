@@ -13,7 +13,8 @@ Invariants:
 - On a pool that can reflink (xfs, btrfs), capture ``n`` is a reflink
   snapshot; its manifest and block table are snapshot ``n - 1``'s with only
   the blocks whose extents differ between the two snapshots read again. The previous
-  snapshot is removed only after the new manifest is durable, so the extent
+  snapshot is removed only after the new manifest is durable (by the capture,
+  or once the new one is served: :func:`retire_older_captures`), so the extent
   comparison always has a live older copy (see :mod:`.extents`).
 - Elsewhere (ext4) the image is hashed whole in place: the caller must keep
   it quiescent (unmounted or frozen) while :meth:`ChangeTracker.capture` runs.
@@ -113,7 +114,14 @@ class ChangeTracker:
                     return None
         return None
 
-    def capture(self) -> Capture:
+    def retire_older(self) -> None:
+        """Remove the captures older than the newest complete one (see
+        :func:`retire_older_captures`)."""
+        retire_older_captures(self.work_dir)
+
+    def capture(self, *, keep_older: bool = False) -> Capture:
+        """A new capture of the image; the older ones are removed before this returns
+        unless ``keep_older`` (then :meth:`retire_older` does it later)."""
         previous = self.last()
         number = previous[0] + 1 if previous else 1
         for stale in self._numbers():
@@ -159,10 +167,8 @@ class ChangeTracker:
             finally:
                 table.close()
         write_atomic(snapshot.with_suffix(".manifest"), encode(scan.manifest))
-        for old in self._numbers():
-            if old < number:
-                for suffix in (".img", ".blocks", ".manifest"):
-                    self._snapshot(old).with_suffix(suffix).unlink(missing_ok=True)
+        if not keep_older:
+            self.retire_older()
         log.info(
             "image captured",
             extra={
@@ -173,6 +179,24 @@ class ChangeTracker:
             },
         )
         return Capture(number, scan.manifest, snapshot, method, scan.bytes_read, blocks)
+
+
+def retire_older_captures(work_dir: Path) -> None:
+    """Remove the captures in ``work_dir`` older than the newest complete one.
+
+    Freeing a reflinked snapshot costs as much as the volume has extents, not
+    what changed, so a caller that serves the new capture may defer this until
+    it serves it (``capture(keep_older=True)``); the next capture does it anyway.
+    """
+    try:
+        numbers = _numbers(work_dir)
+    except FileNotFoundError:
+        return
+    complete = [n for n in numbers if (work_dir / f"snap-{n:08d}.manifest").exists()]
+    for old in numbers:
+        if complete and old < complete[-1]:
+            for suffix in (".img", ".blocks", ".manifest"):
+                (work_dir / f"snap-{old:08d}{suffix}").unlink(missing_ok=True)
 
 
 def _numbers(work_dir: Path) -> list[int]:

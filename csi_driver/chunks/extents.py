@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import itertools
 import os
 import struct
 from dataclasses import dataclass
@@ -64,8 +63,10 @@ class Extent:
         return self.logical + self.length
 
 
-def reflink(source: Path, destination: Path) -> None:
-    """Make ``destination`` a reflink copy of ``source`` (sharing every block).
+def reflink(source: Path, destination: Path, *, durable: bool = True) -> None:
+    """Make ``destination`` a reflink copy of ``source`` (sharing every block), on
+    disk before this returns unless ``durable`` is False: then the caller
+    fsyncs it (or can lose it) later, as a staging does once per batch of chunks.
 
     FailedPrecondition when the filesystem cannot (ext4, tmpfs, or two
     filesystems): the caller falls back to copying or hashing.
@@ -75,7 +76,8 @@ def reflink(source: Path, destination: Path) -> None:
         dst = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             fcntl.ioctl(dst, _FICLONE, src)
-            os.fsync(dst)
+            if durable:
+                os.fsync(dst)
         except OSError as exc:
             os.close(dst)
             destination.unlink(missing_ok=True)
@@ -147,24 +149,33 @@ def _mapping(extent: Extent | None, position: int) -> int | None:
 
 def changed_ranges(older: list[Extent], newer: list[Extent], size: int) -> list[tuple[int, int]]:
     """Byte ranges below ``size`` that may differ between two reflink-related files,
-    as sorted, merged (offset, length) pairs."""
-    boundaries = {0, size}
-    for extent in (*older, *newer):
-        boundaries.update(b for b in (extent.logical, extent.end) if 0 < b < size)
-    cuts = sorted(boundaries)
+    as sorted, merged (offset, length) pairs.
+
+    One sweep over both maps (each sorted, without overlaps, as FIEMAP gives
+    them): a segment ends wherever an extent of either file begins or ends.
+    """
     changed: list[tuple[int, int]] = []
-    cursors = [0, 0]
-    for start, end in itertools.pairwise(cuts):
-        found: list[Extent | None] = []
-        for side, extents in enumerate((older, newer)):
-            while cursors[side] < len(extents) and extents[cursors[side]].end <= start:
-                cursors[side] += 1
-            here = extents[cursors[side]] if cursors[side] < len(extents) else None
-            found.append(here if here is not None and here.logical <= start else None)
-        unstable = any(e is not None and e.flags & _UNSTABLE for e in found)
-        if unstable or _mapping(found[0], start) != _mapping(found[1], start):
-            if changed and changed[-1][0] + changed[-1][1] == start:
+    i = j = position = 0
+    while position < size:
+        while i < len(older) and older[i].end <= position:
+            i += 1
+        while j < len(newer) and newer[j].end <= position:
+            j += 1
+        old = older[i] if i < len(older) and older[i].logical <= position else None
+        new = newer[j] if j < len(newer) and newer[j].logical <= position else None
+        end = size
+        for extents, cursor, here in ((older, i, old), (newer, j, new)):
+            if here is not None:
+                end = min(end, here.end)
+            elif cursor < len(extents):
+                end = min(end, extents[cursor].logical)
+        unstable = (old is not None and old.flags & _UNSTABLE) or (
+            new is not None and new.flags & _UNSTABLE
+        )
+        if unstable or _mapping(old, position) != _mapping(new, position):
+            if changed and changed[-1][0] + changed[-1][1] == position:
                 changed[-1] = (changed[-1][0], end - changed[-1][0])
             else:
-                changed.append((start, end - start))
+                changed.append((position, end - position))
+        position = end
     return changed

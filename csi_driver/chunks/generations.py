@@ -19,7 +19,9 @@ Layout under a replica's root::
 Invariants:
 
 - A committed generation is never written again. The current one stays
-  readable, unchanged, while the next is staged, and until the commit.
+  readable, unchanged, while the next is staged, and until the commit; it
+  is removed by the next commit but one, or by ``retire_older`` (so at
+  most two generations are kept).
 - The commit point is one ``rename(staging, gen-<n+1>)`` followed by an
   fsync of the root, done only after the whole staged image was read back
   and matched the target manifest. A crash before it leaves the current
@@ -31,6 +33,12 @@ Invariants:
   (:meth:`Staging.plan_blocks`): its block digests are checked against the
   target's chunk digest, each block written against its block digest, and
   only blocks whose digests differ from the base's are written at all.
+- Starting a staging syncs nothing (its cost follows the delta, not the
+  volume's size): the first :meth:`Staging.sync` makes the copy of the base,
+  its table, the staging's files and directory durable before any chunk
+  counts as landed. Base bytes a crash took from the copy before that are
+  caught by verification, which reads every block whose extents are not
+  the base's, and fetched again (``whole``), after a restart too.
 - Verification reads every block that may differ from a verified generation
   (or, for chunks written whole, reads them back once they are durable,
   :meth:`Staging.read_back`, so that it overlaps with the stream):
@@ -86,6 +94,7 @@ from csi_driver.chunks.scan import (
 from csi_driver.core.errors import (
     DataLoss,
     FailedPrecondition,
+    InternalError,
     InvalidArgument,
     ResourceExhausted,
 )
@@ -229,6 +238,11 @@ class GenerationStore:
             )
             table = BlockTable(staging / "blocks", target.size, target.chunk_size, writable=True)
             whole = _read_journal(staging / "whole") if (staging / "whole").exists() else set()
+            # Chunks that failed verification where the copy of the base was wrong
+            # are sent too, though the base's manifest says it holds them.
+            extra = {i for i in whole if i < len(target.chunks) and target.chunks[i]}
+            if extra - set(plan.send):
+                plan = Delta(target, tuple(sorted({*plan.send, *extra})), plan.punch)
             return Staging(
                 self, target, plan, base_number, landed, table=table, base=base, whole=whole
             )
@@ -246,25 +260,38 @@ class GenerationStore:
         )
         for index in plan.punch:
             table.punch(index)
-        table.sync()
         table.close()
         (building / "copy").write_text(copy)
         (building / "landed").touch()
         (building / "base").write_text(str(base_number))
-        write_atomic(building / "manifest", encode(target))
+        (building / "manifest").write_bytes(encode(target))
+        # Nothing is fsynced yet: the first Staging.sync makes all of it durable
+        # before any chunk counts as landed (see the module docstring).
         os.rename(building, staging)
-        fsync_dir(self.root)
         table = BlockTable(staging / "blocks", target.size, target.chunk_size, writable=True)
         return Staging(self, target, plan, base_number, set(), table=table, base=base)
+
+    def retire_older(self) -> None:
+        """Remove the generations older than the current one. A commit leaves the
+        previous one (so a caller can report the new one first); the next commit
+        removes it anyway."""
+        numbers = self._numbers()
+        if numbers:
+            self._remove_older_than(numbers[-1])
+
+    def _remove_older_than(self, number: int) -> None:
+        for old in self._numbers():
+            if old < number:
+                shutil.rmtree(self._dir(old), ignore_errors=True)
 
     def _commit(self, staging: Staging) -> Generation:
         number = max(self._numbers(), default=0) + 1
         os.rename(self.staging_dir, self._dir(number))
         fsync_dir(self.root)  # the commit point
         self._manifests = {number: staging.target}
-        for old in self._numbers():
-            if old < number:
-                shutil.rmtree(self._dir(old), ignore_errors=True)
+        # The one before stays until retire_older: freeing a reflinked image costs
+        # as much as it has extents, and the new generation is usable already.
+        self._remove_older_than(number - 1)
         log.info(
             "generation committed",
             extra={"replica": str(self.root), "generation": number},
@@ -301,23 +328,24 @@ def _prepare_image(path: Path, base: Generation | None, plan: Delta) -> str:
     copy = "bytes"
     if base is not None:
         try:
-            reflink(base.image, path)
+            reflink(base.image, path, durable=False)
             copy = "reflink"
         except FailedPrecondition:
-            sparse_copy(base.image, path)
+            sparse_copy(base.image, path, durable=False)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        os.ftruncate(fd, plan.target.size)
+        if os.fstat(fd).st_size != plan.target.size:
+            os.ftruncate(fd, plan.target.size)
         for index in plan.punch:
             punch_hole(fd, *plan.target.span(index))
-        os.fsync(fd)
     finally:
         os.close(fd)
     return copy
 
 
-def sparse_copy(source: Path, destination: Path) -> None:
-    """Copy only the ranges of ``source`` that hold data; the rest stays holes.
+def sparse_copy(source: Path, destination: Path, *, durable: bool = True) -> None:
+    """Copy only the ranges of ``source`` that hold data; the rest stays holes; on
+    disk before this returns unless ``durable`` is False (the caller syncs it).
 
     Also what a primary copies its image with, while frozen, on a pool that
     cannot reflink (node/reconcile/exports.py)."""
@@ -333,7 +361,8 @@ def sparse_copy(source: Path, destination: Path) -> None:
                 if copied == 0:
                     break
                 done += copied
-        os.fsync(dst)
+        if durable:
+            os.fsync(dst)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ResourceExhausted(
@@ -343,6 +372,25 @@ def sparse_copy(source: Path, destination: Path) -> None:
     finally:
         os.close(src)
         os.close(dst)
+
+
+def differing_entries(ours: bytes, theirs: bytes) -> set[int]:
+    """The indexes of the block digests that differ between two chunks' entries of
+    the same length (compared as integers: the work is per differing entry, not
+    per block, in Python)."""
+    if len(ours) != len(theirs):
+        raise InternalError(f"{len(ours)} and {len(theirs)} bytes of block digests compared")
+    if ours == theirs:
+        return set()
+    bits = DIGEST_SIZE * 8
+    last = len(ours) // DIGEST_SIZE - 1
+    diff = int.from_bytes(ours, "big") ^ int.from_bytes(theirs, "big")
+    found: set[int] = set()
+    while diff:
+        entry = last - (diff.bit_length() - 1) // bits
+        found.add(entry)
+        diff &= (1 << ((last - entry) * bits)) - 1  # this entry and those before it
+    return found
 
 
 @dataclass(frozen=True)
@@ -386,6 +434,9 @@ class Staging:
     _read_back: dict[int, frozenset[int] | None] = field(default_factory=dict)
     _fd: int | None = None
     _base_table: BlockTable | None = None
+    #: Whether the staging's files and directory are known durable (after a
+    #: first :meth:`sync`; :meth:`GenerationStore.stage` leaves that to it).
+    _staging_durable: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _sync_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -470,11 +521,9 @@ class Staging:
         have = self._base_table.read(index)
         runs: list[tuple[int, int]] = []
         zero: list[int] = []
-        for block in range(count):
+        for block in sorted(differing_entries(digests, have)):
             at = block * DIGEST_SIZE
             wanted = digests[at : at + DIGEST_SIZE]
-            if wanted == have[at : at + DIGEST_SIZE]:
-                continue
             if wanted == HOLE_BLOCK:
                 zero.append(block)
             elif runs and sum(runs[-1]) == block:
@@ -550,14 +599,22 @@ class Staging:
             with self._lock:
                 durable, self._pending = self._pending, []
                 entries, self._entries = self._entries, {}
-            if not durable:
+            if not durable and self._staging_durable:
                 return []
             # Table writes batched here, off the receiving thread, in index order.
-            for index in sorted(entries):
-                self._table().write(index, entries[index])
-            if self._fd is not None:
-                os.fdatasync(self._fd)
+            self._table().write_many(entries)
+            # The image and table as a whole, not only what was written: the
+            # first sync also makes the staging's copy of the base durable.
+            os.fdatasync(self._open())
             self._table().sync()
+            if not self._staging_durable:
+                for name in ("manifest", "base", "copy"):
+                    with open(self.store.staging_dir / name, "rb") as handle:
+                        os.fsync(handle.fileno())
+                fsync_dir(self.store.root)
+                self._staging_durable = True
+            if not durable:
+                return []
             with open(self.store.staging_dir / "landed", "ab") as journal:
                 journal.write(_journal(set(durable)))
                 journal.flush()
@@ -718,22 +775,20 @@ class Staging:
                 read_back = self._read_back.get(index, frozenset())
                 if read_back is None:
                     continue  # its bytes were read back and matched these entries
-                have = base_table.read(index)
+                # Blocks whose entries are the base's, on the base's extents, hold the
+                # base's verified bytes; those read back as they landed matched their
+                # entries: the rest is read.
+                count = len(entries) // DIGEST_SIZE
+                unread = suspects.get(index, set()) | differing_entries(
+                    entries, base_table.read(index)
+                )
                 offset, length = target.span(index)
-                for block in range(len(entries) // DIGEST_SIZE):
+                for block in sorted(b for b in unread - read_back if b < count):
                     at = block * DIGEST_SIZE
-                    entry = entries[at : at + DIGEST_SIZE]
-                    if block in read_back:
-                        continue  # read back as it landed, matching this entry
-                    if (
-                        block not in suspects.get(index, ())
-                        and entry == have[at : at + DIGEST_SIZE]
-                    ):
-                        continue  # the base's verified bytes, on the base's blocks
                     size = min(step, length - block * step)
                     view = read_exactly(fd, buffer, offset + block * step, size)
                     read += size
-                    if block_digest(view) != entry:
+                    if block_digest(view) != entries[at : at + DIGEST_SIZE]:
                         bad.append(index)
                         break
         finally:

@@ -223,7 +223,19 @@ def rescan_blocks(
             raise InvalidArgument(
                 f"{path} is {size} bytes, the previous manifest {previous.size}: scan it whole"
             )
+        # A new snapshot's pages are not cached (the image's are, but they
+        # belong to another file): reading one run after another would wait
+        # for the disk each time, so the runs ahead are asked for at once.
+        ahead = _ReadAhead(
+            fd,
+            [
+                (index * chunk_size + first * step, count * step)
+                for index, blocks in touched.items()
+                for first, count in _runs(blocks)
+            ],
+        )
         buffer = bytearray(chunk_size)
+        written: dict[int, bytes] = {}  # table entries, written a batch at a time
         for index, blocks in touched.items():
             if index >= len(digests):
                 continue
@@ -232,6 +244,7 @@ def rescan_blocks(
             for run_start, run_length in _runs(blocks):
                 offset = chunk_start + run_start * step
                 length = min(run_length * step, size - offset)
+                ahead.reading(offset)
                 if length <= 0:
                     continue
                 view = read_exactly(fd, buffer, offset, length)
@@ -239,11 +252,48 @@ def rescan_blocks(
                 for n, at in enumerate(range(0, length, step)):
                     slot = (run_start + n) * DIGEST_SIZE
                     entries[slot : slot + DIGEST_SIZE] = block_digest(view[at : at + step])
-            table.write(index, bytes(entries))
-            digests[index] = root_digest(bytes(entries))
+            written[index] = bytes(entries)
+            digests[index] = root_digest(written[index])
+            if len(written) >= TABLE_BATCH:
+                table.write_many(written)
+                written.clear()
+        table.write_many(written)
     finally:
         os.close(fd)
     return Scan(Manifest(size, chunk_size, tuple(digests)), bytes_read)
+
+
+#: Chunks whose new table entries :func:`rescan_blocks` holds before writing them.
+TABLE_BATCH = 256
+
+#: How far ahead of the reader :class:`_ReadAhead` asks for ranges.
+READ_AHEAD_BYTES = 32 * 1024 * 1024
+
+
+class _ReadAhead:
+    """``POSIX_FADV_WILLNEED`` for sorted ``ranges`` about to be read in order, at
+    most :data:`READ_AHEAD_BYTES` beyond the one being read (so a large delta
+    does not push what it is about to read out of the cache)."""
+
+    def __init__(self, fd: int, ranges: list[Range]) -> None:
+        self._fd = fd
+        self._ranges = ranges
+        self._next = 0  # the first range not asked for yet
+        self._asked: collections.deque[Range] = collections.deque()
+        self._bytes = 0
+        self.reading(ranges[0][0] if ranges else 0)
+
+    def reading(self, offset: int) -> None:
+        """The reader is at the range starting at ``offset``: drop what it passed,
+        ask for more."""
+        while self._asked and self._asked[0][0] < offset:
+            self._bytes -= self._asked.popleft()[1]
+        while self._next < len(self._ranges) and self._bytes < READ_AHEAD_BYTES:
+            start, length = self._ranges[self._next]
+            os.posix_fadvise(self._fd, start, length, os.POSIX_FADV_WILLNEED)
+            self._asked.append((start, length))
+            self._bytes += length
+            self._next += 1
 
 
 def _runs(blocks: list[int]) -> Iterator[tuple[int, int]]:

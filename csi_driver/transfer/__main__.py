@@ -46,6 +46,11 @@ def cpu_seconds() -> float:
     return round(usage.ru_utime + usage.ru_stime, 2)
 
 
+#: This process's CPU seconds once its imports are done: Python's start and the
+#: imports, not the transfer's (a node's services are resident).
+STARTUP_CPU_S = cpu_seconds()
+
+
 def emit(event: str, **fields: Any) -> None:
     print(json.dumps({"event": event, **fields}), flush=True)
 
@@ -57,13 +62,15 @@ def _security(tls_dir: Path) -> AgentSecurity:
 def serve(args: argparse.Namespace) -> int:
     exports = Exports()
     described = []
+    trackers: list[ChangeTracker] = []
     for spec in args.export:
         transfer_id, sep, path = spec.partition("=")
         if not sep or not path:
             raise InvalidArgument(f"--export {spec!r} is not TRANSFER_ID=IMAGE_PATH")
         started = time.monotonic()
         tracker = ChangeTracker(Path(path), args.work_dir / transfer_id, args.chunk_size)
-        capture = tracker.capture()
+        capture = tracker.capture(keep_older=True)
+        trackers.append(tracker)
         exports.add(transfer_id, capture.source, capture.manifest, capture.blocks)
         described.append(
             {
@@ -79,10 +86,18 @@ def serve(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     emit("ready", endpoint=str(endpoint), exports=described)
+    for tracker in trackers:  # freed while the receivers pull, not before
+        tracker.retire_older()
     stop.wait()
     server.stop(grace=1).wait()
     sent = {d["transfer"]: exports.require(str(d["transfer"])).sent.total() for d in described}
-    emit("stopped", sent_chunks=sent, peak_rss_bytes=peak_rss_bytes(), cpu_s=cpu_seconds())
+    emit(
+        "stopped",
+        sent_chunks=sent,
+        peak_rss_bytes=peak_rss_bytes(),
+        cpu_s=cpu_seconds(),
+        startup_cpu_s=STARTUP_CPU_S,
+    )
     return 0
 
 
@@ -101,7 +116,8 @@ def pull(args: argparse.Namespace) -> int:
         max_rate_bytes_per_s=args.max_rate_mib * MiB if args.max_rate_mib else None,
     )
     started = time.monotonic()
-    result = receiver.pull(args.transfer, GenerationStore(args.replica))
+    store = GenerationStore(args.replica)
+    result = receiver.pull(args.transfer, store)
     emit(
         "done",
         generation=result.generation.number,
@@ -116,7 +132,9 @@ def pull(args: argparse.Namespace) -> int:
         phases=dict(result.phases),
         peak_rss_bytes=peak_rss_bytes(),
         cpu_s=cpu_seconds(),
+        startup_cpu_s=STARTUP_CPU_S,
     )
+    store.retire_older()  # the new generation is reported: the old one can go
     return 0
 
 

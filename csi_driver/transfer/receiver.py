@@ -13,7 +13,8 @@ Invariants:
   only the blocks that differ, each checked against its digest
   (:meth:`Staging.plan_blocks`); a chunk whose blocks fail is asked for
   again whole.
-- What landed is durable (:meth:`Staging.sync`) before the stream is given up
+- What landed is durable (:meth:`Staging.sync`, every :data:`SYNC_SECONDS`
+  and when a stream ends) before the stream is given up
   or retried, so a dropped connection or a restarted receiver resumes
   without asking again for any chunk that landed.
 - The replica's new generation is committed only after the whole image
@@ -23,6 +24,7 @@ Invariants:
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import queue
 import threading
@@ -86,7 +88,8 @@ class PullResult:
     progress: Progress
     landed_before: int  # chunks that had landed in an earlier run of this pull
     attempts: tuple[Attempt, ...]
-    #: Seconds spent per phase: manifest, stage, stream (with the commit's verify).
+    #: Seconds spent per phase: manifest, stage, stream (until every chunk landed,
+    #: durably), verify_commit (the last verification and the commit).
     phases: tuple[tuple[str, float], ...] = ()
 
     @property
@@ -142,8 +145,12 @@ class Receiver:
         self._on_landed = on_landed
         self._max_rate = max_rate_bytes_per_s
 
-    def manifest(self, transfer_id: str) -> Manifest:
-        with self._channel_factory() as channel:
+    def manifest(self, transfer_id: str, channel: grpc.Channel | None = None) -> Manifest:
+        """The manifest exported as ``transfer_id``, asked on ``channel`` (else on a
+        channel of its own)."""
+        with contextlib.ExitStack() as stack:
+            if channel is None:
+                channel = stack.enter_context(self._channel_factory())
             stub = transfer_pb2_grpc.ChunkSourceStub(channel)
             request = transfer_pb2.GetManifestRequest(transfer_id=transfer_id)
             try:
@@ -155,8 +162,13 @@ class Receiver:
     def pull(self, transfer_id: str, store: GenerationStore) -> PullResult:
         """Bring ``store`` to the image exported as ``transfer_id``; return the new
         generation (or the current one, when it already holds that image)."""
+        # One connection (and TLS handshake) for the manifest and the first stream.
+        with self._channel_factory() as channel:
+            return self._pull(transfer_id, store, channel)
+
+    def _pull(self, transfer_id: str, store: GenerationStore, channel: grpc.Channel) -> PullResult:
         started = time.monotonic()
-        target = self.manifest(transfer_id)
+        target = self.manifest(transfer_id, channel)
         current = store.current()
         if current is not None and current.manifest == target:
             meter = ProgressMeter(transfer_id, 0)
@@ -178,15 +190,21 @@ class Receiver:
                 "bytes": staging.delta.send_bytes,
             },
         )
+        streamed: list[float] = []
         try:
-            generation = self._complete(transfer_id, staging, meter, attempts, failures)
+            generation = self._complete(
+                transfer_id, staging, meter, attempts, failures, streamed, channel
+            )
         finally:
             staging.close()
         progress = meter.finish()
+        ended = time.monotonic()
+        streamed_at = streamed[-1] if streamed else ended
         phases = (
             ("manifest", round(fetched - started, 3)),
             ("stage", round(staged - fetched, 3)),
-            ("stream_verify_commit", round(time.monotonic() - staged, 3)),
+            ("stream", round(streamed_at - staged, 3)),
+            ("verify_commit", round(ended - streamed_at, 3)),
         )
         return PullResult(generation, progress, landed_before, tuple(attempts), phases)
 
@@ -197,16 +215,22 @@ class Receiver:
         meter: ProgressMeter,
         attempts: list[Attempt],
         failures: collections.Counter[int],
+        streamed: list[float],
+        channel: grpc.Channel,
     ) -> Generation:
-        """Stream until nothing is missing, reconnecting as needed, then commit."""
+        """Stream until nothing is missing, reconnecting as needed (the first
+        stream goes on ``channel``, a retry on a new one), then commit;
+        ``streamed`` gets the time each round of streaming ended."""
         connection_failures = 0
+        first: grpc.Channel | None = channel
         while True:
             while staging.missing():
                 attempt = Attempt()
                 attempts.append(attempt)
                 try:
-                    self._stream(transfer_id, staging, meter, attempt, failures)
+                    self._stream(transfer_id, staging, meter, attempt, failures, first)
                 except grpc.RpcError as exc:
+                    first = None
                     code = exc.code() if isinstance(exc, grpc.Call) else None
                     attempt.error = code.name if code else str(exc)
                     # A link that keeps delivering between drops is worth keeping at.
@@ -218,6 +242,7 @@ class Receiver:
                         extra={"transfer": transfer_id, "code": attempt.error},
                     )
                     time.sleep(self._backoff * connection_failures)
+            streamed.append(time.monotonic())
             try:
                 return staging.commit()
             except DataLoss as exc:
@@ -235,6 +260,7 @@ class Receiver:
         meter: ProgressMeter,
         attempt: Attempt,
         failures: collections.Counter[int],
+        channel: grpc.Channel | None = None,
     ) -> None:
         stream = _Stream(transfer_id, staging, self._window, attempt)
         asks: queue.Queue[Any] = queue.Queue()
@@ -251,7 +277,9 @@ class Receiver:
 
         def sync_periodically() -> None:
             # fdatasync and reading back off the receiving thread: disks are slow
-            # to flush, and the stream keeps flowing meanwhile.
+            # to flush, and the stream keeps flowing meanwhile. The first at once:
+            # a new staging becomes durable while the first replies are on their way.
+            sync()
             while not stop_syncing.wait(SYNC_SECONDS):
                 sync()
 
@@ -262,7 +290,9 @@ class Receiver:
         asks.put(stream.grant(first=True))
         syncer = threading.Thread(target=sync_periodically, name="staging-sync", daemon=True)
         syncer.start()
-        with self._channel_factory() as channel:
+        with contextlib.ExitStack() as stack:
+            if channel is None:
+                channel = stack.enter_context(self._channel_factory())
             responses = transfer_pb2_grpc.ChunkSourceStub(channel).PullChunks(requests())
             try:
                 for message in responses:

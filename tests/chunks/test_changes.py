@@ -69,9 +69,13 @@ def test_a_capture_reads_only_the_chunks_written_since_the_last(tmp_path: Path, 
         assert second.manifest.data_chunks == (0, 5, 6, 40, 41, 63)
         assert not first.source.exists()  # the older snapshot went after the new manifest
 
-        third = tracker.capture()
+        third = tracker.capture(keep_older=True)
         assert third.method is Method.EXTENTS and third.bytes_read == 0
         assert third.manifest == second.manifest
+        assert second.source.exists()  # kept until the new capture is served
+        tracker.retire_older()
+        assert not second.source.exists() and third.source.exists()
+        assert tracker.last() == (third.number, third.manifest)
 
 
 @pytest.mark.parametrize("fs", sorted(REFLINK_FILESYSTEMS))

@@ -13,12 +13,15 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from csi_driver.chunks.blocks import BlockTable
-from csi_driver.chunks.generations import GenerationStore, Staging
+from csi_driver.chunks.generations import GenerationStore, Staging, differing_entries
 from csi_driver.chunks.manifest import BLOCK_SIZE, Manifest, MiB, block_digests
 from csi_driver.chunks.scan import scan_image
 from csi_driver.core.errors import DataLoss, FailedPrecondition
+from csi_driver.node.pool import punch_hole
 from tests.chunks.images import write_at, write_image
 from tests.node.conftest import requires_root, small_filesystem
 
@@ -71,6 +74,7 @@ def test_generations_follow_the_source_and_send_only_what_changed(tmp_path: Path
     two = staging.commit()
     assert two.number == 2 and store.current() == two
     assert digest(two.image) == digest(source)
+    store.retire_older()
     assert not one.image.exists()
 
 
@@ -137,7 +141,7 @@ APPLY_SLOWLY = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from csi_driver.chunks.generations import GenerationStore, Staging
+    from csi_driver.chunks.generations import GenerationStore, Staging, differing_entries
     from csi_driver.chunks.scan import scan_image
 
     source, root = Path(sys.argv[1]), Path(sys.argv[2])
@@ -277,3 +281,79 @@ def _table_of(image: Path, chunk_size: int, scratch: Path) -> bytes:
     scan_image(image, chunk_size, table=table)
     table.close()
     return table.path.read_bytes()
+
+
+@requires_root
+@pytest.mark.root
+def test_a_staging_is_durable_only_from_its_first_sync_and_a_lost_copy_is_caught(
+    tmp_path: Path,
+) -> None:
+    """Staging fsyncs nothing until its first sync (its cost follows the delta, not
+    the volume): meanwhile the old generation stays current and unchanged, and
+    base bytes the staged copy lost before they were durable fail verification."""
+    with small_filesystem(tmp_path, 320 * MiB, ["mkfs.xfs", "-q", "-m", "reflink=1"]) as mount:
+        source = mount / "source.img"
+        store = GenerationStore(mount / "replica")
+        chunks = {i: bytes([i + 1]) * CHUNK for i in range(32)}
+        apply(store, source, make_image(source, chunks, 32))
+        old = store.current()
+        assert old is not None
+        old_digest = digest(old.image)
+        second = make_image(source, {**chunks, 5: b"\xaa" * CHUNK}, 32)
+
+        staging = store.stage(second)
+        assert staging.missing() == [5]
+        # The pull dies here, before any sync: a crash could lose the copy's
+        # blocks, as this punched range of a chunk the delta does not send.
+        fd = os.open(staging.image, os.O_WRONLY)
+        try:
+            punch_hole(fd, 20 * CHUNK, CHUNK)
+        finally:
+            os.close(fd)
+        assert store.current() == old and digest(old.image) == old_digest
+
+        resumed = store.stage(second)  # the same target and base: resumed
+        assert resumed.missing() == [5] and not resumed.landed
+        fill(resumed, source)
+        with pytest.raises(DataLoss, match=r"chunks \[20\]"):
+            resumed.commit()
+        assert store.current() == old and digest(old.image) == old_digest
+        assert apply(store, source, second) == 1  # chunk 20, fetched again
+        current = store.current()
+        assert current is not None and current.number == 2
+        assert digest(current.image) == digest(source)
+
+
+def test_a_commit_keeps_the_previous_generation_until_it_is_retired(tmp_path: Path) -> None:
+    source = tmp_path / "source.img"
+    store = GenerationStore(tmp_path / "replica")
+    apply(store, source, make_image(source, {0: b"\1" * CHUNK}, 4))
+    first = store.current()
+    assert first is not None
+    first_digest = digest(first.image)
+    apply(store, source, make_image(source, {0: b"\1" * CHUNK, 2: b"\2" * CHUNK}, 4))
+    second = store.current()
+    assert second is not None and second.number == 2
+    # Committed and current; the previous one is intact until retired.
+    assert digest(first.image) == first_digest
+    store.retire_older()
+    assert not first.image.exists() and store.current() == second
+    apply(store, source, make_image(source, {1: b"\3" * CHUNK}, 4))
+    apply(store, source, make_image(source, {3: b"\4" * CHUNK}, 4))
+    # Without retiring, a commit removes all but the generation before it.
+    assert sorted(p.name for p in store.root.glob("gen-*")) == ["gen-00000003", "gen-00000004"]
+    current = store.current()
+    assert current is not None and digest(current.image) == digest(source)
+
+
+@given(st.binary(min_size=32, max_size=32 * 64), st.data())
+def test_differing_entries_are_exactly_the_digests_that_differ(
+    ours: bytes, data: st.DataObject
+) -> None:
+    entries = [ours[at : at + 32] for at in range(0, len(ours) - len(ours) % 32, 32)]
+    theirs = [
+        data.draw(st.binary(min_size=32, max_size=32)) if data.draw(st.booleans()) else entry
+        for entry in entries
+    ]
+    expected = {k for k, (a, b) in enumerate(zip(entries, theirs, strict=True)) if a != b}
+    assert differing_entries(b"".join(entries), b"".join(theirs)) == expected

@@ -312,6 +312,8 @@ def test_replicas_are_assigned_on_other_nodes_and_synced_verified(
     )
     status = read(catalog.store, ImageStatus, image_status_key(SECOND, volume_id))
     assert status is not None and status.value.synced_bytes == CHUNK
+    # The older generation goes once the new one is reported.
+    _eventually(lambda: len(list(replica.glob("gen-*/image"))) == 1, "the older one retired")
     generations = sorted(replica.glob("gen-*/image"))
     assert len(generations) == 1 and _digest(generations[0]) == _digest(source)
 

@@ -30,7 +30,7 @@ import shutil
 import time
 from pathlib import Path
 
-from csi_driver.chunks.changes import ChangeTracker
+from csi_driver.chunks.changes import ChangeTracker, retire_older_captures
 from csi_driver.chunks.extents import reflink
 from csi_driver.chunks.generations import sparse_copy
 from csi_driver.chunks.manifest import Manifest, encode
@@ -136,6 +136,8 @@ class ExportReconciler:
             raise
         crash_point("node:export:captured")
         self._report(spec_read, current, status)
+        # Freeing the older capture waits until the receiver can pull this one.
+        retire_older_captures(capture_lineage(self._agent.pool, volume_id))
         return None
 
     def _demoted_here(self, volume_id: str) -> bool:
@@ -155,12 +157,12 @@ class ExportReconciler:
         lineage = capture_lineage(self._agent.pool, spec.volume_id)
         if spec.final:
             with self._agent.unused(spec.volume_id):
-                capture = ChangeTracker(image.path, lineage).capture()
+                capture = ChangeTracker(image.path, lineage).capture(keep_older=True)
         else:
             with self._agent.holding(spec.volume_id):
                 mounted = self._agent.mounted_at(spec.volume_id)
                 source = image.path if mounted is None else _frozen_copy(image.path, mounted, work)
-            capture = ChangeTracker(source, lineage).capture()
+            capture = ChangeTracker(source, lineage).capture(keep_older=True)
         self._retire(spec.volume_id)
         self._exports.add(spec.transfer_id, capture.source, capture.manifest, capture.blocks)
         self._served[spec.volume_id] = spec.transfer_id

@@ -150,6 +150,8 @@ class ReplicaReconciler:
             raise
         crash_point("node:replica:committed")
         self._report(spec_read, current, status)
+        # Reported first: freeing the older generation's extents takes a while.
+        self.store_of(volume_id).retire_older()
         return None
 
     def _in_use(
