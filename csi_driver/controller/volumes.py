@@ -763,9 +763,7 @@ class VolumeService:
             with self._placement:
                 for _ in range(_CAS_ATTEMPTS):
                     accounts = self._accounts()
-                    view = next(
-                        v for v in self._node_views(accounts) if v.node.node_id == node.node_id
-                    )
+                    (view,) = self._readings.views(accounts, [node])
                     try:
                         grown = self._images.grow(
                             volume,
@@ -838,25 +836,3 @@ class VolumeService:
         """Called after this process changed an accounting outside placement."""
         with self._placement:
             self._remembered_accounts = {}
-
-    def _node_views(
-        self,
-        accounts: Mapping[str, Versioned[NodeAccounting]] | None = None,
-        nodes: list[NodeRecord] | None = None,
-    ) -> list[NodeView]:
-        """Every registered node with what the catalog promised it: one read per node."""
-        if accounts is None:
-            accounts = self._accounts()
-        views = []
-        for node in self._catalog.list_nodes() if nodes is None else nodes:
-            account = accounts.get(node.node_id)
-            charged = account.value if account else NodeAccounting(node.node_id)
-            views.append(
-                NodeView(
-                    node,
-                    charged.promised_bytes,
-                    charged.volume_count,
-                    snapshot_bytes=charged.snapshot_bytes,
-                )
-            )
-        return views
