@@ -39,6 +39,17 @@ def _spec(n: int, size: int = SIZE, *, thin: bool = True) -> ImageSpec:
     return ImageSpec(new_volume_id(n), "node-a", size, 1, thin=thin)
 
 
+def _ready_again(store: SqliteStore, spec: ImageSpec, what: str) -> None:
+    """Waits (30 s at most, else fails) until ``spec``'s status reads READY."""
+    wait_for(
+        store,
+        spec.status_key,
+        lambda r: r is not None and b'"phase":"ready"' in r.value,
+        time.monotonic() + 30,
+        waiting_for=what,
+    )
+
+
 def _status(store: SqliteStore, n: int) -> ImageStatus | None:
     found = read(store, ImageStatus, image_status_key("node-a", new_volume_id(n)))
     return found.value if found else None
@@ -169,13 +180,7 @@ def test_a_status_removed_right_after_the_callers_reconcile_is_written_again(
         status = local(Versioned(spec, store.put(spec.key, put(spec).value)))
         assert status is not None and status.phase is ImagePhase.READY
         store.delete(spec.status_key)  # well within the skip's few seconds
-        wait_for(
-            store,
-            spec.status_key,
-            lambda r: r is not None and b'"phase":"ready"' in r.value,
-            time.monotonic() + 30,
-            waiting_for="the status written again",
-        )
+        _ready_again(store, spec, "the status written again")
     finally:
         assert runner.stop(timeout=30)
 
@@ -200,12 +205,6 @@ def test_a_status_rewritten_by_anyone_else_is_corrected_from_the_spec(
             message="written by someone else",
         )
         store.put(spec.status_key, put(wrong).value)
-        wait_for(
-            store,
-            spec.status_key,
-            lambda r: r is not None and b'"phase":"ready"' in r.value,
-            time.monotonic() + 30,
-            waiting_for="the status corrected",
-        )
+        _ready_again(store, spec, "the status corrected")
     finally:
         assert runner.stop(timeout=30)
