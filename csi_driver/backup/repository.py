@@ -117,6 +117,8 @@ MANIFESTS = "manifests/"
 #: Chunks read, claimed and checked together: the claim objects stay few, and
 #: a batch (64 MiB at 4 MiB chunks) keeps both cores busy while the next is read.
 BATCH_CHUNKS = 16
+#: Chunk reads in flight per worker while the driving thread decides and lands others.
+READ_AHEAD_PER_WORKER = 2
 _BACKUP_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
 _ZEROS = bytes(BLOCK_SIZE)
 
@@ -459,6 +461,7 @@ class _Run:
     bytes_read: int = 0
     bytes_deduplicated: int = 0
     chunks_uploaded: int = 0
+    unsettled_bytes: int = 0  # deduplicated in this batch, before its claim
     inflight: deque[Future[Sealed]] = field(default_factory=deque)
 
     def _relied_on(self, ids: set[bytes]) -> None:
@@ -520,6 +523,59 @@ class _Run:
         }
         self._relied_on(ids)
 
+    def _decide(self, read: ChunkRead) -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes]]]:
+        """Blocks of ``read`` to upload, and those the target's packs already hold
+        (block number, id each), as ``present`` says before this batch's claim:
+        :meth:`_settle` claims them, uploads any a collection took meanwhile, and
+        only then counts the rest as deduplicated."""
+        wanted: list[tuple[int, bytes]] = []
+        relied: list[tuple[int, bytes]] = []
+        present, written = self.present, self.written
+        deduplicated = 0
+        for block, block_id in enumerate(read.ids):
+            if block_id is None:
+                continue
+            if block_id in present:
+                relied.append((block, block_id))
+            elif block_id not in written:
+                written.add(block_id)
+                wanted.append((block, block_id))
+                continue
+            deduplicated += min(BLOCK_SIZE, len(read.data) - block * BLOCK_SIZE)
+        self.unsettled_bytes += deduplicated
+        if wanted:
+            self.chunks_uploaded += 1
+        return wanted, relied
+
+    def _settle(
+        self, relied: dict[int, list[tuple[int, bytes]]], blocks: list[bytes | None]
+    ) -> None:
+        """Claim the packs holding the blocks a batch relied on, and upload again (read
+        from the image, checked against its digests) any a collection removed since
+        ``present`` was listed. Deciding first and claiming after keeps the workers
+        reading while the driving thread claims; nothing is trusted unclaimed."""
+        ids = {block_id for found in relied.values() for _, block_id in found}
+        self._relied_on(ids)
+        deduplicated, self.unsettled_bytes = self.unsettled_bytes, 0
+        if not all(block_id in self.present for block_id in ids):
+            chunk_size = self.repo.config.chunk_size
+            for index, found in relied.items():
+                length = min(chunk_size, self.size - index * chunk_size)
+                wanted = []
+                for block, block_id in found:
+                    if block_id in self.present or block_id in self.written:
+                        continue
+                    self.written.add(block_id)
+                    wanted.append((block, block_id))
+                    deduplicated -= min(BLOCK_SIZE, length - block * BLOCK_SIZE)
+                digests = blocks[index]
+                if wanted and digests is not None:
+                    self.chunks_uploaded += 1
+                    self._submit(self.workers.read_and_seal(index, wanted, digests))
+        if deduplicated:
+            self.bytes_deduplicated += deduplicated
+            self.progress.advance(deduplicated)
+
     def scan_and_upload(self, fd: int, size: int) -> tuple[Manifest, tuple[bytes | None, ...]]:
         """Read and hash every data chunk once; upload the blocks the target lacks."""
         chunk_size = self.repo.config.chunk_size
@@ -528,24 +584,28 @@ class _Run:
         count = chunk_count(size, chunk_size)
         digests: list[Digest | None] = [None] * count
         blocks: list[bytes | None] = [None] * count
-        for start in range(0, len(indexes), BATCH_CHUNKS):
-            reads: list[ChunkRead] = []
-            for read in self.workers.read(indexes[start : start + BATCH_CHUNKS]):
-                self.bytes_read += len(read.data)
-                digest = root_digest(read.blocks)
-                if digest is None:  # zeros: a hole
-                    self.progress.advance(len(read.data))
-                    self.workers.release(read)
-                    continue
-                digests[read.index], blocks[read.index] = digest, read.blocks
-                reads.append(read)
-            self._claim_present([read.blocks for read in reads])
-            for read in reads:
-                wanted = self._new_blocks(read.index, read.blocks)
-                if wanted:
-                    self._submit(self.workers.seal(read, wanted))
-                else:
-                    self.workers.release(read)
+        relied: dict[int, list[tuple[int, bytes]]] = {}
+        seen = 0
+        for read in self.workers.read_ahead(indexes, READ_AHEAD_PER_WORKER * self.repo.workers):
+            self.bytes_read += len(read.data)
+            digest = root_digest(read.blocks)
+            if digest is None:  # zeros: a hole
+                self.progress.advance(len(read.data))
+                self.workers.release(read)
+                continue
+            digests[read.index], blocks[read.index] = digest, read.blocks
+            wanted, relied_on = self._decide(read)
+            if relied_on:
+                relied[read.index] = relied_on
+            if wanted:
+                self._submit(self.workers.seal(read, wanted))
+            else:
+                self.workers.release(read)
+            seen += 1
+            if seen % BATCH_CHUNKS == 0:
+                self._settle(relied, blocks)
+                relied = {}
+        self._settle(relied, blocks)
         return Manifest(size, chunk_size, tuple(digests)), tuple(blocks)
 
     def upload_missing(

@@ -14,7 +14,12 @@ Invariants:
   (:meth:`PackWriter.commit`): an index never names a pack a crash could
   lose, so no backup deduplicates against blocks that are not there.
 - Memory is bounded by a pool of chunk buffers and two packs (one being
-  filled, one being staged).
+  filled, one being staged). A chunk buffer is taken by a worker only after
+  the driving thread acquired a slot for it (:meth:`ChunkWorkers.read_ahead`,
+  :meth:`ChunkWorkers.read_and_seal`), so no worker ever waits for a buffer
+  that only a task queued behind it would give back.
+- A chunk's block ids (keyed HMACs) are computed on the worker that hashed
+  it, once: the driving thread only looks them up.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from csi_driver.backup.targets import Blob, Target
 from csi_driver.chunks.manifest import (
     BLOCK_SIZE,
     DIGEST_SIZE,
+    HOLE_BLOCK,
     block_digest,
     block_digests,
 )
@@ -99,12 +105,14 @@ class Codecs:
 
 @dataclass(frozen=True)
 class ChunkRead:
-    """A chunk read into a pooled buffer, and its block digests."""
+    """A chunk read into a pooled buffer, its block digests, and each block's id in the
+    target (None for a block of zeros, never stored)."""
 
     index: int
     buffer: bytearray
     data: memoryview
     blocks: bytes
+    ids: list[bytes | None]
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,9 @@ class ChunkWorkers:
         self._codecs = Codecs(key)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="backup-block")
         self._buffers = Buffers(batch + 2 * workers, chunk_size)
+        # One slot per chunk buffer, acquired by the driving thread before it submits
+        # a task that takes one, released when the buffer is given back.
+        self._slots = threading.Semaphore(batch + 2 * workers)
         # Sealed chunks in flight (see _Run._submit) and one landing.
         record_room = chunk_size + (chunk_size // BLOCK_SIZE + 1) * RECORD_OVERHEAD
         self._outputs = Buffers(2 * workers + 2, record_room)
@@ -139,23 +150,55 @@ class ChunkWorkers:
     def _length(self, index: int) -> int:
         return min(self._chunk_size, self._size - index * self._chunk_size)
 
+    def _give_chunk(self, buffer: bytearray) -> None:
+        self._buffers.give(buffer)
+        self._slots.release()
+
     def _read(self, index: int) -> ChunkRead:
         buffer = self._buffers.take()
         try:
             data = read_exactly(self._fd, buffer, index * self._chunk_size, self._length(index))
-            return ChunkRead(index, buffer, data, block_digests(data, self._chunk_size))
+            blocks = block_digests(data, self._chunk_size)
+            block_id = self._key.block_id
+            ids = [
+                None if digest == HOLE_BLOCK else block_id(digest)
+                for digest in split_digests(blocks)
+            ]
+            return ChunkRead(index, buffer, data, blocks, ids)
         except BaseException:
-            self._buffers.give(buffer)
+            self._give_chunk(buffer)
             raise
 
     def read(self, indexes: list[int]) -> Iterator[ChunkRead]:
         """``indexes`` read and hashed on the workers, in order."""
         # A read abandoned after an error keeps its buffer: the pool goes with the run.
-        for future in [self._pool.submit(self._read, index) for index in indexes]:
+        futures = []
+        for index in indexes:
+            self._slots.acquire()
+            futures.append(self._pool.submit(self._read, index))
+        for future in futures:
             yield future.result()
 
+    def read_ahead(self, indexes: list[int], ahead: int) -> Iterator[ChunkRead]:
+        """``indexes`` read and hashed on the workers, in order, with up to ``ahead``
+        reads in flight while the caller works on what they yield (one run of reads
+        per batch left the workers idle while the driving thread decided the batch)."""
+        pending: deque[Future[ChunkRead]] = deque()
+        at = 0
+        while at < len(indexes) or pending:
+            # Without a read in flight, wait for a sealed chunk's buffer; else top up
+            # only with the buffers free now.
+            while (
+                at < len(indexes)
+                and len(pending) < ahead
+                and self._slots.acquire(blocking=not pending)
+            ):
+                pending.append(self._pool.submit(self._read, indexes[at]))
+                at += 1
+            yield pending.popleft().result()
+
     def release(self, read: ChunkRead) -> None:
-        self._buffers.give(read.buffer)
+        self._give_chunk(read.buffer)
 
     def give_output(self, out: bytearray) -> None:
         self._outputs.give(out)
@@ -183,7 +226,7 @@ class ChunkWorkers:
                 ),
             )
         finally:
-            self._buffers.give(read.buffer)
+            self._give_chunk(read.buffer)
 
     def seal(self, read: ChunkRead, wanted: list[tuple[int, bytes]]) -> Future[Sealed]:
         """Seal blocks ``wanted`` (block number, block id) of ``read``; its buffer goes back."""
@@ -200,7 +243,7 @@ class ChunkWorkers:
                 self._read_checked(index, dict(wanted), blocks, buffer),
             )
         finally:
-            self._buffers.give(buffer)
+            self._give_chunk(buffer)
 
     def _read_checked(
         self, index: int, ids: dict[int, bytes], blocks: bytes, buffer: bytearray
@@ -228,6 +271,7 @@ class ChunkWorkers:
     ) -> Future[Sealed]:
         """Read only blocks ``wanted`` of chunk ``index``, check each against its digest in
         ``blocks`` (FailedPrecondition when the image changed), and seal them."""
+        self._slots.acquire()
         return self._pool.submit(self._read_and_seal, index, wanted, blocks)
 
     def close(self) -> None:
@@ -293,6 +337,13 @@ class PackWriter:
         each; laid one after another in ``out``), a pack's worth per copy: packs
         close where :meth:`add` would close them, one block past ``pack_bytes``."""
         view = memoryview(out)
+        begin, end_at = records[0][1], records[-1][1] + records[-1][2]
+        builder = self._open()
+        if len(builder) + end_at - begin < self._pack_bytes:  # usually: all in the open pack
+            builder.add_run(view[begin:end_at], records, begin)
+            self.blocks += len(records)
+            self.stored_bytes += end_at - begin
+            return
         start = 0
         while start < len(records):
             builder = self._open()
@@ -305,11 +356,7 @@ class PackWriter:
                 if offset + stored - first >= room:
                     break
             last = records[end - 1]
-            run = [
-                (i, offset - first, stored, length)
-                for i, offset, stored, length in records[start:end]
-            ]
-            builder.add_run(view[first : last[1] + last[2]], run)
+            builder.add_run(view[first : last[1] + last[2]], records[start:end], first)
             self.blocks += end - start
             self.stored_bytes += last[1] + last[2] - first
             if len(builder) >= self._pack_bytes:
