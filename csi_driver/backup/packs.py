@@ -105,6 +105,39 @@ class Location:
     entry: Entry
 
 
+def new_nonces(count: int) -> bytes:
+    """Random nonces for ``count`` records, from one call: a getrandom per block was
+    a system call per 64 KiB, releasing and taking the GIL back each time."""
+    return os.urandom(NONCE_BYTES * count)
+
+
+def seal_record(
+    key: BackupKey,
+    out: memoryview | mmap.mmap,
+    at: int,
+    block_id: bytes,
+    data: Blob,
+    payload: Blob | None,
+    nonces: bytes,
+    n: int,
+) -> int:
+    """Write the record of block ``block_id`` at ``out[at:]``: ``payload`` (its zstd
+    frame) when not None, else ``data`` as is, sealed under nonce number ``n`` of
+    ``nonces``; how many bytes it takes. AES-GCM writes the ciphertext where the
+    record goes, so a record costs no copy of its own."""
+    flags = _ZSTD
+    if payload is None:
+        flags, payload = 0, data
+    stored = _HEAD + len(payload) + TAG_BYTES
+    nonce = nonces[n * NONCE_BYTES : (n + 1) * NONCE_BYTES]
+    out[at] = flags
+    out[at + 1 : at + _HEAD] = nonce
+    key.block_cipher.encrypt_into(
+        nonce, payload, _AAD_PREFIX[flags] + block_id, memoryview(out)[at + _HEAD : at + stored]
+    )
+    return stored
+
+
 class BlockCodec:
     """Seals and opens block records; one per thread (it keeps zstd contexts)."""
 
@@ -113,7 +146,7 @@ class BlockCodec:
         self._compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
         self._decompressor = zstandard.ZstdDecompressor()
 
-    def _compressed(self, blocks: Sequence[Blob]) -> list[Blob | None]:
+    def compress(self, blocks: Sequence[Blob]) -> list[Blob | None]:
         """Each of ``blocks`` compressed, or None where zstd does not make it smaller;
         a block whose first :data:`_SAMPLE` bytes do not shrink by 3% is not tried.
 
@@ -143,27 +176,13 @@ class BlockCodec:
     ) -> list[tuple[bytes, int, int, int]]:
         """Write the records of ``blocks`` (block id, bytes each) one after another at
         the start of ``out`` (room for each block plus :data:`RECORD_OVERHEAD`);
-        (block id, offset in ``out``, stored length, block length) of each. Sealing
-        in place spares a copy per block: AES-GCM writes where the pack's bytes are
-        gathered."""
+        (block id, offset in ``out``, stored length, block length) of each."""
         records = []
         at = 0
-        compressed = self._compressed([data for _, data in blocks])
-        # Every block's random nonce from one call: a getrandom per block was a
-        # system call per 64 KiB with the GIL held.
-        nonces = os.urandom(NONCE_BYTES * len(blocks))
-        encrypt_into = self._key.block_cipher.encrypt_into
+        compressed = self.compress([data for _, data in blocks])
+        nonces = new_nonces(len(blocks))
         for n, ((block_id, data), payload) in enumerate(zip(blocks, compressed, strict=True)):
-            flags = _ZSTD
-            if payload is None:
-                flags, payload = 0, data
-            stored = _HEAD + len(payload) + TAG_BYTES
-            out[at] = flags
-            nonce = nonces[n * NONCE_BYTES : (n + 1) * NONCE_BYTES]
-            out[at + 1 : at + _HEAD] = nonce
-            encrypt_into(
-                nonce, payload, _AAD_PREFIX[flags] + block_id, out[at + _HEAD : at + stored]
-            )
+            stored = seal_record(self._key, out, at, block_id, data, payload, nonces, n)
             records.append((block_id, at, stored, len(data)))
             at += stored
         return records
@@ -176,7 +195,7 @@ class BlockCodec:
     def open_many(self, blocks: Sequence[tuple[Entry, memoryview, bytes, memoryview]]) -> None:
         """:meth:`open_into` for each of ``blocks`` (entry, record, digest, into), the
         compressed ones decompressed in one call without the GIL (see
-        :meth:`_compressed`). A frame is decompressed together with the others
+        :meth:`compress`). A frame is decompressed together with the others
         only when its header declares the block's length, so the output stays
         bounded by the index; any other is decompressed alone, bounded the same."""
         pending: list[tuple[Entry, bytes, memoryview]] = []
@@ -312,33 +331,33 @@ class PackBuilder:
     def __len__(self) -> int:
         return self._length
 
-    def _append(self, data: Blob) -> None:
-        end = self._length + len(data)
+    def _room(self, end: int) -> None:
         if end > len(self.buffer):  # rare: a new buffer, never a resize of a shared one
             grown = mmap.mmap(-1, max(end, 2 * len(self.buffer)))
             grown[: self._length] = memoryview(self.buffer)[: self._length]
             self.buffer = grown
+
+    def _append(self, data: Blob) -> None:
+        end = self._length + len(data)
+        self._room(end)
         self.buffer[self._length : end] = data
         self._length = end
+
+    def seal(
+        self, block_id: bytes, data: Blob, payload: Blob | None, nonces: bytes, n: int
+    ) -> None:
+        """Seal block ``block_id`` (see :func:`seal_record`) straight into the pack."""
+        at = self._length
+        self._room(at + RECORD_OVERHEAD + len(data if payload is None else payload))
+        stored = seal_record(self._key, self.buffer, at, block_id, data, payload, nonces, n)
+        self._length = at + stored
+        self.entries.append(Entry(block_id, at, stored, len(data)))
 
     def add(self, block_id: bytes, record: Blob, length: int) -> Entry:
         entry = Entry(block_id, self._length, len(record), length)
         self._append(record)
         self.entries.append(entry)
         return entry
-
-    def add_run(
-        self, records: Blob, blocks: list[tuple[bytes, int, int, int]], start: int = 0
-    ) -> None:
-        """Append ``records``, the records of ``blocks`` one after another (block id,
-        offset, stored length, block length each; offsets count from ``start``, where
-        ``records`` begins), in one copy."""
-        base = self._length - start
-        self._append(records)
-        self.entries.extend(
-            Entry(block_id, base + offset, stored, length)
-            for block_id, offset, stored, length in blocks
-        )
 
     def close(self) -> tuple[memoryview, bytes]:
         """The pack's bytes (a view of :attr:`buffer`) and its sealed index (also at the

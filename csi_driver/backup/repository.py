@@ -81,8 +81,8 @@ from csi_driver.backup.upload import (
     ChunkRead,
     ChunkWorkers,
     Codecs,
+    Compressed,
     PackWriter,
-    Sealed,
     index_key,
     pack_key,
     split_digests,
@@ -462,7 +462,7 @@ class _Run:
     bytes_deduplicated: int = 0
     chunks_uploaded: int = 0
     unsettled_bytes: int = 0  # deduplicated in this batch, before its claim
-    inflight: deque[Future[Sealed]] = field(default_factory=deque)
+    inflight: deque[Future[Compressed]] = field(default_factory=deque)
 
     def _relied_on(self, ids: set[bytes]) -> None:
         """Claim the packs holding ``ids`` before trusting ``present`` about them, again
@@ -477,13 +477,13 @@ class _Run:
                 return
             self.present = self.repo.block_map()  # a sweep ran since the last listing
 
-    def _land(self, sealed: Sealed) -> None:
-        self.bytes_read += sealed.bytes_read
-        self.packs.add_sealed(sealed.out, sealed.records)
-        self.progress.advance(sum(record[3] for record in sealed.records))
-        self.workers.give_output(sealed.out)
+    def _land(self, compressed: Compressed) -> None:
+        self.bytes_read += compressed.bytes_read
+        self.packs.seal(compressed)
+        self.progress.advance(sum(len(data) for _, data in compressed.blocks))
+        self.workers.give(compressed)
 
-    def _submit(self, future: Future[Sealed]) -> None:
+    def _submit(self, future: Future[Compressed]) -> None:
         while self.inflight and (
             self.inflight[0].done() or len(self.inflight) >= 2 * self.repo.workers
         ):
@@ -571,7 +571,7 @@ class _Run:
                 digests = blocks[index]
                 if wanted and digests is not None:
                     self.chunks_uploaded += 1
-                    self._submit(self.workers.read_and_seal(index, wanted, digests))
+                    self._submit(self.workers.read_and_compress(index, wanted, digests))
         if deduplicated:
             self.bytes_deduplicated += deduplicated
             self.progress.advance(deduplicated)
@@ -598,7 +598,7 @@ class _Run:
             if relied_on:
                 relied[read.index] = relied_on
             if wanted:
-                self._submit(self.workers.seal(read, wanted))
+                self._submit(self.workers.compress(read, wanted))
             else:
                 self.workers.release(read)
             seen += 1
@@ -652,11 +652,11 @@ class _Run:
                 wanted = self._new_blocks(index, known[index])
                 held = reads.get(index)
                 if held is not None and wanted:
-                    self._submit(self.workers.seal(held, wanted))
+                    self._submit(self.workers.compress(held, wanted))
                 elif held is not None:
                     self.workers.release(held)
                 elif wanted:
-                    self._submit(self.workers.read_and_seal(index, wanted, known[index]))
+                    self._submit(self.workers.read_and_compress(index, wanted, known[index]))
         return tuple(blocks)
 
 

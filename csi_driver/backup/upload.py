@@ -2,21 +2,23 @@
 
 Invariants:
 
-- The per-block work (pread, SHA-256, zstd, AES-GCM) runs on worker
-  threads: each of these releases the GIL on a 64 KiB buffer, so the
-  workers keep every core busy while the driving thread only decides which
-  blocks are new and appends their records to the open pack. Results come
-  back in submission order, so packs hold blocks in image order and a
-  restore reads a chunk's blocks with one ranged read.
+- The per-block work that releases the GIL (pread, SHA-256, zstd) runs on
+  worker threads; AES-GCM, which ``cryptography`` runs with the GIL held,
+  runs on the driving thread, which seals each new block straight into the
+  open pack (no copy of the records) while the workers read and compress
+  the next chunks. Results come back in submission order, so packs hold
+  blocks in image order and a restore reads a chunk's blocks with one
+  ranged read.
 - A pack's id is claimed (see :mod:`.claims`) before the pack is staged, so
   a collection never takes a pack being written for an index it lacks yet.
 - A pack's index object is staged only after the pack itself is durable
   (:meth:`PackWriter.commit`): an index never names a pack a crash could
   lose, so no backup deduplicates against blocks that are not there.
 - Memory is bounded by a pool of chunk buffers and two packs (one being
-  filled, one being staged). A chunk buffer is taken by a worker only after
+  filled, one being staged): a chunk's buffer goes back once its blocks are
+  sealed into the pack. A chunk buffer is taken by a worker only after
   the driving thread acquired a slot for it (:meth:`ChunkWorkers.read_ahead`,
-  :meth:`ChunkWorkers.read_and_seal`), so no worker ever waits for a buffer
+  :meth:`ChunkWorkers.read_and_compress`), so no worker ever waits for a buffer
   that only a task queued behind it would give back.
 - A chunk's block ids (keyed HMACs) are computed on the worker that hashed
   it, once: the driving thread only looks them up.
@@ -28,13 +30,13 @@ import mmap
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
 
 from csi_driver.backup.keys import BackupKey
-from csi_driver.backup.packs import PACK_BYTES, RECORD_OVERHEAD, BlockCodec, PackBuilder
+from csi_driver.backup.packs import PACK_BYTES, BlockCodec, PackBuilder, new_nonces
 from csi_driver.backup.targets import Blob, Target
 from csi_driver.chunks.manifest import (
     BLOCK_SIZE,
@@ -116,15 +118,16 @@ class ChunkRead:
 
 
 @dataclass(frozen=True)
-class Sealed:
-    """New block records of one chunk, one after another in ``out`` (a pooled buffer,
-    given back once they are in a pack): (block id, offset in ``out``, stored
-    length, block length) each, in block order."""
+class Compressed:
+    """New blocks of one chunk, compressed where zstd shrinks them, to be sealed into
+    a pack by the driving thread; ``buffer`` (the chunk's, pooled) holds the blocks
+    and goes back once they are sealed."""
 
     index: int
     bytes_read: int
-    out: bytearray
-    records: list[tuple[bytes, int, int, int]]
+    buffer: bytearray
+    blocks: list[tuple[bytes, memoryview]]  # block id and bytes, in block order
+    payloads: list[Blob | None]  # each block's zstd frame, None to store it as is
 
 
 class ChunkWorkers:
@@ -143,9 +146,6 @@ class ChunkWorkers:
         # One slot per chunk buffer, acquired by the driving thread before it submits
         # a task that takes one, released when the buffer is given back.
         self._slots = threading.Semaphore(batch + 2 * workers)
-        # Sealed chunks in flight (see _Run._submit) and one landing.
-        record_room = chunk_size + (chunk_size // BLOCK_SIZE + 1) * RECORD_OVERHEAD
-        self._outputs = Buffers(2 * workers + 2, record_room)
 
     def _length(self, index: int) -> int:
         return min(self._chunk_size, self._size - index * self._chunk_size)
@@ -200,62 +200,54 @@ class ChunkWorkers:
     def release(self, read: ChunkRead) -> None:
         self._give_chunk(read.buffer)
 
-    def give_output(self, out: bytearray) -> None:
-        self._outputs.give(out)
+    def give(self, compressed: Compressed) -> None:
+        """Give back the buffer of ``compressed``, once its blocks are sealed."""
+        self._give_chunk(compressed.buffer)
 
-    def _seal_blocks(
-        self, index: int, bytes_read: int, blocks: Iterable[tuple[bytes, memoryview]]
-    ) -> Sealed:
-        codec = self._codecs.get()
-        out = self._outputs.take()
+    def _compress(
+        self, index: int, bytes_read: int, buffer: bytearray, blocks: list[tuple[bytes, memoryview]]
+    ) -> Compressed:
         try:
-            records = codec.seal_many(list(blocks), memoryview(out))
-            return Sealed(index, bytes_read, out, records)
+            payloads = self._codecs.get().compress([data for _, data in blocks])
+            return Compressed(index, bytes_read, buffer, blocks, payloads)
         except BaseException:
-            self._outputs.give(out)
+            self._give_chunk(buffer)
             raise
 
-    def _seal(self, read: ChunkRead, wanted: list[tuple[int, bytes]]) -> Sealed:
-        try:
-            return self._seal_blocks(
-                read.index,
-                0,
-                (
-                    (block_id, read.data[block * BLOCK_SIZE : (block + 1) * BLOCK_SIZE])
-                    for block, block_id in wanted
-                ),
-            )
-        finally:
-            self._give_chunk(read.buffer)
+    def compress(self, read: ChunkRead, wanted: list[tuple[int, bytes]]) -> Future[Compressed]:
+        """Compress blocks ``wanted`` (block number, block id) of ``read``, whose buffer
+        goes with the result."""
+        blocks = [
+            (block_id, read.data[block * BLOCK_SIZE : (block + 1) * BLOCK_SIZE])
+            for block, block_id in wanted
+        ]
+        return self._pool.submit(self._compress, read.index, 0, read.buffer, blocks)
 
-    def seal(self, read: ChunkRead, wanted: list[tuple[int, bytes]]) -> Future[Sealed]:
-        """Seal blocks ``wanted`` (block number, block id) of ``read``; its buffer goes back."""
-        return self._pool.submit(self._seal, read, wanted)
-
-    def _read_and_seal(self, index: int, wanted: list[tuple[int, bytes]], blocks: bytes) -> Sealed:
+    def _read_and_compress(
+        self, index: int, wanted: list[tuple[int, bytes]], blocks: bytes
+    ) -> Compressed:
         buffer = self._buffers.take()
         try:
-            return self._seal_blocks(
-                index,
-                sum(
-                    min(BLOCK_SIZE, self._length(index) - block * BLOCK_SIZE) for block, _ in wanted
-                ),
-                self._read_checked(index, dict(wanted), blocks, buffer),
-            )
-        finally:
+            found = list(self._read_checked(index, dict(wanted), blocks, buffer))
+        except BaseException:
             self._give_chunk(buffer)
+            raise
+        bytes_read = sum(len(data) for _, data in found)
+        return self._compress(index, bytes_read, buffer, found)
 
     def _read_checked(
         self, index: int, ids: dict[int, bytes], blocks: bytes, buffer: bytearray
     ) -> Iterator[tuple[bytes, memoryview]]:
-        """Blocks ``ids`` of chunk ``index`` read into ``buffer``, a run of consecutive
-        ones per read, each checked against its digest in ``blocks``."""
+        """Blocks ``ids`` of chunk ``index`` read into ``buffer`` where they are in the
+        chunk, a run of consecutive ones per read, each checked against its digest
+        in ``blocks``."""
         start = index * self._chunk_size
         length = self._length(index)
+        whole = memoryview(buffer)
         for run in _runs(sorted(ids)):
             offset = run[0] * BLOCK_SIZE
             end = min((run[-1] + 1) * BLOCK_SIZE, length)
-            view = read_exactly(self._fd, buffer, start + offset, end - offset)
+            view = read_exactly(self._fd, whole[offset:], start + offset, end - offset)
             for block in run:
                 at = (block - run[0]) * BLOCK_SIZE
                 data = view[at : at + BLOCK_SIZE]
@@ -266,13 +258,13 @@ class ChunkWorkers:
                     )
                 yield ids[block], data
 
-    def read_and_seal(
+    def read_and_compress(
         self, index: int, wanted: list[tuple[int, bytes]], blocks: bytes
-    ) -> Future[Sealed]:
+    ) -> Future[Compressed]:
         """Read only blocks ``wanted`` of chunk ``index``, check each against its digest in
-        ``blocks`` (FailedPrecondition when the image changed), and seal them."""
+        ``blocks`` (FailedPrecondition when the image changed), and compress them."""
         self._slots.acquire()
-        return self._pool.submit(self._read_and_seal, index, wanted, blocks)
+        return self._pool.submit(self._read_and_compress, index, wanted, blocks)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -332,36 +324,19 @@ class PackWriter:
         if len(builder) >= self._pack_bytes:
             self._close()
 
-    def add_sealed(self, out: Blob, records: list[tuple[bytes, int, int, int]]) -> None:
-        """Add ``records`` (block id, offset in ``out``, stored length, block length
-        each; laid one after another in ``out``), a pack's worth per copy: packs
-        close where :meth:`add` would close them, one block past ``pack_bytes``."""
-        view = memoryview(out)
-        begin, end_at = records[0][1], records[-1][1] + records[-1][2]
-        builder = self._open()
-        if len(builder) + end_at - begin < self._pack_bytes:  # usually: all in the open pack
-            builder.add_run(view[begin:end_at], records, begin)
-            self.blocks += len(records)
-            self.stored_bytes += end_at - begin
-            return
-        start = 0
-        while start < len(records):
+    def seal(self, compressed: Compressed) -> None:
+        """Seal the blocks of ``compressed`` into packs, in order, closing a pack once
+        its records reach ``pack_bytes`` (as :meth:`add` does)."""
+        nonces = new_nonces(len(compressed.blocks))
+        pairs = zip(compressed.blocks, compressed.payloads, strict=True)
+        for n, ((block_id, data), payload) in enumerate(pairs):
             builder = self._open()
-            room = self._pack_bytes - len(builder)
-            first = records[start][1]
-            end = start
-            while end < len(records):
-                _, offset, stored, _ = records[end]
-                end += 1
-                if offset + stored - first >= room:
-                    break
-            last = records[end - 1]
-            builder.add_run(view[first : last[1] + last[2]], records[start:end], first)
-            self.blocks += end - start
-            self.stored_bytes += last[1] + last[2] - first
+            before = len(builder)
+            builder.seal(block_id, data, payload, nonces, n)
+            self.blocks += 1
+            self.stored_bytes += len(builder) - before
             if len(builder) >= self._pack_bytes:
                 self._close()
-            start = end
 
     def _close(self) -> None:
         builder, self._builder = self._builder, None

@@ -97,7 +97,7 @@ def chunks_touching(ranges: Iterable[Range], chunk_size: int) -> set[int]:
     return touched
 
 
-def read_exactly(fd: int, buffer: bytearray, offset: int, length: int) -> memoryview:
+def read_exactly(fd: int, buffer: bytearray | memoryview, offset: int, length: int) -> memoryview:
     """``length`` bytes of ``fd`` at ``offset``, read into ``buffer``."""
     view = memoryview(buffer)[:length]
     done = 0
