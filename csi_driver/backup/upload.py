@@ -74,8 +74,15 @@ class Buffers:
     def __init__(self, count: int, size: int) -> None:
         self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         self._size = size
+        self._count = count
         self._unmade = count
         self._lock = threading.Lock()
+
+    @property
+    def made(self) -> int:
+        """How many buffers exist: the most this pool has held at once."""
+        with self._lock:
+            return self._count - self._unmade
 
     def take(self) -> bytearray:
         try:
@@ -149,6 +156,11 @@ class ChunkWorkers:
 
     def _length(self, index: int) -> int:
         return min(self._chunk_size, self._size - index * self._chunk_size)
+
+    @property
+    def buffers_made(self) -> int:
+        """Chunk buffers made so far: the chunks held at once, at most."""
+        return self._buffers.made
 
     def _give_chunk(self, buffer: bytearray) -> None:
         self._buffers.give(buffer)
