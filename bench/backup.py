@@ -23,6 +23,8 @@ image is read once, so every side reads it from the page cache.
 - CPU: user + system seconds per GiB of the Ferry process (``getrusage``) for
   the backup and for the restore, and of ``cp`` (its child's usage): steadier
   than wall time on a shared machine.
+- Memory: the peak RSS of each Ferry process (one backup and one restore),
+  which the chunk buffers and the two pack buffers bound.
 
 Rounds alternate (cp, Ferry, cp, Ferry...) and the table shows medians.
 With ``--baseline TREE`` (another checkout of Ferry, e.g. a ``git worktree``
@@ -115,7 +117,8 @@ restore_cpu = cpu() - before
 (work / "ferry-restored").unlink()
 shutil.rmtree(target.root)
 print(json.dumps({"backup_s": backup.elapsed_s, "restore_s": restored.elapsed_s, "stored": stored,
-                  "backup_cpu_s": backup_cpu, "restore_cpu_s": restore_cpu}))
+                  "backup_cpu_s": backup_cpu, "restore_cpu_s": restore_cpu,
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
 
@@ -197,6 +200,8 @@ class Results:
     restore_cpu_s: list[float] = field(default_factory=list)
     baseline_backup_cpu_s: list[float] = field(default_factory=list)
     baseline_restore_cpu_s: list[float] = field(default_factory=list)
+    peak_rss_bytes: list[float] = field(default_factory=list)
+    baseline_peak_rss_bytes: list[float] = field(default_factory=list)
     incremental: dict[str, dict[str, float]] = field(default_factory=dict)
     load_average: list[float] = field(default_factory=list)
 
@@ -263,11 +268,13 @@ def run(args: argparse.Namespace, work: Path) -> Results:
                 results.stored_bytes = int(timed["stored"])
                 results.backup_cpu_s.append(timed["backup_cpu_s"])
                 results.restore_cpu_s.append(timed["restore_cpu_s"])
+                results.peak_rss_bytes.append(timed.get("peak_rss_bytes", 0.0))
             else:
                 results.baseline_backup_s.append(timed["backup_s"])
                 results.baseline_restore_s.append(timed["restore_s"])
                 results.baseline_backup_cpu_s.append(timed["backup_cpu_s"])
                 results.baseline_restore_cpu_s.append(timed["restore_cpu_s"])
+                results.baseline_peak_rss_bytes.append(timed.get("peak_rss_bytes", 0.0))
         results.load_average.extend(os.getloadavg()[:1])
     if args.no_incremental:
         return results
@@ -319,6 +326,14 @@ def render(r: Results) -> str:
             f"| Ferry, before | {cpu(r.baseline_backup_cpu_s)} | {cpu(r.baseline_restore_cpu_s)} |"
         )
     lines.append(f"| cp | {cpu(r.cp_cpu_s)} | |")
+
+    def rss(samples: list[float]) -> str:
+        return ", ".join(f"{s / MiB:.0f}" for s in samples) if any(samples) else "-"
+
+    peak = rss(r.peak_rss_bytes)
+    lines += ["", f"Peak RSS of the Ferry process (backup and restore), MiB: {peak}"]
+    if r.baseline:
+        lines[-1] += f"; before: {rss(r.baseline_peak_rss_bytes)}"
     if not r.incremental:
         return "\n".join(lines)
     lines += [
