@@ -44,9 +44,10 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from csi_driver import metrics
@@ -483,12 +484,15 @@ class _Run:
         self.progress.advance(sum(len(data) for _, data in compressed.blocks))
         self.workers.give(compressed)
 
-    def _submit(self, future: Future[Compressed]) -> None:
+    def _submit(self, start: Callable[[], Future[Compressed]]) -> None:
+        """Land what is done (and the oldest while too many are in flight), then call
+        ``start``: a task that takes a chunk buffer acquires its slot only once the
+        chunks landed here gave theirs back."""
         while self.inflight and (
             self.inflight[0].done() or len(self.inflight) >= 2 * self.repo.workers
         ):
             self._land(self.inflight.popleft().result())
-        self.inflight.append(future)
+        self.inflight.append(start())
 
     def drain(self) -> None:
         while self.inflight:
@@ -571,7 +575,7 @@ class _Run:
                 digests = blocks[index]
                 if wanted and digests is not None:
                     self.chunks_uploaded += 1
-                    self._submit(self.workers.read_and_compress(index, wanted, digests))
+                    self._submit(partial(self.workers.read_and_compress, index, wanted, digests))
         if deduplicated:
             self.bytes_deduplicated += deduplicated
             self.progress.advance(deduplicated)
@@ -598,7 +602,7 @@ class _Run:
             if relied_on:
                 relied[read.index] = relied_on
             if wanted:
-                self._submit(self.workers.compress(read, wanted))
+                self._submit(partial(self.workers.compress, read, wanted))
             else:
                 self.workers.release(read)
             seen += 1
@@ -652,11 +656,12 @@ class _Run:
                 wanted = self._new_blocks(index, known[index])
                 held = reads.get(index)
                 if held is not None and wanted:
-                    self._submit(self.workers.compress(held, wanted))
+                    self._submit(partial(self.workers.compress, held, wanted))
                 elif held is not None:
                     self.workers.release(held)
                 elif wanted:
-                    self._submit(self.workers.read_and_compress(index, wanted, known[index]))
+                    digests = known[index]
+                    self._submit(partial(self.workers.read_and_compress, index, wanted, digests))
         return tuple(blocks)
 
 
