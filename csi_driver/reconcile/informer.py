@@ -8,6 +8,9 @@ Invariants:
 - Nothing is missed across a lost watch: the watch is resumed from the
   revision after the last one delivered (the store's contract delivers each
   revision whole, so no event is repeated or skipped).
+- The informers of one prefix in a process share one store watch
+  (``store.watch.WatchHub``): each event is received and decoded once, and
+  each informer still sees the store's contract from its own revision.
 - When that history was compacted, the informer lists the prefix again and
   reports every key whose record appeared, changed or vanished meanwhile.
 - Per key the cache only moves forward: an event older than the record
@@ -29,6 +32,7 @@ from collections.abc import Callable
 from csi_driver.core.errors import Compacted, StoreError, StoreUnavailable
 from csi_driver.metrics import INFORMER_LISTS, INFORMER_RESUMES
 from csi_driver.store.base import CatalogStore, Event, EventType, Record, Watch
+from csi_driver.store.watch import shared_watches
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +195,7 @@ class Informer:
             self._notify(key)
 
     def _follow(self) -> None:
-        watch = self._store.watch(self.prefix, self._next_revision)
+        watch = shared_watches(self._store).watch(self.prefix, self._next_revision)
         with self._lock:
             self._watch = watch
         if self._stop.is_set():

@@ -1,6 +1,8 @@
-"""Watches fed by a network stream: a reader thread queues, :meth:`poll` hands out.
+"""Watches fed by a stream: a reader thread queues, :meth:`poll` hands out.
 
-Used by the etcd backend and the catalog service client. Invariant: each
+:class:`StreamWatch` is used by the etcd backend and the catalog service
+client; :class:`WatchHub` shares one store watch per prefix among the
+watches of a process (the informers), whatever the backend. Invariant: each
 queued batch holds whole revisions and says where the stream stands after
 it, so ``next_revision`` is the first undelivered event's revision, or that
 position once everything received was delivered. A failure is queued
@@ -14,13 +16,17 @@ import abc
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 
-from csi_driver.core.errors import FerryError, StoreUnavailable
-from csi_driver.store.base import Event, Watch
+from csi_driver.core.errors import FerryError, InvalidArgument, StoreError, StoreUnavailable
+from csi_driver.store.base import CatalogStore, Event, Watch
 
 #: A batch of whole revisions and the revision the stream stands at after it.
 Batch = tuple[list[Event], int]
+
+#: How often a shared stream's pump looks whether its watch was closed.
+_PUMP_POLL_S = 0.5
 
 
 class StreamWatch(Watch):
@@ -30,6 +36,9 @@ class StreamWatch(Watch):
         self._queue: queue.Queue[Batch | FerryError] = queue.Queue()
         self._buffer: deque[Event] = deque()
         self._after = start_revision
+        # Events below this revision are not delivered (a shared stream's subscriber
+        # joins it mid-way, or after catching up on a watch of its own).
+        self._floor = start_revision
         self._failure: FerryError | None = None
         self._closed = threading.Event()
 
@@ -81,7 +90,8 @@ class StreamWatch(Watch):
             if isinstance(item, FerryError):
                 self._failure = item
             else:
-                self._buffer.extend(item[0])
+                floor = self._floor
+                self._buffer.extend(e for e in item[0] if e.revision >= floor)
                 self._after = max(self._after, item[1])
         return None
 
@@ -91,3 +101,215 @@ class StreamWatch(Watch):
         self._closed.set()
         self._queue.put(([], self._after))  # wake a poll blocked on the queue
         self._end_stream()
+
+
+class _Subscriber(StreamWatch):
+    """One caller's watch on a shared stream (see :class:`WatchHub`).
+
+    A subscriber that joined behind the stream's position first reads its own
+    store watch (``private``) and switches to the stream's batches at the first
+    revision the stream also delivers: everything before that revision came from
+    the private watch, everything from it on comes from the stream, so each event
+    is delivered once. Until that revision appears the stream's batches wait in
+    the queue. A subscriber that joined ahead of the stream's position drops the
+    stream's events below its own revision (the floor).
+    """
+
+    def __init__(self, stream: _SharedStream, from_revision: int) -> None:
+        super().__init__(from_revision)
+        self._stream = stream
+        self._private: Watch | None = None
+        self._switch_at = 0
+
+    def _catch_up(self, private: Watch, switch_at: int) -> None:
+        self._private, self._switch_at = private, switch_at
+
+    @property
+    def next_revision(self) -> int:
+        private = self._private
+        return private.next_revision if private is not None else super().next_revision
+
+    def poll(self, timeout: float | None = None) -> Event | None:
+        private = self._private
+        if private is not None:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            event = private.poll(timeout)
+            if event is None:
+                return None
+            if event.revision < self._switch_at:
+                return event
+            # The private watch delivered every revision before this one, and none
+            # after the switch point; the stream's queue holds every event from the
+            # switch point on, so it resumes exactly here.
+            self._after = max(self._after, event.revision)
+            self._private = None
+            private.close()
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return super().poll(timeout)
+
+    def _end_stream(self) -> None:
+        self._stream.leave(self)
+        private = self._private
+        if private is not None:
+            private.close()
+
+
+class _SharedStream:
+    """One store watch on ``prefix`` and the subscribers it feeds, by one pump thread.
+
+    Invariant (under ``_lock``): ``_position`` is the revision the pump has fanned
+    out up to, and every subscriber's queue has received every batch fanned out
+    since it joined; batches hold whole revisions.
+    """
+
+    def __init__(self, hub: WatchHub, store: CatalogStore, prefix: str) -> None:
+        self._hub = hub
+        self._store = store
+        self.prefix = prefix
+        self._lock = threading.Lock()
+        self._opening = threading.Lock()
+        self._watch: Watch | None = None
+        self._subscribers: list[_Subscriber] = []
+        self._position = 0
+        self._ended = False
+
+    def join(self, from_revision: int) -> _Subscriber | None:
+        """A subscriber from ``from_revision`` on; None when this stream has ended."""
+        with self._opening:
+            opened = None
+            if self._watch is None and not self._ended:
+                # Raises what the store raises (Compacted, StoreUnavailable) to the caller.
+                opened = self._store.watch(self.prefix, from_revision)
+            with self._lock:
+                if self._ended:
+                    return None
+                if opened is not None:
+                    self._watch, self._position = opened, opened.next_revision
+                subscriber = _Subscriber(self, from_revision)
+                behind = from_revision < self._position
+                switch_at = self._position
+                self._subscribers.append(subscriber)
+            if opened is not None:
+                # Started once its opener subscribed, so the opener is never behind it.
+                threading.Thread(
+                    target=self._pump, args=(opened,), name=f"watch-hub {self.prefix}", daemon=True
+                ).start()
+        if behind:
+            try:
+                subscriber._catch_up(self._store.watch(self.prefix, from_revision), switch_at)
+            except BaseException:
+                subscriber.close()
+                raise
+        return subscriber
+
+    def leave(self, subscriber: _Subscriber) -> None:
+        with self._lock:
+            if subscriber in self._subscribers:
+                self._subscribers.remove(subscriber)
+            last = not self._subscribers and not self._ended
+            if last:
+                self._ended = True
+        if last:
+            self._close()
+
+    def _close(self) -> None:
+        self._hub._forget(self)
+        watch = self._watch
+        if watch is not None:
+            watch.close()
+
+    def _pump(self, watch: Watch) -> None:
+        try:
+            while True:
+                event = watch.poll(_PUMP_POLL_S)
+                if event is None:
+                    if watch.closed:
+                        return
+                    continue
+                batch = [event]
+                # The rest of this revision is already buffered in the watch: take it
+                # so that each batch, and each subscriber's position, is whole.
+                while watch.next_revision <= event.revision:
+                    more = watch.poll(0)
+                    if more is None:
+                        break
+                    batch.append(more)
+                after = watch.next_revision
+                with self._lock:
+                    self._position = after
+                    for subscriber in self._subscribers:
+                        subscriber._deliver(batch, after)
+        except FerryError as exc:
+            with self._lock:
+                self._ended = True
+                failed, self._subscribers = self._subscribers, []
+            for subscriber in failed:
+                subscriber._fail(exc)
+            self._close()
+
+
+class WatchHub:
+    """Shares one store watch per prefix among the watches of a process.
+
+    ``watch(prefix, from_revision)`` keeps the store's contract (every event
+    from ``from_revision`` on, in order, each once; whole revisions; a lost
+    stream raises ``StoreUnavailable`` once what it received is consumed),
+    with one decided difference about compaction (docs/decisions/0004):
+
+    - a caller at or ahead of the shared stream's position is served by the
+      stream, which has followed the prefix without a break since before
+      ``from_revision``: it gets those events even if the store compacted
+      that history meanwhile (the history is not lost to it);
+    - a caller behind the stream's position catches up on a watch of its own
+      and gets ``Compacted`` exactly when the store would say so;
+    - when the shared stream fails (lost, or compacted before it started),
+      every subscriber gets that error; each resumes by watching again from
+      its own ``next_revision``, and the first one starts a new stream.
+    """
+
+    def __init__(self, store: CatalogStore) -> None:
+        # Weak: the registry of hubs must not keep a store alive (an open stream does).
+        self._store = weakref.ref(store)
+        self._lock = threading.Lock()
+        self._streams: dict[str, _SharedStream] = {}
+
+    def watch(self, prefix: str, from_revision: int) -> Watch:
+        store = self._store()
+        if store is None:
+            raise StoreError("the catalog store of this watch hub was closed and released")
+        if from_revision < 0:
+            raise InvalidArgument(f"cannot watch from revision {from_revision}")
+        if from_revision == 0:
+            from_revision = store.revision() + 1
+        while True:
+            with self._lock:
+                stream = self._streams.get(prefix)
+                if stream is None:
+                    stream = self._streams[prefix] = _SharedStream(self, store, prefix)
+            subscriber = stream.join(from_revision)
+            if subscriber is not None:
+                return subscriber
+            self._forget(stream)  # ended while we joined: start another
+
+    def streams(self) -> int:
+        """How many shared streams are open (one per prefix watched)."""
+        with self._lock:
+            return len(self._streams)
+
+    def _forget(self, stream: _SharedStream) -> None:
+        with self._lock:
+            if self._streams.get(stream.prefix) is stream:
+                del self._streams[stream.prefix]
+
+
+_hubs: weakref.WeakKeyDictionary[CatalogStore, WatchHub] = weakref.WeakKeyDictionary()
+_hubs_lock = threading.Lock()
+
+
+def shared_watches(store: CatalogStore) -> WatchHub:
+    """The process's one hub for ``store`` (created on first use, gone with the store)."""
+    with _hubs_lock:
+        hub = _hubs.get(store)
+        if hub is None:
+            hub = _hubs[store] = WatchHub(store)
+        return hub

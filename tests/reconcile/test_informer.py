@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from functools import partial
 
 import pytest
 from prometheus_client import REGISTRY
@@ -11,6 +12,7 @@ from prometheus_client import REGISTRY
 from csi_driver.core.errors import StoreUnavailable
 from csi_driver.reconcile.informer import Informer
 from csi_driver.store.base import CatalogStore, Delete, Put
+from csi_driver.store.watch import shared_watches
 from tests.reconcile.conftest import SETTLE_S, Recorder, eventually
 from tests.store.backends import Backend
 
@@ -30,6 +32,10 @@ def _store_view(store: CatalogStore) -> dict[str, bytes]:
 
 def _cache_view(informer: Informer) -> dict[str, bytes]:
     return {r.key: r.value for r in informer.records()}
+
+
+def _cached_as_stored(informer: Informer, store: CatalogStore) -> bool:
+    return _cache_view(informer) == _store_view(store)
 
 
 def test_initial_list_reports_existing_keys_and_ignores_other_prefixes(
@@ -239,3 +245,28 @@ def test_an_index_holds_exactly_the_cached_records_of_each_group(store: CatalogS
         assert informer.indexed("loose") == [] and informer.indexed("vol-none") == []
     finally:
         assert informer.stop(), "informer thread did not stop"
+
+
+def test_informers_of_one_prefix_share_one_watch_and_a_late_one_misses_nothing(
+    store: CatalogStore,
+) -> None:
+    """Three informers of a prefix, one started after writes and while more land:
+    one shared stream (store.watch.WatchHub), and every cache ends as the store."""
+    informers = [Informer(store, PREFIX, poll_s=0.05, retry_s=0.01) for _ in range(3)]
+    try:
+        for informer in informers[:2]:
+            informer.start()
+            assert informer.wait_synced(20.0)
+        for i in range(10):
+            store.put(f"{PREFIX}k{i}", str(i).encode())
+        informers[2].start()
+        store.txn([], [Put(PREFIX + "late", b"x"), Delete(PREFIX + "k3")])
+        assert informers[2].wait_synced(20.0)
+        for informer in informers:
+            eventually(partial(_cached_as_stored, informer, store), "cache matches store")
+        assert shared_watches(store).streams() == 1
+        assert all(informer.lists == 1 for informer in informers)
+    finally:
+        for informer in informers:
+            assert informer.stop(), "informer thread did not stop"
+    assert shared_watches(store).streams() == 0
