@@ -210,7 +210,8 @@ class RemoteWatch(StreamWatch):
 
     def _end_stream(self) -> None:
         self._call.cancel()
-        self._reader.join(timeout=5)
+        if self._reader is not threading.current_thread():  # closed by a forwarded failure
+            self._reader.join(timeout=5)
 
 
 class RemoteElection(LeaderElection):

@@ -663,7 +663,8 @@ class EtcdWatch(StreamWatch):
 
     def _end_stream(self) -> None:
         self._stream.cancel()
-        self._reader.join(timeout=5)
+        if self._reader is not threading.current_thread():  # closed by a forwarded failure
+            self._reader.join(timeout=5)
 
 
 class LeaseElection(LeaderElection):

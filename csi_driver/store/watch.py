@@ -18,6 +18,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from typing import Protocol
 
 from csi_driver.core.errors import FerryError, InvalidArgument, StoreError, StoreUnavailable
 from csi_driver.store.base import CatalogStore, Event, Watch
@@ -27,6 +28,14 @@ Batch = tuple[list[Event], int]
 
 #: How often a shared stream's pump looks whether its watch was closed.
 _PUMP_POLL_S = 0.5
+
+
+class Sink(Protocol):
+    """Where a forwarded :class:`StreamWatch` hands its batches and its failure."""
+
+    def batch(self, events: list[Event], after: int) -> None: ...
+
+    def failed(self, error: FerryError) -> None: ...
 
 
 class StreamWatch(Watch):
@@ -41,16 +50,46 @@ class StreamWatch(Watch):
         self._floor = start_revision
         self._failure: FerryError | None = None
         self._closed = threading.Event()
+        # Set by :meth:`forward`; the lock orders forwarding against the reader thread.
+        self._sink: Sink | None = None
+        self._sink_lock = threading.Lock()
 
     @abc.abstractmethod
     def _end_stream(self) -> None:
         """Stop the reader thread's stream (called once, by :meth:`close`)."""
 
     def _deliver(self, events: list[Event], after: int) -> None:
-        self._queue.put((events, after))
+        with self._sink_lock:
+            if self._sink is None:
+                self._queue.put((events, after))
+            else:
+                self._sink.batch(events, after)
 
     def _fail(self, error: FerryError) -> None:
-        self._queue.put(error)
+        with self._sink_lock:
+            if self._sink is None:
+                self._queue.put(error)
+            else:
+                self._sink.failed(error)
+
+    def forward(self, sink: Sink) -> None:
+        """Hand what is queued, then each batch and failure as it arrives, to ``sink``
+        on the reader thread instead of to :meth:`poll` (a shared stream's fan-out:
+        no thread of its own, no second queue). Called once, before any poll."""
+        with self._sink_lock:
+            if self._buffer:
+                sink.batch(list(self._buffer), self._after)
+                self._buffer.clear()
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, FerryError):
+                    sink.failed(item)
+                elif item[0]:
+                    sink.batch(*item)
+            self._sink = sink
 
     def _await_start(self, timeout: float, what: str) -> None:
         """Wait for the stream's first batch (its confirmation); raise what it reports."""
@@ -155,7 +194,9 @@ class _Subscriber(StreamWatch):
 
 
 class _SharedStream:
-    """One store watch on ``prefix`` and the subscribers it feeds, by one pump thread.
+    """One store watch on ``prefix`` and the subscribers it feeds: a stream watch
+    forwards its batches here from its reader thread, any other watch is polled by
+    a pump thread.
 
     Invariant (under ``_lock``): ``_position`` is the revision the pump has fanned
     out up to, and every subscriber's queue has received every batch fanned out
@@ -189,8 +230,10 @@ class _SharedStream:
                 behind = from_revision < self._position
                 switch_at = self._position
                 self._subscribers.append(subscriber)
-            if opened is not None:
-                # Started once its opener subscribed, so the opener is never behind it.
+            # Fed once its opener subscribed, so the opener is never behind it.
+            if isinstance(opened, StreamWatch):
+                opened.forward(self)  # batches arrive on the stream's reader thread
+            elif opened is not None:
                 threading.Thread(
                     target=self._pump, args=(opened,), name=f"watch-hub {self.prefix}", daemon=True
                 ).start()
@@ -234,18 +277,26 @@ class _SharedStream:
                     if more is None:
                         break
                     batch.append(more)
-                after = watch.next_revision
-                with self._lock:
-                    self._position = after
-                    for subscriber in self._subscribers:
-                        subscriber._deliver(batch, after)
+                self.batch(batch, watch.next_revision)
         except FerryError as exc:
-            with self._lock:
-                self._ended = True
-                failed, self._subscribers = self._subscribers, []
-            for subscriber in failed:
-                subscriber._fail(exc)
-            self._close()
+            self.failed(exc)
+
+    def batch(self, events: list[Event], after: int) -> None:
+        """Fan one batch of whole revisions out (see the class invariant)."""
+        with self._lock:
+            self._position = after
+            for subscriber in self._subscribers:
+                subscriber._deliver(events, after)
+
+    def failed(self, error: FerryError) -> None:
+        """The store watch ended: every subscriber gets ``error``; a new stream starts
+        with the next join."""
+        with self._lock:
+            self._ended = True
+            failed, self._subscribers = self._subscribers, []
+        for subscriber in failed:
+            subscriber._fail(error)
+        self._close()
 
 
 class WatchHub:

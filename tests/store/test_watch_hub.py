@@ -21,7 +21,7 @@ from csi_driver.store.watch import WatchHub
 from tests.store.backends import Backend
 from tests.store.test_contract import EVENT_WAIT_S, _drain, _quiet
 
-pytestmark = pytest.mark.parametrize("backend", ["sqlite", "etcd"], indirect=True)
+pytestmark = pytest.mark.parametrize("backend", ["sqlite", "etcd", "ferry"], indirect=True)
 
 PREFIX = "hub/"
 T = TypeVar("T")
@@ -180,7 +180,7 @@ def test_a_first_joiner_from_compacted_history_gets_compacted_and_no_stream_stay
         assert [e.revision for e in _drain(after, 1)] == [r2]
 
 
-def test_a_lost_etcd_stream_resumes_every_subscriber_without_gap_or_repeat(
+def test_a_lost_stream_resumes_every_subscriber_without_gap_or_repeat(
     backend: Backend,
 ) -> None:
     if backend.name == "sqlite":
@@ -192,7 +192,7 @@ def test_a_lost_etcd_stream_resumes_every_subscriber_without_gap_or_repeat(
     before = [store.put(f"{PREFIX}b{i}", b"v") for i in range(2)]
     # Each consumer stands elsewhere when the stream breaks: all, one, none consumed.
     seen = [_drain(subscribers[0], 2), _drain(subscribers[1], 1), []]
-    backend.restart()  # the etcd process stops and starts: its watch stream breaks
+    backend.restart()  # etcd or the catalog service stops and starts: the stream breaks
     resumed: list[Watch] = []
     for watch, events in zip(subscribers, seen, strict=True):
         with pytest.raises(StoreUnavailable):
