@@ -38,8 +38,8 @@ from csi_driver.controller.primaries import switch_primary
 from csi_driver.controller.readiness import NODE_LOST_AFTER_S, NodeReadings
 from csi_driver.controller.replication import images_of, ready_volume
 from csi_driver.core.errors import Conflict
-from csi_driver.core.model import Volume
-from csi_driver.core.params import FailoverPolicy
+from csi_driver.core.model import Volume, VolumeState
+from csi_driver.core.params import FailoverPolicy, StorageParameters, parse_parameters
 from csi_driver.core.records import (
     FENCE_STATUSES,
     FailoverStatus,
@@ -54,7 +54,7 @@ from csi_driver.kube.nodes import Lost
 from csi_driver.metrics import observe_failover
 from csi_driver.reconcile.informer import Informer
 from csi_driver.reconcile.runner import Runner, Source, strip_prefix
-from csi_driver.store.catalog import VOLUMES, Catalog
+from csi_driver.store.catalog import NODES, VOLUMES, Catalog, node_from_json, volume_from_json
 from csi_driver.store.records import Versioned, from_stored, put, read
 
 log = logging.getLogger(__name__)
@@ -83,11 +83,17 @@ class FailoverReconciler:
         events: MobilityEvents | None = None,
         readings: NodeReadings | None = None,
         fences: Informer | None = None,
+        volumes: Informer | None = None,
+        nodes: Informer | None = None,
     ) -> None:
-        """``fences``: the runner's informer of fence statuses, read instead of the
-        store (a fence the cache does not hold yet queues this volume again when
-        it arrives); None reads the store."""
+        """``fences``, ``volumes``: the runner's informers of fence statuses and
+        volumes, read instead of the store (a record the cache does not hold yet
+        queues this volume again when it arrives); ``nodes``: an informer of node
+        registrations, trusted when it shows a node alive (see :meth:`_node_lost`).
+        None reads the store."""
         self._fences = fences
+        self._volumes = volumes
+        self._nodes = nodes
         self._events = events or MobilityEvents(LoggingSink())
         self._catalog = catalog
         self._intents = intents
@@ -96,7 +102,7 @@ class FailoverReconciler:
         self._readings = readings or NodeReadings(catalog, lost_after_s, clock=clock)
 
     def __call__(self, volume_id: str) -> float | None:
-        found = ready_volume(self._catalog, volume_id)
+        found = self._ready(volume_id)
         if found is None:
             return None
         volume_read, params = found
@@ -113,6 +119,37 @@ class FailoverReconciler:
             return poll
         self._promote(volume_read, now, lost)
         return poll
+
+    def _ready(self, volume_id: str) -> tuple[Versioned[Volume], StorageParameters] | None:
+        """The volume and its parameters when it is READY, from the cache if there is one.
+
+        From the cache a CREATING volume is not ready yet, even with its image
+        READY (the store read would say so): the collector's READY write queues
+        it again. A stale cached volume costs nothing: a promotion compares the
+        volume's revision, and the newer record queues another pass.
+        """
+        if self._volumes is None:
+            return ready_volume(self._catalog, volume_id)
+        record = self._volumes.get(VOLUMES + volume_id)
+        if record is None:
+            return None
+        volume = volume_from_json(record.value)
+        if volume.state is not VolumeState.READY:
+            return None
+        return Versioned(volume, record.revision), parse_parameters(dict(volume.parameters))
+
+    def _node_lost(self, node_id: str) -> Lost | None:
+        """Whether ``node_id`` is lost: a cached registration that shows it alive is
+        enough (a cache trails the store, and heartbeats only move forward, so the
+        stored one is at least as recent); a loss is confirmed by the store."""
+        if self._nodes is not None:
+            cached = self._nodes.get(NODES + node_id)
+            if (
+                cached is not None
+                and self._readings.lost(node_id, node_from_json(cached.value)) is None
+            ):
+                return None
+        return self._readings.lost(node_id)
 
     def _lost(self, volume: Volume) -> Lost | None:
         """Whether the volume's primary is lost: its node, or a forced detach from it."""
@@ -134,7 +171,7 @@ class FailoverReconciler:
             # (its old attachment can never stage) but is no reason to fail over.
             if node is None or node.heartbeat_at <= fence.value.at:
                 return Lost(fence.value.at, f"force-detached from node {fence.value.node_id}")
-        return self._readings.lost(volume.primary_node)
+        return self._node_lost(volume.primary_node)
 
     def _promote(self, volume_read: Versioned[Volume], now: float, lost_at: Lost) -> None:
         volume = volume_read.value
@@ -199,6 +236,10 @@ class FailoverReconciler:
         )
 
 
+def _no_work(key: str) -> str | None:
+    return None
+
+
 def any_node_lost(catalog: Catalog, lost_after_s: float, now: float) -> bool:
     """True when some registered node has been silent longer than ``lost_after_s``."""
     return any(now - node.heartbeat_at > lost_after_s for node in catalog.list_nodes())
@@ -216,15 +257,26 @@ def failover_runner(
     so only the clock tells; while every node beats, that look would find nothing
     to do, at the cost of reading every volume)."""
     fences = Informer(catalog.store, FENCE_STATUSES)
+    volumes = Informer(catalog.store, VOLUMES)
+    nodes = Informer(catalog.store, NODES)
     return Runner(
         "failover",
         FailoverReconciler(
-            catalog, intents, lost_after_s, events=events, readings=readings, fences=fences
+            catalog,
+            intents,
+            lost_after_s,
+            events=events,
+            readings=readings,
+            fences=fences,
+            volumes=volumes,
+            nodes=nodes,
         ),
         [
-            Source(Informer(catalog.store, VOLUMES), strip_prefix(VOLUMES)),
+            Source(volumes, strip_prefix(VOLUMES)),
             # A forced detach (a fence) is a loss at once: act on it without a poll.
             Source(fences, strip_prefix(FENCE_STATUSES)),
+            # Read only: a heartbeat is no reason to look at a volume (the resync is).
+            Source(nodes, _no_work),
         ],
         workers=1,
         resync_s=max(1.0, lost_after_s / 3),

@@ -95,9 +95,13 @@ class NodeReadings:
         # Just past the threshold: ``combined`` compares strictly.
         return min(ahead) + 0.05 if ahead else None
 
-    def lost(self, node_id: str) -> Lost | None:
-        """Whether node ``node_id`` counts as lost for failover and fencing, since when."""
-        node = self.catalog.get_node(node_id)
+    def lost(self, node_id: str, node: NodeRecord | None = None) -> Lost | None:
+        """Whether node ``node_id`` counts as lost for failover and fencing, since when.
+
+        ``node``: its registration as the caller holds it (None: read from the catalog).
+        """
+        if node is None:
+            node = self.catalog.get_node(node_id)
         return declared_lost(
             self._kube_state(node_id),
             node.heartbeat_at if node is not None else None,

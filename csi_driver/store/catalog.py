@@ -128,7 +128,7 @@ def _node_to_json(node: NodeRecord) -> bytes:
     return json.dumps(doc, sort_keys=True).encode()
 
 
-def _node_from_json(raw: bytes) -> NodeRecord:
+def node_from_json(raw: bytes) -> NodeRecord:
     doc = json.loads(raw)
     return NodeRecord(
         node_id=doc["node_id"],
@@ -317,10 +317,10 @@ class Catalog:
 
     def get_node(self, node_id: str) -> NodeRecord | None:
         record = self.store.get(NODES + node_id)
-        return _node_from_json(record.value) if record else None
+        return node_from_json(record.value) if record else None
 
     def list_nodes(self) -> list[NodeRecord]:
-        return [_node_from_json(r.value) for r in self.store.list(NODES)]
+        return [node_from_json(r.value) for r in self.store.list(NODES)]
 
     def node_ids(self) -> list[str]:
         """Every node registered or charged, sorted, from the keys alone (no record
@@ -337,7 +337,7 @@ class Catalog:
         if record is None:
             raise NotFound(f"node {node_id} is not registered")
         node = replace(
-            _node_from_json(record.value),
+            node_from_json(record.value),
             heartbeat_at=at,
             volume_conditions=tuple(sorted((volume_conditions or {}).items())),
         )

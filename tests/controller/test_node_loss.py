@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -46,7 +46,7 @@ from csi_driver.core.records import (
 )
 from csi_driver.kube.nodes import NodeFacts, NodeState, Taint, readiness
 from csi_driver.reconcile.informer import Informer
-from csi_driver.store.catalog import Catalog
+from csi_driver.store.catalog import NODES, VOLUMES, Catalog, node_from_json
 from csi_driver.store.records import put, read
 from csi_driver.store.sqlite import SqliteStore
 
@@ -101,8 +101,20 @@ def catalog(tmp_path: Path) -> Iterator[Catalog]:
         store.close()
 
 
+@dataclass(frozen=True)
+class Caches:
+    """The failover runner's informers, read by the reconciler instead of the store."""
+
+    fences: Informer
+    volumes: Informer
+    nodes: Informer
+
+    def all(self) -> tuple[Informer, ...]:
+        return (self.fences, self.volumes, self.nodes)
+
+
 def _reconciler(
-    catalog: Catalog, kube: NodeState | None, fences: Informer | None = None
+    catalog: Catalog, kube: NodeState | None, caches: Caches | None = None
 ) -> FailoverReconciler:
     def node_state(name: str) -> NodeState | None:
         return kube if name == "node-1" else None
@@ -114,27 +126,40 @@ def _reconciler(
         LOST_AFTER_S,
         clock=lambda: NOW,
         readings=readings,
-        fences=fences,
+        fences=caches.fences if caches else None,
+        volumes=caches.volumes if caches else None,
+        nodes=caches.nodes if caches else None,
     )
 
 
 @pytest.fixture(params=["store", "cache"])
-def fences(request: pytest.FixtureRequest, catalog: Catalog) -> Iterator[Informer | None]:
-    """Fences read from the store, or from the failover runner's informer."""
+def caches(request: pytest.FixtureRequest, catalog: Catalog) -> Iterator[Caches | None]:
+    """Records read from the store, or from the failover runner's informers."""
     if request.param == "store":
         yield None
         return
-    informer = Informer(catalog.store, FENCE_STATUSES, poll_s=0.05)
-    informer.start()
-    assert informer.wait_synced(10)
-    yield informer
-    informer.stop()
+    store = catalog.store
+    started = Caches(
+        Informer(store, FENCE_STATUSES, poll_s=0.05),
+        Informer(store, VOLUMES, poll_s=0.05),
+        Informer(store, NODES, poll_s=0.05),
+    )
+    for informer in started.all():
+        informer.start()
+        assert informer.wait_synced(10)
+    yield started
+    for informer in started.all():
+        informer.stop()
 
 
-def _caught_up(fences: Informer | None, revision: int) -> None:
+def _caught_up(caches: Caches | None, key: str, revision: int) -> None:
+    """Wait until the informer of ``key`` holds it at ``revision``."""
+    if caches is None:
+        return
+    informer = next(i for i in caches.all() if key.startswith(i.prefix))
     deadline = time.monotonic() + 10
-    while fences is not None and fences.revision < revision:
-        assert time.monotonic() < deadline, "the fence informer never saw the fence"
+    while (cached := informer.get(key)) is None or cached.revision < revision:
+        assert time.monotonic() < deadline, f"the informer never saw {key} at {revision}"
         time.sleep(0.01)
 
 
@@ -144,10 +169,12 @@ def _failovers() -> tuple[float, float]:
     return count, total
 
 
-def test_an_out_of_service_node_is_failed_over_at_once(catalog: Catalog) -> None:
+def test_an_out_of_service_node_is_failed_over_at_once(
+    catalog: Catalog, caches: Caches | None
+) -> None:
     count, total = _failovers()
 
-    _reconciler(catalog, OUT_OF_SERVICE)(VOL)  # node-1's agent beat a second ago
+    _reconciler(catalog, OUT_OF_SERVICE, caches)(VOL)  # node-1's agent beat a second ago
 
     volume = catalog.require_volume(VOL)
     assert (volume.primary_node, volume.epoch) == ("node-2", 2)
@@ -168,24 +195,25 @@ def test_an_out_of_service_node_is_failed_over_at_once(catalog: Catalog) -> None
 
 @pytest.mark.parametrize("kube", [None, NOT_READY], ids=["no-cluster", "not-ready"])
 def test_a_live_agent_is_not_failed_over_without_the_operator(
-    catalog: Catalog, kube: NodeState | None
+    catalog: Catalog, kube: NodeState | None, caches: Caches | None
 ) -> None:
     # A NotReady kubelet (or no cluster at all) with Ferry's agent still beating:
     # the data is reachable, so promoting would give up acknowledged writes.
-    _reconciler(catalog, kube)(VOL)
+    _reconciler(catalog, kube, caches)(VOL)
     volume = catalog.require_volume(VOL)
     assert (volume.primary_node, volume.epoch) == ("node-1", 1)
     assert catalog.store.get(failover_status_key(VOL)) is None
 
 
 def test_a_fence_is_a_loss_until_the_node_is_heard_from_again(
-    catalog: Catalog, fences: Informer | None
+    catalog: Catalog, caches: Caches | None
 ) -> None:
     # ControllerUnpublishVolume fenced the volume off node-1 (declared lost at NOW - 10);
     # node-1's agent has beaten since: it is back, and nothing fails over.
     fenced = FenceStatus(VOL, "node-1", 1, NOW - 10)
-    _caught_up(fences, catalog.store.put(fence_status_key(VOL), encode(fenced)))
-    _reconciler(catalog, None, fences)(VOL)
+    key = fence_status_key(VOL)
+    _caught_up(caches, key, catalog.store.put(key, encode(fenced)))
+    _reconciler(catalog, None, caches)(VOL)
     assert catalog.require_volume(VOL).primary_node == "node-1"
 
     # Not heard from since (20 s of silence: not lost by heartbeat alone): the fence
@@ -194,8 +222,30 @@ def test_a_fence_is_a_loss_until_the_node_is_heard_from_again(
     assert node is not None
     catalog.register_node(replace(node, heartbeat_at=NOW - 20))
     count, total = _failovers()
-    _reconciler(catalog, None, fences)(VOL)
+    _reconciler(catalog, None, caches)(VOL)
     volume = catalog.require_volume(VOL)
     assert (volume.primary_node, volume.epoch) == ("node-2", 2)
     after_count, after_total = _failovers()
     assert after_count == count + 1 and after_total - total == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("caches", ["cache"], indirect=True)
+def test_a_silent_node_in_a_stale_cache_is_not_lost_while_the_store_has_it_beating(
+    catalog: Catalog, caches: Caches
+) -> None:
+    """A cache shows a node alive only if it is (heartbeats only move forward); one
+    that shows it silent may trail the store, so the store decides."""
+    node = catalog.get_node("node-1")
+    assert node is not None
+    catalog.register_node(replace(node, heartbeat_at=NOW - 100))
+    _caught_up(caches, NODES + "node-1", catalog.store.revision())
+    assert caches.nodes.stop()
+    catalog.register_node(replace(node, heartbeat_at=NOW - 1))  # the stopped cache misses it
+    cached = caches.nodes.get(NODES + "node-1")
+    assert cached is not None and node_from_json(cached.value).heartbeat_at == NOW - 100
+    _reconciler(catalog, None, caches)(VOL)
+    assert catalog.require_volume(VOL).primary_node == "node-1"
+    # Once the store has it silent too, the loss stands: the volume fails over.
+    catalog.register_node(replace(node, heartbeat_at=NOW - 100))
+    _reconciler(catalog, None, caches)(VOL)
+    assert catalog.require_volume(VOL).primary_node == "node-2"
