@@ -86,6 +86,9 @@ _TOO_MANY = "too many requests"
 _NO_SPACE = "database space exceeded"
 #: Codes that mean "this member cannot serve now", not "etcd refused the request".
 _OUTAGE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+_EQUAL = rpc_pb2.Compare.EQUAL
+_CREATED = rpc_pb2.Compare.CREATE
+_MODIFIED = rpc_pb2.Compare.MOD
 #: A stream with this metadata is ended by its member when that member has no leader.
 _REQUIRE_LEADER = (("hasleader", "true"),)
 
@@ -221,29 +224,28 @@ def _range_request(prefix: str, start_after: str = "", limit: int = 0) -> rpc_pb
     )
 
 
-def _compare(compare: Compare) -> rpc_pb2.Compare:
-    if compare.revision == ABSENT:
-        return rpc_pb2.Compare(
-            key=compare.key.encode(),
-            result=rpc_pb2.Compare.EQUAL,
-            target=rpc_pb2.Compare.CREATE,
-            create_revision=0,
-        )
-    return rpc_pb2.Compare(
-        key=compare.key.encode(),
-        result=rpc_pb2.Compare.EQUAL,
-        target=rpc_pb2.Compare.MOD,
-        mod_revision=compare.revision,
-    )
-
-
-def _op(op: Op, lease: int = 0) -> rpc_pb2.RequestOp:
-    if isinstance(op, Delete):
-        return rpc_pb2.RequestOp(
-            request_delete_range=rpc_pb2.DeleteRangeRequest(key=op.key.encode())
-        )
-    put = rpc_pb2.PutRequest(key=op.key.encode(), value=op.value, lease=lease)
-    return rpc_pb2.RequestOp(request_put=put)
+def _txn_request(
+    compares: Sequence[Compare], ops: Sequence[Op], lease: int = 0
+) -> rpc_pb2.TxnRequest:
+    """The Txn of :meth:`EtcdStore.txn` (see the module doc), built in place: each
+    compare, op and failure read is added to the request rather than built apart and
+    copied in, which halves the cost of building a create's txn."""
+    request = rpc_pb2.TxnRequest()
+    compare, failure, success = request.compare, request.failure, request.success
+    for item in compares:
+        key = item.key.encode()
+        if item.revision == ABSENT:
+            compare.add(key=key, result=_EQUAL, target=_CREATED, create_revision=0)
+        else:
+            compare.add(key=key, result=_EQUAL, target=_MODIFIED, mod_revision=item.revision)
+        failure.add().request_range.key = key
+    for op in ops:
+        if isinstance(op, Delete):
+            success.add().request_delete_range.key = op.key.encode()
+        else:
+            put = success.add().request_put
+            put.key, put.value, put.lease = op.key.encode(), op.value, lease
+    return request
 
 
 class EtcdStore(CatalogStore):
@@ -400,18 +402,12 @@ class EtcdStore(CatalogStore):
     # -- writes --------------------------------------------------------------
 
     def _txn(
-        self, compares: Sequence[Compare], success: Sequence[rpc_pb2.RequestOp], what: str
+        self, compares: Sequence[Compare], ops: Sequence[Op], what: str, lease: int = 0
     ) -> rpc_pb2.TxnResponse:
-        request = rpc_pb2.TxnRequest(
-            compare=[_compare(c) for c in compares],
-            success=success,
-            failure=[
-                rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=c.key.encode()))
-                for c in compares
-            ],
-        )
+        """Apply ``ops`` (puts bound to ``lease``, if any) if every compare holds."""
+        request = _txn_request(compares, ops, lease)
         reply: rpc_pb2.TxnResponse = self._call(
-            lambda m: m.kv.Txn, request, lambda: what, write=bool(success)
+            lambda m: m.kv.Txn, request, lambda: what, write=bool(ops)
         )
         if reply.succeeded or not compares:
             return reply
@@ -423,7 +419,7 @@ class EtcdStore(CatalogStore):
         raise StoreError(f"etcd refused {what} although each compared key matches; retry")
 
     def _apply(self, compares: Sequence[Compare], ops: Sequence[Op]) -> int:
-        return self._txn(compares, [_op(op) for op in ops], "txn").header.revision
+        return self._txn(compares, ops, "txn").header.revision
 
     def compact(self, revision: int) -> None:
         try:
@@ -715,9 +711,9 @@ class LeaseElection(LeaderElection):
         """
         sent = time.monotonic()
         lease = self._etcd.grant_lease(self._ttl)
-        put = _op(Put(self.key, self.candidate.encode()), lease)
+        put = Put(self.key, self.candidate.encode())
         try:
-            reply = self._etcd._txn([Compare(self.key, ABSENT)], [put], "leader campaign")
+            reply = self._etcd._txn([Compare(self.key, ABSENT)], [put], "leader campaign", lease)
         except Conflict:
             self._etcd.revoke_lease(lease)
             record = self._etcd.get(self.key)
