@@ -219,8 +219,15 @@ class _SharedStream:
         with self._opening:
             opened = None
             if self._watch is None and not self._ended:
-                # Raises what the store raises (Compacted, StoreUnavailable) to the caller.
-                opened = self._store.watch(self.prefix, from_revision)
+                try:
+                    opened = self._store.watch(self.prefix, from_revision)
+                except BaseException:
+                    # What the store raised (Compacted, StoreUnavailable) is the caller's;
+                    # this stream never started, and the next joiner starts another.
+                    with self._lock:
+                        self._ended = True
+                    self._hub._forget(self)
+                    raise
             with self._lock:
                 if self._ended:
                     return None

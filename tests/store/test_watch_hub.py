@@ -176,6 +176,7 @@ def test_a_first_joiner_from_compacted_history_gets_compacted_and_no_stream_stay
             _poll_until_error(first)
         finally:
             first.close()
+    assert hub.streams() == 0
     with hub.watch(PREFIX, r2) as after:
         assert [e.revision for e in _drain(after, 1)] == [r2]
 
