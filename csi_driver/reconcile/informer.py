@@ -122,10 +122,12 @@ class Informer:
         self._thread.start()
 
     def reconnect(self) -> None:
-        """End the current watch as a lost connection would; it resumes where it stopped.
+        """End this informer's watch as a lost one would; it resumes where it stopped.
 
-        For callers that know the store connection under the watch went stale
-        (and for proving that resuming misses nothing).
+        Only this informer's subscription ends: the process's shared stream of the
+        prefix stays open for the other informers, and the resumed watch joins it
+        again (catching up on its own if the stream moved on meanwhile). For
+        proving that resuming misses nothing, and for :meth:`stop`.
         """
         with self._lock:
             watch = self._watch
