@@ -1,8 +1,8 @@
 """Watches fed by a stream: a reader thread queues, :meth:`poll` hands out.
 
 :class:`StreamWatch` is used by the etcd backend and the catalog service
-client; :class:`WatchHub` shares one store watch per prefix among the
-watches of a process (the informers), whatever the backend. Invariant: each
+client; :class:`WatchHub` shares one such stream per prefix among the
+watches of a process (the informers). Invariant: each
 queued batch holds whole revisions and says where the stream stands after
 it, so ``next_revision`` is the first undelivered event's revision, or that
 position once everything received was delivered. A failure is queued
@@ -25,9 +25,6 @@ from csi_driver.store.base import CatalogStore, Event, Watch
 
 #: A batch of whole revisions and the revision the stream stands at after it.
 Batch = tuple[list[Event], int]
-
-#: How often a shared stream's pump looks whether its watch was closed.
-_PUMP_POLL_S = 0.5
 
 
 class Sink(Protocol):
@@ -194,13 +191,12 @@ class _Subscriber(StreamWatch):
 
 
 class _SharedStream:
-    """One store watch on ``prefix`` and the subscribers it feeds: a stream watch
-    forwards its batches here from its reader thread, any other watch is polled by
-    a pump thread.
+    """One store stream watch on ``prefix`` and the subscribers it feeds; the watch
+    forwards its batches here from its reader thread.
 
-    Invariant (under ``_lock``): ``_position`` is the revision the pump has fanned
-    out up to, and every subscriber's queue has received every batch fanned out
-    since it joined; batches hold whole revisions.
+    Invariant (under ``_lock``): ``_position`` is the revision fanned out up to, and
+    every subscriber's queue has received every batch fanned out since it joined;
+    batches hold whole revisions.
     """
 
     def __init__(self, hub: WatchHub, store: CatalogStore, prefix: str) -> None:
@@ -214,8 +210,13 @@ class _SharedStream:
         self._position = 0
         self._ended = False
 
-    def join(self, from_revision: int) -> _Subscriber | None:
-        """A subscriber from ``from_revision`` on; None when this stream has ended."""
+    def join(self, from_revision: int) -> Watch | None:
+        """A subscriber from ``from_revision`` on; None when this stream has ended.
+
+        A store whose watch is no stream (SQLite's, which already reads every
+        commit once for all the watches of a process) gets that watch back as it
+        is, and its hub stops sharing (see :attr:`WatchHub.sharing`).
+        """
         with self._opening:
             opened = None
             if self._watch is None and not self._ended:
@@ -228,6 +229,11 @@ class _SharedStream:
                         self._ended = True
                     self._hub._forget(self)
                     raise
+            if opened is not None and not isinstance(opened, StreamWatch):
+                with self._lock:
+                    self._ended = True
+                self._hub._unshared(self)
+                return opened
             with self._lock:
                 if self._ended:
                     return None
@@ -237,13 +243,10 @@ class _SharedStream:
                 behind = from_revision < self._position
                 switch_at = self._position
                 self._subscribers.append(subscriber)
-            # Fed once its opener subscribed, so the opener is never behind it.
-            if isinstance(opened, StreamWatch):
-                opened.forward(self)  # batches arrive on the stream's reader thread
-            elif opened is not None:
-                threading.Thread(
-                    target=self._pump, args=(opened,), name=f"watch-hub {self.prefix}", daemon=True
-                ).start()
+            if opened is not None:
+                # Fed once its opener subscribed, so the opener is never behind it;
+                # batches arrive on the stream's reader thread.
+                opened.forward(self)
         if behind:
             try:
                 subscriber._catch_up(self._store.watch(self.prefix, from_revision), switch_at)
@@ -267,26 +270,6 @@ class _SharedStream:
         watch = self._watch
         if watch is not None:
             watch.close()
-
-    def _pump(self, watch: Watch) -> None:
-        try:
-            while True:
-                event = watch.poll(_PUMP_POLL_S)
-                if event is None:
-                    if watch.closed:
-                        return
-                    continue
-                batch = [event]
-                # The rest of this revision is already buffered in the watch: take it
-                # so that each batch, and each subscriber's position, is whole.
-                while watch.next_revision <= event.revision:
-                    more = watch.poll(0)
-                    if more is None:
-                        break
-                    batch.append(more)
-                self.batch(batch, watch.next_revision)
-        except FerryError as exc:
-            self.failed(exc)
 
     def batch(self, events: list[Event], after: int) -> None:
         """Fan one batch of whole revisions out (see the class invariant)."""
@@ -330,11 +313,21 @@ class WatchHub:
         self._store = weakref.ref(store)
         self._lock = threading.Lock()
         self._streams: dict[str, _SharedStream] = {}
+        self._sharing = True
+
+    @property
+    def sharing(self) -> bool:
+        """False once the store's watches proved not to be streams (an embedded
+        store's: they share their source already, and a shared stream would only
+        add a thread hop); its watches are then the store's own."""
+        return self._sharing
 
     def watch(self, prefix: str, from_revision: int) -> Watch:
         store = self._store()
         if store is None:
             raise StoreError("the catalog store of this watch hub was closed and released")
+        if not self._sharing:
+            return store.watch(prefix, from_revision)
         if from_revision < 0:
             raise InvalidArgument(f"cannot watch from revision {from_revision}")
         if from_revision == 0:
@@ -353,6 +346,10 @@ class WatchHub:
         """How many shared streams are open (one per prefix watched)."""
         with self._lock:
             return len(self._streams)
+
+    def _unshared(self, stream: _SharedStream) -> None:
+        self._sharing = False
+        self._forget(stream)
 
     def _forget(self, stream: _SharedStream) -> None:
         with self._lock:

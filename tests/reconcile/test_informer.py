@@ -264,7 +264,8 @@ def test_informers_of_one_prefix_share_one_watch_and_a_late_one_misses_nothing(
         assert informers[2].wait_synced(20.0)
         for informer in informers:
             eventually(partial(_cached_as_stored, informer, store), "cache matches store")
-        assert shared_watches(store).streams() == 1
+        hub = shared_watches(store)
+        assert hub.streams() == (1 if hub.sharing else 0)
         assert all(informer.lists == 1 for informer in informers)
     finally:
         for informer in informers:
