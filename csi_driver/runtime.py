@@ -35,6 +35,7 @@ from csi_driver.csi.controller import ControllerServicer
 from csi_driver.csi.group_controller import GroupControllerServicer
 from csi_driver.csi.identity import IdentityServicer
 from csi_driver.csi.node import NodeServicer
+from csi_driver.enrollment import EnrollmentSettings, serve_enrollment
 from csi_driver.gen import csi_pb2_grpc
 from csi_driver.gen.ferry.v1 import agent_pb2_grpc
 from csi_driver.kube.events import MobilityEvents
@@ -359,14 +360,20 @@ def start_controller(
     node_lost_after_s: float = NODE_LOST_AFTER_S,
     backup: BackupSettings | None = None,
     lease_ttl_s: int = DEFAULT_LEASE_TTL_S,
+    enrollment: EnrollmentSettings | None = None,
 ) -> Services:
     """``security``: the controller's certificate (it must name the controller), which
     secures the catalog it opens and the one it serves to nodes (default: plain).
-    ``catalog_tls``: the etcd's own PKI instead, for the catalog it opens."""
+    ``catalog_tls``: the etcd's own PKI instead, for the catalog it opens.
+    ``enrollment``: also issue node certificates (the only process holding the CA key)."""
     services = Services()
     security = security or AgentSecurity()
     with _stopped_on_failure(services):
         _require_identity(security, Identity.controller())
+        if enrollment is not None:
+            server, bound = serve_enrollment(enrollment, security.tls)
+            services.servers.append(server)
+            services.endpoints.append(bound)
         store = open_store(
             catalog_path, security=security, catalog_tls=catalog_tls, lease_ttl_s=lease_ttl_s
         )
