@@ -433,6 +433,41 @@ def test_down_cleans_up_after_every_process_was_killed(place: Place) -> None:
     assert leftovers(place) == []
 
 
+def test_down_recovers_a_frozen_filesystem_a_lazy_unmount_left_attached(
+    place: Place,
+) -> None:
+    """A node killed mid-capture leaves its volume frozen; an earlier down (or a crash
+    during one) unmounted it lazily: in no mount table, its loop device still held."""
+    pool = place.node_dir("node-1") / "pool"
+    mountpoint = pool / "staged"
+    mountpoint.mkdir(parents=True)
+    image = pool / "vol.img"
+    subprocess.run(["truncate", "--size", "32M", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", str(image)], check=True)
+    device = subprocess.run(
+        ["losetup", "--show", "--find", str(image)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        subprocess.run(["mount", device, str(mountpoint)], check=True)
+        subprocess.run(["fsfreeze", "--freeze", str(mountpoint)], check=True)
+        subprocess.run(["umount", "--lazy", str(mountpoint)], check=True)
+        assert [f for f in leftovers(place) if f.startswith("loop")]
+
+        place.sandbox("down", "--prefix", place.prefix)
+        assert leftovers(place) == []
+    finally:
+        # Only if it is still ours: a freed device may already serve another test.
+        backing = Path(f"/sys/block/{Path(device).name}/loop/backing_file")
+        ours = backing.exists() and backing.read_text().strip() == str(image)
+        again = place.directory / "recover"
+        again.mkdir(exist_ok=True)
+        if ours and subprocess.run(["mount", device, str(again)], check=False).returncode == 0:
+            subprocess.run(["fsfreeze", "--unfreeze", str(again)], check=False)
+            subprocess.run(["umount", str(again)], check=False)
+        if ours:
+            subprocess.run(["losetup", "--detach", device], check=False)
+
+
 def test_down_cleans_up_after_up_itself_crashed_midway(place: Place) -> None:
     where = ("--dir", str(place.directory), "--prefix", place.prefix)
     up = subprocess.Popen(
