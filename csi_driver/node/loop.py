@@ -112,10 +112,16 @@ class LoopDevices:
         return None
 
     def attach(self, image: Path) -> str:
-        """Attach ``image`` with direct I/O, or return the device already backing it."""
+        """Attach ``image`` with direct I/O, or return the device already backing it,
+        sized to the image as it is now."""
         existing = self.find(image)
         if existing:
             self._tune(existing)  # it may predate the settings this version chooses
+            # It may predate the image's growth too (left attached by a node killed
+            # after unmounting it, or not let go by the kernel yet): the filesystem
+            # grows into what the device shows.
+            if self.info(existing).size_bytes < os.stat(image).st_size:
+                self.refresh_capacity(existing)
             return existing
         return self._attach(["--nooverlap"], image)
 
