@@ -88,7 +88,7 @@ def release_loops(devices: Sequence[str], runner: CommandRunner | None = None) -
     # already serve someone else, whom teardown must not touch.
     ours = {lp.device: lp.backing_file for lp in loops.attached() if lp.device in devices}
     for device in ours:
-        loops.detach(device)  # a device still in use is marked to free itself (autoclear)
+        loops.detach(device, settle_s=0)  # one in use is marked to free itself (autoclear)
     held = _still_attached(loops, ours)
     for device in held:
         _thaw_unmounted(device, runner)

@@ -48,4 +48,4 @@ def scratch_filesystem(
         if unmounted:
             release_loops([device], runner)
         else:  # the error says why; the device frees itself once the mount goes
-            LoopDevices(runner).detach(device)
+            LoopDevices(runner).detach(device, settle_s=0)

@@ -11,12 +11,15 @@ A busy mount or a device a process holds is reported with the process.
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from csi_driver.core.errors import InternalError
 from csi_driver.core.model import MiB
+from csi_driver.node.loop import LoopDevices
+from csi_driver.node.runner import CommandRunner
 from csi_driver.node.teardown import release_under
 from csi_driver.sandbox.scratch import scratch_filesystem
 from tests.node.conftest import loops_gone_under, loops_under, requires_root
@@ -127,3 +130,19 @@ def test_a_busy_scratch_filesystem_is_not_left_behind_silently(tmp_path: Path) -
 
 def _mountinfo() -> list[str]:
     return Path("/proc/self/mountinfo").read_text().splitlines()
+
+
+def test_detach_returns_once_the_kernel_let_the_device_go(tmp_path: Path) -> None:
+    """A device something still has open is only marked to free itself at its last
+    close: detach waits for that, so its caller never meets the device again."""
+    device = _attach(tmp_path / "raw", mkfs=False)
+    holder = subprocess.Popen(["sh", "-c", f"exec 3<{device}; exec sleep 1"])
+    try:
+        time.sleep(0.2)  # the holder has the device open (else detach is immediate anyway)
+        LoopDevices(CommandRunner()).detach(device)
+        assert loops_under(tmp_path) == []
+    finally:
+        holder.kill()
+        holder.wait()
+        if device in loops_under(tmp_path):
+            subprocess.run(["losetup", "--detach", device], check=False)
