@@ -37,7 +37,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from csi_driver.core.errors import FerryError
 from csi_driver.core.model import NodeRecord
 from csi_driver.core.placement import NodeReadiness, NodeView
 from csi_driver.core.records import DRAIN_SPECS, NodeAccounting, drain_spec_key
@@ -112,7 +111,7 @@ class CatalogOutages:
         """Read the catalog once and record whether it answered."""
         try:
             self._store.revision()
-        except FerryError as exc:
+        except Exception as exc:  # whatever the backend raised, nothing could be read
             with self._lock:
                 if self._down_since is None:
                     self._down_since = self._heard_at
