@@ -34,15 +34,21 @@ from csi_driver.node.mounts import Mounts
 from csi_driver.node.runner import CommandRunner
 
 _UMOUNT_NOT_MOUNTED = 32
-#: How long a busy mount or a loop device the kernel is still releasing (autoclear
-#: runs after the last close) is given before it counts as held.
-SETTLE_S = 3.0
+#: How long a busy mount is retried before it counts as held by its users.
+BUSY_S = 3.0
+#: How long a loop device is given to go after its detach before it counts as held:
+#: its last user may be a filesystem lazily unmounted under a file still open
+#: (a stopped service's last read), which frees it once that file is closed.
+SETTLE_S = 15.0
 _POLL_S = 0.05
 
 
-def release_under(base: Path, runner: CommandRunner | None = None) -> None:
+def release_under(
+    base: Path, runner: CommandRunner | None = None, settle_s: float = SETTLE_S
+) -> None:
     """Thaw and unmount everything mounted below ``base`` (deepest first), then
-    detach loop devices whose backing file is below it (see the module doc)."""
+    detach loop devices whose backing file is below it (see the module doc),
+    waiting ``settle_s`` for each to go."""
     runner = runner or CommandRunner()
     prefix = str(base.resolve()) + "/"
     for entry in reversed(Mounts(runner).table()):
@@ -58,11 +64,11 @@ def release_under(base: Path, runner: CommandRunner | None = None) -> None:
 
 def unmount(mountpoint: Path, runner: CommandRunner | None = None) -> None:
     """Thaw and unmount ``mountpoint`` for good (no lazy unmount); nothing mounted
-    there is fine. A mount still busy after :data:`SETTLE_S` is an InternalError
+    there is fine. A mount still busy after :data:`BUSY_S` is an InternalError
     naming the processes that use it."""
     runner = runner or CommandRunner()
     mounts = Mounts(runner)
-    deadline = time.monotonic() + SETTLE_S
+    deadline = time.monotonic() + BUSY_S
     while mounts.at(mountpoint) is not None:
         with contextlib.suppress(OSError):
             thaw(mountpoint)
@@ -79,9 +85,12 @@ def unmount(mountpoint: Path, runner: CommandRunner | None = None) -> None:
         time.sleep(_POLL_S)
 
 
-def release_loops(devices: Sequence[str], runner: CommandRunner | None = None) -> None:
-    """Detach ``devices`` and wait until the kernel has let them go; recover one held
-    by a frozen filesystem no mount table shows; else raise saying what holds it."""
+def release_loops(
+    devices: Sequence[str], runner: CommandRunner | None = None, settle_s: float = SETTLE_S
+) -> None:
+    """Detach ``devices`` and wait (``settle_s``) until the kernel has let them go;
+    recover one held by a frozen filesystem no mount table shows; else raise saying
+    what holds it."""
     runner = runner or CommandRunner()
     loops = LoopDevices(runner)
     # A device is ours while it keeps its backing file: once freed, the same name may
@@ -89,10 +98,10 @@ def release_loops(devices: Sequence[str], runner: CommandRunner | None = None) -
     ours = {lp.device: lp.backing_file for lp in loops.attached() if lp.device in devices}
     for device in ours:
         loops.detach(device, settle_s=0)  # one in use is marked to free itself (autoclear)
-    held = _still_attached(loops, ours)
+    held = _still_attached(loops, ours, settle_s)
     for device in held:
         _thaw_unmounted(device, runner)
-    held = _still_attached(loops, {d: ours[d] for d in held})
+    held = _still_attached(loops, {d: ours[d] for d in held}, settle_s)
     if held:
         reasons = "; ".join(
             f"{device} ({ours[device]}): {_why_held(device, runner)}" for device in held
@@ -100,8 +109,8 @@ def release_loops(devices: Sequence[str], runner: CommandRunner | None = None) -
         raise InternalError(f"loop devices still attached after detaching them: {reasons}")
 
 
-def _still_attached(loops: LoopDevices, ours: dict[str, str]) -> list[str]:
-    deadline = time.monotonic() + SETTLE_S
+def _still_attached(loops: LoopDevices, ours: dict[str, str], settle_s: float) -> list[str]:
+    deadline = time.monotonic() + settle_s
     while True:
         attached = {(lp.device, lp.backing_file) for lp in loops.attached()}
         left = [d for d, backing in ours.items() if (d, backing) in attached]

@@ -16,9 +16,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from csi_driver.node.loop import LoopDevices
+from csi_driver.node.loop import DETACH_SETTLE_S, LoopDevices
 from csi_driver.node.runner import CommandRunner
-from csi_driver.node.teardown import release_loops, release_under, unmount
+from csi_driver.node.teardown import release_under, unmount
 
 
 @contextmanager
@@ -45,7 +45,7 @@ def scratch_filesystem(
             unmount(mountpoint, runner)
             unmounted = True
     finally:
-        if unmounted:
-            release_loops([device], runner)
-        else:  # the error says why; the device frees itself once the mount goes
-            LoopDevices(runner).detach(device, settle_s=0)
+        # Once unmounted, the device goes when its last user does (waited for, then
+        # warned about: a caller's lazy unmount under a file still open holds it);
+        # still mounted, the error says why and it frees itself when the mount goes.
+        LoopDevices(runner).detach(device, settle_s=DETACH_SETTLE_S if unmounted else 0)

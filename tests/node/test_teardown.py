@@ -97,7 +97,7 @@ def test_a_device_a_process_holds_is_reported_with_the_process(tmp_path: Path) -
     holder = subprocess.Popen(["sh", "-c", f"exec 3<{device}; exec sleep 120"])
     try:
         with pytest.raises(InternalError) as held:
-            release_under(tmp_path)
+            release_under(tmp_path, settle_s=1.0)
         raw = tmp_path / "raw"
         assert f"{device} ({raw}): used by pid {holder.pid} (sleep)" in held.value.message
     finally:
