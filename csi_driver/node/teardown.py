@@ -41,6 +41,7 @@ BUSY_S = 3.0
 #: (a stopped service's last read), which frees it once that file is closed.
 SETTLE_S = 15.0
 _POLL_S = 0.05
+_FIRST_LOOK_S = 1.0
 
 
 def release_under(
@@ -57,9 +58,8 @@ def release_under(
                 thaw(Path(entry.mountpoint))
             runner.run(["umount", "--lazy", entry.mountpoint], ok_codes=(0, _UMOUNT_NOT_MOUNTED))
     loops = LoopDevices(runner)
-    release_loops(
-        [lp.device for lp in loops.attached() if lp.backing_file.startswith(prefix)], runner
-    )
+    below = [lp.device for lp in loops.attached() if lp.backing_file.startswith(prefix)]
+    release_loops(below, runner, settle_s)
 
 
 def unmount(mountpoint: Path, runner: CommandRunner | None = None) -> None:
@@ -98,9 +98,12 @@ def release_loops(
     ours = {lp.device: lp.backing_file for lp in loops.attached() if lp.device in devices}
     for device in ours:
         loops.detach(device, settle_s=0)  # one in use is marked to free itself (autoclear)
-    held = _still_attached(loops, ours, settle_s)
+    # A moment for the usual case (the kernel letting go at once), then the recovery
+    # of a frozen filesystem (which nothing else would free), then the long wait.
+    held = _still_attached(loops, ours, min(settle_s, _FIRST_LOOK_S))
     for device in held:
-        _thaw_unmounted(device, runner)
+        if not _users(device):  # a process holding it open is what is to be named
+            _thaw_unmounted(device, runner)
     held = _still_attached(loops, {d: ours[d] for d in held}, settle_s)
     if held:
         reasons = "; ".join(
