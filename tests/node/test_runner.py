@@ -181,13 +181,14 @@ def test_kill_running_stops_interruptible_commands(tmp_path: Path) -> None:
 
     worker = threading.Thread(target=run)
     worker.start()
-    # Until the runner has recorded the command it started (on a loaded machine the
-    # process can run well before Popen returns to record it), there is nothing to kill.
     started_by = time.monotonic() + HANDLER_BOUND_S
-    while not (killed := runner.kill_running()):
+    while not processes_mentioning(tag):
         assert time.monotonic() < started_by, "the command never started"
         time.sleep(0.01)
-    assert [argv[-1] for argv in killed] == [tag]
+    # Recorded by now, named in the answer; or (a loaded machine) still between its
+    # Popen and its record, killed by the thread starting it (the next test).
+    killed = runner.kill_running()
+    assert [argv[-1] for argv in killed] in ([tag], [])
     worker.join(HANDLER_BOUND_S)
     assert isinstance(failures.get_nowait(), Unavailable)
     assert processes_mentioning(tag) == []
