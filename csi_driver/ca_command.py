@@ -1,5 +1,8 @@
 """``ferry ca``: create the cluster CA and issue the certificates of Ferry's agents.
 
+``init`` and ``issue`` need the CA's key; ``enroll`` (a node asking the
+controller for its certificate, see :mod:`csi_driver.enrollment`) does not.
+
 Every directory it writes is shaped like a Kubernetes TLS Secret, so it can
 be passed to ``--tls-dir`` as is, or loaded into a cluster with
 ``kubectl create secret generic NAME --from-file=DIR``.
@@ -11,8 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from csi_driver.core.errors import FerryError
-from csi_driver.pki import CertificateAuthority, Identity
+from csi_driver.core.errors import FerryError, InvalidArgument, NotFound
+from csi_driver.enrollment import enroll, load_token
+from csi_driver.pki import CertificateAuthority, Identity, Role
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,6 +40,25 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     issue.add_argument(
         "--out", type=Path, default=None, help="where to write it (default: DIR/<identity>)"
     )
+    enroll = actions.add_parser(
+        "enroll",
+        help="get this node's certificate from the controller (no CA key needed)",
+    )
+    enroll.add_argument(
+        "--server", required=True, help="the controller's --enroll-listen (tcp://host:port)"
+    )
+    enroll.add_argument("--token-file", type=Path, required=True, help="the enrollment token")
+    enroll.add_argument(
+        "--ca-cert", type=Path, required=True, help="the cluster CA certificate (ca.crt)"
+    )
+    enroll.add_argument("--name", required=True, help="this node's identity: 'node/<node-id>'")
+    enroll.add_argument(
+        "--ip", action="append", default=[], help="an IP address to add to the SANs (repeatable)"
+    )
+    enroll.add_argument("--out", type=Path, required=True, help="where to write the bundle")
+    enroll.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to wait for the controller"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
             until = ca.cert.not_valid_after_utc
             print(f"cluster CA written to {args.dir} (valid until {until:%Y-%m-%d})")
             return 0
+        if args.ca_command == "enroll":
+            return _enroll(args)
         identity = Identity.parse(args.name)
         bundle = CertificateAuthority.load(args.dir).issue(
             identity, ips=tuple(args.ip), dns_names=tuple(args.dns)
@@ -60,3 +85,28 @@ def run(args: argparse.Namespace) -> int:
     except FerryError as exc:
         print(f"ferry ca {args.ca_command}: {exc.message}", file=sys.stderr)
         return 1
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    identity = Identity.parse(args.name)
+    if identity.role is not Role.NODE:
+        raise InvalidArgument(
+            f"only nodes enroll, not {identity}: the controller's and catalog's "
+            "certificates are issued where the CA's key is (`ferry ca issue`)"
+        )
+    try:
+        ca_pem = args.ca_cert.read_bytes()
+    except FileNotFoundError:
+        raise NotFound(f"no CA certificate at {args.ca_cert}") from None
+    bundle = enroll(
+        args.server,
+        load_token(args.token_file),
+        identity.node_id,
+        ca_pem,
+        ips=tuple(args.ip),
+        timeout_s=args.timeout,
+    )
+    bundle.write(args.out)
+    until = bundle.not_after
+    print(f"certificate for {identity} written to {args.out} (valid until {until:%Y-%m-%d})")
+    return 0

@@ -22,7 +22,8 @@ from csi_driver import (
 )
 from csi_driver.backup import command as backup_command
 from csi_driver.backup.snapshots import BackupSettings
-from csi_driver.core.errors import FerryError
+from csi_driver.core.errors import FerryError, InvalidArgument
+from csi_driver.enrollment import EnrollmentSettings
 from csi_driver.metrics import serve as serve_metrics
 from csi_driver.pki import ClientTlsBundle, TlsBundle
 from csi_driver.runtime import NodeConfig
@@ -219,7 +220,22 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return p
 
-    catalog_listen(service("controller", "serve CSI Identity + Controller"))
+    controller = catalog_listen(service("controller", "serve CSI Identity + Controller"))
+    controller.add_argument(
+        "--enroll-listen",
+        default=None,
+        help="also issue node certificates here (tcp://host:port; `ferry ca enroll` asks): "
+        "needs --ca-dir and --enroll-token-file",
+    )
+    controller.add_argument(
+        "--ca-dir", type=Path, default=None, help="the cluster CA (tls.crt, tls.key) to sign with"
+    )
+    controller.add_argument(
+        "--enroll-token-file",
+        type=Path,
+        default=None,
+        help="the enrollment token nodes must present (Secret ferry-enrollment)",
+    )
     _node_args(service("node", "serve CSI Identity + Node and the node agent API"))
     _node_args(catalog_listen(service("all-in-one", "serve controller and node from one process")))
 
@@ -244,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     backup_command.add_parsers(sub, parse_size)
     volumes_command.add_parser(sub)
     return parser
+
+
+def _enrollment(args: argparse.Namespace) -> EnrollmentSettings | None:
+    if args.enroll_listen is None:
+        return None
+    if args.ca_dir is None or args.enroll_token_file is None:
+        raise InvalidArgument("--enroll-listen needs --ca-dir and --enroll-token-file")
+    return EnrollmentSettings(args.enroll_listen, args.ca_dir, args.enroll_token_file)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -294,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 node_lost_after_s=args.node_lost_after,
                 backup=BackupSettings.from_env(),
                 lease_ttl_s=args.leader_lease_ttl,
+                enrollment=_enrollment(args),
             )
         elif args.command == "node":
             config = _node_config(args, security)

@@ -8,7 +8,10 @@ gRPC's C core writes its own lines (glog style: ``I1126 21:01:13.30 1234
 file.cc:2563] text``) straight to file descriptor 2, among them the only
 trace of a TLS handshake it refused. :func:`route_native_stderr` turns
 those into records of the ``grpc.core`` logger, so that with JSON logs every
-line on stderr is JSON.
+line on stderr is JSON. A peer that refuses this process's certificate after
+a TLS 1.3 handshake does so with an alert, which gRPC reports in three lines
+as "Corruption detected."; :class:`NativeLines` logs that as the refusal it
+is (one warning naming the alert), and real corruption as one error.
 """
 
 from __future__ import annotations
@@ -114,7 +117,7 @@ def context(
 _GLOG = re.compile(r"([IWEF])\d{4} [\d:.]+ +\d+ ([\w.-]+:\d+)\] ?(.*)")
 _GLOG_LEVELS = {"I": logging.INFO, "W": logging.WARNING, "E": logging.ERROR, "F": logging.CRITICAL}
 #: BoringSSL's reason, e.g. ``...:OPENSSL_internal:PEER_DID_NOT_RETURN_A_CERTIFICATE: ...``.
-_SSL_REASON = re.compile(r"OPENSSL_internal:([A-Z_]+)")
+_SSL_REASON = re.compile(r"OPENSSL_internal:([A-Z0-9_]+)")
 
 
 def native_record(line: str) -> tuple[int, str, dict[str, str]]:
@@ -134,12 +137,59 @@ def native_record(line: str) -> tuple[int, str, dict[str, str]]:
     return _GLOG_LEVELS[severity], text, fields
 
 
+#: BoringSSL's reason for an alert the peer sent (a refusal, not damaged data).
+_ALERT = re.compile(r"(SSLV3|TLSV1)_ALERT_[A-Z_]+")
+NativeRecord = tuple[int, str, dict[str, str]]
+
+
+class NativeLines:
+    """Records for the lines native code writes, read in order.
+
+    gRPC reports a TLS record it could not read in three lines:
+    ``Corruption detected.``, BoringSSL's reason, and ``Decryption error:
+    TSI_DATA_CORRUPTED``. With TLS 1.3 a server refuses a client's certificate
+    after the client finished its handshake, with an alert that reaches the
+    client exactly this way. Those lines become one record: a warning, ``tls
+    connection refused by the peer``, when the reason is an alert; an error,
+    ``tls data corrupted``, otherwise.
+    """
+
+    def __init__(self) -> None:
+        self._unread: str | None = None  # the source of a "Corruption detected." line
+        self._refused = False
+
+    def feed(self, line: str) -> list[NativeRecord]:
+        match = _GLOG.fullmatch(line)
+        text = match.group(3) if match else ""
+        out: list[NativeRecord] = []
+        if self._unread is not None:
+            source, self._unread = self._unread, None
+            reason = _SSL_REASON.search(text)
+            if reason is None:
+                out.append((logging.ERROR, "tls data corrupted", {"source": source}))
+            else:
+                fields = {"source": source, "reason": reason.group(1), "detail": text}
+                if _ALERT.fullmatch(reason.group(1)):
+                    self._refused = True
+                    return [(logging.WARNING, "tls connection refused by the peer", fields)]
+                return [(logging.ERROR, "tls data corrupted", fields)]
+        if match is not None and text == "Corruption detected.":
+            self._unread = match.group(2)
+            return out
+        if self._refused and text.startswith("Decryption error"):
+            self._refused = False
+            return [(logging.DEBUG, text, {"source": match.group(2) if match else ""})]
+        self._refused = False
+        return [*out, native_record(line)]
+
+
 def _forward(lines: Any, logger: logging.Logger) -> None:
+    records = NativeLines()
     for raw in lines:
         line = raw.rstrip("\n")
         if line:
-            level, message, fields = native_record(line)
-            logger.log(level, message, extra=fields)
+            for level, message, fields in records.feed(line):
+                logger.log(level, message, extra=fields)
 
 
 def route_native_stderr() -> None:

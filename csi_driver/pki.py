@@ -275,7 +275,7 @@ def identity_of(cert: x509.Certificate) -> Identity | None:
 def _builder(
     subject: x509.Name,
     issuer: x509.Name,
-    key: SigningKey,
+    public: ec.EllipticCurvePublicKey | rsa.RSAPublicKey,
     start: datetime.datetime,
     end: datetime.datetime,
     *,
@@ -286,7 +286,7 @@ def _builder(
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(issuer)
-        .public_key(key.public_key())
+        .public_key(public)
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(end)
@@ -304,7 +304,7 @@ def _builder(
             ),
             critical=True,
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), False)
     )
 
 
@@ -341,6 +341,17 @@ class TlsBundle:
         when = now or datetime.datetime.now(datetime.UTC)
         _check_current(ca, directory / CA_CERT, when)
         _check_current(cert, directory / CERT, when)
+        return cls.of(cas, cert, key, identity)
+
+    @classmethod
+    def of(
+        cls,
+        cas: list[x509.Certificate],
+        cert: x509.Certificate,
+        key: SigningKey,
+        identity: Identity,
+    ) -> TlsBundle:
+        """The bundle of checked parts: CA certificates, the leaf, its key and identity."""
         return cls(
             ca_pem=b"".join(_pem(ca) for ca in cas),
             cert_pem=_pem(cert),
@@ -381,7 +392,7 @@ class CertificateAuthority:
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
         start = (now or datetime.datetime.now(datetime.UTC)) - _BACKDATE
         cert = (
-            _builder(name, name, key, start, start + lifetime, signs_certificates=True)
+            _builder(name, name, key.public_key(), start, start + lifetime, signs_certificates=True)
             # path_length=0: the CA signs leaves only, never another CA.
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .sign(key, hashes.SHA256())
@@ -405,6 +416,9 @@ class CertificateAuthority:
             )
         return cls(key, cert)
 
+    def cert_pem(self) -> bytes:
+        return _pem(self.cert)
+
     def save(self, directory: Path) -> None:
         """Write the CA; refuses to replace one, which would orphan every issued certificate."""
         if (directory / KEY).exists() or (directory / CERT).exists():
@@ -427,6 +441,47 @@ class CertificateAuthority:
         now: datetime.datetime | None = None,
     ) -> TlsBundle:
         """A leaf for ``identity``, valid for server and client auth, with extra SANs."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = self._sign(identity, key.public_key(), ips, dns_names, lifetime, now)
+        return TlsBundle(
+            ca_pem=_pem(self.cert),
+            cert_pem=_pem(cert),
+            key_pem=_key_pem(key),
+            identity=identity,
+            not_after=cert.not_valid_after_utc,
+        )
+
+    def sign_request(
+        self, csr_pem: bytes, identity: Identity, *, ips: tuple[str, ...] = ()
+    ) -> bytes:
+        """A leaf (PEM) for ``identity`` over the public key of a signing request.
+
+        The request's own names are ignored: what the certificate says is what
+        the caller decided, so a requester cannot ask for more than ``identity``.
+        """
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+        except ValueError:
+            raise InvalidArgument("the certificate signing request is not a PEM CSR") from None
+        if not csr.is_signature_valid:
+            raise InvalidArgument("the certificate signing request's signature does not verify")
+        public = csr.public_key()
+        if not (
+            (isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name == "secp256r1")
+            or (isinstance(public, rsa.RSAPublicKey) and public.key_size >= 2048)
+        ):
+            raise InvalidArgument("the request's key must be ECDSA P-256 or RSA of 2048+ bits")
+        return _pem(self._sign(identity, public, ips, (), LEAF_LIFETIME, None))
+
+    def _sign(
+        self,
+        identity: Identity,
+        public: ec.EllipticCurvePublicKey | rsa.RSAPublicKey,
+        ips: tuple[str, ...],
+        dns_names: tuple[str, ...],
+        lifetime: datetime.timedelta,
+        now: datetime.datetime | None,
+    ) -> x509.Certificate:
         addresses = []
         for text in ips:
             try:
@@ -438,7 +493,6 @@ class CertificateAuthority:
                 raise InvalidArgument(f"{name!r} is not a DNS name")
         start = (now or datetime.datetime.now(datetime.UTC)) - _BACKDATE
         end = min(start + lifetime, self.cert.not_valid_after_utc)
-        key = ec.generate_private_key(ec.SECP256R1())
         names: list[x509.GeneralName] = [
             x509.UniformResourceIdentifier(identity.spiffe_id),
             x509.DNSName(identity.dns_name),
@@ -446,8 +500,8 @@ class CertificateAuthority:
             *(x509.IPAddress(address) for address in dict.fromkeys(addresses)),
         ]
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(identity))])
-        cert = (
-            _builder(subject, self.cert.subject, key, start, end, signs_certificates=False)
+        return (
+            _builder(subject, self.cert.subject, public, start, end, signs_certificates=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.ExtendedKeyUsage(
@@ -461,13 +515,33 @@ class CertificateAuthority:
             )
             .sign(self._key, hashes.SHA256())
         )
-        return TlsBundle(
-            ca_pem=_pem(self.cert),
-            cert_pem=_pem(cert),
-            key_pem=_key_pem(key),
-            identity=identity,
-            not_after=cert.not_valid_after_utc,
+
+
+def signing_request(key: SigningKey) -> bytes:
+    """A PEM certificate signing request over ``key`` (it carries no names: the CA
+    decides those)."""
+    return (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+    )
+
+
+def enrolled_bundle(key: SigningKey, cert_pem: bytes, ca_pem: bytes) -> TlsBundle:
+    """A bundle from a key made here and the certificate a CA signed for it,
+    checked as :meth:`TlsBundle.load` checks one read from disk."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        cas = x509.load_pem_x509_certificates(ca_pem)
+    except ValueError:
+        raise InvalidArgument("the enrollment answer holds no PEM certificate") from None
+    identity = identity_of(cert)
+    if identity is None or not _same_key(key, cert) or not any(_signed_by(cert, c) for c in cas):
+        raise InvalidArgument(
+            "the enrollment answer is not a certificate of this key signed by the cluster CA"
         )
+    return TlsBundle.of(cas, cert, key, identity)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from csi_driver.catalog_api.server import admitted_callers as catalog_callers
 from csi_driver.catalog_api.server import register as serve_store
 from csi_driver.controller.failover import NODE_LOST_AFTER_S
 from csi_driver.controller.leadership import Leadership
-from csi_driver.controller.readiness import NodeReadings
+from csi_driver.controller.readiness import CatalogOutages, NodeReadings
 from csi_driver.controller.snapshots import SnapshotService
 from csi_driver.controller.volumes import VolumeService
 from csi_driver.core.errors import InvalidArgument
@@ -35,6 +35,7 @@ from csi_driver.csi.controller import ControllerServicer
 from csi_driver.csi.group_controller import GroupControllerServicer
 from csi_driver.csi.identity import IdentityServicer
 from csi_driver.csi.node import NodeServicer
+from csi_driver.enrollment import EnrollmentSettings, serve_enrollment
 from csi_driver.gen import csi_pb2_grpc
 from csi_driver.gen.ferry.v1 import agent_pb2_grpc
 from csi_driver.kube.events import MobilityEvents
@@ -67,6 +68,8 @@ from csi_driver.transport import (
 log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL_S = 10.0
+#: How soon a heartbeat that failed (the catalog unreachable) is tried again.
+HEARTBEAT_RETRY_S = 1.0
 #: How long a stop waits, after cancelling the calls still running, for their threads.
 SETTLE_S = 0.5
 
@@ -183,7 +186,8 @@ def _report_pool(pool: Pool, images: Sequence[ImageInfo] | None = None) -> None:
 
 def _heartbeat(catalog: Catalog, parts: NodeParts, stopping: threading.Event) -> None:
     node_id = parts.config.node_id
-    while not stopping.wait(parts.config.heartbeat_s):
+    pause = parts.config.heartbeat_s
+    while not stopping.wait(pause):
         try:
             # One scan of the pool (a stat per image) serves the whole beat.
             images = parts.pool.images()
@@ -191,8 +195,12 @@ def _heartbeat(catalog: Catalog, parts: NodeParts, stopping: threading.Event) ->
                 images = parts.pool.images()
             catalog.heartbeat(node_id, time.time(), parts.agent.conditions(images))
             _report_pool(parts.pool, images)
-        except Exception:  # keep beating: a failed write is retried next period
+            pause = parts.config.heartbeat_s
+        except Exception:  # keep beating: a failed write is retried soon
             log.exception("heartbeat failed", extra={"node": node_id})
+            # The catalog may be back any moment: beat again within a second of it,
+            # not a whole period later.
+            pause = min(parts.config.heartbeat_s, HEARTBEAT_RETRY_S)
 
 
 def _require_identity(security: AgentSecurity, expected: Identity) -> None:
@@ -316,13 +324,19 @@ def _controller_services(volumes: VolumeService, snapshots: SnapshotService) -> 
     ]
 
 
-def _readings(catalog: Catalog, node_lost_after_s: float) -> NodeReadings:
-    """Node readiness for a controller: Ferry's heartbeats, and Kubernetes' Nodes in a cluster."""
+def _readings(catalog: Catalog, node_lost_after_s: float, services: Services) -> NodeReadings:
+    """Node readiness for a controller: Ferry's heartbeats (not counting the catalog's
+    outages), and Kubernetes' Nodes in a cluster."""
     # Only a controller needs the kubernetes client (Events on PVCs, Node readiness).
     from csi_driver.kube.api import node_states
 
     kube = node_states()
-    return NodeReadings(catalog, node_lost_after_s, kube.state if kube is not None else None)
+    outages = CatalogOutages(catalog.store, keep_s=node_lost_after_s)
+    outages.start()
+    services.closers.append(outages.stop)
+    return NodeReadings(
+        catalog, node_lost_after_s, kube.state if kube is not None else None, outages=outages
+    )
 
 
 def _campaign(catalog: Catalog, services: Services, readings: NodeReadings) -> None:
@@ -346,21 +360,27 @@ def start_controller(
     node_lost_after_s: float = NODE_LOST_AFTER_S,
     backup: BackupSettings | None = None,
     lease_ttl_s: int = DEFAULT_LEASE_TTL_S,
+    enrollment: EnrollmentSettings | None = None,
 ) -> Services:
     """``security``: the controller's certificate (it must name the controller), which
     secures the catalog it opens and the one it serves to nodes (default: plain).
-    ``catalog_tls``: the etcd's own PKI instead, for the catalog it opens."""
+    ``catalog_tls``: the etcd's own PKI instead, for the catalog it opens.
+    ``enrollment``: also issue node certificates (the only process holding the CA key)."""
     services = Services()
     security = security or AgentSecurity()
     with _stopped_on_failure(services):
         _require_identity(security, Identity.controller())
+        if enrollment is not None:
+            server, bound = serve_enrollment(enrollment, security.tls)
+            services.servers.append(server)
+            services.endpoints.append(bound)
         store = open_store(
             catalog_path, security=security, catalog_tls=catalog_tls, lease_ttl_s=lease_ttl_s
         )
         services.closers.append(store.close)
         _serve_catalog(store, catalog_listen, security, services)
         catalog = Catalog(store)
-        readings = _readings(catalog, node_lost_after_s)
+        readings = _readings(catalog, node_lost_after_s, services)
         volumes = VolumeService(catalog, readings=readings)
         services.closers.append(volumes.close)
         identity = IdentityServicer([volumes.check], controller=True)
@@ -441,7 +461,7 @@ def start_all_in_one(
         catalog = Catalog(store)
         parts = NodeParts(config)
         _start_node_side(parts, catalog, services)
-        readings = _readings(catalog, node_lost_after_s)
+        readings = _readings(catalog, node_lost_after_s, services)
         volumes = VolumeService(catalog, local=parts.local_images, readings=readings)
         services.closers.append(volumes.close)
         identity = IdentityServicer([volumes.check, parts.agent.check], controller=True)

@@ -11,6 +11,10 @@ given an :class:`AgentSecurity`:
   an allowed Ferry identity (UNAUTHENTICATED / PERMISSION_DENIED otherwise,
   logged with the peer's address).
 - Plaintext TCP only when explicitly allowed (local development).
+- One exception to mutual TLS: enrollment (``enrolling``), where a node
+  that has no certificate yet asks the controller for one. There the
+  server alone proves its identity; the caller is authenticated by the
+  enrollment token inside the call (:mod:`csi_driver.enrollment`).
 - unix sockets stay plaintext: only processes on this machine with access
   to the socket file reach them, and kubelet speaks plain gRPC to the CSI
   socket. CSI servers take no ``AgentSecurity`` at all.
@@ -253,14 +257,19 @@ def start_server(
     *,
     max_workers: int = 32,
     agents: tuple[AgentSecurity, Admission] | None = None,
+    enrolling: TlsBundle | None = None,
 ) -> tuple[grpc.Server, Endpoint]:
     """Start a gRPC server with ``registrations`` on ``endpoint``; return it running.
 
     ``agents`` makes it a server for Ferry's agents: its security and who
     may call it (see the module docstring). Without it, plain gRPC (CSI).
+    ``enrolling``: TCP with TLS that authenticates this server only, with
+    that certificate (a caller without one asks for it here).
     """
     parsed = parse_endpoint(endpoint)
-    tls: TlsBundle | None = None
+    if enrolling is not None and parsed.scheme != "tcp":
+        raise InvalidArgument(f"enrollment is served over TLS on tcp://, not {endpoint}")
+    tls: TlsBundle | None = enrolling
     interceptors: list[grpc.ServerInterceptor[Any, Any]] = []
     if agents is not None and parsed.scheme == "tcp":
         security, admit = agents
@@ -289,8 +298,8 @@ def start_server(
         else:
             credentials = grpc.ssl_server_credentials(
                 [(tls.key_pem, tls.cert_pem)],
-                root_certificates=tls.ca_pem,
-                require_client_auth=True,
+                root_certificates=None if enrolling else tls.ca_pem,
+                require_client_auth=enrolling is None,
             )
             port = server.add_secure_port(parsed.address, credentials)
         if port == 0:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -25,7 +27,7 @@ from csi_driver.core.model import MiB
 from csi_driver.csi.client import CsiClient, mount_capability
 from csi_driver.gen import csi_pb2
 from csi_driver.gen.ferry.v1 import agent_pb2, agent_pb2_grpc
-from csi_driver.pki import TlsBundle
+from csi_driver.pki import Identity, TlsBundle
 from tests.certs import ForeignPki
 from tests.store.etcd_cluster import ETCD, SKIP_REASON, EtcdCluster, EtcdTls
 from tests.test_cli import ferry
@@ -333,3 +335,36 @@ def test_controller_and_node_share_an_etcd_with_its_own_pki(
         assert cluster.count_keys() > 0  # the volume's records are in their etcd
     finally:
         cluster.close()
+
+
+def test_a_node_enrolled_by_the_controller_serves_it(
+    ca_dir: Path, tmp_path: Path, spawn: Any
+) -> None:
+    """The chart's way, with real processes: only the controller has the CA's key; the
+    node holds ca.crt and the token, enrolls with `ferry ca enroll`, and serves."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    token = tmp_path / "token"
+    token.write_text(secrets.token_hex(32))
+    catalog = str(tmp_path / "catalog.db")
+    spawn(
+        "controller", "controller", "--endpoint", f"unix://{tmp_path}/controller.sock",
+        "--catalog", catalog, "--tls-dir", str(ca_dir / "controller"),
+        "--enroll-listen", f"tcp://127.0.0.1:{port}", "--ca-dir", str(ca_dir),
+        "--enroll-token-file", str(token),
+    ).wait_for("ferry started")  # fmt: skip
+    node_pod = tmp_path / "node-pod"  # what a node pod holds: no CA key
+    node_pod.mkdir()
+    (node_pod / "ca.crt").write_bytes((ca_dir / "ca.crt").read_bytes())
+    enrolled = ferry(
+        "ca", "enroll", "--server", f"tcp://127.0.0.1:{port}", "--token-file", str(token),
+        "--ca-cert", str(node_pod / "ca.crt"), "--name", "node/n1", "--ip", "127.0.0.1",
+        "--out", str(node_pod / "tls"),
+    )  # fmt: skip
+    assert enrolled.returncode == 0, enrolled.stderr
+    assert TlsBundle.load(node_pod / "tls").identity == Identity.node("n1")
+    node_args = _node_args(tmp_path, "--tls-dir", str(node_pod / "tls"), "--catalog", catalog)
+    spawn("node", *node_args).wait_for("ferry started")
+    created = _create(f"unix://{tmp_path}/controller.sock", "pvc-enrolled")
+    assert (tmp_path / "pool" / "images" / f"{created.volume.volume_id}.img").exists()

@@ -15,6 +15,14 @@ cluster is reachable), by the pure rules of :mod:`csi_driver.kube.nodes`:
 
 Without a cluster the Kubernetes part is absent and Ferry's own view decides.
 
+A node's silence counts only time the controller could have heard it: while
+the controller cannot read the catalog (etcd down, no quorum) every node falls
+silent at once, and that silence is the store's, not the nodes'.
+:class:`CatalogOutages` records those spans and :class:`NodeReadings` takes
+them off each node's silence, so a catalog that comes back finds its nodes
+ready (not NOT_READY until each one's next heartbeat, nor lost and failed
+over) while a node that was already silent before the outage stays silent.
+
 :func:`readiness_runner` tells the leader's reconcilers when a node's
 readiness changes: it is woken by the node's registration and heartbeats and
 by ``ferry drain`` records, and, since a node that falls silent writes
@@ -24,6 +32,8 @@ next threshold. Per pass it reads nothing but the node's own record.
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -33,8 +43,11 @@ from csi_driver.core.records import DRAIN_SPECS, NodeAccounting, drain_spec_key
 from csi_driver.kube.nodes import Lost, NodeState, combined, declared_lost
 from csi_driver.reconcile.informer import Informer
 from csi_driver.reconcile.runner import Runner, Source, strip_prefix
+from csi_driver.store.base import CatalogStore
 from csi_driver.store.catalog import NODES, Catalog
 from csi_driver.store.records import Versioned
+
+log = logging.getLogger(__name__)
 
 #: Default for ``--node-lost-after``: three missed heartbeats of 10 s.
 NODE_LOST_AFTER_S = 30.0
@@ -46,6 +59,86 @@ ReadinessChanged = Callable[[str, NodeReadiness | None, NodeReadiness], None]
 #: How often every node's readiness is looked at again: Kubernetes' view of a
 #: silent node (a taint, a deletion) changes without any catalog write.
 READINESS_RESYNC_S = 10.0
+#: How often a controller checks that it can read the catalog: the resolution
+#: of :class:`CatalogOutages` (an outage is known to this precision).
+OUTAGE_PROBE_S = 1.0
+
+
+class CatalogOutages:
+    """The spans in which this process could not read the catalog.
+
+    A probe thread reads the store's revision every ``period_s``. An outage
+    runs from the last read that succeeded before a failure to the first one
+    that succeeded after it: the whole span nothing could be heard in, a
+    little longer rather than shorter (a node's loss is noticed that much
+    later; a live node is never taken for silent). One still going counts up
+    to now. An outage that ended more than ``keep_s`` ago (the loss delay) is
+    forgotten: a node heard before it and not since has been silent longer
+    than that already, so it is lost with or without the credit.
+    """
+
+    def __init__(
+        self,
+        store: CatalogStore,
+        keep_s: float,
+        period_s: float = OUTAGE_PROBE_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._keep_s = keep_s
+        self._period_s = period_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._heard_at = clock()  # the last read that succeeded
+        self._down_since: float | None = None
+        self._past: list[tuple[float, float]] = []
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="catalog-outages", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self._period_s):
+            self.probe()
+
+    def probe(self) -> None:
+        """Read the catalog once and record whether it answered."""
+        try:
+            self._store.revision()
+        except Exception as exc:  # whatever the backend raised, nothing could be read
+            with self._lock:
+                if self._down_since is None:
+                    self._down_since = self._heard_at
+                    log.warning(
+                        "catalog unreachable: node silence is not counted until it answers",
+                        extra={"error": str(exc)},
+                    )
+            return
+        now = self._clock()
+        with self._lock:
+            if self._down_since is not None:
+                self._past.append((self._down_since, now))
+                log.warning(
+                    "catalog reachable again: its outage is not counted as node silence",
+                    extra={"outage_s": round(now - self._down_since, 3)},
+                )
+                self._down_since = None
+            self._heard_at = now
+            self._past = [(a, b) for a, b in self._past if b > now - self._keep_s]
+
+    def unobserved(self, since: float, until: float) -> float:
+        """Seconds of ``[since, until]`` in which the catalog could not be read."""
+        with self._lock:
+            spans = list(self._past)
+            if self._down_since is not None:
+                spans.append((self._down_since, until))
+        return sum(max(0.0, min(b, until) - max(a, since)) for a, b in spans)
 
 
 class NodeReadings:
@@ -57,11 +150,14 @@ class NodeReadings:
         lost_after_s: float = NODE_LOST_AFTER_S,
         kube: KubeNodeStates | None = None,
         clock: Callable[[], float] = time.time,
+        outages: CatalogOutages | None = None,
     ) -> None:
+        """``outages``: when the catalog could not be read (None: it always could)."""
         self.catalog = catalog
         self.lost_after_s = lost_after_s
         self._kube = kube
         self._clock = clock
+        self._outages = outages
 
     def drained(self) -> set[str]:
         """Nodes ``ferry drain`` was run for (and not undone)."""
@@ -76,9 +172,17 @@ class NodeReadings:
         missed heartbeats of the default 10 s)."""
         return self.lost_after_s * 2 / 3
 
+    def silence(self, node: NodeRecord) -> float:
+        """Seconds ``node`` has not been heard from, not counting catalog outages."""
+        now = self._clock()
+        age = now - node.heartbeat_at
+        if self._outages is not None:
+            age -= self._outages.unobserved(node.heartbeat_at, now)
+        return age
+
     def state(self, node: NodeRecord, drained: bool) -> NodeState:
         """``node``'s readiness for placement."""
-        age = self._clock() - node.heartbeat_at
+        age = self.silence(node)
         return combined(
             self._kube_state(node.node_id),
             age,
@@ -90,7 +194,7 @@ class NodeReadings:
     def next_change_in(self, node: NodeRecord) -> float | None:
         """Seconds until ``node``'s silence crosses its next threshold (stale, then
         lost) if no heartbeat comes; None once it is past both."""
-        age = self._clock() - node.heartbeat_at
+        age = self.silence(node)
         ahead = [t - age for t in (self.stale_after_s, self.lost_after_s) if t >= age]
         # Just past the threshold: ``combined`` compares strictly.
         return min(ahead) + 0.05 if ahead else None
@@ -102,11 +206,12 @@ class NodeReadings:
         """
         if node is None:
             node = self.catalog.get_node(node_id)
+        now = self._clock()
         return declared_lost(
             self._kube_state(node_id),
-            node.heartbeat_at if node is not None else None,
+            now - self.silence(node) if node is not None else None,
             self.lost_after_s,
-            self._clock(),
+            now,
         )
 
     def views(

@@ -718,7 +718,7 @@ class VolumeService:
         node = self._catalog.get_node(volume.primary_node)
         if node is None:
             return Condition(True, f"node {volume.primary_node} holding the data is not registered")
-        silent = self._clock() - node.heartbeat_at
+        silent = self._readings.silence(node)  # a catalog outage is not the node's silence
         if silent > NODE_STALE_AFTER_S:
             return Condition(
                 True, f"node {node.node_id} holding the data has not reported for {silent:.0f}s"

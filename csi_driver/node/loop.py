@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,9 @@ SYS_BLOCK = Path("/sys/block")
 #: What sysfs answers for a loop device detached under our feet.
 _GONE = frozenset({errno.ENOENT, errno.ENODEV, errno.ENXIO})
 DELETED_SUFFIX = " (deleted)"
+#: How long :meth:`LoopDevices.detach` waits for the kernel to let a device go.
+DETACH_SETTLE_S = 5.0
+_SETTLE_POLL_S = 0.02
 SECTOR = 512
 #: The loop device only hands requests to its worker thread, which submits
 #: them to the pool's filesystem; the pool disk's own queue schedules them.
@@ -112,10 +116,16 @@ class LoopDevices:
         return None
 
     def attach(self, image: Path) -> str:
-        """Attach ``image`` with direct I/O, or return the device already backing it."""
+        """Attach ``image`` with direct I/O, or return the device already backing it,
+        sized to the image as it is now."""
         existing = self.find(image)
         if existing:
             self._tune(existing)  # it may predate the settings this version chooses
+            # It may predate the image's growth too (left attached by a node killed
+            # after unmounting it, or not let go by the kernel yet): the filesystem
+            # grows into what the device shows.
+            if self.info(existing).size_bytes < os.stat(image).st_size:
+                self.refresh_capacity(existing)
             return existing
         return self._attach(["--nooverlap"], image)
 
@@ -159,8 +169,16 @@ class LoopDevices:
                 return loop
         raise InternalError(f"{device} is not an attached loop device")
 
-    def detach(self, device: str) -> None:
-        """Detach ``device``; a device that is already free is fine."""
+    def detach(self, device: str, settle_s: float = DETACH_SETTLE_S) -> None:
+        """Detach ``device``; a device that is already free is fine.
+
+        Returns once the kernel has let the device go, or after ``settle_s``
+        with a warning (0: at once, for a caller that waits its own way).
+        ``losetup --detach`` of a device that something still has open (udev
+        probing it after an unmount, say) only marks it to free itself at its
+        last close, and a caller that goes on at once would find it still
+        attached (a delete refused, a stage reusing it).
+        """
         if not any(loop.device == device for loop in self.attached()):
             return
         try:
@@ -168,6 +186,15 @@ class LoopDevices:
         except CommandFailed:
             if any(loop.device == device for loop in self.attached()):
                 raise
+        settled = time.monotonic() + settle_s
+        while settle_s > 0 and any(loop.device == device for loop in self.attached()):
+            if time.monotonic() > settled:
+                log.warning(
+                    "loop device still held after detaching it; it frees itself at its last close",
+                    extra={"device": device, "waited_s": settle_s},
+                )
+                return
+            time.sleep(_SETTLE_POLL_S)
         log.info("loop detached", extra={"device": device})
 
     def refresh_capacity(self, device: str) -> int:

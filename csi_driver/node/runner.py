@@ -74,6 +74,9 @@ class CommandRunner:
         self._lock = threading.Lock()
         self._running: dict[subprocess.Popen[str], tuple[str, ...]] = {}
         self._killed: set[subprocess.Popen[str]] = set()
+        #: Counts :meth:`kill_running` calls: a command that sees it move while it was
+        #: being started (between its Popen and its record) was missed by a kill.
+        self._kills = 0
 
     def _timeout(self, args: list[str], limit: float, interruptible: bool) -> tuple[float, bool]:
         """The timeout to run with, and whether it is the RPC's deadline that set it."""
@@ -136,6 +139,8 @@ class CommandRunner:
         limit = self._default_timeout if timeout_s is None else timeout_s
         timeout, by_deadline = self._timeout(args, limit, interruptible)
         started = time.monotonic()
+        with self._lock:
+            kills_before = self._kills
         try:
             process = subprocess.Popen(
                 args,
@@ -153,6 +158,13 @@ class CommandRunner:
         if interruptible:
             with self._lock:
                 self._running[process] = tuple(args)
+                # A kill that ran while Popen was starting this command found no record
+                # of it: it is this command's to carry out, as the kill would have.
+                missed = self._kills != kills_before
+                if missed:
+                    self._killed.add(process)
+            if missed:
+                _kill_group(process)
         try:
             stdout, stderr = process.communicate(input_text, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -200,9 +212,13 @@ class CommandRunner:
         """Kill every interruptible command still running; return their argv.
 
         For shutdown: the calls they ran for have been cancelled, and every
-        interruptible command leaves a state that a retry completes.
+        interruptible command leaves a state that a retry completes. A command
+        being started at this moment (its process may exist before the runner
+        records it) is killed too, by the thread starting it, and is not among
+        those returned.
         """
         with self._lock:
+            self._kills += 1
             victims = dict(self._running)
             self._killed.update(victims)
         for process in victims:

@@ -548,28 +548,34 @@ class EtcdWatchStream:
 
     def confirm(self, timeout: float) -> rpc_pb2.WatchResponse:
         """The first response (etcd's ``created``), within ``timeout`` seconds; raises the
-        stream's ``grpc.RpcError`` otherwise (DEADLINE_EXCEEDED when it stayed silent)."""
-        expired = threading.Event()
+        stream's ``grpc.RpcError`` otherwise (DEADLINE_EXCEEDED when it stayed silent).
 
-        def expire() -> None:
-            expired.set()
-            self._call.cancel()
+        The response is read by a thread of its own, so the wait ends at ``timeout``
+        whatever the stream does: under load, a cancelled stream was seen to keep its
+        reader blocked for minutes after an etcd restart.
+        """
+        outcome: list[rpc_pb2.WatchResponse | BaseException] = []
+        arrived = threading.Event()
+
+        def first() -> None:
+            try:
+                outcome.append(next(self._call))
+            except BaseException as exc:  # handed to the caller below
+                outcome.append(exc)
+            finally:
+                arrived.set()
 
         # A deadline on the call would end the watch itself; this one ends only the wait.
-        timer = threading.Timer(timeout, expire)
-        timer.daemon = True
-        timer.start()
-        try:
-            first: rpc_pb2.WatchResponse = next(self._call)
-        except grpc.RpcError as exc:
-            if expired.is_set():
-                raise _Silent() from exc
-            raise
-        except StopIteration:
+        threading.Thread(target=first, name="etcd-watch-confirm", daemon=True).start()
+        if not arrived.wait(timeout):
+            self._call.cancel()
+            raise _Silent()
+        got = outcome[0]
+        if isinstance(got, StopIteration):
             raise _Silent() from None
-        finally:
-            timer.cancel()
-        return first
+        if isinstance(got, BaseException):
+            raise got
+        return got
 
     def __iter__(self) -> Iterator[rpc_pb2.WatchResponse]:
         responses: Iterator[rpc_pb2.WatchResponse] = self._call

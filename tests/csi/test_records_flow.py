@@ -39,6 +39,15 @@ from tests.csi.conftest import NODE_ID, expect_code, node_config
 SHORT_DEADLINE_S = 1.5
 
 
+def _stopped(services: Services) -> None:
+    """Stop for good, reconcilers included. ``stop`` closes nothing while any call of
+    this process is still finishing (the controller's last reply, under load): a node
+    "stopped" that way would go on reconciling. So it is asked again until it has."""
+    deadline = time.monotonic() + 60
+    while not services.stop(grace_s=0):
+        assert time.monotonic() < deadline, "calls in flight never finished"
+
+
 @dataclass
 class Cluster:
     base: Path
@@ -55,7 +64,7 @@ class Cluster:
 
     def stop_node(self) -> None:
         assert self.node is not None
-        self.node.stop(grace_s=0)
+        _stopped(self.node)
         self.node = None
 
     def create(self, name: str, size: int = 16 * MiB, timeout: float | None = None) -> Any:
@@ -85,8 +94,8 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     finally:
         client.close()
         if cluster.node is not None:
-            cluster.node.stop(grace_s=0)
-        controller.stop(grace_s=0)
+            _stopped(cluster.node)
+        _stopped(controller)
         store.close()
 
 

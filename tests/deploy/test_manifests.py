@@ -89,8 +89,10 @@ def test_chart_renders_what_the_plain_manifests_define(rendered: list[dict[str, 
     def names(docs: list[dict[str, Any]]) -> set[tuple[str, str]]:
         return {(d["kind"], d["metadata"]["name"]) for d in docs if d["kind"] != "Namespace"}
 
-    # The chart can make the cluster CA; with the plain manifests the operator makes it.
-    assert names(rendered) == names(load(PLAIN)) | {("Secret", "ferry-ca")}
+    # The chart can make the cluster CA, its certificate alone for nodes and the
+    # enrollment token; with the plain manifests the operator makes them.
+    made = {("Secret", "ferry-ca"), ("ConfigMap", "ferry-ca-cert"), ("Secret", "ferry-enrollment")}
+    assert names(rendered) == names(load(PLAIN)) | made
 
 
 def test_plain_manifests_are_the_chart_rendered_without_a_generated_ca() -> None:
@@ -224,6 +226,68 @@ def test_storage_class_parameters_are_ones_ferry_accepts(rendered: list[dict[str
     for sc in classes:
         assert sc["provisioner"] == "ferry.csi.dev"
         parse_parameters(sc.get("parameters", {}))
+
+
+def _pod(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
+    pod: dict[str, Any] = found["spec"]["template"]["spec"]
+    return pod
+
+
+def test_node_pods_hold_no_ca_key(rendered: list[dict[str, Any]]) -> None:
+    """Only the controller and the etcd members mount the CA's key: a node that is
+    compromised cannot mint a controller certificate; it enrolls instead."""
+    for docs in (rendered, load(PLAIN)):
+        secrets = {
+            kind: {
+                v["secret"]["secretName"]
+                for v in _pod(docs, kind, name)["volumes"]
+                if "secret" in v
+            }
+            for kind, name in (
+                ("DaemonSet", "ferry-node"),
+                ("Deployment", "ferry-controller"),
+                ("StatefulSet", "ferry-etcd"),
+            )
+        }
+        assert "ferry-ca" not in secrets["DaemonSet"]
+        assert "ferry-enrollment" in secrets["DaemonSet"]
+        assert "ferry-ca" in secrets["Deployment"] and "ferry-ca" in secrets["StatefulSet"]
+        node = _pod(docs, "DaemonSet", "ferry-node")
+        assert {"configMap": {"name": "ferry-ca-cert"}, "name": "ca-cert"} in node["volumes"]
+        (enroll,) = node["initContainers"]
+        assert enroll["args"][:2] == ["ca", "enroll"]
+        controller = next(
+            c
+            for c in _pod(docs, "Deployment", "ferry-controller")["containers"]
+            if c["name"] == "ferry"
+        )
+        args = controller["args"]
+        assert "--enroll-listen=tcp://0.0.0.0:7401" in args and "--ca-dir=/ca" in args
+        server = next(a for a in enroll["args"] if a.startswith("--server="))
+        service = next(
+            d
+            for d in docs
+            if d["kind"] == "Service" and d["metadata"]["name"] == "ferry-controller"
+        )
+        assert server == "--server=tcp://ferry-controller.ferry-system.svc:7401"
+        assert service["spec"]["ports"][0]["port"] == 7401
+
+
+def test_the_chart_makes_the_ca_certificate_and_a_random_token(
+    rendered: list[dict[str, Any]],
+) -> None:
+    ca = next(d for d in rendered if d["kind"] == "Secret" and d["metadata"]["name"] == "ferry-ca")
+    cert = next(d for d in rendered if d["kind"] == "ConfigMap")
+    assert cert["metadata"]["name"] == "ferry-ca-cert" and set(cert["data"]) == {"ca.crt"}
+    assert cert["data"]["ca.crt"] == base64.b64decode(ca["data"]["ca.crt"]).decode()
+    token = next(
+        d for d in rendered if d["kind"] == "Secret" and d["metadata"]["name"] == "ferry-enrollment"
+    )
+    assert len(base64.b64decode(token["data"]["token"])) == 48
+    again = render()
+    other = next(d for d in again if d["metadata"]["name"] == "ferry-enrollment")
+    assert other["data"]["token"] != token["data"]["token"]  # random per install
 
 
 def test_the_chart_made_cluster_ca_issues_every_identity(

@@ -105,7 +105,8 @@ def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
 
 def test_monitoring_is_off_unless_asked_for(rendered: list[dict[str, Any]]) -> None:
     kinds = {d["kind"] for d in rendered}
-    assert not kinds & {"ServiceMonitor", "ConfigMap", "VolumeAttributesClass"}
+    assert not kinds & {"ServiceMonitor", "VolumeAttributesClass"}
+    assert set(by_kind(rendered, "ConfigMap")) == {"ferry-ca-cert"}  # no dashboard
 
 
 def test_service_monitors_reach_every_ferry_pods_metrics_port(

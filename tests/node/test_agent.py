@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -343,6 +344,32 @@ def test_volume_expanded_while_unstaged_grows_at_next_stage(
     assert agent.stats(vid, staging).total_bytes - before >= 100 * MiB
     assert agent.expand(vid, staging, None) == grown
     assert (Path(staging) / "keep").read_text() == "kept"
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("fs", [FsType.EXT4, FsType.XFS])
+def test_a_loop_device_that_outlived_the_unstage_grows_with_its_image(
+    agent: NodeAgent, kubelet: Path, fs: FsType
+) -> None:
+    """A device left attached after the unmount (a node killed before detaching it,
+    or one the kernel had not let go yet) is reused at the next stage: it must see
+    the image's new size, or the filesystem cannot grow into it."""
+    vid, staging, _ = staged(agent, kubelet, fs, n=15)
+    before = agent.stats(vid, staging).total_bytes
+    agent.unstage(vid, staging)
+    image = agent.pool.image_path(vid)
+    leftover = subprocess.run(
+        ["losetup", "--find", "--show", "--direct-io=on", str(image)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    grown = agent.pool.require(vid).size_bytes + 128 * MiB
+    agent.pool.expand_image(vid, grown)
+    agent.stage(vid, staging, MOUNT_RW, fs)
+    assert loops_of(agent, vid) == [leftover]
+    assert agent.loops.info(leftover).size_bytes == grown
+    assert agent.stats(vid, staging).total_bytes - before >= 100 * MiB
 
 
 @pytest.mark.root

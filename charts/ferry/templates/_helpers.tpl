@@ -75,6 +75,43 @@ into the "tls" emptyDir. Call with (dict "ctx" $ "name" "<identity>" "extra" "<f
     - {name: tls, mountPath: /tls}
 {{- end -}}
 
+{{- /*
+A node pod's init container: it makes its key and gets its certificate from the
+controller (enrollment), holding only the CA certificate and the enrollment token.
+*/ -}}
+{{- define "ferry.enroll" -}}
+- name: enroll
+  image: {{ include "ferry.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  args:
+    - ca
+    - enroll
+    - --server=tcp://ferry-controller.{{ .Release.Namespace }}.svc:{{ .Values.controller.enrollPort }}
+    - --token-file=/enrollment/token
+    - --ca-cert=/ca/ca.crt
+    - --name=node/$(NODE_NAME)
+    - --ip=$(POD_IP)
+    - --out=/tls
+  securityContext:
+    allowPrivilegeEscalation: false
+    readOnlyRootFilesystem: true
+  volumeMounts:
+    - {name: ca-cert, mountPath: /ca, readOnly: true}
+    - {name: enrollment, mountPath: /enrollment, readOnly: true}
+    - {name: tls, mountPath: /tls}
+{{- end -}}
+
+{{- /* A node pod's TLS volumes: no CA key among them. */ -}}
+{{- define "ferry.nodeTlsVolumes" -}}
+- name: ca-cert
+  configMap: {name: {{ .Values.tls.caCertConfigMap }}}
+- name: enrollment
+  secret: {secretName: {{ .Values.tls.enrollmentSecret }}, defaultMode: 0400}
+- name: tls
+  emptyDir: {medium: Memory}
+{{- end -}}
+
+{{- /* The controller's and etcd members' TLS volumes: the CA with its key. */ -}}
 {{- define "ferry.tlsVolumes" -}}
 - name: cluster-ca
   secret: {secretName: {{ .Values.tls.caSecret }}, defaultMode: 0400}
