@@ -67,6 +67,9 @@ from csi_driver.transport import (
 log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL_S = 10.0
+#: Every this many beats, the heartbeat's scan of the pool takes a stat of every
+#: image, not only of those in use (a safety net for writers the node does not see).
+FULL_SCAN_BEATS = 30
 #: How long a stop waits, after cancelling the calls still running, for their threads.
 SETTLE_S = 0.5
 
@@ -183,12 +186,18 @@ def _report_pool(pool: Pool, images: Sequence[ImageInfo] | None = None) -> None:
 
 def _heartbeat(catalog: Catalog, parts: NodeParts, stopping: threading.Event) -> None:
     node_id = parts.config.node_id
+    beats = 0
     while not stopping.wait(parts.config.heartbeat_s):
         try:
-            # One scan of the pool (a stat per image) serves the whole beat.
-            images = parts.pool.images()
+            # One scan of the pool serves the whole beat. It takes a stat of the images
+            # staged now (written through their loop devices) and of those the pool or
+            # an unstage changed since the last; the others are as the last scan found
+            # them. Every FULL_SCAN_BEATS beats, a stat of every image.
+            staged = None if beats % FULL_SCAN_BEATS == 0 else set(parts.agent.staged_volumes())
+            beats += 1
+            images = parts.pool.images(restat=staged)
             if parts.pool.keep_reserved(images):
-                images = parts.pool.images()
+                images = parts.pool.images(restat=staged)
             catalog.heartbeat(node_id, time.time(), parts.agent.conditions(images))
             _report_pool(parts.pool, images)
         except Exception:  # keep beating: a failed write is retried next period

@@ -44,7 +44,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -263,6 +263,9 @@ class Pool:
         self._directory = DirectorySync(self.images_dir)
         # Each image's epoch and kind, as its metadata file says (the pool writes it).
         self._kinds: dict[str, tuple[int, bool]] = {}
+        # Each image as a scan last found it (see images(restat=...)); the pool
+        # drops an image's entry, under its lock, whenever it changes that image.
+        self._stats: dict[str, ImageInfo] = {}
         self._remove_temp_files()
         self.filesystem = _filesystem_of(self.root)
         if capacity_bytes is None:
@@ -329,14 +332,47 @@ class Pool:
             raise NotFound(f"volume {volume_id} has no image in the pool at {self.images_dir}")
         return info
 
-    def images(self) -> list[ImageInfo]:
-        """Every image in the pool, in volume id order (one ``stat`` each)."""
+    def images(self, *, restat: Collection[str] | None = None) -> list[ImageInfo]:
+        """Every image in the pool, in volume id order.
+
+        ``restat``: the only images that may have changed since the last scan
+        without the pool knowing (those attached to a loop device, written
+        through it); every other image is as that scan found it, unless the
+        pool changed it since (it then takes a ``stat`` again). A periodic
+        scan of a big pool then costs what is in use, not what exists.
+        None: a ``stat`` each.
+        """
         found = []
         for volume_id in sorted(self._kinds):
-            info = self.get(volume_id)
+            info = None
+            if restat is not None and volume_id not in restat:
+                info = self._stats.get(volume_id)
+            if info is None:
+                info = self._stat(volume_id)
             if info is not None:
                 found.append(info)
         return found
+
+    def _stat(self, volume_id: str) -> ImageInfo | None:
+        # Under the lock: a change of the image by the pool is either before this
+        # stat (which sees it) or after it (and drops what it stored).
+        with self._lock:
+            info = self.get(volume_id)
+            if info is None:
+                self._stats.pop(volume_id, None)
+            else:
+                self._stats[volume_id] = info
+        return info
+
+    def _changed(self, volume_id: str) -> None:
+        """The pool changed ``volume_id``'s image (call under the lock): scan it again."""
+        self._stats.pop(volume_id, None)
+
+    def written(self, volume_id: str) -> None:
+        """``volume_id``'s image was written outside the pool (through a loop device now
+        detached): the next scan takes a ``stat`` of it again."""
+        with self._lock:
+            self._changed(volume_id)
 
     def _scan(self) -> list[ImageInfo]:
         """The images on disk, metadata read from each file (at start)."""
@@ -409,6 +445,7 @@ class Pool:
                     self._kinds[volume_id] = (epoch, thin)
                 else:
                     self._sizes.pop(volume_id, None)
+                self._changed(volume_id)
                 self._created.notify_all()
         log.info("image created", extra={"volume": volume_id, "bytes": size, "kind": kind})
         return info
@@ -484,9 +521,11 @@ class Pool:
                 meta.unlink(missing_ok=True)
                 fsync_dir(self.images_dir)
                 self._sizes.pop(volume_id, None)
+                self._changed(volume_id)
             raise
         with self._lock:
             self._kinds[volume_id] = (epoch, thin)
+            self._changed(volume_id)
         log.info("image created from a source", extra={"volume": volume_id, "bytes": size})
         return self.require(volume_id)
 
@@ -535,6 +574,7 @@ class Pool:
             fsync_dir(source.parent)
             self._sizes[volume_id] = size
             self._kinds[volume_id] = (epoch, thin)
+            self._changed(volume_id)
         log.info("image adopted", extra={"volume": volume_id, "bytes": size, "epoch": epoch})
         return self.require(volume_id)
 
@@ -548,6 +588,7 @@ class Pool:
             fsync_dir(self.images_dir)
             self._sizes.pop(volume_id, None)
             self._kinds.pop(volume_id, None)
+            self._changed(volume_id)
         log.info("image released from the pool", extra={"volume": volume_id})
 
     def delete_image(self, volume_id: str) -> None:
@@ -564,6 +605,7 @@ class Pool:
                 part.unlink(missing_ok=True)
             self._sizes.pop(volume_id, None)
             self._kinds.pop(volume_id, None)
+            self._changed(volume_id)
         self._directory.sync()
         log.info("image deleted", extra={"volume": volume_id})
 
@@ -586,6 +628,7 @@ class Pool:
             finally:
                 os.close(fd)
             self._sizes[volume_id] = size
+            self._changed(volume_id)
         log.info("image expanded", extra={"volume": volume_id, "bytes": size})
         return self.require(volume_id)
 
@@ -609,17 +652,24 @@ class Pool:
         use. fallocate mode 0 over the image allocates only the holes, as
         unwritten extents that read as zeros, which is what the punched ranges
         read as: data is untouched. Called periodically by the node service.
+
+        ``images``: a scan just taken (else one is taken); an image deleted
+        since is skipped.
         """
         restored = []
+        scanned = self.images() if images is None else images
         with self._lock:
-            for image in self.images():
+            for image in scanned:
                 if image.thin or not image.unallocated_bytes:
                     continue
+                if self._kinds.get(image.volume_id) != (image.epoch, image.thin):
+                    continue  # deleted (or replaced) since the scan
                 fd = os.open(image.path, os.O_WRONLY | os.O_CLOEXEC)
                 try:
                     what = f"keep volume {image.volume_id}'s space reserved"
                     preallocate(fd, 0, image.size_bytes, what)
                     restored.append(image.volume_id)
+                    self._changed(image.volume_id)
                 except FerryError as exc:
                     log.warning(
                         "thick image lost part of its reservation",

@@ -235,3 +235,41 @@ def test_concurrent_creates_never_over_commit_and_all_survive_reopen(tmp_path: P
     reopened = Pool(tmp_path / "pool", capacity_bytes=10 * MiB)
     assert {i.volume_id for i in reopened.images()} == created
     assert sorted(reopened.images(), key=lambda i: i.volume_id) == pool.images()
+
+
+def _allocated(pool: Pool, volume_id: str, restat: set[str]) -> int:
+    return next(i.allocated_bytes for i in pool.images(restat=restat) if i.volume_id == volume_id)
+
+
+def test_a_scan_restats_only_the_images_that_may_have_changed(small_pool: Pool) -> None:
+    """The heartbeat's scan: images in use are read again; the others are as the last
+    scan found them unless the pool (or an unstage) changed them since."""
+    small_pool.create_image(VOL_A, 8 * MiB, epoch=1, thin=True)
+    small_pool.create_image(VOL_B, 8 * MiB, epoch=1, thin=True)
+    first = {i.volume_id: i.allocated_bytes for i in small_pool.images()}
+    for volume_id in (VOL_A, VOL_B):  # as a loop device writes it: behind the pool's back
+        with open(small_pool.image_path(volume_id), "r+b") as image:
+            image.write(os.urandom(1 * MiB))
+            os.fsync(image.fileno())
+    assert _allocated(small_pool, VOL_A, set()) == first[VOL_A]  # not in use: not read
+    assert _allocated(small_pool, VOL_A, {VOL_A}) >= first[VOL_A] + 1 * MiB
+    assert _allocated(small_pool, VOL_B, set()) == first[VOL_B]
+    small_pool.written(VOL_B)  # its loop device detached (an unstage)
+    assert _allocated(small_pool, VOL_B, set()) >= first[VOL_B] + 1 * MiB
+    small_pool.expand_image(VOL_A, 16 * MiB)  # the pool's own change
+    assert [i.size_bytes for i in small_pool.images(restat=set())] == [16 * MiB, 8 * MiB]
+    assert small_pool.images(restat=set()) == small_pool.images()
+    small_pool.delete_image(VOL_A)
+    assert [i.volume_id for i in small_pool.images(restat=set())] == [VOL_B]
+
+
+def test_keep_reserved_skips_an_image_deleted_since_the_scan(small_pool: Pool) -> None:
+    thick = small_pool.create_image(VOL_A, 16 * MiB, epoch=1)
+    subprocess.run(
+        ["fallocate", "--punch-hole", "--offset", "0", "--length", str(4 * MiB), str(thick.path)],
+        check=True,
+    )
+    scanned = small_pool.images()
+    small_pool.delete_image(VOL_A)
+    assert small_pool.keep_reserved(scanned) == []
+    assert not thick.path.exists()
