@@ -28,6 +28,12 @@ Two topologies (``--topologies``), each its own rows, never mixed:
 * ``all-in-one``: controller and node in one process (this one), the image
   created in the RPC's own thread (``LocalImages``), as ``ferry all-in-one``
   runs;
+* ``all-in-one+leader``: the same all-in-one, and beside it a ``ferry
+  controller`` process on the same SQLite file, started first so that it
+  wins the election: the leader's reconcilers (garbage collector,
+  replication, failover, moves) run in that process, reading the file
+  directly, while the all-in-one serves every RPC (CSI RPCs are served by
+  every controller replica);
 * ``split``: a controller process serving the SQLite catalog to a separate
   node process over ``ferry.v1.Catalog`` on loopback TCP with mutual TLS
   under a cluster CA made for the run, exactly as ``ferry sandbox up
@@ -69,6 +75,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from prometheus_client import REGISTRY
 
 from csi_driver.core.model import AccessType, GiB, MiB, Volume, VolumeState
 from csi_driver.core.records import IMAGE_STATUSES, ImageSpec, NodeAccounting
@@ -93,7 +100,10 @@ CALLERS = 32
 ALL_IN_ONE = "all-in-one"
 #: A controller process and a node process, the node over the catalog service (mTLS).
 SPLIT = "split"
-TOPOLOGIES = (ALL_IN_ONE, SPLIT)
+#: The all-in-one in this process, and a controller process on the same SQLite file
+#: that leads: the leader's reconcilers run there, on the other core.
+LEADER_APART = "all-in-one+leader"
+TOPOLOGIES = (ALL_IN_ONE, SPLIT, LEADER_APART)
 #: How long a served process may take to start (and its first list of the catalog).
 _SERVE_START_S = 60.0
 
@@ -357,40 +367,55 @@ def callers_main(argv: list[str]) -> int:
 
 
 def measure(
-    backend: str, catalog_url: str, workdir: Path, size: int, serial: int, concurrent: int
+    backend: str,
+    catalog_url: str,
+    workdir: Path,
+    size: int,
+    serial: int,
+    concurrent: int,
+    leader_apart: bool = False,
 ) -> Row:
-    """One row of the all-in-one: Ferry runs in this process."""
+    """One row of the all-in-one: Ferry runs in this process (``leader_apart``: and
+    a leading controller process beside it, on the same SQLite file)."""
     config = node_config(workdir, 256 * GiB)
     endpoint = f"unix://{workdir}/csi.sock"
     filler = open_store(catalog_url)
+    leader: list[Served] = []
     try:
         started = time.monotonic()
         fill(Catalog(filler), size)
+        if leader_apart:
+            spec = {"csi": f"unix://{workdir}/leader.sock", "catalog": catalog_url}
+            leader.append(Served("leader", spec, workdir / "leader.log"))
         services = start_all_in_one(endpoint, config, catalog_url)
         try:
             CsiClient(endpoint).wait_ready()
             wait_settled(Catalog(filler), size)
-            wait_quiet()
+            wait_quiet(lambda: time.process_time() + sum(_cpu_of(leader)[0].values()))
             print(
                 f"  .. {backend}: {size} volumes in {time.monotonic() - started:.0f}s",
                 flush=True,
             )
-            cpu_started = time.process_time()
+            cpu_started, leader_before = time.process_time(), _cpu_of(leader)[0]
             samples = _callers(endpoint, "serial", serial, 1).samples
             # The callers' warm-up creates (10) are billed too: a slight overestimate.
             cpu_ms = (time.process_time() - cpu_started) * 1000 / serial
+            leader_after, leader_threads_before = _cpu_of(leader)
+            cpu_ms += sum(_per_create(leader_after, leader_before, serial).values())
             cpu_started, threads_before = time.process_time(), thread_cpu_s()
             batch = _callers(endpoint, "conc", concurrent, CALLERS)
-            concurrent_cpu_ms = (time.process_time() - cpu_started) * 1000 / concurrent
-            threads_ms = {
-                kind: (used - threads_before.get(kind, 0.0)) * 1000 / concurrent
-                for kind, used in thread_cpu_s().items()
-            }
+            processes_ms = {"all-in-one": (time.process_time() - cpu_started) * 1000 / concurrent}
+            threads_ms = _per_create(thread_cpu_s(), threads_before, concurrent)
+            leader_done, leader_threads = _cpu_of(leader)
+            processes_ms.update(_per_create(leader_done, leader_after, concurrent))
+            threads_ms.update(_per_create(leader_threads, leader_threads_before, concurrent))
             rate = concurrent / batch.wall_s
         finally:
             services.stop(grace_s=1)
             release_under(workdir)
     finally:
+        for one in leader:
+            one.stop()
         filler.close()
     return Row(
         backend,
@@ -399,11 +424,11 @@ def measure(
         rate,
         CALLERS,
         cpu_ms,
-        concurrent_cpu_ms,
+        sum(processes_ms.values()),
         batch.cpu_s * 1000 / concurrent,
         threads_ms,
-        ALL_IN_ONE,
-        {"all-in-one": concurrent_cpu_ms},
+        LEADER_APART if leader_apart else ALL_IN_ONE,
+        processes_ms,
     )
 
 
@@ -462,18 +487,25 @@ class Served:
 def serve_main(role: str, spec: dict[str, str]) -> int:
     """A bench's ``controller`` or ``node`` process, as ``ferry controller --catalog
     FILE --catalog-listen tcp://...`` and ``ferry node --catalog ferry://...`` run."""
-    security = AgentSecurity(TlsBundle.load(Path(spec["tls"])))
-    if role == "controller":
+    security = AgentSecurity(TlsBundle.load(Path(spec["tls"]))) if spec.get("tls") else None
+    workdir: Path | None = None
+    if role == "leader":
+        services = start_controller(spec["csi"], spec["catalog"])
+        deadline = time.monotonic() + _SERVE_START_S
+        while REGISTRY.get_sample_value("ferry_controller_leader") != 1.0:
+            if time.monotonic() > deadline:
+                raise SystemExit("the bench's leader process did not win the election")
+            time.sleep(0.05)
+    elif role == "controller":
         services = start_controller(
             spec["csi"], spec["catalog"], security, catalog_listen=spec["listen"]
         )
-        workdir = None
     else:
         workdir = Path(spec["workdir"])
         config = replace(
             node_config(workdir, 256 * GiB),
             agent_endpoint="tcp://127.0.0.1:0",
-            security=security,
+            security=security or AgentSecurity(),
         )
         services = start_node(spec["csi"], config, spec["catalog"])
     print("ready", flush=True)
@@ -579,7 +611,7 @@ def _measure_one(
         return measure_split(workdir, size, serial, concurrent)
     if backend == "sqlite":
         url = str(workdir / "catalog.db")
-        return measure(backend, url, workdir, size, serial, concurrent)
+        return measure(backend, url, workdir, size, serial, concurrent, topology == LEADER_APART)
     with single_etcd(workdir) as url:
         return measure(backend, url, workdir, size, serial, concurrent)
 
@@ -592,15 +624,16 @@ def run(
     concurrent: int,
     topologies: tuple[str, ...] = (ALL_IN_ONE,),
 ) -> list[Row]:
-    """Every (backend, topology, size) row; the split topology on SQLite only (an
-    etcd's nodes reach etcd itself, not the controller)."""
+    """Every (backend, topology, size) row; the other topologies on SQLite only (an
+    etcd's nodes reach etcd itself, not the controller, and its leader is elected
+    by a lease the bench does not split)."""
     unknown = set(topologies) - set(TOPOLOGIES)
     if unknown:
         raise SystemExit(f"unknown topologies {sorted(unknown)}: choose from {TOPOLOGIES}")
     rows = []
     for backend in backends:
         for topology in topologies:
-            if topology == SPLIT and backend != "sqlite":
+            if topology != ALL_IN_ONE and backend != "sqlite":
                 continue
             for size in sizes:
                 workdir = workroot / f"{backend}-{topology}-{size}"
