@@ -44,7 +44,7 @@ from csi_driver.node.clones import SnapshotExports, SnapshotFetcher
 from csi_driver.node.fencing import EpochFence
 from csi_driver.node.pool import ImageInfo, Pool
 from csi_driver.node.reconcile.exports import export_runner
-from csi_driver.node.reconcile.images import LocalImages, image_runner
+from csi_driver.node.reconcile.images import LocalImages, image_runner, settle_ahead
 from csi_driver.node.reconcile.replicas import replica_runner
 from csi_driver.node.reconcile.snapshots import snapshot_runner
 from csi_driver.node.runner import CommandRunner
@@ -54,6 +54,7 @@ from csi_driver.rpc.errors import RUNNING
 from csi_driver.store.base import CatalogStore
 from csi_driver.store.catalog import Catalog
 from csi_driver.store.etcd import DEFAULT_LEASE_TTL_S
+from csi_driver.store.sqlite import SqliteStore
 from csi_driver.store.url import open_store
 from csi_driver.transfer.source import Exports, serve_chunks
 from csi_driver.transport import (
@@ -246,6 +247,9 @@ def _start_node_side(parts: NodeParts, catalog: Catalog, services: Services) -> 
     fetcher = SnapshotFetcher(
         catalog.store, parts.config.security, parts.config.pool_root, backups, node_id
     )
+    # Before any pass of the runner: an image a crash left created ahead of its
+    # records is the volume's, or nothing's (see LocalImages.create_ahead).
+    settle_ahead(catalog.store, parts.pool, node_id)
     images, local = image_runner(catalog.store, parts.agent, fetcher=fetcher)
     parts.local_images = local
     snapshots = snapshot_runner(catalog.store, parts.agent, backups=backups, fetcher=fetcher)
@@ -451,7 +455,10 @@ def start_all_in_one(
         parts = NodeParts(config)
         _start_node_side(parts, catalog, services)
         readings = _readings(catalog, node_lost_after_s)
-        volumes = VolumeService(catalog, local=parts.local_images, readings=readings)
+        # A failed SQLite commit wrote nothing, so an image created ahead of its records
+        # can be dropped when their txn fails; an etcd txn that times out may still land.
+        ahead = parts.local_images if isinstance(store, SqliteStore) else None
+        volumes = VolumeService(catalog, local=parts.local_images, readings=readings, ahead=ahead)
         services.closers.append(volumes.close)
         identity = IdentityServicer([volumes.check, parts.agent.check], controller=True)
         fence = EpochFence(catalog, config.node_id)

@@ -25,6 +25,21 @@ The pool keeps each image's size, epoch and kind in memory (it is their
 only writer), so a lookup or a scan of the pool costs one ``stat`` per image
 and reads no metadata file.
 
+An image created *ahead* of its records (:meth:`Pool.create_ahead`: the
+all-in-one writes the volume's records and its READY status in one catalog
+transaction once the image is durable) is written straight to
+``<volume-id>.json.ahead`` and ``<volume-id>.img.ahead``, invisible to
+lookups and scans, with no fsync of its own: one ``syncfs(2)`` shared by
+every create under way makes them durable (what it costs instead of three
+fsyncs each: they need no order among them, since nothing reads them before
+the transaction that follows that syncfs). Once the transaction is committed
+:meth:`Pool.keep_ahead` renames both into place (the image first, the
+metadata last); if it failed, :meth:`Pool.drop_ahead` removes them. A crash
+anywhere in between leaves ``.ahead`` files that the node settles at its
+next start by the catalog: the volume's image spec is there (the transaction
+was committed, so they were durable) or not, and then they are removed
+whatever they hold (:func:`csi_driver.node.reconcile.images.settle_ahead`).
+
 Capacity is never over-committed: the sum of image sizes never exceeds the
 pool's capacity. A thick image (the default) also holds its bytes on the
 pool's filesystem: they are reserved with ``fallocate(2)`` mode 0 when the
@@ -64,6 +79,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIX = ".img"
 META_SUFFIX = ".json"
+#: Appended to an image's two files while it is created ahead of its records.
+AHEAD_SUFFIX = ".ahead"
 #: Image sizes are whole multiples of this (loop devices want 512-byte sectors;
 #: whole MiB keeps filesystems and accounting simple).
 SIZE_ALIGNMENT = 1024 * 1024
@@ -101,6 +118,25 @@ class PoolStatus:
         return max(0, self.capacity_bytes - self.provisioned_bytes)
 
 
+def _write_json(path: Path, document: dict[str, object], *, named: Path, sync: bool) -> None:
+    """Write ``document`` to ``path``, fsync'd if ``sync`` (``named``: the file it
+    will become, for the message of a full filesystem)."""
+    try:
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(document, handle, sort_keys=True)
+            if sync:
+                handle.flush()
+                os.fsync(handle.fileno())
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceExhausted(
+                f"cannot record {named.name}: the filesystem holding {named.parent} is full; "
+                "free space on it and retry"
+            ) from exc
+        raise
+
+
 def write_json_atomic(path: Path, document: dict[str, object]) -> None:
     """Replace ``path`` with ``document`` so readers see the old or the new file, whole."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -111,19 +147,7 @@ def write_json_atomic(path: Path, document: dict[str, object]) -> None:
 
 def write_json_durably(tmp: Path, path: Path, document: dict[str, object]) -> None:
     """Write ``document`` to ``tmp`` and fsync it (``path``: what it will become)."""
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(document, handle, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ResourceExhausted(
-                f"cannot record {path.name}: the filesystem holding {path.parent} is full; "
-                "free space on it and retry"
-            ) from exc
-        raise
+    _write_json(tmp, document, named=path, sync=True)
 
 
 def fsync_dir(path: Path) -> None:
@@ -143,8 +167,10 @@ class DirectorySync:
     arrived meanwhile, so N concurrent creates cost about two fsyncs, not N.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, flush: Callable[[Path], None] | None = None) -> None:
+        """``flush``: what makes the changes durable (default: an fsync of ``path``)."""
         self._path = path
+        self._flush = flush or fsync_dir
         self._changed = threading.Condition()
         self._next = 1  # the number the next fsync to start will have
         self._done = 0  # the last fsync finished
@@ -163,12 +189,34 @@ class DirectorySync:
                 self._next += 1
                 self._changed.release()
                 try:
-                    fsync_dir(self._path)
+                    self._flush(self._path)
                 finally:
                     self._changed.acquire()
                     self._running = False
                     self._changed.notify_all()
                 self._done = number
+
+
+def _libc_syncfs() -> Callable[[int], int]:
+    call = ctypes.CDLL(None, use_errno=True).syncfs
+    call.argtypes = (ctypes.c_int,)
+    call.restype = ctypes.c_int
+    return call
+
+
+_SYNCFS = _libc_syncfs()
+
+
+def syncfs(path: Path) -> None:
+    """syncfs(2): every change on the filesystem holding ``path`` made durable
+    (files' data and metadata, directory entries), in one journal commit."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _SYNCFS(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), str(path))
+    finally:
+        os.close(fd)
 
 
 def _libc_fallocate() -> Callable[[int, int, int, int], int]:
@@ -261,6 +309,10 @@ class Pool:
         self._created = threading.Condition(self._lock)
         self._creating: set[str] = set()
         self._directory = DirectorySync(self.images_dir)
+        # Images created ahead need no order among their writes (nothing sees them
+        # before their txn, which waits for this): one syncfs serves every create
+        # under way, in place of three fsyncs each.
+        self._ahead_sync = DirectorySync(self.images_dir, flush=syncfs)
         # Each image's epoch and kind, as its metadata file says (the pool writes it).
         self._kinds: dict[str, tuple[int, bool]] = {}
         # Each image as a scan last found it (see images(restat=...)); the pool
@@ -298,6 +350,14 @@ class Pool:
     def _meta_path(self, volume_id: str) -> Path:
         return self.images_dir / f"{_checked(volume_id)}{META_SUFFIX}"
 
+    def _ahead_paths(self, volume_id: str) -> tuple[tuple[Path, Path], tuple[Path, Path]]:
+        """(ahead, final) for the image, then for its metadata (the marker)."""
+        image, meta = self.image_path(volume_id), self._meta_path(volume_id)
+        return (
+            (image.with_name(image.name + AHEAD_SUFFIX), image),
+            (meta.with_name(meta.name + AHEAD_SUFFIX), meta),
+        )
+
     # -- queries -------------------------------------------------------------------
 
     def get(self, volume_id: str) -> ImageInfo | None:
@@ -320,9 +380,9 @@ class Pool:
             thin=kind[1],
         )
 
-    def _read_kind(self, volume_id: str) -> tuple[int, bool]:
-        """The image's epoch and kind from its metadata file."""
-        meta = json.loads(self._meta_path(volume_id).read_text(encoding="utf-8"))
+    def _read_kind(self, volume_id: str, path: Path | None = None) -> tuple[int, bool]:
+        """The image's epoch and kind from its metadata file (``path``: that file)."""
+        meta = json.loads((path or self._meta_path(volume_id)).read_text(encoding="utf-8"))
         # Images made before thick provisioning existed were sparse.
         return int(meta.get("epoch", 0)), bool(meta.get("thin", True))
 
@@ -419,21 +479,9 @@ class Pool:
         """
         size = _aligned(size_bytes)
         kind = "thin" if thin else "thick"
-        with self._created:
-            while volume_id in self._creating:
-                self._created.wait()
-            existing = self.get(volume_id)
-            if existing is not None:
-                if existing.size_bytes != size or existing.thin != thin:
-                    raise AlreadyExists(
-                        f"volume {volume_id} already has a {existing.size_bytes}-byte "
-                        f"{'thin' if existing.thin else 'thick'} image, not a {size}-byte "
-                        f"{kind} one"
-                    )
-                return existing
-            self._reserve(size, f"create volume {volume_id}")
-            self._sizes[volume_id] = size  # reserved while its files are written
-            self._creating.add(volume_id)
+        existing = self._reserve_new(volume_id, size, thin)
+        if existing is not None:
+            return existing
         created = False
         try:
             info = self._write_new(volume_id, size, epoch, thin)
@@ -449,6 +497,110 @@ class Pool:
                 self._created.notify_all()
         log.info("image created", extra={"volume": volume_id, "bytes": size, "kind": kind})
         return info
+
+    def _reserve_new(self, volume_id: str, size: int, thin: bool) -> ImageInfo | None:
+        """Reserve ``size`` for a new image and mark it being created; the image
+        already there instead, if it is of this size and kind."""
+        with self._created:
+            while volume_id in self._creating:
+                self._created.wait()
+            existing = self.get(volume_id)
+            if existing is not None:
+                if existing.size_bytes != size or existing.thin != thin:
+                    raise AlreadyExists(
+                        f"volume {volume_id} already has a {existing.size_bytes}-byte "
+                        f"{'thin' if existing.thin else 'thick'} image, not a {size}-byte "
+                        f"{'thin' if thin else 'thick'} one"
+                    )
+                return existing
+            self._reserve(size, f"create volume {volume_id}")
+            self._sizes[volume_id] = size  # reserved while its files are written
+            self._creating.add(volume_id)
+        return None
+
+    # -- images created ahead of their records ---------------------------------
+
+    def create_ahead(
+        self, volume_id: str, size_bytes: int, epoch: int, *, thin: bool = False
+    ) -> ImageInfo:
+        """A new image, durable but invisible, its space reserved, until
+        :meth:`keep_ahead` or :meth:`drop_ahead` (see the module docstring).
+
+        Raises AlreadyExists when the volume has an image already.
+        """
+        size = _aligned(size_bytes)
+        if self._reserve_new(volume_id, size, thin) is not None:
+            raise AlreadyExists(f"volume {volume_id} already has an image")
+        (image, _), (meta, _) = self._ahead_paths(volume_id)
+        try:
+            # Written in place, no fsync each: until the txn that follows the shared
+            # syncfs is committed, a crash's leftovers are removed whatever they hold.
+            _write_json(meta, _metadata(volume_id, epoch, thin), named=meta, sync=False)
+            fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                if thin:
+                    os.ftruncate(fd, size)
+                else:
+                    preallocate(fd, 0, size, f"create volume {volume_id}")
+                allocated = os.fstat(fd).st_blocks * 512
+            finally:
+                os.close(fd)
+            self._ahead_sync.sync()
+        except BaseException:
+            self.drop_ahead(volume_id)
+            raise
+        return ImageInfo(volume_id, size, allocated, epoch, self.image_path(volume_id), thin)
+
+    def keep_ahead(self, volume_id: str) -> ImageInfo:
+        """The image created ahead becomes the volume's (its records are committed).
+
+        Idempotent, and works on what a crash left (one file renamed, or none).
+        No fsync: a crash that undoes a rename leaves the marker for the next
+        start to settle again.
+        """
+        (image_ahead, image), (meta_ahead, meta) = self._ahead_paths(volume_id)
+        if image_ahead.exists():
+            os.replace(image_ahead, image)
+        kind = self._read_kind(volume_id, meta_ahead if meta_ahead.exists() else meta)
+        if meta_ahead.exists():
+            os.replace(meta_ahead, meta)
+        self._end_ahead(volume_id, kept=kind)
+        log.info("image created ahead kept", extra={"volume": volume_id})
+        return self.require(volume_id)
+
+    def drop_ahead(self, volume_id: str) -> None:
+        """Remove the image created ahead (its records were never committed)."""
+        (image_ahead, _), (meta_ahead, _) = self._ahead_paths(volume_id)
+        image_ahead.unlink(missing_ok=True)
+        meta_ahead.unlink(missing_ok=True)
+        self._directory.sync()  # its space is free again once the unlinks are durable
+        self._end_ahead(volume_id, kept=None)
+        log.info("image created ahead dropped", extra={"volume": volume_id})
+
+    def _end_ahead(self, volume_id: str, kept: tuple[int, bool] | None) -> None:
+        with self._created:
+            self._creating.discard(volume_id)
+            if kept is None:
+                self._sizes.pop(volume_id, None)
+            else:
+                self._kinds[volume_id] = kept
+                info = self.get(volume_id)
+                if info is not None:  # settled at start: not reserved by this process yet
+                    self._sizes[volume_id] = info.size_bytes
+            self._changed(volume_id)
+            self._created.notify_all()
+
+    def ahead(self) -> list[str]:
+        """The volumes whose image a process created ahead of its records and left
+        unsettled (it crashed); those being created now are not listed."""
+        found = set()
+        for suffix in (META_SUFFIX, IMAGE_SUFFIX):
+            marker = f"{suffix}{AHEAD_SUFFIX}"
+            for path in self.images_dir.glob(f"vol-*{marker}"):
+                volume_id = path.name.removesuffix(marker)
+                if VOLUME_ID_PATTERN.match(volume_id) and volume_id not in self._creating:
+                    found.add(volume_id)
+        return sorted(found)
 
     def _write_new(self, volume_id: str, size: int, epoch: int, thin: bool) -> ImageInfo:
         """Write a new image and its metadata durably (see the module docstring)."""

@@ -273,3 +273,51 @@ def test_keep_reserved_skips_an_image_deleted_since_the_scan(small_pool: Pool) -
     small_pool.delete_image(VOL_A)
     assert small_pool.keep_reserved(scanned) == []
     assert not thick.path.exists()
+
+
+def test_an_image_made_ahead_is_invisible_until_kept(small_pool: Pool) -> None:
+    made = small_pool.create_ahead(VOL_A, 8 * MiB, epoch=1, thin=True)
+    assert made.path == small_pool.image_path(VOL_A) and not made.path.exists()
+    assert small_pool.get(VOL_A) is None and small_pool.images() == []
+    assert small_pool.provisioned_bytes == 8 * MiB  # reserved meanwhile
+    assert small_pool.ahead() == []  # being made: not a crash's leftover
+    small_pool.create_image(VOL_B, 8 * MiB, epoch=1)
+    with pytest.raises(AlreadyExists):
+        small_pool.create_ahead(VOL_B, 8 * MiB, epoch=1)
+    kept = small_pool.keep_ahead(VOL_A)
+    assert (kept.size_bytes, kept.epoch, kept.thin) == (8 * MiB, 1, True)
+    assert [i.volume_id for i in small_pool.images()] == [VOL_A, VOL_B]
+    assert not [p for p in small_pool.images_dir.iterdir() if p.name.endswith(".ahead")]
+
+
+def test_an_image_made_ahead_and_dropped_leaves_nothing(small_pool: Pool) -> None:
+    small_pool.create_ahead(VOL_A, 8 * MiB, epoch=1)
+    small_pool.drop_ahead(VOL_A)
+    assert small_pool.provisioned_bytes == 0 and small_pool.images() == []
+    assert list(small_pool.images_dir.iterdir()) == []
+    small_pool.create_image(VOL_B, 96 * MiB, epoch=1, thin=True)
+    with pytest.raises(ResourceExhausted):
+        small_pool.create_ahead(VOL_A, 8 * MiB, epoch=1)
+    assert small_pool.provisioned_bytes == 96 * MiB
+    assert [p.name for p in small_pool.images_dir.iterdir() if VOL_A in p.name] == []
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_a_crash_leftover_made_ahead_is_settled_after_a_reopen(
+    small_pool: Pool, kept: bool
+) -> None:
+    """What a killed process left: listed by a reopened pool, not counted or seen
+    until settled one way or the other."""
+    small_pool.create_ahead(VOL_A, 8 * MiB, epoch=2)
+    reopened = Pool(small_pool.root, capacity_bytes=100 * MiB)
+    assert reopened.ahead() == [VOL_A]
+    assert reopened.images() == [] and reopened.provisioned_bytes == 0
+    if kept:
+        info = reopened.keep_ahead(VOL_A)
+        assert (info.size_bytes, info.epoch, info.thin) == (8 * MiB, 2, False)
+        assert reopened.provisioned_bytes == 8 * MiB
+        assert Pool(small_pool.root, capacity_bytes=100 * MiB).images() == [info]
+    else:
+        reopened.drop_ahead(VOL_A)
+        assert list(reopened.images_dir.iterdir()) == []
+    assert reopened.ahead() == []
