@@ -486,14 +486,16 @@ class VolumeService:
         if ahead is None or (left is not None and left <= REPLY_MARGIN_S):
             return None
         with self._placement:
-            try:
-                views = self._readings.views(
-                    self._placement_accounts(False), self._placement_nodes(False)
-                )
-                if choose_primary(views, size, requirement).node_id != ahead.node_id:
-                    return None
-            except (ResourceExhausted, OutOfRange):
-                return None  # the intent path decides on a fresh view, and says why
+            nodes = self._placement_nodes(False)
+            # With other nodes to choose from, decide before making an image here (the
+            # txn's placement decides again); alone, this node is the only choice.
+            if any(node.node_id != ahead.node_id for node in nodes):
+                try:
+                    views = self._readings.views(self._placement_accounts(False), nodes)
+                    if choose_primary(views, size, requirement).node_id != ahead.node_id:
+                        return None
+                except (ResourceExhausted, OutOfRange):
+                    return None  # the intent path decides on a fresh view, and says why
         volume, image = intent(ahead.node_id)
         ready = replace(volume, state=VolumeState.READY)
         committed: list[int] = []

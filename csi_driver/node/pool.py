@@ -52,6 +52,7 @@ write.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -313,6 +314,8 @@ class Pool:
         # before their txn, which waits for this): one syncfs serves every create
         # under way, in place of three fsyncs each.
         self._ahead_sync = DirectorySync(self.images_dir, flush=syncfs)
+        # What create_ahead made, until kept or dropped (keep_ahead reads nothing back).
+        self._made_ahead: dict[str, ImageInfo] = {}
         # Each image's epoch and kind, as its metadata file says (the pool writes it).
         self._kinds: dict[str, tuple[int, bool]] = {}
         # Each image as a scan last found it (see images(restat=...)); the pool
@@ -549,7 +552,10 @@ class Pool:
         except BaseException:
             self.drop_ahead(volume_id)
             raise
-        return ImageInfo(volume_id, size, allocated, epoch, self.image_path(volume_id), thin)
+        made = ImageInfo(volume_id, size, allocated, epoch, self.image_path(volume_id), thin)
+        with self._lock:
+            self._made_ahead[volume_id] = made
+        return made
 
     def keep_ahead(self, volume_id: str) -> ImageInfo:
         """The image created ahead becomes the volume's (its records are committed).
@@ -559,14 +565,18 @@ class Pool:
         start to settle again.
         """
         (image_ahead, image), (meta_ahead, meta) = self._ahead_paths(volume_id)
-        if image_ahead.exists():
-            os.replace(image_ahead, image)
-        kind = self._read_kind(volume_id, meta_ahead if meta_ahead.exists() else meta)
-        if meta_ahead.exists():
-            os.replace(meta_ahead, meta)
+        with self._lock:
+            made = self._made_ahead.pop(volume_id, None)
+        if made is None:  # a crash's leftover: what it is, its metadata says
+            kind = self._read_kind(volume_id, meta_ahead if meta_ahead.exists() else meta)
+        else:
+            kind = (made.epoch, made.thin)
+        for ahead, final in ((image_ahead, image), (meta_ahead, meta)):
+            with contextlib.suppress(FileNotFoundError):  # renamed before a crash
+                os.replace(ahead, final)
         self._end_ahead(volume_id, kept=kind)
         log.info("image created ahead kept", extra={"volume": volume_id})
-        return self.require(volume_id)
+        return made or self.require(volume_id)
 
     def drop_ahead(self, volume_id: str) -> None:
         """Remove the image created ahead (its records were never committed)."""
@@ -579,14 +589,16 @@ class Pool:
 
     def _end_ahead(self, volume_id: str, kept: tuple[int, bool] | None) -> None:
         with self._created:
-            self._creating.discard(volume_id)
+            self._made_ahead.pop(volume_id, None)
             if kept is None:
                 self._sizes.pop(volume_id, None)
             else:
                 self._kinds[volume_id] = kept
-                info = self.get(volume_id)
-                if info is not None:  # settled at start: not reserved by this process yet
-                    self._sizes[volume_id] = info.size_bytes
+                if volume_id not in self._creating:  # settled at start: not reserved yet
+                    info = self.get(volume_id)
+                    if info is not None:
+                        self._sizes[volume_id] = info.size_bytes
+            self._creating.discard(volume_id)
             self._changed(volume_id)
             self._created.notify_all()
 
