@@ -104,6 +104,8 @@ SPLIT = "split"
 #: that leads: the leader's reconcilers run there, on the other core.
 LEADER_APART = "all-in-one+leader"
 TOPOLOGIES = (ALL_IN_ONE, SPLIT, LEADER_APART)
+#: The thread kind under which a process's CPU in the kernel is reported.
+KERNEL = "(kernel)"
 #: How long a served process may take to start (and its first list of the catalog).
 _SERVE_START_S = 60.0
 
@@ -127,6 +129,8 @@ class Row:
     topology: str = ALL_IN_ONE
     #: Ferry's CPU ms per create with 32 callers, by process (split: controller, node)
     processes_ms: dict[str, float] = field(default_factory=dict)
+    #: of which in the kernel (fsync, file and socket calls: off the GIL), by process
+    kernel_ms: dict[str, float] = field(default_factory=dict)
 
     def p(self, q: float) -> float:
         ordered = sorted(self.serial_ms)
@@ -147,6 +151,9 @@ class Row:
             "client_cpu_ms_per_concurrent_create": round(self.client_cpu_ms_per_create, 2),
             "cpu_ms_per_concurrent_create_by_process": {
                 name: round(ms, 3) for name, ms in self.processes_ms.items()
+            },
+            "kernel_cpu_ms_per_concurrent_create_by_process": {
+                name: round(ms, 3) for name, ms in self.kernel_ms.items()
             },
             "cpu_ms_per_concurrent_create_by_thread": {
                 name: round(ms, 3) for name, ms in self.threads_ms.items()
@@ -403,12 +410,15 @@ def measure(
             leader_after, leader_threads_before = _cpu_of(leader)
             cpu_ms += sum(_per_create(leader_after, leader_before, serial).values())
             cpu_started, threads_before = time.process_time(), thread_cpu_s()
+            kernel_started = os.times().system
             batch = _callers(endpoint, "conc", concurrent, CALLERS)
             processes_ms = {"all-in-one": (time.process_time() - cpu_started) * 1000 / concurrent}
+            kernel_ms = {"all-in-one": (os.times().system - kernel_started) * 1000 / concurrent}
             threads_ms = _per_create(thread_cpu_s(), threads_before, concurrent)
             leader_done, leader_threads = _cpu_of(leader)
             processes_ms.update(_per_create(leader_done, leader_after, concurrent))
             threads_ms.update(_per_create(leader_threads, leader_threads_before, concurrent))
+            kernel_ms.update(_kernel_of(threads_ms))
             rate = concurrent / batch.wall_s
         finally:
             services.stop(grace_s=1)
@@ -429,7 +439,17 @@ def measure(
         threads_ms,
         LEADER_APART if leader_apart else ALL_IN_ONE,
         processes_ms,
+        kernel_ms,
     )
+
+
+def _kernel_of(threads_ms: dict[str, float]) -> dict[str, float]:
+    """The served processes' kernel CPU out of their per-thread figures (``role:(kernel)``)."""
+    return {
+        name.removesuffix(f":{KERNEL}"): ms
+        for name, ms in threads_ms.items()
+        if name.endswith(f":{KERNEL}")
+    }
 
 
 def _cluster_tls(workdir: Path) -> Path:
@@ -463,7 +483,8 @@ class Served:
         return self._process.stdout.readline().strip()
 
     def cpu(self) -> tuple[float, dict[str, float]]:
-        """The process's CPU seconds so far, and by thread kind (named ``role:kind``)."""
+        """The process's CPU seconds so far, and by thread kind (named ``role:kind``,
+        and ``role:(kernel)`` for its CPU in the kernel, all threads)."""
         assert self._process.stdin is not None
         self._process.stdin.write("cpu\n")
         self._process.stdin.flush()
@@ -472,6 +493,7 @@ class Served:
             raise SystemExit(f"the bench's {self.role} died; see {self._log}")
         measured = json.loads(answer)
         threads = {f"{self.role}:{kind}": used for kind, used in measured["threads"].items()}
+        threads[f"{self.role}:{KERNEL}"] = measured["system_s"]
         return measured["cpu_s"], threads
 
     def stop(self) -> None:
@@ -513,7 +535,11 @@ def serve_main(role: str, spec: dict[str, str]) -> int:
         for line in sys.stdin:
             if line.strip() != "cpu":
                 break
-            used = {"cpu_s": time.process_time(), "threads": thread_cpu_s()}
+            used = {
+                "cpu_s": time.process_time(),
+                "system_s": os.times().system,
+                "threads": thread_cpu_s(),
+            }
             print(json.dumps(used), flush=True)
     finally:
         services.stop(grace_s=1)
@@ -589,6 +615,7 @@ def measure_split(workdir: Path, size: int, serial: int, concurrent: int) -> Row
         release_under(workdir)
         filler.close()
     processes_ms = _per_create(done, after, concurrent)
+    threads_ms = _per_create(threads_after, threads_before, concurrent)
     return Row(
         "sqlite",
         size,
@@ -598,9 +625,10 @@ def measure_split(workdir: Path, size: int, serial: int, concurrent: int) -> Row
         sum(serial_ms.values()),
         sum(processes_ms.values()),
         batch.cpu_s * 1000 / concurrent,
-        _per_create(threads_after, threads_before, concurrent),
+        threads_ms,
         SPLIT,
         processes_ms,
+        _kernel_of(threads_ms),
     )
 
 
@@ -656,16 +684,18 @@ def render(rows: list[Row]) -> str:
     lines = [
         "| backend | topology | catalog size | serial p50 ms | serial p99 ms "
         "| 32-caller creates/s | p50 ratio vs smallest | Ferry CPU ms per serial create "
-        "| Ferry CPU ms per create, 32 callers (by process) | callers' CPU ms per create |",
+        "| Ferry CPU ms per create, 32 callers (by process; of it in the kernel) "
+        "| callers' CPU ms per create |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     base: dict[tuple[str, str], float] = {}
     for row in rows:
         ratio = row.p(50) / base.setdefault((row.backend, row.topology), row.p(50))
-        by_process = ""
-        if len(row.processes_ms) > 1:
-            parts = ", ".join(f"{name} {ms:.2f}" for name, ms in row.processes_ms.items())
-            by_process = f" ({parts})"
+        parts = ", ".join(
+            f"{name} {ms:.2f}, kernel {row.kernel_ms.get(name, 0.0):.2f}"
+            for name, ms in row.processes_ms.items()
+        )
+        by_process = f" ({parts})"
         lines.append(
             f"| {row.backend} | {row.topology} | {row.catalog_size} | {row.p(50):.2f} "
             f"| {row.p(99):.2f} | {row.concurrent_per_s:.0f} | {ratio:.2f} "
