@@ -571,12 +571,27 @@ class Pool:
             kind = self._read_kind(volume_id, meta_ahead if meta_ahead.exists() else meta)
         else:
             kind = (made.epoch, made.thin)
-        for ahead, final in ((image_ahead, image), (meta_ahead, meta)):
-            with contextlib.suppress(FileNotFoundError):  # renamed before a crash
-                os.replace(ahead, final)
+        try:
+            for ahead, final in ((image_ahead, image), (meta_ahead, meta)):
+                with contextlib.suppress(FileNotFoundError):  # renamed before a crash
+                    os.replace(ahead, final)
+        except BaseException:
+            # Not in place: no longer being made either, so that a reconcile of its
+            # spec (which exists) keeps it (:meth:`kept_ahead`) instead of calling it lost.
+            self._end_ahead(volume_id, kept=None)
+            raise
         self._end_ahead(volume_id, kept=kind)
         log.info("image created ahead kept", extra={"volume": volume_id})
         return made or self.require(volume_id)
+
+    def kept_ahead(self, volume_id: str) -> ImageInfo | None:
+        """The image left created ahead for ``volume_id`` (not being made now), kept:
+        for a caller that holds the volume's spec, which proves the txn committed.
+        None when there is none."""
+        (image_ahead, _), (meta_ahead, _) = self._ahead_paths(volume_id)
+        if volume_id in self._creating or not (image_ahead.exists() or meta_ahead.exists()):
+            return None
+        return self.keep_ahead(volume_id)
 
     def drop_ahead(self, volume_id: str) -> None:
         """Remove the image created ahead (its records were never committed)."""

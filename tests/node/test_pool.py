@@ -321,3 +321,22 @@ def test_a_crash_leftover_made_ahead_is_settled_after_a_reopen(
         reopened.drop_ahead(VOL_A)
         assert list(reopened.images_dir.iterdir()) == []
     assert reopened.ahead() == []
+
+
+def test_an_image_made_ahead_whose_rename_failed_is_kept_by_the_next_reconcile(
+    small_pool: Pool,
+) -> None:
+    """keep_ahead failing after the txn (here: a directory in the image's place)
+    leaves the image settleable: no longer in flight, kept once the way is clear."""
+    small_pool.create_ahead(VOL_A, 8 * MiB, epoch=1, thin=True)
+    small_pool.image_path(VOL_A).mkdir()
+    (small_pool.image_path(VOL_A) / "blocker").touch()
+    with pytest.raises(OSError):
+        small_pool.keep_ahead(VOL_A)
+    assert small_pool.ahead() == [VOL_A] and small_pool.get(VOL_A) is None
+    (small_pool.image_path(VOL_A) / "blocker").unlink()
+    small_pool.image_path(VOL_A).rmdir()
+    kept = small_pool.kept_ahead(VOL_A)
+    assert kept is not None and (kept.size_bytes, kept.thin) == (8 * MiB, True)
+    assert small_pool.get(VOL_A) == kept and small_pool.provisioned_bytes == 8 * MiB
+    assert small_pool.kept_ahead(VOL_A) is None and small_pool.ahead() == []

@@ -252,7 +252,8 @@ class ImageReconciler:
                 self._fetcher.discard(spec.volume_id)  # what a pull or restore left
             return ImageStatus(spec.volume_id, self.node_id, ImagePhase.DELETED, spec.generation)
         pool = self._agent.pool
-        info = pool.get(spec.volume_id)
+        # An image made ahead whose rename failed after its txn: the spec proves it is the volume's.
+        info = pool.get(spec.volume_id) or pool.kept_ahead(spec.volume_id)
         if info is None and was_ready:
             # A blank image in its place would be formatted on the next stage
             # and pass for the volume: report the loss instead.
