@@ -32,7 +32,9 @@ transaction once the image is durable) is written straight to
 lookups and scans, with no fsync of its own: one ``syncfs(2)`` shared by
 every create under way makes them durable (what it costs instead of three
 fsyncs each: they need no order among them, since nothing reads them before
-the transaction that follows that syncfs). Once the transaction is committed
+the transaction that follows that syncfs; the price: it also writes back
+whatever else is dirty on the pool's filesystem, such as a replica being
+pulled, and a create then waits for that). Once the transaction is committed
 :meth:`Pool.keep_ahead` renames both into place (the image first, the
 metadata last); if it failed, :meth:`Pool.drop_ahead` removes them. A crash
 anywhere in between leaves ``.ahead`` files that the node settles at its
