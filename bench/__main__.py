@@ -465,6 +465,7 @@ def control_plane_main(args: argparse.Namespace) -> int:
             [int(n) for n in args.catalog_sizes.split(",")],
             serial,
             concurrent,
+            tuple(args.topologies.split(",")),
         )
     finally:
         shutil.rmtree(workroot, ignore_errors=True)
@@ -479,7 +480,8 @@ def control_plane_main(args: argparse.Namespace) -> int:
                 "host": control_plane.host(load_before),
                 "rows": [row.summary() for row in rows],
                 "serial_samples_ms": {
-                    f"{row.backend}-{row.catalog_size}": row.serial_ms for row in rows
+                    f"{row.backend}-{row.topology}-{row.catalog_size}": row.serial_ms
+                    for row in rows
                 },
             },
             indent=2,
@@ -527,6 +529,12 @@ def main(argv: list[str] | None = None) -> int:
         help="CreateVolume latency and throughput per backend and catalog size, nothing else",
     )
     parser.add_argument("--backends", default="sqlite,etcd", help="for --control-plane")
+    parser.add_argument(
+        "--topologies",
+        default=",".join(control_plane.TOPOLOGIES),
+        help="for --control-plane: all-in-one (one process) and/or split (a controller "
+        "and a node process, the node over the catalog service; SQLite only)",
+    )
     parser.add_argument(
         "--catalog-sizes", default="100,10000", help="existing volumes, for --control-plane"
     )

@@ -23,6 +23,26 @@ The 32 callers' rate is timed inside the callers' process, from the first
 measured create to the last: its interpreter start-up and channel warm-up
 are not the server's work.
 
+Two topologies (``--topologies``), each its own rows, never mixed:
+
+* ``all-in-one``: controller and node in one process (this one), the image
+  created in the RPC's own thread (``LocalImages``), as ``ferry all-in-one``
+  runs;
+* ``all-in-one+leader``: the same all-in-one, and beside it a ``ferry
+  controller`` process on the same SQLite file, started first so that it
+  wins the election: the leader's reconcilers (garbage collector,
+  replication, failover, moves) run in that process, reading the file
+  directly, while the all-in-one serves every RPC (CSI RPCs are served by
+  every controller replica);
+* ``split``: a controller process serving the SQLite catalog to a separate
+  node process over ``ferry.v1.Catalog`` on loopback TCP with mutual TLS
+  under a cluster CA made for the run, exactly as ``ferry sandbox up
+  --catalog sqlite`` and a multi-node install run them (the node never opens
+  the catalog's file; it watches its specs and writes its statuses over the
+  catalog service). Both processes run ``runtime.start_controller`` and
+  ``runtime.start_node``, the functions ``ferry controller`` and ``ferry
+  node`` call; their CPU is reported per process and per thread.
+
 Volumes are thin 1 MiB block volumes so the pool's disk is not the subject;
 every create is still acknowledged only after the node's image and the
 catalog's records are fsync'd.
@@ -47,24 +67,27 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import requests
+from prometheus_client import REGISTRY
 
 from csi_driver.core.model import AccessType, GiB, MiB, Volume, VolumeState
 from csi_driver.core.records import IMAGE_STATUSES, ImageSpec, NodeAccounting
 from csi_driver.csi.client import CsiClient, block_capability
 from csi_driver.gen import csi_pb2
 from csi_driver.node.teardown import release_under
-from csi_driver.runtime import NodeConfig, start_all_in_one
+from csi_driver.pki import CertificateAuthority, Identity, TlsBundle
+from csi_driver.runtime import NodeConfig, start_all_in_one, start_controller, start_node
 from csi_driver.store.catalog import Catalog
 from csi_driver.store.records import put
 from csi_driver.store.url import open_store
+from csi_driver.transport import AgentSecurity
 
 NODE_ID = "bench-node"
 SIZE = 1 * MiB
@@ -73,6 +96,18 @@ THIN = {"provisioning": "thin"}
 _FILL_BATCH = 25
 _ETCD_START_S = 20.0
 CALLERS = 32
+#: Controller and node in this process, the image created in the RPC's thread.
+ALL_IN_ONE = "all-in-one"
+#: A controller process and a node process, the node over the catalog service (mTLS).
+SPLIT = "split"
+#: The all-in-one in this process, and a controller process on the same SQLite file
+#: that leads: the leader's reconcilers run there, on the other core.
+LEADER_APART = "all-in-one+leader"
+TOPOLOGIES = (ALL_IN_ONE, SPLIT, LEADER_APART)
+#: The thread kind under which a process's CPU in the kernel is reported.
+KERNEL = "(kernel)"
+#: How long a served process may take to start (and its first list of the catalog).
+_SERVE_START_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -91,6 +126,11 @@ class Row:
     client_cpu_ms_per_create: float = 0.0
     #: Ferry's CPU ms per create with 32 callers, by thread kind (see thread_cpu_s)
     threads_ms: dict[str, float] = field(default_factory=dict)
+    topology: str = ALL_IN_ONE
+    #: Ferry's CPU ms per create with 32 callers, by process (split: controller, node)
+    processes_ms: dict[str, float] = field(default_factory=dict)
+    #: of which in the kernel (fsync, file and socket calls: off the GIL), by process
+    kernel_ms: dict[str, float] = field(default_factory=dict)
 
     def p(self, q: float) -> float:
         ordered = sorted(self.serial_ms)
@@ -99,6 +139,7 @@ class Row:
     def summary(self) -> dict[str, Any]:
         return {
             "backend": self.backend,
+            "topology": self.topology,
             "catalog_size": self.catalog_size,
             "serial_count": len(self.serial_ms),
             "serial_p50_ms": round(self.p(50), 2),
@@ -108,6 +149,12 @@ class Row:
             "cpu_ms_per_serial_create": round(self.cpu_ms_per_create, 2),
             "cpu_ms_per_concurrent_create": round(self.concurrent_cpu_ms_per_create, 2),
             "client_cpu_ms_per_concurrent_create": round(self.client_cpu_ms_per_create, 2),
+            "cpu_ms_per_concurrent_create_by_process": {
+                name: round(ms, 3) for name, ms in self.processes_ms.items()
+            },
+            "kernel_cpu_ms_per_concurrent_create_by_process": {
+                name: round(ms, 3) for name, ms in self.kernel_ms.items()
+            },
             "cpu_ms_per_concurrent_create_by_thread": {
                 name: round(ms, 3) for name, ms in self.threads_ms.items()
             },
@@ -253,14 +300,15 @@ def wait_settled(catalog: Catalog, count: int, timeout_s: float = 900.0) -> None
         time.sleep(0.5)
 
 
-def wait_quiet(timeout_s: float = 300.0) -> None:
-    """Wait until this process is idle: the node's second pass over each filled image
-    (woken by its own status write) must not be billed to the first creates measured."""
+def wait_quiet(cpu_s: Callable[[], float] = time.process_time, timeout_s: float = 300.0) -> None:
+    """Wait until Ferry is idle (``cpu_s``: its CPU so far, default this process's):
+    the node's second pass over each filled image (woken by its own status write)
+    must not be billed to the first creates measured."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        used = time.process_time()
+        used = cpu_s()
         time.sleep(1.0)
-        if time.process_time() - used < 0.05:
+        if cpu_s() - used < 0.05:
             return
 
 
@@ -326,39 +374,58 @@ def callers_main(argv: list[str]) -> int:
 
 
 def measure(
-    backend: str, catalog_url: str, workdir: Path, size: int, serial: int, concurrent: int
+    backend: str,
+    catalog_url: str,
+    workdir: Path,
+    size: int,
+    serial: int,
+    concurrent: int,
+    leader_apart: bool = False,
 ) -> Row:
+    """One row of the all-in-one: Ferry runs in this process (``leader_apart``: and
+    a leading controller process beside it, on the same SQLite file)."""
     config = node_config(workdir, 256 * GiB)
     endpoint = f"unix://{workdir}/csi.sock"
     filler = open_store(catalog_url)
+    leader: list[Served] = []
     try:
         started = time.monotonic()
         fill(Catalog(filler), size)
+        if leader_apart:
+            spec = {"csi": f"unix://{workdir}/leader.sock", "catalog": catalog_url}
+            leader.append(Served("leader", spec, workdir / "leader.log"))
         services = start_all_in_one(endpoint, config, catalog_url)
         try:
             CsiClient(endpoint).wait_ready()
             wait_settled(Catalog(filler), size)
-            wait_quiet()
+            wait_quiet(lambda: time.process_time() + sum(_cpu_of(leader)[0].values()))
             print(
                 f"  .. {backend}: {size} volumes in {time.monotonic() - started:.0f}s",
                 flush=True,
             )
-            cpu_started = time.process_time()
+            cpu_started, leader_before = time.process_time(), _cpu_of(leader)[0]
             samples = _callers(endpoint, "serial", serial, 1).samples
             # The callers' warm-up creates (10) are billed too: a slight overestimate.
             cpu_ms = (time.process_time() - cpu_started) * 1000 / serial
+            leader_after, leader_threads_before = _cpu_of(leader)
+            cpu_ms += sum(_per_create(leader_after, leader_before, serial).values())
             cpu_started, threads_before = time.process_time(), thread_cpu_s()
+            kernel_started = os.times().system
             batch = _callers(endpoint, "conc", concurrent, CALLERS)
-            concurrent_cpu_ms = (time.process_time() - cpu_started) * 1000 / concurrent
-            threads_ms = {
-                kind: (used - threads_before.get(kind, 0.0)) * 1000 / concurrent
-                for kind, used in thread_cpu_s().items()
-            }
+            processes_ms = {"all-in-one": (time.process_time() - cpu_started) * 1000 / concurrent}
+            kernel_ms = {"all-in-one": (os.times().system - kernel_started) * 1000 / concurrent}
+            threads_ms = _per_create(thread_cpu_s(), threads_before, concurrent)
+            leader_done, leader_threads = _cpu_of(leader)
+            processes_ms.update(_per_create(leader_done, leader_after, concurrent))
+            threads_ms.update(_per_create(leader_threads, leader_threads_before, concurrent))
+            kernel_ms.update(_kernel_of(threads_ms))
             rate = concurrent / batch.wall_s
         finally:
             services.stop(grace_s=1)
             release_under(workdir)
     finally:
+        for one in leader:
+            one.stop()
         filler.close()
     return Row(
         backend,
@@ -367,54 +434,278 @@ def measure(
         rate,
         CALLERS,
         cpu_ms,
-        concurrent_cpu_ms,
+        sum(processes_ms.values()),
         batch.cpu_s * 1000 / concurrent,
         threads_ms,
+        LEADER_APART if leader_apart else ALL_IN_ONE,
+        processes_ms,
+        kernel_ms,
     )
 
 
+def _kernel_of(threads_ms: dict[str, float]) -> dict[str, float]:
+    """The served processes' kernel CPU out of their per-thread figures (``role:(kernel)``)."""
+    return {
+        name.removesuffix(f":{KERNEL}"): ms
+        for name, ms in threads_ms.items()
+        if name.endswith(f":{KERNEL}")
+    }
+
+
+def _cluster_tls(workdir: Path) -> Path:
+    """A cluster CA made for this run and a certificate each for the controller and
+    the node, naming loopback (``ferry ca init`` and ``ferry ca issue``)."""
+    authority = CertificateAuthority.create("Ferry bench CA")
+    for identity in (Identity.controller(), Identity.node(NODE_ID)):
+        authority.issue(identity, ips=("127.0.0.1",)).write(workdir / "tls" / identity.dir_name)
+    return workdir / "tls"
+
+
+class Served:
+    """A Ferry process this bench started (``--serve``): it answers ``cpu`` on its
+    stdin with its CPU so far (in all, and by thread kind) and stops at EOF."""
+
+    def __init__(self, role: str, spec: dict[str, str], log: Path) -> None:
+        self.role = role
+        argv = [sys.executable, "-m", "bench.control_plane", "--serve", role, json.dumps(spec)]
+        with open(log, "ab") as sink:
+            self._process = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=sink, text=True
+            )
+        self._log = log
+        ready = self._answer()
+        if ready != "ready":
+            self.stop()
+            raise SystemExit(f"the bench's {role} did not start; see {log}")
+
+    def _answer(self) -> str:
+        assert self._process.stdout is not None
+        return self._process.stdout.readline().strip()
+
+    def cpu(self) -> tuple[float, dict[str, float]]:
+        """The process's CPU seconds so far, and by thread kind (named ``role:kind``,
+        and ``role:(kernel)`` for its CPU in the kernel, all threads)."""
+        assert self._process.stdin is not None
+        self._process.stdin.write("cpu\n")
+        self._process.stdin.flush()
+        answer = self._answer()
+        if not answer:
+            raise SystemExit(f"the bench's {self.role} died; see {self._log}")
+        measured = json.loads(answer)
+        threads = {f"{self.role}:{kind}": used for kind, used in measured["threads"].items()}
+        threads[f"{self.role}:{KERNEL}"] = measured["system_s"]
+        return measured["cpu_s"], threads
+
+    def stop(self) -> None:
+        if self._process.stdin is not None:
+            self._process.stdin.close()
+        try:
+            self._process.wait(30)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+
+def serve_main(role: str, spec: dict[str, str]) -> int:
+    """A bench's ``controller`` or ``node`` process, as ``ferry controller --catalog
+    FILE --catalog-listen tcp://...`` and ``ferry node --catalog ferry://...`` run."""
+    security = AgentSecurity(TlsBundle.load(Path(spec["tls"]))) if spec.get("tls") else None
+    workdir: Path | None = None
+    if role == "leader":
+        services = start_controller(spec["csi"], spec["catalog"])
+        deadline = time.monotonic() + _SERVE_START_S
+        while REGISTRY.get_sample_value("ferry_controller_leader") != 1.0:
+            if time.monotonic() > deadline:
+                raise SystemExit("the bench's leader process did not win the election")
+            time.sleep(0.05)
+    elif role == "controller":
+        services = start_controller(
+            spec["csi"], spec["catalog"], security, catalog_listen=spec["listen"]
+        )
+    else:
+        workdir = Path(spec["workdir"])
+        config = replace(
+            node_config(workdir, 256 * GiB),
+            agent_endpoint="tcp://127.0.0.1:0",
+            security=security or AgentSecurity(),
+        )
+        services = start_node(spec["csi"], config, spec["catalog"])
+    print("ready", flush=True)
+    try:
+        for line in sys.stdin:
+            if line.strip() != "cpu":
+                break
+            used = {
+                "cpu_s": time.process_time(),
+                "system_s": os.times().system,
+                "threads": thread_cpu_s(),
+            }
+            print(json.dumps(used), flush=True)
+    finally:
+        services.stop(grace_s=1)
+        if workdir is not None:
+            release_under(workdir)
+    return 0
+
+
+def _cpu_of(served: list[Served]) -> tuple[dict[str, float], dict[str, float]]:
+    """Each served process's CPU seconds so far, and their threads' by kind."""
+    processes: dict[str, float] = {}
+    threads: dict[str, float] = {}
+    for one in served:
+        processes[one.role], by_thread = one.cpu()
+        threads.update(by_thread)
+    return processes, threads
+
+
+def _per_create(after: dict[str, float], before: dict[str, float], count: int) -> dict[str, float]:
+    return {name: (used - before.get(name, 0.0)) * 1000 / count for name, used in after.items()}
+
+
+def measure_split(workdir: Path, size: int, serial: int, concurrent: int) -> Row:
+    """One row of the split topology (SQLite): a controller process serving the
+    catalog over loopback mTLS, a node process reaching it there, the callers a third."""
+    tls = _cluster_tls(workdir)
+    catalog_file = str(workdir / "catalog.db")
+    endpoint = f"unix://{workdir}/csi.sock"
+    catalog_address = f"127.0.0.1:{_free_port()}"
+    filler = open_store(catalog_file)
+    served: list[Served] = []
+    try:
+        started = time.monotonic()
+        fill(Catalog(filler), size)
+        served.append(
+            Served(
+                "controller",
+                {
+                    "tls": str(tls / Identity.controller().dir_name),
+                    "csi": endpoint,
+                    "catalog": catalog_file,
+                    "listen": f"tcp://{catalog_address}",
+                },
+                workdir / "controller.log",
+            )
+        )
+        (workdir / "node").mkdir()
+        served.append(
+            Served(
+                "node",
+                {
+                    "tls": str(tls / Identity.node(NODE_ID).dir_name),
+                    "csi": f"unix://{workdir}/node/csi.sock",
+                    "catalog": f"ferry://{catalog_address}",
+                    "workdir": str(workdir / "node"),
+                },
+                workdir / "node.log",
+            )
+        )
+        CsiClient(endpoint).wait_ready()
+        wait_settled(Catalog(filler), size)
+        wait_quiet(lambda: sum(_cpu_of(served)[0].values()))
+        print(f"  .. sqlite split: {size} volumes in {time.monotonic() - started:.0f}s", flush=True)
+        before, _ = _cpu_of(served)
+        samples = _callers(endpoint, "serial", serial, 1).samples
+        after, threads_before = _cpu_of(served)
+        serial_ms = _per_create(after, before, serial)
+        batch = _callers(endpoint, "conc", concurrent, CALLERS)
+        done, threads_after = _cpu_of(served)
+    finally:
+        for one in reversed(served):
+            one.stop()
+        release_under(workdir)
+        filler.close()
+    processes_ms = _per_create(done, after, concurrent)
+    threads_ms = _per_create(threads_after, threads_before, concurrent)
+    return Row(
+        "sqlite",
+        size,
+        samples,
+        concurrent / batch.wall_s,
+        CALLERS,
+        sum(serial_ms.values()),
+        sum(processes_ms.values()),
+        batch.cpu_s * 1000 / concurrent,
+        threads_ms,
+        SPLIT,
+        processes_ms,
+        _kernel_of(threads_ms),
+    )
+
+
+def _measure_one(
+    backend: str, topology: str, workdir: Path, size: int, serial: int, concurrent: int
+) -> Row:
+    if topology == SPLIT:
+        return measure_split(workdir, size, serial, concurrent)
+    if backend == "sqlite":
+        url = str(workdir / "catalog.db")
+        return measure(backend, url, workdir, size, serial, concurrent, topology == LEADER_APART)
+    with single_etcd(workdir) as url:
+        return measure(backend, url, workdir, size, serial, concurrent)
+
+
 def run(
-    workroot: Path, backends: list[str], sizes: list[int], serial: int, concurrent: int
+    workroot: Path,
+    backends: list[str],
+    sizes: list[int],
+    serial: int,
+    concurrent: int,
+    topologies: tuple[str, ...] = (ALL_IN_ONE,),
 ) -> list[Row]:
+    """Every (backend, topology, size) row; the other topologies on SQLite only (an
+    etcd's nodes reach etcd itself, not the controller, and its leader is elected
+    by a lease the bench does not split)."""
+    unknown = set(topologies) - set(TOPOLOGIES)
+    if unknown:
+        raise SystemExit(f"unknown topologies {sorted(unknown)}: choose from {TOPOLOGIES}")
     rows = []
     for backend in backends:
-        for size in sizes:
-            workdir = workroot / f"{backend}-{size}"
-            workdir.mkdir(parents=True)
-            try:
-                if backend == "sqlite":
-                    url = str(workdir / "catalog.db")
-                    rows.append(measure(backend, url, workdir, size, serial, concurrent))
-                else:
-                    with single_etcd(workdir) as url:
-                        rows.append(measure(backend, url, workdir, size, serial, concurrent))
-            finally:
-                shutil.rmtree(workdir, ignore_errors=True)
-            summary = rows[-1].summary()
-            del summary["cpu_ms_per_concurrent_create_by_thread"]  # the line below says it
-            print("  .. " + str(summary), flush=True)
-            print("  .. Ferry CPU ms per create by thread: " + rows[-1].threads_line(), flush=True)
+        for topology in topologies:
+            if topology != ALL_IN_ONE and backend != "sqlite":
+                continue
+            for size in sizes:
+                workdir = workroot / f"{backend}-{topology}-{size}"
+                workdir.mkdir(parents=True)
+                try:
+                    rows.append(_measure_one(backend, topology, workdir, size, serial, concurrent))
+                finally:
+                    shutil.rmtree(workdir, ignore_errors=True)
+                summary = rows[-1].summary()
+                del summary["cpu_ms_per_concurrent_create_by_thread"]  # the line below says it
+                print("  .. " + str(summary), flush=True)
+                print(
+                    "  .. Ferry CPU ms per create by thread: " + rows[-1].threads_line(),
+                    flush=True,
+                )
     return rows
 
 
 def render(rows: list[Row]) -> str:
     lines = [
-        "| backend | catalog size | serial p50 ms | serial p99 ms | 32-caller creates/s "
-        "| p50 ratio vs smallest | Ferry CPU ms per serial create "
-        "| Ferry CPU ms per create, 32 callers | callers' CPU ms per create |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| backend | topology | catalog size | serial p50 ms | serial p99 ms "
+        "| 32-caller creates/s | p50 ratio vs smallest | Ferry CPU ms per serial create "
+        "| Ferry CPU ms per create, 32 callers (by process; of it in the kernel) "
+        "| callers' CPU ms per create |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
-    base: dict[str, float] = {}
+    base: dict[tuple[str, str], float] = {}
     for row in rows:
-        base.setdefault(row.backend, row.p(50))
+        ratio = row.p(50) / base.setdefault((row.backend, row.topology), row.p(50))
+        parts = ", ".join(
+            f"{name} {ms:.2f}, kernel {row.kernel_ms.get(name, 0.0):.2f}"
+            for name, ms in row.processes_ms.items()
+        )
+        by_process = f" ({parts})"
         lines.append(
-            f"| {row.backend} | {row.catalog_size} | {row.p(50):.2f} | {row.p(99):.2f} "
-            f"| {row.concurrent_per_s:.0f} | {row.p(50) / base[row.backend]:.2f} "
-            f"| {row.cpu_ms_per_create:.2f} | {row.concurrent_cpu_ms_per_create:.2f} "
+            f"| {row.backend} | {row.topology} | {row.catalog_size} | {row.p(50):.2f} "
+            f"| {row.p(99):.2f} | {row.concurrent_per_s:.0f} | {ratio:.2f} "
+            f"| {row.cpu_ms_per_create:.2f} | {row.concurrent_cpu_ms_per_create:.2f}{by_process} "
             f"| {row.client_cpu_ms_per_create:.2f} |"
         )
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--serve"]:
+        sys.exit(serve_main(sys.argv[2], json.loads(sys.argv[3])))
     sys.exit(callers_main(sys.argv[1:]))

@@ -45,7 +45,7 @@ from csi_driver.node.clones import SnapshotExports, SnapshotFetcher
 from csi_driver.node.fencing import EpochFence
 from csi_driver.node.pool import ImageInfo, Pool
 from csi_driver.node.reconcile.exports import export_runner
-from csi_driver.node.reconcile.images import LocalImages, image_runner
+from csi_driver.node.reconcile.images import LocalImages, image_runner, settle_ahead
 from csi_driver.node.reconcile.replicas import replica_runner
 from csi_driver.node.reconcile.snapshots import snapshot_runner
 from csi_driver.node.runner import CommandRunner
@@ -55,6 +55,7 @@ from csi_driver.rpc.errors import RUNNING
 from csi_driver.store.base import CatalogStore
 from csi_driver.store.catalog import Catalog
 from csi_driver.store.etcd import DEFAULT_LEASE_TTL_S
+from csi_driver.store.sqlite import SqliteStore
 from csi_driver.store.url import open_store
 from csi_driver.transfer.source import Exports, serve_chunks
 from csi_driver.transport import (
@@ -70,6 +71,9 @@ log = logging.getLogger(__name__)
 HEARTBEAT_INTERVAL_S = 10.0
 #: How soon a heartbeat that failed (the catalog unreachable) is tried again.
 HEARTBEAT_RETRY_S = 1.0
+#: Every this many beats, the heartbeat's scan of the pool takes a stat of every
+#: image, not only of those in use (a safety net for writers the node does not see).
+FULL_SCAN_BEATS = 30
 #: How long a stop waits, after cancelling the calls still running, for their threads.
 SETTLE_S = 0.5
 
@@ -187,12 +191,18 @@ def _report_pool(pool: Pool, images: Sequence[ImageInfo] | None = None) -> None:
 def _heartbeat(catalog: Catalog, parts: NodeParts, stopping: threading.Event) -> None:
     node_id = parts.config.node_id
     pause = parts.config.heartbeat_s
+    beats = 0
     while not stopping.wait(pause):
         try:
-            # One scan of the pool (a stat per image) serves the whole beat.
-            images = parts.pool.images()
+            # One scan of the pool serves the whole beat. It takes a stat of the images
+            # staged now (written through their loop devices) and of those the pool or
+            # an unstage changed since the last; the others are as the last scan found
+            # them. Every FULL_SCAN_BEATS beats, a stat of every image.
+            staged = None if beats % FULL_SCAN_BEATS == 0 else set(parts.agent.staged_volumes())
+            beats += 1
+            images = parts.pool.images(restat=staged)
             if parts.pool.keep_reserved(images):
-                images = parts.pool.images()
+                images = parts.pool.images(restat=staged)
             catalog.heartbeat(node_id, time.time(), parts.agent.conditions(images))
             _report_pool(parts.pool, images)
             pause = parts.config.heartbeat_s
@@ -245,6 +255,9 @@ def _start_node_side(parts: NodeParts, catalog: Catalog, services: Services) -> 
     fetcher = SnapshotFetcher(
         catalog.store, parts.config.security, parts.config.pool_root, backups, node_id
     )
+    # Before any pass of the runner: an image a crash left created ahead of its
+    # records is the volume's, or nothing's (see LocalImages.create_ahead).
+    settle_ahead(catalog.store, parts.pool, node_id)
     images, local = image_runner(catalog.store, parts.agent, fetcher=fetcher)
     parts.local_images = local
     snapshots = snapshot_runner(catalog.store, parts.agent, backups=backups, fetcher=fetcher)
@@ -462,7 +475,10 @@ def start_all_in_one(
         parts = NodeParts(config)
         _start_node_side(parts, catalog, services)
         readings = _readings(catalog, node_lost_after_s, services)
-        volumes = VolumeService(catalog, local=parts.local_images, readings=readings)
+        # A failed SQLite commit wrote nothing, so an image created ahead of its records
+        # can be dropped when their txn fails; an etcd txn that times out may still land.
+        ahead = parts.local_images if isinstance(store, SqliteStore) else None
+        volumes = VolumeService(catalog, local=parts.local_images, readings=readings, ahead=ahead)
         services.closers.append(volumes.close)
         identity = IdentityServicer([volumes.check, parts.agent.check], controller=True)
         fence = EpochFence(catalog, config.node_id)

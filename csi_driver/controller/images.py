@@ -29,6 +29,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import Protocol
 
 from csi_driver.core import deadline
 from csi_driver.core.errors import (
@@ -78,6 +79,17 @@ _REFUSALS: dict[FailureReason, Callable[[str], FerryError]] = {
 
 #: A node's image reconciler in this process: the status it stored for a spec, or None.
 LocalNode = Callable[[Versioned[ImageSpec]], ImageStatus | None]
+
+
+class AheadNode(Protocol):
+    """A node in this process that creates a new image ahead of its records, then
+    lets the caller store them with its READY status in one txn (LocalImages)."""
+
+    node_id: str
+
+    def create_ahead(
+        self, spec: ImageSpec, commit: Callable[[ImageStatus], int]
+    ) -> ImageStatus: ...
 
 
 class Deposed(FailedPrecondition):
@@ -133,8 +145,10 @@ class ImageIntents:
         account: Versioned[NodeAccounting] | None,
         *,
         claim_name: bool,
+        status: ImageStatus | None = None,
     ) -> Versioned[NodeAccounting]:
-        """One txn: the new volume, its name, its image spec and its node's charge.
+        """One txn: the new volume, its name, its image spec and its node's charge;
+        and ``status``, the node's READY for an image created ahead of them.
 
         Returns the node's accounting as written. Raises Conflict (naming
         the key) when the accounting moved since it was read or the name or
@@ -152,6 +166,9 @@ class ImageIntents:
         if claim_name:
             compares.append(self._catalog.name_absent(volume.name))
             ops.append(self._catalog.name_op(volume.name, volume.volume_id))
+        if status is not None:
+            compares.append(Compare(image.status_key, ABSENT))
+            ops.append(put(status))
         return Versioned(charged, self.txn(compares, ops))
 
     def finish_create(

@@ -17,11 +17,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from csi_driver.controller.fencing import Fences
-from csi_driver.controller.images import DEFAULT_WAIT_S, ImageIntents, LocalNode
+from csi_driver.controller.images import (
+    DEFAULT_WAIT_S,
+    REPLY_MARGIN_S,
+    AheadNode,
+    ImageIntents,
+    LocalNode,
+)
 from csi_driver.controller.moves import MoveRequests
 from csi_driver.controller.policy import check_mutable, modify_volume
 from csi_driver.controller.readiness import NodeReadings
 from csi_driver.controller.snapshots import CloneSource
+from csi_driver.core import deadline
 from csi_driver.core.encryption import check_encryptable
 from csi_driver.core.errors import (
     CONTROLLER_PUBLISH_INCOMPATIBLE,
@@ -69,7 +76,7 @@ from csi_driver.core.placement import (
     eligible,
     snapshots_hold,
 )
-from csi_driver.core.records import ImageSpec, NodeAccounting
+from csi_driver.core.records import ImageSpec, ImageStatus, NodeAccounting
 from csi_driver.store.base import Put
 from csi_driver.store.catalog import NAMES, Catalog
 from csi_driver.store.records import Versioned, put, unchanged_since
@@ -96,6 +103,10 @@ FS_TYPE_CONTEXT_KEY = "fsType"
 
 class _NameTaken(Conflict):
     """The provision txn lost on the name's compare: the name is claimed already."""
+
+
+class _PlacedElsewhere(Conflict):
+    """Placement now picks another node than the one an image was created ahead on."""
 
 
 @dataclass(frozen=True)
@@ -236,12 +247,17 @@ class VolumeService:
         wait_s: float = DEFAULT_WAIT_S,
         local: LocalNode | None = None,
         readings: NodeReadings | None = None,
+        ahead: AheadNode | None = None,
     ) -> None:
         """``local``: the image reconciler of a node in this process (see ImageIntents).
+        ``ahead``: that node, when the catalog's commits are definitive (a failed one
+        wrote nothing): its new empty volumes are created image first, with every
+        record in one txn (:meth:`_provision_ahead`).
         ``readings``: which nodes are ready for a new volume (not drained, silent or
         lost, as for replicas) and which are lost (a detach from one is fenced)."""
         self._catalog = catalog
         self._images = ImageIntents(catalog, wait_s=wait_s, local=local)
+        self._ahead = ahead
         self._readings = readings or NodeReadings(catalog)
         self._fences = Fences(catalog, self._images, self._readings)
         self._moves = MoveRequests(catalog, wait_s=wait_s, clock=clock)
@@ -354,6 +370,67 @@ class VolumeService:
         """Place the volume and write its intent; the volume and its image spec as written."""
         volume_id = claimed_id or f"vol-{uuid.uuid4().hex}"
         thin = params.provisioning is Provisioning.THIN
+
+        def intent(node_id: str) -> tuple[Volume, ImageSpec]:
+            volume = Volume(
+                volume_id=volume_id,
+                name=name,
+                capacity_bytes=size,
+                access_type=access_type,
+                fs_type=fs_type,
+                primary_node=node_id,
+                epoch=1,
+                state=VolumeState.CREATING,
+                parameters=tuple(sorted(params.as_dict().items())),
+                created_at=self._clock(),
+                content_source=source.described if source else "",
+            )
+            image = ImageSpec(
+                volume_id,
+                node_id,
+                size,
+                volume.epoch,
+                thin=thin,
+                source=source.image if source else None,
+            )
+            return volume, image
+
+        if claimed_id is None and source is None:
+            made = self._provision_ahead(size, requirement, intent)
+            if made is not None:
+                return made
+        written: list[tuple[Volume, ImageSpec]] = []
+
+        def write(
+            node_id: str, account: Versioned[NodeAccounting] | None
+        ) -> Versioned[NodeAccounting]:
+            volume, image = intent(node_id)
+            charged = self._images.provision(volume, image, account, claim_name=not claimed_id)
+            written.append((volume, image))
+            return charged
+
+        revision = self._placed(volume_id, name, size, requirement, write)
+        volume, image = written[-1]
+        return volume, Versioned(image, revision)
+
+    def _placed(
+        self,
+        volume_id: str,
+        name: str,
+        size: int,
+        requirement: TopologyRequirement | None,
+        write: Callable[[str, Versioned[NodeAccounting] | None], Versioned[NodeAccounting]],
+        *,
+        only: str | None = None,
+    ) -> int:
+        """Under the placement lock: choose the primary and ``write(node, its accounting
+        as read)``, the txn that charges it (returning the accounting as written); again
+        on a fresh view when the remembered one had no room or the node's accounting
+        moved. Returns the txn's revision.
+
+        ``only``: the node the volume must go to; :class:`_PlacedElsewhere` when
+        placement now picks another.
+        """
         with self._placement:
             fresh = False
             for _ in range(_CAS_ATTEMPTS):
@@ -367,50 +444,90 @@ class VolumeService:
                         raise
                     fresh = True  # the remembered view may be stale: decide on a fresh one
                     continue
-                volume = Volume(
-                    volume_id=volume_id,
-                    name=name,
-                    capacity_bytes=size,
-                    access_type=access_type,
-                    fs_type=fs_type,
-                    primary_node=primary.node_id,
-                    epoch=1,
-                    state=VolumeState.CREATING,
-                    parameters=tuple(sorted(params.as_dict().items())),
-                    created_at=self._clock(),
-                    content_source=source.described if source else "",
-                )
-                image = ImageSpec(
-                    volume_id,
-                    primary.node_id,
-                    size,
-                    volume.epoch,
-                    thin=thin,
-                    source=source.image if source else None,
-                )
+                if only is not None and primary.node_id != only:
+                    raise _PlacedElsewhere(f"placed on {primary.node_id}, not {only}")
                 try:
-                    charged = self._images.provision(
-                        volume, image, accounts.get(primary.node_id), claim_name=not claimed_id
-                    )
+                    charged = write(primary.node_id, accounts.get(primary.node_id))
                 except Conflict as exc:
                     if exc.key is not None and exc.key.startswith(NAMES):
                         raise _NameTaken(exc.message, key=exc.key) from exc
                     fresh = True  # the node's accounting moved: read it and place again
                     continue
                 self._remembered_accounts[primary.node_id] = charged
-                break
-            else:
-                raise StoreError(f"placement of {name!r} kept losing races; retry")
-        log.info(
-            "volume placed",
-            extra={
-                "volume": volume_id,
-                "volume_name": name,
-                "node": primary.node_id,
-                "bytes": size,
-            },
-        )
-        return volume, Versioned(image, charged.revision)
+                log.info(
+                    "volume placed",
+                    extra={
+                        "volume": volume_id,
+                        "volume_name": name,
+                        "node": primary.node_id,
+                        "bytes": size,
+                    },
+                )
+                return charged.revision
+            raise StoreError(f"placement of {name!r} kept losing races; retry")
+
+    def _provision_ahead(
+        self,
+        size: int,
+        requirement: TopologyRequirement | None,
+        intent: Callable[[str], tuple[Volume, ImageSpec]],
+    ) -> tuple[Volume, Versioned[ImageSpec]] | None:
+        """A new empty volume on this process's own node (the all-in-one on SQLite):
+        the image first, then the volume READY, its name, its image spec and status
+        and the node's charge in one txn (see LocalImages.create_ahead): one commit
+        and one round of watch events per create instead of three.
+
+        None when the volume goes to another node, when the call's time is nearly
+        spent, or when the image cannot be made here: the intent is then written
+        and the node asked as for any other node (it reports why it cannot).
+        """
+        ahead = self._ahead
+        left = deadline.remaining()
+        if ahead is None or (left is not None and left <= REPLY_MARGIN_S):
+            return None
+        with self._placement:
+            nodes = self._placement_nodes(False)
+            # With other nodes to choose from, decide before making an image here (the
+            # txn's placement decides again); alone, this node is the only choice.
+            if any(node.node_id != ahead.node_id for node in nodes):
+                try:
+                    views = self._readings.views(self._placement_accounts(False), nodes)
+                    if choose_primary(views, size, requirement).node_id != ahead.node_id:
+                        return None
+                except (ResourceExhausted, OutOfRange):
+                    return None  # the intent path decides on a fresh view, and says why
+        volume, image = intent(ahead.node_id)
+        ready = replace(volume, state=VolumeState.READY)
+        committed: list[int] = []
+        entered: list[bool] = []
+
+        def commit(status: ImageStatus) -> int:
+            entered.append(True)
+
+            def write(
+                node_id: str, account: Versioned[NodeAccounting] | None
+            ) -> Versioned[NodeAccounting]:
+                return self._images.provision(ready, image, account, claim_name=True, status=status)
+
+            placed = self._placed(
+                volume.volume_id, volume.name, size, requirement, write, only=ahead.node_id
+            )
+            committed.append(placed)
+            return committed[0]
+
+        try:
+            ahead.create_ahead(image, commit)
+        except _PlacedElsewhere:
+            return None
+        except (FerryError, OSError) as exc:
+            if entered:
+                raise  # the txn's own outcome: a taken name, no room left, a store error
+            log.info(
+                "image not created ahead; asking the node",
+                extra={"volume": volume.volume_id, "error": str(exc)},
+            )
+            return None
+        return ready, Versioned(image, committed[0])
 
     def _finish_create(self, volume: Volume, image: Versioned[ImageSpec] | None = None) -> Volume:
         if volume.state is VolumeState.READY:

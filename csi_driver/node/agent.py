@@ -469,6 +469,7 @@ class NodeAgent:
             # The next stage must see the device blank again, not a half-made filesystem.
             self.filesystems.wipe(str(image))
         self._states.remove(current.volume_id)
+        self.pool.written(current.volume_id)  # a scan restats only the images in use
 
     # -- delete --------------------------------------------------------------------
 

@@ -25,6 +25,23 @@ The pool keeps each image's size, epoch and kind in memory (it is their
 only writer), so a lookup or a scan of the pool costs one ``stat`` per image
 and reads no metadata file.
 
+An image created *ahead* of its records (:meth:`Pool.create_ahead`: the
+all-in-one writes the volume's records and its READY status in one catalog
+transaction once the image is durable) is written straight to
+``<volume-id>.json.ahead`` and ``<volume-id>.img.ahead``, invisible to
+lookups and scans, with no fsync of its own: one ``syncfs(2)`` shared by
+every create under way makes them durable (what it costs instead of three
+fsyncs each: they need no order among them, since nothing reads them before
+the transaction that follows that syncfs; the price: it also writes back
+whatever else is dirty on the pool's filesystem, such as a replica being
+pulled, and a create then waits for that). Once the transaction is committed
+:meth:`Pool.keep_ahead` renames both into place (the image first, the
+metadata last); if it failed, :meth:`Pool.drop_ahead` removes them. A crash
+anywhere in between leaves ``.ahead`` files that the node settles at its
+next start by the catalog: the volume's image spec is there (the transaction
+was committed, so they were durable) or not, and then they are removed
+whatever they hold (:func:`csi_driver.node.reconcile.images.settle_ahead`).
+
 Capacity is never over-committed: the sum of image sizes never exceeds the
 pool's capacity. A thick image (the default) also holds its bytes on the
 pool's filesystem: they are reserved with ``fallocate(2)`` mode 0 when the
@@ -37,6 +54,7 @@ write.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -44,7 +62,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +82,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIX = ".img"
 META_SUFFIX = ".json"
+#: Appended to an image's two files while it is created ahead of its records.
+AHEAD_SUFFIX = ".ahead"
 #: Image sizes are whole multiples of this (loop devices want 512-byte sectors;
 #: whole MiB keeps filesystems and accounting simple).
 SIZE_ALIGNMENT = 1024 * 1024
@@ -101,6 +121,25 @@ class PoolStatus:
         return max(0, self.capacity_bytes - self.provisioned_bytes)
 
 
+def _write_json(path: Path, document: dict[str, object], *, named: Path, sync: bool) -> None:
+    """Write ``document`` to ``path``, fsync'd if ``sync`` (``named``: the file it
+    will become, for the message of a full filesystem)."""
+    try:
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(document, handle, sort_keys=True)
+            if sync:
+                handle.flush()
+                os.fsync(handle.fileno())
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceExhausted(
+                f"cannot record {named.name}: the filesystem holding {named.parent} is full; "
+                "free space on it and retry"
+            ) from exc
+        raise
+
+
 def write_json_atomic(path: Path, document: dict[str, object]) -> None:
     """Replace ``path`` with ``document`` so readers see the old or the new file, whole."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -111,19 +150,7 @@ def write_json_atomic(path: Path, document: dict[str, object]) -> None:
 
 def write_json_durably(tmp: Path, path: Path, document: dict[str, object]) -> None:
     """Write ``document`` to ``tmp`` and fsync it (``path``: what it will become)."""
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(document, handle, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ResourceExhausted(
-                f"cannot record {path.name}: the filesystem holding {path.parent} is full; "
-                "free space on it and retry"
-            ) from exc
-        raise
+    _write_json(tmp, document, named=path, sync=True)
 
 
 def fsync_dir(path: Path) -> None:
@@ -143,8 +170,10 @@ class DirectorySync:
     arrived meanwhile, so N concurrent creates cost about two fsyncs, not N.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, flush: Callable[[Path], None] | None = None) -> None:
+        """``flush``: what makes the changes durable (default: an fsync of ``path``)."""
         self._path = path
+        self._flush = flush or fsync_dir
         self._changed = threading.Condition()
         self._next = 1  # the number the next fsync to start will have
         self._done = 0  # the last fsync finished
@@ -163,12 +192,34 @@ class DirectorySync:
                 self._next += 1
                 self._changed.release()
                 try:
-                    fsync_dir(self._path)
+                    self._flush(self._path)
                 finally:
                     self._changed.acquire()
                     self._running = False
                     self._changed.notify_all()
                 self._done = number
+
+
+def _libc_syncfs() -> Callable[[int], int]:
+    call = ctypes.CDLL(None, use_errno=True).syncfs
+    call.argtypes = (ctypes.c_int,)
+    call.restype = ctypes.c_int
+    return call
+
+
+_SYNCFS = _libc_syncfs()
+
+
+def syncfs(path: Path) -> None:
+    """syncfs(2): every change on the filesystem holding ``path`` made durable
+    (files' data and metadata, directory entries), in one journal commit."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _SYNCFS(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), str(path))
+    finally:
+        os.close(fd)
 
 
 def _libc_fallocate() -> Callable[[int, int, int, int], int]:
@@ -261,8 +312,17 @@ class Pool:
         self._created = threading.Condition(self._lock)
         self._creating: set[str] = set()
         self._directory = DirectorySync(self.images_dir)
+        # Images created ahead need no order among their writes (nothing sees them
+        # before their txn, which waits for this): one syncfs serves every create
+        # under way, in place of three fsyncs each.
+        self._ahead_sync = DirectorySync(self.images_dir, flush=syncfs)
+        # What create_ahead made, until kept or dropped (keep_ahead reads nothing back).
+        self._made_ahead: dict[str, ImageInfo] = {}
         # Each image's epoch and kind, as its metadata file says (the pool writes it).
         self._kinds: dict[str, tuple[int, bool]] = {}
+        # Each image as a scan last found it (see images(restat=...)); the pool
+        # drops an image's entry, under its lock, whenever it changes that image.
+        self._stats: dict[str, ImageInfo] = {}
         self._remove_temp_files()
         self.filesystem = _filesystem_of(self.root)
         if capacity_bytes is None:
@@ -295,6 +355,14 @@ class Pool:
     def _meta_path(self, volume_id: str) -> Path:
         return self.images_dir / f"{_checked(volume_id)}{META_SUFFIX}"
 
+    def _ahead_paths(self, volume_id: str) -> tuple[tuple[Path, Path], tuple[Path, Path]]:
+        """(ahead, final) for the image, then for its metadata (the marker)."""
+        image, meta = self.image_path(volume_id), self._meta_path(volume_id)
+        return (
+            (image.with_name(image.name + AHEAD_SUFFIX), image),
+            (meta.with_name(meta.name + AHEAD_SUFFIX), meta),
+        )
+
     # -- queries -------------------------------------------------------------------
 
     def get(self, volume_id: str) -> ImageInfo | None:
@@ -317,9 +385,9 @@ class Pool:
             thin=kind[1],
         )
 
-    def _read_kind(self, volume_id: str) -> tuple[int, bool]:
-        """The image's epoch and kind from its metadata file."""
-        meta = json.loads(self._meta_path(volume_id).read_text(encoding="utf-8"))
+    def _read_kind(self, volume_id: str, path: Path | None = None) -> tuple[int, bool]:
+        """The image's epoch and kind from its metadata file (``path``: that file)."""
+        meta = json.loads((path or self._meta_path(volume_id)).read_text(encoding="utf-8"))
         # Images made before thick provisioning existed were sparse.
         return int(meta.get("epoch", 0)), bool(meta.get("thin", True))
 
@@ -329,14 +397,47 @@ class Pool:
             raise NotFound(f"volume {volume_id} has no image in the pool at {self.images_dir}")
         return info
 
-    def images(self) -> list[ImageInfo]:
-        """Every image in the pool, in volume id order (one ``stat`` each)."""
+    def images(self, *, restat: Collection[str] | None = None) -> list[ImageInfo]:
+        """Every image in the pool, in volume id order.
+
+        ``restat``: the only images that may have changed since the last scan
+        without the pool knowing (those attached to a loop device, written
+        through it); every other image is as that scan found it, unless the
+        pool changed it since (it then takes a ``stat`` again). A periodic
+        scan of a big pool then costs what is in use, not what exists.
+        None: a ``stat`` each.
+        """
         found = []
         for volume_id in sorted(self._kinds):
-            info = self.get(volume_id)
+            info = None
+            if restat is not None and volume_id not in restat:
+                info = self._stats.get(volume_id)
+            if info is None:
+                info = self._stat(volume_id)
             if info is not None:
                 found.append(info)
         return found
+
+    def _stat(self, volume_id: str) -> ImageInfo | None:
+        # Under the lock: a change of the image by the pool is either before this
+        # stat (which sees it) or after it (and drops what it stored).
+        with self._lock:
+            info = self.get(volume_id)
+            if info is None:
+                self._stats.pop(volume_id, None)
+            else:
+                self._stats[volume_id] = info
+        return info
+
+    def _changed(self, volume_id: str) -> None:
+        """The pool changed ``volume_id``'s image (call under the lock): scan it again."""
+        self._stats.pop(volume_id, None)
+
+    def written(self, volume_id: str) -> None:
+        """``volume_id``'s image was written outside the pool (through a loop device now
+        detached): the next scan takes a ``stat`` of it again."""
+        with self._lock:
+            self._changed(volume_id)
 
     def _scan(self) -> list[ImageInfo]:
         """The images on disk, metadata read from each file (at start)."""
@@ -383,21 +484,9 @@ class Pool:
         """
         size = _aligned(size_bytes)
         kind = "thin" if thin else "thick"
-        with self._created:
-            while volume_id in self._creating:
-                self._created.wait()
-            existing = self.get(volume_id)
-            if existing is not None:
-                if existing.size_bytes != size or existing.thin != thin:
-                    raise AlreadyExists(
-                        f"volume {volume_id} already has a {existing.size_bytes}-byte "
-                        f"{'thin' if existing.thin else 'thick'} image, not a {size}-byte "
-                        f"{kind} one"
-                    )
-                return existing
-            self._reserve(size, f"create volume {volume_id}")
-            self._sizes[volume_id] = size  # reserved while its files are written
-            self._creating.add(volume_id)
+        existing = self._reserve_new(volume_id, size, thin)
+        if existing is not None:
+            return existing
         created = False
         try:
             info = self._write_new(volume_id, size, epoch, thin)
@@ -409,9 +498,138 @@ class Pool:
                     self._kinds[volume_id] = (epoch, thin)
                 else:
                     self._sizes.pop(volume_id, None)
+                self._changed(volume_id)
                 self._created.notify_all()
         log.info("image created", extra={"volume": volume_id, "bytes": size, "kind": kind})
         return info
+
+    def _reserve_new(self, volume_id: str, size: int, thin: bool) -> ImageInfo | None:
+        """Reserve ``size`` for a new image and mark it being created; the image
+        already there instead, if it is of this size and kind."""
+        with self._created:
+            while volume_id in self._creating:
+                self._created.wait()
+            existing = self.get(volume_id)
+            if existing is not None:
+                if existing.size_bytes != size or existing.thin != thin:
+                    raise AlreadyExists(
+                        f"volume {volume_id} already has a {existing.size_bytes}-byte "
+                        f"{'thin' if existing.thin else 'thick'} image, not a {size}-byte "
+                        f"{'thin' if thin else 'thick'} one"
+                    )
+                return existing
+            self._reserve(size, f"create volume {volume_id}")
+            self._sizes[volume_id] = size  # reserved while its files are written
+            self._creating.add(volume_id)
+        return None
+
+    # -- images created ahead of their records ---------------------------------
+
+    def create_ahead(
+        self, volume_id: str, size_bytes: int, epoch: int, *, thin: bool = False
+    ) -> ImageInfo:
+        """A new image, durable but invisible, its space reserved, until
+        :meth:`keep_ahead` or :meth:`drop_ahead` (see the module docstring).
+
+        Raises AlreadyExists when the volume has an image already.
+        """
+        size = _aligned(size_bytes)
+        if self._reserve_new(volume_id, size, thin) is not None:
+            raise AlreadyExists(f"volume {volume_id} already has an image")
+        (image, _), (meta, _) = self._ahead_paths(volume_id)
+        try:
+            # Written in place, no fsync each: until the txn that follows the shared
+            # syncfs is committed, a crash's leftovers are removed whatever they hold.
+            _write_json(meta, _metadata(volume_id, epoch, thin), named=meta, sync=False)
+            fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                if thin:
+                    os.ftruncate(fd, size)
+                else:
+                    preallocate(fd, 0, size, f"create volume {volume_id}")
+                allocated = os.fstat(fd).st_blocks * 512
+            finally:
+                os.close(fd)
+            self._ahead_sync.sync()
+        except BaseException:
+            self.drop_ahead(volume_id)
+            raise
+        made = ImageInfo(volume_id, size, allocated, epoch, self.image_path(volume_id), thin)
+        with self._lock:
+            self._made_ahead[volume_id] = made
+        return made
+
+    def keep_ahead(self, volume_id: str) -> ImageInfo:
+        """The image created ahead becomes the volume's (its records are committed).
+
+        Idempotent, and works on what a crash left (one file renamed, or none).
+        No fsync: a crash that undoes a rename leaves the marker for the next
+        start to settle again.
+        """
+        (image_ahead, image), (meta_ahead, meta) = self._ahead_paths(volume_id)
+        with self._lock:
+            made = self._made_ahead.pop(volume_id, None)
+        if made is None:  # a crash's leftover: what it is, its metadata says
+            kind = self._read_kind(volume_id, meta_ahead if meta_ahead.exists() else meta)
+        else:
+            kind = (made.epoch, made.thin)
+        try:
+            for ahead, final in ((image_ahead, image), (meta_ahead, meta)):
+                with contextlib.suppress(FileNotFoundError):  # renamed before a crash
+                    os.replace(ahead, final)
+        except BaseException:
+            # Not in place: no longer being made either, so that a reconcile of its
+            # spec (which exists) keeps it (:meth:`kept_ahead`) instead of calling it lost.
+            self._end_ahead(volume_id, kept=None)
+            raise
+        self._end_ahead(volume_id, kept=kind)
+        log.info("image created ahead kept", extra={"volume": volume_id})
+        return made or self.require(volume_id)
+
+    def kept_ahead(self, volume_id: str) -> ImageInfo | None:
+        """The image left created ahead for ``volume_id`` (not being made now), kept:
+        for a caller that holds the volume's spec, which proves the txn committed.
+        None when there is none."""
+        (image_ahead, _), (meta_ahead, _) = self._ahead_paths(volume_id)
+        if volume_id in self._creating or not (image_ahead.exists() or meta_ahead.exists()):
+            return None
+        return self.keep_ahead(volume_id)
+
+    def drop_ahead(self, volume_id: str) -> None:
+        """Remove the image created ahead (its records were never committed)."""
+        (image_ahead, _), (meta_ahead, _) = self._ahead_paths(volume_id)
+        image_ahead.unlink(missing_ok=True)
+        meta_ahead.unlink(missing_ok=True)
+        self._directory.sync()  # its space is free again once the unlinks are durable
+        self._end_ahead(volume_id, kept=None)
+        log.info("image created ahead dropped", extra={"volume": volume_id})
+
+    def _end_ahead(self, volume_id: str, kept: tuple[int, bool] | None) -> None:
+        with self._created:
+            self._made_ahead.pop(volume_id, None)
+            if kept is None:
+                self._sizes.pop(volume_id, None)
+            else:
+                self._kinds[volume_id] = kept
+                if volume_id not in self._creating:  # settled at start: not reserved yet
+                    info = self.get(volume_id)
+                    if info is not None:
+                        self._sizes[volume_id] = info.size_bytes
+            self._creating.discard(volume_id)
+            self._changed(volume_id)
+            self._created.notify_all()
+
+    def ahead(self) -> list[str]:
+        """The volumes whose image a process created ahead of its records and left
+        unsettled (it crashed); those being created now are not listed."""
+        found = set()
+        for suffix in (META_SUFFIX, IMAGE_SUFFIX):
+            marker = f"{suffix}{AHEAD_SUFFIX}"
+            for path in self.images_dir.glob(f"vol-*{marker}"):
+                volume_id = path.name.removesuffix(marker)
+                if VOLUME_ID_PATTERN.match(volume_id) and volume_id not in self._creating:
+                    found.add(volume_id)
+        return sorted(found)
 
     def _write_new(self, volume_id: str, size: int, epoch: int, thin: bool) -> ImageInfo:
         """Write a new image and its metadata durably (see the module docstring)."""
@@ -484,9 +702,11 @@ class Pool:
                 meta.unlink(missing_ok=True)
                 fsync_dir(self.images_dir)
                 self._sizes.pop(volume_id, None)
+                self._changed(volume_id)
             raise
         with self._lock:
             self._kinds[volume_id] = (epoch, thin)
+            self._changed(volume_id)
         log.info("image created from a source", extra={"volume": volume_id, "bytes": size})
         return self.require(volume_id)
 
@@ -535,6 +755,7 @@ class Pool:
             fsync_dir(source.parent)
             self._sizes[volume_id] = size
             self._kinds[volume_id] = (epoch, thin)
+            self._changed(volume_id)
         log.info("image adopted", extra={"volume": volume_id, "bytes": size, "epoch": epoch})
         return self.require(volume_id)
 
@@ -548,6 +769,7 @@ class Pool:
             fsync_dir(self.images_dir)
             self._sizes.pop(volume_id, None)
             self._kinds.pop(volume_id, None)
+            self._changed(volume_id)
         log.info("image released from the pool", extra={"volume": volume_id})
 
     def delete_image(self, volume_id: str) -> None:
@@ -564,6 +786,7 @@ class Pool:
                 part.unlink(missing_ok=True)
             self._sizes.pop(volume_id, None)
             self._kinds.pop(volume_id, None)
+            self._changed(volume_id)
         self._directory.sync()
         log.info("image deleted", extra={"volume": volume_id})
 
@@ -586,6 +809,7 @@ class Pool:
             finally:
                 os.close(fd)
             self._sizes[volume_id] = size
+            self._changed(volume_id)
         log.info("image expanded", extra={"volume": volume_id, "bytes": size})
         return self.require(volume_id)
 
@@ -609,17 +833,24 @@ class Pool:
         use. fallocate mode 0 over the image allocates only the holes, as
         unwritten extents that read as zeros, which is what the punched ranges
         read as: data is untouched. Called periodically by the node service.
+
+        ``images``: a scan just taken (else one is taken); an image deleted
+        since is skipped.
         """
         restored = []
+        scanned = self.images() if images is None else images
         with self._lock:
-            for image in self.images():
+            for image in scanned:
                 if image.thin or not image.unallocated_bytes:
                     continue
+                if self._kinds.get(image.volume_id) != (image.epoch, image.thin):
+                    continue  # deleted (or replaced) since the scan
                 fd = os.open(image.path, os.O_WRONLY | os.O_CLOEXEC)
                 try:
                     what = f"keep volume {image.volume_id}'s space reserved"
                     preallocate(fd, 0, image.size_bytes, what)
                     restored.append(image.volume_id)
+                    self._changed(image.volume_id)
                 except FerryError as exc:
                     log.warning(
                         "thick image lost part of its reservation",

@@ -175,7 +175,8 @@ class _SharedFile:
         with self._lock:
             self._recent[revision] = events
             if len(self._recent) > _RECENT_REVISIONS:
-                del self._recent[min(self._recent)]
+                # Committed in revision order, so the first inserted is the oldest.
+                del self._recent[next(iter(self._recent))]
             self._known = max(self._known, revision)
             woken = [
                 watch

@@ -9,14 +9,20 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from csi_driver.core.model import MiB
-from csi_driver.csi.client import CsiClient, mount_capability
+from csi_driver.core.records import IMAGE_SPECS, ImageSpec, NodeAccounting, decode
+from csi_driver.csi.client import CsiClient, block_capability, mount_capability
+from csi_driver.faults import CRASH_FILE_ENV
 from csi_driver.gen import csi_pb2
 from csi_driver.node.loop import LoopDevices
 from csi_driver.node.runner import CommandRunner
 from csi_driver.node.teardown import release_under
+from csi_driver.store.catalog import Catalog
+from csi_driver.store.records import read
+from csi_driver.store.url import open_store
 from tests.node.conftest import host_can_mount
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -178,3 +184,58 @@ def test_controller_and_node_as_separate_processes(
     assert len(capabilities.capabilities) == len(node_capabilities.capabilities) + 2
     node.close()
     controller.close()
+
+
+@pytest.mark.parametrize(
+    ("step", "committed"),
+    [("node:image:created-ahead", False), ("node:image:ahead-committed", True)],
+)
+def test_a_crash_around_the_one_txn_create_orphans_nothing(
+    ferry_process: FerryProcess, monkeypatch: pytest.MonkeyPatch, step: str, committed: bool
+) -> None:
+    """The all-in-one on SQLite makes a new volume's image durable before the one txn
+    that writes every record of it. Killed between the two, its next start removes
+    the image nothing refers to; killed after the txn, it keeps it for the volume.
+    Either way the pool holds exactly the catalog's images and the node's accounting
+    equals their sizes."""
+    base = ferry_process.base
+    crash = base / "crash"
+    crash.write_text(f"{step}\n")
+    monkeypatch.setenv(CRASH_FILE_ENV, str(crash))
+    request = csi_pb2.CreateVolumeRequest(
+        name="pvc-ahead",
+        capacity_range=csi_pb2.CapacityRange(required_bytes=16 * MiB),
+        volume_capabilities=[block_capability()],
+    )
+    client = ferry_process.start()
+    with pytest.raises(grpc.RpcError) as died:
+        client.controller.CreateVolume(request, timeout=30)
+    assert died.value.code() == grpc.StatusCode.UNAVAILABLE
+    client.close()
+    assert ferry_process.process is not None
+    assert ferry_process.process.wait(30) == -signal.SIGKILL
+    images = base / "pool" / "images"
+    ahead = sorted(p.name for p in images.iterdir() if p.name.endswith(".ahead"))
+    assert len(ahead) == 2, sorted(p.name for p in images.iterdir())
+    volume_id = ahead[0].split(".")[0]
+    assert ahead == [f"{volume_id}.img.ahead", f"{volume_id}.json.ahead"]
+    store = open_store(base / "catalog.db")
+    try:
+        assert (Catalog(store).get_volume(volume_id) is not None) == committed
+
+        client = ferry_process.start()
+        assert not [p.name for p in images.iterdir() if p.name.endswith(".ahead")]
+        assert (images / f"{volume_id}.img").exists() == committed
+        again = client.controller.CreateVolume(request, timeout=30).volume
+        assert (again.volume_id == volume_id) == committed
+        specs = [decode(ImageSpec, r.value) for r in store.list(IMAGE_SPECS)]
+        assert [s.volume_id for s in specs] == [again.volume_id]
+        on_disk = sorted(p.name for p in images.iterdir() if not p.name.startswith("."))
+        assert on_disk == [f"{again.volume_id}.img", f"{again.volume_id}.json"]
+        account = read(store, NodeAccounting, NodeAccounting("node-a").key)
+        assert account is not None
+        assert (account.value.provisioned_bytes, account.value.volume_count) == (16 * MiB, 1)
+        client.close()
+    finally:
+        store.close()
+    assert ferry_process.kill(signal.SIGTERM) == 0

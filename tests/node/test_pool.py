@@ -235,3 +235,108 @@ def test_concurrent_creates_never_over_commit_and_all_survive_reopen(tmp_path: P
     reopened = Pool(tmp_path / "pool", capacity_bytes=10 * MiB)
     assert {i.volume_id for i in reopened.images()} == created
     assert sorted(reopened.images(), key=lambda i: i.volume_id) == pool.images()
+
+
+def _allocated(pool: Pool, volume_id: str, restat: set[str]) -> int:
+    return next(i.allocated_bytes for i in pool.images(restat=restat) if i.volume_id == volume_id)
+
+
+def test_a_scan_restats_only_the_images_that_may_have_changed(small_pool: Pool) -> None:
+    """The heartbeat's scan: images in use are read again; the others are as the last
+    scan found them unless the pool (or an unstage) changed them since."""
+    small_pool.create_image(VOL_A, 8 * MiB, epoch=1, thin=True)
+    small_pool.create_image(VOL_B, 8 * MiB, epoch=1, thin=True)
+    first = {i.volume_id: i.allocated_bytes for i in small_pool.images()}
+    for volume_id in (VOL_A, VOL_B):  # as a loop device writes it: behind the pool's back
+        with open(small_pool.image_path(volume_id), "r+b") as image:
+            image.write(os.urandom(1 * MiB))
+            os.fsync(image.fileno())
+    assert _allocated(small_pool, VOL_A, set()) == first[VOL_A]  # not in use: not read
+    assert _allocated(small_pool, VOL_A, {VOL_A}) >= first[VOL_A] + 1 * MiB
+    assert _allocated(small_pool, VOL_B, set()) == first[VOL_B]
+    small_pool.written(VOL_B)  # its loop device detached (an unstage)
+    assert _allocated(small_pool, VOL_B, set()) >= first[VOL_B] + 1 * MiB
+    small_pool.expand_image(VOL_A, 16 * MiB)  # the pool's own change
+    assert [i.size_bytes for i in small_pool.images(restat=set())] == [16 * MiB, 8 * MiB]
+    assert small_pool.images(restat=set()) == small_pool.images()
+    small_pool.delete_image(VOL_A)
+    assert [i.volume_id for i in small_pool.images(restat=set())] == [VOL_B]
+
+
+def test_keep_reserved_skips_an_image_deleted_since_the_scan(small_pool: Pool) -> None:
+    thick = small_pool.create_image(VOL_A, 16 * MiB, epoch=1)
+    subprocess.run(
+        ["fallocate", "--punch-hole", "--offset", "0", "--length", str(4 * MiB), str(thick.path)],
+        check=True,
+    )
+    scanned = small_pool.images()
+    small_pool.delete_image(VOL_A)
+    assert small_pool.keep_reserved(scanned) == []
+    assert not thick.path.exists()
+
+
+def test_an_image_made_ahead_is_invisible_until_kept(small_pool: Pool) -> None:
+    made = small_pool.create_ahead(VOL_A, 8 * MiB, epoch=1, thin=True)
+    assert made.path == small_pool.image_path(VOL_A) and not made.path.exists()
+    assert small_pool.get(VOL_A) is None and small_pool.images() == []
+    assert small_pool.provisioned_bytes == 8 * MiB  # reserved meanwhile
+    assert small_pool.ahead() == []  # being made: not a crash's leftover
+    small_pool.create_image(VOL_B, 8 * MiB, epoch=1)
+    with pytest.raises(AlreadyExists):
+        small_pool.create_ahead(VOL_B, 8 * MiB, epoch=1)
+    kept = small_pool.keep_ahead(VOL_A)
+    assert (kept.size_bytes, kept.epoch, kept.thin) == (8 * MiB, 1, True)
+    assert [i.volume_id for i in small_pool.images()] == [VOL_A, VOL_B]
+    assert not [p for p in small_pool.images_dir.iterdir() if p.name.endswith(".ahead")]
+
+
+def test_an_image_made_ahead_and_dropped_leaves_nothing(small_pool: Pool) -> None:
+    small_pool.create_ahead(VOL_A, 8 * MiB, epoch=1)
+    small_pool.drop_ahead(VOL_A)
+    assert small_pool.provisioned_bytes == 0 and small_pool.images() == []
+    assert list(small_pool.images_dir.iterdir()) == []
+    small_pool.create_image(VOL_B, 96 * MiB, epoch=1, thin=True)
+    with pytest.raises(ResourceExhausted):
+        small_pool.create_ahead(VOL_A, 8 * MiB, epoch=1)
+    assert small_pool.provisioned_bytes == 96 * MiB
+    assert [p.name for p in small_pool.images_dir.iterdir() if VOL_A in p.name] == []
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_a_crash_leftover_made_ahead_is_settled_after_a_reopen(
+    small_pool: Pool, kept: bool
+) -> None:
+    """What a killed process left: listed by a reopened pool, not counted or seen
+    until settled one way or the other."""
+    small_pool.create_ahead(VOL_A, 8 * MiB, epoch=2)
+    reopened = Pool(small_pool.root, capacity_bytes=100 * MiB)
+    assert reopened.ahead() == [VOL_A]
+    assert reopened.images() == [] and reopened.provisioned_bytes == 0
+    if kept:
+        info = reopened.keep_ahead(VOL_A)
+        assert (info.size_bytes, info.epoch, info.thin) == (8 * MiB, 2, False)
+        assert reopened.provisioned_bytes == 8 * MiB
+        assert Pool(small_pool.root, capacity_bytes=100 * MiB).images() == [info]
+    else:
+        reopened.drop_ahead(VOL_A)
+        assert list(reopened.images_dir.iterdir()) == []
+    assert reopened.ahead() == []
+
+
+def test_an_image_made_ahead_whose_rename_failed_is_kept_by_the_next_reconcile(
+    small_pool: Pool,
+) -> None:
+    """keep_ahead failing after the txn (here: a directory in the image's place)
+    leaves the image settleable: no longer in flight, kept once the way is clear."""
+    small_pool.create_ahead(VOL_A, 8 * MiB, epoch=1, thin=True)
+    small_pool.image_path(VOL_A).mkdir()
+    (small_pool.image_path(VOL_A) / "blocker").touch()
+    with pytest.raises(OSError):
+        small_pool.keep_ahead(VOL_A)
+    assert small_pool.ahead() == [VOL_A] and small_pool.get(VOL_A) is None
+    (small_pool.image_path(VOL_A) / "blocker").unlink()
+    small_pool.image_path(VOL_A).rmdir()
+    kept = small_pool.kept_ahead(VOL_A)
+    assert kept is not None and (kept.size_bytes, kept.thin) == (8 * MiB, True)
+    assert small_pool.get(VOL_A) == kept and small_pool.provisioned_bytes == 8 * MiB
+    assert small_pool.kept_ahead(VOL_A) is None and small_pool.ahead() == []

@@ -3,7 +3,8 @@
 The controller writes ``spec/images/<node>/<volume>``; this reconciler,
 running in the node agent, creates, grows or deletes the image and reports
 the outcome in ``status/images/<node>/<volume>`` (the node is that key's
-only writer). Invariants:
+only author; see the last point for one it hands to the controller's txn).
+Invariants:
 
 - Level-triggered and idempotent: a reconcile reads the current spec and the
   pool and acts on the difference, so a repeat, a restart, a lost watch or a
@@ -18,6 +19,14 @@ only writer). Invariants:
 - Final refusals (no space, too large, another image there, in use) are
   reported once per generation; host errors are reported and retried with
   backoff until the spec changes or the error clears.
+- In the all-in-one on SQLite, a new empty volume's image is created ahead
+  of its records (:meth:`LocalImages.create_ahead`): this node makes the
+  image durable, then hands its READY status to the controller's one
+  transaction that writes the volume, its name, its spec and the node's
+  charge too. The node is still the only author of its statuses; the image
+  becomes visible in the pool only once that transaction is committed, and
+  one left behind by a crash is settled at the node's next start by whether
+  its spec exists (:func:`settle_ahead`), so nothing is orphaned.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from csi_driver.chunks.changes import ChangeTracker
@@ -56,7 +66,7 @@ from csi_driver.faults import crash_point
 from csi_driver.metrics import observe_provisioned
 from csi_driver.node.agent import NodeAgent
 from csi_driver.node.clones import SnapshotFetcher
-from csi_driver.node.pool import ImageInfo
+from csi_driver.node.pool import ImageInfo, Pool
 from csi_driver.node.reconcile.exports import capture_lineage, forget_captures
 from csi_driver.node.snapshots import copy_image
 from csi_driver.reconcile.informer import Informer
@@ -106,6 +116,7 @@ class ImageReconciler:
         self._specs = specs
         self._statuses = statuses
         self.node_id = agent.node_id
+        self.pool = agent.pool
         # The status each volume was last reported with, until the status
         # informer shows it: a pass that runs before the watch delivers our own
         # write (one run in the caller's thread, see LocalImages) need not
@@ -145,6 +156,13 @@ class ImageReconciler:
             if len(self._fresh) > 1024:
                 self._fresh = {k: v for k, v in self._fresh.items() if v[1] > now}
             self._fresh[spec_read.value.volume_id] = (spec_read.revision, now + FRESH_S)
+
+    def wrote(self, spec: ImageSpec, status: ImageStatus, revision: int) -> None:
+        """``status`` was stored with ``spec`` at ``revision`` by a caller's txn (an
+        image created ahead): the passes their own events queue have nothing to do."""
+        with self._lock:
+            self._written[spec.volume_id] = Versioned(status, revision)
+        self.settled_here(Versioned(spec, revision))
 
     def _just_settled(self, volume_id: str, spec_revision: int) -> bool:
         """True for a pass on the very spec (at ``spec_revision``) the caller's thread
@@ -234,7 +252,8 @@ class ImageReconciler:
                 self._fetcher.discard(spec.volume_id)  # what a pull or restore left
             return ImageStatus(spec.volume_id, self.node_id, ImagePhase.DELETED, spec.generation)
         pool = self._agent.pool
-        info = pool.get(spec.volume_id)
+        # An image made ahead whose rename failed after its txn: the spec proves it is the volume's.
+        info = pool.get(spec.volume_id) or pool.kept_ahead(spec.volume_id)
         if info is None and was_ready:
             # A blank image in its place would be formatted on the next stage
             # and pass for the volume: report the loss instead.
@@ -424,6 +443,51 @@ class LocalImages:
                 extra={"volume": spec_read.value.volume_id, "error": str(exc)},
             )
             return None
+
+    def create_ahead(self, spec: ImageSpec, commit: Callable[[ImageStatus], int]) -> ImageStatus:
+        """Create ``spec``'s new empty image ahead of its records, then ``commit(status)``
+        (the controller's one txn that stores them with the READY ``status``, returning
+        its revision); the image is kept once that txn is committed, dropped if it
+        raised. Runs with the volume's key held: no worker's pass sees the volume's
+        records before its image is in place.
+
+        Raises what the image's creation raised (nothing was written then).
+        """
+        pool = self._reconciler.pool
+
+        def create() -> ImageStatus:
+            info = pool.create_ahead(spec.volume_id, spec.size_bytes, spec.epoch, thin=spec.thin)
+            status = ImageStatus(
+                spec.volume_id, self.node_id, ImagePhase.READY, spec.generation, info.size_bytes
+            )
+            try:
+                crash_point("node:image:created-ahead")
+                revision = commit(status)
+            except BaseException:
+                pool.drop_ahead(spec.volume_id)
+                raise
+            crash_point("node:image:ahead-committed")
+            pool.keep_ahead(spec.volume_id)
+            self._reconciler.wrote(spec, status, revision)
+            observe_provisioned(pool.provisioned_bytes, pool.image_count)
+            return status
+
+        return self._runner.run_now(spec.volume_id, create)
+
+
+def settle_ahead(store: CatalogStore, pool: Pool, node_id: str) -> None:
+    """Settle the images a crashed process created ahead of their records: each is
+    the volume's when its spec is in the catalog (the txn was committed), else
+    removed (it never was: nothing refers to it). Run before the runner starts."""
+    for volume_id in pool.ahead():
+        if store.get(image_spec_key(node_id, volume_id)) is not None:
+            pool.keep_ahead(volume_id)
+        else:
+            pool.drop_ahead(volume_id)
+            log.warning(
+                "an image created ahead of records never written was removed",
+                extra={"volume": volume_id},
+            )
 
 
 def image_runner(
