@@ -138,6 +138,28 @@ def test_a_status_is_not_written_for_a_spec_that_is_gone(
     assert store.get(spec.status_key) is None
 
 
+def test_a_pass_holding_an_older_spec_after_the_delete_makes_no_image(
+    store: SqliteStore, agent: NodeAgent
+) -> None:
+    """A worker's pass whose cache still shows the volume's first spec, running after
+    the image was deleted and the records removed, must not create the image again:
+    no record would be left to delete it."""
+    reconcile = ImageReconciler(store, agent)
+    spec = _spec(11)
+    first = Versioned(spec, store.put(spec.key, put(spec).value))
+    assert reconcile.reconcile(first) is not None
+    doomed = revise(spec, deleted=True)
+    deleted = Versioned(doomed, store.put(doomed.key, put(doomed).value))
+    status = reconcile.reconcile(deleted)
+    assert status is not None and status.phase is ImagePhase.DELETED
+    store.delete(spec.key)
+    store.delete(spec.status_key)
+
+    assert reconcile.reconcile(first) is None
+    assert agent.pool.get(spec.volume_id) is None
+    assert store.get(spec.status_key) is None
+
+
 def test_a_restarted_node_converges_to_specs_written_while_it_was_down(
     store: SqliteStore, agent: NodeAgent
 ) -> None:

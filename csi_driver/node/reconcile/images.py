@@ -81,6 +81,10 @@ log = logging.getLogger(__name__)
 #: passes for that same spec, woken by its events, are skipped.
 FRESH_S = 5.0
 
+#: How long a deletion is remembered against passes that hold an older spec of
+#: the volume (an informer's cache lags its store by far less).
+DELETED_S = 60.0
+
 #: Node errors that are final for a generation, and the reason each reports.
 _FINAL: tuple[tuple[type[FerryError], FailureReason], ...] = (
     (ResourceExhausted, FailureReason.NO_SPACE),
@@ -108,7 +112,10 @@ class ImageReconciler:
         Their caches are as fresh as the event that queued the work (an
         informer applies a change before it reports it), and a stale spec
         only makes the status write's compare fail, which its newer event
-        answers with another pass.
+        answers with another pass. The one stale spec whose action could not
+        be undone by that pass, an older spec of a volume whose image this
+        reconciler deleted (acting on it would make the image again, with
+        no record left to delete it), is recognised by :attr:`_deleted`.
         """
         self._store = store
         self._agent = agent
@@ -125,6 +132,9 @@ class ImageReconciler:
         self._written: dict[str, Versioned[ImageStatus]] = {}
         # volume -> (spec revision, until when): settled in the caller's thread just now
         self._fresh: dict[str, tuple[int, float]] = {}
+        # volume -> (revision of the spec that deleted its image, until when): a pass
+        # holding an older spec of it (a cache not caught up yet) must not act.
+        self._deleted: dict[str, tuple[int, float]] = {}
 
     def _read(self, informer: Informer | None, cls: type[R], key: str) -> Versioned[R] | None:
         if informer is None:
@@ -185,6 +195,20 @@ class ImageReconciler:
             return self._cache_behind(written.revision)
         return stored.revision == written.revision
 
+    def _remember_deleted(self, volume_id: str, spec_revision: int) -> None:
+        """Called with ``_lock`` held: the spec at ``spec_revision`` deleted the image."""
+        now = time.monotonic()
+        if len(self._deleted) > 1024:
+            self._deleted = {k: v for k, v in self._deleted.items() if v[1] > now}
+        self._deleted[volume_id] = (spec_revision, now + DELETED_S)
+
+    def _deleted_since(self, volume_id: str, spec_revision: int) -> bool:
+        """True when a spec newer than ``spec_revision`` deleted the volume's image here
+        lately: the pass holds a spec its informer had not replaced yet."""
+        with self._lock:
+            deleted = self._deleted.get(volume_id)
+        return deleted is not None and spec_revision < deleted[0] and time.monotonic() < deleted[1]
+
     def status_work(self, prefix: str) -> KeyMap:
         """The work key of a status change under ``prefix``, except for our own writes.
 
@@ -219,6 +243,8 @@ class ImageReconciler:
         if spec.role is ImageRole.REPLICA:
             return None  # the replica reconciler's (node/reconcile/replicas.py)
         volume_id = spec.volume_id
+        if self._deleted_since(volume_id, spec_read.revision):
+            return None  # an older spec of a volume deleted here: nothing left to do
         current = self._read(self._statuses, ImageStatus, image_status_key(self.node_id, volume_id))
         written = self._written.get(volume_id)
         if written is not None and self._cache_behind(written.revision):
@@ -352,6 +378,7 @@ class ImageReconciler:
         with self._lock:
             if status.phase is ImagePhase.DELETED:
                 self._written.pop(status.volume_id, None)
+                self._remember_deleted(status.volume_id, spec_read.revision)
             else:
                 self._written[status.volume_id] = Versioned(status, revision)
         log.info(
