@@ -67,6 +67,7 @@ from pathlib import Path
 
 from csi_driver.chunks.blocks import BlockTable
 from csi_driver.chunks.changes import describe_since_capture
+from csi_driver.chunks.direct import ImageIO
 from csi_driver.chunks.durable import write_atomic
 from csi_driver.chunks.extents import changed_ranges, extent_map, reflink
 from csi_driver.chunks.manifest import (
@@ -88,7 +89,6 @@ from csi_driver.chunks.scan import (
     blocks_touching,
     chunks_touching,
     data_ranges,
-    read_exactly,
     scan_image,
 )
 from csi_driver.core.errors import (
@@ -432,7 +432,9 @@ class Staging:
     #: Chunks read back from disk once durable whose bytes matched their block
     #: digests: None for all of the chunk, else those blocks.
     _read_back: dict[int, frozenset[int] | None] = field(default_factory=dict)
-    _fd: int | None = None
+    _io: ImageIO | None = None
+    #: The syncer's reader of what landed (another thread than the writer's).
+    _reader: ImageIO | None = None
     _base_table: BlockTable | None = None
     #: Whether the staging's files and directory are known durable (after a
     #: first :meth:`sync`; :meth:`GenerationStore.stage` leaves that to it).
@@ -561,7 +563,7 @@ class Staging:
         step = block_size(self.target.chunk_size)
         offset, length = self.target.span(patch.index)
         if patch.zero:
-            fd = self._open()
+            fd = self._open().fd
             for block in patch.zero:
                 punch_hole(fd, offset + block * step, min(step, length - block * step))
         written = {b for first, count in patch.runs for b in range(first, first + count)}
@@ -571,18 +573,18 @@ class Staging:
             self._written[patch.index] = frozenset(written | set(patch.zero))
             self._read_back.pop(patch.index, None)
 
-    def _open(self) -> int:
-        if self._fd is None:
-            self._fd = os.open(self.image, os.O_WRONLY | os.O_CLOEXEC)
-        return self._fd
+    def _open(self) -> ImageIO:
+        """The writer of the staged image (the syncer only syncs through it)."""
+        with self._lock:
+            if self._io is None:
+                # Around the page cache where it can (.direct): the bytes are read
+                # back from disk once durable, and never served from here before commit.
+                self._io = ImageIO(self.image, write=True, buffer_size=self.target.chunk_size)
+            return self._io
 
     def _pwrite(self, offset: int, data: bytes) -> None:
-        fd = self._open()
-        view = memoryview(data)
         try:
-            while view:
-                written = os.pwrite(fd, view, offset)
-                view, offset = view[written:], offset + written
+            self._open().write(offset, data)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ResourceExhausted(
@@ -605,7 +607,7 @@ class Staging:
             self._table().write_many(entries)
             # The image and table as a whole, not only what was written: the
             # first sync also makes the staging's copy of the base durable.
-            os.fdatasync(self._open())
+            self._open().sync()
             self._table().sync()
             if not self._staging_durable:
                 for name in ("manifest", "base", "copy"):
@@ -640,8 +642,9 @@ class Staging:
         if not wanted:
             return 0
         table = BlockTable(self.table_path, self.target.size, self.target.chunk_size)
-        fd = os.open(self.image, os.O_RDONLY | os.O_CLOEXEC)
-        buffer = bytearray(self.target.chunk_size)
+        if self._reader is None:
+            self._reader = ImageIO(self.image, buffer_size=self.target.chunk_size)
+        reader = self._reader
         step = block_size(self.target.chunk_size)
         read = 0
         try:
@@ -649,14 +652,14 @@ class Staging:
                 offset, length = self.target.span(index)
                 entries = table.read(index)
                 if blocks is None:
-                    view = read_exactly(fd, buffer, offset, length)
+                    view = reader.read(offset, length)
                     read += length
                     matched = block_digests(view, self.target.chunk_size) == entries
                 else:
                     matched = True
                     for block in sorted(blocks):
                         size = min(step, length - block * step)
-                        view = read_exactly(fd, buffer, offset + block * step, size)
+                        view = reader.read(offset + block * step, size)
                         read += size
                         at = block * DIGEST_SIZE
                         matched = matched and block_digest(view) == entries[at : at + DIGEST_SIZE]
@@ -664,7 +667,6 @@ class Staging:
                     with self._lock:
                         self._read_back[index] = blocks
         finally:
-            os.close(fd)
             table.close()
         return read
 
@@ -674,9 +676,10 @@ class Staging:
 
     def close(self) -> None:
         self.sync()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        for io in (self._io, self._reader):
+            if io is not None:
+                io.close()
+        self._io = self._reader = None
         self._table().close()
         if self._base_table is not None:
             self._base_table.close()
@@ -758,8 +761,7 @@ class Staging:
         base_table = BlockTable(base.blocks, base.manifest.size, base.manifest.chunk_size)
         bad: list[int] = []
         read = 0
-        fd = os.open(self.image, os.O_RDONLY | os.O_CLOEXEC)
-        buffer = bytearray(step)
+        reader = ImageIO(self.image, buffer_size=step)
         try:
             for index, (wanted, held) in enumerate(
                 zip(target.chunks, base.manifest.chunks, strict=True)
@@ -786,13 +788,13 @@ class Staging:
                 for block in sorted(b for b in unread - read_back if b < count):
                     at = block * DIGEST_SIZE
                     size = min(step, length - block * step)
-                    view = read_exactly(fd, buffer, offset + block * step, size)
+                    view = reader.read(offset + block * step, size)
                     read += size
                     if block_digest(view) != entries[at : at + DIGEST_SIZE]:
                         bad.append(index)
                         break
         finally:
-            os.close(fd)
+            reader.close()
             base_table.close()
         self.verified_bytes = read
         return tuple(bad)
