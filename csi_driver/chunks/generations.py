@@ -27,8 +27,10 @@ Invariants:
   and matched the target manifest. A crash before it leaves the current
   generation as it was; a crash after it leaves the new one committed.
 - A chunk index enters ``landed`` only after its bytes were checked against
-  the target digest and the image was fdatasync'ed, so a resumed staging
-  never asks again for a chunk that landed, and never trusts one that did not.
+  the target digest (before they were written, :meth:`Staging.write`, or as
+  they read back from disk once written, :meth:`Staging.place`) and the
+  image was fdatasync'ed, so a resumed staging never asks again for a chunk
+  that landed, and never trusts one that did not.
   A chunk the base holds other data for may be written by blocks
   (:meth:`Staging.plan_blocks`): its block digests are checked against the
   target's chunk digest, each block written against its block digest, and
@@ -424,6 +426,10 @@ class Staging:
     #: Chunks to fetch whole, not by blocks (their blocks did not verify once).
     whole: set[int] = field(default_factory=set)
     _pending: list[int] = field(default_factory=list)
+    #: Chunks written by :meth:`place` and not checked yet (:meth:`sync` does).
+    _unchecked: set[int] = field(default_factory=set)
+    #: Chunks :meth:`sync` found not to be the target's, until :meth:`take_rejected`.
+    _rejected: list[int] = field(default_factory=list)
     #: Block digests of the chunks in ``_pending``, written to the table by :meth:`sync`.
     _entries: dict[int, bytes] = field(default_factory=dict)
     #: Chunks written in this process and not yet read back: None when written
@@ -480,16 +486,20 @@ class Staging:
             and base.manifest.chunk_length(index) == self.target.chunk_length(index)
         )
 
+    def _expect(self, index: int, length: int) -> bool:
+        """DataLoss unless chunk ``index`` is a data chunk of the target; whether
+        ``length`` is its length."""
+        if not 0 <= index < len(self.target.chunks) or self.target.chunks[index] is None:
+            raise DataLoss(f"chunk {index} is not a data chunk of the target image", (index,))
+        return length == self.target.chunk_length(index)
+
     def check(self, index: int, data: bytes) -> bytes:
         """DataLoss unless ``data`` is exactly chunk ``index`` of the target; return
         its block digests."""
-        wanted = self.target.chunks[index] if 0 <= index < len(self.target.chunks) else None
-        if wanted is None:
-            raise DataLoss(f"chunk {index} is not a data chunk of the target image", (index,))
         digests = b""
-        if len(data) == self.target.chunk_length(index):
+        if self._expect(index, len(data)):
             digests = block_digests(data, self.target.chunk_size)
-        if not digests or root_digest(digests) != wanted:
+        if not digests or root_digest(digests) != self.target.chunks[index]:
             raise DataLoss(
                 f"chunk {index} does not match its digest in the manifest; it was not "
                 "written and will be asked for again",
@@ -506,6 +516,33 @@ class Staging:
             self._entries[index] = digests
             self._written[index] = None
             self._read_back.pop(index, None)
+
+    def place(self, index: int, data: bytes) -> None:
+        """Write chunk ``index`` unchecked: :meth:`sync` reads it back from disk and
+        checks it before it counts as landed, so its bytes are hashed once where
+        :meth:`write` and :meth:`read_back` hash them twice. One that does not
+        match never lands, and :meth:`take_rejected` names it. DataLoss at once
+        when ``data`` cannot be the chunk (a hole in the target, another length)."""
+        if not self._expect(index, len(data)):
+            raise DataLoss(
+                f"chunk {index} arrived with {len(data)} bytes, not "
+                f"{self.target.chunk_length(index)}; it will be asked for again",
+                (index,),
+            )
+        self._pwrite(self.target.span(index)[0], data)
+        with self._lock:
+            self._pending.append(index)
+            self._unchecked.add(index)
+            self._entries.pop(index, None)
+            self._written.pop(index, None)
+            self._read_back.pop(index, None)
+
+    def take_rejected(self) -> list[int]:
+        """The chunks :meth:`sync` found not to match the target since the last call
+        (written by :meth:`place`; not landed: fetch them again)."""
+        with self._lock:
+            rejected, self._rejected = self._rejected, []
+        return rejected
 
     def plan_blocks(self, index: int, digests: bytes) -> BlockPatch:
         """The blocks to fetch for chunk ``index`` whose target block digests the
@@ -594,13 +631,22 @@ class Staging:
             raise
 
     def sync(self) -> list[int]:
-        """Make the chunks written so far durable, then record them as landed; return
-        them. Safe to call from another thread while :meth:`write` goes on: a chunk
-        written after the call began waits for the next one."""
+        """Check the chunks :meth:`place` wrote against the target (read back from
+        disk), make the chunks written so far durable, then record them as landed;
+        return them. Safe to call from another thread while :meth:`write` goes on:
+        a chunk written after the call began waits for the next one."""
         with self._sync_lock:
             with self._lock:
                 durable, self._pending = self._pending, []
                 entries, self._entries = self._entries, {}
+                unchecked = [i for i in durable if i in self._unchecked]
+                self._unchecked.difference_update(unchecked)
+            if unchecked:
+                checked, bad = self._check_placed(unchecked)
+                entries.update(checked)
+                durable = [i for i in durable if i not in bad]
+                with self._lock:
+                    self._rejected.extend(bad)
             if not durable and self._staging_durable:
                 return []
             # Table writes batched here, off the receiving thread, in index order.
@@ -625,6 +671,34 @@ class Staging:
                 self.landed.update(durable)
             return durable
 
+    def _check_placed(self, indexes: list[int]) -> tuple[dict[int, bytes], set[int]]:
+        """The block digests of the chunks ``indexes`` that read back from disk as the
+        target's, and the chunks that do not; the former count as read back."""
+        reader = self._reader_io()
+        checked: dict[int, bytes] = {}
+        bad: set[int] = set()
+        for index in indexes:
+            offset, length = self.target.span(index)
+            digests = block_digests(reader.read(offset, length), self.target.chunk_size)
+            if root_digest(digests) == self.target.chunks[index]:
+                checked[index] = digests
+            else:
+                bad.add(index)
+                log.warning(
+                    "chunk read back unlike its digest; it will be fetched again",
+                    extra={"replica": str(self.store.root), "chunk": index},
+                )
+        with self._lock:
+            for index in checked:
+                self._read_back[index] = None
+        return checked, bad
+
+    def _reader_io(self) -> ImageIO:
+        """The reader of what was written (used under the sync lock only)."""
+        if self._reader is None:
+            self._reader = ImageIO(self.image, buffer_size=self.target.chunk_size)
+        return self._reader
+
     def read_back(self, indexes: list[int]) -> int:
         """Read what this process wrote of the durable chunks ``indexes`` back from
         disk (whole chunks, or the blocks written by blocks) and check it against
@@ -635,6 +709,10 @@ class Staging:
         of following it. What does not match is left for the commit's
         verification to find.
         """
+        with self._sync_lock:
+            return self._read_back_written(indexes)
+
+    def _read_back_written(self, indexes: list[int]) -> int:
         with self._lock:
             wanted = {
                 i: self._written.pop(i) for i in indexes if i in self._written and i in self.landed
@@ -642,9 +720,7 @@ class Staging:
         if not wanted:
             return 0
         table = BlockTable(self.table_path, self.target.size, self.target.chunk_size)
-        if self._reader is None:
-            self._reader = ImageIO(self.image, buffer_size=self.target.chunk_size)
-        reader = self._reader
+        reader = self._reader_io()
         step = block_size(self.target.chunk_size)
         read = 0
         try:

@@ -144,18 +144,36 @@ class ChunkSourceServicer(transfer_pb2_grpc.ChunkSourceServicer):
                 reader.close()
 
 
-def _batched(chunks: Iterator[tuple[Any, int]]) -> Iterator[Any]:
-    """Chunks (each with its size) gathered into messages of about :data:`BATCH_BYTES`."""
-    batch: list[Any] = []
+@dataclass(frozen=True)
+class _Part:
+    """One part of a reply: a whole chunk (``data``), a block table (``digests``) or
+    a block run (``data`` and ``run``)."""
+
+    index: int
+    data: bytes = b""
+    digests: bytes = b""
+    run: Any = None
+
+    @property
+    def size(self) -> int:
+        return len(self.data) + len(self.digests)
+
+
+def _batched(parts: Iterator[_Part]) -> Iterator[Any]:
+    """Parts gathered into messages of about :data:`BATCH_BYTES`, each built in place
+    (a Chunk made apart and then put into a Chunks message is copied again)."""
+    message = transfer_pb2.Chunks()
     size = 0
-    for chunk, length in chunks:
-        batch.append(chunk)
-        size += length
+    for part in parts:
+        message.chunks.add(
+            index=part.index, data=part.data, block_digests=part.digests, run=part.run
+        )
+        size += part.size
         if size >= BATCH_BYTES:
-            yield transfer_pb2.Chunks(chunks=batch)
-            batch, size = [], 0
-    if batch:
-        yield transfer_pb2.Chunks(chunks=batch)
+            yield message
+            message, size = transfer_pb2.Chunks(), 0
+    if message.chunks:
+        yield message
 
 
 class _Reader:
@@ -171,13 +189,11 @@ class _Reader:
     def close(self) -> None:
         self._io.close()
 
-    def answer(self, request: Any) -> Iterator[tuple[Any, int]]:
-        """The replies to ``request``, each with its size (a message's bytes fields
-        are copied whenever read, so sizes are taken before)."""
+    def answer(self, request: Any) -> Iterator[_Part]:
+        """The parts of the replies to ``request``."""
         for index in request.block_tables:
             self._check(index)
-            digests = self._block_digests(index)
-            yield transfer_pb2.Chunk(index=index, block_digests=digests), len(digests)
+            yield _Part(index, digests=self._block_digests(index))
         for index in request.indexes:
             self._check(index)
             if self.export.manifest.chunks[index] is None:
@@ -187,11 +203,10 @@ class _Reader:
             data = self._read(*self.export.manifest.span(index))
             self.export.sent[index] += 1
             TRANSFER_CHUNKS.labels("sent", "sent").inc()
-            yield transfer_pb2.Chunk(index=index, data=data), len(data)
+            yield _Part(index, data=data)
         for run in request.runs:
             offset, length = self._run_span(run)
-            data = self._read(offset, length)
-            yield transfer_pb2.Chunk(index=run.index, data=data, run=run), length
+            yield _Part(run.index, data=self._read(offset, length), run=run)
 
     def _check(self, index: int) -> None:
         count = len(self.export.manifest.chunks)
