@@ -36,6 +36,7 @@ from csi_driver.gen.ferry.v1 import transfer_pb2, transfer_pb2_grpc
 from csi_driver.metrics import TRANSFER_BYTES, TRANSFER_CHUNKS
 from csi_driver.pki import Identity, Role
 from csi_driver.rpc.errors import abort, rpc
+from csi_driver.transfer.replies import Part, Reply, Run
 from csi_driver.transport import Admission, AgentSecurity, Endpoint, start_server
 
 log = logging.getLogger(__name__)
@@ -144,36 +145,20 @@ class ChunkSourceServicer(transfer_pb2_grpc.ChunkSourceServicer):
                 reader.close()
 
 
-@dataclass(frozen=True)
-class _Part:
-    """One part of a reply: a whole chunk (``data``), a block table (``digests``) or
-    a block run (``data`` and ``run``)."""
-
-    index: int
-    data: bytes = b""
-    digests: bytes = b""
-    run: Any = None
-
-    @property
-    def size(self) -> int:
-        return len(self.data) + len(self.digests)
-
-
-def _batched(parts: Iterator[_Part]) -> Iterator[Any]:
-    """Parts gathered into messages of about :data:`BATCH_BYTES`, each built in place
-    (a Chunk made apart and then put into a Chunks message is copied again)."""
-    message = transfer_pb2.Chunks()
-    size = 0
+def _batched(parts: Iterator[Part]) -> Iterator[bytes]:
+    """Parts gathered into encoded ``Chunks`` messages of about :data:`BATCH_BYTES`
+    (the part that fills one is encoded before the reader reads again, so its
+    bytes are copied once: into the message)."""
+    reply = Reply()
     for part in parts:
-        message.chunks.add(
-            index=part.index, data=part.data, block_digests=part.digests, run=part.run
-        )
-        size += part.size
-        if size >= BATCH_BYTES:
-            yield message
-            message, size = transfer_pb2.Chunks(), 0
-    if message.chunks:
-        yield message
+        if reply.size + part.size >= BATCH_BYTES:
+            reply.add(part, last=True)
+            yield reply.encode()
+            reply = Reply()
+        else:
+            reply.add(part)
+    if reply:
+        yield reply.encode()
 
 
 class _Reader:
@@ -189,11 +174,12 @@ class _Reader:
     def close(self) -> None:
         self._io.close()
 
-    def answer(self, request: Any) -> Iterator[_Part]:
-        """The parts of the replies to ``request``."""
+    def answer(self, request: Any) -> Iterator[Part]:
+        """The parts of the replies to ``request`` (data in this reader's buffer:
+        each part is consumed before the next is read)."""
         for index in request.block_tables:
             self._check(index)
-            yield _Part(index, digests=self._block_digests(index))
+            yield Part(index, digests=self._block_digests(index))
         for index in request.indexes:
             self._check(index)
             if self.export.manifest.chunks[index] is None:
@@ -203,10 +189,11 @@ class _Reader:
             data = self._read(*self.export.manifest.span(index))
             self.export.sent[index] += 1
             TRANSFER_CHUNKS.labels("sent", "sent").inc()
-            yield _Part(index, data=data)
+            yield Part(index, data=data)
         for run in request.runs:
             offset, length = self._run_span(run)
-            yield _Part(run.index, data=self._read(offset, length), run=run)
+            data = self._read(offset, length)
+            yield Part(run.index, data=data, run=Run(run.index, run.first, run.count))
 
     def _check(self, index: int) -> None:
         count = len(self.export.manifest.chunks)
@@ -239,9 +226,9 @@ class _Reader:
         start = offset + run.first * step
         return start, min(run.count * step, offset + length - start)
 
-    def _read(self, offset: int, length: int, *, count: bool = True) -> bytes:
+    def _read(self, offset: int, length: int, *, count: bool = True) -> memoryview:
         try:
-            data = bytes(self._io.read(offset, length))
+            data = self._io.read(offset, length)
         except InternalError as exc:
             raise InternalError(
                 f"export {self.export.transfer_id} changed while served ({exc.message}); "
@@ -260,6 +247,30 @@ def serve_chunks(
     servicer = ChunkSourceServicer(exports)
     return start_server(
         endpoint,
-        [lambda server: transfer_pb2_grpc.add_ChunkSourceServicer_to_server(servicer, server)],
+        [lambda server: _register(servicer, server)],
         agents=(security, admitted_peers(node_id)),
     )
+
+
+def _register(servicer: ChunkSourceServicer, server: grpc.Server) -> None:
+    """The generated registration, but for PullChunks' replies: they come encoded
+    (:mod:`.replies`), so they are sent as they are."""
+    handlers = {
+        "GetManifest": grpc.unary_unary_rpc_method_handler(
+            servicer.GetManifest,
+            request_deserializer=transfer_pb2.GetManifestRequest.FromString,
+            response_serializer=transfer_pb2.ManifestReply.SerializeToString,
+        ),
+        "PullChunks": grpc.stream_stream_rpc_method_handler(
+            servicer.PullChunks,
+            request_deserializer=transfer_pb2.ChunkRequest.FromString,
+            response_serializer=_as_sent,
+        ),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("ferry.v1.ChunkSource", handlers),)
+    )
+
+
+def _as_sent(reply: bytes) -> bytes:
+    return reply
