@@ -592,7 +592,7 @@ class Staging:
                     "the chunk will be asked for again",
                     (patch.index,),
                 )
-        self._pwrite(offset + first * step, data)
+        self._pwrite(offset + first * step, data, cached=True)
 
     def finish(self, patch: BlockPatch) -> None:
         """Chunk ``patch.index`` is whole once its runs are written: zero its blocks
@@ -619,9 +619,9 @@ class Staging:
                 self._io = ImageIO(self.image, write=True, buffer_size=self.target.chunk_size)
             return self._io
 
-    def _pwrite(self, offset: int, data: bytes) -> None:
+    def _pwrite(self, offset: int, data: bytes, *, cached: bool = False) -> None:
         try:
-            self._open().write(offset, data)
+            self._open().write(offset, data, cached=cached)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ResourceExhausted(
@@ -735,7 +735,7 @@ class Staging:
                     matched = True
                     for block in sorted(blocks):
                         size = min(step, length - block * step)
-                        view = reader.read(offset + block * step, size)
+                        view = reader.read(offset + block * step, size, cached=True)
                         read += size
                         at = block * DIGEST_SIZE
                         matched = matched and block_digest(view) == entries[at : at + DIGEST_SIZE]
@@ -864,7 +864,7 @@ class Staging:
                 for block in sorted(b for b in unread - read_back if b < count):
                     at = block * DIGEST_SIZE
                     size = min(step, length - block * step)
-                    view = reader.read(offset + block * step, size)
+                    view = reader.read(offset + block * step, size, cached=True)
                     read += size
                     if block_digest(view) != entries[at : at + DIGEST_SIZE]:
                         bad.append(index)

@@ -192,7 +192,8 @@ class _Reader:
             yield Part(index, data=data)
         for run in request.runs:
             offset, length = self._run_span(run)
-            data = self._read(offset, length)
+            # A delta's blocks were just read by the capture, through the cache.
+            data = self._read(offset, length, cached=True)
             yield Part(run.index, data=data, run=Run(run.index, run.first, run.count))
 
     def _check(self, index: int) -> None:
@@ -226,9 +227,11 @@ class _Reader:
         start = offset + run.first * step
         return start, min(run.count * step, offset + length - start)
 
-    def _read(self, offset: int, length: int, *, count: bool = True) -> memoryview:
+    def _read(
+        self, offset: int, length: int, *, count: bool = True, cached: bool = False
+    ) -> memoryview:
         try:
-            data = self._io.read(offset, length)
+            data = self._io.read(offset, length, cached=cached)
         except InternalError as exc:
             raise InternalError(
                 f"export {self.export.transfer_id} changed while served ({exc.message}); "

@@ -78,3 +78,18 @@ def test_a_view_held_past_close_stays_valid(tmp_path: Path) -> None:
     view = reader.read(0, 16)
     reader.close()  # the caller still holds the view: its memory goes with it
     assert bytes(view) == b"\3" * 16
+
+
+def test_cached_transfers_go_through_the_page_cache_and_agree_with_direct_ones(
+    tmp_path: Path,
+) -> None:
+    image = tmp_path / "image"
+    image.write_bytes(bytes(2 * CHUNK))
+    io = ImageIO(image, write=True, buffer_size=CHUNK)
+    io.write(0, b"\5" * CHUNK, cached=True)  # dirty in the page cache
+    io.write(CHUNK, b"\6" * CHUNK)
+    io.close()
+    reader = ImageIO(image, buffer_size=CHUNK)
+    assert bytes(reader.read(0, CHUNK)) == b"\5" * CHUNK  # direct: written back first
+    assert bytes(reader.read(CHUNK, CHUNK, cached=True)) == b"\6" * CHUNK
+    reader.close()
