@@ -266,6 +266,9 @@ class Receiver:
         channel: grpc.Channel | None = None,
     ) -> None:
         stream = _Stream(transfer_id, staging, self._window, attempt)
+        # What the last stream's final sync rejected is missing, so asked for
+        # already: counted against its attempts here.
+        self._retry_rejected(stream, attempt, failures, meter)
         asks: queue.Queue[Any] = queue.Queue()
         stop_syncing = threading.Event()
 
@@ -480,4 +483,6 @@ class _Stream:
         """Ask for chunk ``index`` again, whole (its runs still in flight are dropped)."""
         self.patches.pop(index, None)
         self.staging.whole.add(index)
-        self.pending.appendleft(("whole", index, 0, 0))
+        ask: Ask = ("whole", index, 0, 0)
+        if ask not in self.pending and ("whole", index, 0) not in self.in_flight:
+            self.pending.appendleft(ask)
