@@ -296,7 +296,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return volumes_command.run(args)
 
     allocator.limit_arenas()  # before any thread of the service starts
-    allocator.keep_freed()
     if args.log_format == "json":
         log.route_native_stderr()  # gRPC core's lines (TLS refusals) become JSON too
     log.configure(args.log_level, args.log_format)

@@ -168,7 +168,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     # As a node service sets its allocator (cli.py), before any thread starts.
     allocator.limit_arenas()
-    allocator.keep_freed()
     ferry_log.configure(args.log_level)
     try:
         return int(args.run(args))
