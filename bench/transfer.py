@@ -6,7 +6,9 @@ a thick image of ``--image-gib`` with ``--data-gib`` of random data (three
 of every four 4 MiB blocks). In one run, back to back:
 
 1. raw limit: ``dd`` reads the whole image and a plain TCP socket carries
-   the bytes from one namespace to the other (discarded on arrival);
+   the bytes from one namespace to the other, which writes them to its pool
+   and fsyncs; then the same around the page cache (``dd iflag=direct``,
+   O_DIRECT writes from an aligned buffer), as Ferry reads and writes;
 2. Ferry full transfer: the sender captures the image (a reflink snapshot,
    hashed once), the receiver pulls every data chunk over mutual TLS,
    checks each, writes it and verifies the whole generation before commit
@@ -59,19 +61,41 @@ SCATTER_WRITE = 64 * 1024
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
 
 # The raw receiver writes what arrives to a file on the receiving pool and
-# fsyncs it, as any move must: the limit is read + network + write.
+# fsyncs it, as any move must: the limit is read + network + write. With
+# "direct" it writes 4 MiB at a time around the page cache (O_DIRECT from an
+# aligned buffer), as Ferry's receiver does: the same limit without the page
+# cache's cost, so that Ferry is also compared with a path that avoids it.
 SINK = """
-import os, socket, sys
+import mmap, os, socket, sys
 server = socket.create_server((sys.argv[1], int(sys.argv[2])))
 print("listening", flush=True)
 conn, _ = server.accept()
 total = 0
-with open(sys.argv[3], "wb") as out:
-    while data := conn.recv(1 << 20):
-        out.write(data)
-        total += len(data)
-    out.flush()
-    os.fsync(out.fileno())
+if sys.argv[4] == "direct":
+    fd = os.open(sys.argv[3], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
+    block = mmap.mmap(-1, 4 << 20)
+    view = memoryview(block)
+    filled = 0
+    while got := conn.recv_into(view[filled:]):
+        filled += got
+        if filled == len(view):
+            os.pwrite(fd, view, total)
+            total, filled = total + filled, 0
+    if filled:
+        tail = os.open(sys.argv[3], os.O_WRONLY)
+        os.pwrite(tail, view[:filled], total)
+        os.fsync(tail)
+        os.close(tail)
+        total += filled
+    os.fsync(fd)
+    os.close(fd)
+else:
+    with open(sys.argv[3], "wb") as out:
+        while data := conn.recv(1 << 20):
+            out.write(data)
+            total += len(data)
+        out.flush()
+        os.fsync(out.fileno())
 print(total, flush=True)
 """
 PUSH = """
@@ -157,11 +181,16 @@ class Results:
     data_bytes: int
     raw_seconds: float
     raw_mib_s: float
+    #: The same path reading and writing around the page cache (O_DIRECT).
+    raw_direct_seconds: float
+    raw_direct_cpu_seconds: float
     full_capture_seconds: float
     full_pull_seconds: float
     full_ratio_time: float  # raw seconds / Ferry pull seconds (image moved either way)
     full_ratio_throughput: float  # Ferry data MiB/s / raw MiB/s
     full_ratio_throughput_with_capture: float  # the same, the sender's capture included
+    full_ratio_time_with_capture: float  # raw seconds / (capture + pull seconds)
+    full_ratio_time_with_capture_direct: float  # the same against the direct raw path
     raw_cpu_seconds: float  # dd, the pushing and the receiving process
     full_cpu_seconds: float  # Ferry's sender (capture included) and receiver
     incremental_capture_seconds: float
@@ -208,13 +237,15 @@ class TransferBench:
             self.ca.issue(Identity.parse(name)).write(directory)
         return directory
 
-    def raw(self, image: Path, landing: Path) -> tuple[float, int]:
-        argv = [sys.executable, "-c", SINK, self.b.address, str(RAW_PORT), str(landing)]
+    def raw(self, image: Path, landing: Path, *, direct: bool = False) -> tuple[float, int]:
+        mode = "direct" if direct else "buffered"
+        argv = [sys.executable, "-c", SINK, self.b.address, str(RAW_PORT), str(landing), mode]
         sink = self.spawn(netns(self.b.name, argv))
         assert sink.stdout is not None
         assert sink.stdout.readline().strip() == "listening"
         started = time.perf_counter()
-        dd = subprocess.Popen(["dd", f"if={image}", "bs=4M", "status=none"], stdout=subprocess.PIPE)
+        read = ["dd", f"if={image}", "bs=4M", "status=none", *(["iflag=direct"] if direct else [])]
+        dd = subprocess.Popen(read, stdout=subprocess.PIPE)
         push = netns(self.a.name, [sys.executable, "-c", PUSH, self.b.address, str(RAW_PORT)])
         subprocess.run(push, stdin=dd.stdout, check=True)
         assert dd.stdout is not None
@@ -310,6 +341,15 @@ def run(args: argparse.Namespace, work: Path) -> Results:
         raw_cpu = children_cpu_seconds() - cpu
         assert raw_bytes == size
         (receiver_pool / "raw.img").unlink()
+        settle()
+
+        progress("raw limit around the page cache: dd iflag=direct | TCP | O_DIRECT writes")
+        cpu = children_cpu_seconds()
+        direct_seconds, direct_bytes = bench.raw(image, receiver_pool / "raw.img", direct=True)
+        direct_cpu = children_cpu_seconds() - cpu
+        assert direct_bytes == size
+        (receiver_pool / "raw.img").unlink()
+        settle()
 
         progress("Ferry full transfer")
         cpu = children_cpu_seconds()
@@ -356,12 +396,17 @@ def run(args: argparse.Namespace, work: Path) -> Results:
     raw_mib_s = size / MiB / raw_seconds
     full_mib_s = capture["data_bytes"] / MiB / full["seconds"]
     ferry_incremental = incremental_capture["capture_s"] + incremental["seconds"]
+    ferry_full = capture["capture_s"] + full["seconds"]
     return Results(
         chunk_size=args.chunk_kib * 1024,
         image_bytes=size,
         data_bytes=capture["data_bytes"],
         raw_seconds=round(raw_seconds, 2),
         raw_mib_s=round(raw_mib_s, 1),
+        raw_direct_seconds=round(direct_seconds, 2),
+        raw_direct_cpu_seconds=round(direct_cpu, 1),
+        full_ratio_time_with_capture=round(raw_seconds / ferry_full, 2),
+        full_ratio_time_with_capture_direct=round(direct_seconds / ferry_full, 2),
         full_capture_seconds=capture["capture_s"],
         full_pull_seconds=full["seconds"],
         full_ratio_time=round(raw_seconds / full["seconds"], 2),
@@ -399,6 +444,12 @@ def render(r: Results) -> str:
             f"| Ferry full: sender capture (snapshot + hash) | {r.full_capture_seconds} s |",
             f"| Ferry full: pull, verify, commit | {r.full_pull_seconds} s |",
             f"| full ratio, raw time / Ferry pull time | {r.full_ratio_time} |",
+            "| full ratio with the capture, raw time / (capture + pull) "
+            f"| {r.full_ratio_time_with_capture} |",
+            "| raw around the page cache: dd iflag=direct + TCP + O_DIRECT writes "
+            f"| {r.raw_direct_seconds} s ({r.raw_direct_cpu_seconds} CPU s) |",
+            "| full ratio with the capture, direct raw time / (capture + pull) "
+            f"| {r.full_ratio_time_with_capture_direct} |",
             f"| full ratio, Ferry data MiB/s / raw MiB/s | {r.full_ratio_throughput} |",
             "| full ratio with the capture, Ferry data MiB/s / raw MiB/s "
             f"| {r.full_ratio_throughput_with_capture} |",

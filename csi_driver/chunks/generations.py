@@ -27,8 +27,10 @@ Invariants:
   and matched the target manifest. A crash before it leaves the current
   generation as it was; a crash after it leaves the new one committed.
 - A chunk index enters ``landed`` only after its bytes were checked against
-  the target digest and the image was fdatasync'ed, so a resumed staging
-  never asks again for a chunk that landed, and never trusts one that did not.
+  the target digest (before they were written, :meth:`Staging.write`, or as
+  they read back from disk once written, :meth:`Staging.place`) and the
+  image was fdatasync'ed, so a resumed staging never asks again for a chunk
+  that landed, and never trusts one that did not.
   A chunk the base holds other data for may be written by blocks
   (:meth:`Staging.plan_blocks`): its block digests are checked against the
   target's chunk digest, each block written against its block digest, and
@@ -67,6 +69,7 @@ from pathlib import Path
 
 from csi_driver.chunks.blocks import BlockTable
 from csi_driver.chunks.changes import describe_since_capture
+from csi_driver.chunks.direct import ImageIO
 from csi_driver.chunks.durable import write_atomic
 from csi_driver.chunks.extents import changed_ranges, extent_map, reflink
 from csi_driver.chunks.manifest import (
@@ -88,7 +91,6 @@ from csi_driver.chunks.scan import (
     blocks_touching,
     chunks_touching,
     data_ranges,
-    read_exactly,
     scan_image,
 )
 from csi_driver.core.errors import (
@@ -424,6 +426,10 @@ class Staging:
     #: Chunks to fetch whole, not by blocks (their blocks did not verify once).
     whole: set[int] = field(default_factory=set)
     _pending: list[int] = field(default_factory=list)
+    #: Chunks written by :meth:`place` and not checked yet (:meth:`sync` does).
+    _unchecked: set[int] = field(default_factory=set)
+    #: Chunks :meth:`sync` found not to be the target's, until :meth:`take_rejected`.
+    _rejected: list[int] = field(default_factory=list)
     #: Block digests of the chunks in ``_pending``, written to the table by :meth:`sync`.
     _entries: dict[int, bytes] = field(default_factory=dict)
     #: Chunks written in this process and not yet read back: None when written
@@ -432,7 +438,9 @@ class Staging:
     #: Chunks read back from disk once durable whose bytes matched their block
     #: digests: None for all of the chunk, else those blocks.
     _read_back: dict[int, frozenset[int] | None] = field(default_factory=dict)
-    _fd: int | None = None
+    _io: ImageIO | None = None
+    #: The syncer's reader of what landed (another thread than the writer's).
+    _reader: ImageIO | None = None
     _base_table: BlockTable | None = None
     #: Whether the staging's files and directory are known durable (after a
     #: first :meth:`sync`; :meth:`GenerationStore.stage` leaves that to it).
@@ -478,16 +486,20 @@ class Staging:
             and base.manifest.chunk_length(index) == self.target.chunk_length(index)
         )
 
+    def _expect(self, index: int, length: int) -> bool:
+        """DataLoss unless chunk ``index`` is a data chunk of the target; whether
+        ``length`` is its length."""
+        if not 0 <= index < len(self.target.chunks) or self.target.chunks[index] is None:
+            raise DataLoss(f"chunk {index} is not a data chunk of the target image", (index,))
+        return length == self.target.chunk_length(index)
+
     def check(self, index: int, data: bytes) -> bytes:
         """DataLoss unless ``data`` is exactly chunk ``index`` of the target; return
         its block digests."""
-        wanted = self.target.chunks[index] if 0 <= index < len(self.target.chunks) else None
-        if wanted is None:
-            raise DataLoss(f"chunk {index} is not a data chunk of the target image", (index,))
         digests = b""
-        if len(data) == self.target.chunk_length(index):
+        if self._expect(index, len(data)):
             digests = block_digests(data, self.target.chunk_size)
-        if not digests or root_digest(digests) != wanted:
+        if not digests or root_digest(digests) != self.target.chunks[index]:
             raise DataLoss(
                 f"chunk {index} does not match its digest in the manifest; it was not "
                 "written and will be asked for again",
@@ -504,6 +516,33 @@ class Staging:
             self._entries[index] = digests
             self._written[index] = None
             self._read_back.pop(index, None)
+
+    def place(self, index: int, data: bytes) -> None:
+        """Write chunk ``index`` unchecked: :meth:`sync` reads it back from disk and
+        checks it before it counts as landed, so its bytes are hashed once where
+        :meth:`write` and :meth:`read_back` hash them twice. One that does not
+        match never lands, and :meth:`take_rejected` names it. DataLoss at once
+        when ``data`` cannot be the chunk (a hole in the target, another length)."""
+        if not self._expect(index, len(data)):
+            raise DataLoss(
+                f"chunk {index} arrived with {len(data)} bytes, not "
+                f"{self.target.chunk_length(index)}; it will be asked for again",
+                (index,),
+            )
+        self._pwrite(self.target.span(index)[0], data)
+        with self._lock:
+            self._pending.append(index)
+            self._unchecked.add(index)
+            self._entries.pop(index, None)
+            self._written.pop(index, None)
+            self._read_back.pop(index, None)
+
+    def take_rejected(self) -> list[int]:
+        """The chunks :meth:`sync` found not to match the target since the last call
+        (written by :meth:`place`; not landed: fetch them again)."""
+        with self._lock:
+            rejected, self._rejected = self._rejected, []
+        return rejected
 
     def plan_blocks(self, index: int, digests: bytes) -> BlockPatch:
         """The blocks to fetch for chunk ``index`` whose target block digests the
@@ -553,7 +592,7 @@ class Staging:
                     "the chunk will be asked for again",
                     (patch.index,),
                 )
-        self._pwrite(offset + first * step, data)
+        self._pwrite(offset + first * step, data, cached=True)
 
     def finish(self, patch: BlockPatch) -> None:
         """Chunk ``patch.index`` is whole once its runs are written: zero its blocks
@@ -561,7 +600,7 @@ class Staging:
         step = block_size(self.target.chunk_size)
         offset, length = self.target.span(patch.index)
         if patch.zero:
-            fd = self._open()
+            fd = self._open().fd
             for block in patch.zero:
                 punch_hole(fd, offset + block * step, min(step, length - block * step))
         written = {b for first, count in patch.runs for b in range(first, first + count)}
@@ -571,18 +610,18 @@ class Staging:
             self._written[patch.index] = frozenset(written | set(patch.zero))
             self._read_back.pop(patch.index, None)
 
-    def _open(self) -> int:
-        if self._fd is None:
-            self._fd = os.open(self.image, os.O_WRONLY | os.O_CLOEXEC)
-        return self._fd
+    def _open(self) -> ImageIO:
+        """The writer of the staged image (the syncer only syncs through it)."""
+        with self._lock:
+            if self._io is None:
+                # Around the page cache where it can (.direct): the bytes are read
+                # back from disk once durable, and never served from here before commit.
+                self._io = ImageIO(self.image, write=True, buffer_size=self.target.chunk_size)
+            return self._io
 
-    def _pwrite(self, offset: int, data: bytes) -> None:
-        fd = self._open()
-        view = memoryview(data)
+    def _pwrite(self, offset: int, data: bytes, *, cached: bool = False) -> None:
         try:
-            while view:
-                written = os.pwrite(fd, view, offset)
-                view, offset = view[written:], offset + written
+            self._open().write(offset, data, cached=cached)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ResourceExhausted(
@@ -592,20 +631,29 @@ class Staging:
             raise
 
     def sync(self) -> list[int]:
-        """Make the chunks written so far durable, then record them as landed; return
-        them. Safe to call from another thread while :meth:`write` goes on: a chunk
-        written after the call began waits for the next one."""
+        """Check the chunks :meth:`place` wrote against the target (read back from
+        disk), make the chunks written so far durable, then record them as landed;
+        return them. Safe to call from another thread while :meth:`write` goes on:
+        a chunk written after the call began waits for the next one."""
         with self._sync_lock:
             with self._lock:
                 durable, self._pending = self._pending, []
                 entries, self._entries = self._entries, {}
+                unchecked = [i for i in durable if i in self._unchecked]
+                self._unchecked.difference_update(unchecked)
+            if unchecked:
+                checked, bad = self._check_placed(unchecked)
+                entries.update(checked)
+                durable = [i for i in durable if i not in bad]
+                with self._lock:
+                    self._rejected.extend(bad)
             if not durable and self._staging_durable:
                 return []
             # Table writes batched here, off the receiving thread, in index order.
             self._table().write_many(entries)
             # The image and table as a whole, not only what was written: the
             # first sync also makes the staging's copy of the base durable.
-            os.fdatasync(self._open())
+            self._open().sync()
             self._table().sync()
             if not self._staging_durable:
                 for name in ("manifest", "base", "copy"):
@@ -623,6 +671,34 @@ class Staging:
                 self.landed.update(durable)
             return durable
 
+    def _check_placed(self, indexes: list[int]) -> tuple[dict[int, bytes], set[int]]:
+        """The block digests of the chunks ``indexes`` that read back from disk as the
+        target's, and the chunks that do not; the former count as read back."""
+        reader = self._reader_io()
+        checked: dict[int, bytes] = {}
+        bad: set[int] = set()
+        for index in indexes:
+            offset, length = self.target.span(index)
+            digests = block_digests(reader.read(offset, length), self.target.chunk_size)
+            if root_digest(digests) == self.target.chunks[index]:
+                checked[index] = digests
+            else:
+                bad.add(index)
+                log.warning(
+                    "chunk read back unlike its digest; it will be fetched again",
+                    extra={"replica": str(self.store.root), "chunk": index},
+                )
+        with self._lock:
+            for index in checked:
+                self._read_back[index] = None
+        return checked, bad
+
+    def _reader_io(self) -> ImageIO:
+        """The reader of what was written (used under the sync lock only)."""
+        if self._reader is None:
+            self._reader = ImageIO(self.image, buffer_size=self.target.chunk_size)
+        return self._reader
+
     def read_back(self, indexes: list[int]) -> int:
         """Read what this process wrote of the durable chunks ``indexes`` back from
         disk (whole chunks, or the blocks written by blocks) and check it against
@@ -633,6 +709,10 @@ class Staging:
         of following it. What does not match is left for the commit's
         verification to find.
         """
+        with self._sync_lock:
+            return self._read_back_written(indexes)
+
+    def _read_back_written(self, indexes: list[int]) -> int:
         with self._lock:
             wanted = {
                 i: self._written.pop(i) for i in indexes if i in self._written and i in self.landed
@@ -640,8 +720,7 @@ class Staging:
         if not wanted:
             return 0
         table = BlockTable(self.table_path, self.target.size, self.target.chunk_size)
-        fd = os.open(self.image, os.O_RDONLY | os.O_CLOEXEC)
-        buffer = bytearray(self.target.chunk_size)
+        reader = self._reader_io()
         step = block_size(self.target.chunk_size)
         read = 0
         try:
@@ -649,14 +728,14 @@ class Staging:
                 offset, length = self.target.span(index)
                 entries = table.read(index)
                 if blocks is None:
-                    view = read_exactly(fd, buffer, offset, length)
+                    view = reader.read(offset, length)
                     read += length
                     matched = block_digests(view, self.target.chunk_size) == entries
                 else:
                     matched = True
                     for block in sorted(blocks):
                         size = min(step, length - block * step)
-                        view = read_exactly(fd, buffer, offset + block * step, size)
+                        view = reader.read(offset + block * step, size, cached=True)
                         read += size
                         at = block * DIGEST_SIZE
                         matched = matched and block_digest(view) == entries[at : at + DIGEST_SIZE]
@@ -664,7 +743,6 @@ class Staging:
                     with self._lock:
                         self._read_back[index] = blocks
         finally:
-            os.close(fd)
             table.close()
         return read
 
@@ -674,9 +752,10 @@ class Staging:
 
     def close(self) -> None:
         self.sync()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        for io in (self._io, self._reader):
+            if io is not None:
+                io.close()
+        self._io = self._reader = None
         self._table().close()
         if self._base_table is not None:
             self._base_table.close()
@@ -758,8 +837,7 @@ class Staging:
         base_table = BlockTable(base.blocks, base.manifest.size, base.manifest.chunk_size)
         bad: list[int] = []
         read = 0
-        fd = os.open(self.image, os.O_RDONLY | os.O_CLOEXEC)
-        buffer = bytearray(step)
+        reader = ImageIO(self.image, buffer_size=step)
         try:
             for index, (wanted, held) in enumerate(
                 zip(target.chunks, base.manifest.chunks, strict=True)
@@ -786,13 +864,13 @@ class Staging:
                 for block in sorted(b for b in unread - read_back if b < count):
                     at = block * DIGEST_SIZE
                     size = min(step, length - block * step)
-                    view = read_exactly(fd, buffer, offset + block * step, size)
+                    view = reader.read(offset + block * step, size, cached=True)
                     read += size
                     if block_digest(view) != entries[at : at + DIGEST_SIZE]:
                         bad.append(index)
                         break
         finally:
-            os.close(fd)
+            reader.close()
             base_table.close()
         self.verified_bytes = read
         return tuple(bad)

@@ -24,12 +24,14 @@ from __future__ import annotations
 import collections
 import errno
 import os
+import queue
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from csi_driver.chunks.blocks import BlockTable
+from csi_driver.chunks.direct import ImageIO
 from csi_driver.chunks.manifest import (
     DEFAULT_CHUNK_SIZE,
     DIGEST_SIZE,
@@ -149,7 +151,7 @@ def scan_image(
                 digests[index] = None
         holding = chunks_touching(data_ranges(fd, size), chunk_size) & wanted
         bytes_read = 0
-        for index, length, blocks in _hashed(fd, sorted(holding), chunk_size, size):
+        for index, length, blocks in _hashed(path, sorted(holding), chunk_size, size):
             bytes_read += length
             digests[index] = root_digest(blocks)
             if table is not None:
@@ -163,43 +165,50 @@ def scan_image(
 
 
 #: Threads reading and hashing chunks: reads and SHA-256 of 64 KiB blocks
-#: release the GIL, so two keep two cores busy (or one core and the disk).
-HASHERS = 2
+#: release the GIL. Reads around the page cache have no read-ahead, so each
+#: waits for the device: four keep two cores hashing while two reads are in
+#: flight (a 1 GiB capture on the loaded 2 vCPU machine: 1.6-2.4 s with two
+#: threads, 1.2-1.9 s with four, the same CPU).
+HASHERS = 4
 
 
 def _hashed(
-    fd: int, indexes: list[int], chunk_size: int, size: int
+    path: Path, indexes: list[int], chunk_size: int, size: int
 ) -> Iterator[tuple[int, int, bytes]]:
     """(index, length, block digests) of each chunk of ``indexes``, in order, read and
-    hashed by :data:`HASHERS` threads; at most ``2 * HASHERS`` chunks are held."""
+    hashed by :data:`HASHERS` threads; at most ``HASHERS`` chunks are held, in
+    reused buffers, read around the page cache where the filesystem can
+    (:mod:`.direct`: a capture is read once more at most, to be sent, and a
+    verification not again)."""
+
+    readers: queue.SimpleQueue[ImageIO] = queue.SimpleQueue()
+    opened: list[ImageIO] = []
 
     def work(index: int) -> tuple[int, int, bytes]:
         offset = index * chunk_size
         length = min(chunk_size, size - offset)
-        return index, length, block_digests(pread_exactly(fd, offset, length), chunk_size)
+        try:
+            reader = readers.get_nowait()
+        except queue.Empty:
+            reader = ImageIO(path, buffer_size=chunk_size)
+            opened.append(reader)
+        try:
+            return index, length, block_digests(reader.read(offset, length), chunk_size)
+        finally:
+            readers.put(reader)
 
-    with ThreadPoolExecutor(HASHERS, thread_name_prefix="hash") as pool:
-        window: collections.deque[Future[tuple[int, int, bytes]]] = collections.deque()
-        for index in indexes:
-            window.append(pool.submit(work, index))
-            if len(window) >= 2 * HASHERS:
+    try:
+        with ThreadPoolExecutor(HASHERS, thread_name_prefix="hash") as pool:
+            window: collections.deque[Future[tuple[int, int, bytes]]] = collections.deque()
+            for index in indexes:
+                window.append(pool.submit(work, index))
+                if len(window) >= 2 * HASHERS:
+                    yield window.popleft().result()
+            while window:
                 yield window.popleft().result()
-        while window:
-            yield window.popleft().result()
-
-
-def pread_exactly(fd: int, offset: int, length: int) -> bytes:
-    """``length`` bytes of ``fd`` at ``offset``, as one new bytes object."""
-    data = os.pread(fd, length, offset)
-    while len(data) < length:  # short reads are rare; each retry reads the rest
-        more = os.pread(fd, length - len(data), offset + len(data))
-        if not more:
-            raise InternalError(
-                f"the image ended at byte {offset + len(data)} while reading a chunk; was it "
-                "truncated meanwhile? Retry once it is quiescent"
-            )
-        data += more
-    return data
+    finally:
+        for reader in opened:
+            reader.close()
 
 
 def rescan_blocks(

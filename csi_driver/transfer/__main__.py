@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from csi_driver import allocator
 from csi_driver import log as ferry_log
 from csi_driver.chunks.changes import ChangeTracker
 from csi_driver.chunks.generations import GenerationStore
@@ -165,6 +166,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # As a node service sets its allocator (cli.py), before any thread starts.
+    allocator.limit_arenas()
     ferry_log.configure(args.log_level)
     try:
         return int(args.run(args))

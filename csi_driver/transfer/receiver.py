@@ -5,8 +5,11 @@ Invariants:
 - Flow control: at most ``window_bytes`` of chunks are asked for and not yet
   landed at any time (one chunk when a chunk is larger), so memory stays flat
   whatever the image's size.
-- Every chunk is checked against the manifest's digest before it is written
-  (:meth:`Staging.write`); a bad one is asked for again, up to
+- Every chunk is checked against the manifest's digest before it counts as
+  landed: a whole chunk as it is read back from disk after it was written
+  (:meth:`Staging.place`, checked by :meth:`Staging.sync`: its bytes are
+  hashed once, from what the disk holds), and the stream ends only once the
+  last of them passed; a bad one is asked for again, up to
   ``chunk_attempts`` times, then the pull fails with DATA_LOSS and nothing
   is committed. A chunk the replica holds older data for is fetched by
   blocks: its block digests first, checked against the chunk digest, then
@@ -263,6 +266,9 @@ class Receiver:
         channel: grpc.Channel | None = None,
     ) -> None:
         stream = _Stream(transfer_id, staging, self._window, attempt)
+        # What the last stream's final sync rejected is missing, so asked for
+        # already: counted against its attempts here.
+        self._retry_rejected(stream, attempt, failures, meter)
         asks: queue.Queue[Any] = queue.Queue()
         stop_syncing = threading.Event()
 
@@ -311,8 +317,14 @@ class Receiver:
                             TRANSFER_CHUNKS.labels("received", "landed").inc()
                             meter.add(staging.target.chunk_length(done))
                             self._throttle(meter)
+                    self._retry_rejected(stream, attempt, failures, meter)
                     if stream.finished():
-                        break
+                        # Whole chunks are checked as they are read back from disk:
+                        # the stream ends once the last of them passed.
+                        sync()
+                        self._retry_rejected(stream, attempt, failures, meter)
+                        if stream.finished():
+                            break
                     if (ask := stream.grant()) is not None:
                         asks.put(ask)
             finally:
@@ -345,6 +357,24 @@ class Receiver:
             if failures[index] >= self._chunk_attempts:
                 raise exc
             stream.again(index)
+
+    def _retry_rejected(
+        self,
+        stream: _Stream,
+        attempt: Attempt,
+        failures: collections.Counter[int],
+        meter: ProgressMeter,
+    ) -> None:
+        """Ask again for the whole chunks that read back unlike their digests."""
+        rejected = stream.staging.take_rejected()
+        if rejected:
+            named = ", ".join(f"chunk {i}" for i in sorted(rejected)[:8])
+            exc = DataLoss(
+                f"{named}: read back unlike the manifest's digests; not committed, and "
+                "asked for again up to the attempts allowed",
+                tuple(rejected),
+            )
+            self._reject(exc, stream, attempt, failures, meter)
 
     def _throttle(self, meter: ProgressMeter) -> None:
         if self._max_rate is None:
@@ -427,7 +457,7 @@ class _Stream:
             raise DataLoss(f"the sender sent chunk {index}, never asked for")
         kind, _, first = key
         if kind == "whole":
-            self.staging.write(index, data)
+            self.staging.place(index, data)
             return index
         if kind == "table":
             patch = self.staging.plan_blocks(index, digests)
@@ -453,4 +483,6 @@ class _Stream:
         """Ask for chunk ``index`` again, whole (its runs still in flight are dropped)."""
         self.patches.pop(index, None)
         self.staging.whole.add(index)
-        self.pending.appendleft(("whole", index, 0, 0))
+        ask: Ask = ("whole", index, 0, 0)
+        if ask not in self.pending and ("whole", index, 0) not in self.in_flight:
+            self.pending.appendleft(ask)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import threading
 import weakref
 from collections.abc import Iterator
@@ -30,13 +29,14 @@ from typing import Any
 import grpc
 
 from csi_driver.chunks.blocks import BlockTable
+from csi_driver.chunks.direct import ImageIO
 from csi_driver.chunks.manifest import Manifest, block_count, block_digests, block_size, encode
-from csi_driver.chunks.scan import pread_exactly
 from csi_driver.core.errors import FerryError, InternalError, InvalidArgument, NotFound
 from csi_driver.gen.ferry.v1 import transfer_pb2, transfer_pb2_grpc
 from csi_driver.metrics import TRANSFER_BYTES, TRANSFER_CHUNKS
 from csi_driver.pki import Identity, Role
 from csi_driver.rpc.errors import abort, rpc
+from csi_driver.transfer.replies import Part, Reply, Run
 from csi_driver.transport import Admission, AgentSecurity, Endpoint, start_server
 
 log = logging.getLogger(__name__)
@@ -145,18 +145,20 @@ class ChunkSourceServicer(transfer_pb2_grpc.ChunkSourceServicer):
                 reader.close()
 
 
-def _batched(chunks: Iterator[tuple[Any, int]]) -> Iterator[Any]:
-    """Chunks (each with its size) gathered into messages of about :data:`BATCH_BYTES`."""
-    batch: list[Any] = []
-    size = 0
-    for chunk, length in chunks:
-        batch.append(chunk)
-        size += length
-        if size >= BATCH_BYTES:
-            yield transfer_pb2.Chunks(chunks=batch)
-            batch, size = [], 0
-    if batch:
-        yield transfer_pb2.Chunks(chunks=batch)
+def _batched(parts: Iterator[Part]) -> Iterator[bytes]:
+    """Parts gathered into encoded ``Chunks`` messages of about :data:`BATCH_BYTES`
+    (the part that fills one is encoded before the reader reads again, so its
+    bytes are copied once: into the message)."""
+    reply = Reply()
+    for part in parts:
+        if reply.size + part.size >= BATCH_BYTES:
+            reply.add(part, last=True)
+            yield reply.encode()
+            reply = Reply()
+        else:
+            reply.add(part)
+    if reply:
+        yield reply.encode()
 
 
 class _Reader:
@@ -164,19 +166,20 @@ class _Reader:
 
     def __init__(self, export: Export) -> None:
         self.export = export
-        self._fd = os.open(export.image, os.O_RDONLY | os.O_CLOEXEC)
+        # Around the page cache where it can: the capture read these bytes
+        # already, and caching them again for one send only costs (.direct).
+        self._io = ImageIO(export.image, buffer_size=export.manifest.chunk_size)
         self._table = export.table
 
     def close(self) -> None:
-        os.close(self._fd)
+        self._io.close()
 
-    def answer(self, request: Any) -> Iterator[tuple[Any, int]]:
-        """The replies to ``request``, each with its size (a message's bytes fields
-        are copied whenever read, so sizes are taken before)."""
+    def answer(self, request: Any) -> Iterator[Part]:
+        """The parts of the replies to ``request`` (data in this reader's buffer:
+        each part is consumed before the next is read)."""
         for index in request.block_tables:
             self._check(index)
-            digests = self._block_digests(index)
-            yield transfer_pb2.Chunk(index=index, block_digests=digests), len(digests)
+            yield Part(index, digests=self._block_digests(index))
         for index in request.indexes:
             self._check(index)
             if self.export.manifest.chunks[index] is None:
@@ -186,11 +189,12 @@ class _Reader:
             data = self._read(*self.export.manifest.span(index))
             self.export.sent[index] += 1
             TRANSFER_CHUNKS.labels("sent", "sent").inc()
-            yield transfer_pb2.Chunk(index=index, data=data), len(data)
+            yield Part(index, data=data)
         for run in request.runs:
             offset, length = self._run_span(run)
-            data = self._read(offset, length)
-            yield transfer_pb2.Chunk(index=run.index, data=data, run=run), length
+            # A delta's blocks were just read by the capture, through the cache.
+            data = self._read(offset, length, cached=True)
+            yield Part(run.index, data=data, run=Run(run.index, run.first, run.count))
 
     def _check(self, index: int) -> None:
         count = len(self.export.manifest.chunks)
@@ -223,9 +227,11 @@ class _Reader:
         start = offset + run.first * step
         return start, min(run.count * step, offset + length - start)
 
-    def _read(self, offset: int, length: int, *, count: bool = True) -> bytes:
+    def _read(
+        self, offset: int, length: int, *, count: bool = True, cached: bool = False
+    ) -> memoryview:
         try:
-            data = pread_exactly(self._fd, offset, length)
+            data = self._io.read(offset, length, cached=cached)
         except InternalError as exc:
             raise InternalError(
                 f"export {self.export.transfer_id} changed while served ({exc.message}); "
@@ -244,6 +250,30 @@ def serve_chunks(
     servicer = ChunkSourceServicer(exports)
     return start_server(
         endpoint,
-        [lambda server: transfer_pb2_grpc.add_ChunkSourceServicer_to_server(servicer, server)],
+        [lambda server: _register(servicer, server)],
         agents=(security, admitted_peers(node_id)),
     )
+
+
+def _register(servicer: ChunkSourceServicer, server: grpc.Server) -> None:
+    """The generated registration, but for PullChunks' replies: they come encoded
+    (:mod:`.replies`), so they are sent as they are."""
+    handlers = {
+        "GetManifest": grpc.unary_unary_rpc_method_handler(
+            servicer.GetManifest,
+            request_deserializer=transfer_pb2.GetManifestRequest.FromString,
+            response_serializer=transfer_pb2.ManifestReply.SerializeToString,
+        ),
+        "PullChunks": grpc.stream_stream_rpc_method_handler(
+            servicer.PullChunks,
+            request_deserializer=transfer_pb2.ChunkRequest.FromString,
+            response_serializer=_as_sent,
+        ),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("ferry.v1.ChunkSource", handlers),)
+    )
+
+
+def _as_sent(reply: bytes) -> bytes:
+    return reply

@@ -137,6 +137,61 @@ def test_chunks_read_back_as_they_land_are_not_read_again_and_rot_before_it_is_c
     assert current is not None and digest(current.image) == digest(source)
 
 
+def test_a_placed_chunk_lands_only_once_read_back_from_disk_as_the_target(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "source.img"
+    chunks = {i: bytes([i + 1]) * CHUNK for i in range(3)}
+    target = make_image(source, chunks, 4)  # chunk 3 is a hole
+    store = GenerationStore(tmp_path / "replica")
+    staging = store.stage(target)
+    with pytest.raises(DataLoss, match="chunk 1 arrived with"):
+        staging.place(1, chunks[1][:-1])
+    with pytest.raises(DataLoss, match="chunk 3 is not a data chunk"):
+        staging.place(3, bytes(CHUNK))
+    staging.place(0, chunks[0])
+    staging.place(1, b"\7" * CHUNK)  # corrupt, and written: found when read back
+    staging.place(2, chunks[2])
+    write_at(staging.image, 2 * CHUNK + 5, b"\xff")  # rots after it was written
+    assert staging.sync() == [0]
+    assert sorted(staging.take_rejected()) == [1, 2] and staging.take_rejected() == []
+    assert staging.missing() == [1, 2]
+    staging.place(1, chunks[1])
+    staging.place(2, chunks[2])
+    assert sorted(staging.sync()) == [1, 2]
+    # Read back once, as they landed: the commit reads none of them again.
+    assert staging.read_back([0, 1, 2]) == 0
+    generation = staging.commit()
+    assert staging.verified_bytes == 0
+    assert digest(generation.image) == digest(source)
+
+
+def test_placed_chunks_that_never_landed_are_fetched_again_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "source.img"
+    chunks = {i: bytes([i + 1]) * CHUNK for i in range(4)}
+    target = make_image(source, chunks, 4)
+    store = GenerationStore(tmp_path / "replica")
+    before = make_image(tmp_path / "old.img", {0: b"\x09" * CHUNK}, 4)
+    apply(store, tmp_path / "old.img", before)
+    old = store.current()
+    assert old is not None
+    staging = store.stage(target)
+    staging.place(0, chunks[0])
+    staging.place(1, chunks[1])
+    assert sorted(staging.sync()) == [0, 1]
+    staging.place(2, chunks[2])  # written, never synced: the process dies here
+    resumed = GenerationStore(tmp_path / "replica").stage(target)
+    assert resumed.missing() == [2, 3]
+    assert store.current() == old and digest(old.image) == digest(tmp_path / "old.img")
+    for index in resumed.missing():
+        resumed.place(index, chunks[index])
+    resumed.sync()
+    generation = resumed.commit()
+    assert generation.number == 2 and digest(generation.image) == digest(source)
+
+
 APPLY_SLOWLY = textwrap.dedent(
     """
     import sys, time
