@@ -12,10 +12,13 @@ durable):
 * the copy fallback, on ext4 (no reflink): volumes whose every byte is
   data (``--copy-sizes-mib``), since a copy costs what the volume holds.
 
-Each case is snapshotted ``--repeat`` times (a new snapshot each time);
-medians and maxima are reported. Thick images hold their size as
-reserved (unwritten) extents, which a sparse scratch backing file stores
-for free, so the 16 GiB case needs no 16 GiB of disk. Needs root.
+Each case is snapshotted ``--repeat`` times (a new snapshot each time, each
+deleted once timed, and the volume deleted after its case: Ferry charges
+every snapshot its volume's full size, so keeping them all would need a pool
+many times the volumes' size); medians and maxima are reported. Thick
+images hold their size as reserved (unwritten) extents, which a sparse
+scratch backing file stores for free, so the 16 GiB case needs no 16 GiB of
+disk. Needs root.
 
 Prints a table and writes JSON (default ``bench/results/snapshots-latest.json``).
 """
@@ -112,6 +115,8 @@ def _fill(image: Path, data_bytes: int) -> None:
 
 
 def _time_snapshots(client: CsiClient, volume_id: str, label: str, repeat: int) -> list[float]:
+    """Seconds each of ``repeat`` CreateSnapshot calls took; each snapshot is deleted
+    after it is timed (its space charge would otherwise add up)."""
     seconds = []
     for n in range(repeat):
         request = csi_pb2.CreateSnapshotRequest(name=f"{label}-{n}", source_volume_id=volume_id)
@@ -120,12 +125,20 @@ def _time_snapshots(client: CsiClient, volume_id: str, label: str, repeat: int) 
         seconds.append(time.perf_counter() - started)
         if not snapshot.ready_to_use:
             raise RuntimeError(f"snapshot {snapshot.snapshot_id} answered not ready")
+        client.controller.DeleteSnapshot(
+            csi_pb2.DeleteSnapshotRequest(snapshot_id=snapshot.snapshot_id), timeout=300
+        )
     return seconds
+
+
+def _delete_volume(client: CsiClient, volume_id: str) -> None:
+    client.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id), timeout=300)
 
 
 def reflink_cases(work: Path, sizes_gib: list[int], data: int, repeat: int) -> list[Case]:
     cases = []
-    total = sum(sizes_gib) * GiB + 8 * GiB
+    # One volume and one snapshot of it charged at a time, the staged 4 GiB case too.
+    total = 2 * max([*sizes_gib, 4]) * GiB + 8 * GiB
     with scratch_filesystem(work, total + 4 * GiB, XFS, name="xfs") as mount:
         pool = mount / "pool"
         with ferry_on(pool, work, total) as client:
@@ -134,6 +147,7 @@ def reflink_cases(work: Path, sizes_gib: list[int], data: int, repeat: int) -> l
                 _fill(pool / "images" / f"{volume}.img", data)
                 seconds = _time_snapshots(client, volume, f"s{gib}", repeat)
                 cases.append(Case("xfs", "reflink", gib * GiB, data, False, tuple(seconds)))
+                _delete_volume(client, volume)
             staged = _volume(client, "staged", 4 * GiB)
             staging = work / "kubelet" / "staged"
             client.node.NodeStageVolume(
@@ -169,6 +183,7 @@ def copy_cases(work: Path, sizes_mib: list[int], repeat: int) -> list[Case]:
                 _fill(pool / "images" / f"{volume}.img", mib * MiB)
                 seconds = _time_snapshots(client, volume, f"c{mib}", repeat)
                 cases.append(Case("ext4", "copy", mib * MiB, mib * MiB, False, tuple(seconds)))
+                _delete_volume(client, volume)
     return cases
 
 
