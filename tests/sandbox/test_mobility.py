@@ -320,8 +320,21 @@ def test_a_forced_detach_from_a_lost_node_is_fenced_and_the_node_resumes_with_a_
         parameters={"failoverPolicy": "wait"},
     )
     request.accessibility_requirements.requisite.add().segments[NODE_KEY] = "node-1"
-    with mobile.client("controller") as client:
-        volume_id = client.controller.CreateVolume(request, timeout=60).volume.volume_id
+
+    def created() -> str | None:
+        # node-1 was cut and healed by the test before: under load its heartbeat may
+        # not have landed yet (this test is about the forced detach, not readiness).
+        with mobile.client("controller") as client:
+            try:
+                return str(client.controller.CreateVolume(request, timeout=60).volume.volume_id)
+            except grpc.RpcError as exc:
+                if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and "node-1" in (
+                    exc.details() or ""
+                ):
+                    return None
+                raise
+
+    volume_id = _eventually(created, "node-1 ready again for a new volume")
     mounted = Path(
         _stage_and_publish(mobile, "node-1", volume_id, _publish(mobile, volume_id, "node-1"))
     )
