@@ -89,6 +89,7 @@ from csi_driver.backup.upload import (
     split_digests,
 )
 from csi_driver.chunks.blocks import BlockTable
+from csi_driver.chunks.direct import pwrite_all
 from csi_driver.chunks.manifest import (
     BLOCK_SIZE,
     DEFAULT_CHUNK_SIZE,
@@ -938,24 +939,18 @@ class _Writer:
         direct = self._direct
         if aligned and direct is not None and not (offset | len(data)) % _DIRECT_ALIGN:
             try:
-                _pwrite_all(direct, data, offset)
+                pwrite_all(direct, data, offset)
                 return
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
                 self.close()  # refused after all: buffered from now on
-        _pwrite_all(self.fd, data, offset)
+        pwrite_all(self.fd, data, offset)
 
     def close(self) -> None:
         if self._direct is not None:
             os.close(self._direct)
             self._direct = None
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        written = os.pwrite(fd, data, offset)
-        data, offset = data[written:], offset + written
 
 
 def _fetch_into(

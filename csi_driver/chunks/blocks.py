@@ -29,6 +29,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from csi_driver.chunks.direct import pwrite_all
 from csi_driver.chunks.extents import reflink
 from csi_driver.chunks.manifest import (
     DIGEST_SIZE,
@@ -105,7 +106,7 @@ class BlockTable:
         return offset
 
     def write(self, index: int, digests: bytes) -> None:
-        _pwrite_all(self._open(), digests, self._checked_slot(index, digests))
+        pwrite_all(self._open(), digests, self._checked_slot(index, digests))
 
     def write_many(self, entries: Mapping[int, bytes]) -> None:
         """Write several chunks' entries, nearby slots in one write: each write into
@@ -124,11 +125,11 @@ class BlockTable:
                     gap = os.pread(fd, offset - end, end)
                     group += gap + bytes(offset - end - len(gap))  # past the end: zeros
             else:
-                _pwrite_all(fd, group, start)
+                pwrite_all(fd, group, start)
                 group, start = bytearray(), offset
             group += digests
             end = offset + len(digests)
-        _pwrite_all(fd, group, start)
+        pwrite_all(fd, group, start)
 
     def punch(self, index: int) -> None:
         """Chunk ``index`` becomes a hole."""
@@ -152,10 +153,3 @@ class BlockTable:
 #: (what lies between is read and written back), in groups of at most GROUP_BYTES.
 GAP_BYTES = 64 * 1024
 GROUP_BYTES = 1024 * 1024
-
-
-def _pwrite_all(fd: int, data: bytes | bytearray, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written

@@ -129,13 +129,13 @@ class ImageIO:
             view = self._buffer[:length]
             view[:] = data
             try:
-                _pwrite_all(direct, view, offset)
+                pwrite_all(direct, view, offset)
                 return
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
                 self._buffered_from_now()
-        _pwrite_all(self._fd, memoryview(data), offset)
+        pwrite_all(self._fd, memoryview(data), offset)
 
     def _buffered_from_now(self) -> None:
         if self._direct is not None:
@@ -158,7 +158,9 @@ class ImageIO:
             self._map.close()
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        written = os.pwrite(fd, data, offset)
-        data, offset = data[written:], offset + written
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (pwrite may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
