@@ -401,9 +401,7 @@ def start_controller(
             csi_endpoint,
             [
                 lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
-                *_controller_services(
-                    volumes, _snapshot_service(catalog, backup, node_lost_after_s)
-                ),
+                *_controller_services(volumes, _snapshot_service(catalog, backup, readings)),
             ],
             services,
         )
@@ -412,14 +410,13 @@ def start_controller(
 
 
 def _snapshot_service(
-    catalog: Catalog, backup: BackupSettings | None, node_lost_after_s: float
+    catalog: Catalog, backup: BackupSettings | None, readings: NodeReadings
 ) -> SnapshotService:
     """The controller reads the backup target only to resolve ``backup-<id>`` handles;
-    a node lost (as failover decides it) is no source for a restore."""
+    a node lost (as failover decides it, by the same readings) is no source for a
+    restore."""
     return SnapshotService(
-        catalog,
-        backups=SnapshotBackups(backup) if backup else None,
-        node_lost_after_s=node_lost_after_s,
+        catalog, backups=SnapshotBackups(backup) if backup else None, readings=readings
     )
 
 
@@ -488,9 +485,7 @@ def start_all_in_one(
             [
                 lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
                 lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s),
-                *_controller_services(
-                    volumes, _snapshot_service(catalog, config.backup, node_lost_after_s)
-                ),
+                *_controller_services(volumes, _snapshot_service(catalog, config.backup, readings)),
             ],
             services,
         )

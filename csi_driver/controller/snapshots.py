@@ -34,6 +34,8 @@ deadline, for the status the node holding the volumes reports. Invariants:
   home copy; a view lists every node holding a READY copy. Deleting a
   snapshot deletes every copy: a copy on a lost node stays marked deleted
   (its node deletes it when it returns, and the collector then drops it).
+  A node is lost here as failover declares it (:class:`NodeReadings`): a
+  catalog outage is not its silence.
 - Every copy is charged to its node's accounting in the txn that writes its
   spec and released in the one that removes it (:mod:`.snapshot_space`).
 - A clone or restore has its source's encryption: an encrypted snapshot or
@@ -54,7 +56,7 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from csi_driver.backup.snapshots import SnapshotBackups, handle_backup_id
-from csi_driver.controller.failover import NODE_LOST_AFTER_S
+from csi_driver.controller.readiness import NodeReadings
 from csi_driver.controller.replication import images_of
 from csi_driver.controller.snapshot_space import charge_snapshots, snapshot_sizes
 from csi_driver.core import deadline
@@ -199,10 +201,12 @@ class SnapshotService:
         wait_s: float = DEFAULT_WAIT_S,
         lock_timeout_s: float = 30.0,
         backups: SnapshotBackups | None = None,
-        node_lost_after_s: float = NODE_LOST_AFTER_S,
+        readings: NodeReadings | None = None,
     ) -> None:
+        """``readings``: which nodes are lost, as failover decides it (default: by
+        heartbeats alone, with no catalog outage to take off a node's silence)."""
         self._backups = backups
-        self._lost_after = node_lost_after_s
+        self._readings = readings or NodeReadings(catalog, clock=clock)
         self._catalog = catalog
         self._store = catalog.store
         self._clock = clock
@@ -443,9 +447,9 @@ class SnapshotService:
                 raise _refusal(node, status.reason, status.message)
 
     def _lost(self, node_id: str) -> bool:
-        """A node that has not been heard of for longer than the failover's limit."""
-        node = self._catalog.get_node(node_id)
-        return node is None or self._clock() - node.heartbeat_at > self._lost_after
+        """A node failover would declare lost: silent past the loss delay (a catalog
+        outage is not its silence), out of service, or never registered."""
+        return self._readings.lost(node_id) is not None
 
     def _holders(self, snapshot_id: str, home: str) -> list[Versioned[SnapshotSpec]]:
         """Every node's spec for ``snapshot_id``, the home first: one read per node."""
