@@ -17,7 +17,7 @@ from csi_driver.backup.repository import (
     restore_image,
     verify_backup,
 )
-from csi_driver.backup.targets import Target
+from csi_driver.backup.targets import FilesystemTarget, Target
 from csi_driver.backup.upload import index_key, pack_key
 from csi_driver.chunks.manifest import BLOCK_SIZE
 from csi_driver.chunks.scan import scan_image
@@ -27,11 +27,13 @@ from tests.backup.conftest import (
     GRACE_S,
     block_entries,
     mixed_image,
+    open_repo,
     packs,
     random_chunks,
     rewrite_pack,
     write_image,
 )
+from tests.backup.test_targets import resident_pages
 
 BLOCKS_PER_CHUNK = CHUNK // BLOCK_SIZE
 
@@ -288,3 +290,32 @@ def test_a_source_that_changed_since_its_manifest_is_refused(
     with pytest.raises(FailedPrecondition, match="changed since its manifest"):
         backup_image(fs_repo, image, volume_name="db", manifest=manifest)
     assert fs_repo.backups() == []
+
+
+def test_a_restore_writes_its_chunks_around_the_page_cache(
+    fs_repo: Repository, tmp_path: Path
+) -> None:
+    """Whole chunks go to the disk with O_DIRECT from the buffers they were fetched
+    into: none of the restored file's pages stays in the page cache."""
+    image = tmp_path / "image"
+    mixed_image(image, count=8)
+    result = backup_image(fs_repo, image, volume_name="db")
+    restored = restore_image(fs_repo, result.backup.backup_id, tmp_path / "restored")
+    assert resident_pages(restored.path) == 0
+    assert digest(restored.path) == digest(image)
+
+
+@pytest.mark.root
+def test_a_backup_and_its_restore_on_a_filesystem_refusing_direct_io(
+    no_direct_io: Path, key: BackupKey
+) -> None:
+    """Image, target and restored file on ramfs (no O_DIRECT): the scan, the packs
+    and the restore's chunk writes all take the page cache, byte for byte."""
+    repo = open_repo(FilesystemTarget(no_direct_io / "target"), key)
+    image = no_direct_io / "image"
+    mixed_image(image, count=8)
+    result = backup_image(repo, image, volume_name="db")
+    assert packs(repo.target)
+    restored = restore_image(repo, result.backup.backup_id, no_direct_io / "restored")
+    assert digest(restored.path) == digest(image)
+    verify_backup(repo, result.backup.backup_id)

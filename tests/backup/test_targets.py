@@ -99,6 +99,20 @@ def test_a_page_aligned_object_is_written_around_the_page_cache(tmp_path: Path, 
     assert target.uploaded.bytes == size
 
 
+@pytest.mark.root
+def test_a_page_aligned_object_is_written_through_the_cache_where_direct_io_is_refused(
+    no_direct_io: Path,
+) -> None:
+    size = 64 * DIRECT_ALIGN + 100
+    pack = mmap.mmap(-1, size)
+    pack[:] = os.urandom(size)
+    target = FilesystemTarget(no_direct_io / "t")
+    target.stage("packs/ab/one", memoryview(pack))
+    target.flush()
+    assert target.get("packs/ab/one") == pack[:]
+    assert target.uploaded.bytes == size
+
+
 @pytest.mark.parametrize(
     "make",
     [

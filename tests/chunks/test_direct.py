@@ -93,3 +93,29 @@ def test_cached_transfers_go_through_the_page_cache_and_agree_with_direct_ones(
     assert bytes(reader.read(0, CHUNK)) == b"\5" * CHUNK  # direct: written back first
     assert bytes(reader.read(CHUNK, CHUNK, cached=True)) == b"\6" * CHUNK
     reader.close()
+
+
+@pytest.mark.root
+def test_a_filesystem_refusing_direct_io_is_read_and_written_through_the_page_cache(
+    no_direct_io: Path,
+) -> None:
+    """ramfs refuses O_DIRECT at open: every transfer goes through the page cache,
+    aligned or not, and reads back what was written."""
+    image = no_direct_io / "image"
+    image.write_bytes(bytes(4 * CHUNK))
+    data = [os.urandom(CHUNK) for _ in range(4)]
+    writer = ImageIO(image, write=True, buffer_size=CHUNK)
+    assert not writer.direct
+    for index in (3, 1, 0, 2):
+        writer.write(index * CHUNK, data[index])
+    writer.write(CHUNK + 5, b"odd")
+    writer.sync()
+    writer.close()
+    expected = bytearray(b"".join(data))
+    expected[CHUNK + 5 : CHUNK + 8] = b"odd"
+    reader = ImageIO(image, buffer_size=CHUNK)
+    assert not reader.direct
+    assert b"".join(bytes(reader.read(i * CHUNK, CHUNK)) for i in range(4)) == expected
+    assert bytes(reader.read(CHUNK + 4, 5)) == expected[CHUNK + 4 : CHUNK + 9]
+    reader.close()
+    assert image.read_bytes() == expected

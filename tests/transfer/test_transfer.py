@@ -70,6 +70,25 @@ def test_a_full_pull_then_a_delta_land_byte_identical(
     assert receiver_for().pull("t2", store).chunks_received == 0
 
 
+@pytest.mark.root
+def test_a_pull_between_images_on_a_filesystem_refusing_direct_io(
+    no_direct_io: Path, sender: Sender, receiver_for: ReceiverFactory
+) -> None:
+    """Source and replica on ramfs (no O_DIRECT): the sender reads, the receiver
+    writes and reads back through the page cache, a full pull and a delta alike."""
+    source = no_direct_io / "source.img"
+    write_image(source, random_chunks(DATA, 1), 32)
+    sender.export("t1", source, with_table=True)
+    store = GenerationStore(no_direct_io / "replica")
+    first = receiver_for().pull("t1", store)
+    assert file_digest(first.generation.image) == file_digest(source)
+    write_image(source, {**random_chunks(DATA, 1), 9: random_chunks([9], 2)[9]}, 32)
+    sender.export("t2", source, with_table=True)
+    again = receiver_for().pull("t2", store)
+    assert (again.generation.number, again.chunks_received) == (2, 1)
+    assert file_digest(again.generation.image) == file_digest(source)
+
+
 @pytest.mark.parametrize("with_table", [False, True], ids=["hashed-on-demand", "table"])
 def test_a_chunk_the_replica_holds_is_sent_by_its_changed_blocks(
     tmp_path: Path, sender: Sender, receiver_for: ReceiverFactory, with_table: bool
