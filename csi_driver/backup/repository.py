@@ -35,7 +35,6 @@ Invariants:
 
 from __future__ import annotations
 
-import errno
 import logging
 import mmap
 import os
@@ -89,7 +88,7 @@ from csi_driver.backup.upload import (
     split_digests,
 )
 from csi_driver.chunks.blocks import BlockTable
-from csi_driver.chunks.direct import pwrite_all
+from csi_driver.chunks.direct import ImageIO
 from csi_driver.chunks.manifest import (
     BLOCK_SIZE,
     DEFAULT_CHUNK_SIZE,
@@ -865,7 +864,8 @@ def restore_image(
                     extra={"backup": backup_id, "chunks_kept": kept_chunks},
                 )
             written = sum(manifest.chunk_length(i) for i in wanted)
-            fetched = _fetch_into(repo, _Writer(part, fd), backup, blocks, wanted, progress)
+            writer = ImageIO(part, write=True, buffer_size=manifest.chunk_size)
+            fetched = _fetch_into(repo, writer, backup, blocks, wanted, progress)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -914,48 +914,9 @@ def _still_wanted(
     return tuple(missing), len(wanted) - len(missing)
 
 
-#: O_DIRECT wants buffers, offsets and lengths aligned to the device's blocks.
-_DIRECT_ALIGN = 4096
-
-
-class _Writer:
-    """Writes a restored image: whole aligned chunks with O_DIRECT, the rest through
-    the page cache (``fd``).
-
-    Writing a restore through the page cache cost 0.2 to 2 s of kernel CPU per
-    GiB on the shared machine (allocating and reclaiming cache pages under
-    memory pressure), more than decrypting and hashing it; O_DIRECT from
-    page-aligned buffers costs a few hundredths, and the restore is fsynced
-    anyway. Filesystems without O_DIRECT (tmpfs) get buffered writes."""
-
-    def __init__(self, path: Path, fd: int) -> None:
-        self.fd = fd
-        try:
-            self._direct: int | None = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-        except OSError:
-            self._direct = None
-
-    def write(self, data: memoryview, offset: int, aligned: bool) -> None:
-        direct = self._direct
-        if aligned and direct is not None and not (offset | len(data)) % _DIRECT_ALIGN:
-            try:
-                pwrite_all(direct, data, offset)
-                return
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                self.close()  # refused after all: buffered from now on
-        pwrite_all(self.fd, data, offset)
-
-    def close(self) -> None:
-        if self._direct is not None:
-            os.close(self._direct)
-            self._direct = None
-
-
 def _fetch_into(
     repo: Repository,
-    writer: _Writer,
+    writer: ImageIO,
     backup: Backup,
     blocks: BlockMap,
     wanted: tuple[int, ...],
@@ -965,7 +926,13 @@ def _fetch_into(
     decompress, SHA-256 per block), write them in order from this one, a chunk per
     write: one writer, so the workers never wait on the file's lock, and reused
     page-aligned buffers (anonymous maps), so no chunk costs fresh pages and
-    whole chunks can be written with O_DIRECT."""
+    whole chunks are written with O_DIRECT straight from them.
+
+    Writing a restore through the page cache cost 0.2 to 2 s of kernel CPU per
+    GiB on the shared machine (allocating and reclaiming cache pages under
+    memory pressure), more than decrypting and hashing it; O_DIRECT costs a few
+    hundredths, and the restore is fsynced anyway. ``writer`` falls back to the
+    page cache where the filesystem has no direct I/O."""
     manifest = backup.manifest
     window: deque[tuple[int, mmap.mmap, Future[memoryview]]] = deque()
     free = [mmap.mmap(-1, manifest.chunk_size) for _ in range(3 * repo.workers)]
@@ -975,8 +942,8 @@ def _fetch_into(
 
     def write(index: int, buffer: mmap.mmap, future: Future[memoryview]) -> None:
         data = future.result()
-        # Format 1's compressed chunks come back in bytes of their own: not aligned.
-        writer.write(data, manifest.span(index)[0], aligned=data.obj is buffer)
+        # Format 1's compressed chunks come back in bytes of their own: copied.
+        writer.write(manifest.span(index)[0], data, page_aligned=data.obj is buffer)
         data.release()
         free.append(buffer)
         progress.advance(manifest.chunk_length(index))

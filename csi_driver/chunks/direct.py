@@ -11,16 +11,17 @@ disk holds, not what memory does.
 
 Invariants:
 
-- Direct transfers use page-aligned buffers (anonymous maps, :class:`ImageIO`
-  keeps one per purpose and reuses it), offsets that are multiples of
-  :data:`ALIGN` (chunk offsets are: chunk sizes are multiples of 4096) and
-  lengths rounded up to :data:`ALIGN`; a read past the end of the image
-  returns short. A write whose offset or length is not aligned (the short
-  tail of an image whose size is not a multiple) goes through the page
-  cache, on a buffered descriptor of the same file.
-- Where the filesystem refuses ``O_DIRECT`` (tmpfs, some FUSE or overlay
-  mounts: EINVAL at open or at the first transfer), everything goes through
-  the page cache, as before.
+- Direct transfers use page-aligned buffers (anonymous maps: :class:`ImageIO`
+  keeps one per purpose and reuses it, or a caller writes from its own, as a
+  restore does from the buffers its chunks were fetched into), offsets that
+  are multiples of :data:`ALIGN` (chunk offsets are: chunk sizes are
+  multiples of 4096) and lengths rounded up to :data:`ALIGN`; a read past
+  the end of the image returns short. A write whose offset or length is not
+  aligned (the short tail of an image whose size is not a multiple) goes
+  through the page cache, on a buffered descriptor of the same file.
+- Where the filesystem refuses ``O_DIRECT`` (ramfs, tmpfs before Linux 6.6,
+  some FUSE or overlay mounts: EINVAL at open or at the first transfer),
+  everything goes through the page cache, as before.
 - Mixing both on one file stays coherent: a direct read writes back the
   range's dirty cached pages first, a direct write drops the range's cached
   pages (Linux's rules for ``O_DIRECT``), so a byte written either way is
@@ -111,23 +112,35 @@ class ImageIO:
                 self._buffered_from_now()
         return os.preadv(self._fd, [view[done:]], offset)
 
-    def write(self, offset: int, data: bytes | memoryview, *, cached: bool = False) -> None:
+    def write(
+        self,
+        offset: int,
+        data: bytes | memoryview,
+        *,
+        cached: bool = False,
+        page_aligned: bool = False,
+    ) -> None:
         """Write ``data`` at ``offset`` (copied into the aligned buffer for a direct write).
 
         ``cached`` writes through the page cache: for small scattered writes (a
         delta's 64 KiB blocks), which the cache writes back together at the next
         sync, where each direct write would wait for the device on its own (a
-        warm move's final sync took 0.5 s longer so) and its read-back too."""
+        warm move's final sync took 0.5 s longer so) and its read-back too.
+        ``page_aligned``: ``data`` starts a page-aligned buffer of the caller's (an
+        anonymous map), written directly as it is, without the copy."""
         length = len(data)
         direct = self._direct
         if (
             direct is not None
             and not cached
             and not (offset | length) % ALIGN
-            and length <= len(self._buffer)
+            and (page_aligned or length <= len(self._buffer))
         ):
-            view = self._buffer[:length]
-            view[:] = data
+            if page_aligned:
+                view = memoryview(data)
+            else:
+                view = self._buffer[:length]
+                view[:] = data
             try:
                 pwrite_all(direct, view, offset)
                 return
