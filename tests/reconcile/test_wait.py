@@ -50,9 +50,15 @@ def test_waits_through_intermediate_states_for_the_one_it_wants(store: CatalogSt
 
 def test_can_wait_for_a_key_to_disappear(store: CatalogStore) -> None:
     store.put(KEY, b"deleting")
-    threading.Timer(0.05, lambda: store.delete(KEY)).start()
-    deadline = time.monotonic() + SETTLE_S
-    assert wait_for(store, KEY, lambda r: r is None, deadline, waiting_for="deletion") is None
+    owner = threading.Timer(0.05, lambda: store.delete(KEY))
+    owner.start()
+    try:
+        deadline = time.monotonic() + SETTLE_S
+        assert wait_for(store, KEY, lambda r: r is None, deadline, waiting_for="deletion") is None
+    finally:
+        # The wait may end on the deletion's event before the delete call has its
+        # reply: the owner must be done before the fixture closes the store.
+        owner.join()
 
 
 def test_a_status_written_between_the_read_and_the_watch_is_not_missed(

@@ -2,7 +2,8 @@
 
 The contract itself runs over ``ferry`` in test_contract.py. Here: an
 unreachable service, progress that keeps a quiet watch resumable past
-compaction, leadership that ends with the service, a node service that
+compaction, leadership that ends with the service, streams that end quietly
+when the store closes under them, a node service that
 registers through the controller's catalog service over mutual TLS without
 the catalog's file, and callers without a certificate, or not admitted, refused.
 """
@@ -23,6 +24,7 @@ from csi_driver.core.errors import FailedPrecondition, PermissionDenied, StoreUn
 from csi_driver.core.model import MiB
 from csi_driver.csi.client import CsiClient, mount_capability
 from csi_driver.gen import csi_pb2
+from csi_driver.reconcile.wait import Waiters
 from csi_driver.rpc.errors import status_for
 from csi_driver.runtime import start_controller, start_node
 from csi_driver.store.sqlite import SqliteStore
@@ -87,6 +89,25 @@ def test_leadership_ends_when_the_service_goes_away(server: CatalogServer) -> No
     assert not election.is_leader
     election.resign()
     store.close()
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_store_closed_under_its_streams_ends_them_quietly(server: CatalogServer) -> None:
+    """Closing the store cuts its open watch, leadership and waiters: each reader
+    thread hands its consumer StoreUnavailable or a lost leadership and ends,
+    raising nothing in the background."""
+    store = RemoteStore(f"127.0.0.1:{server.port}", LOOPBACK_PLAINTEXT)
+    watch = store.watch("quiet/", store.revision() + 1)
+    election = store.election("ctl", "remote")
+    assert election.campaign(timeout=10)
+    waiters = Waiters(store, "status/")
+    store.close()
+    with pytest.raises(StoreUnavailable, match="Channel closed"):
+        watch.poll(10)
+    assert election.wait_lost(10)
+    watch.close()  # joins its reader
+    waiters.close()
+    election.resign()
 
 
 @pytest.fixture(scope="module")

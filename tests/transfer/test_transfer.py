@@ -162,17 +162,22 @@ def test_a_dropped_connection_resumes_without_resending_what_landed(
     write_image(source, random_chunks(range(40), 4), 40)
     sender.export("t", source)
     dropped = threading.Event()
+    restart = threading.Timer(0.3, sender.restart)
 
     def landed(index: int, progress: Progress) -> None:
         if progress.bytes_done >= 8 * CHUNK and not dropped.is_set():
             dropped.set()
             sender.stop()  # the link goes away mid-stream
-            threading.Timer(0.3, sender.restart).start()
+            restart.start()
 
     receiver = receiver_for(
         window_bytes=2 * CHUNK, on_landed=landed, max_rate_bytes_per_s=40 * CHUNK
     )
-    result = receiver.pull("t", GenerationStore(tmp_path / "replica"))
+    try:
+        result = receiver.pull("t", GenerationStore(tmp_path / "replica"))
+    finally:
+        if restart.is_alive():  # done before the fixture stops the sender
+            restart.join()
     assert dropped.is_set() and len(result.attempts) >= 2
     first = set(result.attempts[0].landed)
     later = {i for a in result.attempts[1:] for i in a.requested}
