@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -20,6 +21,7 @@ from csi_driver.core.errors import (
 )
 from csi_driver.gen.ferry.v1 import transfer_pb2, transfer_pb2_grpc
 from csi_driver.pki import Identity
+from csi_driver.transfer import receiver as receiver_module
 from csi_driver.transfer.progress import Progress
 from csi_driver.transfer.receiver import CHANNEL_OPTIONS
 from csi_driver.transport import AgentSecurity, open_channel
@@ -68,6 +70,50 @@ def test_a_full_pull_then_a_delta_land_byte_identical(
     assert file_digest(again.generation.image) == file_digest(source)
     # Pulling what the replica holds already sends nothing.
     assert receiver_for().pull("t2", store).chunks_received == 0
+
+
+def test_a_chunk_the_last_sync_of_a_broken_stream_rejects_is_asked_for_once_more(
+    tmp_path: Path,
+    sender: Sender,
+    receiver_for: ReceiverFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Chunk 3 arrives rotten, then the link drops before any sync read it back: the
+    broken stream's last sync rejects it. The next stream asks for it once (it is
+    missing) and counts it against its attempts, and the replica commits."""
+    # Only the syncs a stream makes when it ends: none reads chunk 3 back mid-stream.
+    monkeypatch.setattr(receiver_module, "SYNC_SECONDS", 3600.0)
+    source = tmp_path / "source.img"
+    chunks = random_chunks(range(10), 6)
+    write_image(source, chunks, 10)
+    sender.export("t", source)  # the manifest says what chunk 3 must be
+    write_at(source, 3 * CHUNK + 1000, b"\0\1\2")  # then its bytes rot
+    export = sender.exports.require("t")
+
+    def drop_once_chunk_3_is_written() -> None:
+        # With one chunk in flight, chunk 4 is asked for once chunk 3 was written.
+        ends = time.monotonic() + 30
+        while not export.sent[4] and time.monotonic() < ends:
+            time.sleep(0.001)
+        sender.stop()
+        write_image(source, chunks, 10)  # repaired for the next stream
+        sender.restart()
+
+    breaker = threading.Thread(target=drop_once_chunk_3_is_written)
+    breaker.start()
+    try:
+        # Four chunks a second: the drop comes over a second before the stream's end.
+        receiver = receiver_for(
+            window_bytes=CHUNK, max_rate_bytes_per_s=4 * CHUNK, chunk_attempts=2
+        )
+        result = receiver.pull("t", GenerationStore(tmp_path / "replica"))
+    finally:
+        breaker.join()
+    broken, *later = result.attempts
+    assert broken.error and 3 not in broken.landed and broken.rejected == []
+    assert [i for a in later for i in a.rejected] == [3]  # counted once, after the drop
+    assert export.sent[3] == 2  # rotten once, then asked for once more, not twice
+    assert file_digest(result.generation.image) == file_digest(source)
 
 
 @pytest.mark.root
