@@ -131,6 +131,9 @@ class Row:
     processes_ms: dict[str, float] = field(default_factory=dict)
     #: of which in the kernel (fsync, file and socket calls: off the GIL), by process
     kernel_ms: dict[str, float] = field(default_factory=dict)
+    #: what creating one empty file in the pool's image directory cost just before
+    #: the measurement, median µs (see file_create_us): a create makes two
+    file_create_us: float = 0.0
 
     def p(self, q: float) -> float:
         ordered = sorted(self.serial_ms)
@@ -158,6 +161,7 @@ class Row:
             "cpu_ms_per_concurrent_create_by_thread": {
                 name: round(ms, 3) for name, ms in self.threads_ms.items()
             },
+            "pool_file_create_us": round(self.file_create_us, 1),
         }
 
     def threads_line(self) -> str:
@@ -195,6 +199,31 @@ def node_config(workdir: Path, capacity: int) -> NodeConfig:
         agent_endpoint=f"unix://{workdir}/agent.sock",
         pool_capacity_bytes=capacity,
     )
+
+
+#: Empty files file_create_us makes (left for the row's cleanup: unlinking them
+#: at once would make the next creates dearer, see below).
+_PROBE_FILES = 64
+
+
+def file_create_us(directory: Path) -> float:
+    """Median µs to create one empty file in ``directory``, as a create makes an
+    image's two files there.
+
+    Said with every row because on some filesystems it is neither small nor
+    stable: ext4 without a journal (this VM's root filesystem) skips, file by
+    file, every inode freed in the last seconds to minutes while allocating a
+    new one (``recently_deleted`` in the kernel), so after many deletions on the
+    filesystem (a test suite, a previous row's cleanup) one create costs up to
+    ~1 ms of kernel CPU instead of ~20 µs, and a row's latency moves with it.
+    """
+    costs = []
+    for number in range(_PROBE_FILES):
+        started = time.perf_counter()
+        fd = os.open(directory / f".bench-probe-{number}", os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+        costs.append(time.perf_counter() - started)
+    return sorted(costs)[len(costs) // 2] * 1e6
 
 
 def host(load_before: tuple[float, float, float]) -> dict[str, Any]:
@@ -403,6 +432,7 @@ def measure(
                 f"  .. {backend}: {size} volumes in {time.monotonic() - started:.0f}s",
                 flush=True,
             )
+            probe_us = file_create_us(config.pool_root / "images")
             cpu_started, leader_before = time.process_time(), _cpu_of(leader)[0]
             samples = _callers(endpoint, "serial", serial, 1).samples
             # The callers' warm-up creates (10) are billed too: a slight overestimate.
@@ -440,6 +470,7 @@ def measure(
         LEADER_APART if leader_apart else ALL_IN_ONE,
         processes_ms,
         kernel_ms,
+        probe_us,
     )
 
 
@@ -603,6 +634,7 @@ def measure_split(workdir: Path, size: int, serial: int, concurrent: int) -> Row
         wait_settled(Catalog(filler), size)
         wait_quiet(lambda: sum(_cpu_of(served)[0].values()))
         print(f"  .. sqlite split: {size} volumes in {time.monotonic() - started:.0f}s", flush=True)
+        probe_us = file_create_us(workdir / "node" / "pool" / "images")
         before, _ = _cpu_of(served)
         samples = _callers(endpoint, "serial", serial, 1).samples
         after, threads_before = _cpu_of(served)
@@ -629,6 +661,7 @@ def measure_split(workdir: Path, size: int, serial: int, concurrent: int) -> Row
         SPLIT,
         processes_ms,
         _kernel_of(threads_ms),
+        probe_us,
     )
 
 
@@ -685,8 +718,8 @@ def render(rows: list[Row]) -> str:
         "| backend | topology | catalog size | serial p50 ms | serial p99 ms "
         "| 32-caller creates/s | p50 ratio vs smallest | Ferry CPU ms per serial create "
         "| Ferry CPU ms per create, 32 callers (by process; of it in the kernel) "
-        "| callers' CPU ms per create |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| callers' CPU ms per create | pool file create µs |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     base: dict[tuple[str, str], float] = {}
     for row in rows:
@@ -700,7 +733,7 @@ def render(rows: list[Row]) -> str:
             f"| {row.backend} | {row.topology} | {row.catalog_size} | {row.p(50):.2f} "
             f"| {row.p(99):.2f} | {row.concurrent_per_s:.0f} | {ratio:.2f} "
             f"| {row.cpu_ms_per_create:.2f} | {row.concurrent_cpu_ms_per_create:.2f}{by_process} "
-            f"| {row.client_cpu_ms_per_create:.2f} |"
+            f"| {row.client_cpu_ms_per_create:.2f} | {row.file_create_us:.0f} |"
         )
     return "\n".join(lines)
 

@@ -107,6 +107,9 @@ log = logging.getLogger(__name__)
 POLL_S = 5.0
 #: A replica that failed on an export gets a new capture after this long.
 RETRY_AFTER_S = 10.0
+#: How long a pass waits when the volumes cache does not hold the volume yet (see
+#: ReplicationReconciler._cache_lags).
+CACHE_LAG_S = 0.05
 
 
 def images_of(catalog: Catalog, volume_id: str) -> dict[str, Versioned[ImageSpec]]:
@@ -276,6 +279,8 @@ class ReplicationReconciler:
         # volume -> the revisions of its cached volume and image specs when they
         # last showed a READY volume with nothing to do (see _idle)
         self._idle_at: dict[str, tuple[int, ...]] = {}
+        # volumes a pass found missing from the volumes cache and put off once
+        self._put_off: set[str] = set()
 
     def degraded(self) -> list[str]:
         """The volumes whose last plan left wanted replicas without a node."""
@@ -290,6 +295,8 @@ class ReplicationReconciler:
                 self._degraded.discard(volume_id)
 
     def __call__(self, volume_id: str) -> float | None:
+        if self._cache_lags(volume_id):
+            return CACHE_LAG_S
         if self._idle(volume_id):
             self._mark_degraded(volume_id, 0)  # not READY, or asking for no replica
             return None
@@ -339,6 +346,28 @@ class ReplicationReconciler:
         if not replicas:
             return POLL_S if retiring else None
         return self._export(volume, replicas, params.rpo_seconds)
+
+    def _cache_lags(self, volume_id: str) -> bool:
+        """True, once, when the volumes cache does not hold the volume: put the pass off.
+
+        A create writes the volume and its image spec and status in one txn, and
+        the three informers apply it each in its own thread: a pass woken by the
+        spec or the status often comes before the volumes cache has the volume,
+        and deciding then meant reading the volume and its images from the store
+        (a third of all creates' passes). The volume's own event wakes this
+        runner again when it is applied. Still absent a moment later, the volume
+        is gone (or not cached for another reason): the pass goes on, and the
+        store says.
+        """
+        caches = self._caches
+        if caches is None or caches.volumes.get(VOLUMES + volume_id) is not None:
+            self._put_off.discard(volume_id)
+            return False
+        if volume_id in self._put_off:
+            self._put_off.discard(volume_id)
+            return False
+        self._put_off.add(volume_id)
+        return True
 
     def _idle(self, volume_id: str) -> bool:
         """True when the caches show nothing to do: a volume not READY, or one that asks

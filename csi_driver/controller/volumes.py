@@ -824,9 +824,13 @@ class VolumeService:
 
     def accessible_topology(self, volume: Volume) -> list[Topology]:
         """From the registrations placement last read (a node's topology does not
-        change while it holds volumes); read afresh for a node not among them."""
-        with self._placement:
-            remembered = self._remembered_nodes
+        change while it holds volumes); read afresh for a node not among them.
+
+        Not under the placement lock: the remembered registrations are replaced
+        whole, never changed in place, so one read of the attribute is a
+        consistent view; waiting for the lock made every reply queue behind
+        the placement txns of the creates in flight."""
+        remembered = self._remembered_nodes
         nodes = {n.node_id: n for n in remembered[1]} if remembered else {}
         node = nodes.get(volume.primary_node) or self._catalog.get_node(volume.primary_node)
         return [accessible_segment(node)] if node else []
