@@ -392,7 +392,8 @@ def _write_file(path: Path, parts: Sequence[Blob], *, sync: bool) -> int:
 def _write_direct(path: Path, view: memoryview) -> int:
     """Write as much of ``view`` (a whole number of pages) at the start of ``path`` with
     O_DIRECT as the kernel takes aligned; how many bytes (0 when it refuses: the
-    buffer is not aligned, or the filesystem has no direct I/O, as tmpfs)."""
+    buffer is not aligned, or the filesystem has no direct I/O: ramfs, or tmpfs
+    before Linux 6.6)."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
     except OSError as exc:

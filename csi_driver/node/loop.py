@@ -145,8 +145,8 @@ class LoopDevices:
             self._kernel_log.mark_attached(device, image)
         self._tune(device)
         if not self.info(device).direct_io:
-            # The pool's filesystem cannot do O_DIRECT (tmpfs, some overlays): the
-            # volume still works, through the page cache twice.
+            # The pool's filesystem cannot do O_DIRECT (ramfs, tmpfs before Linux 6.6,
+            # some overlays): the volume still works, through the page cache twice.
             log.warning("direct I/O unavailable for loop device", extra={"device": device})
         log.info("loop attached", extra={"device": device, "image": str(image), "options": options})
         return device

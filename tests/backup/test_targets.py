@@ -87,7 +87,7 @@ def test_a_page_aligned_object_is_written_around_the_page_cache(tmp_path: Path, 
     try:
         os.close(os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
     except OSError:
-        pytest.skip(f"{tmp_path} has no direct I/O (tmpfs?)")
+        pytest.skip(f"{tmp_path} has no direct I/O (ramfs, or tmpfs before Linux 6.6?)")
     size = 64 * DIRECT_ALIGN + tail
     pack = mmap.mmap(-1, size)
     pack[:] = os.urandom(size)
