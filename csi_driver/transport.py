@@ -189,6 +189,46 @@ class PeerGate(_ServerInterceptor):
         return handler
 
 
+#: Channel arguments of every TCP channel between Ferry's agents (a node's catalog
+#: service, the controller's node agents, chunk streams); a caller's own win.
+#: Values an operator can leave on: a handful of bytes per connection every 10 s.
+LINK_OPTIONS: tuple[tuple[str, int], ...] = (
+    # A peer back from a restart or a cut link is tried again within a second:
+    # gRPC's default backoff grows 1.6x per failed attempt up to two minutes, so a
+    # node cut off for a minute could stay silent for minutes after the heal (its
+    # heartbeat refused, the node counted lost). One SYN a second to a peer that is
+    # down costs nothing. The minimum is also gRPC's connect timeout: ample on the
+    # networks between nodes of one cluster.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 1000),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    # A connection whose peer vanished without a word (a cut link, a dead host:
+    # no FIN, no RST) is closed within 15 s, calls on it fail UNAVAILABLE instead
+    # of waiting out their deadlines, and the next call gets a new connection. Idle
+    # connections too (a node's channels are idle between heartbeats), and with no
+    # cap on pings without data (gRPC's default stops pinging after two).
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+#: What every server admits of those pings: one every 5 s (half the clients'
+#: period, so timer slack never counts as a strike), with or without calls.
+#: gRPC's default (one per 5 minutes without data) answers a client pinging every
+#: 10 s with GOAWAY "too_many_pings" after two strikes.
+SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.so_reuseport", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+)
+
+
+def _link_options(options: Sequence[tuple[str, int | str]]) -> list[tuple[str, int | str]]:
+    """:data:`LINK_OPTIONS` with ``options`` in place of any they name."""
+    named = {key for key, _ in options}
+    return [*(o for o in LINK_OPTIONS if o[0] not in named), *options]
+
+
 def open_channel(
     endpoint: str,
     security: AgentSecurity,
@@ -209,8 +249,9 @@ def open_channel(
         return grpc.insecure_channel(f"unix://{parsed.address}", options=list(options))
     security.check(parsed, f"{server}'s agent API")
     address = _address_list(parsed.address, fallbacks) if fallbacks else parsed.address
+    options = _link_options(options)
     if security.tls is None:
-        return grpc.insecure_channel(address, options=list(options))
+        return grpc.insecure_channel(address, options=options)
     credentials = grpc.ssl_channel_credentials(
         root_certificates=security.tls.ca_pem,
         private_key=security.tls.key_pem,
@@ -285,7 +326,7 @@ def start_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         interceptors=interceptors,
-        options=[("grpc.so_reuseport", 0)],
+        options=list(SERVER_OPTIONS),
     )
     for register in registrations:
         register(server)
