@@ -94,6 +94,16 @@ class Place:
     def node_dir(self, member: str) -> Path:
         return self.directory / "nodes" / member
 
+    def end_connections(self, member: str) -> None:
+        """Reset ``member``'s TCP connections, as a long partition ends them (keepalives,
+        a peer's reset): its watches break and its channels connect again."""
+        namespace = self.status()[member]["NAMESPACE"]
+        subprocess.run(
+            ["ip", "netns", "exec", namespace, "ss", "-K", "state", "established"],
+            check=True,
+            capture_output=True,
+        )
+
 
 def leftovers(place: Place) -> list[str]:
     """Everything of the sandbox still on the host, read from the kernel directly."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -168,16 +167,6 @@ def test_a_killed_node_converges_to_its_records_when_restarted(running: Place) -
     assert _host_state(running, node) == ([], [], set())
 
 
-def _break_connections(place: Place, node: str) -> None:
-    """Reset the node's TCP connections, as a long partition ends them: its watch breaks."""
-    namespace = place.status()[node]["NAMESPACE"]
-    subprocess.run(
-        ["ip", "netns", "exec", namespace, "ss", "-K", "state", "established"],
-        check=True,
-        capture_output=True,
-    )
-
-
 def _watch_lost(place: Place, node: str) -> bool:
     log = (place.directory / "logs" / f"{node}.log").read_text()
     return "catalog watch lost; resuming" in log
@@ -191,7 +180,7 @@ def test_a_node_whose_watch_is_cut_converges_when_healed(running: Place) -> None
     assert not _watch_lost(running, node)
 
     assert running.fault("cut", node)["STATE"] == "cut"
-    _break_connections(running, node)
+    running.end_connections(node)
     _eventually(lambda: _watch_lost(running, node), "the node noticing its lost watch")
     late_name = _ask_while_away(running, node, doomed)
     assert running.fault("heal", node)["STATE"] == "alive"
