@@ -23,12 +23,14 @@ import pytest
 from csi_driver.gen import csi_pb2
 from tests.sandbox.conftest import Place, requires_host
 from tests.sandbox.test_sandbox import (
+    RETRIED_BY_THE_PROVISIONER,
     RETRYABLE,
     RPC_TIMEOUT_S,
     attach_and_mount,
     create_on,
     create_with_retries,
     paths,
+    refused_while_away,
     unmount,
 )
 
@@ -50,6 +52,15 @@ def _left_pending(call: Callable[[], object]) -> None:
     with pytest.raises(grpc.RpcError) as failed:
         call()
     assert failed.value.code() in RETRYABLE, failed.value.details()
+
+
+def _refused_or_pending(place: Place, node: str, name: str) -> None:
+    """A create for ``node`` while it is away: left pending, or refused outright once
+    the node was silent past the stale threshold (see ``refused_while_away``); either
+    way the provisioner's retry once it is back creates it, once."""
+    with pytest.raises(grpc.RpcError) as failed:
+        create_on(place, node, name, timeout=SHORT_S)
+    assert refused_while_away(failed.value, node), failed.value.details()
 
 
 def _image(place: Place, node: str, volume_id: str) -> Path:
@@ -126,7 +137,7 @@ def _finish(place: Place, node: str, volume_id: str) -> None:
 def _ask_while_away(place: Place, node: str, doomed: str) -> str:
     """Ask for a create and a delete the node cannot do now; return the create's name."""
     late_name = f"pvc-{uuid.uuid4()}"
-    _left_pending(lambda: create_on(place, node, late_name, timeout=SHORT_S))
+    _refused_or_pending(place, node, late_name)
     _left_pending(lambda: _delete(place, doomed, timeout=SHORT_S))
     assert _image(place, node, doomed).exists()
     return late_name
@@ -135,7 +146,9 @@ def _ask_while_away(place: Place, node: str, doomed: str) -> str:
 def _done_once_back(place: Place, node: str, doomed: str, late_name: str) -> str:
     """The node, back, does the recorded work before anyone retries, and does it once."""
     _eventually(lambda: not _image(place, node, doomed).exists(), "the pending delete")
-    late = create_with_retries(place, node, late_name).volume_id
+    # Back, it may not be counted ready until its next heartbeat lands: retried as a
+    # provisioner retries.
+    late = create_with_retries(place, node, late_name, RETRIED_BY_THE_PROVISIONER).volume_id
     assert _image(place, node, late).exists()
     _delete(place, doomed)  # the provisioner's retry finds the work done
     assert _reported(place, node, late, "ready") == 1
