@@ -192,7 +192,11 @@ def _heartbeat(catalog: Catalog, parts: NodeParts, stopping: threading.Event) ->
     node_id = parts.config.node_id
     pause = parts.config.heartbeat_s
     beats = 0
+    #: When the last beat landed; a beat after failures says how long the node was silent.
+    landed = time.monotonic()
+    failing = False
     while not stopping.wait(pause):
+        started = time.monotonic()
         try:
             # One scan of the pool serves the whole beat. It takes a stat of the images
             # staged now (written through their loop devices) and of those the pool or
@@ -203,14 +207,35 @@ def _heartbeat(catalog: Catalog, parts: NodeParts, stopping: threading.Event) ->
             images = parts.pool.images(restat=staged)
             if parts.pool.keep_reserved(images):
                 images = parts.pool.images(restat=staged)
-            catalog.heartbeat(node_id, time.time(), parts.agent.conditions(images))
+            conditions = parts.agent.conditions(images)
+            scanned = time.monotonic()
+            catalog.heartbeat(node_id, time.time(), conditions)
             _report_pool(parts.pool, images)
             pause = parts.config.heartbeat_s
         except Exception:  # keep beating: a failed write is retried soon
-            log.exception("heartbeat failed", extra={"node": node_id})
+            log.exception(
+                "heartbeat failed",
+                extra={"node": node_id, "after_s": round(time.monotonic() - started, 3)},
+            )
             # The catalog may be back any moment: beat again within a second of it,
             # not a whole period later.
             pause = min(parts.config.heartbeat_s, HEARTBEAT_RETRY_S)
+            failing = True
+            continue
+        done = time.monotonic()
+        # What a controller counting this node not ready would want to know: how long
+        # the node was silent, and what a slow beat spent its time on.
+        if failing or done - started > parts.config.heartbeat_s:
+            log.warning(
+                "heartbeat landed late" if not failing else "heartbeat landed again",
+                extra={
+                    "node": node_id,
+                    "silent_s": round(done - landed, 3),
+                    "scan_s": round(scanned - started, 3),
+                    "write_s": round(done - scanned, 3),
+                },
+            )
+        landed, failing = done, False
 
 
 def _require_identity(security: AgentSecurity, expected: Identity) -> None:

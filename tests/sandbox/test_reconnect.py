@@ -19,6 +19,7 @@ import json
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,3 +60,22 @@ def test_a_cut_nodes_heartbeat_lands_within_seconds_of_the_heal(place: Place) ->
         waited = time.time() - healed
         assert waited < HEAL_BOUND_S, f"no heartbeat landed within {waited:.1f} s of the heal"
         time.sleep(0.05)
+    # The node's log says how long it was silent (for whoever reads why it was not ready).
+    # (It logs that just after the write lands.)
+    while not (back := _logged(place, NODE, "heartbeat landed again")):
+        assert time.time() - healed < 2 * HEAL_BOUND_S, "the node never logged its return"
+        time.sleep(0.05)
+    assert float(back[-1]["silent_s"]) > CUT_S - HEAL_BOUND_S, back
+
+
+def _logged(place: Place, node: str, message: str) -> list[dict[str, Any]]:
+    entries = []
+    text = (place.directory / "logs" / f"{node}.log").read_text()
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a line being written
+        if entry.get("msg") == message:
+            entries.append(entry)
+    return entries
