@@ -16,7 +16,9 @@ it; two intervals are reported per heal, from the heal:
 Times are wall-clock on one machine (the heal, the watcher and the node
 share its clock); the poll adds up to ``POLL_S``. Prints the distribution
 per cut length and writes JSON (default ``bench/results/reconnect-latest.json``).
-Needs root (network namespaces, loop devices) and etcd.
+Needs root (network namespaces, loop devices) and etcd. With ``FERRY_BENCH_KEEP_LOGS=1``
+the sandbox's logs stay (the node's ``heartbeat landed again`` lines say how long it
+was silent).
 """
 
 from __future__ import annotations
@@ -174,7 +176,10 @@ def run(catalog: CatalogKind, cuts_s: list[float], repeat: int, broken: bool) ->
             watcher.kill()
             watcher.wait()
         sandbox.down(plan.prefix)
-        shutil.rmtree(directory, ignore_errors=True)
+        if os.environ.get("FERRY_BENCH_KEEP_LOGS"):
+            print(f"logs kept in {directory / 'logs'}")
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
     return heals
 
 
