@@ -60,11 +60,10 @@ DEFAULT_WINDOW_BYTES = 16 * MiB
 #: Make written chunks durable (and landed) this often, in the background: a
 #: crash costs at most this much receiving again.
 SYNC_SECONDS = 0.5
-#: Channel arguments: one chunk per message, and a dead peer noticed in seconds.
+#: Channel arguments: one chunk per message (a dead peer is noticed by the
+#: keepalive every channel of transport.open_channel has).
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_receive_message_length", MAX_CHUNK_SIZE + MiB),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
 )
 #: Codes after which the same pull, on a new connection, can succeed.
 RETRYABLE = frozenset(
