@@ -54,7 +54,7 @@ from csi_driver.reconcile.runner import Runner
 from csi_driver.rpc.errors import RUNNING
 from csi_driver.store.base import CatalogStore
 from csi_driver.store.catalog import Catalog
-from csi_driver.store.etcd import DEFAULT_LEASE_TTL_S
+from csi_driver.store.etcd import DEFAULT_LEASE_TTL_S, EtcdStore
 from csi_driver.store.sqlite import SqliteStore
 from csi_driver.store.url import open_store
 from csi_driver.transfer.source import Exports, serve_chunks
@@ -281,9 +281,12 @@ def _start_node_side(parts: NodeParts, catalog: Catalog, services: Services) -> 
         catalog.store, parts.config.security, parts.config.pool_root, backups, node_id
     )
     # Before any pass of the runner: an image a crash left created ahead of its
-    # records is the volume's, or nothing's (see LocalImages.create_ahead).
-    settle_ahead(catalog.store, parts.pool, node_id)
+    # records is the volume's, or nothing's (see LocalImages.create_ahead); those the
+    # catalog cannot settle now are settled by the runner's passes once it answers.
+    unsettled = settle_ahead(catalog.store, parts.pool, node_id)
     images, local = image_runner(catalog.store, parts.agent, fetcher=fetcher)
+    for volume_id in unsettled:
+        images.queue.add(volume_id)
     parts.local_images = local
     snapshots = snapshot_runner(catalog.store, parts.agent, backups=backups, fetcher=fetcher)
     for runner in (images, snapshots):
@@ -497,9 +500,11 @@ def start_all_in_one(
         parts = NodeParts(config)
         _start_node_side(parts, catalog, services)
         readings = _readings(catalog, node_lost_after_s, services)
-        # A failed SQLite commit wrote nothing, so an image created ahead of its records
-        # can be dropped when their txn fails; an etcd txn that times out may still land.
-        ahead = parts.local_images if isinstance(store, SqliteStore) else None
+        # The stores whose failed writes say whether they may have applied (SQLite's
+        # never, etcd's OutcomeUnknown): an image created ahead of its records is
+        # dropped only when their txn provably failed, else settled by the catalog.
+        # (A remote catalog service's lost answer is not told apart: not ahead there.)
+        ahead = parts.local_images if isinstance(store, SqliteStore | EtcdStore) else None
         volumes = VolumeService(catalog, local=parts.local_images, readings=readings, ahead=ahead)
         services.closers.append(volumes.close)
         identity = IdentityServicer([volumes.check, parts.agent.check], controller=True)

@@ -91,6 +91,10 @@ class AheadNode(Protocol):
         self, spec: ImageSpec, commit: Callable[[ImageStatus], int]
     ) -> ImageStatus: ...
 
+    def settle(self, volume_id: str) -> None:
+        """Put in place now the image created ahead for ``volume_id`` whose commit was
+        undecided, if it awaits settling (its volume has just been found committed)."""
+
 
 class Deposed(FailedPrecondition):
     """A fenced txn failed: this process no longer leads, so it must not act."""

@@ -77,7 +77,7 @@ from csi_driver.core.placement import (
     snapshots_hold,
 )
 from csi_driver.core.records import ImageSpec, ImageStatus, NodeAccounting
-from csi_driver.store.base import Put
+from csi_driver.store.base import Put, undecided
 from csi_driver.store.catalog import NAMES, Catalog
 from csi_driver.store.records import Versioned, put, unchanged_since
 
@@ -250,9 +250,9 @@ class VolumeService:
         ahead: AheadNode | None = None,
     ) -> None:
         """``local``: the image reconciler of a node in this process (see ImageIntents).
-        ``ahead``: that node, when the catalog's commits are definitive (a failed one
-        wrote nothing): its new empty volumes are created image first, with every
-        record in one txn (:meth:`_provision_ahead`).
+        ``ahead``: that node, when the catalog's failed commits say whether they may
+        have applied (SQLite, etcd): its new empty volumes are created image first,
+        with every record in one txn (:meth:`_provision_ahead`).
         ``readings``: which nodes are ready for a new volume (not drained, silent or
         lost, as for replicas) and which are lost (a detach from one is fenced)."""
         self._catalog = catalog
@@ -334,6 +334,9 @@ class VolumeService:
                 volume = self._catalog.get_volume(existing_id)
                 if volume is not None:
                     self._check_compatible(volume, capacity, capabilities, params, content_source)
+                    if self._ahead is not None and volume.primary_node == self._ahead.node_id:
+                        # A retry after an undecided commit: its image, left aside, first.
+                        self._ahead.settle(volume.volume_id)
                     return self._finish_create(volume)
             source = resolve_source() if resolve_source is not None else None
             if source is not None and source.fs_type is not None and params.fs_type is None:
@@ -472,10 +475,14 @@ class VolumeService:
         requirement: TopologyRequirement | None,
         intent: Callable[[str], tuple[Volume, ImageSpec]],
     ) -> tuple[Volume, Versioned[ImageSpec]] | None:
-        """A new empty volume on this process's own node (the all-in-one on SQLite):
-        the image first, then the volume READY, its name, its image spec and status
-        and the node's charge in one txn (see LocalImages.create_ahead): one commit
-        and one round of watch events per create instead of three.
+        """A new empty volume on this process's own node (the all-in-one): the image
+        first, then the volume READY, its name, its image spec and status and the
+        node's charge in one txn (see LocalImages.create_ahead): one commit and one
+        round of watch events per create instead of three.
+
+        A txn whose outcome is unknown (etcd's answer lost) leaves the image for the
+        node to settle by the catalog, and the call fails UNAVAILABLE: its retry with
+        the same name finds the volume if the txn was committed, else creates it.
 
         None when the volume goes to another node, when the call's time is nearly
         spent, or when the image cannot be made here: the intent is then written
@@ -520,6 +527,12 @@ class VolumeService:
         except _PlacedElsewhere:
             return None
         except (FerryError, OSError) as exc:
+            if entered and undecided(exc):
+                raise Unavailable(
+                    f"the catalog did not confirm the creation of volume {volume.name!r} "
+                    f"({exc}); retry CreateVolume with the same name: it returns the volume "
+                    "if it was created, or creates it anew"
+                ) from exc
             if entered:
                 raise  # the txn's own outcome: a taken name, no room left, a store error
             log.info(

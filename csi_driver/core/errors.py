@@ -102,6 +102,17 @@ class StoreUnavailable(Unavailable):
     """
 
 
+class OutcomeUnknown(StoreUnavailable):
+    """A write that may have reached the backend failed before its answer came.
+
+    It took effect whole or not at all, and may still take effect after this
+    is raised (etcd applies a request that reached its log, whatever became
+    of the caller). Every other error from a write means it did not apply.
+    Only a later write that the lost one compares against decides it for
+    good (see :func:`csi_driver.node.reconcile.images.settle_left`).
+    """
+
+
 class Unimplemented(FerryError):
     """Ferry does not offer this operation."""
 

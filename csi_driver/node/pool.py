@@ -36,11 +36,15 @@ the transaction that follows that syncfs; the price: it also writes back
 whatever else is dirty on the pool's filesystem, such as a replica being
 pulled, and a create then waits for that). Once the transaction is committed
 :meth:`Pool.keep_ahead` renames both into place (the image first, the
-metadata last); if it failed, :meth:`Pool.drop_ahead` removes them. A crash
-anywhere in between leaves ``.ahead`` files that the node settles at its
-next start by the catalog: the volume's image spec is there (the transaction
-was committed, so they were durable) or not, and then they are removed
-whatever they hold (:func:`csi_driver.node.reconcile.images.settle_ahead`).
+metadata last); if it provably failed, :meth:`Pool.drop_ahead` removes them.
+A transaction whose outcome is unknown (etcd's answer lost: it may still
+apply) leaves them in place, their space still reserved
+(:meth:`Pool.leave_ahead`), and so does a crash anywhere in between: the
+node settles them by the catalog once it answers: the volume's image spec
+is there (the transaction was committed, so they were durable) or not, and
+then, once a write has made that transaction impossible, they are removed
+whatever they hold (:func:`csi_driver.node.reconcile.images.settle_left`).
+Until then they are :meth:`Pool.unsettled`.
 
 Capacity is never over-committed: the sum of image sizes never exceeds the
 pool's capacity. A thick image (the default) also holds its bytes on the
@@ -318,6 +322,9 @@ class Pool:
         self._ahead_sync = DirectorySync(self.images_dir, flush=syncfs)
         # What create_ahead made, until kept or dropped (keep_ahead reads nothing back).
         self._made_ahead: dict[str, ImageInfo] = {}
+        # Images created ahead, not being made now, whose txn is undecided: a crash's
+        # leftovers (found here) and those whose txn's answer was lost (leave_ahead).
+        self._unsettled: set[str] = set()
         # Each image's epoch and kind, as its metadata file says (the pool writes it).
         self._kinds: dict[str, tuple[int, bool]] = {}
         # Each image as a scan last found it (see images(restat=...)); the pool
@@ -335,6 +342,7 @@ class Pool:
         found = self._scan()
         self._sizes = {i.volume_id: i.size_bytes for i in found}
         self._kinds = {i.volume_id: (i.epoch, i.thin) for i in found}
+        self._unsettled = set(self.ahead())
 
     def _default_capacity(self) -> int:
         stat = os.statvfs(self.root)
@@ -595,6 +603,24 @@ class Pool:
             return None
         return self.keep_ahead(volume_id)
 
+    def leave_ahead(self, volume_id: str) -> None:
+        """The txn of the image created ahead may or may not be committed (its answer
+        was lost): its files stay, and its space stays reserved, no longer being made,
+        until :meth:`keep_ahead` or :meth:`drop_ahead` settles it (see the module doc)."""
+        with self._created:
+            self._unsettled.add(volume_id)
+            self._creating.discard(volume_id)
+            self._created.notify_all()
+        log.warning(
+            "image created ahead left for settling: its records' commit is undecided",
+            extra={"volume": volume_id},
+        )
+
+    def unsettled(self, volume_id: str) -> bool:
+        """True while an image created ahead for ``volume_id`` awaits settling: left by
+        an undecided txn or by a crash (not one being made now)."""
+        return volume_id in self._unsettled
+
     def drop_ahead(self, volume_id: str) -> None:
         """Remove the image created ahead (its records were never committed)."""
         (image_ahead, _), (meta_ahead, _) = self._ahead_paths(volume_id)
@@ -607,6 +633,7 @@ class Pool:
     def _end_ahead(self, volume_id: str, kept: tuple[int, bool] | None) -> None:
         with self._created:
             self._made_ahead.pop(volume_id, None)
+            self._unsettled.discard(volume_id)
             if kept is None:
                 self._sizes.pop(volume_id, None)
             else:

@@ -12,6 +12,10 @@ the etcd backend is a thin mapping and SQLite emulates the rest:
   revision, or it raises and nothing changed. A lost compare raises
   :class:`~csi_driver.core.errors.Conflict` naming the key; a backend that
   cannot be reached raises :class:`~csi_driver.core.errors.StoreUnavailable`.
+  A txn that raised any domain error but
+  :class:`~csi_driver.core.errors.OutcomeUnknown` changed nothing, then or
+  later; one that raised that (or anything else) may apply, even after it
+  raised (:func:`undecided`).
 - A watch yields every put and delete under its prefix whose revision is
   ``>= from_revision``, in revision order (a txn's events in op order), each
   exactly once. The events of one revision are delivered together, so after
@@ -32,13 +36,24 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from csi_driver.core.errors import Conflict, InvalidArgument
+from csi_driver.core.errors import Conflict, FerryError, InvalidArgument, OutcomeUnknown
 
 if TYPE_CHECKING:
     from csi_driver.store.leader import LeaderElection
 
 #: A compare on this revision means "the key must not exist".
 ABSENT = 0
+
+
+def undecided(exc: BaseException) -> bool:
+    """True when a txn that raised ``exc`` may have applied, or may still apply.
+
+    Only a domain error other than ``OutcomeUnknown`` says for sure that
+    nothing was written (a lost compare, a refusal, no room, no store reached,
+    and every failure of SQLite, whose commit is definitive); anything else
+    (an unknown outcome, a bug, an interrupt) leaves the answer to the store.
+    """
+    return isinstance(exc, OutcomeUnknown) or not isinstance(exc, FerryError)
 
 
 @dataclass(frozen=True)

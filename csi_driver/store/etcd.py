@@ -25,8 +25,12 @@ that provably never reached a member (gRPC could not connect, or the TLS
 handshake failed) is tried on the next endpoint; the member that answered
 last is tried first. Reads are retried on any member failure. A write that
 may have reached a member is never retried here: it raises
-``StoreUnavailable`` saying its outcome is unknown (etcd applies a Txn whole
-or not at all, so nothing is ever half-written).
+``OutcomeUnknown`` (a ``StoreUnavailable``) saying its outcome is unknown
+(etcd applies a Txn whole or not at all, so nothing is ever half-written,
+but it may apply after the caller gave up on it); so does a write ended by
+a cancellation or an error etcd does not classify. Any other failed write
+provably wrote nothing: a lost compare (``Conflict``), a refusal before
+etcd's log, or no member reached.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from csi_driver.core.errors import (
     Conflict,
     FerryError,
     InvalidArgument,
+    OutcomeUnknown,
     StoreError,
     StoreUnavailable,
 )
@@ -86,6 +91,17 @@ _TOO_MANY = "too many requests"
 _NO_SPACE = "database space exceeded"
 #: Codes that mean "this member cannot serve now", not "etcd refused the request".
 _OUTAGE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+#: Codes that end a write without saying whether it applied: the call was cancelled
+#: (etcd's "request cancelled", a channel closed under it) or failed in a way etcd
+#: does not classify. Every other code is etcd refusing the request before its log.
+_UNDECIDED = frozenset(
+    {
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
 _EQUAL = rpc_pb2.Compare.EQUAL
 _CREATED = rpc_pb2.Compare.CREATE
 _MODIFIED = rpc_pb2.Compare.MOD
@@ -328,11 +344,16 @@ class EtcdStore(CatalogStore):
         code, detail = _status(exc)
         if code is grpc.StatusCode.RESOURCE_EXHAUSTED and detail.startswith(_SERVER_SAYS):
             raise _resources_refused(member.endpoint, what(), detail) from exc
+        if write and code in _UNDECIDED:
+            raise OutcomeUnknown(
+                f"etcd member {member.endpoint} ended {what()} with {code.name} ({detail}): "
+                "the write may or may not have applied (never partly): re-read before retrying"
+            ) from exc
         if code not in _OUTAGE:
             raise _EtcdRefused(what(), code, detail) from exc
         problem = self._describe(code, detail, deadline_s)
         if write and not _never_sent(code, detail):
-            raise StoreUnavailable(self._unknown_outcome(member, detail, problem, what())) from exc
+            raise OutcomeUnknown(self._unknown_outcome(member, detail, problem, what())) from exc
         return f"{member.endpoint}: {problem}"
 
     def _unknown_outcome(self, member: _Member, detail: str, problem: str, what: str) -> str:

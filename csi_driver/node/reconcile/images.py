@@ -19,14 +19,16 @@ Invariants:
 - Final refusals (no space, too large, another image there, in use) are
   reported once per generation; host errors are reported and retried with
   backoff until the spec changes or the error clears.
-- In the all-in-one on SQLite, a new empty volume's image is created ahead
-  of its records (:meth:`LocalImages.create_ahead`): this node makes the
-  image durable, then hands its READY status to the controller's one
+- In the all-in-one (SQLite or etcd), a new empty volume's image is created
+  ahead of its records (:meth:`LocalImages.create_ahead`): this node makes
+  the image durable, then hands its READY status to the controller's one
   transaction that writes the volume, its name, its spec and the node's
   charge too. The node is still the only author of its statuses; the image
-  becomes visible in the pool only once that transaction is committed, and
-  one left behind by a crash is settled at the node's next start by whether
-  its spec exists (:func:`settle_ahead`), so nothing is orphaned.
+  becomes visible in the pool only once that transaction is committed. One
+  whose transaction's outcome is unknown (etcd's answer lost, see
+  :class:`OutcomeUnknown`), or left behind by a crash, is kept or dropped by
+  :func:`settle_left`, never before the catalog has decided for good:
+  nothing is orphaned and no committed volume loses its image.
 """
 
 from __future__ import annotations
@@ -42,11 +44,14 @@ from csi_driver.chunks.changes import ChangeTracker
 from csi_driver.chunks.generations import GenerationStore
 from csi_driver.core.errors import (
     AlreadyExists,
+    Conflict,
     FailedPrecondition,
     FerryError,
     NotFound,
     OutOfRange,
     ResourceExhausted,
+    StoreError,
+    StoreUnavailable,
 )
 from csi_driver.core.records import (
     SNAPSHOT_ID_PATTERN,
@@ -56,11 +61,13 @@ from csi_driver.core.records import (
     ImageSource,
     ImageSpec,
     ImageStatus,
+    NodeAccounting,
     answers,
     image_spec_key,
     image_specs_on,
     image_status_key,
     image_statuses_on,
+    node_accounting_key,
 )
 from csi_driver.faults import crash_point
 from csi_driver.metrics import observe_provisioned
@@ -72,8 +79,8 @@ from csi_driver.node.snapshots import copy_image
 from csi_driver.reconcile.informer import Informer
 from csi_driver.reconcile.report import report
 from csi_driver.reconcile.runner import KeyMap, Runner, Source, strip_prefix
-from csi_driver.store.base import CatalogStore
-from csi_driver.store.records import R, Versioned, from_stored, read
+from csi_driver.store.base import ABSENT, CatalogStore, Compare, undecided
+from csi_driver.store.records import R, Versioned, from_stored, put, read, unchanged_since
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +91,9 @@ FRESH_S = 5.0
 #: How long a deletion is remembered against passes that hold an older spec of
 #: the volume (an informer's cache lags its store by far less).
 DELETED_S = 60.0
+
+#: How often :func:`settle_left` reads again after losing a race, before giving up.
+_SETTLE_ATTEMPTS = 16
 
 #: Node errors that are final for a generation, and the reason each reports.
 _FINAL: tuple[tuple[type[FerryError], FailureReason], ...] = (
@@ -136,12 +146,20 @@ class ImageReconciler:
         # holding an older spec of it (a cache not caught up yet) must not act.
         self._deleted: dict[str, tuple[int, float]] = {}
 
+    @property
+    def store(self) -> CatalogStore:
+        return self._store
+
     def _read(self, informer: Informer | None, cls: type[R], key: str) -> Versioned[R] | None:
         if informer is None:
             return read(self._store, cls, key)
         return from_stored(cls, informer.get(key))
 
     def __call__(self, volume_id: str) -> float | None:
+        if self.pool.unsettled(volume_id):
+            # Decided by the store itself (the caches may lag); raises while it cannot
+            # answer, and the runner tries again with backoff.
+            settle_left(self._store, self.pool, self.node_id, volume_id)
         key = image_spec_key(self.node_id, volume_id)
         if self._specs is not None:
             cached = self._specs.get(key)
@@ -475,10 +493,13 @@ class LocalImages:
         """Create ``spec``'s new empty image ahead of its records, then ``commit(status)``
         (the controller's one txn that stores them with the READY ``status``, returning
         its revision); the image is kept once that txn is committed, dropped if it
-        raised. Runs with the volume's key held: no worker's pass sees the volume's
-        records before its image is in place.
+        provably failed (:func:`undecided`), and otherwise left for :func:`settle_left`,
+        which a pass of the runner queued here runs once the store answers. Runs with
+        the volume's key held: no worker's pass sees the volume's records before its
+        image is in place.
 
-        Raises what the image's creation raised (nothing was written then).
+        Raises what the image's creation raised (nothing was written then), or what
+        the commit raised.
         """
         pool = self._reconciler.pool
 
@@ -490,8 +511,12 @@ class LocalImages:
             try:
                 crash_point("node:image:created-ahead")
                 revision = commit(status)
-            except BaseException:
-                pool.drop_ahead(spec.volume_id)
+            except BaseException as exc:
+                if undecided(exc):
+                    pool.leave_ahead(spec.volume_id)
+                    self._runner.queue.add(spec.volume_id)  # runs once this call lets go
+                else:
+                    pool.drop_ahead(spec.volume_id)
                 raise
             crash_point("node:image:ahead-committed")
             pool.keep_ahead(spec.volume_id)
@@ -501,20 +526,64 @@ class LocalImages:
 
         return self._runner.run_now(spec.volume_id, create)
 
+    def settle(self, volume_id: str) -> None:
+        """Settle at once the image created ahead for ``volume_id`` if it awaits it
+        (a retried create found the volume its undecided txn committed: the image must
+        be in place before the volume is handed out); nothing otherwise."""
+        pool = self._reconciler.pool
+        if pool.unsettled(volume_id):
+            store, node_id = self._reconciler.store, self.node_id
+            self._runner.run_now(volume_id, lambda: settle_left(store, pool, node_id, volume_id))
 
-def settle_ahead(store: CatalogStore, pool: Pool, node_id: str) -> None:
-    """Settle the images a crashed process created ahead of their records: each is
-    the volume's when its spec is in the catalog (the txn was committed), else
-    removed (it never was: nothing refers to it). Run before the runner starts."""
-    for volume_id in pool.ahead():
-        if store.get(image_spec_key(node_id, volume_id)) is not None:
+
+def settle_left(store: CatalogStore, pool: Pool, node_id: str, volume_id: str) -> bool:
+    """Keep or drop the image created ahead for ``volume_id`` whose txn is undecided
+    (see :meth:`Pool.leave_ahead`); True when kept. Raises the store's error while it
+    cannot answer (nothing is decided then).
+
+    The image spec's presence says the txn was committed: kept. Its absence alone
+    proves nothing (etcd may still apply a txn whose answer was lost), so before
+    dropping, one txn requires the spec still absent and rewrites the node's
+    accounting as it is. The create's txn compared that accounting at the revision
+    it read (or absent), accountings are never deleted, and each write gives a
+    greater revision: once this txn is committed, the create's can never be, and the
+    image is nothing's.
+    """
+    spec_key, account_key = image_spec_key(node_id, volume_id), node_accounting_key(node_id)
+    for _ in range(_SETTLE_ATTEMPTS):
+        if store.get(spec_key) is not None:
             pool.keep_ahead(volume_id)
-        else:
-            pool.drop_ahead(volume_id)
+            return True
+        account = read(store, NodeAccounting, account_key)
+        fence = put(account.value if account is not None else NodeAccounting(node_id))
+        try:
+            store.txn([Compare(spec_key, ABSENT), unchanged_since(account_key, account)], [fence])
+        except Conflict:
+            continue  # the spec appeared (committed) or the accounting moved: look again
+        pool.drop_ahead(volume_id)
+        log.warning(
+            "an image created ahead of records never written was removed",
+            extra={"volume": volume_id},
+        )
+        return False
+    raise StoreError(f"the image created ahead for {volume_id} kept losing races; retry")
+
+
+def settle_ahead(store: CatalogStore, pool: Pool, node_id: str) -> list[str]:
+    """Settle the images a crashed process created ahead of their records
+    (:func:`settle_left`); return those the store could not settle now (it does not
+    answer): the runner's passes settle them once it does."""
+    pending = []
+    for volume_id in pool.ahead():
+        try:
+            settle_left(store, pool, node_id, volume_id)
+        except StoreUnavailable as exc:
             log.warning(
-                "an image created ahead of records never written was removed",
-                extra={"volume": volume_id},
+                "image created ahead not settled yet: the catalog does not answer",
+                extra={"volume": volume_id, "error": str(exc)},
             )
+            pending.append(volume_id)
+    return pending
 
 
 def image_runner(

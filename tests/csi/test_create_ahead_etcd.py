@@ -1,0 +1,267 @@
+"""The all-in-one on a real etcd creates images ahead of their records, safely.
+
+An etcd txn whose answer is lost (a timeout, a dropped connection) may
+still apply, even after the caller gave up. An image created ahead of such
+a txn is neither kept nor dropped then: the node settles it once etcd
+answers, by the spec's presence, and drops it only after a write that makes
+the lost txn impossible (its compare on the node's accounting). These tests
+prove both outcomes on the store, then cut a real create's commit by
+freezing the etcd process (SIGSTOP) and check that exactly one outcome
+remains and a retry of the same CreateVolume converges.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from csi_driver.controller.images import ImageIntents
+from csi_driver.core.errors import Conflict, OutcomeUnknown
+from csi_driver.core.model import AccessType, MiB, Volume, VolumeState
+from csi_driver.core.records import (
+    IMAGE_SPECS,
+    ImagePhase,
+    ImageSpec,
+    ImageStatus,
+    NodeAccounting,
+    decode,
+    node_accounting_key,
+)
+from csi_driver.csi.client import CsiClient, block_capability
+from csi_driver.gen import csi_pb2
+from csi_driver.node.pool import Pool
+from csi_driver.node.reconcile.images import settle_left
+from csi_driver.runtime import start_all_in_one
+from csi_driver.store.base import Compare, Op, undecided
+from csi_driver.store.catalog import NAMES, Catalog
+from csi_driver.store.etcd import EtcdStore
+from csi_driver.store.records import read
+from csi_driver.store.url import open_store
+from tests.csi.conftest import NODE_ID, node_config
+from tests.store.etcd_cluster import ETCD, SKIP_REASON, EtcdCluster
+
+pytestmark = [pytest.mark.skipif(ETCD is None, reason=SKIP_REASON), pytest.mark.slow]
+
+VOL = "vol-" + "a" * 32
+SETTLE_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd-ahead"), 1).start()
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def catalog(etcd: EtcdCluster) -> Iterator[Catalog]:
+    etcd.wipe()
+    with closing(open_store(etcd.url)) as store:
+        yield Catalog(store)
+
+
+def _records(volume_id: str) -> tuple[Volume, ImageSpec, ImageStatus]:
+    volume = Volume(
+        volume_id=volume_id,
+        name="pvc-" + volume_id[-6:],
+        capacity_bytes=8 * MiB,
+        access_type=AccessType.BLOCK,
+        fs_type=None,
+        primary_node=NODE_ID,
+        epoch=1,
+        state=VolumeState.READY,
+        parameters=(),
+        created_at=time.time(),
+    )
+    spec = ImageSpec(volume_id, NODE_ID, 8 * MiB, 1, thin=True)
+    status = ImageStatus(volume_id, NODE_ID, ImagePhase.READY, spec.generation, 8 * MiB)
+    return volume, spec, status
+
+
+def _files(pool: Pool) -> list[str]:
+    return sorted(p.name for p in pool.images_dir.iterdir())
+
+
+def test_only_a_domain_error_other_than_an_unknown_outcome_is_decided() -> None:
+    assert not undecided(Conflict("lost", key="k"))
+    assert undecided(OutcomeUnknown("answer lost"))
+    assert undecided(KeyboardInterrupt())
+    assert undecided(RuntimeError("a bug mid-commit"))
+
+
+def test_an_undecided_commit_that_applied_keeps_its_image(catalog: Catalog, tmp_path: Path) -> None:
+    pool = Pool(tmp_path / "pool", 256 * MiB)
+    volume, spec, status = _records(VOL)
+    pool.create_ahead(VOL, spec.size_bytes, 1, thin=True)
+    ImageIntents(catalog).provision(volume, spec, None, claim_name=True, status=status)
+    pool.leave_ahead(VOL)  # as if the txn's answer had been lost
+    assert pool.unsettled(VOL) and pool.get(VOL) is None
+
+    assert settle_left(catalog.store, pool, NODE_ID, VOL) is True
+    assert _files(pool) == [f"{VOL}.img", f"{VOL}.json"]
+    assert not pool.unsettled(VOL)
+    assert pool.provisioned_bytes == 8 * MiB
+
+
+def test_an_undecided_commit_is_made_impossible_before_its_image_is_dropped(
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    """The settle's txn rewrites the accounting the create's txn compared: that txn,
+    arriving late (replayed here exactly as built), can no longer apply."""
+    intents = ImageIntents(catalog)
+    other, other_spec, other_status = _records("vol-" + "b" * 32)
+    intents.provision(other, other_spec, None, claim_name=True, status=other_status)
+    account = read(catalog.store, NodeAccounting, node_accounting_key(NODE_ID))
+    assert account is not None
+
+    pool = Pool(tmp_path / "pool", 256 * MiB)
+    volume, spec, status = _records(VOL)
+    pool.create_ahead(VOL, spec.size_bytes, 1, thin=True)
+    pool.leave_ahead(VOL)  # the txn below was sent, its answer lost, it did not apply yet
+    assert pool.provisioned_bytes == 8 * MiB  # its space stays reserved until settled
+
+    assert settle_left(catalog.store, pool, NODE_ID, VOL) is False
+    assert _files(pool) == [] and not pool.unsettled(VOL)
+    assert pool.provisioned_bytes == 0
+    with pytest.raises(Conflict) as lost:
+        intents.provision(volume, spec, account, claim_name=True, status=status)
+    assert lost.value.key == node_accounting_key(NODE_ID)
+    assert catalog.get_volume(VOL) is None
+    after = read(catalog.store, NodeAccounting, node_accounting_key(NODE_ID))
+    assert after is not None and after.value == account.value  # rewritten as it was
+
+
+def test_an_undecided_commit_on_a_node_without_accounting_is_fenced_too(
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    """The create's txn required the accounting absent: the settle creates it."""
+    pool = Pool(tmp_path / "pool", 256 * MiB)
+    volume, spec, status = _records(VOL)
+    pool.create_ahead(VOL, spec.size_bytes, 1, thin=True)
+    pool.leave_ahead(VOL)
+    assert settle_left(catalog.store, pool, NODE_ID, VOL) is False
+    with pytest.raises(Conflict):
+        ImageIntents(catalog).provision(volume, spec, None, claim_name=True, status=status)
+    account = read(catalog.store, NodeAccounting, node_accounting_key(NODE_ID))
+    assert account is not None and account.value == NodeAccounting(NODE_ID)
+
+
+# -- a real create whose commit is cut ------------------------------------------------
+
+
+def _eventually(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + SETTLE_S
+    while not check():
+        assert time.monotonic() < deadline, f"not settled within {SETTLE_S}s: {what}"
+        time.sleep(0.2)
+
+
+def _create(client: CsiClient, name: str, timeout: float = 30.0) -> Any:
+    request = csi_pb2.CreateVolumeRequest(
+        name=name,
+        capacity_range=csi_pb2.CapacityRange(required_bytes=8 * MiB),
+        volume_capabilities=[block_capability()],
+        parameters={"provisioning": "thin"},
+    )
+    return client.controller.CreateVolume(request, timeout=timeout).volume
+
+
+def _consistent(catalog: Catalog, images: Path) -> dict[str, str]:
+    """Every image in the pool is a volume's and every volume has its image, nothing
+    is left created ahead, and the node's charge is the sum of its specs. Returns
+    each volume's name -> id."""
+    names = {
+        record.key.removeprefix(NAMES): record.value.decode()
+        for record in catalog.store.list(NAMES)
+    }
+    specs = [decode(ImageSpec, r.value) for r in catalog.store.list(IMAGE_SPECS)]
+    files = sorted(p.name for p in images.iterdir())
+    assert not [f for f in files if f.endswith(".ahead")], files
+    assert sorted(names.values()) == sorted(s.volume_id for s in specs)
+    assert files == sorted(f"{s.volume_id}{suffix}" for s in specs for suffix in (".img", ".json"))
+    account = read(catalog.store, NodeAccounting, node_accounting_key(NODE_ID))
+    assert account is not None
+    assert account.value.provisioned_bytes == sum(s.size_bytes for s in specs)
+    assert account.value.volume_count == len(specs)
+    return names
+
+
+def _freeze_before(etcd: EtcdCluster, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first txn that claims ``name`` freezes the etcd process (SIGSTOP) just
+    before it is sent: the real txn then reaches a real etcd that cannot answer
+    within the request's deadline (the reads placement makes just before it would
+    fail first if etcd were frozen from outside)."""
+    process = etcd.members[0].process
+    assert process is not None
+    apply = EtcdStore._apply
+    fired: list[bool] = []
+
+    def frozen_first(store: EtcdStore, compares: Sequence[Compare], ops: Sequence[Op]) -> int:
+        if not fired and any(op.key == NAMES + name for op in ops):
+            fired.append(True)
+            process.send_signal(signal.SIGSTOP)
+        return apply(store, compares, ops)
+
+    monkeypatch.setattr(EtcdStore, "_apply", frozen_first)
+
+
+def test_a_create_whose_commit_is_cut_leaves_one_outcome_and_its_retry_converges(
+    etcd: EtcdCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    etcd.wipe()
+    config = replace(node_config(tmp_path), pool_capacity_bytes=512 * MiB)
+    (tmp_path / "kubelet").mkdir()
+    services = start_all_in_one(f"unix://{tmp_path}/csi.sock", config, etcd.url)
+    client = CsiClient(f"unix://{tmp_path}/csi.sock")
+    process = etcd.members[0].process
+    assert process is not None
+    images = config.pool_root / "images"
+    try:
+        client.wait_ready()
+        warm = _create(client, "pvc-warm").volume_id
+        _freeze_before(etcd, "pvc-cut", monkeypatch)
+        try:
+            with pytest.raises(grpc.RpcError) as cut:
+                _create(client, "pvc-cut")
+            # Until etcd answers, the image stays aside, neither kept nor dropped.
+            left = [p.name for p in images.iterdir() if p.name.endswith(".ahead")]
+        finally:
+            process.send_signal(signal.SIGCONT)
+        error: grpc.Call = cut.value  # type: ignore[assignment]
+        assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+        assert "retry CreateVolume with the same name" in (error.details() or "")
+        assert len(left) == 2, left
+
+        with closing(open_store(etcd.url)) as store:
+            catalog = Catalog(store)
+
+            def settled() -> bool:
+                try:
+                    return not [p for p in images.iterdir() if p.name.endswith(".ahead")]
+                except FileNotFoundError:
+                    return False
+
+            _eventually(settled, "the image created ahead of the cut commit")
+            # One outcome: the volume with its image, or neither.
+            outcome = _consistent(catalog, images)
+            assert set(outcome) <= {"pvc-warm", "pvc-cut"} and outcome["pvc-warm"] == warm
+            landed = outcome.get("pvc-cut")
+
+            retried = _create(client, "pvc-cut").volume_id
+            if landed is not None:
+                assert retried == landed
+            assert _create(client, "pvc-cut").volume_id == retried  # and again: the same
+            assert _consistent(catalog, images) == {"pvc-warm": warm, "pvc-cut": retried}
+    finally:
+        client.close()
+        services.stop(grace_s=0)
