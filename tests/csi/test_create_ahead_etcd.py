@@ -215,9 +215,12 @@ def _freeze_before(etcd: EtcdCluster, name: str, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(EtcdStore, "_apply", frozen_first)
 
 
+@pytest.mark.parametrize("retry_first", [False, True], ids=["settled-then-retried", "retried"])
 def test_a_create_whose_commit_is_cut_leaves_one_outcome_and_its_retry_converges(
-    etcd: EtcdCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    etcd: EtcdCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, retry_first: bool
 ) -> None:
+    """``retried``: the provisioner's retry comes as soon as etcd is back, before
+    or while the node settles the image (the create then settles it itself)."""
     etcd.wipe()
     config = replace(node_config(tmp_path), pool_capacity_bytes=512 * MiB)
     (tmp_path / "kubelet").mkdir()
@@ -251,6 +254,12 @@ def test_a_create_whose_commit_is_cut_leaves_one_outcome_and_its_retry_converges
                 except FileNotFoundError:
                     return False
 
+            if retry_first:
+                etcd.wait_healthy()
+                retried = _create(client, "pvc-cut").volume_id
+                _eventually(settled, "the image created ahead of the cut commit")
+                assert _consistent(catalog, images) == {"pvc-warm": warm, "pvc-cut": retried}
+                return
             _eventually(settled, "the image created ahead of the cut commit")
             # One outcome: the volume with its image, or neither.
             outcome = _consistent(catalog, images)

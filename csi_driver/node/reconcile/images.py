@@ -530,10 +530,14 @@ class LocalImages:
         """Settle at once the image created ahead for ``volume_id`` if it awaits it
         (a retried create found the volume its undecided txn committed: the image must
         be in place before the volume is handed out); nothing otherwise."""
-        pool = self._reconciler.pool
+        pool, store = self._reconciler.pool, self._reconciler.store
+
+        def settle() -> None:
+            if pool.unsettled(volume_id):  # again, holding the key: a worker may have
+                settle_left(store, pool, self.node_id, volume_id)
+
         if pool.unsettled(volume_id):
-            store, node_id = self._reconciler.store, self.node_id
-            self._runner.run_now(volume_id, lambda: settle_left(store, pool, node_id, volume_id))
+            self._runner.run_now(volume_id, settle)
 
 
 def settle_left(store: CatalogStore, pool: Pool, node_id: str, volume_id: str) -> bool:
