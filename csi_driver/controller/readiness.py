@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 from csi_driver.core.model import NodeRecord
 from csi_driver.core.placement import NodeReadiness, NodeView
@@ -218,10 +218,12 @@ class NodeReadings:
         self,
         accounts: Mapping[str, Versioned[NodeAccounting]],
         nodes: Sequence[NodeRecord] | None = None,
+        drained: Collection[str] | None = None,
     ) -> list[NodeView]:
         """Every registered node (or ``nodes``, registrations read already), what the
-        catalog promised it, and its readiness."""
-        drained = self.drained()
+        catalog promised it, and its readiness (``drained``: the drains read already)."""
+        if drained is None:
+            drained = self.drained()
         views = []
         for node in self.catalog.list_nodes() if nodes is None else nodes:
             account = accounts.get(node.node_id)

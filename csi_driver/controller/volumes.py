@@ -90,8 +90,8 @@ ALLOCATION_UNIT = 1 * MiB
 #: Smallest image each kind of volume can live in (mkfs.xfs refuses < 300 MiB).
 MINIMUM_SIZE = {None: 1 * MiB, FsType.EXT4: 8 * MiB, FsType.XFS: 300 * MiB}
 DEFAULT_FS = FsType.EXT4
-#: How long placement reuses the node registrations it read (they change
-#: rarely; a placement that finds no room reads them again at once).
+#: How long placement reuses the node registrations and drains it read (they
+#: change rarely; a placement that finds no room reads them again at once).
 NODES_REMEMBERED_S = 1.0
 #: A node whose agent has not reported for this long is reported abnormal.
 NODE_STALE_AFTER_S = 60.0
@@ -107,6 +107,15 @@ class _NameTaken(Conflict):
 
 class _PlacedElsewhere(Conflict):
     """Placement now picks another node than the one an image was created ahead on."""
+
+
+@dataclass(frozen=True)
+class _RememberedNodes:
+    """The node registrations and drains placement read at ``read_at`` (monotonic)."""
+
+    read_at: float
+    records: list[NodeRecord]
+    drained: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -277,7 +286,7 @@ class VolumeService:
         # room in a remembered view decides again on a fresh one. This
         # process's other accounting writes forget it (:meth:`_forget_placement`).
         self._remembered_accounts: dict[str, Versioned[NodeAccounting]] = {}
-        self._remembered_nodes: tuple[float, list[NodeRecord]] | None = None
+        self._remembered_nodes: _RememberedNodes | None = None
 
     # -- health ----------------------------------------------------------------
 
@@ -440,7 +449,8 @@ class VolumeService:
                 accounts = self._placement_accounts(fresh)
                 try:
                     # The readiness replica placement reads too: no drained or down node.
-                    views = self._readings.views(accounts, self._placement_nodes(fresh))
+                    nodes = self._placement_nodes(fresh)
+                    views = self._readings.views(accounts, nodes.records, nodes.drained)
                     primary = choose_primary(views, size, requirement)
                 except (ResourceExhausted, OutOfRange):
                     if fresh:
@@ -496,9 +506,10 @@ class VolumeService:
             nodes = self._placement_nodes(False)
             # With other nodes to choose from, decide before making an image here (the
             # txn's placement decides again); alone, this node is the only choice.
-            if any(node.node_id != ahead.node_id for node in nodes):
+            if any(node.node_id != ahead.node_id for node in nodes.records):
                 try:
-                    views = self._readings.views(self._placement_accounts(False), nodes)
+                    accounts = self._placement_accounts(False)
+                    views = self._readings.views(accounts, nodes.records, nodes.drained)
                     if choose_primary(views, size, requirement).node_id != ahead.node_id:
                         return None
                 except (ResourceExhausted, OutOfRange):
@@ -844,7 +855,7 @@ class VolumeService:
         consistent view; waiting for the lock made every reply queue behind
         the placement txns of the creates in flight."""
         remembered = self._remembered_nodes
-        nodes = {n.node_id: n for n in remembered[1]} if remembered else {}
+        nodes = {n.node_id: n for n in remembered.records} if remembered else {}
         node = nodes.get(volume.primary_node) or self._catalog.get_node(volume.primary_node)
         return [accessible_segment(node)] if node else []
 
@@ -958,13 +969,16 @@ class VolumeService:
             self._remembered_accounts = self._accounts()
         return dict(self._remembered_accounts)
 
-    def _placement_nodes(self, fresh: bool) -> list[NodeRecord]:
+    def _placement_nodes(self, fresh: bool) -> _RememberedNodes:
         remembered = self._remembered_nodes
         now = time.monotonic()
-        if fresh or remembered is None or now - remembered[0] > NODES_REMEMBERED_S:
-            remembered = (now, self._catalog.list_nodes())
+        if fresh or remembered is None or now - remembered.read_at > NODES_REMEMBERED_S:
+            # Drains too: on etcd each read is a round trip, made under the placement lock.
+            remembered = _RememberedNodes(
+                now, self._catalog.list_nodes(), frozenset(self._readings.drained())
+            )
             self._remembered_nodes = remembered
-        return remembered[1]
+        return remembered
 
     def _forget_placement(self) -> None:
         """Called after this process changed an accounting outside placement."""
