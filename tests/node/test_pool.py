@@ -340,3 +340,23 @@ def test_an_image_made_ahead_whose_rename_failed_is_kept_by_the_next_reconcile(
     assert kept is not None and (kept.size_bytes, kept.thin) == (8 * MiB, True)
     assert small_pool.get(VOL_A) == kept and small_pool.provisioned_bytes == 8 * MiB
     assert small_pool.kept_ahead(VOL_A) is None and small_pool.ahead() == []
+
+
+def test_an_image_left_by_an_undecided_commit_keeps_its_space_until_settled(
+    small_pool: Pool,
+) -> None:
+    """leave_ahead: not being made any more, not visible, still reserved, and listed
+    unsettled (in this process and by a reopened pool) until kept or dropped."""
+    small_pool.create_ahead(VOL_A, 60 * MiB, epoch=1, thin=True)
+    assert not small_pool.unsettled(VOL_A)  # being made
+    small_pool.leave_ahead(VOL_A)
+    assert small_pool.unsettled(VOL_A) and small_pool.ahead() == [VOL_A]
+    assert small_pool.get(VOL_A) is None and small_pool.images() == []
+    assert small_pool.provisioned_bytes == 60 * MiB
+    with pytest.raises(ResourceExhausted):  # its space is still taken
+        small_pool.create_image(VOL_B, 60 * MiB, epoch=1, thin=True)
+    assert Pool(small_pool.root, capacity_bytes=100 * MiB).unsettled(VOL_A)
+    small_pool.drop_ahead(VOL_A)
+    assert not small_pool.unsettled(VOL_A) and small_pool.provisioned_bytes == 0
+    assert list(small_pool.images_dir.iterdir()) == []
+    small_pool.create_image(VOL_B, 60 * MiB, epoch=1, thin=True)
