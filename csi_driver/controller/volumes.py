@@ -114,7 +114,7 @@ class _RememberedNodes:
     """The node registrations and drains placement read at ``read_at`` (monotonic)."""
 
     read_at: float
-    records: list[NodeRecord]
+    records: tuple[NodeRecord, ...]
     drained: frozenset[str]
 
 
@@ -502,11 +502,11 @@ class VolumeService:
         left = deadline.remaining()
         if ahead is None or (left is not None and left <= REPLY_MARGIN_S):
             return None
-        with self._placement:
-            nodes = self._placement_nodes(False)
-            # With other nodes to choose from, decide before making an image here (the
-            # txn's placement decides again); alone, this node is the only choice.
-            if any(node.node_id != ahead.node_id for node in nodes.records):
+        nodes = self._nodes_now()
+        # With other nodes to choose from, decide before making an image here (the
+        # txn's placement decides again); alone, this node is the only choice.
+        if any(node.node_id != ahead.node_id for node in nodes.records):
+            with self._placement:
                 try:
                     accounts = self._placement_accounts(False)
                     views = self._readings.views(accounts, nodes.records, nodes.drained)
@@ -970,15 +970,27 @@ class VolumeService:
         return dict(self._remembered_accounts)
 
     def _placement_nodes(self, fresh: bool) -> _RememberedNodes:
+        """Under the placement lock: the registrations and drains, read again when
+        ``fresh`` or when those remembered are older than NODES_REMEMBERED_S."""
         remembered = self._remembered_nodes
         now = time.monotonic()
         if fresh or remembered is None or now - remembered.read_at > NODES_REMEMBERED_S:
             # Drains too: on etcd each read is a round trip, made under the placement lock.
             remembered = _RememberedNodes(
-                now, self._catalog.list_nodes(), frozenset(self._readings.drained())
+                now, tuple(self._catalog.list_nodes()), frozenset(self._readings.drained())
             )
             self._remembered_nodes = remembered
         return remembered
+
+    def _nodes_now(self) -> _RememberedNodes:
+        """:meth:`_placement_nodes` for a caller that only looks (a create's check
+        before its image): the snapshot remembered, without the placement lock, while
+        it is recent; creates hold that lock across their txn, an etcd round trip."""
+        remembered = self._remembered_nodes
+        if remembered is not None and time.monotonic() - remembered.read_at <= NODES_REMEMBERED_S:
+            return remembered
+        with self._placement:
+            return self._placement_nodes(False)
 
     def _forget_placement(self) -> None:
         """Called after this process changed an accounting outside placement."""
