@@ -328,7 +328,10 @@ class NodeStatus:
 class NodeAccounting:
     """What the catalog has promised a node: kept exact by writing it in each volume's txn.
 
-    Placement reads one of these per node instead of every volume.
+    Placement reads one of these per node instead of every volume. Never
+    deleted: a create's txn compares it, and rewriting it is what makes such a
+    txn whose answer was lost impossible for good
+    (:func:`csi_driver.node.reconcile.images.settle_left`).
     """
 
     KIND: ClassVar[str] = "NodeAccounting"
