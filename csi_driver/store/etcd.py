@@ -196,6 +196,10 @@ def _status(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
     return code, detail
 
 
+#: How a connect failure names a network that cannot carry it (ENETUNREACH, EHOSTUNREACH).
+_NO_ROUTE = ("unreachable", "no route to host")
+
+
 def _last_error(detail: str) -> str:
     """The part of a gRPC connect failure that names the cause."""
     return detail.rpartition("last error: ")[2] or detail
@@ -380,6 +384,10 @@ class EtcdStore(CatalogStore):
         cause = _last_error(detail)
         if _never_sent(code, detail) and "refused" in cause.lower():
             return "refused the connection"
+        if _never_sent(code, detail) and any(w in cause.lower() for w in _NO_ROUTE):
+            # A link down or a route missing on this side: not the member's doing,
+            # and nothing about certificates.
+            return f"cannot be reached from here ({cause}); check this host's network to it"
         dropped = f"dropped the connection ({cause})"
         if self._tls is not None:
             # Often a member that refused our certificate and hung up without an alert.

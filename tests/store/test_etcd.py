@@ -46,6 +46,45 @@ def cluster3(tmp_path: Path) -> Iterator[EtcdCluster]:
     cluster.close()
 
 
+_NO_ROUTE_PROBE = """
+from csi_driver.core.errors import StoreUnavailable
+from csi_driver.store.etcd import EtcdEndpoint, EtcdStore
+store = EtcdStore([EtcdEndpoint("10.255.0.1", 2379)], request_timeout_s=2)
+try:
+    store.put("k", b"v")
+except StoreUnavailable as exc:
+    print(exc.message)
+"""
+
+
+def test_etcd_behind_a_missing_route_is_said_to_be_unreachable_not_a_certificate_problem(
+    tmp_path: Path,
+) -> None:
+    """A host whose link is down (no route to the member) is told to check its
+    network, not that etcd may refuse its certificate: in its own network
+    namespace with only loopback up, the member's address has no route."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    namespace = f"ferry-noroute-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", namespace], check=True)
+    try:
+        subprocess.run(["ip", "-n", namespace, "link", "set", "lo", "up"], check=True)
+        probe = subprocess.run(
+            ["ip", "netns", "exec", namespace, sys.executable, "-c", _NO_ROUTE_PROBE],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=Path(__file__).resolve().parents[2],
+            check=True,
+        )
+    finally:
+        subprocess.run(["ip", "netns", "delete", namespace], check=False)
+    said = probe.stdout
+    assert "cannot be reached from here" in said, said + probe.stderr
+    assert "unreachable" in said.lower(), said
+    assert "certificate" not in said and "etcds://" not in said, said
+
+
 def test_unreachable_etcd_is_unavailable_with_a_clear_message() -> None:
     store = EtcdStore([EtcdEndpoint("127.0.0.1", _dead_port())], request_timeout_s=2)
     with pytest.raises(StoreUnavailable) as down:
