@@ -18,17 +18,11 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from csi_driver.agent_api.client import GrpcNodeDirectory
-from csi_driver.agent_api.server import NodeAgentServicer, admitted_callers
-from csi_driver.core.errors import FailedPrecondition, Unavailable
-from csi_driver.core.model import MiB, NodeRecord, Topology
+from csi_driver.agent_api.server import admitted_callers
+from csi_driver.core.errors import FailedPrecondition
 from csi_driver.csi.identity import IdentityServicer
 from csi_driver.gen import csi_pb2, csi_pb2_grpc
-from csi_driver.gen.ferry.v1 import agent_pb2_grpc
 from csi_driver.log import JsonFormatter
-from csi_driver.node.agent import NodeAgent
-from csi_driver.node.pool import Pool
-from csi_driver.node.runner import CommandRunner
 from csi_driver.pki import Identity, TlsBundle
 from csi_driver.transport import AgentSecurity, Endpoint, open_channel, start_server
 from tests.certs import Pki
@@ -237,53 +231,6 @@ def test_during_ca_rotation_agents_of_both_cas_talk(pki: Pki, tmp_path: Path) ->
         assert code is grpc.StatusCode.UNAVAILABLE
     finally:
         server.stop(0)
-
-
-def _node_agent(pki: Pki, node_id: str, base: Path, address: str) -> tuple[grpc.Server, Endpoint]:
-    """A real node agent API serving a real pool under ``base``."""
-    pool = Pool(base / node_id, 64 * MiB)
-    servicer = NodeAgentServicer(NodeAgent(node_id, pool, CommandRunner(), [base / "kubelet"]))
-    return start_server(
-        f"tcp://{address}",
-        [lambda s: agent_pb2_grpc.add_NodeAgentServicer_to_server(servicer, s)],
-        agents=(AgentSecurity(pki.bundle(f"node/{node_id}")), admitted_callers(node_id)),
-    )
-
-
-def _record(node_id: str, endpoint: Endpoint) -> NodeRecord:
-    return NodeRecord(node_id, str(endpoint), Topology.of({}), 64 * MiB, 0)
-
-
-def test_the_controllers_directory_follows_a_new_node_on_a_reused_address(
-    pki: Pki, tmp_path: Path
-) -> None:
-    directory = GrpcNodeDirectory(timeout_s=10, security=AgentSecurity(pki.bundle("controller")))
-    first, bound = _node_agent(pki, "n1", tmp_path, "127.0.0.1:0")
-    try:
-        assert (
-            directory.client(_record("n1", bound)).create_image(
-                "vol-11111111111111111111111111111111", MiB, 1, thin=False
-            )
-            == MiB
-        )
-    finally:
-        first.stop(0).wait()
-    second, rebound = _node_agent(pki, "n2", tmp_path, bound.address)
-    try:
-        assert rebound == bound
-        assert (
-            directory.client(_record("n2", bound)).create_image(
-                "vol-22222222222222222222222222222222", MiB, 1, thin=False
-            )
-            == MiB
-        )
-        with pytest.raises(Unavailable, match="Hostname Verification"):
-            directory.client(_record("n1", bound)).create_image(
-                "vol-33333333333333333333333333333333", MiB, 1, thin=False
-            )  # n2 is not n1
-    finally:
-        second.stop(0)
-        directory.close()
 
 
 def test_an_rsa_certificate_from_the_cluster_ca_is_admitted(pki: Pki, node_n1: Endpoint) -> None:
