@@ -117,6 +117,10 @@ class _RememberedNodes:
     records: tuple[NodeRecord, ...]
     drained: frozenset[str]
 
+    def recent(self, now: float) -> bool:
+        """Young enough to place by (see NODES_REMEMBERED_S)."""
+        return now - self.read_at <= NODES_REMEMBERED_S
+
 
 @dataclass(frozen=True)
 class Condition:
@@ -974,7 +978,7 @@ class VolumeService:
         ``fresh`` or when those remembered are older than NODES_REMEMBERED_S."""
         remembered = self._remembered_nodes
         now = time.monotonic()
-        if fresh or remembered is None or now - remembered.read_at > NODES_REMEMBERED_S:
+        if fresh or remembered is None or not remembered.recent(now):
             # Drains too: on etcd each read is a round trip, made under the placement lock.
             remembered = _RememberedNodes(
                 now, tuple(self._catalog.list_nodes()), frozenset(self._readings.drained())
@@ -987,7 +991,7 @@ class VolumeService:
         before its image): the snapshot remembered, without the placement lock, while
         it is recent; creates hold that lock across their txn, an etcd round trip."""
         remembered = self._remembered_nodes
-        if remembered is not None and time.monotonic() - remembered.read_at <= NODES_REMEMBERED_S:
+        if remembered is not None and remembered.recent(time.monotonic()):
             return remembered
         with self._placement:
             return self._placement_nodes(False)

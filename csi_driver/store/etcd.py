@@ -382,12 +382,13 @@ class EtcdStore(CatalogStore):
         if detail.startswith(_SERVER_SAYS):
             return f"answered {detail!r}"  # the member runs, but the cluster cannot serve
         cause = _last_error(detail)
-        if _never_sent(code, detail) and "refused" in cause.lower():
-            return "refused the connection"
-        if _never_sent(code, detail) and any(w in cause.lower() for w in _NO_ROUTE):
-            # A link down or a route missing on this side: not the member's doing,
-            # and nothing about certificates.
-            return f"cannot be reached from here ({cause}); check this host's network to it"
+        if _never_sent(code, detail):
+            if "refused" in cause.lower():
+                return "refused the connection"
+            if any(words in cause.lower() for words in _NO_ROUTE):
+                # A link down or a route missing on this side: not the member's doing,
+                # and nothing about certificates.
+                return f"cannot be reached from here ({cause}); check this host's network to it"
         dropped = f"dropped the connection ({cause})"
         if self._tls is not None:
             # Often a member that refused our certificate and hung up without an alert.
