@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from csi_driver.core.batching import GroupLead
 from csi_driver.core.errors import (
     Compacted,
     Conflict,
@@ -127,17 +128,14 @@ def _prefix_bounds(prefix: str) -> tuple[str, str | None]:
 
 
 class _Pending:
-    """One caller's txn waiting in the group commit queue."""
+    """One caller's txn in the group commit (see :class:`GroupLead`), and its outcome."""
 
-    __slots__ = ("compares", "error", "finished", "history", "leads", "ops", "revision", "wake")
+    __slots__ = ("compares", "error", "history", "ops", "revision")
 
     def __init__(self, compares: Sequence[Compare], ops: Sequence[Op], history: int) -> None:
         self.compares = compares
         self.ops = ops
         self.history = history
-        self.wake = threading.Event()
-        self.leads = False
-        self.finished = False
         self.revision = 0
         self.error: BaseException | None = None
 
@@ -148,7 +146,7 @@ class _SharedFile:
     ``writer`` serializes this process's write transactions (a group commit,
     a compaction, a health check), so its threads queue on a lock instead of
     spinning in SQLite's sleep-and-retry busy handler (which only arbitrates
-    between processes now). ``pending`` is the group commit queue.
+    between processes now). ``group`` is the group commit queue.
     """
 
     _registry: ClassVar[dict[str, _SharedFile]] = {}
@@ -157,9 +155,7 @@ class _SharedFile:
     def __init__(self, path: Path) -> None:
         self._path = path
         self.writer = threading.Lock()
-        self.queue_lock = threading.Lock()
-        self.pending: list[_Pending] = []
-        self.leading = False
+        self.group: GroupLead[_Pending] = GroupLead(_GROUP_MAX)
         # revision -> the events committed at it, for revisions this process wrote
         self._recent: dict[int, tuple[Event, ...]] = {}
         self._lock = threading.Lock()
@@ -453,40 +449,11 @@ class SqliteStore(CatalogStore):
     # -- writes --------------------------------------------------------------
 
     def _apply(self, compares: Sequence[Compare], ops: Sequence[Op]) -> int:
-        shared = self._shared
         mine = _Pending(compares, ops, self._history)
-        with shared.queue_lock:
-            shared.pending.append(mine)
-            if not shared.leading:
-                shared.leading = mine.leads = True
-        while not mine.finished:
-            if mine.leads:
-                self._lead()
-            else:
-                mine.wake.wait()
-                mine.wake.clear()
+        self._shared.group.submit(mine, self._commit_group)
         if mine.error is not None:
             raise mine.error
         return mine.revision
-
-    def _lead(self) -> None:
-        """Commit one group of queued txns (this caller's first), then hand the lead on."""
-        shared = self._shared
-        with shared.queue_lock:
-            group, shared.pending = shared.pending[:_GROUP_MAX], shared.pending[_GROUP_MAX:]
-        try:
-            self._commit_group(group)
-        finally:
-            with shared.queue_lock:
-                if shared.pending:
-                    successor = shared.pending[0]
-                    successor.leads = True
-                    successor.wake.set()
-                else:
-                    shared.leading = False
-            for txn in group:
-                txn.finished = True
-                txn.wake.set()
 
     def _commit_group(self, group: Sequence[_Pending]) -> None:
         """Apply ``group`` in order in one transaction; the commit is each txn's.
@@ -525,10 +492,6 @@ class SqliteStore(CatalogStore):
             for txn in group:
                 txn.error = self._failure("write", exc)
             return
-        except BaseException as exc:
-            for txn in group:
-                txn.error = exc
-            raise
         for at, events in committed:
             self._shared.committed(at, events)
 

@@ -371,10 +371,10 @@ def test_a_failed_compare_in_a_group_fails_only_its_own_txn(store: SqliteStore) 
         threading.Thread(target=txn, args=("free", [], [Put("c", b"1")])),
     ]
     for thread in queued:
-        while len(store._shared.pending) < queued.index(thread):
+        while store._shared.group.waiting < queued.index(thread):
             time.sleep(0.01)
         thread.start()
-    while len(store._shared.pending) < len(queued):
+    while store._shared.group.waiting < len(queued):
         time.sleep(0.01)
     store._shared.writer.release()
     for thread in [first, *queued]:
