@@ -49,6 +49,11 @@ POOL_ALLOCATED = Gauge(
     "ferry_pool_allocated_bytes", "Bytes actually written to images in the node's pool."
 )
 POOL_VOLUMES = Gauge("ferry_pool_volumes", "Volume images in the node's pool.")
+PLACEMENT_BATCH = Histogram(
+    "ferry_controller_placement_batch_creates",
+    "Creates placed and committed in one catalog txn: above 1, concurrent creates shared a commit.",
+    buckets=(1, 2, 4, 8, 16),
+)
 RECONCILES = Counter(
     "ferry_reconcile_total",
     "Reconciles run, by runner and result (done, requeue, error).",

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from csi_driver.core import deadline
@@ -105,6 +105,21 @@ def _refusal(status: ImageStatus) -> FerryError:
     return kind(f"node {status.node_id}: {status.message}")
 
 
+@dataclass(frozen=True)
+class Staged:
+    """A new volume's records for one provision txn, without its node's charge."""
+
+    node_id: str
+    size_bytes: int
+    compares: tuple[Compare, ...]
+    ops: tuple[Put | Delete, ...]
+
+    @property
+    def keys(self) -> frozenset[str]:
+        """Every key it compares or writes."""
+        return frozenset(c.key for c in self.compares) | {op.key for op in self.ops}
+
+
 class ImageIntents:
     """Writes image intents with their volume and accounting; waits for nodes' statuses."""
 
@@ -142,6 +157,57 @@ class ImageIntents:
 
     # -- create ----------------------------------------------------------------
 
+    def staged(
+        self,
+        volume: Volume,
+        image: ImageSpec,
+        *,
+        claim_name: bool,
+        status: ImageStatus | None = None,
+    ) -> Staged:
+        """A new volume's records for :meth:`provision_all`: the volume, its name
+        (``claim_name``), its image spec and ``status``, the node's READY for an
+        image created ahead of them; each compared absent."""
+        compares = [
+            self._catalog.volume_absent(volume.volume_id),
+            Compare(image.key, ABSENT),
+        ]
+        ops: list[Put | Delete] = [self._catalog.volume_op(volume), put(image)]
+        if claim_name:
+            compares.append(self._catalog.name_absent(volume.name))
+            ops.append(self._catalog.name_op(volume.name, volume.volume_id))
+        if status is not None:
+            compares.append(Compare(image.status_key, ABSENT))
+            ops.append(put(status))
+        return Staged(image.node_id, image.size_bytes, tuple(compares), tuple(ops))
+
+    def provision_all(
+        self,
+        volumes: Sequence[Staged],
+        accounts: Mapping[str, Versioned[NodeAccounting] | None],
+    ) -> tuple[int, dict[str, NodeAccounting]]:
+        """One txn: every staged volume, and each node's charge for those it holds,
+        on top of its accounting as read in ``accounts`` (compared unchanged).
+
+        Returns the revision and each charged node's accounting as written.
+        Raises Conflict (naming the key) when an accounting moved since it was
+        read or a name or volume was taken meanwhile: then nothing is written.
+        """
+        charged: dict[str, NodeAccounting] = {}
+        for staged in volumes:
+            read = accounts.get(staged.node_id)
+            before = charged.get(staged.node_id) or (
+                read.value if read else NodeAccounting(staged.node_id)
+            )
+            charged[staged.node_id] = before.charge(staged.size_bytes)
+        compares = [unchanged_since(a.key, accounts.get(node)) for node, a in charged.items()]
+        ops: list[Put | Delete] = []
+        for staged in volumes:
+            compares.extend(staged.compares)
+            ops.extend(staged.ops)
+        ops.extend(put(account) for account in charged.values())
+        return self.txn(compares, ops), charged
+
     def provision(
         self,
         volume: Volume,
@@ -151,29 +217,10 @@ class ImageIntents:
         claim_name: bool,
         status: ImageStatus | None = None,
     ) -> Versioned[NodeAccounting]:
-        """One txn: the new volume, its name, its image spec and its node's charge;
-        and ``status``, the node's READY for an image created ahead of them.
-
-        Returns the node's accounting as written. Raises Conflict (naming
-        the key) when the accounting moved since it was read or the name or
-        volume was taken meanwhile.
-        """
-        charged = (account.value if account else NodeAccounting(image.node_id)).charge(
-            image.size_bytes
-        )
-        compares = [
-            unchanged_since(charged.key, account),
-            self._catalog.volume_absent(volume.volume_id),
-            Compare(image.key, ABSENT),
-        ]
-        ops: list[Put | Delete] = [self._catalog.volume_op(volume), put(image), put(charged)]
-        if claim_name:
-            compares.append(self._catalog.name_absent(volume.name))
-            ops.append(self._catalog.name_op(volume.name, volume.volume_id))
-        if status is not None:
-            compares.append(Compare(image.status_key, ABSENT))
-            ops.append(put(status))
-        return Versioned(charged, self.txn(compares, ops))
+        """:meth:`provision_all` of one volume; its node's accounting as written."""
+        staged = self.staged(volume, image, claim_name=claim_name, status=status)
+        revision, charged = self.provision_all([staged], {image.node_id: account})
+        return Versioned(charged[image.node_id], revision)
 
     def finish_create(
         self, volume: Volume, thin: bool, written: Versioned[ImageSpec] | None = None

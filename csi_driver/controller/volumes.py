@@ -23,12 +23,14 @@ from csi_driver.controller.images import (
     AheadNode,
     ImageIntents,
     LocalNode,
+    Staged,
 )
 from csi_driver.controller.moves import MoveRequests
 from csi_driver.controller.policy import check_mutable, modify_volume
 from csi_driver.controller.readiness import NodeReadings
 from csi_driver.controller.snapshots import CloneSource
 from csi_driver.core import deadline
+from csi_driver.core.batching import GroupLead
 from csi_driver.core.encryption import check_encryptable
 from csi_driver.core.errors import (
     CONTROLLER_PUBLISH_INCOMPATIBLE,
@@ -77,6 +79,7 @@ from csi_driver.core.placement import (
     snapshots_hold,
 )
 from csi_driver.core.records import ImageSpec, ImageStatus, NodeAccounting
+from csi_driver.metrics import PLACEMENT_BATCH
 from csi_driver.store.base import Put, undecided
 from csi_driver.store.catalog import NAMES, Catalog
 from csi_driver.store.records import Versioned, put, unchanged_since
@@ -84,6 +87,10 @@ from csi_driver.store.records import Versioned, put, unchanged_since
 log = logging.getLogger(__name__)
 
 _CAS_ATTEMPTS = 16
+#: Most creates placed and committed in one txn. A create is at most 4 compares
+#: and 4 puts (volume, name, image spec and status) besides its node's charge,
+#: and etcd refuses a txn of more than 128 of either (its default --max-txn-ops).
+PLACEMENT_BATCH_MAX = 16
 
 DEFAULT_CAPACITY = 1 * GiB
 ALLOCATION_UNIT = 1 * MiB
@@ -107,6 +114,23 @@ class _NameTaken(Conflict):
 
 class _PlacedElsewhere(Conflict):
     """Placement now picks another node than the one an image was created ahead on."""
+
+
+@dataclass(eq=False)
+class _Placing:
+    """A create waiting to be placed (see VolumeService._place) and, once it was,
+    where it went (``node_id``, the txn's ``revision``) or why not (``error``)."""
+
+    volume_id: str
+    name: str
+    size: int
+    requirement: TopologyRequirement | None
+    #: the volume's records for a primary on this node
+    stage: Callable[[str], Staged]
+    only: str | None
+    node_id: str = ""
+    revision: int = 0
+    error: Exception | None = None
 
 
 @dataclass(frozen=True)
@@ -280,8 +304,10 @@ class VolumeService:
         self._volumes = KeyedLocks()
         # Placement reads the accounting and charges it in one txn; in-process
         # serialisation keeps concurrent creates from losing that race over and
-        # over (the txn's compare still guards other controller processes).
+        # over (the txn's compare still guards other controller processes), and
+        # ``_placing`` batches them so that they share one txn (see _place).
         self._placement = threading.Lock()
+        self._placing: GroupLead[_Placing] = GroupLead(PLACEMENT_BATCH_MAX)
         self._accounted = False
         # What placement last read or wrote, under ``_placement``: a create
         # reuses it instead of reading the catalog again. Safe because the
@@ -417,15 +443,12 @@ class VolumeService:
                 return made
         written: list[tuple[Volume, ImageSpec]] = []
 
-        def write(
-            node_id: str, account: Versioned[NodeAccounting] | None
-        ) -> Versioned[NodeAccounting]:
+        def stage(node_id: str) -> Staged:
             volume, image = intent(node_id)
-            charged = self._images.provision(volume, image, account, claim_name=not claimed_id)
             written.append((volume, image))
-            return charged
+            return self._images.staged(volume, image, claim_name=not claimed_id)
 
-        revision = self._placed(volume_id, name, size, requirement, write)
+        revision = self._placed(volume_id, name, size, requirement, stage)
         volume, image = written[-1]
         return volume, Versioned(image, revision)
 
@@ -435,53 +458,130 @@ class VolumeService:
         name: str,
         size: int,
         requirement: TopologyRequirement | None,
-        write: Callable[[str, Versioned[NodeAccounting] | None], Versioned[NodeAccounting]],
+        stage: Callable[[str], Staged],
         *,
         only: str | None = None,
     ) -> int:
-        """Under the placement lock: choose the primary and ``write(node, its accounting
-        as read)``, the txn that charges it (returning the accounting as written); again
-        on a fresh view when the remembered one had no room or the node's accounting
-        moved. Returns the txn's revision.
+        """Place the volume and commit ``stage(its primary)``, the records of a new
+        volume on that node, with the node's charge; returns the txn's revision.
 
-        ``only``: the node the volume must go to; :class:`_PlacedElsewhere` when
-        placement now picks another.
+        Concurrent creates are placed and committed together, one batch at a time
+        (see :meth:`_place`). ``only``: the node the volume must go to;
+        :class:`_PlacedElsewhere` when placement now picks another.
+        """
+        placing = _Placing(volume_id, name, size, requirement, stage, only)
+        self._placing.submit(placing, self._place)
+        if placing.error is not None:
+            raise placing.error
+        log.info(
+            "volume placed",
+            extra={
+                "volume": volume_id,
+                "volume_name": name,
+                "node": placing.node_id,
+                "bytes": size,
+            },
+        )
+        return placing.revision
+
+    def _place(self, batch: Sequence[_Placing]) -> None:
+        """Under the placement lock: choose each create's primary in turn on one view of
+        the accounting, charging it as it goes, and commit them all in one txn
+        (:meth:`ImageIntents.provision_all`), which compares each charged node's
+        accounting as read. Decides again on a fresh view when the remembered one had
+        no room or an accounting moved. Each create ends with its revision or its error.
+
+        One txn per batch is what lets creates overlap: each charge depends on the
+        accounting the one before it wrote, so one at a time every create would wait
+        for the previous one's commit (an fsync, or an etcd round trip).
         """
         with self._placement:
+            waiting = list(batch)
             fresh = False
             for _ in range(_CAS_ATTEMPTS):
+                if not waiting:
+                    return
                 accounts = self._placement_accounts(fresh)
-                try:
-                    # The readiness replica placement reads too: no drained or down node.
-                    nodes = self._placement_nodes(fresh)
-                    views = self._readings.views(accounts, nodes.records, nodes.drained)
-                    primary = choose_primary(views, size, requirement)
-                except (ResourceExhausted, OutOfRange):
-                    if fresh:
-                        raise
+                chosen = self._choose(waiting, accounts, self._placement_nodes(fresh), fresh)
+                if chosen is None:
                     fresh = True  # the remembered view may be stale: decide on a fresh one
                     continue
-                if only is not None and primary.node_id != only:
-                    raise _PlacedElsewhere(f"placed on {primary.node_id}, not {only}")
-                try:
-                    charged = write(primary.node_id, accounts.get(primary.node_id))
-                except Conflict as exc:
-                    if exc.key is not None and exc.key.startswith(NAMES):
-                        raise _NameTaken(exc.message, key=exc.key) from exc
-                    fresh = True  # the node's accounting moved: read it and place again
+                placed, later = chosen
+                if not placed:
+                    waiting = later
                     continue
-                self._remembered_accounts[primary.node_id] = charged
-                log.info(
-                    "volume placed",
-                    extra={
-                        "volume": volume_id,
-                        "volume_name": name,
-                        "node": primary.node_id,
-                        "bytes": size,
-                    },
-                )
-                return charged.revision
-            raise StoreError(f"placement of {name!r} kept losing races; retry")
+                try:
+                    revision, charged = self._images.provision_all(
+                        [staged for _, staged in placed],
+                        {staged.node_id: accounts.get(staged.node_id) for _, staged in placed},
+                    )
+                except Conflict as exc:
+                    # Nothing was written: the create whose own key it names fails (a
+                    # name taken meanwhile); else an accounting moved, to be read again.
+                    owner = next((p for p, staged in placed if exc.key in staged.keys), None)
+                    if owner is None:
+                        fresh = True
+                    elif exc.key is not None and exc.key.startswith(NAMES):
+                        owner.error = _NameTaken(exc.message, key=exc.key)
+                    else:
+                        owner.error = exc
+                    waiting = [p for p in waiting if p.error is None]
+                    continue
+                except Exception as exc:  # the txn's outcome, each create's (maybe unknown)
+                    for p, _ in placed:
+                        p.error = exc
+                    waiting = later
+                    continue
+                PLACEMENT_BATCH.observe(len(placed))
+                for node_id, account in charged.items():
+                    self._remembered_accounts[node_id] = Versioned(account, revision)
+                for p, staged in placed:
+                    p.node_id, p.revision = staged.node_id, revision
+                waiting = later
+            for p in waiting:
+                p.error = StoreError(f"placement of {p.name!r} kept losing races; retry")
+
+    def _choose(
+        self,
+        waiting: Sequence[_Placing],
+        accounts: Mapping[str, Versioned[NodeAccounting]],
+        nodes: _RememberedNodes,
+        fresh: bool,
+    ) -> tuple[list[tuple[_Placing, Staged]], list[_Placing]] | None:
+        """Each create's primary, in turn, each charged before the next is placed: the
+        creates placed with their records, and those left for the next txn (one
+        that writes a key an earlier one does). None when one found no room on a
+        remembered view (``fresh`` False); on a fresh view, its error is its own.
+        """
+        charged = dict(accounts)  # for the views only: the batch's charges so far
+        placed: list[tuple[_Placing, Staged]] = []
+        later: list[_Placing] = []
+        keys: set[str] = set()
+        for placing in waiting:
+            try:
+                # The readiness replica placement reads too: no drained or down node.
+                views = self._readings.views(charged, nodes.records, nodes.drained)
+                primary = choose_primary(views, placing.size, placing.requirement)
+            except (ResourceExhausted, OutOfRange) as exc:
+                if not fresh:
+                    return None
+                placing.error = exc
+                continue
+            if placing.only is not None and primary.node_id != placing.only:
+                placing.error = _PlacedElsewhere(f"placed on {primary.node_id}, not {placing.only}")
+                continue
+            staged = placing.stage(primary.node_id)
+            if keys & staged.keys:
+                later.append(placing)
+                continue
+            keys |= staged.keys
+            read = charged.get(primary.node_id)
+            account = read.value if read else NodeAccounting(primary.node_id)
+            charged[primary.node_id] = Versioned(
+                account.charge(placing.size), read.revision if read else 0
+            )
+            placed.append((placing, staged))
+        return placed, later
 
     def _provision_ahead(
         self,
@@ -526,13 +626,11 @@ class VolumeService:
         def commit(status: ImageStatus) -> int:
             entered.append(True)
 
-            def write(
-                node_id: str, account: Versioned[NodeAccounting] | None
-            ) -> Versioned[NodeAccounting]:
-                return self._images.provision(ready, image, account, claim_name=True, status=status)
+            def stage(node_id: str) -> Staged:
+                return self._images.staged(ready, image, claim_name=True, status=status)
 
             placed = self._placed(
-                volume.volume_id, volume.name, size, requirement, write, only=ahead.node_id
+                volume.volume_id, volume.name, size, requirement, stage, only=ahead.node_id
             )
             committed.append(placed)
             return committed[0]
@@ -977,24 +1075,29 @@ class VolumeService:
         """Under the placement lock: the registrations and drains, read again when
         ``fresh`` or when those remembered are older than NODES_REMEMBERED_S."""
         remembered = self._remembered_nodes
-        now = time.monotonic()
-        if fresh or remembered is None or not remembered.recent(now):
-            # Drains too: on etcd each read is a round trip, made under the placement lock.
-            remembered = _RememberedNodes(
-                now, tuple(self._catalog.list_nodes()), frozenset(self._readings.drained())
-            )
-            self._remembered_nodes = remembered
+        if fresh or remembered is None or not remembered.recent(time.monotonic()):
+            remembered = self._read_nodes()
         return remembered
 
     def _nodes_now(self) -> _RememberedNodes:
         """:meth:`_placement_nodes` for a caller that only looks (a create's check
-        before its image): the snapshot remembered, without the placement lock, while
-        it is recent; creates hold that lock across their txn, an etcd round trip."""
+        before its image): without the placement lock, which a batch of creates
+        holds across its commit (an etcd round trip)."""
         remembered = self._remembered_nodes
         if remembered is not None and remembered.recent(time.monotonic()):
             return remembered
-        with self._placement:
-            return self._placement_nodes(False)
+        return self._read_nodes()
+
+    def _read_nodes(self) -> _RememberedNodes:
+        """The registrations and drains as they are now, remembered. Two readers at
+        once each remember a snapshot as current as the other's."""
+        # Drains too: on etcd each read is a round trip (under the placement lock when
+        # placing), and both change rarely.
+        remembered = _RememberedNodes(
+            time.monotonic(), tuple(self._catalog.list_nodes()), frozenset(self._readings.drained())
+        )
+        self._remembered_nodes = remembered
+        return remembered
 
     def _forget_placement(self) -> None:
         """Called after this process changed an accounting outside placement."""

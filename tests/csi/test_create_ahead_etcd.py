@@ -13,9 +13,11 @@ remains and a retry of the same CreateVolume converges.
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import closing
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -215,12 +217,10 @@ def _freeze_before(etcd: EtcdCluster, name: str, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(EtcdStore, "_apply", frozen_first)
 
 
-@pytest.mark.parametrize("retry_first", [False, True], ids=["settled-then-retried", "retried"])
-def test_a_create_whose_commit_is_cut_leaves_one_outcome_and_its_retry_converges(
-    etcd: EtcdCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, retry_first: bool
-) -> None:
-    """``retried``: the provisioner's retry comes as soon as etcd is back, before
-    or while the node settles the image (the create then settles it itself)."""
+@contextmanager
+def _all_in_one(etcd: EtcdCluster, tmp_path: Path) -> Iterator[tuple[CsiClient, Any, Path]]:
+    """A Ferry all-in-one on the emptied etcd: its CSI client, etcd's process and the
+    pool's images directory."""
     etcd.wipe()
     config = replace(node_config(tmp_path), pool_capacity_bytes=512 * MiB)
     (tmp_path / "kubelet").mkdir()
@@ -228,9 +228,21 @@ def test_a_create_whose_commit_is_cut_leaves_one_outcome_and_its_retry_converges
     client = CsiClient(f"unix://{tmp_path}/csi.sock")
     process = etcd.members[0].process
     assert process is not None
-    images = config.pool_root / "images"
     try:
         client.wait_ready()
+        yield client, process, config.pool_root / "images"
+    finally:
+        client.close()
+        services.stop(grace_s=0)
+
+
+@pytest.mark.parametrize("retry_first", [False, True], ids=["settled-then-retried", "retried"])
+def test_a_create_whose_commit_is_cut_leaves_one_outcome_and_its_retry_converges(
+    etcd: EtcdCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, retry_first: bool
+) -> None:
+    """``retried``: the provisioner's retry comes as soon as etcd is back, before
+    or while the node settles the image (the create then settles it itself)."""
+    with _all_in_one(etcd, tmp_path) as (client, process, images):
         warm = _create(client, "pvc-warm").volume_id
         _freeze_before(etcd, "pvc-cut", monkeypatch)
         try:
@@ -271,6 +283,69 @@ def test_a_create_whose_commit_is_cut_leaves_one_outcome_and_its_retry_converges
                 assert retried == landed
             assert _create(client, "pvc-cut").volume_id == retried  # and again: the same
             assert _consistent(catalog, images) == {"pvc-warm": warm, "pvc-cut": retried}
-    finally:
-        client.close()
-        services.stop(grace_s=0)
+
+
+def test_a_batch_whose_commit_is_cut_fails_each_create_and_lands_all_or_none(
+    etcd: EtcdCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Creates queued behind a commit share the next txn. Its answer lost (etcd frozen
+    just before it is sent), each of them fails UNAVAILABLE; the node settles their
+    images by one outcome (every volume of the txn, or none), and retries converge."""
+    first_sent, cut = threading.Event(), threading.Event()
+    frozen: list[list[str]] = []
+    apply = EtcdStore._apply
+
+    def held_then_frozen(store: EtcdStore, compares: Sequence[Compare], ops: Sequence[Op]) -> int:
+        names = [op.key.removeprefix(NAMES) for op in ops if op.key.startswith(NAMES)]
+        if names == ["pvc-first"]:
+            first_sent.set()
+            assert cut.wait(30)  # the others queue behind this commit meanwhile
+        elif len(names) > 1 and not frozen:
+            frozen.append(names)
+            process.send_signal(signal.SIGSTOP)
+        return apply(store, compares, ops)
+
+    def attempt(name: str) -> grpc.StatusCode | str:
+        try:
+            return str(_create(client, name).volume_id)
+        except grpc.RpcError as exc:
+            assert "retry CreateVolume with the same name" in (exc.details() or "")
+            code: grpc.StatusCode = exc.code()
+            return code
+
+    queued = [f"pvc-{i}" for i in range(4)]
+    with _all_in_one(etcd, tmp_path) as (client, process, images):
+        warm = _create(client, "pvc-warm").volume_id
+        monkeypatch.setattr(EtcdStore, "_apply", held_then_frozen)
+        try:
+            with ThreadPoolExecutor(max_workers=5) as pool:
+                first = pool.submit(_create, client, "pvc-first")
+                assert first_sent.wait(30)
+                outcomes = [pool.submit(attempt, name) for name in queued]
+                _eventually(  # the first's image too: its commit has not returned
+                    lambda: len(list(images.glob("*.img.ahead"))) == 1 + len(queued),
+                    "the queued creates' images",
+                )
+                time.sleep(0.5)  # from their images to the placement queue
+                cut.set()
+                made = first.result(timeout=60).volume_id
+                codes = [outcome.result(timeout=60) for outcome in outcomes]
+        finally:
+            cut.set()
+            process.send_signal(signal.SIGCONT)
+        assert frozen and len(frozen[0]) > 1, frozen
+        assert codes == [grpc.StatusCode.UNAVAILABLE] * len(queued), codes
+        with closing(open_store(etcd.url)) as store:
+            catalog = Catalog(store)
+            _eventually(lambda: not list(images.glob("*.ahead")), "the images of the cut batch")
+            outcome = _consistent(catalog, images)
+            landed = {name for name in frozen[0] if name in outcome}
+            assert landed in (set(), set(frozen[0])), (landed, frozen[0])
+            retried = {name: _create(client, name).volume_id for name in queued}
+            for name in landed:
+                assert retried[name] == outcome[name]
+            assert _consistent(catalog, images) == {
+                "pvc-warm": warm,
+                "pvc-first": made,
+                **retried,
+            }
