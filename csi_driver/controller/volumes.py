@@ -571,10 +571,11 @@ class VolumeService:
                 placing.error = _PlacedElsewhere(f"placed on {primary.node_id}, not {placing.only}")
                 continue
             staged = placing.stage(primary.node_id)
-            if keys & staged.keys:
+            touched = staged.keys
+            if keys & touched:
                 later.append(placing)
                 continue
-            keys |= staged.keys
+            keys |= touched
             read = charged.get(primary.node_id)
             account = read.value if read else NodeAccounting(primary.node_id)
             charged[primary.node_id] = Versioned(
@@ -610,14 +611,12 @@ class VolumeService:
         # With other nodes to choose from, decide before making an image here (the
         # txn's placement decides again); alone, this node is the only choice.
         if any(node.node_id != ahead.node_id for node in nodes.records):
-            with self._placement:
-                try:
-                    accounts = self._placement_accounts(False)
-                    views = self._readings.views(accounts, nodes.records, nodes.drained)
-                    if choose_primary(views, size, requirement).node_id != ahead.node_id:
-                        return None
-                except (ResourceExhausted, OutOfRange):
-                    return None  # the intent path decides on a fresh view, and says why
+            try:
+                views = self._readings.views(self._accounts_now(), nodes.records, nodes.drained)
+                if choose_primary(views, size, requirement).node_id != ahead.node_id:
+                    return None
+            except (ResourceExhausted, OutOfRange):
+                return None  # the intent path decides on a fresh view, and says why
         volume, image = intent(ahead.node_id)
         ready = replace(volume, state=VolumeState.READY)
         committed: list[int] = []
@@ -1070,6 +1069,16 @@ class VolumeService:
         if fresh or not self._remembered_accounts:
             self._remembered_accounts = self._accounts()
         return dict(self._remembered_accounts)
+
+    def _accounts_now(self) -> dict[str, Versioned[NodeAccounting]]:
+        """:meth:`_placement_accounts` for a caller that only looks: those remembered,
+        without the placement lock (which a batch holds across its commit) once
+        placement has read them."""
+        remembered = self._remembered_accounts
+        if remembered:
+            return dict(remembered)
+        with self._placement:
+            return self._placement_accounts(False)
 
     def _placement_nodes(self, fresh: bool) -> _RememberedNodes:
         """Under the placement lock: the registrations and drains, read again when

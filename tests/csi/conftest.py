@@ -17,10 +17,19 @@ import grpc
 import pytest
 
 from csi_driver.core.model import GiB, MiB
+from csi_driver.core.records import (
+    IMAGE_SPECS,
+    ImageSpec,
+    NodeAccounting,
+    decode,
+    node_accounting_key,
+)
 from csi_driver.csi.client import CsiClient, block_capability, mount_capability
 from csi_driver.gen import csi_pb2
 from csi_driver.node.teardown import release_under
 from csi_driver.runtime import NodeConfig, Services, start_all_in_one, start_node
+from csi_driver.store.base import CatalogStore
+from csi_driver.store.records import read
 from tests.node.conftest import host_can_mount
 
 POOL_CAPACITY = 2 * GiB
@@ -95,6 +104,17 @@ def expect_code(code: grpc.StatusCode, call: Callable[..., Any], request: Any) -
     error: Any = caught.value
     assert error.code() == code, f"expected {code.name}, got {error.code().name}: {error.details()}"
     return str(error.details())
+
+
+def accounted_specs(store: CatalogStore, node_id: str = NODE_ID) -> list[ImageSpec]:
+    """The node's image specs, once checked that its accounting is exactly their sum
+    (bytes and count): every create and delete charged it once."""
+    specs = [decode(ImageSpec, r.value) for r in store.list(IMAGE_SPECS)]
+    account = read(store, NodeAccounting, node_accounting_key(node_id))
+    assert account is not None
+    assert account.value.provisioned_bytes == sum(s.size_bytes for s in specs)
+    assert account.value.volume_count == len(specs)
+    return specs
 
 
 def node_config(base: Path, node_id: str = NODE_ID, capacity: int = POOL_CAPACITY) -> NodeConfig:

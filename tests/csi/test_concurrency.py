@@ -12,18 +12,10 @@ import grpc
 from prometheus_client import REGISTRY
 
 from csi_driver.core.model import MiB
-from csi_driver.core.records import (
-    IMAGE_SPECS,
-    ImageSpec,
-    NodeAccounting,
-    decode,
-    node_accounting_key,
-)
 from csi_driver.gen import csi_pb2
 from csi_driver.store.catalog import VOLUMES
-from csi_driver.store.records import read
 from csi_driver.store.sqlite import SqliteStore
-from tests.csi.conftest import NODE_ID, Ferry, mount_capability
+from tests.csi.conftest import NODE_ID, Ferry, accounted_specs, mount_capability
 
 
 def create(ferry: Ferry, name: str) -> str:
@@ -96,12 +88,7 @@ def _catalog_held(ferry: Ferry, creates: int) -> Iterator[None]:
 def _accounted(ferry: Ferry) -> list[str]:
     """The node's accounting is the sum of its image specs; returns their volume ids."""
     with closing(SqliteStore(ferry.catalog)) as store:
-        specs = [decode(ImageSpec, r.value) for r in store.list(IMAGE_SPECS)]
-        account = read(store, NodeAccounting, node_accounting_key(NODE_ID))
-    assert account is not None
-    assert account.value.provisioned_bytes == sum(s.size_bytes for s in specs)
-    assert account.value.volume_count == len(specs)
-    return sorted(s.volume_id for s in specs)
+        return sorted(s.volume_id for s in accounted_specs(store))
 
 
 def test_creates_queued_behind_a_commit_are_placed_and_committed_in_one_txn(
